@@ -1,0 +1,60 @@
+# casdm: plain targets, C99, libc + libm (+ pthreads unless THREADS=0).
+#   make                 build the program (./casdm) and the library objects
+#   make test            build and run every test; ends with "N passed, N failed"
+#   make asan            the tests under AddressSanitizer + UBSan (LeakSanitizer on)
+#   make clean
+# Options: CC=..., CFLAGS=... (default -O2 -g), SIMD=0 (portable scalar C only),
+# THREADS=0 (no pthreads, everything on the calling thread), ARCHFLAGS=...
+# (default -march=native when SIMD=1 and the compiler accepts it).
+
+CC      ?= cc
+CFLAGS  ?= -O2 -g
+SIMD    ?= 1
+THREADS ?= 1
+STD      = -std=c99 -pedantic
+WARN     = -Wall -Wextra
+
+# the compiler is probed once: does it take -march=native?
+ifeq ($(SIMD),1)
+ARCHFLAGS ?= $(shell echo 'int main(void){return 0;}' | $(CC) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
+else
+ARCHFLAGS ?=
+endif
+
+LDLIBS = -lm
+ifeq ($(THREADS),1)
+LDLIBS += -lpthread
+endif
+
+ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(ARCHFLAGS) -DCASDM_SIMD=$(SIMD) -DCASDM_THREADS=$(THREADS)
+
+# Objects remember the flags they were built with: a change of SIMD, THREADS,
+# CC or CFLAGS rebuilds everything, so `make test SIMD=0` never links stale code.
+FLAGS_FILE := build/.flags
+$(shell mkdir -p build; echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' | cmp -s - $(FLAGS_FILE) || echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' > $(FLAGS_FILE))
+
+LIB_OBJS = build/tensor.o
+TESTS    = build/test_tensor
+
+.PHONY: all test asan clean
+
+all: casdm $(LIB_OBJS)
+
+build/%.o: %.c tensor.h $(FLAGS_FILE)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+casdm: build/casdm.o $(LIB_OBJS)
+	$(CC) $(ALL_CFLAGS) $^ -o $@ $(LDLIBS)
+
+build/test_%: tests/test_%.c tests/test_util.h $(LIB_OBJS)
+	$(CC) $(ALL_CFLAGS) $< $(LIB_OBJS) -o $@ $(LDLIBS)
+
+test: $(TESTS) casdm
+	@sh tests/run.sh $(TESTS)
+
+asan:
+	$(MAKE) clean
+	$(MAKE) test CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+
+clean:
+	rm -rf build casdm

@@ -1,0 +1,2316 @@
+// tensor.c: the casdm tensor engine. See tensor.h for the overview.
+//
+// Sections: errors and allocation, arena, RNG, thread pool, SIMD layer,
+// matrix multiply, kernels (each forward with its backward below it),
+// graph ops with their tape nodes, parameters, safetensors.
+#define _POSIX_C_SOURCE 200809L
+#define _FILE_OFFSET_BITS 64
+#include "tensor.h"
+
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifndef CASDM_THREADS
+#define CASDM_THREADS 1
+#endif
+#ifndef CASDM_SIMD
+#define CASDM_SIMD 1
+#endif
+#if CASDM_THREADS
+#include <pthread.h>
+#endif
+
+// ---------------------------------------------------------------------------
+// ---- errors and allocation ----
+// ---------------------------------------------------------------------------
+void fatal(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "casdm: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(1);
+}
+
+void *malloc_check(size_t size, const char *file, int line) {
+    void *p = malloc(size ? size : 1);
+    if (!p) fatal("out of memory: malloc of %zu bytes failed at %s:%d", size, file, line);
+    return p;
+}
+
+void *calloc_check(size_t n, size_t size, const char *file, int line) {
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) fatal("out of memory: calloc of %zu x %zu bytes failed at %s:%d", n, size, file, line);
+    return p;
+}
+
+FILE *fopen_check(const char *path, const char *mode, const char *file, int line) {
+    FILE *f = fopen(path, mode);
+    if (!f) fatal("cannot open '%s' (mode %s): %s [%s:%d]", path, mode, strerror(errno), file, line);
+    return f;
+}
+
+// 64-byte aligned memory from plain malloc: the byte before the aligned
+// pointer... is not used; we keep the raw pointer in front of the block.
+static void *aligned_malloc(size_t bytes) {
+    unsigned char *raw = mallocCheck(bytes + 64 + sizeof(void *));
+    uintptr_t p = (uintptr_t)(raw + sizeof(void *));
+    p = (p + 63) & ~(uintptr_t)63;
+    memcpy((unsigned char *)p - sizeof(void *), &raw, sizeof(void *));
+    return (void *)p;
+}
+
+static void aligned_free(void *p) {
+    if (!p) return;
+    void *raw;
+    memcpy(&raw, (unsigned char *)p - sizeof(void *), sizeof(void *));
+    free(raw);
+}
+
+// ---------------------------------------------------------------------------
+// ---- arena ----
+// ---------------------------------------------------------------------------
+struct ArenaBlock {
+    ArenaBlock *next;
+    unsigned char *mem;   // 64-byte aligned
+    size_t cap, used;
+};
+
+void arena_init(Arena *a, const char *name, size_t block_size, size_t limit) {
+    memset(a, 0, sizeof *a);
+    a->name = name;
+    a->block_size = block_size ? block_size : ((size_t)64 << 20);
+    a->limit = limit;
+}
+
+static ArenaBlock *arena_new_block(Arena *a, size_t need) {
+    size_t cap = need > a->block_size ? need : a->block_size;
+    if (a->limit && a->reserved + cap > a->limit)
+        fatal("arena '%s' is full: needed %zu more bytes, have %zu of %zu in use "
+              "(raise the memory limit or lower the batch size)",
+              a->name, cap, a->reserved, a->limit);
+    ArenaBlock *b = mallocCheck(sizeof *b);
+    b->mem = aligned_malloc(cap);
+    b->cap = cap;
+    b->used = 0;
+    b->next = NULL;
+    a->reserved += cap;
+    return b;
+}
+
+void *arena_alloc(Arena *a, size_t bytes) {
+    size_t need = (bytes + 63) & ~(size_t)63;
+    if (need == 0) need = 64;
+    if (!a->head) a->head = a->cur = arena_new_block(a, need);
+    while (a->cur->cap - a->cur->used < need) {
+        ArenaBlock *next = a->cur->next;
+        if (next && next->cap >= need) {
+            next->used = 0;
+        } else {  // insert a fresh block after the current one
+            ArenaBlock *b = arena_new_block(a, need);
+            b->next = next;
+            a->cur->next = b;
+            next = b;
+        }
+        a->cur = next;
+    }
+    void *p = a->cur->mem + a->cur->used;
+    a->cur->used += need;
+    a->used += need;
+    if (a->used > a->peak) a->peak = a->used;
+    return p;
+}
+
+float *arena_floats(Arena *a, size_t n) { return arena_alloc(a, n * sizeof(float)); }
+
+float *arena_zeros(Arena *a, size_t n) {
+    float *p = arena_floats(a, n);
+    memset(p, 0, n * sizeof(float));
+    return p;
+}
+
+void arena_reset(Arena *a) {
+    for (ArenaBlock *b = a->head; b; b = b->next) b->used = 0;
+    a->cur = a->head;
+    a->used = 0;
+}
+
+ArenaMark arena_mark(Arena *a) {
+    ArenaMark m = {a->cur, a->cur ? a->cur->used : 0, a->used};
+    return m;
+}
+
+void arena_release(Arena *a, ArenaMark m) {
+    if (!m.block) { arena_reset(a); return; }
+    for (ArenaBlock *b = m.block->next; b; b = b->next) b->used = 0;
+    a->cur = m.block;
+    a->cur->used = m.offset;
+    a->used = m.used;
+}
+
+void arena_free(Arena *a) {
+    ArenaBlock *b = a->head;
+    while (b) {
+        ArenaBlock *next = b->next;
+        aligned_free(b->mem);
+        free(b);
+        b = next;
+    }
+    a->head = a->cur = NULL;
+    a->reserved = a->used = 0;
+}
+
+// ---------------------------------------------------------------------------
+// ---- RNG: PCG32 (pcg-random.org, "XSH RR" output on a 64-bit LCG) ----
+// ---------------------------------------------------------------------------
+void rng_seed(Rng *r, uint64_t seed, uint64_t stream) {
+    r->state = 0;
+    r->inc = (stream << 1) | 1u;
+    rng_u32(r);
+    r->state += seed;
+    rng_u32(r);
+}
+
+uint32_t rng_u32(Rng *r) {
+    uint64_t old = r->state;
+    r->state = old * 6364136223846793005ULL + r->inc;
+    uint32_t xorshifted = (uint32_t)(((old >> 18) ^ old) >> 27);
+    uint32_t rot = (uint32_t)(old >> 59);
+    return (xorshifted >> rot) | (xorshifted << ((32 - rot) & 31));
+}
+
+float rng_uniform(Rng *r) { return (float)(rng_u32(r) >> 8) * (1.0f / 16777216.0f); }
+
+uint32_t rng_below(Rng *r, uint32_t n) {
+    // Lemire-free rejection: unbiased, simple
+    uint32_t threshold = (uint32_t)(-n) % n;
+    for (;;) {
+        uint32_t x = rng_u32(r);
+        if (x >= threshold) return x % n;
+    }
+}
+
+static double rng_uniform_open(Rng *r) {  // (0, 1), 53 bits
+    uint64_t hi = rng_u32(r), lo = rng_u32(r);
+    uint64_t bits = ((hi << 32) | lo) >> 11;
+    return ((double)bits + 0.5) * (1.0 / 9007199254740992.0);
+}
+
+float rng_normal(Rng *r) {
+    // Box-Muller; one of the pair is dropped so every call costs the same
+    // two words, which keeps streams easy to reason about.
+    double u1 = rng_uniform_open(r), u2 = rng_uniform_open(r);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+void rng_fill_normal(Rng *r, float *x, size_t n, float mean, float std) {
+    for (size_t i = 0; i < n; i++) x[i] = mean + std * rng_normal(r);
+}
+
+void rng_fill_uniform(Rng *r, float *x, size_t n, float lo, float hi) {
+    for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * rng_uniform(r);
+}
+
+// ---------------------------------------------------------------------------
+// ---- thread pool ----
+// Workers sleep on a condition variable; pool_run publishes (fn, arg) with a
+// new generation number, runs slice 0 itself and waits for the others.
+// ---------------------------------------------------------------------------
+void slice(size_t n, int ith, int nth, size_t *begin, size_t *end) {
+    size_t base = n / (size_t)nth, rem = n % (size_t)nth, i = (size_t)ith;
+    *begin = i * base + (i < rem ? i : rem);
+    *end = *begin + base + (i < rem ? 1 : 0);
+}
+
+static void gemm_free_buffers(void);
+
+#if CASDM_THREADS
+#define MAX_THREADS 64
+static struct {
+    int nthreads;         // 0 until pool_init
+    pthread_t threads[MAX_THREADS];
+    pthread_mutex_t mu;
+    pthread_cond_t work, done;
+    pool_fn fn;
+    void *arg;
+    unsigned long generation;
+    int pending;
+    int quit;
+    int busy;             // a pool_run is in progress: nested calls run serially
+    pthread_key_t id_key; // worker index + 1 of the calling thread (main: unset)
+    int key_made;
+} pool;
+
+// Which OS thread is this (0 = the main thread)? Scratch buffers are per OS
+// thread, since a nested call runs as slice 0 of 1 on a worker.
+static int pool_thread_id(void) {
+    if (!pool.key_made) return 0;
+    void *v = pthread_getspecific(pool.id_key);
+    return v ? (int)(intptr_t)v - 1 : 0;
+}
+
+static void *pool_worker(void *p) {
+    int ith = (int)(intptr_t)p;
+    pthread_setspecific(pool.id_key, (void *)(intptr_t)(ith + 1));
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool.mu);
+    for (;;) {
+        while (pool.generation == seen && !pool.quit) pthread_cond_wait(&pool.work, &pool.mu);
+        if (pool.quit) break;
+        seen = pool.generation;
+        pool_fn fn = pool.fn;
+        void *arg = pool.arg;
+        int nth = pool.nthreads;
+        pthread_mutex_unlock(&pool.mu);
+        fn(arg, ith, nth);
+        pthread_mutex_lock(&pool.mu);
+        if (--pool.pending == 0) pthread_cond_signal(&pool.done);
+    }
+    pthread_mutex_unlock(&pool.mu);
+    return NULL;
+}
+
+static int default_threads(void) {
+    const char *env = getenv("CASDM_THREADS");
+    if (env && *env) {
+        char *end;
+        long v = strtol(env, &end, 10);
+        if (*end || v < 1 || v > MAX_THREADS)
+            fatal("CASDM_THREADS='%s' is not a thread count in 1..%d", env, MAX_THREADS);
+        return (int)v;
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (n > MAX_THREADS ? MAX_THREADS : (int)n);
+}
+
+static void pool_stop_workers(void) {
+    if (pool.nthreads == 0) return;
+    pthread_mutex_lock(&pool.mu);
+    pool.quit = 1;
+    pthread_cond_broadcast(&pool.work);
+    pthread_mutex_unlock(&pool.mu);
+    for (int i = 1; i < pool.nthreads; i++) pthread_join(pool.threads[i], NULL);
+    pthread_mutex_destroy(&pool.mu);
+    pthread_cond_destroy(&pool.work);
+    pthread_cond_destroy(&pool.done);
+    pool.nthreads = 0;
+}
+
+void pool_init(int nthreads) {
+    if (nthreads <= 0) nthreads = default_threads();
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    pool_stop_workers();
+    pool.quit = 0;
+    pool.busy = 0;
+    pool.generation = 0;
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.work, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    if (!pool.key_made && pthread_key_create(&pool.id_key, NULL) == 0) pool.key_made = 1;
+    pool.nthreads = nthreads;
+    for (int i = 1; i < nthreads; i++)
+        if (pthread_create(&pool.threads[i], NULL, pool_worker, (void *)(intptr_t)i) != 0)
+            fatal("pthread_create failed for worker %d of %d", i, nthreads);
+}
+
+int pool_threads(void) {
+    if (pool.nthreads == 0) pool_init(0);
+    return pool.nthreads;
+}
+
+void pool_run(pool_fn fn, void *arg) {
+    if (pool.nthreads == 0) pool_init(0);
+    if (pool.nthreads == 1 || pool.busy) { fn(arg, 0, 1); return; }
+    pthread_mutex_lock(&pool.mu);
+    pool.busy = 1;
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.pending = pool.nthreads - 1;
+    pool.generation++;
+    pthread_cond_broadcast(&pool.work);
+    pthread_mutex_unlock(&pool.mu);
+    fn(arg, 0, pool.nthreads);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.mu);
+    pool.busy = 0;
+    pthread_mutex_unlock(&pool.mu);
+}
+
+void pool_shutdown(void) {
+    pool_stop_workers();
+    gemm_free_buffers();
+}
+#else  // THREADS=0: everything on the calling thread
+void pool_init(int nthreads) { (void)nthreads; }
+int pool_threads(void) { return 1; }
+void pool_run(pool_fn fn, void *arg) { fn(arg, 0, 1); }
+void pool_shutdown(void) { gemm_free_buffers(); }
+static int pool_thread_id(void) { return 0; }
+#endif
+
+// parallel_for: fn(ctx, begin, end) over contiguous slices of [0, n); runs on
+// the calling thread alone when there is too little work to share.
+typedef void (*range_fn)(void *ctx, size_t begin, size_t end);
+typedef struct { range_fn fn; void *ctx; size_t n; } RangeTask;
+
+static void range_task(void *arg, int ith, int nth) {
+    RangeTask *t = arg;
+    size_t b, e;
+    slice(t->n, ith, nth, &b, &e);
+    if (b < e) t->fn(t->ctx, b, e);
+}
+
+static void parallel_for(size_t n, size_t min_per_thread, range_fn fn, void *ctx) {
+    if (n == 0) return;
+    if (n < 2 * min_per_thread || pool_threads() == 1) { fn(ctx, 0, n); return; }
+    RangeTask t = {fn, ctx, n};
+    pool_run(range_task, &t);
+}
+
+// ---------------------------------------------------------------------------
+// ---- SIMD layer ----
+// One vector type and six operations, chosen at build time; the scalar
+// version is the same code with VLEN 1. Used by the GEMM micro-kernel only:
+// elsewhere plain loops, which the compiler vectorises.
+// ---------------------------------------------------------------------------
+#if CASDM_SIMD && defined(__AVX512F__)
+#include <immintrin.h>
+#define SIMD_NAME "avx512"
+#define VLEN 16
+#define GEMM_MR 12
+typedef __m512 vfloat;
+static inline vfloat v_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void v_store(float *p, vfloat x) { _mm512_storeu_ps(p, x); }
+static inline vfloat v_set1(float x) { return _mm512_set1_ps(x); }
+static inline vfloat v_zero(void) { return _mm512_setzero_ps(); }
+static inline vfloat v_add(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }  // a*b+c
+#elif CASDM_SIMD && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SIMD_NAME "avx2"
+#define VLEN 8
+#define GEMM_MR 6
+typedef __m256 vfloat;
+static inline vfloat v_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void v_store(float *p, vfloat x) { _mm256_storeu_ps(p, x); }
+static inline vfloat v_set1(float x) { return _mm256_set1_ps(x); }
+static inline vfloat v_zero(void) { return _mm256_setzero_ps(); }
+static inline vfloat v_add(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+#elif CASDM_SIMD && defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define SIMD_NAME "neon"
+#define VLEN 4
+#define GEMM_MR 8
+typedef float32x4_t vfloat;
+static inline vfloat v_load(const float *p) { return vld1q_f32(p); }
+static inline void v_store(float *p, vfloat x) { vst1q_f32(p, x); }
+static inline vfloat v_set1(float x) { return vdupq_n_f32(x); }
+static inline vfloat v_zero(void) { return vdupq_n_f32(0.0f); }
+static inline vfloat v_add(vfloat a, vfloat b) { return vaddq_f32(a, b); }
+static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return vfmaq_f32(c, a, b); }
+#else
+#define SIMD_NAME "scalar"
+#define VLEN 1
+#define GEMM_MR 4
+typedef float vfloat;
+static inline vfloat v_load(const float *p) { return *p; }
+static inline void v_store(float *p, vfloat x) { *p = x; }
+static inline vfloat v_set1(float x) { return x; }
+static inline vfloat v_zero(void) { return 0.0f; }
+static inline vfloat v_add(vfloat a, vfloat b) { return a + b; }
+static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
+#endif
+
+const char *simd_name(void) { return SIMD_NAME; }
+
+// ---------------------------------------------------------------------------
+// ---- matrix multiply ----
+// Goto/BLIS structure: for each block of NC columns and KC depth, pack B into
+// NR-wide panels; for each block of MC rows, pack A into MR-tall panels; an
+// MR x NR register tile accumulates over the KC depth. Threads own disjoint
+// column ranges (or row ranges when N is small), never a share of the k sum.
+// ---------------------------------------------------------------------------
+#if VLEN == 1
+#define GEMM_NV 4           // scalar: a 4x4 tile of plain floats
+#else
+#define GEMM_NV 2           // vectors per tile row
+#endif
+#define GEMM_NR (GEMM_NV * VLEN)
+#define GEMM_KC 256
+#define GEMM_MC (GEMM_MR * 16)
+#define GEMM_NC (GEMM_NR * 64)
+
+// reference: the definition, summed in float in k order
+void sgemm_naive(int transA, int transB, size_t M, size_t N, size_t K,
+                 const float *A, size_t lda, const float *B, size_t ldb,
+                 int accumulate, float *C, size_t ldc) {
+    for (size_t i = 0; i < M; i++) {
+        for (size_t j = 0; j < N; j++) {
+            float s = 0.0f;
+            for (size_t p = 0; p < K; p++) {
+                float a = transA ? A[p * lda + i] : A[i * lda + p];
+                float b = transB ? B[j * ldb + p] : B[p * ldb + j];
+                s += a * b;
+            }
+            C[i * ldc + j] = accumulate ? C[i * ldc + j] + s : s;
+        }
+    }
+}
+
+// Ap: panels of MR rows, each (kc, MR) with rows past m zero-filled
+static void pack_A(float *Ap, int transA, const float *A, size_t lda,
+                   size_t i0, size_t m, size_t p0, size_t kc) {
+    for (size_t ir = 0; ir < m; ir += GEMM_MR) {
+        size_t mr = m - ir < GEMM_MR ? m - ir : GEMM_MR;
+        for (size_t p = 0; p < kc; p++) {
+            for (size_t i = 0; i < GEMM_MR; i++) {
+                float v = 0.0f;
+                if (i < mr) {
+                    size_t row = i0 + ir + i, col = p0 + p;
+                    v = transA ? A[col * lda + row] : A[row * lda + col];
+                }
+                *Ap++ = v;
+            }
+        }
+    }
+}
+
+// Bp: panels of NR columns, each (kc, NR) with columns past n zero-filled
+static void pack_B(float *Bp, int transB, const float *B, size_t ldb,
+                   size_t p0, size_t kc, size_t j0, size_t n) {
+    for (size_t jr = 0; jr < n; jr += GEMM_NR) {
+        size_t nr = n - jr < GEMM_NR ? n - jr : GEMM_NR;
+        for (size_t p = 0; p < kc; p++) {
+            size_t row = p0 + p;
+            if (!transB && nr == GEMM_NR) {
+                memcpy(Bp, B + row * ldb + j0 + jr, GEMM_NR * sizeof(float));
+                Bp += GEMM_NR;
+                continue;
+            }
+            for (size_t j = 0; j < GEMM_NR; j++) {
+                float v = 0.0f;
+                if (j < nr) {
+                    size_t col = j0 + jr + j;
+                    v = transB ? B[col * ldb + row] : B[row * ldb + col];
+                }
+                *Bp++ = v;
+            }
+        }
+    }
+}
+
+#if defined(__clang__)
+#define UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define UNROLL _Pragma("GCC unroll 16")
+#else
+#define UNROLL
+#endif
+
+// the register tile: c (MR, NR) (+)= a (kc, MR)^T @ b (kc, NR)
+static void gemm_micro_kernel(size_t kc, const float *a, const float *b,
+                              float *c, size_t ldc, int accumulate) {
+    // The accumulators must live in registers: the loops over i and j are
+    // unrolled completely (the pragma; -O2 alone would leave them as loops
+    // over a stack array, at half the speed).
+    vfloat acc[GEMM_MR][GEMM_NV];
+    UNROLL
+    for (int i = 0; i < GEMM_MR; i++)
+        UNROLL
+        for (int j = 0; j < GEMM_NV; j++) acc[i][j] = v_zero();
+    for (size_t p = 0; p < kc; p++) {
+        vfloat bv[GEMM_NV];
+        UNROLL
+        for (int j = 0; j < GEMM_NV; j++) bv[j] = v_load(b + j * VLEN);
+        UNROLL
+        for (int i = 0; i < GEMM_MR; i++) {
+            vfloat ai = v_set1(a[i]);
+            UNROLL
+            for (int j = 0; j < GEMM_NV; j++) acc[i][j] = v_fma(ai, bv[j], acc[i][j]);
+        }
+        a += GEMM_MR;
+        b += GEMM_NR;
+    }
+    UNROLL
+    for (int i = 0; i < GEMM_MR; i++)
+        UNROLL
+        for (int j = 0; j < GEMM_NV; j++) {
+            float *cp = c + i * ldc + j * VLEN;
+            v_store(cp, accumulate ? v_add(v_load(cp), acc[i][j]) : acc[i][j]);
+        }
+}
+
+// per-thread pack buffers, made on first use and kept until pool_shutdown
+#ifndef MAX_THREADS
+#define MAX_THREADS 1
+#endif
+static float *gemm_pack_a[MAX_THREADS], *gemm_pack_b[MAX_THREADS];
+
+static void gemm_free_buffers(void) {
+    for (int i = 0; i < MAX_THREADS; i++) {
+        aligned_free(gemm_pack_a[i]);
+        aligned_free(gemm_pack_b[i]);
+        gemm_pack_a[i] = gemm_pack_b[i] = NULL;
+    }
+}
+
+typedef struct {
+    int transA, transB;
+    size_t M, N, K;
+    const float *A, *B;
+    size_t lda, ldb, ldc;
+    int accumulate;
+    float *C;
+    int split_n;          // threads split columns (1) or rows (0)
+} GemmTask;
+
+// C[i0:i1, j0:j1] for one thread
+static void gemm_block(const GemmTask *t, size_t i0, size_t i1, size_t j0, size_t j1) {
+    int ith = pool_thread_id();
+    if (!gemm_pack_a[ith]) {
+        gemm_pack_a[ith] = aligned_malloc(GEMM_MC * GEMM_KC * sizeof(float));
+        gemm_pack_b[ith] = aligned_malloc(GEMM_KC * GEMM_NC * sizeof(float));
+    }
+    float *Ap = gemm_pack_a[ith], *Bp = gemm_pack_b[ith];
+    float tile[GEMM_MR * GEMM_NR];
+    for (size_t jc = j0; jc < j1; jc += GEMM_NC) {
+        size_t nc = j1 - jc < GEMM_NC ? j1 - jc : GEMM_NC;
+        for (size_t pc = 0; pc < t->K; pc += GEMM_KC) {
+            size_t kc = t->K - pc < GEMM_KC ? t->K - pc : GEMM_KC;
+            int acc = t->accumulate || pc > 0;
+            pack_B(Bp, t->transB, t->B, t->ldb, pc, kc, jc, nc);
+            for (size_t ic = i0; ic < i1; ic += GEMM_MC) {
+                size_t mc = i1 - ic < GEMM_MC ? i1 - ic : GEMM_MC;
+                pack_A(Ap, t->transA, t->A, t->lda, ic, mc, pc, kc);
+                for (size_t jr = 0; jr < nc; jr += GEMM_NR) {
+                    size_t nr = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
+                    for (size_t ir = 0; ir < mc; ir += GEMM_MR) {
+                        size_t mr = mc - ir < GEMM_MR ? mc - ir : GEMM_MR;
+                        const float *a = Ap + ir * kc, *b = Bp + jr * kc;
+                        float *c = t->C + (ic + ir) * t->ldc + jc + jr;
+                        if (mr == GEMM_MR && nr == GEMM_NR) {
+                            gemm_micro_kernel(kc, a, b, c, t->ldc, acc);
+                        } else {  // edge: full tile into a buffer, copy the valid part
+                            gemm_micro_kernel(kc, a, b, tile, GEMM_NR, 0);
+                            for (size_t i = 0; i < mr; i++)
+                                for (size_t j = 0; j < nr; j++)
+                                    c[i * t->ldc + j] = acc ? c[i * t->ldc + j] + tile[i * GEMM_NR + j]
+                                                            : tile[i * GEMM_NR + j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void gemm_thread(void *arg, int ith, int nth) {
+    const GemmTask *t = arg;
+    size_t b, e;
+    if (t->split_n) {  // column ranges in whole NR panels
+        size_t panels = (t->N + GEMM_NR - 1) / GEMM_NR;
+        slice(panels, ith, nth, &b, &e);
+        b *= GEMM_NR;
+        e = e * GEMM_NR < t->N ? e * GEMM_NR : t->N;
+        if (b < e) gemm_block(t, 0, t->M, b, e);
+    } else {           // row ranges in whole MR panels
+        size_t panels = (t->M + GEMM_MR - 1) / GEMM_MR;
+        slice(panels, ith, nth, &b, &e);
+        b *= GEMM_MR;
+        e = e * GEMM_MR < t->M ? e * GEMM_MR : t->M;
+        if (b < e) gemm_block(t, b, e, 0, t->N);
+    }
+}
+
+void sgemm(int transA, int transB, size_t M, size_t N, size_t K,
+           const float *A, size_t lda, const float *B, size_t ldb,
+           int accumulate, float *C, size_t ldc) {
+    if (M == 0 || N == 0) return;
+    if (K == 0) {
+        if (!accumulate)
+            for (size_t i = 0; i < M; i++) memset(C + i * ldc, 0, N * sizeof(float));
+        return;
+    }
+    GemmTask t = {transA, transB, M, N, K, A, B, lda, ldb, ldc, accumulate, C, 1};
+    int nth = pool_threads();
+    t.split_n = N >= (size_t)nth * GEMM_NR * 4 || M < (size_t)nth * GEMM_MR * 2;
+    if ((double)M * N * K < 64.0 * 64 * 64) nth = 1;  // not worth waking threads
+    if (nth == 1) gemm_thread(&t, 0, 1);
+    else pool_run(gemm_thread, &t);
+}
+
+// ---------------------------------------------------------------------------
+// ---- kernels ----
+// Raw pointers and sizes; each forward has its backward right below it.
+// Backward kernels accumulate into gradients and skip a NULL gradient.
+// ---------------------------------------------------------------------------
+
+// ---- convolution (im2col + GEMM) ----
+// col (C*K*K, OH*OW): row (c, ky, kx) holds inp[c] shifted by (ky, kx)
+typedef struct {
+    float *col; const float *img;
+    int C, H, W, K, stride, pad, OH, OW;
+} Im2col;
+
+static void im2col_range(void *arg, size_t c0, size_t c1) {
+    const Im2col *a = arg;
+    size_t ohw = (size_t)a->OH * a->OW;
+    for (size_t c = c0; c < c1; c++) {
+        const float *plane = a->img + c * (size_t)a->H * a->W;
+        for (int ky = 0; ky < a->K; ky++)
+            for (int kx = 0; kx < a->K; kx++) {
+                float *dst = a->col + ((c * a->K + ky) * a->K + kx) * ohw;
+                for (int oy = 0; oy < a->OH; oy++) {
+                    int iy = oy * a->stride - a->pad + ky;
+                    float *d = dst + (size_t)oy * a->OW;
+                    if (iy < 0 || iy >= a->H) { memset(d, 0, a->OW * sizeof(float)); continue; }
+                    const float *srow = plane + (size_t)iy * a->W;
+                    for (int ox = 0; ox < a->OW; ox++) {
+                        int ix = ox * a->stride - a->pad + kx;
+                        d[ox] = (ix >= 0 && ix < a->W) ? srow[ix] : 0.0f;
+                    }
+                }
+            }
+    }
+}
+
+// the adjoint of im2col: img += fold(col); a thread owns whole channels
+static void col2im_range(void *arg, size_t c0, size_t c1) {
+    const Im2col *a = arg;
+    size_t ohw = (size_t)a->OH * a->OW;
+    float *img = (float *)a->img;
+    for (size_t c = c0; c < c1; c++) {
+        float *plane = img + c * (size_t)a->H * a->W;
+        for (int ky = 0; ky < a->K; ky++)
+            for (int kx = 0; kx < a->K; kx++) {
+                const float *src = a->col + ((c * a->K + ky) * a->K + kx) * ohw;
+                for (int oy = 0; oy < a->OH; oy++) {
+                    int iy = oy * a->stride - a->pad + ky;
+                    if (iy < 0 || iy >= a->H) continue;
+                    float *drow = plane + (size_t)iy * a->W;
+                    const float *s = src + (size_t)oy * a->OW;
+                    for (int ox = 0; ox < a->OW; ox++) {
+                        int ix = ox * a->stride - a->pad + kx;
+                        if (ix >= 0 && ix < a->W) drow[ix] += s[ox];
+                    }
+                }
+            }
+    }
+}
+
+static int conv_out_size(int in, int k, int stride, int pad) { return (in + 2 * pad - k) / stride + 1; }
+static int conv_is_pointwise(int K, int stride, int pad) { return K == 1 && stride == 1 && pad == 0; }
+
+// out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC) (bias may be NULL)
+// col is scratch of C*K*K*OH*OW floats (unused for a 1x1 stride-1 conv)
+void conv2d_forward(float *out, const float *inp, const float *weight, const float *bias,
+                    float *col, int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
+    size_t ohw = (size_t)OH * OW, ckk = (size_t)C * K * K;
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C * H * W;
+        float *y = out + (size_t)n * OC * ohw;
+        const float *B = x;
+        if (!conv_is_pointwise(K, stride, pad)) {
+            Im2col a = {col, x, C, H, W, K, stride, pad, OH, OW};
+            parallel_for((size_t)C, 1, im2col_range, &a);
+            B = col;
+        }
+        if (bias)
+            for (int oc = 0; oc < OC; oc++)
+                for (size_t i = 0; i < ohw; i++) y[oc * ohw + i] = bias[oc];
+        // y (OC, OH*OW) (+)= weight (OC, C*K*K) @ col (C*K*K, OH*OW)
+        sgemm(0, 0, (size_t)OC, ohw, ckk, weight, ckk, B, ohw, bias != NULL, y, ohw);
+    }
+}
+
+void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                     const float *inp, const float *weight, float *col,
+                     int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
+    size_t ohw = (size_t)OH * OW, ckk = (size_t)C * K * K;
+    int pointwise = conv_is_pointwise(K, stride, pad);
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C * H * W;
+        const float *dy = dout + (size_t)n * OC * ohw;
+        if (dbias)
+            for (int oc = 0; oc < OC; oc++) {
+                float s = 0.0f;
+                for (size_t i = 0; i < ohw; i++) s += dy[oc * ohw + i];
+                dbias[oc] += s;
+            }
+        if (dweight) {
+            const float *B = x;
+            if (!pointwise) {
+                Im2col a = {col, x, C, H, W, K, stride, pad, OH, OW};
+                parallel_for((size_t)C, 1, im2col_range, &a);
+                B = col;
+            }
+            // dweight (OC, CKK) += dy (OC, OHW) @ col^T (OHW, CKK)
+            sgemm(0, 1, (size_t)OC, ckk, ohw, dy, ohw, B, ohw, 1, dweight, ckk);
+        }
+        if (dinp) {
+            float *dx = dinp + (size_t)n * C * H * W;
+            if (pointwise) {  // dx (C, HW) += weight^T (C, OC) @ dy (OC, HW)
+                sgemm(1, 0, (size_t)C, ohw, (size_t)OC, weight, ckk, dy, ohw, 1, dx, ohw);
+            } else {          // dcol = weight^T @ dy, then fold it back
+                sgemm(1, 0, ckk, ohw, (size_t)OC, weight, ckk, dy, ohw, 0, col, ohw);
+                Im2col a = {col, dx, C, H, W, K, stride, pad, OH, OW};
+                parallel_for((size_t)C, 1, col2im_range, &a);
+            }
+        }
+    }
+}
+
+// ---- linear ----
+// out (N,OUT) = inp (N,IN) @ weight (OUT,IN)^T + bias (OUT)
+void linear_forward(float *out, const float *inp, const float *weight, const float *bias,
+                    int N, int IN, int OUT) {
+    if (bias)
+        for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OUT, bias, OUT * sizeof(float));
+    sgemm(0, 1, (size_t)N, (size_t)OUT, (size_t)IN, inp, IN, weight, IN, bias != NULL, out, OUT);
+}
+
+void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                     const float *inp, const float *weight, int N, int IN, int OUT) {
+    if (dinp) sgemm(0, 0, (size_t)N, (size_t)IN, (size_t)OUT, dout, OUT, weight, IN, 1, dinp, IN);
+    if (dweight) sgemm(1, 0, (size_t)OUT, (size_t)IN, (size_t)N, dout, OUT, inp, IN, 1, dweight, IN);
+    if (dbias)
+        for (int o = 0; o < OUT; o++) {
+            float s = 0.0f;
+            for (int n = 0; n < N; n++) s += dout[(size_t)n * OUT + o];
+            dbias[o] += s;
+        }
+}
+
+// ---- batched matmul ----
+// out[b] (M,N) = op(a[b]) (M,K) @ op(b[b]) (K,N); a[b] is (M,K), or (K,M) if transA
+typedef struct {
+    float *out; const float *a, *b;
+    int transA, transB, M, N, K;
+    // backward
+    float *da, *db; const float *dout;
+} Matmul;
+
+static void matmul_forward_range(void *arg, size_t b0, size_t b1) {
+    const Matmul *m = arg;
+    size_t sa = (size_t)m->M * m->K, sb = (size_t)m->K * m->N, so = (size_t)m->M * m->N;
+    for (size_t i = b0; i < b1; i++)
+        sgemm(m->transA, m->transB, m->M, m->N, m->K, m->a + i * sa, m->transA ? m->M : m->K,
+              m->b + i * sb, m->transB ? m->K : m->N, 0, m->out + i * so, m->N);
+}
+
+void matmul_forward(float *out, const float *a, const float *b, int batch, int M, int N, int K,
+                    int transA, int transB) {
+    Matmul m = {out, a, b, transA, transB, M, N, K, NULL, NULL, NULL};
+    parallel_for((size_t)batch, 1, matmul_forward_range, &m);
+}
+
+static void matmul_backward_range(void *arg, size_t b0, size_t b1) {
+    const Matmul *m = arg;
+    size_t M = m->M, N = m->N, K = m->K;
+    size_t lda = m->transA ? M : K, ldb = m->transB ? K : N;
+    for (size_t i = b0; i < b1; i++) {
+        const float *a = m->a + i * M * K, *b = m->b + i * K * N, *dc = m->dout + i * M * N;
+        if (m->da) {
+            float *da = m->da + i * M * K;
+            if (!m->transA)  // dA (M,K) += dC (M,N) @ op(B)^T (N,K)
+                sgemm(0, !m->transB, M, K, N, dc, N, b, ldb, 1, da, lda);
+            else             // dA (K,M) += op(B) (K,N) @ dC^T (N,M)
+                sgemm(m->transB, 1, K, M, N, b, ldb, dc, N, 1, da, lda);
+        }
+        if (m->db) {
+            float *db = m->db + i * K * N;
+            if (!m->transB)  // dB (K,N) += op(A)^T (K,M) @ dC (M,N)
+                sgemm(!m->transA, 0, K, N, M, a, lda, dc, N, 1, db, ldb);
+            else             // dB (N,K) += dC^T (N,M) @ op(A) (M,K)
+                sgemm(1, m->transA, N, K, M, dc, N, a, lda, 1, db, ldb);
+        }
+    }
+}
+
+void matmul_backward(float *da, float *db, const float *dout, const float *a, const float *b,
+                     int batch, int M, int N, int K, int transA, int transB) {
+    Matmul m = {NULL, a, b, transA, transB, M, N, K, da, db, dout};
+    parallel_for((size_t)batch, 1, matmul_backward_range, &m);
+}
+
+// ---- group norm ----
+// out (N,C,HW) = (inp - mean[n,g]) * rstd[n,g] * gamma[c] + beta[c]
+// Statistics in double over the (C/G)*HW elements of a group, variance
+// biased, as torch.nn.GroupNorm (eps inside the square root).
+typedef struct {
+    float *out, *mean, *rstd; const float *inp, *gamma, *beta;
+    float *dinp, *dgamma, *dbeta; const float *dout;
+    int N, C, HW, G; float eps;
+} GroupNorm;
+
+static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
+    const GroupNorm *a = arg;
+    int cpg = a->C / a->G;
+    size_t len = (size_t)cpg * a->HW;
+    for (size_t r = r0; r < r1; r++) {  // r = n*G + g; the group is contiguous
+        const float *x = a->inp + r * len;
+        float *y = a->out + r * len;
+        double s = 0.0;
+        for (size_t i = 0; i < len; i++) s += x[i];
+        double mean = s / (double)len, v = 0.0;
+        for (size_t i = 0; i < len; i++) { double d = x[i] - mean; v += d * d; }
+        float m = (float)mean, rs = (float)(1.0 / sqrt(v / (double)len + a->eps));
+        a->mean[r] = m;
+        a->rstd[r] = rs;
+        int c0 = (int)(r % (size_t)a->G) * cpg;
+        for (int c = 0; c < cpg; c++) {
+            float ga = a->gamma ? a->gamma[c0 + c] : 1.0f, be = a->beta ? a->beta[c0 + c] : 0.0f;
+            float sc = rs * ga, sh = be - m * sc;
+            const float *xc = x + (size_t)c * a->HW;
+            float *yc = y + (size_t)c * a->HW;
+            for (int i = 0; i < a->HW; i++) yc[i] = xc[i] * sc + sh;
+        }
+    }
+}
+
+void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                       const float *gamma, const float *beta, int N, int C, int HW, int G, float eps) {
+    GroupNorm a = {out, mean, rstd, inp, gamma, beta, NULL, NULL, NULL, NULL, N, C, HW, G, eps};
+    parallel_for((size_t)N * G, 1, groupnorm_forward_range, &a);
+}
+
+// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * gamma.
+// A thread owns whole groups across the batch, so dgamma/dbeta sums over n
+// are private and in order.
+static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
+    const GroupNorm *a = arg;
+    int cpg = a->C / a->G;
+    size_t len = (size_t)cpg * a->HW;
+    for (size_t g = g0; g < g1; g++) {
+        for (int n = 0; n < a->N; n++) {
+            size_t r = (size_t)n * a->G + g;
+            const float *x = a->inp + r * len, *dy = a->dout + r * len;
+            float m = a->mean[r], rs = a->rstd[r];
+            double sum_dxhat = 0.0, sum_dxhat_xhat = 0.0;
+            for (int c = 0; c < cpg; c++) {
+                size_t ch = g * cpg + c;
+                float ga = a->gamma ? a->gamma[ch] : 1.0f;
+                double dg = 0.0, db = 0.0;
+                for (int i = 0; i < a->HW; i++) {
+                    size_t k = (size_t)c * a->HW + i;
+                    float xhat = (x[k] - m) * rs;
+                    dg += (double)dy[k] * xhat;
+                    db += dy[k];
+                    sum_dxhat += (double)dy[k] * ga;
+                    sum_dxhat_xhat += (double)dy[k] * ga * xhat;
+                }
+                if (a->dgamma) a->dgamma[ch] += (float)dg;
+                if (a->dbeta) a->dbeta[ch] += (float)db;
+            }
+            if (!a->dinp) continue;
+            float *dx = a->dinp + r * len;
+            float mdx = (float)(sum_dxhat / (double)len), mdxx = (float)(sum_dxhat_xhat / (double)len);
+            for (int c = 0; c < cpg; c++) {
+                float ga = a->gamma ? a->gamma[g * cpg + c] : 1.0f;
+                for (int i = 0; i < a->HW; i++) {
+                    size_t k = (size_t)c * a->HW + i;
+                    float xhat = (x[k] - m) * rs;
+                    dx[k] += rs * (dy[k] * ga - mdx - xhat * mdxx);
+                }
+            }
+        }
+    }
+}
+
+void groupnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *dout,
+                        const float *inp, const float *mean, const float *rstd, const float *gamma,
+                        int N, int C, int HW, int G) {
+    GroupNorm a = {NULL, (float *)mean, (float *)rstd, inp, gamma, NULL, dinp, dgamma, dbeta, dout,
+                   N, C, HW, G, 0.0f};
+    parallel_for((size_t)G, 1, groupnorm_backward_range, &a);
+}
+
+// ---- pointwise activations: SiLU, ReLU, sigmoid ----
+typedef struct { float *out; const float *inp; float *dinp; const float *dout; int act; } Act;
+
+static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+static void act_forward_range(void *arg, size_t i0, size_t i1) {
+    const Act *a = arg;
+    for (size_t i = i0; i < i1; i++) {
+        float x = a->inp[i];
+        switch (a->act) {
+        case ACT_SILU: a->out[i] = x * sigmoidf(x); break;
+        case ACT_RELU: a->out[i] = x > 0.0f ? x : 0.0f; break;
+        default: a->out[i] = sigmoidf(x); break;
+        }
+    }
+}
+
+void activation_forward(float *out, const float *inp, size_t n, int act) {
+    Act a = {out, inp, NULL, NULL, act};
+    parallel_for(n, 1 << 14, act_forward_range, &a);
+}
+
+// silu' = s (1 + x (1 - s)); relu' = [x > 0]; sigmoid' = y (1 - y) from the output
+static void act_backward_range(void *arg, size_t i0, size_t i1) {
+    const Act *a = arg;
+    for (size_t i = i0; i < i1; i++) {
+        float x = a->inp[i], g;
+        switch (a->act) {
+        case ACT_SILU: { float s = sigmoidf(x); g = s * (1.0f + x * (1.0f - s)); break; }
+        case ACT_RELU: g = x > 0.0f ? 1.0f : 0.0f; break;
+        default: { float y = a->out[i]; g = y * (1.0f - y); break; }
+        }
+        a->dinp[i] += a->dout[i] * g;
+    }
+}
+
+void activation_backward(float *dinp, const float *dout, const float *inp, const float *out,
+                         size_t n, int act) {
+    Act a = {(float *)out, inp, dinp, dout, act};
+    parallel_for(n, 1 << 14, act_backward_range, &a);
+}
+
+// ---- softmax over the last axis ----
+typedef struct { float *out; const float *inp; float *dinp; const float *dout; size_t len; } Softmax;
+
+static void softmax_forward_range(void *arg, size_t r0, size_t r1) {
+    const Softmax *a = arg;
+    for (size_t r = r0; r < r1; r++) {
+        const float *x = a->inp + r * a->len;
+        float *y = a->out + r * a->len;
+        float mx = -FLT_MAX;
+        for (size_t i = 0; i < a->len; i++) mx = x[i] > mx ? x[i] : mx;
+        float s = 0.0f;
+        for (size_t i = 0; i < a->len; i++) { y[i] = expf(x[i] - mx); s += y[i]; }
+        float inv = 1.0f / s;
+        for (size_t i = 0; i < a->len; i++) y[i] *= inv;
+    }
+}
+
+void softmax_forward(float *out, const float *inp, size_t rows, size_t len) {
+    Softmax a = {out, inp, NULL, NULL, len};
+    parallel_for(rows, 16, softmax_forward_range, &a);
+}
+
+// dx = y * (dy - sum(dy * y))
+static void softmax_backward_range(void *arg, size_t r0, size_t r1) {
+    const Softmax *a = arg;
+    for (size_t r = r0; r < r1; r++) {
+        const float *y = a->out + r * a->len, *dy = a->dout + r * a->len;
+        float *dx = a->dinp + r * a->len;
+        float dot = 0.0f;
+        for (size_t i = 0; i < a->len; i++) dot += dy[i] * y[i];
+        for (size_t i = 0; i < a->len; i++) dx[i] += y[i] * (dy[i] - dot);
+    }
+}
+
+void softmax_backward(float *dinp, const float *dout, const float *out, size_t rows, size_t len) {
+    Softmax a = {(float *)out, NULL, dinp, dout, len};
+    parallel_for(rows, 16, softmax_backward_range, &a);
+}
+
+// ---- nearest 2x upsample ----
+// out (P, 2H, 2W)[y][x] = inp (P, H, W)[y/2][x/2]; P = N*C planes
+void upsample2x_forward(float *out, const float *inp, size_t P, int H, int W) {
+    for (size_t p = 0; p < P; p++) {
+        const float *x = inp + p * H * W;
+        float *y = out + p * 4 * H * W;
+        for (int oy = 0; oy < 2 * H; oy++)
+            for (int ox = 0; ox < 2 * W; ox++) y[(size_t)oy * 2 * W + ox] = x[(size_t)(oy / 2) * W + ox / 2];
+    }
+}
+
+void upsample2x_backward(float *dinp, const float *dout, size_t P, int H, int W) {
+    for (size_t p = 0; p < P; p++) {
+        float *dx = dinp + p * H * W;
+        const float *dy = dout + p * 4 * H * W;
+        for (int iy = 0; iy < H; iy++)
+            for (int ix = 0; ix < W; ix++) {
+                const float *d = dy + (size_t)(2 * iy) * 2 * W + 2 * ix;
+                dx[(size_t)iy * W + ix] += d[0] + d[1] + d[2 * W] + d[2 * W + 1];
+            }
+    }
+}
+
+// ---- 2x2 average pool, stride 2 ----
+// out (P, H/2, W/2) = mean of each 2x2 window, summed row by row as PyTorch
+void avgpool2x2_forward(float *out, const float *inp, size_t P, int H, int W) {
+    int OH = H / 2, OW = W / 2;
+    for (size_t p = 0; p < P; p++) {
+        const float *x = inp + p * H * W;
+        float *y = out + p * OH * OW;
+        for (int oy = 0; oy < OH; oy++)
+            for (int ox = 0; ox < OW; ox++) {
+                const float *a = x + (size_t)(2 * oy) * W + 2 * ox;
+                y[(size_t)oy * OW + ox] = (a[0] + a[1] + a[W] + a[W + 1]) / 4.0f;
+            }
+    }
+}
+
+void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W) {
+    int OH = H / 2, OW = W / 2;
+    for (size_t p = 0; p < P; p++) {
+        float *dx = dinp + p * H * W;
+        const float *dy = dout + p * OH * OW;
+        for (int oy = 0; oy < OH; oy++)
+            for (int ox = 0; ox < OW; ox++) {
+                float g = dy[(size_t)oy * OW + ox] / 4.0f;
+                float *a = dx + (size_t)(2 * oy) * W + 2 * ox;
+                a[0] += g; a[1] += g; a[W] += g; a[W + 1] += g;
+            }
+    }
+}
+
+// ---- bilinear resize, align_corners=False ----
+// As PyTorch's upsample_bilinear2d: src = (dst + 0.5) * in/out - 0.5, clamped
+// at 0; the second tap is clamped at the last row/column.
+typedef struct { int i0, i1; float l0, l1; } Tap;
+
+static Tap bilinear_tap(int dst, int in, int out) {
+    float scale = (float)in / (float)out;
+    float src = scale * ((float)dst + 0.5f) - 0.5f;
+    if (src < 0.0f) src = 0.0f;
+    Tap t;
+    t.i0 = (int)src;
+    t.i1 = t.i0 < in - 1 ? t.i0 + 1 : t.i0;
+    t.l1 = src - (float)t.i0;
+    t.l0 = 1.0f - t.l1;
+    return t;
+}
+
+typedef struct { float *out; const float *inp; int H, W, OH, OW; } Resize;
+
+static void resize_forward_range(void *arg, size_t p0, size_t p1) {
+    const Resize *a = arg;
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = a->inp + p * a->H * a->W;
+        float *y = a->out + p * a->OH * a->OW;
+        for (int oy = 0; oy < a->OH; oy++) {
+            Tap ty = bilinear_tap(oy, a->H, a->OH);
+            const float *r0 = x + (size_t)ty.i0 * a->W, *r1 = x + (size_t)ty.i1 * a->W;
+            for (int ox = 0; ox < a->OW; ox++) {
+                Tap tx = bilinear_tap(ox, a->W, a->OW);
+                y[(size_t)oy * a->OW + ox] = ty.l0 * (tx.l0 * r0[tx.i0] + tx.l1 * r0[tx.i1]) +
+                                             ty.l1 * (tx.l0 * r1[tx.i0] + tx.l1 * r1[tx.i1]);
+            }
+        }
+    }
+}
+
+void resize_bilinear_forward(float *out, const float *inp, size_t P, int H, int W, int OH, int OW) {
+    Resize a = {out, inp, H, W, OH, OW};
+    parallel_for(P, 1, resize_forward_range, &a);
+}
+
+// the adjoint: each output scatters its gradient to its four taps
+static void resize_backward_range(void *arg, size_t p0, size_t p1) {
+    const Resize *a = arg;  // out = dout, inp = dinp
+    for (size_t p = p0; p < p1; p++) {
+        float *dx = (float *)a->inp + p * a->H * a->W;
+        const float *dy = a->out + p * a->OH * a->OW;
+        for (int oy = 0; oy < a->OH; oy++) {
+            Tap ty = bilinear_tap(oy, a->H, a->OH);
+            float *r0 = dx + (size_t)ty.i0 * a->W, *r1 = dx + (size_t)ty.i1 * a->W;
+            for (int ox = 0; ox < a->OW; ox++) {
+                Tap tx = bilinear_tap(ox, a->W, a->OW);
+                float g = dy[(size_t)oy * a->OW + ox];
+                r0[tx.i0] += ty.l0 * tx.l0 * g;
+                r0[tx.i1] += ty.l0 * tx.l1 * g;
+                r1[tx.i0] += ty.l1 * tx.l0 * g;
+                r1[tx.i1] += ty.l1 * tx.l1 * g;
+            }
+        }
+    }
+}
+
+void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH, int OW) {
+    Resize a = {(float *)dout, dinp, H, W, OH, OW};
+    parallel_for(P, 1, resize_backward_range, &a);
+}
+
+// ---- per-pixel L2 normalisation over channels (LPIPS' normalize_tensor) ----
+// out[n,c,p] = inp[n,c,p] / (sqrt(sum_c inp^2) + eps); norm (N,HW) saved
+void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps) {
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C * HW;
+        float *y = out + (size_t)n * C * HW;
+        for (int p = 0; p < HW; p++) {
+            float s = 0.0f;
+            for (int c = 0; c < C; c++) s += x[(size_t)c * HW + p] * x[(size_t)c * HW + p];
+            float nr = sqrtf(s);
+            norm[(size_t)n * HW + p] = nr;
+            float inv = 1.0f / (nr + eps);
+            for (int c = 0; c < C; c++) y[(size_t)c * HW + p] = x[(size_t)c * HW + p] * inv;
+        }
+    }
+}
+
+// with d = s + eps, s = ||x||: dx_c = dy_c / d - x_c * (sum_k dy_k x_k) / (d^2 s)
+void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
+                     int N, int C, int HW, float eps) {
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C * HW, *dy = dout + (size_t)n * C * HW;
+        float *dx = dinp + (size_t)n * C * HW;
+        for (int p = 0; p < HW; p++) {
+            float s = norm[(size_t)n * HW + p], d = s + eps;
+            float dot = 0.0f;
+            for (int c = 0; c < C; c++) dot += dy[(size_t)c * HW + p] * x[(size_t)c * HW + p];
+            float k = s > 0.0f ? dot / (d * d * s) : 0.0f;
+            for (int c = 0; c < C; c++) {
+                size_t i = (size_t)c * HW + p;
+                dx[i] += dy[i] / d - x[i] * k;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// ---- graph: tensors and the tape ----
+// ---------------------------------------------------------------------------
+void graph_init(Graph *g, size_t block_size, size_t limit) {
+    memset(g, 0, sizeof *g);
+    arena_init(&g->arena, "activations", block_size, limit);
+    g->grad_enabled = 1;
+}
+
+void graph_reset(Graph *g) {
+    arena_reset(&g->arena);
+    g->last = NULL;
+    g->n_nodes = 0;
+}
+
+void graph_free(Graph *g) {
+    arena_free(&g->arena);
+    g->last = NULL;
+    g->n_nodes = 0;
+}
+
+static size_t shape_size(int ndim, const int *shape) {
+    size_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= (size_t)shape[i];
+    return n;
+}
+
+Tensor *tensor_new(Graph *g, int ndim, const int *shape) {
+    if (ndim < 1 || ndim > MAX_DIMS) fatal("tensor_new: %d dimensions (1..%d allowed)", ndim, MAX_DIMS);
+    Tensor *t = arena_alloc(&g->arena, sizeof *t);
+    memset(t, 0, sizeof *t);
+    t->ndim = ndim;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 0) fatal("tensor_new: negative dimension %d", shape[i]);
+        t->shape[i] = shape[i];
+    }
+    t->size = shape_size(ndim, shape);
+    t->data = arena_floats(&g->arena, t->size);
+    return t;
+}
+
+Tensor *tensor4(Graph *g, int n, int c, int h, int w) {
+    int s[4] = {n, c, h, w};
+    return tensor_new(g, 4, s);
+}
+
+Tensor *tensor_zeros(Graph *g, int ndim, const int *shape) {
+    Tensor *t = tensor_new(g, ndim, shape);
+    memset(t->data, 0, t->size * sizeof(float));
+    return t;
+}
+
+Tensor *tensor_from(Graph *g, int ndim, const int *shape, const float *data) {
+    Tensor *t = tensor_new(g, ndim, shape);
+    memcpy(t->data, data, t->size * sizeof(float));
+    return t;
+}
+
+float *tensor_grad(Graph *g, Tensor *t) {
+    if (!t->grad) t->grad = arena_zeros(&g->arena, t->size);
+    return t->grad;
+}
+
+int same_shape(const Tensor *a, const Tensor *b) {
+    if (a->ndim != b->ndim) return 0;
+    for (int i = 0; i < a->ndim; i++)
+        if (a->shape[i] != b->shape[i]) return 0;
+    return 1;
+}
+
+void shape_str(const Tensor *t, char *buf, size_t n) {
+    size_t used = 0;
+    used += (size_t)snprintf(buf, n, "(");
+    for (int i = 0; i < t->ndim && used < n; i++)
+        used += (size_t)snprintf(buf + used, n - used, i ? ",%d" : "%d", t->shape[i]);
+    if (used < n) snprintf(buf + used, n - used, ")");
+}
+
+static void check_4d(const Tensor *x, const char *op) {
+    if (x->ndim != 4) {
+        char s[64];
+        shape_str(x, s, sizeof s);
+        fatal("%s: expected an (N,C,H,W) tensor, got %s", op, s);
+    }
+}
+
+static int wants_grad(Graph *g, const Tensor *a, const Tensor *b, const Tensor *c) {
+    return g->grad_enabled && ((a && a->requires_grad) || (b && b->requires_grad) || (c && c->requires_grad));
+}
+
+// push a node; the output now requires a gradient
+static TapeNode *record(Graph *g, const char *op, backward_fn bw, Tensor *out,
+                        Tensor *a, Tensor *b, Tensor *c) {
+    TapeNode *n = arena_alloc(&g->arena, sizeof *n);
+    memset(n, 0, sizeof *n);
+    n->op = op;
+    n->backward = bw;
+    n->out = out;
+    n->in[0] = a;
+    n->in[1] = b;
+    n->in[2] = c;
+    n->prev = g->last;
+    g->last = n;
+    g->n_nodes++;
+    out->requires_grad = 1;
+    return n;
+}
+
+// the gradient buffer of input i of a node, or NULL if it needs none
+static float *input_grad(Graph *g, TapeNode *n, int i) {
+    Tensor *t = n->in[i];
+    return (t && t->requires_grad) ? tensor_grad(g, t) : NULL;
+}
+
+void graph_backward(Graph *g, Tensor *out, const float *dout) {
+    float *go = tensor_grad(g, out);
+    if (dout) {
+        for (size_t i = 0; i < out->size; i++) go[i] += dout[i];
+    } else {
+        if (out->size != 1) fatal("graph_backward: output has %zu elements; pass dout", out->size);
+        go[0] += 1.0f;
+    }
+    for (TapeNode *n = g->last; n; n = n->prev)
+        if (n->out->grad) n->backward(g, n);  // no gradient reached it: nothing to do
+}
+
+// ---------------------------------------------------------------------------
+// ---- graph ops ----
+// ---------------------------------------------------------------------------
+
+// conv2d: x (N,C,H,W), w (OC,C,K,K), b (OC) or NULL
+static void conv2d_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0], *w = n->in[1];
+    int stride = n->iarg[0], pad = n->iarg[1], K = w->shape[2];
+    float *dx = input_grad(g, n, 0), *dw = input_grad(g, n, 1), *db = input_grad(g, n, 2);
+    ArenaMark m = arena_mark(&g->arena);  // after the gradient buffers, which must stay
+    float *col = NULL;
+    if (!conv_is_pointwise(K, stride, pad) && (dx || dw)) {
+        col = arena_floats(&g->arena, (size_t)x->shape[1] * K * K * n->out->shape[2] * n->out->shape[3]);
+    }
+    conv2d_backward(dx, dw, db, n->out->grad, x->data, w->data, col, x->shape[0], x->shape[1],
+                    x->shape[2], x->shape[3], w->shape[0], K, stride, pad);
+    arena_release(&g->arena, m);
+}
+
+Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
+    check_4d(x, "conv2d");
+    if (w->ndim != 4 || w->shape[1] != x->shape[1] || w->shape[2] != w->shape[3] ||
+        (b && (int)b->size != w->shape[0])) {
+        char sx[64], sw[64];
+        shape_str(x, sx, sizeof sx);
+        shape_str(w, sw, sizeof sw);
+        fatal("conv2d: input %s does not fit weight %s%s", sx, sw, b ? " and bias" : "");
+    }
+    int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    int OC = w->shape[0], K = w->shape[2];
+    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
+    Tensor *y = tensor4(g, N, OC, OH, OW);
+    ArenaMark m = arena_mark(&g->arena);
+    float *col = conv_is_pointwise(K, stride, pad) ? NULL
+                 : arena_floats(&g->arena, (size_t)C * K * K * OH * OW);
+    conv2d_forward(y->data, x->data, w->data, b ? b->data : NULL, col, N, C, H, W, OC, K, stride, pad);
+    arena_release(&g->arena, m);
+    if (wants_grad(g, x, w, b)) {
+        TapeNode *nd = record(g, "conv2d", conv2d_node_backward, y, x, w, b);
+        nd->iarg[0] = stride;
+        nd->iarg[1] = pad;
+    }
+    return y;
+}
+
+// linear: x (N,IN), w (OUT,IN), b (OUT) or NULL
+static void linear_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0], *w = n->in[1];
+    linear_backward(input_grad(g, n, 0), input_grad(g, n, 1), input_grad(g, n, 2), n->out->grad,
+                    x->data, w->data, x->shape[0], w->shape[1], w->shape[0]);
+}
+
+Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b) {
+    if (x->ndim != 2 || w->ndim != 2 || w->shape[1] != x->shape[1] || (b && (int)b->size != w->shape[0])) {
+        char sx[64], sw[64];
+        shape_str(x, sx, sizeof sx);
+        shape_str(w, sw, sizeof sw);
+        fatal("linear: input %s does not fit weight %s", sx, sw);
+    }
+    int s[2] = {x->shape[0], w->shape[0]};
+    Tensor *y = tensor_new(g, 2, s);
+    linear_forward(y->data, x->data, w->data, b ? b->data : NULL, x->shape[0], x->shape[1], w->shape[0]);
+    if (wants_grad(g, x, w, b)) record(g, "linear", linear_node_backward, y, x, w, b);
+    return y;
+}
+
+// matmul: a (B,M,K) or (B,K,M) if transA; b (B,K,N) or (B,N,K) if transB; 2-D = batch 1
+static void matmul_dims(const Tensor *t, int *batch, int *r, int *c) {
+    if (t->ndim == 2) { *batch = 1; *r = t->shape[0]; *c = t->shape[1]; }
+    else if (t->ndim == 3) { *batch = t->shape[0]; *r = t->shape[1]; *c = t->shape[2]; }
+    else fatal("matmul: expected a 2-D or 3-D tensor, got %d-D", t->ndim);
+}
+
+static void matmul_node_backward(Graph *g, TapeNode *n) {
+    int ta = n->iarg[0], tb = n->iarg[1], batch = n->iarg[2], M = n->iarg[3], N = n->iarg[4], K = n->iarg[5];
+    matmul_backward(input_grad(g, n, 0), input_grad(g, n, 1), n->out->grad, n->in[0]->data,
+                    n->in[1]->data, batch, M, N, K, ta, tb);
+}
+
+Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB) {
+    int ba, ar, ac, bb, br, bc;
+    matmul_dims(a, &ba, &ar, &ac);
+    matmul_dims(b, &bb, &br, &bc);
+    int M = transA ? ac : ar, K = transA ? ar : ac, K2 = transB ? bc : br, N = transB ? br : bc;
+    if (ba != bb || K != K2) {
+        char sa[64], sb[64];
+        shape_str(a, sa, sizeof sa);
+        shape_str(b, sb, sizeof sb);
+        fatal("matmul: %s%s @ %s%s do not fit", sa, transA ? "^T" : "", sb, transB ? "^T" : "");
+    }
+    int s[3] = {ba, M, N};
+    Tensor *y = a->ndim == 3 ? tensor_new(g, 3, s) : tensor_new(g, 2, s + 1);
+    matmul_forward(y->data, a->data, b->data, ba, M, N, K, transA, transB);
+    if (wants_grad(g, a, b, NULL)) {
+        TapeNode *nd = record(g, "matmul", matmul_node_backward, y, a, b, NULL);
+        int args[6] = {transA, transB, ba, M, N, K};
+        memcpy(nd->iarg, args, sizeof args);
+    }
+    return y;
+}
+
+// ---- add / sub / mul with broadcasting ----
+// Both shapes are aligned to the right and padded to 4-D; a dimension of 1
+// broadcasts (stride 0). Same-shape operands take a flat, threaded loop.
+enum { BIN_ADD, BIN_SUB, BIN_MUL };
+typedef struct {
+    int shape[4];          // output
+    size_t sa[4], sb[4];   // element strides of a and b over the output index
+} Bcast;
+
+static int bcast_plan(const Tensor *a, const Tensor *b, Bcast *p, int *ndim) {
+    int as[4], bs[4];
+    *ndim = a->ndim > b->ndim ? a->ndim : b->ndim;
+    for (int i = 0; i < 4; i++) {
+        int ia = i - (4 - a->ndim), ib = i - (4 - b->ndim);
+        as[i] = ia >= 0 ? a->shape[ia] : 1;
+        bs[i] = ib >= 0 ? b->shape[ib] : 1;
+        if (as[i] != bs[i] && as[i] != 1 && bs[i] != 1) return 0;
+        p->shape[i] = as[i] > bs[i] ? as[i] : bs[i];
+    }
+    size_t ra = 1, rb = 1;
+    for (int i = 3; i >= 0; i--) {
+        p->sa[i] = as[i] == 1 ? 0 : ra;
+        p->sb[i] = bs[i] == 1 ? 0 : rb;
+        ra *= (size_t)as[i];
+        rb *= (size_t)bs[i];
+    }
+    return 1;
+}
+
+typedef struct { float *out; const float *a, *b; int op; } Binary;
+
+static void binary_flat_range(void *arg, size_t i0, size_t i1) {
+    const Binary *t = arg;
+    for (size_t i = i0; i < i1; i++) {
+        float x = t->a[i], y = t->b[i];
+        t->out[i] = t->op == BIN_ADD ? x + y : t->op == BIN_SUB ? x - y : x * y;
+    }
+}
+
+static void binary_forward(float *out, const float *a, const float *b, const Bcast *p, int op, int flat) {
+    size_t n = (size_t)p->shape[0] * p->shape[1] * p->shape[2] * p->shape[3];
+    if (flat) {
+        Binary t = {out, a, b, op};
+        parallel_for(n, 1 << 14, binary_flat_range, &t);
+        return;
+    }
+    size_t o = 0;
+    for (int i0 = 0; i0 < p->shape[0]; i0++)
+        for (int i1 = 0; i1 < p->shape[1]; i1++)
+            for (int i2 = 0; i2 < p->shape[2]; i2++) {
+                const float *pa = a + i0 * p->sa[0] + i1 * p->sa[1] + i2 * p->sa[2];
+                const float *pb = b + i0 * p->sb[0] + i1 * p->sb[1] + i2 * p->sb[2];
+                for (int i3 = 0; i3 < p->shape[3]; i3++, o++) {
+                    float x = pa[i3 * p->sa[3]], y = pb[i3 * p->sb[3]];
+                    out[o] = op == BIN_ADD ? x + y : op == BIN_SUB ? x - y : x * y;
+                }
+            }
+}
+
+// da += dout * d(out)/da summed over a's broadcast dimensions; same for db.
+// Serial and in output order, so the sums do not depend on threads.
+static void binary_backward(float *da, float *db, const float *dout, const float *a, const float *b,
+                            const Bcast *p, int op) {
+    size_t o = 0;
+    for (int i0 = 0; i0 < p->shape[0]; i0++)
+        for (int i1 = 0; i1 < p->shape[1]; i1++)
+            for (int i2 = 0; i2 < p->shape[2]; i2++) {
+                size_t oa = i0 * p->sa[0] + i1 * p->sa[1] + i2 * p->sa[2];
+                size_t ob = i0 * p->sb[0] + i1 * p->sb[1] + i2 * p->sb[2];
+                for (int i3 = 0; i3 < p->shape[3]; i3++, o++) {
+                    size_t ia = oa + i3 * p->sa[3], ib = ob + i3 * p->sb[3];
+                    float g = dout[o];
+                    if (da) da[ia] += op == BIN_MUL ? g * b[ib] : g;
+                    if (db) db[ib] += op == BIN_MUL ? g * a[ia] : (op == BIN_SUB ? -g : g);
+                }
+            }
+}
+
+static void binary_node_backward(Graph *g, TapeNode *n) {
+    Bcast p;
+    int nd;
+    bcast_plan(n->in[0], n->in[1], &p, &nd);
+    binary_backward(input_grad(g, n, 0), input_grad(g, n, 1), n->out->grad, n->in[0]->data,
+                    n->in[1]->data, &p, n->iarg[0]);
+}
+
+static Tensor *binary(Graph *g, Tensor *a, Tensor *b, int op, const char *name) {
+    Bcast p;
+    int nd;
+    if (!bcast_plan(a, b, &p, &nd)) {
+        char sa[64], sb[64];
+        shape_str(a, sa, sizeof sa);
+        shape_str(b, sb, sizeof sb);
+        fatal("%s: shapes %s and %s do not broadcast", name, sa, sb);
+    }
+    Tensor *y = tensor_new(g, nd, p.shape + (4 - nd));
+    binary_forward(y->data, a->data, b->data, &p, op, a->size == y->size && b->size == y->size);
+    if (wants_grad(g, a, b, NULL)) record(g, name, binary_node_backward, y, a, b, NULL)->iarg[0] = op;
+    return y;
+}
+
+Tensor *add(Graph *g, Tensor *a, Tensor *b) { return binary(g, a, b, BIN_ADD, "add"); }
+Tensor *sub(Graph *g, Tensor *a, Tensor *b) { return binary(g, a, b, BIN_SUB, "sub"); }
+Tensor *mul(Graph *g, Tensor *a, Tensor *b) { return binary(g, a, b, BIN_MUL, "mul"); }
+
+// scale_shift: y = scale * x + shift
+static void scale_shift_node_backward(Graph *g, TapeNode *n) {
+    float *dx = input_grad(g, n, 0), s = n->farg[0];
+    for (size_t i = 0; i < n->out->size; i++) dx[i] += s * n->out->grad[i];
+}
+
+Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift) {
+    Tensor *y = tensor_new(g, x->ndim, x->shape);
+    for (size_t i = 0; i < x->size; i++) y->data[i] = scale * x->data[i] + shift;
+    if (wants_grad(g, x, NULL, NULL)) record(g, "scale_shift", scale_shift_node_backward, y, x, NULL, NULL)->farg[0] = scale;
+    return y;
+}
+
+// groupnorm: x (N,C,H,W), gamma and beta (C) or NULL
+static void groupnorm_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0], *gamma = n->in[1];
+    groupnorm_backward(input_grad(g, n, 0), input_grad(g, n, 1), input_grad(g, n, 2), n->out->grad,
+                       x->data, n->saved, n->saved2, gamma ? gamma->data : NULL, x->shape[0],
+                       x->shape[1], x->shape[2] * x->shape[3], n->iarg[0]);
+}
+
+Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps) {
+    check_4d(x, "groupnorm");
+    int N = x->shape[0], C = x->shape[1];
+    if (groups < 1 || C % groups) fatal("groupnorm: %d channels do not split into %d groups", C, groups);
+    if ((gamma && (int)gamma->size != C) || (beta && (int)beta->size != C))
+        fatal("groupnorm: affine parameters must have %d elements", C);
+    Tensor *y = tensor_new(g, 4, x->shape);
+    int rec = wants_grad(g, x, gamma, beta);
+    ArenaMark m = arena_mark(&g->arena);
+    float *mean = arena_floats(&g->arena, (size_t)N * groups), *rstd = arena_floats(&g->arena, (size_t)N * groups);
+    groupnorm_forward(y->data, mean, rstd, x->data, gamma ? gamma->data : NULL, beta ? beta->data : NULL,
+                      N, C, x->shape[2] * x->shape[3], groups, eps);
+    if (rec) {
+        TapeNode *nd = record(g, "groupnorm", groupnorm_node_backward, y, x, gamma, beta);
+        nd->iarg[0] = groups;
+        nd->saved = mean;
+        nd->saved2 = rstd;
+    } else {
+        arena_release(&g->arena, m);  // no-grad: the statistics are not kept
+    }
+    return y;
+}
+
+// activations
+static void activation_node_backward(Graph *g, TapeNode *n) {
+    activation_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data, n->out->data, n->out->size,
+                        n->iarg[0]);
+}
+
+static Tensor *activation(Graph *g, Tensor *x, int act, const char *name) {
+    Tensor *y = tensor_new(g, x->ndim, x->shape);
+    activation_forward(y->data, x->data, x->size, act);
+    if (wants_grad(g, x, NULL, NULL)) record(g, name, activation_node_backward, y, x, NULL, NULL)->iarg[0] = act;
+    return y;
+}
+
+Tensor *silu(Graph *g, Tensor *x) { return activation(g, x, ACT_SILU, "silu"); }
+Tensor *relu(Graph *g, Tensor *x) { return activation(g, x, ACT_RELU, "relu"); }
+Tensor *sigmoid(Graph *g, Tensor *x) { return activation(g, x, ACT_SIGMOID, "sigmoid"); }
+
+// softmax over the last axis
+static void softmax_node_backward(Graph *g, TapeNode *n) {
+    size_t len = (size_t)n->out->shape[n->out->ndim - 1];
+    softmax_backward(input_grad(g, n, 0), n->out->grad, n->out->data, n->out->size / len, len);
+}
+
+Tensor *softmax(Graph *g, Tensor *x) {
+    size_t len = (size_t)x->shape[x->ndim - 1];
+    Tensor *y = tensor_new(g, x->ndim, x->shape);
+    softmax_forward(y->data, x->data, x->size / len, len);
+    if (wants_grad(g, x, NULL, NULL)) record(g, "softmax", softmax_node_backward, y, x, NULL, NULL);
+    return y;
+}
+
+// nearest 2x upsample
+static void upsample2x_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0];
+    upsample2x_backward(input_grad(g, n, 0), n->out->grad, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3]);
+}
+
+Tensor *upsample2x(Graph *g, Tensor *x) {
+    check_4d(x, "upsample2x");
+    Tensor *y = tensor4(g, x->shape[0], x->shape[1], 2 * x->shape[2], 2 * x->shape[3]);
+    upsample2x_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3]);
+    if (wants_grad(g, x, NULL, NULL)) record(g, "upsample2x", upsample2x_node_backward, y, x, NULL, NULL);
+    return y;
+}
+
+// 2x2 average pool
+static void avgpool2x2_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0];
+    avgpool2x2_backward(input_grad(g, n, 0), n->out->grad, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3]);
+}
+
+Tensor *avgpool2x2(Graph *g, Tensor *x) {
+    check_4d(x, "avgpool2x2");
+    Tensor *y = tensor4(g, x->shape[0], x->shape[1], x->shape[2] / 2, x->shape[3] / 2);
+    avgpool2x2_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3]);
+    if (wants_grad(g, x, NULL, NULL)) record(g, "avgpool2x2", avgpool2x2_node_backward, y, x, NULL, NULL);
+    return y;
+}
+
+// bilinear resize
+static void resize_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0], *y = n->out;
+    resize_bilinear_backward(input_grad(g, n, 0), y->grad, (size_t)x->shape[0] * x->shape[1], x->shape[2],
+                             x->shape[3], y->shape[2], y->shape[3]);
+}
+
+Tensor *resize_bilinear(Graph *g, Tensor *x, int out_h, int out_w) {
+    check_4d(x, "resize_bilinear");
+    if (out_h < 1 || out_w < 1) fatal("resize_bilinear: bad output size %dx%d", out_h, out_w);
+    Tensor *y = tensor4(g, x->shape[0], x->shape[1], out_h, out_w);
+    resize_bilinear_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3], out_h, out_w);
+    if (wants_grad(g, x, NULL, NULL)) record(g, "resize_bilinear", resize_node_backward, y, x, NULL, NULL);
+    return y;
+}
+
+// concat along channels: a (N,Ca,H,W), b (N,Cb,H,W) -> (N,Ca+Cb,H,W)
+static void concat_node_backward(Graph *g, TapeNode *n) {
+    Tensor *a = n->in[0], *b = n->in[1];
+    float *da = input_grad(g, n, 0), *db = input_grad(g, n, 1);
+    size_t ca = a->size / a->shape[0], cb = b->size / b->shape[0];
+    for (int i = 0; i < a->shape[0]; i++) {
+        const float *dy = n->out->grad + i * (ca + cb);
+        if (da) for (size_t k = 0; k < ca; k++) da[i * ca + k] += dy[k];
+        if (db) for (size_t k = 0; k < cb; k++) db[i * cb + k] += dy[ca + k];
+    }
+}
+
+Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b) {
+    check_4d(a, "concat_channels");
+    check_4d(b, "concat_channels");
+    if (a->shape[0] != b->shape[0] || a->shape[2] != b->shape[2] || a->shape[3] != b->shape[3])
+        fatal("concat_channels: batch or spatial sizes differ");
+    Tensor *y = tensor4(g, a->shape[0], a->shape[1] + b->shape[1], a->shape[2], a->shape[3]);
+    size_t ca = a->size / a->shape[0], cb = b->size / b->shape[0];
+    for (int i = 0; i < a->shape[0]; i++) {
+        memcpy(y->data + i * (ca + cb), a->data + i * ca, ca * sizeof(float));
+        memcpy(y->data + i * (ca + cb) + ca, b->data + i * cb, cb * sizeof(float));
+    }
+    if (wants_grad(g, a, b, NULL)) record(g, "concat_channels", concat_node_backward, y, a, b, NULL);
+    return y;
+}
+
+// slice along channels: x[:, c0:c1]
+static void slice_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0];
+    float *dx = input_grad(g, n, 0);
+    size_t hw = (size_t)x->shape[2] * x->shape[3], len = (size_t)(n->iarg[1] - n->iarg[0]) * hw;
+    for (int i = 0; i < x->shape[0]; i++) {
+        float *d = dx + (size_t)i * x->shape[1] * hw + (size_t)n->iarg[0] * hw;
+        const float *dy = n->out->grad + i * len;
+        for (size_t k = 0; k < len; k++) d[k] += dy[k];
+    }
+}
+
+Tensor *slice_channels(Graph *g, Tensor *x, int c0, int c1) {
+    check_4d(x, "slice_channels");
+    if (c0 < 0 || c1 > x->shape[1] || c0 >= c1) fatal("slice_channels: [%d,%d) of %d channels", c0, c1, x->shape[1]);
+    Tensor *y = tensor4(g, x->shape[0], c1 - c0, x->shape[2], x->shape[3]);
+    size_t hw = (size_t)x->shape[2] * x->shape[3], len = (size_t)(c1 - c0) * hw;
+    for (int i = 0; i < x->shape[0]; i++)
+        memcpy(y->data + i * len, x->data + (size_t)i * x->shape[1] * hw + (size_t)c0 * hw, len * sizeof(float));
+    if (wants_grad(g, x, NULL, NULL)) {
+        TapeNode *nd = record(g, "slice_channels", slice_node_backward, y, x, NULL, NULL);
+        nd->iarg[0] = c0;
+        nd->iarg[1] = c1;
+    }
+    return y;
+}
+
+// reshape: a view that shares data and gradient with x, so it needs no node
+Tensor *reshape(Graph *g, Tensor *x, int ndim, const int *shape) {
+    if (ndim < 1 || ndim > MAX_DIMS || shape_size(ndim, shape) != x->size)
+        fatal("reshape: %zu elements cannot take the new shape", x->size);
+    Tensor *y = arena_alloc(&g->arena, sizeof *y);
+    *y = *x;
+    y->ndim = ndim;
+    for (int i = 0; i < MAX_DIMS; i++) y->shape[i] = i < ndim ? shape[i] : 0;
+    y->name = NULL;
+    if (x->requires_grad && g->grad_enabled) y->grad = tensor_grad(g, x);
+    else { y->grad = NULL; y->requires_grad = 0; }
+    return y;
+}
+
+// detach: same data, cut from the tape
+Tensor *detach(Graph *g, Tensor *x) {
+    Tensor *y = arena_alloc(&g->arena, sizeof *y);
+    *y = *x;
+    y->grad = NULL;
+    y->requires_grad = 0;
+    y->name = NULL;
+    return y;
+}
+
+// reductions: sums in double, in index order
+static void sum_all_node_backward(Graph *g, TapeNode *n) {
+    float *dx = input_grad(g, n, 0), d = n->out->grad[0] * n->farg[0];
+    for (size_t i = 0; i < n->in[0]->size; i++) dx[i] += d;
+}
+
+static Tensor *reduce_all(Graph *g, Tensor *x, int mean) {
+    int one = 1;
+    Tensor *y = tensor_new(g, 1, &one);
+    double s = 0.0;
+    for (size_t i = 0; i < x->size; i++) s += x->data[i];
+    float k = mean ? 1.0f / (float)x->size : 1.0f;
+    y->data[0] = (float)(mean ? s / (double)x->size : s);
+    if (wants_grad(g, x, NULL, NULL)) record(g, mean ? "mean_all" : "sum_all", sum_all_node_backward, y, x, NULL, NULL)->farg[0] = k;
+    return y;
+}
+
+Tensor *sum_all(Graph *g, Tensor *x) { return reduce_all(g, x, 0); }
+Tensor *mean_all(Graph *g, Tensor *x) { return reduce_all(g, x, 1); }
+
+static void mean_hw_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0];
+    float *dx = input_grad(g, n, 0);
+    size_t hw = (size_t)x->shape[2] * x->shape[3];
+    for (size_t p = 0; p < n->out->size; p++) {
+        float d = n->out->grad[p] / (float)hw;
+        for (size_t i = 0; i < hw; i++) dx[p * hw + i] += d;
+    }
+}
+
+Tensor *mean_hw(Graph *g, Tensor *x) {
+    check_4d(x, "mean_hw");
+    Tensor *y = tensor4(g, x->shape[0], x->shape[1], 1, 1);
+    size_t hw = (size_t)x->shape[2] * x->shape[3];
+    for (size_t p = 0; p < y->size; p++) {
+        double s = 0.0;
+        for (size_t i = 0; i < hw; i++) s += x->data[p * hw + i];
+        y->data[p] = (float)(s / (double)hw);
+    }
+    if (wants_grad(g, x, NULL, NULL)) record(g, "mean_hw", mean_hw_node_backward, y, x, NULL, NULL);
+    return y;
+}
+
+// mse_loss: sum_n w[n] sum_i (a - b)^2 / (number of elements); saved = w
+static void mse_node_backward(Graph *g, TapeNode *n) {
+    Tensor *a = n->in[0], *b = n->in[1];
+    float *da = input_grad(g, n, 0), *db = input_grad(g, n, 1);
+    size_t per = a->size / a->shape[0];
+    float k = 2.0f * n->out->grad[0] / (float)a->size;
+    for (int s = 0; s < a->shape[0]; s++) {
+        float ks = k * (n->saved ? n->saved[s] : 1.0f);
+        for (size_t i = s * per; i < (s + 1) * per; i++) {
+            float d = ks * (a->data[i] - b->data[i]);
+            if (da) da[i] += d;
+            if (db) db[i] -= d;
+        }
+    }
+}
+
+Tensor *mse_loss(Graph *g, Tensor *a, Tensor *b, const float *w) {
+    if (!same_shape(a, b)) {
+        char sa[64], sb[64];
+        shape_str(a, sa, sizeof sa);
+        shape_str(b, sb, sizeof sb);
+        fatal("mse_loss: shapes %s and %s differ", sa, sb);
+    }
+    int one = 1, N = a->shape[0];
+    Tensor *y = tensor_new(g, 1, &one);
+    size_t per = a->size / N;
+    double total = 0.0;
+    for (int s = 0; s < N; s++) {
+        double e = 0.0;
+        for (size_t i = s * per; i < (s + 1) * per; i++) {
+            double d = (double)a->data[i] - b->data[i];
+            e += d * d;
+        }
+        total += (w ? w[s] : 1.0) * e;
+    }
+    y->data[0] = (float)(total / (double)a->size);
+    if (wants_grad(g, a, b, NULL)) {
+        TapeNode *nd = record(g, "mse_loss", mse_node_backward, y, a, b, NULL);
+        if (w) {
+            nd->saved = arena_floats(&g->arena, (size_t)N);
+            memcpy(nd->saved, w, N * sizeof(float));
+        }
+    }
+    return y;
+}
+
+// l2norm over channels; saved = per-pixel norms
+static void l2norm_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0];
+    l2norm_backward(input_grad(g, n, 0), n->out->grad, x->data, n->saved, x->shape[0], x->shape[1],
+                    x->shape[2] * x->shape[3], n->farg[0]);
+}
+
+Tensor *l2norm_channels(Graph *g, Tensor *x, float eps) {
+    check_4d(x, "l2norm_channels");
+    Tensor *y = tensor_new(g, 4, x->shape);
+    int hw = x->shape[2] * x->shape[3];
+    ArenaMark m = arena_mark(&g->arena);
+    float *norm = arena_floats(&g->arena, (size_t)x->shape[0] * hw);
+    l2norm_forward(y->data, norm, x->data, x->shape[0], x->shape[1], hw, eps);
+    if (wants_grad(g, x, NULL, NULL)) {
+        TapeNode *nd = record(g, "l2norm_channels", l2norm_node_backward, y, x, NULL, NULL);
+        nd->saved = norm;
+        nd->farg[0] = eps;
+    } else {
+        arena_release(&g->arena, m);
+    }
+    return y;
+}
+
+// dropout: keep with probability 1-p and scale by 1/(1-p), as torch; saved = mask
+static void dropout_node_backward(Graph *g, TapeNode *n) {
+    float *dx = input_grad(g, n, 0);
+    for (size_t i = 0; i < n->out->size; i++) dx[i] += n->out->grad[i] * n->saved[i];
+}
+
+Tensor *dropout(Graph *g, Tensor *x, float p) {
+    if (!g->training || p <= 0.0f) return x;
+    if (p >= 1.0f) fatal("dropout: p=%g must be below 1", p);
+    if (!g->rng) fatal("dropout: the graph has no RNG while training");
+    Tensor *y = tensor_new(g, x->ndim, x->shape);
+    float *mask = arena_floats(&g->arena, x->size), keep = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < x->size; i++) {
+        mask[i] = rng_uniform(g->rng) >= p ? keep : 0.0f;
+        y->data[i] = x->data[i] * mask[i];
+    }
+    if (wants_grad(g, x, NULL, NULL)) record(g, "dropout", dropout_node_backward, y, x, NULL, NULL)->saved = mask;
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- parameters ----
+// ---------------------------------------------------------------------------
+void params_init(ParamSet *p) { memset(p, 0, sizeof *p); }
+
+size_t params_add(ParamSet *p, const char *name, int ndim, const int *shape) {
+    if (p->data) fatal("params_add('%s') after params_alloc", name);
+    if (p->count == p->cap) {
+        p->cap = p->cap ? 2 * p->cap : 64;
+        Tensor *t = mallocCheck(p->cap * sizeof *t);
+        if (p->count) memcpy(t, p->t, p->count * sizeof *t);
+        free(p->t);
+        p->t = t;
+    }
+    size_t len = strlen(name) + 1;
+    if (p->names_len + len > p->names_cap) {
+        size_t cap = p->names_cap ? 2 * p->names_cap : 4096;
+        while (cap < p->names_len + len) cap *= 2;
+        char *nm = mallocCheck(cap);
+        if (p->names_len) memcpy(nm, p->names, p->names_len);
+        free(p->names);
+        p->names = nm;
+        p->names_cap = cap;
+    }
+    memcpy(p->names + p->names_len, name, len);
+    Tensor *t = &p->t[p->count];
+    memset(t, 0, sizeof *t);
+    t->ndim = ndim;
+    for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
+    t->size = shape_size(ndim, shape);
+    t->name = (const char *)(uintptr_t)p->names_len;  // an offset until params_alloc
+    p->names_len += len;
+    p->total += t->size;
+    return p->count++;
+}
+
+void params_alloc(ParamSet *p, int with_grad) {
+    p->data = aligned_malloc(p->total * sizeof(float));
+    memset(p->data, 0, p->total * sizeof(float));
+    p->grad = NULL;
+    if (with_grad) {
+        p->grad = aligned_malloc(p->total * sizeof(float));
+        memset(p->grad, 0, p->total * sizeof(float));
+    }
+    size_t off = 0;
+    for (size_t i = 0; i < p->count; i++) {
+        Tensor *t = &p->t[i];
+        t->name = p->names + (size_t)(uintptr_t)t->name;
+        t->data = p->data + off;
+        t->grad = with_grad ? p->grad + off : NULL;
+        t->requires_grad = with_grad;
+        off += t->size;
+    }
+}
+
+Tensor *params_get(ParamSet *p, size_t index) { return &p->t[index]; }
+
+Tensor *params_find(ParamSet *p, const char *name) {
+    for (size_t i = 0; i < p->count; i++)
+        if (strcmp(p->t[i].name, name) == 0) return &p->t[i];
+    return NULL;
+}
+
+void params_zero_grad(ParamSet *p) {
+    if (p->grad) memset(p->grad, 0, p->total * sizeof(float));
+}
+
+void params_free(ParamSet *p) {
+    aligned_free(p->data);
+    aligned_free(p->grad);
+    free(p->t);
+    free(p->names);
+    memset(p, 0, sizeof *p);
+}
+
+// ---------------------------------------------------------------------------
+// ---- safetensors ----
+// Header: u64 little-endian length, then JSON
+//   {"__metadata__": {"k": "v", ...}, "name": {"dtype": "F32", "shape": [..],
+//    "data_offsets": [begin, end]}, ...}
+// with offsets relative to the end of the header. All integers and floats
+// are assembled from bytes, so the code is the same on big-endian hosts.
+// ---------------------------------------------------------------------------
+static uint64_t load_u64_le(const unsigned char *b) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | b[i];
+    return v;
+}
+
+static void store_u64_le(unsigned char *b, uint64_t v) {
+    for (int i = 0; i < 8; i++) { b[i] = (unsigned char)(v & 0xff); v >>= 8; }
+}
+
+static float load_f32_le(const unsigned char *b) {
+    uint32_t u = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void store_f32_le(unsigned char *b, float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    b[0] = (unsigned char)u; b[1] = (unsigned char)(u >> 8);
+    b[2] = (unsigned char)(u >> 16); b[3] = (unsigned char)(u >> 24);
+}
+
+// a small strict JSON reader for the header; errors go to p->err
+typedef struct { const char *s, *end; char *err; size_t errlen; const char *path; const char *start; } Json;
+
+static int json_fail(Json *j, const char *what) {
+    if (j->err && !j->err[0])
+        snprintf(j->err, j->errlen, "%s: bad safetensors header at byte %ld: %s", j->path,
+                 (long)(j->s - j->start) + 8, what);
+    return -1;
+}
+
+static void json_ws(Json *j) {
+    while (j->s < j->end && (*j->s == ' ' || *j->s == '\t' || *j->s == '\n' || *j->s == '\r')) j->s++;
+}
+
+static int json_expect(Json *j, char c) {
+    json_ws(j);
+    if (j->s >= j->end || *j->s != c) {
+        char what[32];
+        snprintf(what, sizeof what, "expected '%c'", c);
+        return json_fail(j, what);
+    }
+    j->s++;
+    return 0;
+}
+
+// string into buf (ASCII escapes only; \u escapes become '?')
+static int json_string(Json *j, char *buf, size_t cap) {
+    if (json_expect(j, '"')) return -1;
+    size_t n = 0;
+    while (j->s < j->end && *j->s != '"') {
+        char c = *j->s++;
+        if (c == '\\') {
+            if (j->s >= j->end) return json_fail(j, "unfinished escape");
+            char e = *j->s++;
+            switch (e) {
+            case 'n': c = '\n'; break;
+            case 't': c = '\t'; break;
+            case 'r': c = '\r'; break;
+            case 'b': c = '\b'; break;
+            case 'f': c = '\f'; break;
+            case 'u':
+                if (j->end - j->s < 4) return json_fail(j, "short \\u escape");
+                j->s += 4;
+                c = '?';
+                break;
+            default: c = e; break;  // \" \\ \/
+            }
+        }
+        if (n + 1 >= cap) return json_fail(j, "string too long");
+        buf[n++] = c;
+    }
+    if (j->s >= j->end) return json_fail(j, "unterminated string");
+    j->s++;
+    buf[n] = 0;
+    return 0;
+}
+
+static int json_uint(Json *j, uint64_t *v) {
+    json_ws(j);
+    if (j->s >= j->end || *j->s < '0' || *j->s > '9') return json_fail(j, "expected a non-negative integer");
+    uint64_t x = 0;
+    while (j->s < j->end && *j->s >= '0' && *j->s <= '9') {
+        if (x > (UINT64_MAX - 9) / 10) return json_fail(j, "integer too large");
+        x = x * 10 + (uint64_t)(*j->s++ - '0');
+    }
+    *v = x;
+    return 0;
+}
+
+static int json_peek(Json *j, char c) {
+    json_ws(j);
+    return j->s < j->end && *j->s == c;
+}
+
+// [u, u, ...] into v (at most cap values)
+static int json_uint_array(Json *j, uint64_t *v, int cap, int *count) {
+    if (json_expect(j, '[')) return -1;
+    *count = 0;
+    if (json_peek(j, ']')) { j->s++; return 0; }
+    for (;;) {
+        if (*count >= cap) return json_fail(j, "too many dimensions");
+        if (json_uint(j, &v[(*count)++])) return -1;
+        if (json_peek(j, ',')) { j->s++; continue; }
+        return json_expect(j, ']');
+    }
+}
+
+void st_free(StFile *f) {
+    if (f->e)
+        for (size_t i = 0; i < f->count; i++) free(f->e[i].data);
+    free(f->e);
+    free(f->metadata_json);
+    memset(f, 0, sizeof *f);
+}
+
+const StEntry *st_find(const StFile *f, const char *name) {
+    for (size_t i = 0; i < f->count; i++)
+        if (strcmp(f->e[i].name, name) == 0) return &f->e[i];
+    return NULL;
+}
+
+typedef struct { uint64_t begin, end; } StRange;
+
+int st_read(const char *path, StFile *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    err[0] = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) { snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno)); return -1; }
+    char *hdr = NULL;
+    StRange *ranges = NULL;
+    unsigned char *buf = NULL;
+    int rc = -1;
+    unsigned char lenb[8];
+    if (fseeko(f, 0, SEEK_END) != 0) { snprintf(err, errlen, "%s: cannot seek", path); goto done; }
+    uint64_t fsize = (uint64_t)ftello(f);
+    rewind(f);
+    if (fsize < 8 || fread(lenb, 1, 8, f) != 8) {
+        snprintf(err, errlen, "%s: truncated: %llu bytes, not even a header length", path, (unsigned long long)fsize);
+        goto done;
+    }
+    uint64_t hlen = load_u64_le(lenb);
+    if (hlen < 2 || hlen > fsize - 8 || hlen > ((uint64_t)100 << 20)) {
+        snprintf(err, errlen, "%s: not a safetensors file (header length %llu, file size %llu)", path,
+                 (unsigned long long)hlen, (unsigned long long)fsize);
+        goto done;
+    }
+    hdr = mallocCheck((size_t)hlen + 1);
+    if (fread(hdr, 1, (size_t)hlen, f) != hlen) { snprintf(err, errlen, "%s: truncated header", path); goto done; }
+    hdr[hlen] = 0;
+    uint64_t data_size = fsize - 8 - hlen;
+
+    Json j = {hdr, hdr + hlen, err, errlen, path, hdr};
+    size_t cap = 16;
+    out->e = mallocCheck(cap * sizeof *out->e);
+    ranges = mallocCheck(cap * sizeof *ranges);
+    if (json_expect(&j, '{')) goto done;
+    if (json_peek(&j, '}')) j.s++;
+    else for (;;) {
+        char key[256];
+        if (json_string(&j, key, sizeof key) || json_expect(&j, ':')) goto done;
+        if (strcmp(key, "__metadata__") == 0) {  // keep the raw object text
+            json_ws(&j);
+            const char *start = j.s;
+            char tmp[4096];
+            if (json_expect(&j, '{')) goto done;
+            if (json_peek(&j, '}')) j.s++;
+            else for (;;) {
+                if (json_string(&j, tmp, sizeof tmp) || json_expect(&j, ':') || json_string(&j, tmp, sizeof tmp)) goto done;
+                if (json_peek(&j, ',')) { j.s++; continue; }
+                if (json_expect(&j, '}')) goto done;
+                break;
+            }
+            free(out->metadata_json);
+            out->metadata_json = mallocCheck((size_t)(j.s - start) + 1);
+            memcpy(out->metadata_json, start, (size_t)(j.s - start));
+            out->metadata_json[j.s - start] = 0;
+        } else {
+            if (out->count == cap) {
+                cap *= 2;
+                StEntry *e = mallocCheck(cap * sizeof *e);
+                memcpy(e, out->e, out->count * sizeof *e);
+                free(out->e);
+                out->e = e;
+                StRange *r = mallocCheck(cap * sizeof *r);
+                memcpy(r, ranges, out->count * sizeof *r);
+                free(ranges);
+                ranges = r;
+            }
+            StEntry *e = &out->e[out->count];
+            memset(e, 0, sizeof *e);
+            snprintf(e->name, sizeof e->name, "%s", key);
+            int have_dtype = 0, have_shape = 0, have_off = 0;
+            uint64_t dims[8], offs[2];
+            int nd = 0, no = 0;
+            if (json_expect(&j, '{')) goto done;
+            for (;;) {
+                char field[64];
+                if (json_string(&j, field, sizeof field) || json_expect(&j, ':')) goto done;
+                if (strcmp(field, "dtype") == 0) {
+                    char dt[32];
+                    if (json_string(&j, dt, sizeof dt)) goto done;
+                    if (strcmp(dt, "F32") != 0) {
+                        snprintf(err, errlen, "%s: tensor '%s' has dtype %s; only F32 is supported", path, key, dt);
+                        goto done;
+                    }
+                    have_dtype = 1;
+                } else if (strcmp(field, "shape") == 0) {
+                    if (json_uint_array(&j, dims, 8, &nd)) goto done;
+                    have_shape = 1;
+                } else if (strcmp(field, "data_offsets") == 0) {
+                    if (json_uint_array(&j, offs, 2, &no)) goto done;
+                    if (no != 2) { json_fail(&j, "data_offsets needs two integers"); goto done; }
+                    have_off = 1;
+                } else {
+                    snprintf(err, errlen, "%s: tensor '%s' has an unknown field '%s'", path, key, field);
+                    goto done;
+                }
+                if (json_peek(&j, ',')) { j.s++; continue; }
+                if (json_expect(&j, '}')) goto done;
+                break;
+            }
+            if (!have_dtype || !have_shape || !have_off) {
+                snprintf(err, errlen, "%s: tensor '%s' lacks dtype, shape or data_offsets", path, key);
+                goto done;
+            }
+            uint64_t n = 1;
+            e->ndim = nd;
+            for (int d = 0; d < nd; d++) {
+                if (dims[d] > (1u << 30)) { snprintf(err, errlen, "%s: tensor '%s' dimension too large", path, key); goto done; }
+                e->shape[d] = (int)dims[d];
+                n *= dims[d];
+                if (n > ((uint64_t)1 << 34)) { snprintf(err, errlen, "%s: tensor '%s' too large", path, key); goto done; }
+            }
+            if (offs[1] < offs[0] || offs[1] - offs[0] != n * 4) {
+                snprintf(err, errlen, "%s: tensor '%s' has %llu bytes of data for %llu floats", path, key,
+                         (unsigned long long)(offs[1] - offs[0]), (unsigned long long)n);
+                goto done;
+            }
+            if (offs[1] > data_size) {
+                snprintf(err, errlen, "%s: truncated: tensor '%s' ends at byte %llu of a %llu-byte data section",
+                         path, key, (unsigned long long)offs[1], (unsigned long long)data_size);
+                goto done;
+            }
+            if ((uint64_t)(size_t)n != n) { snprintf(err, errlen, "%s: tensor '%s' too large for this machine", path, key); goto done; }
+            e->size = (size_t)n;
+            ranges[out->count] = (StRange){offs[0], offs[1]};
+            out->count++;
+        }
+        if (json_peek(&j, ',')) { j.s++; continue; }
+        if (json_expect(&j, '}')) goto done;
+        break;
+    }
+    json_ws(&j);
+    if (j.s != j.end) { json_fail(&j, "trailing bytes after the header object"); goto done; }
+    for (size_t i = 0; i < out->count; i++)
+        for (size_t k = 0; k < i; k++)
+            if (strcmp(out->e[i].name, out->e[k].name) == 0) {
+                snprintf(err, errlen, "%s: tensor '%s' appears twice", path, out->e[i].name);
+                goto done;
+            }
+    // the data, converted from little-endian
+    for (size_t i = 0; i < out->count; i++) {
+        StEntry *e = &out->e[i];
+        e->data = mallocCheck(e->size * sizeof(float));
+        if (fseeko(f, (off_t)(8 + hlen + ranges[i].begin), SEEK_SET) != 0) {
+            snprintf(err, errlen, "%s: cannot seek to tensor '%s'", path, e->name);
+            goto done;
+        }
+        size_t chunk = 1 << 16;
+        if (!buf) buf = mallocCheck(chunk * 4);
+        for (size_t k = 0; k < e->size; k += chunk) {
+            size_t m = e->size - k < chunk ? e->size - k : chunk;
+            if (fread(buf, 4, m, f) != m) {
+                snprintf(err, errlen, "%s: truncated while reading tensor '%s'", path, e->name);
+                goto done;
+            }
+            for (size_t q = 0; q < m; q++) e->data[k + q] = load_f32_le(buf + 4 * q);
+        }
+    }
+    rc = 0;
+done:
+    if (rc != 0) {
+        if (!err[0]) snprintf(err, errlen, "%s: cannot read", path);
+        // entries past count may hold no data; st_free only frees up to count
+        st_free(out);
+    }
+    free(buf);
+    free(ranges);
+    free(hdr);
+    fclose(f);
+    return rc;
+}
+
+// growable text buffer for the header
+typedef struct { char *s; size_t len, cap; } Text;
+
+static void text_add(Text *t, const char *fmt, ...) {
+    va_list ap;
+    for (;;) {
+        size_t room = t->cap - t->len;
+        va_start(ap, fmt);
+        int n = vsnprintf(t->s ? t->s + t->len : NULL, t->s ? room : 0, fmt, ap);
+        va_end(ap);
+        if (n < 0) fatal("text_add: formatting failed");
+        if (t->s && (size_t)n < room) { t->len += (size_t)n; return; }
+        size_t cap = t->cap ? t->cap * 2 : 4096;
+        while (cap < t->len + (size_t)n + 1) cap *= 2;
+        char *s = mallocCheck(cap);
+        if (t->len) memcpy(s, t->s, t->len);
+        free(t->s);
+        t->s = s;
+        t->cap = cap;
+    }
+}
+
+static void text_add_json_string(Text *t, const char *s) {
+    text_add(t, "\"");
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\') text_add(t, "\\%c", *s);
+        else if ((unsigned char)*s < 0x20) text_add(t, "\\u%04x", (unsigned)(unsigned char)*s);
+        else text_add(t, "%c", *s);
+    }
+    text_add(t, "\"");
+}
+
+int st_write(const char *path, const StWrite *t, size_t n, const char *const *metadata,
+             char *err, size_t errlen) {
+    Text h = {NULL, 0, 0};
+    text_add(&h, "{");
+    int first = 1;
+    if (metadata && metadata[0]) {
+        text_add(&h, "\"__metadata__\":{");
+        for (size_t i = 0; metadata[i]; i += 2) {
+            if (i) text_add(&h, ",");
+            text_add_json_string(&h, metadata[i]);
+            text_add(&h, ":");
+            text_add_json_string(&h, metadata[i + 1] ? metadata[i + 1] : "");
+            if (!metadata[i + 1]) break;
+        }
+        text_add(&h, "}");
+        first = 0;
+    }
+    uint64_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t size = shape_size(t[i].ndim, t[i].shape);
+        text_add(&h, first ? "" : ",");
+        first = 0;
+        text_add_json_string(&h, t[i].name);
+        text_add(&h, ":{\"dtype\":\"F32\",\"shape\":[");
+        for (int d = 0; d < t[i].ndim; d++) text_add(&h, d ? ",%d" : "%d", t[i].shape[d]);
+        text_add(&h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off,
+                 (unsigned long long)(off + 4 * (uint64_t)size));
+        off += 4 * (uint64_t)size;
+    }
+    text_add(&h, "}");
+    while ((h.len + 8) % 8) text_add(&h, " ");  // spaces keep the data 8-byte aligned
+
+    size_t plen = strlen(path);
+    char *tmp = mallocCheck(plen + 5);
+    memcpy(tmp, path, plen);
+    memcpy(tmp + plen, ".tmp", 5);
+    int rc = -1;
+    unsigned char *buf = mallocCheck(4 << 16);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) { snprintf(err, errlen, "%s: cannot create: %s", tmp, strerror(errno)); goto out; }
+    unsigned char lenb[8];
+    store_u64_le(lenb, h.len);
+    int ok = fwrite(lenb, 1, 8, f) == 8 && fwrite(h.s, 1, h.len, f) == h.len;
+    for (size_t i = 0; ok && i < n; i++) {
+        size_t size = shape_size(t[i].ndim, t[i].shape);
+        for (size_t k = 0; ok && k < size; k += 1 << 16) {
+            size_t m = size - k < (1 << 16) ? size - k : (1 << 16);
+            for (size_t q = 0; q < m; q++) store_f32_le(buf + 4 * q, t[i].data[k + q]);
+            ok = fwrite(buf, 4, m, f) == m;
+        }
+    }
+    ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    if (fclose(f) != 0) ok = 0;
+    if (!ok) {
+        snprintf(err, errlen, "%s: write failed: %s", tmp, strerror(errno));
+        remove(tmp);
+        goto out;
+    }
+    if (rename(tmp, path) != 0) {
+        snprintf(err, errlen, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
+        remove(tmp);
+        goto out;
+    }
+    rc = 0;
+out:
+    free(buf);
+    free(tmp);
+    free(h.s);
+    return rc;
+}

@@ -1,0 +1,286 @@
+// tensor.h: the casdm tensor engine.
+//
+// float32 NCHW tensors, reverse-mode autograd on a tape, a pthread pool, a thin
+// SIMD layer, a counter-free PCG32 generator and safetensors I/O. C99, libc,
+// libm and (optionally) pthreads; nothing else.
+//
+// Two layers, as in karpathy/llm.c's train_gpt2.c:
+//   1. kernels on raw pointers, each `*_forward` with its `*_backward` right
+//      below it in tensor.c (`conv2d_forward`, `conv2d_backward`, ...);
+//   2. graph ops on Tensors (`conv2d(g, x, w, b, stride, pad)`) that call the
+//      forward kernel and, when a gradient is needed, push a tape node whose
+//      backward calls the backward kernel.
+// Backward kernels accumulate (+=) into gradients; zeroing is explicit.
+#ifndef CASDM_TENSOR_H
+#define CASDM_TENSOR_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+// ---------------------------------------------------------------------------
+// checked libc wrappers (llm.c's mallocCheck / fopenCheck): print where and
+// what, then exit(1). Never return NULL.
+// ---------------------------------------------------------------------------
+void *malloc_check(size_t size, const char *file, int line);
+void *calloc_check(size_t n, size_t size, const char *file, int line);
+FILE *fopen_check(const char *path, const char *mode, const char *file, int line);
+#define mallocCheck(n) malloc_check((n), __FILE__, __LINE__)
+#define callocCheck(n, s) calloc_check((n), (s), __FILE__, __LINE__)
+#define fopenCheck(p, m) fopen_check((p), (m), __FILE__, __LINE__)
+void fatal(const char *fmt, ...);  // message to stderr, exit(1)
+
+// ---------------------------------------------------------------------------
+// arena: a bump allocator made of blocks, 64-byte aligned. Blocks are kept on
+// reset, so after the first training step a step allocates nothing from libc.
+// `limit` (bytes, 0 = none) makes overflow a clear error instead of swapping.
+// ---------------------------------------------------------------------------
+typedef struct ArenaBlock ArenaBlock;
+typedef struct {
+    const char *name;     // shown in the overflow message
+    ArenaBlock *head;     // first block
+    ArenaBlock *cur;      // block being filled; blocks after it are empty
+    size_t block_size;    // default size of a new block
+    size_t limit;         // maximum total bytes of all blocks, 0 = no limit
+    size_t reserved;      // total bytes of all blocks
+    size_t used;          // bytes handed out since the last reset
+    size_t peak;          // maximum of `used` over the arena's life
+} Arena;
+typedef struct { ArenaBlock *block; size_t offset; size_t used; } ArenaMark;
+
+void arena_init(Arena *a, const char *name, size_t block_size, size_t limit);
+void *arena_alloc(Arena *a, size_t bytes);           // never NULL; aborts on limit
+float *arena_floats(Arena *a, size_t n);             // uninitialised floats
+float *arena_zeros(Arena *a, size_t n);              // zeroed floats
+void arena_reset(Arena *a);                          // everything handed out is gone
+ArenaMark arena_mark(Arena *a);                      // for scratch buffers:
+void arena_release(Arena *a, ArenaMark m);           // free all since the mark
+void arena_free(Arena *a);
+
+// ---------------------------------------------------------------------------
+// random numbers: PCG32 (O'Neill 2014, "PCG XSH RR 64/32"), one stream per
+// generator, used from one thread only, so a seed gives the same numbers for
+// any thread count. Normals by Box-Muller in double.
+// ---------------------------------------------------------------------------
+typedef struct { uint64_t state, inc; } Rng;
+void rng_seed(Rng *r, uint64_t seed, uint64_t stream);
+uint32_t rng_u32(Rng *r);
+float rng_uniform(Rng *r);                           // [0, 1), 24 random bits
+float rng_normal(Rng *r);                            // N(0, 1)
+void rng_fill_normal(Rng *r, float *x, size_t n, float mean, float std);
+void rng_fill_uniform(Rng *r, float *x, size_t n, float lo, float hi);
+uint32_t rng_below(Rng *r, uint32_t n);              // uniform integer in [0, n)
+
+// ---------------------------------------------------------------------------
+// thread pool: pool_run(fn, arg) calls fn(arg, ith, nth) for ith = 0..nth-1,
+// the caller being thread 0, and returns when all are done. Kernels split
+// their work with `slice`. Built with THREADS=0 (CASDM_THREADS=0) it runs
+// fn(arg, 0, 1) on the calling thread. Nested calls run serially.
+// ---------------------------------------------------------------------------
+typedef void (*pool_fn)(void *arg, int ith, int nth);
+void pool_init(int nthreads);        // <= 0: CASDM_THREADS env, else cores
+int pool_threads(void);
+void pool_run(pool_fn fn, void *arg);
+void pool_shutdown(void);            // joins workers, frees GEMM pack buffers
+// [*begin, *end) = part ith of nth of [0, n), contiguous, in order
+void slice(size_t n, int ith, int nth, size_t *begin, size_t *end);
+const char *simd_name(void);         // "avx512", "avx2", "neon" or "scalar"
+
+// ---------------------------------------------------------------------------
+// matrix multiply. C (M,N) = op(A) (M,K) @ op(B) (K,N), + C if accumulate.
+// op(X) = X^T when transX. Row-major with leading dimensions lda, ldb, ldc.
+// Every output element is summed over k in the same order whatever the
+// thread count, so results are bitwise identical for 1 or N threads.
+// ---------------------------------------------------------------------------
+void sgemm(int transA, int transB, size_t M, size_t N, size_t K,
+           const float *A, size_t lda, const float *B, size_t ldb,
+           int accumulate, float *C, size_t ldc);
+void sgemm_naive(int transA, int transB, size_t M, size_t N, size_t K,
+                 const float *A, size_t lda, const float *B, size_t ldb,
+                 int accumulate, float *C, size_t ldc);
+
+// ---------------------------------------------------------------------------
+// tensors
+// ---------------------------------------------------------------------------
+#define MAX_DIMS 4
+typedef struct Tensor {
+    int ndim;
+    int shape[MAX_DIMS];  // NCHW for images; (B,M,K) for batched matrices
+    size_t size;          // number of elements
+    float *data;
+    float *grad;          // same size as data; NULL while nothing flowed in
+    int requires_grad;    // leaf parameter / input, or computed from one
+    const char *name;     // parameter name (improved-diffusion key) or NULL
+} Tensor;
+
+typedef struct TapeNode TapeNode;
+struct Graph;
+typedef void (*backward_fn)(struct Graph *g, TapeNode *node);
+struct TapeNode {
+    TapeNode *prev;       // the tape is a list, walked from the last node back
+    const char *op;       // op name, for debugging
+    backward_fn backward;
+    Tensor *out;
+    Tensor *in[3];
+    int iarg[6];
+    float farg[2];
+    float *saved;         // op-specific buffers kept for backward (arena)
+    float *saved2;
+};
+
+// A graph owns one step: the tensors it makes, the tape and the gradients of
+// non-parameter tensors all live in `arena`, and graph_reset frees them all.
+typedef struct Graph {
+    Arena arena;
+    TapeNode *last;       // most recent tape node
+    size_t n_nodes;
+    int grad_enabled;     // 0: no-grad mode, records nothing, saves nothing
+    int training;         // dropout active
+    Rng *rng;             // for dropout; may be NULL when training is 0
+} Graph;
+
+void graph_init(Graph *g, size_t block_size, size_t limit);
+void graph_reset(Graph *g);
+void graph_free(Graph *g);
+// Seeds out->grad with dout (or 1 for a one-element `out` when dout is NULL)
+// and runs the tape backwards, accumulating into every tensor that
+// requires a gradient (parameters: their persistent grad buffers).
+void graph_backward(Graph *g, Tensor *out, const float *dout);
+
+Tensor *tensor_new(Graph *g, int ndim, const int *shape);  // uninitialised
+Tensor *tensor4(Graph *g, int n, int c, int h, int w);
+Tensor *tensor_zeros(Graph *g, int ndim, const int *shape);
+Tensor *tensor_from(Graph *g, int ndim, const int *shape, const float *data);  // copies
+float *tensor_grad(Graph *g, Tensor *t);  // the gradient buffer, zeroed on first use
+int same_shape(const Tensor *a, const Tensor *b);
+void shape_str(const Tensor *t, char *buf, size_t n);
+
+// ---------------------------------------------------------------------------
+// parameters: a size table, then one allocation for all values and one for
+// all gradients (llm.c's fill_in_parameter_sizes + malloc_and_point).
+// ---------------------------------------------------------------------------
+typedef struct {
+    Tensor *t;            // t[i].data points into `data`
+    size_t count, cap;
+    size_t total;         // number of floats
+    float *data;
+    float *grad;          // NULL for a frozen set (e.g. VGG in LPIPS)
+    char *names;          // all names, NUL separated
+    size_t names_len, names_cap;
+} ParamSet;
+
+void params_init(ParamSet *p);
+// Declare a parameter; returns its index. Pointers are made by params_alloc.
+size_t params_add(ParamSet *p, const char *name, int ndim, const int *shape);
+void params_alloc(ParamSet *p, int with_grad);
+Tensor *params_get(ParamSet *p, size_t index);
+Tensor *params_find(ParamSet *p, const char *name);  // NULL if absent
+void params_zero_grad(ParamSet *p);
+void params_free(ParamSet *p);
+
+// ---------------------------------------------------------------------------
+// graph ops. Shapes are given as (N,C,H,W). Broadcasting in add/sub/mul
+// follows numpy: shapes aligned to the right, each dim equal or 1.
+// ---------------------------------------------------------------------------
+Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);  // b may be NULL
+Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b);   // x (N,in), w (out,in), b (out)
+Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB);  // batched (B,M,K)@(B,K,N)
+Tensor *add(Graph *g, Tensor *a, Tensor *b);
+Tensor *sub(Graph *g, Tensor *a, Tensor *b);
+Tensor *mul(Graph *g, Tensor *a, Tensor *b);
+Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift);  // scale*x + shift
+Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);
+Tensor *silu(Graph *g, Tensor *x);
+Tensor *relu(Graph *g, Tensor *x);
+Tensor *sigmoid(Graph *g, Tensor *x);
+Tensor *softmax(Graph *g, Tensor *x);          // over the last axis
+Tensor *upsample2x(Graph *g, Tensor *x);       // nearest
+Tensor *avgpool2x2(Graph *g, Tensor *x);       // kernel 2, stride 2
+Tensor *resize_bilinear(Graph *g, Tensor *x, int out_h, int out_w);  // align_corners=False
+Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b);
+Tensor *slice_channels(Graph *g, Tensor *x, int c0, int c1);         // x[:, c0:c1]
+Tensor *reshape(Graph *g, Tensor *x, int ndim, const int *shape);    // a view
+Tensor *sum_all(Graph *g, Tensor *x);          // shape (1)
+Tensor *mean_all(Graph *g, Tensor *x);         // shape (1)
+Tensor *mean_hw(Graph *g, Tensor *x);          // (N,C,H,W) -> (N,C,1,1)
+// mean over all elements of w[n] * (a - b)^2; w (N) may be NULL (all 1).
+// b usually needs no gradient (a target) but may have one.
+Tensor *mse_loss(Graph *g, Tensor *a, Tensor *b, const float *w);
+Tensor *l2norm_channels(Graph *g, Tensor *x, float eps);  // x / (||x||_c + eps)
+Tensor *dropout(Graph *g, Tensor *x, float p);  // identity unless g->training
+Tensor *detach(Graph *g, Tensor *x);            // same data, no gradient
+
+// ---------------------------------------------------------------------------
+// kernels: the layer under the graph ops, on raw pointers, for code that
+// wants no tape (and for tests that compare them with references).
+// Backward kernels accumulate (+=); a NULL gradient pointer is skipped.
+// ---------------------------------------------------------------------------
+enum { ACT_SILU, ACT_RELU, ACT_SIGMOID };
+// out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC); col is
+// scratch of C*K*K*OH*OW floats (may be NULL for 1x1, stride 1, pad 0)
+void conv2d_forward(float *out, const float *inp, const float *weight, const float *bias,
+                    float *col, int N, int C, int H, int W, int OC, int K, int stride, int pad);
+void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                     const float *inp, const float *weight, float *col,
+                     int N, int C, int H, int W, int OC, int K, int stride, int pad);
+// out (N,OUT) = inp (N,IN) @ weight (OUT,IN)^T + bias (OUT)
+void linear_forward(float *out, const float *inp, const float *weight, const float *bias,
+                    int N, int IN, int OUT);
+void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                     const float *inp, const float *weight, int N, int IN, int OUT);
+void matmul_forward(float *out, const float *a, const float *b, int batch, int M, int N, int K,
+                    int transA, int transB);
+void matmul_backward(float *da, float *db, const float *dout, const float *a, const float *b,
+                     int batch, int M, int N, int K, int transA, int transB);
+// mean, rstd (N,G) are written by forward and read by backward
+void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                       const float *gamma, const float *beta, int N, int C, int HW, int G, float eps);
+void groupnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *dout,
+                        const float *inp, const float *mean, const float *rstd, const float *gamma,
+                        int N, int C, int HW, int G);
+void activation_forward(float *out, const float *inp, size_t n, int act);
+void activation_backward(float *dinp, const float *dout, const float *inp, const float *out,
+                         size_t n, int act);
+void softmax_forward(float *out, const float *inp, size_t rows, size_t len);
+void softmax_backward(float *dinp, const float *dout, const float *out, size_t rows, size_t len);
+// P = N*C planes of (H,W)
+void upsample2x_forward(float *out, const float *inp, size_t P, int H, int W);
+void upsample2x_backward(float *dinp, const float *dout, size_t P, int H, int W);
+void avgpool2x2_forward(float *out, const float *inp, size_t P, int H, int W);
+void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W);
+void resize_bilinear_forward(float *out, const float *inp, size_t P, int H, int W, int OH, int OW);
+void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH, int OW);
+// norm (N,HW) is written by forward and read by backward
+void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps);
+void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
+                     int N, int C, int HW, float eps);
+
+// ---------------------------------------------------------------------------
+// safetensors (https://github.com/huggingface/safetensors): 8-byte LE header
+// length, JSON header, raw little-endian data. We read and write F32 only.
+// Reading validates everything and names the file and tensor on error.
+// ---------------------------------------------------------------------------
+typedef struct {
+    char name[256];
+    int ndim;
+    int shape[8];
+    size_t size;          // elements
+    float *data;          // host order
+} StEntry;
+typedef struct {
+    StEntry *e;
+    size_t count;
+    char *metadata_json;  // raw "__metadata__" object text or NULL
+} StFile;
+
+// returns 0 on success; on failure writes a message to err and returns -1
+int st_read(const char *path, StFile *out, char *err, size_t errlen);
+void st_free(StFile *f);
+const StEntry *st_find(const StFile *f, const char *name);
+// Writes atomically: path.tmp, fsync, rename. Metadata: NULL-terminated
+// key/value string pairs, or NULL.
+typedef struct { const char *name; int ndim; const int *shape; const float *data; } StWrite;
+int st_write(const char *path, const StWrite *t, size_t n, const char *const *metadata,
+             char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,581 @@
+// test_tensor.c: the tensor engine against independent references:
+// finite differences for every op's backward, PyTorch goldens
+// (tests/goldens/ops.safetensors from tools/make_goldens.py), the naive GEMM,
+// PCG32's published output, thread-count determinism, and safetensors files
+// good and bad.
+#define _POSIX_C_SOURCE 200809L
+#include <stdlib.h>
+
+#include "test_util.h"
+
+// ---------------------------------------------------------------------------
+// finite-difference gradient check
+// Inputs get random values; L = sum(out * R) for a fixed random R. The
+// analytic gradient of each input (from graph_backward with dout = R) is
+// compared with central differences (L(x+h) - L(x-h)) / 2h on up to 40
+// elements per input. L is summed in double; the forward runs in float, so
+// the check allows err = max|fd - an| / max|an| <= tol (2e-3 at
+// h = 1e-2: truncation O(h^2) plus float rounding of L over 2h).
+// ---------------------------------------------------------------------------
+typedef Tensor *(*BuildFn)(Graph *g, Tensor **in, const int *arg);
+typedef struct { int ndim; int shape[4]; int away_from_zero; } InSpec;
+
+static uint64_t name_hash(const char *s) {
+    uint64_t h = 1469598103934665603ULL;
+    while (*s) h = (h ^ (unsigned char)*s++) * 1099511628211ULL;
+    return h;
+}
+
+static size_t spec_size(const InSpec *s) {
+    size_t n = 1;
+    for (int i = 0; i < s->ndim; i++) n *= (size_t)s->shape[i];
+    return n;
+}
+
+static double eval_loss(Graph *g, BuildFn build, const int *arg, int nin, const InSpec *spec,
+                        float **vals, const float *R) {
+    graph_reset(g);
+    Tensor *in[4];
+    for (int i = 0; i < nin; i++) in[i] = tensor_from(g, spec[i].ndim, spec[i].shape, vals[i]);
+    Tensor *y = build(g, in, arg);
+    double L = 0.0;
+    for (size_t k = 0; k < y->size; k++) L += (double)y->data[k] * R[k];
+    return L;
+}
+
+static void gradcheck(const char *name, BuildFn build, const int *arg, int nin, const InSpec *spec,
+                      double h, double tol) {
+    Graph g;
+    graph_init(&g, 1 << 20, 0);
+    Rng rng, drop;
+    rng_seed(&rng, name_hash(name), 1);
+    rng_seed(&drop, 99, 3);
+    g.rng = &drop;
+    g.training = 1;
+    float *vals[4], *an[4];
+    for (int i = 0; i < nin; i++) {
+        size_t n = spec_size(&spec[i]);
+        vals[i] = mallocCheck(n * sizeof(float));
+        rng_fill_normal(&rng, vals[i], n, 0.0f, 1.0f);
+        if (spec[i].away_from_zero)  // keep kinks (ReLU) more than h away
+            for (size_t k = 0; k < n; k++) vals[i][k] += vals[i][k] >= 0 ? 0.1f : -0.1f;
+    }
+    // analytic
+    rng_seed(&drop, 99, 3);
+    Tensor *in[4];
+    for (int i = 0; i < nin; i++) {
+        in[i] = tensor_from(&g, spec[i].ndim, spec[i].shape, vals[i]);
+        in[i]->requires_grad = 1;
+    }
+    Tensor *y = build(&g, in, arg);
+    size_t ny = y->size;
+    float *R = mallocCheck(ny * sizeof(float));
+    rng_fill_normal(&rng, R, ny, 0.0f, 1.0f);
+    graph_backward(&g, y, R);
+    for (int i = 0; i < nin; i++) {
+        size_t n = spec_size(&spec[i]);
+        an[i] = mallocCheck(n * sizeof(float));
+        if (in[i]->grad) memcpy(an[i], in[i]->grad, n * sizeof(float));
+        else memset(an[i], 0, n * sizeof(float));
+    }
+    // numeric
+    g.grad_enabled = 0;
+    double worst = 0.0;
+    int nchecked = 0;
+    for (int i = 0; i < nin; i++) {
+        size_t n = spec_size(&spec[i]);
+        double scale = 1e-6;
+        for (size_t k = 0; k < n; k++) scale = fmax(scale, fabs(an[i][k]));
+        size_t step = n > 40 ? n / 40 : 1;
+        for (size_t k = (step > 1 ? (size_t)rng_below(&rng, (uint32_t)step) : 0); k < n; k += step) {
+            float save = vals[i][k];
+            vals[i][k] = save + (float)h;
+            rng_seed(&drop, 99, 3);
+            double lp = eval_loss(&g, build, arg, nin, spec, vals, R);
+            vals[i][k] = save - (float)h;
+            rng_seed(&drop, 99, 3);
+            double lm = eval_loss(&g, build, arg, nin, spec, vals, R);
+            vals[i][k] = save;
+            double fd = (lp - lm) / (2.0 * h), err = fabs(fd - an[i][k]) / scale;
+            if (!(err <= worst)) worst = err;
+            if (!(err <= tol)) fprintf(stderr, "  %s input %d [%zu]: analytic %.6g, numeric %.6g\n", name, i, k, an[i][k], fd);
+            nchecked++;
+        }
+    }
+    char tname[96];
+    snprintf(tname, sizeof tname, "gradcheck %s", name);
+    test_result(worst <= tol, tname, "max err %.2e over %d elements, tol %.0e", worst, nchecked, tol);
+    for (int i = 0; i < nin; i++) { free(vals[i]); free(an[i]); }
+    free(R);
+    graph_free(&g);
+}
+
+// ---- builders: one small graph per op ----
+static Tensor *b_conv(Graph *g, Tensor **in, const int *a) { return conv2d(g, in[0], in[1], a[2] ? in[2] : NULL, a[0], a[1]); }
+static Tensor *b_linear(Graph *g, Tensor **in, const int *a) { (void)a; return linear(g, in[0], in[1], in[2]); }
+static Tensor *b_matmul(Graph *g, Tensor **in, const int *a) { return matmul(g, in[0], in[1], a[0], a[1]); }
+static Tensor *b_add(Graph *g, Tensor **in, const int *a) { (void)a; return add(g, in[0], in[1]); }
+static Tensor *b_sub(Graph *g, Tensor **in, const int *a) { (void)a; return sub(g, in[0], in[1]); }
+static Tensor *b_mul(Graph *g, Tensor **in, const int *a) { (void)a; return mul(g, in[0], in[1]); }
+static Tensor *b_scale_shift(Graph *g, Tensor **in, const int *a) { (void)a; return scale_shift(g, in[0], -1.7f, 0.3f); }
+static Tensor *b_groupnorm(Graph *g, Tensor **in, const int *a) { return groupnorm(g, in[0], in[1], in[2], a[0], 1e-5f); }
+static Tensor *b_silu(Graph *g, Tensor **in, const int *a) { (void)a; return silu(g, in[0]); }
+static Tensor *b_relu(Graph *g, Tensor **in, const int *a) { (void)a; return relu(g, in[0]); }
+static Tensor *b_sigmoid(Graph *g, Tensor **in, const int *a) { (void)a; return sigmoid(g, in[0]); }
+static Tensor *b_softmax(Graph *g, Tensor **in, const int *a) { (void)a; return softmax(g, in[0]); }
+static Tensor *b_upsample(Graph *g, Tensor **in, const int *a) { (void)a; return upsample2x(g, in[0]); }
+static Tensor *b_avgpool(Graph *g, Tensor **in, const int *a) { (void)a; return avgpool2x2(g, in[0]); }
+static Tensor *b_resize(Graph *g, Tensor **in, const int *a) { return resize_bilinear(g, in[0], a[0], a[1]); }
+static Tensor *b_concat(Graph *g, Tensor **in, const int *a) { (void)a; return concat_channels(g, in[0], in[1]); }
+static Tensor *b_slice(Graph *g, Tensor **in, const int *a) { return slice_channels(g, in[0], a[0], a[1]); }
+static Tensor *b_reshape(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    int s[2] = {in[0]->shape[0], (int)(in[0]->size / in[0]->shape[0])};
+    return linear(g, reshape(g, in[0], 2, s), in[1], NULL);
+}
+static Tensor *b_sum_all(Graph *g, Tensor **in, const int *a) { (void)a; return sum_all(g, in[0]); }
+static Tensor *b_mean_all(Graph *g, Tensor **in, const int *a) { (void)a; return mean_all(g, in[0]); }
+static Tensor *b_mean_hw(Graph *g, Tensor **in, const int *a) { (void)a; return mean_hw(g, in[0]); }
+static Tensor *b_mse(Graph *g, Tensor **in, const int *a) {
+    static const float w[3] = {0.5f, 2.0f, 1.25f};
+    return mse_loss(g, in[0], in[1], a[0] ? w : NULL);
+}
+static Tensor *b_l2norm(Graph *g, Tensor **in, const int *a) { (void)a; return l2norm_channels(g, in[0], 1e-10f); }
+static Tensor *b_dropout(Graph *g, Tensor **in, const int *a) { (void)a; return dropout(g, in[0], 0.3f); }
+// a chain like one improved-diffusion ResBlock half: GN -> SiLU -> conv, FiLM, residual
+static Tensor *b_chain(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    Tensor *h = conv2d(g, silu(g, groupnorm(g, in[0], NULL, NULL, 2, 1e-5f)), in[1], NULL, 1, 1);
+    Tensor *film = mul(g, h, scale_shift(g, in[2], 1.0f, 1.0f));  // h * (1 + scale)
+    return add(g, in[0], film);
+}
+
+static void test_gradchecks(void) {
+    { InSpec s[3] = {{4, {2, 3, 5, 7}, 0}, {4, {4, 3, 3, 3}, 0}, {1, {4}, 0}}; int a[3] = {1, 1, 1};
+      gradcheck("conv2d 3x3 stride 1", b_conv, a, 3, s, 1e-2, 2e-3); }
+    { InSpec s[3] = {{4, {2, 3, 7, 6}, 0}, {4, {2, 3, 3, 3}, 0}, {1, {2}, 0}}; int a[3] = {2, 1, 1};
+      gradcheck("conv2d 3x3 stride 2", b_conv, a, 3, s, 1e-2, 2e-3); }
+    { InSpec s[3] = {{4, {2, 5, 3, 3}, 0}, {4, {3, 5, 1, 1}, 0}, {1, {3}, 0}}; int a[3] = {1, 0, 1};
+      gradcheck("conv2d 1x1", b_conv, a, 3, s, 1e-2, 2e-3); }
+    { InSpec s[2] = {{4, {1, 2, 6, 5}, 0}, {4, {2, 2, 3, 3}, 0}}; int a[3] = {1, 0, 0};
+      gradcheck("conv2d 3x3 no pad no bias", b_conv, a, 2, s, 1e-2, 2e-3); }
+    { InSpec s[3] = {{2, {3, 5}, 0}, {2, {4, 5}, 0}, {1, {4}, 0}};
+      gradcheck("linear", b_linear, NULL, 3, s, 1e-2, 2e-3); }
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            int M = 3, N = 4, K = 5, a[2] = {ta, tb};
+            InSpec s[2] = {{3, {2, ta ? K : M, ta ? M : K, 0}, 0}, {3, {2, tb ? N : K, tb ? K : N, 0}, 0}};
+            char nm[64];
+            snprintf(nm, sizeof nm, "matmul transA=%d transB=%d", ta, tb);
+            gradcheck(nm, b_matmul, a, 2, s, 1e-2, 2e-3);
+        }
+    { InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {2, 3, 4, 5}, 0}}; gradcheck("add same shape", b_add, NULL, 2, s, 1e-2, 2e-3); }
+    { InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {2, 3, 1, 1}, 0}}; gradcheck("add broadcast (N,C,1,1)", b_add, NULL, 2, s, 1e-2, 2e-3); }
+    { InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {1, {1}, 0}}; gradcheck("sub broadcast scalar", b_sub, NULL, 2, s, 1e-2, 2e-3); }
+    { InSpec s[2] = {{4, {2, 1, 4, 5}, 0}, {4, {2, 3, 4, 5}, 0}}; gradcheck("mul broadcast (N,1,H,W)", b_mul, NULL, 2, s, 1e-2, 2e-3); }
+    { InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {1, 3, 1, 1}, 0}}; gradcheck("mul broadcast (1,C,1,1)", b_mul, NULL, 2, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 2, 2}, 0}}; gradcheck("scale_shift", b_scale_shift, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[3] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}}; int a[1] = {4};
+      gradcheck("groupnorm 4 groups", b_groupnorm, a, 3, s, 1e-2, 2e-3); }
+    { InSpec s[3] = {{4, {1, 64, 2, 3}, 0}, {1, {64}, 0}, {1, {64}, 0}}; int a[1] = {32};
+      gradcheck("groupnorm 32 groups", b_groupnorm, a, 3, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("silu", b_silu, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 4, 5}, 1}}; gradcheck("relu", b_relu, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("sigmoid", b_sigmoid, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{3, {2, 3, 7, 0}, 0}}; gradcheck("softmax", b_softmax, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 3, 5}, 0}}; gradcheck("upsample2x", b_upsample, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 4, 6}, 0}}; gradcheck("avgpool2x2", b_avgpool, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {1, 2, 5, 6}, 0}}; int a[2] = {8, 11}; gradcheck("resize_bilinear up", b_resize, a, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 2, 7, 9}, 0}}; int a[2] = {3, 4}; gradcheck("resize_bilinear down", b_resize, a, 1, s, 1e-2, 2e-3); }
+    { InSpec s[2] = {{4, {2, 3, 2, 2}, 0}, {4, {2, 2, 2, 2}, 0}}; gradcheck("concat_channels", b_concat, NULL, 2, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 5, 2, 3}, 0}}; int a[2] = {1, 4}; gradcheck("slice_channels", b_slice, a, 1, s, 1e-2, 2e-3); }
+    { InSpec s[2] = {{4, {2, 3, 2, 2}, 0}, {2, {3, 12}, 0}}; gradcheck("reshape", b_reshape, NULL, 2, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 2, 2}, 0}}; gradcheck("sum_all", b_sum_all, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 2, 2}, 0}}; gradcheck("mean_all", b_mean_all, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 3, 4}, 0}}; gradcheck("mean_hw", b_mean_hw, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[2] = {{4, {3, 2, 3, 3}, 0}, {4, {3, 2, 3, 3}, 0}}; int a[1] = {1};
+      gradcheck("mse_loss weighted", b_mse, a, 2, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 4, 3, 3}, 0}}; gradcheck("l2norm_channels", b_l2norm, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("dropout", b_dropout, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[3] = {{4, {2, 4, 5, 5}, 0}, {4, {4, 4, 3, 3}, 0}, {4, {2, 4, 1, 1}, 0}};
+      gradcheck("chain groupnorm-silu-conv-film-residual", b_chain, NULL, 3, s, 1e-2, 2e-3); }
+}
+
+// detach cuts the tape: d/dx [x * detach(x)] = detach(x), not 2x
+static void test_detach(void) {
+    Graph g;
+    graph_init(&g, 0, 0);
+    int s[1] = {5};
+    float v[5] = {1, -2, 3, 0.5f, -0.25f};
+    Tensor *x = tensor_from(&g, 1, s, v);
+    x->requires_grad = 1;
+    Tensor *y = sum_all(&g, mul(&g, x, detach(&g, x)));
+    graph_backward(&g, y, NULL);
+    double err = compare("dx", x->grad, v, 5, 0.0);
+    test_result(err == 0.0, "detach stops the gradient", "max err %.1e", err);
+    graph_free(&g);
+}
+
+// no-grad mode records nothing; frozen tensors get no gradient buffer
+static void test_no_grad(void) {
+    Graph g;
+    graph_init(&g, 0, 0);
+    int sx[4] = {1, 2, 4, 4}, sw[4] = {2, 2, 3, 3};
+    Tensor *x = tensor_zeros(&g, 4, sx), *w = tensor_zeros(&g, 4, sw);
+    w->requires_grad = 1;
+    g.grad_enabled = 0;
+    size_t before = g.arena.used;
+    Tensor *y = silu(&g, conv2d(&g, x, w, NULL, 1, 1));
+    size_t used = g.arena.used - before;
+    int ok1 = g.n_nodes == 0 && !y->requires_grad;
+    g.grad_enabled = 1;
+    Tensor *frozen = tensor_zeros(&g, 4, sw);  // requires_grad 0
+    Tensor *z = sum_all(&g, conv2d(&g, x, frozen, NULL, 1, 1));
+    int ok2 = !z->requires_grad && g.n_nodes == 0;
+    Tensor *z2 = sum_all(&g, conv2d(&g, x, w, NULL, 1, 1));
+    graph_backward(&g, z2, NULL);
+    int ok3 = x->grad == NULL && frozen->grad == NULL && w->grad != NULL;
+    // no-grad keeps only the two outputs (plus their headers), no scratch
+    int ok4 = used <= 2 * (32 * 4 + 64) + 2 * 128;
+    test_result(ok1 && ok2 && ok3 && ok4, "no-grad mode and frozen tensors", "no-grad used %zu bytes", used);
+    graph_free(&g);
+}
+
+// ---------------------------------------------------------------------------
+// PyTorch goldens
+// ---------------------------------------------------------------------------
+static StFile goldens;
+static int have_goldens = 0;
+
+static Tensor *golden(Graph *g, const char *case_name, const char *what, int requires_grad) {
+    char key[128];
+    snprintf(key, sizeof key, "%s.%s", case_name, what);
+    const StEntry *e = st_find(&goldens, key);
+    if (!e) fatal("goldens: no tensor '%s' in tests/goldens/ops.safetensors", key);
+    Tensor *t = tensor_from(g, e->ndim, e->shape, e->data);
+    t->requires_grad = requires_grad;
+    return t;
+}
+
+// compares out and every d<input> of one case; fwd tol 1e-5, grad tol 1e-4
+static void golden_check(Graph *g, const char *case_name, Tensor *out, Tensor **in, const char **names, int nin) {
+    Tensor *ref = golden(g, case_name, "out", 0), *dout = golden(g, case_name, "dout", 0);
+    double ef = same_shape(out, ref) ? compare("out", out->data, ref->data, ref->size, 1e-5) : INFINITY;
+    graph_backward(g, out, dout->data);
+    double eb = 0.0;
+    for (int i = 0; i < nin; i++) {
+        char d[32];
+        snprintf(d, sizeof d, "d%s", names[i]);
+        Tensor *r = golden(g, case_name, d, 0);
+        eb = fmax(eb, in[i]->grad ? compare(d, in[i]->grad, r->data, r->size, 1e-4) : INFINITY);
+    }
+    char tname[96];
+    snprintf(tname, sizeof tname, "golden %s", case_name);
+    test_result(ef <= 1e-5 && eb <= 1e-4, tname, "forward err %.1e (tol 1e-5), gradient err %.1e (tol 1e-4)", ef, eb);
+}
+
+static void test_goldens(void) {
+    char err[512];
+    if (st_read("tests/goldens/ops.safetensors", &goldens, err, sizeof err) != 0) {
+        test_result(0, "golden file", "%s", err);
+        return;
+    }
+    have_goldens = 1;
+    Graph g;
+    graph_init(&g, 0, 0);
+    const char *convs[3] = {"conv3x3", "conv3x3s2", "conv1x1"};
+    for (int i = 0; i < 3; i++) {
+        graph_reset(&g);
+        Tensor *in[3] = {golden(&g, convs[i], "x", 1), golden(&g, convs[i], "w", 1), golden(&g, convs[i], "b", 1)};
+        int stride = (int)golden(&g, convs[i], "stride", 0)->data[0], pad = (int)golden(&g, convs[i], "pad", 0)->data[0];
+        const char *names[3] = {"x", "w", "b"};
+        golden_check(&g, convs[i], conv2d(&g, in[0], in[1], in[2], stride, pad), in, names, 3);
+    }
+    {
+        graph_reset(&g);
+        Tensor *in[3] = {golden(&g, "groupnorm", "x", 1), golden(&g, "groupnorm", "gamma", 1), golden(&g, "groupnorm", "beta", 1)};
+        const char *names[3] = {"x", "gamma", "beta"};
+        golden_check(&g, "groupnorm", groupnorm(&g, in[0], in[1], in[2], 32, 1e-5f), in, names, 3);
+    }
+    {   // improved-diffusion's QKVAttention from matmul, scale and softmax
+        graph_reset(&g);
+        Tensor *in[3] = {golden(&g, "attention", "q", 1), golden(&g, "attention", "k", 1), golden(&g, "attention", "v", 1)};
+        float sc = golden(&g, "attention", "scale", 0)->data[0];
+        Tensor *w = matmul(&g, scale_shift(&g, in[0], sc, 0.0f), scale_shift(&g, in[1], sc, 0.0f), 1, 0);  // (B,T,S)
+        Tensor *out = matmul(&g, in[2], softmax(&g, w), 0, 1);  // v (B,C,S) @ w^T (B,S,T)
+        const char *names[3] = {"q", "k", "v"};
+        golden_check(&g, "attention", out, in, names, 3);
+    }
+    const char *resizes[3] = {"resize_up", "resize_32_56", "resize_down"};
+    for (int i = 0; i < 3; i++) {
+        graph_reset(&g);
+        Tensor *in[1] = {golden(&g, resizes[i], "x", 1)};
+        Tensor *ref = golden(&g, resizes[i], "out", 0);
+        const char *names[1] = {"x"};
+        golden_check(&g, resizes[i], resize_bilinear(&g, in[0], ref->shape[2], ref->shape[3]), in, names, 1);
+    }
+    {
+        graph_reset(&g);
+        Tensor *in[1] = {golden(&g, "upsample", "x", 1)};
+        const char *names[1] = {"x"};
+        golden_check(&g, "upsample", upsample2x(&g, in[0]), in, names, 1);
+    }
+    {
+        graph_reset(&g);
+        Tensor *in[1] = {golden(&g, "avgpool", "x", 1)};
+        const char *names[1] = {"x"};
+        golden_check(&g, "avgpool", avgpool2x2(&g, in[0]), in, names, 1);
+    }
+    graph_free(&g);
+    st_free(&goldens);
+}
+
+// ---------------------------------------------------------------------------
+// GEMM: the blocked kernel against the definition
+// ---------------------------------------------------------------------------
+static void test_gemm(void) {
+    Rng r;
+    rng_seed(&r, 5, 5);
+    size_t dims[][3] = {{1, 1, 1}, {37, 91, 300}, {130, 17, 600}, {5, 200, 3}, {64, 64, 64}};
+    double worst = 0.0;
+    for (size_t d = 0; d < sizeof dims / sizeof dims[0]; d++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++)
+                for (int acc = 0; acc < 2; acc++) {
+                    size_t M = dims[d][0], N = dims[d][1], K = dims[d][2];
+                    float *A = mallocCheck(M * K * 4), *B = mallocCheck(K * N * 4);
+                    float *C = mallocCheck(M * N * 4), *C2 = mallocCheck(M * N * 4);
+                    rng_fill_normal(&r, A, M * K, 0, 1);
+                    rng_fill_normal(&r, B, K * N, 0, 1);
+                    rng_fill_normal(&r, C, M * N, 0, 1);
+                    memcpy(C2, C, M * N * 4);
+                    sgemm(ta, tb, M, N, K, A, ta ? M : K, B, tb ? K : N, acc, C, N);
+                    sgemm_naive(ta, tb, M, N, K, A, ta ? M : K, B, tb ? K : N, acc, C2, N);
+                    // |sum| grows like sqrt(K): compare relative to that scale
+                    for (size_t i = 0; i < M * N; i++)
+                        worst = fmax(worst, fabs(C[i] - C2[i]) / sqrt((double)K));
+                    free(A); free(B); free(C); free(C2);
+                }
+    test_result(worst <= 1e-5, "sgemm blocked vs naive (all transposes, edges, K > KC)",
+                "max err/sqrt(K) %.1e, tol 1e-5, %s", worst, simd_name());
+}
+
+// ---------------------------------------------------------------------------
+// RNG: PCG32's published demo output (pcg32-global-demo, seed 42, stream 54)
+// ---------------------------------------------------------------------------
+static void test_rng(void) {
+    Rng r;
+    rng_seed(&r, 42u, 54u);
+    const uint32_t want[6] = {0xa15c02b7, 0x7b47f409, 0xba1d3330, 0x83d2f293, 0xbfa4784b, 0xcbed606e};
+    int ok = 1;
+    for (int i = 0; i < 6; i++) {
+        uint32_t v = rng_u32(&r);
+        if (v != want[i]) { ok = 0; fprintf(stderr, "  pcg32 #%d: got %08x want %08x\n", i, v, want[i]); }
+    }
+    test_result(ok, "pcg32 matches the reference sequence", "");
+    // normals: moments of 200k draws (std error of the mean 0.0022)
+    rng_seed(&r, 1, 2);
+    double s = 0, s2 = 0, s4 = 0;
+    int n = 200000;
+    for (int i = 0; i < n; i++) {
+        double x = rng_normal(&r);
+        s += x; s2 += x * x; s4 += x * x * x * x;
+    }
+    double m = s / n, v = s2 / n - m * m, k = s4 / n;
+    test_result(fabs(m) < 0.012 && fabs(v - 1) < 0.015 && fabs(k - 3) < 0.06, "normal sampler moments",
+                "mean %.4f var %.4f E[x^4] %.3f", m, v, k);
+}
+
+// ---------------------------------------------------------------------------
+// determinism: one forward+backward at 1 and 2 threads, and twice at 2
+// ---------------------------------------------------------------------------
+static void run_small_net(float *out, float *grads, size_t *nout, size_t *ngrad) {
+    Graph g;
+    graph_init(&g, 0, 0);
+    Rng r;
+    rng_seed(&r, 77, 1);
+    int sx[4] = {4, 32, 16, 16}, sw[4] = {64, 32, 3, 3}, sw2[4] = {32, 64, 3, 3}, sg[1] = {64};
+    Tensor *x = tensor_new(&g, 4, sx), *w = tensor_new(&g, 4, sw), *w2 = tensor_new(&g, 4, sw2);
+    Tensor *gm = tensor_new(&g, 1, sg), *bt = tensor_new(&g, 1, sg);
+    Tensor *all[5] = {x, w, w2, gm, bt};
+    for (int i = 0; i < 5; i++) { rng_fill_normal(&r, all[i]->data, all[i]->size, 0, 0.2f); all[i]->requires_grad = 1; }
+    Tensor *h = conv2d(&g, x, w, NULL, 1, 1);
+    h = silu(&g, groupnorm(&g, h, gm, bt, 32, 1e-5f));
+    h = conv2d(&g, h, w2, NULL, 2, 1);
+    Tensor *y = resize_bilinear(&g, h, 16, 16);
+    Tensor *target = tensor_zeros(&g, 4, sx);
+    Tensor *loss = mse_loss(&g, y, target, NULL);
+    graph_backward(&g, loss, NULL);
+    memcpy(out, y->data, y->size * 4);
+    *nout = y->size;
+    size_t k = 0;
+    for (int i = 0; i < 5; i++) { memcpy(grads + k, all[i]->grad, all[i]->size * 4); k += all[i]->size; }
+    *ngrad = k;
+    graph_free(&g);
+}
+
+static void test_determinism(void) {
+    size_t cap = 1 << 17, no, ng;
+    float *o1 = mallocCheck(cap * 4), *g1 = mallocCheck(cap * 4), *o2 = mallocCheck(cap * 4), *g2 = mallocCheck(cap * 4);
+    float *o3 = mallocCheck(cap * 4), *g3 = mallocCheck(cap * 4);
+    pool_init(1);
+    run_small_net(o1, g1, &no, &ng);
+    pool_init(2);
+    run_small_net(o2, g2, &no, &ng);
+    run_small_net(o3, g3, &no, &ng);
+    pool_init(0);
+    int same23 = memcmp(o2, o3, no * 4) == 0 && memcmp(g2, g3, ng * 4) == 0;
+    double e = fmax(compare("out", o2, o1, no, 1e-5), compare("grad", g2, g1, ng, 1e-5));
+    test_result(same23, "same seed, 2 threads, twice: bitwise identical", "");
+    test_result(e <= 1e-5, "1 thread vs 2 threads", "max err %.1e (tol 1e-5; %s)", e,
+                e == 0.0 ? "bitwise equal" : "rounding differs");
+    free(o1); free(g1); free(o2); free(g2); free(o3); free(g3);
+}
+
+// ---------------------------------------------------------------------------
+// arena and parameters
+// ---------------------------------------------------------------------------
+static void test_arena(void) {
+    Arena a;
+    arena_init(&a, "test", 1 << 12, 0);
+    int ok = 1;
+    for (int i = 0; i < 100; i++) {
+        void *p = arena_alloc(&a, (size_t)(i * 37 + 1));
+        if ((uintptr_t)p % 64) ok = 0;
+    }
+    size_t reserved = a.reserved;
+    arena_reset(&a);
+    for (int i = 0; i < 100; i++) arena_alloc(&a, (size_t)(i * 37 + 1));
+    int reuse = a.reserved == reserved;  // the second step allocates nothing new
+    ArenaMark m = arena_mark(&a);
+    float *p1 = arena_floats(&a, 1000);
+    arena_release(&a, m);
+    float *p2 = arena_floats(&a, 1000);
+    int mark_ok = p1 == p2;
+    arena_free(&a);
+    test_result(ok && reuse && mark_ok, "arena: alignment, reuse after reset, mark/release", "");
+
+    ParamSet ps;
+    params_init(&ps);
+    int s1[2] = {3, 4}, s2[1] = {7};
+    params_add(&ps, "input_blocks.0.0.weight", 2, s1);
+    params_add(&ps, "input_blocks.0.0.bias", 1, s2);
+    params_alloc(&ps, 1);
+    Tensor *b = params_find(&ps, "input_blocks.0.0.bias");
+    int pok = ps.total == 19 && b && b->data == ps.data + 12 && b->grad == ps.grad + 12 &&
+              params_find(&ps, "nope") == NULL && strcmp(params_get(&ps, 0)->name, "input_blocks.0.0.weight") == 0;
+    params_free(&ps);
+    ParamSet frozen;
+    params_init(&frozen);
+    params_add(&frozen, "features.0.weight", 2, s1);
+    params_alloc(&frozen, 0);
+    pok = pok && frozen.grad == NULL && !frozen.t[0].requires_grad && frozen.t[0].grad == NULL;
+    params_free(&frozen);
+    test_result(pok, "parameters: one allocation, names, frozen sets have no gradients", "");
+}
+
+// ---------------------------------------------------------------------------
+// safetensors: round trip, and each kind of bad file gives a clear error
+// ---------------------------------------------------------------------------
+static void write_bytes(const char *path, const void *b, size_t n) {
+    FILE *f = fopenCheck(path, "wb");
+    if (fwrite(b, 1, n, f) != n) fatal("write %s", path);
+    fclose(f);
+}
+
+static unsigned char *read_bytes(const char *path, size_t *n) {
+    FILE *f = fopenCheck(path, "rb");
+    fseek(f, 0, SEEK_END);
+    *n = (size_t)ftell(f);
+    rewind(f);
+    unsigned char *b = mallocCheck(*n);
+    if (fread(b, 1, *n, f) != *n) fatal("read %s", path);
+    fclose(f);
+    return b;
+}
+
+// writes an 8-byte length + header text + ndata zero bytes
+static void write_raw_st(const char *path, const char *header, size_t ndata) {
+    size_t hl = strlen(header);
+    unsigned char *b = callocCheck(8 + hl + ndata, 1);
+    for (int i = 0; i < 8; i++) b[i] = (unsigned char)((uint64_t)hl >> (8 * i));
+    memcpy(b + 8, header, hl);
+    write_bytes(path, b, 8 + hl + ndata);
+    free(b);
+}
+
+static int expect_st_error(const char *path, const char *needle) {
+    StFile f;
+    char err[512];
+    int rc = st_read(path, &f, err, sizeof err);
+    int ok = rc != 0 && strstr(err, path) && strstr(err, needle);
+    if (!ok) fprintf(stderr, "  %s: rc %d, message '%s' (wanted '%s')\n", path, rc, rc ? err : "", needle);
+    return ok;
+}
+
+static void test_safetensors(void) {
+    const char *path = "build/test_st.safetensors";
+    float a[6] = {1.5f, -2.0f, 3.25f, 0.0f, -0.0f, 1e-30f}, b[1] = {42.0f};
+    int sa[2] = {2, 3}, sb[1] = {1};
+    StWrite w[2] = {{"input_blocks.0.0.weight", 2, sa, a}, {"x\"y", 1, sb, b}};
+    const char *meta[] = {"format", "casdm", "step", "12", NULL};
+    char err[512];
+    StFile f;
+    int ok = st_write(path, w, 2, meta, err, sizeof err) == 0 && st_read(path, &f, err, sizeof err) == 0;
+    if (ok) {
+        const StEntry *e = st_find(&f, "input_blocks.0.0.weight"), *e2 = st_find(&f, "x\"y");
+        ok = e && e2 && e->ndim == 2 && e->shape[0] == 2 && e->shape[1] == 3 && memcmp(e->data, a, sizeof a) == 0 &&
+             e2->data[0] == 42.0f && f.metadata_json && strstr(f.metadata_json, "\"step\":\"12\"");
+        st_free(&f);
+    }
+    // byte-level check of the layout: LE length, header, 8-byte aligned data
+    size_t n;
+    unsigned char *bytes = read_bytes(path, &n);
+    uint64_t hl = 0;
+    for (int i = 7; i >= 0; i--) hl = (hl << 8) | bytes[i];
+    ok = ok && (8 + hl) % 8 == 0 && n == 8 + hl + 28 && bytes[8 + hl] == 0x00 && bytes[8 + hl + 3] == 0x3f;  // 1.5f LE
+    test_result(ok, "safetensors round trip (layout, names, metadata)", "");
+
+    // truncated: cut the last 5 bytes
+    write_bytes("build/test_trunc.safetensors", bytes, n - 5);
+    int bad = expect_st_error("build/test_trunc.safetensors", "truncated");
+    free(bytes);
+    write_bytes("build/test_short.safetensors", "\x10\x00", 2);
+    bad &= expect_st_error("build/test_short.safetensors", "truncated");
+    bad &= expect_st_error("build/does_not_exist.safetensors", "cannot open");
+    write_raw_st("build/test_dtype.safetensors", "{\"a\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[0,4]}}", 4);
+    bad &= expect_st_error("build/test_dtype.safetensors", "only F32");
+    write_raw_st("build/test_size.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8);
+    bad &= expect_st_error("build/test_size.safetensors", "bytes of data for 3 floats");
+    write_raw_st("build/test_json.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2,],\"data_offsets\":[0,8]}}", 8);
+    bad &= expect_st_error("build/test_json.safetensors", "bad safetensors header");
+    write_raw_st("build/test_dup.safetensors",
+                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4);
+    bad &= expect_st_error("build/test_dup.safetensors", "appears twice");
+    write_bytes("build/test_hlen.safetensors", "\xff\xff\xff\xff\x00\x00\x00\x00{}", 10);
+    bad &= expect_st_error("build/test_hlen.safetensors", "not a safetensors file");
+    test_result(bad, "safetensors rejects bad files (truncated, missing, dtype, sizes, JSON, duplicates)", "");
+    const char *files[] = {path, "build/test_trunc.safetensors", "build/test_short.safetensors", "build/test_dtype.safetensors",
+                           "build/test_size.safetensors", "build/test_json.safetensors", "build/test_dup.safetensors",
+                           "build/test_hlen.safetensors"};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) remove(files[i]);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--quick") == 0) test_quick = 1;
+        else { fprintf(stderr, "usage: %s [--quick]\n", argv[0]); return 2; }
+    }
+    pool_init(0);
+    test_rng();
+    test_arena();
+    test_gemm();
+    test_gradchecks();
+    test_detach();
+    test_no_grad();
+    test_goldens();
+    test_safetensors();
+    test_determinism();
+    pool_shutdown();
+    return test_failed_count ? 1 : 0;
+}

@@ -1,0 +1,51 @@
+// test_util.h: what every casdm test binary shares. Each test prints one line,
+// "PASS name ...", "FAIL name: ..." or "SKIP name: ...", which tests/run.sh
+// counts; a binary exits non-zero if anything failed.
+#ifndef CASDM_TEST_UTIL_H
+#define CASDM_TEST_UTIL_H
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "../tensor.h"
+
+static int test_failed_count = 0;
+static int test_quick = 0;  // --quick: the subset run under valgrind / emulation
+
+static inline void test_result(int ok, const char *name, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s %s", ok ? "PASS" : "FAIL", name);
+    if (fmt && *fmt) { printf(ok ? " (" : ": "); vprintf(fmt, ap); if (ok) printf(")"); }
+    printf("\n");
+    fflush(stdout);
+    va_end(ap);
+    if (!ok) test_failed_count++;
+}
+
+static inline void test_skip(const char *name, const char *why) {
+    printf("SKIP %s: %s\n", name, why);
+    fflush(stdout);
+}
+
+// Compares got with ref element by element: err = |got - ref| / max(1, |ref|),
+// i.e. absolute below 1 and relative above. Returns the max error and prints
+// the first offending values to stderr when it exceeds tol.
+static inline double compare(const char *what, const float *got, const float *ref, size_t n, double tol) {
+    double worst = 0.0;
+    size_t shown = 0;
+    for (size_t i = 0; i < n; i++) {
+        double r = ref[i], d = fabs((double)got[i] - r) / (fabs(r) > 1.0 ? fabs(r) : 1.0);
+        if (!(d <= worst)) worst = d;  // also catches NaN
+        if (!(d <= tol) && shown < 4) {
+            fprintf(stderr, "  %s[%zu]: got %.8g, want %.8g\n", what, i, got[i], ref[i]);
+            shown++;
+        }
+    }
+    if (worst != worst) worst = INFINITY;
+    return worst;
+}
+
+#endif
