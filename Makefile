@@ -33,24 +33,24 @@ ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(ARCHFLAGS) -DCASDM_SIMD=$(SIMD) -DCASDM_
 FLAGS_FILE := build/.flags
 $(shell mkdir -p build; echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' | cmp -s - $(FLAGS_FILE) || echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' > $(FLAGS_FILE))
 
-LIB_OBJS = build/tensor.o
-TESTS    = build/test_tensor
+LIB_OBJS = build/tensor.o build/unet.o build/ddim.o
+TESTS    = build/test_tensor build/test_unet
 
 .PHONY: all test asan clean
 
 all: casdm $(LIB_OBJS)
 
-build/%.o: %.c tensor.h $(FLAGS_FILE)
+build/%.o: %.c tensor.h casdm.h $(FLAGS_FILE)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
 casdm: build/casdm.o $(LIB_OBJS)
 	$(CC) $(ALL_CFLAGS) $^ -o $@ $(LDLIBS)
 
-build/test_%: tests/test_%.c tests/test_util.h $(LIB_OBJS)
+build/test_%: tests/test_%.c tests/test_util.h tensor.h casdm.h $(LIB_OBJS)
 	$(CC) $(ALL_CFLAGS) $< $(LIB_OBJS) -o $@ $(LDLIBS)
 
 test: $(TESTS) casdm
-	@sh tests/run.sh $(TESTS)
+	@sh tests/run.sh $(TESTS) tests/test_cli.sh
 
 asan:
 	$(MAKE) clean

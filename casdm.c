@@ -1,30 +1,653 @@
-// casdm.c: the program. Today: build information and the option plumbing;
-// train, sample and lpips land here as the U-Net, LPIPS and sampler do.
+// casdm.c: the program. `casdm train` trains one of the four models of the
+// Cas-DM paper (arXiv 2401.02414, Table 1) on CIFAR-10 binaries or IDX files;
+// `casdm info` reports the build.
+//
+// Sections: options, data, checkpoints, training, main.
 #define _POSIX_C_SOURCE 200809L
+#include "casdm.h"
+
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
-#include "tensor.h"
+// ---------------------------------------------------------------------------
+// ---- options ----
+// One table gives each option its type, default and help; parsing, defaults
+// and --help all come from it.
+// ---------------------------------------------------------------------------
+enum { OPT_INT, OPT_FLOAT, OPT_STR, OPT_FLAG };
+typedef struct {
+    const char *name;     // "--steps"
+    int type;
+    void *dest;
+    const char *def;      // default as text (NULL: none)
+    const char *help;
+    double lo, hi;        // allowed range for numbers
+} Option;
 
+static void usage_options(FILE *f, const Option *opts, int n) {
+    for (int i = 0; i < n; i++) {
+        char left[48];
+        snprintf(left, sizeof left, "%s%s", opts[i].name,
+                 opts[i].type == OPT_FLAG ? "" : opts[i].type == OPT_STR ? " S" : " N");
+        fprintf(f, "  %-22s %s", left, opts[i].help);
+        if (opts[i].def && opts[i].type != OPT_FLAG) fprintf(f, " [default: %s]", opts[i].def[0] ? opts[i].def : "none");
+        fprintf(f, "\n");
+    }
+}
+
+static int set_option(const Option *o, const char *value) {
+    char *end;
+    switch (o->type) {
+    case OPT_INT: {
+        long v = strtol(value, &end, 10);
+        if (!*value || *end || v < o->lo || v > o->hi) {
+            fprintf(stderr, "casdm: %s expects an integer in %.0f..%.0f, got '%s'\n", o->name, o->lo, o->hi, value);
+            return -1;
+        }
+        *(int *)o->dest = (int)v;
+        return 0;
+    }
+    case OPT_FLOAT: {
+        double v = strtod(value, &end);
+        if (!*value || *end || !(v >= o->lo && v <= o->hi)) {
+            fprintf(stderr, "casdm: %s expects a number in %g..%g, got '%s'\n", o->name, o->lo, o->hi, value);
+            return -1;
+        }
+        *(double *)o->dest = v;
+        return 0;
+    }
+    case OPT_STR: *(const char **)o->dest = value; return 0;
+    default: *(int *)o->dest = 1; return 0;
+    }
+}
+
+// Sets the defaults, then parses argv[0..argc); exits 2 on anything wrong.
+static void parse_options(const char *cmd, const Option *opts, int n, int argc, char **argv,
+                          void (*help)(FILE *)) {
+    for (int i = 0; i < n; i++) {
+        if (opts[i].type == OPT_FLAG) *(int *)opts[i].dest = 0;
+        else if (opts[i].def && set_option(&opts[i], opts[i].def) != 0) fatal("bad default for %s", opts[i].name);
+        else if (!opts[i].def && opts[i].type == OPT_STR) *(const char **)opts[i].dest = NULL;
+    }
+    for (int a = 0; a < argc; a++) {
+        if (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0) { help(stdout); exit(0); }
+        const Option *o = NULL;
+        for (int i = 0; i < n; i++)
+            if (strcmp(argv[a], opts[i].name) == 0) o = &opts[i];
+        if (!o) {
+            fprintf(stderr, "casdm %s: unknown option '%s' (see casdm %s --help)\n", cmd, argv[a], cmd);
+            exit(2);
+        }
+        if (o->type == OPT_FLAG) { set_option(o, NULL); continue; }
+        if (a + 1 >= argc) { fprintf(stderr, "casdm %s: %s needs a value\n", cmd, o->name); exit(2); }
+        if (set_option(o, argv[++a]) != 0) exit(2);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// ---- data ----
+// A dataset is N images of uint8 pixels, (N, C, H, W), held in memory.
+// ---------------------------------------------------------------------------
+typedef struct {
+    int n, c, h, w;
+    unsigned char *pixels;
+    const char *source;
+} Dataset;
+
+static unsigned char *read_file(const char *path, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) fatal("cannot open '%s': %s", path, strerror(errno));
+    if (fseek(f, 0, SEEK_END) != 0) fatal("cannot seek in '%s'", path);
+    long n = ftell(f);
+    if (n < 0) fatal("cannot size '%s'", path);
+    rewind(f);
+    unsigned char *b = mallocCheck((size_t)n + 1);
+    if (fread(b, 1, (size_t)n, f) != (size_t)n) fatal("cannot read '%s': %s", path, strerror(errno));
+    fclose(f);
+    *size = (size_t)n;
+    return b;
+}
+
+static uint32_t be32(const unsigned char *b) {
+    return (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | (uint32_t)b[3];
+}
+
+// CIFAR-10 binary version: records of 1 label byte + 3072 bytes (R, G, B
+// planes of 32x32). Appends to d.
+static void load_cifar_file(Dataset *d, const char *path) {
+    size_t size;
+    unsigned char *b = read_file(path, &size);
+    const size_t rec = 1 + 3 * 32 * 32;
+    if (size == 0 || size % rec)
+        fatal("'%s' is not a CIFAR-10 binary batch: %zu bytes is not a multiple of %zu (1 label + 3072 pixels)",
+              path, size, rec);
+    size_t n = size / rec;
+    unsigned char *p = mallocCheck(((size_t)d->n + n) * 3072);
+    if (d->n) memcpy(p, d->pixels, (size_t)d->n * 3072);
+    for (size_t i = 0; i < n; i++) {
+        if (b[i * rec] > 9) fatal("'%s': record %zu has label %d; CIFAR-10 labels are 0..9", path, i, b[i * rec]);
+        memcpy(p + ((size_t)d->n + i) * 3072, b + i * rec + 1, 3072);
+    }
+    free(d->pixels);
+    free(b);
+    d->pixels = p;
+    d->n += (int)n;
+    d->c = 3;
+    d->h = d->w = 32;
+}
+
+// IDX (MNIST / Fashion-MNIST images): magic 0x00000803, then N, rows, cols
+// (big-endian), then N*rows*cols bytes. Images are zero-padded to a side that
+// is a multiple of 8 (28 -> 32), centred, so that three halvings fit.
+static void load_idx(Dataset *d, const char *path) {
+    size_t size;
+    unsigned char *b = read_file(path, &size);
+    if (size >= 2 && b[0] == 0x1f && b[1] == 0x8b)
+        fatal("'%s' is gzip-compressed: gunzip it first (make data does)", path);
+    if (size < 16 || be32(b) != 0x00000803)
+        fatal("'%s' is not an IDX image file (magic %08x, want 00000803)", path, size >= 4 ? be32(b) : 0);
+    uint32_t n = be32(b + 4), rows = be32(b + 8), cols = be32(b + 12);
+    if (rows == 0 || cols == 0 || rows > 4096 || cols > 4096 || n == 0 || (uint64_t)n * rows * cols != size - 16)
+        fatal("'%s': header says %u images of %ux%u but the file has %zu pixel bytes", path, n, rows, cols, size - 16);
+    int side = (int)(rows > cols ? rows : cols);
+    side = (side + 7) / 8 * 8;
+    d->n = (int)n;
+    d->c = 1;
+    d->h = d->w = side;
+    d->pixels = callocCheck((size_t)n * side * side, 1);
+    int oy = (side - (int)rows) / 2, ox = (side - (int)cols) / 2;
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t y = 0; y < rows; y++)
+            memcpy(d->pixels + ((size_t)i * side + oy + y) * side + ox, b + 16 + ((size_t)i * rows + y) * cols, cols);
+    free(b);
+}
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+// PATH: a CIFAR-10 directory (data_batch_1..5.bin), a CIFAR .bin file, or an
+// IDX image file (*-idx3-ubyte).
+static void load_dataset(Dataset *d, const char *path) {
+    memset(d, 0, sizeof *d);
+    d->source = path;
+    struct stat st;
+    if (stat(path, &st) != 0) fatal("--data '%s': %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) {
+        char p[4096];
+        for (int i = 1; i <= 5; i++) {
+            snprintf(p, sizeof p, "%s/data_batch_%d.bin", path, i);
+            if (stat(p, &st) == 0) load_cifar_file(d, p);
+        }
+        if (d->n == 0)
+            fatal("--data '%s': no CIFAR-10 data_batch_N.bin files in this directory "
+                  "(get the binary version from https://www.cs.toronto.edu/~kriz/cifar.html)", path);
+    } else if (ends_with(path, ".bin")) {
+        load_cifar_file(d, path);
+    } else if (strstr(path, "idx3-ubyte")) {
+        load_idx(d, path);
+    } else {
+        fatal("--data '%s': not a CIFAR-10 directory or .bin file, nor an IDX *-idx3-ubyte file", path);
+    }
+}
+
+// x0 (B,C,H,W) in [-1,1] from random images, flipped left-right at random
+static void sample_batch(const Dataset *d, Rng *rng, float *x0, int B, int flip) {
+    size_t plane = (size_t)d->h * d->w;
+    for (int b = 0; b < B; b++) {
+        uint32_t i = rng_below(rng, (uint32_t)d->n);
+        int fl = flip ? (int)(rng_u32(rng) & 1) : 0;
+        const unsigned char *src = d->pixels + (size_t)i * d->c * plane;
+        float *dst = x0 + (size_t)b * d->c * plane;
+        for (int c = 0; c < d->c; c++)
+            for (int y = 0; y < d->h; y++)
+                for (int x = 0; x < d->w; x++) {
+                    int sx = fl ? d->w - 1 - x : x;
+                    dst[(size_t)c * plane + (size_t)y * d->w + x] =
+                        src[(size_t)c * plane + (size_t)y * d->w + sx] / 127.5f - 1.0f;
+                }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// ---- training state and checkpoints ----
+// ---------------------------------------------------------------------------
+typedef struct {
+    // data and model
+    const char *data, *model, *schedule, *attn, *mult, *out, *resume;
+    int no_flip, ch, res, heads, T, no_clip_x0;
+    double dropout, p2_gamma, p2_k, lambda_lpips;  // lambda_lpips: 0.1 (Eq. 15), used once LPIPS lands
+    // optimisation
+    int steps, batch, seed;
+    double lr, ema, grad_clip;
+    // output
+    int log_every, ckpt_every;
+} TrainOpts;
+
+typedef struct {
+    int kind;
+    UNetConfig theta_cfg, phi_cfg;
+    UNet theta, phi;             // phi used by casdm only
+    int has_phi;
+    float *ema_theta, *ema_phi;  // EMA copies of the parameters
+    Adam adam_theta, adam_phi;
+    Schedule sched;
+    Rng rng;
+    long step;
+} Trainer;
+
+static void trainer_init(Trainer *tr, const TrainOpts *o, int C, int image_size) {
+    memset(tr, 0, sizeof *tr);
+    tr->kind = model_parse(o->model);
+    if (tr->kind < 0) { fprintf(stderr, "casdm train: --model '%s' is not ddpm-eps, ddpm-x0, dual or casdm\n", o->model); exit(2); }
+    int sk = schedule_parse(o->schedule);
+    if (sk < 0) { fprintf(stderr, "casdm train: --schedule '%s' is not linear or cosine\n", o->schedule); exit(2); }
+    if (tr->kind == MODEL_DDPM_X0 && o->p2_gamma != 0.0) {
+        fprintf(stderr, "casdm train: --p2-gamma weights the epsilon loss; ddpm-x0 has none\n");
+        exit(2);
+    }
+    UNetConfig *c = &tr->theta_cfg;
+    unet_default_config(c, image_size, C, model_theta_out(tr->kind, C));
+    c->model_channels = o->ch;
+    c->num_res_blocks = o->res;
+    c->num_heads = o->heads;
+    c->dropout = (float)o->dropout;
+    if (o->mult[0] && unet_parse_channel_mult(c, o->mult) != 0) {
+        fprintf(stderr, "casdm train: --mult '%s' is not a list such as 1,2,2,2\n", o->mult);
+        exit(2);
+    }
+    if (unet_parse_attention(c, o->attn) != 0) {
+        fprintf(stderr, "casdm train: --attn '%s' is not a list of resolutions dividing %d, such as 16,8\n", o->attn, image_size);
+        exit(2);
+    }
+    for (int l = 0; l < c->n_levels; l++)
+        if ((c->channel_mult[l] * c->model_channels) % c->groups) {
+            fprintf(stderr, "casdm train: --ch %d x mult %d is not a multiple of 32 (GroupNorm groups)\n", o->ch, c->channel_mult[l]);
+            exit(2);
+        }
+    if (image_size % (1 << (c->n_levels - 1))) {
+        fprintf(stderr, "casdm train: images of %d pixels do not halve %d times (--mult has %d levels)\n",
+                image_size, c->n_levels - 1, c->n_levels);
+        exit(2);
+    }
+    rng_seed(&tr->rng, (uint64_t)o->seed, 0);
+    unet_init(&tr->theta, c, 1, &tr->rng);
+    tr->ema_theta = mallocCheck(tr->theta.params.total * sizeof(float));
+    memcpy(tr->ema_theta, tr->theta.params.data, tr->theta.params.total * sizeof(float));
+    adam_init(&tr->adam_theta, tr->theta.params.total, (float)o->lr);
+    if (tr->kind == MODEL_CASDM) {
+        tr->has_phi = 1;
+        tr->phi_cfg = *c;
+        tr->phi_cfg.in_channels = C;
+        tr->phi_cfg.out_channels = C + 1;  // x0' and the r_t logit
+        unet_init(&tr->phi, &tr->phi_cfg, 1, &tr->rng);
+        tr->ema_phi = mallocCheck(tr->phi.params.total * sizeof(float));
+        memcpy(tr->ema_phi, tr->phi.params.data, tr->phi.params.total * sizeof(float));
+        adam_init(&tr->adam_phi, tr->phi.params.total, (float)o->lr);
+    }
+    schedule_init(&tr->sched, sk, o->T);
+}
+
+static void trainer_free(Trainer *tr) {
+    unet_free(&tr->theta);
+    free(tr->ema_theta);
+    adam_free(&tr->adam_theta);
+    if (tr->has_phi) {
+        unet_free(&tr->phi);
+        free(tr->ema_phi);
+        adam_free(&tr->adam_phi);
+    }
+    schedule_free(&tr->sched);
+}
+
+// Names in the file: "<net>.<improved-diffusion key>" for the raw weights,
+// "ema.<net>.<key>", "adam_m.<net>.<key>", "adam_v.<net>.<key>", net being
+// theta or phi. `tools/casdm_ref.py` strips the prefix to load a network
+// into PyTorch with load_state_dict(strict=True).
+static const char *kinds_of_copy[4] = {"", "ema.", "adam_m.", "adam_v."};
+
+static const float *copy_data(const Trainer *tr, int net, int copy) {
+    const UNet *u = net ? &tr->phi : &tr->theta;
+    const Adam *a = net ? &tr->adam_phi : &tr->adam_theta;
+    switch (copy) {
+    case 0: return u->params.data;
+    case 1: return net ? tr->ema_phi : tr->ema_theta;
+    case 2: return a->m;
+    default: return a->v;
+    }
+}
+
+static void config_metadata(char kv[][2][128], int *n, const char *key, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    snprintf(kv[*n][0], 128, "%s", key);
+    vsnprintf(kv[*n][1], 128, fmt, ap);
+    va_end(ap);
+    (*n)++;
+}
+
+static void join_ints(char *buf, size_t len, const int *v, int n) {
+    size_t k = 0;
+    buf[0] = 0;
+    for (int i = 0; i < n && k < len; i++) k += (size_t)snprintf(buf + k, len - k, i ? ",%d" : "%d", v[i]);
+}
+
+static void save_checkpoint(const Trainer *tr, const TrainOpts *o, const char *path) {
+    int nets = tr->has_phi ? 2 : 1;
+    size_t count = 0;
+    for (int net = 0; net < nets; net++) count += (net ? tr->phi : tr->theta).params.count * 4;
+    StWrite *w = mallocCheck(count * sizeof *w);
+    char **names = mallocCheck(count * sizeof *names);
+    size_t k = 0;
+    for (int copy = 0; copy < 4; copy++)
+        for (int net = 0; net < nets; net++) {
+            const UNet *u = net ? &tr->phi : &tr->theta;
+            const float *base = copy_data(tr, net, copy);
+            size_t off = 0;
+            for (size_t i = 0; i < u->params.count; i++) {
+                const Tensor *t = &u->params.t[i];
+                size_t len = strlen(t->name) + 16;
+                names[k] = mallocCheck(len);
+                snprintf(names[k], len, "%s%s.%s", kinds_of_copy[copy], net ? "phi" : "theta", t->name);
+                w[k] = (StWrite){names[k], t->ndim, t->shape, base + off};
+                off += t->size;
+                k++;
+            }
+        }
+    const UNetConfig *c = &tr->theta_cfg;
+    char kv[32][2][128], list[128];
+    int n = 0;
+    config_metadata(kv, &n, "format", "casdm-checkpoint-1");
+    config_metadata(kv, &n, "model", "%s", model_name(tr->kind));
+    config_metadata(kv, &n, "step", "%ld", tr->step);
+    config_metadata(kv, &n, "image_size", "%d", c->image_size);
+    config_metadata(kv, &n, "in_channels", "%d", c->in_channels);
+    config_metadata(kv, &n, "model_channels", "%d", c->model_channels);
+    join_ints(list, sizeof list, c->channel_mult, c->n_levels);
+    config_metadata(kv, &n, "channel_mult", "%s", list);
+    config_metadata(kv, &n, "num_res_blocks", "%d", c->num_res_blocks);
+    config_metadata(kv, &n, "attention_resolutions", "%s", o->attn);
+    config_metadata(kv, &n, "num_heads", "%d", c->num_heads);
+    config_metadata(kv, &n, "dropout", "%.9g", c->dropout);
+    config_metadata(kv, &n, "diffusion_steps", "%d", tr->sched.T_train);
+    config_metadata(kv, &n, "noise_schedule", "%s", tr->sched.kind == SCHEDULE_LINEAR ? "linear" : "cosine");
+    config_metadata(kv, &n, "rescale_timesteps", "true");
+    config_metadata(kv, &n, "p2_gamma", "%.17g", o->p2_gamma);
+    config_metadata(kv, &n, "p2_k", "%.17g", o->p2_k);
+    config_metadata(kv, &n, "clip_x0", "%d", !o->no_clip_x0);
+    config_metadata(kv, &n, "rng_state", "%016llx", (unsigned long long)tr->rng.state);
+    config_metadata(kv, &n, "rng_inc", "%016llx", (unsigned long long)tr->rng.inc);
+    config_metadata(kv, &n, "adam_step", "%ld", tr->adam_theta.step);
+    const char *meta[2 * 32 + 1];
+    for (int i = 0; i < n; i++) { meta[2 * i] = kv[i][0]; meta[2 * i + 1] = kv[i][1]; }
+    meta[2 * n] = NULL;
+    char err[512];
+    if (st_write(path, w, k, meta, err, sizeof err) != 0) fatal("saving checkpoint: %s", err);
+    for (size_t i = 0; i < k; i++) free(names[i]);
+    free(names);
+    free(w);
+}
+
+static void meta_or_die(const StFile *f, const char *path, const char *key, char *buf, size_t len) {
+    if (st_meta(f, key, buf, len) != 0) fatal("checkpoint '%s' has no '%s' in its metadata", path, key);
+}
+
+// Restores every tensor and the step, RNG and Adam state. The trainer was
+// built from the same options; any difference in shapes is an error naming
+// the tensor.
+static void load_checkpoint(Trainer *tr, const char *path) {
+    StFile f;
+    char err[512], buf[256];
+    if (st_read(path, &f, err, sizeof err) != 0) fatal("%s", err);
+    meta_or_die(&f, path, "format", buf, sizeof buf);
+    if (strcmp(buf, "casdm-checkpoint-1") != 0) fatal("checkpoint '%s' has format '%s', want casdm-checkpoint-1", path, buf);
+    meta_or_die(&f, path, "model", buf, sizeof buf);
+    if (strcmp(buf, model_name(tr->kind)) != 0) fatal("checkpoint '%s' holds a %s model, not %s", path, buf, model_name(tr->kind));
+    int nets = tr->has_phi ? 2 : 1;
+    for (int copy = 0; copy < 4; copy++)
+        for (int net = 0; net < nets; net++) {
+            UNet *u = net ? &tr->phi : &tr->theta;
+            float *base = (float *)copy_data(tr, net, copy);
+            size_t off = 0;
+            for (size_t i = 0; i < u->params.count; i++) {
+                const Tensor *t = &u->params.t[i];
+                char name[300];
+                snprintf(name, sizeof name, "%s%s.%s", kinds_of_copy[copy], net ? "phi" : "theta", t->name);
+                const StEntry *e = st_find(&f, name);
+                if (!e) fatal("checkpoint '%s' lacks tensor '%s' (was it written with other --ch/--res/--attn/--mult?)", path, name);
+                int same = e->ndim == t->ndim && e->size == t->size;
+                for (int d = 0; same && d < t->ndim; d++) same = e->shape[d] == t->shape[d];
+                if (!same) fatal("checkpoint '%s': tensor '%s' has another shape than this model's", path, name);
+                memcpy(base + off, e->data, t->size * sizeof(float));
+                off += t->size;
+            }
+        }
+    meta_or_die(&f, path, "step", buf, sizeof buf);
+    tr->step = strtol(buf, NULL, 10);
+    meta_or_die(&f, path, "adam_step", buf, sizeof buf);
+    tr->adam_theta.step = tr->adam_phi.step = strtol(buf, NULL, 10);
+    meta_or_die(&f, path, "rng_state", buf, sizeof buf);
+    tr->rng.state = strtoull(buf, NULL, 16);
+    meta_or_die(&f, path, "rng_inc", buf, sizeof buf);
+    tr->rng.inc = strtoull(buf, NULL, 16);
+    st_free(&f);
+}
+
+// ---------------------------------------------------------------------------
+// ---- training ----
+// ---------------------------------------------------------------------------
+static volatile sig_atomic_t interrupted = 0;
+static void on_sigint(int sig) { (void)sig; interrupted = 1; }
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void make_dir(const char *path) {
+    if (mkdir(path, 0777) != 0 && errno != EEXIST) fatal("cannot create directory '%s': %s", path, strerror(errno));
+}
+
+// EMA with warm-up: improved-diffusion uses a fixed rate (0.9999), which on a
+// short CPU run leaves the EMA at its random start; the rate ramps up as
+// min(rate, (1 + s) / (10 + s)) with s the number of steps before this one.
+static float ema_rate(double rate, long s) {
+    double warm = (1.0 + (double)s) / (10.0 + (double)s);
+    return (float)(rate < warm ? rate : warm);
+}
+
+static double nonfinite_or(double v) { return isfinite(v) ? v : NAN; }
+
+static const char *train_help_text =
+    "usage: casdm train --data PATH [options]\n"
+    "\n"
+    "Trains one of the Cas-DM paper's models and writes DIR/ckpt.safetensors\n"
+    "(every --ckpt-every steps and at the end) and DIR/log.csv.\n"
+    "PATH: a CIFAR-10 binary directory (data_batch_1..5.bin) or .bin file, or an\n"
+    "IDX image file such as train-images-idx3-ubyte (28x28 is zero-padded to 32x32).\n"
+    "\n"
+    "options:\n";
+
+static Option train_opts_table[64];
+static int train_opts_n;
+
+static void train_help(FILE *f) {
+    fputs(train_help_text, f);
+    usage_options(f, train_opts_table, train_opts_n);
+}
+
+static void define_train_options(TrainOpts *o) {
+    const Option opts[] = {
+        {"--data", OPT_STR, &o->data, NULL, "training images (see above)", 0, 0},
+        {"--model", OPT_STR, &o->model, "casdm", "ddpm-eps, ddpm-x0, dual or casdm", 0, 0},
+        {"--ch", OPT_INT, &o->ch, "64", "U-Net model_channels (the paper: 128)", 32, 1024},
+        {"--res", OPT_INT, &o->res, "2", "ResBlocks per level (the paper: 3)", 1, 16},
+        {"--attn", OPT_STR, &o->attn, "16", "attention resolutions, e.g. 16,8 (the paper); '' for none", 0, 0},
+        {"--mult", OPT_STR, &o->mult, "", "channel_mult, e.g. 1,2,2,2; '' = improved-diffusion's default for the size", 0, 0},
+        {"--heads", OPT_INT, &o->heads, "4", "attention heads", 1, 64},
+        {"--dropout", OPT_FLOAT, &o->dropout, "0.1", "dropout in ResBlocks", 0, 0.99},
+        {"--T", OPT_INT, &o->T, "4000", "diffusion steps (the paper: 4000)", 1, 100000},
+        {"--schedule", OPT_STR, &o->schedule, "cosine", "noise schedule: cosine or linear", 0, 0},
+        {"--p2-gamma", OPT_FLOAT, &o->p2_gamma, "0", "P2 weighting gamma on the epsilon loss (0 = off; paper 0.5 or 1)", 0, 10},
+        {"--p2-k", OPT_FLOAT, &o->p2_k, "1", "P2 weighting k", 1e-6, 1e6},
+        {"--no-clip-x0", OPT_FLAG, &o->no_clip_x0, NULL, "casdm: feed x0* to phi unclipped", 0, 0},
+        {"--steps", OPT_INT, &o->steps, "1000", "training steps (total, counting resumed ones)", 0, 1000000000},
+        {"--batch", OPT_INT, &o->batch, "16", "batch size", 1, 4096},
+        {"--lr", OPT_FLOAT, &o->lr, "1e-4", "Adam learning rate", 0, 1},
+        {"--ema", OPT_FLOAT, &o->ema, "0.9999", "EMA rate (warmed up as min(rate, (1+s)/(10+s)))", 0, 1},
+        {"--grad-clip", OPT_FLOAT, &o->grad_clip, "0", "clip the global gradient norm to this (0 = off)", 0, 1e9},
+        {"--seed", OPT_INT, &o->seed, "0", "random seed", 0, 2147483647},
+        {"--no-flip", OPT_FLAG, &o->no_flip, NULL, "no random horizontal flips", 0, 0},
+        {"--out", OPT_STR, &o->out, "runs/train", "output directory", 0, 0},
+        {"--resume", OPT_STR, &o->resume, NULL, "continue from DIR/ckpt.safetensors", 0, 0},
+        {"--log-every", OPT_INT, &o->log_every, "10", "steps per line of log.csv", 1, 1000000},
+        {"--ckpt-every", OPT_INT, &o->ckpt_every, "1000", "steps between checkpoints (0 = only at the end)", 0, 1000000000},
+    };
+    train_opts_n = (int)(sizeof opts / sizeof opts[0]);
+    memcpy(train_opts_table, opts, sizeof opts);
+}
+
+static int cmd_train(int argc, char **argv) {
+    TrainOpts o;
+    define_train_options(&o);
+    parse_options("train", train_opts_table, train_opts_n, argc, argv, train_help);
+    o.lambda_lpips = 0.1;
+    if (!o.data) { fprintf(stderr, "casdm train: --data is required (see casdm train --help)\n"); return 2; }
+
+    Dataset data;
+    load_dataset(&data, o.data);
+    if (data.h != data.w) fatal("--data '%s': images are %dx%d; square images only", o.data, data.h, data.w);
+    Trainer tr;
+    trainer_init(&tr, &o, data.c, data.h);
+    make_dir(o.out);
+    char ckpt[4096], logpath[4096];
+    snprintf(ckpt, sizeof ckpt, "%s/ckpt.safetensors", o.out);
+    snprintf(logpath, sizeof logpath, "%s/log.csv", o.out);
+    if (o.resume) {
+        char from[4096];
+        snprintf(from, sizeof from, "%s/ckpt.safetensors", o.resume);
+        load_checkpoint(&tr, from);
+        fprintf(stderr, "resumed from %s at step %ld\n", from, tr.step);
+    }
+    FILE *log = fopen(logpath, o.resume ? "a" : "w");
+    if (!log) fatal("cannot write '%s': %s", logpath, strerror(errno));
+    if (!o.resume) fprintf(log, "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s\n");
+    fprintf(stderr, "casdm train: %s on %d images %dx%dx%d from %s; theta %zu parameters%s; %s, %d threads\n",
+            model_name(tr.kind), data.n, data.c, data.h, data.w, o.data, tr.theta.params.total,
+            tr.has_phi ? " (+ phi)" : "", simd_name(), pool_threads());
+
+    LossConfig lc = {tr.kind, o.p2_gamma, o.p2_k, !o.no_clip_x0, (float)o.lambda_lpips, NULL, NULL};
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.rng = &tr.rng;
+    g.training = 1;
+    int B = o.batch;
+    size_t img = (size_t)data.c * data.h * data.w;
+    float *x0buf = mallocCheck((size_t)B * img * sizeof(float));
+    int *t = mallocCheck((size_t)B * sizeof(int));
+    double sums[5] = {0}, t0 = now_seconds(), tlog = t0;
+    int nsum = 0, tty = isatty(2);
+    signal(SIGINT, on_sigint);
+    while (tr.step < o.steps && !interrupted) {
+        graph_reset(&g);
+        sample_batch(&data, &tr.rng, x0buf, B, !o.no_flip);
+        for (int i = 0; i < B; i++) t[i] = (int)rng_below(&tr.rng, (uint32_t)tr.sched.T);
+        Tensor *x0 = tensor4(&g, B, data.c, data.h, data.w);
+        memcpy(x0->data, x0buf, (size_t)B * img * sizeof(float));
+        Tensor *noise = tensor4(&g, B, data.c, data.h, data.w);
+        rng_fill_normal(&tr.rng, noise->data, noise->size, 0.0f, 1.0f);
+        LossTerms lt;
+        diffusion_losses(&g, &lt, &lc, &tr.sched, &tr.theta, tr.has_phi ? &tr.phi : NULL, x0, t, noise);
+        if (!isfinite(lt.loss->data[0]))
+            fatal("loss is %g at step %ld: stopping (lower --lr, or set --grad-clip)", lt.loss->data[0], tr.step + 1);
+        params_zero_grad(&tr.theta.params);
+        if (tr.has_phi) params_zero_grad(&tr.phi.params);
+        graph_backward(&g, lt.loss, NULL);
+        if (o.grad_clip > 0) {  // one global norm over both networks
+            double sq = grad_norm_sq(tr.theta.params.grad, tr.theta.params.total);
+            if (tr.has_phi) sq += grad_norm_sq(tr.phi.params.grad, tr.phi.params.total);
+            double norm = sqrt(sq);
+            if (norm > o.grad_clip) {
+                float k = (float)(o.grad_clip / (norm + 1e-6));
+                for (size_t i = 0; i < tr.theta.params.total; i++) tr.theta.params.grad[i] *= k;
+                if (tr.has_phi) for (size_t i = 0; i < tr.phi.params.total; i++) tr.phi.params.grad[i] *= k;
+            }
+        }
+        adam_step(&tr.adam_theta, tr.theta.params.data, tr.theta.params.grad);
+        float rate = ema_rate(o.ema, tr.step);
+        ema_update(tr.ema_theta, tr.theta.params.data, tr.theta.params.total, rate);
+        if (tr.has_phi) {
+            adam_step(&tr.adam_phi, tr.phi.params.data, tr.phi.params.grad);
+            ema_update(tr.ema_phi, tr.phi.params.data, tr.phi.params.total, rate);
+        }
+        tr.step++;
+
+        Tensor *terms[5] = {lt.loss, lt.l_eps, lt.l_x0, lt.l_mu, lt.l_lpips};
+        for (int i = 0; i < 5; i++) sums[i] += terms[i] ? terms[i]->data[0] : 0.0;
+        nsum++;
+        if (tr.step % o.log_every == 0 || tr.step == o.steps) {
+            double now = now_seconds(), ips = (double)nsum * B / (now - tlog);
+            fprintf(log, "%ld", tr.step);
+            for (int i = 0; i < 5; i++) {
+                if (terms[i]) fprintf(log, ",%.6g", nonfinite_or(sums[i] / nsum));
+                else fprintf(log, ",");
+            }
+            fprintf(log, ",%.3f\n", ips);
+            fflush(log);
+            double elapsed = now - t0, eta = elapsed / (double)(tr.step) * (double)(o.steps - tr.step);
+            fprintf(stderr, "%sstep %ld/%d loss %.4f", tty ? "\r" : "", tr.step, o.steps, sums[0] / nsum);
+            const char *nm[5] = {"", "eps", "x0", "mu", "lpips"};
+            for (int i = 1; i < 5; i++)
+                if (terms[i]) fprintf(stderr, " %s %.4f", nm[i], sums[i] / nsum);
+            fprintf(stderr, " | %.2f img/s | %.0fs elapsed, ETA %.0fs%s", ips, elapsed, eta, tty ? "   " : "\n");
+            memset(sums, 0, sizeof sums);
+            nsum = 0;
+            tlog = now;
+        }
+        if (o.ckpt_every > 0 && tr.step % o.ckpt_every == 0 && tr.step < o.steps) save_checkpoint(&tr, &o, ckpt);
+    }
+    if (tty) fprintf(stderr, "\n");
+    save_checkpoint(&tr, &o, ckpt);
+    fprintf(stderr, "%s at step %ld: wrote %s\n", interrupted ? "interrupted" : "done", tr.step, ckpt);
+    fclose(log);
+    free(x0buf);
+    free(t);
+    graph_free(&g);
+    trainer_free(&tr);
+    free(data.pixels);
+    return interrupted ? 130 : 0;
+}
+
+// ---------------------------------------------------------------------------
+// ---- main ----
+// ---------------------------------------------------------------------------
 static void usage(FILE *f) {
     fprintf(f,
             "usage: casdm [--threads N] COMMAND [options]\n"
             "\n"
             "commands:\n"
+            "  train      train ddpm-eps, ddpm-x0, dual or casdm (casdm train --help)\n"
             "  info       print how this binary was built (SIMD path, threads)\n"
             "\n"
             "global options:\n"
             "  --threads N   worker threads (default: CASDM_THREADS, else the number of cores)\n"
-            "  --help        this text\n"
-            "\n"
-            "train, sample and lpips are not implemented yet.\n");
+            "  --help        this text\n");
 }
 
-static int parse_int(const char *flag, const char *s, int lo, int hi) {
+static int parse_threads(const char *s) {
     char *end;
     long v = strtol(s, &end, 10);
-    if (!*s || *end || v < lo || v > hi) {
-        fprintf(stderr, "casdm: %s expects an integer in %d..%d, got '%s'\n", flag, lo, hi, s);
+    if (!*s || *end || v < 1 || v > 64) {
+        fprintf(stderr, "casdm: --threads expects an integer in 1..64, got '%s'\n", s);
         exit(2);
     }
     return (int)v;
@@ -36,7 +659,7 @@ int main(int argc, char **argv) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) { usage(stdout); return 0; }
         if (strcmp(argv[i], "--threads") == 0) {
             if (i + 1 >= argc) { fprintf(stderr, "casdm: --threads needs a value\n"); return 2; }
-            threads = parse_int("--threads", argv[++i], 1, 64);
+            threads = parse_threads(argv[++i]);
             continue;
         }
         fprintf(stderr, "casdm: unknown option '%s' (see casdm --help)\n", argv[i]);
@@ -44,9 +667,12 @@ int main(int argc, char **argv) {
     }
     if (i >= argc) { usage(stderr); return 2; }
     pool_init(threads);
-    int rc = 0;
+    int rc;
     if (strcmp(argv[i], "info") == 0) {
         printf("casdm: simd %s, threads %d\n", simd_name(), pool_threads());
+        rc = 0;
+    } else if (strcmp(argv[i], "train") == 0) {
+        rc = cmd_train(argc - i - 1, argv + i + 1);
     } else {
         fprintf(stderr, "casdm: unknown command '%s' (see casdm --help)\n", argv[i]);
         rc = 2;

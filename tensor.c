@@ -2040,6 +2040,22 @@ const StEntry *st_find(const StFile *f, const char *name) {
     return NULL;
 }
 
+int st_meta(const StFile *f, const char *key, char *buf, size_t len) {
+    if (!f->metadata_json) return -1;
+    char err[64] = "";
+    Json j = {f->metadata_json, f->metadata_json + strlen(f->metadata_json), err, sizeof err, "metadata",
+              f->metadata_json};
+    if (json_expect(&j, '{')) return -1;
+    if (json_peek(&j, '}')) return -1;
+    for (;;) {
+        char k[256];
+        if (json_string(&j, k, sizeof k) || json_expect(&j, ':') || json_string(&j, buf, len)) return -1;
+        if (strcmp(k, key) == 0) return 0;
+        if (!json_peek(&j, ',')) return -1;
+        j.s++;
+    }
+}
+
 typedef struct { uint64_t begin, end; } StRange;
 
 int st_read(const char *path, StFile *out, char *err, size_t errlen) {
@@ -2313,4 +2329,78 @@ out:
     free(tmp);
     free(h.s);
     return rc;
+}
+
+// clamp: y = min(max(x, lo), hi); the gradient passes where lo < x < hi
+static void clamp_node_backward(Graph *g, TapeNode *n) {
+    float *dx = input_grad(g, n, 0), lo = n->farg[0], hi = n->farg[1];
+    const float *x = n->in[0]->data;
+    for (size_t i = 0; i < n->out->size; i++)
+        if (x[i] > lo && x[i] < hi) dx[i] += n->out->grad[i];
+}
+
+Tensor *clamp(Graph *g, Tensor *x, float lo, float hi) {
+    Tensor *y = tensor_new(g, x->ndim, x->shape);
+    for (size_t i = 0; i < x->size; i++) y->data[i] = x->data[i] < lo ? lo : (x->data[i] > hi ? hi : x->data[i]);
+    if (wants_grad(g, x, NULL, NULL)) {
+        TapeNode *nd = record(g, "clamp", clamp_node_backward, y, x, NULL, NULL);
+        nd->farg[0] = lo;
+        nd->farg[1] = hi;
+    }
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- optimiser ----
+// ---------------------------------------------------------------------------
+void adam_init(Adam *a, size_t n, float lr) {
+    a->n = n;
+    a->m = aligned_malloc(n * sizeof(float));
+    a->v = aligned_malloc(n * sizeof(float));
+    memset(a->m, 0, n * sizeof(float));
+    memset(a->v, 0, n * sizeof(float));
+    a->step = 0;
+    a->lr = lr;
+    a->beta1 = 0.9f;
+    a->beta2 = 0.999f;
+    a->eps = 1e-8f;
+}
+
+typedef struct { Adam *a; float *p; const float *g; float step_size, bc2_sqrt; } AdamTask;
+
+static void adam_range(void *arg, size_t i0, size_t i1) {
+    const AdamTask *t = arg;
+    float b1 = t->a->beta1, b2 = t->a->beta2, eps = t->a->eps;
+    float *m = t->a->m, *v = t->a->v;
+    for (size_t i = i0; i < i1; i++) {
+        float g = t->g[i];
+        m[i] = m[i] * b1 + g * (1.0f - b1);
+        v[i] = v[i] * b2 + g * g * (1.0f - b2);
+        float denom = sqrtf(v[i]) / t->bc2_sqrt + eps;
+        t->p[i] += -t->step_size * (m[i] / denom);
+    }
+}
+
+// PyTorch: step_size = lr / (1 - beta1^t); denom = sqrt(v) / sqrt(1 - beta2^t) + eps
+void adam_step(Adam *a, float *param, const float *grad) {
+    a->step++;
+    double bc1 = 1.0 - pow((double)a->beta1, (double)a->step), bc2 = 1.0 - pow((double)a->beta2, (double)a->step);
+    AdamTask t = {a, param, grad, (float)(a->lr / bc1), (float)sqrt(bc2)};
+    parallel_for(a->n, 1 << 15, adam_range, &t);
+}
+
+void adam_free(Adam *a) {
+    aligned_free(a->m);
+    aligned_free(a->v);
+    a->m = a->v = NULL;
+}
+
+void ema_update(float *ema, const float *param, size_t n, float rate) {
+    for (size_t i = 0; i < n; i++) ema[i] = rate * ema[i] + (1.0f - rate) * param[i];
+}
+
+double grad_norm_sq(const float *grad, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)grad[i] * grad[i];
+    return s;
 }

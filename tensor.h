@@ -179,6 +179,23 @@ void params_zero_grad(ParamSet *p);
 void params_free(ParamSet *p);
 
 // ---------------------------------------------------------------------------
+// optimiser: Adam as torch.optim.Adam / AdamW with weight_decay 0 (the
+// update order of PyTorch 1.13's single-tensor path), and an EMA of weights.
+// ---------------------------------------------------------------------------
+typedef struct {
+    size_t n;
+    float *m, *v;         // first and second moments, one allocation each
+    long step;            // steps taken
+    float lr, beta1, beta2, eps;
+} Adam;
+void adam_init(Adam *a, size_t n, float lr);
+void adam_step(Adam *a, float *param, const float *grad);
+void adam_free(Adam *a);
+// ema = rate * ema + (1 - rate) * param
+void ema_update(float *ema, const float *param, size_t n, float rate);
+double grad_norm_sq(const float *grad, size_t n);  // sum of squares in double
+
+// ---------------------------------------------------------------------------
 // graph ops. Shapes are given as (N,C,H,W). Broadcasting in add/sub/mul
 // follows numpy: shapes aligned to the right, each dim equal or 1.
 // ---------------------------------------------------------------------------
@@ -209,6 +226,7 @@ Tensor *mse_loss(Graph *g, Tensor *a, Tensor *b, const float *w);
 Tensor *l2norm_channels(Graph *g, Tensor *x, float eps);  // x / (||x||_c + eps)
 Tensor *dropout(Graph *g, Tensor *x, float p);  // identity unless g->training
 Tensor *detach(Graph *g, Tensor *x);            // same data, no gradient
+Tensor *clamp(Graph *g, Tensor *x, float lo, float hi);  // gradient 0 where clipped
 
 // ---------------------------------------------------------------------------
 // kernels: the layer under the graph ops, on raw pointers, for code that
@@ -277,6 +295,8 @@ typedef struct {
 int st_read(const char *path, StFile *out, char *err, size_t errlen);
 void st_free(StFile *f);
 const StEntry *st_find(const StFile *f, const char *name);
+// the metadata value of key into buf; returns 0, or -1 if absent
+int st_meta(const StFile *f, const char *key, char *buf, size_t len);
 // Writes atomically: path.tmp, fsync, rename. Metadata: NULL-terminated
 // key/value string pairs, or NULL.
 typedef struct { const char *name; int ndim; const int *shape; const float *data; } StWrite;

@@ -1,0 +1,269 @@
+// test_unet.c: the U-Net and one training step of each model against our
+// PyTorch reference (tools/casdm_ref.py via tools/make_casdm_goldens.py,
+// which writes tests/goldens/casdm_step.safetensors): network outputs, every
+// loss term, every parameter gradient and the parameters after one Adam step.
+// Weights come from a deterministic formula both sides implement
+// (test_init), so the golden file need not store them.
+#define _POSIX_C_SOURCE 200809L
+#include <stdlib.h>
+
+#include "../casdm.h"
+#include "test_util.h"
+
+static StFile gold;
+
+// FNV-1a 64 of the name; element i gets u = (h + i * golden-ratio) >> 40
+// (24 bits), base = 2u/2^24 - 1; weights base/sqrt(fan_in), GroupNorm scales
+// 1 + 0.1 base, biases 0.1 base. Nonzero everywhere, unlike the real init.
+static void test_init(UNet *u, const char *prefix) {
+    for (size_t p = 0; p < u->params.count; p++) {
+        Tensor *t = params_get(&u->params, p);
+        char name[300];
+        snprintf(name, sizeof name, "%s.%s", prefix, t->name);
+        uint64_t h = 14695981039346656037ULL;
+        for (const char *c = name; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ULL;
+        size_t len = strlen(t->name);
+        int norm_weight = t->ndim == 1 && len > 7 && strcmp(t->name + len - 7, ".weight") == 0;
+        double fan_in = t->ndim >= 2 ? (double)(t->size / t->shape[0]) : 1.0;
+        for (size_t i = 0; i < t->size; i++) {
+            uint64_t u64 = (h + (uint64_t)i * 0x9E3779B97F4A7C15ULL) >> 40;
+            double base = ((double)u64 / 16777216.0 - 0.5) * 2.0, v;
+            if (t->ndim >= 2) v = base / sqrt(fan_in);
+            else if (norm_weight) v = 1.0 + 0.1 * base;
+            else v = 0.1 * base;
+            t->data[i] = (float)v;
+        }
+    }
+}
+
+static const StEntry *need(const char *key) {
+    const StEntry *e = st_find(&gold, key);
+    if (!e) fatal("golden file lacks '%s' (regenerate with tools/make_casdm_goldens.py)", key);
+    return e;
+}
+
+// max |got - ref| / max(max |ref|, floor) over a tensor, i.e. relative to the
+// tensor's own scale, floored at a fraction of the network's largest value:
+// some gradients are exactly zero in exact arithmetic (a conv bias feeding a
+// GroupNorm with one channel per group), and both sides then hold ~1e-9 noise.
+static double rel_err(const float *got, const float *ref, size_t n, size_t stride, double floor) {
+    double num = 0.0, den = floor;
+    for (size_t i = 0, k = 0; i < n; i += stride, k++) {
+        double d = fabs((double)got[i] - ref[k]);
+        if (!(d <= num)) num = d;
+        if (fabs(ref[k]) > den) den = fabs(ref[k]);
+    }
+    return den > 0 ? num / den : num;
+}
+
+static double check_tensor(const char *v, const char *what, const Tensor *t) {
+    char key[160];
+    snprintf(key, sizeof key, "%s/%s", v, what);
+    const StEntry *e = need(key);
+    if (e->size != t->size) fatal("golden '%s' has %zu elements, we have %zu", key, e->size, t->size);
+    double err = rel_err(t->data, e->data, t->size, 1, 0.0);
+    if (err > 1e-4) fprintf(stderr, "  %s: rel err %.2e\n", key, err);
+    return err;
+}
+
+// the golden entry "<v>/<kind>/<net>.<name>" (full) or ".../<kind>7/..." (every 7th element)
+static const StEntry *param_entry(const char *v, const char *kind, const char *net, const Tensor *t, size_t *stride) {
+    char key[400];
+    snprintf(key, sizeof key, "%s/%s/%s.%s", v, kind, net, t->name);
+    const StEntry *e = st_find(&gold, key);
+    *stride = 1;
+    if (!e) {
+        snprintf(key, sizeof key, "%s/%s7/%s.%s", v, kind, net, t->name);
+        e = need(key);
+        *stride = 7;
+    }
+    if (e->size != (t->size + *stride - 1) / *stride) fatal("golden '%s' has %zu elements", key, e->size);
+    return e;
+}
+
+// the largest reference gradient of a network
+static double grad_scale(const char *v, UNet *u, const char *net) {
+    double G = 0.0;
+    for (size_t p = 0; p < u->params.count; p++) {
+        size_t stride;
+        const StEntry *e = param_entry(v, "grad", net, params_get(&u->params, p), &stride);
+        for (size_t k = 0; k < e->size; k++) G = fmax(G, fabs(e->data[k]));
+    }
+    return G;
+}
+
+// Every gradient against the reference, two ways: relative to the tensor's
+// own scale for tensors that carry signal (scale >= 1e-3 of the network's
+// largest gradient G), and absolute over G for all tensors, which covers the
+// analytically-zero ones (a conv bias feeding a GroupNorm with one channel per
+// group, the key rows of qkv.bias), where both sides hold rounding noise.
+static double check_grads(const char *v, UNet *u, const char *net, char *worst_name, double *abs_over_G) {
+    double G = grad_scale(v, u, net), worst = 0.0;
+    for (size_t p = 0; p < u->params.count; p++) {
+        Tensor *t = params_get(&u->params, p);
+        size_t stride;
+        const StEntry *e = param_entry(v, "grad", net, t, &stride);
+        double scale = 0.0, diff = 0.0;
+        for (size_t i = 0, k = 0; i < t->size; i += stride, k++) {
+            scale = fmax(scale, fabs(e->data[k]));
+            double d = fabs((double)t->grad[i] - e->data[k]);
+            if (!(d <= diff)) diff = d;
+        }
+        *abs_over_G = fmax(*abs_over_G, diff / G);
+        if (scale < 1e-3 * G) continue;
+        double err = diff / scale;
+        if (!(err <= worst)) { worst = err; snprintf(worst_name, 200, "%s.%s", net, t->name); }
+    }
+    return worst;
+}
+
+// parameters after one Adam step, as |ours - ref| / lr. Elements whose
+// reference gradient is below 1e-5 of the largest are skipped: Adam's first
+// step moves by lr * g / (|g| + eps), a coin flip when g is rounding noise.
+static double check_adam(const char *v, UNet *u, const char *net, float lr, size_t *skipped) {
+    double G = grad_scale(v, u, net), worst = 0.0;
+    for (size_t p = 0; p < u->params.count; p++) {
+        Tensor *t = params_get(&u->params, p);
+        size_t sa, sg;
+        const StEntry *ea = param_entry(v, "adam", net, t, &sa), *eg = param_entry(v, "grad", net, t, &sg);
+        for (size_t i = 0, k = 0; i < t->size; i += sa, k++) {
+            if (fabs(eg->data[i / sg]) < 1e-5 * G) { (*skipped)++; continue; }
+            worst = fmax(worst, fabs((double)t->data[i] - ea->data[k]) / lr);
+        }
+    }
+    return worst;
+}
+
+static int meta_int(const char *key) {
+    char buf[64];
+    if (st_meta(&gold, key, buf, sizeof buf) != 0) fatal("golden metadata lacks '%s'", key);
+    return atoi(buf);
+}
+
+static void run_variant(const char *v) {
+    int kind = model_parse(v), B = meta_int("batch"), C = meta_int("in_channels"), S = meta_int("image_size");
+    UNetConfig cfg;
+    unet_default_config(&cfg, S, C, model_theta_out(kind, C));
+    cfg.model_channels = meta_int("model_channels");
+    cfg.num_res_blocks = meta_int("num_res_blocks");
+    cfg.num_heads = meta_int("num_heads");
+    cfg.dropout = 0.0f;
+    char buf[64];
+    if (st_meta(&gold, "channel_mult", buf, sizeof buf) || unet_parse_channel_mult(&cfg, buf)) fatal("golden channel_mult");
+    cfg.n_attention = 1;
+    cfg.attention_ds[0] = meta_int("attention_ds");
+    UNet theta, phi;
+    unet_init(&theta, &cfg, 1, NULL);
+    test_init(&theta, "theta");
+    int has_phi = kind == MODEL_CASDM;
+    if (has_phi) {
+        UNetConfig pc = cfg;
+        pc.out_channels = C + 1;
+        unet_init(&phi, &pc, 1, NULL);
+        test_init(&phi, "phi");
+    }
+    Schedule s;
+    schedule_init(&s, SCHEDULE_COSINE, meta_int("T"));
+    Graph g;
+    graph_init(&g, 0, 0);
+    const StEntry *ex0 = need("x0"), *enoise = need("noise"), *et = need("t");
+    Tensor *x0 = tensor_from(&g, ex0->ndim, ex0->shape, ex0->data);
+    Tensor *noise = tensor_from(&g, enoise->ndim, enoise->shape, enoise->data);
+    int t[16];
+    for (int i = 0; i < B; i++) t[i] = (int)et->data[i];
+    double gamma = kind == MODEL_DDPM_X0 ? 0.0 : atof((st_meta(&gold, "p2_gamma", buf, sizeof buf), buf));
+    LossConfig lc = {kind, gamma, 1.0, 1, 0.1f, NULL, NULL};
+    LossTerms lt;
+    diffusion_losses(&g, &lt, &lc, &s, &theta, has_phi ? &phi : NULL, x0, t, noise);
+    graph_backward(&g, lt.loss, NULL);
+
+    double ef = check_tensor(v, "xt", lt.xt);
+    ef = fmax(ef, check_tensor(v, "theta_out", lt.theta_out));
+    if (has_phi) {
+        ef = fmax(ef, check_tensor(v, "phi_out", lt.phi_out));
+        ef = fmax(ef, check_tensor(v, "x0_star", lt.x0_star));
+    }
+    double el = check_tensor(v, "loss", lt.loss);
+    if (lt.l_eps) el = fmax(el, check_tensor(v, "L_eps", lt.l_eps));
+    if (lt.l_x0) el = fmax(el, check_tensor(v, "L_x0", lt.l_x0));
+    if (lt.l_mu) el = fmax(el, check_tensor(v, "L_mu", lt.l_mu));
+    char wn[200] = "", wn2[200] = "";
+    double eabs = 0.0;
+    double eg = check_grads(v, &theta, "theta", wn, &eabs);
+    if (has_phi) {
+        double e2 = check_grads(v, &phi, "phi", wn2, &eabs);
+        if (e2 > eg) { eg = e2; strcpy(wn, wn2); }
+    }
+    Adam at, ap;
+    size_t skipped = 0;
+    adam_init(&at, theta.params.total, 1e-4f);
+    adam_step(&at, theta.params.data, theta.params.grad);
+    double ea = check_adam(v, &theta, "theta", 1e-4f, &skipped);
+    if (has_phi) {
+        adam_init(&ap, phi.params.total, 1e-4f);
+        adam_step(&ap, phi.params.data, phi.params.grad);
+        ea = fmax(ea, check_adam(v, &phi, "phi", 1e-4f, &skipped));
+        adam_free(&ap);
+    }
+    adam_free(&at);
+    char name[96];
+    snprintf(name, sizeof name, "parity %s step vs PyTorch", v);
+    test_result(ef <= 1e-4 && el <= 1e-4 && eg <= 1e-4 && eabs <= 1e-5 && ea <= 1e-3, name,
+                "outputs %.1e, losses %.1e, gradients %.1e of own scale (worst %s), %.1e of largest; "
+                "tol 1e-4, 1e-5; after Adam %.1e lr (tol 1e-3; %zu elements with |g| < 1e-5 max skipped)",
+                ef, el, eg, wn, eabs, ea, skipped);
+    graph_free(&g);
+    schedule_free(&s);
+    unet_free(&theta);
+    if (has_phi) unet_free(&phi);
+}
+
+// closed forms of the schedule and P2 weighting
+static void test_schedules(void) {
+    Schedule s;
+    schedule_init(&s, SCHEDULE_COSINE, 4000);
+    // abar_t = f(t+1)/f(0) while no beta is clipped: check one mid step
+    double f0 = cos(0.008 / 1.008 * 3.14159265358979323846 / 2), f = cos((2001.0 / 4000 + 0.008) / 1.008 * 3.14159265358979323846 / 2);
+    double want = (f * f) / (f0 * f0);
+    int ok = fabs(s.abar[2000] - want) < 1e-12 && s.beta[3999] == 0.999 && fabs(s.abar_prev[0] - 1.0) < 1e-15;
+    double w = p2_weight(&s, 2000, 1.0, 1.0), snr = s.abar[2000] / (1 - s.abar[2000]);
+    ok = ok && fabs(w - 1.0 / (1.0 + snr)) < 1e-12 && p2_weight(&s, 5, 0.0, 1.0) == 1.0;
+    float mt = schedule_model_t(&s, 3985);
+    ok = ok && mt == 996.25f;
+    schedule_free(&s);
+    schedule_init(&s, SCHEDULE_LINEAR, 1000);
+    ok = ok && fabs(s.beta[0] - 1e-4) < 1e-15 && fabs(s.beta[999] - 0.02) < 1e-15;
+    schedule_free(&s);
+    test_result(ok, "schedules: cosine abar, clip at 0.999, linear ends, P2 weight, rescaled t", "");
+}
+
+// the paper's CIFAR-10 theta: improved-diffusion's count for the same config
+static void test_param_count(void) {
+    UNetConfig c;
+    unet_default_config(&c, 32, 3, 3);
+    UNet u;
+    unet_init(&u, &c, 0, NULL);
+    int ok = u.params.total == 52542979 && params_find(&u.params, "input_blocks.1.0.in_layers.2.weight") &&
+             params_find(&u.params, "output_blocks.11.0.skip_connection.weight") && params_find(&u.params, "middle_block.1.qkv.weight");
+    test_result(ok, "U-Net ch128/res3/attn16,8 has improved-diffusion's 52,542,979 parameters and key names",
+                "%zu", u.params.total);
+    unet_free(&u);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--quick") == 0) test_quick = 1;
+    pool_init(0);
+    test_schedules();
+    test_param_count();
+    char err[512];
+    if (st_read("tests/goldens/casdm_step.safetensors", &gold, err, sizeof err) != 0) {
+        test_result(0, "casdm golden file", "%s", err);
+    } else {
+        const char *variants[4] = {"ddpm-eps", "ddpm-x0", "dual", "casdm"};
+        for (int i = 0; i < 4; i++) run_variant(variants[i]);
+        st_free(&gold);
+    }
+    pool_shutdown();
+    return test_failed_count ? 1 : 0;
+}

@@ -1,0 +1,392 @@
+// unet.c: the U-Net of improved-diffusion (openai/improved-diffusion,
+// improved_diffusion/unet.py, UNetModel with use_scale_shift_norm=True),
+// used by Cas-DM for both networks (arXiv 2401.02414, "Implementation"):
+// theta predicts epsilon, phi has one more output channel for r_t.
+//
+// Sections: configuration, parameter declaration (names are improved-
+// diffusion's state_dict keys, so checkpoints move to and from PyTorch),
+// initialisation, forward. The backward comes from the tape.
+#define _POSIX_C_SOURCE 200809L
+#include "casdm.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+// ---------------------------------------------------------------------------
+// ---- configuration ----
+// ---------------------------------------------------------------------------
+void unet_default_config(UNetConfig *c, int image_size, int in_channels, int out_channels) {
+    memset(c, 0, sizeof *c);
+    c->image_size = image_size;
+    c->in_channels = in_channels;
+    c->out_channels = out_channels;
+    c->model_channels = 128;
+    c->num_res_blocks = 3;
+    c->num_heads = 4;
+    c->groups = 32;
+    c->dropout = 0.1f;
+    static const int m256[6] = {1, 1, 2, 2, 4, 4}, m64[4] = {1, 2, 3, 4}, m32[4] = {1, 2, 2, 2};
+    const int *m = image_size == 256 ? m256 : image_size == 64 ? m64 : m32;
+    c->n_levels = image_size == 256 ? 6 : 4;
+    memcpy(c->channel_mult, m, c->n_levels * sizeof(int));
+    unet_parse_attention(c, "16,8");
+}
+
+// improved-diffusion's script_util: attention_ds.append(image_size // int(res))
+int unet_parse_attention(UNetConfig *c, const char *resolutions) {
+    c->n_attention = 0;
+    const char *p = resolutions;
+    while (*p) {
+        char *end;
+        long r = strtol(p, &end, 10);
+        if (end == p || r < 1 || c->image_size % r || c->n_attention == UNET_MAX_LEVELS) return -1;
+        c->attention_ds[c->n_attention++] = c->image_size / (int)r;
+        p = end;
+        if (*p == ',') p++;
+        else if (*p) return -1;
+    }
+    return 0;
+}
+
+int unet_parse_channel_mult(UNetConfig *c, const char *list) {
+    int n = 0;
+    const char *p = list;
+    while (*p) {
+        char *end;
+        long m = strtol(p, &end, 10);
+        if (end == p || m < 1 || m > 64 || n == UNET_MAX_LEVELS) return -1;
+        c->channel_mult[n++] = (int)m;
+        p = end;
+        if (*p == ',') p++;
+        else if (*p) return -1;
+    }
+    if (n == 0) return -1;
+    c->n_levels = n;
+    return 0;
+}
+
+static int has_attention(const UNetConfig *c, int ds) {
+    for (int i = 0; i < c->n_attention; i++)
+        if (c->attention_ds[i] == ds) return 1;
+    return 0;
+}
+
+// ---------------------------------------------------------------------------
+// ---- parameters ----
+// Declaration happens before the single allocation, so each slot (a Tensor*
+// field of the UNet) is remembered with its index and filled in afterwards.
+// ---------------------------------------------------------------------------
+typedef struct { Tensor **slot; size_t index; } Slot;
+typedef struct { UNet *u; Slot slots[4096]; size_t n; } Decl;
+
+static void declare(Decl *d, Tensor **slot, const char *name, int ndim, int s0, int s1, int s2, int s3) {
+    int shape[4] = {s0, s1, s2, s3};
+    if (d->n == sizeof d->slots / sizeof d->slots[0]) fatal("unet: too many parameters");
+    d->slots[d->n].slot = slot;
+    d->slots[d->n].index = params_add(&d->u->params, name, ndim, shape);
+    d->n++;
+}
+
+static void declare_norm(Decl *d, Tensor **w, Tensor **b, const char *prefix, int ch) {
+    char name[160];
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    declare(d, w, name, 1, ch, 0, 0, 0);
+    snprintf(name, sizeof name, "%s.bias", prefix);
+    declare(d, b, name, 1, ch, 0, 0, 0);
+}
+
+static void declare_conv(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in, int k) {
+    char name[160];
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    declare(d, w, name, 4, out, in, k, k);
+    snprintf(name, sizeof name, "%s.bias", prefix);
+    declare(d, b, name, 1, out, 0, 0, 0);
+}
+
+// Conv1d weights are (out, in, 1) in PyTorch; we keep that shape so that
+// state_dicts load strictly, and view them as (out, in, 1, 1) in forward.
+static void declare_conv1d(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in) {
+    char name[160];
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    declare(d, w, name, 3, out, in, 1, 0);
+    snprintf(name, sizeof name, "%s.bias", prefix);
+    declare(d, b, name, 1, out, 0, 0, 0);
+}
+
+static void declare_linear(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in) {
+    char name[160];
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    declare(d, w, name, 2, out, in, 0, 0);
+    snprintf(name, sizeof name, "%s.bias", prefix);
+    declare(d, b, name, 1, out, 0, 0, 0);
+}
+
+static void declare_resblock(Decl *d, ResBlock *r, const char *prefix, int in_ch, int out_ch, int emb_ch) {
+    char p[160];
+    r->in_ch = in_ch;
+    r->out_ch = out_ch;
+    snprintf(p, sizeof p, "%s.in_layers.0", prefix);
+    declare_norm(d, &r->in_norm_w, &r->in_norm_b, p, in_ch);
+    snprintf(p, sizeof p, "%s.in_layers.2", prefix);
+    declare_conv(d, &r->in_conv_w, &r->in_conv_b, p, out_ch, in_ch, 3);
+    snprintf(p, sizeof p, "%s.emb_layers.1", prefix);
+    declare_linear(d, &r->emb_w, &r->emb_b, p, 2 * out_ch, emb_ch);
+    snprintf(p, sizeof p, "%s.out_layers.0", prefix);
+    declare_norm(d, &r->out_norm_w, &r->out_norm_b, p, out_ch);
+    snprintf(p, sizeof p, "%s.out_layers.3", prefix);
+    declare_conv(d, &r->out_conv_w, &r->out_conv_b, p, out_ch, out_ch, 3);
+    r->skip_w = r->skip_b = NULL;
+    if (in_ch != out_ch) {
+        snprintf(p, sizeof p, "%s.skip_connection", prefix);
+        declare_conv(d, &r->skip_w, &r->skip_b, p, out_ch, in_ch, 1);
+    }
+}
+
+static void declare_attention(Decl *d, AttnBlock *a, const char *prefix, int ch) {
+    char p[160];
+    a->ch = ch;
+    snprintf(p, sizeof p, "%s.norm", prefix);
+    declare_norm(d, &a->norm_w, &a->norm_b, p, ch);
+    snprintf(p, sizeof p, "%s.qkv", prefix);
+    declare_conv1d(d, &a->qkv_w, &a->qkv_b, p, 3 * ch, ch);
+    snprintf(p, sizeof p, "%s.proj_out", prefix);
+    declare_conv1d(d, &a->proj_w, &a->proj_b, p, ch, ch);
+}
+
+// The block structure of UNetModel.__init__, step by step.
+static void unet_declare(Decl *d) {
+    UNet *u = d->u;
+    const UNetConfig *c = &u->cfg;
+    int mc = c->model_channels, emb = 4 * mc;
+    char p[160];
+    declare_linear(d, &u->temb0_w, &u->temb0_b, "time_embed.0", emb, mc);
+    declare_linear(d, &u->temb2_w, &u->temb2_b, "time_embed.2", emb, emb);
+
+    int chans[UNET_MAX_BLOCKS], nch = 0;  // input_block_chans
+    int ch = mc, ds = 1, nb = 0;
+    UNetBlock *b = &u->input[nb];
+    b->conv_kind = CONV_INPUT;
+    declare_conv(d, &b->conv_w, &b->conv_b, "input_blocks.0.0", mc, c->in_channels, 3);
+    chans[nch++] = ch;
+    nb++;
+    for (int level = 0; level < c->n_levels; level++) {
+        for (int i = 0; i < c->num_res_blocks; i++) {
+            if (nb >= UNET_MAX_BLOCKS) fatal("unet: too many blocks");
+            b = &u->input[nb];
+            int out = c->channel_mult[level] * mc;
+            snprintf(p, sizeof p, "input_blocks.%d.0", nb);
+            b->has_res = 1;
+            declare_resblock(d, &b->res, p, ch, out, emb);
+            ch = out;
+            if (has_attention(c, ds)) {
+                snprintf(p, sizeof p, "input_blocks.%d.1", nb);
+                b->has_attn = 1;
+                declare_attention(d, &b->attn, p, ch);
+            }
+            chans[nch++] = ch;
+            nb++;
+        }
+        if (level != c->n_levels - 1) {
+            if (nb >= UNET_MAX_BLOCKS) fatal("unet: too many blocks");
+            b = &u->input[nb];
+            snprintf(p, sizeof p, "input_blocks.%d.0.op", nb);
+            b->conv_kind = CONV_DOWN;
+            declare_conv(d, &b->conv_w, &b->conv_b, p, ch, ch, 3);
+            chans[nch++] = ch;
+            ds *= 2;
+            nb++;
+        }
+    }
+    u->n_input = nb;
+
+    b = &u->middle;
+    b->has_res = b->has_attn = b->has_res2 = 1;
+    declare_resblock(d, &b->res, "middle_block.0", ch, ch, emb);
+    declare_attention(d, &b->attn, "middle_block.1", ch);
+    declare_resblock(d, &b->res2, "middle_block.2", ch, ch, emb);
+
+    nb = 0;
+    for (int level = c->n_levels - 1; level >= 0; level--) {
+        for (int i = 0; i < c->num_res_blocks + 1; i++) {
+            if (nb >= UNET_MAX_BLOCKS) fatal("unet: too many blocks");
+            b = &u->output[nb];
+            int out = c->channel_mult[level] * mc, skip = chans[--nch];
+            snprintf(p, sizeof p, "output_blocks.%d.0", nb);
+            b->has_res = 1;
+            declare_resblock(d, &b->res, p, ch + skip, out, emb);
+            ch = out;
+            int layer = 1;
+            if (has_attention(c, ds)) {
+                snprintf(p, sizeof p, "output_blocks.%d.%d", nb, layer++);
+                b->has_attn = 1;
+                declare_attention(d, &b->attn, p, ch);
+            }
+            if (level && i == c->num_res_blocks) {
+                snprintf(p, sizeof p, "output_blocks.%d.%d.conv", nb, layer);
+                b->conv_kind = CONV_UP;
+                declare_conv(d, &b->conv_w, &b->conv_b, p, ch, ch, 3);
+                ds /= 2;
+            }
+            nb++;
+        }
+    }
+    u->n_output = nb;
+    declare_norm(d, &u->out_norm_w, &u->out_norm_b, "out.0", ch);
+    declare_conv(d, &u->out_conv_w, &u->out_conv_b, "out.2", c->out_channels, mc, 3);
+}
+
+// PyTorch's default for Conv and Linear (kaiming_uniform with a=sqrt(5)):
+// weight and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in)); GroupNorm 1 and 0;
+// then improved-diffusion's zero_module layers (out_layers.3, proj_out, out.2).
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+static void unet_init_values(UNet *u, Rng *rng) {
+    ParamSet *ps = &u->params;
+    for (size_t i = 0; i < ps->count; i++) {
+        Tensor *t = params_get(ps, i);
+        int zero = strstr(t->name, "out_layers.3.") || strstr(t->name, "proj_out.") ||
+                   strncmp(t->name, "out.2.", 6) == 0;
+        if (zero) { memset(t->data, 0, t->size * sizeof(float)); continue; }
+        if (t->ndim == 1) {
+            // biases take the fan_in of their weight (the previous parameter);
+            // 1-D weights are GroupNorm scales
+            if (ends_with(t->name, ".weight")) { for (size_t k = 0; k < t->size; k++) t->data[k] = 1.0f; continue; }
+            Tensor *w = i > 0 ? params_get(ps, i - 1) : NULL;
+            if (!w || w->ndim == 1) { memset(t->data, 0, t->size * sizeof(float)); continue; }  // GroupNorm bias
+            float bound = 1.0f / sqrtf((float)(w->size / w->shape[0]));
+            rng_fill_uniform(rng, t->data, t->size, -bound, bound);
+        } else {
+            float bound = 1.0f / sqrtf((float)(t->size / t->shape[0]));
+            rng_fill_uniform(rng, t->data, t->size, -bound, bound);
+        }
+    }
+}
+
+void unet_init(UNet *u, const UNetConfig *c, int trainable, Rng *rng) {
+    memset(u, 0, sizeof *u);
+    u->cfg = *c;
+    if (c->n_levels < 1 || c->num_res_blocks < 1 || c->model_channels < 1 || c->num_heads < 1)
+        fatal("unet: bad configuration (levels %d, res blocks %d, channels %d, heads %d)", c->n_levels,
+              c->num_res_blocks, c->model_channels, c->num_heads);
+    for (int l = 0; l < c->n_levels; l++)
+        if ((c->channel_mult[l] * c->model_channels) % c->groups)
+            fatal("unet: %d channels do not split into %d GroupNorm groups", c->channel_mult[l] * c->model_channels, c->groups);
+    if (c->image_size % (1 << (c->n_levels - 1)))
+        fatal("unet: image size %d is not divisible by 2^%d (one halving per level)", c->image_size, c->n_levels - 1);
+    params_init(&u->params);
+    Decl *d = mallocCheck(sizeof *d);
+    d->u = u;
+    d->n = 0;
+    unet_declare(d);
+    params_alloc(&u->params, trainable);
+    for (size_t i = 0; i < d->n; i++) *d->slots[i].slot = params_get(&u->params, d->slots[i].index);
+    free(d);
+    if (rng) unet_init_values(u, rng);
+}
+
+void unet_free(UNet *u) { params_free(&u->params); }
+
+// ---------------------------------------------------------------------------
+// ---- forward ----
+// ---------------------------------------------------------------------------
+
+// improved-diffusion nn.py timestep_embedding: freqs_i = exp(-ln(10000) i/half),
+// [cos(t f), sin(t f)], a zero column when dim is odd. Float32 throughout,
+// in PyTorch's order of operations, since cos(t f) at t ~ 1000 amplifies
+// any difference in f.
+void timestep_embedding(float *out, const float *t, int n, int dim) {
+    int half = dim / 2;
+    float c = (float)(-log(10000.0));
+    for (int b = 0; b < n; b++) {
+        float *e = out + (size_t)b * dim;
+        for (int i = 0; i < half; i++) {
+            float f = expf(c * (float)i / (float)half);
+            float a = t[b] * f;
+            e[i] = cosf(a);
+            e[half + i] = sinf(a);
+        }
+        if (dim % 2) e[dim - 1] = 0.0f;
+    }
+}
+
+static Tensor *view4(Graph *g, Tensor *t, int n, int c, int h, int w) {
+    int s[4] = {n, c, h, w};
+    return reshape(g, t, 4, s);
+}
+
+static Tensor *resblock_forward(Graph *g, const UNetConfig *c, ResBlock *r, Tensor *x, Tensor *emb) {
+    int N = x->shape[0], out = r->out_ch;
+    Tensor *h = groupnorm(g, x, r->in_norm_w, r->in_norm_b, c->groups, 1e-5f);
+    h = conv2d(g, silu(g, h), r->in_conv_w, r->in_conv_b, 1, 1);
+    // FiLM: scale, shift = chunk(Linear(SiLU(emb)), 2), scale first
+    Tensor *e = view4(g, linear(g, silu(g, emb), r->emb_w, r->emb_b), N, 2 * out, 1, 1);
+    Tensor *scale = slice_channels(g, e, 0, out), *shift = slice_channels(g, e, out, 2 * out);
+    h = groupnorm(g, h, r->out_norm_w, r->out_norm_b, c->groups, 1e-5f);
+    h = add(g, mul(g, h, scale_shift(g, scale, 1.0f, 1.0f)), shift);  // GN(h) * (1 + scale) + shift
+    h = dropout(g, silu(g, h), c->dropout);
+    h = conv2d(g, h, r->out_conv_w, r->out_conv_b, 1, 1);
+    Tensor *skip = r->skip_w ? conv2d(g, x, r->skip_w, r->skip_b, 1, 0) : x;
+    return add(g, skip, h);
+}
+
+// QKVAttention (legacy): qkv (B, 3C, T) viewed as (B*heads, 3C/heads, T);
+// each head's block splits into q, k, v of C/heads rows; q and k are each
+// scaled by (C/heads)^(-1/4); weights softmax(q^T k) over the last axis.
+static Tensor *attention_forward(Graph *g, const UNetConfig *c, AttnBlock *a, Tensor *x) {
+    int B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3], T = H * W;
+    int heads = c->num_heads, ch = C / heads;
+    if (C % heads) fatal("attention: %d channels do not split into %d heads", C, heads);
+    Tensor *h = groupnorm(g, x, a->norm_w, a->norm_b, c->groups, 1e-5f);
+    Tensor *qkv = conv2d(g, h, view4(g, a->qkv_w, 3 * C, C, 1, 1), a->qkv_b, 1, 0);  // (B, 3C, H, W)
+    qkv = view4(g, qkv, B * heads, 3 * ch, T, 1);
+    int s3[3] = {B * heads, ch, T};
+    Tensor *q = reshape(g, slice_channels(g, qkv, 0, ch), 3, s3);
+    Tensor *k = reshape(g, slice_channels(g, qkv, ch, 2 * ch), 3, s3);
+    Tensor *v = reshape(g, slice_channels(g, qkv, 2 * ch, 3 * ch), 3, s3);
+    float scale = (float)(1.0 / sqrt(sqrt((double)ch)));
+    Tensor *w = matmul(g, scale_shift(g, q, scale, 0.0f), scale_shift(g, k, scale, 0.0f), 1, 0);  // (BH, T, T)
+    w = softmax(g, w);
+    Tensor *o = matmul(g, v, w, 0, 1);  // v (BH, ch, S) @ w^T (BH, S, T)
+    o = view4(g, o, B, C, H, W);
+    o = conv2d(g, o, view4(g, a->proj_w, C, C, 1, 1), a->proj_b, 1, 0);
+    return add(g, x, o);
+}
+
+static Tensor *block_forward(Graph *g, const UNetConfig *c, UNetBlock *b, Tensor *h, Tensor *emb) {
+    if (b->conv_kind == CONV_INPUT) return conv2d(g, h, b->conv_w, b->conv_b, 1, 1);
+    if (b->conv_kind == CONV_DOWN) return conv2d(g, h, b->conv_w, b->conv_b, 2, 1);
+    if (b->has_res) h = resblock_forward(g, c, &b->res, h, emb);
+    if (b->has_attn) h = attention_forward(g, c, &b->attn, h);
+    if (b->has_res2) h = resblock_forward(g, c, &b->res2, h, emb);
+    if (b->conv_kind == CONV_UP) h = conv2d(g, upsample2x(g, h), b->conv_w, b->conv_b, 1, 1);
+    return h;
+}
+
+Tensor *unet_forward(Graph *g, UNet *u, Tensor *x, const float *t) {
+    const UNetConfig *c = &u->cfg;
+    int N = x->shape[0], mc = c->model_channels;
+    if (x->ndim != 4 || x->shape[1] != c->in_channels || x->shape[2] % (1 << (c->n_levels - 1)) ||
+        x->shape[3] % (1 << (c->n_levels - 1))) {
+        char s[64];
+        shape_str(x, s, sizeof s);
+        fatal("unet: input %s does not fit (%d channels, sides divisible by %d)", s, c->in_channels,
+              1 << (c->n_levels - 1));
+    }
+    int se[2] = {N, mc};
+    Tensor *temb = tensor_new(g, 2, se);
+    timestep_embedding(temb->data, t, N, mc);
+    Tensor *emb = linear(g, silu(g, linear(g, temb, u->temb0_w, u->temb0_b)), u->temb2_w, u->temb2_b);
+
+    Tensor *hs[UNET_MAX_BLOCKS];
+    Tensor *h = x;
+    for (int i = 0; i < u->n_input; i++) hs[i] = h = block_forward(g, c, &u->input[i], h, emb);
+    h = block_forward(g, c, &u->middle, h, emb);
+    int top = u->n_input;
+    for (int i = 0; i < u->n_output; i++) h = block_forward(g, c, &u->output[i], concat_channels(g, h, hs[--top]), emb);
+    h = silu(g, groupnorm(g, h, u->out_norm_w, u->out_norm_b, c->groups, 1e-5f));
+    return conv2d(g, h, u->out_conv_w, u->out_conv_b, 1, 1);
+}
