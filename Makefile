@@ -33,7 +33,7 @@ ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(ARCHFLAGS) -DCASDM_SIMD=$(SIMD) -DCASDM_
 FLAGS_FILE := build/.flags
 $(shell mkdir -p build; echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' | cmp -s - $(FLAGS_FILE) || echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' > $(FLAGS_FILE))
 
-LIB_OBJS = build/tensor.o build/unet.o build/ddim.o
+LIB_OBJS = build/tensor.o build/unet.o build/ddim.o build/lpips.o
 TESTS    = build/test_tensor build/test_unet
 
 .PHONY: all test asan clean
@@ -49,7 +49,10 @@ casdm: build/casdm.o $(LIB_OBJS)
 build/test_%: tests/test_%.c tests/test_util.h tensor.h casdm.h $(LIB_OBJS)
 	$(CC) $(ALL_CFLAGS) $< $(LIB_OBJS) -o $@ $(LDLIBS)
 
-test: $(TESTS) casdm
+build/check_files: tests/check_files.c $(FLAGS_FILE)
+	$(CC) $(ALL_CFLAGS) $< -o $@
+
+test: $(TESTS) casdm build/check_files
 	@sh tests/run.sh $(TESTS) tests/test_cli.sh
 
 asan:

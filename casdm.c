@@ -222,9 +222,9 @@ static void sample_batch(const Dataset *d, Rng *rng, float *x0, int B, int flip)
 // ---------------------------------------------------------------------------
 typedef struct {
     // data and model
-    const char *data, *model, *schedule, *attn, *mult, *out, *resume;
-    int no_flip, ch, res, heads, T, no_clip_x0;
-    double dropout, p2_gamma, p2_k, lambda_lpips;  // lambda_lpips: 0.1 (Eq. 15), used once LPIPS lands
+    const char *data, *model, *schedule, *attn, *mult, *out, *resume, *lpips;
+    int no_flip, ch, res, heads, T, no_clip_x0, lpips_size;
+    double dropout, p2_gamma, p2_k, lambda_lpips;
     // optimisation
     int steps, batch, seed;
     double lr, ema, grad_clip;
@@ -500,6 +500,9 @@ static void define_train_options(TrainOpts *o) {
         {"--p2-gamma", OPT_FLOAT, &o->p2_gamma, "0", "P2 weighting gamma on the epsilon loss (0 = off; paper 0.5 or 1)", 0, 10},
         {"--p2-k", OPT_FLOAT, &o->p2_k, "1", "P2 weighting k", 1e-6, 1e6},
         {"--no-clip-x0", OPT_FLAG, &o->no_clip_x0, NULL, "casdm: feed x0* to phi unclipped", 0, 0},
+        {"--lpips", OPT_STR, &o->lpips, NULL, "LPIPS weights (tools/convert_lpips.py); adds L^lpips on the x0 prediction", 0, 0},
+        {"--lpips-size", OPT_INT, &o->lpips_size, "224", "LPIPS input size (images are resized; the paper: 224)", 16, 1024},
+        {"--lpips-weight", OPT_FLOAT, &o->lambda_lpips, "0.1", "lambda of L^lpips (Eq. 15)", 0, 1e6},
         {"--steps", OPT_INT, &o->steps, "1000", "training steps (total, counting resumed ones)", 0, 1000000000},
         {"--batch", OPT_INT, &o->batch, "16", "batch size", 1, 4096},
         {"--lr", OPT_FLOAT, &o->lr, "1e-4", "Adam learning rate", 0, 1},
@@ -520,11 +523,19 @@ static int cmd_train(int argc, char **argv) {
     TrainOpts o;
     define_train_options(&o);
     parse_options("train", train_opts_table, train_opts_n, argc, argv, train_help);
-    o.lambda_lpips = 0.1;
     if (!o.data) { fprintf(stderr, "casdm train: --data is required (see casdm train --help)\n"); return 2; }
 
+    Lpips lpips;
+    int use_lpips = o.lpips != NULL;
+    if (use_lpips) {  // before anything slow: a bad file is an error at once
+        char err[512];
+        lpips_init(&lpips);
+        lpips.size = o.lpips_size;
+        if (lpips_load(&lpips, o.lpips, err, sizeof err) != 0) fatal("--lpips: %s", err);
+    }
     Dataset data;
     load_dataset(&data, o.data);
+    if (use_lpips && data.c != 3) fatal("--lpips needs RGB images; '%s' has %d channel(s)", o.data, data.c);
     if (data.h != data.w) fatal("--data '%s': images are %dx%d; square images only", o.data, data.h, data.w);
     Trainer tr;
     trainer_init(&tr, &o, data.c, data.h);
@@ -545,7 +556,9 @@ static int cmd_train(int argc, char **argv) {
             model_name(tr.kind), data.n, data.c, data.h, data.w, o.data, tr.theta.params.total,
             tr.has_phi ? " (+ phi)" : "", simd_name(), pool_threads());
 
-    LossConfig lc = {tr.kind, o.p2_gamma, o.p2_k, !o.no_clip_x0, (float)o.lambda_lpips, NULL, NULL};
+    LossConfig lc = {tr.kind, o.p2_gamma, o.p2_k, !o.no_clip_x0, (float)o.lambda_lpips,
+                     use_lpips ? lpips_loss : NULL, use_lpips ? &lpips : NULL};
+    if (use_lpips && tr.kind == MODEL_DDPM_EPS) fatal("--lpips applies to an x0 prediction; ddpm-eps has none");
     Graph g;
     graph_init(&g, 0, 0);
     g.rng = &tr.rng;
@@ -623,8 +636,381 @@ static int cmd_train(int argc, char **argv) {
     free(t);
     graph_free(&g);
     trainer_free(&tr);
+    if (use_lpips) lpips_free(&lpips);
     free(data.pixels);
     return interrupted ? 130 : 0;
+}
+
+// ---------------------------------------------------------------------------
+// ---- image files: PNG and NPZ, no zlib ----
+// PNG (RFC 2083 / ISO 15948): zlib stream of "stored" deflate blocks (RFC
+// 1950/1951), so no compressor is needed; CRC-32 per chunk, Adler-32 per
+// stream. NPZ: an uncompressed zip holding arr_0.npy (NPY format 1.0), the
+// layout improved-diffusion's image_sample.py writes with np.savez.
+// Everything goes to a temp file first, then fsync and rename.
+// ---------------------------------------------------------------------------
+static uint32_t crc_table[256];
+
+static void crc_init(void) {
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+        crc_table[n] = c;
+    }
+}
+
+static uint32_t crc32_update(uint32_t crc, const unsigned char *b, size_t n) {
+    if (!crc_table[1]) crc_init();
+    crc = ~crc;
+    for (size_t i = 0; i < n; i++) crc = crc_table[(crc ^ b[i]) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+// a byte buffer that grows
+typedef struct { unsigned char *b; size_t len, cap; } Bytes;
+
+static void bytes_put(Bytes *o, const void *p, size_t n) {
+    if (o->len + n > o->cap) {
+        size_t cap = o->cap ? o->cap * 2 : 4096;
+        while (cap < o->len + n) cap *= 2;
+        unsigned char *nb = mallocCheck(cap);
+        if (o->len) memcpy(nb, o->b, o->len);
+        free(o->b);
+        o->b = nb;
+        o->cap = cap;
+    }
+    memcpy(o->b + o->len, p, n);
+    o->len += n;
+}
+
+static void bytes_u32be(Bytes *o, uint32_t v) {
+    unsigned char b[4] = {(unsigned char)(v >> 24), (unsigned char)(v >> 16), (unsigned char)(v >> 8), (unsigned char)v};
+    bytes_put(o, b, 4);
+}
+
+static void bytes_u16le(Bytes *o, uint32_t v) {
+    unsigned char b[2] = {(unsigned char)v, (unsigned char)(v >> 8)};
+    bytes_put(o, b, 2);
+}
+
+static void bytes_u32le(Bytes *o, uint32_t v) {
+    unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
+    bytes_put(o, b, 4);
+}
+
+static void write_atomically(const char *path, const Bytes *data) {
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) fatal("cannot create '%s': %s", tmp, strerror(errno));
+    int ok = fwrite(data->b, 1, data->len, f) == data->len && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    if (fclose(f) != 0) ok = 0;
+    if (!ok || rename(tmp, path) != 0) {
+        remove(tmp);
+        fatal("cannot write '%s': %s", path, strerror(errno));
+    }
+}
+
+static void png_chunk(Bytes *o, const char *type, const unsigned char *data, size_t n) {
+    bytes_u32be(o, (uint32_t)n);
+    size_t start = o->len;
+    bytes_put(o, type, 4);
+    if (n) bytes_put(o, data, n);
+    bytes_u32be(o, crc32_update(0, o->b + start, n + 4));
+}
+
+// pixels: (H, W, C) bytes, C = 1 (grey) or 3 (RGB)
+static void write_png(const char *path, const unsigned char *pixels, int W, int H, int C) {
+    Bytes raw = {0}, z = {0}, o = {0};
+    size_t row = (size_t)W * C;
+    for (int y = 0; y < H; y++) {  // filter type 0 on every row
+        unsigned char f0 = 0;
+        bytes_put(&raw, &f0, 1);
+        bytes_put(&raw, pixels + (size_t)y * row, row);
+    }
+    unsigned char zh[2] = {0x78, 0x01};  // deflate, 32K window, no dictionary, check bits
+    bytes_put(&z, zh, 2);
+    uint32_t a = 1, b = 0;  // Adler-32 of the uncompressed data
+    for (size_t i = 0; i < raw.len; i++) { a = (a + raw.b[i]) % 65521u; b = (b + a) % 65521u; }
+    for (size_t off = 0; off < raw.len || off == 0; off += 65535) {
+        size_t n = raw.len - off < 65535 ? raw.len - off : 65535;
+        unsigned char hdr[5] = {(unsigned char)(off + n == raw.len), (unsigned char)n, (unsigned char)(n >> 8),
+                                (unsigned char)~n, (unsigned char)(~n >> 8)};
+        bytes_put(&z, hdr, 5);
+        bytes_put(&z, raw.b + off, n);
+        if (raw.len == 0) break;
+    }
+    bytes_u32be(&z, (b << 16) | a);
+    static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    bytes_put(&o, sig, 8);
+    unsigned char ihdr[13] = {(unsigned char)(W >> 24), (unsigned char)(W >> 16), (unsigned char)(W >> 8), (unsigned char)W,
+                              (unsigned char)(H >> 24), (unsigned char)(H >> 16), (unsigned char)(H >> 8), (unsigned char)H,
+                              8, (unsigned char)(C == 1 ? 0 : 2), 0, 0, 0};
+    png_chunk(&o, "IHDR", ihdr, 13);
+    png_chunk(&o, "IDAT", z.b, z.len);
+    png_chunk(&o, "IEND", NULL, 0);
+    write_atomically(path, &o);
+    free(raw.b);
+    free(z.b);
+    free(o.b);
+}
+
+// x in [-1,1] -> uint8 as improved-diffusion: ((x + 1) * 127.5).clamp(0, 255), truncated
+static unsigned char to_u8(float v) {
+    float s = (v + 1.0f) * 127.5f;
+    return (unsigned char)(s < 0.0f ? 0.0f : (s > 255.0f ? 255.0f : s));
+}
+
+// images (N, H, W, C) bytes -> a grid with 2-pixel borders, ceil(sqrt(N)) columns
+static void write_grid_png(const char *path, const unsigned char *img, int N, int H, int W, int C) {
+    int cols = (int)ceil(sqrt((double)N)), rows = (N + cols - 1) / cols, pad = 2;
+    int GW = cols * (W + pad) + pad, GH = rows * (H + pad) + pad;
+    unsigned char *g = callocCheck((size_t)GW * GH * C, 1);
+    for (int n = 0; n < N; n++) {
+        int ox = pad + (n % cols) * (W + pad), oy = pad + (n / cols) * (H + pad);
+        for (int y = 0; y < H; y++)
+            memcpy(g + ((size_t)(oy + y) * GW + ox) * C, img + (((size_t)n * H + y) * W) * C, (size_t)W * C);
+    }
+    write_png(path, g, GW, GH, C);
+    free(g);
+}
+
+// NPZ with one member arr_0.npy of uint8 (N, H, W, C)
+static void write_npz(const char *path, const unsigned char *img, int N, int H, int W, int C) {
+    Bytes npy = {0}, o = {0};
+    char dict[256];
+    int dl = snprintf(dict, sizeof dict, "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, %d), }", N, H, W, C);
+    int total = 10 + dl + 1, padn = (64 - total % 64) % 64;  // header padded to 64 bytes, ends in \n
+    static const unsigned char magic[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
+    bytes_put(&npy, magic, 8);
+    bytes_u16le(&npy, (uint32_t)(dl + padn + 1));
+    bytes_put(&npy, dict, (size_t)dl);
+    for (int i = 0; i < padn; i++) bytes_put(&npy, " ", 1);
+    bytes_put(&npy, "\n", 1);
+    bytes_put(&npy, img, (size_t)N * H * W * C);
+    if (npy.len > 0xffffffffu) fatal("'%s': %zu bytes is beyond a plain zip (no zip64)", path, npy.len);
+    uint32_t crc = crc32_update(0, npy.b, npy.len);
+    const char *name = "arr_0.npy";
+    uint16_t nl = (uint16_t)strlen(name);
+    // local file header: stored (method 0), no data descriptor
+    bytes_u32le(&o, 0x04034b50); bytes_u16le(&o, 20); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
+    bytes_u16le(&o, 0); bytes_u16le(&o, 0x21);  // time 0, date 1980-01-01
+    bytes_u32le(&o, crc); bytes_u32le(&o, (uint32_t)npy.len); bytes_u32le(&o, (uint32_t)npy.len);
+    bytes_u16le(&o, nl); bytes_u16le(&o, 0);
+    bytes_put(&o, name, nl);
+    bytes_put(&o, npy.b, npy.len);
+    uint32_t cd = (uint32_t)o.len;
+    // central directory entry, then the end record
+    bytes_u32le(&o, 0x02014b50); bytes_u16le(&o, 20); bytes_u16le(&o, 20); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
+    bytes_u16le(&o, 0); bytes_u16le(&o, 0x21);
+    bytes_u32le(&o, crc); bytes_u32le(&o, (uint32_t)npy.len); bytes_u32le(&o, (uint32_t)npy.len);
+    bytes_u16le(&o, nl); bytes_u16le(&o, 0); bytes_u16le(&o, 0); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
+    bytes_u32le(&o, 0); bytes_u32le(&o, 0);  // attributes, local header at offset 0
+    bytes_put(&o, name, nl);
+    uint32_t cdlen = (uint32_t)o.len - cd;
+    bytes_u32le(&o, 0x06054b50); bytes_u16le(&o, 0); bytes_u16le(&o, 0); bytes_u16le(&o, 1); bytes_u16le(&o, 1);
+    bytes_u32le(&o, cdlen); bytes_u32le(&o, cd); bytes_u16le(&o, 0);
+    write_atomically(path, &o);
+    free(npy.b);
+    free(o.b);
+}
+
+// ---------------------------------------------------------------------------
+// ---- sampling ----
+// ---------------------------------------------------------------------------
+typedef struct {
+    int kind;
+    UNet theta, phi;
+    int has_phi;
+    Schedule sched;  // as trained
+    int clip_x0;
+} Model;
+
+static int meta_int(const StFile *f, const char *path, const char *key) {
+    char buf[128];
+    meta_or_die(f, path, key, buf, sizeof buf);
+    char *end;
+    long v = strtol(buf, &end, 10);
+    if (!*buf || *end) fatal("checkpoint '%s': metadata '%s' = '%s' is not an integer", path, key, buf);
+    return (int)v;
+}
+
+// copies "<prefix><net>.<key>" tensors of f into u, checking every shape
+static void load_net(UNet *u, const StFile *f, const char *path, const char *prefix, const char *net) {
+    for (size_t i = 0; i < u->params.count; i++) {
+        Tensor *t = &u->params.t[i];
+        char name[300];
+        snprintf(name, sizeof name, "%s%s.%s", prefix, net, t->name);
+        const StEntry *e = st_find(f, name);
+        if (!e) fatal("checkpoint '%s' lacks tensor '%s'", path, name);
+        int same = e->ndim == t->ndim && e->size == t->size;
+        for (int d = 0; same && d < t->ndim; d++) same = e->shape[d] == t->shape[d];
+        if (!same) fatal("checkpoint '%s': tensor '%s' does not have the shape its metadata implies", path, name);
+        memcpy(t->data, e->data, t->size * sizeof(float));
+    }
+}
+
+// builds the networks a checkpoint describes and loads its EMA (or raw) weights
+static void load_model(Model *m, const char *path, int use_ema) {
+    StFile f;
+    char err[512], buf[256];
+    memset(m, 0, sizeof *m);
+    if (st_read(path, &f, err, sizeof err) != 0) fatal("%s", err);
+    meta_or_die(&f, path, "format", buf, sizeof buf);
+    if (strcmp(buf, "casdm-checkpoint-1") != 0) fatal("'%s' has format '%s', not a casdm checkpoint", path, buf);
+    meta_or_die(&f, path, "model", buf, sizeof buf);
+    m->kind = model_parse(buf);
+    if (m->kind < 0) fatal("checkpoint '%s': unknown model '%s'", path, buf);
+    int S = meta_int(&f, path, "image_size"), C = meta_int(&f, path, "in_channels");
+    UNetConfig c;
+    unet_default_config(&c, S, C, model_theta_out(m->kind, C));
+    c.model_channels = meta_int(&f, path, "model_channels");
+    c.num_res_blocks = meta_int(&f, path, "num_res_blocks");
+    c.num_heads = meta_int(&f, path, "num_heads");
+    c.dropout = 0.0f;
+    meta_or_die(&f, path, "channel_mult", buf, sizeof buf);
+    if (unet_parse_channel_mult(&c, buf) != 0) fatal("checkpoint '%s': bad channel_mult '%s'", path, buf);
+    meta_or_die(&f, path, "attention_resolutions", buf, sizeof buf);
+    if (unet_parse_attention(&c, buf) != 0) fatal("checkpoint '%s': bad attention_resolutions '%s'", path, buf);
+    meta_or_die(&f, path, "noise_schedule", buf, sizeof buf);
+    int sk = schedule_parse(buf);
+    if (sk < 0) fatal("checkpoint '%s': unknown noise_schedule '%s'", path, buf);
+    schedule_init(&m->sched, sk, meta_int(&f, path, "diffusion_steps"));
+    m->clip_x0 = st_meta(&f, "clip_x0", buf, sizeof buf) == 0 ? atoi(buf) : 1;
+    const char *prefix = use_ema ? "ema." : "";
+    unet_init(&m->theta, &c, 0, NULL);
+    load_net(&m->theta, &f, path, prefix, "theta");
+    if (m->kind == MODEL_CASDM) {
+        c.out_channels = C + 1;
+        unet_init(&m->phi, &c, 0, NULL);
+        load_net(&m->phi, &f, path, prefix, "phi");
+        m->has_phi = 1;
+    }
+    st_free(&f);
+}
+
+static void free_model(Model *m) {
+    unet_free(&m->theta);
+    if (m->has_phi) unet_free(&m->phi);
+    schedule_free(&m->sched);
+}
+
+// n images (N,C,H,W) in [-1,1] -> uint8 (N,H,W,C) into out
+static void sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, Rng *rng, int n, int batch,
+                          unsigned char *out, int tty) {
+    int C = m->theta.cfg.in_channels, S = m->theta.cfg.image_size;
+    size_t per = (size_t)C * S * S;
+    float *x = mallocCheck((size_t)batch * per * sizeof(float)), *xp = mallocCheck((size_t)batch * per * sizeof(float));
+    float *z = mallocCheck((size_t)batch * per * sizeof(float));
+    Graph g;
+    graph_init(&g, 0, 0);
+    double t0 = now_seconds();
+    for (int done = 0; done < n; done += batch) {
+        int B = n - done < batch ? n - done : batch;
+        rng_fill_normal(rng, x, (size_t)B * per, 0.0f, 1.0f);
+        for (int j = rs->T - 1; j >= 0; j--) {
+            int noisy = sample_step_noisy(sc, j);
+            if (noisy) rng_fill_normal(rng, z, (size_t)B * per, 0.0f, 1.0f);
+            sample_step(&g, sc, rs, &m->theta, m->has_phi ? &m->phi : NULL, x, xp, B, C, S, S, j, noisy ? z : NULL);
+            float *tmp = x; x = xp; xp = tmp;
+            double el = now_seconds() - t0;
+            double frac = ((double)done + (double)B * (rs->T - j) / rs->T) / n;
+            fprintf(stderr, "%simages %d-%d of %d, step %d/%d | %.1fs elapsed, ETA %.0fs%s", tty ? "\r" : "",
+                    done + 1, done + B, n, rs->T - j, rs->T, el, el / frac * (1 - frac), tty ? "   " : "\n");
+        }
+        for (int b = 0; b < B; b++)
+            for (int c = 0; c < C; c++)
+                for (int i = 0; i < S * S; i++)
+                    out[(((size_t)(done + b) * S * S) + i) * C + c] = to_u8(x[(size_t)b * per + (size_t)c * S * S + i]);
+    }
+    if (tty) fprintf(stderr, "\n");
+    graph_free(&g);
+    free(x); free(xp); free(z);
+}
+
+typedef struct {
+    const char *ckpt, *out, *steps, *method;
+    int n, batch, seed, each, no_ema, no_clip;
+    double eta;
+} SampleOpts;
+
+static Option sample_opts_table[32];
+static int sample_opts_n;
+
+static void sample_help(FILE *f) {
+    fputs("usage: casdm sample --ckpt FILE [options]\n\n"
+          "Samples with the checkpoint's EMA weights and writes DIR/grid.png, DIR/samples_NxHxWxC.npz\n"
+          "(uint8 NHWC as arr_0, the layout of improved-diffusion's image_sample.py) and, with --each,\n"
+          "DIR/sample_00000.png ...\n\noptions:\n", f);
+    usage_options(f, sample_opts_table, sample_opts_n);
+}
+
+static int cmd_sample(int argc, char **argv) {
+    SampleOpts o;
+    const Option opts[] = {
+        {"--ckpt", OPT_STR, &o.ckpt, NULL, "checkpoint written by casdm train", 0, 0},
+        {"--n", OPT_INT, &o.n, "64", "number of images", 1, 1000000},
+        {"--steps", OPT_STR, &o.steps, "100", "sampling steps: N (evenly strided, improved-diffusion's ddimN) or sections '10,10'", 0, 0},
+        {"--method", OPT_STR, &o.method, "ddim", "ddim or ddpm", 0, 0},
+        {"--eta", OPT_FLOAT, &o.eta, "0", "DDIM eta (0 = deterministic)", 0, 1},
+        {"--seed", OPT_INT, &o.seed, "0", "random seed", 0, 2147483647},
+        {"--batch", OPT_INT, &o.batch, "16", "images per batch", 1, 4096},
+        {"--out", OPT_STR, &o.out, "samples", "output directory", 0, 0},
+        {"--each", OPT_FLAG, &o.each, NULL, "also write each image as a PNG", 0, 0},
+        {"--no-ema", OPT_FLAG, &o.no_ema, NULL, "use the raw weights instead of the EMA", 0, 0},
+        {"--no-clip", OPT_FLAG, &o.no_clip, NULL, "do not clip predicted x0 to [-1,1]", 0, 0},
+    };
+    sample_opts_n = (int)(sizeof opts / sizeof opts[0]);
+    memcpy(sample_opts_table, opts, sizeof opts);
+    parse_options("sample", sample_opts_table, sample_opts_n, argc, argv, sample_help);
+    if (!o.ckpt) { fprintf(stderr, "casdm sample: --ckpt is required (see casdm sample --help)\n"); return 2; }
+    SampleConfig sc = {0, SAMPLER_DDIM, (float)o.eta, !o.no_clip, 1};
+    if (strcmp(o.method, "ddpm") == 0) sc.method = SAMPLER_DDPM;
+    else if (strcmp(o.method, "ddim") != 0) { fprintf(stderr, "casdm sample: --method '%s' is not ddim or ddpm\n", o.method); return 2; }
+    Model m;
+    load_model(&m, o.ckpt, !o.no_ema);
+    sc.kind = m.kind;
+    sc.clip_x0 = m.clip_x0;
+    int *kept = mallocCheck((size_t)m.sched.T * sizeof(int));
+    char err[256], spec[64];
+    // a bare N means N evenly strided steps ("ddimN") when that stride exists
+    int all_digits = o.steps[0] != 0;
+    for (const char *p = o.steps; *p; p++) all_digits &= (*p >= '0' && *p <= '9');
+    snprintf(spec, sizeof spec, "%s%s", all_digits ? "ddim" : "", o.steps);
+    int nk = space_timesteps(m.sched.T, spec, kept, err, sizeof err);
+    if (nk < 0 && all_digits) nk = space_timesteps(m.sched.T, o.steps, kept, err, sizeof err);
+    if (nk < 0) { fprintf(stderr, "casdm sample: --steps '%s': %s\n", o.steps, err); return 2; }
+    Schedule rs;
+    schedule_respace(&rs, &m.sched, kept, nk);
+    free(kept);
+    make_dir(o.out);
+    int C = m.theta.cfg.in_channels, S = m.theta.cfg.image_size;
+    unsigned char *img = mallocCheck((size_t)o.n * S * S * C);
+    Rng rng;
+    rng_seed(&rng, (uint64_t)o.seed, 1);
+    fprintf(stderr, "casdm sample: %s, %d images %dx%dx%d, %s %d steps (eta %g), %s weights, %d threads\n",
+            model_name(m.kind), o.n, C, S, S, sc.method == SAMPLER_DDIM ? "DDIM" : "DDPM", nk, o.eta,
+            o.no_ema ? "raw" : "EMA", pool_threads());
+    double t0 = now_seconds();
+    sample_images(&m, &sc, &rs, &rng, o.n, o.batch, img, isatty(2));
+    double dt = now_seconds() - t0;
+    char path[4200];
+    snprintf(path, sizeof path, "%s/grid.png", o.out);
+    write_grid_png(path, img, o.n, S, S, C);
+    printf("%s\n", path);
+    snprintf(path, sizeof path, "%s/samples_%dx%dx%dx%d.npz", o.out, o.n, S, S, C);
+    write_npz(path, img, o.n, S, S, C);
+    printf("%s\n", path);
+    if (o.each)
+        for (int i = 0; i < o.n; i++) {
+            snprintf(path, sizeof path, "%s/sample_%05d.png", o.out, i);
+            write_png(path, img + (size_t)i * S * S * C, S, S, C);
+        }
+    fprintf(stderr, "%d images in %.1fs (%.2f img/s)\n", o.n, dt, o.n / dt);
+    free(img);
+    schedule_free(&rs);
+    free_model(&m);
+    return 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -636,6 +1022,7 @@ static void usage(FILE *f) {
             "\n"
             "commands:\n"
             "  train      train ddpm-eps, ddpm-x0, dual or casdm (casdm train --help)\n"
+            "  sample     sample images from a checkpoint (casdm sample --help)\n"
             "  info       print how this binary was built (SIMD path, threads)\n"
             "\n"
             "global options:\n"
@@ -673,6 +1060,8 @@ int main(int argc, char **argv) {
         rc = 0;
     } else if (strcmp(argv[i], "train") == 0) {
         rc = cmd_train(argc - i - 1, argv + i + 1);
+    } else if (strcmp(argv[i], "sample") == 0) {
+        rc = cmd_sample(argc - i - 1, argv + i + 1);
     } else {
         fprintf(stderr, "casdm: unknown command '%s' (see casdm --help)\n", argv[i]);
         rc = 2;

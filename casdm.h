@@ -134,3 +134,61 @@ typedef struct {
 // the model is casdm.
 void diffusion_losses(Graph *g, LossTerms *out, const LossConfig *lc, const Schedule *s,
                       UNet *theta, UNet *phi, Tensor *x0, const int *t, Tensor *noise);
+
+// ---- sampling (ddim.c) ----
+// improved-diffusion's respace.space_timesteps: "ddimN" (even stride, N
+// steps) or a comma list of per-section counts ("10,10", or "100").
+// Writes the kept steps (sorted) into kept (capacity T) and returns their
+// number, or -1 with a message in err.
+int space_timesteps(int T, const char *spec, int *kept, char *err, size_t errlen);
+// the respaced chain: betas 1 - abar[k_j] / abar[k_{j-1}], everything else
+// recomputed from them (respace.SpacedDiffusion)
+void schedule_respace(Schedule *out, const Schedule *base, const int *kept, int n);
+
+enum { SAMPLER_DDIM, SAMPLER_DDPM };
+typedef struct {
+    int kind;              // ModelKind
+    int method;            // SAMPLER_DDIM or SAMPLER_DDPM
+    float eta;             // DDIM: 0 deterministic, 1 = DDPM-like noise
+    int clip;              // clip predicted x0 to [-1,1] (improved-diffusion's clip_denoised)
+    int clip_x0;           // casdm: clip x0* before phi (as in training)
+} SampleConfig;
+
+// x (N,C,H,W) at step j of the respaced chain s -> x_prev at step j-1
+// (the sample itself after j = 0). z: N(0,1) noise of x's size, used when
+// j > 0 and the step is stochastic (DDPM, or DDIM with eta > 0); may be NULL
+// otherwise. Runs in g's no-grad mode; resets g.
+void sample_step(Graph *g, const SampleConfig *sc, const Schedule *s, UNet *theta, UNet *phi,
+                 const float *x, float *x_prev, int N, int C, int H, int W, int j, const float *z);
+// the step's arithmetic from the networks' outputs: eps, x0 and r_logit
+// (any may be NULL) with per-sample strides in floats; z as above
+void sample_update(const SampleConfig *sc, const Schedule *s, int j, const float *x, float *x_prev,
+                   int N, int C, size_t hw, const float *eps, size_t se, const float *x0, size_t sx,
+                   const float *r_logit, size_t sr, const float *z);
+// does step j draw noise?
+int sample_step_noisy(const SampleConfig *sc, int j);
+
+// ---------------------------------------------------------------------------
+// lpips.c: LPIPS with a VGG16 trunk whose max-pools are 2x2 average pools
+// (Cas-DM Eq. 13, after consistency models' use of piq). Weights are frozen:
+// gradients flow to the compared image only.
+// ---------------------------------------------------------------------------
+#define LPIPS_CONVS 13
+#define LPIPS_TAPS 5
+typedef struct {
+    ParamSet params;                 // "features.<i>.weight/bias", "lin<k>.weight"
+    Tensor *conv_w[LPIPS_CONVS], *conv_b[LPIPS_CONVS];
+    Tensor *lin[LPIPS_TAPS];         // (1, C_k, 1, 1), non-negative in trained weights
+    int size;                        // images are resized to size x size (0: as they are)
+} Lpips;
+
+void lpips_init(Lpips *l);           // declares and allocates (frozen, zero)
+void lpips_free(Lpips *l);
+// Loads a safetensors file written by tools/convert_lpips.py; 0 or -1 with a
+// message naming the file and tensor.
+int lpips_load(Lpips *l, const char *path, char *err, size_t errlen);
+// Per-image distances (N,1,1,1) between x and y, both (N,3,H,W) in [-1,1].
+// x may require a gradient; y's branch is run without a tape.
+Tensor *lpips_distance(Graph *g, Lpips *l, Tensor *x, Tensor *y);
+// lpips_loss_fn for diffusion_losses: mean distance over the batch
+Tensor *lpips_loss(Graph *g, void *lpips, Tensor *pred, Tensor *target);

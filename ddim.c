@@ -205,3 +205,179 @@ void diffusion_losses(Graph *g, LossTerms *out, const LossConfig *lc, const Sche
         out->loss = add(g, out->loss, scale_shift(g, out->l_lpips, lc->lambda_lpips, 0.0f));
     }
 }
+
+// ---------------------------------------------------------------------------
+// ---- respacing ----
+// ---------------------------------------------------------------------------
+static int cmp_int(const void *a, const void *b) { return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b); }
+
+int space_timesteps(int T, const char *spec, int *kept, char *err, size_t errlen) {
+    if (strncmp(spec, "ddim", 4) == 0) {
+        char *end;
+        long want = strtol(spec + 4, &end, 10);
+        if (end == spec + 4 || *end || want < 1) { snprintf(err, errlen, "bad respacing '%s'", spec); return -1; }
+        for (int stride = 1; stride < T; stride++) {
+            int n = (T + stride - 1) / stride;  // len(range(0, T, stride))
+            if (n == want) {
+                for (int i = 0; i < n; i++) kept[i] = i * stride;
+                return n;
+            }
+        }
+        snprintf(err, errlen, "cannot create exactly %ld steps with an integer stride from %d", want, T);
+        return -1;
+    }
+    int counts[256], ns = 0;
+    const char *p = spec;
+    while (*p) {
+        char *end;
+        long c = strtol(p, &end, 10);
+        if (end == p || c < 1 || ns == 256) { snprintf(err, errlen, "bad respacing '%s'", spec); return -1; }
+        counts[ns++] = (int)c;
+        p = end;
+        if (*p == ',') p++;
+        else if (*p) { snprintf(err, errlen, "bad respacing '%s'", spec); return -1; }
+    }
+    if (ns == 0) { snprintf(err, errlen, "empty respacing"); return -1; }
+    int size_per = T / ns, extra = T % ns, start = 0, n = 0;
+    for (int i = 0; i < ns; i++) {
+        int size = size_per + (i < extra ? 1 : 0);
+        if (size < counts[i]) {
+            snprintf(err, errlen, "cannot divide a section of %d steps into %d", size, counts[i]);
+            return -1;
+        }
+        // offsets round(j * (size-1)/(count-1)); numpy/Python round halves to even
+        double frac = counts[i] <= 1 ? 1.0 : (double)(size - 1) / (double)(counts[i] - 1);
+        double cur = 0.0;
+        for (int j = 0; j < counts[i]; j++) {
+            kept[n++] = start + (int)nearbyint(cur);
+            cur += frac;
+        }
+        start += size;
+    }
+    qsort(kept, (size_t)n, sizeof(int), cmp_int);
+    int m = 0;  // a set: drop repeats
+    for (int i = 0; i < n; i++)
+        if (m == 0 || kept[m - 1] != kept[i]) kept[m++] = kept[i];
+    return m;
+}
+
+void schedule_respace(Schedule *out, const Schedule *base, const int *kept, int n) {
+    memset(out, 0, sizeof *out);
+    schedule_alloc(out, n);
+    out->T_train = base->T_train;
+    out->kind = base->kind;
+    double last = 1.0;
+    for (int j = 0; j < n; j++) {
+        double ab = base->abar[kept[j]];
+        out->beta[j] = 1.0 - ab / last;
+        last = ab;
+        out->timestep[j] = base->timestep[kept[j]];
+    }
+    schedule_finish(out);
+}
+
+// ---------------------------------------------------------------------------
+// ---- sampling ----
+// Each model gives an x0 branch (from a predicted x0), an epsilon branch
+// (from a predicted epsilon) or both. A branch's x0 is clipped (when
+// sc->clip) and its epsilon re-derived from the clipped x0, as
+// improved-diffusion's p_mean_variance / _predict_eps_from_xstart. The step's
+// mean comes from each branch by DDIM (Song et al., Eq. 12) or the DDPM
+// posterior (Eq. 7); dual and Cas-DM mix the two means per pixel with r_t
+// (Cas-DM Eq. 16-17; Eq. 17's 1/sqrt(alpha_t) is sqrt(abar_prev)/sqrt(abar_t)
+// of the respaced chain, which is what the x0 form below computes).
+// ---------------------------------------------------------------------------
+int sample_step_noisy(const SampleConfig *sc, int j) {
+    return j > 0 && (sc->method == SAMPLER_DDPM || sc->eta > 0.0f);
+}
+
+static float clip1(float v, int on) { return on ? (v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v)) : v; }
+
+// The step from the networks' outputs. eps, x0, r: the epsilon prediction,
+// the x0 prediction and the r_t logit (each may be NULL), with per-sample
+// strides se, sx, sr in floats. x, x_prev, z: (N,C,H,W).
+void sample_update(const SampleConfig *sc, const Schedule *s, int j, const float *x, float *x_prev,
+                   int N, int C, size_t hw, const float *eps, size_t se, const float *x0, size_t sx,
+                   const float *r_logit, size_t sr, const float *z) {
+    // per-step coefficients, in double then float (as the PyTorch reference)
+    double ab = s->abar[j], abp = s->abar_prev[j];
+    float a1 = (float)(1.0 / sqrt(ab)), a2 = (float)sqrt(1.0 / ab - 1.0), cx, ce, sigma;
+    if (sc->method == SAMPLER_DDIM) {
+        double sg = sc->eta * sqrt((1.0 - abp) / (1.0 - ab)) * sqrt(1.0 - ab / abp);
+        double rest = 1.0 - abp - sg * sg;  // can round below 0 at eta 1
+        cx = (float)sqrt(abp);                              // x0 coefficient
+        ce = (float)sqrt(rest > 0.0 ? rest : 0.0);          // epsilon coefficient
+        sigma = (float)sg;
+    } else {
+        cx = (float)(sqrt(abp) * s->beta[j] / (1.0 - ab));           // posterior mean, x0 term
+        ce = (float)(sqrt(s->alpha[j]) * (1.0 - abp) / (1.0 - ab));  // x_t term
+        sigma = (float)sqrt(s->beta[j] * (1.0 - abp) / (1.0 - ab));
+    }
+    int noisy = sample_step_noisy(sc, j);
+    if (noisy && !z) fatal("sample_update: step %d needs noise", j);
+    size_t per = (size_t)C * hw;
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++)
+            for (size_t p = 0; p < hw; p++) {
+                size_t i = n * per + (size_t)c * hw + p, k = (size_t)c * hw + p;
+                float xv = x[i], me = 0.0f, mx = 0.0f;
+                if (eps) {
+                    float x0e = clip1(a1 * xv - a2 * eps[n * se + k], sc->clip);
+                    float epse = (a1 * xv - x0e) / a2;
+                    me = sc->method == SAMPLER_DDIM ? cx * x0e + ce * epse : cx * x0e + ce * xv;
+                }
+                if (x0) {
+                    float x0x = clip1(x0[n * sx + k], sc->clip);
+                    float epsx = (a1 * xv - x0x) / a2;
+                    mx = sc->method == SAMPLER_DDIM ? cx * x0x + ce * epsx : cx * x0x + ce * xv;
+                }
+                float mean;
+                if (r_logit) {
+                    float r = 1.0f / (1.0f + expf(-r_logit[n * sr + p]));
+                    mean = r * mx + (1.0f - r) * me;
+                } else {
+                    mean = eps ? me : mx;
+                }
+                x_prev[i] = noisy ? mean + sigma * z[i] : mean;
+            }
+}
+
+void sample_step(Graph *g, const SampleConfig *sc, const Schedule *s, UNet *theta, UNet *phi,
+                 const float *x, float *x_prev, int N, int C, int H, int W, int j, const float *z) {
+    graph_reset(g);
+    int saved = g->grad_enabled, saved_training = g->training;
+    g->grad_enabled = 0;
+    g->training = 0;
+    size_t hw = (size_t)H * W, per = (size_t)C * hw;
+    float *tm = arena_floats(&g->arena, (size_t)N);
+    for (int i = 0; i < N; i++) tm[i] = schedule_model_t(s, j);
+    Tensor *xt = tensor4(g, N, C, H, W);
+    memcpy(xt->data, x, (size_t)N * per * sizeof(float));
+    Tensor *o = unet_forward(g, theta, xt, tm);
+    size_t so = (size_t)o->shape[1] * hw;  // stride of one sample in o
+    switch (sc->kind) {
+    case MODEL_DDPM_EPS:
+        sample_update(sc, s, j, x, x_prev, N, C, hw, o->data, so, NULL, 0, NULL, 0, z);
+        break;
+    case MODEL_DDPM_X0:
+        sample_update(sc, s, j, x, x_prev, N, C, hw, NULL, 0, o->data, so, NULL, 0, z);
+        break;
+    case MODEL_DUAL:  // [x0, eps, r]
+        sample_update(sc, s, j, x, x_prev, N, C, hw, o->data + per, so, o->data, so, o->data + 2 * per, so, z);
+        break;
+    default: {  // casdm: phi refines x0* = (x_t - sqrt(1-abar) eps') / sqrt(abar)
+        if (!phi) fatal("sample_step: casdm needs phi");
+        double ab = s->abar[j];
+        float a1 = (float)(1.0 / sqrt(ab)), a2 = (float)sqrt(1.0 / ab - 1.0);
+        Tensor *x0s = tensor4(g, N, C, H, W);
+        for (int n = 0; n < N; n++)
+            for (size_t i = 0; i < per; i++)
+                x0s->data[n * per + i] = clip1(a1 * x[n * per + i] - a2 * o->data[n * so + i], sc->clip_x0);
+        Tensor *po = unet_forward(g, phi, x0s, tm);
+        size_t sp = (size_t)po->shape[1] * hw;
+        sample_update(sc, s, j, x, x_prev, N, C, hw, o->data, so, po->data, sp, po->data + per, sp, z);
+    }
+    }
+    g->grad_enabled = saved;
+    g->training = saved_training;
+}

@@ -55,6 +55,27 @@ else
     fail "training with 1 and 2 threads differs"
 fi
 
+# sampling from a trained checkpoint: grid PNG, NPZ and one PNG per image,
+# each checked by tests/check_files.c (its own CRC, zlib, zip and npy parsing)
+if ./casdm sample --ckpt "$dir/straight/ckpt.safetensors" --n 5 --steps 4 --batch 3 --each --out "$dir/samples" \
+       >"$dir/sample.out" 2>"$dir/sample.err" &&
+   build/check_files "$dir/samples/grid.png" 104 70 3 &&
+   build/check_files "$dir/samples/samples_5x32x32x3.npz" 5 32 32 3 &&
+   build/check_files "$dir/samples/sample_00004.png" 32 32 3 &&
+   grep -q "samples_5x32x32x3.npz" "$dir/sample.out"; then
+    pass "casdm sample writes a valid grid PNG, per-image PNGs and an improved-diffusion NPZ"
+else
+    fail "casdm sample output"; sed 's/^/  /' "$dir/sample.err"
+fi
+for m in ddpm-eps ddpm-x0 dual; do
+    if ./casdm sample --ckpt "$dir/$m/ckpt.safetensors" --n 2 --steps 3 --method ddpm --out "$dir/s_$m" >/dev/null 2>"$dir/s.err" &&
+       build/check_files "$dir/s_$m/samples_2x32x32x3.npz" 2 32 32 3; then
+        pass "casdm sample --method ddpm from a $m checkpoint"
+    else
+        fail "casdm sample from $m"; sed 's/^/  /' "$dir/s.err"
+    fi
+done
+
 # expect STATUS NEEDLE CMD...: the command fails with STATUS and says NEEDLE
 expect() {
     want=$1; needle=$2; shift 2
@@ -85,4 +106,7 @@ expect 1 "trunc/ckpt.safetensors: truncated" ./casdm train --data "$dir" $opts -
 expect 1 "lacks tensor 'theta.time_embed.0.weight'\|another shape" \
     ./casdm train --data "$dir" --model casdm --ch 64 --res 1 --attn 16 --T 100 --steps 6 --out "$dir/t3" --resume "$dir/half"
 expect 1 "holds a casdm model, not dual" ./casdm train --data "$dir" --model dual $small --steps 6 --out "$dir/t4" --resume "$dir/half"
+expect 2 "--method 'euler'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --method euler
+expect 2 "--steps '500'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --steps 500
+expect 1 "trunc/ckpt.safetensors: truncated" ./casdm sample --ckpt "$dir/trunc/ckpt.safetensors"
 [ "$fails" -eq 0 ]

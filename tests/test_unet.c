@@ -250,6 +250,156 @@ static void test_param_count(void) {
     unet_free(&u);
 }
 
+// ---------------------------------------------------------------------------
+// sampling against tests/goldens/sample.safetensors (tools/make_sample_goldens.py):
+// the same test_init networks, x_T and per-step noise from the file
+// ---------------------------------------------------------------------------
+static StFile sgold;
+
+static const StEntry *sneed(const char *key) {
+    const StEntry *e = st_find(&sgold, key);
+    if (!e) fatal("sample golden lacks '%s' (regenerate with tools/make_sample_goldens.py)", key);
+    return e;
+}
+
+static double max_abs_diff(const float *a, const float *b, size_t n) {
+    double m = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (!(d <= m)) m = d;
+    }
+    return m;
+}
+
+// runs the respaced chain from x_T; returns the max error of the final x_0
+// (and of every intermediate x_j when the golden has them)
+static double run_sampler(const char *v, int method, float eta, const char *spec, const char *key, UNet *theta, UNet *phi,
+                          const Schedule *base) {
+    const StEntry *xT = sneed("x_T"), *noise = sneed("noise"), *want = sneed(key);
+    int N = xT->shape[0], C = xT->shape[1], H = xT->shape[2], W = xT->shape[3];
+    size_t n = xT->size;
+    int kept[4000];
+    char err[128];
+    int nk = space_timesteps(base->T, spec, kept, err, sizeof err);
+    if (nk < 0) fatal("%s", err);
+    Schedule rs;
+    schedule_respace(&rs, base, kept, nk);
+    SampleConfig sc = {model_parse(v), method, eta, 1, 1};
+    float *x = mallocCheck(n * sizeof(float)), *xp = mallocCheck(n * sizeof(float));
+    memcpy(x, xT->data, n * sizeof(float));
+    char ikey[96];
+    snprintf(ikey, sizeof ikey, "%s/x", key);
+    const StEntry *inter = st_find(&sgold, ikey);
+    Graph g;
+    graph_init(&g, 0, 0);
+    double worst = 0.0;
+    for (int j = nk - 1; j >= 0; j--) {
+        sample_step(&g, &sc, &rs, theta, phi, x, xp, N, C, H, W, j, noise->data + (size_t)j * n);
+        memcpy(x, xp, n * sizeof(float));
+        if (inter) worst = fmax(worst, max_abs_diff(x, inter->data + (size_t)j * n, n));
+    }
+    worst = fmax(worst, max_abs_diff(x, want->data, n));
+    graph_free(&g);
+    schedule_free(&rs);
+    free(x);
+    free(xp);
+    return worst;
+}
+
+static void test_sampling_goldens(void) {
+    char err[512];
+    if (st_read("tests/goldens/sample.safetensors", &sgold, err, sizeof err) != 0) {
+        test_result(0, "sample golden file", "%s", err);
+        return;
+    }
+    // the kept steps of ddim10 and of "10" (sections) as improved-diffusion
+    int kept[4000], ok = 1;
+    const char *specs[2] = {"ddim10", "10"}, *keys[2] = {"kept/ddim10", "kept/10"};
+    for (int i = 0; i < 2; i++) {
+        int nk = space_timesteps(4000, specs[i], kept, err, sizeof err);
+        const StEntry *e = sneed(keys[i]);
+        ok &= nk == (int)e->size;
+        for (int k = 0; ok && k < nk; k++) ok &= kept[k] == (int)e->data[k];
+    }
+    test_result(ok, "respacing ddim10 and '10' keep improved-diffusion's steps", "");
+    const char *variants[4] = {"ddpm-eps", "ddpm-x0", "dual", "casdm"};
+    UNetConfig cfg;
+    unet_default_config(&cfg, 16, 3, 3);
+    cfg.model_channels = 32;
+    cfg.num_res_blocks = 1;
+    cfg.num_heads = 2;
+    cfg.dropout = 0.0f;
+    unet_parse_channel_mult(&cfg, "1,1");
+    cfg.n_attention = 1;
+    cfg.attention_ds[0] = 2;
+    Schedule base;
+    schedule_init(&base, SCHEDULE_COSINE, 4000);
+    for (int i = 0; i < 4; i++) {
+        int kind = model_parse(variants[i]);
+        UNet theta, phi;
+        cfg.out_channels = model_theta_out(kind, 3);
+        unet_init(&theta, &cfg, 0, NULL);
+        test_init(&theta, "theta");
+        if (kind == MODEL_CASDM) {
+            UNetConfig pc = cfg;
+            pc.out_channels = 4;
+            unet_init(&phi, &pc, 0, NULL);
+            test_init(&phi, "phi");
+        }
+        char k1[64], k2[64], name[128];
+        snprintf(k1, sizeof k1, "%s/ddim10", variants[i]);
+        snprintf(k2, sizeof k2, "%s/ddpm10", variants[i]);
+        UNet *ph = kind == MODEL_CASDM ? &phi : NULL;
+        double e1 = run_sampler(variants[i], SAMPLER_DDIM, 0.0f, "ddim10", k1, &theta, ph, &base);
+        double e2 = run_sampler(variants[i], SAMPLER_DDPM, 0.0f, "10", k2, &theta, ph, &base);
+        double e3 = kind == MODEL_CASDM ? run_sampler(variants[i], SAMPLER_DDIM, 0.5f, "ddim10", "casdm/ddim10_eta0.5", &theta, ph, &base) : 0.0;
+        snprintf(name, sizeof name, "sampling %s: DDIM 10 steps (eta 0%s) and DDPM 10 steps vs PyTorch", variants[i],
+                 kind == MODEL_CASDM ? " and 0.5" : "");
+        test_result(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4, name, "max abs err DDIM %.1e, DDPM %.1e, DDIM eta 0.5 %.1e; tol 1e-4",
+                    e1, e2, e3);
+        unet_free(&theta);
+        if (ph) unet_free(&phi);
+    }
+    schedule_free(&base);
+    st_free(&sgold);
+}
+
+// closed forms: respaced abar equal the original at the kept steps; DDIM
+// eta 0 with the true epsilon of a known x0 recovers x0
+static void test_sampling_closed_form(void) {
+    Schedule base, rs;
+    schedule_init(&base, SCHEDULE_COSINE, 4000);
+    int kept[4000];
+    char err[128];
+    int nk = space_timesteps(4000, "ddim100", kept, err, sizeof err);
+    int ok = nk == 100 && kept[1] == 40 && kept[99] == 3960;
+    schedule_respace(&rs, &base, kept, nk);
+    double worst = 0.0;
+    for (int j = 0; j < nk; j++) worst = fmax(worst, fabs(rs.abar[j] - base.abar[kept[j]]) / base.abar[kept[j]]);
+    ok = ok && worst < 1e-12 && rs.timestep[5] == 200 && schedule_model_t(&rs, 5) == 50.0f;
+    test_result(ok, "respaced abar equal the original at the kept steps (ddim100 of 4000)", "max rel err %.1e", worst);
+
+    // a "model" that knows x0: eps(x_t) = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+    Rng r;
+    rng_seed(&r, 3, 3);
+    size_t n = 2 * 3 * 8 * 8;
+    float *x0 = mallocCheck(n * 4), *x = mallocCheck(n * 4), *xp = mallocCheck(n * 4), *eps = mallocCheck(n * 4);
+    rng_fill_uniform(&r, x0, n, -0.9f, 0.9f);
+    rng_fill_normal(&r, x, n, 0, 1);
+    SampleConfig sc = {MODEL_DDPM_EPS, SAMPLER_DDIM, 0.0f, 1, 1};
+    for (int j = nk - 1; j >= 0; j--) {
+        double ab = rs.abar[j];
+        for (size_t i = 0; i < n; i++) eps[i] = (float)((x[i] - sqrt(ab) * x0[i]) / sqrt(1.0 - ab));
+        sample_update(&sc, &rs, j, x, xp, 2, 3, 64, eps, 3 * 64, NULL, 0, NULL, 0, NULL);
+        memcpy(x, xp, n * 4);
+    }
+    double e = max_abs_diff(x, x0, n);
+    test_result(e < 1e-5, "DDIM eta 0 with the true epsilon recovers x0 (100 steps)", "max abs err %.1e", e);
+    free(x0); free(x); free(xp); free(eps);
+    schedule_free(&rs);
+    schedule_free(&base);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--quick") == 0) test_quick = 1;
@@ -264,6 +414,8 @@ int main(int argc, char **argv) {
         for (int i = 0; i < 4; i++) run_variant(variants[i]);
         st_free(&gold);
     }
+    test_sampling_closed_form();
+    test_sampling_goldens();
     pool_shutdown();
     return test_failed_count ? 1 : 0;
 }

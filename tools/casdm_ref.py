@@ -405,3 +405,159 @@ def train_losses(variant, nets, x0, t, noise, T, schedule, p2_gamma, p2_k, clip_
 if __name__ == "__main__":
     _check_test_init()
     print("test_init hand-checked values OK")
+
+
+# ===========================================================================
+# Sampling
+# ===========================================================================
+# Respacing and the DDPM / DDIM sampling loops of improved-diffusion (respace.py,
+# gaussian_diffusion.py; facts in /work/shared/REFERENCE.md, code written here), plus
+# the Cas-DM / dual-diffusion mixing of the two branch means (Cas-DM Eq. 16-17).
+# Used by tools/make_sample_goldens.py.
+
+def space_timesteps(T, spec):
+    """Sorted list of the original steps kept by the respacing spec (improved-diffusion
+    respace.space_timesteps semantics).
+
+    "ddimN": the smallest integer stride k >= 1 with len(range(0, T, k)) == N, keeping
+    0, k, 2k, ... (ValueError if there is none).
+    Otherwise a comma list of counts ("10,10"; a plain "N" is one section): T is cut
+    into len(list) sections of T // n steps, the first T % n of them one step longer;
+    a section of `size` steps with count c keeps the offsets round(j*(size-1)/(c-1)),
+    j = 0..c-1 (python round, half to even; offset 0 if c <= 1; ValueError if c > size).
+    """
+    if spec.startswith("ddim"):
+        n = int(spec[len("ddim"):])
+        for k in range(1, T):
+            if len(range(0, T, k)) == n:
+                return list(range(0, T, k))
+        raise ValueError(f"cannot take exactly {n} of {T} steps with an integer stride")
+    counts = [int(c) for c in spec.split(",")]
+    base, extra = divmod(T, len(counts))
+    kept, start = [], 0
+    for i, c in enumerate(counts):
+        size = base + (1 if i < extra else 0)
+        if c > size:
+            raise ValueError(f"cannot take {c} steps from a section of {size}")
+        # the fractional stride is accumulated by repeated addition, as improved-diffusion
+        # does (cur += stride), so rounding of j*stride matches theirs bit for bit
+        stride = (size - 1) / (c - 1) if c > 1 else 1
+        cur = 0.0
+        for _ in range(c):
+            kept.append(start + round(cur))
+            cur += stride
+        start += size
+    return sorted(set(kept))
+
+
+def respaced_schedule(schedule, T, spec):
+    """dict of the respaced process: "kept" (list of original steps), "t_in" (float32
+    tensor (n,), the ORIGINAL step rescaled: kept[j]*1000/T computed in float64), and the
+    float64 arrays betas, alphas, abar, abar_prev, abar_kept of length n.
+
+    betas_j = 1 - abar_kept[j] / abar_kept[j-1] (abar_kept[-1] := 1); then, as
+    improved-diffusion's GaussianDiffusion does from any betas: alphas = 1 - betas,
+    abar = cumprod(alphas) (equal to abar_kept up to float64 round-off), abar_prev =
+    [1, abar[:-1]].
+    """
+    kept = space_timesteps(T, spec)
+    abar_full = schedule_arrays(schedule, T)["abar"]
+    abar_kept = abar_full[kept]
+    prev = np.append(1.0, abar_kept[:-1])
+    b = 1.0 - abar_kept / prev
+    a = 1.0 - b
+    abar = np.cumprod(a)
+    return {"kept": kept, "t_in": rescale_t(kept, T), "betas": b, "alphas": a, "abar": abar,
+            "abar_prev": np.append(1.0, abar[:-1]), "abar_kept": abar_kept}
+
+
+def sample_coefs(RS, j, B, eta):
+    """The float32 per-sample coefficients (B,1,1,1) of respaced step j, each computed in
+    float64 with improved-diffusion's formulas, then cast to float32."""
+    b, a, ab, abp = RS["betas"], RS["alphas"], RS["abar"], RS["abar_prev"]
+    t = np.full(B, j, dtype=np.int64)
+    sig_ddim = eta * np.sqrt((1.0 - abp) / (1.0 - ab)) * np.sqrt(1.0 - ab / abp)
+    return {
+        "a1": coef(np.sqrt(1.0 / ab), t),                           # x0 = a1 x - a2 eps
+        "a2": coef(np.sqrt(1.0 / ab - 1.0), t),
+        "c1": coef(b * np.sqrt(abp) / (1.0 - ab), t),               # posterior mean
+        "c2": coef((1.0 - abp) * np.sqrt(a) / (1.0 - ab), t),
+        "sigma_ddpm": coef(np.sqrt(b * (1.0 - abp) / (1.0 - ab)), t),   # fixed small variance
+        "d1": coef(np.sqrt(abp), t),                                # DDIM: d1 x0 + d2 eps
+        # max(.,0): only guards float64 round-off below 0 (eta = 1 at the last step)
+        "d2": coef(np.sqrt(np.maximum(1.0 - abp - sig_ddim ** 2, 0.0)), t),
+        "sigma_ddim": coef(sig_ddim, t),
+    }
+
+
+def sample(variant, nets, x_T, spec, T, schedule, method, eta, noises, clip=True, clip_x0=True):
+    """Runs the respaced sampler from x_T (B,C,H,W) for j = n-1 .. 0.
+
+    method "ddim" (eta as given) or "ddpm" (fixed small variance; eta ignored).
+    noises[j] (B,C,H,W) is the noise added at step j (not used at j == 0).
+    clip: clamp predicted x0 to [-1,1] (improved-diffusion's clip_denoised); clip_x0: casdm
+    clamps x0* before phi (as in train_losses).
+    Per branch (coefficients of the current respaced step; cl = clamp if clip):
+      eps-branch: x0_e = cl(a1 x - a2 eps'), eps_e = (a1 x - x0_e) / a2  (eps re-derived
+                  from the clipped x0, improved-diffusion's _predict_eps_from_xstart)
+      x0-branch:  x0_x = cl(x0'),            eps_x = (a1 x - x0_x) / a2
+    Branch mean: DDIM d1 x0 + d2 eps, DDPM c1 x0 + c2 x. dual / casdm mix per pixel,
+    mean = r m_x + (1-r) m_e (Cas-DM Eq. 16-17, r (B,1,H,W) broadcast over channels).
+    x_prev = mean + sigma noises[j] (j > 0), mean (j == 0).
+    Returns (x_0, xs) with xs[j] the x produced by step j (xs[0] is x_0).
+    """
+    RS = respaced_schedule(schedule, T, spec)
+    n = len(RS["kept"])
+    B, C = x_T.shape[:2]
+    if method not in ("ddim", "ddpm"):
+        raise ValueError(method)
+    cl = (lambda v: v.clamp(-1.0, 1.0)) if clip else (lambda v: v)
+    x = x_T
+    xs = [None] * n
+    with torch.no_grad():
+        for j in range(n - 1, -1, -1):
+            k = {name: v.to(x.dtype) for name, v in sample_coefs(RS, j, B, eta).items()}
+            t_in = RS["t_in"][j].repeat(B)
+
+            def mean_of(x0b, epsb):
+                if method == "ddim":
+                    return k["d1"] * x0b + k["d2"] * epsb
+                return k["c1"] * x0b + k["c2"] * x
+
+            def eps_branch(eps):
+                x0_e = cl(k["a1"] * x - k["a2"] * eps)
+                return mean_of(x0_e, (k["a1"] * x - x0_e) / k["a2"])
+
+            def x0_branch(x0p):
+                x0_x = cl(x0p)
+                return mean_of(x0_x, (k["a1"] * x - x0_x) / k["a2"])
+
+            if variant == "ddpm-eps":
+                mean = eps_branch(nets["theta"](x, t_in))
+            elif variant == "ddpm-x0":
+                mean = x0_branch(nets["theta"](x, t_in))
+            elif variant == "dual":
+                o = nets["theta"](x, t_in)
+                r = torch.sigmoid(o[:, 2 * C:2 * C + 1])
+                mean = r * x0_branch(o[:, :C]) + (1 - r) * eps_branch(o[:, C:2 * C])
+            elif variant == "casdm":
+                eps = nets["theta"](x, t_in)
+                x0s = k["a1"] * x - k["a2"] * eps
+                o = nets["phi"](x0s.clamp(-1.0, 1.0) if clip_x0 else x0s, t_in)
+                r = torch.sigmoid(o[:, C:C + 1])
+                mean = r * x0_branch(o[:, :C]) + (1 - r) * eps_branch(eps)
+            else:
+                raise ValueError(variant)
+            if j > 0:
+                sigma = k["sigma_ddim"] if method == "ddim" else k["sigma_ddpm"]
+                x = mean + sigma * noises[j].to(x.dtype)
+            else:
+                x = mean
+            xs[j] = x
+    return x, xs
+
+
+def to_uint8(x):
+    """improved-diffusion image_sample.py: ((x+1)*127.5).clamp(0,255) cast (truncated) to
+    uint8, returned NHWC."""
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
