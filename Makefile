@@ -36,7 +36,7 @@ $(shell mkdir -p build; echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' | cmp -s - $(FLAGS_
 LIB_OBJS = build/tensor.o build/unet.o build/ddim.o build/lpips.o
 TESTS    = build/test_tensor build/test_unet
 
-.PHONY: all test asan clean
+.PHONY: all test asan clean bench
 
 all: casdm $(LIB_OBJS)
 
@@ -54,6 +54,13 @@ build/check_files: tests/check_files.c $(FLAGS_FILE)
 
 test: $(TESTS) casdm build/check_files
 	@sh tests/run.sh $(TESTS) tests/test_cli.sh
+
+build/bench: bench.c $(LIB_OBJS)
+	$(CC) $(ALL_CFLAGS) $< $(LIB_OBJS) -o $@ $(LDLIBS)
+
+# ours and PyTorch's (../shared/ref/unet_ref.py) side by side; QUICK=1 for a short run
+bench: build/bench
+	@sh tools/bench.sh $(if $(QUICK),--quick)
 
 asan:
 	$(MAKE) clean

@@ -815,6 +815,298 @@ static void write_npz(const char *path, const unsigned char *img, int N, int H, 
     free(o.b);
 }
 
+// ---- reading images: PNG (8-bit grey, grey+alpha, RGB, RGBA; all filters;
+// no interlace) through a small inflate (RFC 1951), and binary PPM/PGM ----
+typedef struct {
+    const unsigned char *in;
+    size_t len, pos;
+    uint32_t bits;
+    int nbits;
+    Bytes *out;
+} Inflate;
+
+static int inf_bits(Inflate *s, int n) {  // n bits, LSB first; -1 past the end
+    while (s->nbits < n) {
+        if (s->pos >= s->len) return -1;
+        s->bits |= (uint32_t)s->in[s->pos++] << s->nbits;
+        s->nbits += 8;
+    }
+    int v = (int)(s->bits & ((1u << n) - 1));
+    s->bits >>= n;
+    s->nbits -= n;
+    return v;
+}
+
+typedef struct { short count[16], symbol[320]; } Huffman;
+
+static int huff_build(Huffman *h, const unsigned char *lengths, int n) {
+    short offs[16];
+    memset(h->count, 0, sizeof h->count);
+    for (int i = 0; i < n; i++) h->count[lengths[i]]++;
+    h->count[0] = 0;
+    offs[1] = 0;
+    for (int i = 1; i < 15; i++) offs[i + 1] = (short)(offs[i] + h->count[i]);
+    for (int i = 0; i < n; i++)
+        if (lengths[i]) h->symbol[offs[lengths[i]]++] = (short)i;
+    return 0;
+}
+
+static int huff_decode(Inflate *s, const Huffman *h) {  // canonical code, bit by bit
+    int code = 0, first = 0, index = 0;
+    for (int len = 1; len < 16; len++) {
+        int b = inf_bits(s, 1);
+        if (b < 0) return -1;
+        code |= b;
+        int count = h->count[len];
+        if (code - count < first) return h->symbol[index + (code - first)];
+        index += count;
+        first = (first + count) << 1;
+        code <<= 1;
+    }
+    return -1;
+}
+
+static const short len_base[29] = {3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195, 227, 258};
+static const short len_extra[29] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
+static const short dist_base[30] = {1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577};
+static const short dist_extra[30] = {0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13};
+
+static int inf_codes(Inflate *s, const Huffman *lit, const Huffman *dist) {
+    for (;;) {
+        int sym = huff_decode(s, lit);
+        if (sym < 0) return -1;
+        if (sym < 256) { unsigned char c = (unsigned char)sym; bytes_put(s->out, &c, 1); continue; }
+        if (sym == 256) return 0;
+        sym -= 257;
+        if (sym >= 29) return -1;
+        int e = inf_bits(s, len_extra[sym]);
+        if (e < 0) return -1;
+        int len = len_base[sym] + e, ds = huff_decode(s, dist);
+        if (ds < 0 || ds >= 30) return -1;
+        e = inf_bits(s, dist_extra[ds]);
+        if (e < 0) return -1;
+        size_t d = (size_t)dist_base[ds] + (size_t)e;
+        if (d > s->out->len) return -1;
+        for (int i = 0; i < len; i++) {
+            unsigned char c = s->out->b[s->out->len - d];
+            bytes_put(s->out, &c, 1);
+        }
+    }
+}
+
+static int inflate_zlib(const unsigned char *in, size_t len, Bytes *out) {
+    if (len < 6 || (in[0] & 0x0f) != 8 || ((in[0] << 8) | in[1]) % 31 || (in[1] & 0x20)) return -1;
+    Inflate s = {in, len - 4, 2, 0, 0, out};
+    int last = 0;
+    while (!last) {
+        last = inf_bits(&s, 1);
+        int type = inf_bits(&s, 2);
+        if (last < 0 || type < 0) return -1;
+        if (type == 0) {  // stored
+            s.bits = 0;
+            s.nbits = 0;
+            if (s.pos + 4 > s.len) return -1;
+            unsigned n = s.in[s.pos] | (unsigned)s.in[s.pos + 1] << 8, nn = s.in[s.pos + 2] | (unsigned)s.in[s.pos + 3] << 8;
+            s.pos += 4;
+            if ((n ^ 0xffffu) != nn || s.pos + n > s.len) return -1;
+            bytes_put(out, s.in + s.pos, n);
+            s.pos += n;
+        } else if (type == 1 || type == 2) {
+            unsigned char lengths[320];
+            Huffman lit, dist;
+            int nlen = 288, ndist = 30;
+            if (type == 1) {  // fixed codes
+                for (int i = 0; i < 144; i++) lengths[i] = 8;
+                for (int i = 144; i < 256; i++) lengths[i] = 9;
+                for (int i = 256; i < 280; i++) lengths[i] = 7;
+                for (int i = 280; i < 288; i++) lengths[i] = 8;
+                for (int i = 0; i < 30; i++) lengths[288 + i] = 5;
+            } else {          // dynamic codes
+                static const unsigned char order[19] = {16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15};
+                nlen = inf_bits(&s, 5) + 257;
+                ndist = inf_bits(&s, 5) + 1;
+                int ncode = inf_bits(&s, 4) + 4;
+                if (nlen > 286 || ndist > 30 || ncode < 4) return -1;
+                unsigned char cl[19] = {0};
+                for (int i = 0; i < ncode; i++) {
+                    int v = inf_bits(&s, 3);
+                    if (v < 0) return -1;
+                    cl[order[i]] = (unsigned char)v;
+                }
+                Huffman lencode;
+                huff_build(&lencode, cl, 19);
+                for (int i = 0; i < nlen + ndist;) {
+                    int sym = huff_decode(&s, &lencode), rep = 0;
+                    unsigned char val = 0;
+                    if (sym < 0) return -1;
+                    if (sym < 16) { lengths[i++] = (unsigned char)sym; continue; }
+                    if (sym == 16) { if (i == 0) return -1; val = lengths[i - 1]; rep = 3 + inf_bits(&s, 2); }
+                    else if (sym == 17) rep = 3 + inf_bits(&s, 3);
+                    else rep = 11 + inf_bits(&s, 7);
+                    if (rep < 3 || i + rep > nlen + ndist) return -1;
+                    while (rep--) lengths[i++] = val;
+                }
+                if (nlen < 288) memmove(lengths + 288, lengths + nlen, (size_t)ndist);
+                for (int i = nlen; i < 288; i++) lengths[i] = 0;
+            }
+            huff_build(&lit, lengths, 288);
+            huff_build(&dist, lengths + 288, ndist);
+            if (inf_codes(&s, &lit, &dist) != 0) return -1;
+        } else {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int paeth(int a, int b, int c) {
+    int p = a + b - c, pa = abs(p - a), pb = abs(p - b), pc = abs(p - c);
+    return pa <= pb && pa <= pc ? a : (pb <= pc ? b : c);
+}
+
+// an 8-bit PNG or a binary PPM/PGM -> RGB bytes (H,W,3); grey is repeated
+static unsigned char *read_image(const char *path, int *W, int *H) {
+    size_t n;
+    unsigned char *b = read_file(path, &n);
+    unsigned char *rgb = NULL;
+    if (n >= 2 && b[0] == 'P' && (b[1] == '5' || b[1] == '6')) {
+        int ch = b[1] == '6' ? 3 : 1, vals[3], k = 0;
+        size_t p = 2;
+        while (k < 3) {  // width, height, maxval with whitespace and comments
+            while (p < n && (b[p] == ' ' || b[p] == '\t' || b[p] == '\n' || b[p] == '\r' || b[p] == '#'))
+                if (b[p++] == '#') while (p < n && b[p] != '\n') p++;
+            if (p >= n || b[p] < '0' || b[p] > '9') fatal("'%s': bad PNM header", path);
+            long v = 0;
+            while (p < n && b[p] >= '0' && b[p] <= '9') v = v * 10 + (b[p++] - '0');
+            vals[k++] = (int)(v > 100000 ? 100000 : v);
+        }
+        p++;
+        if (vals[2] != 255) fatal("'%s': only 8-bit PNM (maxval 255) is supported", path);
+        *W = vals[0];
+        *H = vals[1];
+        if (*W < 1 || *H < 1 || n - p < (size_t)*W * *H * ch) fatal("'%s': truncated PNM data", path);
+        rgb = mallocCheck((size_t)*W * *H * 3);
+        for (size_t i = 0; i < (size_t)*W * *H; i++)
+            for (int c = 0; c < 3; c++) rgb[i * 3 + c] = b[p + i * ch + (ch == 3 ? c : 0)];
+        free(b);
+        return rgb;
+    }
+    static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    if (n < 8 || memcmp(b, sig, 8)) fatal("'%s' is neither a PNG nor a binary PPM/PGM file", path);
+    Bytes z = {0}, raw = {0};
+    size_t p = 8;
+    int depth = 0, ctype = -1, interlace = 0;
+    while (p + 12 <= n) {
+        uint32_t len = be32(b + p);
+        if (len > n - p - 12) fatal("'%s': truncated PNG chunk", path);
+        if (crc32_update(0, b + p + 4, len + 4) != be32(b + p + 8 + len)) fatal("'%s': PNG chunk CRC mismatch", path);
+        const unsigned char *d = b + p + 8;
+        if (!memcmp(b + p + 4, "IHDR", 4) && len == 13) {
+            *W = (int)be32(d);
+            *H = (int)be32(d + 4);
+            depth = d[8];
+            ctype = d[9];
+            interlace = d[12];
+        } else if (!memcmp(b + p + 4, "IDAT", 4)) {
+            bytes_put(&z, d, len);
+        } else if (!memcmp(b + p + 4, "IEND", 4)) {
+            break;
+        }
+        p += 12 + len;
+    }
+    int ch = ctype == 0 ? 1 : ctype == 4 ? 2 : ctype == 2 ? 3 : ctype == 6 ? 4 : 0;
+    if (depth != 8 || ch == 0 || interlace || *W < 1 || *H < 1 || *W > 16384 || *H > 16384)
+        fatal("'%s': only 8-bit, non-interlaced grey/RGB(A) PNGs are supported", path);
+    if (inflate_zlib(z.b, z.len, &raw) != 0) fatal("'%s': corrupt PNG image data", path);
+    size_t stride = (size_t)*W * ch;
+    if (raw.len < (size_t)*H * (stride + 1)) fatal("'%s': PNG image data too short", path);
+    unsigned char *img = mallocCheck((size_t)*H * stride);
+    for (int y = 0; y < *H; y++) {  // undo the row filters
+        const unsigned char *src = raw.b + (size_t)y * (stride + 1) + 1;
+        unsigned char *row = img + (size_t)y * stride, *up = y ? row - stride : NULL;
+        int f = src[-1];
+        for (size_t i = 0; i < stride; i++) {
+            int a = i >= (size_t)ch ? row[i - ch] : 0, u = up ? up[i] : 0, c = (up && i >= (size_t)ch) ? up[i - ch] : 0, v = 0;
+            switch (f) {
+            case 0: v = src[i]; break;
+            case 1: v = src[i] + a; break;
+            case 2: v = src[i] + u; break;
+            case 3: v = src[i] + ((a + u) >> 1); break;
+            case 4: v = src[i] + paeth(a, u, c); break;
+            default: fatal("'%s': bad PNG filter type %d", path, f);
+            }
+            row[i] = (unsigned char)v;
+        }
+    }
+    rgb = mallocCheck((size_t)*W * *H * 3);
+    for (size_t i = 0; i < (size_t)*W * *H; i++)
+        for (int c = 0; c < 3; c++) rgb[i * 3 + c] = img[i * ch + (ch >= 3 ? c : 0)];
+    free(img);
+    free(raw.b);
+    free(z.b);
+    free(b);
+    return rgb;
+}
+
+// ---- casdm lpips A B --weights FILE ----
+static Option lpips_opts_table[8];
+static int lpips_opts_n;
+
+static void lpips_help(FILE *f) {
+    fputs("usage: casdm lpips A.png B.png --weights FILE [--size N]\n\n"
+          "Prints the LPIPS distance (VGG16, average pooling) between two images of the same size\n"
+          "(8-bit PNG or binary PPM/PGM). Weights: tools/convert_lpips.py (see README).\n\noptions:\n", f);
+    usage_options(f, lpips_opts_table, lpips_opts_n);
+}
+
+static int cmd_lpips(int argc, char **argv) {
+    const char *weights = NULL;
+    int size;
+    const Option opts[] = {
+        {"--weights", OPT_STR, &weights, NULL, "LPIPS weights (safetensors from tools/convert_lpips.py)", 0, 0},
+        {"--size", OPT_INT, &size, "224", "resize both images to this size first (0: as they are)", 0, 4096},
+    };
+    lpips_opts_n = 2;
+    memcpy(lpips_opts_table, opts, sizeof opts);
+    const char *files[2];
+    int nf = 0;
+    char *rest[16];
+    int nr = 0;
+    for (int i = 0; i < argc; i++) {  // positional file names, options as usual
+        int is_value = i > 0 && (strcmp(argv[i - 1], "--weights") == 0 || strcmp(argv[i - 1], "--size") == 0);
+        if (argv[i][0] != '-' && nf < 2 && !is_value)
+            files[nf++] = argv[i];
+        else if (nr < 16) rest[nr++] = argv[i];
+    }
+    parse_options("lpips", lpips_opts_table, lpips_opts_n, nr, rest, lpips_help);
+    if (nf != 2 || !weights) { fprintf(stderr, "casdm lpips: needs two images and --weights (see casdm lpips --help)\n"); return 2; }
+    Lpips l;
+    char err[512];
+    lpips_init(&l);
+    l.size = size;
+    if (lpips_load(&l, weights, err, sizeof err) != 0) fatal("--weights: %s", err);
+    int w[2], h[2];
+    unsigned char *img[2];
+    for (int i = 0; i < 2; i++) img[i] = read_image(files[i], &w[i], &h[i]);
+    if (w[0] != w[1] || h[0] != h[1])
+        fatal("'%s' is %dx%d but '%s' is %dx%d: the images must have the same size", files[0], w[0], h[0], files[1], w[1], h[1]);
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.grad_enabled = 0;
+    Tensor *t[2];
+    for (int i = 0; i < 2; i++) {
+        t[i] = tensor4(&g, 1, 3, h[0], w[0]);
+        for (int c = 0; c < 3; c++)
+            for (int k = 0; k < w[0] * h[0]; k++) t[i]->data[(size_t)c * w[0] * h[0] + k] = img[i][(size_t)k * 3 + c] / 127.5f - 1.0f;
+        free(img[i]);
+    }
+    Tensor *d = lpips_distance(&g, &l, t[0], t[1], NULL);
+    printf("%.6f\n", d->data[0]);
+    graph_free(&g);
+    lpips_free(&l);
+    return 0;
+}
+
 // ---------------------------------------------------------------------------
 // ---- sampling ----
 // ---------------------------------------------------------------------------
@@ -1023,6 +1315,7 @@ static void usage(FILE *f) {
             "commands:\n"
             "  train      train ddpm-eps, ddpm-x0, dual or casdm (casdm train --help)\n"
             "  sample     sample images from a checkpoint (casdm sample --help)\n"
+            "  lpips      LPIPS distance between two images (casdm lpips --help)\n"
             "  info       print how this binary was built (SIMD path, threads)\n"
             "\n"
             "global options:\n"
@@ -1062,6 +1355,8 @@ int main(int argc, char **argv) {
         rc = cmd_train(argc - i - 1, argv + i + 1);
     } else if (strcmp(argv[i], "sample") == 0) {
         rc = cmd_sample(argc - i - 1, argv + i + 1);
+    } else if (strcmp(argv[i], "lpips") == 0) {
+        rc = cmd_lpips(argc - i - 1, argv + i + 1);
     } else {
         fprintf(stderr, "casdm: unknown command '%s' (see casdm --help)\n", argv[i]);
         rc = 2;

@@ -188,7 +188,8 @@ void lpips_free(Lpips *l);
 // message naming the file and tensor.
 int lpips_load(Lpips *l, const char *path, char *err, size_t errlen);
 // Per-image distances (N,1,1,1) between x and y, both (N,3,H,W) in [-1,1].
-// x may require a gradient; y's branch is run without a tape.
-Tensor *lpips_distance(Graph *g, Lpips *l, Tensor *x, Tensor *y);
+// x may require a gradient; y's branch is run without a tape. taps, if not
+// NULL, receives the five per-tap terms (N,1,1,1) whose sum is the distance.
+Tensor *lpips_distance(Graph *g, Lpips *l, Tensor *x, Tensor *y, Tensor **taps);
 // lpips_loss_fn for diffusion_losses: mean distance over the batch
 Tensor *lpips_loss(Graph *g, void *lpips, Tensor *pred, Tensor *target);

@@ -116,7 +116,7 @@ static void lpips_features(Graph *g, Lpips *l, Tensor *x, Tensor **taps) {
     }
 }
 
-Tensor *lpips_distance(Graph *g, Lpips *l, Tensor *x, Tensor *y) {
+Tensor *lpips_distance(Graph *g, Lpips *l, Tensor *x, Tensor *y, Tensor **taps) {
     if (!same_shape(x, y)) fatal("lpips: the two image batches differ in shape");
     Tensor *fx[LPIPS_TAPS], *fy[LPIPS_TAPS];
     int saved = g->grad_enabled;
@@ -128,11 +128,12 @@ Tensor *lpips_distance(Graph *g, Lpips *l, Tensor *x, Tensor *y) {
     for (int t = 0; t < LPIPS_TAPS; t++) {
         Tensor *diff = sub(g, fx[t], fy[t]);
         Tensor *v = mean_hw(g, conv2d(g, mul(g, diff, diff), l->lin[t], NULL, 1, 0));  // (N,1,1,1)
+        if (taps) taps[t] = v;
         d = d ? add(g, d, v) : v;
     }
     return d;
 }
 
 Tensor *lpips_loss(Graph *g, void *lpips, Tensor *pred, Tensor *target) {
-    return mean_all(g, lpips_distance(g, (Lpips *)lpips, pred, target));
+    return mean_all(g, lpips_distance(g, (Lpips *)lpips, pred, target, NULL));
 }

@@ -430,6 +430,34 @@ static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
 
 const char *simd_name(void) { return SIMD_NAME; }
 
+// complete unrolling of short constant loops, so accumulators stay in registers
+#if defined(__clang__)
+#define UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define UNROLL _Pragma("GCC unroll 16")
+#else
+#define UNROLL
+#endif
+
+double flops_forward = 0.0;
+
+// 16 independent accumulator chains keep both FMA pipes busy through the
+// 4-cycle latency; the sum is returned so the loop cannot be removed
+double simd_fma_loop(long iters) {
+    vfloat acc[16], m = v_set1(0.999999f), a = v_set1(1e-7f);
+    for (int i = 0; i < 16; i++) acc[i] = v_set1((float)i);
+    for (long it = 0; it < iters; it++) {
+        UNROLL
+        for (int i = 0; i < 16; i++) acc[i] = v_fma(acc[i], m, a);
+    }
+    float out[VLEN], s = 0.0f;
+    for (int i = 0; i < 16; i++) {
+        v_store(out, acc[i]);
+        for (int k = 0; k < VLEN; k++) s += out[k];
+    }
+    return s == 12345.0f ? 0.0 : 2.0 * 16 * VLEN * (double)iters;
+}
+
 // ---------------------------------------------------------------------------
 // ---- matrix multiply ----
 // Goto/BLIS structure: for each block of NC columns and KC depth, pack B into
@@ -505,14 +533,6 @@ static void pack_B(float *Bp, int transB, const float *B, size_t ldb,
         }
     }
 }
-
-#if defined(__clang__)
-#define UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
-#define UNROLL _Pragma("GCC unroll 16")
-#else
-#define UNROLL
-#endif
 
 // the register tile: c (MR, NR) (+)= a (kc, MR)^T @ b (kc, NR)
 static void gemm_micro_kernel(size_t kc, const float *a, const float *b,
@@ -727,6 +747,7 @@ void conv2d_forward(float *out, const float *inp, const float *weight, const flo
             for (int oc = 0; oc < OC; oc++)
                 for (size_t i = 0; i < ohw; i++) y[oc * ohw + i] = bias[oc];
         // y (OC, OH*OW) (+)= weight (OC, C*K*K) @ col (C*K*K, OH*OW)
+        flops_forward += 2.0 * OC * (double)ohw * (double)ckk;
         sgemm(0, 0, (size_t)OC, ohw, ckk, weight, ckk, B, ohw, bias != NULL, y, ohw);
     }
 }
@@ -773,6 +794,7 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
 // out (N,OUT) = inp (N,IN) @ weight (OUT,IN)^T + bias (OUT)
 void linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int IN, int OUT) {
+    flops_forward += 2.0 * N * (double)IN * OUT;
     if (bias)
         for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OUT, bias, OUT * sizeof(float));
     sgemm(0, 1, (size_t)N, (size_t)OUT, (size_t)IN, inp, IN, weight, IN, bias != NULL, out, OUT);
@@ -810,6 +832,7 @@ static void matmul_forward_range(void *arg, size_t b0, size_t b1) {
 void matmul_forward(float *out, const float *a, const float *b, int batch, int M, int N, int K,
                     int transA, int transB) {
     Matmul m = {out, a, b, transA, transB, M, N, K, NULL, NULL, NULL};
+    flops_forward += 2.0 * batch * (double)M * N * K;
     parallel_for((size_t)batch, 1, matmul_forward_range, &m);
 }
 

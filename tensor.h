@@ -85,6 +85,12 @@ void pool_shutdown(void);            // joins workers, frees GEMM pack buffers
 // [*begin, *end) = part ith of nth of [0, n), contiguous, in order
 void slice(size_t n, int ith, int nth, size_t *begin, size_t *end);
 const char *simd_name(void);         // "avx512", "avx2", "neon" or "scalar"
+// multiply-add FLOPs (2 per MAC) of the forward GEMMs since the last reset:
+// convolutions, linears and matmuls, for the benchmark's GFLOP/s
+extern double flops_forward;
+// a register-only FMA loop of `iters` iterations on the calling thread;
+// returns the FLOPs it did (the benchmark's measure of the machine's peak)
+double simd_fma_loop(long iters);
 
 // ---------------------------------------------------------------------------
 // matrix multiply. C (M,N) = op(A) (M,K) @ op(B) (K,N), + C if accumulate.

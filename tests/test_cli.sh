@@ -76,6 +76,29 @@ for m in ddpm-eps ddpm-x0 dual; do
     fi
 done
 
+# casdm lpips: the same pixels through the PNG reader (every row filter,
+# dynamic Huffman) and the PPM reader give distance 0; grey vs colour do not.
+# build/lpips_test.safetensors holds the test weights test_unet wrote.
+w=build/lpips_test.safetensors
+d0=$(./casdm lpips tests/goldens/image.png tests/goldens/image.ppm --weights $w --size 32 2>"$dir/lp.err")
+d1=$(./casdm lpips tests/goldens/image.png tests/goldens/image_grey.png --weights $w 2>>"$dir/lp.err")
+if [ "$d0" = "0.000000" ] && awk -v d="$d1" 'BEGIN { exit !(d > 0.1) }'; then
+    pass "casdm lpips: PNG and PPM of the same image at distance 0, colour vs grey at $d1"
+else
+    fail "casdm lpips: got '$d0' and '$d1'"; sed 's/^/  /' "$dir/lp.err"
+fi
+# training with LPIPS on one image: the LPIPS term falls
+mkdir -p "$dir/one"
+head -c 3073 "$dir/data_batch_1.bin" > "$dir/one/data_batch_1.bin"
+./casdm train --data "$dir/one" --model ddpm-x0 --lpips $w --lpips-size 32 --ch 32 --res 1 --attn 16 --batch 2 \
+    --T 100 --steps 20 --lr 1e-3 --dropout 0 --log-every 5 --out "$dir/lp" 2>"$dir/lp.err"
+first=$(sed -n 2p "$dir/lp/log.csv" | cut -d, -f6); last=$(tail -n 1 "$dir/lp/log.csv" | cut -d, -f6)
+if [ -n "$first" ] && awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < 0.5 * a) }'; then
+    pass "training with --lpips: the LPIPS term falls on one image ($first -> $last in 20 steps)"
+else
+    fail "training with --lpips: LPIPS '$first' -> '$last'"; sed 's/^/  /' "$dir/lp.err"
+fi
+
 # expect STATUS NEEDLE CMD...: the command fails with STATUS and says NEEDLE
 expect() {
     want=$1; needle=$2; shift 2
@@ -109,4 +132,9 @@ expect 1 "holds a casdm model, not dual" ./casdm train --data "$dir" --model dua
 expect 2 "--method 'euler'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --method euler
 expect 2 "--steps '500'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --steps 500
 expect 1 "trunc/ckpt.safetensors: truncated" ./casdm sample --ckpt "$dir/trunc/ckpt.safetensors"
+expect 1 "cannot open" ./casdm lpips tests/goldens/image.png tests/goldens/image.ppm --weights "$dir/none.safetensors"
+expect 1 "must have the same size" ./casdm lpips tests/goldens/image.png "$dir/samples/grid.png" --weights $w
+expect 1 "neither a PNG nor" ./casdm lpips tests/goldens/image.png tests/test_cli.sh --weights $w
+expect 1 "--lpips: " ./casdm train --data "$dir" --lpips "$dir/data_batch_1.bin" --steps 1
+expect 2 "needs two images" ./casdm lpips tests/goldens/image.png --weights $w
 [ "$fails" -eq 0 ]

@@ -400,6 +400,169 @@ static void test_sampling_closed_form(void) {
     schedule_free(&base);
 }
 
+// ---------------------------------------------------------------------------
+// LPIPS against tests/goldens/lpips.safetensors (tools/make_lpips_goldens.py,
+// float64 reference). Weights from tools/lpips_ref.py's lpips_test_values:
+// FNV-1a of "vgg.<name>", splitmix64 of h + (i+1) * golden ratio, >> 40;
+// conv weights base * sqrt(6 / fan_in), biases 0.01 base, heads |base|.
+// ---------------------------------------------------------------------------
+static void lpips_test_init(Lpips *l) {
+    for (size_t p = 0; p < l->params.count; p++) {
+        Tensor *t = params_get(&l->params, p);
+        char name[128];
+        snprintf(name, sizeof name, "vgg.%s", t->name);
+        uint64_t h = 14695981039346656037ULL;
+        for (const char *c = name; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ULL;
+        size_t len = strlen(t->name);
+        int head = strncmp(t->name, "lin", 3) == 0, bias = len > 5 && strcmp(t->name + len - 5, ".bias") == 0;
+        double fan_in = t->ndim == 4 ? (double)t->shape[1] * t->shape[2] * t->shape[3] : 1.0;
+        for (size_t i = 0; i < t->size; i++) {
+            uint64_t z = h + ((uint64_t)i + 1) * 0x9E3779B97F4A7C15ULL;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+            z ^= z >> 31;
+            double base = ((double)(z >> 40) / 16777216.0 - 0.5) * 2.0, v;
+            if (head) v = fabs(base);
+            else if (bias) v = 0.01 * base;
+            else v = base * sqrt(6.0 / fan_in);
+            t->data[i] = (float)v;
+        }
+    }
+}
+
+static void test_lpips(void) {
+    StFile lg;
+    char err[512];
+    if (st_read("tests/goldens/lpips.safetensors", &lg, err, sizeof err) != 0) {
+        test_result(0, "lpips golden file", "%s", err);
+        return;
+    }
+    Lpips l;
+    lpips_init(&l);
+    lpips_test_init(&l);
+    // the test weights as a file: the CLI test and the loader checks use it
+    {
+        StWrite *w = mallocCheck(l.params.count * sizeof *w);
+        for (size_t i = 0; i < l.params.count; i++) {
+            Tensor *t = params_get(&l.params, i);
+            w[i] = (StWrite){t->name, t->ndim, t->shape, t->data};
+        }
+        const char *meta[] = {"format", "casdm-lpips-vgg16-1", "producer", "tests/test_unet.c (test weights)", NULL};
+        if (st_write("build/lpips_test.safetensors", w, l.params.count, meta, err, sizeof err) != 0) fatal("%s", err);
+        // and broken copies: one tensor missing, one of the wrong shape
+        int bad_shape[4] = {1, 63, 1, 1};
+        StWrite keep = w[l.params.count - 1];
+        st_write("build/lpips_missing.safetensors", w, l.params.count - 1, meta, err, sizeof err);
+        w[l.params.count - 1].shape = bad_shape;
+        w[l.params.count - 1].ndim = 4;
+        st_write("build/lpips_shape.safetensors", w, l.params.count, meta, err, sizeof err);
+        w[l.params.count - 1] = keep;
+        free(w);
+    }
+    const StEntry *ex = st_find(&lg, "x"), *ey = st_find(&lg, "y");
+    if (!ex || !ey) fatal("lpips golden lacks x or y");
+    const int sizes[3] = {32, 64, 16};
+    Graph g;
+    graph_init(&g, 0, 0);
+    for (int si = 0; si < 3; si++) {
+        graph_reset(&g);
+        l.size = sizes[si];
+        Tensor *x = tensor_from(&g, ex->ndim, ex->shape, ex->data), *y = tensor_from(&g, ey->ndim, ey->shape, ey->data);
+        x->requires_grad = 1;
+        Tensor *taps[LPIPS_TAPS];
+        Tensor *d = lpips_distance(&g, &l, x, y, taps);
+        graph_backward(&g, sum_all(&g, d), NULL);
+        char key[64];
+        snprintf(key, sizeof key, "s%d/distance", sizes[si]);
+        const StEntry *ed = st_find(&lg, key);
+        snprintf(key, sizeof key, "s%d/grad_x", sizes[si]);
+        const StEntry *eg = st_find(&lg, key);
+        snprintf(key, sizeof key, "s%d/taps", sizes[si]);
+        const StEntry *et = st_find(&lg, key);
+        if (!ed || !eg || !et) fatal("lpips golden lacks size %d", sizes[si]);
+        double edist = 0.0, etap = 0.0;
+        for (int n = 0; n < 2; n++) {
+            edist = fmax(edist, fabs(d->data[n] - ed->data[n]) / fabs(ed->data[n]));
+            for (int k = 0; k < LPIPS_TAPS; k++)
+                etap = fmax(etap, fabs(taps[k]->data[n] - et->data[n * LPIPS_TAPS + k]) / fabs(et->data[n * LPIPS_TAPS + k]));
+        }
+        double egrad = rel_err(x->grad, eg->data, x->size, 1, 0.0);
+        char name[96];
+        snprintf(name, sizeof name, "LPIPS at size %d%s vs PyTorch: distance, each tap, input gradient", sizes[si],
+                 sizes[si] == 64 ? " (resize up)" : sizes[si] == 16 ? " (resize down)" : "");
+        test_result(edist <= 1e-5 && etap <= 1e-4 && egrad <= 1e-4, name,
+                    "distance %.1e, worst tap %.1e, gradient %.1e of its max; tol 1e-5, 1e-4, 1e-4", edist, etap, egrad);
+    }
+    // finite differences through the whole network, along 6 random
+    // directions v of the 1x3x16x16 input: (L(x + hv) - L(x - hv)) / 2h
+    // against <dL/dx, v>, the error relative to |dL/dx| |v| (the largest a
+    // directional derivative can be). A direction sums 768 gradient elements,
+    // so float32 rounding of L (over 13 conv layers) weighs less than per element.
+    {
+        Rng r;
+        rng_seed(&r, 11, 2);
+        l.size = 16;
+        int shp[4] = {1, 3, 16, 16};
+        size_t nx = 768;
+        graph_reset(&g);
+        Tensor *x = tensor4(&g, 1, 3, 16, 16), *y = tensor4(&g, 1, 3, 16, 16);
+        rng_fill_uniform(&r, x->data, nx, -1, 1);
+        rng_fill_uniform(&r, y->data, nx, -1, 1);
+        float *xv = mallocCheck(nx * 4), *yv = mallocCheck(nx * 4), *an = mallocCheck(nx * 4), *v = mallocCheck(nx * 4);
+        memcpy(xv, x->data, nx * 4);
+        memcpy(yv, y->data, nx * 4);
+        x->requires_grad = 1;
+        graph_backward(&g, lpips_distance(&g, &l, x, y, NULL), NULL);
+        memcpy(an, x->grad, nx * 4);
+        double worst = 0.0;
+        g.grad_enabled = 0;
+        for (int dir = 0; dir < 6; dir++) {
+            rng_fill_normal(&r, v, nx, 0.0f, 1.0f);
+            double L[2], want = 0.0, h = 1e-3, ng = 0.0, nv = 0.0;
+            for (size_t i = 0; i < nx; i++) { want += (double)an[i] * v[i]; ng += (double)an[i] * an[i]; nv += (double)v[i] * v[i]; }
+            for (int sgn = 0; sgn < 2; sgn++) {
+                graph_reset(&g);
+                Tensor *xp = tensor_from(&g, 4, shp, xv), *yp = tensor_from(&g, 4, shp, yv);
+                for (size_t i = 0; i < nx; i++) xp->data[i] += (float)((sgn ? -h : h) * v[i]);
+                L[sgn] = lpips_distance(&g, &l, xp, yp, NULL)->data[0];
+            }
+            worst = fmax(worst, fabs((L[0] - L[1]) / (2 * h) - want) / sqrt(ng * nv));
+        }
+        g.grad_enabled = 1;
+        // measured ~2e-3: a step along a dense direction flips ReLUs throughout
+        // the trunk; a wrong gradient is off by O(0.1 - 1)
+        test_result(worst <= 1e-2, "LPIPS input gradient vs finite differences (whole VGG, 16x16, 6 directions)",
+                    "max err %.1e of |grad||v|, tol 1e-2 (float32 forward, h 1e-3, ReLU kinks)", worst);
+        free(xv); free(yv); free(an); free(v);
+    }
+    graph_free(&g);
+    // the loader: good file, missing tensor, wrong shape, truncated, not safetensors
+    Lpips l2;
+    lpips_init(&l2);
+    int ok = lpips_load(&l2, "build/lpips_test.safetensors", err, sizeof err) == 0 &&
+             memcmp(l2.params.data, l.params.data, l.params.total * 4) == 0;
+    ok &= lpips_load(&l2, "build/lpips_missing.safetensors", err, sizeof err) != 0 && strstr(err, "no tensor 'lin4.weight'") != NULL;
+    ok &= lpips_load(&l2, "build/lpips_shape.safetensors", err, sizeof err) != 0 && strstr(err, "'lin4.weight' has the wrong shape") != NULL;
+    {
+        FILE *f = fopenCheck("build/lpips_test.safetensors", "rb"), *o = fopenCheck("build/lpips_trunc.safetensors", "wb");
+        char *buf = mallocCheck(1 << 20);
+        size_t n = fread(buf, 1, 1 << 20, f);
+        fwrite(buf, 1, n, o);
+        fclose(f);
+        fclose(o);
+        free(buf);
+    }
+    ok &= lpips_load(&l2, "build/lpips_trunc.safetensors", err, sizeof err) != 0 && strstr(err, "truncated") != NULL;
+    ok &= lpips_load(&l2, "tests/test_util.h", err, sizeof err) != 0 && strstr(err, "not a safetensors file") != NULL;
+    test_result(ok, "LPIPS weights loader: accepts the file, rejects missing, misshapen, truncated and foreign files", "");
+    remove("build/lpips_missing.safetensors");
+    remove("build/lpips_shape.safetensors");
+    remove("build/lpips_trunc.safetensors");
+    lpips_free(&l2);
+    lpips_free(&l);
+    st_free(&lg);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--quick") == 0) test_quick = 1;
@@ -416,6 +579,7 @@ int main(int argc, char **argv) {
     }
     test_sampling_closed_form();
     test_sampling_goldens();
+    test_lpips();
     pool_shutdown();
     return test_failed_count ? 1 : 0;
 }

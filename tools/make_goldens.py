@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Writes tests/goldens/ops.safetensors: forward and backward of the tensor
-engine's ops computed by PyTorch (Debian's python3-torch), for tests/test_tensor.c.
+engine's ops computed by PyTorch (Debian's python3-torch), for tests/test_tensor.c;
+and the image fixtures image.png / image_grey.png / image.ppm for the CLI tests.
 
 Each case stores its inputs, a random upstream gradient `dout`, the output and
 the gradient of every input. Run from the repository root:
@@ -75,6 +76,60 @@ record("upsample", F.interpolate(x, scale_factor=2, mode="nearest"), {"x": x})
 x = leaf(2, 3, 6, 8)
 record("avgpool", F.avg_pool2d(x, 2, 2), {"x": x})
 
+
+def write_png(path, arr):
+    """An 8-bit PNG written with zlib level 9 (dynamic Huffman blocks) and row
+    filters 0..4 in turn, so casdm's PNG reader meets every filter type."""
+    import struct
+    import zlib
+    import numpy as np
+    h, w, c = arr.shape
+    raw = b""
+    for y in range(h):
+        f, row = y % 5, arr[y].reshape(-1).astype(np.int32)
+        prev = arr[y - 1].reshape(-1).astype(np.int32) if y else np.zeros_like(row)
+        out = []
+        for i in range(len(row)):
+            a = row[i - c] if i >= c else 0
+            u = prev[i]
+            cc = prev[i - c] if (i >= c and y) else 0
+            if f == 0:
+                p = 0
+            elif f == 1:
+                p = a
+            elif f == 2:
+                p = u
+            elif f == 3:
+                p = (a + u) // 2
+            else:
+                pp = a + u - cc
+                pa, pb, pc = abs(pp - a), abs(pp - u), abs(pp - cc)
+                p = a if (pa <= pb and pa <= pc) else (u if pb <= pc else cc)
+            out.append((row[i] - p) & 255)
+        raw += bytes([f]) + bytes(out)
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, {1: 0, 3: 2}[c], 0, 0, 0)
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def write_image_fixtures(d):
+    """tests/goldens/image.png (RGB), image_grey.png and image.ppm: the same
+    32x32 pixels (smooth ramps plus noise, so LZ77 finds matches)."""
+    import numpy as np
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:32, 0:32]
+    img = np.stack([xx * 8, yy * 8, (xx + yy) * 4], -1) + rng.integers(0, 24, (32, 32, 3))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    write_png(os.path.join(d, "image.png"), img)
+    write_png(os.path.join(d, "image_grey.png"), img[:, :, :1])
+    with open(os.path.join(d, "image.ppm"), "wb") as fh:
+        fh.write(b"P6\n# casdm test image\n32 32\n255\n" + img.tobytes())
+
+
+write_image_fixtures(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "goldens"))
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "goldens", "ops.safetensors")
 st.save(out, G, {"producer": "tools/make_goldens.py", "torch": torch.__version__})
 print(f"wrote {os.path.normpath(out)}: {len(G)} tensors")

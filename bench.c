@@ -1,0 +1,219 @@
+// bench.c: the speed of casdm's hot paths, one case per process (so the peak
+// RSS is the case's own). Driven by tools/bench.sh (make bench), which runs
+// the same cases in PyTorch and prints both side by side.
+//   bench peak --threads N             FMA peak of this machine (GFLOP/s)
+//   bench CASE --threads N [--iters K] one case; prints "ours CASE ..."
+// Cases: conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step
+//        casdm_ch64_step casdm_ch128_step lpips224_fwdbwd ddim_ch128_step
+#define _POSIX_C_SOURCE 200809L
+#include "casdm.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+typedef void (*step_fn)(void *ctx);
+
+// median seconds of `iters` runs after `warmup` runs
+static double time_median(step_fn f, void *ctx, int warmup, int iters) {
+    for (int i = 0; i < warmup; i++) f(ctx);
+    double *t = mallocCheck((size_t)iters * sizeof(double));
+    for (int i = 0; i < iters; i++) {
+        double t0 = now();
+        f(ctx);
+        t[i] = now() - t0;
+    }
+    qsort(t, (size_t)iters, sizeof(double), cmp_double);
+    double m = iters % 2 ? t[iters / 2] : 0.5 * (t[iters / 2 - 1] + t[iters / 2]);
+    free(t);
+    return m;
+}
+
+static void peak_task(void *arg, int ith, int nth) {
+    (void)nth;
+    double *out = arg;
+    out[ith] = simd_fma_loop(200000000L / 16);
+}
+
+// ---- the cases ----
+typedef struct {
+    Graph g;
+    Rng rng;
+    // conv
+    float *x, *w, *b, *y, *col, *dx, *dw, *db, *dy;
+    // models
+    UNet theta, phi;
+    Adam at, ap;
+    Schedule sched;
+    LossConfig lc;
+    Lpips lpips;
+    int kind, B;
+    double flops_mult;  // total FLOPs of a step = counted forward FLOPs x this
+} Bench;
+
+static const int CB = 16, CC = 128, CHW = 32;  // conv case: (16,128,32,32), 3x3, 128 -> 128
+
+static void conv_fwd(void *ctx) {
+    Bench *b = ctx;
+    conv2d_forward(b->y, b->x, b->w, b->b, b->col, CB, CC, CHW, CHW, CC, 3, 1, 1);
+}
+
+static void conv_fwdbwd(void *ctx) {
+    Bench *b = ctx;
+    conv_fwd(ctx);
+    memset(b->dx, 0, (size_t)CB * CC * CHW * CHW * 4);
+    memset(b->dw, 0, (size_t)CC * CC * 9 * 4);
+    memset(b->db, 0, CC * 4);
+    conv2d_backward(b->dx, b->dw, b->db, b->dy, b->x, b->w, b->col, CB, CC, CHW, CHW, CC, 3, 1, 1);
+}
+
+// one training step: batch, losses, backward, Adam (EMA is left out, as in
+// the PyTorch reference)
+static void train_step(void *ctx) {
+    Bench *b = ctx;
+    graph_reset(&b->g);
+    Tensor *x0 = tensor4(&b->g, b->B, 3, 32, 32), *noise = tensor4(&b->g, b->B, 3, 32, 32);
+    rng_fill_uniform(&b->rng, x0->data, x0->size, -1.0f, 1.0f);
+    rng_fill_normal(&b->rng, noise->data, noise->size, 0.0f, 1.0f);
+    int t[64];
+    for (int i = 0; i < b->B; i++) t[i] = (int)rng_below(&b->rng, (uint32_t)b->sched.T);
+    LossTerms lt;
+    diffusion_losses(&b->g, &lt, &b->lc, &b->sched, &b->theta, b->kind == MODEL_CASDM ? &b->phi : NULL, x0, t, noise);
+    params_zero_grad(&b->theta.params);
+    if (b->kind == MODEL_CASDM) params_zero_grad(&b->phi.params);
+    graph_backward(&b->g, lt.loss, NULL);
+    adam_step(&b->at, b->theta.params.data, b->theta.params.grad);
+    if (b->kind == MODEL_CASDM) adam_step(&b->ap, b->phi.params.data, b->phi.params.grad);
+}
+
+static void lpips_step(void *ctx) {
+    Bench *b = ctx;
+    graph_reset(&b->g);
+    Tensor *x = tensor4(&b->g, b->B, 3, 32, 32), *y = tensor4(&b->g, b->B, 3, 32, 32);
+    rng_fill_uniform(&b->rng, x->data, x->size, -1.0f, 1.0f);
+    rng_fill_uniform(&b->rng, y->data, y->size, -1.0f, 1.0f);
+    x->requires_grad = 1;
+    graph_backward(&b->g, lpips_loss(&b->g, &b->lpips, x, y), NULL);
+}
+
+static void ddim_step(void *ctx) {
+    Bench *b = ctx;
+    size_t n = (size_t)b->B * 3 * 32 * 32;
+    SampleConfig sc = {MODEL_CASDM, SAMPLER_DDIM, 0.0f, 1, 1};
+    rng_fill_normal(&b->rng, b->x, n, 0.0f, 1.0f);
+    sample_step(&b->g, &sc, &b->sched, &b->theta, &b->phi, b->x, b->y, b->B, 3, 32, 32, b->sched.T / 2, NULL);
+}
+
+static void setup_models(Bench *b, int kind, int ch, int res, const char *attn, int trainable) {
+    UNetConfig c;
+    unet_default_config(&c, 32, 3, model_theta_out(kind, 3));
+    c.model_channels = ch;
+    c.num_res_blocks = res;
+    c.dropout = 0.1f;
+    unet_parse_attention(&c, attn);
+    b->kind = kind;
+    unet_init(&b->theta, &c, trainable, &b->rng);
+    if (trainable) adam_init(&b->at, b->theta.params.total, 1e-4f);
+    if (kind == MODEL_CASDM) {
+        c.out_channels = 4;
+        unet_init(&b->phi, &c, trainable, &b->rng);
+        if (trainable) adam_init(&b->ap, b->phi.params.total, 1e-4f);
+    }
+    schedule_init(&b->sched, SCHEDULE_LINEAR, 1000);  // as ../shared/ref/unet_ref.py
+    LossConfig lc = {kind, 0.0, 1.0, 1, 0.1f, NULL, NULL};
+    b->lc = lc;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B]\n"); return 2; }
+    const char *cs = argv[1];
+    int threads = 0, iters = 5, warmup = 2, batch = 16;
+    for (int i = 2; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--iters")) iters = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--warmup")) warmup = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
+        else { fprintf(stderr, "bench: unknown option %s\n", argv[i]); return 2; }
+    }
+    pool_init(threads);
+    if (!strcmp(cs, "peak")) {
+        double fl[64] = {0}, t0 = now();
+        pool_run(peak_task, fl);
+        double dt = now() - t0, total = 0.0;
+        for (int i = 0; i < pool_threads(); i++) total += fl[i];
+        printf("peak threads=%d gflops=%.1f simd=%s\n", pool_threads(), total / dt / 1e9, simd_name());
+        pool_shutdown();
+        return 0;
+    }
+    Bench b;
+    memset(&b, 0, sizeof b);
+    graph_init(&b.g, 0, 0);
+    b.g.training = 1;
+    b.g.rng = &b.rng;
+    rng_seed(&b.rng, 1, 1);
+    b.B = batch;
+    step_fn f = NULL;
+    if (!strncmp(cs, "conv3x3", 7)) {
+        size_t nx = (size_t)CB * CC * CHW * CHW, nw = (size_t)CC * CC * 9;
+        b.x = mallocCheck(nx * 4); b.y = mallocCheck(nx * 4); b.dx = mallocCheck(nx * 4); b.dy = mallocCheck(nx * 4);
+        b.w = mallocCheck(nw * 4); b.dw = mallocCheck(nw * 4); b.b = mallocCheck(CC * 4); b.db = mallocCheck(CC * 4);
+        b.col = mallocCheck((size_t)CC * 9 * CHW * CHW * 4);
+        rng_fill_normal(&b.rng, b.x, nx, 0, 1); rng_fill_normal(&b.rng, b.dy, nx, 0, 1);
+        rng_fill_normal(&b.rng, b.w, nw, 0, 0.03f); rng_fill_normal(&b.rng, b.b, CC, 0, 0.1f);
+        f = strstr(cs, "fwdbwd") ? conv_fwdbwd : conv_fwd;
+        b.flops_mult = strstr(cs, "fwdbwd") ? 3.0 : 1.0;
+        if (!strstr(cs, "fwdbwd")) { warmup = 3; iters = iters < 20 ? 20 : iters; }
+    } else if (!strcmp(cs, "unet_ch64_step") || !strcmp(cs, "unet_ch128_step")) {
+        int big = strstr(cs, "128") != NULL;
+        setup_models(&b, MODEL_DDPM_EPS, big ? 128 : 64, big ? 3 : 2, big ? "16,8" : "16", 1);
+        f = train_step;
+        b.flops_mult = 3.0;
+    } else if (!strcmp(cs, "casdm_ch64_step") || !strcmp(cs, "casdm_ch128_step")) {
+        int big = strstr(cs, "128") != NULL;
+        setup_models(&b, MODEL_CASDM, big ? 128 : 64, big ? 3 : 2, big ? "16,8" : "16", 1);
+        f = train_step;
+        b.flops_mult = 3.0;
+    } else if (!strcmp(cs, "lpips224_fwdbwd")) {
+        lpips_init(&b.lpips);  // random frozen weights: the speed does not depend on them
+        for (size_t i = 0; i < b.lpips.params.count; i++) {
+            Tensor *t = params_get(&b.lpips.params, i);
+            float s = t->ndim == 4 && t->shape[0] > 1 ? sqrtf(2.0f / (float)(t->size / t->shape[0])) : 0.1f;
+            rng_fill_normal(&b.rng, t->data, t->size, 0, s);
+        }
+        b.lpips.size = 224;
+        f = lpips_step;
+        b.flops_mult = 1.5;  // both branches forward (counted) + the input gradient of one
+    } else if (!strcmp(cs, "ddim_ch128_step")) {
+        setup_models(&b, MODEL_CASDM, 128, 3, "16,8", 0);
+        b.x = mallocCheck((size_t)batch * 3 * 1024 * 4);
+        b.y = mallocCheck((size_t)batch * 3 * 1024 * 4);
+        f = ddim_step;
+        b.flops_mult = 1.0;
+    } else {
+        fprintf(stderr, "bench: unknown case '%s'\n", cs);
+        return 2;
+    }
+    flops_forward = 0.0;
+    f(&b);  // one run to count the FLOPs
+    double flops = flops_forward * b.flops_mult;
+    double med = time_median(f, &b, warmup > 0 ? warmup - 1 : 0, iters);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s\n", cs, pool_threads(),
+           !strncmp(cs, "conv", 4) ? CB : batch, med * 1e3, flops / med / 1e9, ru.ru_maxrss / 1024.0, simd_name());
+    pool_shutdown();
+    return 0;  // the process ends here; its memory goes with it
+}

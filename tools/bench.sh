@@ -1,0 +1,68 @@
+#!/bin/sh
+# make bench: casdm's hot paths against PyTorch (Debian's python3-torch) in the
+# same run, at 1 and 2 threads. Each case runs in its own process (ours:
+# build/bench; PyTorch: ../shared/ref/unet_ref.py or tools/bench_torch.py), so
+# rss is the case's own peak. Prints one machine-readable line per case and
+# thread count, then a table. --quick: a reduced set in about two minutes.
+# UNET_REF=path/to/unet_ref.py overrides the reference's location.
+cd "$(dirname "$0")/.." || exit 1
+quick=0; [ "$1" = "--quick" ] && quick=1
+ref=${UNET_REF:-../shared/ref/unet_ref.py}
+py=/usr/bin/python3
+torch=1
+if ! $py -c "import torch" 2>/dev/null; then echo "PyTorch not installed: torch columns are '-'"; torch=0
+elif [ ! -f "$ref" ]; then echo "PyTorch reference $ref not found: torch columns are '-'"; torch=0; fi
+
+if [ $quick -eq 1 ]; then
+    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step casdm_ch64_step"; iters=3
+else
+    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step lpips224_fwdbwd ddim_ch128_step"; iters=5
+fi
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+for th in 1 2; do build/bench peak --threads $th > "$tmp/peak$th"; done
+peak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/peak1"); peak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/peak2")
+echo "FMA peak: $peak1 GFLOP/s on 1 thread, $peak2 on 2 ($(sed 's/.*simd=//' "$tmp/peak1"))"
+
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" "$2"; }
+# json FILE KEY: a number from PyTorch's JSON line, or -
+json() { $py -c "import json,sys; d=json.load(open('$1')); v=d.get('$2'); print('-' if v is None else v)" 2>/dev/null || echo -; }
+
+torch_run() {  # case threads -> $tmp/torch.json
+    case $1 in
+        conv3x3_*) args="conv --cin 128 --hw 32 --batch 16" ;;
+        unet_ch64_step) args="unet --ch 64 --res 2 --attn 16 --batch 16" ;;
+        unet_ch128_step) args="unet --ch 128 --res 3 --attn 16,8 --batch 16" ;;
+        casdm_ch64_step) args="casdm --ch 64 --res 2 --attn 16 --batch 16" ;;
+        casdm_ch128_step) args="casdm --ch 128 --res 3 --attn 16,8 --batch 16" ;;
+        lpips224_fwdbwd) args="vgg --size 224 --batch 4" ;;
+        ddim_ch128_step) $py tools/bench_torch.py "$(dirname "$ref")" ddim --ch 128 --res 3 --attn 16,8 --batch 16 \
+                             --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
+    esac
+    $py "$ref" $args --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null
+}
+
+: > "$tmp/lines"
+for c in $cases; do
+    batch=16; [ "$c" = lpips224_fwdbwd ] && batch=4
+    for th in 1 2; do
+        build/bench "$c" --threads $th --iters $iters --batch $batch > "$tmp/ours" 2>&1 || echo "ours failed: $(cat "$tmp/ours")"
+        ours_ms=$(field ms "$tmp/ours"); gflops=$(field gflops "$tmp/ours"); rss=$(field rss_mib "$tmp/ours")
+        torch_ms=-; torch_rss=-
+        if [ $torch -eq 1 ]; then
+            torch_run "$c" $th
+            key=step_s; [ "$c" = conv3x3_fwd ] && key=fwd_s; [ "$c" = lpips224_fwdbwd ] && key=full_lpips_step_s
+            s=$(json "$tmp/torch.json" $key)
+            [ "$s" != - ] && torch_ms=$(awk -v s="$s" 'BEGIN{printf "%.2f", s*1000}')
+            torch_rss=$(json "$tmp/torch.json" peak_rss_mib)
+        fi
+        peak=$peak1; [ $th -eq 2 ] && peak=$peak2
+        ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN{ if (a == "" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
+        frac=$(awk -v g="$gflops" -v p="$peak" 'BEGIN{ if (g == "" || p+0 == 0) print "-"; else printf "%.2f", g/p }')
+        line="bench $c threads=$th ours_ms=${ours_ms:--} torch_ms=$torch_ms ratio=$ratio gflops=${gflops:--} peak_frac=$frac rss_mib=${rss:--} torch_rss_mib=$torch_rss"
+        echo "$line"; echo "$line" >> "$tmp/lines"
+    done
+done
+echo
+printf "%-18s %3s %11s %11s %7s %8s %6s %9s %9s\n" case thr "ours ms" "torch ms" ratio GFLOP/s peak "rss MiB" "torch MiB"
+sed 's/bench \([^ ]*\) threads=\([^ ]*\) ours_ms=\([^ ]*\) torch_ms=\([^ ]*\) ratio=\([^ ]*\) gflops=\([^ ]*\) peak_frac=\([^ ]*\) rss_mib=\([^ ]*\) torch_rss_mib=\([^ ]*\)/\1 \2 \3 \4 \5 \6 \7 \8 \9/' "$tmp/lines" |
+    while read -r c t o p r g f m pm; do printf "%-18s %3s %11s %11s %7s %8s %6s %9s %9s\n" "$c" "$t" "$o" "$p" "$r" "$g" "$f" "$m" "$pm"; done
