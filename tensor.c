@@ -219,8 +219,12 @@ void rng_fill_uniform(Rng *r, float *x, size_t n, float lo, float hi) {
 
 // ---------------------------------------------------------------------------
 // ---- thread pool ----
-// Workers sleep on a condition variable; pool_run publishes (fn, arg) with a
-// new generation number, runs slice 0 itself and waits for the others.
+// pool_run publishes (fn, arg) and bumps a generation counter; workers spin
+// on it for a short while (a U-Net step runs thousands of small parallel
+// regions, and a futex wake-up costs more than many of them), then sleep on
+// a condition variable. The caller runs slice 0 and spins until the others
+// have finished. Atomics are GCC/Clang builtins; other compilers get the
+// mutex path only.
 // ---------------------------------------------------------------------------
 void slice(size_t n, int ith, int nth, size_t *begin, size_t *end) {
     size_t base = n / (size_t)nth, rem = n % (size_t)nth, i = (size_t)ith;
@@ -232,6 +236,21 @@ static void gemm_free_buffers(void);
 
 #if CASDM_THREADS
 #define MAX_THREADS 64
+#define POOL_SPIN 200000    // polls before a worker sleeps (~0.1-1 ms)
+#if defined(__GNUC__)
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define FETCH_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_ACQ_REL)
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+#define POOL_ATOMICS 1
+#else
+#define POOL_ATOMICS 0
+#endif
+
 static struct {
     int nthreads;         // 0 until pool_init
     pthread_t threads[MAX_THREADS];
@@ -239,11 +258,12 @@ static struct {
     pthread_cond_t work, done;
     pool_fn fn;
     void *arg;
-    unsigned long generation;
-    int pending;
+    unsigned long generation;  // bumped once per pool_run
+    int pending;               // workers still running the current job
+    int sleepers;              // workers waiting on `work`
     int quit;
-    int busy;             // a pool_run is in progress: nested calls run serially
-    pthread_key_t id_key; // worker index + 1 of the calling thread (main: unset)
+    int busy;                  // a pool_run is in progress: nested calls run serially
+    pthread_key_t id_key;      // worker index + 1 of the calling thread (main: unset)
     int key_made;
 } pool;
 
@@ -255,24 +275,50 @@ static int pool_thread_id(void) {
     return v ? (int)(intptr_t)v - 1 : 0;
 }
 
+static unsigned long pool_generation(void) {
+#if POOL_ATOMICS
+    return LOAD(&pool.generation);
+#else
+    pthread_mutex_lock(&pool.mu);
+    unsigned long g = pool.generation;
+    pthread_mutex_unlock(&pool.mu);
+    return g;
+#endif
+}
+
 static void *pool_worker(void *p) {
     int ith = (int)(intptr_t)p;
     pthread_setspecific(pool.id_key, (void *)(intptr_t)(ith + 1));
     unsigned long seen = 0;
-    pthread_mutex_lock(&pool.mu);
     for (;;) {
-        while (pool.generation == seen && !pool.quit) pthread_cond_wait(&pool.work, &pool.mu);
-        if (pool.quit) break;
+#if POOL_ATOMICS
+        for (int spin = 0; spin < POOL_SPIN && LOAD(&pool.generation) == seen && !LOAD(&pool.quit); spin++) CPU_RELAX();
+#endif
+        if (pool_generation() == seen) {
+            pthread_mutex_lock(&pool.mu);
+            pool.sleepers++;
+            while (pool.generation == seen && !pool.quit) pthread_cond_wait(&pool.work, &pool.mu);
+            pool.sleepers--;
+            pthread_mutex_unlock(&pool.mu);
+        }
+#if POOL_ATOMICS
+        if (LOAD(&pool.quit)) break;
+        seen = LOAD(&pool.generation);
+        pool.fn(pool.arg, ith, pool.nthreads);  // published before the generation (release/acquire)
+        FETCH_ADD(&pool.pending, -1);
+#else
+        pthread_mutex_lock(&pool.mu);
+        if (pool.quit) { pthread_mutex_unlock(&pool.mu); break; }
         seen = pool.generation;
         pool_fn fn = pool.fn;
         void *arg = pool.arg;
-        int nth = pool.nthreads;
         pthread_mutex_unlock(&pool.mu);
-        fn(arg, ith, nth);
+        fn(arg, ith, pool.nthreads);
         pthread_mutex_lock(&pool.mu);
         if (--pool.pending == 0) pthread_cond_signal(&pool.done);
+        pthread_mutex_unlock(&pool.mu);
+#endif
     }
-    pthread_mutex_unlock(&pool.mu);
     return NULL;
 }
 
@@ -292,7 +338,11 @@ static int default_threads(void) {
 static void pool_stop_workers(void) {
     if (pool.nthreads == 0) return;
     pthread_mutex_lock(&pool.mu);
+#if POOL_ATOMICS
+    STORE(&pool.quit, 1);
+#else
     pool.quit = 1;
+#endif
     pthread_cond_broadcast(&pool.work);
     pthread_mutex_unlock(&pool.mu);
     for (int i = 1; i < pool.nthreads; i++) pthread_join(pool.threads[i], NULL);
@@ -309,6 +359,8 @@ void pool_init(int nthreads) {
     pool.quit = 0;
     pool.busy = 0;
     pool.generation = 0;
+    pool.pending = 0;
+    pool.sleepers = 0;
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.work, NULL);
     pthread_cond_init(&pool.done, NULL);
@@ -327,10 +379,19 @@ int pool_threads(void) {
 void pool_run(pool_fn fn, void *arg) {
     if (pool.nthreads == 0) pool_init(0);
     if (pool.nthreads == 1 || pool.busy) { fn(arg, 0, 1); return; }
-    pthread_mutex_lock(&pool.mu);
     pool.busy = 1;
     pool.fn = fn;
     pool.arg = arg;
+#if POOL_ATOMICS
+    STORE(&pool.pending, pool.nthreads - 1);
+    pthread_mutex_lock(&pool.mu);  // a sleeper checks the generation under the lock
+    FETCH_ADD(&pool.generation, 1UL);
+    if (pool.sleepers) pthread_cond_broadcast(&pool.work);
+    pthread_mutex_unlock(&pool.mu);
+    fn(arg, 0, pool.nthreads);
+    while (LOAD(&pool.pending) > 0) CPU_RELAX();
+#else
+    pthread_mutex_lock(&pool.mu);
     pool.pending = pool.nthreads - 1;
     pool.generation++;
     pthread_cond_broadcast(&pool.work);
@@ -338,8 +399,9 @@ void pool_run(pool_fn fn, void *arg) {
     fn(arg, 0, pool.nthreads);
     pthread_mutex_lock(&pool.mu);
     while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.mu);
-    pool.busy = 0;
     pthread_mutex_unlock(&pool.mu);
+#endif
+    pool.busy = 0;
 }
 
 void pool_shutdown(void) {
@@ -492,19 +554,30 @@ void sgemm_naive(int transA, int transB, size_t M, size_t N, size_t K,
     }
 }
 
-// Ap: panels of MR rows, each (kc, MR) with rows past m zero-filled
+// Ap: panels of MR rows, each (kc, MR) with rows past m zero-filled. The
+// loops follow the source's contiguous direction (a transposed source is
+// read along i, a plain one along p); the panel itself is small enough to
+// stay in L1 while it is written with a stride.
 static void pack_A(float *Ap, int transA, const float *A, size_t lda,
                    size_t i0, size_t m, size_t p0, size_t kc) {
     for (size_t ir = 0; ir < m; ir += GEMM_MR) {
         size_t mr = m - ir < GEMM_MR ? m - ir : GEMM_MR;
-        for (size_t p = 0; p < kc; p++) {
+        float *panel = Ap + ir * kc;
+        if (transA) {         // A'(i, p) = A[p][i]: rows of A are contiguous in i
+            for (size_t p = 0; p < kc; p++) {
+                const float *src = A + (p0 + p) * lda + i0 + ir;
+                float *dst = panel + p * GEMM_MR;
+                for (size_t i = 0; i < mr; i++) dst[i] = src[i];
+                for (size_t i = mr; i < GEMM_MR; i++) dst[i] = 0.0f;
+            }
+        } else {              // A'(i, p) = A[i][p]: contiguous in p
             for (size_t i = 0; i < GEMM_MR; i++) {
-                float v = 0.0f;
-                if (i < mr) {
-                    size_t row = i0 + ir + i, col = p0 + p;
-                    v = transA ? A[col * lda + row] : A[row * lda + col];
+                if (i >= mr) {
+                    for (size_t p = 0; p < kc; p++) panel[p * GEMM_MR + i] = 0.0f;
+                    continue;
                 }
-                *Ap++ = v;
+                const float *src = A + (i0 + ir + i) * lda + p0;
+                for (size_t p = 0; p < kc; p++) panel[p * GEMM_MR + i] = src[p];
             }
         }
     }
@@ -515,20 +588,23 @@ static void pack_B(float *Bp, int transB, const float *B, size_t ldb,
                    size_t p0, size_t kc, size_t j0, size_t n) {
     for (size_t jr = 0; jr < n; jr += GEMM_NR) {
         size_t nr = n - jr < GEMM_NR ? n - jr : GEMM_NR;
-        for (size_t p = 0; p < kc; p++) {
-            size_t row = p0 + p;
-            if (!transB && nr == GEMM_NR) {
-                memcpy(Bp, B + row * ldb + j0 + jr, GEMM_NR * sizeof(float));
-                Bp += GEMM_NR;
-                continue;
+        float *panel = Bp + jr * kc;
+        if (!transB) {        // B'(p, j) = B[p][j]: contiguous in j
+            for (size_t p = 0; p < kc; p++) {
+                const float *src = B + (p0 + p) * ldb + j0 + jr;
+                float *dst = panel + p * GEMM_NR;
+                if (nr == GEMM_NR) { memcpy(dst, src, GEMM_NR * sizeof(float)); continue; }
+                for (size_t j = 0; j < nr; j++) dst[j] = src[j];
+                for (size_t j = nr; j < GEMM_NR; j++) dst[j] = 0.0f;
             }
+        } else {              // B'(p, j) = B[j][p]: contiguous in p
             for (size_t j = 0; j < GEMM_NR; j++) {
-                float v = 0.0f;
-                if (j < nr) {
-                    size_t col = j0 + jr + j;
-                    v = transB ? B[col * ldb + row] : B[row * ldb + col];
+                if (j >= nr) {
+                    for (size_t p = 0; p < kc; p++) panel[p * GEMM_NR + j] = 0.0f;
+                    continue;
                 }
-                *Bp++ = v;
+                const float *src = B + (j0 + jr + j) * ldb + p0;
+                for (size_t p = 0; p < kc; p++) panel[p * GEMM_NR + j] = src[p];
             }
         }
     }
@@ -679,6 +755,15 @@ typedef struct {
     int C, H, W, K, stride, pad, OH, OW;
 } Im2col;
 
+// output columns ox whose input column ox*stride - pad + kx lies in [0, W)
+static void valid_cols(int OW, int W, int stride, int pad, int kx, int *lo, int *hi) {
+    int a = pad - kx, b = W - 1 + pad - kx;  // need a <= ox*stride <= b
+    *lo = a <= 0 ? 0 : (a + stride - 1) / stride;
+    *hi = b < 0 ? 0 : b / stride + 1;
+    if (*hi > OW) *hi = OW;
+    if (*lo > *hi) *lo = *hi;
+}
+
 static void im2col_range(void *arg, size_t c0, size_t c1) {
     const Im2col *a = arg;
     size_t ohw = (size_t)a->OH * a->OW;
@@ -687,15 +772,17 @@ static void im2col_range(void *arg, size_t c0, size_t c1) {
         for (int ky = 0; ky < a->K; ky++)
             for (int kx = 0; kx < a->K; kx++) {
                 float *dst = a->col + ((c * a->K + ky) * a->K + kx) * ohw;
+                int lo, hi;
+                valid_cols(a->OW, a->W, a->stride, a->pad, kx, &lo, &hi);
                 for (int oy = 0; oy < a->OH; oy++) {
                     int iy = oy * a->stride - a->pad + ky;
                     float *d = dst + (size_t)oy * a->OW;
                     if (iy < 0 || iy >= a->H) { memset(d, 0, a->OW * sizeof(float)); continue; }
-                    const float *srow = plane + (size_t)iy * a->W;
-                    for (int ox = 0; ox < a->OW; ox++) {
-                        int ix = ox * a->stride - a->pad + kx;
-                        d[ox] = (ix >= 0 && ix < a->W) ? srow[ix] : 0.0f;
-                    }
+                    const float *srow = plane + (size_t)iy * a->W - a->pad + kx;  // srow[ox*stride]
+                    for (int ox = 0; ox < lo; ox++) d[ox] = 0.0f;
+                    if (a->stride == 1) memcpy(d + lo, srow + lo, (size_t)(hi - lo) * sizeof(float));
+                    else for (int ox = lo; ox < hi; ox++) d[ox] = srow[ox * a->stride];
+                    for (int ox = hi; ox < a->OW; ox++) d[ox] = 0.0f;
                 }
             }
     }
@@ -711,15 +798,15 @@ static void col2im_range(void *arg, size_t c0, size_t c1) {
         for (int ky = 0; ky < a->K; ky++)
             for (int kx = 0; kx < a->K; kx++) {
                 const float *src = a->col + ((c * a->K + ky) * a->K + kx) * ohw;
+                int lo, hi;
+                valid_cols(a->OW, a->W, a->stride, a->pad, kx, &lo, &hi);
                 for (int oy = 0; oy < a->OH; oy++) {
                     int iy = oy * a->stride - a->pad + ky;
                     if (iy < 0 || iy >= a->H) continue;
-                    float *drow = plane + (size_t)iy * a->W;
-                    const float *s = src + (size_t)oy * a->OW;
-                    for (int ox = 0; ox < a->OW; ox++) {
-                        int ix = ox * a->stride - a->pad + kx;
-                        if (ix >= 0 && ix < a->W) drow[ix] += s[ox];
-                    }
+                    float *drow = plane + (size_t)iy * a->W - a->pad + kx;
+                    const float *sr = src + (size_t)oy * a->OW;
+                    if (a->stride == 1) for (int ox = lo; ox < hi; ox++) drow[ox] += sr[ox];
+                    else for (int ox = lo; ox < hi; ox++) drow[ox * a->stride] += sr[ox];
                 }
             }
     }
