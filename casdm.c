@@ -229,7 +229,7 @@ typedef struct {
     int steps, batch, seed;
     double lr, ema, grad_clip;
     // output
-    int log_every, ckpt_every;
+    int log_every, ckpt_every, sample_every, sample_n, sample_steps;
 } TrainOpts;
 
 typedef struct {
@@ -444,6 +444,121 @@ static void load_checkpoint(Trainer *tr, const char *path) {
 // ---------------------------------------------------------------------------
 // ---- training ----
 // ---------------------------------------------------------------------------
+typedef struct {
+    int kind;
+    UNet theta, phi;
+    int has_phi;
+    Schedule sched;  // as trained
+    int clip_x0;
+} Model;
+static void sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, Rng *rng, int n, int batch,
+                          unsigned char *out, int tty);
+static void write_grid_png(const char *path, const unsigned char *img, int N, int H, int W, int C);
+typedef struct { unsigned char *b; size_t len, cap; } Bytes;
+static void bytes_put(Bytes *o, const void *p, size_t n);
+static void write_atomically(const char *path, const Bytes *data);
+
+// ---- the loss plot: log.csv drawn as an SVG, log-scale y ----
+#define PLOT_TERMS 5
+typedef struct { long *step; double *v; size_t n, cap; } History;  // v: n x PLOT_TERMS, NAN = absent
+
+static void history_add(History *h, long step, const double *v) {
+    if (h->n == h->cap) {
+        h->cap = h->cap ? 2 * h->cap : 256;
+        long *s = mallocCheck(h->cap * sizeof *s);
+        double *nv = mallocCheck(h->cap * PLOT_TERMS * sizeof *nv);
+        if (h->n) { memcpy(s, h->step, h->n * sizeof *s); memcpy(nv, h->v, h->n * PLOT_TERMS * sizeof *nv); }
+        free(h->step);
+        free(h->v);
+        h->step = s;
+        h->v = nv;
+    }
+    h->step[h->n] = step;
+    memcpy(h->v + h->n * PLOT_TERMS, v, PLOT_TERMS * sizeof *v);
+    h->n++;
+}
+
+// the rows of an existing log.csv (when resuming)
+static void history_load(History *h, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] < '0' || line[0] > '9') continue;
+        char *p = line, *end;
+        long step = strtol(p, &end, 10);
+        double v[PLOT_TERMS];
+        for (int i = 0; i < PLOT_TERMS; i++) {
+            p = strchr(end, ',');
+            if (!p) { v[i] = NAN; end = line + strlen(line); continue; }
+            p++;
+            v[i] = (*p == ',' || *p == '\n' || !*p) ? NAN : strtod(p, &end);
+            if (p == end) v[i] = NAN;
+            end = p;
+        }
+        history_add(h, step, v);
+    }
+    fclose(f);
+}
+
+static void svg_add(Bytes *o, const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    bytes_put(o, buf, (size_t)(n < (int)sizeof buf ? n : (int)sizeof buf - 1));
+}
+
+static void write_loss_svg(const History *h, const char *path, const char *title) {
+    static const char *names[PLOT_TERMS] = {"loss", "L_eps", "L_x0", "L_mu", "L_lpips"};
+    static const char *colors[PLOT_TERMS] = {"#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"};
+    const double W = 800, H = 420, L = 70, R = 150, T = 40, B = 50;
+    double lo = INFINITY, hi = -INFINITY;
+    long s0 = h->n ? h->step[0] : 0, s1 = h->n ? h->step[h->n - 1] : 1;
+    for (size_t i = 0; i < h->n * PLOT_TERMS; i++)
+        if (h->v[i] > 0 && isfinite(h->v[i])) { lo = fmin(lo, h->v[i]); hi = fmax(hi, h->v[i]); }
+    if (!(lo < hi)) { lo = 1e-3; hi = 1.0; }
+    double dlo = floor(log10(lo)), dhi = ceil(log10(hi));
+    if (dhi <= dlo) dhi = dlo + 1;
+    if (s1 <= s0) s1 = s0 + 1;
+    Bytes o = {0};
+    svg_add(&o, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" font-size=\"12\">\n", W, H);
+    svg_add(&o, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"%.0f\" y=\"24\" font-size=\"15\">%s</text>\n", L, title);
+    for (double d = dlo; d <= dhi; d++) {  // decades
+        double y = T + (H - T - B) * (dhi - d) / (dhi - dlo);
+        svg_add(&o, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">1e%d</text>\n",
+                L, y, W - R, y, L - 6, y + 4, (int)d);
+    }
+    for (int k = 0; k <= 4; k++) {
+        double x = L + (W - L - R) * k / 4.0;
+        svg_add(&o, "<text x=\"%.1f\" y=\"%.0f\" text-anchor=\"middle\">%ld</text>\n", x, H - B + 18, s0 + (long)((s1 - s0) * k / 4.0));
+    }
+    svg_add(&o, "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">step</text>\n", (L + W - R) / 2, H - 10);
+    svg_add(&o, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\"/>\n", L, T, W - L - R, H - T - B);
+    int legend = 0;
+    for (int t = 0; t < PLOT_TERMS; t++) {
+        int any = 0;
+        for (size_t i = 0; i < h->n; i++) {
+            double v = h->v[i * PLOT_TERMS + t];
+            if (!(v > 0) || !isfinite(v)) continue;
+            double x = L + (W - L - R) * (double)(h->step[i] - s0) / (double)(s1 - s0);
+            double y = T + (H - T - B) * (dhi - log10(v)) / (dhi - dlo);
+            if (!any) svg_add(&o, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\" points=\"", colors[t]);
+            svg_add(&o, "%.1f,%.1f ", x, y);
+            any = 1;
+        }
+        if (any) {
+            double y = T + 14 + 18 * legend++;
+            svg_add(&o, "\"/>\n<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"%s\" stroke-width=\"2\"/><text x=\"%.0f\" y=\"%.0f\">%s</text>\n",
+                    W - R + 12, y, W - R + 32, y, colors[t], W - R + 38, y + 4, names[t]);
+        }
+    }
+    svg_add(&o, "</svg>\n");
+    write_atomically(path, &o);
+    free(o.b);
+}
+
 static volatile sig_atomic_t interrupted = 0;
 static void on_sigint(int sig) { (void)sig; interrupted = 1; }
 
@@ -471,7 +586,9 @@ static const char *train_help_text =
     "usage: casdm train --data PATH [options]\n"
     "\n"
     "Trains one of the Cas-DM paper's models and writes DIR/ckpt.safetensors\n"
-    "(every --ckpt-every steps and at the end) and DIR/log.csv.\n"
+    "(every --ckpt-every steps and at the end), DIR/log.csv, DIR/loss.svg (the loss\n"
+    "plot) and sample grids DIR/samples_STEP.png from the EMA weights (DDIM, eta 0).\n"
+    "Ctrl-C saves a checkpoint and stops; --resume DIR continues.\n"
     "PATH: a CIFAR-10 binary directory (data_batch_1..5.bin) or .bin file, or an\n"
     "IDX image file such as train-images-idx3-ubyte (28x28 is zero-padded to 32x32).\n"
     "\n"
@@ -514,9 +631,38 @@ static void define_train_options(TrainOpts *o) {
         {"--resume", OPT_STR, &o->resume, NULL, "continue from DIR/ckpt.safetensors", 0, 0},
         {"--log-every", OPT_INT, &o->log_every, "10", "steps per line of log.csv", 1, 1000000},
         {"--ckpt-every", OPT_INT, &o->ckpt_every, "1000", "steps between checkpoints (0 = only at the end)", 0, 1000000000},
+        {"--sample-every", OPT_INT, &o->sample_every, "0", "steps between sample grids DIR/samples_STEP.png (0 = only at the end)", 0, 1000000000},
+        {"--sample-n", OPT_INT, &o->sample_n, "36", "images in each sample grid (0 = none)", 0, 4096},
+        {"--sample-steps", OPT_INT, &o->sample_steps, "50", "DDIM steps for the sample grids", 1, 100000},
     };
     train_opts_n = (int)(sizeof opts / sizeof opts[0]);
     memcpy(train_opts_table, opts, sizeof opts);
+}
+
+// DIR/samples_STEP.png from the EMA weights; its own RNG, so the training
+// stream (and a resumed run) is the same with or without grids
+static void train_sample_grid(Trainer *tr, Model *ema, const TrainOpts *o, int C, int S) {
+    memcpy(ema->theta.params.data, tr->ema_theta, tr->theta.params.total * sizeof(float));
+    if (tr->has_phi) memcpy(ema->phi.params.data, tr->ema_phi, tr->phi.params.total * sizeof(float));
+    ema->sched = tr->sched;
+    int kept[100000];
+    char err[128], spec[32];
+    snprintf(spec, sizeof spec, "%d", o->sample_steps < tr->sched.T ? o->sample_steps : tr->sched.T);
+    int nk = space_timesteps(tr->sched.T, spec, kept, err, sizeof err);
+    if (nk < 0) fatal("--sample-steps: %s", err);
+    Schedule rs;
+    schedule_respace(&rs, &tr->sched, kept, nk);
+    SampleConfig sc = {tr->kind, SAMPLER_DDIM, 0.0f, 1, ema->clip_x0};
+    Rng rng;
+    rng_seed(&rng, (uint64_t)o->seed, 7);  // the same noise at every grid: progress is easy to see
+    unsigned char *img = mallocCheck((size_t)o->sample_n * C * S * S);
+    sample_images(ema, &sc, &rs, &rng, o->sample_n, o->sample_n < 36 ? o->sample_n : 36, img, -1);  // quietly
+    char path[4200];
+    snprintf(path, sizeof path, "%s/samples_%06ld.png", o->out, tr->step);
+    write_grid_png(path, img, o->sample_n, S, S, C);
+    fprintf(stderr, "samples: %s\n", path);
+    free(img);
+    schedule_free(&rs);
 }
 
 static int cmd_train(int argc, char **argv) {
@@ -548,6 +694,20 @@ static int cmd_train(int argc, char **argv) {
         snprintf(from, sizeof from, "%s/ckpt.safetensors", o.resume);
         load_checkpoint(&tr, from);
         fprintf(stderr, "resumed from %s at step %ld\n", from, tr.step);
+    }
+    History hist = {0};
+    char svgpath[4096], title[256];
+    snprintf(svgpath, sizeof svgpath, "%s/loss.svg", o.out);
+    snprintf(title, sizeof title, "casdm train --model %s (%s)", model_name(tr.kind), o.data);
+    if (o.resume) history_load(&hist, logpath);
+    // the networks the sample grids use: EMA weights copied in when needed
+    Model ema = {0};
+    ema.kind = tr.kind;
+    ema.has_phi = tr.has_phi;
+    ema.clip_x0 = !o.no_clip_x0;
+    if (o.sample_n > 0) {
+        unet_init(&ema.theta, &tr.theta_cfg, 0, NULL);
+        if (tr.has_phi) unet_init(&ema.phi, &tr.phi_cfg, 0, NULL);
     }
     FILE *log = fopen(logpath, o.resume ? "a" : "w");
     if (!log) fatal("cannot write '%s': %s", logpath, strerror(errno));
@@ -616,6 +776,10 @@ static int cmd_train(int argc, char **argv) {
             }
             fprintf(log, ",%.3f\n", ips);
             fflush(log);
+            double row[PLOT_TERMS];
+            for (int i = 0; i < PLOT_TERMS; i++) row[i] = terms[i] ? sums[i] / nsum : NAN;
+            history_add(&hist, tr.step, row);
+            write_loss_svg(&hist, svgpath, title);
             double elapsed = now - t0, eta = elapsed / (double)(tr.step) * (double)(o.steps - tr.step);
             fprintf(stderr, "%sstep %ld/%d loss %.4f", tty ? "\r" : "", tr.step, o.steps, sums[0] / nsum);
             const char *nm[5] = {"", "eps", "x0", "mu", "lpips"};
@@ -627,10 +791,22 @@ static int cmd_train(int argc, char **argv) {
             tlog = now;
         }
         if (o.ckpt_every > 0 && tr.step % o.ckpt_every == 0 && tr.step < o.steps) save_checkpoint(&tr, &o, ckpt);
+        if (o.sample_n > 0 && o.sample_every > 0 && tr.step % o.sample_every == 0 && tr.step < o.steps) {
+            if (tty) fprintf(stderr, "\n");
+            train_sample_grid(&tr, &ema, &o, data.c, data.h);
+        }
     }
     if (tty) fprintf(stderr, "\n");
     save_checkpoint(&tr, &o, ckpt);
     fprintf(stderr, "%s at step %ld: wrote %s\n", interrupted ? "interrupted" : "done", tr.step, ckpt);
+    if (o.sample_n > 0 && !interrupted) train_sample_grid(&tr, &ema, &o, data.c, data.h);
+    if (hist.n) fprintf(stderr, "loss plot: %s\n", svgpath);
+    free(hist.step);
+    free(hist.v);
+    if (o.sample_n > 0) {
+        unet_free(&ema.theta);
+        if (tr.has_phi) unet_free(&ema.phi);
+    }
     fclose(log);
     free(x0buf);
     free(t);
@@ -666,9 +842,7 @@ static uint32_t crc32_update(uint32_t crc, const unsigned char *b, size_t n) {
     return ~crc;
 }
 
-// a byte buffer that grows
-typedef struct { unsigned char *b; size_t len, cap; } Bytes;
-
+// a byte buffer that grows (Bytes is declared with the training section)
 static void bytes_put(Bytes *o, const void *p, size_t n) {
     if (o->len + n > o->cap) {
         size_t cap = o->cap ? o->cap * 2 : 4096;
@@ -1110,13 +1284,6 @@ static int cmd_lpips(int argc, char **argv) {
 // ---------------------------------------------------------------------------
 // ---- sampling ----
 // ---------------------------------------------------------------------------
-typedef struct {
-    int kind;
-    UNet theta, phi;
-    int has_phi;
-    Schedule sched;  // as trained
-    int clip_x0;
-} Model;
 
 static int meta_int(const StFile *f, const char *path, const char *key) {
     char buf[128];
@@ -1187,7 +1354,8 @@ static void free_model(Model *m) {
     schedule_free(&m->sched);
 }
 
-// n images (N,C,H,W) in [-1,1] -> uint8 (N,H,W,C) into out
+// n images (N,C,H,W) in [-1,1] -> uint8 (N,H,W,C) into out; progress on
+// stderr in place (tty 1), as lines (0) or not at all (-1)
 static void sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, Rng *rng, int n, int batch,
                           unsigned char *out, int tty) {
     int C = m->theta.cfg.in_channels, S = m->theta.cfg.image_size;
@@ -1207,7 +1375,7 @@ static void sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, 
             float *tmp = x; x = xp; xp = tmp;
             double el = now_seconds() - t0;
             double frac = ((double)done + (double)B * (rs->T - j) / rs->T) / n;
-            fprintf(stderr, "%simages %d-%d of %d, step %d/%d | %.1fs elapsed, ETA %.0fs%s", tty ? "\r" : "",
+            if (tty >= 0) fprintf(stderr, "%simages %d-%d of %d, step %d/%d | %.1fs elapsed, ETA %.0fs%s", tty ? "\r" : "",
                     done + 1, done + B, n, rs->T - j, rs->T, el, el / frac * (1 - frac), tty ? "   " : "\n");
         }
         for (int b = 0; b < B; b++)
@@ -1215,7 +1383,7 @@ static void sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, 
                 for (int i = 0; i < S * S; i++)
                     out[(((size_t)(done + b) * S * S) + i) * C + c] = to_u8(x[(size_t)b * per + (size_t)c * S * S + i]);
     }
-    if (tty) fprintf(stderr, "\n");
+    if (tty > 0) fprintf(stderr, "\n");
     graph_free(&g);
     free(x); free(xp); free(z);
 }

@@ -457,7 +457,7 @@ static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_p
 #include <immintrin.h>
 #define SIMD_NAME "avx2"
 #define VLEN 8
-#define GEMM_MR 6
+#define GEMM_MR 12
 typedef __m256 vfloat;
 static inline vfloat v_load(const float *p) { return _mm256_loadu_ps(p); }
 static inline void v_store(float *p, vfloat x) { _mm256_storeu_ps(p, x); }
@@ -469,7 +469,7 @@ static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_p
 #include <arm_neon.h>
 #define SIMD_NAME "neon"
 #define VLEN 4
-#define GEMM_MR 8
+#define GEMM_MR 12
 typedef float32x4_t vfloat;
 static inline vfloat v_load(const float *p) { return vld1q_f32(p); }
 static inline void v_store(float *p, vfloat x) { vst1q_f32(p, x); }
@@ -480,7 +480,7 @@ static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return vfmaq_f32(c, a
 #else
 #define SIMD_NAME "scalar"
 #define VLEN 1
-#define GEMM_MR 4
+#define GEMM_MR 12
 typedef float vfloat;
 static inline vfloat v_load(const float *p) { return *p; }
 static inline void v_store(float *p, vfloat x) { *p = x; }
@@ -1585,12 +1585,55 @@ static void binary_backward(float *da, float *db, const float *dout, const float
             }
 }
 
+// same shapes: a flat loop over elements, threaded
+typedef struct { float *da, *db; const float *dout, *a, *b; int op; } BinaryGrad;
+
+static void binary_grad_flat_range(void *arg, size_t i0, size_t i1) {
+    const BinaryGrad *t = arg;
+    for (size_t i = i0; i < i1; i++) {
+        float g = t->dout[i];
+        if (t->da) t->da[i] += t->op == BIN_MUL ? g * t->b[i] : g;
+        if (t->db) t->db[i] += t->op == BIN_MUL ? g * t->a[i] : (t->op == BIN_SUB ? -g : g);
+    }
+}
+
+// b broadcast over the last two dims (FiLM: (N,C,H,W) op (N,C,1,1)): a
+// thread owns whole (n, c) planes, and b's gradient is one sum per plane
+typedef struct { float *da, *db; const float *dout, *a, *b; int op; size_t plane; } PlaneGrad;
+
+static void binary_grad_plane_range(void *arg, size_t p0, size_t p1) {
+    const PlaneGrad *t = arg;
+    for (size_t p = p0; p < p1; p++) {
+        const float *g = t->dout + p * t->plane, *a = t->a + p * t->plane;
+        float bv = t->b[p], sb = 0.0f;
+        float *da = t->da ? t->da + p * t->plane : NULL;
+        for (size_t i = 0; i < t->plane; i++) {
+            if (da) da[i] += t->op == BIN_MUL ? g[i] * bv : g[i];
+            sb += t->op == BIN_MUL ? g[i] * a[i] : g[i];
+        }
+        if (t->db) t->db[p] += t->op == BIN_SUB ? -sb : sb;
+    }
+}
+
 static void binary_node_backward(Graph *g, TapeNode *n) {
+    Tensor *a = n->in[0], *b = n->in[1];
+    float *da = input_grad(g, n, 0), *db = input_grad(g, n, 1);
+    int op = n->iarg[0];
+    if (a->size == n->out->size && b->size == n->out->size) {
+        BinaryGrad t = {da, db, n->out->grad, a->data, b->data, op};
+        parallel_for(a->size, 1 << 14, binary_grad_flat_range, &t);
+        return;
+    }
+    if (a->ndim == 4 && b->ndim == 4 && a->size == n->out->size && b->shape[0] == a->shape[0] &&
+        b->shape[1] == a->shape[1] && b->shape[2] == 1 && b->shape[3] == 1) {
+        PlaneGrad t = {da, db, n->out->grad, a->data, b->data, op, (size_t)a->shape[2] * a->shape[3]};
+        parallel_for(b->size, 4, binary_grad_plane_range, &t);
+        return;
+    }
     Bcast p;
     int nd;
-    bcast_plan(n->in[0], n->in[1], &p, &nd);
-    binary_backward(input_grad(g, n, 0), input_grad(g, n, 1), n->out->grad, n->in[0]->data,
-                    n->in[1]->data, &p, n->iarg[0]);
+    bcast_plan(a, b, &p, &nd);
+    binary_backward(da, db, n->out->grad, a->data, b->data, &p, op);
 }
 
 static Tensor *binary(Graph *g, Tensor *a, Tensor *b, int op, const char *name) {

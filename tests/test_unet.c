@@ -336,6 +336,12 @@ static void test_sampling_goldens(void) {
     schedule_init(&base, SCHEDULE_COSINE, 4000);
     for (int i = 0; i < 4; i++) {
         int kind = model_parse(variants[i]);
+        if (test_quick && kind != MODEL_CASDM) {
+            char nm[96];
+            snprintf(nm, sizeof nm, "sampling %s vs PyTorch", variants[i]);
+            test_skip(nm, "--quick runs casdm only");
+            continue;
+        }
         UNet theta, phi;
         cfg.out_channels = model_theta_out(kind, 3);
         unet_init(&theta, &cfg, 0, NULL);
@@ -465,6 +471,12 @@ static void test_lpips(void) {
     Graph g;
     graph_init(&g, 0, 0);
     for (int si = 0; si < 3; si++) {
+        if (test_quick && si > 0) {
+            char nm[64];
+            snprintf(nm, sizeof nm, "LPIPS at size %d vs PyTorch", sizes[si]);
+            test_skip(nm, "--quick runs size 32 only");
+            continue;
+        }
         graph_reset(&g);
         l.size = sizes[si];
         Tensor *x = tensor_from(&g, ex->ndim, ex->shape, ex->data), *y = tensor_from(&g, ey->ndim, ey->shape, ey->data);
@@ -574,7 +586,15 @@ int main(int argc, char **argv) {
         test_result(0, "casdm golden file", "%s", err);
     } else {
         const char *variants[4] = {"ddpm-eps", "ddpm-x0", "dual", "casdm"};
-        for (int i = 0; i < 4; i++) run_variant(variants[i]);
+        for (int i = 0; i < 4; i++) {
+            if (test_quick && (i == 1 || i == 2)) {
+                char nm[64];
+                snprintf(nm, sizeof nm, "parity %s step vs PyTorch", variants[i]);
+                test_skip(nm, "--quick (emulation / valgrind) runs ddpm-eps and casdm only");
+                continue;
+            }
+            run_variant(variants[i]);
+        }
         st_free(&gold);
     }
     test_sampling_closed_form();
