@@ -36,7 +36,7 @@ $(shell mkdir -p build; echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' | cmp -s - $(FLAGS_
 LIB_OBJS = build/tensor.o build/unet.o build/ddim.o build/lpips.o
 TESTS    = build/test_tensor build/test_unet
 
-.PHONY: all test asan clean bench data demo cross
+.PHONY: all test asan clean bench data demo cross quality
 
 all: casdm $(LIB_OBJS)
 
@@ -70,6 +70,10 @@ DEMO_OUT   ?= runs/demo
 FMNIST      = data/fashion-mnist/train-images-idx3-ubyte
 
 data: $(FMNIST)
+
+# ddpm-eps vs casdm, same settings and wall time; held-out losses (README table)
+quality: casdm $(FMNIST)
+	@sh tools/quality.sh
 
 $(FMNIST):
 	@sh tools/get_fashion_mnist.sh

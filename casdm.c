@@ -230,6 +230,7 @@ typedef struct {
     double lr, ema, grad_clip;
     // output
     int log_every, ckpt_every, sample_every, sample_n, sample_steps;
+    double time_limit;
 } TrainOpts;
 
 typedef struct {
@@ -621,6 +622,7 @@ static void define_train_options(TrainOpts *o) {
         {"--lpips-size", OPT_INT, &o->lpips_size, "224", "LPIPS input size (images are resized; the paper: 224)", 16, 1024},
         {"--lpips-weight", OPT_FLOAT, &o->lambda_lpips, "0.1", "lambda of L^lpips (Eq. 15)", 0, 1e6},
         {"--steps", OPT_INT, &o->steps, "1000", "training steps (total, counting resumed ones)", 0, 1000000000},
+        {"--time-limit", OPT_FLOAT, &o->time_limit, "0", "stop after this many seconds of training (0 = no limit)", 0, 1e9},
         {"--batch", OPT_INT, &o->batch, "16", "batch size", 1, 4096},
         {"--lr", OPT_FLOAT, &o->lr, "1e-4", "Adam learning rate", 0, 1},
         {"--ema", OPT_FLOAT, &o->ema, "0.9999", "EMA rate (warmed up as min(rate, (1+s)/(10+s)))", 0, 1},
@@ -730,7 +732,10 @@ static int cmd_train(int argc, char **argv) {
     double sums[5] = {0}, t0 = now_seconds(), tlog = t0;
     int nsum = 0, tty = isatty(2);
     signal(SIGINT, on_sigint);
-    while (tr.step < o.steps && !interrupted) {
+    int out_of_time = 0;
+    while (tr.step < o.steps && !interrupted && !out_of_time) {
+        out_of_time = o.time_limit > 0 && now_seconds() - t0 >= o.time_limit;
+        if (out_of_time) break;
         graph_reset(&g);
         sample_batch(&data, &tr.rng, x0buf, B, !o.no_flip);
         for (int i = 0; i < B; i++) t[i] = (int)rng_below(&tr.rng, (uint32_t)tr.sched.T);
@@ -767,7 +772,7 @@ static int cmd_train(int argc, char **argv) {
         Tensor *terms[5] = {lt.loss, lt.l_eps, lt.l_x0, lt.l_mu, lt.l_lpips};
         for (int i = 0; i < 5; i++) sums[i] += terms[i] ? terms[i]->data[0] : 0.0;
         nsum++;
-        if (tr.step % o.log_every == 0 || tr.step == o.steps) {
+        if (tr.step % o.log_every == 0 || tr.step == o.steps || (o.time_limit > 0 && now_seconds() - t0 >= o.time_limit)) {
             double now = now_seconds(), ips = (double)nsum * B / (now - tlog);
             fprintf(log, "%ld", tr.step);
             for (int i = 0; i < 5; i++) {
@@ -798,7 +803,8 @@ static int cmd_train(int argc, char **argv) {
     }
     if (tty) fprintf(stderr, "\n");
     save_checkpoint(&tr, &o, ckpt);
-    fprintf(stderr, "%s at step %ld: wrote %s\n", interrupted ? "interrupted" : "done", tr.step, ckpt);
+    fprintf(stderr, "%s at step %ld: wrote %s\n", interrupted ? "interrupted" : out_of_time ? "time limit reached" : "done",
+            tr.step, ckpt);
     if (o.sample_n > 0 && !interrupted) train_sample_grid(&tr, &ema, &o, data.c, data.h);
     if (hist.n) fprintf(stderr, "loss plot: %s\n", svgpath);
     free(hist.step);
@@ -1474,6 +1480,111 @@ static int cmd_sample(int argc, char **argv) {
 }
 
 // ---------------------------------------------------------------------------
+// ---- evaluation: held-out denoising losses ----
+// For each t of a fixed grid and every image of the data, x_t from fixed
+// noise; the model's epsilon and x0 estimates against the truth. Cas-DM: the
+// epsilon of theta and the x0' of phi; dual: its two heads; ddpm-eps: x0 from
+// epsilon (Eq. 8, clipped); ddpm-x0: epsilon from x0. Same noise for every
+// model given --seed, so the numbers compare.
+// ---------------------------------------------------------------------------
+static Option eval_opts_table[8];
+static int eval_opts_n;
+
+static void eval_help(FILE *f) {
+    fputs("usage: casdm eval --ckpt FILE --data PATH [options]\n\n"
+          "Held-out denoising losses: epsilon-MSE and x0-MSE at a fixed grid of t, with fixed noise,\n"
+          "as CSV on stdout (t,eps_mse,x0_mse; a last line with the means).\n\noptions:\n", f);
+    usage_options(f, eval_opts_table, eval_opts_n);
+}
+
+static int cmd_eval(int argc, char **argv) {
+    const char *ckpt = NULL, *data_path = NULL;
+    int n, grid, seed, batch, no_ema;
+    const Option opts[] = {
+        {"--ckpt", OPT_STR, &ckpt, NULL, "checkpoint written by casdm train", 0, 0},
+        {"--data", OPT_STR, &data_path, NULL, "held-out images (e.g. t10k-images-idx3-ubyte, test_batch.bin)", 0, 0},
+        {"--n", OPT_INT, &n, "1000", "images (the first N)", 1, 10000000},
+        {"--t-grid", OPT_INT, &grid, "10", "timesteps t = (k + 0.5) T / grid, k = 0 .. grid-1", 1, 1000},
+        {"--seed", OPT_INT, &seed, "0", "noise seed", 0, 2147483647},
+        {"--batch", OPT_INT, &batch, "64", "images per batch", 1, 4096},
+        {"--no-ema", OPT_FLAG, &no_ema, NULL, "the raw weights instead of the EMA", 0, 0},
+    };
+    eval_opts_n = (int)(sizeof opts / sizeof opts[0]);
+    memcpy(eval_opts_table, opts, sizeof opts);
+    parse_options("eval", eval_opts_table, eval_opts_n, argc, argv, eval_help);
+    if (!ckpt || !data_path) { fprintf(stderr, "casdm eval: --ckpt and --data are required\n"); return 2; }
+    Model m;
+    load_model(&m, ckpt, !no_ema);
+    Dataset d;
+    load_dataset(&d, data_path);
+    int C = m.theta.cfg.in_channels, S = m.theta.cfg.image_size;
+    if (d.c != C || d.h != S || d.w != S) fatal("--data '%s' has %dx%dx%d images; the model takes %dx%dx%d", data_path, d.c, d.h, d.w, C, S, S);
+    if (n > d.n) n = d.n;
+    size_t per = (size_t)C * S * S;
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.grad_enabled = 0;
+    printf("t,eps_mse,x0_mse\n");
+    double tot_e = 0.0, tot_x = 0.0;
+    for (int k = 0; k < grid; k++) {
+        int t = (int)(((double)k + 0.5) * m.sched.T / grid);
+        double ab = m.sched.abar[t], a1 = 1.0 / sqrt(ab), a2 = sqrt(1.0 / ab - 1.0);
+        Rng rng;
+        rng_seed(&rng, (uint64_t)seed, 1000 + (uint64_t)k);
+        double se = 0.0, sx = 0.0;
+        for (int b0 = 0; b0 < n; b0 += batch) {
+            int B = n - b0 < batch ? n - b0 : batch;
+            graph_reset(&g);
+            Tensor *x0 = tensor4(&g, B, C, S, S), *eps = tensor4(&g, B, C, S, S), *xt = tensor4(&g, B, C, S, S);
+            for (size_t i = 0; i < (size_t)B * per; i++) x0->data[i] = d.pixels[(size_t)b0 * per + i] / 127.5f - 1.0f;
+            rng_fill_normal(&rng, eps->data, eps->size, 0.0f, 1.0f);
+            for (size_t i = 0; i < xt->size; i++) xt->data[i] = (float)(sqrt(ab) * x0->data[i] + sqrt(1.0 - ab) * eps->data[i]);
+            float *tm = arena_floats(&g.arena, (size_t)B);
+            for (int i = 0; i < B; i++) tm[i] = schedule_model_t(&m.sched, t);
+            Tensor *o = unet_forward(&g, &m.theta, xt, tm);
+            size_t so = (size_t)o->shape[1] * S * S;
+            const float *pe = NULL, *px = NULL;
+            size_t sx0 = so;
+            if (m.kind == MODEL_DDPM_EPS || m.kind == MODEL_CASDM) pe = o->data;
+            if (m.kind == MODEL_DDPM_X0) px = o->data;
+            if (m.kind == MODEL_DUAL) { px = o->data; pe = o->data + per; }
+            if (m.kind == MODEL_CASDM) {
+                Tensor *x0s = tensor4(&g, B, C, S, S);
+                for (int i = 0; i < B; i++)
+                    for (size_t q = 0; q < per; q++) {
+                        float v = (float)(a1 * xt->data[i * per + q] - a2 * o->data[i * so + q]);
+                        x0s->data[i * per + q] = m.clip_x0 ? (v < -1 ? -1 : v > 1 ? 1 : v) : v;
+                    }
+                Tensor *po = unet_forward(&g, &m.phi, x0s, tm);
+                px = po->data;
+                sx0 = (size_t)po->shape[1] * S * S;
+            }
+            for (int i = 0; i < B; i++)
+                for (size_t q = 0; q < per; q++) {
+                    double xv = xt->data[i * per + q], e = 0.0, x = 0.0;
+                    if (pe) e = pe[i * so + q];
+                    if (px) x = px[i * sx0 + q];
+                    if (!pe) e = (a1 * xv - x) / a2;                    // epsilon from x0
+                    if (!px) { x = a1 * xv - a2 * e; x = x < -1 ? -1 : x > 1 ? 1 : x; }  // x0 from epsilon, clipped
+                    double de = e - eps->data[i * per + q], dx = x - x0->data[i * per + q];
+                    se += de * de;
+                    sx += dx * dx;
+                }
+        }
+        se /= (double)n * per;
+        sx /= (double)n * per;
+        tot_e += se;
+        tot_x += sx;
+        printf("%d,%.6f,%.6f\n", t, se, sx);
+    }
+    printf("mean,%.6f,%.6f\n", tot_e / grid, tot_x / grid);
+    graph_free(&g);
+    free(d.pixels);
+    free_model(&m);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------
 // ---- main ----
 // ---------------------------------------------------------------------------
 static void usage(FILE *f) {
@@ -1484,6 +1595,7 @@ static void usage(FILE *f) {
             "  train      train ddpm-eps, ddpm-x0, dual or casdm (casdm train --help)\n"
             "  sample     sample images from a checkpoint (casdm sample --help)\n"
             "  lpips      LPIPS distance between two images (casdm lpips --help)\n"
+            "  eval       held-out denoising losses of a checkpoint (casdm eval --help)\n"
             "  info       print how this binary was built (SIMD path, threads)\n"
             "\n"
             "global options:\n"
@@ -1525,6 +1637,8 @@ int main(int argc, char **argv) {
         rc = cmd_sample(argc - i - 1, argv + i + 1);
     } else if (strcmp(argv[i], "lpips") == 0) {
         rc = cmd_lpips(argc - i - 1, argv + i + 1);
+    } else if (strcmp(argv[i], "eval") == 0) {
+        rc = cmd_eval(argc - i - 1, argv + i + 1);
     } else {
         fprintf(stderr, "casdm: unknown command '%s' (see casdm --help)\n", argv[i]);
         rc = 2;

@@ -236,7 +236,9 @@ static void gemm_free_buffers(void);
 
 #if CASDM_THREADS
 #define MAX_THREADS 64
+#ifndef POOL_SPIN
 #define POOL_SPIN 200000    // polls before a worker sleeps (~0.1-1 ms)
+#endif
 #if defined(__GNUC__)
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)

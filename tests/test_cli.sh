@@ -25,7 +25,7 @@ awk 'BEGIN {
     }
 }' > "$dir/data_batch_1.bin"
 
-small="--ch 32 --res 1 --attn 16 --batch 2 --T 100 --log-every 1"
+small="--ch 32 --res 1 --attn 16 --batch 2 --T 100 --log-every 1 --sample-n 0"
 
 # every model trains and writes a checkpoint and a log
 for m in ddpm-eps ddpm-x0 dual casdm; do
@@ -36,6 +36,16 @@ for m in ddpm-eps ddpm-x0 dual casdm; do
         fail "casdm train --model $m"; sed 's/^/  /' "$dir/$m.err"
     fi
 done
+
+# sample grids during training and the loss plot
+if ./casdm train --data "$dir" --model dual --ch 32 --res 1 --attn 16 --batch 2 --T 100 --log-every 1 --steps 4 \
+       --sample-every 2 --sample-n 4 --sample-steps 3 --out "$dir/grids" 2>"$dir/grids.err" &&
+   build/check_files "$dir/grids/samples_000002.png" 70 70 3 && build/check_files "$dir/grids/samples_000004.png" 70 70 3 &&
+   grep -q '<polyline' "$dir/grids/loss.svg" && grep -q '</svg>' "$dir/grids/loss.svg"; then
+    pass "training writes sample grids every --sample-every steps and the loss plot (SVG)"
+else
+    fail "sample grids / loss plot"; sed 's/^/  /' "$dir/grids.err"
+fi
 
 # resume: 4 steps straight == 2 steps, then resumed to 4 (dropout on, P2 on)
 opts="--model casdm $small --p2-gamma 1 --dropout 0.1"
@@ -91,12 +101,27 @@ fi
 mkdir -p "$dir/one"
 head -c 3073 "$dir/data_batch_1.bin" > "$dir/one/data_batch_1.bin"
 ./casdm train --data "$dir/one" --model ddpm-x0 --lpips $w --lpips-size 32 --ch 32 --res 1 --attn 16 --batch 2 \
-    --T 100 --steps 20 --lr 1e-3 --dropout 0 --log-every 5 --out "$dir/lp" 2>"$dir/lp.err"
+    --T 100 --steps 20 --lr 1e-3 --dropout 0 --log-every 5 --sample-n 0 --out "$dir/lp" 2>"$dir/lp.err"
 first=$(sed -n 2p "$dir/lp/log.csv" | cut -d, -f6); last=$(tail -n 1 "$dir/lp/log.csv" | cut -d, -f6)
 if [ -n "$first" ] && awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < 0.5 * a) }'; then
     pass "training with --lpips: the LPIPS term falls on one image ($first -> $last in 20 steps)"
 else
     fail "training with --lpips: LPIPS '$first' -> '$last'"; sed 's/^/  /' "$dir/lp.err"
+fi
+
+# held-out losses: one CSV line per t of the grid plus the means
+if ./casdm eval --ckpt "$dir/straight/ckpt.safetensors" --data "$dir/data_batch_1.bin" --n 6 --t-grid 4 > "$dir/eval.csv" 2>"$dir/eval.err" &&
+   [ "$(wc -l < "$dir/eval.csv")" -eq 6 ] && grep -q '^mean,[0-9.]*,[0-9.]*$' "$dir/eval.csv"; then
+    pass "casdm eval writes epsilon and x0 MSE per t and their means"
+else
+    fail "casdm eval"; sed 's/^/  /' "$dir/eval.err" "$dir/eval.csv"
+fi
+# --time-limit stops a long run early and still writes the checkpoint
+if ./casdm train --data "$dir" $small --steps 100000 --time-limit 1 --sample-n 0 --out "$dir/tl" 2>"$dir/tl.err" &&
+   grep -q "time limit reached" "$dir/tl.err" && [ -s "$dir/tl/ckpt.safetensors" ]; then
+    pass "casdm train --time-limit stops early with a checkpoint"
+else
+    fail "casdm train --time-limit"; sed 's/^/  /' "$dir/tl.err"
 fi
 
 # expect STATUS NEEDLE CMD...: the command fails with STATUS and says NEEDLE
@@ -127,7 +152,7 @@ size=$(wc -c < "$dir/half/ckpt.safetensors")
 head -c $((size - 100)) "$dir/half/ckpt.safetensors" > "$dir/trunc/ckpt.safetensors"
 expect 1 "trunc/ckpt.safetensors: truncated" ./casdm train --data "$dir" $opts --steps 6 --out "$dir/t2" --resume "$dir/trunc"
 expect 1 "lacks tensor 'theta.time_embed.0.weight'\|another shape" \
-    ./casdm train --data "$dir" --model casdm --ch 64 --res 1 --attn 16 --T 100 --steps 6 --out "$dir/t3" --resume "$dir/half"
+    ./casdm train --data "$dir" --model casdm --ch 64 --res 1 --attn 16 --T 100 --steps 6 --sample-n 0 --out "$dir/t3" --resume "$dir/half"
 expect 1 "holds a casdm model, not dual" ./casdm train --data "$dir" --model dual $small --steps 6 --out "$dir/t4" --resume "$dir/half"
 expect 2 "--method 'euler'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --method euler
 expect 2 "--steps '500'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --steps 500
@@ -137,4 +162,8 @@ expect 1 "must have the same size" ./casdm lpips tests/goldens/image.png "$dir/s
 expect 1 "neither a PNG nor" ./casdm lpips tests/goldens/image.png tests/test_cli.sh --weights $w
 expect 1 "--lpips: " ./casdm train --data "$dir" --lpips "$dir/data_batch_1.bin" --steps 1
 expect 2 "needs two images" ./casdm lpips tests/goldens/image.png --weights $w
+# a valid IDX file of two 28x28 grey images (padded to 32x32): the wrong channels for the model
+awk 'BEGIN { printf "%c%c%c%c%c%c%c%c%c%c%c%c%c%c%c%c", 0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28;
+             for (i = 0; i < 2 * 784; i++) printf "%c", i % 256 }' > "$dir/grey-idx3-ubyte"
+expect 1 "has 1x32x32 images; the model takes 3x32x32" ./casdm eval --ckpt "$dir/straight/ckpt.safetensors" --data "$dir/grey-idx3-ubyte"
 [ "$fails" -eq 0 ]

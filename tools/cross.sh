@@ -4,7 +4,7 @@
 # qemu-user for foreign CPUs). One PASS/FAIL line per target.
 #   gcc, clang   x86-64, -std=c99 -pedantic -Wall -Wextra -Werror, SIMD and threads
 #   tcc          x86-64, SIMD=0 THREADS=0
-#   i386         32-bit size_t and long: gcc-i686-linux-gnu under qemu-i386
+#   i386         32-bit size_t and long: gcc-i686-linux-gnu under qemu-i386, THREADS=0
 #                (Debian's gcc-multilib, for gcc -m32, conflicts with the
 #                cross compilers below, so the i686 cross gcc stands in)
 #   aarch64      NEON path, qemu-aarch64
@@ -17,7 +17,8 @@
 cd "$(dirname "$0")/.." || exit 1
 root=$(pwd)
 work=${CROSS_DIR:-/tmp/casdm-cross}
-rm -rf "$work" && mkdir -p "$work"
+[ -z "${CROSS_TARGETS:-}" ] && rm -rf "$work"
+mkdir -p "$work"
 fails=0
 pkgs="clang tcc gcc-i686-linux-gnu gcc-aarch64-linux-gnu gcc-s390x-linux-gnu gcc-riscv64-linux-gnu qemu-user"
 missing=""
@@ -31,8 +32,10 @@ if [ -n "$missing" ]; then
 fi
 
 # target NAME CC RUNNER MAKEFLAGS...: copy the tree, build, run the quick tests
+# (CROSS_TARGETS="s390x riscv64" runs only those)
 target() {
     name=$1; cc=$2; runner=$3; shift 3
+    case " ${CROSS_TARGETS:-$name} " in *" $name "*) ;; *) return ;; esac
     if ! command -v "$cc" >/dev/null 2>&1; then echo "SKIP $name: $cc not installed"; return; fi
     if [ -n "$runner" ] && ! command -v "${runner%% *}" >/dev/null 2>&1; then echo "SKIP $name: ${runner%% *} not installed"; return; fi
     d="$work/$name"
@@ -55,7 +58,9 @@ strict="-std=c99 -pedantic -Wall -Wextra"
 target gcc-x86_64 gcc "" SIMD=1 THREADS=1
 target clang-x86_64 clang "" SIMD=1 THREADS=1
 target tcc-x86_64 tcc "" SIMD=0 THREADS=0
-target i386 i686-linux-gnu-gcc "qemu-i386 -L /usr/i686-linux-gnu" SIMD=0 THREADS=1 ARCHFLAGS=
+# THREADS=0: Debian 12's qemu-i386 (7.2) hangs in pthread_create with the i386
+# glibc 2.36 (a two-line pthread program hangs too); aarch64 etc. are fine
+target i386 i686-linux-gnu-gcc "qemu-i386 -L /usr/i686-linux-gnu" SIMD=0 THREADS=0 ARCHFLAGS=
 target aarch64 aarch64-linux-gnu-gcc "qemu-aarch64 -L /usr/aarch64-linux-gnu" SIMD=1 THREADS=1 ARCHFLAGS=
 target s390x s390x-linux-gnu-gcc "qemu-s390x -L /usr/s390x-linux-gnu" SIMD=0 THREADS=1
 target riscv64 riscv64-linux-gnu-gcc "qemu-riscv64 -L /usr/riscv64-linux-gnu" SIMD=0 THREADS=1
