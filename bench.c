@@ -5,6 +5,7 @@
 //   bench CASE --threads N [--iters K] one case; prints "ours CASE ..."
 // Cases: conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step
 //        casdm_ch64_step casdm_ch128_step lpips224_fwdbwd ddim_ch128_step
+//        (and lpips32_fwdbwd, lpips64_fwdbwd for the LPIPS issue)
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 
@@ -186,14 +187,14 @@ int main(int argc, char **argv) {
         setup_models(&b, MODEL_CASDM, big ? 128 : 64, big ? 3 : 2, big ? "16,8" : "16", 1);
         f = train_step;
         b.flops_mult = 3.0;
-    } else if (!strcmp(cs, "lpips224_fwdbwd")) {
+    } else if (!strcmp(cs, "lpips224_fwdbwd") || !strcmp(cs, "lpips64_fwdbwd") || !strcmp(cs, "lpips32_fwdbwd")) {
         lpips_init(&b.lpips);  // random frozen weights: the speed does not depend on them
         for (size_t i = 0; i < b.lpips.params.count; i++) {
             Tensor *t = params_get(&b.lpips.params, i);
             float s = t->ndim == 4 && t->shape[0] > 1 ? sqrtf(2.0f / (float)(t->size / t->shape[0])) : 0.1f;
             rng_fill_normal(&b.rng, t->data, t->size, 0, s);
         }
-        b.lpips.size = 224;
+        b.lpips.size = atoi(cs + 5);  // lpipsN_fwdbwd: resized from 32x32 to N
         f = lpips_step;
         b.flops_mult = 1.5;  // both branches forward (counted) + the input gradient of one
     } else if (!strcmp(cs, "ddim_ch128_step")) {

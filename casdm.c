@@ -1445,7 +1445,12 @@ static int cmd_sample(int argc, char **argv) {
     snprintf(spec, sizeof spec, "%s%s", all_digits ? "ddim" : "", o.steps);
     int nk = space_timesteps(m.sched.T, spec, kept, err, sizeof err);
     if (nk < 0 && all_digits) nk = space_timesteps(m.sched.T, o.steps, kept, err, sizeof err);
-    if (nk < 0) { fprintf(stderr, "casdm sample: --steps '%s': %s\n", o.steps, err); return 2; }
+    if (nk < 0) {
+        fprintf(stderr, "casdm sample: --steps '%s': %s\n", o.steps, err);
+        free(kept);
+        free_model(&m);
+        return 2;
+    }
     Schedule rs;
     schedule_respace(&rs, &m.sched, kept, nk);
     free(kept);

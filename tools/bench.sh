@@ -3,7 +3,8 @@
 # same run, at 1 and 2 threads. Each case runs in its own process (ours:
 # build/bench; PyTorch: ../shared/ref/unet_ref.py or tools/bench_torch.py), so
 # rss is the case's own peak. Prints one machine-readable line per case and
-# thread count, then a table. --quick: a reduced set in about two minutes.
+# thread count, then a table. --quick: a reduced set in about five minutes.
+# LPIPS cases: batch 16 at 32 and 64, 4 at 224 (both sides), images 32x32 resized.
 # UNET_REF=path/to/unet_ref.py overrides the reference's location.
 cd "$(dirname "$0")/.." || exit 1
 quick=0; [ "$1" = "--quick" ] && quick=1
@@ -16,8 +17,9 @@ elif [ ! -f "$ref" ]; then echo "PyTorch reference $ref not found: torch columns
 if [ $quick -eq 1 ]; then
     cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step casdm_ch64_step"; iters=3
 else
-    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step lpips224_fwdbwd ddim_ch128_step"; iters=5
+    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step"; iters=5
 fi
+[ -n "${BENCH_CASES:-}" ] && cases=$BENCH_CASES   # e.g. BENCH_CASES="lpips224_fwdbwd ddim_ch128_step"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 for th in 1 2; do build/bench peak --threads $th > "$tmp/peak$th"; done
 peak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/peak1"); peak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/peak2")
@@ -35,6 +37,8 @@ torch_run() {  # case threads -> $tmp/torch.json
         casdm_ch64_step) args="casdm --ch 64 --res 2 --attn 16 --batch 16" ;;
         casdm_ch128_step) args="casdm --ch 128 --res 3 --attn 16,8 --batch 16" ;;
         lpips224_fwdbwd) args="vgg --size 224 --batch 4" ;;
+        lpips64_fwdbwd) args="vgg --size 64 --batch 16" ;;
+        lpips32_fwdbwd) args="vgg --size 32 --batch 16" ;;
         ddim_ch128_step) $py tools/bench_torch.py "$(dirname "$ref")" ddim --ch 128 --res 3 --attn 16,8 --batch 16 \
                              --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
     esac
@@ -50,7 +54,8 @@ for c in $cases; do
         torch_ms=-; torch_rss=-
         if [ $torch -eq 1 ]; then
             torch_run "$c" $th
-            key=step_s; [ "$c" = conv3x3_fwd ] && key=fwd_s; [ "$c" = lpips224_fwdbwd ] && key=full_lpips_step_s
+            key=step_s; [ "$c" = conv3x3_fwd ] && key=fwd_s
+            case $c in lpips*) key=full_lpips_step_s ;; esac
             s=$(json "$tmp/torch.json" $key)
             [ "$s" != - ] && torch_ms=$(awk -v s="$s" 'BEGIN{printf "%.2f", s*1000}')
             torch_rss=$(json "$tmp/torch.json" peak_rss_mib)
