@@ -82,8 +82,6 @@ demo: casdm $(FMNIST)
 	./casdm train --data $(FMNIST) --model casdm --ch 32 --res 1 --attn '' --mult 1,2,2 \
 	    --T 1000 --dropout 0 --batch 32 --lr 1e-3 --steps $(DEMO_STEPS) \
 	    --log-every 10 --ckpt-every 100 --sample-every 100 --sample-n 36 --sample-steps 25 --out $(DEMO_OUT)
-	@echo "samples:   $(DEMO_OUT)/samples_$$(printf %06d $(DEMO_STEPS)).png"
-	@echo "loss plot: $(DEMO_OUT)/loss.svg"
 
 # other compilers, 32-bit, aarch64 (NEON), s390x (big-endian), riscv64 under qemu-user
 cross:

@@ -569,8 +569,17 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+// mkdir -p
 static void make_dir(const char *path) {
-    if (mkdir(path, 0777) != 0 && errno != EEXIST) fatal("cannot create directory '%s': %s", path, strerror(errno));
+    char p[4096];
+    snprintf(p, sizeof p, "%s", path);
+    for (char *c = p + 1; *c; c++) {
+        if (*c != '/') continue;
+        *c = 0;
+        if (mkdir(p, 0777) != 0 && errno != EEXIST) fatal("cannot create directory '%s': %s", p, strerror(errno));
+        *c = '/';
+    }
+    if (mkdir(p, 0777) != 0 && errno != EEXIST) fatal("cannot create directory '%s': %s", path, strerror(errno));
 }
 
 // EMA with warm-up: improved-diffusion uses a fixed rate (0.9999), which on a

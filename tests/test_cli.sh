@@ -49,7 +49,7 @@ fi
 
 # resume: 4 steps straight == 2 steps, then resumed to 4 (dropout on, P2 on)
 opts="--model casdm $small --p2-gamma 1 --dropout 0.1"
-./casdm train --data "$dir" $opts --steps 4 --out "$dir/straight" 2>/dev/null
+./casdm train --data "$dir" $opts --steps 4 --out "$dir/straight" 2>/dev/null  # (parents are created: see nested/ below)
 ./casdm train --data "$dir" $opts --steps 2 --out "$dir/half" 2>/dev/null
 ./casdm train --data "$dir" $opts --steps 4 --out "$dir/half" --resume "$dir/half" 2>/dev/null
 if cmp -s "$dir/straight/ckpt.safetensors" "$dir/half/ckpt.safetensors"; then
@@ -116,9 +116,10 @@ if ./casdm eval --ckpt "$dir/straight/ckpt.safetensors" --data "$dir/data_batch_
 else
     fail "casdm eval"; sed 's/^/  /' "$dir/eval.err" "$dir/eval.csv"
 fi
-# --time-limit stops a long run early and still writes the checkpoint
-if ./casdm train --data "$dir" $small --steps 100000 --time-limit 1 --sample-n 0 --out "$dir/tl" 2>"$dir/tl.err" &&
-   grep -q "time limit reached" "$dir/tl.err" && [ -s "$dir/tl/ckpt.safetensors" ]; then
+# --time-limit stops a long run early and still writes the checkpoint (into a
+# directory whose parents do not exist yet)
+if ./casdm train --data "$dir" $small --steps 100000 --time-limit 1 --sample-n 0 --out "$dir/nested/tl" 2>"$dir/tl.err" &&
+   grep -q "time limit reached" "$dir/tl.err" && [ -s "$dir/nested/tl/ckpt.safetensors" ]; then
     pass "casdm train --time-limit stops early with a checkpoint"
 else
     fail "casdm train --time-limit"; sed 's/^/  /' "$dir/tl.err"

@@ -86,7 +86,8 @@ if [ -x "$work/gcc-x86_64/casdm" ] && [ -x "$work/s390x/casdm" ]; then
     (cd "$work/tcc-x86_64" 2>/dev/null && ./casdm sample --ckpt "$d/x86/ckpt.safetensors" --n 2 --steps 3 --out "$d/smp_x86" >/dev/null 2>&1) || ok=0
     (cd "$work/s390x" && $q ./casdm sample --ckpt "$d/x86/ckpt.safetensors" --n 2 --steps 3 --out "$d/smp_s390x" >/dev/null 2>&1) || ok=0
     diffmax=$(cmp -l "$d/smp_x86/samples_2x32x32x3.npz" "$d/smp_s390x/samples_2x32x32x3.npz" 2>/dev/null |
-              awk '{ a = strtonum("0" $2); b = strtonum("0" $3); d = a > b ? a - b : b - a; if (d > m) m = d } END { print m + 0 }')
+              awk 'function oct(s,  n, i) { n = 0; for (i = 1; i <= length(s); i++) n = n * 8 + substr(s, i, 1); return n }
+                   { a = oct($2); b = oct($3); d = a > b ? a - b : b - a; if (d > m) m = d } END { print m + 0 }')  # cmp -l prints octal
     [ "${diffmax:-99}" -le 1 ] || ok=0
     if [ $ok -eq 1 ]; then
         echo "PASS checkpoints across byte orders: x86-64 -> s390x -> identical bytes, and back; samples agree (max pixel difference $diffmax)"
