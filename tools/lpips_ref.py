@@ -184,17 +184,9 @@ def save(model, path, metadata):
 # ---------------------------------------------------------------------------
 # Deterministic test weights C can regenerate
 # ---------------------------------------------------------------------------
-FNV_OFFSET = 14695981039346656037
-FNV_PRIME = 1099511628211
-GOLDEN = 0x9E3779B97F4A7C15
-MASK64 = (1 << 64) - 1
-
-
-def fnv1a64(s):
-    h = FNV_OFFSET
-    for b in s.encode():
-        h = ((h ^ b) * FNV_PRIME) & MASK64
-    return h
+# the hash and constants of casdm_ref's U-Net test weights, shared
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from casdm_ref import FNV_OFFSET, FNV_PRIME, GOLDEN, MASK64, fnv1a64  # noqa: E402,F401
 
 
 # "splitmix64" is the definition in use (tests/test_unet.c regenerates it). Measured (tools/make_lpips_goldens.py
