@@ -185,7 +185,6 @@ def save(model, path, metadata):
 # Deterministic test weights C can regenerate
 # ---------------------------------------------------------------------------
 # the hash and constants of casdm_ref's U-Net test weights, shared
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from casdm_ref import FNV_OFFSET, FNV_PRIME, GOLDEN, MASK64, fnv1a64  # noqa: E402,F401
 
 
