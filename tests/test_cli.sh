@@ -100,11 +100,11 @@ fi
 # training with LPIPS on one image: the LPIPS term falls
 mkdir -p "$dir/one"
 head -c 3073 "$dir/data_batch_1.bin" > "$dir/one/data_batch_1.bin"
-./casdm train --data "$dir/one" --model ddpm-x0 --lpips $w --lpips-size 32 --ch 32 --res 1 --attn 16 --batch 2 \
+./casdm train --data "$dir/one" --model casdm --lpips $w --lpips-size 32 --ch 32 --res 1 --attn 16 --batch 2 \
     --T 100 --steps 20 --lr 1e-3 --dropout 0 --log-every 5 --sample-n 0 --out "$dir/lp" 2>"$dir/lp.err"
 first=$(sed -n 2p "$dir/lp/log.csv" | cut -d, -f6); last=$(tail -n 1 "$dir/lp/log.csv" | cut -d, -f6)
 if [ -n "$first" ] && awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < 0.5 * a) }'; then
-    pass "training with --lpips: the LPIPS term falls on one image ($first -> $last in 20 steps)"
+    pass "casdm training with --lpips: the LPIPS term falls on one image ($first -> $last in 20 steps)"
 else
     fail "training with --lpips: LPIPS '$first' -> '$last'"; sed 's/^/  /' "$dir/lp.err"
 fi
