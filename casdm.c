@@ -7,11 +7,13 @@
 #include "casdm.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -99,7 +101,10 @@ typedef struct {
     int n, c, h, w;
     unsigned char *pixels;
     const char *source;
+    int flip;             // random horizontal flips by default (CIFAR, image folders; not IDX)
 } Dataset;
+
+static unsigned char *read_image(const char *path, int *W, int *H, int *C);  // with PNG, below
 
 static unsigned char *read_file(const char *path, size_t *size) {
     FILE *f = fopen(path, "rb");
@@ -174,8 +179,66 @@ static int ends_with(const char *s, const char *suffix) {
     return n >= m && strcmp(s + n - m, suffix) == 0;
 }
 
-// PATH: a CIFAR-10 directory (data_batch_1..5.bin), a CIFAR .bin file, or an
-// IDX image file (*-idx3-ubyte).
+static int image_name(const char *s) {
+    return ends_with(s, ".png") || ends_with(s, ".ppm") || ends_with(s, ".pgm") ||
+           ends_with(s, ".PNG") || ends_with(s, ".PPM") || ends_with(s, ".PGM");
+}
+
+static int compare_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+// A folder of images (8-bit PNG, binary PPM P6 or PGM P5), all of the same
+// size and kind (all grey or all colour), read in name order.
+static void load_image_folder(Dataset *d, const char *path) {
+    DIR *dir = opendir(path);
+    if (!dir) fatal("--data '%s': %s", path, strerror(errno));
+    char **names = NULL;
+    size_t n = 0, cap = 0;
+    for (struct dirent *e; (e = readdir(dir));) {
+        if (e->d_name[0] == '.' || !image_name(e->d_name)) continue;
+        if (n == cap) {
+            cap = cap ? 2 * cap : 1024;
+            char **nn = mallocCheck(cap * sizeof *nn);
+            if (n) memcpy(nn, names, n * sizeof *nn);
+            free(names);
+            names = nn;
+        }
+        size_t len = strlen(e->d_name) + 1;
+        names[n] = mallocCheck(len);
+        memcpy(names[n++], e->d_name, len);
+    }
+    closedir(dir);
+    if (n == 0)
+        fatal("--data '%s': no CIFAR-10 data_batch_N.bin files and no .png/.ppm/.pgm images in this directory "
+              "(CIFAR-10's binary version: https://www.cs.toronto.edu/~kriz/cifar.html)", path);
+    if (n > 0x7fffffff) fatal("--data '%s': too many images", path);
+    qsort(names, n, sizeof *names, compare_names);
+    char file[4096];
+    for (size_t i = 0; i < n; i++) {
+        snprintf(file, sizeof file, "%s/%s", path, names[i]);
+        int w, h, c = 0;
+        unsigned char *img = read_image(file, &w, &h, &c);
+        if (i == 0) {
+            d->c = c;
+            d->h = h;
+            d->w = w;
+            if ((size_t)w * h * c * n > ((size_t)1 << 34)) fatal("--data '%s': %zu images of %dx%d do not fit in memory", path, n, w, h);
+            d->pixels = mallocCheck(n * (size_t)w * h * c);
+        } else if (w != d->w || h != d->h || c != d->c) {
+            fatal("--data '%s': '%s' is %dx%d with %d channel(s), but '%s' is %dx%d with %d; all images must match",
+                  path, names[i], w, h, c, names[0], d->w, d->h, d->c);
+        }
+        unsigned char *dst = d->pixels + i * (size_t)w * h * c;  // HWC -> CHW
+        for (int ch = 0; ch < c; ch++)
+            for (size_t k = 0; k < (size_t)w * h; k++) dst[(size_t)ch * w * h + k] = img[k * c + ch];
+        free(img);
+    }
+    for (size_t i = 0; i < n; i++) free(names[i]);
+    free(names);
+    d->n = (int)n;
+}
+
+// PATH: a CIFAR-10 directory (data_batch_1..5.bin), a CIFAR .bin file, an
+// IDX image file (*-idx3-ubyte), or a directory of PNG/PPM/PGM images.
 static void load_dataset(Dataset *d, const char *path) {
     memset(d, 0, sizeof *d);
     d->source = path;
@@ -187,15 +250,15 @@ static void load_dataset(Dataset *d, const char *path) {
             snprintf(p, sizeof p, "%s/data_batch_%d.bin", path, i);
             if (stat(p, &st) == 0) load_cifar_file(d, p);
         }
-        if (d->n == 0)
-            fatal("--data '%s': no CIFAR-10 data_batch_N.bin files in this directory "
-                  "(get the binary version from https://www.cs.toronto.edu/~kriz/cifar.html)", path);
+        if (d->n == 0) load_image_folder(d, path);
+        d->flip = 1;
     } else if (ends_with(path, ".bin")) {
         load_cifar_file(d, path);
+        d->flip = 1;
     } else if (strstr(path, "idx3-ubyte")) {
-        load_idx(d, path);
+        load_idx(d, path);  // digits and letters are not mirror-symmetric: no flips by default
     } else {
-        fatal("--data '%s': not a CIFAR-10 directory or .bin file, nor an IDX *-idx3-ubyte file", path);
+        fatal("--data '%s': not a CIFAR-10 directory or .bin file, an IDX *-idx3-ubyte file, nor a directory of images", path);
     }
 }
 
@@ -223,7 +286,7 @@ static void sample_batch(const Dataset *d, Rng *rng, float *x0, int B, int flip)
 typedef struct {
     // data and model
     const char *data, *model, *schedule, *attn, *mult, *out, *resume, *lpips;
-    int no_flip, ch, res, heads, T, no_clip_x0, lpips_size;
+    int no_flip, flip, ch, res, heads, T, no_clip_x0, lpips_size;
     double dropout, p2_gamma, p2_k, lambda_lpips;
     // optimisation
     int steps, batch, seed;
@@ -479,10 +542,11 @@ static void history_add(History *h, long step, const double *v) {
     h->n++;
 }
 
-// the rows of an existing log.csv (when resuming)
-static void history_load(History *h, const char *path) {
+// the rows of an existing log.csv (when resuming, and for casdm plot);
+// -1 when the file cannot be opened
+static int history_load(History *h, const char *path) {
     FILE *f = fopen(path, "r");
-    if (!f) return;
+    if (!f) return -1;
     char line[512];
     while (fgets(line, sizeof line, f)) {
         if (line[0] < '0' || line[0] > '9') continue;
@@ -500,6 +564,7 @@ static void history_load(History *h, const char *path) {
         history_add(h, step, v);
     }
     fclose(f);
+    return 0;
 }
 
 static void svg_add(Bytes *o, const char *fmt, ...) {
@@ -511,14 +576,23 @@ static void svg_add(Bytes *o, const char *fmt, ...) {
     bytes_put(o, buf, (size_t)(n < (int)sizeof buf ? n : (int)sizeof buf - 1));
 }
 
-static void write_loss_svg(const History *h, const char *path, const char *title) {
+// One or more runs (log.csv histories) in one plot: a colour per loss term,
+// a dash pattern per run (labels name the runs; NULL for a single run).
+static void write_loss_svg(const History *runs, const char *const *labels, int nruns, const char *path,
+                           const char *title) {
     static const char *names[PLOT_TERMS] = {"loss", "L_eps", "L_x0", "L_mu", "L_lpips"};
     static const char *colors[PLOT_TERMS] = {"#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"};
-    const double W = 800, H = 420, L = 70, R = 150, T = 40, B = 50;
+    static const char *dashes[4] = {"", "7,4", "2,3", "10,3,2,3"};
+    const double W = 800, H = 420, L = 70, R = 170, T = 40, B = 50;
     double lo = INFINITY, hi = -INFINITY;
-    long s0 = h->n ? h->step[0] : 0, s1 = h->n ? h->step[h->n - 1] : 1;
-    for (size_t i = 0; i < h->n * PLOT_TERMS; i++)
-        if (h->v[i] > 0 && isfinite(h->v[i])) { lo = fmin(lo, h->v[i]); hi = fmax(hi, h->v[i]); }
+    long s0 = LONG_MAX, s1 = LONG_MIN;
+    for (int r = 0; r < nruns; r++) {
+        const History *h = &runs[r];
+        if (h->n) { s0 = h->step[0] < s0 ? h->step[0] : s0; s1 = h->step[h->n - 1] > s1 ? h->step[h->n - 1] : s1; }
+        for (size_t i = 0; i < h->n * PLOT_TERMS; i++)
+            if (h->v[i] > 0 && isfinite(h->v[i])) { lo = fmin(lo, h->v[i]); hi = fmax(hi, h->v[i]); }
+    }
+    if (s0 > s1) { s0 = 0; s1 = 1; }
     if (!(lo < hi)) { lo = 1e-3; hi = 1.0; }
     double dlo = floor(log10(lo)), dhi = ceil(log10(hi));
     if (dhi <= dlo) dhi = dlo + 1;
@@ -539,21 +613,42 @@ static void write_loss_svg(const History *h, const char *path, const char *title
     svg_add(&o, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\"/>\n", L, T, W - L - R, H - T - B);
     int legend = 0;
     for (int t = 0; t < PLOT_TERMS; t++) {
-        int any = 0;
-        for (size_t i = 0; i < h->n; i++) {
-            double v = h->v[i * PLOT_TERMS + t];
-            if (!(v > 0) || !isfinite(v)) continue;
-            double x = L + (W - L - R) * (double)(h->step[i] - s0) / (double)(s1 - s0);
-            double y = T + (H - T - B) * (dhi - log10(v)) / (dhi - dlo);
-            if (!any) svg_add(&o, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\" points=\"", colors[t]);
-            svg_add(&o, "%.1f,%.1f ", x, y);
-            any = 1;
+        int shown = 0;
+        for (int r = 0; r < nruns; r++) {
+            const History *h = &runs[r];
+            int any = 0;
+            for (size_t i = 0; i < h->n; i++) {
+                double v = h->v[i * PLOT_TERMS + t];
+                if (!(v > 0) || !isfinite(v)) continue;
+                double x = L + (W - L - R) * (double)(h->step[i] - s0) / (double)(s1 - s0);
+                double y = T + (H - T - B) * (dhi - log10(v)) / (dhi - dlo);
+                if (!any)
+                    svg_add(&o, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"%s%s%s points=\"", colors[t],
+                            r ? " stroke-dasharray=\"" : "", dashes[r % 4], r ? "\"" : "");
+                svg_add(&o, "%.1f,%.1f ", x, y);
+                any = 1;
+            }
+            if (any) svg_add(&o, "\"/>\n");
+            shown |= any;
         }
-        if (any) {
+        if (shown) {
             double y = T + 14 + 18 * legend++;
-            svg_add(&o, "\"/>\n<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"%s\" stroke-width=\"2\"/><text x=\"%.0f\" y=\"%.0f\">%s</text>\n",
+            svg_add(&o, "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"%s\" stroke-width=\"2\"/><text x=\"%.0f\" y=\"%.0f\">%s</text>\n",
                     W - R + 12, y, W - R + 32, y, colors[t], W - R + 38, y + 4, names[t]);
         }
+    }
+    for (int r = 0; labels && r < nruns; r++) {  // which dash is which run
+        double y = T + 14 + 18 * legend++ + 8;
+        svg_add(&o, "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"#444\" stroke-width=\"2\"%s%s%s/>",
+                W - R + 12, y, W - R + 32, y, r ? " stroke-dasharray=\"" : "", dashes[r % 4], r ? "\"" : "");
+        svg_add(&o, "<text x=\"%.0f\" y=\"%.0f\">", W - R + 38, y + 4);
+        for (const char *c = labels[r]; *c; c++) {  // the label is user text: escape it
+            if (*c == '<') svg_add(&o, "&lt;");
+            else if (*c == '>') svg_add(&o, "&gt;");
+            else if (*c == '&') svg_add(&o, "&amp;");
+            else bytes_put(&o, c, 1);
+        }
+        svg_add(&o, "</text>\n");
     }
     svg_add(&o, "</svg>\n");
     write_atomically(path, &o);
@@ -637,7 +732,8 @@ static void define_train_options(TrainOpts *o) {
         {"--ema", OPT_FLOAT, &o->ema, "0.9999", "EMA rate (warmed up as min(rate, (1+s)/(10+s)))", 0, 1},
         {"--grad-clip", OPT_FLOAT, &o->grad_clip, "0", "clip the global gradient norm to this (0 = off)", 0, 1e9},
         {"--seed", OPT_INT, &o->seed, "0", "random seed", 0, 2147483647},
-        {"--no-flip", OPT_FLAG, &o->no_flip, NULL, "no random horizontal flips", 0, 0},
+        {"--no-flip", OPT_FLAG, &o->no_flip, NULL, "no random horizontal flips (default for CIFAR-10 and image folders: flips)", 0, 0},
+        {"--flip", OPT_FLAG, &o->flip, NULL, "random horizontal flips also for IDX data (default there: none)", 0, 0},
         {"--out", OPT_STR, &o->out, "runs/train", "output directory", 0, 0},
         {"--resume", OPT_STR, &o->resume, NULL, "continue from DIR/ckpt.safetensors", 0, 0},
         {"--log-every", OPT_INT, &o->log_every, "10", "steps per line of log.csv", 1, 1000000},
@@ -694,6 +790,8 @@ static int cmd_train(int argc, char **argv) {
     load_dataset(&data, o.data);
     if (use_lpips && data.c != 3) fatal("--lpips needs RGB images; '%s' has %d channel(s)", o.data, data.c);
     if (data.h != data.w) fatal("--data '%s': images are %dx%d; square images only", o.data, data.h, data.w);
+    if (o.flip && o.no_flip) { fprintf(stderr, "casdm train: --flip and --no-flip contradict each other\n"); return 2; }
+    int flip = o.flip || (data.flip && !o.no_flip);
     Trainer tr;
     trainer_init(&tr, &o, data.c, data.h);
     make_dir(o.out);
@@ -710,7 +808,18 @@ static int cmd_train(int argc, char **argv) {
     char svgpath[4096], title[256];
     snprintf(svgpath, sizeof svgpath, "%s/loss.svg", o.out);
     snprintf(title, sizeof title, "casdm train --model %s (%s)", model_name(tr.kind), o.data);
-    if (o.resume) history_load(&hist, logpath);
+    // the log continues: resuming in place appends; resuming into a new
+    // directory starts its log with the old run's rows up to the resumed step
+    struct stat st;
+    int new_log = stat(logpath, &st) != 0;
+    if (o.resume && new_log) {
+        char from[4096];
+        snprintf(from, sizeof from, "%s/log.csv", o.resume);
+        history_load(&hist, from);
+        while (hist.n && hist.step[hist.n - 1] > tr.step) hist.n--;
+    } else if (o.resume) {
+        history_load(&hist, logpath);
+    }
     // the networks the sample grids use: EMA weights copied in when needed
     Model ema = {0};
     ema.kind = tr.kind;
@@ -720,9 +829,18 @@ static int cmd_train(int argc, char **argv) {
         unet_init(&ema.theta, &tr.theta_cfg, 0, NULL);
         if (tr.has_phi) unet_init(&ema.phi, &tr.phi_cfg, 0, NULL);
     }
-    FILE *log = fopen(logpath, o.resume ? "a" : "w");
+    FILE *log = fopen(logpath, o.resume && !new_log ? "a" : "w");
     if (!log) fatal("cannot write '%s': %s", logpath, strerror(errno));
-    if (!o.resume) fprintf(log, "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s\n");
+    if (!o.resume || new_log) {
+        fprintf(log, "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s\n");
+        for (size_t i = 0; i < hist.n; i++) {  // rows carried over from --resume DIR (img/s unknown: empty)
+            fprintf(log, "%ld", hist.step[i]);
+            for (int k = 0; k < PLOT_TERMS; k++)
+                if (isnan(hist.v[i * PLOT_TERMS + k])) fprintf(log, ",");
+                else fprintf(log, ",%.6g", hist.v[i * PLOT_TERMS + k]);
+            fprintf(log, ",\n");
+        }
+    }
     fprintf(stderr, "casdm train: %s on %d images %dx%dx%d from %s; theta %zu parameters%s; %s, %d threads\n",
             model_name(tr.kind), data.n, data.c, data.h, data.w, o.data, tr.theta.params.total,
             tr.has_phi ? " (+ phi)" : "", simd_name(), pool_threads());
@@ -742,11 +860,12 @@ static int cmd_train(int argc, char **argv) {
     int nsum = 0, tty = isatty(2);
     signal(SIGINT, on_sigint);
     int out_of_time = 0;
+    long step0 = tr.step;
     while (tr.step < o.steps && !interrupted && !out_of_time) {
         out_of_time = o.time_limit > 0 && now_seconds() - t0 >= o.time_limit;
         if (out_of_time) break;
         graph_reset(&g);
-        sample_batch(&data, &tr.rng, x0buf, B, !o.no_flip);
+        sample_batch(&data, &tr.rng, x0buf, B, flip);
         for (int i = 0; i < B; i++) t[i] = (int)rng_below(&tr.rng, (uint32_t)tr.sched.T);
         Tensor *x0 = tensor4(&g, B, data.c, data.h, data.w);
         memcpy(x0->data, x0buf, (size_t)B * img * sizeof(float));
@@ -793,8 +912,11 @@ static int cmd_train(int argc, char **argv) {
             double row[PLOT_TERMS];
             for (int i = 0; i < PLOT_TERMS; i++) row[i] = terms[i] ? sums[i] / nsum : NAN;
             history_add(&hist, tr.step, row);
-            write_loss_svg(&hist, svgpath, title);
-            double elapsed = now - t0, eta = elapsed / (double)(tr.step) * (double)(o.steps - tr.step);
+            write_loss_svg(&hist, NULL, 1, svgpath, title);
+            // ETA from this run's pace (a resumed run starts at step0), and
+            // never past --time-limit
+            double elapsed = now - t0, eta = elapsed / (double)(tr.step - step0) * (double)(o.steps - tr.step);
+            if (o.time_limit > 0 && eta > o.time_limit - elapsed) eta = fmax(0.0, o.time_limit - elapsed);
             fprintf(stderr, "%sstep %ld/%d loss %.4f", tty ? "\r" : "", tr.step, o.steps, sums[0] / nsum);
             const char *nm[5] = {"", "eps", "x0", "mu", "lpips"};
             for (int i = 1; i < 5; i++)
@@ -1153,8 +1275,10 @@ static int paeth(int a, int b, int c) {
     return pa <= pb && pa <= pc ? a : (pb <= pc ? b : c);
 }
 
-// an 8-bit PNG or a binary PPM/PGM -> RGB bytes (H,W,3); grey is repeated
-static unsigned char *read_image(const char *path, int *W, int *H) {
+// an 8-bit PNG or a binary PPM/PGM -> bytes (H,W,C). *C = 3 asks for RGB
+// (grey repeated); *C = 0 keeps the file's own: 1 for grey, 3 for colour
+// (alpha is dropped).
+static unsigned char *read_image(const char *path, int *W, int *H, int *C) {
     size_t n;
     unsigned char *b = read_file(path, &n);
     unsigned char *rgb = NULL;
@@ -1174,10 +1298,12 @@ static unsigned char *read_image(const char *path, int *W, int *H) {
         *W = vals[0];
         *H = vals[1];
         if (*W < 1 || *H < 1 || n - p < (size_t)*W * *H * ch) fatal("'%s': truncated PNM data", path);
-        rgb = mallocCheck((size_t)*W * *H * 3);
+        int oc = *C ? *C : ch;
+        rgb = mallocCheck((size_t)*W * *H * oc);
         for (size_t i = 0; i < (size_t)*W * *H; i++)
-            for (int c = 0; c < 3; c++) rgb[i * 3 + c] = b[p + i * ch + (ch == 3 ? c : 0)];
+            for (int c = 0; c < oc; c++) rgb[i * oc + c] = b[p + i * ch + (ch == 3 ? c : 0)];
         free(b);
+        *C = oc;
         return rgb;
     }
     static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
@@ -1227,9 +1353,11 @@ static unsigned char *read_image(const char *path, int *W, int *H) {
             row[i] = (unsigned char)v;
         }
     }
-    rgb = mallocCheck((size_t)*W * *H * 3);
+    int oc = *C ? *C : ch >= 3 ? 3 : 1;
+    rgb = mallocCheck((size_t)*W * *H * oc);
     for (size_t i = 0; i < (size_t)*W * *H; i++)
-        for (int c = 0; c < 3; c++) rgb[i * 3 + c] = img[i * ch + (ch >= 3 ? c : 0)];
+        for (int c = 0; c < oc; c++) rgb[i * oc + c] = img[i * ch + (ch >= 3 ? c : 0)];
+    *C = oc;
     free(img);
     free(raw.b);
     free(z.b);
@@ -1276,7 +1404,10 @@ static int cmd_lpips(int argc, char **argv) {
     if (lpips_load(&l, weights, err, sizeof err) != 0) fatal("--weights: %s", err);
     int w[2], h[2];
     unsigned char *img[2];
-    for (int i = 0; i < 2; i++) img[i] = read_image(files[i], &w[i], &h[i]);
+    for (int i = 0; i < 2; i++) {
+        int rgb = 3;
+        img[i] = read_image(files[i], &w[i], &h[i], &rgb);
+    }
     if (w[0] != w[1] || h[0] != h[1])
         fatal("'%s' is %dx%d but '%s' is %dx%d: the images must have the same size", files[0], w[0], h[0], files[1], w[1], h[1]);
     Graph g;
@@ -1599,6 +1730,73 @@ static int cmd_eval(int argc, char **argv) {
 }
 
 // ---------------------------------------------------------------------------
+// ---- plot: several log.csv files in one SVG ----
+// E.g. the C run and tools/train_ref.py's PyTorch run of the same command.
+// ---------------------------------------------------------------------------
+static Option plot_opts_table[2];
+static int plot_opts_n;
+
+static void plot_help(FILE *f) {
+    fputs("usage: casdm plot --out FILE.svg [--title S] [LABEL=]LOG.csv ...\n\n"
+          "Draws the loss terms of one or more log.csv files (casdm train's, or tools/train_ref.py's)\n"
+          "in one SVG: a colour per term, a dash pattern per file. LABEL names a file in the legend\n"
+          "(default: its path).\n\noptions:\n", f);
+    usage_options(f, plot_opts_table, plot_opts_n);
+}
+
+static int cmd_plot(int argc, char **argv) {
+    const char *out, *title;
+    const Option opts[] = {
+        {"--out", OPT_STR, &out, NULL, "the SVG to write", 0, 0},
+        {"--title", OPT_STR, &title, "training loss", "the plot's title", 0, 0},
+    };
+    plot_opts_n = (int)(sizeof opts / sizeof opts[0]);
+    memcpy(plot_opts_table, opts, sizeof opts);
+    // options first, then the files: split argv at the first argument that is not an option or its value
+    int a = 0;
+    while (a < argc && argv[a][0] == '-') a += (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0) ? 1 : 2;
+    if (a > argc) a = argc;
+    parse_options("plot", opts, plot_opts_n, a, argv, plot_help);
+    if (!out) { fprintf(stderr, "casdm plot: --out is required (see casdm plot --help)\n"); return 2; }
+    int nruns = argc - a;
+    if (nruns < 1) { fprintf(stderr, "casdm plot: no log.csv given (see casdm plot --help)\n"); return 2; }
+    History *runs = calloc((size_t)nruns, sizeof *runs);
+    const char **labels = calloc((size_t)nruns, sizeof *labels);
+    if (!runs || !labels) fatal("out of memory");
+    int rc = 0;
+    for (int r = 0; r < nruns && rc == 0; r++) {
+        const char *arg = argv[a + r], *eq = strchr(arg, '=');
+        const char *path = eq ? eq + 1 : arg;
+        labels[r] = arg;
+        if (eq) {  // "LABEL=PATH": the label is the part before '='
+            char *l = mallocCheck((size_t)(eq - arg) + 1);
+            memcpy(l, arg, (size_t)(eq - arg));
+            l[eq - arg] = 0;
+            labels[r] = l;
+        }
+        if (history_load(&runs[r], path) != 0) {
+            fprintf(stderr, "casdm plot: cannot read %s: %s\n", path, strerror(errno));
+            rc = 1;
+        } else if (runs[r].n == 0) {
+            fprintf(stderr, "casdm plot: %s has no rows of a casdm log.csv\n", path);
+            rc = 1;
+        }
+    }
+    if (rc == 0) {
+        write_loss_svg(runs, labels, nruns, out, title);
+        fprintf(stderr, "wrote %s (%d run%s)\n", out, nruns, nruns > 1 ? "s" : "");
+    }
+    for (int r = 0; r < nruns; r++) {
+        if (labels[r] && labels[r] != argv[a + r]) free((char *)labels[r]);
+        free(runs[r].step);
+        free(runs[r].v);
+    }
+    free(runs);
+    free(labels);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------
 // ---- main ----
 // ---------------------------------------------------------------------------
 static void usage(FILE *f) {
@@ -1610,6 +1808,7 @@ static void usage(FILE *f) {
             "  sample     sample images from a checkpoint (casdm sample --help)\n"
             "  lpips      LPIPS distance between two images (casdm lpips --help)\n"
             "  eval       held-out denoising losses of a checkpoint (casdm eval --help)\n"
+            "  plot       loss curves of one or more log.csv files in one SVG (casdm plot --help)\n"
             "  info       print how this binary was built (SIMD path, threads)\n"
             "\n"
             "global options:\n"
@@ -1653,6 +1852,8 @@ int main(int argc, char **argv) {
         rc = cmd_lpips(argc - i - 1, argv + i + 1);
     } else if (strcmp(argv[i], "eval") == 0) {
         rc = cmd_eval(argc - i - 1, argv + i + 1);
+    } else if (strcmp(argv[i], "plot") == 0) {
+        rc = cmd_plot(argc - i - 1, argv + i + 1);
     } else {
         fprintf(stderr, "casdm: unknown command '%s' (see casdm --help)\n", argv[i]);
         rc = 2;

@@ -47,6 +47,25 @@ else
     fail "sample grids / loss plot"; sed 's/^/  /' "$dir/grids.err"
 fi
 
+# casdm plot: two runs in one SVG, a polyline per term and run (casdm: loss,
+# eps, x0, mu; ddpm-eps: loss, eps), two points each (2 logged steps), the
+# second run dashed, user labels escaped; a missing log is named
+if ./casdm plot --out "$dir/both.svg" --title "two runs" C="$dir/casdm/log.csv" 'b<&>'="$dir/ddpm-eps/log.csv" 2>"$dir/plot.err" &&
+   [ "$(grep -c '<polyline' "$dir/both.svg")" -eq 6 ] &&
+   [ "$(grep '<polyline' "$dir/both.svg" | grep -c 'points="[0-9.]*,[0-9.]* [0-9.]*,[0-9.]* "')" -eq 6 ] &&
+   [ "$(grep '<polyline' "$dir/both.svg" | grep -c 'stroke-dasharray')" -eq 2 ] &&
+   grep -q '>b&lt;&amp;&gt;</text>' "$dir/both.svg" && grep -q '>C</text>' "$dir/both.svg"; then
+    pass "casdm plot draws several log.csv files in one SVG"
+else
+    fail "casdm plot"; sed 's/^/  /' "$dir/plot.err"
+fi
+./casdm plot --out "$dir/none.svg" "$dir/no-such/log.csv" 2>"$dir/plot.err"; rc=$?
+if [ $rc -eq 1 ] && grep -q "no-such/log.csv" "$dir/plot.err" && [ ! -e "$dir/none.svg" ]; then
+    pass "casdm plot names a missing log.csv and writes nothing"
+else
+    fail "casdm plot with a missing file (exit $rc)"; sed 's/^/  /' "$dir/plot.err"
+fi
+
 # resume: 4 steps straight == 2 steps, then resumed to 4 (dropout on, P2 on)
 opts="--model casdm $small --p2-gamma 1 --dropout 0.1"
 ./casdm train --data "$dir" $opts --steps 4 --out "$dir/straight" 2>/dev/null  # (parents are created: see nested/ below)
@@ -56,6 +75,15 @@ if cmp -s "$dir/straight/ckpt.safetensors" "$dir/half/ckpt.safetensors"; then
     pass "resumed training is bitwise identical to an uninterrupted run"
 else
     fail "resumed training differs from an uninterrupted run"
+fi
+# resuming into a new directory: its log starts with the old run's rows
+./casdm train --data "$dir" $opts --steps 6 --out "$dir/moved" --resume "$dir/half" 2>/dev/null
+if [ "$(head -1 "$dir/moved/log.csv")" = "$(head -1 "$dir/half/log.csv")" ] &&
+   [ "$(cut -d, -f1 "$dir/moved/log.csv" | tr '\n' ' ')" = "step 1 2 3 4 5 6 " ] &&
+   [ "$(sed -n 2,5p "$dir/moved/log.csv" | cut -d, -f1-6)" = "$(sed -n 2,5p "$dir/half/log.csv" | cut -d, -f1-6)" ]; then
+    pass "--resume into a new --out carries the log over (header, old rows, new rows)"
+else
+    fail "--resume into a new --out: log.csv is"; sed 's/^/  /' "$dir/moved/log.csv"
 fi
 # and the thread count does not change the result
 ./casdm --threads 1 train --data "$dir" $opts --steps 4 --out "$dir/one" 2>/dev/null
@@ -119,11 +147,41 @@ fi
 # --time-limit stops a long run early and still writes the checkpoint (into a
 # directory whose parents do not exist yet)
 if ./casdm train --data "$dir" $small --steps 100000 --time-limit 1 --sample-n 0 --out "$dir/nested/tl" 2>"$dir/tl.err" &&
-   grep -q "time limit reached" "$dir/tl.err" && [ -s "$dir/nested/tl/ckpt.safetensors" ]; then
-    pass "casdm train --time-limit stops early with a checkpoint"
+   grep -q "time limit reached" "$dir/tl.err" && [ -s "$dir/nested/tl/ckpt.safetensors" ] &&
+   grep -q 'ETA [0-9]*s' "$dir/tl.err" &&
+   grep -o 'ETA [0-9]*s' "$dir/tl.err" | tr -dc '0-9\n' | awk '$1 > 1 { bad = 1 } END { exit bad }'; then
+    pass "casdm train --time-limit stops early with a checkpoint (ETA never past the limit)"
 else
     fail "casdm train --time-limit"; sed 's/^/  /' "$dir/tl.err"
 fi
+
+# A folder of images loads the same pixels as the other formats: PPM files
+# vs a CIFAR-10 file with the same images (both flip by default), and PGM
+# files with a zero border vs a 28x28 IDX file (--flip there) give
+# bitwise identical checkpoints.
+pix='function p(i, c, y, x) { return (i * 37 + c * 11 + y * 5 + x * 3 + int(x * y / 7)) % 256 }'
+mkdir -p "$dir/ppm" "$dir/pgm" "$dir/mixed" "$dir/empty"
+awk "$pix"' BEGIN { for (i = 0; i < 4; i++) { printf "%c", i; for (c = 0; c < 3; c++) for (y = 0; y < 32; y++) for (x = 0; x < 32; x++) printf "%c", p(i, c, y, x) } }' > "$dir/four.bin"
+for i in 0 1 2 3; do
+    awk -v i=$i "$pix"' BEGIN { printf "P6\n# a comment\n32 32\n255\n"; for (y = 0; y < 32; y++) for (x = 0; x < 32; x++) for (c = 0; c < 3; c++) printf "%c", p(i, c, y, x) }' > "$dir/ppm/img$i.ppm"
+    awk -v i=$i "$pix"' BEGIN { printf "P5 32 32 255\n"; for (y = 0; y < 32; y++) for (x = 0; x < 32; x++) printf "%c", (y < 2 || y >= 30 || x < 2 || x >= 30) ? 0 : p(i, 0, y - 2, x - 2) }' > "$dir/pgm/g$i.pgm"
+done
+awk "$pix"' BEGIN { printf "%c%c%c%c%c%c%c%c%c%c%c%c%c%c%c%c", 0, 0, 8, 3, 0, 0, 0, 4, 0, 0, 0, 28, 0, 0, 0, 28;
+                    for (i = 0; i < 4; i++) for (y = 0; y < 28; y++) for (x = 0; x < 28; x++) printf "%c", p(i, 0, y, x) }' > "$dir/four-idx3-ubyte"
+tiny="--model ddpm-eps --ch 32 --res 1 --mult 1,2 --batch 3 --T 100 --steps 2 --sample-n 0"
+ok=1
+./casdm train --data "$dir/ppm" $tiny --attn '' --out "$dir/f_ppm" 2>"$dir/folder.err" || ok=0
+./casdm train --data "$dir/four.bin" $tiny --attn '' --out "$dir/f_bin" 2>>"$dir/folder.err" || ok=0
+./casdm train --data "$dir/pgm" $tiny --attn '' --out "$dir/f_pgm" 2>>"$dir/folder.err" || ok=0
+./casdm train --data "$dir/four-idx3-ubyte" --flip $tiny --attn '' --out "$dir/f_idx" 2>>"$dir/folder.err" || ok=0
+if [ $ok -eq 1 ] && cmp -s "$dir/f_ppm/ckpt.safetensors" "$dir/f_bin/ckpt.safetensors" &&
+   cmp -s "$dir/f_pgm/ckpt.safetensors" "$dir/f_idx/ckpt.safetensors" &&
+   ! cmp -s "$dir/f_ppm/ckpt.safetensors" "$dir/f_pgm/ckpt.safetensors"; then
+    pass "a folder of PPM (PGM) images trains exactly as the same pixels in CIFAR (IDX) format"
+else
+    fail "image folder vs CIFAR / IDX"; sed 's/^/  /' "$dir/folder.err"
+fi
+cp "$dir/ppm/img0.ppm" "$dir/pgm/g0.pgm" "$dir/mixed/"
 
 # expect STATUS NEEDLE CMD...: the command fails with STATUS and says NEEDLE
 expect() {
@@ -167,4 +225,7 @@ expect 2 "needs two images" ./casdm lpips tests/goldens/image.png --weights $w
 awk 'BEGIN { printf "%c%c%c%c%c%c%c%c%c%c%c%c%c%c%c%c", 0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28;
              for (i = 0; i < 2 * 784; i++) printf "%c", i % 256 }' > "$dir/grey-idx3-ubyte"
 expect 1 "has 1x32x32 images; the model takes 3x32x32" ./casdm eval --ckpt "$dir/straight/ckpt.safetensors" --data "$dir/grey-idx3-ubyte"
+expect 1 "all images must match" ./casdm train --data "$dir/mixed" --steps 1
+expect 1 "no .png/.ppm/.pgm images" ./casdm train --data "$dir/empty" --steps 1
+expect 2 "--flip and --no-flip" ./casdm train --data "$dir/ppm" --flip --no-flip --steps 1
 [ "$fails" -eq 0 ]

@@ -41,7 +41,7 @@ target() {
     d="$work/$name"
     mkdir -p "$d"
     (cd "$root" && git ls-files -z | xargs -0 tar cf - 2>/dev/null) | (cd "$d" && tar xf -)
-    if ! (cd "$d" && make -s CC="$cc" CFLAGS="-O2 -Werror" "$@" casdm build/test_tensor build/test_unet build/check_files) \
+    if ! (cd "$d" && make -s -j"$(nproc 2>/dev/null || echo 2)" CC="$cc" CFLAGS="-O2 -Werror" "$@" casdm build/test_tensor build/test_unet build/check_files) \
             > "$d/build.log" 2>&1; then
         echo "FAIL $name: build (see $d/build.log)"; sed 's/^/  /' "$d/build.log" | head -20; fails=$((fails + 1)); return
     fi
@@ -72,7 +72,7 @@ if [ -x "$work/gcc-x86_64/casdm" ] && [ -x "$work/s390x/casdm" ]; then
     q="qemu-s390x -L /usr/s390x-linux-gnu"
     d=$work/endian; mkdir -p "$d"
     awk 'BEGIN { for (i = 0; i < 8; i++) { printf "%c", i; for (k = 0; k < 3072; k++) printf "%c", (k * 7 + i * 31) % 251 } }' > "$d/data.bin"
-    opts="--data $d/data.bin --model casdm --ch 32 --res 1 --attn 16 --batch 2 --T 100 --steps 2 --sample-n 0"
+    opts="--data $d/data.bin --model casdm --ch 32 --res 1 --mult 1,2 --attn 16 --batch 2 --T 100 --steps 2 --sample-n 0"
     ok=1
     (cd "$work/gcc-x86_64" && ./casdm train $opts --out "$d/x86" 2>/dev/null) || ok=0
     mkdir -p "$d/on_s390x" && cp "$d/x86/ckpt.safetensors" "$d/on_s390x/"
