@@ -36,7 +36,7 @@ $(shell mkdir -p build; echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' | cmp -s - $(FLAGS_
 LIB_OBJS = build/tensor.o build/unet.o build/ddim.o build/lpips.o
 TESTS    = build/test_tensor build/test_unet
 
-.PHONY: all test asan clean bench data demo cross quality
+.PHONY: all test asan clean bench data demo demo-torch cross quality
 
 all: casdm $(LIB_OBJS)
 
@@ -78,10 +78,23 @@ quality: casdm $(FMNIST)
 $(FMNIST):
 	@sh tools/get_fashion_mnist.sh
 
+DEMO_FLAGS = --data $(FMNIST) --model casdm --ch 32 --res 1 --attn '' --mult 1,2,2 --T 1000 \
+             --dropout 0 --batch 32 --lr 1e-3 --log-every 10
+
 demo: casdm $(FMNIST)
-	./casdm train --data $(FMNIST) --model casdm --ch 32 --res 1 --attn '' --mult 1,2,2 \
-	    --T 1000 --dropout 0 --batch 32 --lr 1e-3 --steps $(DEMO_STEPS) \
-	    --log-every 10 --ckpt-every 100 --sample-every 100 --sample-n 36 --sample-steps 25 --out $(DEMO_OUT)
+	./casdm train $(DEMO_FLAGS) --steps $(DEMO_STEPS) \
+	    --ckpt-every 100 --sample-every 100 --sample-n 36 --sample-steps 25 --out $(DEMO_OUT)
+
+# after make demo: the same command replayed in PyTorch (tools/train_ref.py,
+# needs Debian's python3-torch): same initial weights, batches and noise;
+# both loss curves in one SVG
+demo-torch: casdm $(FMNIST)
+	@test -f $(DEMO_OUT)/log.csv || { echo "run make demo first"; exit 1; }
+	./casdm train $(DEMO_FLAGS) --steps 0 --sample-n 0 --out $(DEMO_OUT)-init
+	/usr/bin/python3 tools/train_ref.py --init $(DEMO_OUT)-init/ckpt.safetensors $(DEMO_FLAGS) \
+	    --steps $(DEMO_STEPS) --out $(DEMO_OUT)-torch
+	./casdm plot --out $(DEMO_OUT)/c_vs_pytorch.svg --title "make demo: casdm (C) and tools/train_ref.py (PyTorch)" \
+	    C=$(DEMO_OUT)/log.csv PyTorch=$(DEMO_OUT)-torch/log.csv
 
 # other compilers, 32-bit, aarch64 (NEON), s390x (big-endian), riscv64 under qemu-user
 cross:

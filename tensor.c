@@ -817,12 +817,18 @@ static void col2im_range(void *arg, size_t c0, size_t c1) {
 static int conv_out_size(int in, int k, int stride, int pad) { return (in + 2 * pad - k) / stride + 1; }
 static int conv_is_pointwise(int K, int stride, int pad) { return K == 1 && stride == 1 && pad == 0; }
 
-// out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC) (bias may be NULL)
-// col is scratch of C*K*K*OH*OW floats (unused for a 1x1 stride-1 conv)
-void conv2d_forward(float *out, const float *inp, const float *weight, const float *bias,
-                    float *col, int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+// out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC)
+//                    + shift (N,OC) broadcast over OH,OW + residual (N,OC,OH,OW)
+// bias, shift and residual may each be NULL. The U-Net's ResBlock adds its
+// time embedding (shift) after the first convolution and the skip path
+// (residual) after the second; doing it here means neither sum is stored.
+// col is scratch of C*K*K*OH*OW floats (unused for a 1x1 stride-1 conv).
+void conv2d_add_forward(float *out, const float *inp, const float *weight, const float *bias,
+                        const float *shift, const float *residual, float *col,
+                        int N, int C, int H, int W, int OC, int K, int stride, int pad) {
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
     size_t ohw = (size_t)OH * OW, ckk = (size_t)C * K * K;
+    int init = bias || shift || residual;
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C * H * W;
         float *y = out + (size_t)n * OC * ohw;
@@ -832,13 +838,24 @@ void conv2d_forward(float *out, const float *inp, const float *weight, const flo
             parallel_for((size_t)C, 1, im2col_range, &a);
             B = col;
         }
-        if (bias)
-            for (int oc = 0; oc < OC; oc++)
-                for (size_t i = 0; i < ohw; i++) y[oc * ohw + i] = bias[oc];
+        if (init)
+            for (int oc = 0; oc < OC; oc++) {
+                float c = (bias ? bias[oc] : 0.0f) + (shift ? shift[(size_t)n * OC + oc] : 0.0f);
+                float *yc = y + oc * ohw;
+                const float *rc = residual ? residual + ((size_t)n * OC + oc) * ohw : NULL;
+                if (rc) for (size_t i = 0; i < ohw; i++) yc[i] = rc[i] + c;
+                else for (size_t i = 0; i < ohw; i++) yc[i] = c;
+            }
         // y (OC, OH*OW) (+)= weight (OC, C*K*K) @ col (C*K*K, OH*OW)
         flops_forward += 2.0 * OC * (double)ohw * (double)ckk;
-        sgemm(0, 0, (size_t)OC, ohw, ckk, weight, ckk, B, ohw, bias != NULL, y, ohw);
+        sgemm(0, 0, (size_t)OC, ohw, ckk, weight, ckk, B, ohw, init, y, ohw);
     }
+}
+
+// out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC) (bias may be NULL)
+void conv2d_forward(float *out, const float *inp, const float *weight, const float *bias,
+                    float *col, int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    conv2d_add_forward(out, inp, weight, bias, NULL, NULL, col, N, C, H, W, OC, K, stride, pad);
 }
 
 void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dout,
@@ -958,11 +975,24 @@ void matmul_backward(float *da, float *db, const float *dout, const float *a, co
 // out (N,C,HW) = (inp - mean[n,g]) * rstd[n,g] * gamma[c] + beta[c]
 // Statistics in double over the (C/G)*HW elements of a group, variance
 // biased, as torch.nn.GroupNorm (eps inside the square root).
+//
+// The same kernels also do the U-Net's fused form (improved-diffusion's
+// ResBlock with use_scale_shift_norm, and the plain norm + SiLU):
+//   z = GN(x) * (1 + scale[n,c]) + shift[n,c]   (FiLM; scale, shift (N,C), optional)
+//   out = silu(z)                               (optional)
+// in one pass. Backward recomputes GN(x) and z from x and the statistics, so
+// neither is stored: two activations fewer per ResBlock.
 typedef struct {
     float *out, *mean, *rstd; const float *inp, *gamma, *beta;
     float *dinp, *dgamma, *dbeta; const float *dout;
     int N, C, HW, G; float eps;
+    const float *scale, *shift;   // FiLM (N,C) or NULL
+    float *dscale, *dshift;       // their gradients (N,C) or NULL
+    int silu;                     // out = silu(z)
+    float *dz;                    // fused backward: scratch of C*HW floats (one group per thread)
 } GroupNorm;
+
+static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
     const GroupNorm *a = arg;
@@ -978,35 +1008,72 @@ static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
         float m = (float)mean, rs = (float)(1.0 / sqrt(v / (double)len + a->eps));
         a->mean[r] = m;
         a->rstd[r] = rs;
+        size_t n = r / (size_t)a->G;
         int c0 = (int)(r % (size_t)a->G) * cpg;
         for (int c = 0; c < cpg; c++) {
             float ga = a->gamma ? a->gamma[c0 + c] : 1.0f, be = a->beta ? a->beta[c0 + c] : 0.0f;
             float sc = rs * ga, sh = be - m * sc;
             const float *xc = x + (size_t)c * a->HW;
             float *yc = y + (size_t)c * a->HW;
-            for (int i = 0; i < a->HW; i++) yc[i] = xc[i] * sc + sh;
+            if (!a->scale && !a->silu) {
+                for (int i = 0; i < a->HW; i++) yc[i] = xc[i] * sc + sh;
+                continue;
+            }
+            size_t nc = n * (size_t)a->C + (size_t)(c0 + c);
+            float s1 = a->scale ? 1.0f + a->scale[nc] : 1.0f, t = a->shift ? a->shift[nc] : 0.0f;
+            for (int i = 0; i < a->HW; i++) {
+                float z = (xc[i] * sc + sh) * s1 + t;
+                yc[i] = a->silu ? z * sigmoidf(z) : z;
+            }
         }
     }
 }
 
 void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
                        const float *gamma, const float *beta, int N, int C, int HW, int G, float eps) {
-    GroupNorm a = {out, mean, rstd, inp, gamma, beta, NULL, NULL, NULL, NULL, N, C, HW, G, eps};
+    GroupNorm a = {out, mean, rstd, inp, gamma, beta, NULL, NULL, NULL, NULL, N, C, HW, G, eps,
+                   NULL, NULL, NULL, NULL, 0, NULL};
     parallel_for((size_t)N * G, 1, groupnorm_forward_range, &a);
 }
 
 // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * gamma.
 // A thread owns whole groups across the batch, so dgamma/dbeta sums over n
-// are private and in order.
+// are private and in order (and so are the (n,c) entries of dscale/dshift).
 static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
     const GroupNorm *a = arg;
     int cpg = a->C / a->G;
     size_t len = (size_t)cpg * a->HW;
+    int fused = a->scale || a->silu;
     for (size_t g = g0; g < g1; g++) {
         for (int n = 0; n < a->N; n++) {
             size_t r = (size_t)n * a->G + g;
             const float *x = a->inp + r * len, *dy = a->dout + r * len;
             float m = a->mean[r], rs = a->rstd[r];
+            if (fused) {  // dy of the plain norm: through silu and FiLM, z as the forward computed it
+                float *d = a->dz + g * len;
+                for (int c = 0; c < cpg; c++) {
+                    size_t ch = g * cpg + c, nc = (size_t)n * a->C + ch;
+                    float ga = a->gamma ? a->gamma[ch] : 1.0f, be = a->beta ? a->beta[ch] : 0.0f;
+                    float sc = rs * ga, sh = be - m * sc;
+                    float s1 = a->scale ? 1.0f + a->scale[nc] : 1.0f, t = a->shift ? a->shift[nc] : 0.0f;
+                    const float *xc = x + (size_t)c * a->HW, *dyc = dy + (size_t)c * a->HW;
+                    float *dc = d + (size_t)c * a->HW;
+                    double dsc = 0.0, dsh = 0.0;
+                    for (int i = 0; i < a->HW; i++) {
+                        float gn = xc[i] * sc + sh, dzi = dyc[i];
+                        if (a->silu) {
+                            float z = gn * s1 + t, sg = sigmoidf(z);
+                            dzi *= sg * (1.0f + z * (1.0f - sg));
+                        }
+                        dsc += (double)dzi * gn;
+                        dsh += dzi;
+                        dc[i] = dzi * s1;
+                    }
+                    if (a->dscale) a->dscale[nc] += (float)dsc;
+                    if (a->dshift) a->dshift[nc] += (float)dsh;
+                }
+                dy = d;
+            }
             double sum_dxhat = 0.0, sum_dxhat_xhat = 0.0;
             for (int c = 0; c < cpg; c++) {
                 size_t ch = g * cpg + c;
@@ -1042,14 +1109,31 @@ void groupnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *d
                         const float *inp, const float *mean, const float *rstd, const float *gamma,
                         int N, int C, int HW, int G) {
     GroupNorm a = {NULL, (float *)mean, (float *)rstd, inp, gamma, NULL, dinp, dgamma, dbeta, dout,
-                   N, C, HW, G, 0.0f};
+                   N, C, HW, G, 0.0f, NULL, NULL, NULL, NULL, 0, NULL};
+    parallel_for((size_t)G, 1, groupnorm_backward_range, &a);
+}
+
+// the fused form: out = [silu](GN(x) * (1 + scale) + shift); scale, shift (N,C) may be NULL
+void groupnorm_film_silu_forward(float *out, float *mean, float *rstd, const float *inp,
+                                 const float *gamma, const float *beta, const float *scale, const float *shift,
+                                 int silu, int N, int C, int HW, int G, float eps) {
+    GroupNorm a = {out, mean, rstd, inp, gamma, beta, NULL, NULL, NULL, NULL, N, C, HW, G, eps,
+                   scale, shift, NULL, NULL, silu, NULL};
+    parallel_for((size_t)N * G, 1, groupnorm_forward_range, &a);
+}
+
+// dz: scratch of C*HW floats
+void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                  const float *dout, const float *inp, const float *mean, const float *rstd,
+                                  const float *gamma, const float *beta, const float *scale, const float *shift,
+                                  int silu, float *dz, int N, int C, int HW, int G) {
+    GroupNorm a = {NULL, (float *)mean, (float *)rstd, inp, gamma, beta, dinp, dgamma, dbeta, dout,
+                   N, C, HW, G, 0.0f, scale, shift, dscale, dshift, silu, dz};
     parallel_for((size_t)G, 1, groupnorm_backward_range, &a);
 }
 
 // ---- pointwise activations: SiLU, ReLU, sigmoid ----
 typedef struct { float *out; const float *inp; float *dinp; const float *dout; int act; } Act;
-
-static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 static void act_forward_range(void *arg, size_t i0, size_t i1) {
     const Act *a = arg;
@@ -1291,14 +1375,65 @@ void graph_init(Graph *g, size_t block_size, size_t limit) {
     g->grad_enabled = 1;
 }
 
+// ---- the gradient pool ----
+// A tensor's gradient is needed from the moment its first consumer's
+// backward writes to it until its producer's backward has read it; keeping
+// all of them to the end of the step would double the memory of a training
+// step. Buffers are malloc'd once and reused (best fit by size) from step to
+// step, so after the first step nothing is allocated from libc. PyTorch's
+// autograd frees gradients at the same point.
+struct GradBuf {
+    GradBuf *next;
+    size_t cap;           // floats
+    int in_use;
+    float *data;          // 64-byte aligned
+};
+
+static float *grad_take(Graph *g, size_t n) {
+    GradBuf *best = NULL;
+    for (GradBuf *b = g->grad_bufs; b; b = b->next)
+        if (!b->in_use && b->cap >= n && (!best || b->cap < best->cap)) best = b;
+    if (!best) {
+        best = mallocCheck(sizeof *best);
+        best->cap = n ? n : 1;
+        best->data = aligned_malloc(best->cap * sizeof(float));
+        best->next = g->grad_bufs;
+        g->grad_bufs = best;
+        g->grad_bytes += best->cap * sizeof(float);
+    }
+    best->in_use = 1;
+    g->grad_live += best->cap * sizeof(float);
+    if (g->grad_live > g->grad_peak) g->grad_peak = g->grad_live;
+    return best->data;
+}
+
+static void grad_give(Graph *g, float *data) {
+    for (GradBuf *b = g->grad_bufs; b; b = b->next)
+        if (b->data == data) {
+            b->in_use = 0;
+            g->grad_live -= b->cap * sizeof(float);
+            return;
+        }
+    fatal("grad_give: %p is not a pooled gradient", (void *)data);
+}
+
 void graph_reset(Graph *g) {
     arena_reset(&g->arena);
+    for (GradBuf *b = g->grad_bufs; b; b = b->next) b->in_use = 0;
+    g->grad_live = 0;
     g->last = NULL;
     g->n_nodes = 0;
 }
 
 void graph_free(Graph *g) {
     arena_free(&g->arena);
+    while (g->grad_bufs) {
+        GradBuf *next = g->grad_bufs->next;
+        aligned_free(g->grad_bufs->data);
+        free(g->grad_bufs);
+        g->grad_bufs = next;
+    }
+    g->grad_bytes = g->grad_live = 0;
     g->last = NULL;
     g->n_nodes = 0;
 }
@@ -1323,6 +1458,22 @@ Tensor *tensor_new(Graph *g, int ndim, const int *shape) {
     return t;
 }
 
+// In no-grad mode nothing is needed later but a block's output: release
+// everything allocated since mark m except y, which moves down to the mark.
+// The move is safe: y was allocated after m, so its new place is at a lower
+// address of the same block or in another block (memmove for the overlap).
+// With the tape on, nothing may be released and y is returned as it is.
+Tensor *graph_keep(Graph *g, ArenaMark m, Tensor *y) {
+    if (g->grad_enabled) return y;
+    Tensor t = *y;
+    arena_release(&g->arena, m);
+    Tensor *k = arena_alloc(&g->arena, sizeof *k);
+    *k = t;
+    k->data = arena_floats(&g->arena, t.size);
+    if (k->data != t.data) memmove(k->data, t.data, t.size * sizeof(float));
+    return k;
+}
+
 Tensor *tensor4(Graph *g, int n, int c, int h, int w) {
     int s[4] = {n, c, h, w};
     return tensor_new(g, 4, s);
@@ -1341,7 +1492,11 @@ Tensor *tensor_from(Graph *g, int ndim, const int *shape, const float *data) {
 }
 
 float *tensor_grad(Graph *g, Tensor *t) {
-    if (!t->grad) t->grad = arena_zeros(&g->arena, t->size);
+    if (!t->grad) {
+        t->grad = grad_take(g, t->size);
+        memset(t->grad, 0, t->size * sizeof(float));
+        t->grad_pooled = 1;
+    }
     return t->grad;
 }
 
@@ -1404,8 +1559,18 @@ void graph_backward(Graph *g, Tensor *out, const float *dout) {
         if (out->size != 1) fatal("graph_backward: output has %zu elements; pass dout", out->size);
         go[0] += 1.0f;
     }
-    for (TapeNode *n = g->last; n; n = n->prev)
-        if (n->out->grad) n->backward(g, n);  // no gradient reached it: nothing to do
+    // Nodes run in reverse order of creation, so when a tensor's producer
+    // runs, every consumer has already added to its gradient: after the
+    // producer, nothing reads it again and the buffer goes back to the pool.
+    for (TapeNode *n = g->last; n; n = n->prev) {
+        if (!n->out->grad) continue;  // no gradient reached it: nothing to do
+        n->backward(g, n);
+        if (n->out != out && n->out->grad_pooled) {
+            grad_give(g, n->out->grad);
+            n->out->grad = NULL;
+            n->out->grad_pooled = 0;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1425,6 +1590,60 @@ static void conv2d_node_backward(Graph *g, TapeNode *n) {
     conv2d_backward(dx, dw, db, n->out->grad, x->data, w->data, col, x->shape[0], x->shape[1],
                     x->shape[2], x->shape[3], w->shape[0], K, stride, pad);
     arena_release(&g->arena, m);
+}
+
+// conv2d_add's extra inputs: dshift (N,OC) = dy summed over OH,OW; dresidual = dy
+static void conv2d_add_node_backward(Graph *g, TapeNode *n) {
+    conv2d_node_backward(g, n);
+    Tensor *shift = n->in[3], *res = n->in[4];
+    const float *dy = n->out->grad;
+    size_t NOC = (size_t)n->out->shape[0] * n->out->shape[1], ohw = (size_t)n->out->shape[2] * n->out->shape[3];
+    if (shift && shift->requires_grad) {
+        float *ds = tensor_grad(g, shift);
+        for (size_t r = 0; r < NOC; r++) {
+            float acc = 0.0f;
+            for (size_t i = 0; i < ohw; i++) acc += dy[r * ohw + i];
+            ds[r] += acc;
+        }
+    }
+    if (res && res->requires_grad) {
+        float *dr = tensor_grad(g, res);
+        for (size_t i = 0; i < n->out->size; i++) dr[i] += dy[i];
+    }
+}
+
+Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad) {
+    check_4d(x, "conv2d_add");
+    if (w->ndim != 4 || w->shape[1] != x->shape[1] || w->shape[2] != w->shape[3] ||
+        (b && (int)b->size != w->shape[0])) {
+        char sx[64], sw[64];
+        shape_str(x, sx, sizeof sx);
+        shape_str(w, sw, sizeof sw);
+        fatal("conv2d_add: input %s does not fit weight %s%s", sx, sw, b ? " and bias" : "");
+    }
+    int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    int OC = w->shape[0], K = w->shape[2];
+    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
+    if (shift && shift->size != (size_t)N * OC) fatal("conv2d_add: shift must have N*OC = %d elements", N * OC);
+    if (residual && (residual->ndim != 4 || residual->shape[0] != N || residual->shape[1] != OC ||
+                     residual->shape[2] != OH || residual->shape[3] != OW))
+        fatal("conv2d_add: residual must be (%d,%d,%d,%d)", N, OC, OH, OW);
+    Tensor *y = tensor4(g, N, OC, OH, OW);
+    ArenaMark m = arena_mark(&g->arena);
+    float *col = conv_is_pointwise(K, stride, pad) ? NULL
+                 : arena_floats(&g->arena, (size_t)C * K * K * OH * OW);
+    conv2d_add_forward(y->data, x->data, w->data, b ? b->data : NULL, shift ? shift->data : NULL,
+                       residual ? residual->data : NULL, col, N, C, H, W, OC, K, stride, pad);
+    arena_release(&g->arena, m);
+    int extra = g->grad_enabled && ((shift && shift->requires_grad) || (residual && residual->requires_grad));
+    if (wants_grad(g, x, w, b) || extra) {
+        TapeNode *nd = record(g, "conv2d_add", conv2d_add_node_backward, y, x, w, b);
+        nd->iarg[0] = stride;
+        nd->iarg[1] = pad;
+        nd->in[3] = shift;
+        nd->in[4] = residual;
+    }
+    return y;
 }
 
 Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
@@ -1701,6 +1920,55 @@ Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, 
     return y;
 }
 
+// [silu](groupnorm(x) * (1 + scale) + shift): one node; in[3], in[4] = scale, shift
+static void groupnorm_film_silu_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0], *gamma = n->in[1], *beta = n->in[2], *scale = n->in[3], *shift = n->in[4];
+    float *dx = input_grad(g, n, 0), *dgamma = input_grad(g, n, 1), *dbeta = input_grad(g, n, 2);
+    float *dscale = input_grad(g, n, 3), *dshift = input_grad(g, n, 4);
+    ArenaMark m = arena_mark(&g->arena);
+    float *dz = arena_floats(&g->arena, x->size / (size_t)x->shape[0]);
+    groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, n->out->grad, x->data, n->saved, n->saved2,
+                                 gamma ? gamma->data : NULL, beta ? beta->data : NULL,
+                                 scale ? scale->data : NULL, shift ? shift->data : NULL, n->iarg[1], dz,
+                                 x->shape[0], x->shape[1], x->shape[2] * x->shape[3], n->iarg[0]);
+    arena_release(&g->arena, m);
+}
+
+Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale, Tensor *shift,
+                            int silu_after, int groups, float eps) {
+    check_4d(x, "groupnorm_film_silu");
+    int N = x->shape[0], C = x->shape[1];
+    if (groups < 1 || C % groups) fatal("groupnorm_film_silu: %d channels do not split into %d groups", C, groups);
+    if ((gamma && (int)gamma->size != C) || (beta && (int)beta->size != C))
+        fatal("groupnorm_film_silu: affine parameters must have %d elements", C);
+    if ((scale && scale->size != (size_t)N * C) || (shift && shift->size != (size_t)N * C))
+        fatal("groupnorm_film_silu: scale and shift must have N*C = %d elements", N * C);
+    Tensor *y = tensor_new(g, 4, x->shape);
+    int rec = wants_grad(g, x, gamma, beta) ||
+              (g->grad_enabled && ((scale && scale->requires_grad) || (shift && shift->requires_grad)));
+    ArenaMark m = arena_mark(&g->arena);
+    float *mean = arena_floats(&g->arena, (size_t)N * groups), *rstd = arena_floats(&g->arena, (size_t)N * groups);
+    groupnorm_film_silu_forward(y->data, mean, rstd, x->data, gamma ? gamma->data : NULL, beta ? beta->data : NULL,
+                                scale ? scale->data : NULL, shift ? shift->data : NULL, silu_after,
+                                N, C, x->shape[2] * x->shape[3], groups, eps);
+    if (rec) {
+        TapeNode *nd = record(g, "groupnorm_film_silu", groupnorm_film_silu_node_backward, y, x, gamma, beta);
+        nd->in[3] = scale;
+        nd->in[4] = shift;
+        nd->iarg[0] = groups;
+        nd->iarg[1] = silu_after;
+        nd->saved = mean;
+        nd->saved2 = rstd;
+    } else {
+        arena_release(&g->arena, m);  // no-grad: the statistics are not kept
+    }
+    return y;
+}
+
+Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps) {
+    return groupnorm_film_silu(g, x, gamma, beta, NULL, NULL, 1, groups, eps);
+}
+
 // activations
 static void activation_node_backward(Graph *g, TapeNode *n) {
     activation_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data, n->out->data, n->out->size,
@@ -1839,6 +2107,7 @@ Tensor *reshape(Graph *g, Tensor *x, int ndim, const int *shape) {
     y->ndim = ndim;
     for (int i = 0; i < MAX_DIMS; i++) y->shape[i] = i < ndim ? shape[i] : 0;
     y->name = NULL;
+    y->grad_pooled = 0;   // a view of x's gradient: x gives it back
     if (x->requires_grad && g->grad_enabled) y->grad = tensor_grad(g, x);
     else { y->grad = NULL; y->requires_grad = 0; }
     return y;
@@ -1849,6 +2118,7 @@ Tensor *detach(Graph *g, Tensor *x) {
     Tensor *y = arena_alloc(&g->arena, sizeof *y);
     *y = *x;
     y->grad = NULL;
+    y->grad_pooled = 0;
     y->requires_grad = 0;
     y->name = NULL;
     return y;

@@ -116,6 +116,7 @@ typedef struct Tensor {
     float *data;
     float *grad;          // same size as data; NULL while nothing flowed in
     int requires_grad;    // leaf parameter / input, or computed from one
+    int grad_pooled;      // grad is a buffer of the graph's gradient pool (not a view)
     const char *name;     // parameter name (improved-diffusion key) or NULL
 } Tensor;
 
@@ -127,17 +128,23 @@ struct TapeNode {
     const char *op;       // op name, for debugging
     backward_fn backward;
     Tensor *out;
-    Tensor *in[3];
+    Tensor *in[5];        // inputs; record() sets the first three
     int iarg[6];
     float farg[2];
     float *saved;         // op-specific buffers kept for backward (arena)
     float *saved2;
 };
 
-// A graph owns one step: the tensors it makes, the tape and the gradients of
-// non-parameter tensors all live in `arena`, and graph_reset frees them all.
+// A graph owns one step: the tensors it makes and the tape live in `arena`;
+// the gradients of non-parameter tensors come from a pool of buffers that
+// backward hands back as soon as a gradient has been used (see
+// graph_backward). graph_reset frees them all (the memory is kept for the
+// next step).
+typedef struct GradBuf GradBuf;
 typedef struct Graph {
     Arena arena;
+    GradBuf *grad_bufs;   // every gradient buffer, free or in use
+    size_t grad_bytes, grad_live, grad_peak;  // pool size; bytes in use now and at most
     TapeNode *last;       // most recent tape node
     size_t n_nodes;
     int grad_enabled;     // 0: no-grad mode, records nothing, saves nothing
@@ -150,7 +157,10 @@ void graph_reset(Graph *g);
 void graph_free(Graph *g);
 // Seeds out->grad with dout (or 1 for a one-element `out` when dout is NULL)
 // and runs the tape backwards, accumulating into every tensor that
-// requires a gradient (parameters: their persistent grad buffers).
+// requires a gradient (parameters: their persistent grad buffers). The
+// gradient of an intermediate tensor is released once its producer has used
+// it (t->grad is NULL afterwards); those of parameters, of leaf inputs and of
+// `out` stay. One backward per graph_reset.
 void graph_backward(Graph *g, Tensor *out, const float *dout);
 
 Tensor *tensor_new(Graph *g, int ndim, const int *shape);  // uninitialised
@@ -158,6 +168,8 @@ Tensor *tensor4(Graph *g, int n, int c, int h, int w);
 Tensor *tensor_zeros(Graph *g, int ndim, const int *shape);
 Tensor *tensor_from(Graph *g, int ndim, const int *shape, const float *data);  // copies
 float *tensor_grad(Graph *g, Tensor *t);  // the gradient buffer, zeroed on first use
+// no-grad mode: free everything made since m but y (moved down); else y as is
+Tensor *graph_keep(Graph *g, ArenaMark m, Tensor *y);
 int same_shape(const Tensor *a, const Tensor *b);
 void shape_str(const Tensor *t, char *buf, size_t n);
 
@@ -206,6 +218,9 @@ double grad_norm_sq(const float *grad, size_t n);  // sum of squares in double
 // follows numpy: shapes aligned to the right, each dim equal or 1.
 // ---------------------------------------------------------------------------
 Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);  // b may be NULL
+// conv2d(x, w, b) + shift[:, :, None, None] + residual; shift (N,OC) and
+// residual (N,OC,OH,OW) may be NULL. Neither sum is stored separately.
+Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad);
 Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b);   // x (N,in), w (out,in), b (out)
 Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB);  // batched (B,M,K)@(B,K,N)
 Tensor *add(Graph *g, Tensor *a, Tensor *b);
@@ -213,6 +228,11 @@ Tensor *sub(Graph *g, Tensor *a, Tensor *b);
 Tensor *mul(Graph *g, Tensor *a, Tensor *b);
 Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift);  // scale*x + shift
 Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);
+// The U-Net's fused norm: [silu](groupnorm(x) * (1 + scale) + shift), scale
+// and shift (N,C) or NULL, silu_after 0/1; the normalised tensor is not kept.
+Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale, Tensor *shift,
+                            int silu_after, int groups, float eps);
+Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);  // silu(groupnorm)
 Tensor *silu(Graph *g, Tensor *x);
 Tensor *relu(Graph *g, Tensor *x);
 Tensor *sigmoid(Graph *g, Tensor *x);
@@ -244,6 +264,9 @@ enum { ACT_SILU, ACT_RELU, ACT_SIGMOID };
 // scratch of C*K*K*OH*OW floats (may be NULL for 1x1, stride 1, pad 0)
 void conv2d_forward(float *out, const float *inp, const float *weight, const float *bias,
                     float *col, int N, int C, int H, int W, int OC, int K, int stride, int pad);
+void conv2d_add_forward(float *out, const float *inp, const float *weight, const float *bias,
+                        const float *shift, const float *residual, float *col,
+                        int N, int C, int H, int W, int OC, int K, int stride, int pad);
 void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, float *col,
                      int N, int C, int H, int W, int OC, int K, int stride, int pad);
@@ -262,6 +285,15 @@ void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
 void groupnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *dout,
                         const float *inp, const float *mean, const float *rstd, const float *gamma,
                         int N, int C, int HW, int G);
+// [silu](group norm * (1 + scale) + shift) without storing the norm; scale,
+// shift (N,C) may be NULL; dz: scratch of C*HW floats
+void groupnorm_film_silu_forward(float *out, float *mean, float *rstd, const float *inp,
+                                 const float *gamma, const float *beta, const float *scale, const float *shift,
+                                 int silu, int N, int C, int HW, int G, float eps);
+void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                  const float *dout, const float *inp, const float *mean, const float *rstd,
+                                  const float *gamma, const float *beta, const float *scale, const float *shift,
+                                  int silu, float *dz, int N, int C, int HW, int G);
 void activation_forward(float *out, const float *inp, size_t n, int act);
 void activation_backward(float *dinp, const float *dout, const float *inp, const float *out,
                          size_t n, int act);

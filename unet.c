@@ -318,19 +318,24 @@ static Tensor *view4(Graph *g, Tensor *t, int n, int c, int h, int w) {
     return reshape(g, t, 4, s);
 }
 
-static Tensor *resblock_forward(Graph *g, const UNetConfig *c, ResBlock *r, Tensor *x, Tensor *emb) {
+// improved-diffusion's ResBlock with use_scale_shift_norm:
+//   in_layers:  GroupNorm, SiLU, conv3x3
+//   emb_layers: SiLU, Linear -> scale, shift (chunk, scale first)
+//   out_layers: GroupNorm * (1 + scale) + shift, SiLU, dropout, conv3x3
+//   out = skip(x) + out_layers(...)   (skip: identity or 1x1 conv)
+// The norm, FiLM and SiLU are one fused node, and the residual sum is done
+// by the last convolution (conv2d_add): neither intermediate is stored.
+// silu_emb = SiLU(emb), the same for every block, computed once.
+static Tensor *resblock_forward(Graph *g, const UNetConfig *c, ResBlock *r, Tensor *x, Tensor *silu_emb) {
     int N = x->shape[0], out = r->out_ch;
-    Tensor *h = groupnorm(g, x, r->in_norm_w, r->in_norm_b, c->groups, 1e-5f);
-    h = conv2d(g, silu(g, h), r->in_conv_w, r->in_conv_b, 1, 1);
-    // FiLM: scale, shift = chunk(Linear(SiLU(emb)), 2), scale first
-    Tensor *e = view4(g, linear(g, silu(g, emb), r->emb_w, r->emb_b), N, 2 * out, 1, 1);
+    Tensor *h = groupnorm_silu(g, x, r->in_norm_w, r->in_norm_b, c->groups, 1e-5f);
+    h = conv2d(g, h, r->in_conv_w, r->in_conv_b, 1, 1);
+    Tensor *e = view4(g, linear(g, silu_emb, r->emb_w, r->emb_b), N, 2 * out, 1, 1);
     Tensor *scale = slice_channels(g, e, 0, out), *shift = slice_channels(g, e, out, 2 * out);
-    h = groupnorm(g, h, r->out_norm_w, r->out_norm_b, c->groups, 1e-5f);
-    h = add(g, mul(g, h, scale_shift(g, scale, 1.0f, 1.0f)), shift);  // GN(h) * (1 + scale) + shift
-    h = dropout(g, silu(g, h), c->dropout);
-    h = conv2d(g, h, r->out_conv_w, r->out_conv_b, 1, 1);
+    h = groupnorm_film_silu(g, h, r->out_norm_w, r->out_norm_b, scale, shift, 1, c->groups, 1e-5f);
+    h = dropout(g, h, c->dropout);
     Tensor *skip = r->skip_w ? conv2d(g, x, r->skip_w, r->skip_b, 1, 0) : x;
-    return add(g, skip, h);
+    return conv2d_add(g, h, r->out_conv_w, r->out_conv_b, NULL, skip, 1, 1);
 }
 
 // QKVAttention (legacy): qkv (B, 3C, T) viewed as (B*heads, 3C/heads, T);
@@ -352,8 +357,7 @@ static Tensor *attention_forward(Graph *g, const UNetConfig *c, AttnBlock *a, Te
     w = softmax(g, w);
     Tensor *o = matmul(g, v, w, 0, 1);  // v (BH, ch, S) @ w^T (BH, S, T)
     o = view4(g, o, B, C, H, W);
-    o = conv2d(g, o, view4(g, a->proj_w, C, C, 1, 1), a->proj_b, 1, 0);
-    return add(g, x, o);
+    return conv2d_add(g, o, view4(g, a->proj_w, C, C, 1, 1), a->proj_b, NULL, x, 1, 0);  // x + proj(o)
 }
 
 static Tensor *block_forward(Graph *g, const UNetConfig *c, UNetBlock *b, Tensor *h, Tensor *emb) {
@@ -380,13 +384,22 @@ Tensor *unet_forward(Graph *g, UNet *u, Tensor *x, const float *t) {
     Tensor *temb = tensor_new(g, 2, se);
     timestep_embedding(temb->data, t, N, mc);
     Tensor *emb = linear(g, silu(g, linear(g, temb, u->temb0_w, u->temb0_b)), u->temb2_w, u->temb2_b);
+    emb = silu(g, emb);  // the first layer of every ResBlock's emb_layers
 
     Tensor *hs[UNET_MAX_BLOCKS];
     Tensor *h = x;
-    for (int i = 0; i < u->n_input; i++) hs[i] = h = block_forward(g, c, &u->input[i], h, emb);
-    h = block_forward(g, c, &u->middle, h, emb);
+    // graph_keep: without the tape (sampling) a block's temporaries are freed
+    // as soon as it is done. Going down, each output stays (a skip
+    // connection); from the middle block on, each output replaces the last.
+    for (int i = 0; i < u->n_input; i++) {
+        ArenaMark m = arena_mark(&g->arena);
+        hs[i] = h = graph_keep(g, m, block_forward(g, c, &u->input[i], h, emb));
+    }
+    ArenaMark m = arena_mark(&g->arena);
+    h = graph_keep(g, m, block_forward(g, c, &u->middle, h, emb));
     int top = u->n_input;
-    for (int i = 0; i < u->n_output; i++) h = block_forward(g, c, &u->output[i], concat_channels(g, h, hs[--top]), emb);
-    h = silu(g, groupnorm(g, h, u->out_norm_w, u->out_norm_b, c->groups, 1e-5f));
-    return conv2d(g, h, u->out_conv_w, u->out_conv_b, 1, 1);
+    for (int i = 0; i < u->n_output; i++)
+        h = graph_keep(g, m, block_forward(g, c, &u->output[i], concat_channels(g, h, hs[--top]), emb));
+    h = groupnorm_silu(g, h, u->out_norm_w, u->out_norm_b, c->groups, 1e-5f);
+    return graph_keep(g, m, conv2d(g, h, u->out_conv_w, u->out_conv_b, 1, 1));
 }
