@@ -59,7 +59,7 @@ build/bench: bench.c $(LIB_OBJS)
 	$(CC) $(ALL_CFLAGS) $< $(LIB_OBJS) -o $@ $(LDLIBS)
 
 # ours and PyTorch's (../shared/ref/unet_ref.py) side by side; QUICK=1 for a short run
-bench: build/bench
+bench: build/bench casdm
 	@sh tools/bench.sh $(if $(QUICK),--quick)
 
 # ---- the README's first command ----

@@ -171,7 +171,8 @@ int main(int argc, char **argv) {
         size_t nx = (size_t)CB * CC * CHW * CHW, nw = (size_t)CC * CC * 9;
         b.x = mallocCheck(nx * 4); b.y = mallocCheck(nx * 4); b.dx = mallocCheck(nx * 4); b.dy = mallocCheck(nx * 4);
         b.w = mallocCheck(nw * 4); b.dw = mallocCheck(nw * 4); b.b = mallocCheck(CC * 4); b.db = mallocCheck(CC * 4);
-        b.col = mallocCheck((size_t)CC * 9 * CHW * CHW * 4);
+        size_t sf = conv2d_forward_scratch(CB, CC, CHW, CHW, CC, 3, 1, 1), sb = conv2d_backward_scratch(CB, CC, CHW, CHW, CC, 3, 1, 1);
+        b.col = mallocCheck((sf > sb ? sf : sb) * 4);
         rng_fill_normal(&b.rng, b.x, nx, 0, 1); rng_fill_normal(&b.rng, b.dy, nx, 0, 1);
         rng_fill_normal(&b.rng, b.w, nw, 0, 0.03f); rng_fill_normal(&b.rng, b.b, CC, 0, 0.1f);
         f = strstr(cs, "fwdbwd") ? conv_fwdbwd : conv_fwd;

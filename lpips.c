@@ -110,7 +110,7 @@ static void lpips_features(Graph *g, Lpips *l, Tensor *x, Tensor **taps) {
     int k = 0, t = 0;
     for (size_t i = 0; i < sizeof vgg_cfg / sizeof vgg_cfg[0]; i++) {
         if (vgg_cfg[i] == 0) { h = avgpool2x2(g, h); continue; }
-        h = relu(g, conv2d(g, h, l->conv_w[k], l->conv_b[k], 1, 1));
+        h = conv2d_relu(g, h, l->conv_w[k], l->conv_b[k], 1, 1);
         if (t < LPIPS_TAPS && k == tap_after_conv[t]) taps[t++] = l2norm_channels(g, h, 1e-10f);
         k++;
     }

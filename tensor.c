@@ -755,6 +755,7 @@ void sgemm(int transA, int transB, size_t M, size_t N, size_t K,
 typedef struct {
     float *col; const float *img;
     int C, H, W, K, stride, pad, OH, OW;
+    size_t ld;            // row stride of col (OH*OW, or more when images share a column block)
 } Im2col;
 
 // output columns ox whose input column ox*stride - pad + kx lies in [0, W)
@@ -768,12 +769,11 @@ static void valid_cols(int OW, int W, int stride, int pad, int kx, int *lo, int 
 
 static void im2col_range(void *arg, size_t c0, size_t c1) {
     const Im2col *a = arg;
-    size_t ohw = (size_t)a->OH * a->OW;
     for (size_t c = c0; c < c1; c++) {
         const float *plane = a->img + c * (size_t)a->H * a->W;
         for (int ky = 0; ky < a->K; ky++)
             for (int kx = 0; kx < a->K; kx++) {
-                float *dst = a->col + ((c * a->K + ky) * a->K + kx) * ohw;
+                float *dst = a->col + ((c * a->K + ky) * a->K + kx) * a->ld;
                 int lo, hi;
                 valid_cols(a->OW, a->W, a->stride, a->pad, kx, &lo, &hi);
                 for (int oy = 0; oy < a->OH; oy++) {
@@ -793,13 +793,12 @@ static void im2col_range(void *arg, size_t c0, size_t c1) {
 // the adjoint of im2col: img += fold(col); a thread owns whole channels
 static void col2im_range(void *arg, size_t c0, size_t c1) {
     const Im2col *a = arg;
-    size_t ohw = (size_t)a->OH * a->OW;
     float *img = (float *)a->img;
     for (size_t c = c0; c < c1; c++) {
         float *plane = img + c * (size_t)a->H * a->W;
         for (int ky = 0; ky < a->K; ky++)
             for (int kx = 0; kx < a->K; kx++) {
-                const float *src = a->col + ((c * a->K + ky) * a->K + kx) * ohw;
+                const float *src = a->col + ((c * a->K + ky) * a->K + kx) * a->ld;
                 int lo, hi;
                 valid_cols(a->OW, a->W, a->stride, a->pad, kx, &lo, &hi);
                 for (int oy = 0; oy < a->OH; oy++) {
@@ -817,38 +816,114 @@ static void col2im_range(void *arg, size_t c0, size_t c1) {
 static int conv_out_size(int in, int k, int stride, int pad) { return (in + 2 * pad - k) / stride + 1; }
 static int conv_is_pointwise(int K, int stride, int pad) { return K == 1 && stride == 1 && pad == 0; }
 
+// Images per GEMM. A GEMM per image is poorly shaped when the maps are small
+// (8x8: 64 columns, two register tiles; VGG at 2x2: 4 columns in a 32-wide
+// tile), so small images are processed in groups whose columns sit side by
+// side: col (rows, G*OH*OW), one GEMM, then the result is scattered back to
+// NCHW. The group size depends only on the shapes, never on the thread
+// count, so results stay bitwise the same for any number of threads.
+static int conv_group(size_t ohw, int N) {
+    size_t g = (1024 + ohw - 1) / ohw;
+    return g > (size_t)N ? N : (int)g;
+}
+
+static void im2col_group(float *col, const float *img, int G, int C, int H, int W, int K, int stride, int pad,
+                         int OH, int OW) {
+    size_t ohw = (size_t)OH * OW;
+    for (int i = 0; i < G; i++) {
+        Im2col a = {col + i * ohw, img + (size_t)i * C * H * W, C, H, W, K, stride, pad, OH, OW, G * ohw};
+        parallel_for((size_t)C, 1, im2col_range, &a);
+    }
+}
+
+// (N,C,P) planes <-> (C, G*P) column blocks, for a group of G images
+typedef struct { float *blk; float *nchw; size_t C, P; int G, add; } Regroup;
+
+static void gather_range(void *arg, size_t c0, size_t c1) {  // blk[c][i*P+p] = nchw[i][c][p]
+    const Regroup *r = arg;
+    for (size_t c = c0; c < c1; c++)
+        for (int i = 0; i < r->G; i++)
+            memcpy(r->blk + c * r->G * r->P + i * r->P, r->nchw + ((size_t)i * r->C + c) * r->P, r->P * sizeof(float));
+}
+
+static void scatter_range(void *arg, size_t c0, size_t c1) {  // nchw[i][c][p] (+)= blk[c][i*P+p]
+    const Regroup *r = arg;
+    for (size_t c = c0; c < c1; c++)
+        for (int i = 0; i < r->G; i++) {
+            const float *src = r->blk + c * r->G * r->P + i * r->P;
+            float *dst = r->nchw + ((size_t)i * r->C + c) * r->P;
+            if (r->add) for (size_t p = 0; p < r->P; p++) dst[p] += src[p];
+            else memcpy(dst, src, r->P * sizeof(float));
+        }
+}
+
+static void regroup(int scatter, float *blk, float *nchw, size_t C, size_t P, int G, int add) {
+    Regroup r = {blk, nchw, C, P, G, add};
+    parallel_for(C, 1, scatter ? scatter_range : gather_range, &r);
+}
+
+// scratch floats of conv2d_add_forward / conv2d_forward
+size_t conv2d_forward_scratch(int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
+    size_t ohw = (size_t)OH * OW;
+    int G = conv_group(ohw, N);
+    if (G == 1) return conv_is_pointwise(K, stride, pad) ? 0 : (size_t)C * K * K * ohw;
+    return ((size_t)C * K * K + (size_t)OC) * G * ohw;  // columns, then the GEMM result
+}
+
 // out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC)
 //                    + shift (N,OC) broadcast over OH,OW + residual (N,OC,OH,OW)
 // bias, shift and residual may each be NULL. The U-Net's ResBlock adds its
 // time embedding (shift) after the first convolution and the skip path
 // (residual) after the second; doing it here means neither sum is stored.
-// col is scratch of C*K*K*OH*OW floats (unused for a 1x1 stride-1 conv).
+// col: conv2d_forward_scratch(...) floats.
 void conv2d_add_forward(float *out, const float *inp, const float *weight, const float *bias,
                         const float *shift, const float *residual, float *col,
                         int N, int C, int H, int W, int OC, int K, int stride, int pad) {
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
     size_t ohw = (size_t)OH * OW, ckk = (size_t)C * K * K;
-    int init = bias || shift || residual;
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C * H * W;
-        float *y = out + (size_t)n * OC * ohw;
+    int init = bias || shift || residual, G = conv_group(ohw, N);
+    for (int n0 = 0; n0 < N; n0 += G) {
+        int g = N - n0 < G ? N - n0 : G;  // images in this group
+        const float *x = inp + (size_t)n0 * C * H * W;
+        float *y = out + (size_t)n0 * OC * ohw;
         const float *B = x;
-        if (!conv_is_pointwise(K, stride, pad)) {
-            Im2col a = {col, x, C, H, W, K, stride, pad, OH, OW};
-            parallel_for((size_t)C, 1, im2col_range, &a);
+        float *Y = y;      // the GEMM's output: y itself for one image, else a block to scatter
+        if (G > 1) {
+            float *cols = col;
+            Y = col + ckk * G * ohw;
+            if (conv_is_pointwise(K, stride, pad)) regroup(0, cols, (float *)x, (size_t)C, ohw, g, 0);
+            else im2col_group(cols, x, g, C, H, W, K, stride, pad, OH, OW);
+            B = cols;
+        } else if (!conv_is_pointwise(K, stride, pad)) {
+            im2col_group(col, x, 1, C, H, W, K, stride, pad, OH, OW);
             B = col;
         }
-        if (init)
+        size_t ncols = (size_t)g * ohw;
+        // Y (OC, g*OH*OW) (+)= weight (OC, C*K*K) @ col (C*K*K, g*OH*OW)
+        flops_forward += 2.0 * OC * (double)ncols * (double)ckk;
+        if (G == 1 && init)
             for (int oc = 0; oc < OC; oc++) {
-                float c = (bias ? bias[oc] : 0.0f) + (shift ? shift[(size_t)n * OC + oc] : 0.0f);
+                float c = (bias ? bias[oc] : 0.0f) + (shift ? shift[(size_t)n0 * OC + oc] : 0.0f);
                 float *yc = y + oc * ohw;
-                const float *rc = residual ? residual + ((size_t)n * OC + oc) * ohw : NULL;
+                const float *rc = residual ? residual + ((size_t)n0 * OC + oc) * ohw : NULL;
                 if (rc) for (size_t i = 0; i < ohw; i++) yc[i] = rc[i] + c;
                 else for (size_t i = 0; i < ohw; i++) yc[i] = c;
             }
-        // y (OC, OH*OW) (+)= weight (OC, C*K*K) @ col (C*K*K, OH*OW)
-        flops_forward += 2.0 * OC * (double)ohw * (double)ckk;
-        sgemm(0, 0, (size_t)OC, ohw, ckk, weight, ckk, B, ohw, init, y, ohw);
+        sgemm(0, 0, (size_t)OC, ncols, ckk, weight, ckk, B, ncols, G == 1 && init, Y, ncols);
+        if (G > 1) {
+            regroup(1, Y, y, (size_t)OC, ohw, g, 0);
+            if (init)
+                for (int i = 0; i < g; i++)
+                    for (int oc = 0; oc < OC; oc++) {
+                        size_t r = (size_t)(n0 + i) * OC + oc;
+                        float c = (bias ? bias[oc] : 0.0f) + (shift ? shift[r] : 0.0f);
+                        float *yc = out + r * ohw;
+                        const float *rc = residual ? residual + r * ohw : NULL;
+                        if (rc) for (size_t p = 0; p < ohw; p++) yc[p] += rc[p] + c;
+                        else for (size_t p = 0; p < ohw; p++) yc[p] += c;
+                    }
+        }
     }
 }
 
@@ -858,38 +933,88 @@ void conv2d_forward(float *out, const float *inp, const float *weight, const flo
     conv2d_add_forward(out, inp, weight, bias, NULL, NULL, col, N, C, H, W, OC, K, stride, pad);
 }
 
+// A "same" convolution (stride 1, odd K, pad (K-1)/2) gets its input
+// gradient as a convolution of dy with the flipped, transposed kernel:
+//   dx[c,i,j] = sum_{oc,ky,kx} w[oc,c,K-1-ky,K-1-kx] dy[oc, i+ky-pad, j+kx-pad]
+// i.e. im2col(dy) and one GEMM with depth OC*K*K, instead of a GEMM of depth
+// OC into a C*K*K-row buffer folded back by col2im: the GEMM is better shaped
+// (depth 288 instead of 32 for 32 channels) and nothing is folded.
+static int conv_is_same(int K, int stride, int pad) { return stride == 1 && K % 2 == 1 && pad == (K - 1) / 2 && K > 1; }
+
+// The backward scratch, in floats: [dy block | columns | dx block | flipped weights]
+typedef struct { size_t dy, cols, dx, wflip, total; } ConvScratch;
+
+static ConvScratch conv_backward_layout(int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
+    size_t ohw = (size_t)OH * OW, hw = (size_t)H * W, ckk = (size_t)C * K * K, okk = (size_t)OC * K * K;
+    int G = conv_group(ohw, N), pointwise = conv_is_pointwise(K, stride, pad), same = conv_is_same(K, stride, pad);
+    ConvScratch s;
+    s.dy = G > 1 ? (size_t)OC * G * ohw : 0;
+    s.cols = 0;
+    if (G > 1 || !pointwise) s.cols = ckk * G * ohw;                        // im2col(x), or gathered x
+    if (same && okk * G * hw > s.cols) s.cols = okk * G * hw;               // im2col(dy)
+    if (!pointwise && !same && ckk * G * ohw > s.cols) s.cols = ckk * G * ohw;  // dcol for col2im
+    s.dx = (G > 1 && (pointwise || same)) ? (size_t)C * G * hw : 0;
+    s.wflip = same ? (size_t)C * okk : 0;
+    s.total = s.dy + s.cols + s.dx + s.wflip;
+    return s;
+}
+
+size_t conv2d_backward_scratch(int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    return conv_backward_layout(N, C, H, W, OC, K, stride, pad).total;
+}
+
 void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, float *col,
                      int N, int C, int H, int W, int OC, int K, int stride, int pad) {
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
-    size_t ohw = (size_t)OH * OW, ckk = (size_t)C * K * K;
-    int pointwise = conv_is_pointwise(K, stride, pad);
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C * H * W;
-        const float *dy = dout + (size_t)n * OC * ohw;
-        if (dbias)
+    size_t ohw = (size_t)OH * OW, hw = (size_t)H * W, ckk = (size_t)C * K * K, okk = (size_t)OC * K * K;
+    int pointwise = conv_is_pointwise(K, stride, pad), same = conv_is_same(K, stride, pad);
+    int G = conv_group(ohw, N);
+    ConvScratch L = conv_backward_layout(N, C, H, W, OC, K, stride, pad);
+    float *dyblk = col, *cols = col + L.dy, *dxblk = cols + L.cols, *wflip = dxblk + L.dx;
+    if (dinp && same)  // (C, OC*K*K), the kernel flipped in space
+        for (int oc = 0; oc < OC; oc++)
+            for (int c = 0; c < C; c++)
+                for (int k = 0; k < K * K; k++)
+                    wflip[(size_t)c * okk + (size_t)oc * K * K + k] = weight[((size_t)oc * C + c) * K * K + (K * K - 1 - k)];
+    if (dbias)
+        for (int n = 0; n < N; n++)
             for (int oc = 0; oc < OC; oc++) {
+                const float *d = dout + ((size_t)n * OC + oc) * ohw;
                 float s = 0.0f;
-                for (size_t i = 0; i < ohw; i++) s += dy[oc * ohw + i];
+                for (size_t i = 0; i < ohw; i++) s += d[i];
                 dbias[oc] += s;
             }
+    for (int n0 = 0; n0 < N; n0 += G) {
+        int g = N - n0 < G ? N - n0 : G;
+        size_t nco = (size_t)g * ohw, nci = (size_t)g * hw;  // columns of the output and input blocks
+        const float *x = inp + (size_t)n0 * C * hw;
+        const float *dy = dout + (size_t)n0 * OC * ohw;
+        float *dx = dinp ? dinp + (size_t)n0 * C * hw : NULL;
+        const float *DY = dy;  // (OC, g*OH*OW)
+        if (G > 1) { regroup(0, dyblk, (float *)dy, (size_t)OC, ohw, g, 0); DY = dyblk; }
         if (dweight) {
             const float *B = x;
-            if (!pointwise) {
-                Im2col a = {col, x, C, H, W, K, stride, pad, OH, OW};
-                parallel_for((size_t)C, 1, im2col_range, &a);
-                B = col;
-            }
-            // dweight (OC, CKK) += dy (OC, OHW) @ col^T (OHW, CKK)
-            sgemm(0, 1, (size_t)OC, ckk, ohw, dy, ohw, B, ohw, 1, dweight, ckk);
+            if (G > 1 && pointwise) { regroup(0, cols, (float *)x, (size_t)C, hw, g, 0); B = cols; }
+            else if (!pointwise) { im2col_group(cols, x, g, C, H, W, K, stride, pad, OH, OW); B = cols; }
+            // dweight (OC, CKK) += dy (OC, g*OHW) @ col^T (g*OHW, CKK)
+            sgemm(0, 1, (size_t)OC, ckk, nco, DY, nco, B, nco, 1, dweight, ckk);
         }
-        if (dinp) {
-            float *dx = dinp + (size_t)n * C * H * W;
-            if (pointwise) {  // dx (C, HW) += weight^T (C, OC) @ dy (OC, HW)
-                sgemm(1, 0, (size_t)C, ohw, (size_t)OC, weight, ckk, dy, ohw, 1, dx, ohw);
-            } else {          // dcol = weight^T @ dy, then fold it back
-                sgemm(1, 0, ckk, ohw, (size_t)OC, weight, ckk, dy, ohw, 0, col, ohw);
-                Im2col a = {col, dx, C, H, W, K, stride, pad, OH, OW};
+        if (!dx) continue;
+        if (pointwise || same) {
+            float *DX = G > 1 ? dxblk : dx;  // (C, g*H*W)
+            if (pointwise) {  // dx (C, HW) (+)= weight^T (C, OC) @ dy (OC, HW)
+                sgemm(1, 0, (size_t)C, nci, (size_t)OC, weight, ckk, DY, nco, G == 1, DX, nci);
+            } else {          // dx (C, HW) (+)= wflip (C, OC*K*K) @ im2col(dy) (OC*K*K, HW)
+                im2col_group(cols, dy, g, OC, OH, OW, K, 1, pad, H, W);
+                sgemm(0, 0, (size_t)C, nci, okk, wflip, okk, cols, nci, G == 1, DX, nci);
+            }
+            if (G > 1) regroup(1, dxblk, dx, (size_t)C, hw, g, 1);
+        } else {              // dcol = weight^T @ dy, then fold each image back
+            sgemm(1, 0, ckk, nco, (size_t)OC, weight, ckk, DY, nco, 0, cols, nco);
+            for (int i = 0; i < g; i++) {
+                Im2col a = {cols + i * ohw, dx + (size_t)i * C * hw, C, H, W, K, stride, pad, OH, OW, nco};
                 parallel_for((size_t)C, 1, col2im_range, &a);
             }
         }
@@ -1582,11 +1707,11 @@ static void conv2d_node_backward(Graph *g, TapeNode *n) {
     Tensor *x = n->in[0], *w = n->in[1];
     int stride = n->iarg[0], pad = n->iarg[1], K = w->shape[2];
     float *dx = input_grad(g, n, 0), *dw = input_grad(g, n, 1), *db = input_grad(g, n, 2);
-    ArenaMark m = arena_mark(&g->arena);  // after the gradient buffers, which must stay
+    ArenaMark m = arena_mark(&g->arena);
     float *col = NULL;
-    if (!conv_is_pointwise(K, stride, pad) && (dx || dw)) {
-        col = arena_floats(&g->arena, (size_t)x->shape[1] * K * K * n->out->shape[2] * n->out->shape[3]);
-    }
+    if (dx || dw)
+        col = arena_floats(&g->arena, conv2d_backward_scratch(x->shape[0], x->shape[1], x->shape[2], x->shape[3],
+                                                              w->shape[0], K, stride, pad));
     conv2d_backward(dx, dw, db, n->out->grad, x->data, w->data, col, x->shape[0], x->shape[1],
                     x->shape[2], x->shape[3], w->shape[0], K, stride, pad);
     arena_release(&g->arena, m);
@@ -1630,8 +1755,7 @@ Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Ten
         fatal("conv2d_add: residual must be (%d,%d,%d,%d)", N, OC, OH, OW);
     Tensor *y = tensor4(g, N, OC, OH, OW);
     ArenaMark m = arena_mark(&g->arena);
-    float *col = conv_is_pointwise(K, stride, pad) ? NULL
-                 : arena_floats(&g->arena, (size_t)C * K * K * OH * OW);
+    float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, stride, pad));
     conv2d_add_forward(y->data, x->data, w->data, b ? b->data : NULL, shift ? shift->data : NULL,
                        residual ? residual->data : NULL, col, N, C, H, W, OC, K, stride, pad);
     arena_release(&g->arena, m);
@@ -1642,6 +1766,30 @@ Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Ten
         nd->iarg[1] = pad;
         nd->in[3] = shift;
         nd->in[4] = residual;
+    }
+    return y;
+}
+
+// relu(conv2d(x)): the ReLU works in place on the convolution's output and
+// its backward reads that output (relu' = [y > 0]), so the pre-activation is
+// never stored: one activation fewer per VGG layer in LPIPS.
+static void conv2d_relu_node_backward(Graph *g, TapeNode *n) {
+    float *dy = n->out->grad;  // this node's own gradient: nobody reads it after us
+    const float *y = n->out->data;
+    for (size_t i = 0; i < n->out->size; i++) if (!(y[i] > 0.0f)) dy[i] = 0.0f;
+    conv2d_node_backward(g, n);
+}
+
+Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
+    int saved = g->grad_enabled;
+    g->grad_enabled = 0;  // the plain convolution, untaped
+    Tensor *y = conv2d(g, x, w, b, stride, pad);
+    g->grad_enabled = saved;
+    for (size_t i = 0; i < y->size; i++) y->data[i] = y->data[i] > 0.0f ? y->data[i] : 0.0f;
+    if (wants_grad(g, x, w, b)) {
+        TapeNode *nd = record(g, "conv2d_relu", conv2d_relu_node_backward, y, x, w, b);
+        nd->iarg[0] = stride;
+        nd->iarg[1] = pad;
     }
     return y;
 }
@@ -1660,8 +1808,7 @@ Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
     Tensor *y = tensor4(g, N, OC, OH, OW);
     ArenaMark m = arena_mark(&g->arena);
-    float *col = conv_is_pointwise(K, stride, pad) ? NULL
-                 : arena_floats(&g->arena, (size_t)C * K * K * OH * OW);
+    float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, stride, pad));
     conv2d_forward(y->data, x->data, w->data, b ? b->data : NULL, col, N, C, H, W, OC, K, stride, pad);
     arena_release(&g->arena, m);
     if (wants_grad(g, x, w, b)) {

@@ -218,6 +218,7 @@ double grad_norm_sq(const float *grad, size_t n);  // sum of squares in double
 // follows numpy: shapes aligned to the right, each dim equal or 1.
 // ---------------------------------------------------------------------------
 Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);  // b may be NULL
+Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);  // relu(conv2d), fused
 // conv2d(x, w, b) + shift[:, :, None, None] + residual; shift (N,OC) and
 // residual (N,OC,OH,OW) may be NULL. Neither sum is stored separately.
 Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad);
@@ -261,15 +262,19 @@ Tensor *clamp(Graph *g, Tensor *x, float lo, float hi);  // gradient 0 where cli
 // ---------------------------------------------------------------------------
 enum { ACT_SILU, ACT_RELU, ACT_SIGMOID };
 // out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC); col is
-// scratch of C*K*K*OH*OW floats (may be NULL for 1x1, stride 1, pad 0)
+// scratch of conv2d_forward_scratch(...) floats (small maps are done several
+// images per GEMM, which needs more)
 void conv2d_forward(float *out, const float *inp, const float *weight, const float *bias,
                     float *col, int N, int C, int H, int W, int OC, int K, int stride, int pad);
 void conv2d_add_forward(float *out, const float *inp, const float *weight, const float *bias,
                         const float *shift, const float *residual, float *col,
                         int N, int C, int H, int W, int OC, int K, int stride, int pad);
+// col: conv2d_backward_scratch(...) floats
 void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, float *col,
                      int N, int C, int H, int W, int OC, int K, int stride, int pad);
+size_t conv2d_backward_scratch(int N, int C, int H, int W, int OC, int K, int stride, int pad);
+size_t conv2d_forward_scratch(int N, int C, int H, int W, int OC, int K, int stride, int pad);
 // out (N,OUT) = inp (N,IN) @ weight (OUT,IN)^T + bias (OUT)
 void linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int IN, int OUT);

@@ -131,6 +131,7 @@ static Tensor *b_conv_add(Graph *g, Tensor **in, const int *a) {
     return conv2d_add(g, in[0], in[1], in[2], a[2] ? in[3] : NULL, a[3] ? in[4] : NULL, a[0], a[1]);
 }
 static Tensor *b_relu(Graph *g, Tensor **in, const int *a) { (void)a; return relu(g, in[0]); }
+static Tensor *b_conv_relu(Graph *g, Tensor **in, const int *a) { (void)a; return conv2d_relu(g, in[0], in[1], in[2], 1, 1); }
 static Tensor *b_sigmoid(Graph *g, Tensor **in, const int *a) { (void)a; return sigmoid(g, in[0]); }
 static Tensor *b_softmax(Graph *g, Tensor **in, const int *a) { (void)a; return softmax(g, in[0]); }
 static Tensor *b_upsample(Graph *g, Tensor **in, const int *a) { (void)a; return upsample2x(g, in[0]); }
@@ -167,6 +168,10 @@ static void test_gradchecks(void) {
       gradcheck("conv2d 3x3 stride 2", b_conv, a, 3, s, 1e-2, 2e-3); }
     { InSpec s[3] = {{4, {2, 5, 3, 3}, 0}, {4, {3, 5, 1, 1}, 0}, {1, {3}, 0}}; int a[3] = {1, 0, 1};
       gradcheck("conv2d 1x1", b_conv, a, 3, s, 1e-2, 2e-3); }
+    { InSpec s[3] = {{4, {2, 6, 4, 5}, 0}, {4, {2, 6, 3, 3}, 0}, {1, {2}, 0}}; int a[3] = {1, 1, 1};
+      gradcheck("conv2d 3x3 more in than out channels", b_conv, a, 3, s, 1e-2, 2e-3); }
+    { InSpec s[3] = {{4, {2, 2, 6, 7}, 0}, {4, {3, 2, 5, 5}, 0}, {1, {3}, 0}}; int a[3] = {1, 2, 1};
+      gradcheck("conv2d 5x5 pad 2", b_conv, a, 3, s, 1e-2, 2e-3); }
     { InSpec s[2] = {{4, {1, 2, 6, 5}, 0}, {4, {2, 2, 3, 3}, 0}}; int a[3] = {1, 0, 0};
       gradcheck("conv2d 3x3 no pad no bias", b_conv, a, 2, s, 1e-2, 2e-3); }
     { InSpec s[3] = {{2, {3, 5}, 0}, {2, {4, 5}, 0}, {1, {4}, 0}};
@@ -205,6 +210,8 @@ static void test_gradchecks(void) {
       int a[4] = {1, 0, 0, 1};
       gradcheck("conv2d_add 1x1 (residual)", b_conv_add, a, 5, s, 1e-2, 2e-3); }
     { InSpec s[1] = {{4, {2, 3, 4, 5}, 1}}; gradcheck("relu", b_relu, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[3] = {{4, {2, 3, 4, 5}, 0}, {4, {4, 3, 3, 3}, 0}, {1, {4}, 0}};
+      gradcheck("conv2d_relu", b_conv_relu, NULL, 3, s, 1e-3, 2e-3); }
     { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("sigmoid", b_sigmoid, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[1] = {{3, {2, 3, 7, 0}, 0}}; gradcheck("softmax", b_softmax, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[1] = {{4, {2, 3, 3, 5}, 0}}; gradcheck("upsample2x", b_upsample, NULL, 1, s, 1e-2, 2e-3); }
@@ -288,6 +295,58 @@ static void test_fused_equal_composed(void) {
     free(R);
     graph_free(&g);
     graph_free(&gr);
+}
+
+// Small maps are convolved several images per GEMM (conv_group): a batch of
+// 3 images at 8x8 against each image alone (one per GEMM), forward and every
+// gradient, for a same 3x3 (transposed-convolution input gradient), a
+// stride-2 3x3 (col2im) and a 1x1 convolution, with shift and residual.
+static void test_conv_grouped_equals_single(void) {
+    int cases[3][3] = {{3, 1, 1}, {3, 2, 1}, {1, 1, 0}};  // K, stride, pad
+    double worst = 0.0;
+    Rng rng;
+    rng_seed(&rng, 5, 5);
+    for (int cs = 0; cs < 3; cs++) {
+        int K = cases[cs][0], st = cases[cs][1], pd = cases[cs][2], N = 3, C = 5, OC = 7, H = 8;
+        int OH = (H + 2 * pd - K) / st + 1;
+        int sx[4] = {N, C, H, H}, sw[4] = {OC, C, K, K}, sb[1] = {OC}, ss[2] = {N, OC}, sr[4] = {N, OC, OH, OH};
+        Graph g;
+        graph_init(&g, 0, 0);
+        Tensor *x = tensor_new(&g, 4, sx), *w = tensor_new(&g, 4, sw), *b = tensor_new(&g, 1, sb);
+        Tensor *sh = tensor_new(&g, 2, ss), *res = tensor_new(&g, 4, sr), *R = tensor_new(&g, 4, sr);
+        Tensor *all[6] = {x, w, b, sh, res, R};
+        for (int i = 0; i < 6; i++) { rng_fill_normal(&rng, all[i]->data, all[i]->size, 0.0f, 1.0f); all[i]->requires_grad = i < 5; }
+        Tensor *y = conv2d_add(&g, x, w, b, sh, res, st, pd);  // grouped
+        graph_backward(&g, y, R->data);
+        for (int n = 0; n < N; n++) {  // one image at a time, fresh gradients
+            Graph g1;
+            graph_init(&g1, 0, 0);
+            int s1x[4] = {1, C, H, H}, s1s[2] = {1, OC}, s1r[4] = {1, OC, OH, OH};
+            Tensor *x1 = tensor_from(&g1, 4, s1x, x->data + (size_t)n * C * H * H);
+            Tensor *w1 = tensor_from(&g1, 4, sw, w->data), *b1 = tensor_from(&g1, 1, sb, b->data);
+            Tensor *sh1 = tensor_from(&g1, 2, s1s, sh->data + (size_t)n * OC);
+            Tensor *r1 = tensor_from(&g1, 4, s1r, res->data + (size_t)n * OC * OH * OH);
+            Tensor *in1[5] = {x1, w1, b1, sh1, r1};
+            for (int i = 0; i < 5; i++) in1[i]->requires_grad = 1;
+            Tensor *y1 = conv2d_add(&g1, x1, w1, b1, sh1, r1, st, pd);
+            graph_backward(&g1, y1, R->data + (size_t)n * OC * OH * OH);
+            worst = fmax(worst, compare("y", y1->data, y->data + (size_t)n * OC * OH * OH, y1->size, 1e-5));
+            worst = fmax(worst, compare("dx", x1->grad, x->grad + (size_t)n * C * H * H, x1->size, 1e-5));
+            worst = fmax(worst, compare("dshift", sh1->grad, sh->grad + (size_t)n * OC, sh1->size, 1e-5));
+            worst = fmax(worst, compare("dres", r1->grad, res->grad + (size_t)n * OC * OH * OH, r1->size, 1e-5));
+            for (int i = 1; i < 3; i++) {  // dw, db: the sums over images
+                Tensor *t = i == 1 ? w : b;
+                float *acc = i == 1 ? w1->grad : b1->grad;
+                static float sums[2][512];
+                for (size_t k = 0; k < t->size; k++) sums[i - 1][k] = (n ? sums[i - 1][k] : 0.0f) + acc[k];
+                if (n == N - 1) worst = fmax(worst, compare(i == 1 ? "dw" : "db", sums[i - 1], t->grad, t->size, 1e-5));
+            }
+            graph_free(&g1);
+        }
+        graph_free(&g);
+    }
+    test_result(worst <= 1e-5, "convolution of several images per GEMM equals one image at a time",
+                "max err %.1e over 3x3, 3x3 stride 2 and 1x1", worst);
 }
 
 // Gradients of intermediate tensors go back to the pool once used: along a
@@ -685,6 +744,7 @@ int main(int argc, char **argv) {
     test_no_grad();
     test_fused_equal_composed();
     test_grad_pool();
+    test_conv_grouped_equals_single();
     test_goldens();
     test_safetensors();
     test_determinism();

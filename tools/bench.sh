@@ -5,6 +5,10 @@
 # rss is the case's own peak. Prints one machine-readable line per case and
 # thread count, then a table. --quick: a reduced set in about five minutes.
 # LPIPS cases: batch 16 at 32 and 64, 4 at 224 (both sides), images 32x32 resized.
+# casdm_demo_step: the make demo training (Fashion-MNIST, casdm ch32, batch 32)
+# as whole programs: ./casdm train against tools/train_ref.py from the same
+# step-0 checkpoint, 30 steps each; ms per step from the last 10 steps' img/s
+# in each log.csv (needs data/fashion-mnist; rss: the whole program's).
 # UNET_REF=path/to/unet_ref.py overrides the reference's location.
 cd "$(dirname "$0")/.." || exit 1
 quick=0; [ "$1" = "--quick" ] && quick=1
@@ -17,7 +21,7 @@ elif [ ! -f "$ref" ]; then echo "PyTorch reference $ref not found: torch columns
 if [ $quick -eq 1 ]; then
     cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step casdm_ch64_step"; iters=3
 else
-    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step"; iters=5
+    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step casdm_demo_step"; iters=5
 fi
 [ -n "${BENCH_CASES:-}" ] && cases=$BENCH_CASES   # e.g. BENCH_CASES="lpips224_fwdbwd ddim_ch128_step"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -46,8 +50,37 @@ torch_run() {  # case threads -> $tmp/torch.json
 }
 
 : > "$tmp/lines"
+demo_flags="--data data/fashion-mnist/train-images-idx3-ubyte --model casdm --ch 32 --res 1 --mult 1,2,2 --T 1000 --dropout 0 --batch 32 --lr 1e-3 --log-every 10 --sample-n 0"
+# demo_run ours|torch threads -> "ms rss_mib" (or "- -")
+demo_run() {
+    d=$tmp/demo_$1_$2
+    if [ "$1" = ours ]; then
+        /usr/bin/time -f "%M" -o "$d.rss" ./casdm --threads $2 train $demo_flags --attn '' --steps 30 --resume "$tmp/demo_init" --out "$d" 2>/dev/null
+    else
+        /usr/bin/time -f "%M" -o "$d.rss" $py tools/train_ref.py --init "$tmp/demo_init/ckpt.safetensors" $demo_flags --attn '' \
+            --steps 30 --threads $2 --out "$d" 2>/dev/null
+    fi
+    ips=$(tail -n 1 "$d/log.csv" 2>/dev/null | awk -F, '{ print $7 }')
+    awk -v i="$ips" -v r="$(tail -n 1 "$d.rss" 2>/dev/null)" 'BEGIN { if (i + 0 > 0) printf "%.2f %.1f\n", 32000 / i, r / 1024; else print "- -" }'
+}
+
 for c in $cases; do
     batch=16; [ "$c" = lpips224_fwdbwd ] && batch=4
+    if [ "$c" = casdm_demo_step ]; then
+        if [ ! -f data/fashion-mnist/train-images-idx3-ubyte ] || [ ! -x ./casdm ]; then
+            echo "casdm_demo_step: needs ./casdm and data/fashion-mnist (make casdm data); skipped"; continue
+        fi
+        ./casdm train $demo_flags --attn '' --steps 0 --out "$tmp/demo_init" 2>/dev/null
+        for th in 1 2; do
+            set -- $(demo_run ours $th); ours_ms=$1; rss=$2
+            torch_ms=-; torch_rss=-
+            [ $torch -eq 1 ] && { set -- $(demo_run torch $th); torch_ms=$1; torch_rss=$2; }
+            ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN{ if (a == "-" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
+            line="bench $c threads=$th ours_ms=$ours_ms torch_ms=$torch_ms ratio=$ratio gflops=- peak_frac=- rss_mib=$rss torch_rss_mib=$torch_rss"
+            echo "$line"; echo "$line" >> "$tmp/lines"
+        done
+        continue
+    fi
     for th in 1 2; do
         build/bench "$c" --threads $th --iters $iters --batch $batch > "$tmp/ours" 2>&1 || echo "ours failed: $(cat "$tmp/ours")"
         ours_ms=$(field ms "$tmp/ours"); gflops=$(field gflops "$tmp/ours"); rss=$(field rss_mib "$tmp/ours")
