@@ -214,8 +214,9 @@ int main(int argc, char **argv) {
     double med = time_median(f, &b, warmup > 0 ? warmup - 1 : 0, iters);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    printf("ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s\n", cs, pool_threads(),
-           !strncmp(cs, "conv", 4) ? CB : batch, med * 1e3, flops / med / 1e9, ru.ru_maxrss / 1024.0, simd_name());
+    printf("ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s arena_peak_mib=%.1f grad_peak_mib=%.1f\n",
+           cs, pool_threads(), !strncmp(cs, "conv", 4) ? CB : batch, med * 1e3, flops / med / 1e9, ru.ru_maxrss / 1024.0,
+           simd_name(), b.g.arena.peak / 1048576.0, b.g.grad_peak / 1048576.0);
     pool_shutdown();
     return 0;  // the process ends here; its memory goes with it
 }

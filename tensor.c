@@ -1920,6 +1920,41 @@ Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB) {
     return y;
 }
 
+// softmax(scale * op(a) @ op(b)) over the last axis (attention weights).
+// The softmax runs in place on the product, which its backward never needs
+// (it reads the softmax output), so a (B, T, T) tensor is stored once, not
+// twice; the scale is applied to the product instead of to both operands.
+static void matmul_softmax_node_backward(Graph *g, TapeNode *n) {
+    int ta = n->iarg[0], tb = n->iarg[1], batch = n->iarg[2], M = n->iarg[3], N = n->iarg[4], K = n->iarg[5];
+    float *da = input_grad(g, n, 0), *db = input_grad(g, n, 1);
+    ArenaMark m = arena_mark(&g->arena);
+    float *ds = arena_zeros(&g->arena, n->out->size);
+    softmax_backward(ds, n->out->grad, n->out->data, n->out->size / (size_t)N, (size_t)N);
+    for (size_t i = 0; i < n->out->size; i++) ds[i] *= n->farg[0];
+    matmul_backward(da, db, ds, n->in[0]->data, n->in[1]->data, batch, M, N, K, ta, tb);
+    arena_release(&g->arena, m);
+}
+
+Tensor *matmul_softmax(Graph *g, Tensor *a, Tensor *b, int transA, int transB, float scale) {
+    int saved = g->grad_enabled;
+    g->grad_enabled = 0;  // the plain product, untaped
+    Tensor *y = matmul(g, a, b, transA, transB);
+    g->grad_enabled = saved;
+    for (size_t i = 0; i < y->size; i++) y->data[i] *= scale;
+    size_t len = (size_t)y->shape[y->ndim - 1];
+    softmax_forward(y->data, y->data, y->size / len, len);
+    if (wants_grad(g, a, b, NULL)) {
+        int ba, ar, ac, br, bc, bb;
+        matmul_dims(a, &ba, &ar, &ac);
+        matmul_dims(b, &bb, &br, &bc);
+        TapeNode *nd = record(g, "matmul_softmax", matmul_softmax_node_backward, y, a, b, NULL);
+        int args[6] = {transA, transB, ba, transA ? ac : ar, transB ? br : bc, transA ? ar : ac};
+        memcpy(nd->iarg, args, sizeof args);
+        nd->farg[0] = scale;
+    }
+    return y;
+}
+
 // ---- add / sub / mul with broadcasting ----
 // Both shapes are aligned to the right and padded to 4-D; a dimension of 1
 // broadcasts (stride 0). Same-shape operands take a flat, threaded loop.

@@ -224,6 +224,8 @@ Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int p
 Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad);
 Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b);   // x (N,in), w (out,in), b (out)
 Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB);  // batched (B,M,K)@(B,K,N)
+// softmax(scale * op(a) @ op(b)) over the last axis, the product not stored
+Tensor *matmul_softmax(Graph *g, Tensor *a, Tensor *b, int transA, int transB, float scale);
 Tensor *add(Graph *g, Tensor *a, Tensor *b);
 Tensor *sub(Graph *g, Tensor *a, Tensor *b);
 Tensor *mul(Graph *g, Tensor *a, Tensor *b);

@@ -352,9 +352,9 @@ static Tensor *attention_forward(Graph *g, const UNetConfig *c, AttnBlock *a, Te
     Tensor *q = reshape(g, slice_channels(g, qkv, 0, ch), 3, s3);
     Tensor *k = reshape(g, slice_channels(g, qkv, ch, 2 * ch), 3, s3);
     Tensor *v = reshape(g, slice_channels(g, qkv, 2 * ch, 3 * ch), 3, s3);
-    float scale = (float)(1.0 / sqrt(sqrt((double)ch)));
-    Tensor *w = matmul(g, scale_shift(g, q, scale, 0.0f), scale_shift(g, k, scale, 0.0f), 1, 0);  // (BH, T, T)
-    w = softmax(g, w);
+    // improved-diffusion scales q and k by ch^(-1/4) each; here the product by ch^(-1/2)
+    float scale = (float)(1.0 / sqrt((double)ch));
+    Tensor *w = matmul_softmax(g, q, k, 1, 0, scale);  // softmax(q^T k / sqrt(ch)): (BH, T, T)
     Tensor *o = matmul(g, v, w, 0, 1);  // v (BH, ch, S) @ w^T (BH, S, T)
     o = view4(g, o, B, C, H, W);
     return conv2d_add(g, o, view4(g, a->proj_w, C, C, 1, 1), a->proj_b, NULL, x, 1, 0);  // x + proj(o)

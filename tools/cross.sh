@@ -47,7 +47,9 @@ target() {
     fi
     start=$(date +%s)
     level=--quick; [ -n "$runner" ] && level=--emulated
-    if (cd "$d" && $runner ./build/test_tensor --quick && $runner ./build/test_unet $level) > "$d/test.log" 2>&1; then
+    # (a timeout, so that a hang under emulation fails the target instead of CI)
+    if (cd "$d" && timeout 1200 $runner ./build/test_tensor --quick && timeout 1200 $runner ./build/test_unet $level) \
+            > "$d/test.log" 2>&1; then
         n=$(grep -c '^PASS' "$d/test.log"); s=$(grep -c '^SKIP' "$d/test.log")
         echo "PASS $name: $n tests passed, $s skipped ($(($(date +%s) - start)) s; $(grep -m1 -o 'avx512\|avx2\|neon\|scalar' "$d/test.log"))"
     else
@@ -69,7 +71,7 @@ target riscv64 riscv64-linux-gnu-gcc "qemu-riscv64 -L /usr/riscv64-linux-gnu" SI
 # checkpoints across byte orders: train 2 steps on one machine, load on the
 # other (train --resume to the same step saves without a step in between)
 if [ -x "$work/gcc-x86_64/casdm" ] && [ -x "$work/s390x/casdm" ]; then
-    q="qemu-s390x -L /usr/s390x-linux-gnu"
+    q="timeout 1200 qemu-s390x -L /usr/s390x-linux-gnu"
     d=$work/endian; mkdir -p "$d"
     awk 'BEGIN { for (i = 0; i < 8; i++) { printf "%c", i; for (k = 0; k < 3072; k++) printf "%c", (k * 7 + i * 31) % 251 } }' > "$d/data.bin"
     opts="--data $d/data.bin --model casdm --ch 32 --res 1 --mult 1,2 --attn 16 --batch 2 --T 100 --steps 2 --sample-n 0"
