@@ -1115,6 +1115,8 @@ typedef struct {
     float *dscale, *dshift;       // their gradients (N,C) or NULL
     int silu;                     // out = silu(z)
     float *dz;                    // fused backward: scratch of C*HW floats (one group per thread)
+    const unsigned char *keep;    // dropout after the silu: 1 = kept (scaled by keep_scale), or NULL
+    float keep_scale;
 } GroupNorm;
 
 static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -1198,6 +1200,10 @@ static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
                 float z = (xc[i] * sc + sh) * s1 + t;
                 yc[i] = a->silu ? z * sigmoidf(z) : z;
             }
+            if (a->keep) {
+                const unsigned char *kc = a->keep + r * len + (size_t)c * a->HW;
+                for (int i = 0; i < a->HW; i++) yc[i] = kc[i] ? yc[i] * a->keep_scale : 0.0f;
+            }
         }
     }
 }
@@ -1205,7 +1211,7 @@ static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
 void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
                        const float *gamma, const float *beta, int N, int C, int HW, int G, float eps) {
     GroupNorm a = {out, mean, rstd, inp, gamma, beta, NULL, NULL, NULL, NULL, N, C, HW, G, eps,
-                   NULL, NULL, NULL, NULL, 0, NULL};
+                   NULL, NULL, NULL, NULL, 0, NULL, NULL, 1.0f};
     parallel_for((size_t)N * G, 1, groupnorm_forward_range, &a);
 }
 
@@ -1216,7 +1222,7 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
     const GroupNorm *a = arg;
     int cpg = a->C / a->G;
     size_t len = (size_t)cpg * a->HW;
-    int fused = a->scale || a->silu;
+    int fused = a->scale || a->silu || a->keep;
     for (size_t g = g0; g < g1; g++) {
         for (int n = 0; n < a->N; n++) {
             size_t r = (size_t)n * a->G + g;
@@ -1230,10 +1236,12 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
                     float sc = rs * ga, sh = be - m * sc;
                     float s1 = a->scale ? 1.0f + a->scale[nc] : 1.0f, t = a->shift ? a->shift[nc] : 0.0f;
                     const float *xc = x + (size_t)c * a->HW, *dyc = dy + (size_t)c * a->HW;
+                    const unsigned char *kc = a->keep ? a->keep + r * len + (size_t)c * a->HW : NULL;
                     float *dc = d + (size_t)c * a->HW;
                     double dsc = 0.0, dsh = 0.0;
                     for (int i = 0; i < a->HW; i++) {
                         float gn = xc[i] * sc + sh, dzi = dyc[i];
+                        if (kc) dzi = kc[i] ? dzi * a->keep_scale : 0.0f;
                         if (a->silu) {
                             float z = gn * s1 + t, sg = sigmoidf(z);
                             dzi *= sg * (1.0f + z * (1.0f - sg));
@@ -1279,16 +1287,17 @@ void groupnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *d
                         const float *inp, const float *mean, const float *rstd, const float *gamma,
                         int N, int C, int HW, int G) {
     GroupNorm a = {NULL, (float *)mean, (float *)rstd, inp, gamma, NULL, dinp, dgamma, dbeta, dout,
-                   N, C, HW, G, 0.0f, NULL, NULL, NULL, NULL, 0, NULL};
+                   N, C, HW, G, 0.0f, NULL, NULL, NULL, NULL, 0, NULL, NULL, 1.0f};
     parallel_for((size_t)G, 1, groupnorm_backward_range, &a);
 }
 
 // the fused form: out = [silu](GN(x) * (1 + scale) + shift); scale, shift (N,C) may be NULL
 void groupnorm_film_silu_forward(float *out, float *mean, float *rstd, const float *inp,
                                  const float *gamma, const float *beta, const float *scale, const float *shift,
-                                 int silu, int N, int C, int HW, int G, float eps) {
+                                 int silu, const unsigned char *keep, float keep_scale,
+                                 int N, int C, int HW, int G, float eps) {
     GroupNorm a = {out, mean, rstd, inp, gamma, beta, NULL, NULL, NULL, NULL, N, C, HW, G, eps,
-                   scale, shift, NULL, NULL, silu, NULL};
+                   scale, shift, NULL, NULL, silu, NULL, keep, keep_scale};
     parallel_for((size_t)N * G, 1, groupnorm_forward_range, &a);
 }
 
@@ -1296,9 +1305,10 @@ void groupnorm_film_silu_forward(float *out, float *mean, float *rstd, const flo
 void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, float *dscale, float *dshift,
                                   const float *dout, const float *inp, const float *mean, const float *rstd,
                                   const float *gamma, const float *beta, const float *scale, const float *shift,
-                                  int silu, float *dz, int N, int C, int HW, int G) {
+                                  int silu, const unsigned char *keep, float keep_scale, float *dz,
+                                  int N, int C, int HW, int G) {
     GroupNorm a = {NULL, (float *)mean, (float *)rstd, inp, gamma, beta, dinp, dgamma, dbeta, dout,
-                   N, C, HW, G, 0.0f, scale, shift, dscale, dshift, silu, dz};
+                   N, C, HW, G, 0.0f, scale, shift, dscale, dshift, silu, dz, keep, keep_scale};
     parallel_for((size_t)G, 1, groupnorm_backward_range, &a);
 }
 
@@ -1955,6 +1965,94 @@ Tensor *matmul_softmax(Graph *g, Tensor *a, Tensor *b, int transA, int transB, f
     return y;
 }
 
+// ---- QKV attention (improved-diffusion's QKVAttentionLegacy) ----
+// qkv (BH, 3*ch, T): per head, q = rows 0..ch, k = ch..2ch, v = 2ch..3ch.
+//   w = softmax(scale * q^T k) over the last axis   (BH, T, T)
+//   out = v @ w^T                                   (BH, ch, T)
+// q, k and v are read in place (no copies); w is kept for backward.
+typedef struct {
+    const float *qkv; float *w, *out;
+    float *dqkv, *dw; const float *dout;
+    int ch, T; float scale;
+} Attention;
+
+static void qkv_attention_forward_range(void *arg, size_t b0, size_t b1) {
+    const Attention *a = arg;
+    size_t T = (size_t)a->T, ch = (size_t)a->ch;
+    for (size_t b = b0; b < b1; b++) {
+        const float *q = a->qkv + b * 3 * ch * T, *k = q + ch * T, *v = k + ch * T;
+        float *w = a->w + b * T * T;
+        sgemm(1, 0, T, T, ch, q, T, k, T, 0, w, T);  // w (T,T) = q^T (T,ch) @ k (ch,T)
+        for (size_t i = 0; i < T * T; i++) w[i] *= a->scale;
+        softmax_forward(w, w, T, T);
+        sgemm(0, 1, ch, T, T, v, T, w, T, 0, a->out + b * ch * T, T);  // out = v @ w^T
+    }
+}
+
+void qkv_attention_forward(float *out, float *w, const float *qkv, int BH, int ch, int T, float scale) {
+    Attention a = {qkv, w, out, NULL, NULL, NULL, ch, T, scale};
+    flops_forward += 4.0 * BH * (double)ch * T * T;
+    parallel_for((size_t)BH, 1, qkv_attention_forward_range, &a);
+}
+
+static void qkv_attention_backward_range(void *arg, size_t b0, size_t b1) {
+    const Attention *a = arg;
+    size_t T = (size_t)a->T, ch = (size_t)a->ch;
+    for (size_t b = b0; b < b1; b++) {
+        const float *q = a->qkv + b * 3 * ch * T, *k = q + ch * T, *v = k + ch * T;
+        const float *w = a->w + b * T * T, *dout = a->dout + b * ch * T;
+        float *dq = a->dqkv + b * 3 * ch * T, *dk = dq + ch * T, *dv = dk + ch * T;
+        float *dw = a->dw + b * T * T, *ds = dw;  // softmax' overwrites dw
+        sgemm(0, 0, ch, T, T, dout, T, w, T, 1, dv, T);   // dv += dout @ w
+        sgemm(1, 0, T, T, ch, dout, T, v, T, 0, dw, T);   // dw = dout^T @ v
+        for (size_t t = 0; t < T; t++) {                   // ds = scale * softmax'(dw), in place
+            const float *wr = w + t * T;
+            float *dr = ds + t * T, dot = 0.0f;
+            for (size_t i = 0; i < T; i++) dot += dr[i] * wr[i];
+            for (size_t i = 0; i < T; i++) dr[i] = a->scale * wr[i] * (dr[i] - dot);
+        }
+        sgemm(0, 1, ch, T, T, k, T, ds, T, 1, dq, T);     // dq += k @ ds^T
+        sgemm(0, 0, ch, T, T, q, T, ds, T, 1, dk, T);     // dk += q @ ds
+    }
+}
+
+// dqkv += the gradient; dw: scratch of BH*T*T floats
+void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *w, float *dw,
+                        int BH, int ch, int T, float scale) {
+    Attention a = {qkv, (float *)w, NULL, dqkv, dw, dout, ch, T, scale};
+    parallel_for((size_t)BH, 1, qkv_attention_backward_range, &a);
+}
+
+static void qkv_attention_node_backward(Graph *g, TapeNode *n) {
+    Tensor *qkv = n->in[0];
+    float *dqkv = input_grad(g, n, 0);
+    int BH = qkv->shape[0], ch = qkv->shape[1] / 3, T = qkv->shape[2];
+    ArenaMark m = arena_mark(&g->arena);
+    float *dw = arena_floats(&g->arena, (size_t)BH * T * T);
+    qkv_attention_backward(dqkv, n->out->grad, qkv->data, n->saved, dw, BH, ch, T, n->farg[0]);
+    arena_release(&g->arena, m);
+}
+
+Tensor *qkv_attention(Graph *g, Tensor *qkv, float scale) {
+    if (qkv->ndim != 3 || qkv->shape[1] % 3)
+        fatal("qkv_attention: expected (BH, 3*ch, T), got %d-D with %d rows", qkv->ndim, qkv->ndim > 1 ? qkv->shape[1] : 0);
+    int BH = qkv->shape[0], ch = qkv->shape[1] / 3, T = qkv->shape[2];
+    int s[3] = {BH, ch, T};
+    Tensor *y = tensor_new(g, 3, s);
+    int rec = wants_grad(g, qkv, NULL, NULL);
+    ArenaMark m = arena_mark(&g->arena);
+    float *w = arena_floats(&g->arena, (size_t)BH * T * T);
+    qkv_attention_forward(y->data, w, qkv->data, BH, ch, T, scale);
+    if (rec) {
+        TapeNode *nd = record(g, "qkv_attention", qkv_attention_node_backward, y, qkv, NULL, NULL);
+        nd->saved = w;
+        nd->farg[0] = scale;
+    } else {
+        arena_release(&g->arena, m);  // no-grad: the weights are not kept
+    }
+    return y;
+}
+
 // ---- add / sub / mul with broadcasting ----
 // Both shapes are aligned to the right and padded to 4-D; a dimension of 1
 // broadcasts (stride 0). Same-shape operands take a flat, threaded loop.
@@ -2156,13 +2254,14 @@ static void groupnorm_film_silu_node_backward(Graph *g, TapeNode *n) {
     float *dz = arena_floats(&g->arena, x->size / (size_t)x->shape[0]);
     groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, n->out->grad, x->data, n->saved, n->saved2,
                                  gamma ? gamma->data : NULL, beta ? beta->data : NULL,
-                                 scale ? scale->data : NULL, shift ? shift->data : NULL, n->iarg[1], dz,
+                                 scale ? scale->data : NULL, shift ? shift->data : NULL, n->iarg[1],
+                                 (const unsigned char *)n->saved3, n->farg[0], dz,
                                  x->shape[0], x->shape[1], x->shape[2] * x->shape[3], n->iarg[0]);
     arena_release(&g->arena, m);
 }
 
 Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale, Tensor *shift,
-                            int silu_after, int groups, float eps) {
+                            int silu_after, float dropout_p, int groups, float eps) {
     check_4d(x, "groupnorm_film_silu");
     int N = x->shape[0], C = x->shape[1];
     if (groups < 1 || C % groups) fatal("groupnorm_film_silu: %d channels do not split into %d groups", C, groups);
@@ -2173,10 +2272,21 @@ Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Te
     Tensor *y = tensor_new(g, 4, x->shape);
     int rec = wants_grad(g, x, gamma, beta) ||
               (g->grad_enabled && ((scale && scale->requires_grad) || (shift && shift->requires_grad)));
+    // dropout (training only): the mask is drawn first, one uniform per
+    // element in order (as the dropout op), and kept as bytes for backward
+    unsigned char *keep = NULL;
+    float keep_scale = 1.0f;
+    if (g->training && dropout_p > 0.0f) {
+        if (dropout_p >= 1.0f) fatal("groupnorm_film_silu: dropout p=%g must be below 1", dropout_p);
+        if (!g->rng) fatal("groupnorm_film_silu: the graph has no RNG while training");
+        keep = arena_alloc(&g->arena, x->size);
+        keep_scale = 1.0f / (1.0f - dropout_p);
+        for (size_t i = 0; i < x->size; i++) keep[i] = rng_uniform(g->rng) >= dropout_p;
+    }
     ArenaMark m = arena_mark(&g->arena);
     float *mean = arena_floats(&g->arena, (size_t)N * groups), *rstd = arena_floats(&g->arena, (size_t)N * groups);
     groupnorm_film_silu_forward(y->data, mean, rstd, x->data, gamma ? gamma->data : NULL, beta ? beta->data : NULL,
-                                scale ? scale->data : NULL, shift ? shift->data : NULL, silu_after,
+                                scale ? scale->data : NULL, shift ? shift->data : NULL, silu_after, keep, keep_scale,
                                 N, C, x->shape[2] * x->shape[3], groups, eps);
     if (rec) {
         TapeNode *nd = record(g, "groupnorm_film_silu", groupnorm_film_silu_node_backward, y, x, gamma, beta);
@@ -2186,6 +2296,8 @@ Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Te
         nd->iarg[1] = silu_after;
         nd->saved = mean;
         nd->saved2 = rstd;
+        nd->saved3 = keep;
+        nd->farg[0] = keep_scale;
     } else {
         arena_release(&g->arena, m);  // no-grad: the statistics are not kept
     }
@@ -2193,7 +2305,7 @@ Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Te
 }
 
 Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps) {
-    return groupnorm_film_silu(g, x, gamma, beta, NULL, NULL, 1, groups, eps);
+    return groupnorm_film_silu(g, x, gamma, beta, NULL, NULL, 1, 0.0f, groups, eps);
 }
 
 // activations

@@ -133,6 +133,7 @@ struct TapeNode {
     float farg[2];
     float *saved;         // op-specific buffers kept for backward (arena)
     float *saved2;
+    void *saved3;
 };
 
 // A graph owns one step: the tensors it makes and the tape live in `arena`;
@@ -224,6 +225,13 @@ Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int p
 Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad);
 Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b);   // x (N,in), w (out,in), b (out)
 Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB);  // batched (B,M,K)@(B,K,N)
+// improved-diffusion's QKVAttentionLegacy on qkv (BH, 3*ch, T): per head q, k,
+// v = rows [0,ch), [ch,2ch), [2ch,3ch); softmax(scale q^T k) applied to v.
+// Returns (BH, ch, T); q, k, v are not copied, the weights (BH,T,T) are kept.
+Tensor *qkv_attention(Graph *g, Tensor *qkv, float scale);
+void qkv_attention_forward(float *out, float *w, const float *qkv, int BH, int ch, int T, float scale);
+void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *w, float *dw,
+                            int BH, int ch, int T, float scale);
 // softmax(scale * op(a) @ op(b)) over the last axis, the product not stored
 Tensor *matmul_softmax(Graph *g, Tensor *a, Tensor *b, int transA, int transB, float scale);
 Tensor *add(Graph *g, Tensor *a, Tensor *b);
@@ -231,10 +239,11 @@ Tensor *sub(Graph *g, Tensor *a, Tensor *b);
 Tensor *mul(Graph *g, Tensor *a, Tensor *b);
 Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift);  // scale*x + shift
 Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);
-// The U-Net's fused norm: [silu](groupnorm(x) * (1 + scale) + shift), scale
-// and shift (N,C) or NULL, silu_after 0/1; the normalised tensor is not kept.
+// The U-Net's fused norm: dropout([silu](groupnorm(x) * (1 + scale) + shift)),
+// scale and shift (N,C) or NULL, silu_after 0/1, dropout p (when training;
+// 0 = none); the normalised tensor is not kept, the dropout mask as bytes.
 Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale, Tensor *shift,
-                            int silu_after, int groups, float eps);
+                            int silu_after, float dropout_p, int groups, float eps);
 Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);  // silu(groupnorm)
 Tensor *silu(Graph *g, Tensor *x);
 Tensor *relu(Graph *g, Tensor *x);
@@ -294,13 +303,16 @@ void groupnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *d
                         int N, int C, int HW, int G);
 // [silu](group norm * (1 + scale) + shift) without storing the norm; scale,
 // shift (N,C) may be NULL; dz: scratch of C*HW floats
+// keep: dropout mask (N*C*HW bytes, 1 = kept and scaled by keep_scale) or NULL
 void groupnorm_film_silu_forward(float *out, float *mean, float *rstd, const float *inp,
                                  const float *gamma, const float *beta, const float *scale, const float *shift,
-                                 int silu, int N, int C, int HW, int G, float eps);
+                                 int silu, const unsigned char *keep, float keep_scale,
+                                 int N, int C, int HW, int G, float eps);
 void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, float *dscale, float *dshift,
                                   const float *dout, const float *inp, const float *mean, const float *rstd,
                                   const float *gamma, const float *beta, const float *scale, const float *shift,
-                                  int silu, float *dz, int N, int C, int HW, int G);
+                                  int silu, const unsigned char *keep, float keep_scale, float *dz,
+                                  int N, int C, int HW, int G);
 void activation_forward(float *out, const float *inp, size_t n, int act);
 void activation_backward(float *dinp, const float *dout, const float *inp, const float *out,
                          size_t n, int act);

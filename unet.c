@@ -323,7 +323,7 @@ static Tensor *view4(Graph *g, Tensor *t, int n, int c, int h, int w) {
 //   emb_layers: SiLU, Linear -> scale, shift (chunk, scale first)
 //   out_layers: GroupNorm * (1 + scale) + shift, SiLU, dropout, conv3x3
 //   out = skip(x) + out_layers(...)   (skip: identity or 1x1 conv)
-// The norm, FiLM and SiLU are one fused node, and the residual sum is done
+// The norm, FiLM, SiLU and dropout are one fused node, and the residual sum is done
 // by the last convolution (conv2d_add): neither intermediate is stored.
 // silu_emb = SiLU(emb), the same for every block, computed once.
 static Tensor *resblock_forward(Graph *g, const UNetConfig *c, ResBlock *r, Tensor *x, Tensor *silu_emb) {
@@ -332,8 +332,7 @@ static Tensor *resblock_forward(Graph *g, const UNetConfig *c, ResBlock *r, Tens
     h = conv2d(g, h, r->in_conv_w, r->in_conv_b, 1, 1);
     Tensor *e = view4(g, linear(g, silu_emb, r->emb_w, r->emb_b), N, 2 * out, 1, 1);
     Tensor *scale = slice_channels(g, e, 0, out), *shift = slice_channels(g, e, out, 2 * out);
-    h = groupnorm_film_silu(g, h, r->out_norm_w, r->out_norm_b, scale, shift, 1, c->groups, 1e-5f);
-    h = dropout(g, h, c->dropout);
+    h = groupnorm_film_silu(g, h, r->out_norm_w, r->out_norm_b, scale, shift, 1, c->dropout, c->groups, 1e-5f);
     Tensor *skip = r->skip_w ? conv2d(g, x, r->skip_w, r->skip_b, 1, 0) : x;
     return conv2d_add(g, h, r->out_conv_w, r->out_conv_b, NULL, skip, 1, 1);
 }
@@ -347,15 +346,9 @@ static Tensor *attention_forward(Graph *g, const UNetConfig *c, AttnBlock *a, Te
     if (C % heads) fatal("attention: %d channels do not split into %d heads", C, heads);
     Tensor *h = groupnorm(g, x, a->norm_w, a->norm_b, c->groups, 1e-5f);
     Tensor *qkv = conv2d(g, h, view4(g, a->qkv_w, 3 * C, C, 1, 1), a->qkv_b, 1, 0);  // (B, 3C, H, W)
-    qkv = view4(g, qkv, B * heads, 3 * ch, T, 1);
-    int s3[3] = {B * heads, ch, T};
-    Tensor *q = reshape(g, slice_channels(g, qkv, 0, ch), 3, s3);
-    Tensor *k = reshape(g, slice_channels(g, qkv, ch, 2 * ch), 3, s3);
-    Tensor *v = reshape(g, slice_channels(g, qkv, 2 * ch, 3 * ch), 3, s3);
+    int s3[3] = {B * heads, 3 * ch, T};
     // improved-diffusion scales q and k by ch^(-1/4) each; here the product by ch^(-1/2)
-    float scale = (float)(1.0 / sqrt((double)ch));
-    Tensor *w = matmul_softmax(g, q, k, 1, 0, scale);  // softmax(q^T k / sqrt(ch)): (BH, T, T)
-    Tensor *o = matmul(g, v, w, 0, 1);  // v (BH, ch, S) @ w^T (BH, S, T)
+    Tensor *o = qkv_attention(g, reshape(g, qkv, 3, s3), (float)(1.0 / sqrt((double)ch)));  // (BH, ch, T)
     o = view4(g, o, B, C, H, W);
     return conv2d_add(g, o, view4(g, a->proj_w, C, C, 1, 1), a->proj_b, NULL, x, 1, 0);  // x + proj(o)
 }

@@ -124,7 +124,8 @@ static Tensor *b_silu(Graph *g, Tensor **in, const int *a) { (void)a; return sil
 static Tensor *b_gn_silu(Graph *g, Tensor **in, const int *a) { return groupnorm_silu(g, in[0], in[1], in[2], a[0], 1e-5f); }
 // a[0] groups, a[1] silu after, a[2] with FiLM
 static Tensor *b_gn_film_silu(Graph *g, Tensor **in, const int *a) {
-    return groupnorm_film_silu(g, in[0], in[1], in[2], a[2] ? in[3] : NULL, a[2] ? in[4] : NULL, a[1], a[0], 1e-5f);
+    return groupnorm_film_silu(g, in[0], in[1], in[2], a[2] ? in[3] : NULL, a[2] ? in[4] : NULL, a[1], a[3] ? 0.3f : 0.0f,
+                               a[0], 1e-5f);
 }
 // a[0] stride, a[1] pad, a[2] with shift, a[3] with residual
 static Tensor *b_conv_add(Graph *g, Tensor **in, const int *a) {
@@ -135,6 +136,7 @@ static Tensor *b_conv_relu(Graph *g, Tensor **in, const int *a) { (void)a; retur
 static Tensor *b_sigmoid(Graph *g, Tensor **in, const int *a) { (void)a; return sigmoid(g, in[0]); }
 static Tensor *b_softmax(Graph *g, Tensor **in, const int *a) { (void)a; return softmax(g, in[0]); }
 static Tensor *b_matmul_softmax(Graph *g, Tensor **in, const int *a) { return matmul_softmax(g, in[0], in[1], a[0], a[1], 0.7f); }
+static Tensor *b_qkv_attention(Graph *g, Tensor **in, const int *a) { (void)a; return qkv_attention(g, in[0], 0.6f); }
 static Tensor *b_upsample(Graph *g, Tensor **in, const int *a) { (void)a; return upsample2x(g, in[0]); }
 static Tensor *b_avgpool(Graph *g, Tensor **in, const int *a) { (void)a; return avgpool2x2(g, in[0]); }
 static Tensor *b_resize(Graph *g, Tensor **in, const int *a) { return resize_bilinear(g, in[0], a[0], a[1]); }
@@ -199,10 +201,13 @@ static void test_gradchecks(void) {
     { InSpec s[3] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}}; int a[1] = {4};
       gradcheck("groupnorm_silu", b_gn_silu, a, 3, s, 1e-2, 2e-3); }
     { InSpec s[5] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}, {4, {2, 8, 1, 1}, 0}, {2, {2, 8}, 0}};
-      int a[3] = {4, 1, 1};
+      int a[4] = {4, 1, 1, 0};
       gradcheck("groupnorm_film_silu (FiLM + SiLU)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
+    { InSpec s[5] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}, {4, {2, 8, 1, 1}, 0}, {2, {2, 8}, 0}};
+      int a[4] = {4, 1, 1, 1};
+      gradcheck("groupnorm_film_silu (FiLM + SiLU + dropout)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
     { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
-      int a[3] = {2, 0, 1};
+      int a[4] = {2, 0, 1, 0};
       gradcheck("groupnorm_film_silu (FiLM only)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
     { InSpec s[5] = {{4, {2, 3, 5, 6}, 0}, {4, {4, 3, 3, 3}, 0}, {1, {4}, 0}, {2, {2, 4}, 0}, {4, {2, 4, 5, 6}, 0}};
       int a[4] = {1, 1, 1, 1};
@@ -217,6 +222,7 @@ static void test_gradchecks(void) {
     { InSpec s[1] = {{3, {2, 3, 7, 0}, 0}}; gradcheck("softmax", b_softmax, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[2] = {{3, {2, 4, 5, 0}, 0}, {3, {2, 4, 6, 0}, 0}}; int a[2] = {1, 0};  // q^T k as in attention
       gradcheck("matmul_softmax", b_matmul_softmax, a, 2, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{3, {3, 6, 5, 0}, 0}}; gradcheck("qkv_attention", b_qkv_attention, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[1] = {{4, {2, 3, 3, 5}, 0}}; gradcheck("upsample2x", b_upsample, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[1] = {{4, {2, 3, 4, 6}, 0}}; gradcheck("avgpool2x2", b_avgpool, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[1] = {{4, {1, 2, 5, 6}, 0}}; int a[2] = {8, 11}; gradcheck("resize_bilinear up", b_resize, a, 1, s, 1e-2, 2e-3); }
@@ -268,7 +274,7 @@ static void test_fused_equal_composed(void) {
         ref_in[i] = tensor_from(&gr, nd[i], shp[i], in[i]->data);
         in[i]->requires_grad = ref_in[i]->requires_grad = 1;
     }
-    Tensor *y = groupnorm_film_silu(&g, in[0], in[1], in[2], in[3], in[4], 1, 32, 1e-5f);
+    Tensor *y = groupnorm_film_silu(&g, in[0], in[1], in[2], in[3], in[4], 1, 0.0f, 32, 1e-5f);
     Tensor *gn = groupnorm(&gr, ref_in[0], ref_in[1], ref_in[2], 32, 1e-5f);
     Tensor *yr = silu(&gr, add(&gr, mul(&gr, gn, scale_shift(&gr, ref_in[3], 1.0f, 1.0f)), ref_in[4]));
     double err = compare("fused", y->data, yr->data, ny, 1e-6);
@@ -276,6 +282,29 @@ static void test_fused_equal_composed(void) {
     graph_backward(&gr, yr, R);
     err = fmax(err, grad_diff(in, ref_in, 5));
     test_result(err <= 1e-5, "groupnorm_film_silu equals groupnorm, FiLM and silu composed", "max err %.1e", err);
+
+    // with dropout: the same mask as the dropout op drawn from the same RNG state
+    graph_reset(&g);
+    graph_reset(&gr);
+    Rng d1, d2;
+    rng_seed(&d1, 3, 3);
+    rng_seed(&d2, 3, 3);
+    g.rng = &d1;
+    gr.rng = &d2;
+    g.training = gr.training = 1;
+    for (int i = 0; i < 5; i++) {
+        in[i] = tensor_from(&g, nd[i], shp[i], ref_in[i]->data);
+        ref_in[i] = tensor_from(&gr, nd[i], shp[i], in[i]->data);
+        in[i]->requires_grad = ref_in[i]->requires_grad = 1;
+    }
+    y = groupnorm_film_silu(&g, in[0], in[1], in[2], in[3], in[4], 1, 0.3f, 32, 1e-5f);
+    yr = dropout(&gr, groupnorm_film_silu(&gr, ref_in[0], ref_in[1], ref_in[2], ref_in[3], ref_in[4], 1, 0.0f, 32, 1e-5f), 0.3f);
+    err = compare("fused dropout", y->data, yr->data, ny, 0.0);
+    graph_backward(&g, y, R);
+    graph_backward(&gr, yr, R);
+    err = fmax(err, grad_diff(in, ref_in, 5));
+    test_result(err <= 1e-6, "groupnorm_film_silu with dropout equals it followed by the dropout op", "max err %.1e", err);
+    g.training = gr.training = 0;
 
     graph_reset(&g);
     graph_reset(&gr);
@@ -477,6 +506,31 @@ static void test_goldens(void) {
         Tensor *out = matmul(&g, in[2], softmax(&g, w), 0, 1);  // v (B,C,S) @ w^T (B,S,T)
         const char *names[3] = {"q", "k", "v"};
         golden_check(&g, "attention", out, in, names, 3);
+    }
+    {   // the fused qkv_attention against the same golden: q, k, v stacked per batch
+        graph_reset(&g);
+        Tensor *q = golden(&g, "attention", "q", 0), *k = golden(&g, "attention", "k", 0), *v = golden(&g, "attention", "v", 0);
+        float sc = golden(&g, "attention", "scale", 0)->data[0];
+        int B = q->shape[0], C = q->shape[1], T = q->shape[2], s3[3] = {B, 3 * C, T};
+        Tensor *qkv = tensor_new(&g, 3, s3);
+        size_t blk = (size_t)C * T;
+        for (int b = 0; b < B; b++) {
+            memcpy(qkv->data + (3 * (size_t)b + 0) * blk, q->data + b * blk, blk * sizeof(float));
+            memcpy(qkv->data + (3 * (size_t)b + 1) * blk, k->data + b * blk, blk * sizeof(float));
+            memcpy(qkv->data + (3 * (size_t)b + 2) * blk, v->data + b * blk, blk * sizeof(float));
+        }
+        qkv->requires_grad = 1;
+        Tensor *out = qkv_attention(&g, qkv, sc * sc), *ref = golden(&g, "attention", "out", 0);
+        double ef = compare("out", out->data, ref->data, ref->size, 1e-5), eb = 0.0;
+        graph_backward(&g, out, golden(&g, "attention", "dout", 0)->data);
+        const char *dn[3] = {"dq", "dk", "dv"};
+        for (int i = 0; i < 3; i++) {
+            Tensor *r = golden(&g, "attention", dn[i], 0);
+            for (int b = 0; b < B; b++)
+                eb = fmax(eb, compare(dn[i], qkv->grad + (3 * (size_t)b + i) * blk, r->data + b * blk, blk, 1e-4));
+        }
+        test_result(ef <= 1e-5 && eb <= 1e-4, "golden attention, fused qkv_attention",
+                    "forward err %.1e (tol 1e-5), gradient err %.1e (tol 1e-4)", ef, eb);
     }
     const char *resizes[3] = {"resize_up", "resize_32_56", "resize_down"};
     for (int i = 0; i < 3; i++) {
