@@ -65,7 +65,7 @@ bench: build/bench casdm
 # ---- the README's first command ----
 # A small Cas-DM on Fashion-MNIST (28x28 zero-padded to 32x32), about ten
 # minutes on 2 cores. DEMO_STEPS changes the length; the config is in README.md.
-DEMO_STEPS ?= 500
+DEMO_STEPS ?= 400
 DEMO_OUT   ?= runs/demo
 FMNIST      = data/fashion-mnist/train-images-idx3-ubyte
 

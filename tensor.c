@@ -1793,13 +1793,13 @@ static void conv2d_add_node_backward(Graph *g, TapeNode *n) {
 }
 
 Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad) {
-    check_4d(x, "conv2d_add");
+    check_4d(x, "conv2d");
     if (w->ndim != 4 || w->shape[1] != x->shape[1] || w->shape[2] != w->shape[3] ||
         (b && (int)b->size != w->shape[0])) {
         char sx[64], sw[64];
         shape_str(x, sx, sizeof sx);
         shape_str(w, sw, sizeof sw);
-        fatal("conv2d_add: input %s does not fit weight %s%s", sx, sw, b ? " and bias" : "");
+        fatal("conv2d: input %s does not fit weight %s%s", sx, sw, b ? " and bias" : "");
     }
     int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
     int OC = w->shape[0], K = w->shape[2];
@@ -1816,7 +1816,7 @@ Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Ten
     arena_release(&g->arena, m);
     int extra = g->grad_enabled && ((shift && shift->requires_grad) || (residual && residual->requires_grad));
     if (wants_grad(g, x, w, b) || extra) {
-        TapeNode *nd = record(g, "conv2d_add", conv2d_add_node_backward, y, x, w, b);
+        TapeNode *nd = record(g, shift || residual ? "conv2d_add" : "conv2d", conv2d_add_node_backward, y, x, w, b);
         nd->iarg[0] = stride;
         nd->iarg[1] = pad;
         nd->in[3] = shift;
@@ -1850,28 +1850,7 @@ Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int p
 }
 
 Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
-    check_4d(x, "conv2d");
-    if (w->ndim != 4 || w->shape[1] != x->shape[1] || w->shape[2] != w->shape[3] ||
-        (b && (int)b->size != w->shape[0])) {
-        char sx[64], sw[64];
-        shape_str(x, sx, sizeof sx);
-        shape_str(w, sw, sizeof sw);
-        fatal("conv2d: input %s does not fit weight %s%s", sx, sw, b ? " and bias" : "");
-    }
-    int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
-    int OC = w->shape[0], K = w->shape[2];
-    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
-    Tensor *y = tensor4(g, N, OC, OH, OW);
-    ArenaMark m = arena_mark(&g->arena);
-    float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, stride, pad));
-    conv2d_forward(y->data, x->data, w->data, b ? b->data : NULL, col, N, C, H, W, OC, K, stride, pad);
-    arena_release(&g->arena, m);
-    if (wants_grad(g, x, w, b)) {
-        TapeNode *nd = record(g, "conv2d", conv2d_node_backward, y, x, w, b);
-        nd->iarg[0] = stride;
-        nd->iarg[1] = pad;
-    }
-    return y;
+    return conv2d_add(g, x, w, b, NULL, NULL, stride, pad);
 }
 
 // linear: x (N,IN), w (OUT,IN), b (OUT) or NULL
