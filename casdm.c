@@ -777,6 +777,7 @@ static int cmd_train(int argc, char **argv) {
     define_train_options(&o);
     parse_options("train", train_opts_table, train_opts_n, argc, argv, train_help);
     if (!o.data) { fprintf(stderr, "casdm train: --data is required (see casdm train --help)\n"); return 2; }
+    if (o.flip && o.no_flip) { fprintf(stderr, "casdm train: --flip and --no-flip contradict each other\n"); return 2; }
 
     Lpips lpips;
     int use_lpips = o.lpips != NULL;
@@ -790,7 +791,6 @@ static int cmd_train(int argc, char **argv) {
     load_dataset(&data, o.data);
     if (use_lpips && data.c != 3) fatal("--lpips needs RGB images; '%s' has %d channel(s)", o.data, data.c);
     if (data.h != data.w) fatal("--data '%s': images are %dx%d; square images only", o.data, data.h, data.w);
-    if (o.flip && o.no_flip) { fprintf(stderr, "casdm train: --flip and --no-flip contradict each other\n"); return 2; }
     int flip = o.flip || (data.flip && !o.no_flip);
     Trainer tr;
     trainer_init(&tr, &o, data.c, data.h);
