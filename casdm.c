@@ -221,7 +221,9 @@ static void load_image_folder(Dataset *d, const char *path) {
             d->c = c;
             d->h = h;
             d->w = w;
-            if ((size_t)w * h * c * n > ((size_t)1 << 34)) fatal("--data '%s': %zu images of %dx%d do not fit in memory", path, n, w, h);
+            uint64_t bytes = (uint64_t)w * h * c * n;  // 64-bit: size_t may be 32
+            if (bytes > ((uint64_t)1 << 34) || (size_t)bytes != bytes)
+                fatal("--data '%s': %zu images of %dx%d do not fit in memory", path, n, w, h);
             d->pixels = mallocCheck(n * (size_t)w * h * c);
         } else if (w != d->w || h != d->h || c != d->c) {
             fatal("--data '%s': '%s' is %dx%d with %d channel(s), but '%s' is %dx%d with %d; all images must match",
