@@ -59,6 +59,9 @@ typedef struct {
     UNetBlock output[UNET_MAX_BLOCKS];
     int n_output;
     Tensor *out_norm_w, *out_norm_b, *out_conv_w, *out_conv_b;  // out.0 / out.2
+    // improved-diffusion's use_checkpoint: each block's activations are
+    // recomputed in backward instead of kept (a run-time choice, not saved)
+    int use_checkpoint;
 } UNet;
 
 // Fills channel_mult by image size as improved-diffusion's script_util

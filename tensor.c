@@ -209,8 +209,51 @@ float rng_normal(Rng *r) {
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
+// Skip delta outputs in O(log delta) steps: the LCG's n-step map is again
+// affine, state -> A*state + C, built by repeated squaring (Brown, "Random
+// number generation with arbitrary strides", 1994; as pcg_advance in the
+// PCG library). It lets threads fill one stream in slices.
+void rng_advance(Rng *r, uint64_t delta) {
+    uint64_t mul = 6364136223846793005ULL, add = r->inc, A = 1, C = 0;
+    while (delta) {
+        if (delta & 1) { A *= mul; C = C * mul + add; }
+        add = (mul + 1) * add;
+        mul *= mul;
+        delta >>= 1;
+    }
+    r->state = A * r->state + C;
+}
+
+// Fills that take the same numbers as the one-at-a-time loop, split between
+// the threads: each slice starts from a copy advanced to its first word.
+typedef struct { Rng start; float *x; unsigned char *keep; float a, b; } RngFill;
+static void parallel_for(size_t n, size_t min_per_thread, void (*fn)(void *, size_t, size_t), void *ctx);
+
+static void fill_normal_range(void *arg, size_t i0, size_t i1) {
+    const RngFill *f = arg;
+    Rng r = f->start;
+    rng_advance(&r, 4 * (uint64_t)i0);  // a normal takes four words
+    for (size_t i = i0; i < i1; i++) f->x[i] = f->a + f->b * rng_normal(&r);
+}
+
 void rng_fill_normal(Rng *r, float *x, size_t n, float mean, float std) {
-    for (size_t i = 0; i < n; i++) x[i] = mean + std * rng_normal(r);
+    RngFill f = {*r, x, NULL, mean, std};
+    parallel_for(n, 4096, fill_normal_range, &f);
+    rng_advance(r, 4 * (uint64_t)n);
+}
+
+static void fill_keep_range(void *arg, size_t i0, size_t i1) {
+    const RngFill *f = arg;
+    Rng r = f->start;
+    rng_advance(&r, i0);                // a uniform takes one word
+    for (size_t i = i0; i < i1; i++) f->keep[i] = rng_uniform(&r) >= f->a;
+}
+
+// keep[i] = 1 with probability 1-p: the dropout mask, one uniform an element
+void rng_fill_keep(Rng *r, unsigned char *keep, size_t n, float p) {
+    RngFill f = {*r, NULL, keep, p, 0.0f};
+    parallel_for(n, 16384, fill_keep_range, &f);
+    rng_advance(r, n);
 }
 
 void rng_fill_uniform(Rng *r, float *x, size_t n, float lo, float hi) {
@@ -827,13 +870,28 @@ static int conv_group(size_t ohw, int N) {
     return g > (size_t)N ? N : (int)g;
 }
 
+// (image, channel) pairs are split between the threads in one call: a group
+// of 16 images with 3 channels is 48 items, not 16 calls of 3
+typedef struct { Im2col a; int C; size_t img_stride, ohw; } Im2colGroup;
+
+static void im2col_group_range(void *arg, size_t k0, size_t k1) {
+    const Im2colGroup *t = arg;
+    for (size_t k = k0; k < k1;) {
+        size_t i = k / (size_t)t->C, c0 = k % (size_t)t->C;
+        size_t c1 = k1 - k < (size_t)t->C - c0 ? c0 + (k1 - k) : (size_t)t->C;
+        Im2col a = t->a;
+        a.col += i * t->ohw;
+        a.img += i * t->img_stride;
+        im2col_range(&a, c0, c1);
+        k += c1 - c0;
+    }
+}
+
 static void im2col_group(float *col, const float *img, int G, int C, int H, int W, int K, int stride, int pad,
                          int OH, int OW) {
     size_t ohw = (size_t)OH * OW;
-    for (int i = 0; i < G; i++) {
-        Im2col a = {col + i * ohw, img + (size_t)i * C * H * W, C, H, W, K, stride, pad, OH, OW, G * ohw};
-        parallel_for((size_t)C, 1, im2col_range, &a);
-    }
+    Im2colGroup t = {{col, img, C, H, W, K, stride, pad, OH, OW, G * ohw}, C, (size_t)C * H * W, ohw};
+    parallel_for((size_t)G * C, 1, im2col_group_range, &t);
 }
 
 // (N,C,P) planes <-> (C, G*P) column blocks, for a group of G images
@@ -860,6 +918,31 @@ static void scatter_range(void *arg, size_t c0, size_t c1) {  // nchw[i][c][p] (
 static void regroup(int scatter, float *blk, float *nchw, size_t C, size_t P, int G, int add) {
     Regroup r = {blk, nchw, C, P, G, add};
     parallel_for(C, 1, scatter ? scatter_range : gather_range, &r);
+}
+
+// The convolution's additive terms, per (image, output channel) plane:
+//   out[n,oc,:] = blk[oc][i*P:(i+1)*P] (or 0 without blk) + bias[oc] + shift[n,oc] + residual[n,oc,:]
+// with n = n0 + i. Without blk it initialises the output before a GEMM that
+// accumulates; with blk it is the scatter of a group's GEMM result.
+typedef struct {
+    const float *blk; float *out;
+    const float *bias, *shift, *residual;
+    size_t OC, P; int G, n0;
+} ConvEpilogue;
+
+static void conv_epilogue_range(void *arg, size_t k0, size_t k1) {
+    const ConvEpilogue *e = arg;
+    for (size_t k = k0; k < k1; k++) {
+        size_t i = k / e->OC, oc = k % e->OC, r = ((size_t)e->n0 + i) * e->OC + oc;
+        float c = (e->bias ? e->bias[oc] : 0.0f) + (e->shift ? e->shift[r] : 0.0f);
+        float *dst = e->out + r * e->P;
+        const float *src = e->blk ? e->blk + oc * e->G * e->P + i * e->P : NULL;
+        const float *res = e->residual ? e->residual + r * e->P : NULL;
+        if (src && res) for (size_t p = 0; p < e->P; p++) dst[p] = src[p] + (res[p] + c);
+        else if (src)   for (size_t p = 0; p < e->P; p++) dst[p] = src[p] + c;
+        else if (res)   for (size_t p = 0; p < e->P; p++) dst[p] = res[p] + c;
+        else            for (size_t p = 0; p < e->P; p++) dst[p] = c;
+    }
 }
 
 // scratch floats of conv2d_add_forward / conv2d_forward
@@ -902,27 +985,12 @@ void conv2d_add_forward(float *out, const float *inp, const float *weight, const
         size_t ncols = (size_t)g * ohw;
         // Y (OC, g*OH*OW) (+)= weight (OC, C*K*K) @ col (C*K*K, g*OH*OW)
         flops_forward += 2.0 * OC * (double)ncols * (double)ckk;
-        if (G == 1 && init)
-            for (int oc = 0; oc < OC; oc++) {
-                float c = (bias ? bias[oc] : 0.0f) + (shift ? shift[(size_t)n0 * OC + oc] : 0.0f);
-                float *yc = y + oc * ohw;
-                const float *rc = residual ? residual + ((size_t)n0 * OC + oc) * ohw : NULL;
-                if (rc) for (size_t i = 0; i < ohw; i++) yc[i] = rc[i] + c;
-                else for (size_t i = 0; i < ohw; i++) yc[i] = c;
-            }
+        ConvEpilogue e = {NULL, out, bias, shift, residual, (size_t)OC, ohw, g, n0};
+        if (G == 1 && init) parallel_for((size_t)OC, 1, conv_epilogue_range, &e);
         sgemm(0, 0, (size_t)OC, ncols, ckk, weight, ckk, B, ncols, G == 1 && init, Y, ncols);
-        if (G > 1) {
-            regroup(1, Y, y, (size_t)OC, ohw, g, 0);
-            if (init)
-                for (int i = 0; i < g; i++)
-                    for (int oc = 0; oc < OC; oc++) {
-                        size_t r = (size_t)(n0 + i) * OC + oc;
-                        float c = (bias ? bias[oc] : 0.0f) + (shift ? shift[r] : 0.0f);
-                        float *yc = out + r * ohw;
-                        const float *rc = residual ? residual + r * ohw : NULL;
-                        if (rc) for (size_t p = 0; p < ohw; p++) yc[p] += rc[p] + c;
-                        else for (size_t p = 0; p < ohw; p++) yc[p] += c;
-                    }
+        if (G > 1) {  // scatter the block to NCHW, adding the extra terms on the way
+            e.blk = Y;
+            parallel_for((size_t)g * OC, 1, conv_epilogue_range, &e);
         }
     }
 }
@@ -964,6 +1032,33 @@ size_t conv2d_backward_scratch(int N, int C, int H, int W, int OC, int K, int st
     return conv_backward_layout(N, C, H, W, OC, K, stride, pad).total;
 }
 
+// two small passes of the backward, split over channels
+typedef struct {
+    float *wflip; const float *weight;
+    float *dbias; const float *dout;
+    int N, C, OC, K; size_t ohw;
+} ConvSmall;
+
+static void conv_wflip_range(void *arg, size_t c0, size_t c1) {  // wflip (C, OC*K*K), the kernel flipped in space
+    const ConvSmall *t = arg;
+    size_t kk = (size_t)t->K * t->K;
+    for (size_t c = c0; c < c1; c++)
+        for (int oc = 0; oc < t->OC; oc++)
+            for (size_t k = 0; k < kk; k++)
+                t->wflip[(c * t->OC + oc) * kk + k] = t->weight[((size_t)oc * t->C + c) * kk + (kk - 1 - k)];
+}
+
+static void conv_dbias_range(void *arg, size_t oc0, size_t oc1) {  // dbias[oc] += sum over n, pixels of dout
+    const ConvSmall *t = arg;
+    for (size_t oc = oc0; oc < oc1; oc++)
+        for (int n = 0; n < t->N; n++) {
+            const float *d = t->dout + ((size_t)n * t->OC + oc) * t->ohw;
+            float s = 0.0f;
+            for (size_t i = 0; i < t->ohw; i++) s += d[i];
+            t->dbias[oc] += s;
+        }
+}
+
 void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, float *col,
                      int N, int C, int H, int W, int OC, int K, int stride, int pad) {
@@ -973,19 +1068,9 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
     int G = conv_group(ohw, N);
     ConvScratch L = conv_backward_layout(N, C, H, W, OC, K, stride, pad);
     float *dyblk = col, *cols = col + L.dy, *dxblk = cols + L.cols, *wflip = dxblk + L.dx;
-    if (dinp && same)  // (C, OC*K*K), the kernel flipped in space
-        for (int oc = 0; oc < OC; oc++)
-            for (int c = 0; c < C; c++)
-                for (int k = 0; k < K * K; k++)
-                    wflip[(size_t)c * okk + (size_t)oc * K * K + k] = weight[((size_t)oc * C + c) * K * K + (K * K - 1 - k)];
-    if (dbias)
-        for (int n = 0; n < N; n++)
-            for (int oc = 0; oc < OC; oc++) {
-                const float *d = dout + ((size_t)n * OC + oc) * ohw;
-                float s = 0.0f;
-                for (size_t i = 0; i < ohw; i++) s += d[i];
-                dbias[oc] += s;
-            }
+    ConvSmall cs = {wflip, weight, dbias, dout, N, C, OC, K, ohw};
+    if (dinp && same) parallel_for((size_t)C, 1, conv_wflip_range, &cs);
+    if (dbias) parallel_for((size_t)OC, 1, conv_dbias_range, &cs);
     for (int n0 = 0; n0 < N; n0 += G) {
         int g = N - n0 < G ? N - n0 : G;
         size_t nco = (size_t)g * ohw, nci = (size_t)g * hw;  // columns of the output and input blocks
@@ -1392,20 +1477,32 @@ void softmax_backward(float *dinp, const float *dout, const float *out, size_t r
 }
 
 // ---- nearest 2x upsample ----
-// out (P, 2H, 2W)[y][x] = inp (P, H, W)[y/2][x/2]; P = N*C planes
-void upsample2x_forward(float *out, const float *inp, size_t P, int H, int W) {
-    for (size_t p = 0; p < P; p++) {
-        const float *x = inp + p * H * W;
-        float *y = out + p * 4 * H * W;
+// out (P, 2H, 2W)[y][x] = inp (P, H, W)[y/2][x/2]; P = N*C planes, split
+// between the threads (as the 2x2 average pool below)
+typedef struct { float *out; const float *inp; int H, W; } Planes;
+
+static void upsample2x_forward_range(void *arg, size_t p0, size_t p1) {
+    const Planes *t = arg;
+    int H = t->H, W = t->W;
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = t->inp + p * H * W;
+        float *y = t->out + p * 4 * H * W;
         for (int oy = 0; oy < 2 * H; oy++)
             for (int ox = 0; ox < 2 * W; ox++) y[(size_t)oy * 2 * W + ox] = x[(size_t)(oy / 2) * W + ox / 2];
     }
 }
 
-void upsample2x_backward(float *dinp, const float *dout, size_t P, int H, int W) {
-    for (size_t p = 0; p < P; p++) {
-        float *dx = dinp + p * H * W;
-        const float *dy = dout + p * 4 * H * W;
+void upsample2x_forward(float *out, const float *inp, size_t P, int H, int W) {
+    Planes t = {out, inp, H, W};
+    parallel_for(P, 8, upsample2x_forward_range, &t);
+}
+
+static void upsample2x_backward_range(void *arg, size_t p0, size_t p1) {  // out: dinp, inp: dout
+    const Planes *t = arg;
+    int H = t->H, W = t->W;
+    for (size_t p = p0; p < p1; p++) {
+        float *dx = t->out + p * H * W;
+        const float *dy = t->inp + p * 4 * H * W;
         for (int iy = 0; iy < H; iy++)
             for (int ix = 0; ix < W; ix++) {
                 const float *d = dy + (size_t)(2 * iy) * 2 * W + 2 * ix;
@@ -1414,13 +1511,19 @@ void upsample2x_backward(float *dinp, const float *dout, size_t P, int H, int W)
     }
 }
 
+void upsample2x_backward(float *dinp, const float *dout, size_t P, int H, int W) {
+    Planes t = {dinp, dout, H, W};
+    parallel_for(P, 8, upsample2x_backward_range, &t);
+}
+
 // ---- 2x2 average pool, stride 2 ----
 // out (P, H/2, W/2) = mean of each 2x2 window, summed row by row as PyTorch
-void avgpool2x2_forward(float *out, const float *inp, size_t P, int H, int W) {
-    int OH = H / 2, OW = W / 2;
-    for (size_t p = 0; p < P; p++) {
-        const float *x = inp + p * H * W;
-        float *y = out + p * OH * OW;
+static void avgpool2x2_forward_range(void *arg, size_t p0, size_t p1) {
+    const Planes *t = arg;
+    int H = t->H, W = t->W, OH = H / 2, OW = W / 2;
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = t->inp + p * H * W;
+        float *y = t->out + p * OH * OW;
         for (int oy = 0; oy < OH; oy++)
             for (int ox = 0; ox < OW; ox++) {
                 const float *a = x + (size_t)(2 * oy) * W + 2 * ox;
@@ -1429,11 +1532,17 @@ void avgpool2x2_forward(float *out, const float *inp, size_t P, int H, int W) {
     }
 }
 
-void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W) {
-    int OH = H / 2, OW = W / 2;
-    for (size_t p = 0; p < P; p++) {
-        float *dx = dinp + p * H * W;
-        const float *dy = dout + p * OH * OW;
+void avgpool2x2_forward(float *out, const float *inp, size_t P, int H, int W) {
+    Planes t = {out, inp, H, W};
+    parallel_for(P, 8, avgpool2x2_forward_range, &t);
+}
+
+static void avgpool2x2_backward_range(void *arg, size_t p0, size_t p1) {  // out: dinp, inp: dout
+    const Planes *t = arg;
+    int H = t->H, W = t->W, OH = H / 2, OW = W / 2;
+    for (size_t p = p0; p < p1; p++) {
+        float *dx = t->out + p * H * W;
+        const float *dy = t->inp + p * OH * OW;
         for (int oy = 0; oy < OH; oy++)
             for (int ox = 0; ox < OW; ox++) {
                 float g = dy[(size_t)oy * OW + ox] / 4.0f;
@@ -1441,6 +1550,11 @@ void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W)
                 a[0] += g; a[1] += g; a[W] += g; a[W + 1] += g;
             }
     }
+}
+
+void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W) {
+    Planes t = {dinp, dout, H, W};
+    parallel_for(P, 8, avgpool2x2_backward_range, &t);
 }
 
 // ---- bilinear resize, align_corners=False ----
@@ -1616,6 +1730,11 @@ void graph_free(Graph *g) {
     g->grad_bytes = g->grad_live = 0;
     g->last = NULL;
     g->n_nodes = 0;
+    if (g->sub) {
+        graph_free(g->sub);
+        free(g->sub);
+        g->sub = NULL;
+    }
 }
 
 static size_t shape_size(int ndim, const int *shape) {
@@ -1731,6 +1850,8 @@ static float *input_grad(Graph *g, TapeNode *n, int i) {
     return (t && t->requires_grad) ? tensor_grad(g, t) : NULL;
 }
 
+static void tape_backward(Graph *g, Tensor *out);
+
 void graph_backward(Graph *g, Tensor *out, const float *dout) {
     float *go = tensor_grad(g, out);
     if (dout) {
@@ -1739,6 +1860,11 @@ void graph_backward(Graph *g, Tensor *out, const float *dout) {
         if (out->size != 1) fatal("graph_backward: output has %zu elements; pass dout", out->size);
         go[0] += 1.0f;
     }
+    tape_backward(g, out);
+}
+
+// the tape from its last node back, out->grad seeded
+static void tape_backward(Graph *g, Tensor *out) {
     // Nodes run in reverse order of creation, so when a tensor's producer
     // runs, every consumer has already added to its gradient: after the
     // producer, nothing reads it again and the buffer goes back to the pool.
@@ -1751,6 +1877,62 @@ void graph_backward(Graph *g, Tensor *out, const float *dout) {
             n->out->grad_pooled = 0;
         }
     }
+}
+
+// ---- checkpoint ----
+typedef struct {
+    checkpoint_fn fn;
+    void *ctx;            // the caller's context, copied into the arena
+    Rng rng;              // g->rng before the first run
+    int has_rng, n_in;
+} Checkpoint;
+
+static void checkpoint_node_backward(Graph *g, TapeNode *n) {
+    const Checkpoint *ck = n->saved3;
+    if (!g->sub) {
+        g->sub = mallocCheck(sizeof *g->sub);
+        graph_init(g->sub, g->arena.block_size, g->arena.limit);
+    }
+    Graph *sub = g->sub;
+    graph_reset(sub);
+    Rng rng = ck->rng;
+    sub->training = g->training;
+    sub->rng = ck->has_rng ? &rng : NULL;
+    // The inputs are leaves of the sub-graph that share data and gradient
+    // buffers with the outer inputs: the recomputed ops add into the outer
+    // gradients directly, in the order the outer tape would have.
+    Tensor *in[5];
+    for (int i = 0; i < ck->n_in; i++) {
+        in[i] = arena_alloc(&sub->arena, sizeof *in[i]);
+        *in[i] = *n->in[i];
+        in[i]->grad = input_grad(g, n, i);
+        in[i]->grad_pooled = 0;
+        in[i]->name = NULL;
+    }
+    Tensor *y = ck->fn(sub, ck->ctx, in);
+    if (y->size != n->out->size) fatal("checkpoint: the second run made %zu elements, the first %zu", y->size, n->out->size);
+    y->grad = n->out->grad;   // seeded with the outer gradient, not copied
+    y->grad_pooled = 0;
+    tape_backward(sub, y);
+}
+
+Tensor *checkpoint(Graph *g, checkpoint_fn fn, const void *ctx, size_t ctx_bytes, int n_in, Tensor **in) {
+    if (n_in < 1 || n_in > 5) fatal("checkpoint: %d inputs (1 to 5)", n_in);
+    if (!g->grad_enabled) return fn(g, ctx, in);
+    Checkpoint ck = {fn, NULL, {0, 0}, g->rng != NULL, n_in};
+    if (g->rng) ck.rng = *g->rng;
+    ArenaMark m = arena_mark(&g->arena);
+    g->grad_enabled = 0;
+    Tensor *y = graph_keep(g, m, fn(g, ctx, in));  // the temporaries are freed
+    g->grad_enabled = 1;
+    ck.ctx = arena_alloc(&g->arena, ctx_bytes);
+    memcpy(ck.ctx, ctx, ctx_bytes);
+    Checkpoint *saved = arena_alloc(&g->arena, sizeof *saved);
+    *saved = ck;
+    TapeNode *nd = record(g, "checkpoint", checkpoint_node_backward, y, NULL, NULL, NULL);
+    for (int i = 0; i < n_in; i++) nd->in[i] = in[i];
+    nd->saved3 = saved;
+    return y;
 }
 
 // ---------------------------------------------------------------------------
@@ -2260,7 +2442,7 @@ Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Te
         if (!g->rng) fatal("groupnorm_film_silu: the graph has no RNG while training");
         keep = arena_alloc(&g->arena, x->size);
         keep_scale = 1.0f / (1.0f - dropout_p);
-        for (size_t i = 0; i < x->size; i++) keep[i] = rng_uniform(g->rng) >= dropout_p;
+        rng_fill_keep(g->rng, keep, x->size, dropout_p);
     }
     ArenaMark m = arena_mark(&g->arena);
     float *mean = arena_floats(&g->arena, (size_t)N * groups), *rstd = arena_floats(&g->arena, (size_t)N * groups);
@@ -2362,16 +2544,32 @@ Tensor *resize_bilinear(Graph *g, Tensor *x, int out_h, int out_w) {
     return y;
 }
 
-// concat along channels: a (N,Ca,H,W), b (N,Cb,H,W) -> (N,Ca+Cb,H,W)
+// concat along channels: a (N,Ca,H,W), b (N,Cb,H,W) -> (N,Ca+Cb,H,W);
+// images are split between the threads
+typedef struct { float *y; const float *dy; float *a, *b; size_t ca, cb; } Concat;
+
+static void concat_forward_range(void *arg, size_t i0, size_t i1) {
+    const Concat *t = arg;
+    for (size_t i = i0; i < i1; i++) {
+        memcpy(t->y + i * (t->ca + t->cb), t->a + i * t->ca, t->ca * sizeof(float));
+        memcpy(t->y + i * (t->ca + t->cb) + t->ca, t->b + i * t->cb, t->cb * sizeof(float));
+    }
+}
+
+static void concat_backward_range(void *arg, size_t i0, size_t i1) {
+    const Concat *t = arg;
+    for (size_t i = i0; i < i1; i++) {
+        const float *dy = t->dy + i * (t->ca + t->cb);
+        if (t->a) for (size_t k = 0; k < t->ca; k++) t->a[i * t->ca + k] += dy[k];
+        if (t->b) for (size_t k = 0; k < t->cb; k++) t->b[i * t->cb + k] += dy[t->ca + k];
+    }
+}
+
 static void concat_node_backward(Graph *g, TapeNode *n) {
     Tensor *a = n->in[0], *b = n->in[1];
-    float *da = input_grad(g, n, 0), *db = input_grad(g, n, 1);
-    size_t ca = a->size / a->shape[0], cb = b->size / b->shape[0];
-    for (int i = 0; i < a->shape[0]; i++) {
-        const float *dy = n->out->grad + i * (ca + cb);
-        if (da) for (size_t k = 0; k < ca; k++) da[i * ca + k] += dy[k];
-        if (db) for (size_t k = 0; k < cb; k++) db[i * cb + k] += dy[ca + k];
-    }
+    Concat t = {NULL, n->out->grad, input_grad(g, n, 0), input_grad(g, n, 1),
+                a->size / a->shape[0], b->size / b->shape[0]};
+    parallel_for((size_t)a->shape[0], 1, concat_backward_range, &t);
 }
 
 Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b) {
@@ -2380,11 +2578,8 @@ Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b) {
     if (a->shape[0] != b->shape[0] || a->shape[2] != b->shape[2] || a->shape[3] != b->shape[3])
         fatal("concat_channels: batch or spatial sizes differ");
     Tensor *y = tensor4(g, a->shape[0], a->shape[1] + b->shape[1], a->shape[2], a->shape[3]);
-    size_t ca = a->size / a->shape[0], cb = b->size / b->shape[0];
-    for (int i = 0; i < a->shape[0]; i++) {
-        memcpy(y->data + i * (ca + cb), a->data + i * ca, ca * sizeof(float));
-        memcpy(y->data + i * (ca + cb) + ca, b->data + i * cb, cb * sizeof(float));
-    }
+    Concat t = {y->data, NULL, a->data, b->data, a->size / a->shape[0], b->size / b->shape[0]};
+    parallel_for((size_t)a->shape[0], 1, concat_forward_range, &t);
     if (wants_grad(g, a, b, NULL)) record(g, "concat_channels", concat_node_backward, y, a, b, NULL);
     return y;
 }

@@ -59,8 +59,9 @@ void arena_free(Arena *a);
 
 // ---------------------------------------------------------------------------
 // random numbers: PCG32 (O'Neill 2014, "PCG XSH RR 64/32"), one stream per
-// generator, used from one thread only, so a seed gives the same numbers for
-// any thread count. Normals by Box-Muller in double.
+// generator; the fills split a stream between threads with rng_advance, so a
+// seed gives the same numbers for any thread count. Normals by Box-Muller in
+// double.
 // ---------------------------------------------------------------------------
 typedef struct { uint64_t state, inc; } Rng;
 void rng_seed(Rng *r, uint64_t seed, uint64_t stream);
@@ -70,6 +71,8 @@ float rng_normal(Rng *r);                            // N(0, 1)
 void rng_fill_normal(Rng *r, float *x, size_t n, float mean, float std);
 void rng_fill_uniform(Rng *r, float *x, size_t n, float lo, float hi);
 uint32_t rng_below(Rng *r, uint32_t n);              // uniform integer in [0, n)
+void rng_advance(Rng *r, uint64_t delta);            // skip delta rng_u32 outputs, O(log delta)
+void rng_fill_keep(Rng *r, unsigned char *keep, size_t n, float p);  // keep[i] = (uniform >= p)
 
 // ---------------------------------------------------------------------------
 // thread pool: pool_run(fn, arg) calls fn(arg, ith, nth) for ith = 0..nth-1,
@@ -151,6 +154,7 @@ typedef struct Graph {
     int grad_enabled;     // 0: no-grad mode, records nothing, saves nothing
     int training;         // dropout active
     Rng *rng;             // for dropout; may be NULL when training is 0
+    struct Graph *sub;    // where checkpoint() recomputes in backward; made on first use
 } Graph;
 
 void graph_init(Graph *g, size_t block_size, size_t limit);
@@ -171,6 +175,15 @@ Tensor *tensor_from(Graph *g, int ndim, const int *shape, const float *data);  /
 float *tensor_grad(Graph *g, Tensor *t);  // the gradient buffer, zeroed on first use
 // no-grad mode: free everything made since m but y (moved down); else y as is
 Tensor *graph_keep(Graph *g, ArenaMark m, Tensor *y);
+// Activation checkpointing (Chen et al. 2016, "Training deep nets with
+// sublinear memory cost"; improved-diffusion's use_checkpoint): y = fn(g,
+// ctx, in) is computed without a tape, so only y is kept; backward runs fn
+// again on g->sub (with the RNG state of the first run, so dropout draws the
+// same mask) and backpropagates through it. The gradients are the same
+// numbers as without it; the price is a second forward of fn. ctx
+// (ctx_bytes) is copied; 1 to 5 inputs. Without grad: just fn.
+typedef Tensor *(*checkpoint_fn)(Graph *g, const void *ctx, Tensor **in);
+Tensor *checkpoint(Graph *g, checkpoint_fn fn, const void *ctx, size_t ctx_bytes, int n_in, Tensor **in);
 int same_shape(const Tensor *a, const Tensor *b);
 void shape_str(const Tensor *t, char *buf, size_t n);
 

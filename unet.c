@@ -363,6 +363,30 @@ static Tensor *block_forward(Graph *g, const UNetConfig *c, UNetBlock *b, Tensor
     return h;
 }
 
+// A block under checkpoint(): in = {h, emb} or, on the way up, {h, skip,
+// emb}, the concatenation done inside so that it is not kept either.
+typedef struct { const UNetConfig *c; UNetBlock *b; } BlockCtx;
+
+static Tensor *block_checkpointed(Graph *g, const void *ctx, Tensor **in) {
+    const BlockCtx *k = ctx;
+    return block_forward(g, k->c, k->b, in[0], in[1]);
+}
+
+static Tensor *up_block_checkpointed(Graph *g, const void *ctx, Tensor **in) {
+    const BlockCtx *k = ctx;
+    return block_forward(g, k->c, k->b, concat_channels(g, in[0], in[1]), in[2]);
+}
+
+// the input convolution and a Downsample are a single conv: nothing to save
+static Tensor *run_block(Graph *g, UNet *u, UNetBlock *b, Tensor *h, Tensor *skip, Tensor *emb) {
+    BlockCtx k = {&u->cfg, b};
+    if (u->use_checkpoint && (b->conv_kind == CONV_NONE || b->conv_kind == CONV_UP)) {
+        Tensor *in[3] = {h, skip ? skip : emb, emb};
+        return checkpoint(g, skip ? up_block_checkpointed : block_checkpointed, &k, sizeof k, skip ? 3 : 2, in);
+    }
+    return block_forward(g, &u->cfg, b, skip ? concat_channels(g, h, skip) : h, emb);
+}
+
 Tensor *unet_forward(Graph *g, UNet *u, Tensor *x, const float *t) {
     const UNetConfig *c = &u->cfg;
     int N = x->shape[0], mc = c->model_channels;
@@ -386,13 +410,13 @@ Tensor *unet_forward(Graph *g, UNet *u, Tensor *x, const float *t) {
     // connection); from the middle block on, each output replaces the last.
     for (int i = 0; i < u->n_input; i++) {
         ArenaMark m = arena_mark(&g->arena);
-        hs[i] = h = graph_keep(g, m, block_forward(g, c, &u->input[i], h, emb));
+        hs[i] = h = graph_keep(g, m, run_block(g, u, &u->input[i], h, NULL, emb));
     }
     ArenaMark m = arena_mark(&g->arena);
-    h = graph_keep(g, m, block_forward(g, c, &u->middle, h, emb));
+    h = graph_keep(g, m, run_block(g, u, &u->middle, h, NULL, emb));
     int top = u->n_input;
     for (int i = 0; i < u->n_output; i++)
-        h = graph_keep(g, m, block_forward(g, c, &u->output[i], concat_channels(g, h, hs[--top]), emb));
+        h = graph_keep(g, m, run_block(g, u, &u->output[i], h, hs[--top], emb));
     h = groupnorm_silu(g, h, u->out_norm_w, u->out_norm_b, c->groups, 1e-5f);
     return graph_keep(g, m, conv2d(g, h, u->out_conv_w, u->out_conv_b, 1, 1));
 }

@@ -218,6 +218,80 @@ static void run_variant(const char *v) {
     if (has_phi) unet_free(&phi);
 }
 
+// Activation checkpointing must not change a single bit: the same Cas-DM
+// step (theta and phi, dropout on, attention at 8x8) with use_checkpoint on
+// and off gives identical losses and gradients, and keeps less in the arena.
+static size_t step_grads(UNet *theta, UNet *phi, int use_ckpt, float *loss, size_t *peak) {
+    theta->use_checkpoint = phi->use_checkpoint = use_ckpt;
+    params_zero_grad(&theta->params);
+    params_zero_grad(&phi->params);
+    Schedule s;
+    schedule_init(&s, SCHEDULE_COSINE, 100);
+    Graph g;
+    graph_init(&g, 0, 0);
+    Rng rng;
+    rng_seed(&rng, 7, 3);
+    g.rng = &rng;
+    g.training = 1;
+    int shape[4] = {2, 3, 16, 16}, t[2] = {13, 71};
+    Tensor *x0 = tensor_new(&g, 4, shape), *noise = tensor_new(&g, 4, shape);
+    rng_fill_uniform(&rng, x0->data, x0->size, -1.0f, 1.0f);
+    rng_fill_normal(&rng, noise->data, noise->size, 0.0f, 1.0f);
+    LossConfig lc = {MODEL_CASDM, 1.0, 1.0, 1, 0.1f, NULL, NULL};
+    LossTerms lt;
+    diffusion_losses(&g, &lt, &lc, &s, theta, phi, x0, t, noise);
+    graph_backward(&g, lt.loss, NULL);
+    *loss = lt.loss->data[0];
+    *peak = g.arena.peak;
+    size_t nodes = g.n_nodes;
+    graph_free(&g);
+    schedule_free(&s);
+    return nodes;
+}
+
+static void test_checkpoint(void) {
+    UNetConfig cfg;
+    unet_default_config(&cfg, 16, 3, 3);
+    cfg.model_channels = 32;
+    cfg.num_res_blocks = 1;
+    cfg.num_heads = 2;
+    cfg.dropout = 0.1f;
+    if (unet_parse_channel_mult(&cfg, "1,2")) fatal("channel_mult");
+    cfg.n_attention = 1;
+    cfg.attention_ds[0] = 2;
+    UNetConfig pc = cfg;
+    pc.out_channels = 4;
+    UNet theta, phi;
+    Rng rng;
+    rng_seed(&rng, 1, 1);
+    unet_init(&theta, &cfg, 1, &rng);
+    unet_init(&phi, &pc, 1, &rng);
+    // no zero-initialised layers, so every gradient is non-trivial
+    rng_fill_normal(&rng, theta.params.data, theta.params.total, 0.0f, 0.05f);
+    rng_fill_normal(&rng, phi.params.data, phi.params.total, 0.0f, 0.05f);
+    size_t nt = theta.params.total, np = phi.params.total;
+    float *ref = mallocCheck((nt + np) * sizeof(float));
+    float loss0, loss1;
+    size_t peak0, peak1;
+    size_t nodes0 = step_grads(&theta, &phi, 0, &loss0, &peak0);
+    memcpy(ref, theta.params.grad, nt * sizeof(float));
+    memcpy(ref + nt, phi.params.grad, np * sizeof(float));
+    size_t nodes1 = step_grads(&theta, &phi, 1, &loss1, &peak1);
+    size_t differ = 0, nonzero = 0;
+    for (size_t i = 0; i < nt + np; i++) {
+        float gi = i < nt ? theta.params.grad[i] : phi.params.grad[i - nt];
+        differ += memcmp(&gi, &ref[i], sizeof gi) != 0;
+        nonzero += ref[i] != 0.0f;
+    }
+    test_result(differ == 0 && loss0 == loss1 && nonzero > (nt + np) * 9 / 10 && nodes1 < nodes0 && peak1 < peak0,
+                "checkpointed U-Net step bitwise equal to the plain one",
+                "%zu of %zu gradients differ, loss %.8g vs %.8g; tape %zu -> %zu nodes, arena peak %.1f -> %.1f MiB",
+                differ, nt + np, loss0, loss1, nodes0, nodes1, peak0 / 1048576.0, peak1 / 1048576.0);
+    free(ref);
+    unet_free(&theta);
+    unet_free(&phi);
+}
+
 // closed forms of the schedule and P2 weighting
 static void test_schedules(void) {
     Schedule s;
@@ -587,6 +661,7 @@ int main(int argc, char **argv) {
     pool_init(0);
     test_schedules();
     test_param_count();
+    test_checkpoint();
     char err[512];
     if (st_read("tests/goldens/casdm_step.safetensors", &gold, err, sizeof err) != 0) {
         test_result(0, "casdm golden file", "%s", err);
