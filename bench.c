@@ -5,6 +5,7 @@
 //   bench CASE --threads N [--iters K] one case; prints "ours CASE ..."
 // Cases: conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step
 //        casdm_ch64_step casdm_ch128_step lpips224_fwdbwd ddim_ch128_step
+//        (casdm_ch64_step_ckpt, casdm_ch128_step_ckpt: with U-Net checkpointing)
 //        (and lpips32_fwdbwd, lpips64_fwdbwd for the LPIPS issue)
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
@@ -183,9 +184,11 @@ int main(int argc, char **argv) {
         setup_models(&b, MODEL_DDPM_EPS, big ? 128 : 64, big ? 3 : 2, big ? "16,8" : "16", 1);
         f = train_step;
         b.flops_mult = 3.0;
-    } else if (!strcmp(cs, "casdm_ch64_step") || !strcmp(cs, "casdm_ch128_step")) {
+    } else if (!strcmp(cs, "casdm_ch64_step") || !strcmp(cs, "casdm_ch128_step") ||
+               !strcmp(cs, "casdm_ch64_step_ckpt") || !strcmp(cs, "casdm_ch128_step_ckpt")) {
         int big = strstr(cs, "128") != NULL;
         setup_models(&b, MODEL_CASDM, big ? 128 : 64, big ? 3 : 2, big ? "16,8" : "16", 1);
+        b.theta.use_checkpoint = b.phi.use_checkpoint = strstr(cs, "ckpt") != NULL;
         f = train_step;
         b.flops_mult = 3.0;
     } else if (!strcmp(cs, "lpips224_fwdbwd") || !strcmp(cs, "lpips64_fwdbwd") || !strcmp(cs, "lpips32_fwdbwd")) {
@@ -216,7 +219,8 @@ int main(int argc, char **argv) {
     getrusage(RUSAGE_SELF, &ru);
     printf("ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s arena_peak_mib=%.1f grad_peak_mib=%.1f\n",
            cs, pool_threads(), !strncmp(cs, "conv", 4) ? CB : batch, med * 1e3, flops / med / 1e9, ru.ru_maxrss / 1024.0,
-           simd_name(), b.g.arena.peak / 1048576.0, b.g.grad_peak / 1048576.0);
+           simd_name(), (b.g.arena.peak + (b.g.sub ? b.g.sub->arena.peak : 0)) / 1048576.0,
+           (b.g.grad_peak + (b.g.sub ? b.g.sub->grad_peak : 0)) / 1048576.0);
     pool_shutdown();
     return 0;  // the process ends here; its memory goes with it
 }

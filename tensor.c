@@ -1909,7 +1909,9 @@ static void checkpoint_node_backward(Graph *g, TapeNode *n) {
         in[i]->grad_pooled = 0;
         in[i]->name = NULL;
     }
+    double counted = flops_forward;  // the model's forward FLOPs: the rerun is not counted twice
     Tensor *y = ck->fn(sub, ck->ctx, in);
+    flops_forward = counted;
     if (y->size != n->out->size) fatal("checkpoint: the second run made %zu elements, the first %zu", y->size, n->out->size);
     y->grad = n->out->grad;   // seeded with the outer gradient, not copied
     y->grad_pooled = 0;

@@ -9,6 +9,9 @@
 # as whole programs: ./casdm train against tools/train_ref.py from the same
 # step-0 checkpoint, 30 steps each; ms per step from the last 10 steps' img/s
 # in each log.csv (needs data/fashion-mnist; rss: the whole program's).
+# casdm_*_step_ckpt: the Cas-DM step with every U-Net block checkpointed
+# (ours: use_checkpoint on both nets; PyTorch: torch.utils.checkpoint on
+# the same blocks, tools/bench_torch.py casdm_ckpt).
 # UNET_REF=path/to/unet_ref.py overrides the reference's location.
 cd "$(dirname "$0")/.." || exit 1
 quick=0; [ "$1" = "--quick" ] && quick=1
@@ -21,7 +24,7 @@ elif [ ! -f "$ref" ]; then echo "PyTorch reference $ref not found: torch columns
 if [ $quick -eq 1 ]; then
     cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step casdm_ch64_step"; iters=3
 else
-    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step casdm_demo_step"; iters=5
+    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step casdm_demo_step"; iters=5
 fi
 [ -n "${BENCH_CASES:-}" ] && cases=$BENCH_CASES   # e.g. BENCH_CASES="lpips224_fwdbwd ddim_ch128_step"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -43,6 +46,10 @@ torch_run() {  # case threads -> $tmp/torch.json
         lpips224_fwdbwd) args="vgg --size 224 --batch 4" ;;
         lpips64_fwdbwd) args="vgg --size 64 --batch 16" ;;
         lpips32_fwdbwd) args="vgg --size 32 --batch 16" ;;
+        casdm_ch64_step_ckpt|casdm_ch128_step_ckpt)
+            if [ "$1" = casdm_ch64_step_ckpt ]; then m="--ch 64 --res 2 --attn 16"; else m="--ch 128 --res 3 --attn 16,8"; fi
+            $py tools/bench_torch.py "$(dirname "$ref")" casdm_ckpt $m --batch 16 --threads $2 --iters $iters \
+                > "$tmp/torch.json" 2>/dev/null; return ;;
         ddim_ch128_step) $py tools/bench_torch.py "$(dirname "$ref")" ddim --ch 128 --res 3 --attn 16,8 --batch 16 \
                              --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
     esac
@@ -101,6 +108,6 @@ for c in $cases; do
     done
 done
 echo
-printf "%-18s %3s %11s %11s %7s %8s %6s %9s %9s\n" case thr "ours ms" "torch ms" ratio GFLOP/s peak "rss MiB" "torch MiB"
+printf "%-21s %3s %11s %11s %7s %8s %6s %9s %9s\n" case thr "ours ms" "torch ms" ratio GFLOP/s peak "rss MiB" "torch MiB"
 sed 's/bench \([^ ]*\) threads=\([^ ]*\) ours_ms=\([^ ]*\) torch_ms=\([^ ]*\) ratio=\([^ ]*\) gflops=\([^ ]*\) peak_frac=\([^ ]*\) rss_mib=\([^ ]*\) torch_rss_mib=\([^ ]*\)/\1 \2 \3 \4 \5 \6 \7 \8 \9/' "$tmp/lines" |
-    while read -r c t o p r g f m pm; do printf "%-18s %3s %11s %11s %7s %8s %6s %9s %9s\n" "$c" "$t" "$o" "$p" "$r" "$g" "$f" "$m" "$pm"; done
+    while read -r c t o p r g f m pm; do printf "%-21s %3s %11s %11s %7s %8s %6s %9s %9s\n" "$c" "$t" "$o" "$p" "$r" "$g" "$f" "$m" "$pm"; done
