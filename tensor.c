@@ -710,6 +710,10 @@ typedef struct {
     int accumulate;
     float *C;
     int split_n;          // threads split columns (1) or rows (0)
+    // B given by a function instead of a matrix (B, ldb, transB unused):
+    // pack_b(ctx, Bp, p0, kc, j0, n) writes what pack_B would
+    void (*pack_b)(const void *ctx, float *Bp, size_t p0, size_t kc, size_t j0, size_t n);
+    const void *pack_b_ctx;
 } GemmTask;
 
 // C[i0:i1, j0:j1] for one thread
@@ -726,7 +730,8 @@ static void gemm_block(const GemmTask *t, size_t i0, size_t i1, size_t j0, size_
         for (size_t pc = 0; pc < t->K; pc += GEMM_KC) {
             size_t kc = t->K - pc < GEMM_KC ? t->K - pc : GEMM_KC;
             int acc = t->accumulate || pc > 0;
-            pack_B(Bp, t->transB, t->B, t->ldb, pc, kc, jc, nc);
+            if (t->pack_b) t->pack_b(t->pack_b_ctx, Bp, pc, kc, jc, nc);
+            else pack_B(Bp, t->transB, t->B, t->ldb, pc, kc, jc, nc);
             for (size_t ic = i0; ic < i1; ic += GEMM_MC) {
                 size_t mc = i1 - ic < GEMM_MC ? i1 - ic : GEMM_MC;
                 pack_A(Ap, t->transA, t->A, t->lda, ic, mc, pc, kc);
@@ -770,21 +775,36 @@ static void gemm_thread(void *arg, int ith, int nth) {
     }
 }
 
+static void gemm_run(GemmTask *t) {
+    int nth = pool_threads();
+    t->split_n = t->N >= (size_t)nth * GEMM_NR * 4 || t->M < (size_t)nth * GEMM_MR * 2;
+    if ((double)t->M * t->N * t->K < 64.0 * 64 * 64) nth = 1;  // not worth waking threads
+    if (nth == 1) gemm_thread(t, 0, 1);
+    else pool_run(gemm_thread, t);
+}
+
+static void gemm_zero_or_keep(size_t M, size_t N, int accumulate, float *C, size_t ldc) {  // K == 0
+    if (!accumulate)
+        for (size_t i = 0; i < M; i++) memset(C + i * ldc, 0, N * sizeof(float));
+}
+
 void sgemm(int transA, int transB, size_t M, size_t N, size_t K,
            const float *A, size_t lda, const float *B, size_t ldb,
            int accumulate, float *C, size_t ldc) {
     if (M == 0 || N == 0) return;
-    if (K == 0) {
-        if (!accumulate)
-            for (size_t i = 0; i < M; i++) memset(C + i * ldc, 0, N * sizeof(float));
-        return;
-    }
-    GemmTask t = {transA, transB, M, N, K, A, B, lda, ldb, ldc, accumulate, C, 1};
-    int nth = pool_threads();
-    t.split_n = N >= (size_t)nth * GEMM_NR * 4 || M < (size_t)nth * GEMM_MR * 2;
-    if ((double)M * N * K < 64.0 * 64 * 64) nth = 1;  // not worth waking threads
-    if (nth == 1) gemm_thread(&t, 0, 1);
-    else pool_run(gemm_thread, &t);
+    if (K == 0) { gemm_zero_or_keep(M, N, accumulate, C, ldc); return; }
+    GemmTask t = {transA, transB, M, N, K, A, B, lda, ldb, ldc, accumulate, C, 1, NULL, NULL};
+    gemm_run(&t);
+}
+
+// C (+)= op(A) @ B with B (K, N) made panel by panel by pack_b (see GemmTask)
+static void sgemm_pack_b(int transA, size_t M, size_t N, size_t K, const float *A, size_t lda,
+                         void (*pack_b)(const void *, float *, size_t, size_t, size_t, size_t), const void *ctx,
+                         int accumulate, float *C, size_t ldc) {
+    if (M == 0 || N == 0) return;
+    if (K == 0) { gemm_zero_or_keep(M, N, accumulate, C, ldc); return; }
+    GemmTask t = {transA, 0, M, N, K, A, NULL, lda, 0, ldc, accumulate, C, 1, pack_b, ctx};
+    gemm_run(&t);
 }
 
 // ---------------------------------------------------------------------------
@@ -810,26 +830,102 @@ static void valid_cols(int OW, int W, int stride, int pad, int kx, int *lo, int 
     if (*lo > *hi) *lo = *hi;
 }
 
-static void im2col_range(void *arg, size_t c0, size_t c1) {
-    const Im2col *a = arg;
-    for (size_t c = c0; c < c1; c++) {
-        const float *plane = a->img + c * (size_t)a->H * a->W;
-        for (int ky = 0; ky < a->K; ky++)
-            for (int kx = 0; kx < a->K; kx++) {
-                float *dst = a->col + ((c * a->K + ky) * a->K + kx) * a->ld;
-                int lo, hi;
-                valid_cols(a->OW, a->W, a->stride, a->pad, kx, &lo, &hi);
-                for (int oy = 0; oy < a->OH; oy++) {
-                    int iy = oy * a->stride - a->pad + ky;
-                    float *d = dst + (size_t)oy * a->OW;
-                    if (iy < 0 || iy >= a->H) { memset(d, 0, a->OW * sizeof(float)); continue; }
-                    const float *srow = plane + (size_t)iy * a->W - a->pad + kx;  // srow[ox*stride]
-                    for (int ox = 0; ox < lo; ox++) d[ox] = 0.0f;
-                    if (a->stride == 1) memcpy(d + lo, srow + lo, (size_t)(hi - lo) * sizeof(float));
-                    else for (int ox = lo; ox < hi; ox++) d[ox] = srow[ox * a->stride];
-                    for (int ox = hi; ox < a->OW; ox++) d[ox] = 0.0f;
-                }
+// The columns matrix of a group of G images, never stored: row (c, ky, kx),
+// column (i, oy, ox) holds img[i][c][oy*stride - pad + ky][ox*stride - pad + kx]
+// (0 outside the image). The GEMM packs its B panels straight from the
+// images (an implicit im2col): no matrix K*K times the input's size is
+// written and read back, and the threads share the packing.
+typedef struct {
+    const float *img;     // G images (C, H, W), img_stride floats apart
+    size_t img_stride;
+    int C, H, W, K, stride, pad, OH, OW;
+} ConvCols;
+
+// One row (c, ky, kx) of the columns matrix, decomposed once
+typedef struct { const float *plane; int ky, kx, lo, hi; } ConvRow;
+
+static ConvRow conv_row(const ConvCols *v, size_t row) {
+    size_t kk = (size_t)v->K * v->K;
+    ConvRow r;
+    r.plane = v->img + (row / kk) * v->H * v->W;
+    r.ky = (int)(row % kk) / v->K;
+    r.kx = (int)(row % kk) % v->K;
+    valid_cols(v->OW, v->W, v->stride, v->pad, r.kx, &r.lo, &r.hi);  // ox in [lo, hi): inside the image
+    return r;
+}
+
+// d[k * dstride] = cols[row][(i, oy, ox + k)] for k < run, within one output row
+static void conv_run(const ConvCols *v, const ConvRow *r, size_t i, int oy, int ox, int run, float *d, size_t dstride) {
+    int iy = oy * v->stride - v->pad + r->ky, end = ox + run;
+    if (iy < 0 || iy >= v->H) {
+        for (int k = 0; k < run; k++, d += dstride) *d = 0.0f;
+        return;
+    }
+    const float *src = r->plane + i * v->img_stride + (size_t)iy * v->W;
+    int a = ox > r->lo ? ox : r->lo, b = end < r->hi ? end : r->hi;
+    if (a > end) a = end;
+    if (b < a) b = a;
+    for (int x = ox; x < a; x++, d += dstride) *d = 0.0f;
+    if (dstride == 1 && v->stride == 1) {
+        memcpy(d, src + a - v->pad + r->kx, (size_t)(b - a) * sizeof(float));
+        d += b - a;
+    } else {
+        for (int x = a; x < b; x++, d += dstride) *d = src[x * v->stride - v->pad + r->kx];
+    }
+    for (int x = b; x < end; x++, d += dstride) *d = 0.0f;
+}
+
+// B = cols, as pack_B with transB 0 (the forward: weight @ cols). Each row
+// is walked once across all its panels, a run ending at an output row or a
+// panel's edge; no division per element or per run.
+static void pack_conv_cols(const void *ctx, float *Bp, size_t p0, size_t kc, size_t j0, size_t n) {
+    const ConvCols *v = ctx;
+    size_t ohw = (size_t)v->OH * v->OW;
+    for (size_t p = 0; p < kc; p++) {
+        ConvRow r = conv_row(v, p0 + p);
+        size_t i = j0 / ohw, q = j0 % ohw;
+        int oy = (int)(q / v->OW), ox = (int)(q % v->OW);
+        for (size_t j = 0; j < n;) {
+            size_t in_panel = GEMM_NR - j % GEMM_NR, run = (size_t)(v->OW - ox);
+            if (run > in_panel) run = in_panel;
+            if (run > n - j) run = n - j;
+            conv_run(v, &r, i, oy, ox, (int)run, Bp + (j / GEMM_NR) * GEMM_NR * kc + p * GEMM_NR + j % GEMM_NR, 1);
+            j += run;
+            ox += (int)run;
+            if (ox == v->OW) { ox = 0; if (++oy == v->OH) { oy = 0; i++; } }
+        }
+        if (n % GEMM_NR) {  // the last panel's columns past n
+            float *dst = Bp + (n / GEMM_NR) * GEMM_NR * kc + p * GEMM_NR;
+            for (size_t j = n % GEMM_NR; j < GEMM_NR; j++) dst[j] = 0.0f;
+        }
+    }
+}
+
+// B = cols^T, as pack_B with transB 1 (the weight gradient: dy @ cols^T):
+// panel column j is row j0+jr+j of cols over the pixels p0..p0+kc
+static void pack_conv_cols_t(const void *ctx, float *Bp, size_t p0, size_t kc, size_t j0, size_t n) {
+    const ConvCols *v = ctx;
+    size_t ohw = (size_t)v->OH * v->OW;
+    size_t i0 = p0 / ohw, q0 = p0 % ohw;
+    int oy0 = (int)(q0 / v->OW), ox0 = (int)(q0 % v->OW);
+    for (size_t jr = 0; jr < n; jr += GEMM_NR) {
+        size_t nr = n - jr < GEMM_NR ? n - jr : GEMM_NR;
+        float *panel = Bp + jr * kc;
+        for (size_t j = 0; j < nr; j++) {
+            ConvRow r = conv_row(v, j0 + jr + j);
+            size_t i = i0;
+            int oy = oy0, ox = ox0;
+            for (size_t p = 0; p < kc;) {
+                size_t run = (size_t)(v->OW - ox);
+                if (run > kc - p) run = kc - p;
+                conv_run(v, &r, i, oy, ox, (int)run, panel + p * GEMM_NR + j, GEMM_NR);
+                p += run;
+                ox += (int)run;
+                if (ox == v->OW) { ox = 0; if (++oy == v->OH) { oy = 0; i++; } }
             }
+        }
+        for (size_t j = nr; j < GEMM_NR; j++)
+            for (size_t p = 0; p < kc; p++) panel[p * GEMM_NR + j] = 0.0f;
     }
 }
 
@@ -868,30 +964,6 @@ static int conv_is_pointwise(int K, int stride, int pad) { return K == 1 && stri
 static int conv_group(size_t ohw, int N) {
     size_t g = (1024 + ohw - 1) / ohw;
     return g > (size_t)N ? N : (int)g;
-}
-
-// (image, channel) pairs are split between the threads in one call: a group
-// of 16 images with 3 channels is 48 items, not 16 calls of 3
-typedef struct { Im2col a; int C; size_t img_stride, ohw; } Im2colGroup;
-
-static void im2col_group_range(void *arg, size_t k0, size_t k1) {
-    const Im2colGroup *t = arg;
-    for (size_t k = k0; k < k1;) {
-        size_t i = k / (size_t)t->C, c0 = k % (size_t)t->C;
-        size_t c1 = k1 - k < (size_t)t->C - c0 ? c0 + (k1 - k) : (size_t)t->C;
-        Im2col a = t->a;
-        a.col += i * t->ohw;
-        a.img += i * t->img_stride;
-        im2col_range(&a, c0, c1);
-        k += c1 - c0;
-    }
-}
-
-static void im2col_group(float *col, const float *img, int G, int C, int H, int W, int K, int stride, int pad,
-                         int OH, int OW) {
-    size_t ohw = (size_t)OH * OW;
-    Im2colGroup t = {{col, img, C, H, W, K, stride, pad, OH, OW, G * ohw}, C, (size_t)C * H * W, ohw};
-    parallel_for((size_t)G * C, 1, im2col_group_range, &t);
 }
 
 // (N,C,P) planes <-> (C, G*P) column blocks, for a group of G images
@@ -945,13 +1017,14 @@ static void conv_epilogue_range(void *arg, size_t k0, size_t k1) {
     }
 }
 
-// scratch floats of conv2d_add_forward / conv2d_forward
+// scratch floats of conv2d_add_forward / conv2d_forward: the GEMM result of
+// a group of images (none for one image a GEMM)
 size_t conv2d_forward_scratch(int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    (void)C;
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
     size_t ohw = (size_t)OH * OW;
     int G = conv_group(ohw, N);
-    if (G == 1) return conv_is_pointwise(K, stride, pad) ? 0 : (size_t)C * K * K * ohw;
-    return ((size_t)C * K * K + (size_t)OC) * G * ohw;  // columns, then the GEMM result
+    return G == 1 ? 0 : (size_t)OC * G * ohw;
 }
 
 // out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC)
@@ -970,24 +1043,18 @@ void conv2d_add_forward(float *out, const float *inp, const float *weight, const
         int g = N - n0 < G ? N - n0 : G;  // images in this group
         const float *x = inp + (size_t)n0 * C * H * W;
         float *y = out + (size_t)n0 * OC * ohw;
-        const float *B = x;
-        float *Y = y;      // the GEMM's output: y itself for one image, else a block to scatter
-        if (G > 1) {
-            float *cols = col;
-            Y = col + ckk * G * ohw;
-            if (conv_is_pointwise(K, stride, pad)) regroup(0, cols, (float *)x, (size_t)C, ohw, g, 0);
-            else im2col_group(cols, x, g, C, H, W, K, stride, pad, OH, OW);
-            B = cols;
-        } else if (!conv_is_pointwise(K, stride, pad)) {
-            im2col_group(col, x, 1, C, H, W, K, stride, pad, OH, OW);
-            B = col;
-        }
+        float *Y = G > 1 ? col : y;  // the GEMM's output: y itself for one image, else a block to scatter
         size_t ncols = (size_t)g * ohw;
-        // Y (OC, g*OH*OW) (+)= weight (OC, C*K*K) @ col (C*K*K, g*OH*OW)
-        flops_forward += 2.0 * OC * (double)ncols * (double)ckk;
         ConvEpilogue e = {NULL, out, bias, shift, residual, (size_t)OC, ohw, g, n0};
         if (G == 1 && init) parallel_for((size_t)OC, 1, conv_epilogue_range, &e);
-        sgemm(0, 0, (size_t)OC, ncols, ckk, weight, ckk, B, ncols, G == 1 && init, Y, ncols);
+        // Y (OC, g*OH*OW) (+)= weight (OC, C*K*K) @ cols (C*K*K, g*OH*OW)
+        flops_forward += 2.0 * OC * (double)ncols * (double)ckk;
+        if (G == 1 && conv_is_pointwise(K, stride, pad)) {  // cols = x
+            sgemm(0, 0, (size_t)OC, ncols, ckk, weight, ckk, x, ncols, init, Y, ncols);
+        } else {
+            ConvCols v = {x, (size_t)C * H * W, C, H, W, K, stride, pad, OH, OW};
+            sgemm_pack_b(0, (size_t)OC, ncols, ckk, weight, ckk, pack_conv_cols, &v, G == 1 && init, Y, ncols);
+        }
         if (G > 1) {  // scatter the block to NCHW, adding the extra terms on the way
             e.blk = Y;
             parallel_for((size_t)g * OC, 1, conv_epilogue_range, &e);
@@ -1018,10 +1085,8 @@ static ConvScratch conv_backward_layout(int N, int C, int H, int W, int OC, int 
     int G = conv_group(ohw, N), pointwise = conv_is_pointwise(K, stride, pad), same = conv_is_same(K, stride, pad);
     ConvScratch s;
     s.dy = G > 1 ? (size_t)OC * G * ohw : 0;
-    s.cols = 0;
-    if (G > 1 || !pointwise) s.cols = ckk * G * ohw;                        // im2col(x), or gathered x
-    if (same && okk * G * hw > s.cols) s.cols = okk * G * hw;               // im2col(dy)
-    if (!pointwise && !same && ckk * G * ohw > s.cols) s.cols = ckk * G * ohw;  // dcol for col2im
+    (void)okk;
+    s.cols = !pointwise && !same ? ckk * G * ohw : 0;  // dcol for col2im (im2col(x), im2col(dy): packed directly)
     s.dx = (G > 1 && (pointwise || same)) ? (size_t)C * G * hw : 0;
     s.wflip = same ? (size_t)C * okk : 0;
     s.total = s.dy + s.cols + s.dx + s.wflip;
@@ -1079,21 +1144,22 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
         float *dx = dinp ? dinp + (size_t)n0 * C * hw : NULL;
         const float *DY = dy;  // (OC, g*OH*OW)
         if (G > 1) { regroup(0, dyblk, (float *)dy, (size_t)OC, ohw, g, 0); DY = dyblk; }
-        if (dweight) {
-            const float *B = x;
-            if (G > 1 && pointwise) { regroup(0, cols, (float *)x, (size_t)C, hw, g, 0); B = cols; }
-            else if (!pointwise) { im2col_group(cols, x, g, C, H, W, K, stride, pad, OH, OW); B = cols; }
-            // dweight (OC, CKK) += dy (OC, g*OHW) @ col^T (g*OHW, CKK)
-            sgemm(0, 1, (size_t)OC, ckk, nco, DY, nco, B, nco, 1, dweight, ckk);
+        if (dweight) {  // dweight (OC, CKK) += dy (OC, g*OHW) @ cols(x)^T (g*OHW, CKK)
+            if (G == 1 && pointwise) {
+                sgemm(0, 1, (size_t)OC, ckk, nco, DY, nco, x, nco, 1, dweight, ckk);
+            } else {
+                ConvCols v = {x, (size_t)C * hw, C, H, W, K, stride, pad, OH, OW};
+                sgemm_pack_b(0, (size_t)OC, ckk, nco, DY, nco, pack_conv_cols_t, &v, 1, dweight, ckk);
+            }
         }
         if (!dx) continue;
         if (pointwise || same) {
             float *DX = G > 1 ? dxblk : dx;  // (C, g*H*W)
             if (pointwise) {  // dx (C, HW) (+)= weight^T (C, OC) @ dy (OC, HW)
                 sgemm(1, 0, (size_t)C, nci, (size_t)OC, weight, ckk, DY, nco, G == 1, DX, nci);
-            } else {          // dx (C, HW) (+)= wflip (C, OC*K*K) @ im2col(dy) (OC*K*K, HW)
-                im2col_group(cols, dy, g, OC, OH, OW, K, 1, pad, H, W);
-                sgemm(0, 0, (size_t)C, nci, okk, wflip, okk, cols, nci, G == 1, DX, nci);
+            } else {          // dx (C, HW) (+)= wflip (C, OC*K*K) @ cols(dy) (OC*K*K, HW)
+                ConvCols v = {dy, (size_t)OC * ohw, OC, OH, OW, K, 1, pad, H, W};
+                sgemm_pack_b(0, (size_t)C, nci, okk, wflip, okk, pack_conv_cols, &v, G == 1, DX, nci);
             }
             if (G > 1) regroup(1, dxblk, dx, (size_t)C, hw, g, 1);
         } else {              // dcol = weight^T @ dy, then fold each image back
