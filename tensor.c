@@ -498,6 +498,38 @@ static inline vfloat v_set1(float x) { return _mm512_set1_ps(x); }
 static inline vfloat v_zero(void) { return _mm512_setzero_ps(); }
 static inline vfloat v_add(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }  // a*b+c
+// dst[c * ldd + r] = src[r * lds + c] for r < rows (rows past them read as
+// 0), c < 16; of each dst row the first `keep` floats are written. The
+// packing of K-major GEMM panels from K-contiguous sources (the weight
+// gradient's columns, the forward's weights) is a transpose, and written an
+// element at a time with a stride it costs more than the GEMM it feeds.
+// Three rounds of in-lane and cross-lane shuffles, as in any 16x16 transpose.
+#define HAVE_TRANSPOSE16 1
+static void transpose16(float *dst, size_t ldd, const float *src, size_t lds, int rows, int keep) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = i < rows ? _mm512_loadu_ps(src + (size_t)i * lds) : _mm512_setzero_ps();
+    for (int i = 0; i < 8; i++) {  // pairs of rows interleaved within 128-bit lanes
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++) {  // r[4g+k], lane L: column 4L+k of rows 4g..4g+3
+        __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+        __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+        r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    __mmask16 m = (__mmask16)((1u << keep) - 1u);
+    for (int k = 0; k < 4; k++) {  // gather the four lanes of column 4L+k
+        __m512 v = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), w = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xdd);
+        __m512 v2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), w2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xdd);
+        _mm512_mask_storeu_ps(dst + (size_t)k * ldd, m, _mm512_shuffle_f32x4(v, v2, 0x88));
+        _mm512_mask_storeu_ps(dst + (size_t)(8 + k) * ldd, m, _mm512_shuffle_f32x4(v, v2, 0xdd));
+        _mm512_mask_storeu_ps(dst + (size_t)(4 + k) * ldd, m, _mm512_shuffle_f32x4(w, w2, 0x88));
+        _mm512_mask_storeu_ps(dst + (size_t)(12 + k) * ldd, m, _mm512_shuffle_f32x4(w, w2, 0xdd));
+    }
+}
 #elif CASDM_SIMD && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SIMD_NAME "avx2"
@@ -536,6 +568,19 @@ static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
 #endif
 
 const char *simd_name(void) { return SIMD_NAME; }
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (r < keep_rows
+// written; rows past `rows` as 0): 16x16 blocks by transpose16 where it
+// exists, the rest element by element
+static void transpose_block(float *dst, size_t ldd, const float *src, size_t lds, int rows, int keep, size_t cols) {
+    size_t c = 0;
+#ifdef HAVE_TRANSPOSE16
+    if (rows <= 16 && keep <= 16)
+        for (; c + 16 <= cols; c += 16) transpose16(dst + c * ldd, ldd, src + c, lds, rows, keep);
+#endif
+    for (; c < cols; c++)
+        for (int r = 0; r < keep; r++) dst[c * ldd + (size_t)r] = r < rows ? src[(size_t)r * lds + c] : 0.0f;
+}
 
 // complete unrolling of short constant loops, so accumulators stay in registers
 #if defined(__clang__)
@@ -615,15 +660,8 @@ static void pack_A(float *Ap, int transA, const float *A, size_t lda,
                 for (size_t i = 0; i < mr; i++) dst[i] = src[i];
                 for (size_t i = mr; i < GEMM_MR; i++) dst[i] = 0.0f;
             }
-        } else {              // A'(i, p) = A[i][p]: contiguous in p
-            for (size_t i = 0; i < GEMM_MR; i++) {
-                if (i >= mr) {
-                    for (size_t p = 0; p < kc; p++) panel[p * GEMM_MR + i] = 0.0f;
-                    continue;
-                }
-                const float *src = A + (i0 + ir + i) * lda + p0;
-                for (size_t p = 0; p < kc; p++) panel[p * GEMM_MR + i] = src[p];
-            }
+        } else {              // A'(i, p) = A[i][p]: contiguous in p, a transpose
+            transpose_block(panel, GEMM_MR, A + (i0 + ir) * lda + p0, lda, (int)mr, GEMM_MR, kc);
         }
     }
 }
@@ -642,14 +680,11 @@ static void pack_B(float *Bp, int transB, const float *B, size_t ldb,
                 for (size_t j = 0; j < nr; j++) dst[j] = src[j];
                 for (size_t j = nr; j < GEMM_NR; j++) dst[j] = 0.0f;
             }
-        } else {              // B'(p, j) = B[j][p]: contiguous in p
-            for (size_t j = 0; j < GEMM_NR; j++) {
-                if (j >= nr) {
-                    for (size_t p = 0; p < kc; p++) panel[p * GEMM_NR + j] = 0.0f;
-                    continue;
-                }
-                const float *src = B + (j0 + jr + j) * ldb + p0;
-                for (size_t p = 0; p < kc; p++) panel[p * GEMM_NR + j] = src[p];
+        } else {              // B'(p, j) = B[j][p]: contiguous in p, a transpose
+            for (size_t jb = 0; jb < GEMM_NR; jb += 16) {
+                int in = nr > jb ? (int)(nr - jb < 16 ? nr - jb : 16) : 0;
+                int width = GEMM_NR - jb < 16 ? (int)(GEMM_NR - jb) : 16;
+                transpose_block(panel + jb, GEMM_NR, in ? B + (j0 + jr + jb) * ldb + p0 : B, ldb, in, width, kc);
             }
         }
     }
@@ -902,15 +937,16 @@ static void pack_conv_cols(const void *ctx, float *Bp, size_t p0, size_t kc, siz
 }
 
 // B = cols^T, as pack_B with transB 1 (the weight gradient: dy @ cols^T):
-// panel column j is row j0+jr+j of cols over the pixels p0..p0+kc
+// panel column j is row j0+jr+j of cols over the pixels p0..p0+kc. The rows
+// are copied out contiguously (runs), then transposed 16x16 into the panel.
 static void pack_conv_cols_t(const void *ctx, float *Bp, size_t p0, size_t kc, size_t j0, size_t n) {
     const ConvCols *v = ctx;
     size_t ohw = (size_t)v->OH * v->OW;
     size_t i0 = p0 / ohw, q0 = p0 % ohw;
     int oy0 = (int)(q0 / v->OW), ox0 = (int)(q0 % v->OW);
+    float rows[GEMM_NR * GEMM_KC];  // (nr, kc): rows of cols
     for (size_t jr = 0; jr < n; jr += GEMM_NR) {
         size_t nr = n - jr < GEMM_NR ? n - jr : GEMM_NR;
-        float *panel = Bp + jr * kc;
         for (size_t j = 0; j < nr; j++) {
             ConvRow r = conv_row(v, j0 + jr + j);
             size_t i = i0;
@@ -918,14 +954,18 @@ static void pack_conv_cols_t(const void *ctx, float *Bp, size_t p0, size_t kc, s
             for (size_t p = 0; p < kc;) {
                 size_t run = (size_t)(v->OW - ox);
                 if (run > kc - p) run = kc - p;
-                conv_run(v, &r, i, oy, ox, (int)run, panel + p * GEMM_NR + j, GEMM_NR);
+                conv_run(v, &r, i, oy, ox, (int)run, rows + j * kc + p, 1);
                 p += run;
                 ox += (int)run;
                 if (ox == v->OW) { ox = 0; if (++oy == v->OH) { oy = 0; i++; } }
             }
         }
-        for (size_t j = nr; j < GEMM_NR; j++)
-            for (size_t p = 0; p < kc; p++) panel[p * GEMM_NR + j] = 0.0f;
+        float *panel = Bp + jr * kc;  // panel[p * NR + j] = rows[j][p], columns past nr zero
+        for (size_t jb = 0; jb < GEMM_NR; jb += 16) {
+            int in = nr > jb ? (int)(nr - jb < 16 ? nr - jb : 16) : 0;
+            int width = GEMM_NR - jb < 16 ? (int)(GEMM_NR - jb) : 16;
+            transpose_block(panel + jb, GEMM_NR, rows + jb * kc, kc, in, width, kc);
+        }
     }
 }
 
@@ -1302,6 +1342,26 @@ static double sum_sq_dev_lanes(const float *x, size_t n, double mean) {  // sum 
     return combine_lanes(l);
 }
 
+// sum dz and sum dz * gn, gn = x * sc + sh (the norm's output), over one channel
+static void dz_sums_lanes(const float *dz, const float *x, size_t n, float sc, float sh, double *sum_dz,
+                          double *sum_dz_gn) {
+    double a[LANES] = {0}, b[LANES] = {0};
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int k = 0; k < LANES; k++) {
+            float gn = x[i + k] * sc + sh;
+            a[k] += dz[i + k];
+            b[k] += (double)dz[i + k] * gn;
+        }
+    for (; i < n; i++) {
+        float gn = x[i] * sc + sh;
+        a[i % LANES] += dz[i];
+        b[i % LANES] += (double)dz[i] * gn;
+    }
+    *sum_dz = combine_lanes(a);
+    *sum_dz_gn = combine_lanes(b);
+}
+
 // sum dy and sum dy * xhat, xhat = (x - m) * rs, over one channel
 static void dy_sums_lanes(const float *dy, const float *x, size_t n, float m, float rs, double *sum_dy,
                           double *sum_dy_xhat) {
@@ -1389,18 +1449,19 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
                     const float *xc = x + (size_t)c * a->HW, *dyc = dy + (size_t)c * a->HW;
                     const unsigned char *kc = a->keep ? a->keep + r * len + (size_t)c * a->HW : NULL;
                     float *dc = d + (size_t)c * a->HW;
-                    double dsc = 0.0, dsh = 0.0;
-                    for (int i = 0; i < a->HW; i++) {
-                        float gn = xc[i] * sc + sh, dzi = dyc[i];
+                    for (int i = 0; i < a->HW; i++) {  // dc = dz, the gradient at the FiLM output
+                        float dzi = dyc[i];
                         if (kc) dzi = kc[i] ? dzi * a->keep_scale : 0.0f;
                         if (a->silu) {
-                            float z = gn * s1 + t, sg = sigmoidf(z);
+                            float z = (xc[i] * sc + sh) * s1 + t, sg = sigmoidf(z);
                             dzi *= sg * (1.0f + z * (1.0f - sg));
                         }
-                        dsc += (double)dzi * gn;
-                        dsh += dzi;
-                        dc[i] = dzi * s1;
+                        dc[i] = dzi;
                     }
+                    // dshift = sum dz, dscale = sum dz * gn: in lanes (gn as the forward made it)
+                    double dsc, dsh;
+                    dz_sums_lanes(dc, xc, (size_t)a->HW, sc, sh, &dsh, &dsc);
+                    for (int i = 0; i < a->HW; i++) dc[i] *= s1;
                     if (a->dscale) a->dscale[nc] += (float)dsc;
                     if (a->dshift) a->dshift[nc] += (float)dsh;
                 }
