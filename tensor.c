@@ -1342,24 +1342,28 @@ static double sum_sq_dev_lanes(const float *x, size_t n, double mean) {  // sum 
     return combine_lanes(l);
 }
 
-// sum dz and sum dz * gn, gn = x * sc + sh (the norm's output), over one channel
-static void dz_sums_lanes(const float *dz, const float *x, size_t n, float sc, float sh, double *sum_dz,
-                          double *sum_dz_gn) {
-    double a[LANES] = {0}, b[LANES] = {0};
+// sum dz, sum dz * xhat and sum dz * gn over one channel, xhat = (x - m) * rs
+// and gn = x * sc + sh (the norm's output as the forward made it)
+static void dz_sums_lanes(const float *dz, const float *x, size_t n, float m, float rs, float sc, float sh,
+                          double *sum_dz, double *sum_dz_xhat, double *sum_dz_gn) {
+    double a[LANES] = {0}, b[LANES] = {0}, c[LANES] = {0};
     size_t i = 0;
     for (; i + LANES <= n; i += LANES)
         for (int k = 0; k < LANES; k++) {
-            float gn = x[i + k] * sc + sh;
+            float xhat = (x[i + k] - m) * rs, gn = x[i + k] * sc + sh;
             a[k] += dz[i + k];
-            b[k] += (double)dz[i + k] * gn;
+            b[k] += (double)dz[i + k] * xhat;
+            c[k] += (double)dz[i + k] * gn;
         }
     for (; i < n; i++) {
-        float gn = x[i] * sc + sh;
+        float xhat = (x[i] - m) * rs, gn = x[i] * sc + sh;
         a[i % LANES] += dz[i];
-        b[i % LANES] += (double)dz[i] * gn;
+        b[i % LANES] += (double)dz[i] * xhat;
+        c[i % LANES] += (double)dz[i] * gn;
     }
     *sum_dz = combine_lanes(a);
-    *sum_dz_gn = combine_lanes(b);
+    *sum_dz_xhat = combine_lanes(b);
+    *sum_dz_gn = combine_lanes(c);
 }
 
 // sum dy and sum dy * xhat, xhat = (x - m) * rs, over one channel
@@ -1439,7 +1443,8 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
             size_t r = (size_t)n * a->G + g;
             const float *x = a->inp + r * len, *dy = a->dout + r * len;
             float m = a->mean[r], rs = a->rstd[r];
-            if (fused) {  // dy of the plain norm: through silu and FiLM, z as the forward computed it
+            const float *buf = dy;  // the gradient at the norm's output is buf * s1 (s1 = 1 unfused)
+            if (fused) {  // through dropout, silu and FiLM: dz at the FiLM output, z as the forward made it
                 float *d = a->dz + g * len;
                 for (int c = 0; c < cpg; c++) {
                     size_t ch = g * cpg + c, nc = (size_t)n * a->C + ch;
@@ -1449,7 +1454,7 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
                     const float *xc = x + (size_t)c * a->HW, *dyc = dy + (size_t)c * a->HW;
                     const unsigned char *kc = a->keep ? a->keep + r * len + (size_t)c * a->HW : NULL;
                     float *dc = d + (size_t)c * a->HW;
-                    for (int i = 0; i < a->HW; i++) {  // dc = dz, the gradient at the FiLM output
+                    for (int i = 0; i < a->HW; i++) {
                         float dzi = dyc[i];
                         if (kc) dzi = kc[i] ? dzi * a->keep_scale : 0.0f;
                         if (a->silu) {
@@ -1458,23 +1463,29 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
                         }
                         dc[i] = dzi;
                     }
-                    // dshift = sum dz, dscale = sum dz * gn: in lanes (gn as the forward made it)
-                    double dsc, dsh;
-                    dz_sums_lanes(dc, xc, (size_t)a->HW, sc, sh, &dsh, &dsc);
-                    for (int i = 0; i < a->HW; i++) dc[i] *= s1;
-                    if (a->dscale) a->dscale[nc] += (float)dsc;
-                    if (a->dshift) a->dshift[nc] += (float)dsh;
                 }
-                dy = d;
+                buf = d;
             }
-            // per channel: db = sum dy, dg = sum dy xhat; dxhat = dy * gamma, so
-            // sum dxhat = gamma db and sum dxhat xhat = gamma dg
+            // per channel, one pass: db = sum dy, dg = sum dy xhat (dy = buf * s1), and
+            // for FiLM dshift = sum dz, dscale = sum dz gn. dxhat = dy * gamma, so
+            // sum dxhat = gamma db and sum dxhat xhat = gamma dg.
             double sum_dxhat = 0.0, sum_dxhat_xhat = 0.0;
             for (int c = 0; c < cpg; c++) {
-                size_t ch = g * cpg + c;
+                size_t ch = g * cpg + c, nc = (size_t)n * a->C + ch;
                 float ga = a->gamma ? a->gamma[ch] : 1.0f;
-                double dg, db;
-                dy_sums_lanes(dy + (size_t)c * a->HW, x + (size_t)c * a->HW, (size_t)a->HW, m, rs, &db, &dg);
+                float s1 = fused && a->scale ? 1.0f + a->scale[nc] : 1.0f;
+                double sb, sbx;
+                if (fused) {
+                    float be = a->beta ? a->beta[ch] : 0.0f, sc = rs * ga, sh = be - m * sc;
+                    double sbgn;
+                    dz_sums_lanes(buf + (size_t)c * a->HW, x + (size_t)c * a->HW, (size_t)a->HW, m, rs, sc, sh,
+                                  &sb, &sbx, &sbgn);
+                    if (a->dscale) a->dscale[nc] += (float)sbgn;
+                    if (a->dshift) a->dshift[nc] += (float)sb;
+                } else {
+                    dy_sums_lanes(buf + (size_t)c * a->HW, x + (size_t)c * a->HW, (size_t)a->HW, m, rs, &sb, &sbx);
+                }
+                double db = s1 * sb, dg = s1 * sbx;
                 sum_dxhat += ga * db;
                 sum_dxhat_xhat += ga * dg;
                 if (a->dgamma) a->dgamma[ch] += (float)dg;
@@ -1484,11 +1495,14 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
             float *dx = a->dinp + r * len;
             float mdx = (float)(sum_dxhat / (double)len), mdxx = (float)(sum_dxhat_xhat / (double)len);
             for (int c = 0; c < cpg; c++) {
-                float ga = a->gamma ? a->gamma[g * cpg + c] : 1.0f;
+                size_t ch = g * cpg + c, nc = (size_t)n * a->C + ch;
+                float ga = a->gamma ? a->gamma[ch] : 1.0f;
+                float f = (fused && a->scale ? 1.0f + a->scale[nc] : 1.0f) * ga;
+                const float *bc = buf + (size_t)c * a->HW, *xc = x + (size_t)c * a->HW;
+                float *dxc = dx + (size_t)c * a->HW;
                 for (int i = 0; i < a->HW; i++) {
-                    size_t k = (size_t)c * a->HW + i;
-                    float xhat = (x[k] - m) * rs;
-                    dx[k] += rs * (dy[k] * ga - mdx - xhat * mdxx);
+                    float xhat = (xc[i] - m) * rs;
+                    dxc[i] += rs * (bc[i] * f - mdx - xhat * mdxx);
                 }
             }
         }
