@@ -2271,30 +2271,42 @@ Tensor *matmul_softmax(Graph *g, Tensor *a, Tensor *b, int transA, int transB, f
 
 // ---- QKV attention (improved-diffusion's QKVAttentionLegacy) ----
 // qkv (BH, 3*ch, T): per head, q = rows 0..ch, k = ch..2ch, v = 2ch..3ch.
-//   w = softmax(scale * q^T k) over the last axis   (BH, T, T)
+//   w = softmax(scale * q^T k) over the last axis   (T, T) per head
 //   out = v @ w^T                                   (BH, ch, T)
-// q, k and v are read in place (no copies); w is kept for backward.
+// q, k and v are read in place (no copies). The weights of all heads would
+// be BH*T*T floats (16 MiB a layer for 64 heads at 16x16), more than the
+// layer's activations: each thread keeps one head's in scratch, and backward
+// computes them again (the same code, so the same bits) before using them.
 typedef struct {
-    const float *qkv; float *w, *out;
-    float *dqkv, *dw; const float *dout;
+    const float *qkv; float *scratch, *out;
+    float *dqkv; const float *dout;
     int ch, T; float scale;
 } Attention;
+
+size_t qkv_attention_scratch(int T) { return (size_t)pool_threads() * 2 * T * T; }
+
+// w (T,T) = softmax(scale * q^T k) of head b
+static void attention_weights(const Attention *a, size_t b, float *w) {
+    size_t T = (size_t)a->T, ch = (size_t)a->ch;
+    const float *q = a->qkv + b * 3 * ch * T, *k = q + ch * T;
+    sgemm(1, 0, T, T, ch, q, T, k, T, 0, w, T);  // w (T,T) = q^T (T,ch) @ k (ch,T)
+    for (size_t i = 0; i < T * T; i++) w[i] *= a->scale;
+    softmax_forward(w, w, T, T);
+}
 
 static void qkv_attention_forward_range(void *arg, size_t b0, size_t b1) {
     const Attention *a = arg;
     size_t T = (size_t)a->T, ch = (size_t)a->ch;
+    float *w = a->scratch + (size_t)pool_thread_id() * 2 * T * T;
     for (size_t b = b0; b < b1; b++) {
-        const float *q = a->qkv + b * 3 * ch * T, *k = q + ch * T, *v = k + ch * T;
-        float *w = a->w + b * T * T;
-        sgemm(1, 0, T, T, ch, q, T, k, T, 0, w, T);  // w (T,T) = q^T (T,ch) @ k (ch,T)
-        for (size_t i = 0; i < T * T; i++) w[i] *= a->scale;
-        softmax_forward(w, w, T, T);
+        const float *v = a->qkv + b * 3 * ch * T + 2 * ch * T;
+        attention_weights(a, b, w);
         sgemm(0, 1, ch, T, T, v, T, w, T, 0, a->out + b * ch * T, T);  // out = v @ w^T
     }
 }
 
-void qkv_attention_forward(float *out, float *w, const float *qkv, int BH, int ch, int T, float scale) {
-    Attention a = {qkv, w, out, NULL, NULL, NULL, ch, T, scale};
+void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH, int ch, int T, float scale) {
+    Attention a = {qkv, scratch, out, NULL, NULL, ch, T, scale};
     flops_forward += 4.0 * BH * (double)ch * T * T;
     parallel_for((size_t)BH, 1, qkv_attention_forward_range, &a);
 }
@@ -2302,11 +2314,12 @@ void qkv_attention_forward(float *out, float *w, const float *qkv, int BH, int c
 static void qkv_attention_backward_range(void *arg, size_t b0, size_t b1) {
     const Attention *a = arg;
     size_t T = (size_t)a->T, ch = (size_t)a->ch;
+    float *w = a->scratch + (size_t)pool_thread_id() * 2 * T * T, *dw = w + T * T, *ds = dw;  // softmax' overwrites dw
     for (size_t b = b0; b < b1; b++) {
         const float *q = a->qkv + b * 3 * ch * T, *k = q + ch * T, *v = k + ch * T;
-        const float *w = a->w + b * T * T, *dout = a->dout + b * ch * T;
+        const float *dout = a->dout + b * ch * T;
         float *dq = a->dqkv + b * 3 * ch * T, *dk = dq + ch * T, *dv = dk + ch * T;
-        float *dw = a->dw + b * T * T, *ds = dw;  // softmax' overwrites dw
+        attention_weights(a, b, w);
         sgemm(0, 0, ch, T, T, dout, T, w, T, 1, dv, T);   // dv += dout @ w
         sgemm(1, 0, T, T, ch, dout, T, v, T, 0, dw, T);   // dw = dout^T @ v
         for (size_t t = 0; t < T; t++) {                   // ds = scale * softmax'(dw), in place
@@ -2320,10 +2333,10 @@ static void qkv_attention_backward_range(void *arg, size_t b0, size_t b1) {
     }
 }
 
-// dqkv += the gradient; dw: scratch of BH*T*T floats
-void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *w, float *dw,
-                        int BH, int ch, int T, float scale) {
-    Attention a = {qkv, (float *)w, NULL, dqkv, dw, dout, ch, T, scale};
+// dqkv += the gradient
+void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, float *scratch,
+                            int BH, int ch, int T, float scale) {
+    Attention a = {qkv, scratch, NULL, dqkv, dout, ch, T, scale};
     parallel_for((size_t)BH, 1, qkv_attention_backward_range, &a);
 }
 
@@ -2332,8 +2345,8 @@ static void qkv_attention_node_backward(Graph *g, TapeNode *n) {
     float *dqkv = input_grad(g, n, 0);
     int BH = qkv->shape[0], ch = qkv->shape[1] / 3, T = qkv->shape[2];
     ArenaMark m = arena_mark(&g->arena);
-    float *dw = arena_floats(&g->arena, (size_t)BH * T * T);
-    qkv_attention_backward(dqkv, n->out->grad, qkv->data, n->saved, dw, BH, ch, T, n->farg[0]);
+    float *scratch = arena_floats(&g->arena, qkv_attention_scratch(T));
+    qkv_attention_backward(dqkv, n->out->grad, qkv->data, scratch, BH, ch, T, n->farg[0]);
     arena_release(&g->arena, m);
 }
 
@@ -2343,17 +2356,12 @@ Tensor *qkv_attention(Graph *g, Tensor *qkv, float scale) {
     int BH = qkv->shape[0], ch = qkv->shape[1] / 3, T = qkv->shape[2];
     int s[3] = {BH, ch, T};
     Tensor *y = tensor_new(g, 3, s);
-    int rec = wants_grad(g, qkv, NULL, NULL);
     ArenaMark m = arena_mark(&g->arena);
-    float *w = arena_floats(&g->arena, (size_t)BH * T * T);
-    qkv_attention_forward(y->data, w, qkv->data, BH, ch, T, scale);
-    if (rec) {
-        TapeNode *nd = record(g, "qkv_attention", qkv_attention_node_backward, y, qkv, NULL, NULL);
-        nd->saved = w;
-        nd->farg[0] = scale;
-    } else {
-        arena_release(&g->arena, m);  // no-grad: the weights are not kept
-    }
+    float *scratch = arena_floats(&g->arena, qkv_attention_scratch(T));
+    qkv_attention_forward(y->data, qkv->data, scratch, BH, ch, T, scale);
+    arena_release(&g->arena, m);
+    if (wants_grad(g, qkv, NULL, NULL))
+        record(g, "qkv_attention", qkv_attention_node_backward, y, qkv, NULL, NULL)->farg[0] = scale;
     return y;
 }
 

@@ -240,10 +240,13 @@ Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b);   // x (N,in), w (out
 Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB);  // batched (B,M,K)@(B,K,N)
 // improved-diffusion's QKVAttentionLegacy on qkv (BH, 3*ch, T): per head q, k,
 // v = rows [0,ch), [ch,2ch), [2ch,3ch); softmax(scale q^T k) applied to v.
-// Returns (BH, ch, T); q, k, v are not copied, the weights (BH,T,T) are kept.
+// Returns (BH, ch, T); q, k, v are not copied, and the weights are not kept:
+// backward recomputes them a head at a time (as FlashAttention does).
 Tensor *qkv_attention(Graph *g, Tensor *qkv, float scale);
-void qkv_attention_forward(float *out, float *w, const float *qkv, int BH, int ch, int T, float scale);
-void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *w, float *dw,
+// scratch: qkv_attention_scratch(T) floats (two T*T blocks per thread)
+size_t qkv_attention_scratch(int T);
+void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH, int ch, int T, float scale);
+void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, float *scratch,
                             int BH, int ch, int T, float scale);
 // softmax(scale * op(a) @ op(b)) over the last axis, the product not stored
 Tensor *matmul_softmax(Graph *g, Tensor *a, Tensor *b, int transA, int transB, float scale);
