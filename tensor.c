@@ -2620,6 +2620,104 @@ Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int gro
     return groupnorm_film_silu(g, x, gamma, beta, NULL, NULL, 1, 0.0f, groups, eps);
 }
 
+// norm_conv2d: what the node keeps besides x, w, b and the residual (in[0..3])
+typedef struct {
+    NormSpec ns;
+    float *mean, *rstd;   // (N, groups), from the forward
+    unsigned char *keep;  // dropout mask or NULL
+    float keep_scale;
+} NormConv;
+
+static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
+    const NormConv *nc = n->saved3;
+    const NormSpec *ns = &nc->ns;
+    Tensor *x = n->in[0], *w = n->in[1], *res = n->in[3];
+    int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3], OC = w->shape[0], K = w->shape[2];
+    int HW = H * W, pad = n->iarg[0];
+    float *dx = input_grad(g, n, 0), *dw = input_grad(g, n, 1), *db = input_grad(g, n, 2);
+    float *dgamma = ns->gamma && ns->gamma->requires_grad ? tensor_grad(g, ns->gamma) : NULL;
+    float *dbeta = ns->beta && ns->beta->requires_grad ? tensor_grad(g, ns->beta) : NULL;
+    float *dscale = ns->scale && ns->scale->requires_grad ? tensor_grad(g, ns->scale) : NULL;
+    float *dshift = ns->shift && ns->shift->requires_grad ? tensor_grad(g, ns->shift) : NULL;
+    int need_dh = dx || dgamma || dbeta || dscale || dshift;
+    ArenaMark m = arena_mark(&g->arena);
+    // the norm's output again: the same kernel on the same x, so the same bits
+    float *h = arena_floats(&g->arena, x->size);
+    float *mean = arena_floats(&g->arena, (size_t)N * ns->groups), *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
+    groupnorm_film_silu_forward(h, mean, rstd, x->data, ns->gamma ? ns->gamma->data : NULL,
+                                ns->beta ? ns->beta->data : NULL, ns->scale ? ns->scale->data : NULL,
+                                ns->shift ? ns->shift->data : NULL, ns->silu, nc->keep, nc->keep_scale,
+                                N, C, HW, ns->groups, ns->eps);
+    float *dh = need_dh ? arena_zeros(&g->arena, x->size) : NULL;
+    float *col = arena_floats(&g->arena, conv2d_backward_scratch(N, C, H, W, OC, K, 1, pad));
+    conv2d_backward(dh, dw, db, n->out->grad, h, w->data, col, N, C, H, W, OC, K, 1, pad);
+    if (res && res->requires_grad) {
+        float *dr = tensor_grad(g, res);
+        for (size_t i = 0; i < n->out->size; i++) dr[i] += n->out->grad[i];
+    }
+    if (need_dh) {
+        float *dz = arena_floats(&g->arena, x->size / (size_t)N);
+        groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, dh, x->data, nc->mean, nc->rstd,
+                                     ns->gamma ? ns->gamma->data : NULL, ns->beta ? ns->beta->data : NULL,
+                                     ns->scale ? ns->scale->data : NULL, ns->shift ? ns->shift->data : NULL,
+                                     ns->silu, nc->keep, nc->keep_scale, dz, N, C, HW, ns->groups);
+    }
+    arena_release(&g->arena, m);
+}
+
+Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *b, Tensor *residual, int pad) {
+    check_4d(x, "norm_conv2d");
+    int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    if (ns->groups < 1 || C % ns->groups) fatal("norm_conv2d: %d channels do not split into %d groups", C, ns->groups);
+    if ((ns->gamma && (int)ns->gamma->size != C) || (ns->beta && (int)ns->beta->size != C))
+        fatal("norm_conv2d: affine parameters must have %d elements", C);
+    if ((ns->scale && ns->scale->size != (size_t)N * C) || (ns->shift && ns->shift->size != (size_t)N * C))
+        fatal("norm_conv2d: scale and shift must have N*C = %d elements", N * C);
+    if (w->ndim != 4 || w->shape[1] != C || w->shape[2] != w->shape[3] || (b && (int)b->size != w->shape[0]))
+        fatal("norm_conv2d: weight does not fit %d input channels", C);
+    int OC = w->shape[0], K = w->shape[2], OH = conv_out_size(H, K, 1, pad), OW = conv_out_size(W, K, 1, pad);
+    if (residual && (residual->ndim != 4 || residual->shape[0] != N || residual->shape[1] != OC ||
+                     residual->shape[2] != OH || residual->shape[3] != OW))
+        fatal("norm_conv2d: residual must be (%d,%d,%d,%d)", N, OC, OH, OW);
+    Tensor *y = tensor4(g, N, OC, OH, OW);  // first, so that the norm's output can go after it
+    int rec = g->grad_enabled && (x->requires_grad || w->requires_grad || (b && b->requires_grad) ||
+                                  (residual && residual->requires_grad) ||
+                                  (ns->gamma && ns->gamma->requires_grad) || (ns->beta && ns->beta->requires_grad) ||
+                                  (ns->scale && ns->scale->requires_grad) || (ns->shift && ns->shift->requires_grad));
+    NormConv nc = {*ns, NULL, NULL, NULL, 1.0f};
+    if (g->training && ns->dropout > 0.0f) {  // as groupnorm_film_silu: the mask first, kept as bytes
+        if (ns->dropout >= 1.0f) fatal("norm_conv2d: dropout p=%g must be below 1", ns->dropout);
+        if (!g->rng) fatal("norm_conv2d: the graph has no RNG while training");
+        nc.keep = arena_alloc(&g->arena, x->size);
+        nc.keep_scale = 1.0f / (1.0f - ns->dropout);
+        rng_fill_keep(g->rng, nc.keep, x->size, ns->dropout);
+    }
+    ArenaMark kept = arena_mark(&g->arena);
+    nc.mean = arena_floats(&g->arena, (size_t)N * ns->groups);
+    nc.rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
+    ArenaMark m = arena_mark(&g->arena);
+    float *h = arena_floats(&g->arena, x->size);
+    groupnorm_film_silu_forward(h, nc.mean, nc.rstd, x->data, ns->gamma ? ns->gamma->data : NULL,
+                                ns->beta ? ns->beta->data : NULL, ns->scale ? ns->scale->data : NULL,
+                                ns->shift ? ns->shift->data : NULL, ns->silu, nc.keep, nc.keep_scale,
+                                N, C, H * W, ns->groups, ns->eps);
+    float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, 1, pad));
+    conv2d_add_forward(y->data, h, w->data, b ? b->data : NULL, NULL, residual ? residual->data : NULL, col,
+                       N, C, H, W, OC, K, 1, pad);
+    arena_release(&g->arena, m);  // the norm's output is gone
+    if (!rec) {
+        arena_release(&g->arena, kept);
+        return y;
+    }
+    NormConv *saved = arena_alloc(&g->arena, sizeof *saved);
+    *saved = nc;
+    TapeNode *nd = record(g, "norm_conv2d", norm_conv2d_node_backward, y, x, w, b);
+    nd->in[3] = residual;
+    nd->iarg[0] = pad;
+    nd->saved3 = saved;
+    return y;
+}
+
 // activations
 static void activation_node_backward(Graph *g, TapeNode *n) {
     activation_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data, n->out->data, n->out->size,

@@ -261,6 +261,16 @@ Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, 
 Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale, Tensor *shift,
                             int silu_after, float dropout_p, int groups, float eps);
 Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);  // silu(groupnorm)
+// conv2d_add(groupnorm_film_silu(x, norm...), w, b, residual=residual), stride
+// 1, where the norm's output is not kept: backward computes it again from x
+// (a memory-bound pass, cheap next to the convolution). The U-Net's
+// in_layers and out_layers; the same numbers as the two ops composed.
+typedef struct {
+    Tensor *gamma, *beta, *scale, *shift;  // any may be NULL
+    int silu, groups;
+    float dropout, eps;
+} NormSpec;
+Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *norm, Tensor *w, Tensor *b, Tensor *residual, int pad);
 Tensor *silu(Graph *g, Tensor *x);
 Tensor *relu(Graph *g, Tensor *x);
 Tensor *sigmoid(Graph *g, Tensor *x);

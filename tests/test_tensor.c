@@ -18,7 +18,7 @@
 // h = 1e-2: truncation O(h^2) plus float rounding of L over 2h).
 // ---------------------------------------------------------------------------
 typedef Tensor *(*BuildFn)(Graph *g, Tensor **in, const int *arg);
-#define MAX_IN 6
+#define MAX_IN 8
 typedef struct { int ndim; int shape[4]; int away_from_zero; } InSpec;
 
 static uint64_t name_hash(const char *s) {
@@ -131,6 +131,11 @@ static Tensor *b_gn_film_silu(Graph *g, Tensor **in, const int *a) {
 static Tensor *b_conv_add(Graph *g, Tensor **in, const int *a) {
     return conv2d_add(g, in[0], in[1], in[2], a[2] ? in[3] : NULL, a[3] ? in[4] : NULL, a[0], a[1]);
 }
+// x, gamma, beta, scale, shift, w, b, residual; a[0] groups, a[1] silu, a[2] dropout on, a[3] pad
+static Tensor *b_norm_conv(Graph *g, Tensor **in, const int *a) {
+    NormSpec ns = {in[1], in[2], in[3], in[4], a[1], a[0], a[2] ? 0.3f : 0.0f, 1e-5f};
+    return norm_conv2d(g, in[0], &ns, in[5], in[6], in[7], a[3]);
+}
 static Tensor *b_relu(Graph *g, Tensor **in, const int *a) { (void)a; return relu(g, in[0]); }
 static Tensor *b_conv_relu(Graph *g, Tensor **in, const int *a) { (void)a; return conv2d_relu(g, in[0], in[1], in[2], 1, 1); }
 static Tensor *b_sigmoid(Graph *g, Tensor **in, const int *a) { (void)a; return sigmoid(g, in[0]); }
@@ -209,6 +214,10 @@ static void test_gradchecks(void) {
     { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
       int a[4] = {2, 0, 1, 0};
       gradcheck("groupnorm_film_silu (FiLM only)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
+    { InSpec s[8] = {{4, {2, 8, 3, 4}, 0}, {1, {8}, 0}, {1, {8}, 0}, {2, {2, 8}, 0}, {2, {2, 8}, 0},
+                     {4, {5, 8, 3, 3}, 0}, {1, {5}, 0}, {4, {2, 5, 3, 4}, 0}};
+      int a[4] = {4, 1, 1, 1};
+      gradcheck("norm_conv2d (FiLM + SiLU + dropout, 3x3, residual)", b_norm_conv, a, 8, s, 1e-2, 2e-3); }
     { InSpec s[5] = {{4, {2, 3, 5, 6}, 0}, {4, {4, 3, 3, 3}, 0}, {1, {4}, 0}, {2, {2, 4}, 0}, {4, {2, 4, 5, 6}, 0}};
       int a[4] = {1, 1, 1, 1};
       gradcheck("conv2d_add (shift + residual)", b_conv_add, a, 5, s, 1e-2, 2e-3); }
@@ -324,6 +333,36 @@ static void test_fused_equal_composed(void) {
     graph_backward(&gr, yr, R);
     err = fmax(err, grad_diff(in, ref_in, 5));
     test_result(err <= 1e-5, "conv2d_add equals conv2d plus shift plus residual", "max err %.1e", err);
+
+    // norm_conv2d against groupnorm_film_silu then conv2d_add, dropout on: bitwise
+    graph_reset(&g);
+    graph_reset(&gr);
+    rng_seed(&d1, 4, 3);
+    rng_seed(&d2, 4, 3);
+    g.training = gr.training = 1;
+    int sg[1] = {C}, sfs[2] = {N, C};
+    const int *shp3[8] = {sx, sg, sg, sfs, sfs, sw, sb, sr};
+    int nd3[8] = {4, 1, 1, 2, 2, 4, 1, 4};
+    Tensor *in8[8], *ref8[8];
+    for (int i = 0; i < 8; i++) {
+        in8[i] = tensor_new(&g, nd3[i], shp3[i]);
+        rng_fill_normal(&rng, in8[i]->data, in8[i]->size, 0.0f, 1.0f);
+        ref8[i] = tensor_from(&gr, nd3[i], shp3[i], in8[i]->data);
+        in8[i]->requires_grad = ref8[i]->requires_grad = 1;
+    }
+    NormSpec ns = {in8[1], in8[2], in8[3], in8[4], 1, 32, 0.3f, 1e-5f};
+    y = norm_conv2d(&g, in8[0], &ns, in8[5], in8[6], in8[7], 1);
+    Tensor *hr = groupnorm_film_silu(&gr, ref8[0], ref8[1], ref8[2], ref8[3], ref8[4], 1, 0.3f, 32, 1e-5f);
+    yr = conv2d_add(&gr, hr, ref8[5], ref8[6], NULL, ref8[7], 1, 1);
+    size_t differ = 0;
+    for (size_t i = 0; i < y->size; i++) differ += memcmp(&y->data[i], &yr->data[i], sizeof(float)) != 0;
+    graph_backward(&g, y, R);
+    graph_backward(&gr, yr, R);
+    for (int i = 0; i < 8; i++)
+        for (size_t k = 0; k < in8[i]->size; k++) differ += memcmp(&in8[i]->grad[k], &ref8[i]->grad[k], sizeof(float)) != 0;
+    test_result(differ == 0, "norm_conv2d equals groupnorm_film_silu then conv2d_add, bit for bit (dropout on)",
+                "%zu values differ", differ);
+    g.training = gr.training = 0;
     free(R);
     graph_free(&g);
     graph_free(&gr);
