@@ -249,16 +249,22 @@ static size_t step_grads(UNet *theta, UNet *phi, int use_ckpt, float *loss, size
     return nodes;
 }
 
+// the small U-Net the sampling goldens and the checkpoint test use: 16x16x3,
+// 32 channels, one ResBlock a level, two heads of attention at 8x8
+static void small_config(UNetConfig *cfg, const char *mult, float dropout) {
+    unet_default_config(cfg, 16, 3, 3);
+    cfg->model_channels = 32;
+    cfg->num_res_blocks = 1;
+    cfg->num_heads = 2;
+    cfg->dropout = dropout;
+    if (unet_parse_channel_mult(cfg, mult)) fatal("channel_mult %s", mult);
+    cfg->n_attention = 1;
+    cfg->attention_ds[0] = 2;
+}
+
 static void test_checkpoint(void) {
     UNetConfig cfg;
-    unet_default_config(&cfg, 16, 3, 3);
-    cfg.model_channels = 32;
-    cfg.num_res_blocks = 1;
-    cfg.num_heads = 2;
-    cfg.dropout = 0.1f;
-    if (unet_parse_channel_mult(&cfg, "1,2")) fatal("channel_mult");
-    cfg.n_attention = 1;
-    cfg.attention_ds[0] = 2;
+    small_config(&cfg, "1,2", 0.1f);
     UNetConfig pc = cfg;
     pc.out_channels = 4;
     UNet theta, phi;
@@ -399,14 +405,7 @@ static void test_sampling_goldens(void) {
     test_result(ok, "respacing ddim10 and '10' keep improved-diffusion's steps", "");
     const char *variants[4] = {"ddpm-eps", "ddpm-x0", "dual", "casdm"};
     UNetConfig cfg;
-    unet_default_config(&cfg, 16, 3, 3);
-    cfg.model_channels = 32;
-    cfg.num_res_blocks = 1;
-    cfg.num_heads = 2;
-    cfg.dropout = 0.0f;
-    unet_parse_channel_mult(&cfg, "1,1");
-    cfg.n_attention = 1;
-    cfg.attention_ds[0] = 2;
+    small_config(&cfg, "1,1", 0.0f);
     Schedule base;
     schedule_init(&base, SCHEDULE_COSINE, 4000);
     for (int i = 0; i < 4; i++) {
