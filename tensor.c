@@ -666,6 +666,17 @@ static void pack_A(float *Ap, int transA, const float *A, size_t lda,
     }
 }
 
+// One B panel (kc, NR) from nr rows of kc floats, lds apart: panel[p*NR + j]
+// = rows[j*lds + p], columns past nr zero. A K-major pack of K-contiguous
+// rows, in transposes of 16 columns.
+static void transpose_to_panel(float *panel, const float *rows, size_t lds, size_t nr, size_t kc) {
+    for (size_t jb = 0; jb < GEMM_NR; jb += 16) {
+        int in = nr > jb ? (int)(nr - jb < 16 ? nr - jb : 16) : 0;
+        int width = GEMM_NR - jb < 16 ? (int)(GEMM_NR - jb) : 16;
+        transpose_block(panel + jb, GEMM_NR, in ? rows + jb * lds : rows, lds, in, width, kc);
+    }
+}
+
 // Bp: panels of NR columns, each (kc, NR) with columns past n zero-filled
 static void pack_B(float *Bp, int transB, const float *B, size_t ldb,
                    size_t p0, size_t kc, size_t j0, size_t n) {
@@ -681,11 +692,7 @@ static void pack_B(float *Bp, int transB, const float *B, size_t ldb,
                 for (size_t j = nr; j < GEMM_NR; j++) dst[j] = 0.0f;
             }
         } else {              // B'(p, j) = B[j][p]: contiguous in p, a transpose
-            for (size_t jb = 0; jb < GEMM_NR; jb += 16) {
-                int in = nr > jb ? (int)(nr - jb < 16 ? nr - jb : 16) : 0;
-                int width = GEMM_NR - jb < 16 ? (int)(GEMM_NR - jb) : 16;
-                transpose_block(panel + jb, GEMM_NR, in ? B + (j0 + jr + jb) * ldb + p0 : B, ldb, in, width, kc);
-            }
+            transpose_to_panel(panel, B + (j0 + jr) * ldb + p0, ldb, nr, kc);
         }
     }
 }
@@ -960,12 +967,7 @@ static void pack_conv_cols_t(const void *ctx, float *Bp, size_t p0, size_t kc, s
                 if (ox == v->OW) { ox = 0; if (++oy == v->OH) { oy = 0; i++; } }
             }
         }
-        float *panel = Bp + jr * kc;  // panel[p * NR + j] = rows[j][p], columns past nr zero
-        for (size_t jb = 0; jb < GEMM_NR; jb += 16) {
-            int in = nr > jb ? (int)(nr - jb < 16 ? nr - jb : 16) : 0;
-            int width = GEMM_NR - jb < 16 ? (int)(GEMM_NR - jb) : 16;
-            transpose_block(panel + jb, GEMM_NR, rows + jb * kc, kc, in, width, kc);
-        }
+        transpose_to_panel(Bp + jr * kc, rows, kc, nr, kc);
     }
 }
 
@@ -1125,7 +1127,6 @@ static ConvScratch conv_backward_layout(int N, int C, int H, int W, int OC, int 
     int G = conv_group(ohw, N), pointwise = conv_is_pointwise(K, stride, pad), same = conv_is_same(K, stride, pad);
     ConvScratch s;
     s.dy = G > 1 ? (size_t)OC * G * ohw : 0;
-    (void)okk;
     s.cols = !pointwise && !same ? ckk * G * ohw : 0;  // dcol for col2im (im2col(x), im2col(dy): packed directly)
     s.dx = (G > 1 && (pointwise || same)) ? (size_t)C * G * hw : 0;
     s.wflip = same ? (size_t)C * okk : 0;
@@ -2572,29 +2573,40 @@ static void groupnorm_film_silu_node_backward(Graph *g, TapeNode *n) {
     arena_release(&g->arena, m);
 }
 
+// What groupnorm_film_silu and norm_conv2d share: the shape checks, and the
+// dropout mask (training only), drawn first, one uniform per element in
+// order (as the dropout op), kept as bytes for backward; NULL without dropout.
+static void check_norm(const char *op, const Tensor *x, const Tensor *gamma, const Tensor *beta,
+                       const Tensor *scale, const Tensor *shift, int groups) {
+    check_4d(x, op);
+    int N = x->shape[0], C = x->shape[1];
+    if (groups < 1 || C % groups) fatal("%s: %d channels do not split into %d groups", op, C, groups);
+    if ((gamma && (int)gamma->size != C) || (beta && (int)beta->size != C))
+        fatal("%s: affine parameters must have %d elements", op, C);
+    if ((scale && scale->size != (size_t)N * C) || (shift && shift->size != (size_t)N * C))
+        fatal("%s: scale and shift must have N*C = %d elements", op, N * C);
+}
+
+static unsigned char *norm_dropout_mask(Graph *g, const char *op, size_t n, float p, float *keep_scale) {
+    *keep_scale = 1.0f;
+    if (!g->training || p <= 0.0f) return NULL;
+    if (p >= 1.0f) fatal("%s: dropout p=%g must be below 1", op, p);
+    if (!g->rng) fatal("%s: the graph has no RNG while training", op);
+    unsigned char *keep = arena_alloc(&g->arena, n);
+    *keep_scale = 1.0f / (1.0f - p);
+    rng_fill_keep(g->rng, keep, n, p);
+    return keep;
+}
+
 Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale, Tensor *shift,
                             int silu_after, float dropout_p, int groups, float eps) {
-    check_4d(x, "groupnorm_film_silu");
+    check_norm("groupnorm_film_silu", x, gamma, beta, scale, shift, groups);
     int N = x->shape[0], C = x->shape[1];
-    if (groups < 1 || C % groups) fatal("groupnorm_film_silu: %d channels do not split into %d groups", C, groups);
-    if ((gamma && (int)gamma->size != C) || (beta && (int)beta->size != C))
-        fatal("groupnorm_film_silu: affine parameters must have %d elements", C);
-    if ((scale && scale->size != (size_t)N * C) || (shift && shift->size != (size_t)N * C))
-        fatal("groupnorm_film_silu: scale and shift must have N*C = %d elements", N * C);
     Tensor *y = tensor_new(g, 4, x->shape);
     int rec = wants_grad(g, x, gamma, beta) ||
               (g->grad_enabled && ((scale && scale->requires_grad) || (shift && shift->requires_grad)));
-    // dropout (training only): the mask is drawn first, one uniform per
-    // element in order (as the dropout op), and kept as bytes for backward
-    unsigned char *keep = NULL;
-    float keep_scale = 1.0f;
-    if (g->training && dropout_p > 0.0f) {
-        if (dropout_p >= 1.0f) fatal("groupnorm_film_silu: dropout p=%g must be below 1", dropout_p);
-        if (!g->rng) fatal("groupnorm_film_silu: the graph has no RNG while training");
-        keep = arena_alloc(&g->arena, x->size);
-        keep_scale = 1.0f / (1.0f - dropout_p);
-        rng_fill_keep(g->rng, keep, x->size, dropout_p);
-    }
+    float keep_scale;
+    unsigned char *keep = norm_dropout_mask(g, "groupnorm_film_silu", x->size, dropout_p, &keep_scale);
     ArenaMark m = arena_mark(&g->arena);
     float *mean = arena_floats(&g->arena, (size_t)N * groups), *rstd = arena_floats(&g->arena, (size_t)N * groups);
     groupnorm_film_silu_forward(y->data, mean, rstd, x->data, gamma ? gamma->data : NULL, beta ? beta->data : NULL,
@@ -2623,8 +2635,7 @@ Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int gro
 // norm_conv2d: what the node keeps besides x, w, b and the residual (in[0..3])
 typedef struct {
     NormSpec ns;
-    float *mean, *rstd;   // (N, groups), from the forward
-    unsigned char *keep;  // dropout mask or NULL
+    unsigned char *keep;  // dropout mask or NULL (the statistics are recomputed with the output)
     float keep_scale;
 } NormConv;
 
@@ -2641,7 +2652,7 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
     float *dshift = ns->shift && ns->shift->requires_grad ? tensor_grad(g, ns->shift) : NULL;
     int need_dh = dx || dgamma || dbeta || dscale || dshift;
     ArenaMark m = arena_mark(&g->arena);
-    // the norm's output again: the same kernel on the same x, so the same bits
+    // the norm's output and statistics again: the same kernel on the same x, so the same bits
     float *h = arena_floats(&g->arena, x->size);
     float *mean = arena_floats(&g->arena, (size_t)N * ns->groups), *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
     groupnorm_film_silu_forward(h, mean, rstd, x->data, ns->gamma ? ns->gamma->data : NULL,
@@ -2657,7 +2668,7 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
     }
     if (need_dh) {
         float *dz = arena_floats(&g->arena, x->size / (size_t)N);
-        groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, dh, x->data, nc->mean, nc->rstd,
+        groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, dh, x->data, mean, rstd,
                                      ns->gamma ? ns->gamma->data : NULL, ns->beta ? ns->beta->data : NULL,
                                      ns->scale ? ns->scale->data : NULL, ns->shift ? ns->shift->data : NULL,
                                      ns->silu, nc->keep, nc->keep_scale, dz, N, C, HW, ns->groups);
@@ -2666,13 +2677,8 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
 }
 
 Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *b, Tensor *residual, int pad) {
-    check_4d(x, "norm_conv2d");
+    check_norm("norm_conv2d", x, ns->gamma, ns->beta, ns->scale, ns->shift, ns->groups);
     int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
-    if (ns->groups < 1 || C % ns->groups) fatal("norm_conv2d: %d channels do not split into %d groups", C, ns->groups);
-    if ((ns->gamma && (int)ns->gamma->size != C) || (ns->beta && (int)ns->beta->size != C))
-        fatal("norm_conv2d: affine parameters must have %d elements", C);
-    if ((ns->scale && ns->scale->size != (size_t)N * C) || (ns->shift && ns->shift->size != (size_t)N * C))
-        fatal("norm_conv2d: scale and shift must have N*C = %d elements", N * C);
     if (w->ndim != 4 || w->shape[1] != C || w->shape[2] != w->shape[3] || (b && (int)b->size != w->shape[0]))
         fatal("norm_conv2d: weight does not fit %d input channels", C);
     int OC = w->shape[0], K = w->shape[2], OH = conv_out_size(H, K, 1, pad), OW = conv_out_size(W, K, 1, pad);
@@ -2684,31 +2690,20 @@ Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *
                                   (residual && residual->requires_grad) ||
                                   (ns->gamma && ns->gamma->requires_grad) || (ns->beta && ns->beta->requires_grad) ||
                                   (ns->scale && ns->scale->requires_grad) || (ns->shift && ns->shift->requires_grad));
-    NormConv nc = {*ns, NULL, NULL, NULL, 1.0f};
-    if (g->training && ns->dropout > 0.0f) {  // as groupnorm_film_silu: the mask first, kept as bytes
-        if (ns->dropout >= 1.0f) fatal("norm_conv2d: dropout p=%g must be below 1", ns->dropout);
-        if (!g->rng) fatal("norm_conv2d: the graph has no RNG while training");
-        nc.keep = arena_alloc(&g->arena, x->size);
-        nc.keep_scale = 1.0f / (1.0f - ns->dropout);
-        rng_fill_keep(g->rng, nc.keep, x->size, ns->dropout);
-    }
-    ArenaMark kept = arena_mark(&g->arena);
-    nc.mean = arena_floats(&g->arena, (size_t)N * ns->groups);
-    nc.rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
+    NormConv nc = {*ns, NULL, 1.0f};
+    nc.keep = norm_dropout_mask(g, "norm_conv2d", x->size, ns->dropout, &nc.keep_scale);
     ArenaMark m = arena_mark(&g->arena);
     float *h = arena_floats(&g->arena, x->size);
-    groupnorm_film_silu_forward(h, nc.mean, nc.rstd, x->data, ns->gamma ? ns->gamma->data : NULL,
+    float *mean = arena_floats(&g->arena, (size_t)N * ns->groups), *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
+    groupnorm_film_silu_forward(h, mean, rstd, x->data, ns->gamma ? ns->gamma->data : NULL,
                                 ns->beta ? ns->beta->data : NULL, ns->scale ? ns->scale->data : NULL,
                                 ns->shift ? ns->shift->data : NULL, ns->silu, nc.keep, nc.keep_scale,
                                 N, C, H * W, ns->groups, ns->eps);
     float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, 1, pad));
     conv2d_add_forward(y->data, h, w->data, b ? b->data : NULL, NULL, residual ? residual->data : NULL, col,
                        N, C, H, W, OC, K, 1, pad);
-    arena_release(&g->arena, m);  // the norm's output is gone
-    if (!rec) {
-        arena_release(&g->arena, kept);
-        return y;
-    }
+    arena_release(&g->arena, m);  // the norm's output and statistics are gone
+    if (!rec) return y;
     NormConv *saved = arena_alloc(&g->arena, sizeof *saved);
     *saved = nc;
     TapeNode *nd = record(g, "norm_conv2d", norm_conv2d_node_backward, y, x, w, b);
