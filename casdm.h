@@ -74,13 +74,15 @@ int unet_parse_channel_mult(UNetConfig *c, const char *list);
 // Declares the parameters, allocates them (with gradients if trainable) and
 // initialises them as PyTorch's defaults plus improved-diffusion's zero layers.
 void unet_init(UNet *u, const UNetConfig *c, int trainable, Rng *rng);
+// 0, or -1 with what is wrong in err (unet_init exits on a bad config)
+int unet_check_config(const UNetConfig *c, char *err, size_t errlen);
+size_t unet_param_count(const UNetConfig *c);
+double unet_activation_floats(const UNetConfig *c);  // per image, a measure for memory estimates  // floats unet_init would allocate (c must pass the check)
 void unet_free(UNet *u);
 // x (N,in,H,W), t (N) the timesteps the network sees (already rescaled)
 Tensor *unet_forward(Graph *g, UNet *u, Tensor *x, const float *t);
 // the sinusoidal embedding (N, dim), cos half first (improved-diffusion nn.py)
 void timestep_embedding(float *out, const float *t, int n, int dim);
-
-#endif
 
 // ---------------------------------------------------------------------------
 // ddim.c: noise schedules, P2 weighting, the training losses of the four
@@ -196,3 +198,90 @@ int lpips_load(Lpips *l, const char *path, char *err, size_t errlen);
 Tensor *lpips_distance(Graph *g, Lpips *l, Tensor *x, Tensor *y, Tensor **taps);
 // lpips_loss_fn for diffusion_losses: mean distance over the batch
 Tensor *lpips_loss(Graph *g, void *lpips, Tensor *pred, Tensor *target);
+
+// ---------------------------------------------------------------------------
+// formats.c: the byte-level file formats (see its header for the list).
+// Readers return -1 (or NULL) with a message naming the file in err, and
+// bound every allocation by what the file holds or by the limits below.
+// Writers go through a temp file, fsync and rename.
+// ---------------------------------------------------------------------------
+#define IMAGE_MAX_SIDE 16384             // PNG / PPM / PGM side
+#define IMAGE_MAX_PIXELS (1 << 26)       // PNG / PPM / PGM width x height
+#define IMAGE_MAX_FILE ((uint64_t)1 << 30)
+#define IDX_MAX_SIDE 4096
+#define DATA_MAX_FILE ((uint64_t)1 << 34)  // CIFAR and IDX files
+#define ST_MAX_TENSORS 65536
+#define ST_MAX_HEADER ((uint64_t)100 << 20)
+#define LOG_MAX_FILE ((uint64_t)1 << 30)
+#define LOG_MAX_STEP 1000000000L         // the largest --steps
+
+typedef struct { unsigned char *b; size_t len, cap; } Bytes;  // a growing byte buffer
+void bytes_put(Bytes *o, const void *p, size_t n);
+void bytes_printf(Bytes *o, const char *fmt, ...);
+
+// the whole of a regular file of at most max bytes (NUL-terminated copy)
+unsigned char *read_file(const char *path, uint64_t max, size_t *size, char *err, size_t errlen);
+// path.tmp, then fsync, rename onto path and fsync of the directory
+typedef struct { FILE *f; char path[4096], tmp[4100]; int ok, err; } AtomicFile;
+int atomic_open(AtomicFile *a, const char *path, char *err, size_t errlen);
+void atomic_write(AtomicFile *a, const void *p, size_t n);  // errors are kept for commit
+int atomic_commit(AtomicFile *a, char *err, size_t errlen);  // removes the temp file on failure
+int write_file_atomically(const char *path, const void *data, size_t len, char *err, size_t errlen);
+
+// An 8-bit PNG or a binary PPM/PGM -> bytes (H,W,C). *C = 3 asks for RGB
+// (grey repeated), 1 for grey; *C = 0 keeps the file's own: 1 for grey, 3
+// for colour (alpha is dropped). name is used in messages.
+unsigned char *decode_image(const unsigned char *b, size_t n, const char *name, int *W, int *H, int *C,
+                            char *err, size_t errlen);
+unsigned char *read_image(const char *path, int *W, int *H, int *C, char *err, size_t errlen);
+void png_encode(Bytes *o, const unsigned char *pixels, int W, int H, int C);  // pixels (H,W,C), C 1 or 3
+int write_png(const char *path, const unsigned char *pixels, int W, int H, int C, char *err, size_t errlen);
+// improved-diffusion's sample NPZ: arr_0, uint8 (N,H,W,C)
+int write_npz(const char *path, const unsigned char *img, int N, int H, int W, int C, char *err, size_t errlen);
+
+typedef struct { int n, c, h, w; unsigned char *pixels; } Images;  // uint8 (n,c,h,w)
+// IDX image file -> out (square images zero-padded to a multiple of 8, centred)
+int idx_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err, size_t errlen);
+// CIFAR-10 binary batch, appended to out
+int cifar_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err, size_t errlen);
+
+// safetensors (https://github.com/huggingface/safetensors): 8-byte LE header
+// length, JSON header, raw little-endian data. F32 only. The tensors must
+// tile the data section (no overlaps, no holes) and have distinct names.
+typedef struct {
+    char name[256];
+    int ndim;
+    int shape[8];
+    size_t size;          // elements
+    float *data;          // host order
+} StEntry;
+typedef struct {
+    StEntry *e;
+    size_t count;
+    size_t *by_name;      // indices of e sorted by name (st_find)
+    char *metadata_json;  // raw "__metadata__" object text or NULL
+} StFile;
+int st_read(const char *path, StFile *out, char *err, size_t errlen);
+int st_parse(const unsigned char *buf, size_t len, const char *name, StFile *out, char *err, size_t errlen);
+void st_free(StFile *f);
+const StEntry *st_find(const StFile *f, const char *name);
+// the metadata value of key into buf; returns 0, or -1 if absent
+int st_meta(const StFile *f, const char *key, char *buf, size_t len);
+// Metadata: NULL-terminated key/value string pairs, or NULL.
+typedef struct { const char *name; int ndim; const int *shape; const float *data; } StWrite;
+int st_write(const char *path, const StWrite *t, size_t n, const char *const *metadata,
+             char *err, size_t errlen);
+
+// log.csv rows and the loss plot
+#define PLOT_TERMS 5
+typedef struct { long *step; double *v; size_t n, cap; } History;  // v: n x PLOT_TERMS, NAN = absent
+void history_add(History *h, long step, const double *v);
+void history_free(History *h);
+long log_row_step(const char *line, size_t len);  // a data row's step, or -1
+void history_parse(History *h, const char *text, size_t len);
+int history_load(History *h, const char *path, char *err, size_t errlen);
+void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nruns, const char *title);
+int write_loss_svg(const char *path, const History *runs, const char *const *labels, int nruns, const char *title,
+                   char *err, size_t errlen);
+
+#endif

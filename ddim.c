@@ -216,6 +216,7 @@ int space_timesteps(int T, const char *spec, int *kept, char *err, size_t errlen
         char *end;
         long want = strtol(spec + 4, &end, 10);
         if (end == spec + 4 || *end || want < 1) { snprintf(err, errlen, "bad respacing '%s'", spec); return -1; }
+        if (want > T) { snprintf(err, errlen, "%ld steps is more than the %d of the chain", want, T); return -1; }
         for (int stride = 1; stride < T; stride++) {
             int n = (T + stride - 1) / stride;  // len(range(0, T, stride))
             if (n == want) {
@@ -232,6 +233,8 @@ int space_timesteps(int T, const char *spec, int *kept, char *err, size_t errlen
         char *end;
         long c = strtol(p, &end, 10);
         if (end == p || c < 1 || ns == 256) { snprintf(err, errlen, "bad respacing '%s'", spec); return -1; }
+        // a count is at most T (strtol saturates; a cast to int would wrap)
+        if (c > T) { snprintf(err, errlen, "a section of %ld steps is more than the %d of the chain", c, T); return -1; }
         counts[ns++] = (int)c;
         p = end;
         if (*p == ',') p++;

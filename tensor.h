@@ -1,7 +1,7 @@
 // tensor.h: the casdm tensor engine.
 //
 // float32 NCHW tensors, reverse-mode autograd on a tape, a pthread pool, a thin
-// SIMD layer, a counter-free PCG32 generator and safetensors I/O. C99, libc,
+// SIMD layer and a counter-free PCG32 generator (file formats: formats.c). C99, libc,
 // libm and (optionally) pthreads; nothing else.
 //
 // Two layers, as in karpathy/llm.c's train_gpt2.c:
@@ -168,6 +168,7 @@ void graph_free(Graph *g);
 // `out` stay. One backward per graph_reset.
 void graph_backward(Graph *g, Tensor *out, const float *dout);
 
+size_t shape_size(int ndim, const int *shape);  // product of the dimensions
 Tensor *tensor_new(Graph *g, int ndim, const int *shape);  // uninitialised
 Tensor *tensor4(Graph *g, int n, int c, int h, int w);
 Tensor *tensor_zeros(Graph *g, int ndim, const int *shape);
@@ -355,35 +356,5 @@ void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, i
 void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps);
 void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
                      int N, int C, int HW, float eps);
-
-// ---------------------------------------------------------------------------
-// safetensors (https://github.com/huggingface/safetensors): 8-byte LE header
-// length, JSON header, raw little-endian data. We read and write F32 only.
-// Reading validates everything and names the file and tensor on error.
-// ---------------------------------------------------------------------------
-typedef struct {
-    char name[256];
-    int ndim;
-    int shape[8];
-    size_t size;          // elements
-    float *data;          // host order
-} StEntry;
-typedef struct {
-    StEntry *e;
-    size_t count;
-    char *metadata_json;  // raw "__metadata__" object text or NULL
-} StFile;
-
-// returns 0 on success; on failure writes a message to err and returns -1
-int st_read(const char *path, StFile *out, char *err, size_t errlen);
-void st_free(StFile *f);
-const StEntry *st_find(const StFile *f, const char *name);
-// the metadata value of key into buf; returns 0, or -1 if absent
-int st_meta(const StFile *f, const char *key, char *buf, size_t len);
-// Writes atomically: path.tmp, fsync, rename. Metadata: NULL-terminated
-// key/value string pairs, or NULL.
-typedef struct { const char *name; int ndim; const int *shape; const float *data; } StWrite;
-int st_write(const char *path, const StWrite *t, size_t n, const char *const *metadata,
-             char *err, size_t errlen);
 
 #endif

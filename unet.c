@@ -266,22 +266,91 @@ static void unet_init_values(UNet *u, Rng *rng) {
     }
 }
 
-void unet_init(UNet *u, const UNetConfig *c, int trainable, Rng *rng) {
+// Everything unet_init needs of a configuration, as a message (a checkpoint's
+// metadata arrives here from a file, so nothing is assumed).
+int unet_check_config(const UNetConfig *c, char *err, size_t errlen) {
+    const char *bad = NULL;
+    if (c->image_size < 1 || c->image_size > 4096) bad = "image_size must be 1..4096";
+    else if (c->in_channels < 1 || c->in_channels > 4 || c->out_channels < 1 || c->out_channels > 16)
+        bad = "in_channels must be 1..4 (out_channels 1..16)";
+    else if (c->model_channels < 1 || c->model_channels > 4096) bad = "model_channels must be 1..4096";
+    else if (c->n_levels < 1 || c->n_levels > UNET_MAX_LEVELS) bad = "channel_mult needs 1..8 levels";
+    else if (c->num_res_blocks < 1 || c->n_levels * (c->num_res_blocks + 1) > UNET_MAX_BLOCKS)
+        bad = "num_res_blocks must be at least 1, and levels x (num_res_blocks + 1) at most 64";
+    else if (c->num_heads < 1 || c->num_heads > 64) bad = "num_heads must be 1..64";
+    else if (c->groups < 1) bad = "groups must be positive";
+    else if (c->image_size % (1 << (c->n_levels - 1))) bad = "image_size does not halve once per level of channel_mult";
+    if (bad) { snprintf(err, errlen, "%s", bad); return -1; }
+    for (int l = 0; l < c->n_levels; l++) {
+        int ch = c->channel_mult[l] * c->model_channels;
+        if (c->channel_mult[l] < 1 || ch % c->groups) {
+            snprintf(err, errlen, "%d channels (model_channels %d x channel_mult %d) do not split into %d GroupNorm groups",
+                     ch, c->model_channels, c->channel_mult[l], c->groups);
+            return -1;
+        }
+        int attn = l == c->n_levels - 1 || has_attention(c, 1 << l);  // the middle block attends at the last level
+        if (attn && ch % c->num_heads) {
+            snprintf(err, errlen, "%d channels do not split into %d attention heads", ch, c->num_heads);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+// the parameter layout of c, declared but not allocated; the caller frees
+// the returned declaration list
+static Decl *unet_layout(UNet *u, const UNetConfig *c) {
     memset(u, 0, sizeof *u);
     u->cfg = *c;
-    if (c->n_levels < 1 || c->num_res_blocks < 1 || c->model_channels < 1 || c->num_heads < 1)
-        fatal("unet: bad configuration (levels %d, res blocks %d, channels %d, heads %d)", c->n_levels,
-              c->num_res_blocks, c->model_channels, c->num_heads);
-    for (int l = 0; l < c->n_levels; l++)
-        if ((c->channel_mult[l] * c->model_channels) % c->groups)
-            fatal("unet: %d channels do not split into %d GroupNorm groups", c->channel_mult[l] * c->model_channels, c->groups);
-    if (c->image_size % (1 << (c->n_levels - 1)))
-        fatal("unet: image size %d is not divisible by 2^%d (one halving per level)", c->image_size, c->n_levels - 1);
+    char err[256];
+    if (unet_check_config(c, err, sizeof err) != 0) fatal("unet: %s", err);
     params_init(&u->params);
     Decl *d = mallocCheck(sizeof *d);
     d->u = u;
     d->n = 0;
     unet_declare(d);
+    return d;
+}
+
+size_t unet_param_count(const UNetConfig *c) {
+    UNet *u = mallocCheck(sizeof *u);
+    free(unet_layout(u, c));
+    size_t total = u->params.total;
+    params_free(&u->params);
+    free(u);
+    return total;
+}
+
+// A measure of one image's activations, in floats: for each ResBlock its
+// input and output, for each attention block its qkv and output, for each
+// resampling its output, at that block's resolution. casdm.c scales it by
+// factors measured on real steps to estimate a step's memory.
+double unet_activation_floats(const UNetConfig *c) {
+    int mc = c->model_channels, ch = mc, chans[UNET_MAX_BLOCKS], nch = 0;
+    double r2 = (double)c->image_size * c->image_size, total = (double)mc * r2;
+    chans[nch++] = ch;
+    for (int level = 0; level < c->n_levels; level++) {
+        for (int i = 0; i < c->num_res_blocks; i++) {
+            int out = c->channel_mult[level] * mc;
+            total += (double)(ch + out) * r2 + (has_attention(c, 1 << level) ? 4.0 * out * r2 : 0.0);
+            ch = chans[nch++] = out;
+        }
+        if (level != c->n_levels - 1) { r2 /= 4.0; total += (double)ch * r2; chans[nch++] = ch; }
+    }
+    total += 4.0 * ch * r2 + 4.0 * ch * r2;  // the middle block: two ResBlocks and attention
+    for (int level = c->n_levels - 1; level >= 0; level--) {
+        for (int i = 0; i < c->num_res_blocks + 1; i++) {
+            int out = c->channel_mult[level] * mc, in = ch + chans[--nch];
+            total += (double)(in + out) * r2 + (has_attention(c, 1 << level) ? 4.0 * out * r2 : 0.0);
+            ch = out;
+            if (level && i == c->num_res_blocks) { r2 *= 4.0; total += (double)ch * r2; }
+        }
+    }
+    return total + (double)(mc + c->out_channels) * r2;
+}
+
+void unet_init(UNet *u, const UNetConfig *c, int trainable, Rng *rng) {
+    Decl *d = unet_layout(u, c);
     params_alloc(&u->params, trainable);
     for (size_t i = 0; i < d->n; i++) *d->slots[i].slot = params_get(&u->params, d->slots[i].index);
     free(d);

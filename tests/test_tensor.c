@@ -844,14 +844,28 @@ static void test_safetensors(void) {
     write_raw_st("build/test_json.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2,],\"data_offsets\":[0,8]}}", 8);
     bad &= expect_st_error("build/test_json.safetensors", "bad safetensors header");
     write_raw_st("build/test_dup.safetensors",
-                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4);
+                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
     bad &= expect_st_error("build/test_dup.safetensors", "appears twice");
+    // the tensors must tile the data section (huggingface/safetensors'
+    // validate()): two names on the same bytes, a gap, bytes left over
+    write_raw_st("build/test_overlap.safetensors",
+                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
+    bad &= expect_st_error("build/test_overlap.safetensors", "overlaps another tensor");
+    write_raw_st("build/test_hole.safetensors",
+                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
+    bad &= expect_st_error("build/test_hole.safetensors", "belong to no tensor");
+    write_raw_st("build/test_tail.safetensors",
+                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 12);
+    bad &= expect_st_error("build/test_tail.safetensors", "after the last tensor");
+    bad &= expect_st_error("build", "is a directory");
     write_bytes("build/test_hlen.safetensors", "\xff\xff\xff\xff\x00\x00\x00\x00{}", 10);
     bad &= expect_st_error("build/test_hlen.safetensors", "not a safetensors file");
-    test_result(bad, "safetensors rejects bad files (truncated, missing, dtype, sizes, JSON, duplicates)", "");
+    test_result(bad, "safetensors rejects bad files (truncated, missing, dtype, sizes, JSON, duplicates, overlaps, "
+                "holes, a directory)", "");
     const char *files[] = {path, "build/test_trunc.safetensors", "build/test_short.safetensors", "build/test_dtype.safetensors",
                            "build/test_size.safetensors", "build/test_json.safetensors", "build/test_dup.safetensors",
-                           "build/test_hlen.safetensors"};
+                           "build/test_hlen.safetensors", "build/test_overlap.safetensors", "build/test_hole.safetensors",
+                           "build/test_tail.safetensors"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) remove(files[i]);
 }
 

@@ -9,7 +9,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "../tensor.h"
+#include "../casdm.h"  // the engine (tensor.h), the models and formats.c
 
 static int test_failed_count = 0;
 static int test_quick = 0;  // --quick: the subset run under valgrind / emulation

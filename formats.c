@@ -1,0 +1,1344 @@
+// formats.c: every byte-level file format casdm reads or writes, behind one
+// door. Nothing here knows about models; casdm.c turns the results into
+// data sets, checkpoints and messages.
+//
+// Reads (each from memory, with a file wrapper; each bounds what it
+// allocates before it allocates, and returns -1 / NULL with a message naming
+// the file instead of exiting, so the fuzz harnesses in tests/fuzz.c can run
+// every path):
+//   any file     read_file: regular files only, at most a given size
+//   PNG          8-bit grey / grey+alpha / RGB / RGBA, every row filter, no
+//                interlace, through a small inflate (RFC 1950/1951)
+//   PPM / PGM    binary P6 / P5, maxval 255
+//   IDX          MNIST-style image files (magic 0x00000803), square images
+//   CIFAR-10     the binary version: records of 1 label + 3072 bytes
+//   safetensors  F32 tensors and a string __metadata__ object
+//   log.csv      casdm train's log (step, five loss terms, img/s)
+// Writes (atomically: path.tmp, fsync, rename, fsync of the directory):
+//   PNG (stored deflate blocks), NPZ (arr_0.npy in a stored zip, the layout
+//   of improved-diffusion's image_sample.py), safetensors, the loss plot SVG.
+#define _POSIX_C_SOURCE 200809L
+#include "casdm.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static int fail(char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static uint32_t be32(const unsigned char *b) {
+    return (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | (uint32_t)b[3];
+}
+
+// ---------------------------------------------------------------------------
+// ---- byte buffers and files ----
+// ---------------------------------------------------------------------------
+void bytes_put(Bytes *o, const void *p, size_t n) {
+    if (n == 0) return;  // memcpy with a NULL source is undefined even for 0 bytes
+    if (o->len + n > o->cap) {
+        size_t cap = o->cap ? o->cap * 2 : 4096;
+        while (cap < o->len + n) cap *= 2;
+        unsigned char *nb = mallocCheck(cap);
+        if (o->len) memcpy(nb, o->b, o->len);
+        free(o->b);
+        o->b = nb;
+        o->cap = cap;
+    }
+    memcpy(o->b + o->len, p, n);
+    o->len += n;
+}
+
+void bytes_printf(Bytes *o, const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n > 0) bytes_put(o, buf, (size_t)(n < (int)sizeof buf ? n : (int)sizeof buf - 1));
+}
+
+static void bytes_u32be(Bytes *o, uint32_t v) {
+    unsigned char b[4] = {(unsigned char)(v >> 24), (unsigned char)(v >> 16), (unsigned char)(v >> 8), (unsigned char)v};
+    bytes_put(o, b, 4);
+}
+
+static void bytes_u16le(Bytes *o, uint32_t v) {
+    unsigned char b[2] = {(unsigned char)v, (unsigned char)(v >> 8)};
+    bytes_put(o, b, 2);
+}
+
+static void bytes_u32le(Bytes *o, uint32_t v) {
+    unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
+    bytes_put(o, b, 4);
+}
+
+// Opens path for reading after checking that it is a regular file of at most
+// max bytes (ftell on a directory gives nonsense sizes). *size: its length.
+static FILE *open_regular(const char *path, uint64_t max, uint64_t *size, char *err, size_t errlen) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { fail(err, errlen, "cannot open '%s': %s", path, strerror(errno)); return NULL; }
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0) {
+        fail(err, errlen, "cannot stat '%s': %s", path, strerror(errno));
+        fclose(f);
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        fail(err, errlen, "'%s' is %s, not a file", path, S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
+        fclose(f);
+        return NULL;
+    }
+    if ((uint64_t)st.st_size > max) {
+        fail(err, errlen, "'%s' is %llu bytes; the limit for this kind of file is %llu", path,
+             (unsigned long long)st.st_size, (unsigned long long)max);
+        fclose(f);
+        return NULL;
+    }
+    *size = (uint64_t)st.st_size;
+    return f;
+}
+
+unsigned char *read_file(const char *path, uint64_t max, size_t *size, char *err, size_t errlen) {
+    uint64_t n;
+    FILE *f = open_regular(path, max, &n, err, errlen);
+    if (!f) return NULL;
+    if ((uint64_t)(size_t)n != n) {  // 32-bit hosts
+        fail(err, errlen, "'%s' (%llu bytes) does not fit in this machine's address space", path, (unsigned long long)n);
+        fclose(f);
+        return NULL;
+    }
+    unsigned char *b = mallocCheck((size_t)n + 1);
+    size_t got = fread(b, 1, (size_t)n, f);
+    int bad = got != (size_t)n || ferror(f);
+    fclose(f);
+    if (bad) {
+        fail(err, errlen, "cannot read '%s': %s", path, got != (size_t)n ? "the file changed while reading" : strerror(errno));
+        free(b);
+        return NULL;
+    }
+    b[n] = 0;
+    *size = (size_t)n;
+    return b;
+}
+
+// fsync of the directory holding path, so that a rename into it survives a
+// power loss (a rename is a change of the directory, not of the file)
+static void sync_parent_dir(const char *path) {
+    char dir[4200];
+    const char *slash = strrchr(path, '/');
+    if (!slash) snprintf(dir, sizeof dir, ".");
+    else if (slash == path) snprintf(dir, sizeof dir, "/");
+    else snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+    int fd = open(dir, O_RDONLY);
+    if (fd < 0) return;
+    fsync(fd);  // best effort: some file systems refuse fsync on directories
+    close(fd);
+}
+
+int atomic_open(AtomicFile *a, const char *path, char *err, size_t errlen) {
+    memset(a, 0, sizeof *a);
+    if (snprintf(a->tmp, sizeof a->tmp, "%s.tmp", path) >= (int)sizeof a->tmp)
+        return fail(err, errlen, "'%s': path too long", path);
+    snprintf(a->path, sizeof a->path, "%s", path);
+    a->f = fopen(a->tmp, "wb");
+    if (!a->f) return fail(err, errlen, "cannot create '%s': %s", a->tmp, strerror(errno));
+    a->ok = 1;
+    return 0;
+}
+
+void atomic_write(AtomicFile *a, const void *p, size_t n) {
+    if (a->ok && n && fwrite(p, 1, n, a->f) != n) { a->ok = 0; a->err = errno; }
+}
+
+int atomic_commit(AtomicFile *a, char *err, size_t errlen) {
+    int ok = a->ok && fflush(a->f) == 0 && fsync(fileno(a->f)) == 0;
+    int e = a->ok ? errno : a->err;
+    if (fclose(a->f) != 0 && ok) { ok = 0; e = errno; }
+    a->f = NULL;
+    if (!ok) {
+        remove(a->tmp);
+        return fail(err, errlen, "cannot write '%s': %s", a->path, strerror(e ? e : EIO));
+    }
+    if (rename(a->tmp, a->path) != 0) {
+        e = errno;
+        remove(a->tmp);
+        return fail(err, errlen, "cannot rename '%s' to '%s': %s", a->tmp, a->path, strerror(e));
+    }
+    sync_parent_dir(a->path);
+    return 0;
+}
+
+int write_file_atomically(const char *path, const void *data, size_t len, char *err, size_t errlen) {
+    AtomicFile a;
+    if (atomic_open(&a, path, err, errlen) != 0) return -1;
+    atomic_write(&a, data, len);
+    return atomic_commit(&a, err, errlen);
+}
+
+// ---------------------------------------------------------------------------
+// ---- CRC-32 (PNG chunks, zip) ----
+// ---------------------------------------------------------------------------
+static uint32_t crc_table[256];
+
+static void crc_init(void) {
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+        crc_table[n] = c;
+    }
+}
+
+static uint32_t crc32_update(uint32_t crc, const unsigned char *b, size_t n) {
+    if (!crc_table[1]) crc_init();
+    crc = ~crc;
+    for (size_t i = 0; i < n; i++) crc = crc_table[(crc ^ b[i]) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+static uint32_t adler32(const unsigned char *b, size_t n) {
+    uint32_t a = 1, s = 0;
+    for (size_t i = 0; i < n; i++) { a = (a + b[i]) % 65521u; s = (s + a) % 65521u; }
+    return (s << 16) | a;
+}
+
+// ---------------------------------------------------------------------------
+// ---- inflate (RFC 1951) with an output limit ----
+// Canonical Huffman codes decoded bit by bit (as zlib's puff.c describes the
+// format); the output may not grow past `limit` bytes, so a small file
+// cannot expand into gigabytes before its size is checked.
+// ---------------------------------------------------------------------------
+typedef struct {
+    const unsigned char *in;
+    size_t len, pos;
+    uint32_t bits;
+    int nbits;
+    Bytes *out;
+    size_t limit;
+} Inflate;
+
+static int inf_bits(Inflate *s, int n) {  // n bits, LSB first; -1 past the end
+    while (s->nbits < n) {
+        if (s->pos >= s->len) return -1;
+        s->bits |= (uint32_t)s->in[s->pos++] << s->nbits;
+        s->nbits += 8;
+    }
+    int v = (int)(s->bits & ((1u << n) - 1));
+    s->bits >>= n;
+    s->nbits -= n;
+    return v;
+}
+
+typedef struct { short count[16], symbol[320]; } Huffman;
+
+static void huff_build(Huffman *h, const unsigned char *lengths, int n) {
+    short offs[16];
+    memset(h->count, 0, sizeof h->count);
+    for (int i = 0; i < n; i++) h->count[lengths[i]]++;
+    h->count[0] = 0;
+    offs[1] = 0;
+    for (int i = 1; i < 15; i++) offs[i + 1] = (short)(offs[i] + h->count[i]);
+    for (int i = 0; i < n; i++)
+        if (lengths[i]) h->symbol[offs[lengths[i]]++] = (short)i;
+}
+
+static int huff_decode(Inflate *s, const Huffman *h) {
+    int code = 0, first = 0, index = 0;
+    for (int len = 1; len < 16; len++) {
+        int b = inf_bits(s, 1);
+        if (b < 0) return -1;
+        code |= b;
+        int count = h->count[len];
+        if (code - count < first) return h->symbol[index + (code - first)];
+        index += count;
+        first = (first + count) << 1;
+        code <<= 1;
+    }
+    return -1;
+}
+
+static int inf_put(Inflate *s, const unsigned char *p, size_t n) {
+    if (n > s->limit - s->out->len) return -2;  // more data than the image can hold
+    bytes_put(s->out, p, n);
+    return 0;
+}
+
+static const short len_base[29] = {3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195, 227, 258};
+static const short len_extra[29] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
+static const short dist_base[30] = {1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577};
+static const short dist_extra[30] = {0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13};
+
+static int inf_codes(Inflate *s, const Huffman *lit, const Huffman *dist) {
+    for (;;) {
+        int sym = huff_decode(s, lit);
+        if (sym < 0) return -1;
+        if (sym < 256) {
+            unsigned char c = (unsigned char)sym;
+            if (inf_put(s, &c, 1)) return -2;
+            continue;
+        }
+        if (sym == 256) return 0;
+        sym -= 257;
+        if (sym >= 29) return -1;
+        int e = inf_bits(s, len_extra[sym]);
+        if (e < 0) return -1;
+        int len = len_base[sym] + e, ds = huff_decode(s, dist);
+        if (ds < 0 || ds >= 30) return -1;
+        e = inf_bits(s, dist_extra[ds]);
+        if (e < 0) return -1;
+        size_t d = (size_t)dist_base[ds] + (size_t)e;
+        if (d > s->out->len) return -1;
+        if ((size_t)len > s->limit - s->out->len) return -2;
+        for (int i = 0; i < len; i++) {  // byte by byte: the copy may overlap itself
+            unsigned char c = s->out->b[s->out->len - d];
+            bytes_put(s->out, &c, 1);
+        }
+    }
+}
+
+// the code lengths of a dynamic block (RFC 1951 3.2.7) into lengths[0..288)
+// and lengths[288..318)
+static int inf_dynamic_lengths(Inflate *s, unsigned char *lengths, int *ndist_out) {
+    static const unsigned char order[19] = {16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15};
+    int nlen = inf_bits(s, 5) + 257, ndist = inf_bits(s, 5) + 1, ncode = inf_bits(s, 4) + 4;
+    if (nlen > 286 || ndist > 30 || nlen < 257 || ndist < 1 || ncode < 4) return -1;
+    unsigned char cl[19] = {0};
+    for (int i = 0; i < ncode; i++) {
+        int v = inf_bits(s, 3);
+        if (v < 0) return -1;
+        cl[order[i]] = (unsigned char)v;
+    }
+    Huffman lencode;
+    huff_build(&lencode, cl, 19);
+    for (int i = 0; i < nlen + ndist;) {
+        int sym = huff_decode(s, &lencode), rep;
+        unsigned char val = 0;
+        if (sym < 0) return -1;
+        if (sym < 16) { lengths[i++] = (unsigned char)sym; continue; }
+        if (sym == 16) {
+            if (i == 0) return -1;
+            val = lengths[i - 1];
+            rep = 3 + inf_bits(s, 2);
+        } else if (sym == 17) {
+            rep = 3 + inf_bits(s, 3);
+        } else {
+            rep = 11 + inf_bits(s, 7);
+        }
+        if (rep < 3 || i + rep > nlen + ndist) return -1;
+        while (rep--) lengths[i++] = val;
+    }
+    memmove(lengths + 288, lengths + nlen, (size_t)ndist);
+    for (int i = nlen; i < 288; i++) lengths[i] = 0;
+    *ndist_out = ndist;
+    return 0;
+}
+
+// zlib stream -> out, at most limit bytes; 0, -1 (corrupt) or -2 (too long)
+static int inflate_zlib(const unsigned char *in, size_t len, Bytes *out, size_t limit) {
+    if (len < 6 || (in[0] & 0x0f) != 8 || ((in[0] << 8) | in[1]) % 31 || (in[1] & 0x20)) return -1;
+    Inflate s = {in, len - 4, 2, 0, 0, out, limit};
+    int last = 0;
+    while (!last) {
+        last = inf_bits(&s, 1);
+        int type = inf_bits(&s, 2);
+        if (last < 0 || type < 0) return -1;
+        if (type == 0) {  // stored
+            s.bits = 0;
+            s.nbits = 0;
+            if (s.pos + 4 > s.len) return -1;
+            unsigned n = s.in[s.pos] | (unsigned)s.in[s.pos + 1] << 8, nn = s.in[s.pos + 2] | (unsigned)s.in[s.pos + 3] << 8;
+            s.pos += 4;
+            if ((n ^ 0xffffu) != nn || n > s.len - s.pos) return -1;
+            if (inf_put(&s, s.in + s.pos, n)) return -2;
+            s.pos += n;
+        } else if (type == 1 || type == 2) {
+            unsigned char lengths[320];
+            Huffman lit, dist;
+            int ndist = 30;
+            if (type == 1) {  // fixed codes
+                for (int i = 0; i < 144; i++) lengths[i] = 8;
+                for (int i = 144; i < 256; i++) lengths[i] = 9;
+                for (int i = 256; i < 280; i++) lengths[i] = 7;
+                for (int i = 280; i < 288; i++) lengths[i] = 8;
+                for (int i = 0; i < 30; i++) lengths[288 + i] = 5;
+            } else if (inf_dynamic_lengths(&s, lengths, &ndist) != 0) {
+                return -1;
+            }
+            huff_build(&lit, lengths, 288);
+            huff_build(&dist, lengths + 288, ndist);
+            int rc = inf_codes(&s, &lit, &dist);
+            if (rc) return rc;
+        } else {
+            return -1;
+        }
+    }
+    if (adler32(out->b ? out->b : (const unsigned char *)"", out->len) != be32(in + len - 4)) return -1;
+    return 0;
+}
+
+// ---------------------------------------------------------------------------
+// ---- reading images: PNG and binary PPM/PGM ----
+// ---------------------------------------------------------------------------
+static int paeth(int a, int b, int c) {
+    int p = a + b - c, pa = abs(p - a), pb = abs(p - b), pc = abs(p - c);
+    return pa <= pb && pa <= pc ? a : (pb <= pc ? b : c);
+}
+
+// (H,W,ch) bytes -> (H,W,oc): grey repeated to RGB, alpha dropped
+static unsigned char *convert_channels(const unsigned char *img, size_t pixels, int ch, int oc) {
+    unsigned char *out = mallocCheck(pixels * (size_t)oc);
+    for (size_t i = 0; i < pixels; i++)
+        for (int c = 0; c < oc; c++) out[i * oc + c] = img[i * ch + (ch >= 3 ? c : 0)];
+    return out;
+}
+
+// one number of a PNM header, after whitespace and comments
+static int pnm_number(const unsigned char *b, size_t n, size_t *p, long *v) {
+    while (*p < n && (b[*p] == ' ' || b[*p] == '\t' || b[*p] == '\n' || b[*p] == '\r' || b[*p] == '#'))
+        if (b[(*p)++] == '#') while (*p < n && b[*p] != '\n') (*p)++;
+    if (*p >= n || b[*p] < '0' || b[*p] > '9') return -1;
+    long x = 0;
+    while (*p < n && b[*p] >= '0' && b[*p] <= '9') {
+        if (x > IMAGE_MAX_SIDE) return -2;  // stop before the value can overflow
+        x = x * 10 + (b[(*p)++] - '0');
+    }
+    *v = x;
+    return 0;
+}
+
+static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *name, int *W, int *H, int *C,
+                                 char *err, size_t errlen) {
+    int ch = b[1] == '6' ? 3 : 1;
+    long v[3];
+    size_t p = 2;
+    for (int k = 0; k < 3; k++) {  // width, height, maxval
+        int rc = pnm_number(b, n, &p, &v[k]);
+        if (rc == -2) { fail(err, errlen, "'%s': PNM header number too large (sides up to %d)", name, IMAGE_MAX_SIDE); return NULL; }
+        if (rc) { fail(err, errlen, "'%s': bad PNM header", name); return NULL; }
+    }
+    if (v[2] != 255) { fail(err, errlen, "'%s': only 8-bit PNM (maxval 255) is supported", name); return NULL; }
+    if (v[0] < 1 || v[1] < 1 || v[0] > IMAGE_MAX_SIDE || v[1] > IMAGE_MAX_SIDE) {
+        fail(err, errlen, "'%s': PNM size %ldx%ld is outside 1..%d", name, v[0], v[1], IMAGE_MAX_SIDE);
+        return NULL;
+    }
+    // exactly one whitespace byte ends the header
+    uint64_t need = (uint64_t)v[0] * (uint64_t)v[1] * (uint64_t)ch;
+    if (p >= n || (uint64_t)(n - p - 1) < need) {
+        fail(err, errlen, "'%s': truncated PNM data (%llu pixel bytes wanted)", name, (unsigned long long)need);
+        return NULL;
+    }
+    p++;
+    *W = (int)v[0];
+    *H = (int)v[1];
+    int oc = *C ? *C : ch;
+    unsigned char *out = convert_channels(b + p, (size_t)need / (size_t)ch, ch, oc);
+    *C = oc;
+    return out;
+}
+
+static int unfilter_rows(unsigned char *img, const unsigned char *raw, int H, size_t stride, int ch) {
+    for (int y = 0; y < H; y++) {
+        const unsigned char *src = raw + (size_t)y * (stride + 1) + 1;
+        unsigned char *row = img + (size_t)y * stride, *up = y ? row - stride : NULL;
+        int f = src[-1];
+        if (f > 4) return f;
+        for (size_t i = 0; i < stride; i++) {
+            int a = i >= (size_t)ch ? row[i - ch] : 0, u = up ? up[i] : 0;
+            int c = (up && i >= (size_t)ch) ? up[i - ch] : 0, v = 0;
+            switch (f) {
+            case 0: v = src[i]; break;
+            case 1: v = src[i] + a; break;
+            case 2: v = src[i] + u; break;
+            case 3: v = src[i] + ((a + u) >> 1); break;
+            default: v = src[i] + paeth(a, u, c); break;
+            }
+            row[i] = (unsigned char)v;
+        }
+    }
+    return 0;
+}
+
+static unsigned char *decode_png(const unsigned char *b, size_t n, const char *name, int *W, int *H, int *C,
+                                 char *err, size_t errlen) {
+    Bytes z = {0}, raw = {0};
+    unsigned char *img = NULL, *out = NULL;
+    size_t p = 8;
+    int w = 0, h = 0, depth = 0, ctype = -1, interlace = 0, seen_ihdr = 0;
+    while (p + 12 <= n) {
+        uint32_t len = be32(b + p);
+        if (len > n - p - 12) { fail(err, errlen, "'%s': truncated PNG chunk", name); goto done; }
+        if (crc32_update(0, b + p + 4, len + 4) != be32(b + p + 8 + len)) {
+            fail(err, errlen, "'%s': PNG chunk CRC mismatch", name);
+            goto done;
+        }
+        const unsigned char *d = b + p + 8, *type = b + p + 4;
+        if (!seen_ihdr && (memcmp(type, "IHDR", 4) || len != 13)) {
+            fail(err, errlen, "'%s': a PNG must start with a 13-byte IHDR chunk", name);
+            goto done;
+        }
+        if (!memcmp(type, "IHDR", 4)) {
+            if (seen_ihdr) { fail(err, errlen, "'%s': two IHDR chunks", name); goto done; }
+            seen_ihdr = 1;
+            uint32_t w32 = be32(d), h32 = be32(d + 4);
+            w = w32 > IMAGE_MAX_SIDE ? -1 : (int)w32;
+            h = h32 > IMAGE_MAX_SIDE ? -1 : (int)h32;
+            depth = d[8];
+            ctype = d[9];
+            interlace = d[12];
+        } else if (!memcmp(type, "IDAT", 4)) {
+            bytes_put(&z, d, len);
+        } else if (!memcmp(type, "IEND", 4)) {
+            break;
+        }
+        p += 12 + len;
+    }
+    int ch = ctype == 0 ? 1 : ctype == 4 ? 2 : ctype == 2 ? 3 : ctype == 6 ? 4 : 0;
+    if (!seen_ihdr || depth != 8 || ch == 0 || interlace) {
+        fail(err, errlen, "'%s': only 8-bit, non-interlaced grey/RGB(A) PNGs are supported", name);
+        goto done;
+    }
+    if (w < 1 || h < 1 || (uint64_t)w * (uint64_t)h > IMAGE_MAX_PIXELS) {
+        fail(err, errlen, "'%s': PNG size %dx%d is outside 1..%d per side and %d pixels", name, w, h, IMAGE_MAX_SIDE,
+             IMAGE_MAX_PIXELS);
+        goto done;
+    }
+    size_t stride = (size_t)w * ch, want = (size_t)h * (stride + 1);
+    int rc = inflate_zlib(z.b, z.len, &raw, want);
+    if (rc == -2) { fail(err, errlen, "'%s': PNG image data longer than its %dx%d size", name, w, h); goto done; }
+    if (rc) { fail(err, errlen, "'%s': corrupt PNG image data", name); goto done; }
+    if (raw.len != want) { fail(err, errlen, "'%s': PNG image data too short", name); goto done; }
+    img = mallocCheck((size_t)h * stride);
+    int bad = unfilter_rows(img, raw.b, h, stride, ch);
+    if (bad) { fail(err, errlen, "'%s': bad PNG filter type %d", name, bad); goto done; }
+    int oc = *C ? *C : ch >= 3 ? 3 : 1;
+    out = convert_channels(img, (size_t)w * h, ch, oc);
+    *W = w;
+    *H = h;
+    *C = oc;
+done:
+    free(img);
+    free(raw.b);
+    free(z.b);
+    return out;
+}
+
+unsigned char *decode_image(const unsigned char *b, size_t n, const char *name, int *W, int *H, int *C,
+                            char *err, size_t errlen) {
+    static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    if (*C != 0 && *C != 1 && *C != 3) { fail(err, errlen, "decode_image: channels %d", *C); return NULL; }
+    if (n >= 2 && b[0] == 'P' && (b[1] == '5' || b[1] == '6')) return decode_pnm(b, n, name, W, H, C, err, errlen);
+    if (n >= 8 && !memcmp(b, sig, 8)) return decode_png(b, n, name, W, H, C, err, errlen);
+    fail(err, errlen, "'%s' is neither a PNG nor a binary PPM/PGM file", name);
+    return NULL;
+}
+
+unsigned char *read_image(const char *path, int *W, int *H, int *C, char *err, size_t errlen) {
+    size_t n;
+    unsigned char *b = read_file(path, IMAGE_MAX_FILE, &n, err, errlen);
+    if (!b) return NULL;
+    unsigned char *img = decode_image(b, n, path, W, H, C, err, errlen);
+    free(b);
+    return img;
+}
+
+// ---------------------------------------------------------------------------
+// ---- data set files: IDX and CIFAR-10 binary ----
+// ---------------------------------------------------------------------------
+// IDX (MNIST / Fashion-MNIST images): magic 0x00000803, then N, rows, cols
+// (big-endian), then N*rows*cols bytes. Images are zero-padded to a side that
+// is a multiple of 8 (28 -> 32), centred, so that three halvings fit.
+int idx_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    if (size >= 2 && b[0] == 0x1f && b[1] == 0x8b)
+        return fail(err, errlen, "'%s' is gzip-compressed: gunzip it first (make data does)", name);
+    if (size < 16 || be32(b) != 0x00000803)
+        return fail(err, errlen, "'%s' is not an IDX image file (magic %08x, want 00000803)", name, size >= 4 ? be32(b) : 0);
+    uint32_t n = be32(b + 4), rows = be32(b + 8), cols = be32(b + 12);
+    if (rows != cols || rows == 0 || rows > IDX_MAX_SIDE)
+        return fail(err, errlen, "'%s': images are %ux%u; square images of 1..%d pixels only", name, rows, cols, IDX_MAX_SIDE);
+    if (n == 0 || n > 0x7fffffffu || (uint64_t)n * rows * cols != size - 16)
+        return fail(err, errlen, "'%s': header says %u images of %ux%u but the file has %zu pixel bytes", name, n, rows,
+                    cols, size - 16);
+    int side = ((int)rows + 7) / 8 * 8;
+    uint64_t bytes = (uint64_t)n * side * side;  // at most (1 + 7/rows)^2 times the file
+    if ((uint64_t)(size_t)bytes != bytes) return fail(err, errlen, "'%s' does not fit in memory", name);
+    out->n = (int)n;
+    out->c = 1;
+    out->h = out->w = side;
+    out->pixels = callocCheck((size_t)bytes, 1);
+    int o = (side - (int)rows) / 2;
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t y = 0; y < rows; y++)
+            memcpy(out->pixels + ((size_t)i * side + o + y) * side + o, b + 16 + ((size_t)i * rows + y) * cols, cols);
+    return 0;
+}
+
+// CIFAR-10 binary version: records of 1 label byte + 3072 bytes (R, G, B
+// planes of 32x32). Appends to out (c, h, w set to 3, 32, 32).
+int cifar_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err, size_t errlen) {
+    const size_t rec = 1 + 3 * 32 * 32;
+    if (size == 0 || size % rec)
+        return fail(err, errlen, "'%s' is not a CIFAR-10 binary batch: %zu bytes is not a multiple of %zu "
+                    "(1 label + 3072 pixels)", name, size, rec);
+    size_t n = size / rec;
+    if (n > (size_t)(0x7fffffff - out->n)) return fail(err, errlen, "'%s': too many images", name);
+    for (size_t i = 0; i < n; i++)
+        if (b[i * rec] > 9) return fail(err, errlen, "'%s': record %zu has label %d; CIFAR-10 labels are 0..9", name, i, b[i * rec]);
+    unsigned char *p = mallocCheck(((size_t)out->n + n) * 3072);
+    if (out->n) memcpy(p, out->pixels, (size_t)out->n * 3072);
+    for (size_t i = 0; i < n; i++) memcpy(p + ((size_t)out->n + i) * 3072, b + i * rec + 1, 3072);
+    free(out->pixels);
+    out->pixels = p;
+    out->n += (int)n;
+    out->c = 3;
+    out->h = out->w = 32;
+    return 0;
+}
+
+// ---------------------------------------------------------------------------
+// ---- writing images: PNG and NPZ, no zlib ----
+// PNG (RFC 2083 / ISO 15948): zlib stream of "stored" deflate blocks, so no
+// compressor is needed; CRC-32 per chunk, Adler-32 per stream.
+// ---------------------------------------------------------------------------
+static void png_chunk(Bytes *o, const char *type, const unsigned char *data, size_t n) {
+    bytes_u32be(o, (uint32_t)n);
+    size_t start = o->len;
+    bytes_put(o, type, 4);
+    bytes_put(o, data, n);
+    bytes_u32be(o, crc32_update(0, o->b + start, n + 4));
+}
+
+void png_encode(Bytes *o, const unsigned char *pixels, int W, int H, int C) {
+    Bytes raw = {0}, z = {0};
+    size_t row = (size_t)W * C;
+    for (int y = 0; y < H; y++) {  // filter type 0 on every row
+        unsigned char f0 = 0;
+        bytes_put(&raw, &f0, 1);
+        bytes_put(&raw, pixels + (size_t)y * row, row);
+    }
+    unsigned char zh[2] = {0x78, 0x01};  // deflate, 32K window, no dictionary, check bits
+    bytes_put(&z, zh, 2);
+    for (size_t off = 0; off < raw.len || off == 0; off += 65535) {
+        size_t n = raw.len - off < 65535 ? raw.len - off : 65535;
+        unsigned char hdr[5] = {(unsigned char)(off + n == raw.len), (unsigned char)n, (unsigned char)(n >> 8),
+                                (unsigned char)~n, (unsigned char)(~n >> 8)};
+        bytes_put(&z, hdr, 5);
+        bytes_put(&z, raw.b + off, n);
+        if (raw.len == 0) break;
+    }
+    bytes_u32be(&z, adler32(raw.b ? raw.b : (const unsigned char *)"", raw.len));
+    static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    bytes_put(o, sig, 8);
+    unsigned char ihdr[13] = {(unsigned char)(W >> 24), (unsigned char)(W >> 16), (unsigned char)(W >> 8), (unsigned char)W,
+                              (unsigned char)(H >> 24), (unsigned char)(H >> 16), (unsigned char)(H >> 8), (unsigned char)H,
+                              8, (unsigned char)(C == 1 ? 0 : 2), 0, 0, 0};
+    png_chunk(o, "IHDR", ihdr, 13);
+    png_chunk(o, "IDAT", z.b, z.len);
+    png_chunk(o, "IEND", NULL, 0);
+    free(raw.b);
+    free(z.b);
+}
+
+int write_png(const char *path, const unsigned char *pixels, int W, int H, int C, char *err, size_t errlen) {
+    Bytes o = {0};
+    png_encode(&o, pixels, W, H, C);
+    int rc = write_file_atomically(path, o.b, o.len, err, errlen);
+    free(o.b);
+    return rc;
+}
+
+// NPZ with one member arr_0.npy of uint8 (N, H, W, C)
+int write_npz(const char *path, const unsigned char *img, int N, int H, int W, int C, char *err, size_t errlen) {
+    Bytes npy = {0}, o = {0};
+    char dict[256];
+    int dl = snprintf(dict, sizeof dict, "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, %d), }", N, H, W, C);
+    int total = 10 + dl + 1, padn = (64 - total % 64) % 64;  // header padded to 64 bytes, ends in \n
+    uint64_t bytes = (uint64_t)N * H * W * C;
+    if (bytes + 1024 > 0xffffffffu) return fail(err, errlen, "'%s': %llu bytes is beyond a plain zip (no zip64)", path,
+                                               (unsigned long long)bytes);
+    static const unsigned char magic[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
+    bytes_put(&npy, magic, 8);
+    bytes_u16le(&npy, (uint32_t)(dl + padn + 1));
+    bytes_put(&npy, dict, (size_t)dl);
+    for (int i = 0; i < padn; i++) bytes_put(&npy, " ", 1);
+    bytes_put(&npy, "\n", 1);
+    bytes_put(&npy, img, (size_t)bytes);
+    uint32_t crc = crc32_update(0, npy.b, npy.len);
+    const char *name = "arr_0.npy";
+    uint16_t nl = (uint16_t)strlen(name);
+    // local file header: stored (method 0), no data descriptor
+    bytes_u32le(&o, 0x04034b50); bytes_u16le(&o, 20); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
+    bytes_u16le(&o, 0); bytes_u16le(&o, 0x21);  // time 0, date 1980-01-01
+    bytes_u32le(&o, crc); bytes_u32le(&o, (uint32_t)npy.len); bytes_u32le(&o, (uint32_t)npy.len);
+    bytes_u16le(&o, nl); bytes_u16le(&o, 0);
+    bytes_put(&o, name, nl);
+    bytes_put(&o, npy.b, npy.len);
+    uint32_t cd = (uint32_t)o.len;
+    // central directory entry, then the end record
+    bytes_u32le(&o, 0x02014b50); bytes_u16le(&o, 20); bytes_u16le(&o, 20); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
+    bytes_u16le(&o, 0); bytes_u16le(&o, 0x21);
+    bytes_u32le(&o, crc); bytes_u32le(&o, (uint32_t)npy.len); bytes_u32le(&o, (uint32_t)npy.len);
+    bytes_u16le(&o, nl); bytes_u16le(&o, 0); bytes_u16le(&o, 0); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
+    bytes_u32le(&o, 0); bytes_u32le(&o, 0);  // attributes, local header at offset 0
+    bytes_put(&o, name, nl);
+    uint32_t cdlen = (uint32_t)o.len - cd;
+    bytes_u32le(&o, 0x06054b50); bytes_u16le(&o, 0); bytes_u16le(&o, 0); bytes_u16le(&o, 1); bytes_u16le(&o, 1);
+    bytes_u32le(&o, cdlen); bytes_u32le(&o, cd); bytes_u16le(&o, 0);
+    int rc = write_file_atomically(path, o.b, o.len, err, errlen);
+    free(npy.b);
+    free(o.b);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------
+// ---- safetensors ----
+// Header: u64 little-endian length, then JSON
+//   {"__metadata__": {"k": "v", ...}, "name": {"dtype": "F32", "shape": [..],
+//    "data_offsets": [begin, end]}, ...}
+// with offsets relative to the end of the header. As the format requires
+// (and huggingface/safetensors' validate() checks), the tensors tile the data
+// section exactly: no overlaps, no holes, so what is allocated is at most
+// what the file holds. All integers and floats are assembled from bytes, so
+// the code is the same on big-endian hosts.
+// ---------------------------------------------------------------------------
+static uint64_t load_u64_le(const unsigned char *b) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | b[i];
+    return v;
+}
+
+static void store_u64_le(unsigned char *b, uint64_t v) {
+    for (int i = 0; i < 8; i++) { b[i] = (unsigned char)(v & 0xff); v >>= 8; }
+}
+
+static float load_f32_le(const unsigned char *b) {
+    uint32_t u = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void store_f32_le(unsigned char *b, float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    b[0] = (unsigned char)u; b[1] = (unsigned char)(u >> 8);
+    b[2] = (unsigned char)(u >> 16); b[3] = (unsigned char)(u >> 24);
+}
+
+// a small strict JSON reader for the header; errors go to j->err
+typedef struct { const char *s, *end; char *err; size_t errlen; const char *path; const char *start; } Json;
+
+static int json_fail(Json *j, const char *what) {
+    if (j->err && !j->err[0])
+        snprintf(j->err, j->errlen, "%s: bad safetensors header at byte %ld: %s", j->path,
+                 (long)(j->s - j->start) + 8, what);
+    return -1;
+}
+
+static void json_ws(Json *j) {
+    while (j->s < j->end && (*j->s == ' ' || *j->s == '\t' || *j->s == '\n' || *j->s == '\r')) j->s++;
+}
+
+static int json_expect(Json *j, char c) {
+    json_ws(j);
+    if (j->s >= j->end || *j->s != c) {
+        char what[32];
+        snprintf(what, sizeof what, "expected '%c'", c);
+        return json_fail(j, what);
+    }
+    j->s++;
+    return 0;
+}
+
+// string into buf (ASCII escapes only; \u escapes become '?')
+static int json_string(Json *j, char *buf, size_t cap) {
+    if (json_expect(j, '"')) return -1;
+    size_t n = 0;
+    while (j->s < j->end && *j->s != '"') {
+        char c = *j->s++;
+        if (c == '\\') {
+            if (j->s >= j->end) return json_fail(j, "unfinished escape");
+            char e = *j->s++;
+            switch (e) {
+            case 'n': c = '\n'; break;
+            case 't': c = '\t'; break;
+            case 'r': c = '\r'; break;
+            case 'b': c = '\b'; break;
+            case 'f': c = '\f'; break;
+            case 'u':
+                if (j->end - j->s < 4) return json_fail(j, "short \\u escape");
+                j->s += 4;
+                c = '?';
+                break;
+            default: c = e; break;  // \" \\ \/
+            }
+        }
+        if (n + 1 >= cap) return json_fail(j, "string too long");
+        buf[n++] = c;
+    }
+    if (j->s >= j->end) return json_fail(j, "unterminated string");
+    j->s++;
+    buf[n] = 0;
+    return 0;
+}
+
+static int json_uint(Json *j, uint64_t *v) {
+    json_ws(j);
+    if (j->s >= j->end || *j->s < '0' || *j->s > '9') return json_fail(j, "expected a non-negative integer");
+    uint64_t x = 0;
+    while (j->s < j->end && *j->s >= '0' && *j->s <= '9') {
+        if (x > (UINT64_MAX - 9) / 10) return json_fail(j, "integer too large");
+        x = x * 10 + (uint64_t)(*j->s++ - '0');
+    }
+    *v = x;
+    return 0;
+}
+
+static int json_peek(Json *j, char c) {
+    json_ws(j);
+    return j->s < j->end && *j->s == c;
+}
+
+// [u, u, ...] into v (at most cap values)
+static int json_uint_array(Json *j, uint64_t *v, int cap, int *count) {
+    if (json_expect(j, '[')) return -1;
+    *count = 0;
+    if (json_peek(j, ']')) { j->s++; return 0; }
+    for (;;) {
+        if (*count >= cap) return json_fail(j, "too many dimensions");
+        if (json_uint(j, &v[(*count)++])) return -1;
+        if (json_peek(j, ',')) { j->s++; continue; }
+        return json_expect(j, ']');
+    }
+}
+
+void st_free(StFile *f) {
+    if (f->e)
+        for (size_t i = 0; i < f->count; i++) free(f->e[i].data);
+    free(f->e);
+    free(f->by_name);
+    free(f->metadata_json);
+    memset(f, 0, sizeof *f);
+}
+
+static const StFile *sort_file;  // qsort has no context argument in C99
+static int cmp_by_name(const void *a, const void *b) {
+    return strcmp(sort_file->e[*(const size_t *)a].name, sort_file->e[*(const size_t *)b].name);
+}
+
+const StEntry *st_find(const StFile *f, const char *name) {
+    size_t lo = 0, hi = f->count;  // binary search in the names' sorted order
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = strcmp(f->e[f->by_name[mid]].name, name);
+        if (c == 0) return &f->e[f->by_name[mid]];
+        if (c < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    return NULL;
+}
+
+int st_meta(const StFile *f, const char *key, char *buf, size_t len) {
+    if (!f->metadata_json) return -1;
+    char err[64] = "";
+    Json j = {f->metadata_json, f->metadata_json + strlen(f->metadata_json), err, sizeof err, "metadata",
+              f->metadata_json};
+    if (json_expect(&j, '{')) return -1;
+    if (json_peek(&j, '}')) return -1;
+    for (;;) {
+        char k[256];
+        if (json_string(&j, k, sizeof k) || json_expect(&j, ':') || json_string(&j, buf, len)) return -1;
+        if (strcmp(k, key) == 0) return 0;
+        if (!json_peek(&j, ',')) return -1;
+        j.s++;
+    }
+}
+
+// the "__metadata__" object: string values only; its raw text is kept
+static int st_parse_metadata(Json *j, StFile *out) {
+    json_ws(j);
+    const char *start = j->s;
+    char tmp[4096];
+    if (json_expect(j, '{')) return -1;
+    if (json_peek(j, '}')) j->s++;
+    else for (;;) {
+        if (json_string(j, tmp, sizeof tmp) || json_expect(j, ':') || json_string(j, tmp, sizeof tmp)) return -1;
+        if (json_peek(j, ',')) { j->s++; continue; }
+        if (json_expect(j, '}')) return -1;
+        break;
+    }
+    free(out->metadata_json);
+    out->metadata_json = mallocCheck((size_t)(j->s - start) + 1);
+    memcpy(out->metadata_json, start, (size_t)(j->s - start));
+    out->metadata_json[j->s - start] = 0;
+    return 0;
+}
+
+// one tensor's {"dtype", "shape", "data_offsets"} into e and its byte range
+static int st_parse_entry(Json *j, StEntry *e, const char *path, uint64_t *range) {
+    int have_dtype = 0, have_shape = 0, have_off = 0, nd = 0, no = 0;
+    uint64_t dims[8];
+    if (json_expect(j, '{')) return -1;
+    for (;;) {
+        char field[64];
+        if (json_string(j, field, sizeof field) || json_expect(j, ':')) return -1;
+        if (strcmp(field, "dtype") == 0) {
+            char dt[32];
+            if (json_string(j, dt, sizeof dt)) return -1;
+            if (strcmp(dt, "F32") != 0)
+                return fail(j->err, j->errlen, "%s: tensor '%s' has dtype %s; only F32 is supported", path, e->name, dt);
+            have_dtype = 1;
+        } else if (strcmp(field, "shape") == 0) {
+            if (json_uint_array(j, dims, 8, &nd)) return -1;
+            have_shape = 1;
+        } else if (strcmp(field, "data_offsets") == 0) {
+            if (json_uint_array(j, range, 2, &no)) return -1;
+            if (no != 2) return json_fail(j, "data_offsets needs two integers");
+            have_off = 1;
+        } else {
+            return fail(j->err, j->errlen, "%s: tensor '%s' has an unknown field '%s'", path, e->name, field);
+        }
+        if (json_peek(j, ',')) { j->s++; continue; }
+        if (json_expect(j, '}')) return -1;
+        break;
+    }
+    if (!have_dtype || !have_shape || !have_off)
+        return fail(j->err, j->errlen, "%s: tensor '%s' lacks dtype, shape or data_offsets", path, e->name);
+    uint64_t n = 1;
+    e->ndim = nd;
+    for (int d = 0; d < nd; d++) {
+        if (dims[d] > (1u << 30)) return fail(j->err, j->errlen, "%s: tensor '%s' dimension too large", path, e->name);
+        e->shape[d] = (int)dims[d];
+        n *= dims[d];
+        if (n > ((uint64_t)1 << 34)) return fail(j->err, j->errlen, "%s: tensor '%s' too large", path, e->name);
+    }
+    if (range[1] < range[0] || range[1] - range[0] != n * 4)
+        return fail(j->err, j->errlen, "%s: tensor '%s' has %llu bytes of data for %llu floats", path, e->name,
+                    (unsigned long long)(range[1] - range[0]), (unsigned long long)n);
+    if ((uint64_t)(size_t)n != n) return fail(j->err, j->errlen, "%s: tensor '%s' too large for this machine", path, e->name);
+    e->size = (size_t)n;
+    return 0;
+}
+
+static const uint64_t *sort_ranges;
+static int cmp_by_begin(const void *a, const void *b) {
+    uint64_t x = sort_ranges[2 * *(const size_t *)a], y = sort_ranges[2 * *(const size_t *)b];
+    return x < y ? -1 : x > y;
+}
+
+// the tensors must tile [0, data_size): sorted by begin, each starts where
+// the last ended, and the last ends at the end of the file
+static int st_check_tiling(const StFile *out, const uint64_t *ranges, uint64_t data_size, const char *path,
+                           char *err, size_t errlen) {
+    size_t *order = mallocCheck((out->count ? out->count : 1) * sizeof *order);
+    for (size_t i = 0; i < out->count; i++) order[i] = i;
+    sort_ranges = ranges;
+    qsort(order, out->count, sizeof *order, cmp_by_begin);
+    uint64_t at = 0;
+    int rc = 0;
+    for (size_t k = 0; k < out->count && rc == 0; k++) {
+        const uint64_t *r = ranges + 2 * order[k];
+        if (r[1] > data_size)
+            rc = fail(err, errlen, "%s: truncated: tensor '%s' ends at byte %llu of a %llu-byte data section", path,
+                      out->e[order[k]].name, (unsigned long long)r[1], (unsigned long long)data_size);
+        else if (r[0] < at)
+            rc = fail(err, errlen, "%s: tensor '%s' overlaps another tensor's data (bytes %llu..%llu)", path,
+                      out->e[order[k]].name, (unsigned long long)r[0], (unsigned long long)r[1]);
+        else if (r[0] > at)
+            rc = fail(err, errlen, "%s: bytes %llu..%llu of the data section belong to no tensor", path,
+                      (unsigned long long)at, (unsigned long long)r[0]);
+        at = r[1];
+    }
+    if (rc == 0 && at != data_size)
+        rc = fail(err, errlen, "%s: %llu bytes after the last tensor's data", path, (unsigned long long)(data_size - at));
+    free(order);
+    return rc;
+}
+
+// Parses the header hdr[0..hlen) of a file whose data section has data_size
+// bytes: entries (without data), sorted name index, byte ranges (2 per entry,
+// to be freed by the caller).
+static int st_parse_header(const char *path, const char *hdr, uint64_t hlen, uint64_t data_size, StFile *out,
+                           uint64_t **ranges_out, char *err, size_t errlen) {
+    Json j = {hdr, hdr + hlen, err, errlen, path, hdr};
+    size_t cap = 16;
+    uint64_t *ranges = mallocCheck(cap * 2 * sizeof *ranges);
+    out->e = mallocCheck(cap * sizeof *out->e);
+    *ranges_out = NULL;
+    if (json_expect(&j, '{')) goto bad;
+    if (json_peek(&j, '}')) j.s++;
+    else for (;;) {
+        char key[256];
+        if (json_string(&j, key, sizeof key) || json_expect(&j, ':')) goto bad;
+        if (strcmp(key, "__metadata__") == 0) {
+            if (st_parse_metadata(&j, out)) goto bad;
+        } else {
+            if (out->count == ST_MAX_TENSORS) {
+                fail(err, errlen, "%s: more than %d tensors", path, ST_MAX_TENSORS);
+                goto bad;
+            }
+            if (out->count == cap) {
+                cap *= 2;
+                StEntry *e = mallocCheck(cap * sizeof *e);
+                memcpy(e, out->e, out->count * sizeof *e);
+                free(out->e);
+                out->e = e;
+                uint64_t *r = mallocCheck(cap * 2 * sizeof *r);
+                memcpy(r, ranges, out->count * 2 * sizeof *r);
+                free(ranges);
+                ranges = r;
+            }
+            StEntry *e = &out->e[out->count];
+            memset(e, 0, sizeof *e);
+            snprintf(e->name, sizeof e->name, "%s", key);
+            if (st_parse_entry(&j, e, path, ranges + 2 * out->count)) goto bad;
+            out->count++;
+        }
+        if (json_peek(&j, ',')) { j.s++; continue; }
+        if (json_expect(&j, '}')) goto bad;
+        break;
+    }
+    json_ws(&j);
+    if (j.s != j.end) { json_fail(&j, "trailing bytes after the header object"); goto bad; }
+    if (st_check_tiling(out, ranges, data_size, path, err, errlen)) goto bad;
+    out->by_name = mallocCheck((out->count ? out->count : 1) * sizeof *out->by_name);
+    for (size_t i = 0; i < out->count; i++) out->by_name[i] = i;
+    sort_file = out;
+    qsort(out->by_name, out->count, sizeof *out->by_name, cmp_by_name);
+    for (size_t i = 1; i < out->count; i++)
+        if (strcmp(out->e[out->by_name[i]].name, out->e[out->by_name[i - 1]].name) == 0) {
+            fail(err, errlen, "%s: tensor '%s' appears twice", path, out->e[out->by_name[i]].name);
+            goto bad;
+        }
+    *ranges_out = ranges;
+    return 0;
+bad:
+    free(ranges);
+    return -1;
+}
+
+// the length word and its checks; *hlen on success
+static int st_check_lengths(const char *path, const unsigned char *lenb, uint64_t fsize, uint64_t *hlen,
+                            char *err, size_t errlen) {
+    if (fsize < 8)
+        return fail(err, errlen, "%s: truncated: %llu bytes, not even a header length", path, (unsigned long long)fsize);
+    *hlen = load_u64_le(lenb);
+    if (*hlen < 2 || *hlen > fsize - 8 || *hlen > ST_MAX_HEADER)
+        return fail(err, errlen, "%s: not a safetensors file (header length %llu, file size %llu)", path,
+                    (unsigned long long)*hlen, (unsigned long long)fsize);
+    return 0;
+}
+
+static void st_convert(float *dst, const unsigned char *src, size_t n) {
+    for (size_t q = 0; q < n; q++) dst[q] = load_f32_le(src + 4 * q);
+}
+
+int st_parse(const unsigned char *buf, size_t len, const char *name, StFile *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    err[0] = 0;
+    uint64_t hlen, *ranges = NULL;
+    if (st_check_lengths(name, buf, len, &hlen, err, errlen)) return -1;
+    char *hdr = mallocCheck((size_t)hlen + 1);
+    memcpy(hdr, buf + 8, (size_t)hlen);
+    hdr[hlen] = 0;
+    int rc = st_parse_header(name, hdr, hlen, len - 8 - hlen, out, &ranges, err, errlen);
+    free(hdr);
+    if (rc) { st_free(out); return -1; }
+    for (size_t i = 0; i < out->count; i++) {
+        out->e[i].data = mallocCheck((out->e[i].size ? out->e[i].size : 1) * sizeof(float));
+        st_convert(out->e[i].data, buf + 8 + hlen + ranges[2 * i], out->e[i].size);
+    }
+    free(ranges);
+    return 0;
+}
+
+int st_read(const char *path, StFile *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    err[0] = 0;
+    uint64_t fsize, hlen, *ranges = NULL;
+    FILE *f = open_regular(path, UINT64_MAX, &fsize, err, errlen);
+    if (!f) return -1;
+    char *hdr = NULL;
+    unsigned char *buf = NULL, lenb[8] = {0};
+    int rc = -1;
+    if (fsize >= 8 && fread(lenb, 1, 8, f) != 8) { fail(err, errlen, "%s: cannot read", path); goto done; }
+    if (st_check_lengths(path, lenb, fsize, &hlen, err, errlen)) goto done;
+    hdr = mallocCheck((size_t)hlen + 1);
+    if (fread(hdr, 1, (size_t)hlen, f) != hlen) { fail(err, errlen, "%s: truncated header", path); goto done; }
+    hdr[hlen] = 0;
+    if (st_parse_header(path, hdr, hlen, fsize - 8 - hlen, out, &ranges, err, errlen)) goto done;
+    // the data, converted from little-endian
+    size_t chunk = 1 << 16;
+    buf = mallocCheck(chunk * 4);
+    for (size_t i = 0; i < out->count; i++) {
+        StEntry *e = &out->e[i];
+        e->data = mallocCheck((e->size ? e->size : 1) * sizeof(float));
+        if (fseeko(f, (off_t)(8 + hlen + ranges[2 * i]), SEEK_SET) != 0) {
+            fail(err, errlen, "%s: cannot seek to tensor '%s'", path, e->name);
+            goto done;
+        }
+        for (size_t k = 0; k < e->size; k += chunk) {
+            size_t m = e->size - k < chunk ? e->size - k : chunk;
+            if (fread(buf, 4, m, f) != m) {
+                fail(err, errlen, "%s: truncated while reading tensor '%s'", path, e->name);
+                goto done;
+            }
+            st_convert(e->data + k, buf, m);
+        }
+    }
+    rc = 0;
+done:
+    if (rc != 0) {
+        if (!err[0]) fail(err, errlen, "%s: cannot read", path);
+        st_free(out);
+    }
+    free(buf);
+    free(ranges);
+    free(hdr);
+    fclose(f);
+    return rc;
+}
+
+static void json_put_string(Bytes *t, const char *s) {
+    bytes_put(t, "\"", 1);
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\') bytes_printf(t, "\\%c", *s);
+        else if ((unsigned char)*s < 0x20) bytes_printf(t, "\\u%04x", (unsigned)(unsigned char)*s);
+        else bytes_put(t, s, 1);
+    }
+    bytes_put(t, "\"", 1);
+}
+
+int st_write(const char *path, const StWrite *t, size_t n, const char *const *metadata,
+             char *err, size_t errlen) {
+    Bytes h = {0};
+    bytes_put(&h, "{", 1);
+    int first = 1;
+    if (metadata && metadata[0]) {
+        bytes_printf(&h, "\"__metadata__\":{");
+        for (size_t i = 0; metadata[i]; i += 2) {
+            if (i) bytes_put(&h, ",", 1);
+            json_put_string(&h, metadata[i]);
+            bytes_put(&h, ":", 1);
+            json_put_string(&h, metadata[i + 1] ? metadata[i + 1] : "");
+            if (!metadata[i + 1]) break;
+        }
+        bytes_put(&h, "}", 1);
+        first = 0;
+    }
+    uint64_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t size = shape_size(t[i].ndim, t[i].shape);
+        if (!first) bytes_put(&h, ",", 1);
+        first = 0;
+        json_put_string(&h, t[i].name);
+        bytes_printf(&h, ":{\"dtype\":\"F32\",\"shape\":[");
+        for (int d = 0; d < t[i].ndim; d++) bytes_printf(&h, d ? ",%d" : "%d", t[i].shape[d]);
+        bytes_printf(&h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off,
+                     (unsigned long long)(off + 4 * (uint64_t)size));
+        off += 4 * (uint64_t)size;
+    }
+    bytes_put(&h, "}", 1);
+    while ((h.len + 8) % 8) bytes_put(&h, " ", 1);  // spaces keep the data 8-byte aligned
+
+    AtomicFile a;
+    if (atomic_open(&a, path, err, errlen) != 0) { free(h.b); return -1; }
+    unsigned char lenb[8], *buf = mallocCheck(4 << 16);
+    store_u64_le(lenb, h.len);
+    atomic_write(&a, lenb, 8);
+    atomic_write(&a, h.b, h.len);
+    for (size_t i = 0; a.ok && i < n; i++) {
+        size_t size = shape_size(t[i].ndim, t[i].shape);
+        for (size_t k = 0; a.ok && k < size; k += 1 << 16) {
+            size_t m = size - k < (1 << 16) ? size - k : (1 << 16);
+            for (size_t q = 0; q < m; q++) store_f32_le(buf + 4 * q, t[i].data[k + q]);
+            atomic_write(&a, buf, 4 * m);
+        }
+    }
+    free(buf);
+    free(h.b);
+    return atomic_commit(&a, err, errlen);
+}
+
+// ---------------------------------------------------------------------------
+// ---- log.csv and the loss plot ----
+// log.csv: "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s", one row per
+// --log-every steps, empty fields for absent terms. The plot: an SVG with
+// log-scale y, a colour per loss term, a dash pattern per run.
+// ---------------------------------------------------------------------------
+void history_add(History *h, long step, const double *v) {
+    if (h->n == h->cap) {
+        h->cap = h->cap ? 2 * h->cap : 256;
+        long *s = mallocCheck(h->cap * sizeof *s);
+        double *nv = mallocCheck(h->cap * PLOT_TERMS * sizeof *nv);
+        if (h->n) { memcpy(s, h->step, h->n * sizeof *s); memcpy(nv, h->v, h->n * PLOT_TERMS * sizeof *nv); }
+        free(h->step);
+        free(h->v);
+        h->step = s;
+        h->v = nv;
+    }
+    h->step[h->n] = step;
+    memcpy(h->v + h->n * PLOT_TERMS, v, PLOT_TERMS * sizeof *v);
+    h->n++;
+}
+
+void history_free(History *h) {
+    free(h->step);
+    free(h->v);
+    memset(h, 0, sizeof *h);
+}
+
+// the step of a row ("123,..."), or -1 when the line is not a data row
+long log_row_step(const char *line, size_t len) {
+    long step = 0;
+    size_t i = 0;
+    for (; i < len && line[i] >= '0' && line[i] <= '9'; i++) {
+        if (step > (LOG_MAX_STEP - 9) / 10) return -1;
+        step = step * 10 + (line[i] - '0');
+    }
+    return i > 0 && i < len && line[i] == ',' ? step : -1;
+}
+
+// one field as a number; NAN when empty or not a number
+static double csv_number(const char *p, const char *end) {
+    char buf[64];
+    size_t n = (size_t)(end - p);
+    if (n == 0 || n >= sizeof buf) return NAN;
+    memcpy(buf, p, n);
+    buf[n] = 0;
+    char *e;
+    double v = strtod(buf, &e);
+    return *e ? NAN : v;
+}
+
+void history_parse(History *h, const char *text, size_t len) {
+    const char *p = text, *end = text + len;
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p)), *le = nl ? nl : end;
+        long step = log_row_step(p, (size_t)(le - p));
+        if (step >= 0) {
+            double v[PLOT_TERMS];
+            const char *f = memchr(p, ',', (size_t)(le - p));
+            for (int i = 0; i < PLOT_TERMS; i++) {
+                if (!f) { v[i] = NAN; continue; }
+                const char *fe = memchr(f + 1, ',', (size_t)(le - f - 1));
+                v[i] = csv_number(f + 1, fe ? fe : le);
+                f = fe;
+            }
+            history_add(h, step, v);
+        }
+        p = le + 1;
+    }
+}
+
+int history_load(History *h, const char *path, char *err, size_t errlen) {
+    size_t n;
+    char *text = (char *)read_file(path, LOG_MAX_FILE, &n, err, errlen);
+    if (!text) return -1;
+    history_parse(h, text, n);
+    free(text);
+    return 0;
+}
+
+static void svg_text_escaped(Bytes *o, const char *s) {
+    for (; *s; s++) {
+        if (*s == '<') bytes_printf(o, "&lt;");
+        else if (*s == '>') bytes_printf(o, "&gt;");
+        else if (*s == '&') bytes_printf(o, "&amp;");
+        else bytes_put(o, s, 1);
+    }
+}
+
+// One or more runs in one plot (labels name the runs; NULL for a single run).
+// Steps are mapped to x in double: a log may hold any step up to LOG_MAX_STEP.
+void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nruns, const char *title) {
+    static const char *names[PLOT_TERMS] = {"loss", "L_eps", "L_x0", "L_mu", "L_lpips"};
+    static const char *colors[PLOT_TERMS] = {"#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"};
+    static const char *dashes[4] = {"", "7,4", "2,3", "10,3,2,3"};
+    const double W = 800, H = 420, L = 70, R = 170, T = 40, B = 50;
+    double lo = INFINITY, hi = -INFINITY, s0 = INFINITY, s1 = -INFINITY;
+    for (int r = 0; r < nruns; r++) {
+        const History *h = &runs[r];
+        for (size_t i = 0; i < h->n; i++) { s0 = fmin(s0, (double)h->step[i]); s1 = fmax(s1, (double)h->step[i]); }
+        for (size_t i = 0; i < h->n * PLOT_TERMS; i++)
+            if (h->v[i] > 0 && isfinite(h->v[i])) { lo = fmin(lo, h->v[i]); hi = fmax(hi, h->v[i]); }
+    }
+    if (!(s0 <= s1)) { s0 = 0; s1 = 1; }
+    if (!(lo < hi)) { lo = 1e-3; hi = 1.0; }
+    double dlo = floor(log10(lo)), dhi = ceil(log10(hi));
+    if (dhi <= dlo) dhi = dlo + 1;
+    if (s1 <= s0) s1 = s0 + 1;
+    bytes_printf(o, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
+                 "font-size=\"12\">\n", W, H);
+    bytes_printf(o, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"%.0f\" y=\"24\" font-size=\"15\">", L);
+    svg_text_escaped(o, title);
+    bytes_printf(o, "</text>\n");
+    for (double d = dlo; d <= dhi; d++) {  // decades
+        double y = T + (H - T - B) * (dhi - d) / (dhi - dlo);
+        bytes_printf(o, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\" stroke=\"#ddd\"/>"
+                     "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">1e%d</text>\n", L, y, W - R, y, L - 6, y + 4, (int)d);
+    }
+    for (int k = 0; k <= 4; k++) {
+        double x = L + (W - L - R) * k / 4.0;
+        bytes_printf(o, "<text x=\"%.1f\" y=\"%.0f\" text-anchor=\"middle\">%.0f</text>\n", x, H - B + 18,
+                     floor(s0 + (s1 - s0) * k / 4.0));
+    }
+    bytes_printf(o, "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">step</text>\n", (L + W - R) / 2, H - 10);
+    bytes_printf(o, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\"/>\n", L, T,
+                 W - L - R, H - T - B);
+    int legend = 0;
+    for (int t = 0; t < PLOT_TERMS; t++) {
+        int shown = 0;
+        for (int r = 0; r < nruns; r++) {
+            const History *h = &runs[r];
+            int any = 0;
+            for (size_t i = 0; i < h->n; i++) {
+                double v = h->v[i * PLOT_TERMS + t];
+                if (!(v > 0) || !isfinite(v)) continue;
+                double x = L + (W - L - R) * ((double)h->step[i] - s0) / (s1 - s0);
+                double y = T + (H - T - B) * (dhi - log10(v)) / (dhi - dlo);
+                if (!any)
+                    bytes_printf(o, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"%s%s%s points=\"", colors[t],
+                                 r ? " stroke-dasharray=\"" : "", dashes[r % 4], r ? "\"" : "");
+                bytes_printf(o, "%.1f,%.1f ", x, y);
+                any = 1;
+            }
+            if (any) bytes_printf(o, "\"/>\n");
+            shown |= any;
+        }
+        if (shown) {
+            double y = T + 14 + 18 * legend++;
+            bytes_printf(o, "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"%s\" stroke-width=\"2\"/>"
+                         "<text x=\"%.0f\" y=\"%.0f\">%s</text>\n", W - R + 12, y, W - R + 32, y, colors[t], W - R + 38, y + 4,
+                         names[t]);
+        }
+    }
+    for (int r = 0; labels && r < nruns; r++) {  // which dash is which run
+        double y = T + 14 + 18 * legend++ + 8;
+        bytes_printf(o, "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"#444\" stroke-width=\"2\"%s%s%s/>",
+                     W - R + 12, y, W - R + 32, y, r ? " stroke-dasharray=\"" : "", dashes[r % 4], r ? "\"" : "");
+        bytes_printf(o, "<text x=\"%.0f\" y=\"%.0f\">", W - R + 38, y + 4);
+        svg_text_escaped(o, labels[r]);  // the label is user text
+        bytes_printf(o, "</text>\n");
+    }
+    bytes_printf(o, "</svg>\n");
+}
+
+int write_loss_svg(const char *path, const History *runs, const char *const *labels, int nruns, const char *title,
+                   char *err, size_t errlen) {
+    Bytes o = {0};
+    loss_svg(&o, runs, labels, nruns, title);
+    int rc = write_file_atomically(path, o.b, o.len, err, errlen);
+    free(o.b);
+    return rc;
+}
