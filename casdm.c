@@ -273,44 +273,36 @@ typedef struct {
     long step;
 } Trainer;
 
-static int errf(char *err, size_t errlen, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
 // theta's configuration, the model kind and the schedule that the options
 // ask for, for images of C channels and side image_size; -1 with a message
 // naming the flag
 static int train_config(const TrainOpts *o, int C, int image_size, UNetConfig *c, int *kind, int *sk,
                         char *err, size_t errlen) {
     *kind = model_parse(o->model);
-    if (*kind < 0) return errf(err, errlen, "--model '%s' is not ddpm-eps, ddpm-x0, dual or casdm", o->model);
+    if (*kind < 0) return errorf(err, errlen, "--model '%s' is not ddpm-eps, ddpm-x0, dual or casdm", o->model);
     *sk = schedule_parse(o->schedule);
-    if (*sk < 0) return errf(err, errlen, "--schedule '%s' is not linear or cosine", o->schedule);
+    if (*sk < 0) return errorf(err, errlen, "--schedule '%s' is not linear or cosine", o->schedule);
     if (*kind == MODEL_DDPM_X0 && o->p2_gamma != 0.0)
-        return errf(err, errlen, "--p2-gamma weights the epsilon loss; ddpm-x0 has none");
+        return errorf(err, errlen, "--p2-gamma weights the epsilon loss; ddpm-x0 has none");
     if (o->lpips && *kind == MODEL_DDPM_EPS)
-        return errf(err, errlen, "--lpips applies to an x0 prediction; ddpm-eps has none");
+        return errorf(err, errlen, "--lpips applies to an x0 prediction; ddpm-eps has none");
     unet_default_config(c, image_size, C, model_theta_out(*kind, C));
     c->model_channels = o->ch;
     c->num_res_blocks = o->res;
     c->num_heads = o->heads;
     c->dropout = (float)o->dropout;
     if (o->mult[0] && unet_parse_channel_mult(c, o->mult) != 0)
-        return errf(err, errlen, "--mult '%s' is not a list such as 1,2,2,2", o->mult);
+        return errorf(err, errlen, "--mult '%s' is not a list such as 1,2,2,2", o->mult);
     if (unet_parse_attention(c, o->attn) != 0)
-        return errf(err, errlen, "--attn '%s' is not a list of resolutions dividing %d, such as 16,8", o->attn, image_size);
+        return errorf(err, errlen, "--attn '%s' is not a list of resolutions dividing %d, such as 16,8", o->attn, image_size);
     for (int l = 0; l < c->n_levels; l++)
         if ((c->channel_mult[l] * c->model_channels) % c->groups)
-            return errf(err, errlen, "--ch %d x mult %d is not a multiple of 32 (GroupNorm groups)", o->ch, c->channel_mult[l]);
+            return errorf(err, errlen, "--ch %d x mult %d is not a multiple of 32 (GroupNorm groups)", o->ch, c->channel_mult[l]);
     if (image_size % (1 << (c->n_levels - 1)))
-        return errf(err, errlen, "images of %d pixels do not halve %d times (--mult has %d levels)", image_size,
+        return errorf(err, errlen, "images of %d pixels do not halve %d times (--mult has %d levels)", image_size,
                     c->n_levels - 1, c->n_levels);
     char why[256];
-    if (unet_check_config(c, why, sizeof why) != 0) return errf(err, errlen, "--ch/--res/--mult/--heads: %s", why);
+    if (unet_check_config(c, why, sizeof why) != 0) return errorf(err, errlen, "--ch/--res/--mult/--heads: %s", why);
     return 0;
 }
 
@@ -318,10 +310,11 @@ static int train_config(const TrainOpts *o, int C, int image_size, UNetConfig *c
 // Parameters: each float of a trained network has its value, gradient, EMA
 // and two Adam moments (5 copies); sampling keeps one. Activations: per
 // image, a multiple of the U-Net's block outputs (unet_activation_floats),
-// the multiples measured with peak RSS on ch 32-128 models (README).
-#define ACT_PER_FLOAT_TRAIN 11.0
-#define ACT_PER_FLOAT_TRAIN_CKPT 4.0
-#define ACT_PER_FLOAT_SAMPLE 2.0
+// the multiples measured with peak RSS on ch 32-128 models (within ~10%
+// for training, an upper bound for sampling).
+#define ACT_PER_FLOAT_TRAIN 2.2
+#define ACT_PER_FLOAT_TRAIN_CKPT 1.0
+#define ACT_PER_FLOAT_SAMPLE 0.8
 
 static double machine_bytes(void) {
 #if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
@@ -335,7 +328,7 @@ static double machine_bytes(void) {
 static int check_memory(const char *what, double params, double acts, char *err, size_t errlen) {
     double have = machine_bytes(), need = params + acts, gb = 1024.0 * 1024.0 * 1024.0;
     if (have <= 0.0 || need <= have) return 0;
-    return errf(err, errlen, "%s needs ~%.1f GB (parameters and optimiser %.1f GB, activations %.1f GB); the machine has "
+    return errorf(err, errlen, "%s needs ~%.1f GB (parameters and optimiser %.1f GB, activations %.1f GB); the machine has "
                 "%.1f GB: lower --batch or --ch%s", what, need / gb, params / gb, acts / gb, have / gb,
                 strstr(what, "train") ? ", or add --grad-checkpoint" : "");
 }
@@ -442,7 +435,7 @@ static void join_ints(char *buf, size_t len, const int *v, int n) {
 // finite (a checkpoint that cannot be resumed never replaces one that can).
 static int save_checkpoint(const Trainer *tr, const TrainOpts *o, const char *path, char *err, size_t errlen) {
     const char *bad = trainer_nonfinite(tr);
-    if (bad) return errf(err, errlen, "not saving step %ld: '%s' holds NaN or Inf values", tr->step, bad);
+    if (bad) return errorf(err, errlen, "not saving step %ld: '%s' holds NaN or Inf values", tr->step, bad);
     int nets = tr->has_phi ? 2 : 1;
     size_t count = 0;
     for (int net = 0; net < nets; net++) count += (net ? tr->phi : tr->theta).params.count * 4;
@@ -508,7 +501,7 @@ typedef struct {
 } CkptInfo;
 
 static int meta_string(const StFile *f, const char *path, const char *key, char *buf, size_t len, char *err, size_t errlen) {
-    if (st_meta(f, key, buf, len) != 0) return errf(err, errlen, "checkpoint '%s' has no '%s' in its metadata", path, key);
+    if (st_meta(f, key, buf, len) != 0) return errorf(err, errlen, "checkpoint '%s' has no '%s' in its metadata", path, key);
     return 0;
 }
 
@@ -519,7 +512,7 @@ static int meta_long(const StFile *f, const char *path, const char *key, long lo
     errno = 0;
     long x = strtol(buf, &end, 10);
     if (!buf[0] || *end || errno == ERANGE || x < lo || x > hi)
-        return errf(err, errlen, "checkpoint '%s': metadata '%s' = '%s' is not an integer in %ld..%ld", path, key, buf, lo, hi);
+        return errorf(err, errlen, "checkpoint '%s': metadata '%s' = '%s' is not an integer in %ld..%ld", path, key, buf, lo, hi);
     *v = x;
     return 0;
 }
@@ -541,7 +534,7 @@ static int meta_hex64(const StFile *f, const char *path, const char *key, uint64
         if (d < 0) n = 0;
         x = x << 4 | (uint64_t)(d < 0 ? 0 : d);
     }
-    if (n != 16) return errf(err, errlen, "checkpoint '%s': metadata '%s' = '%s' is not 16 hex digits", path, key, buf);
+    if (n != 16) return errorf(err, errlen, "checkpoint '%s': metadata '%s' = '%s' is not 16 hex digits", path, key, buf);
     *v = x;
     return 0;
 }
@@ -555,7 +548,7 @@ static int checkpoint_train_state(const StFile *f, const char *path, CkptInfo *c
         meta_hex64(f, path, "rng_inc", &ci->rng_inc, err, errlen))
         return -1;
     if (!(ci->rng_inc & 1))
-        return errf(err, errlen, "checkpoint '%s': rng_inc %016llx is even; a PCG32 stream increment is odd", path,
+        return errorf(err, errlen, "checkpoint '%s': rng_inc %016llx is even; a PCG32 stream increment is odd", path,
                     (unsigned long long)ci->rng_inc);
     ci->has_train_state = 1;
     return 0;
@@ -581,7 +574,7 @@ static int checkpoint_sizes(const StFile *f, const char *path, const CkptInfo *c
         snprintf(p, sizeof p, "%s%s.", prefix, net ? "phi" : "theta");
         size_t want = unet_param_count(&c), have = floats_with_prefix(f, p);
         if (want != have)
-            return errf(err, errlen, "checkpoint '%s': its metadata describes %zu parameters under '%s', the file "
+            return errorf(err, errlen, "checkpoint '%s': its metadata describes %zu parameters under '%s', the file "
                         "holds %zu", path, want, p, have);
     }
     return 0;
@@ -592,10 +585,10 @@ static int checkpoint_info(const StFile *f, const char *path, CkptInfo *ci, char
     memset(ci, 0, sizeof *ci);
     if (meta_string(f, path, "format", buf, sizeof buf, err, errlen)) return -1;
     if (strcmp(buf, "casdm-checkpoint-1") != 0)
-        return errf(err, errlen, "'%s' has format '%s', not a casdm checkpoint (casdm-checkpoint-1)", path, buf);
+        return errorf(err, errlen, "'%s' has format '%s', not a casdm checkpoint (casdm-checkpoint-1)", path, buf);
     if (meta_string(f, path, "model", buf, sizeof buf, err, errlen)) return -1;
     ci->kind = model_parse(buf);
-    if (ci->kind < 0) return errf(err, errlen, "checkpoint '%s': unknown model '%s'", path, buf);
+    if (ci->kind < 0) return errorf(err, errlen, "checkpoint '%s': unknown model '%s'", path, buf);
     int S, C, mc, res, heads, clip = 1;
     if (meta_int(f, path, "image_size", 1, 4096, &S, err, errlen) ||
         meta_int(f, path, "in_channels", 1, 4, &C, err, errlen) ||
@@ -613,15 +606,15 @@ static int checkpoint_info(const StFile *f, const char *path, CkptInfo *ci, char
     c->num_heads = heads;
     c->dropout = 0.0f;
     if (meta_string(f, path, "channel_mult", buf, sizeof buf, err, errlen)) return -1;
-    if (unet_parse_channel_mult(c, buf) != 0) return errf(err, errlen, "checkpoint '%s': bad channel_mult '%s'", path, buf);
+    if (unet_parse_channel_mult(c, buf) != 0) return errorf(err, errlen, "checkpoint '%s': bad channel_mult '%s'", path, buf);
     if (meta_string(f, path, "attention_resolutions", buf, sizeof buf, err, errlen)) return -1;
     if (unet_parse_attention(c, buf) != 0)
-        return errf(err, errlen, "checkpoint '%s': bad attention_resolutions '%s'", path, buf);
+        return errorf(err, errlen, "checkpoint '%s': bad attention_resolutions '%s'", path, buf);
     if (meta_string(f, path, "noise_schedule", buf, sizeof buf, err, errlen)) return -1;
     ci->schedule = schedule_parse(buf);
-    if (ci->schedule < 0) return errf(err, errlen, "checkpoint '%s': unknown noise_schedule '%s'", path, buf);
+    if (ci->schedule < 0) return errorf(err, errlen, "checkpoint '%s': unknown noise_schedule '%s'", path, buf);
     char why[256];
-    if (unet_check_config(c, why, sizeof why) != 0) return errf(err, errlen, "checkpoint '%s': %s", path, why);
+    if (unet_check_config(c, why, sizeof why) != 0) return errorf(err, errlen, "checkpoint '%s': %s", path, why);
     if (st_meta(f, "step", buf, sizeof buf) == 0) return checkpoint_train_state(f, path, ci, err, errlen);
     return 0;
 }
@@ -636,13 +629,13 @@ static int load_net(UNet *u, const StFile *f, const char *path, const char *pref
         char name[300];
         snprintf(name, sizeof name, "%s%s.%s", prefix, net, t->name);
         const StEntry *e = st_find(f, name);
-        if (!e) return errf(err, errlen, "checkpoint '%s' lacks tensor '%s' (was it written with other --ch/--res/--attn/--mult?)",
+        if (!e) return errorf(err, errlen, "checkpoint '%s' lacks tensor '%s' (was it written with other --ch/--res/--attn/--mult?)",
                             path, name);
         int same = e->ndim == t->ndim && e->size == t->size;
         for (int d = 0; same && d < t->ndim; d++) same = e->shape[d] == t->shape[d];
-        if (!same) return errf(err, errlen, "checkpoint '%s': tensor '%s' has another shape than this model's", path, name);
+        if (!same) return errorf(err, errlen, "checkpoint '%s': tensor '%s' has another shape than this model's", path, name);
         if (first_nonfinite(e->data, e->size) < e->size)
-            return errf(err, errlen, "checkpoint '%s': tensor '%s' holds NaN or Inf values", path, name);
+            return errorf(err, errlen, "checkpoint '%s': tensor '%s' holds NaN or Inf values", path, name);
         memcpy((dst ? dst : u->params.data) + off, e->data, t->size * sizeof(float));
         off += t->size;
     }
@@ -916,7 +909,7 @@ static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset
     rng_fill_normal(&tr->rng, noise->data, noise->size, 0.0f, 1.0f);
     diffusion_losses(g, lt, lc, &tr->sched, &tr->theta, tr->has_phi ? &tr->phi : NULL, x0, t, noise);
     if (!isfinite(lt->loss->data[0]))
-        return errf(err, errlen, "loss is %g at step %ld", lt->loss->data[0], tr->step + 1);
+        return errorf(err, errlen, "loss is %g at step %ld", lt->loss->data[0], tr->step + 1);
     params_zero_grad(&tr->theta.params);
     if (tr->has_phi) params_zero_grad(&tr->phi.params);
     graph_backward(g, lt->loss, NULL);
@@ -924,7 +917,7 @@ static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset
     // a non-finite gradient would make Adam's moments, and then every
     // weight, NaN: stop before the update
     double norm = grad_norm(tr);
-    if (!isfinite(norm)) return errf(err, errlen, "the gradient norm is %g at step %ld", norm, tr->step + 1);
+    if (!isfinite(norm)) return errorf(err, errlen, "the gradient norm is %g at step %ld", norm, tr->step + 1);
     if (o->grad_clip > 0 && norm > o->grad_clip) scale_grads(tr, (float)(o->grad_clip / (norm + 1e-6)));
     adam_step(&tr->adam_theta, tr->theta.params.data, tr->theta.params.grad);
     float rate = ema_rate(o->ema, tr->step);

@@ -210,11 +210,13 @@ Tensor *lpips_loss(Graph *g, void *lpips, Tensor *pred, Tensor *target);
 #define IMAGE_MAX_FILE ((uint64_t)1 << 30)
 #define IDX_MAX_SIDE 4096
 #define DATA_MAX_FILE ((uint64_t)1 << 34)  // CIFAR and IDX files
-#define ST_MAX_TENSORS 65536
+#define ST_MAX_TENSORS 131072
 #define ST_MAX_HEADER ((uint64_t)100 << 20)
 #define LOG_MAX_FILE ((uint64_t)1 << 30)
 #define LOG_MAX_STEP 1000000000L         // the largest --steps
 
+// writes the message into err (as snprintf) and returns -1: `return errorf(err, errlen, ...)`
+int errorf(char *err, size_t errlen, const char *fmt, ...);
 typedef struct { unsigned char *b; size_t len, cap; } Bytes;  // a growing byte buffer
 void bytes_put(Bytes *o, const void *p, size_t n);
 void bytes_printf(Bytes *o, const char *fmt, ...);

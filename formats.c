@@ -29,7 +29,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
+int errorf(char *err, size_t errlen, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
@@ -87,20 +87,20 @@ static void bytes_u32le(Bytes *o, uint32_t v) {
 // max bytes (ftell on a directory gives nonsense sizes). *size: its length.
 static FILE *open_regular(const char *path, uint64_t max, uint64_t *size, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
-    if (!f) { fail(err, errlen, "cannot open '%s': %s", path, strerror(errno)); return NULL; }
+    if (!f) { errorf(err, errlen, "cannot open '%s': %s", path, strerror(errno)); return NULL; }
     struct stat st;
     if (fstat(fileno(f), &st) != 0) {
-        fail(err, errlen, "cannot stat '%s': %s", path, strerror(errno));
+        errorf(err, errlen, "cannot stat '%s': %s", path, strerror(errno));
         fclose(f);
         return NULL;
     }
     if (!S_ISREG(st.st_mode)) {
-        fail(err, errlen, "'%s' is %s, not a file", path, S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
+        errorf(err, errlen, "'%s' is %s, not a file", path, S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
         fclose(f);
         return NULL;
     }
     if ((uint64_t)st.st_size > max) {
-        fail(err, errlen, "'%s' is %llu bytes; the limit for this kind of file is %llu", path,
+        errorf(err, errlen, "'%s' is %llu bytes; the limit for this kind of file is %llu", path,
              (unsigned long long)st.st_size, (unsigned long long)max);
         fclose(f);
         return NULL;
@@ -114,7 +114,7 @@ unsigned char *read_file(const char *path, uint64_t max, size_t *size, char *err
     FILE *f = open_regular(path, max, &n, err, errlen);
     if (!f) return NULL;
     if ((uint64_t)(size_t)n != n) {  // 32-bit hosts
-        fail(err, errlen, "'%s' (%llu bytes) does not fit in this machine's address space", path, (unsigned long long)n);
+        errorf(err, errlen, "'%s' (%llu bytes) does not fit in this machine's address space", path, (unsigned long long)n);
         fclose(f);
         return NULL;
     }
@@ -123,7 +123,7 @@ unsigned char *read_file(const char *path, uint64_t max, size_t *size, char *err
     int bad = got != (size_t)n || ferror(f);
     fclose(f);
     if (bad) {
-        fail(err, errlen, "cannot read '%s': %s", path, got != (size_t)n ? "the file changed while reading" : strerror(errno));
+        errorf(err, errlen, "cannot read '%s': %s", path, got != (size_t)n ? "the file changed while reading" : strerror(errno));
         free(b);
         return NULL;
     }
@@ -149,10 +149,10 @@ static void sync_parent_dir(const char *path) {
 int atomic_open(AtomicFile *a, const char *path, char *err, size_t errlen) {
     memset(a, 0, sizeof *a);
     if (snprintf(a->tmp, sizeof a->tmp, "%s.tmp", path) >= (int)sizeof a->tmp)
-        return fail(err, errlen, "'%s': path too long", path);
+        return errorf(err, errlen, "'%s': path too long", path);
     snprintf(a->path, sizeof a->path, "%s", path);
     a->f = fopen(a->tmp, "wb");
-    if (!a->f) return fail(err, errlen, "cannot create '%s': %s", a->tmp, strerror(errno));
+    if (!a->f) return errorf(err, errlen, "cannot create '%s': %s", a->tmp, strerror(errno));
     a->ok = 1;
     return 0;
 }
@@ -168,12 +168,12 @@ int atomic_commit(AtomicFile *a, char *err, size_t errlen) {
     a->f = NULL;
     if (!ok) {
         remove(a->tmp);
-        return fail(err, errlen, "cannot write '%s': %s", a->path, strerror(e ? e : EIO));
+        return errorf(err, errlen, "cannot write '%s': %s", a->path, strerror(e ? e : EIO));
     }
     if (rename(a->tmp, a->path) != 0) {
         e = errno;
         remove(a->tmp);
-        return fail(err, errlen, "cannot rename '%s' to '%s': %s", a->tmp, a->path, strerror(e));
+        return errorf(err, errlen, "cannot rename '%s' to '%s': %s", a->tmp, a->path, strerror(e));
     }
     sync_parent_dir(a->path);
     return 0;
@@ -423,18 +423,18 @@ static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *n
     size_t p = 2;
     for (int k = 0; k < 3; k++) {  // width, height, maxval
         int rc = pnm_number(b, n, &p, &v[k]);
-        if (rc == -2) { fail(err, errlen, "'%s': PNM header number too large (sides up to %d)", name, IMAGE_MAX_SIDE); return NULL; }
-        if (rc) { fail(err, errlen, "'%s': bad PNM header", name); return NULL; }
+        if (rc == -2) { errorf(err, errlen, "'%s': PNM header number too large (sides up to %d)", name, IMAGE_MAX_SIDE); return NULL; }
+        if (rc) { errorf(err, errlen, "'%s': bad PNM header", name); return NULL; }
     }
-    if (v[2] != 255) { fail(err, errlen, "'%s': only 8-bit PNM (maxval 255) is supported", name); return NULL; }
+    if (v[2] != 255) { errorf(err, errlen, "'%s': only 8-bit PNM (maxval 255) is supported", name); return NULL; }
     if (v[0] < 1 || v[1] < 1 || v[0] > IMAGE_MAX_SIDE || v[1] > IMAGE_MAX_SIDE) {
-        fail(err, errlen, "'%s': PNM size %ldx%ld is outside 1..%d", name, v[0], v[1], IMAGE_MAX_SIDE);
+        errorf(err, errlen, "'%s': PNM size %ldx%ld is outside 1..%d", name, v[0], v[1], IMAGE_MAX_SIDE);
         return NULL;
     }
     // exactly one whitespace byte ends the header
     uint64_t need = (uint64_t)v[0] * (uint64_t)v[1] * (uint64_t)ch;
     if (p >= n || (uint64_t)(n - p - 1) < need) {
-        fail(err, errlen, "'%s': truncated PNM data (%llu pixel bytes wanted)", name, (unsigned long long)need);
+        errorf(err, errlen, "'%s': truncated PNM data (%llu pixel bytes wanted)", name, (unsigned long long)need);
         return NULL;
     }
     p++;
@@ -476,18 +476,18 @@ static unsigned char *decode_png(const unsigned char *b, size_t n, const char *n
     int w = 0, h = 0, depth = 0, ctype = -1, interlace = 0, seen_ihdr = 0;
     while (p + 12 <= n) {
         uint32_t len = be32(b + p);
-        if (len > n - p - 12) { fail(err, errlen, "'%s': truncated PNG chunk", name); goto done; }
+        if (len > n - p - 12) { errorf(err, errlen, "'%s': truncated PNG chunk", name); goto done; }
         if (crc32_update(0, b + p + 4, len + 4) != be32(b + p + 8 + len)) {
-            fail(err, errlen, "'%s': PNG chunk CRC mismatch", name);
+            errorf(err, errlen, "'%s': PNG chunk CRC mismatch", name);
             goto done;
         }
         const unsigned char *d = b + p + 8, *type = b + p + 4;
         if (!seen_ihdr && (memcmp(type, "IHDR", 4) || len != 13)) {
-            fail(err, errlen, "'%s': a PNG must start with a 13-byte IHDR chunk", name);
+            errorf(err, errlen, "'%s': a PNG must start with a 13-byte IHDR chunk", name);
             goto done;
         }
         if (!memcmp(type, "IHDR", 4)) {
-            if (seen_ihdr) { fail(err, errlen, "'%s': two IHDR chunks", name); goto done; }
+            if (seen_ihdr) { errorf(err, errlen, "'%s': two IHDR chunks", name); goto done; }
             seen_ihdr = 1;
             uint32_t w32 = be32(d), h32 = be32(d + 4);
             w = w32 > IMAGE_MAX_SIDE ? -1 : (int)w32;
@@ -504,22 +504,22 @@ static unsigned char *decode_png(const unsigned char *b, size_t n, const char *n
     }
     int ch = ctype == 0 ? 1 : ctype == 4 ? 2 : ctype == 2 ? 3 : ctype == 6 ? 4 : 0;
     if (!seen_ihdr || depth != 8 || ch == 0 || interlace) {
-        fail(err, errlen, "'%s': only 8-bit, non-interlaced grey/RGB(A) PNGs are supported", name);
+        errorf(err, errlen, "'%s': only 8-bit, non-interlaced grey/RGB(A) PNGs are supported", name);
         goto done;
     }
     if (w < 1 || h < 1 || (uint64_t)w * (uint64_t)h > IMAGE_MAX_PIXELS) {
-        fail(err, errlen, "'%s': PNG size %dx%d is outside 1..%d per side and %d pixels", name, w, h, IMAGE_MAX_SIDE,
+        errorf(err, errlen, "'%s': PNG size %dx%d is outside 1..%d per side and %d pixels", name, w, h, IMAGE_MAX_SIDE,
              IMAGE_MAX_PIXELS);
         goto done;
     }
     size_t stride = (size_t)w * ch, want = (size_t)h * (stride + 1);
     int rc = inflate_zlib(z.b, z.len, &raw, want);
-    if (rc == -2) { fail(err, errlen, "'%s': PNG image data longer than its %dx%d size", name, w, h); goto done; }
-    if (rc) { fail(err, errlen, "'%s': corrupt PNG image data", name); goto done; }
-    if (raw.len != want) { fail(err, errlen, "'%s': PNG image data too short", name); goto done; }
+    if (rc == -2) { errorf(err, errlen, "'%s': PNG image data longer than its %dx%d size", name, w, h); goto done; }
+    if (rc) { errorf(err, errlen, "'%s': corrupt PNG image data", name); goto done; }
+    if (raw.len != want) { errorf(err, errlen, "'%s': PNG image data too short", name); goto done; }
     img = mallocCheck((size_t)h * stride);
     int bad = unfilter_rows(img, raw.b, h, stride, ch);
-    if (bad) { fail(err, errlen, "'%s': bad PNG filter type %d", name, bad); goto done; }
+    if (bad) { errorf(err, errlen, "'%s': bad PNG filter type %d", name, bad); goto done; }
     int oc = *C ? *C : ch >= 3 ? 3 : 1;
     out = convert_channels(img, (size_t)w * h, ch, oc);
     *W = w;
@@ -535,10 +535,10 @@ done:
 unsigned char *decode_image(const unsigned char *b, size_t n, const char *name, int *W, int *H, int *C,
                             char *err, size_t errlen) {
     static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-    if (*C != 0 && *C != 1 && *C != 3) { fail(err, errlen, "decode_image: channels %d", *C); return NULL; }
+    if (*C != 0 && *C != 1 && *C != 3) { errorf(err, errlen, "decode_image: channels %d", *C); return NULL; }
     if (n >= 2 && b[0] == 'P' && (b[1] == '5' || b[1] == '6')) return decode_pnm(b, n, name, W, H, C, err, errlen);
     if (n >= 8 && !memcmp(b, sig, 8)) return decode_png(b, n, name, W, H, C, err, errlen);
-    fail(err, errlen, "'%s' is neither a PNG nor a binary PPM/PGM file", name);
+    errorf(err, errlen, "'%s' is neither a PNG nor a binary PPM/PGM file", name);
     return NULL;
 }
 
@@ -560,18 +560,18 @@ unsigned char *read_image(const char *path, int *W, int *H, int *C, char *err, s
 int idx_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     if (size >= 2 && b[0] == 0x1f && b[1] == 0x8b)
-        return fail(err, errlen, "'%s' is gzip-compressed: gunzip it first (make data does)", name);
+        return errorf(err, errlen, "'%s' is gzip-compressed: gunzip it first (make data does)", name);
     if (size < 16 || be32(b) != 0x00000803)
-        return fail(err, errlen, "'%s' is not an IDX image file (magic %08x, want 00000803)", name, size >= 4 ? be32(b) : 0);
+        return errorf(err, errlen, "'%s' is not an IDX image file (magic %08x, want 00000803)", name, size >= 4 ? be32(b) : 0);
     uint32_t n = be32(b + 4), rows = be32(b + 8), cols = be32(b + 12);
     if (rows != cols || rows == 0 || rows > IDX_MAX_SIDE)
-        return fail(err, errlen, "'%s': images are %ux%u; square images of 1..%d pixels only", name, rows, cols, IDX_MAX_SIDE);
+        return errorf(err, errlen, "'%s': images are %ux%u; square images of 1..%d pixels only", name, rows, cols, IDX_MAX_SIDE);
     if (n == 0 || n > 0x7fffffffu || (uint64_t)n * rows * cols != size - 16)
-        return fail(err, errlen, "'%s': header says %u images of %ux%u but the file has %zu pixel bytes", name, n, rows,
+        return errorf(err, errlen, "'%s': header says %u images of %ux%u but the file has %zu pixel bytes", name, n, rows,
                     cols, size - 16);
     int side = ((int)rows + 7) / 8 * 8;
     uint64_t bytes = (uint64_t)n * side * side;  // at most (1 + 7/rows)^2 times the file
-    if ((uint64_t)(size_t)bytes != bytes) return fail(err, errlen, "'%s' does not fit in memory", name);
+    if ((uint64_t)(size_t)bytes != bytes) return errorf(err, errlen, "'%s' does not fit in memory", name);
     out->n = (int)n;
     out->c = 1;
     out->h = out->w = side;
@@ -588,12 +588,12 @@ int idx_decode(const unsigned char *b, size_t size, const char *name, Images *ou
 int cifar_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err, size_t errlen) {
     const size_t rec = 1 + 3 * 32 * 32;
     if (size == 0 || size % rec)
-        return fail(err, errlen, "'%s' is not a CIFAR-10 binary batch: %zu bytes is not a multiple of %zu "
+        return errorf(err, errlen, "'%s' is not a CIFAR-10 binary batch: %zu bytes is not a multiple of %zu "
                     "(1 label + 3072 pixels)", name, size, rec);
     size_t n = size / rec;
-    if (n > (size_t)(0x7fffffff - out->n)) return fail(err, errlen, "'%s': too many images", name);
+    if (n > (size_t)(0x7fffffff - out->n)) return errorf(err, errlen, "'%s': too many images", name);
     for (size_t i = 0; i < n; i++)
-        if (b[i * rec] > 9) return fail(err, errlen, "'%s': record %zu has label %d; CIFAR-10 labels are 0..9", name, i, b[i * rec]);
+        if (b[i * rec] > 9) return errorf(err, errlen, "'%s': record %zu has label %d; CIFAR-10 labels are 0..9", name, i, b[i * rec]);
     unsigned char *p = mallocCheck(((size_t)out->n + n) * 3072);
     if (out->n) memcpy(p, out->pixels, (size_t)out->n * 3072);
     for (size_t i = 0; i < n; i++) memcpy(p + ((size_t)out->n + i) * 3072, b + i * rec + 1, 3072);
@@ -664,7 +664,7 @@ int write_npz(const char *path, const unsigned char *img, int N, int H, int W, i
     int dl = snprintf(dict, sizeof dict, "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, %d), }", N, H, W, C);
     int total = 10 + dl + 1, padn = (64 - total % 64) % 64;  // header padded to 64 bytes, ends in \n
     uint64_t bytes = (uint64_t)N * H * W * C;
-    if (bytes + 1024 > 0xffffffffu) return fail(err, errlen, "'%s': %llu bytes is beyond a plain zip (no zip64)", path,
+    if (bytes + 1024 > 0xffffffffu) return errorf(err, errlen, "'%s': %llu bytes is beyond a plain zip (no zip64)", path,
                                                (unsigned long long)bytes);
     static const unsigned char magic[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
     bytes_put(&npy, magic, 8);
@@ -856,9 +856,16 @@ int st_meta(const StFile *f, const char *key, char *buf, size_t len) {
     if (json_expect(&j, '{')) return -1;
     if (json_peek(&j, '}')) return -1;
     for (;;) {
-        char k[256];
-        if (json_string(&j, k, sizeof k) || json_expect(&j, ':') || json_string(&j, buf, len)) return -1;
-        if (strcmp(k, key) == 0) return 0;
+        // as large as st_parse_metadata allows: a long key or value elsewhere
+        // in the object does not hide the one asked for
+        char k[4096], v[4096];
+        if (json_string(&j, k, sizeof k) || json_expect(&j, ':') || json_string(&j, v, sizeof v)) return -1;
+        if (strcmp(k, key) == 0) {
+            size_t n = strlen(v);
+            if (n >= len) return -1;
+            memcpy(buf, v, n + 1);
+            return 0;
+        }
         if (!json_peek(&j, ',')) return -1;
         j.s++;
     }
@@ -896,7 +903,7 @@ static int st_parse_entry(Json *j, StEntry *e, const char *path, uint64_t *range
             char dt[32];
             if (json_string(j, dt, sizeof dt)) return -1;
             if (strcmp(dt, "F32") != 0)
-                return fail(j->err, j->errlen, "%s: tensor '%s' has dtype %s; only F32 is supported", path, e->name, dt);
+                return errorf(j->err, j->errlen, "%s: tensor '%s' has dtype %s; only F32 is supported", path, e->name, dt);
             have_dtype = 1;
         } else if (strcmp(field, "shape") == 0) {
             if (json_uint_array(j, dims, 8, &nd)) return -1;
@@ -906,26 +913,26 @@ static int st_parse_entry(Json *j, StEntry *e, const char *path, uint64_t *range
             if (no != 2) return json_fail(j, "data_offsets needs two integers");
             have_off = 1;
         } else {
-            return fail(j->err, j->errlen, "%s: tensor '%s' has an unknown field '%s'", path, e->name, field);
+            return errorf(j->err, j->errlen, "%s: tensor '%s' has an unknown field '%s'", path, e->name, field);
         }
         if (json_peek(j, ',')) { j->s++; continue; }
         if (json_expect(j, '}')) return -1;
         break;
     }
     if (!have_dtype || !have_shape || !have_off)
-        return fail(j->err, j->errlen, "%s: tensor '%s' lacks dtype, shape or data_offsets", path, e->name);
+        return errorf(j->err, j->errlen, "%s: tensor '%s' lacks dtype, shape or data_offsets", path, e->name);
     uint64_t n = 1;
     e->ndim = nd;
     for (int d = 0; d < nd; d++) {
-        if (dims[d] > (1u << 30)) return fail(j->err, j->errlen, "%s: tensor '%s' dimension too large", path, e->name);
+        if (dims[d] > (1u << 30)) return errorf(j->err, j->errlen, "%s: tensor '%s' dimension too large", path, e->name);
         e->shape[d] = (int)dims[d];
         n *= dims[d];
-        if (n > ((uint64_t)1 << 34)) return fail(j->err, j->errlen, "%s: tensor '%s' too large", path, e->name);
+        if (n > ((uint64_t)1 << 34)) return errorf(j->err, j->errlen, "%s: tensor '%s' too large", path, e->name);
     }
     if (range[1] < range[0] || range[1] - range[0] != n * 4)
-        return fail(j->err, j->errlen, "%s: tensor '%s' has %llu bytes of data for %llu floats", path, e->name,
+        return errorf(j->err, j->errlen, "%s: tensor '%s' has %llu bytes of data for %llu floats", path, e->name,
                     (unsigned long long)(range[1] - range[0]), (unsigned long long)n);
-    if ((uint64_t)(size_t)n != n) return fail(j->err, j->errlen, "%s: tensor '%s' too large for this machine", path, e->name);
+    if ((uint64_t)(size_t)n != n) return errorf(j->err, j->errlen, "%s: tensor '%s' too large for this machine", path, e->name);
     e->size = (size_t)n;
     return 0;
 }
@@ -949,18 +956,18 @@ static int st_check_tiling(const StFile *out, const uint64_t *ranges, uint64_t d
     for (size_t k = 0; k < out->count && rc == 0; k++) {
         const uint64_t *r = ranges + 2 * order[k];
         if (r[1] > data_size)
-            rc = fail(err, errlen, "%s: truncated: tensor '%s' ends at byte %llu of a %llu-byte data section", path,
+            rc = errorf(err, errlen, "%s: truncated: tensor '%s' ends at byte %llu of a %llu-byte data section", path,
                       out->e[order[k]].name, (unsigned long long)r[1], (unsigned long long)data_size);
         else if (r[0] < at)
-            rc = fail(err, errlen, "%s: tensor '%s' overlaps another tensor's data (bytes %llu..%llu)", path,
+            rc = errorf(err, errlen, "%s: tensor '%s' overlaps another tensor's data (bytes %llu..%llu)", path,
                       out->e[order[k]].name, (unsigned long long)r[0], (unsigned long long)r[1]);
         else if (r[0] > at)
-            rc = fail(err, errlen, "%s: bytes %llu..%llu of the data section belong to no tensor", path,
+            rc = errorf(err, errlen, "%s: bytes %llu..%llu of the data section belong to no tensor", path,
                       (unsigned long long)at, (unsigned long long)r[0]);
         at = r[1];
     }
     if (rc == 0 && at != data_size)
-        rc = fail(err, errlen, "%s: %llu bytes after the last tensor's data", path, (unsigned long long)(data_size - at));
+        rc = errorf(err, errlen, "%s: %llu bytes after the last tensor's data", path, (unsigned long long)(data_size - at));
     free(order);
     return rc;
 }
@@ -984,7 +991,7 @@ static int st_parse_header(const char *path, const char *hdr, uint64_t hlen, uin
             if (st_parse_metadata(&j, out)) goto bad;
         } else {
             if (out->count == ST_MAX_TENSORS) {
-                fail(err, errlen, "%s: more than %d tensors", path, ST_MAX_TENSORS);
+                errorf(err, errlen, "%s: more than %d tensors", path, ST_MAX_TENSORS);
                 goto bad;
             }
             if (out->count == cap) {
@@ -1017,7 +1024,7 @@ static int st_parse_header(const char *path, const char *hdr, uint64_t hlen, uin
     qsort(out->by_name, out->count, sizeof *out->by_name, cmp_by_name);
     for (size_t i = 1; i < out->count; i++)
         if (strcmp(out->e[out->by_name[i]].name, out->e[out->by_name[i - 1]].name) == 0) {
-            fail(err, errlen, "%s: tensor '%s' appears twice", path, out->e[out->by_name[i]].name);
+            errorf(err, errlen, "%s: tensor '%s' appears twice", path, out->e[out->by_name[i]].name);
             goto bad;
         }
     *ranges_out = ranges;
@@ -1031,10 +1038,10 @@ bad:
 static int st_check_lengths(const char *path, const unsigned char *lenb, uint64_t fsize, uint64_t *hlen,
                             char *err, size_t errlen) {
     if (fsize < 8)
-        return fail(err, errlen, "%s: truncated: %llu bytes, not even a header length", path, (unsigned long long)fsize);
+        return errorf(err, errlen, "%s: truncated: %llu bytes, not even a header length", path, (unsigned long long)fsize);
     *hlen = load_u64_le(lenb);
     if (*hlen < 2 || *hlen > fsize - 8 || *hlen > ST_MAX_HEADER)
-        return fail(err, errlen, "%s: not a safetensors file (header length %llu, file size %llu)", path,
+        return errorf(err, errlen, "%s: not a safetensors file (header length %llu, file size %llu)", path,
                     (unsigned long long)*hlen, (unsigned long long)fsize);
     return 0;
 }
@@ -1071,10 +1078,10 @@ int st_read(const char *path, StFile *out, char *err, size_t errlen) {
     char *hdr = NULL;
     unsigned char *buf = NULL, lenb[8] = {0};
     int rc = -1;
-    if (fsize >= 8 && fread(lenb, 1, 8, f) != 8) { fail(err, errlen, "%s: cannot read", path); goto done; }
+    if (fsize >= 8 && fread(lenb, 1, 8, f) != 8) { errorf(err, errlen, "%s: cannot read", path); goto done; }
     if (st_check_lengths(path, lenb, fsize, &hlen, err, errlen)) goto done;
     hdr = mallocCheck((size_t)hlen + 1);
-    if (fread(hdr, 1, (size_t)hlen, f) != hlen) { fail(err, errlen, "%s: truncated header", path); goto done; }
+    if (fread(hdr, 1, (size_t)hlen, f) != hlen) { errorf(err, errlen, "%s: truncated header", path); goto done; }
     hdr[hlen] = 0;
     if (st_parse_header(path, hdr, hlen, fsize - 8 - hlen, out, &ranges, err, errlen)) goto done;
     // the data, converted from little-endian
@@ -1084,13 +1091,13 @@ int st_read(const char *path, StFile *out, char *err, size_t errlen) {
         StEntry *e = &out->e[i];
         e->data = mallocCheck((e->size ? e->size : 1) * sizeof(float));
         if (fseeko(f, (off_t)(8 + hlen + ranges[2 * i]), SEEK_SET) != 0) {
-            fail(err, errlen, "%s: cannot seek to tensor '%s'", path, e->name);
+            errorf(err, errlen, "%s: cannot seek to tensor '%s'", path, e->name);
             goto done;
         }
         for (size_t k = 0; k < e->size; k += chunk) {
             size_t m = e->size - k < chunk ? e->size - k : chunk;
             if (fread(buf, 4, m, f) != m) {
-                fail(err, errlen, "%s: truncated while reading tensor '%s'", path, e->name);
+                errorf(err, errlen, "%s: truncated while reading tensor '%s'", path, e->name);
                 goto done;
             }
             st_convert(e->data + k, buf, m);
@@ -1099,7 +1106,7 @@ int st_read(const char *path, StFile *out, char *err, size_t errlen) {
     rc = 0;
 done:
     if (rc != 0) {
-        if (!err[0]) fail(err, errlen, "%s: cannot read", path);
+        if (!err[0]) errorf(err, errlen, "%s: cannot read", path);
         st_free(out);
     }
     free(buf);
@@ -1237,7 +1244,7 @@ void history_parse(History *h, const char *text, size_t len) {
             }
             history_add(h, step, v);
         }
-        p = le + 1;
+        p = nl ? nl + 1 : end;  // not le + 1: no pointer past the end
     }
 }
 

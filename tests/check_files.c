@@ -1,8 +1,14 @@
 // check_files.c: validates the PNG and NPZ files casdm writes, with code of
 // its own (bitwise CRC-32, no table; its own zip and npy parsing), so a bug in
-// the writer is not mirrored by the check. Usage:
+// the writer is not mirrored by the check; and makes the damaged and hostile
+// files that tests/test_cli.sh feeds to casdm. Usage:
 //   check_files grid.png W H C     check_files samples.npz N H W C
-// Prints nothing and exits 0 when the file is valid, else says why, exit 1.
+//     prints nothing and exits 0 when the file is valid, else says why, exit 1
+//   check_files --set-meta IN OUT KEY VALUE     a checkpoint with one metadata value changed
+//   check_files --set-floats IN OUT NAME VALUE  ... with every float of tensor NAME set (strtof: nan, 3e38)
+//   check_files --craft KIND OUT                a hostile file: png-empty-idat (a valid 2x2 grey PNG
+//     with an empty IDAT chunk and an empty stored block), png-bomb (a 1x1 PNG whose IDAT inflates
+//     to 1 MiB)
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -105,9 +111,143 @@ static int check_npz(int N, int H, int W, int C) {
     return 0;
 }
 
-int main(int argc, char **argv) {
-    if (argc < 2) return fail("usage");
-    FILE *f = fopen(argv[1], "rb");
+// ---- editing safetensors files (the header is JSON after an 8-byte LE length) ----
+static uint64_t le64(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+static int write_out(const char *path, const unsigned char *a, size_t na, const unsigned char *b, size_t nb,
+                     const unsigned char *c, size_t nc) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return fail("cannot create the output");
+    int ok = fwrite(a, 1, na, f) == na && (!nb || fwrite(b, 1, nb, f) == nb) && (!nc || fwrite(c, 1, nc, f) == nc);
+    return fclose(f) == 0 && ok ? 0 : fail("write");
+}
+
+// "KEY":"old" -> "KEY":"VALUE" in the header, with the length word updated
+static int set_meta(const char *out, const char *key, const char *value) {
+    if (len < 8) return fail("not a safetensors file");
+    uint64_t hl = le64(buf);
+    if (hl > len - 8) return fail("header length");
+    char pat[256];
+    snprintf(pat, sizeof pat, "\"%s\":\"", key);
+    char *hdr = (char *)buf + 8, *at = NULL;
+    for (size_t i = 0; i + strlen(pat) <= hl && !at; i++)
+        if (!memcmp(hdr + i, pat, strlen(pat))) at = hdr + i + strlen(pat);
+    if (!at) return fail("no such metadata key");
+    char *end = memchr(at, '"', (size_t)(hdr + hl - at));
+    if (!end) return fail("unterminated value");
+    size_t vl = strlen(value), nhl = hl - (size_t)(end - at) + vl;
+    unsigned char *nh = malloc(8 + nhl);
+    for (int i = 0; i < 8; i++) nh[i] = (unsigned char)((uint64_t)nhl >> (8 * i));
+    size_t pre = (size_t)(at - hdr);
+    memcpy(nh + 8, hdr, pre);
+    memcpy(nh + 8 + pre, value, vl);
+    memcpy(nh + 8 + pre + vl, end, (size_t)(hdr + hl - end));
+    int rc = write_out(out, nh, 8 + nhl, buf + 8 + hl, len - 8 - hl, NULL, 0);
+    free(nh);
+    return rc;
+}
+
+// every float of tensor NAME := value (little-endian)
+static int set_floats(const char *out, const char *name, float value) {
+    uint64_t hl = le64(buf);
+    char pat[400];
+    snprintf(pat, sizeof pat, "\"%s\":{", name);
+    char *hdr = (char *)buf + 8, *at = NULL;
+    for (size_t i = 0; i + strlen(pat) <= hl && !at; i++)
+        if (!memcmp(hdr + i, pat, strlen(pat))) at = hdr + i;
+    if (!at) return fail("no such tensor");
+    char *off = strstr(at, "\"data_offsets\":[");
+    unsigned long long b0, b1;
+    if (!off || sscanf(off + 16, "%llu,%llu", &b0, &b1) != 2 || 8 + hl + b1 > len) return fail("data_offsets");
+    uint32_t u;
+    memcpy(&u, &value, 4);
+    for (unsigned long long p = b0; p < b1; p += 4)
+        for (int k = 0; k < 4; k++) buf[8 + hl + p + k] = (unsigned char)(u >> (8 * k));
+    return write_out(out, buf, len, NULL, 0, NULL, 0);
+}
+
+// ---- hostile PNGs ----
+static void put32be(unsigned char *p, uint32_t v) { p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = (unsigned char)v; }
+
+static size_t chunk(unsigned char *o, const char *type, const unsigned char *d, uint32_t n) {
+    put32be(o, n);
+    memcpy(o + 4, type, 4);
+    if (n) memcpy(o + 8, d, n);
+    put32be(o + 8 + n, crc32_bitwise(o + 4, n + 4));
+    return 12 + n;
+}
+
+static uint32_t adler(const unsigned char *p, size_t n, uint32_t a, uint32_t b) {
+    for (size_t i = 0; i < n; i++) { a = (a + p[i]) % 65521u; b = (b + a) % 65521u; }
+    return b << 16 | a;
+}
+
+// fixed-Huffman bits, LSB first; Huffman codes go in MSB first (RFC 1951 3.1.1)
+typedef struct { unsigned char *o; size_t n; int bit; } Bits;
+static void bits_put(Bits *w, uint32_t v, int nbits, int reversed) {
+    for (int i = 0; i < nbits; i++) {
+        int b = reversed ? (v >> (nbits - 1 - i)) & 1 : (v >> i) & 1;
+        if (w->bit == 0) w->o[w->n++] = 0;
+        w->o[w->n - 1] |= (unsigned char)(b << w->bit);
+        w->bit = (w->bit + 1) & 7;
+    }
+}
+
+static int craft(const char *kind, const char *out) {
+    static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    unsigned char *o = calloc(1, 1 << 16), ihdr[13] = {0, 0, 0, 2, 0, 0, 0, 2, 8, 0, 0, 0, 0}, z[16384];
+    size_t n = 8, zn = 0;
+    memcpy(o, sig, 8);
+    if (!strcmp(kind, "png-empty-idat")) {
+        // rows "0 10 20", "0 30 40" (filter 0): an empty IDAT first, then a
+        // zlib stream with an empty stored block before the data block
+        const unsigned char raw[6] = {0, 10, 20, 0, 30, 40};
+        z[zn++] = 0x78; z[zn++] = 0x01;
+        z[zn++] = 0; z[zn++] = 0; z[zn++] = 0; z[zn++] = 0xff; z[zn++] = 0xff;  // stored, not last, 0 bytes
+        z[zn++] = 1; z[zn++] = 6; z[zn++] = 0; z[zn++] = 0xf9; z[zn++] = 0xff;  // stored, last, 6 bytes
+        memcpy(z + zn, raw, 6); zn += 6;
+        put32be(z + zn, adler(raw, 6, 1, 0)); zn += 4;
+        n += chunk(o + n, "IHDR", ihdr, 13);
+        n += chunk(o + n, "IDAT", NULL, 0);
+        n += chunk(o + n, "IDAT", z, (uint32_t)zn);
+    } else if (!strcmp(kind, "png-bomb")) {
+        // 1x1 grey: 2 bytes of image data, but the stream holds 1 MiB of
+        // zeros (a literal 0, then length-258 copies at distance 1)
+        ihdr[3] = ihdr[7] = 1;
+        Bits w = {z + 2, 0, 0};
+        z[0] = 0x78; z[1] = 0x01;
+        size_t total = 1 << 20, made = 1;
+        bits_put(&w, 1, 1, 0);                // last block
+        bits_put(&w, 1, 2, 0);                // fixed Huffman
+        bits_put(&w, 0x30, 8, 1);             // literal 0
+        for (; made + 258 <= total; made += 258) {
+            bits_put(&w, 0xc5, 8, 1);         // length symbol 285 (258)
+            bits_put(&w, 0, 5, 1);            // distance code 0 (1)
+        }
+        bits_put(&w, 0, 7, 1);                // end of block
+        zn = 2 + w.n;
+        uint32_t a = 1, b = 0;
+        for (size_t i = 0; i < made; i++) { b = (b + a) % 65521u; }  // adler32 of zeros: a stays 1
+        put32be(z + zn, b << 16 | a); zn += 4;
+        n += chunk(o + n, "IHDR", ihdr, 13);
+        n += chunk(o + n, "IDAT", z, (uint32_t)zn);
+    } else {
+        free(o);
+        return fail("unknown --craft kind");
+    }
+    n += chunk(o + n, "IEND", NULL, 0);
+    int rc = write_out(out, o, n, NULL, 0, NULL, 0);
+    free(o);
+    return rc;
+}
+
+// the whole file into buf (NUL-terminated), len
+static int load(const char *path) {
+    FILE *f = fopen(path, "rb");
     if (!f) return fail("cannot open");
     fseek(f, 0, SEEK_END);
     len = (size_t)ftell(f);
@@ -115,6 +255,20 @@ int main(int argc, char **argv) {
     buf = malloc(len + 1);
     if (fread(buf, 1, len, f) != len) return fail("read");
     fclose(f);
+    buf[len] = 0;
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 4 && !strcmp(argv[1], "--craft")) return craft(argv[2], argv[3]);
+    if (argc == 6 && (!strcmp(argv[1], "--set-meta") || !strcmp(argv[1], "--set-floats"))) {
+        if (load(argv[2])) return 1;
+        int rc = argv[1][6] == 'm' ? set_meta(argv[3], argv[4], argv[5]) : set_floats(argv[3], argv[4], strtof(argv[5], NULL));
+        free(buf);
+        return rc;
+    }
+    if (argc < 2) return fail("usage");
+    if (load(argv[1])) return 1;
     size_t n = strlen(argv[1]);
     int rc;
     if (n > 4 && !strcmp(argv[1] + n - 4, ".png") && argc == 5) rc = check_png(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));

@@ -235,4 +235,172 @@ expect 1 "has 1x32x32 images; the model takes 3x32x32" ./casdm eval --ckpt "$dir
 expect 1 "all images must match" ./casdm train --data "$dir/mixed" --steps 1
 expect 1 "no .png/.ppm/.pgm images" ./casdm train --data "$dir/empty" --steps 1
 expect 2 "--flip and --no-flip" ./casdm train --data "$dir/ppm" --flip --no-flip --steps 1
+
+# ---------------------------------------------------------------------------
+# Hostile files (each case crashed, hung, allocated gigabytes or exited 0
+# before formats.c and the checks of casdm.c; make asan runs them under
+# ASan and UBSan, where the undefined-behaviour cases also failed)
+# ---------------------------------------------------------------------------
+cf=build/check_files
+mkdir -p "$dir/h_eof" "$dir/h_digits" "$dir/h_bomb" "$dir/h_idat"
+printf 'P6 2000 2000 255' > "$dir/h_eof/a.ppm"       # the header ends at the end of the file
+expect 1 "a.ppm': truncated PNM data" ./casdm train --data "$dir/h_eof" --steps 1
+printf 'P6 99999999999999999999999 1 255\n' > "$dir/h_digits/a.ppm"  # signed overflow while parsing
+expect 1 "a.ppm': PNM header number too large" ./casdm train --data "$dir/h_digits" --steps 1
+$cf --craft png-bomb "$dir/h_bomb/a.png"             # 1x1, inflates to 1 MiB: stopped at 2 bytes
+expect 1 "a.png': PNG image data longer than its 1x1 size" ./casdm train --data "$dir/h_bomb" --steps 1
+# an empty IDAT chunk and an empty stored block are valid PNG: same pixels as the PGM twin
+$cf --craft png-empty-idat "$dir/h_idat/a.png"
+printf 'P5 2 2 255\n\012\024\036\050' > "$dir/h_idat/a.pgm"
+d=$(./casdm lpips "$dir/h_idat/a.png" "$dir/h_idat/a.pgm" --weights $w --size 16 2>"$dir/err")
+if [ "$d" = "0.000000" ]; then pass "a PNG with an empty IDAT chunk and an empty stored block decodes (distance 0 to its PGM twin)"
+else fail "PNG with empty IDAT: '$d'"; sed 's/^/  /' "$dir/err"; fi
+# IDX: 1x4096 images were padded to 4096x4096 (2.2 GB a step)
+awk 'BEGIN { printf "%c%c%c%c%c%c%c%c%c%c%c%c%c%c%c%c", 0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 16, 0;
+             for (i = 0; i < 4096; i++) printf "%c", i % 256 }' > "$dir/wide-idx3-ubyte"
+expect 1 "images are 1x4096; square images" ./casdm train --data "$dir/wide-idx3-ubyte" --steps 1
+# a directory where a file is expected is named as one
+expect 1 "is a directory, not a file" ./casdm sample --ckpt "$dir/half"
+expect 1 "is a directory, not a file" ./casdm train --data "$dir" --lpips "$dir/half" --steps 1
+mkdir -p "$dir/dir.bin"
+expect 1 "dir.bin.*no .png/.ppm/.pgm images" ./casdm train --data "$dir/dir.bin" --steps 1
+# --steps 4294967296 wrapped to 0 steps: noise written, exit 0
+expect 2 "--steps '4294967296'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --steps 4294967296 --out "$dir/wrap"
+expect 2 "--steps '10,4294967296'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --steps 10,4294967296 --out "$dir/wrap"
+# a step's memory is estimated before anything is allocated
+expect 2 "needs ~[0-9.]* GB (parameters.*the machine has" ./casdm train --data "$dir" --batch 4096 --ch 1024 --steps 1
+# loss plot: a step near LONG_MAX was a signed overflow (such rows are not data)
+printf 'step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s\n9223372036854775807,0.5,0.5,,,,1\n' > "$dir/huge.csv"
+expect 1 "has no rows" ./casdm plot --out "$dir/huge.svg" "$dir/huge.csv"
+printf '0,0.5,0.5,,,,1\n999999999,0.25,0.25,,,,1\n9223372036854775807,0.5,0.5,,,,1\n' > "$dir/far.csv"
+if ./casdm plot --out "$dir/far.svg" "$dir/far.csv" 2>"$dir/err" && grep -q '>999999999</text>' "$dir/far.svg"; then
+    pass "casdm plot draws steps up to 10^9 and skips rows past it"
+else fail "casdm plot with far steps"; sed 's/^/  /' "$dir/err"; fi
+
+# Damaged checkpoint metadata: each value is checked before anything is
+# allocated from it (image_size 0 was a SIGFPE; model_channels 4096 zeroed
+# 11.8 GB; 4294967328 was read as 32; rng 0/0 hung; step -5 gave NaN)
+ck="$dir/half/ckpt.safetensors"
+meta() { $cf --set-meta "$ck" "$dir/m.safetensors" "$1" "$2"; }
+meta image_size 0;             expect 1 "image_size' = '0' is not an integer in 1..4096" ./casdm sample --ckpt "$dir/m.safetensors"
+meta in_channels 0;            expect 1 "in_channels' = '0'" ./casdm sample --ckpt "$dir/m.safetensors"
+meta model_channels 4096;      expect 1 "describes [0-9]* parameters under 'ema.theta.', the file holds" ./casdm sample --ckpt "$dir/m.safetensors"
+meta model_channels 4294967328; expect 1 "model_channels' = '4294967328' is not an integer" ./casdm sample --ckpt "$dir/m.safetensors"
+meta diffusion_steps 2000000000; expect 1 "diffusion_steps' = '2000000000' is not an integer in 1..100000" ./casdm sample --ckpt "$dir/m.safetensors"
+meta num_heads 3;              expect 1 "channels do not split into 3 attention heads" ./casdm sample --ckpt "$dir/m.safetensors"
+meta channel_mult 1,2,2,2,2,2,2; expect 1 "image_size does not halve once per level" ./casdm sample --ckpt "$dir/m.safetensors"
+# a 4096x4096 model in a small file: the sampler's memory is estimated first
+meta image_size 4096; $cf --set-meta "$dir/m.safetensors" "$dir/m4k.safetensors" attention_resolutions 2048
+expect 2 "casdm sample with this --batch needs ~[0-9.]* GB" ./casdm sample --ckpt "$dir/m4k.safetensors" --n 16 --out "$dir/big"
+mkdir -p "$dir/bad_state"
+for kv in "step -5:step' = '-5' is not an integer in 0..1000000000" "step abc:step' = 'abc' is not an integer" \
+          "adam_step 9:adam_step' = '9' is not an integer in 0..4" "rng_state xyz:rng_state' = 'xyz' is not 16 hex digits" \
+          "rng_inc 0000000000000000:rng_inc 0000000000000000 is even"; do
+    set -- ${kv%%:*}
+    $cf --set-meta "$ck" "$dir/bad_state/ckpt.safetensors" "$1" "$2"
+    expect 1 "${kv#*:}" ./casdm train --data "$dir" $opts --steps 6 --out "$dir/r2" --resume "$dir/bad_state"
+done
+# NaN weights: refused at load (they reached the float -> uint8 conversion,
+# undefined behaviour, and casdm sample exited 0 with a garbage grid)
+$cf --set-floats "$ck" "$dir/m.safetensors" ema.theta.out.2.bias nan
+expect 1 "tensor 'ema.theta.out.2.bias' holds NaN or Inf" ./casdm sample --ckpt "$dir/m.safetensors" --out "$dir/nan"
+# finite weights whose samples are not finite: nothing written, exit 1
+$cf --set-floats "$ck" "$dir/m.safetensors" ema.theta.out.0.weight 3e38
+expect 1 "gives NaN or Inf pixels" ./casdm sample --ckpt "$dir/m.safetensors" --n 2 --steps 2 --out "$dir/nanpix"
+[ -e "$dir/nanpix/grid.png" ] && fail "a grid was written from NaN samples"
+
+# ---------------------------------------------------------------------------
+# Interrupted and failing runs
+# ---------------------------------------------------------------------------
+# wait_for FILE PATTERN SECONDS: until FILE has a line matching PATTERN
+wait_for() {
+    i=0
+    while ! grep -q -- "$2" "$1" 2>/dev/null; do
+        i=$((i + 1)); [ $i -gt $(($3 * 20)) ] && return 1; sleep 0.05
+    done
+}
+now() { date +%s.%N; }
+long="--model casdm --ch 32 --res 1 --attn 16 --batch 2 --T 100 --log-every 1 --sample-n 0 --steps 1000000"
+
+# two Ctrl-C's in a row save once (signal() under -std=c99 is one-shot: the
+# second one killed the run); SIGTERM saves too
+./casdm train --data "$dir" $long --out "$dir/int2" 2>"$dir/int2.err" &
+pid=$!
+wait_for "$dir/int2/log.csv" '^2,' 60; kill -INT $pid; kill -INT $pid; wait $pid; rc=$?
+if [ $rc -eq 130 ] && [ "$(grep -c 'interrupted (SIGINT) at step' "$dir/int2.err")" -eq 1 ] &&
+   ./casdm sample --ckpt "$dir/int2/ckpt.safetensors" --n 1 --steps 2 --out "$dir/int2s" >/dev/null 2>&1; then
+    pass "two Ctrl-C's: one save, a loadable checkpoint, exit 130"
+else fail "two Ctrl-C's (exit $rc)"; sed 's/^/  /' "$dir/int2.err" | tail -3; fi
+./casdm train --data "$dir" $long --out "$dir/term" 2>"$dir/term.err" &
+pid=$!
+wait_for "$dir/term/log.csv" '^2,' 60; kill -TERM $pid; wait $pid; rc=$?
+if [ $rc -eq 143 ] && grep -q 'interrupted (SIGTERM) at step' "$dir/term.err" && [ -s "$dir/term/ckpt.safetensors" ]; then
+    pass "SIGTERM saves a checkpoint and exits 143"
+else fail "SIGTERM (exit $rc)"; sed 's/^/  /' "$dir/term.err" | tail -3; fi
+
+# Ctrl-C during the end-of-training sample grid and during casdm sample:
+# out within a second or two, no grid written (small batches: a step is a
+# few milliseconds, so the bound holds on a loaded machine too)
+./casdm train --data "$dir" --model casdm --ch 32 --res 1 --attn 16 --batch 2 --T 1000 --steps 1 \
+    --sample-n 2 --sample-steps 1000 --out "$dir/grid_int" 2>"$dir/grid_int.err" &
+pid=$!
+wait_for "$dir/grid_int.err" 'done at step 1' 60; sleep 0.3; t0=$(now); kill -INT $pid; wait $pid; rc=$?; t1=$(now)
+if [ $rc -eq 130 ] && awk -v a="$t0" -v b="$t1" 'BEGIN { exit !(b - a < 2) }' && [ ! -e "$dir/grid_int/samples_000001.png" ]; then
+    pass "Ctrl-C during the final sample grid stops within 2 s ($(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s), no grid"
+else fail "Ctrl-C during a sample grid (exit $rc)"; sed 's/^/  /' "$dir/grid_int.err" | tail -3; fi
+./casdm sample --ckpt "$dir/grid_int/ckpt.safetensors" --n 64 --batch 1 --steps 1000 --out "$dir/sample_int" >/dev/null 2>"$dir/sample_int.err" &
+pid=$!
+wait_for "$dir/sample_int.err" 'step 2/' 60; t0=$(now); kill -INT $pid; wait $pid; rc=$?; t1=$(now)
+if [ $rc -eq 130 ] && awk -v a="$t0" -v b="$t1" 'BEGIN { exit !(b - a < 2) }' && [ ! -e "$dir/sample_int/grid.png" ] &&
+   grep -q 'interrupted.*nothing written' "$dir/sample_int.err"; then
+    pass "Ctrl-C during casdm sample stops within 2 s, nothing written"
+else fail "Ctrl-C during casdm sample (exit $rc)"; sed 's/^/  /' "$dir/sample_int.err" | tail -3; fi
+
+# kill -9 while a checkpoint is being written: the previous one stays whole
+# (temp file, fsync, rename); a larger model so the write takes a while
+big="--model casdm --ch 64 --res 1 --attn 16 --batch 1 --T 100 --sample-n 0 --log-every 1"
+./casdm train --data "$dir" $big --steps 1 --out "$dir/k9" 2>/dev/null
+cp "$dir/k9/ckpt.safetensors" "$dir/k9_ref.safetensors"
+./casdm train --data "$dir" $big --steps 2 --out "$dir/k9" --resume "$dir/k9" 2>/dev/null &
+pid=$!
+while [ ! -e "$dir/k9/ckpt.safetensors.tmp" ] && kill -0 $pid 2>/dev/null; do :; done
+kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; rc=$?
+if [ $rc -eq 137 ] && [ -e "$dir/k9/ckpt.safetensors.tmp" ] && cmp -s "$dir/k9/ckpt.safetensors" "$dir/k9_ref.safetensors" &&
+   ./casdm train --data "$dir" $big --steps 2 --out "$dir/k9" --resume "$dir/k9" 2>"$dir/k9.err" &&
+   [ ! -e "$dir/k9/ckpt.safetensors.tmp" ]; then
+    pass "kill -9 during a checkpoint write leaves the previous checkpoint whole and resumable"
+else fail "kill -9 during a checkpoint write (exit $rc)"; sed 's/^/  /' "$dir/k9.err" 2>/dev/null | tail -3; fi
+
+# a non-finite update: stop before it is applied (grad-inf) or refuse to
+# save it (param-nan); the previous checkpoint stays as it was
+./casdm train --data "$dir" $opts --steps 2 --out "$dir/nan" 2>/dev/null
+cp "$dir/nan/ckpt.safetensors" "$dir/nan_ref.safetensors"
+CASDM_TEST_FAULT=grad-inf:3 ./casdm train --data "$dir" $opts --steps 6 --ckpt-every 1 --out "$dir/nan" --resume "$dir/nan" 2>"$dir/nan.err"; rc=$?
+if [ $rc -eq 1 ] && grep -q 'gradient norm is inf at step 3: stopping.*(step 2) is untouched' "$dir/nan.err" &&
+   cmp -s "$dir/nan/ckpt.safetensors" "$dir/nan_ref.safetensors"; then
+    pass "an Inf gradient stops the run before Adam; the step-2 checkpoint is untouched"
+else fail "Inf gradient (exit $rc)"; sed 's/^/  /' "$dir/nan.err" | tail -3; fi
+CASDM_TEST_FAULT=param-nan:3 ./casdm train --data "$dir" $opts --steps 6 --ckpt-every 1 --out "$dir/nan" --resume "$dir/nan" 2>"$dir/nan.err"; rc=$?
+if [ $rc -eq 1 ] && grep -q "not saving step 3: 'theta' holds NaN.*(step 2) is untouched" "$dir/nan.err" &&
+   cmp -s "$dir/nan/ckpt.safetensors" "$dir/nan_ref.safetensors"; then
+    pass "a NaN weight is never saved over a good checkpoint"
+else fail "NaN weight save (exit $rc)"; sed 's/^/  /' "$dir/nan.err" | tail -3; fi
+
+# after a hard kill between checkpoints, log.csv holds rows past the
+# checkpoint's step; resuming in place drops them (the plot zig-zagged)
+./casdm train --data "$dir" $opts --steps 4 --out "$dir/zig" 2>/dev/null
+for s in 5 6 7; do echo "$s,9,9,9,9,,1" >> "$dir/zig/log.csv"; done
+./casdm train --data "$dir" $opts --steps 6 --out "$dir/zig" --resume "$dir/zig" 2>/dev/null
+if [ "$(cut -d, -f1 "$dir/zig/log.csv" | tr '\n' ' ')" = "step 1 2 3 4 5 6 " ] && ! grep -q ',9,9,9,9,' "$dir/zig/log.csv"; then
+    pass "resuming in place truncates log.csv to the checkpoint's step"
+else fail "log.csv after resume in place:"; sed 's/^/  /' "$dir/zig/log.csv"; fi
+# a write that fails (here: a file size limit, as a full disk) stops the run
+# with the file named; the last checkpoint stays
+if (trap '' XFSZ; ulimit -f 1; ./casdm train --data "$dir" $opts --steps 12 --out "$dir/zig" --resume "$dir/zig" 2>"$dir/fsz.err"); then
+    fail "a run under ulimit -f 1 exited 0"
+elif grep -q "cannot write '$dir/zig/[a-z.]*': File too large" "$dir/fsz.err" &&
+     ./casdm sample --ckpt "$dir/zig/ckpt.safetensors" --n 1 --steps 2 --out "$dir/zig_s" >/dev/null 2>&1; then
+    pass "a failed write (file size limit) names the file and exits 1; the checkpoint stays loadable"
+else fail "failed write"; sed 's/^/  /' "$dir/fsz.err" | tail -3; fi
+
 [ "$fails" -eq 0 ]

@@ -837,35 +837,53 @@ static void test_safetensors(void) {
     write_bytes("build/test_short.safetensors", "\x10\x00", 2);
     bad &= expect_st_error("build/test_short.safetensors", "truncated");
     bad &= expect_st_error("build/does_not_exist.safetensors", "cannot open");
-    write_raw_st("build/test_dtype.safetensors", "{\"a\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[0,4]}}", 4);
-    bad &= expect_st_error("build/test_dtype.safetensors", "only F32");
-    write_raw_st("build/test_size.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8);
-    bad &= expect_st_error("build/test_size.safetensors", "bytes of data for 3 floats");
-    write_raw_st("build/test_json.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2,],\"data_offsets\":[0,8]}}", 8);
-    bad &= expect_st_error("build/test_json.safetensors", "bad safetensors header");
-    write_raw_st("build/test_dup.safetensors",
-                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
-    bad &= expect_st_error("build/test_dup.safetensors", "appears twice");
-    // the tensors must tile the data section (huggingface/safetensors'
-    // validate()): two names on the same bytes, a gap, bytes left over
-    write_raw_st("build/test_overlap.safetensors",
-                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
-    bad &= expect_st_error("build/test_overlap.safetensors", "overlaps another tensor");
-    write_raw_st("build/test_hole.safetensors",
-                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
-    bad &= expect_st_error("build/test_hole.safetensors", "belong to no tensor");
-    write_raw_st("build/test_tail.safetensors",
-                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 12);
-    bad &= expect_st_error("build/test_tail.safetensors", "after the last tensor");
+    // headers that must be refused, each with the words of its message; the
+    // last three: the tensors must tile the data section (huggingface/
+    // safetensors' validate()): two names on the same bytes, a gap, bytes left over
+    static const struct { const char *file, *header; size_t ndata; const char *needle; } cases[] = {
+        {"build/test_dtype.safetensors", "{\"a\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[0,4]}}", 4, "only F32"},
+        {"build/test_size.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8,
+         "bytes of data for 3 floats"},
+        {"build/test_json.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2,],\"data_offsets\":[0,8]}}", 8,
+         "bad safetensors header"},
+        {"build/test_dup.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+         "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8, "appears twice"},
+        {"build/test_overlap.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+         "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8, "overlaps another tensor"},
+        {"build/test_hole.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8,
+         "belong to no tensor"},
+        {"build/test_tail.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 12,
+         "after the last tensor"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        write_raw_st(cases[i].file, cases[i].header, cases[i].ndata);
+        bad &= expect_st_error(cases[i].file, cases[i].needle);
+        remove(cases[i].file);
+    }
     bad &= expect_st_error("build", "is a directory");
     write_bytes("build/test_hlen.safetensors", "\xff\xff\xff\xff\x00\x00\x00\x00{}", 10);
     bad &= expect_st_error("build/test_hlen.safetensors", "not a safetensors file");
+    // 80,000 names (the duplicate check was quadratic: 30 s; now a sort):
+    // each found by binary search
+    size_t nt = 80000, cap = nt * 64 + 64, hn = 0;
+    char *hdr = mallocCheck(cap);
+    hn += (size_t)snprintf(hdr + hn, cap - hn, "{");
+    for (size_t i = 0; i < nt; i++)
+        hn += (size_t)snprintf(hdr + hn, cap - hn, "%s\"t%zu\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}",
+                               i ? "," : "", (i * 7919) % nt);
+    snprintf(hdr + hn, cap - hn, "}");
+    write_raw_st("build/test_many.safetensors", hdr, 0);
+    StFile many;
+    int many_ok = st_read("build/test_many.safetensors", &many, err, sizeof err) == 0 && many.count == nt &&
+                  st_find(&many, "t0") && st_find(&many, "t79999") && st_find(&many, "t41234") && !st_find(&many, "t80000");
+    if (many_ok) st_free(&many);
+    free(hdr);
+    if (many_ok) test_result(1, "safetensors with 80,000 tensors: every name found (sorted index)", "");
+    else test_result(0, "safetensors with 80,000 tensors", "%s", err);
     test_result(bad, "safetensors rejects bad files (truncated, missing, dtype, sizes, JSON, duplicates, overlaps, "
                 "holes, a directory)", "");
-    const char *files[] = {path, "build/test_trunc.safetensors", "build/test_short.safetensors", "build/test_dtype.safetensors",
-                           "build/test_size.safetensors", "build/test_json.safetensors", "build/test_dup.safetensors",
-                           "build/test_hlen.safetensors", "build/test_overlap.safetensors", "build/test_hole.safetensors",
-                           "build/test_tail.safetensors"};
+    const char *files[] = {path, "build/test_trunc.safetensors", "build/test_short.safetensors",
+                           "build/test_hlen.safetensors", "build/test_many.safetensors"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) remove(files[i]);
 }
 
