@@ -2,6 +2,8 @@
 #   make                 build the program (./casdm) and the library objects
 #   make test            build and run every test; ends with "N passed, N failed"
 #   make asan            the tests under AddressSanitizer + UBSan (LeakSanitizer on)
+#   make fuzz            libFuzzer harnesses of every reader (clang), each run
+#                        FUZZ_SECONDS (default 10) on its seeds in tests/fuzz/
 #   make clean
 # Options: CC=..., CFLAGS=... (default -O2 -g), SIMD=0 (portable scalar C only),
 # THREADS=0 (no pthreads, everything on the calling thread), ARCHFLAGS=...
@@ -36,7 +38,7 @@ $(shell mkdir -p build; echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' | cmp -s - $(FLAGS_
 LIB_OBJS = build/tensor.o build/formats.o build/unet.o build/ddim.o build/lpips.o
 TESTS    = build/test_tensor build/test_unet
 
-.PHONY: all test asan clean bench data demo demo-torch cross quality
+.PHONY: all test asan clean bench data demo demo-torch cross quality fuzz
 
 all: casdm $(LIB_OBJS)
 
@@ -103,6 +105,27 @@ cross:
 asan:
 	$(MAKE) clean
 	$(MAKE) test CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+
+# ---- fuzzing: tests/fuzz.c, one libFuzzer binary per reader (ASan + UBSan) ----
+# `make fuzz FUZZ_SECONDS=N` runs each target N seconds on a copy of its seeds
+# (tests/fuzz/<target>/) in build/fuzz/corpus/; any crash, leak, sanitizer
+# report, timeout or out-of-memory fails it, with the input in build/fuzz/.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 10
+FUZZ_TARGETS  = image idx cifar safetensors csv checkpoint options
+FUZZ_CFLAGS   = $(STD) $(WARN) -O1 -g -fno-omit-frame-pointer -DCASDM_SIMD=0 -DCASDM_THREADS=0 \
+                -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_OBJS     = $(LIB_OBJS:build/%=build/fuzz/%)
+
+$(FUZZ_OBJS): build/fuzz/%.o: %.c tensor.h casdm.h
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+build/fuzz/fuzz_%: tests/fuzz.c casdm.c tensor.h casdm.h $(FUZZ_OBJS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -DFUZZ_TARGET=fuzz_$* $< $(FUZZ_OBJS) -o $@ -lm
+
+fuzz: $(FUZZ_TARGETS:%=build/fuzz/fuzz_%)
+	@sh tools/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 clean:
 	rm -rf build casdm
