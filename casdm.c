@@ -511,7 +511,8 @@ static int meta_long(const StFile *f, const char *path, const char *key, long lo
     if (meta_string(f, path, key, buf, sizeof buf, err, errlen)) return -1;
     errno = 0;
     long x = strtol(buf, &end, 10);
-    if (!buf[0] || *end || errno == ERANGE || x < lo || x > hi)
+    int plain = (buf[0] >= '0' && buf[0] <= '9') || (buf[0] == '-' && buf[1] >= '0' && buf[1] <= '9');  // no spaces, no '+'
+    if (!plain || *end || errno == ERANGE || x < lo || x > hi)
         return errorf(err, errlen, "checkpoint '%s': metadata '%s' = '%s' is not an integer in %ld..%ld", path, key, buf, lo, hi);
     *v = x;
     return 0;
@@ -1058,7 +1059,7 @@ static int cmd_train(int argc, char **argv) {
         }
     }
     if (tty) fprintf(stderr, "\n");
-    save_or_die(&tr, &o, ckpt, saved_step);
+    if (saved_step != tr.step) save_or_die(&tr, &o, ckpt, saved_step);  // (a signal during a save: saved already)
     if (interrupted) fprintf(stderr, "interrupted (%s) at step %ld: wrote %s\n", interrupted == SIGTERM ? "SIGTERM" : "SIGINT",
                              tr.step, ckpt);
     else fprintf(stderr, "%s at step %ld: wrote %s\n", out_of_time ? "time limit reached" : "done", tr.step, ckpt);
@@ -1282,7 +1283,8 @@ static void define_sample_options(SampleOpts *o) {
 // --steps against a chain of T steps: the kept steps (kept has room for T),
 // their number, or -1 with a message
 static int sample_steps(const char *steps, int T, int *kept, char *err, size_t errlen) {
-    char spec[64];
+    char spec[1100];
+    if (strlen(steps) > 1000) return errorf(err, errlen, "longer than 1000 characters");
     // a bare N means N evenly strided steps ("ddimN") when that stride exists
     int all_digits = steps[0] != 0 && strlen(steps) < 20;
     for (const char *p = steps; *p; p++) all_digits &= (*p >= '0' && *p <= '9');

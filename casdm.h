@@ -231,8 +231,9 @@ int atomic_commit(AtomicFile *a, char *err, size_t errlen);  // removes the temp
 int write_file_atomically(const char *path, const void *data, size_t len, char *err, size_t errlen);
 
 // An 8-bit PNG or a binary PPM/PGM -> bytes (H,W,C). *C = 3 asks for RGB
-// (grey repeated), 1 for grey; *C = 0 keeps the file's own: 1 for grey, 3
-// for colour (alpha is dropped). name is used in messages.
+// (grey repeated), 1 for one channel (grey, or the red of a colour image);
+// *C = 0 keeps the file's own: 1 for grey, 3 for colour (alpha is dropped).
+// name is used in messages.
 unsigned char *decode_image(const unsigned char *b, size_t n, const char *name, int *W, int *H, int *C,
                             char *err, size_t errlen);
 unsigned char *read_image(const char *path, int *W, int *H, int *C, char *err, size_t errlen);

@@ -421,6 +421,10 @@ static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *n
     int ch = b[1] == '6' ? 3 : 1;
     long v[3];
     size_t p = 2;
+    if (n < 3 || !(b[2] == ' ' || b[2] == '\t' || b[2] == '\n' || b[2] == '\r' || b[2] == '#')) {
+        errorf(err, errlen, "'%s': bad PNM header", name);
+        return NULL;
+    }
     for (int k = 0; k < 3; k++) {  // width, height, maxval
         int rc = pnm_number(b, n, &p, &v[k]);
         if (rc == -2) { errorf(err, errlen, "'%s': PNM header number too large (sides up to %d)", name, IMAGE_MAX_SIDE); return NULL; }
@@ -433,6 +437,10 @@ static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *n
     }
     // exactly one whitespace byte ends the header
     uint64_t need = (uint64_t)v[0] * (uint64_t)v[1] * (uint64_t)ch;
+    if (p < n && !(b[p] == ' ' || b[p] == '\t' || b[p] == '\n' || b[p] == '\r')) {
+        errorf(err, errlen, "'%s': bad PNM header (no whitespace after the maxval)", name);
+        return NULL;
+    }
     if (p >= n || (uint64_t)(n - p - 1) < need) {
         errorf(err, errlen, "'%s': truncated PNM data (%llu pixel bytes wanted)", name, (unsigned long long)need);
         return NULL;
@@ -570,8 +578,9 @@ int idx_decode(const unsigned char *b, size_t size, const char *name, Images *ou
         return errorf(err, errlen, "'%s': header says %u images of %ux%u but the file has %zu pixel bytes", name, n, rows,
                     cols, size - 16);
     int side = ((int)rows + 7) / 8 * 8;
-    uint64_t bytes = (uint64_t)n * side * side;  // at most (1 + 7/rows)^2 times the file
-    if ((uint64_t)(size_t)bytes != bytes) return errorf(err, errlen, "'%s' does not fit in memory", name);
+    uint64_t bytes = (uint64_t)n * side * side;  // at most (1 + 7/rows)^2 times the file (64 for 1x1)
+    if (bytes > DATA_MAX_FILE || (uint64_t)(size_t)bytes != bytes)
+        return errorf(err, errlen, "'%s': %u images padded to %dx%d do not fit in memory", name, n, side, side);
     out->n = (int)n;
     out->c = 1;
     out->h = out->w = side;
@@ -766,6 +775,7 @@ static int json_string(Json *j, char *buf, size_t cap) {
     size_t n = 0;
     while (j->s < j->end && *j->s != '"') {
         char c = *j->s++;
+        if ((unsigned char)c < 0x20) return json_fail(j, "a control character in a string (JSON wants it escaped)");
         if (c == '\\') {
             if (j->s >= j->end) return json_fail(j, "unfinished escape");
             char e = *j->s++;

@@ -267,6 +267,8 @@ expect 1 "dir.bin.*no .png/.ppm/.pgm images" ./casdm train --data "$dir/dir.bin"
 # --steps 4294967296 wrapped to 0 steps: noise written, exit 0
 expect 2 "--steps '4294967296'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --steps 4294967296 --out "$dir/wrap"
 expect 2 "--steps '10,4294967296'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --steps 10,4294967296 --out "$dir/wrap"
+# a long --steps was cut to 63 characters without a word (found by make fuzz)
+expect 2 "--steps '0*5,x'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --steps "$(printf '%062d' 0)5,x" --out "$dir/wrap"
 # a step's memory is estimated before anything is allocated
 expect 2 "needs ~[0-9.]* GB (parameters.*the machine has" ./casdm train --data "$dir" --batch 4096 --ch 1024 --steps 1
 # loss plot: a step near LONG_MAX was a signed overflow (such rows are not data)
