@@ -982,6 +982,7 @@ static int cmd_train(int argc, char **argv) {
     snprintf(ckpt, sizeof ckpt, "%s/ckpt.safetensors", o.out);
     snprintf(logpath, sizeof logpath, "%s/log.csv", o.out);
     long saved_step = -1;  // the step of the checkpoint on disk that this run may replace
+    long saved_here = -1;  // the last step this run saved
     if (o.resume) {
         snprintf(from, sizeof from, "%s/ckpt.safetensors", o.resume);
         load_checkpoint(&tr, from);
@@ -1051,7 +1052,7 @@ static int cmd_train(int argc, char **argv) {
         }
         if (o.ckpt_every > 0 && tr.step % o.ckpt_every == 0 && tr.step < o.steps) {
             save_or_die(&tr, &o, ckpt, saved_step);
-            saved_step = tr.step;
+            saved_step = saved_here = tr.step;
         }
         if (o.sample_n > 0 && o.sample_every > 0 && tr.step % o.sample_every == 0 && tr.step < o.steps && !interrupted) {
             if (tty) fprintf(stderr, "\n");
@@ -1059,7 +1060,9 @@ static int cmd_train(int argc, char **argv) {
         }
     }
     if (tty) fprintf(stderr, "\n");
-    if (saved_step != tr.step) save_or_die(&tr, &o, ckpt, saved_step);  // (a signal during a save: saved already)
+    // (a signal during a periodic save: that one holds this step already; a
+    // resume to the same step does save, which tools/cross.sh relies on)
+    if (saved_here != tr.step) save_or_die(&tr, &o, ckpt, saved_step);
     if (interrupted) fprintf(stderr, "interrupted (%s) at step %ld: wrote %s\n", interrupted == SIGTERM ? "SIGTERM" : "SIGINT",
                              tr.step, ckpt);
     else fprintf(stderr, "%s at step %ld: wrote %s\n", out_of_time ? "time limit reached" : "done", tr.step, ckpt);

@@ -85,6 +85,15 @@ if [ "$(head -1 "$dir/moved/log.csv")" = "$(head -1 "$dir/half/log.csv")" ] &&
 else
     fail "--resume into a new --out: log.csv is"; sed 's/^/  /' "$dir/moved/log.csv"
 fi
+# resuming to the step a checkpoint holds saves it again, bytes unchanged
+# (tools/cross.sh moves checkpoints between byte orders this way)
+mkdir -p "$dir/resave" && cp "$dir/half/ckpt.safetensors" "$dir/resave/"
+ino0=$(ls -i "$dir/resave/ckpt.safetensors" | cut -d' ' -f1)
+./casdm train --data "$dir" $opts --steps 4 --out "$dir/resave" --resume "$dir/resave" 2>/dev/null
+ino1=$(ls -i "$dir/resave/ckpt.safetensors" | cut -d' ' -f1)
+if [ "$ino0" != "$ino1" ] && cmp -s "$dir/half/ckpt.safetensors" "$dir/resave/ckpt.safetensors"; then
+    pass "resuming to the checkpoint's own step writes it again, byte for byte"
+else fail "resume to the same step (inode $ino0 -> $ino1)"; fi
 # and the thread count does not change the result
 ./casdm --threads 1 train --data "$dir" $opts --steps 4 --out "$dir/one" 2>/dev/null
 if cmp -s "$dir/straight/ckpt.safetensors" "$dir/one/ckpt.safetensors"; then
