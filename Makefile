@@ -65,7 +65,7 @@ bench: build/bench casdm
 	@sh tools/bench.sh $(if $(QUICK),--quick)
 
 # ---- the README's first command ----
-# A small Cas-DM on Fashion-MNIST (28x28 zero-padded to 32x32), about ten
+# A small Cas-DM on Fashion-MNIST (28x28 zero-padded to 32x32), about seven
 # minutes on 2 cores. DEMO_STEPS changes the length; the config is in README.md.
 DEMO_STEPS ?= 400
 DEMO_OUT   ?= runs/demo

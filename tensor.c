@@ -1407,7 +1407,7 @@ static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
             float sc = rs * ga, sh = be - m * sc;
             const float *xc = x + (size_t)c * a->HW;
             float *yc = y + (size_t)c * a->HW;
-            if (!a->scale && !a->silu) {
+            if (!a->scale && !a->shift && !a->silu && !a->keep) {  // the plain norm
                 for (int i = 0; i < a->HW; i++) yc[i] = xc[i] * sc + sh;
                 continue;
             }

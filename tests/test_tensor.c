@@ -161,6 +161,9 @@ static Tensor *b_mse(Graph *g, Tensor **in, const int *a) {
 }
 static Tensor *b_l2norm(Graph *g, Tensor **in, const int *a) { (void)a; return l2norm_channels(g, in[0], 1e-10f); }
 static Tensor *b_dropout(Graph *g, Tensor **in, const int *a) { (void)a; return dropout(g, in[0], 0.3f); }
+// bounds where a normal sample falls on both sides (19% outside); the seed
+// (the test's name) keeps every checked element more than h from a bound
+static Tensor *b_clamp(Graph *g, Tensor **in, const int *a) { (void)a; return clamp(g, in[0], -1.3f, 1.3f); }
 // a chain like one improved-diffusion ResBlock half: GN -> SiLU -> conv, FiLM, residual
 static Tensor *b_chain(Graph *g, Tensor **in, const int *a) {
     (void)a;
@@ -214,6 +217,17 @@ static void test_gradchecks(void) {
     { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
       int a[4] = {2, 0, 1, 0};
       gradcheck("groupnorm_film_silu (FiLM only)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
+    // dropout with each other combination (forward once skipped the mask
+    // when there was neither FiLM nor SiLU, while backward applied it)
+    { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
+      int a[4] = {2, 0, 0, 1};
+      gradcheck("groupnorm_film_silu (dropout only)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
+    { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
+      int a[4] = {2, 1, 0, 1};
+      gradcheck("groupnorm_film_silu (SiLU + dropout)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
+    { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
+      int a[4] = {2, 0, 1, 1};
+      gradcheck("groupnorm_film_silu (FiLM + dropout)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
     { InSpec s[8] = {{4, {2, 8, 3, 4}, 0}, {1, {8}, 0}, {1, {8}, 0}, {2, {2, 8}, 0}, {2, {2, 8}, 0},
                      {4, {5, 8, 3, 3}, 0}, {1, {5}, 0}, {4, {2, 5, 3, 4}, 0}};
       int a[4] = {4, 1, 1, 1};
@@ -246,6 +260,7 @@ static void test_gradchecks(void) {
       gradcheck("mse_loss weighted", b_mse, a, 2, s, 1e-2, 2e-3); }
     { InSpec s[1] = {{4, {2, 4, 3, 3}, 0}}; gradcheck("l2norm_channels", b_l2norm, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("dropout", b_dropout, NULL, 1, s, 1e-2, 2e-3); }
+    { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("clamp", b_clamp, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[3] = {{4, {2, 4, 5, 5}, 0}, {4, {4, 4, 3, 3}, 0}, {4, {2, 4, 1, 1}, 0}};
       gradcheck("chain groupnorm-silu-conv-film-residual", b_chain, NULL, 3, s, 1e-2, 2e-3); }
 }
