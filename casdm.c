@@ -110,19 +110,13 @@ typedef struct {
     int flip;             // random horizontal flips by default (CIFAR, image folders; not IDX)
 } Dataset;
 
-static void load_cifar_file(Dataset *d, const char *path) {
+// a CIFAR-10 batch (appended) or an IDX file, through its decoder in formats.c
+typedef int (*images_decoder)(const unsigned char *, size_t, const char *, Images *, char *, size_t);
+static void load_data_file(Dataset *d, const char *path, images_decoder decode) {
     char err[600];
     size_t size;
     unsigned char *b = read_file(path, DATA_MAX_FILE, &size, err, sizeof err);
-    if (!b || cifar_decode(b, size, path, &d->img, err, sizeof err) != 0) fatal("--data: %s", err);
-    free(b);
-}
-
-static void load_idx(Dataset *d, const char *path) {
-    char err[600];
-    size_t size;
-    unsigned char *b = read_file(path, DATA_MAX_FILE, &size, err, sizeof err);
-    if (!b || idx_decode(b, size, path, &d->img, err, sizeof err) != 0) fatal("--data: %s", err);
+    if (!b || decode(b, size, path, &d->img, err, sizeof err) != 0) fatal("--data: %s", err);
     free(b);
 }
 
@@ -212,15 +206,15 @@ static void load_dataset(Dataset *d, const char *path) {
         char p[4096];
         for (int i = 1; i <= 5; i++) {
             snprintf(p, sizeof p, "%s/data_batch_%d.bin", path, i);
-            if (stat(p, &st) == 0) load_cifar_file(d, p);
+            if (stat(p, &st) == 0) load_data_file(d, p, cifar_decode);
         }
         if (d->img.n == 0) load_image_folder(d, path);
         d->flip = 1;
     } else if (ends_with(path, ".bin")) {
-        load_cifar_file(d, path);
+        load_data_file(d, path, cifar_decode);
         d->flip = 1;
     } else if (strstr(path, "idx3-ubyte")) {
-        load_idx(d, path);  // digits and letters are not mirror-symmetric: no flips by default
+        load_data_file(d, path, idx_decode);  // digits and letters are not mirror-symmetric: no flips by default
     } else {
         fatal("--data '%s': not a CIFAR-10 directory or .bin file, an IDX *-idx3-ubyte file, nor a directory of images", path);
     }
@@ -945,12 +939,15 @@ static void progress_line(const TrainOpts *o, long step, long step0, double elap
     fprintf(stderr, " | %.2f img/s | %.0fs elapsed, ETA %.0fs%s", ips, elapsed, eta, tty ? "   " : "\n");
 }
 
-// the checkpoint, or a message and exit 1 that names the last good one
+// a message and exit 1 that names the last good checkpoint (saved_step < 0: none)
+static void stop_run(const char *why, const char *ckpt, long saved_step) {
+    if (saved_step >= 0) fatal("%s; %s (step %ld) is untouched", why, ckpt, saved_step);
+    fatal("%s; nothing was saved", why);
+}
+
 static void save_or_die(const Trainer *tr, const TrainOpts *o, const char *ckpt, long saved_step) {
     char err[600];
-    if (save_checkpoint(tr, o, ckpt, err, sizeof err) == 0) return;
-    if (saved_step >= 0) fatal("%s; %s (step %ld) is untouched", err, ckpt, saved_step);
-    fatal("%s; nothing was saved", err);
+    if (save_checkpoint(tr, o, ckpt, err, sizeof err) != 0) stop_run(err, ckpt, saved_step);
 }
 
 static int cmd_train(int argc, char **argv) {
@@ -1032,8 +1029,8 @@ static int cmd_train(int argc, char **argv) {
         LossTerms lt;
         if (train_step(&tr, &g, &lc, &data, &o, flip, x0buf, t, fault, &lt, err, sizeof err) != 0) {
             if (tty) fprintf(stderr, "\n");
-            if (saved_step >= 0) fatal("%s: stopping (lower --lr, or set --grad-clip); %s (step %ld) is untouched", err, ckpt, saved_step);
-            fatal("%s: stopping (lower --lr, or set --grad-clip); nothing was saved", err);
+            strncat(err, ": stopping (lower --lr, or set --grad-clip)", sizeof err - strlen(err) - 1);
+            stop_run(err, ckpt, saved_step);
         }
         Tensor *terms[5] = {lt.loss, lt.l_eps, lt.l_x0, lt.l_mu, lt.l_lpips};
         for (int i = 0; i < 5; i++) sums[i] += terms[i] ? terms[i]->data[0] : 0.0;

@@ -402,9 +402,11 @@ static unsigned char *convert_channels(const unsigned char *img, size_t pixels, 
     return out;
 }
 
+static int pnm_space(unsigned char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
 // one number of a PNM header, after whitespace and comments
 static int pnm_number(const unsigned char *b, size_t n, size_t *p, long *v) {
-    while (*p < n && (b[*p] == ' ' || b[*p] == '\t' || b[*p] == '\n' || b[*p] == '\r' || b[*p] == '#'))
+    while (*p < n && (pnm_space(b[*p]) || b[*p] == '#'))
         if (b[(*p)++] == '#') while (*p < n && b[*p] != '\n') (*p)++;
     if (*p >= n || b[*p] < '0' || b[*p] > '9') return -1;
     long x = 0;
@@ -421,7 +423,7 @@ static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *n
     int ch = b[1] == '6' ? 3 : 1;
     long v[3];
     size_t p = 2;
-    if (n < 3 || !(b[2] == ' ' || b[2] == '\t' || b[2] == '\n' || b[2] == '\r' || b[2] == '#')) {
+    if (n < 3 || !(pnm_space(b[2]) || b[2] == '#')) {
         errorf(err, errlen, "'%s': bad PNM header", name);
         return NULL;
     }
@@ -437,7 +439,7 @@ static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *n
     }
     // exactly one whitespace byte ends the header
     uint64_t need = (uint64_t)v[0] * (uint64_t)v[1] * (uint64_t)ch;
-    if (p < n && !(b[p] == ' ' || b[p] == '\t' || b[p] == '\n' || b[p] == '\r')) {
+    if (p < n && !pnm_space(b[p])) {
         errorf(err, errlen, "'%s': bad PNM header (no whitespace after the maxval)", name);
         return NULL;
     }

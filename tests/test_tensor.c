@@ -214,20 +214,18 @@ static void test_gradchecks(void) {
     { InSpec s[5] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}, {4, {2, 8, 1, 1}, 0}, {2, {2, 8}, 0}};
       int a[4] = {4, 1, 1, 1};
       gradcheck("groupnorm_film_silu (FiLM + SiLU + dropout)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
+    // FiLM alone, then dropout with each other combination (forward once
+    // skipped the mask when there was neither FiLM nor SiLU, while backward
+    // applied it); a: groups, silu, FiLM, dropout
     { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
-      int a[4] = {2, 0, 1, 0};
-      gradcheck("groupnorm_film_silu (FiLM only)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
-    // dropout with each other combination (forward once skipped the mask
-    // when there was neither FiLM nor SiLU, while backward applied it)
-    { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
-      int a[4] = {2, 0, 0, 1};
-      gradcheck("groupnorm_film_silu (dropout only)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
-    { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
-      int a[4] = {2, 1, 0, 1};
-      gradcheck("groupnorm_film_silu (SiLU + dropout)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
-    { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
-      int a[4] = {2, 0, 1, 1};
-      gradcheck("groupnorm_film_silu (FiLM + dropout)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
+      static const struct { const char *name; int a[4]; } combos[] = {
+          {"groupnorm_film_silu (FiLM only)", {2, 0, 1, 0}},
+          {"groupnorm_film_silu (dropout only)", {2, 0, 0, 1}},
+          {"groupnorm_film_silu (SiLU + dropout)", {2, 1, 0, 1}},
+          {"groupnorm_film_silu (FiLM + dropout)", {2, 0, 1, 1}},
+      };
+      for (size_t i = 0; i < sizeof combos / sizeof combos[0]; i++)
+          gradcheck(combos[i].name, b_gn_film_silu, combos[i].a, 5, s, 1e-2, 2e-3); }
     { InSpec s[8] = {{4, {2, 8, 3, 4}, 0}, {1, {8}, 0}, {1, {8}, 0}, {2, {2, 8}, 0}, {2, {2, 8}, 0},
                      {4, {5, 8, 3, 3}, 0}, {1, {5}, 0}, {4, {2, 5, 3, 4}, 0}};
       int a[4] = {4, 1, 1, 1};
