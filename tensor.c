@@ -851,12 +851,295 @@ static void sgemm_pack_b(int transA, size_t M, size_t N, size_t K, const float *
 }
 
 // ---------------------------------------------------------------------------
-// ---- kernels ----
-// Raw pointers and sizes; each forward has its backward right below it.
-// Backward kernels accumulate into gradients and skip a NULL gradient.
+// ---- graph: tensors and the tape ----
+// ---------------------------------------------------------------------------
+void graph_init(Graph *g, size_t block_size, size_t limit) {
+    memset(g, 0, sizeof *g);
+    arena_init(&g->arena, "activations", block_size, limit);
+    g->grad_enabled = 1;
+}
+
+// ---- the gradient pool ----
+// A tensor's gradient is needed from the moment its first consumer's
+// backward writes to it until its producer's backward has read it; keeping
+// all of them to the end of the step would double the memory of a training
+// step. Buffers are malloc'd once and reused (best fit by size) from step to
+// step, so after the first step nothing is allocated from libc. PyTorch's
+// autograd frees gradients at the same point.
+struct GradBuf {
+    GradBuf *next;
+    size_t cap;           // floats
+    int in_use;
+    float *data;          // 64-byte aligned
+};
+
+static float *grad_take(Graph *g, size_t n) {
+    GradBuf *best = NULL;
+    for (GradBuf *b = g->grad_bufs; b; b = b->next)
+        if (!b->in_use && b->cap >= n && (!best || b->cap < best->cap)) best = b;
+    if (!best) {
+        best = mallocCheck(sizeof *best);
+        best->cap = n ? n : 1;
+        best->data = aligned_malloc(best->cap * sizeof(float));
+        best->next = g->grad_bufs;
+        g->grad_bufs = best;
+        g->grad_bytes += best->cap * sizeof(float);
+    }
+    best->in_use = 1;
+    g->grad_live += best->cap * sizeof(float);
+    if (g->grad_live > g->grad_peak) g->grad_peak = g->grad_live;
+    return best->data;
+}
+
+static void grad_give(Graph *g, float *data) {
+    for (GradBuf *b = g->grad_bufs; b; b = b->next)
+        if (b->data == data) {
+            b->in_use = 0;
+            g->grad_live -= b->cap * sizeof(float);
+            return;
+        }
+    fatal("grad_give: %p is not a pooled gradient", (void *)data);
+}
+
+void graph_reset(Graph *g) {
+    arena_reset(&g->arena);
+    for (GradBuf *b = g->grad_bufs; b; b = b->next) b->in_use = 0;
+    g->grad_live = 0;
+    g->last = NULL;
+    g->n_nodes = 0;
+}
+
+void graph_free(Graph *g) {
+    arena_free(&g->arena);
+    while (g->grad_bufs) {
+        GradBuf *next = g->grad_bufs->next;
+        aligned_free(g->grad_bufs->data);
+        free(g->grad_bufs);
+        g->grad_bufs = next;
+    }
+    g->grad_bytes = g->grad_live = 0;
+    g->last = NULL;
+    g->n_nodes = 0;
+    if (g->sub) {
+        graph_free(g->sub);
+        free(g->sub);
+        g->sub = NULL;
+    }
+}
+
+size_t shape_size(int ndim, const int *shape) {
+    size_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= (size_t)shape[i];
+    return n;
+}
+
+Tensor *tensor_new(Graph *g, int ndim, const int *shape) {
+    if (ndim < 1 || ndim > MAX_DIMS) fatal("tensor_new: %d dimensions (1..%d allowed)", ndim, MAX_DIMS);
+    Tensor *t = arena_alloc(&g->arena, sizeof *t);
+    memset(t, 0, sizeof *t);
+    t->ndim = ndim;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 0) fatal("tensor_new: negative dimension %d", shape[i]);
+        t->shape[i] = shape[i];
+    }
+    t->size = shape_size(ndim, shape);
+    t->data = arena_floats(&g->arena, t->size);
+    return t;
+}
+
+// In no-grad mode nothing is needed later but a block's output: release
+// everything allocated since mark m except y, which moves down to the mark.
+// The move is safe: y was allocated after m, so its new place is at a lower
+// address of the same block or in another block (memmove for the overlap).
+// With the tape on, nothing may be released and y is returned as it is.
+Tensor *graph_keep(Graph *g, ArenaMark m, Tensor *y) {
+    if (g->grad_enabled) return y;
+    Tensor t = *y;
+    arena_release(&g->arena, m);
+    Tensor *k = arena_alloc(&g->arena, sizeof *k);
+    *k = t;
+    k->data = arena_floats(&g->arena, t.size);
+    if (k->data != t.data) memmove(k->data, t.data, t.size * sizeof(float));
+    return k;
+}
+
+Tensor *tensor4(Graph *g, int n, int c, int h, int w) {
+    int s[4] = {n, c, h, w};
+    return tensor_new(g, 4, s);
+}
+
+Tensor *tensor_zeros(Graph *g, int ndim, const int *shape) {
+    Tensor *t = tensor_new(g, ndim, shape);
+    memset(t->data, 0, t->size * sizeof(float));
+    return t;
+}
+
+Tensor *tensor_from(Graph *g, int ndim, const int *shape, const float *data) {
+    Tensor *t = tensor_new(g, ndim, shape);
+    memcpy(t->data, data, t->size * sizeof(float));
+    return t;
+}
+
+float *tensor_grad(Graph *g, Tensor *t) {
+    if (!t->grad) {
+        t->grad = grad_take(g, t->size);
+        memset(t->grad, 0, t->size * sizeof(float));
+        t->grad_pooled = 1;
+    }
+    return t->grad;
+}
+
+int same_shape(const Tensor *a, const Tensor *b) {
+    if (a->ndim != b->ndim) return 0;
+    for (int i = 0; i < a->ndim; i++)
+        if (a->shape[i] != b->shape[i]) return 0;
+    return 1;
+}
+
+void shape_str(const Tensor *t, char *buf, size_t n) {
+    size_t used = 0;
+    used += (size_t)snprintf(buf, n, "(");
+    for (int i = 0; i < t->ndim && used < n; i++)
+        used += (size_t)snprintf(buf + used, n - used, i ? ",%d" : "%d", t->shape[i]);
+    if (used < n) snprintf(buf + used, n - used, ")");
+}
+
+static void check_4d(const Tensor *x, const char *op) {
+    if (x->ndim != 4) {
+        char s[64];
+        shape_str(x, s, sizeof s);
+        fatal("%s: expected an (N,C,H,W) tensor, got %s", op, s);
+    }
+}
+
+static int wants_grad(Graph *g, const Tensor *a, const Tensor *b, const Tensor *c) {
+    return g->grad_enabled && ((a && a->requires_grad) || (b && b->requires_grad) || (c && c->requires_grad));
+}
+
+// push a node; the output now requires a gradient
+static TapeNode *record(Graph *g, const char *op, backward_fn bw, Tensor *out,
+                        Tensor *a, Tensor *b, Tensor *c) {
+    TapeNode *n = arena_alloc(&g->arena, sizeof *n);
+    memset(n, 0, sizeof *n);
+    n->op = op;
+    n->backward = bw;
+    n->out = out;
+    n->in[0] = a;
+    n->in[1] = b;
+    n->in[2] = c;
+    n->prev = g->last;
+    g->last = n;
+    g->n_nodes++;
+    out->requires_grad = 1;
+    return n;
+}
+
+// the gradient buffer of input i of a node, or NULL if it needs none
+static float *input_grad(Graph *g, TapeNode *n, int i) {
+    Tensor *t = n->in[i];
+    return (t && t->requires_grad) ? tensor_grad(g, t) : NULL;
+}
+
+static void tape_backward(Graph *g, Tensor *out);
+
+void graph_backward(Graph *g, Tensor *out, const float *dout) {
+    float *go = tensor_grad(g, out);
+    if (dout) {
+        for (size_t i = 0; i < out->size; i++) go[i] += dout[i];
+    } else {
+        if (out->size != 1) fatal("graph_backward: output has %zu elements; pass dout", out->size);
+        go[0] += 1.0f;
+    }
+    tape_backward(g, out);
+}
+
+// the tape from its last node back, out->grad seeded
+static void tape_backward(Graph *g, Tensor *out) {
+    // Nodes run in reverse order of creation, so when a tensor's producer
+    // runs, every consumer has already added to its gradient: after the
+    // producer, nothing reads it again and the buffer goes back to the pool.
+    for (TapeNode *n = g->last; n; n = n->prev) {
+        if (!n->out->grad) continue;  // no gradient reached it: nothing to do
+        n->backward(g, n);
+        if (n->out != out && n->out->grad_pooled) {
+            grad_give(g, n->out->grad);
+            n->out->grad = NULL;
+            n->out->grad_pooled = 0;
+        }
+    }
+}
+
+// ---- checkpoint ----
+typedef struct {
+    checkpoint_fn fn;
+    void *ctx;            // the caller's context, copied into the arena
+    Rng rng;              // g->rng before the first run
+    int has_rng, n_in;
+} Checkpoint;
+
+static void checkpoint_node_backward(Graph *g, TapeNode *n) {
+    const Checkpoint *ck = n->saved3;
+    if (!g->sub) {
+        g->sub = mallocCheck(sizeof *g->sub);
+        graph_init(g->sub, g->arena.block_size, g->arena.limit);
+    }
+    Graph *sub = g->sub;
+    graph_reset(sub);
+    Rng rng = ck->rng;
+    sub->training = g->training;
+    sub->rng = ck->has_rng ? &rng : NULL;
+    // The inputs are leaves of the sub-graph that share data and gradient
+    // buffers with the outer inputs: the recomputed ops add into the outer
+    // gradients directly, in the order the outer tape would have.
+    Tensor *in[5];
+    for (int i = 0; i < ck->n_in; i++) {
+        in[i] = arena_alloc(&sub->arena, sizeof *in[i]);
+        *in[i] = *n->in[i];
+        in[i]->grad = input_grad(g, n, i);
+        in[i]->grad_pooled = 0;
+        in[i]->name = NULL;
+    }
+    double counted = flops_forward;  // the model's forward FLOPs: the rerun is not counted twice
+    Tensor *y = ck->fn(sub, ck->ctx, in);
+    flops_forward = counted;
+    if (y->size != n->out->size) fatal("checkpoint: the second run made %zu elements, the first %zu", y->size, n->out->size);
+    y->grad = n->out->grad;   // seeded with the outer gradient, not copied
+    y->grad_pooled = 0;
+    tape_backward(sub, y);
+}
+
+Tensor *checkpoint(Graph *g, checkpoint_fn fn, const void *ctx, size_t ctx_bytes, int n_in, Tensor **in) {
+    if (n_in < 1 || n_in > 5) fatal("checkpoint: %d inputs (1 to 5)", n_in);
+    if (!g->grad_enabled) return fn(g, ctx, in);
+    Checkpoint ck = {fn, NULL, {0, 0}, g->rng != NULL, n_in};
+    if (g->rng) ck.rng = *g->rng;
+    ArenaMark m = arena_mark(&g->arena);
+    g->grad_enabled = 0;
+    Tensor *y = graph_keep(g, m, fn(g, ctx, in));  // the temporaries are freed
+    g->grad_enabled = 1;
+    ck.ctx = arena_alloc(&g->arena, ctx_bytes);
+    memcpy(ck.ctx, ctx, ctx_bytes);
+    Checkpoint *saved = arena_alloc(&g->arena, sizeof *saved);
+    *saved = ck;
+    TapeNode *nd = record(g, "checkpoint", checkpoint_node_backward, y, NULL, NULL, NULL);
+    for (int i = 0; i < n_in; i++) nd->in[i] = in[i];
+    nd->saved3 = saved;
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- ops ----
+// One section per op, each in the same order: the kernel forward and
+// backward on raw pointers (backward accumulates, +=, into gradients and
+// skips a NULL one), the plain reference kernels where a fast one needs a
+// witness, the tape node's backward, then the graph op on Tensors.
 // ---------------------------------------------------------------------------
 
-// ---- convolution (im2col + GEMM) ----
+// ---------------------------------------------------------------------------
+// ---- op: convolution ----
+// conv2d, conv2d_add (+ per-channel shift + residual), conv2d_relu
+// ---------------------------------------------------------------------------
+
 // col (C*K*K, OH*OW): row (c, ky, kx) holds inp[c] shifted by (ky, kx)
 typedef struct {
     float *col; const float *img;
@@ -1214,7 +1497,106 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
     }
 }
 
-// ---- linear ----
+// conv2d: x (N,C,H,W), w (OC,C,K,K), b (OC) or NULL
+static void conv2d_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0], *w = n->in[1];
+    int stride = n->iarg[0], pad = n->iarg[1], K = w->shape[2];
+    float *dx = input_grad(g, n, 0), *dw = input_grad(g, n, 1), *db = input_grad(g, n, 2);
+    ArenaMark m = arena_mark(&g->arena);
+    float *col = NULL;
+    if (dx || dw)
+        col = arena_floats(&g->arena, conv2d_backward_scratch(x->shape[0], x->shape[1], x->shape[2], x->shape[3],
+                                                              w->shape[0], K, stride, pad));
+    conv2d_backward(dx, dw, db, n->out->grad, x->data, w->data, col, x->shape[0], x->shape[1],
+                    x->shape[2], x->shape[3], w->shape[0], K, stride, pad);
+    arena_release(&g->arena, m);
+}
+
+// conv2d_add's extra inputs: dshift (N,OC) = dy summed over OH,OW; dresidual = dy
+static void conv2d_add_node_backward(Graph *g, TapeNode *n) {
+    conv2d_node_backward(g, n);
+    Tensor *shift = n->in[3], *res = n->in[4];
+    const float *dy = n->out->grad;
+    size_t NOC = (size_t)n->out->shape[0] * n->out->shape[1], ohw = (size_t)n->out->shape[2] * n->out->shape[3];
+    if (shift && shift->requires_grad) {
+        float *ds = tensor_grad(g, shift);
+        for (size_t r = 0; r < NOC; r++) {
+            float acc = 0.0f;
+            for (size_t i = 0; i < ohw; i++) acc += dy[r * ohw + i];
+            ds[r] += acc;
+        }
+    }
+    if (res && res->requires_grad) {
+        float *dr = tensor_grad(g, res);
+        for (size_t i = 0; i < n->out->size; i++) dr[i] += dy[i];
+    }
+}
+
+Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad) {
+    check_4d(x, "conv2d");
+    if (w->ndim != 4 || w->shape[1] != x->shape[1] || w->shape[2] != w->shape[3] ||
+        (b && (int)b->size != w->shape[0])) {
+        char sx[64], sw[64];
+        shape_str(x, sx, sizeof sx);
+        shape_str(w, sw, sizeof sw);
+        fatal("conv2d: input %s does not fit weight %s%s", sx, sw, b ? " and bias" : "");
+    }
+    int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    int OC = w->shape[0], K = w->shape[2];
+    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
+    if (shift && shift->size != (size_t)N * OC) fatal("conv2d_add: shift must have N*OC = %d elements", N * OC);
+    if (residual && (residual->ndim != 4 || residual->shape[0] != N || residual->shape[1] != OC ||
+                     residual->shape[2] != OH || residual->shape[3] != OW))
+        fatal("conv2d_add: residual must be (%d,%d,%d,%d)", N, OC, OH, OW);
+    Tensor *y = tensor4(g, N, OC, OH, OW);
+    ArenaMark m = arena_mark(&g->arena);
+    float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, stride, pad));
+    conv2d_add_forward(y->data, x->data, w->data, b ? b->data : NULL, shift ? shift->data : NULL,
+                       residual ? residual->data : NULL, col, N, C, H, W, OC, K, stride, pad);
+    arena_release(&g->arena, m);
+    int extra = g->grad_enabled && ((shift && shift->requires_grad) || (residual && residual->requires_grad));
+    if (wants_grad(g, x, w, b) || extra) {
+        TapeNode *nd = record(g, shift || residual ? "conv2d_add" : "conv2d", conv2d_add_node_backward, y, x, w, b);
+        nd->iarg[0] = stride;
+        nd->iarg[1] = pad;
+        nd->in[3] = shift;
+        nd->in[4] = residual;
+    }
+    return y;
+}
+
+// relu(conv2d(x)): the ReLU works in place on the convolution's output and
+// its backward reads that output (relu' = [y > 0]), so the pre-activation is
+// never stored: one activation fewer per VGG layer in LPIPS.
+static void conv2d_relu_node_backward(Graph *g, TapeNode *n) {
+    float *dy = n->out->grad;  // this node's own gradient: nobody reads it after us
+    const float *y = n->out->data;
+    for (size_t i = 0; i < n->out->size; i++) if (!(y[i] > 0.0f)) dy[i] = 0.0f;
+    conv2d_node_backward(g, n);
+}
+
+Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
+    int saved = g->grad_enabled;
+    g->grad_enabled = 0;  // the plain convolution, untaped
+    Tensor *y = conv2d(g, x, w, b, stride, pad);
+    g->grad_enabled = saved;
+    for (size_t i = 0; i < y->size; i++) y->data[i] = y->data[i] > 0.0f ? y->data[i] : 0.0f;
+    if (wants_grad(g, x, w, b)) {
+        TapeNode *nd = record(g, "conv2d_relu", conv2d_relu_node_backward, y, x, w, b);
+        nd->iarg[0] = stride;
+        nd->iarg[1] = pad;
+    }
+    return y;
+}
+
+Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
+    return conv2d_add(g, x, w, b, NULL, NULL, stride, pad);
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: linear ----
+// ---------------------------------------------------------------------------
+
 // out (N,OUT) = inp (N,IN) @ weight (OUT,IN)^T + bias (OUT)
 void linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int IN, int OUT) {
@@ -1236,7 +1618,31 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
         }
 }
 
-// ---- batched matmul ----
+// linear: x (N,IN), w (OUT,IN), b (OUT) or NULL
+static void linear_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0], *w = n->in[1];
+    linear_backward(input_grad(g, n, 0), input_grad(g, n, 1), input_grad(g, n, 2), n->out->grad,
+                    x->data, w->data, x->shape[0], w->shape[1], w->shape[0]);
+}
+
+Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b) {
+    if (x->ndim != 2 || w->ndim != 2 || w->shape[1] != x->shape[1] || (b && (int)b->size != w->shape[0])) {
+        char sx[64], sw[64];
+        shape_str(x, sx, sizeof sx);
+        shape_str(w, sw, sizeof sw);
+        fatal("linear: input %s does not fit weight %s", sx, sw);
+    }
+    int s[2] = {x->shape[0], w->shape[0]};
+    Tensor *y = tensor_new(g, 2, s);
+    linear_forward(y->data, x->data, w->data, b ? b->data : NULL, x->shape[0], x->shape[1], w->shape[0]);
+    if (wants_grad(g, x, w, b)) record(g, "linear", linear_node_backward, y, x, w, b);
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: batched matmul ----
+// ---------------------------------------------------------------------------
+
 // out[b] (M,N) = op(a[b]) (M,K) @ op(b[b]) (K,N); a[b] is (M,K), or (K,M) if transA
 typedef struct {
     float *out; const float *a, *b;
@@ -1289,7 +1695,47 @@ void matmul_backward(float *da, float *db, const float *dout, const float *a, co
     parallel_for((size_t)batch, 1, matmul_backward_range, &m);
 }
 
-// ---- group norm ----
+// matmul: a (B,M,K) or (B,K,M) if transA; b (B,K,N) or (B,N,K) if transB; 2-D = batch 1
+static void matmul_dims(const Tensor *t, int *batch, int *r, int *c) {
+    if (t->ndim == 2) { *batch = 1; *r = t->shape[0]; *c = t->shape[1]; }
+    else if (t->ndim == 3) { *batch = t->shape[0]; *r = t->shape[1]; *c = t->shape[2]; }
+    else fatal("matmul: expected a 2-D or 3-D tensor, got %d-D", t->ndim);
+}
+
+static void matmul_node_backward(Graph *g, TapeNode *n) {
+    int ta = n->iarg[0], tb = n->iarg[1], batch = n->iarg[2], M = n->iarg[3], N = n->iarg[4], K = n->iarg[5];
+    matmul_backward(input_grad(g, n, 0), input_grad(g, n, 1), n->out->grad, n->in[0]->data,
+                    n->in[1]->data, batch, M, N, K, ta, tb);
+}
+
+Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB) {
+    int ba, ar, ac, bb, br, bc;
+    matmul_dims(a, &ba, &ar, &ac);
+    matmul_dims(b, &bb, &br, &bc);
+    int M = transA ? ac : ar, K = transA ? ar : ac, K2 = transB ? bc : br, N = transB ? br : bc;
+    if (ba != bb || K != K2) {
+        char sa[64], sb[64];
+        shape_str(a, sa, sizeof sa);
+        shape_str(b, sb, sizeof sb);
+        fatal("matmul: %s%s @ %s%s do not fit", sa, transA ? "^T" : "", sb, transB ? "^T" : "");
+    }
+    int s[3] = {ba, M, N};
+    Tensor *y = a->ndim == 3 ? tensor_new(g, 3, s) : tensor_new(g, 2, s + 1);
+    matmul_forward(y->data, a->data, b->data, ba, M, N, K, transA, transB);
+    if (wants_grad(g, a, b, NULL)) {
+        TapeNode *nd = record(g, "matmul", matmul_node_backward, y, a, b, NULL);
+        int args[6] = {transA, transB, ba, M, N, K};
+        memcpy(nd->iarg, args, sizeof args);
+    }
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: group norm and its fused forms ----
+// groupnorm; groupnorm_film_silu (the norm, FiLM, SiLU and dropout in one pass);
+// norm_conv2d (that, then a convolution, the norm's output not kept)
+// ---------------------------------------------------------------------------
+
 // out (N,C,HW) = (inp - mean[n,g]) * rstd[n,g] * gamma[c] + beta[c]
 // Statistics in double over the (C/G)*HW elements of a group, variance
 // biased, as torch.nn.GroupNorm (eps inside the square root).
@@ -1540,994 +1986,6 @@ void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, floa
     parallel_for((size_t)G, 1, groupnorm_backward_range, &a);
 }
 
-// ---- pointwise activations: SiLU, ReLU, sigmoid ----
-typedef struct { float *out; const float *inp; float *dinp; const float *dout; int act; } Act;
-
-static void act_forward_range(void *arg, size_t i0, size_t i1) {
-    const Act *a = arg;
-    for (size_t i = i0; i < i1; i++) {
-        float x = a->inp[i];
-        switch (a->act) {
-        case ACT_SILU: a->out[i] = x * sigmoidf(x); break;
-        case ACT_RELU: a->out[i] = x > 0.0f ? x : 0.0f; break;
-        default: a->out[i] = sigmoidf(x); break;
-        }
-    }
-}
-
-void activation_forward(float *out, const float *inp, size_t n, int act) {
-    Act a = {out, inp, NULL, NULL, act};
-    parallel_for(n, 1 << 14, act_forward_range, &a);
-}
-
-// silu' = s (1 + x (1 - s)); relu' = [x > 0]; sigmoid' = y (1 - y) from the output
-static void act_backward_range(void *arg, size_t i0, size_t i1) {
-    const Act *a = arg;
-    for (size_t i = i0; i < i1; i++) {
-        float x = a->inp[i], g;
-        switch (a->act) {
-        case ACT_SILU: { float s = sigmoidf(x); g = s * (1.0f + x * (1.0f - s)); break; }
-        case ACT_RELU: g = x > 0.0f ? 1.0f : 0.0f; break;
-        default: { float y = a->out[i]; g = y * (1.0f - y); break; }
-        }
-        a->dinp[i] += a->dout[i] * g;
-    }
-}
-
-void activation_backward(float *dinp, const float *dout, const float *inp, const float *out,
-                         size_t n, int act) {
-    Act a = {(float *)out, inp, dinp, dout, act};
-    parallel_for(n, 1 << 14, act_backward_range, &a);
-}
-
-// ---- softmax over the last axis ----
-typedef struct { float *out; const float *inp; float *dinp; const float *dout; size_t len; } Softmax;
-
-static void softmax_forward_range(void *arg, size_t r0, size_t r1) {
-    const Softmax *a = arg;
-    for (size_t r = r0; r < r1; r++) {
-        const float *x = a->inp + r * a->len;
-        float *y = a->out + r * a->len;
-        float mx = -FLT_MAX;
-        for (size_t i = 0; i < a->len; i++) mx = x[i] > mx ? x[i] : mx;
-        float s = 0.0f;
-        for (size_t i = 0; i < a->len; i++) { y[i] = expf(x[i] - mx); s += y[i]; }
-        float inv = 1.0f / s;
-        for (size_t i = 0; i < a->len; i++) y[i] *= inv;
-    }
-}
-
-void softmax_forward(float *out, const float *inp, size_t rows, size_t len) {
-    Softmax a = {out, inp, NULL, NULL, len};
-    parallel_for(rows, 16, softmax_forward_range, &a);
-}
-
-// dx = y * (dy - sum(dy * y))
-static void softmax_backward_range(void *arg, size_t r0, size_t r1) {
-    const Softmax *a = arg;
-    for (size_t r = r0; r < r1; r++) {
-        const float *y = a->out + r * a->len, *dy = a->dout + r * a->len;
-        float *dx = a->dinp + r * a->len;
-        float dot = 0.0f;
-        for (size_t i = 0; i < a->len; i++) dot += dy[i] * y[i];
-        for (size_t i = 0; i < a->len; i++) dx[i] += y[i] * (dy[i] - dot);
-    }
-}
-
-void softmax_backward(float *dinp, const float *dout, const float *out, size_t rows, size_t len) {
-    Softmax a = {(float *)out, NULL, dinp, dout, len};
-    parallel_for(rows, 16, softmax_backward_range, &a);
-}
-
-// ---- nearest 2x upsample ----
-// out (P, 2H, 2W)[y][x] = inp (P, H, W)[y/2][x/2]; P = N*C planes, split
-// between the threads (as the 2x2 average pool below)
-typedef struct { float *out; const float *inp; int H, W; } Planes;
-
-static void upsample2x_forward_range(void *arg, size_t p0, size_t p1) {
-    const Planes *t = arg;
-    int H = t->H, W = t->W;
-    for (size_t p = p0; p < p1; p++) {
-        const float *x = t->inp + p * H * W;
-        float *y = t->out + p * 4 * H * W;
-        for (int oy = 0; oy < 2 * H; oy++)
-            for (int ox = 0; ox < 2 * W; ox++) y[(size_t)oy * 2 * W + ox] = x[(size_t)(oy / 2) * W + ox / 2];
-    }
-}
-
-void upsample2x_forward(float *out, const float *inp, size_t P, int H, int W) {
-    Planes t = {out, inp, H, W};
-    parallel_for(P, 8, upsample2x_forward_range, &t);
-}
-
-static void upsample2x_backward_range(void *arg, size_t p0, size_t p1) {  // out: dinp, inp: dout
-    const Planes *t = arg;
-    int H = t->H, W = t->W;
-    for (size_t p = p0; p < p1; p++) {
-        float *dx = t->out + p * H * W;
-        const float *dy = t->inp + p * 4 * H * W;
-        for (int iy = 0; iy < H; iy++)
-            for (int ix = 0; ix < W; ix++) {
-                const float *d = dy + (size_t)(2 * iy) * 2 * W + 2 * ix;
-                dx[(size_t)iy * W + ix] += d[0] + d[1] + d[2 * W] + d[2 * W + 1];
-            }
-    }
-}
-
-void upsample2x_backward(float *dinp, const float *dout, size_t P, int H, int W) {
-    Planes t = {dinp, dout, H, W};
-    parallel_for(P, 8, upsample2x_backward_range, &t);
-}
-
-// ---- 2x2 average pool, stride 2 ----
-// out (P, H/2, W/2) = mean of each 2x2 window, summed row by row as PyTorch
-static void avgpool2x2_forward_range(void *arg, size_t p0, size_t p1) {
-    const Planes *t = arg;
-    int H = t->H, W = t->W, OH = H / 2, OW = W / 2;
-    for (size_t p = p0; p < p1; p++) {
-        const float *x = t->inp + p * H * W;
-        float *y = t->out + p * OH * OW;
-        for (int oy = 0; oy < OH; oy++)
-            for (int ox = 0; ox < OW; ox++) {
-                const float *a = x + (size_t)(2 * oy) * W + 2 * ox;
-                y[(size_t)oy * OW + ox] = (a[0] + a[1] + a[W] + a[W + 1]) / 4.0f;
-            }
-    }
-}
-
-void avgpool2x2_forward(float *out, const float *inp, size_t P, int H, int W) {
-    Planes t = {out, inp, H, W};
-    parallel_for(P, 8, avgpool2x2_forward_range, &t);
-}
-
-static void avgpool2x2_backward_range(void *arg, size_t p0, size_t p1) {  // out: dinp, inp: dout
-    const Planes *t = arg;
-    int H = t->H, W = t->W, OH = H / 2, OW = W / 2;
-    for (size_t p = p0; p < p1; p++) {
-        float *dx = t->out + p * H * W;
-        const float *dy = t->inp + p * OH * OW;
-        for (int oy = 0; oy < OH; oy++)
-            for (int ox = 0; ox < OW; ox++) {
-                float g = dy[(size_t)oy * OW + ox] / 4.0f;
-                float *a = dx + (size_t)(2 * oy) * W + 2 * ox;
-                a[0] += g; a[1] += g; a[W] += g; a[W + 1] += g;
-            }
-    }
-}
-
-void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W) {
-    Planes t = {dinp, dout, H, W};
-    parallel_for(P, 8, avgpool2x2_backward_range, &t);
-}
-
-// ---- bilinear resize, align_corners=False ----
-// As PyTorch's upsample_bilinear2d: src = (dst + 0.5) * in/out - 0.5, clamped
-// at 0; the second tap is clamped at the last row/column.
-typedef struct { int i0, i1; float l0, l1; } Tap;
-
-static Tap bilinear_tap(int dst, int in, int out) {
-    float scale = (float)in / (float)out;
-    float src = scale * ((float)dst + 0.5f) - 0.5f;
-    if (src < 0.0f) src = 0.0f;
-    Tap t;
-    t.i0 = (int)src;
-    t.i1 = t.i0 < in - 1 ? t.i0 + 1 : t.i0;
-    t.l1 = src - (float)t.i0;
-    t.l0 = 1.0f - t.l1;
-    return t;
-}
-
-typedef struct { float *out; const float *inp; int H, W, OH, OW; } Resize;
-
-static void resize_forward_range(void *arg, size_t p0, size_t p1) {
-    const Resize *a = arg;
-    for (size_t p = p0; p < p1; p++) {
-        const float *x = a->inp + p * a->H * a->W;
-        float *y = a->out + p * a->OH * a->OW;
-        for (int oy = 0; oy < a->OH; oy++) {
-            Tap ty = bilinear_tap(oy, a->H, a->OH);
-            const float *r0 = x + (size_t)ty.i0 * a->W, *r1 = x + (size_t)ty.i1 * a->W;
-            for (int ox = 0; ox < a->OW; ox++) {
-                Tap tx = bilinear_tap(ox, a->W, a->OW);
-                y[(size_t)oy * a->OW + ox] = ty.l0 * (tx.l0 * r0[tx.i0] + tx.l1 * r0[tx.i1]) +
-                                             ty.l1 * (tx.l0 * r1[tx.i0] + tx.l1 * r1[tx.i1]);
-            }
-        }
-    }
-}
-
-void resize_bilinear_forward(float *out, const float *inp, size_t P, int H, int W, int OH, int OW) {
-    Resize a = {out, inp, H, W, OH, OW};
-    parallel_for(P, 1, resize_forward_range, &a);
-}
-
-// the adjoint: each output scatters its gradient to its four taps
-static void resize_backward_range(void *arg, size_t p0, size_t p1) {
-    const Resize *a = arg;  // out = dout, inp = dinp
-    for (size_t p = p0; p < p1; p++) {
-        float *dx = (float *)a->inp + p * a->H * a->W;
-        const float *dy = a->out + p * a->OH * a->OW;
-        for (int oy = 0; oy < a->OH; oy++) {
-            Tap ty = bilinear_tap(oy, a->H, a->OH);
-            float *r0 = dx + (size_t)ty.i0 * a->W, *r1 = dx + (size_t)ty.i1 * a->W;
-            for (int ox = 0; ox < a->OW; ox++) {
-                Tap tx = bilinear_tap(ox, a->W, a->OW);
-                float g = dy[(size_t)oy * a->OW + ox];
-                r0[tx.i0] += ty.l0 * tx.l0 * g;
-                r0[tx.i1] += ty.l0 * tx.l1 * g;
-                r1[tx.i0] += ty.l1 * tx.l0 * g;
-                r1[tx.i1] += ty.l1 * tx.l1 * g;
-            }
-        }
-    }
-}
-
-void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH, int OW) {
-    Resize a = {(float *)dout, dinp, H, W, OH, OW};
-    parallel_for(P, 1, resize_backward_range, &a);
-}
-
-// ---- per-pixel L2 normalisation over channels (LPIPS' normalize_tensor) ----
-// out[n,c,p] = inp[n,c,p] / (sqrt(sum_c inp^2) + eps); norm (N,HW) saved
-void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps) {
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C * HW;
-        float *y = out + (size_t)n * C * HW;
-        for (int p = 0; p < HW; p++) {
-            float s = 0.0f;
-            for (int c = 0; c < C; c++) s += x[(size_t)c * HW + p] * x[(size_t)c * HW + p];
-            float nr = sqrtf(s);
-            norm[(size_t)n * HW + p] = nr;
-            float inv = 1.0f / (nr + eps);
-            for (int c = 0; c < C; c++) y[(size_t)c * HW + p] = x[(size_t)c * HW + p] * inv;
-        }
-    }
-}
-
-// with d = s + eps, s = ||x||: dx_c = dy_c / d - x_c * (sum_k dy_k x_k) / (d^2 s)
-void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
-                     int N, int C, int HW, float eps) {
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C * HW, *dy = dout + (size_t)n * C * HW;
-        float *dx = dinp + (size_t)n * C * HW;
-        for (int p = 0; p < HW; p++) {
-            float s = norm[(size_t)n * HW + p], d = s + eps;
-            float dot = 0.0f;
-            for (int c = 0; c < C; c++) dot += dy[(size_t)c * HW + p] * x[(size_t)c * HW + p];
-            float k = s > 0.0f ? dot / (d * d * s) : 0.0f;
-            for (int c = 0; c < C; c++) {
-                size_t i = (size_t)c * HW + p;
-                dx[i] += dy[i] / d - x[i] * k;
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// ---- graph: tensors and the tape ----
-// ---------------------------------------------------------------------------
-void graph_init(Graph *g, size_t block_size, size_t limit) {
-    memset(g, 0, sizeof *g);
-    arena_init(&g->arena, "activations", block_size, limit);
-    g->grad_enabled = 1;
-}
-
-// ---- the gradient pool ----
-// A tensor's gradient is needed from the moment its first consumer's
-// backward writes to it until its producer's backward has read it; keeping
-// all of them to the end of the step would double the memory of a training
-// step. Buffers are malloc'd once and reused (best fit by size) from step to
-// step, so after the first step nothing is allocated from libc. PyTorch's
-// autograd frees gradients at the same point.
-struct GradBuf {
-    GradBuf *next;
-    size_t cap;           // floats
-    int in_use;
-    float *data;          // 64-byte aligned
-};
-
-static float *grad_take(Graph *g, size_t n) {
-    GradBuf *best = NULL;
-    for (GradBuf *b = g->grad_bufs; b; b = b->next)
-        if (!b->in_use && b->cap >= n && (!best || b->cap < best->cap)) best = b;
-    if (!best) {
-        best = mallocCheck(sizeof *best);
-        best->cap = n ? n : 1;
-        best->data = aligned_malloc(best->cap * sizeof(float));
-        best->next = g->grad_bufs;
-        g->grad_bufs = best;
-        g->grad_bytes += best->cap * sizeof(float);
-    }
-    best->in_use = 1;
-    g->grad_live += best->cap * sizeof(float);
-    if (g->grad_live > g->grad_peak) g->grad_peak = g->grad_live;
-    return best->data;
-}
-
-static void grad_give(Graph *g, float *data) {
-    for (GradBuf *b = g->grad_bufs; b; b = b->next)
-        if (b->data == data) {
-            b->in_use = 0;
-            g->grad_live -= b->cap * sizeof(float);
-            return;
-        }
-    fatal("grad_give: %p is not a pooled gradient", (void *)data);
-}
-
-void graph_reset(Graph *g) {
-    arena_reset(&g->arena);
-    for (GradBuf *b = g->grad_bufs; b; b = b->next) b->in_use = 0;
-    g->grad_live = 0;
-    g->last = NULL;
-    g->n_nodes = 0;
-}
-
-void graph_free(Graph *g) {
-    arena_free(&g->arena);
-    while (g->grad_bufs) {
-        GradBuf *next = g->grad_bufs->next;
-        aligned_free(g->grad_bufs->data);
-        free(g->grad_bufs);
-        g->grad_bufs = next;
-    }
-    g->grad_bytes = g->grad_live = 0;
-    g->last = NULL;
-    g->n_nodes = 0;
-    if (g->sub) {
-        graph_free(g->sub);
-        free(g->sub);
-        g->sub = NULL;
-    }
-}
-
-size_t shape_size(int ndim, const int *shape) {
-    size_t n = 1;
-    for (int i = 0; i < ndim; i++) n *= (size_t)shape[i];
-    return n;
-}
-
-Tensor *tensor_new(Graph *g, int ndim, const int *shape) {
-    if (ndim < 1 || ndim > MAX_DIMS) fatal("tensor_new: %d dimensions (1..%d allowed)", ndim, MAX_DIMS);
-    Tensor *t = arena_alloc(&g->arena, sizeof *t);
-    memset(t, 0, sizeof *t);
-    t->ndim = ndim;
-    for (int i = 0; i < ndim; i++) {
-        if (shape[i] < 0) fatal("tensor_new: negative dimension %d", shape[i]);
-        t->shape[i] = shape[i];
-    }
-    t->size = shape_size(ndim, shape);
-    t->data = arena_floats(&g->arena, t->size);
-    return t;
-}
-
-// In no-grad mode nothing is needed later but a block's output: release
-// everything allocated since mark m except y, which moves down to the mark.
-// The move is safe: y was allocated after m, so its new place is at a lower
-// address of the same block or in another block (memmove for the overlap).
-// With the tape on, nothing may be released and y is returned as it is.
-Tensor *graph_keep(Graph *g, ArenaMark m, Tensor *y) {
-    if (g->grad_enabled) return y;
-    Tensor t = *y;
-    arena_release(&g->arena, m);
-    Tensor *k = arena_alloc(&g->arena, sizeof *k);
-    *k = t;
-    k->data = arena_floats(&g->arena, t.size);
-    if (k->data != t.data) memmove(k->data, t.data, t.size * sizeof(float));
-    return k;
-}
-
-Tensor *tensor4(Graph *g, int n, int c, int h, int w) {
-    int s[4] = {n, c, h, w};
-    return tensor_new(g, 4, s);
-}
-
-Tensor *tensor_zeros(Graph *g, int ndim, const int *shape) {
-    Tensor *t = tensor_new(g, ndim, shape);
-    memset(t->data, 0, t->size * sizeof(float));
-    return t;
-}
-
-Tensor *tensor_from(Graph *g, int ndim, const int *shape, const float *data) {
-    Tensor *t = tensor_new(g, ndim, shape);
-    memcpy(t->data, data, t->size * sizeof(float));
-    return t;
-}
-
-float *tensor_grad(Graph *g, Tensor *t) {
-    if (!t->grad) {
-        t->grad = grad_take(g, t->size);
-        memset(t->grad, 0, t->size * sizeof(float));
-        t->grad_pooled = 1;
-    }
-    return t->grad;
-}
-
-int same_shape(const Tensor *a, const Tensor *b) {
-    if (a->ndim != b->ndim) return 0;
-    for (int i = 0; i < a->ndim; i++)
-        if (a->shape[i] != b->shape[i]) return 0;
-    return 1;
-}
-
-void shape_str(const Tensor *t, char *buf, size_t n) {
-    size_t used = 0;
-    used += (size_t)snprintf(buf, n, "(");
-    for (int i = 0; i < t->ndim && used < n; i++)
-        used += (size_t)snprintf(buf + used, n - used, i ? ",%d" : "%d", t->shape[i]);
-    if (used < n) snprintf(buf + used, n - used, ")");
-}
-
-static void check_4d(const Tensor *x, const char *op) {
-    if (x->ndim != 4) {
-        char s[64];
-        shape_str(x, s, sizeof s);
-        fatal("%s: expected an (N,C,H,W) tensor, got %s", op, s);
-    }
-}
-
-static int wants_grad(Graph *g, const Tensor *a, const Tensor *b, const Tensor *c) {
-    return g->grad_enabled && ((a && a->requires_grad) || (b && b->requires_grad) || (c && c->requires_grad));
-}
-
-// push a node; the output now requires a gradient
-static TapeNode *record(Graph *g, const char *op, backward_fn bw, Tensor *out,
-                        Tensor *a, Tensor *b, Tensor *c) {
-    TapeNode *n = arena_alloc(&g->arena, sizeof *n);
-    memset(n, 0, sizeof *n);
-    n->op = op;
-    n->backward = bw;
-    n->out = out;
-    n->in[0] = a;
-    n->in[1] = b;
-    n->in[2] = c;
-    n->prev = g->last;
-    g->last = n;
-    g->n_nodes++;
-    out->requires_grad = 1;
-    return n;
-}
-
-// the gradient buffer of input i of a node, or NULL if it needs none
-static float *input_grad(Graph *g, TapeNode *n, int i) {
-    Tensor *t = n->in[i];
-    return (t && t->requires_grad) ? tensor_grad(g, t) : NULL;
-}
-
-static void tape_backward(Graph *g, Tensor *out);
-
-void graph_backward(Graph *g, Tensor *out, const float *dout) {
-    float *go = tensor_grad(g, out);
-    if (dout) {
-        for (size_t i = 0; i < out->size; i++) go[i] += dout[i];
-    } else {
-        if (out->size != 1) fatal("graph_backward: output has %zu elements; pass dout", out->size);
-        go[0] += 1.0f;
-    }
-    tape_backward(g, out);
-}
-
-// the tape from its last node back, out->grad seeded
-static void tape_backward(Graph *g, Tensor *out) {
-    // Nodes run in reverse order of creation, so when a tensor's producer
-    // runs, every consumer has already added to its gradient: after the
-    // producer, nothing reads it again and the buffer goes back to the pool.
-    for (TapeNode *n = g->last; n; n = n->prev) {
-        if (!n->out->grad) continue;  // no gradient reached it: nothing to do
-        n->backward(g, n);
-        if (n->out != out && n->out->grad_pooled) {
-            grad_give(g, n->out->grad);
-            n->out->grad = NULL;
-            n->out->grad_pooled = 0;
-        }
-    }
-}
-
-// ---- checkpoint ----
-typedef struct {
-    checkpoint_fn fn;
-    void *ctx;            // the caller's context, copied into the arena
-    Rng rng;              // g->rng before the first run
-    int has_rng, n_in;
-} Checkpoint;
-
-static void checkpoint_node_backward(Graph *g, TapeNode *n) {
-    const Checkpoint *ck = n->saved3;
-    if (!g->sub) {
-        g->sub = mallocCheck(sizeof *g->sub);
-        graph_init(g->sub, g->arena.block_size, g->arena.limit);
-    }
-    Graph *sub = g->sub;
-    graph_reset(sub);
-    Rng rng = ck->rng;
-    sub->training = g->training;
-    sub->rng = ck->has_rng ? &rng : NULL;
-    // The inputs are leaves of the sub-graph that share data and gradient
-    // buffers with the outer inputs: the recomputed ops add into the outer
-    // gradients directly, in the order the outer tape would have.
-    Tensor *in[5];
-    for (int i = 0; i < ck->n_in; i++) {
-        in[i] = arena_alloc(&sub->arena, sizeof *in[i]);
-        *in[i] = *n->in[i];
-        in[i]->grad = input_grad(g, n, i);
-        in[i]->grad_pooled = 0;
-        in[i]->name = NULL;
-    }
-    double counted = flops_forward;  // the model's forward FLOPs: the rerun is not counted twice
-    Tensor *y = ck->fn(sub, ck->ctx, in);
-    flops_forward = counted;
-    if (y->size != n->out->size) fatal("checkpoint: the second run made %zu elements, the first %zu", y->size, n->out->size);
-    y->grad = n->out->grad;   // seeded with the outer gradient, not copied
-    y->grad_pooled = 0;
-    tape_backward(sub, y);
-}
-
-Tensor *checkpoint(Graph *g, checkpoint_fn fn, const void *ctx, size_t ctx_bytes, int n_in, Tensor **in) {
-    if (n_in < 1 || n_in > 5) fatal("checkpoint: %d inputs (1 to 5)", n_in);
-    if (!g->grad_enabled) return fn(g, ctx, in);
-    Checkpoint ck = {fn, NULL, {0, 0}, g->rng != NULL, n_in};
-    if (g->rng) ck.rng = *g->rng;
-    ArenaMark m = arena_mark(&g->arena);
-    g->grad_enabled = 0;
-    Tensor *y = graph_keep(g, m, fn(g, ctx, in));  // the temporaries are freed
-    g->grad_enabled = 1;
-    ck.ctx = arena_alloc(&g->arena, ctx_bytes);
-    memcpy(ck.ctx, ctx, ctx_bytes);
-    Checkpoint *saved = arena_alloc(&g->arena, sizeof *saved);
-    *saved = ck;
-    TapeNode *nd = record(g, "checkpoint", checkpoint_node_backward, y, NULL, NULL, NULL);
-    for (int i = 0; i < n_in; i++) nd->in[i] = in[i];
-    nd->saved3 = saved;
-    return y;
-}
-
-// ---------------------------------------------------------------------------
-// ---- graph ops ----
-// ---------------------------------------------------------------------------
-
-// conv2d: x (N,C,H,W), w (OC,C,K,K), b (OC) or NULL
-static void conv2d_node_backward(Graph *g, TapeNode *n) {
-    Tensor *x = n->in[0], *w = n->in[1];
-    int stride = n->iarg[0], pad = n->iarg[1], K = w->shape[2];
-    float *dx = input_grad(g, n, 0), *dw = input_grad(g, n, 1), *db = input_grad(g, n, 2);
-    ArenaMark m = arena_mark(&g->arena);
-    float *col = NULL;
-    if (dx || dw)
-        col = arena_floats(&g->arena, conv2d_backward_scratch(x->shape[0], x->shape[1], x->shape[2], x->shape[3],
-                                                              w->shape[0], K, stride, pad));
-    conv2d_backward(dx, dw, db, n->out->grad, x->data, w->data, col, x->shape[0], x->shape[1],
-                    x->shape[2], x->shape[3], w->shape[0], K, stride, pad);
-    arena_release(&g->arena, m);
-}
-
-// conv2d_add's extra inputs: dshift (N,OC) = dy summed over OH,OW; dresidual = dy
-static void conv2d_add_node_backward(Graph *g, TapeNode *n) {
-    conv2d_node_backward(g, n);
-    Tensor *shift = n->in[3], *res = n->in[4];
-    const float *dy = n->out->grad;
-    size_t NOC = (size_t)n->out->shape[0] * n->out->shape[1], ohw = (size_t)n->out->shape[2] * n->out->shape[3];
-    if (shift && shift->requires_grad) {
-        float *ds = tensor_grad(g, shift);
-        for (size_t r = 0; r < NOC; r++) {
-            float acc = 0.0f;
-            for (size_t i = 0; i < ohw; i++) acc += dy[r * ohw + i];
-            ds[r] += acc;
-        }
-    }
-    if (res && res->requires_grad) {
-        float *dr = tensor_grad(g, res);
-        for (size_t i = 0; i < n->out->size; i++) dr[i] += dy[i];
-    }
-}
-
-Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad) {
-    check_4d(x, "conv2d");
-    if (w->ndim != 4 || w->shape[1] != x->shape[1] || w->shape[2] != w->shape[3] ||
-        (b && (int)b->size != w->shape[0])) {
-        char sx[64], sw[64];
-        shape_str(x, sx, sizeof sx);
-        shape_str(w, sw, sizeof sw);
-        fatal("conv2d: input %s does not fit weight %s%s", sx, sw, b ? " and bias" : "");
-    }
-    int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
-    int OC = w->shape[0], K = w->shape[2];
-    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
-    if (shift && shift->size != (size_t)N * OC) fatal("conv2d_add: shift must have N*OC = %d elements", N * OC);
-    if (residual && (residual->ndim != 4 || residual->shape[0] != N || residual->shape[1] != OC ||
-                     residual->shape[2] != OH || residual->shape[3] != OW))
-        fatal("conv2d_add: residual must be (%d,%d,%d,%d)", N, OC, OH, OW);
-    Tensor *y = tensor4(g, N, OC, OH, OW);
-    ArenaMark m = arena_mark(&g->arena);
-    float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, stride, pad));
-    conv2d_add_forward(y->data, x->data, w->data, b ? b->data : NULL, shift ? shift->data : NULL,
-                       residual ? residual->data : NULL, col, N, C, H, W, OC, K, stride, pad);
-    arena_release(&g->arena, m);
-    int extra = g->grad_enabled && ((shift && shift->requires_grad) || (residual && residual->requires_grad));
-    if (wants_grad(g, x, w, b) || extra) {
-        TapeNode *nd = record(g, shift || residual ? "conv2d_add" : "conv2d", conv2d_add_node_backward, y, x, w, b);
-        nd->iarg[0] = stride;
-        nd->iarg[1] = pad;
-        nd->in[3] = shift;
-        nd->in[4] = residual;
-    }
-    return y;
-}
-
-// relu(conv2d(x)): the ReLU works in place on the convolution's output and
-// its backward reads that output (relu' = [y > 0]), so the pre-activation is
-// never stored: one activation fewer per VGG layer in LPIPS.
-static void conv2d_relu_node_backward(Graph *g, TapeNode *n) {
-    float *dy = n->out->grad;  // this node's own gradient: nobody reads it after us
-    const float *y = n->out->data;
-    for (size_t i = 0; i < n->out->size; i++) if (!(y[i] > 0.0f)) dy[i] = 0.0f;
-    conv2d_node_backward(g, n);
-}
-
-Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
-    int saved = g->grad_enabled;
-    g->grad_enabled = 0;  // the plain convolution, untaped
-    Tensor *y = conv2d(g, x, w, b, stride, pad);
-    g->grad_enabled = saved;
-    for (size_t i = 0; i < y->size; i++) y->data[i] = y->data[i] > 0.0f ? y->data[i] : 0.0f;
-    if (wants_grad(g, x, w, b)) {
-        TapeNode *nd = record(g, "conv2d_relu", conv2d_relu_node_backward, y, x, w, b);
-        nd->iarg[0] = stride;
-        nd->iarg[1] = pad;
-    }
-    return y;
-}
-
-Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
-    return conv2d_add(g, x, w, b, NULL, NULL, stride, pad);
-}
-
-// linear: x (N,IN), w (OUT,IN), b (OUT) or NULL
-static void linear_node_backward(Graph *g, TapeNode *n) {
-    Tensor *x = n->in[0], *w = n->in[1];
-    linear_backward(input_grad(g, n, 0), input_grad(g, n, 1), input_grad(g, n, 2), n->out->grad,
-                    x->data, w->data, x->shape[0], w->shape[1], w->shape[0]);
-}
-
-Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b) {
-    if (x->ndim != 2 || w->ndim != 2 || w->shape[1] != x->shape[1] || (b && (int)b->size != w->shape[0])) {
-        char sx[64], sw[64];
-        shape_str(x, sx, sizeof sx);
-        shape_str(w, sw, sizeof sw);
-        fatal("linear: input %s does not fit weight %s", sx, sw);
-    }
-    int s[2] = {x->shape[0], w->shape[0]};
-    Tensor *y = tensor_new(g, 2, s);
-    linear_forward(y->data, x->data, w->data, b ? b->data : NULL, x->shape[0], x->shape[1], w->shape[0]);
-    if (wants_grad(g, x, w, b)) record(g, "linear", linear_node_backward, y, x, w, b);
-    return y;
-}
-
-// matmul: a (B,M,K) or (B,K,M) if transA; b (B,K,N) or (B,N,K) if transB; 2-D = batch 1
-static void matmul_dims(const Tensor *t, int *batch, int *r, int *c) {
-    if (t->ndim == 2) { *batch = 1; *r = t->shape[0]; *c = t->shape[1]; }
-    else if (t->ndim == 3) { *batch = t->shape[0]; *r = t->shape[1]; *c = t->shape[2]; }
-    else fatal("matmul: expected a 2-D or 3-D tensor, got %d-D", t->ndim);
-}
-
-static void matmul_node_backward(Graph *g, TapeNode *n) {
-    int ta = n->iarg[0], tb = n->iarg[1], batch = n->iarg[2], M = n->iarg[3], N = n->iarg[4], K = n->iarg[5];
-    matmul_backward(input_grad(g, n, 0), input_grad(g, n, 1), n->out->grad, n->in[0]->data,
-                    n->in[1]->data, batch, M, N, K, ta, tb);
-}
-
-Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB) {
-    int ba, ar, ac, bb, br, bc;
-    matmul_dims(a, &ba, &ar, &ac);
-    matmul_dims(b, &bb, &br, &bc);
-    int M = transA ? ac : ar, K = transA ? ar : ac, K2 = transB ? bc : br, N = transB ? br : bc;
-    if (ba != bb || K != K2) {
-        char sa[64], sb[64];
-        shape_str(a, sa, sizeof sa);
-        shape_str(b, sb, sizeof sb);
-        fatal("matmul: %s%s @ %s%s do not fit", sa, transA ? "^T" : "", sb, transB ? "^T" : "");
-    }
-    int s[3] = {ba, M, N};
-    Tensor *y = a->ndim == 3 ? tensor_new(g, 3, s) : tensor_new(g, 2, s + 1);
-    matmul_forward(y->data, a->data, b->data, ba, M, N, K, transA, transB);
-    if (wants_grad(g, a, b, NULL)) {
-        TapeNode *nd = record(g, "matmul", matmul_node_backward, y, a, b, NULL);
-        int args[6] = {transA, transB, ba, M, N, K};
-        memcpy(nd->iarg, args, sizeof args);
-    }
-    return y;
-}
-
-// softmax(scale * op(a) @ op(b)) over the last axis (attention weights).
-// The softmax runs in place on the product, which its backward never needs
-// (it reads the softmax output), so a (B, T, T) tensor is stored once, not
-// twice; the scale is applied to the product instead of to both operands.
-static void matmul_softmax_node_backward(Graph *g, TapeNode *n) {
-    int ta = n->iarg[0], tb = n->iarg[1], batch = n->iarg[2], M = n->iarg[3], N = n->iarg[4], K = n->iarg[5];
-    float *da = input_grad(g, n, 0), *db = input_grad(g, n, 1);
-    ArenaMark m = arena_mark(&g->arena);
-    float *ds = arena_zeros(&g->arena, n->out->size);
-    softmax_backward(ds, n->out->grad, n->out->data, n->out->size / (size_t)N, (size_t)N);
-    for (size_t i = 0; i < n->out->size; i++) ds[i] *= n->farg[0];
-    matmul_backward(da, db, ds, n->in[0]->data, n->in[1]->data, batch, M, N, K, ta, tb);
-    arena_release(&g->arena, m);
-}
-
-Tensor *matmul_softmax(Graph *g, Tensor *a, Tensor *b, int transA, int transB, float scale) {
-    int saved = g->grad_enabled;
-    g->grad_enabled = 0;  // the plain product, untaped
-    Tensor *y = matmul(g, a, b, transA, transB);
-    g->grad_enabled = saved;
-    for (size_t i = 0; i < y->size; i++) y->data[i] *= scale;
-    size_t len = (size_t)y->shape[y->ndim - 1];
-    softmax_forward(y->data, y->data, y->size / len, len);
-    if (wants_grad(g, a, b, NULL)) {
-        int ba, ar, ac, br, bc, bb;
-        matmul_dims(a, &ba, &ar, &ac);
-        matmul_dims(b, &bb, &br, &bc);
-        TapeNode *nd = record(g, "matmul_softmax", matmul_softmax_node_backward, y, a, b, NULL);
-        int args[6] = {transA, transB, ba, transA ? ac : ar, transB ? br : bc, transA ? ar : ac};
-        memcpy(nd->iarg, args, sizeof args);
-        nd->farg[0] = scale;
-    }
-    return y;
-}
-
-// ---- QKV attention (improved-diffusion's QKVAttentionLegacy) ----
-// qkv (BH, 3*ch, T): per head, q = rows 0..ch, k = ch..2ch, v = 2ch..3ch.
-//   w = softmax(scale * q^T k) over the last axis   (T, T) per head
-//   out = v @ w^T                                   (BH, ch, T)
-// q, k and v are read in place (no copies). The weights of all heads would
-// be BH*T*T floats (16 MiB a layer for 64 heads at 16x16), more than the
-// layer's activations: each thread keeps one head's in scratch, and backward
-// computes them again (the same code, so the same bits) before using them.
-typedef struct {
-    const float *qkv; float *scratch, *out;
-    float *dqkv; const float *dout;
-    int ch, T; float scale;
-} Attention;
-
-size_t qkv_attention_scratch(int T) { return (size_t)pool_threads() * 2 * T * T; }
-
-// w (T,T) = softmax(scale * q^T k) of head b
-static void attention_weights(const Attention *a, size_t b, float *w) {
-    size_t T = (size_t)a->T, ch = (size_t)a->ch;
-    const float *q = a->qkv + b * 3 * ch * T, *k = q + ch * T;
-    sgemm(1, 0, T, T, ch, q, T, k, T, 0, w, T);  // w (T,T) = q^T (T,ch) @ k (ch,T)
-    for (size_t i = 0; i < T * T; i++) w[i] *= a->scale;
-    softmax_forward(w, w, T, T);
-}
-
-static void qkv_attention_forward_range(void *arg, size_t b0, size_t b1) {
-    const Attention *a = arg;
-    size_t T = (size_t)a->T, ch = (size_t)a->ch;
-    float *w = a->scratch + (size_t)pool_thread_id() * 2 * T * T;
-    for (size_t b = b0; b < b1; b++) {
-        const float *v = a->qkv + b * 3 * ch * T + 2 * ch * T;
-        attention_weights(a, b, w);
-        sgemm(0, 1, ch, T, T, v, T, w, T, 0, a->out + b * ch * T, T);  // out = v @ w^T
-    }
-}
-
-void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH, int ch, int T, float scale) {
-    Attention a = {qkv, scratch, out, NULL, NULL, ch, T, scale};
-    flops_forward += 4.0 * BH * (double)ch * T * T;
-    parallel_for((size_t)BH, 1, qkv_attention_forward_range, &a);
-}
-
-static void qkv_attention_backward_range(void *arg, size_t b0, size_t b1) {
-    const Attention *a = arg;
-    size_t T = (size_t)a->T, ch = (size_t)a->ch;
-    float *w = a->scratch + (size_t)pool_thread_id() * 2 * T * T, *dw = w + T * T, *ds = dw;  // softmax' overwrites dw
-    for (size_t b = b0; b < b1; b++) {
-        const float *q = a->qkv + b * 3 * ch * T, *k = q + ch * T, *v = k + ch * T;
-        const float *dout = a->dout + b * ch * T;
-        float *dq = a->dqkv + b * 3 * ch * T, *dk = dq + ch * T, *dv = dk + ch * T;
-        attention_weights(a, b, w);
-        sgemm(0, 0, ch, T, T, dout, T, w, T, 1, dv, T);   // dv += dout @ w
-        sgemm(1, 0, T, T, ch, dout, T, v, T, 0, dw, T);   // dw = dout^T @ v
-        for (size_t t = 0; t < T; t++) {                   // ds = scale * softmax'(dw), in place
-            const float *wr = w + t * T;
-            float *dr = ds + t * T, dot = 0.0f;
-            for (size_t i = 0; i < T; i++) dot += dr[i] * wr[i];
-            for (size_t i = 0; i < T; i++) dr[i] = a->scale * wr[i] * (dr[i] - dot);
-        }
-        sgemm(0, 1, ch, T, T, k, T, ds, T, 1, dq, T);     // dq += k @ ds^T
-        sgemm(0, 0, ch, T, T, q, T, ds, T, 1, dk, T);     // dk += q @ ds
-    }
-}
-
-// dqkv += the gradient
-void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, float *scratch,
-                            int BH, int ch, int T, float scale) {
-    Attention a = {qkv, scratch, NULL, dqkv, dout, ch, T, scale};
-    parallel_for((size_t)BH, 1, qkv_attention_backward_range, &a);
-}
-
-static void qkv_attention_node_backward(Graph *g, TapeNode *n) {
-    Tensor *qkv = n->in[0];
-    float *dqkv = input_grad(g, n, 0);
-    int BH = qkv->shape[0], ch = qkv->shape[1] / 3, T = qkv->shape[2];
-    ArenaMark m = arena_mark(&g->arena);
-    float *scratch = arena_floats(&g->arena, qkv_attention_scratch(T));
-    qkv_attention_backward(dqkv, n->out->grad, qkv->data, scratch, BH, ch, T, n->farg[0]);
-    arena_release(&g->arena, m);
-}
-
-Tensor *qkv_attention(Graph *g, Tensor *qkv, float scale) {
-    if (qkv->ndim != 3 || qkv->shape[1] % 3)
-        fatal("qkv_attention: expected (BH, 3*ch, T), got %d-D with %d rows", qkv->ndim, qkv->ndim > 1 ? qkv->shape[1] : 0);
-    int BH = qkv->shape[0], ch = qkv->shape[1] / 3, T = qkv->shape[2];
-    int s[3] = {BH, ch, T};
-    Tensor *y = tensor_new(g, 3, s);
-    ArenaMark m = arena_mark(&g->arena);
-    float *scratch = arena_floats(&g->arena, qkv_attention_scratch(T));
-    qkv_attention_forward(y->data, qkv->data, scratch, BH, ch, T, scale);
-    arena_release(&g->arena, m);
-    if (wants_grad(g, qkv, NULL, NULL))
-        record(g, "qkv_attention", qkv_attention_node_backward, y, qkv, NULL, NULL)->farg[0] = scale;
-    return y;
-}
-
-// ---- add / sub / mul with broadcasting ----
-// Both shapes are aligned to the right and padded to 4-D; a dimension of 1
-// broadcasts (stride 0). Same-shape operands take a flat, threaded loop.
-enum { BIN_ADD, BIN_SUB, BIN_MUL };
-typedef struct {
-    int shape[4];          // output
-    size_t sa[4], sb[4];   // element strides of a and b over the output index
-} Bcast;
-
-static int bcast_plan(const Tensor *a, const Tensor *b, Bcast *p, int *ndim) {
-    int as[4], bs[4];
-    *ndim = a->ndim > b->ndim ? a->ndim : b->ndim;
-    for (int i = 0; i < 4; i++) {
-        int ia = i - (4 - a->ndim), ib = i - (4 - b->ndim);
-        as[i] = ia >= 0 ? a->shape[ia] : 1;
-        bs[i] = ib >= 0 ? b->shape[ib] : 1;
-        if (as[i] != bs[i] && as[i] != 1 && bs[i] != 1) return 0;
-        p->shape[i] = as[i] > bs[i] ? as[i] : bs[i];
-    }
-    size_t ra = 1, rb = 1;
-    for (int i = 3; i >= 0; i--) {
-        p->sa[i] = as[i] == 1 ? 0 : ra;
-        p->sb[i] = bs[i] == 1 ? 0 : rb;
-        ra *= (size_t)as[i];
-        rb *= (size_t)bs[i];
-    }
-    return 1;
-}
-
-typedef struct { float *out; const float *a, *b; int op; } Binary;
-
-static void binary_flat_range(void *arg, size_t i0, size_t i1) {
-    const Binary *t = arg;
-    for (size_t i = i0; i < i1; i++) {
-        float x = t->a[i], y = t->b[i];
-        t->out[i] = t->op == BIN_ADD ? x + y : t->op == BIN_SUB ? x - y : x * y;
-    }
-}
-
-static void binary_forward(float *out, const float *a, const float *b, const Bcast *p, int op, int flat) {
-    size_t n = (size_t)p->shape[0] * p->shape[1] * p->shape[2] * p->shape[3];
-    if (flat) {
-        Binary t = {out, a, b, op};
-        parallel_for(n, 1 << 14, binary_flat_range, &t);
-        return;
-    }
-    size_t o = 0;
-    for (int i0 = 0; i0 < p->shape[0]; i0++)
-        for (int i1 = 0; i1 < p->shape[1]; i1++)
-            for (int i2 = 0; i2 < p->shape[2]; i2++) {
-                const float *pa = a + i0 * p->sa[0] + i1 * p->sa[1] + i2 * p->sa[2];
-                const float *pb = b + i0 * p->sb[0] + i1 * p->sb[1] + i2 * p->sb[2];
-                for (int i3 = 0; i3 < p->shape[3]; i3++, o++) {
-                    float x = pa[i3 * p->sa[3]], y = pb[i3 * p->sb[3]];
-                    out[o] = op == BIN_ADD ? x + y : op == BIN_SUB ? x - y : x * y;
-                }
-            }
-}
-
-// da += dout * d(out)/da summed over a's broadcast dimensions; same for db.
-// Serial and in output order, so the sums do not depend on threads.
-static void binary_backward(float *da, float *db, const float *dout, const float *a, const float *b,
-                            const Bcast *p, int op) {
-    size_t o = 0;
-    for (int i0 = 0; i0 < p->shape[0]; i0++)
-        for (int i1 = 0; i1 < p->shape[1]; i1++)
-            for (int i2 = 0; i2 < p->shape[2]; i2++) {
-                size_t oa = i0 * p->sa[0] + i1 * p->sa[1] + i2 * p->sa[2];
-                size_t ob = i0 * p->sb[0] + i1 * p->sb[1] + i2 * p->sb[2];
-                for (int i3 = 0; i3 < p->shape[3]; i3++, o++) {
-                    size_t ia = oa + i3 * p->sa[3], ib = ob + i3 * p->sb[3];
-                    float g = dout[o];
-                    if (da) da[ia] += op == BIN_MUL ? g * b[ib] : g;
-                    if (db) db[ib] += op == BIN_MUL ? g * a[ia] : (op == BIN_SUB ? -g : g);
-                }
-            }
-}
-
-// same shapes: a flat loop over elements, threaded
-typedef struct { float *da, *db; const float *dout, *a, *b; int op; } BinaryGrad;
-
-static void binary_grad_flat_range(void *arg, size_t i0, size_t i1) {
-    const BinaryGrad *t = arg;
-    for (size_t i = i0; i < i1; i++) {
-        float g = t->dout[i];
-        if (t->da) t->da[i] += t->op == BIN_MUL ? g * t->b[i] : g;
-        if (t->db) t->db[i] += t->op == BIN_MUL ? g * t->a[i] : (t->op == BIN_SUB ? -g : g);
-    }
-}
-
-// b broadcast over the last two dims (FiLM: (N,C,H,W) op (N,C,1,1)): a
-// thread owns whole (n, c) planes, and b's gradient is one sum per plane
-typedef struct { float *da, *db; const float *dout, *a, *b; int op; size_t plane; } PlaneGrad;
-
-static void binary_grad_plane_range(void *arg, size_t p0, size_t p1) {
-    const PlaneGrad *t = arg;
-    for (size_t p = p0; p < p1; p++) {
-        const float *g = t->dout + p * t->plane, *a = t->a + p * t->plane;
-        float bv = t->b[p], sb = 0.0f;
-        float *da = t->da ? t->da + p * t->plane : NULL;
-        for (size_t i = 0; i < t->plane; i++) {
-            if (da) da[i] += t->op == BIN_MUL ? g[i] * bv : g[i];
-            sb += t->op == BIN_MUL ? g[i] * a[i] : g[i];
-        }
-        if (t->db) t->db[p] += t->op == BIN_SUB ? -sb : sb;
-    }
-}
-
-static void binary_node_backward(Graph *g, TapeNode *n) {
-    Tensor *a = n->in[0], *b = n->in[1];
-    float *da = input_grad(g, n, 0), *db = input_grad(g, n, 1);
-    int op = n->iarg[0];
-    if (a->size == n->out->size && b->size == n->out->size) {
-        BinaryGrad t = {da, db, n->out->grad, a->data, b->data, op};
-        parallel_for(a->size, 1 << 14, binary_grad_flat_range, &t);
-        return;
-    }
-    if (a->ndim == 4 && b->ndim == 4 && a->size == n->out->size && b->shape[0] == a->shape[0] &&
-        b->shape[1] == a->shape[1] && b->shape[2] == 1 && b->shape[3] == 1) {
-        PlaneGrad t = {da, db, n->out->grad, a->data, b->data, op, (size_t)a->shape[2] * a->shape[3]};
-        parallel_for(b->size, 4, binary_grad_plane_range, &t);
-        return;
-    }
-    Bcast p;
-    int nd;
-    bcast_plan(a, b, &p, &nd);
-    binary_backward(da, db, n->out->grad, a->data, b->data, &p, op);
-}
-
-static Tensor *binary(Graph *g, Tensor *a, Tensor *b, int op, const char *name) {
-    Bcast p;
-    int nd;
-    if (!bcast_plan(a, b, &p, &nd)) {
-        char sa[64], sb[64];
-        shape_str(a, sa, sizeof sa);
-        shape_str(b, sb, sizeof sb);
-        fatal("%s: shapes %s and %s do not broadcast", name, sa, sb);
-    }
-    Tensor *y = tensor_new(g, nd, p.shape + (4 - nd));
-    binary_forward(y->data, a->data, b->data, &p, op, a->size == y->size && b->size == y->size);
-    if (wants_grad(g, a, b, NULL)) record(g, name, binary_node_backward, y, a, b, NULL)->iarg[0] = op;
-    return y;
-}
-
-Tensor *add(Graph *g, Tensor *a, Tensor *b) { return binary(g, a, b, BIN_ADD, "add"); }
-Tensor *sub(Graph *g, Tensor *a, Tensor *b) { return binary(g, a, b, BIN_SUB, "sub"); }
-Tensor *mul(Graph *g, Tensor *a, Tensor *b) { return binary(g, a, b, BIN_MUL, "mul"); }
-
-// scale_shift: y = scale * x + shift
-static void scale_shift_node_backward(Graph *g, TapeNode *n) {
-    float *dx = input_grad(g, n, 0), s = n->farg[0];
-    for (size_t i = 0; i < n->out->size; i++) dx[i] += s * n->out->grad[i];
-}
-
-Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift) {
-    Tensor *y = tensor_new(g, x->ndim, x->shape);
-    for (size_t i = 0; i < x->size; i++) y->data[i] = scale * x->data[i] + shift;
-    if (wants_grad(g, x, NULL, NULL)) record(g, "scale_shift", scale_shift_node_backward, y, x, NULL, NULL)->farg[0] = scale;
-    return y;
-}
-
 // groupnorm: x (N,C,H,W), gamma and beta (C) or NULL
 static void groupnorm_node_backward(Graph *g, TapeNode *n) {
     Tensor *x = n->in[0], *gamma = n->in[1];
@@ -2714,6 +2172,112 @@ Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *
     return y;
 }
 
+// ---------------------------------------------------------------------------
+// ---- op: L2 normalisation over channels (LPIPS' normalize_tensor) ----
+// ---------------------------------------------------------------------------
+
+// out[n,c,p] = inp[n,c,p] / (sqrt(sum_c inp^2) + eps); norm (N,HW) saved
+void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps) {
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C * HW;
+        float *y = out + (size_t)n * C * HW;
+        for (int p = 0; p < HW; p++) {
+            float s = 0.0f;
+            for (int c = 0; c < C; c++) s += x[(size_t)c * HW + p] * x[(size_t)c * HW + p];
+            float nr = sqrtf(s);
+            norm[(size_t)n * HW + p] = nr;
+            float inv = 1.0f / (nr + eps);
+            for (int c = 0; c < C; c++) y[(size_t)c * HW + p] = x[(size_t)c * HW + p] * inv;
+        }
+    }
+}
+
+// with d = s + eps, s = ||x||: dx_c = dy_c / d - x_c * (sum_k dy_k x_k) / (d^2 s)
+void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
+                     int N, int C, int HW, float eps) {
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C * HW, *dy = dout + (size_t)n * C * HW;
+        float *dx = dinp + (size_t)n * C * HW;
+        for (int p = 0; p < HW; p++) {
+            float s = norm[(size_t)n * HW + p], d = s + eps;
+            float dot = 0.0f;
+            for (int c = 0; c < C; c++) dot += dy[(size_t)c * HW + p] * x[(size_t)c * HW + p];
+            float k = s > 0.0f ? dot / (d * d * s) : 0.0f;
+            for (int c = 0; c < C; c++) {
+                size_t i = (size_t)c * HW + p;
+                dx[i] += dy[i] / d - x[i] * k;
+            }
+        }
+    }
+}
+
+// l2norm over channels; saved = per-pixel norms
+static void l2norm_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0];
+    l2norm_backward(input_grad(g, n, 0), n->out->grad, x->data, n->saved, x->shape[0], x->shape[1],
+                    x->shape[2] * x->shape[3], n->farg[0]);
+}
+
+Tensor *l2norm_channels(Graph *g, Tensor *x, float eps) {
+    check_4d(x, "l2norm_channels");
+    Tensor *y = tensor_new(g, 4, x->shape);
+    int hw = x->shape[2] * x->shape[3];
+    ArenaMark m = arena_mark(&g->arena);
+    float *norm = arena_floats(&g->arena, (size_t)x->shape[0] * hw);
+    l2norm_forward(y->data, norm, x->data, x->shape[0], x->shape[1], hw, eps);
+    if (wants_grad(g, x, NULL, NULL)) {
+        TapeNode *nd = record(g, "l2norm_channels", l2norm_node_backward, y, x, NULL, NULL);
+        nd->saved = norm;
+        nd->farg[0] = eps;
+    } else {
+        arena_release(&g->arena, m);
+    }
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: pointwise activations: SiLU, ReLU, sigmoid ----
+// ---------------------------------------------------------------------------
+
+typedef struct { float *out; const float *inp; float *dinp; const float *dout; int act; } Act;
+
+static void act_forward_range(void *arg, size_t i0, size_t i1) {
+    const Act *a = arg;
+    for (size_t i = i0; i < i1; i++) {
+        float x = a->inp[i];
+        switch (a->act) {
+        case ACT_SILU: a->out[i] = x * sigmoidf(x); break;
+        case ACT_RELU: a->out[i] = x > 0.0f ? x : 0.0f; break;
+        default: a->out[i] = sigmoidf(x); break;
+        }
+    }
+}
+
+void activation_forward(float *out, const float *inp, size_t n, int act) {
+    Act a = {out, inp, NULL, NULL, act};
+    parallel_for(n, 1 << 14, act_forward_range, &a);
+}
+
+// silu' = s (1 + x (1 - s)); relu' = [x > 0]; sigmoid' = y (1 - y) from the output
+static void act_backward_range(void *arg, size_t i0, size_t i1) {
+    const Act *a = arg;
+    for (size_t i = i0; i < i1; i++) {
+        float x = a->inp[i], g;
+        switch (a->act) {
+        case ACT_SILU: { float s = sigmoidf(x); g = s * (1.0f + x * (1.0f - s)); break; }
+        case ACT_RELU: g = x > 0.0f ? 1.0f : 0.0f; break;
+        default: { float y = a->out[i]; g = y * (1.0f - y); break; }
+        }
+        a->dinp[i] += a->dout[i] * g;
+    }
+}
+
+void activation_backward(float *dinp, const float *dout, const float *inp, const float *out,
+                         size_t n, int act) {
+    Act a = {(float *)out, inp, dinp, dout, act};
+    parallel_for(n, 1 << 14, act_backward_range, &a);
+}
+
 // activations
 static void activation_node_backward(Graph *g, TapeNode *n) {
     activation_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data, n->out->data, n->out->size,
@@ -2731,6 +2295,48 @@ Tensor *silu(Graph *g, Tensor *x) { return activation(g, x, ACT_SILU, "silu"); }
 Tensor *relu(Graph *g, Tensor *x) { return activation(g, x, ACT_RELU, "relu"); }
 Tensor *sigmoid(Graph *g, Tensor *x) { return activation(g, x, ACT_SIGMOID, "sigmoid"); }
 
+// ---------------------------------------------------------------------------
+// ---- op: softmax over the last axis ----
+// ---------------------------------------------------------------------------
+
+typedef struct { float *out; const float *inp; float *dinp; const float *dout; size_t len; } Softmax;
+
+static void softmax_forward_range(void *arg, size_t r0, size_t r1) {
+    const Softmax *a = arg;
+    for (size_t r = r0; r < r1; r++) {
+        const float *x = a->inp + r * a->len;
+        float *y = a->out + r * a->len;
+        float mx = -FLT_MAX;
+        for (size_t i = 0; i < a->len; i++) mx = x[i] > mx ? x[i] : mx;
+        float s = 0.0f;
+        for (size_t i = 0; i < a->len; i++) { y[i] = expf(x[i] - mx); s += y[i]; }
+        float inv = 1.0f / s;
+        for (size_t i = 0; i < a->len; i++) y[i] *= inv;
+    }
+}
+
+void softmax_forward(float *out, const float *inp, size_t rows, size_t len) {
+    Softmax a = {out, inp, NULL, NULL, len};
+    parallel_for(rows, 16, softmax_forward_range, &a);
+}
+
+// dx = y * (dy - sum(dy * y))
+static void softmax_backward_range(void *arg, size_t r0, size_t r1) {
+    const Softmax *a = arg;
+    for (size_t r = r0; r < r1; r++) {
+        const float *y = a->out + r * a->len, *dy = a->dout + r * a->len;
+        float *dx = a->dinp + r * a->len;
+        float dot = 0.0f;
+        for (size_t i = 0; i < a->len; i++) dot += dy[i] * y[i];
+        for (size_t i = 0; i < a->len; i++) dx[i] += y[i] * (dy[i] - dot);
+    }
+}
+
+void softmax_backward(float *dinp, const float *dout, const float *out, size_t rows, size_t len) {
+    Softmax a = {(float *)out, NULL, dinp, dout, len};
+    parallel_for(rows, 16, softmax_backward_range, &a);
+}
+
 // softmax over the last axis
 static void softmax_node_backward(Graph *g, TapeNode *n) {
     size_t len = (size_t)n->out->shape[n->out->ndim - 1];
@@ -2743,6 +2349,148 @@ Tensor *softmax(Graph *g, Tensor *x) {
     softmax_forward(y->data, x->data, x->size / len, len);
     if (wants_grad(g, x, NULL, NULL)) record(g, "softmax", softmax_node_backward, y, x, NULL, NULL);
     return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: QKV attention (improved-diffusion's QKVAttentionLegacy) ----
+// ---------------------------------------------------------------------------
+
+// qkv (BH, 3*ch, T): per head, q = rows 0..ch, k = ch..2ch, v = 2ch..3ch.
+//   w = softmax(scale * q^T k) over the last axis   (T, T) per head
+//   out = v @ w^T                                   (BH, ch, T)
+// q, k and v are read in place (no copies). The weights of all heads would
+// be BH*T*T floats (16 MiB a layer for 64 heads at 16x16), more than the
+// layer's activations: each thread keeps one head's in scratch, and backward
+// computes them again (the same code, so the same bits) before using them.
+typedef struct {
+    const float *qkv; float *scratch, *out;
+    float *dqkv; const float *dout;
+    int ch, T; float scale;
+} Attention;
+
+size_t qkv_attention_scratch(int T) { return (size_t)pool_threads() * 2 * T * T; }
+
+// w (T,T) = softmax(scale * q^T k) of head b
+static void attention_weights(const Attention *a, size_t b, float *w) {
+    size_t T = (size_t)a->T, ch = (size_t)a->ch;
+    const float *q = a->qkv + b * 3 * ch * T, *k = q + ch * T;
+    sgemm(1, 0, T, T, ch, q, T, k, T, 0, w, T);  // w (T,T) = q^T (T,ch) @ k (ch,T)
+    for (size_t i = 0; i < T * T; i++) w[i] *= a->scale;
+    softmax_forward(w, w, T, T);
+}
+
+static void qkv_attention_forward_range(void *arg, size_t b0, size_t b1) {
+    const Attention *a = arg;
+    size_t T = (size_t)a->T, ch = (size_t)a->ch;
+    float *w = a->scratch + (size_t)pool_thread_id() * 2 * T * T;
+    for (size_t b = b0; b < b1; b++) {
+        const float *v = a->qkv + b * 3 * ch * T + 2 * ch * T;
+        attention_weights(a, b, w);
+        sgemm(0, 1, ch, T, T, v, T, w, T, 0, a->out + b * ch * T, T);  // out = v @ w^T
+    }
+}
+
+void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH, int ch, int T, float scale) {
+    Attention a = {qkv, scratch, out, NULL, NULL, ch, T, scale};
+    flops_forward += 4.0 * BH * (double)ch * T * T;
+    parallel_for((size_t)BH, 1, qkv_attention_forward_range, &a);
+}
+
+static void qkv_attention_backward_range(void *arg, size_t b0, size_t b1) {
+    const Attention *a = arg;
+    size_t T = (size_t)a->T, ch = (size_t)a->ch;
+    float *w = a->scratch + (size_t)pool_thread_id() * 2 * T * T, *dw = w + T * T, *ds = dw;  // softmax' overwrites dw
+    for (size_t b = b0; b < b1; b++) {
+        const float *q = a->qkv + b * 3 * ch * T, *k = q + ch * T, *v = k + ch * T;
+        const float *dout = a->dout + b * ch * T;
+        float *dq = a->dqkv + b * 3 * ch * T, *dk = dq + ch * T, *dv = dk + ch * T;
+        attention_weights(a, b, w);
+        sgemm(0, 0, ch, T, T, dout, T, w, T, 1, dv, T);   // dv += dout @ w
+        sgemm(1, 0, T, T, ch, dout, T, v, T, 0, dw, T);   // dw = dout^T @ v
+        for (size_t t = 0; t < T; t++) {                   // ds = scale * softmax'(dw), in place
+            const float *wr = w + t * T;
+            float *dr = ds + t * T, dot = 0.0f;
+            for (size_t i = 0; i < T; i++) dot += dr[i] * wr[i];
+            for (size_t i = 0; i < T; i++) dr[i] = a->scale * wr[i] * (dr[i] - dot);
+        }
+        sgemm(0, 1, ch, T, T, k, T, ds, T, 1, dq, T);     // dq += k @ ds^T
+        sgemm(0, 0, ch, T, T, q, T, ds, T, 1, dk, T);     // dk += q @ ds
+    }
+}
+
+// dqkv += the gradient
+void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, float *scratch,
+                            int BH, int ch, int T, float scale) {
+    Attention a = {qkv, scratch, NULL, dqkv, dout, ch, T, scale};
+    parallel_for((size_t)BH, 1, qkv_attention_backward_range, &a);
+}
+
+static void qkv_attention_node_backward(Graph *g, TapeNode *n) {
+    Tensor *qkv = n->in[0];
+    float *dqkv = input_grad(g, n, 0);
+    int BH = qkv->shape[0], ch = qkv->shape[1] / 3, T = qkv->shape[2];
+    ArenaMark m = arena_mark(&g->arena);
+    float *scratch = arena_floats(&g->arena, qkv_attention_scratch(T));
+    qkv_attention_backward(dqkv, n->out->grad, qkv->data, scratch, BH, ch, T, n->farg[0]);
+    arena_release(&g->arena, m);
+}
+
+Tensor *qkv_attention(Graph *g, Tensor *qkv, float scale) {
+    if (qkv->ndim != 3 || qkv->shape[1] % 3)
+        fatal("qkv_attention: expected (BH, 3*ch, T), got %d-D with %d rows", qkv->ndim, qkv->ndim > 1 ? qkv->shape[1] : 0);
+    int BH = qkv->shape[0], ch = qkv->shape[1] / 3, T = qkv->shape[2];
+    int s[3] = {BH, ch, T};
+    Tensor *y = tensor_new(g, 3, s);
+    ArenaMark m = arena_mark(&g->arena);
+    float *scratch = arena_floats(&g->arena, qkv_attention_scratch(T));
+    qkv_attention_forward(y->data, qkv->data, scratch, BH, ch, T, scale);
+    arena_release(&g->arena, m);
+    if (wants_grad(g, qkv, NULL, NULL))
+        record(g, "qkv_attention", qkv_attention_node_backward, y, qkv, NULL, NULL)->farg[0] = scale;
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: nearest 2x upsample ----
+// ---------------------------------------------------------------------------
+
+// out (P, 2H, 2W)[y][x] = inp (P, H, W)[y/2][x/2]; P = N*C planes, split
+// between the threads (as the 2x2 average pool below)
+typedef struct { float *out; const float *inp; int H, W; } Planes;
+
+static void upsample2x_forward_range(void *arg, size_t p0, size_t p1) {
+    const Planes *t = arg;
+    int H = t->H, W = t->W;
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = t->inp + p * H * W;
+        float *y = t->out + p * 4 * H * W;
+        for (int oy = 0; oy < 2 * H; oy++)
+            for (int ox = 0; ox < 2 * W; ox++) y[(size_t)oy * 2 * W + ox] = x[(size_t)(oy / 2) * W + ox / 2];
+    }
+}
+
+void upsample2x_forward(float *out, const float *inp, size_t P, int H, int W) {
+    Planes t = {out, inp, H, W};
+    parallel_for(P, 8, upsample2x_forward_range, &t);
+}
+
+static void upsample2x_backward_range(void *arg, size_t p0, size_t p1) {  // out: dinp, inp: dout
+    const Planes *t = arg;
+    int H = t->H, W = t->W;
+    for (size_t p = p0; p < p1; p++) {
+        float *dx = t->out + p * H * W;
+        const float *dy = t->inp + p * 4 * H * W;
+        for (int iy = 0; iy < H; iy++)
+            for (int ix = 0; ix < W; ix++) {
+                const float *d = dy + (size_t)(2 * iy) * 2 * W + 2 * ix;
+                dx[(size_t)iy * W + ix] += d[0] + d[1] + d[2 * W] + d[2 * W + 1];
+            }
+    }
+}
+
+void upsample2x_backward(float *dinp, const float *dout, size_t P, int H, int W) {
+    Planes t = {dinp, dout, H, W};
+    parallel_for(P, 8, upsample2x_backward_range, &t);
 }
 
 // nearest 2x upsample
@@ -2759,6 +2507,50 @@ Tensor *upsample2x(Graph *g, Tensor *x) {
     return y;
 }
 
+// ---------------------------------------------------------------------------
+// ---- op: 2x2 average pool, stride 2 ----
+// ---------------------------------------------------------------------------
+
+// out (P, H/2, W/2) = mean of each 2x2 window, summed row by row as PyTorch
+static void avgpool2x2_forward_range(void *arg, size_t p0, size_t p1) {
+    const Planes *t = arg;
+    int H = t->H, W = t->W, OH = H / 2, OW = W / 2;
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = t->inp + p * H * W;
+        float *y = t->out + p * OH * OW;
+        for (int oy = 0; oy < OH; oy++)
+            for (int ox = 0; ox < OW; ox++) {
+                const float *a = x + (size_t)(2 * oy) * W + 2 * ox;
+                y[(size_t)oy * OW + ox] = (a[0] + a[1] + a[W] + a[W + 1]) / 4.0f;
+            }
+    }
+}
+
+void avgpool2x2_forward(float *out, const float *inp, size_t P, int H, int W) {
+    Planes t = {out, inp, H, W};
+    parallel_for(P, 8, avgpool2x2_forward_range, &t);
+}
+
+static void avgpool2x2_backward_range(void *arg, size_t p0, size_t p1) {  // out: dinp, inp: dout
+    const Planes *t = arg;
+    int H = t->H, W = t->W, OH = H / 2, OW = W / 2;
+    for (size_t p = p0; p < p1; p++) {
+        float *dx = t->out + p * H * W;
+        const float *dy = t->inp + p * OH * OW;
+        for (int oy = 0; oy < OH; oy++)
+            for (int ox = 0; ox < OW; ox++) {
+                float g = dy[(size_t)oy * OW + ox] / 4.0f;
+                float *a = dx + (size_t)(2 * oy) * W + 2 * ox;
+                a[0] += g; a[1] += g; a[W] += g; a[W + 1] += g;
+            }
+    }
+}
+
+void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W) {
+    Planes t = {dinp, dout, H, W};
+    parallel_for(P, 8, avgpool2x2_backward_range, &t);
+}
+
 // 2x2 average pool
 static void avgpool2x2_node_backward(Graph *g, TapeNode *n) {
     Tensor *x = n->in[0];
@@ -2771,6 +2563,76 @@ Tensor *avgpool2x2(Graph *g, Tensor *x) {
     avgpool2x2_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3]);
     if (wants_grad(g, x, NULL, NULL)) record(g, "avgpool2x2", avgpool2x2_node_backward, y, x, NULL, NULL);
     return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: bilinear resize, align_corners=False ----
+// ---------------------------------------------------------------------------
+
+// As PyTorch's upsample_bilinear2d: src = (dst + 0.5) * in/out - 0.5, clamped
+// at 0; the second tap is clamped at the last row/column.
+typedef struct { int i0, i1; float l0, l1; } Tap;
+
+static Tap bilinear_tap(int dst, int in, int out) {
+    float scale = (float)in / (float)out;
+    float src = scale * ((float)dst + 0.5f) - 0.5f;
+    if (src < 0.0f) src = 0.0f;
+    Tap t;
+    t.i0 = (int)src;
+    t.i1 = t.i0 < in - 1 ? t.i0 + 1 : t.i0;
+    t.l1 = src - (float)t.i0;
+    t.l0 = 1.0f - t.l1;
+    return t;
+}
+
+typedef struct { float *out; const float *inp; int H, W, OH, OW; } Resize;
+
+static void resize_forward_range(void *arg, size_t p0, size_t p1) {
+    const Resize *a = arg;
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = a->inp + p * a->H * a->W;
+        float *y = a->out + p * a->OH * a->OW;
+        for (int oy = 0; oy < a->OH; oy++) {
+            Tap ty = bilinear_tap(oy, a->H, a->OH);
+            const float *r0 = x + (size_t)ty.i0 * a->W, *r1 = x + (size_t)ty.i1 * a->W;
+            for (int ox = 0; ox < a->OW; ox++) {
+                Tap tx = bilinear_tap(ox, a->W, a->OW);
+                y[(size_t)oy * a->OW + ox] = ty.l0 * (tx.l0 * r0[tx.i0] + tx.l1 * r0[tx.i1]) +
+                                             ty.l1 * (tx.l0 * r1[tx.i0] + tx.l1 * r1[tx.i1]);
+            }
+        }
+    }
+}
+
+void resize_bilinear_forward(float *out, const float *inp, size_t P, int H, int W, int OH, int OW) {
+    Resize a = {out, inp, H, W, OH, OW};
+    parallel_for(P, 1, resize_forward_range, &a);
+}
+
+// the adjoint: each output scatters its gradient to its four taps
+static void resize_backward_range(void *arg, size_t p0, size_t p1) {
+    const Resize *a = arg;  // out = dout, inp = dinp
+    for (size_t p = p0; p < p1; p++) {
+        float *dx = (float *)a->inp + p * a->H * a->W;
+        const float *dy = a->out + p * a->OH * a->OW;
+        for (int oy = 0; oy < a->OH; oy++) {
+            Tap ty = bilinear_tap(oy, a->H, a->OH);
+            float *r0 = dx + (size_t)ty.i0 * a->W, *r1 = dx + (size_t)ty.i1 * a->W;
+            for (int ox = 0; ox < a->OW; ox++) {
+                Tap tx = bilinear_tap(ox, a->W, a->OW);
+                float g = dy[(size_t)oy * a->OW + ox];
+                r0[tx.i0] += ty.l0 * tx.l0 * g;
+                r0[tx.i1] += ty.l0 * tx.l1 * g;
+                r1[tx.i0] += ty.l1 * tx.l0 * g;
+                r1[tx.i1] += ty.l1 * tx.l1 * g;
+            }
+        }
+    }
+}
+
+void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH, int OW) {
+    Resize a = {(float *)dout, dinp, H, W, OH, OW};
+    parallel_for(P, 1, resize_backward_range, &a);
 }
 
 // bilinear resize
@@ -2788,6 +2650,178 @@ Tensor *resize_bilinear(Graph *g, Tensor *x, int out_h, int out_w) {
     if (wants_grad(g, x, NULL, NULL)) record(g, "resize_bilinear", resize_node_backward, y, x, NULL, NULL);
     return y;
 }
+
+// ---------------------------------------------------------------------------
+// ---- op: add, sub, mul with broadcasting ----
+// ---------------------------------------------------------------------------
+
+// Both shapes are aligned to the right and padded to 4-D; a dimension of 1
+// broadcasts (stride 0). Same-shape operands take a flat, threaded loop.
+enum { BIN_ADD, BIN_SUB, BIN_MUL };
+typedef struct {
+    int shape[4];          // output
+    size_t sa[4], sb[4];   // element strides of a and b over the output index
+} Bcast;
+
+static int bcast_plan(const Tensor *a, const Tensor *b, Bcast *p, int *ndim) {
+    int as[4], bs[4];
+    *ndim = a->ndim > b->ndim ? a->ndim : b->ndim;
+    for (int i = 0; i < 4; i++) {
+        int ia = i - (4 - a->ndim), ib = i - (4 - b->ndim);
+        as[i] = ia >= 0 ? a->shape[ia] : 1;
+        bs[i] = ib >= 0 ? b->shape[ib] : 1;
+        if (as[i] != bs[i] && as[i] != 1 && bs[i] != 1) return 0;
+        p->shape[i] = as[i] > bs[i] ? as[i] : bs[i];
+    }
+    size_t ra = 1, rb = 1;
+    for (int i = 3; i >= 0; i--) {
+        p->sa[i] = as[i] == 1 ? 0 : ra;
+        p->sb[i] = bs[i] == 1 ? 0 : rb;
+        ra *= (size_t)as[i];
+        rb *= (size_t)bs[i];
+    }
+    return 1;
+}
+
+typedef struct { float *out; const float *a, *b; int op; } Binary;
+
+static void binary_flat_range(void *arg, size_t i0, size_t i1) {
+    const Binary *t = arg;
+    for (size_t i = i0; i < i1; i++) {
+        float x = t->a[i], y = t->b[i];
+        t->out[i] = t->op == BIN_ADD ? x + y : t->op == BIN_SUB ? x - y : x * y;
+    }
+}
+
+static void binary_forward(float *out, const float *a, const float *b, const Bcast *p, int op, int flat) {
+    size_t n = (size_t)p->shape[0] * p->shape[1] * p->shape[2] * p->shape[3];
+    if (flat) {
+        Binary t = {out, a, b, op};
+        parallel_for(n, 1 << 14, binary_flat_range, &t);
+        return;
+    }
+    size_t o = 0;
+    for (int i0 = 0; i0 < p->shape[0]; i0++)
+        for (int i1 = 0; i1 < p->shape[1]; i1++)
+            for (int i2 = 0; i2 < p->shape[2]; i2++) {
+                const float *pa = a + i0 * p->sa[0] + i1 * p->sa[1] + i2 * p->sa[2];
+                const float *pb = b + i0 * p->sb[0] + i1 * p->sb[1] + i2 * p->sb[2];
+                for (int i3 = 0; i3 < p->shape[3]; i3++, o++) {
+                    float x = pa[i3 * p->sa[3]], y = pb[i3 * p->sb[3]];
+                    out[o] = op == BIN_ADD ? x + y : op == BIN_SUB ? x - y : x * y;
+                }
+            }
+}
+
+// da += dout * d(out)/da summed over a's broadcast dimensions; same for db.
+// Serial and in output order, so the sums do not depend on threads.
+static void binary_backward(float *da, float *db, const float *dout, const float *a, const float *b,
+                            const Bcast *p, int op) {
+    size_t o = 0;
+    for (int i0 = 0; i0 < p->shape[0]; i0++)
+        for (int i1 = 0; i1 < p->shape[1]; i1++)
+            for (int i2 = 0; i2 < p->shape[2]; i2++) {
+                size_t oa = i0 * p->sa[0] + i1 * p->sa[1] + i2 * p->sa[2];
+                size_t ob = i0 * p->sb[0] + i1 * p->sb[1] + i2 * p->sb[2];
+                for (int i3 = 0; i3 < p->shape[3]; i3++, o++) {
+                    size_t ia = oa + i3 * p->sa[3], ib = ob + i3 * p->sb[3];
+                    float g = dout[o];
+                    if (da) da[ia] += op == BIN_MUL ? g * b[ib] : g;
+                    if (db) db[ib] += op == BIN_MUL ? g * a[ia] : (op == BIN_SUB ? -g : g);
+                }
+            }
+}
+
+// same shapes: a flat loop over elements, threaded
+typedef struct { float *da, *db; const float *dout, *a, *b; int op; } BinaryGrad;
+
+static void binary_grad_flat_range(void *arg, size_t i0, size_t i1) {
+    const BinaryGrad *t = arg;
+    for (size_t i = i0; i < i1; i++) {
+        float g = t->dout[i];
+        if (t->da) t->da[i] += t->op == BIN_MUL ? g * t->b[i] : g;
+        if (t->db) t->db[i] += t->op == BIN_MUL ? g * t->a[i] : (t->op == BIN_SUB ? -g : g);
+    }
+}
+
+// b broadcast over the last two dims (FiLM: (N,C,H,W) op (N,C,1,1)): a
+// thread owns whole (n, c) planes, and b's gradient is one sum per plane
+typedef struct { float *da, *db; const float *dout, *a, *b; int op; size_t plane; } PlaneGrad;
+
+static void binary_grad_plane_range(void *arg, size_t p0, size_t p1) {
+    const PlaneGrad *t = arg;
+    for (size_t p = p0; p < p1; p++) {
+        const float *g = t->dout + p * t->plane, *a = t->a + p * t->plane;
+        float bv = t->b[p], sb = 0.0f;
+        float *da = t->da ? t->da + p * t->plane : NULL;
+        for (size_t i = 0; i < t->plane; i++) {
+            if (da) da[i] += t->op == BIN_MUL ? g[i] * bv : g[i];
+            sb += t->op == BIN_MUL ? g[i] * a[i] : g[i];
+        }
+        if (t->db) t->db[p] += t->op == BIN_SUB ? -sb : sb;
+    }
+}
+
+static void binary_node_backward(Graph *g, TapeNode *n) {
+    Tensor *a = n->in[0], *b = n->in[1];
+    float *da = input_grad(g, n, 0), *db = input_grad(g, n, 1);
+    int op = n->iarg[0];
+    if (a->size == n->out->size && b->size == n->out->size) {
+        BinaryGrad t = {da, db, n->out->grad, a->data, b->data, op};
+        parallel_for(a->size, 1 << 14, binary_grad_flat_range, &t);
+        return;
+    }
+    if (a->ndim == 4 && b->ndim == 4 && a->size == n->out->size && b->shape[0] == a->shape[0] &&
+        b->shape[1] == a->shape[1] && b->shape[2] == 1 && b->shape[3] == 1) {
+        PlaneGrad t = {da, db, n->out->grad, a->data, b->data, op, (size_t)a->shape[2] * a->shape[3]};
+        parallel_for(b->size, 4, binary_grad_plane_range, &t);
+        return;
+    }
+    Bcast p;
+    int nd;
+    bcast_plan(a, b, &p, &nd);
+    binary_backward(da, db, n->out->grad, a->data, b->data, &p, op);
+}
+
+static Tensor *binary(Graph *g, Tensor *a, Tensor *b, int op, const char *name) {
+    Bcast p;
+    int nd;
+    if (!bcast_plan(a, b, &p, &nd)) {
+        char sa[64], sb[64];
+        shape_str(a, sa, sizeof sa);
+        shape_str(b, sb, sizeof sb);
+        fatal("%s: shapes %s and %s do not broadcast", name, sa, sb);
+    }
+    Tensor *y = tensor_new(g, nd, p.shape + (4 - nd));
+    binary_forward(y->data, a->data, b->data, &p, op, a->size == y->size && b->size == y->size);
+    if (wants_grad(g, a, b, NULL)) record(g, name, binary_node_backward, y, a, b, NULL)->iarg[0] = op;
+    return y;
+}
+
+Tensor *add(Graph *g, Tensor *a, Tensor *b) { return binary(g, a, b, BIN_ADD, "add"); }
+Tensor *sub(Graph *g, Tensor *a, Tensor *b) { return binary(g, a, b, BIN_SUB, "sub"); }
+Tensor *mul(Graph *g, Tensor *a, Tensor *b) { return binary(g, a, b, BIN_MUL, "mul"); }
+
+// ---------------------------------------------------------------------------
+// ---- op: scale_shift ----
+// ---------------------------------------------------------------------------
+
+// scale_shift: y = scale * x + shift
+static void scale_shift_node_backward(Graph *g, TapeNode *n) {
+    float *dx = input_grad(g, n, 0), s = n->farg[0];
+    for (size_t i = 0; i < n->out->size; i++) dx[i] += s * n->out->grad[i];
+}
+
+Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift) {
+    Tensor *y = tensor_new(g, x->ndim, x->shape);
+    for (size_t i = 0; i < x->size; i++) y->data[i] = scale * x->data[i] + shift;
+    if (wants_grad(g, x, NULL, NULL)) record(g, "scale_shift", scale_shift_node_backward, y, x, NULL, NULL)->farg[0] = scale;
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: concat and slice along channels, reshape, detach ----
+// ---------------------------------------------------------------------------
 
 // concat along channels: a (N,Ca,H,W), b (N,Cb,H,W) -> (N,Ca+Cb,H,W);
 // images are split between the threads
@@ -2882,6 +2916,10 @@ Tensor *detach(Graph *g, Tensor *x) {
     return y;
 }
 
+// ---------------------------------------------------------------------------
+// ---- op: reductions ----
+// ---------------------------------------------------------------------------
+
 // reductions: sums in double, in index order
 static void sum_all_node_backward(Graph *g, TapeNode *n) {
     float *dx = input_grad(g, n, 0), d = n->out->grad[0] * n->farg[0];
@@ -2924,6 +2962,10 @@ Tensor *mean_hw(Graph *g, Tensor *x) {
     if (wants_grad(g, x, NULL, NULL)) record(g, "mean_hw", mean_hw_node_backward, y, x, NULL, NULL);
     return y;
 }
+
+// ---------------------------------------------------------------------------
+// ---- op: mean squared error loss ----
+// ---------------------------------------------------------------------------
 
 // mse_loss: sum_n w[n] sum_i (a - b)^2 / (number of elements); saved = w
 static void mse_node_backward(Graph *g, TapeNode *n) {
@@ -2971,29 +3013,9 @@ Tensor *mse_loss(Graph *g, Tensor *a, Tensor *b, const float *w) {
     return y;
 }
 
-// l2norm over channels; saved = per-pixel norms
-static void l2norm_node_backward(Graph *g, TapeNode *n) {
-    Tensor *x = n->in[0];
-    l2norm_backward(input_grad(g, n, 0), n->out->grad, x->data, n->saved, x->shape[0], x->shape[1],
-                    x->shape[2] * x->shape[3], n->farg[0]);
-}
-
-Tensor *l2norm_channels(Graph *g, Tensor *x, float eps) {
-    check_4d(x, "l2norm_channels");
-    Tensor *y = tensor_new(g, 4, x->shape);
-    int hw = x->shape[2] * x->shape[3];
-    ArenaMark m = arena_mark(&g->arena);
-    float *norm = arena_floats(&g->arena, (size_t)x->shape[0] * hw);
-    l2norm_forward(y->data, norm, x->data, x->shape[0], x->shape[1], hw, eps);
-    if (wants_grad(g, x, NULL, NULL)) {
-        TapeNode *nd = record(g, "l2norm_channels", l2norm_node_backward, y, x, NULL, NULL);
-        nd->saved = norm;
-        nd->farg[0] = eps;
-    } else {
-        arena_release(&g->arena, m);
-    }
-    return y;
-}
+// ---------------------------------------------------------------------------
+// ---- op: dropout ----
+// ---------------------------------------------------------------------------
 
 // dropout: keep with probability 1-p and scale by 1/(1-p), as torch; saved = mask
 static void dropout_node_backward(Graph *g, TapeNode *n) {
@@ -3012,6 +3034,29 @@ Tensor *dropout(Graph *g, Tensor *x, float p) {
         y->data[i] = x->data[i] * mask[i];
     }
     if (wants_grad(g, x, NULL, NULL)) record(g, "dropout", dropout_node_backward, y, x, NULL, NULL)->saved = mask;
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: clamp ----
+// ---------------------------------------------------------------------------
+
+// clamp: y = min(max(x, lo), hi); the gradient passes where lo < x < hi
+static void clamp_node_backward(Graph *g, TapeNode *n) {
+    float *dx = input_grad(g, n, 0), lo = n->farg[0], hi = n->farg[1];
+    const float *x = n->in[0]->data;
+    for (size_t i = 0; i < n->out->size; i++)
+        if (x[i] > lo && x[i] < hi) dx[i] += n->out->grad[i];
+}
+
+Tensor *clamp(Graph *g, Tensor *x, float lo, float hi) {
+    Tensor *y = tensor_new(g, x->ndim, x->shape);
+    for (size_t i = 0; i < x->size; i++) y->data[i] = x->data[i] < lo ? lo : (x->data[i] > hi ? hi : x->data[i]);
+    if (wants_grad(g, x, NULL, NULL)) {
+        TapeNode *nd = record(g, "clamp", clamp_node_backward, y, x, NULL, NULL);
+        nd->farg[0] = lo;
+        nd->farg[1] = hi;
+    }
     return y;
 }
 
@@ -3088,25 +3133,6 @@ void params_free(ParamSet *p) {
     free(p->t);
     free(p->names);
     memset(p, 0, sizeof *p);
-}
-
-// clamp: y = min(max(x, lo), hi); the gradient passes where lo < x < hi
-static void clamp_node_backward(Graph *g, TapeNode *n) {
-    float *dx = input_grad(g, n, 0), lo = n->farg[0], hi = n->farg[1];
-    const float *x = n->in[0]->data;
-    for (size_t i = 0; i < n->out->size; i++)
-        if (x[i] > lo && x[i] < hi) dx[i] += n->out->grad[i];
-}
-
-Tensor *clamp(Graph *g, Tensor *x, float lo, float hi) {
-    Tensor *y = tensor_new(g, x->ndim, x->shape);
-    for (size_t i = 0; i < x->size; i++) y->data[i] = x->data[i] < lo ? lo : (x->data[i] > hi ? hi : x->data[i]);
-    if (wants_grad(g, x, NULL, NULL)) {
-        TapeNode *nd = record(g, "clamp", clamp_node_backward, y, x, NULL, NULL);
-        nd->farg[0] = lo;
-        nd->farg[1] = hi;
-    }
-    return y;
 }
 
 // ---------------------------------------------------------------------------

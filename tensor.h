@@ -249,8 +249,6 @@ size_t qkv_attention_scratch(int T);
 void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH, int ch, int T, float scale);
 void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, float *scratch,
                             int BH, int ch, int T, float scale);
-// softmax(scale * op(a) @ op(b)) over the last axis, the product not stored
-Tensor *matmul_softmax(Graph *g, Tensor *a, Tensor *b, int transA, int transB, float scale);
 Tensor *add(Graph *g, Tensor *a, Tensor *b);
 Tensor *sub(Graph *g, Tensor *a, Tensor *b);
 Tensor *mul(Graph *g, Tensor *a, Tensor *b);
