@@ -1040,6 +1040,17 @@ static float *input_grad(Graph *g, TapeNode *n, int i) {
     return (t && t->requires_grad) ? tensor_grad(g, t) : NULL;
 }
 
+// Keep an op's saved state (a small struct declared next to its backward)
+// in the arena, for the node's backward to read as n->state.
+static void save_state(Graph *g, TapeNode *n, const void *state, size_t bytes) {
+    void *copy = arena_alloc(&g->arena, bytes);
+    memcpy(copy, state, bytes);
+    n->state = copy;
+}
+
+// an optional tensor's data
+static const float *data_of(const Tensor *t) { return t ? t->data : NULL; }
+
 static void tape_backward(Graph *g, Tensor *out);
 
 void graph_backward(Graph *g, Tensor *out, const float *dout) {
@@ -1078,7 +1089,7 @@ typedef struct {
 } Checkpoint;
 
 static void checkpoint_node_backward(Graph *g, TapeNode *n) {
-    const Checkpoint *ck = n->saved3;
+    const Checkpoint *ck = n->state;
     if (!g->sub) {
         g->sub = mallocCheck(sizeof *g->sub);
         graph_init(g->sub, g->arena.block_size, g->arena.limit);
@@ -1119,11 +1130,9 @@ Tensor *checkpoint(Graph *g, checkpoint_fn fn, const void *ctx, size_t ctx_bytes
     g->grad_enabled = 1;
     ck.ctx = arena_alloc(&g->arena, ctx_bytes);
     memcpy(ck.ctx, ctx, ctx_bytes);
-    Checkpoint *saved = arena_alloc(&g->arena, sizeof *saved);
-    *saved = ck;
     TapeNode *nd = record(g, "checkpoint", checkpoint_node_backward, y, NULL, NULL, NULL);
     for (int i = 0; i < n_in; i++) nd->in[i] = in[i];
-    nd->saved3 = saved;
+    save_state(g, nd, &ck, sizeof ck);
     return y;
 }
 
@@ -1498,9 +1507,12 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
 }
 
 // conv2d: x (N,C,H,W), w (OC,C,K,K), b (OC) or NULL
+typedef struct { int stride, pad; } ConvState;
+
 static void conv2d_node_backward(Graph *g, TapeNode *n) {
+    const ConvState *s = n->state;
     Tensor *x = n->in[0], *w = n->in[1];
-    int stride = n->iarg[0], pad = n->iarg[1], K = w->shape[2];
+    int stride = s->stride, pad = s->pad, K = w->shape[2];
     float *dx = input_grad(g, n, 0), *dw = input_grad(g, n, 1), *db = input_grad(g, n, 2);
     ArenaMark m = arena_mark(&g->arena);
     float *col = NULL;
@@ -1551,14 +1563,14 @@ Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Ten
     Tensor *y = tensor4(g, N, OC, OH, OW);
     ArenaMark m = arena_mark(&g->arena);
     float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, stride, pad));
-    conv2d_add_forward(y->data, x->data, w->data, b ? b->data : NULL, shift ? shift->data : NULL,
-                       residual ? residual->data : NULL, col, N, C, H, W, OC, K, stride, pad);
+    conv2d_add_forward(y->data, x->data, w->data, data_of(b), data_of(shift),
+                       data_of(residual), col, N, C, H, W, OC, K, stride, pad);
     arena_release(&g->arena, m);
     int extra = g->grad_enabled && ((shift && shift->requires_grad) || (residual && residual->requires_grad));
     if (wants_grad(g, x, w, b) || extra) {
         TapeNode *nd = record(g, shift || residual ? "conv2d_add" : "conv2d", conv2d_add_node_backward, y, x, w, b);
-        nd->iarg[0] = stride;
-        nd->iarg[1] = pad;
+        ConvState s = {.stride = stride, .pad = pad};
+        save_state(g, nd, &s, sizeof s);
         nd->in[3] = shift;
         nd->in[4] = residual;
     }
@@ -1576,15 +1588,15 @@ static void conv2d_relu_node_backward(Graph *g, TapeNode *n) {
 }
 
 Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
-    int saved = g->grad_enabled;
+    int taping = g->grad_enabled;
     g->grad_enabled = 0;  // the plain convolution, untaped
     Tensor *y = conv2d(g, x, w, b, stride, pad);
-    g->grad_enabled = saved;
+    g->grad_enabled = taping;
     for (size_t i = 0; i < y->size; i++) y->data[i] = y->data[i] > 0.0f ? y->data[i] : 0.0f;
     if (wants_grad(g, x, w, b)) {
         TapeNode *nd = record(g, "conv2d_relu", conv2d_relu_node_backward, y, x, w, b);
-        nd->iarg[0] = stride;
-        nd->iarg[1] = pad;
+        ConvState s = {.stride = stride, .pad = pad};
+        save_state(g, nd, &s, sizeof s);
     }
     return y;
 }
@@ -1634,7 +1646,7 @@ Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b) {
     }
     int s[2] = {x->shape[0], w->shape[0]};
     Tensor *y = tensor_new(g, 2, s);
-    linear_forward(y->data, x->data, w->data, b ? b->data : NULL, x->shape[0], x->shape[1], w->shape[0]);
+    linear_forward(y->data, x->data, w->data, data_of(b), x->shape[0], x->shape[1], w->shape[0]);
     if (wants_grad(g, x, w, b)) record(g, "linear", linear_node_backward, y, x, w, b);
     return y;
 }
@@ -1702,10 +1714,12 @@ static void matmul_dims(const Tensor *t, int *batch, int *r, int *c) {
     else fatal("matmul: expected a 2-D or 3-D tensor, got %d-D", t->ndim);
 }
 
+typedef struct { int transA, transB, batch, M, N, K; } MatmulState;
+
 static void matmul_node_backward(Graph *g, TapeNode *n) {
-    int ta = n->iarg[0], tb = n->iarg[1], batch = n->iarg[2], M = n->iarg[3], N = n->iarg[4], K = n->iarg[5];
+    const MatmulState *s = n->state;
     matmul_backward(input_grad(g, n, 0), input_grad(g, n, 1), n->out->grad, n->in[0]->data,
-                    n->in[1]->data, batch, M, N, K, ta, tb);
+                    n->in[1]->data, s->batch, s->M, s->N, s->K, s->transA, s->transB);
 }
 
 Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB) {
@@ -1724,8 +1738,8 @@ Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB) {
     matmul_forward(y->data, a->data, b->data, ba, M, N, K, transA, transB);
     if (wants_grad(g, a, b, NULL)) {
         TapeNode *nd = record(g, "matmul", matmul_node_backward, y, a, b, NULL);
-        int args[6] = {transA, transB, ba, M, N, K};
-        memcpy(nd->iarg, args, sizeof args);
+        MatmulState s = {.transA = transA, .transB = transB, .batch = ba, .M = M, .N = N, .K = K};
+        save_state(g, nd, &s, sizeof s);
     }
     return y;
 }
@@ -1987,11 +2001,17 @@ void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, floa
 }
 
 // groupnorm: x (N,C,H,W), gamma and beta (C) or NULL
+typedef struct {
+    int groups;
+    float *mean, *rstd;   // (N, groups), from forward
+} GroupNormState;
+
 static void groupnorm_node_backward(Graph *g, TapeNode *n) {
+    const GroupNormState *s = n->state;
     Tensor *x = n->in[0], *gamma = n->in[1];
     groupnorm_backward(input_grad(g, n, 0), input_grad(g, n, 1), input_grad(g, n, 2), n->out->grad,
-                       x->data, n->saved, n->saved2, gamma ? gamma->data : NULL, x->shape[0],
-                       x->shape[1], x->shape[2] * x->shape[3], n->iarg[0]);
+                       x->data, s->mean, s->rstd, data_of(gamma), x->shape[0],
+                       x->shape[1], x->shape[2] * x->shape[3], s->groups);
 }
 
 Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps) {
@@ -2004,13 +2024,12 @@ Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, 
     int rec = wants_grad(g, x, gamma, beta);
     ArenaMark m = arena_mark(&g->arena);
     float *mean = arena_floats(&g->arena, (size_t)N * groups), *rstd = arena_floats(&g->arena, (size_t)N * groups);
-    groupnorm_forward(y->data, mean, rstd, x->data, gamma ? gamma->data : NULL, beta ? beta->data : NULL,
+    groupnorm_forward(y->data, mean, rstd, x->data, data_of(gamma), data_of(beta),
                       N, C, x->shape[2] * x->shape[3], groups, eps);
     if (rec) {
         TapeNode *nd = record(g, "groupnorm", groupnorm_node_backward, y, x, gamma, beta);
-        nd->iarg[0] = groups;
-        nd->saved = mean;
-        nd->saved2 = rstd;
+        GroupNormState s = {.groups = groups, .mean = mean, .rstd = rstd};
+        save_state(g, nd, &s, sizeof s);
     } else {
         arena_release(&g->arena, m);  // no-grad: the statistics are not kept
     }
@@ -2018,17 +2037,25 @@ Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, 
 }
 
 // [silu](groupnorm(x) * (1 + scale) + shift): one node; in[3], in[4] = scale, shift
+typedef struct {
+    int groups, silu;
+    float *mean, *rstd;   // (N, groups), from forward
+    unsigned char *keep;  // dropout mask or NULL
+    float keep_scale;     // 1 / (1 - p)
+} FilmNormState;
+
 static void groupnorm_film_silu_node_backward(Graph *g, TapeNode *n) {
+    const FilmNormState *s = n->state;
     Tensor *x = n->in[0], *gamma = n->in[1], *beta = n->in[2], *scale = n->in[3], *shift = n->in[4];
     float *dx = input_grad(g, n, 0), *dgamma = input_grad(g, n, 1), *dbeta = input_grad(g, n, 2);
     float *dscale = input_grad(g, n, 3), *dshift = input_grad(g, n, 4);
     ArenaMark m = arena_mark(&g->arena);
     float *dz = arena_floats(&g->arena, x->size / (size_t)x->shape[0]);
-    groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, n->out->grad, x->data, n->saved, n->saved2,
-                                 gamma ? gamma->data : NULL, beta ? beta->data : NULL,
-                                 scale ? scale->data : NULL, shift ? shift->data : NULL, n->iarg[1],
-                                 (const unsigned char *)n->saved3, n->farg[0], dz,
-                                 x->shape[0], x->shape[1], x->shape[2] * x->shape[3], n->iarg[0]);
+    groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, n->out->grad, x->data, s->mean, s->rstd,
+                                 data_of(gamma), data_of(beta),
+                                 data_of(scale), data_of(shift), s->silu, s->keep,
+                                 s->keep_scale, dz, x->shape[0], x->shape[1], x->shape[2] * x->shape[3],
+                                 s->groups);
     arena_release(&g->arena, m);
 }
 
@@ -2068,19 +2095,16 @@ Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Te
     unsigned char *keep = norm_dropout_mask(g, "groupnorm_film_silu", x->size, dropout_p, &keep_scale);
     ArenaMark m = arena_mark(&g->arena);
     float *mean = arena_floats(&g->arena, (size_t)N * groups), *rstd = arena_floats(&g->arena, (size_t)N * groups);
-    groupnorm_film_silu_forward(y->data, mean, rstd, x->data, gamma ? gamma->data : NULL, beta ? beta->data : NULL,
-                                scale ? scale->data : NULL, shift ? shift->data : NULL, silu_after, keep, keep_scale,
+    groupnorm_film_silu_forward(y->data, mean, rstd, x->data, data_of(gamma), data_of(beta),
+                                data_of(scale), data_of(shift), silu_after, keep, keep_scale,
                                 N, C, x->shape[2] * x->shape[3], groups, eps);
     if (rec) {
         TapeNode *nd = record(g, "groupnorm_film_silu", groupnorm_film_silu_node_backward, y, x, gamma, beta);
         nd->in[3] = scale;
         nd->in[4] = shift;
-        nd->iarg[0] = groups;
-        nd->iarg[1] = silu_after;
-        nd->saved = mean;
-        nd->saved2 = rstd;
-        nd->saved3 = keep;
-        nd->farg[0] = keep_scale;
+        FilmNormState s = {.groups = groups, .silu = silu_after, .mean = mean, .rstd = rstd,
+                           .keep = keep, .keep_scale = keep_scale};
+        save_state(g, nd, &s, sizeof s);
     } else {
         arena_release(&g->arena, m);  // no-grad: the statistics are not kept
     }
@@ -2094,16 +2118,17 @@ Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int gro
 // norm_conv2d: what the node keeps besides x, w, b and the residual (in[0..3])
 typedef struct {
     NormSpec ns;
+    int pad;
     unsigned char *keep;  // dropout mask or NULL (the statistics are recomputed with the output)
     float keep_scale;
 } NormConv;
 
 static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
-    const NormConv *nc = n->saved3;
+    const NormConv *nc = n->state;
     const NormSpec *ns = &nc->ns;
     Tensor *x = n->in[0], *w = n->in[1], *res = n->in[3];
     int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3], OC = w->shape[0], K = w->shape[2];
-    int HW = H * W, pad = n->iarg[0];
+    int HW = H * W, pad = nc->pad;
     float *dx = input_grad(g, n, 0), *dw = input_grad(g, n, 1), *db = input_grad(g, n, 2);
     float *dgamma = ns->gamma && ns->gamma->requires_grad ? tensor_grad(g, ns->gamma) : NULL;
     float *dbeta = ns->beta && ns->beta->requires_grad ? tensor_grad(g, ns->beta) : NULL;
@@ -2114,9 +2139,9 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
     // the norm's output and statistics again: the same kernel on the same x, so the same bits
     float *h = arena_floats(&g->arena, x->size);
     float *mean = arena_floats(&g->arena, (size_t)N * ns->groups), *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
-    groupnorm_film_silu_forward(h, mean, rstd, x->data, ns->gamma ? ns->gamma->data : NULL,
-                                ns->beta ? ns->beta->data : NULL, ns->scale ? ns->scale->data : NULL,
-                                ns->shift ? ns->shift->data : NULL, ns->silu, nc->keep, nc->keep_scale,
+    groupnorm_film_silu_forward(h, mean, rstd, x->data, data_of(ns->gamma),
+                                data_of(ns->beta), data_of(ns->scale),
+                                data_of(ns->shift), ns->silu, nc->keep, nc->keep_scale,
                                 N, C, HW, ns->groups, ns->eps);
     float *dh = need_dh ? arena_zeros(&g->arena, x->size) : NULL;
     float *col = arena_floats(&g->arena, conv2d_backward_scratch(N, C, H, W, OC, K, 1, pad));
@@ -2128,8 +2153,8 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
     if (need_dh) {
         float *dz = arena_floats(&g->arena, x->size / (size_t)N);
         groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, dh, x->data, mean, rstd,
-                                     ns->gamma ? ns->gamma->data : NULL, ns->beta ? ns->beta->data : NULL,
-                                     ns->scale ? ns->scale->data : NULL, ns->shift ? ns->shift->data : NULL,
+                                     data_of(ns->gamma), data_of(ns->beta),
+                                     data_of(ns->scale), data_of(ns->shift),
                                      ns->silu, nc->keep, nc->keep_scale, dz, N, C, HW, ns->groups);
     }
     arena_release(&g->arena, m);
@@ -2149,26 +2174,23 @@ Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *
                                   (residual && residual->requires_grad) ||
                                   (ns->gamma && ns->gamma->requires_grad) || (ns->beta && ns->beta->requires_grad) ||
                                   (ns->scale && ns->scale->requires_grad) || (ns->shift && ns->shift->requires_grad));
-    NormConv nc = {*ns, NULL, 1.0f};
+    NormConv nc = {.ns = *ns, .pad = pad, .keep = NULL, .keep_scale = 1.0f};
     nc.keep = norm_dropout_mask(g, "norm_conv2d", x->size, ns->dropout, &nc.keep_scale);
     ArenaMark m = arena_mark(&g->arena);
     float *h = arena_floats(&g->arena, x->size);
     float *mean = arena_floats(&g->arena, (size_t)N * ns->groups), *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
-    groupnorm_film_silu_forward(h, mean, rstd, x->data, ns->gamma ? ns->gamma->data : NULL,
-                                ns->beta ? ns->beta->data : NULL, ns->scale ? ns->scale->data : NULL,
-                                ns->shift ? ns->shift->data : NULL, ns->silu, nc.keep, nc.keep_scale,
+    groupnorm_film_silu_forward(h, mean, rstd, x->data, data_of(ns->gamma),
+                                data_of(ns->beta), data_of(ns->scale),
+                                data_of(ns->shift), ns->silu, nc.keep, nc.keep_scale,
                                 N, C, H * W, ns->groups, ns->eps);
     float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, 1, pad));
-    conv2d_add_forward(y->data, h, w->data, b ? b->data : NULL, NULL, residual ? residual->data : NULL, col,
+    conv2d_add_forward(y->data, h, w->data, data_of(b), NULL, data_of(residual), col,
                        N, C, H, W, OC, K, 1, pad);
     arena_release(&g->arena, m);  // the norm's output and statistics are gone
     if (!rec) return y;
-    NormConv *saved = arena_alloc(&g->arena, sizeof *saved);
-    *saved = nc;
     TapeNode *nd = record(g, "norm_conv2d", norm_conv2d_node_backward, y, x, w, b);
     nd->in[3] = residual;
-    nd->iarg[0] = pad;
-    nd->saved3 = saved;
+    save_state(g, nd, &nc, sizeof nc);
     return y;
 }
 
@@ -2211,11 +2233,17 @@ void l2norm_backward(float *dinp, const float *dout, const float *inp, const flo
     }
 }
 
-// l2norm over channels; saved = per-pixel norms
+// l2norm over channels
+typedef struct {
+    float *norm;          // (N, HW), from forward
+    float eps;
+} L2NormState;
+
 static void l2norm_node_backward(Graph *g, TapeNode *n) {
+    const L2NormState *s = n->state;
     Tensor *x = n->in[0];
-    l2norm_backward(input_grad(g, n, 0), n->out->grad, x->data, n->saved, x->shape[0], x->shape[1],
-                    x->shape[2] * x->shape[3], n->farg[0]);
+    l2norm_backward(input_grad(g, n, 0), n->out->grad, x->data, s->norm, x->shape[0], x->shape[1],
+                    x->shape[2] * x->shape[3], s->eps);
 }
 
 Tensor *l2norm_channels(Graph *g, Tensor *x, float eps) {
@@ -2227,8 +2255,8 @@ Tensor *l2norm_channels(Graph *g, Tensor *x, float eps) {
     l2norm_forward(y->data, norm, x->data, x->shape[0], x->shape[1], hw, eps);
     if (wants_grad(g, x, NULL, NULL)) {
         TapeNode *nd = record(g, "l2norm_channels", l2norm_node_backward, y, x, NULL, NULL);
-        nd->saved = norm;
-        nd->farg[0] = eps;
+        L2NormState s = {.norm = norm, .eps = eps};
+        save_state(g, nd, &s, sizeof s);
     } else {
         arena_release(&g->arena, m);
     }
@@ -2279,15 +2307,21 @@ void activation_backward(float *dinp, const float *dout, const float *inp, const
 }
 
 // activations
+typedef struct { int act; } ActState;  // ACT_SILU, ACT_RELU or ACT_SIGMOID
+
 static void activation_node_backward(Graph *g, TapeNode *n) {
+    const ActState *s = n->state;
     activation_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data, n->out->data, n->out->size,
-                        n->iarg[0]);
+                        s->act);
 }
 
 static Tensor *activation(Graph *g, Tensor *x, int act, const char *name) {
     Tensor *y = tensor_new(g, x->ndim, x->shape);
     activation_forward(y->data, x->data, x->size, act);
-    if (wants_grad(g, x, NULL, NULL)) record(g, name, activation_node_backward, y, x, NULL, NULL)->iarg[0] = act;
+    if (wants_grad(g, x, NULL, NULL)) {
+        ActState s = {.act = act};
+        save_state(g, record(g, name, activation_node_backward, y, x, NULL, NULL), &s, sizeof s);
+    }
     return y;
 }
 
@@ -2425,13 +2459,16 @@ void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, fl
     parallel_for((size_t)BH, 1, qkv_attention_backward_range, &a);
 }
 
+typedef struct { float scale; } AttentionState;
+
 static void qkv_attention_node_backward(Graph *g, TapeNode *n) {
+    const AttentionState *s = n->state;
     Tensor *qkv = n->in[0];
     float *dqkv = input_grad(g, n, 0);
     int BH = qkv->shape[0], ch = qkv->shape[1] / 3, T = qkv->shape[2];
     ArenaMark m = arena_mark(&g->arena);
     float *scratch = arena_floats(&g->arena, qkv_attention_scratch(T));
-    qkv_attention_backward(dqkv, n->out->grad, qkv->data, scratch, BH, ch, T, n->farg[0]);
+    qkv_attention_backward(dqkv, n->out->grad, qkv->data, scratch, BH, ch, T, s->scale);
     arena_release(&g->arena, m);
 }
 
@@ -2445,8 +2482,10 @@ Tensor *qkv_attention(Graph *g, Tensor *qkv, float scale) {
     float *scratch = arena_floats(&g->arena, qkv_attention_scratch(T));
     qkv_attention_forward(y->data, qkv->data, scratch, BH, ch, T, scale);
     arena_release(&g->arena, m);
-    if (wants_grad(g, qkv, NULL, NULL))
-        record(g, "qkv_attention", qkv_attention_node_backward, y, qkv, NULL, NULL)->farg[0] = scale;
+    if (wants_grad(g, qkv, NULL, NULL)) {
+        AttentionState s = {.scale = scale};
+        save_state(g, record(g, "qkv_attention", qkv_attention_node_backward, y, qkv, NULL, NULL), &s, sizeof s);
+    }
     return y;
 }
 
@@ -2762,10 +2801,12 @@ static void binary_grad_plane_range(void *arg, size_t p0, size_t p1) {
     }
 }
 
+typedef struct { int op; } BinaryState;  // BIN_ADD, BIN_SUB or BIN_MUL
+
 static void binary_node_backward(Graph *g, TapeNode *n) {
     Tensor *a = n->in[0], *b = n->in[1];
     float *da = input_grad(g, n, 0), *db = input_grad(g, n, 1);
-    int op = n->iarg[0];
+    int op = ((const BinaryState *)n->state)->op;
     if (a->size == n->out->size && b->size == n->out->size) {
         BinaryGrad t = {da, db, n->out->grad, a->data, b->data, op};
         parallel_for(a->size, 1 << 14, binary_grad_flat_range, &t);
@@ -2794,7 +2835,10 @@ static Tensor *binary(Graph *g, Tensor *a, Tensor *b, int op, const char *name) 
     }
     Tensor *y = tensor_new(g, nd, p.shape + (4 - nd));
     binary_forward(y->data, a->data, b->data, &p, op, a->size == y->size && b->size == y->size);
-    if (wants_grad(g, a, b, NULL)) record(g, name, binary_node_backward, y, a, b, NULL)->iarg[0] = op;
+    if (wants_grad(g, a, b, NULL)) {
+        BinaryState s = {.op = op};
+        save_state(g, record(g, name, binary_node_backward, y, a, b, NULL), &s, sizeof s);
+    }
     return y;
 }
 
@@ -2807,15 +2851,20 @@ Tensor *mul(Graph *g, Tensor *a, Tensor *b) { return binary(g, a, b, BIN_MUL, "m
 // ---------------------------------------------------------------------------
 
 // scale_shift: y = scale * x + shift
+typedef struct { float scale; } ScaleShiftState;
+
 static void scale_shift_node_backward(Graph *g, TapeNode *n) {
-    float *dx = input_grad(g, n, 0), s = n->farg[0];
+    float *dx = input_grad(g, n, 0), s = ((const ScaleShiftState *)n->state)->scale;
     for (size_t i = 0; i < n->out->size; i++) dx[i] += s * n->out->grad[i];
 }
 
 Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift) {
     Tensor *y = tensor_new(g, x->ndim, x->shape);
     for (size_t i = 0; i < x->size; i++) y->data[i] = scale * x->data[i] + shift;
-    if (wants_grad(g, x, NULL, NULL)) record(g, "scale_shift", scale_shift_node_backward, y, x, NULL, NULL)->farg[0] = scale;
+    if (wants_grad(g, x, NULL, NULL)) {
+        ScaleShiftState s = {.scale = scale};
+        save_state(g, record(g, "scale_shift", scale_shift_node_backward, y, x, NULL, NULL), &s, sizeof s);
+    }
     return y;
 }
 
@@ -2864,12 +2913,15 @@ Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b) {
 }
 
 // slice along channels: x[:, c0:c1]
+typedef struct { int c0, c1; } SliceState;
+
 static void slice_node_backward(Graph *g, TapeNode *n) {
+    const SliceState *s = n->state;
     Tensor *x = n->in[0];
     float *dx = input_grad(g, n, 0);
-    size_t hw = (size_t)x->shape[2] * x->shape[3], len = (size_t)(n->iarg[1] - n->iarg[0]) * hw;
+    size_t hw = (size_t)x->shape[2] * x->shape[3], len = (size_t)(s->c1 - s->c0) * hw;
     for (int i = 0; i < x->shape[0]; i++) {
-        float *d = dx + (size_t)i * x->shape[1] * hw + (size_t)n->iarg[0] * hw;
+        float *d = dx + (size_t)i * x->shape[1] * hw + (size_t)s->c0 * hw;
         const float *dy = n->out->grad + i * len;
         for (size_t k = 0; k < len; k++) d[k] += dy[k];
     }
@@ -2884,8 +2936,8 @@ Tensor *slice_channels(Graph *g, Tensor *x, int c0, int c1) {
         memcpy(y->data + i * len, x->data + (size_t)i * x->shape[1] * hw + (size_t)c0 * hw, len * sizeof(float));
     if (wants_grad(g, x, NULL, NULL)) {
         TapeNode *nd = record(g, "slice_channels", slice_node_backward, y, x, NULL, NULL);
-        nd->iarg[0] = c0;
-        nd->iarg[1] = c1;
+        SliceState s = {.c0 = c0, .c1 = c1};
+        save_state(g, nd, &s, sizeof s);
     }
     return y;
 }
@@ -2921,8 +2973,10 @@ Tensor *detach(Graph *g, Tensor *x) {
 // ---------------------------------------------------------------------------
 
 // reductions: sums in double, in index order
+typedef struct { float k; } SumState;  // 1 for a sum, 1/size for a mean
+
 static void sum_all_node_backward(Graph *g, TapeNode *n) {
-    float *dx = input_grad(g, n, 0), d = n->out->grad[0] * n->farg[0];
+    float *dx = input_grad(g, n, 0), d = n->out->grad[0] * ((const SumState *)n->state)->k;
     for (size_t i = 0; i < n->in[0]->size; i++) dx[i] += d;
 }
 
@@ -2933,7 +2987,11 @@ static Tensor *reduce_all(Graph *g, Tensor *x, int mean) {
     for (size_t i = 0; i < x->size; i++) s += x->data[i];
     float k = mean ? 1.0f / (float)x->size : 1.0f;
     y->data[0] = (float)(mean ? s / (double)x->size : s);
-    if (wants_grad(g, x, NULL, NULL)) record(g, mean ? "mean_all" : "sum_all", sum_all_node_backward, y, x, NULL, NULL)->farg[0] = k;
+    if (wants_grad(g, x, NULL, NULL)) {
+        SumState s = {.k = k};
+        save_state(g, record(g, mean ? "mean_all" : "sum_all", sum_all_node_backward, y, x, NULL, NULL), &s,
+                   sizeof s);
+    }
     return y;
 }
 
@@ -2967,14 +3025,17 @@ Tensor *mean_hw(Graph *g, Tensor *x) {
 // ---- op: mean squared error loss ----
 // ---------------------------------------------------------------------------
 
-// mse_loss: sum_n w[n] sum_i (a - b)^2 / (number of elements); saved = w
+// mse_loss: sum_n w[n] sum_i (a - b)^2 / (number of elements)
+typedef struct { float *w; } MseState;  // per-sample weights (N), a copy, or NULL
+
 static void mse_node_backward(Graph *g, TapeNode *n) {
+    const float *w = ((const MseState *)n->state)->w;
     Tensor *a = n->in[0], *b = n->in[1];
     float *da = input_grad(g, n, 0), *db = input_grad(g, n, 1);
     size_t per = a->size / a->shape[0];
     float k = 2.0f * n->out->grad[0] / (float)a->size;
     for (int s = 0; s < a->shape[0]; s++) {
-        float ks = k * (n->saved ? n->saved[s] : 1.0f);
+        float ks = k * (w ? w[s] : 1.0f);
         for (size_t i = s * per; i < (s + 1) * per; i++) {
             float d = ks * (a->data[i] - b->data[i]);
             if (da) da[i] += d;
@@ -3005,10 +3066,12 @@ Tensor *mse_loss(Graph *g, Tensor *a, Tensor *b, const float *w) {
     y->data[0] = (float)(total / (double)a->size);
     if (wants_grad(g, a, b, NULL)) {
         TapeNode *nd = record(g, "mse_loss", mse_node_backward, y, a, b, NULL);
+        MseState s = {.w = NULL};
         if (w) {
-            nd->saved = arena_floats(&g->arena, (size_t)N);
-            memcpy(nd->saved, w, N * sizeof(float));
+            s.w = arena_floats(&g->arena, (size_t)N);
+            memcpy(s.w, w, N * sizeof(float));
         }
+        save_state(g, nd, &s, sizeof s);
     }
     return y;
 }
@@ -3017,10 +3080,13 @@ Tensor *mse_loss(Graph *g, Tensor *a, Tensor *b, const float *w) {
 // ---- op: dropout ----
 // ---------------------------------------------------------------------------
 
-// dropout: keep with probability 1-p and scale by 1/(1-p), as torch; saved = mask
+// dropout: keep with probability 1-p and scale by 1/(1-p), as torch
+typedef struct { float *mask; } DropoutState;  // 0 or 1/(1-p) per element
+
 static void dropout_node_backward(Graph *g, TapeNode *n) {
     float *dx = input_grad(g, n, 0);
-    for (size_t i = 0; i < n->out->size; i++) dx[i] += n->out->grad[i] * n->saved[i];
+    const float *mask = ((const DropoutState *)n->state)->mask;
+    for (size_t i = 0; i < n->out->size; i++) dx[i] += n->out->grad[i] * mask[i];
 }
 
 Tensor *dropout(Graph *g, Tensor *x, float p) {
@@ -3033,7 +3099,10 @@ Tensor *dropout(Graph *g, Tensor *x, float p) {
         mask[i] = rng_uniform(g->rng) >= p ? keep : 0.0f;
         y->data[i] = x->data[i] * mask[i];
     }
-    if (wants_grad(g, x, NULL, NULL)) record(g, "dropout", dropout_node_backward, y, x, NULL, NULL)->saved = mask;
+    if (wants_grad(g, x, NULL, NULL)) {
+        DropoutState s = {.mask = mask};
+        save_state(g, record(g, "dropout", dropout_node_backward, y, x, NULL, NULL), &s, sizeof s);
+    }
     return y;
 }
 
@@ -3042,8 +3111,11 @@ Tensor *dropout(Graph *g, Tensor *x, float p) {
 // ---------------------------------------------------------------------------
 
 // clamp: y = min(max(x, lo), hi); the gradient passes where lo < x < hi
+typedef struct { float lo, hi; } ClampState;
+
 static void clamp_node_backward(Graph *g, TapeNode *n) {
-    float *dx = input_grad(g, n, 0), lo = n->farg[0], hi = n->farg[1];
+    const ClampState *s = n->state;
+    float *dx = input_grad(g, n, 0), lo = s->lo, hi = s->hi;
     const float *x = n->in[0]->data;
     for (size_t i = 0; i < n->out->size; i++)
         if (x[i] > lo && x[i] < hi) dx[i] += n->out->grad[i];
@@ -3054,8 +3126,8 @@ Tensor *clamp(Graph *g, Tensor *x, float lo, float hi) {
     for (size_t i = 0; i < x->size; i++) y->data[i] = x->data[i] < lo ? lo : (x->data[i] > hi ? hi : x->data[i]);
     if (wants_grad(g, x, NULL, NULL)) {
         TapeNode *nd = record(g, "clamp", clamp_node_backward, y, x, NULL, NULL);
-        nd->farg[0] = lo;
-        nd->farg[1] = hi;
+        ClampState s = {.lo = lo, .hi = hi};
+        save_state(g, nd, &s, sizeof s);
     }
     return y;
 }

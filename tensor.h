@@ -132,11 +132,8 @@ struct TapeNode {
     backward_fn backward;
     Tensor *out;
     Tensor *in[5];        // inputs; record() sets the first three
-    int iarg[6];
-    float farg[2];
-    float *saved;         // op-specific buffers kept for backward (arena)
-    float *saved2;
-    void *saved3;
+    const void *state;    // what backward needs besides the inputs: a struct
+                          // declared next to the op's backward (ConvState, ...)
 };
 
 // A graph owns one step: the tensors it makes and the tape live in `arena`;
