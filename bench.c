@@ -114,7 +114,7 @@ static void lpips_step(void *ctx) {
 static void ddim_step(void *ctx) {
     Bench *b = ctx;
     size_t n = (size_t)b->B * 3 * 32 * 32;
-    SampleConfig sc = {MODEL_CASDM, SAMPLER_DDIM, 0.0f, 1, 1};
+    SampleConfig sc = {.kind = MODEL_CASDM, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1, .clip_x0 = 1};
     rng_fill_normal(&b->rng, b->x, n, 0.0f, 1.0f);
     sample_step(&b->g, &sc, &b->sched, &b->theta, &b->phi, b->x, b->y, b->B, 3, 32, 32, b->sched.T / 2, NULL);
 }
@@ -135,7 +135,7 @@ static void setup_models(Bench *b, int kind, int ch, int res, const char *attn, 
         if (trainable) adam_init(&b->ap, b->phi.params.total, 1e-4f);
     }
     schedule_init(&b->sched, SCHEDULE_LINEAR, 1000);  // as ../shared/ref/unet_ref.py
-    LossConfig lc = {kind, 0.0, 1.0, 1, 0.1f, NULL, NULL};
+    LossConfig lc = {.kind = kind, .p2_gamma = 0.0, .p2_k = 1.0, .clip_x0 = 1, .lambda_lpips = 0.1f};
     b->lc = lc;
 }
 

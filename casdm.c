@@ -858,7 +858,7 @@ static void train_sample_grid(Trainer *tr, Model *ema, const TrainOpts *o, int C
     Schedule rs;
     schedule_respace(&rs, &tr->sched, kept, nk);
     free(kept);
-    SampleConfig sc = {tr->kind, SAMPLER_DDIM, 0.0f, 1, ema->clip_x0};
+    SampleConfig sc = {.kind = tr->kind, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1, .clip_x0 = ema->clip_x0};
     Rng rng;
     rng_seed(&rng, (uint64_t)o->seed, 7);  // the same noise at every grid: progress is easy to see
     unsigned char *img = mallocCheck((size_t)o->sample_n * C * S * S);
@@ -1010,8 +1010,9 @@ static int cmd_train(int argc, char **argv) {
             tr.has_phi ? " (+ phi)" : "", simd_name(), pool_threads());
 
     tr.theta.use_checkpoint = tr.phi.use_checkpoint = o.grad_checkpoint;
-    LossConfig lc = {tr.kind, o.p2_gamma, o.p2_k, !o.no_clip_x0, (float)o.lambda_lpips,
-                     use_lpips ? lpips_loss : NULL, use_lpips ? &lpips : NULL};
+    LossConfig lc = {.kind = tr.kind, .p2_gamma = o.p2_gamma, .p2_k = o.p2_k, .clip_x0 = !o.no_clip_x0,
+                     .lambda_lpips = (float)o.lambda_lpips, .lpips = use_lpips ? lpips_loss : NULL,
+                     .lpips_ctx = use_lpips ? &lpips : NULL};
     Graph g;
     graph_init(&g, 0, 0);
     g.rng = &tr.rng;
@@ -1300,7 +1301,7 @@ static int cmd_sample(int argc, char **argv) {
     int pr = parse_options("sample", sample_opts_table, sample_opts_n, argc, argv, sample_help);
     if (pr) return PARSED_EXIT(pr);
     if (!o.ckpt) { fprintf(stderr, "casdm sample: --ckpt is required (see casdm sample --help)\n"); return 2; }
-    SampleConfig sc = {0, SAMPLER_DDIM, (float)o.eta, !o.no_clip, 1};
+    SampleConfig sc = {.method = SAMPLER_DDIM, .eta = (float)o.eta, .clip = !o.no_clip, .clip_x0 = 1};
     if (strcmp(o.method, "ddpm") == 0) sc.method = SAMPLER_DDPM;
     else if (strcmp(o.method, "ddim") != 0) { fprintf(stderr, "casdm sample: --method '%s' is not ddim or ddpm\n", o.method); return 2; }
     Model m;

@@ -1887,8 +1887,8 @@ static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
 
 void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
                        const float *gamma, const float *beta, int N, int C, int HW, int G, float eps) {
-    GroupNorm a = {out, mean, rstd, inp, gamma, beta, NULL, NULL, NULL, NULL, N, C, HW, G, eps,
-                   NULL, NULL, NULL, NULL, 0, NULL, NULL, 1.0f};
+    GroupNorm a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .gamma = gamma, .beta = beta,
+                   .N = N, .C = C, .HW = HW, .G = G, .eps = eps, .keep_scale = 1.0f};
     parallel_for((size_t)N * G, 1, groupnorm_forward_range, &a);
 }
 
@@ -1974,8 +1974,9 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
 void groupnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *dout,
                         const float *inp, const float *mean, const float *rstd, const float *gamma,
                         int N, int C, int HW, int G) {
-    GroupNorm a = {NULL, (float *)mean, (float *)rstd, inp, gamma, NULL, dinp, dgamma, dbeta, dout,
-                   N, C, HW, G, 0.0f, NULL, NULL, NULL, NULL, 0, NULL, NULL, 1.0f};
+    GroupNorm a = {.mean = (float *)mean, .rstd = (float *)rstd, .inp = inp, .gamma = gamma,
+                   .dinp = dinp, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
+                   .N = N, .C = C, .HW = HW, .G = G, .keep_scale = 1.0f};
     parallel_for((size_t)G, 1, groupnorm_backward_range, &a);
 }
 
@@ -1984,8 +1985,9 @@ void groupnorm_film_silu_forward(float *out, float *mean, float *rstd, const flo
                                  const float *gamma, const float *beta, const float *scale, const float *shift,
                                  int silu, const unsigned char *keep, float keep_scale,
                                  int N, int C, int HW, int G, float eps) {
-    GroupNorm a = {out, mean, rstd, inp, gamma, beta, NULL, NULL, NULL, NULL, N, C, HW, G, eps,
-                   scale, shift, NULL, NULL, silu, NULL, keep, keep_scale};
+    GroupNorm a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .gamma = gamma, .beta = beta,
+                   .N = N, .C = C, .HW = HW, .G = G, .eps = eps, .scale = scale, .shift = shift,
+                   .silu = silu, .keep = keep, .keep_scale = keep_scale};
     parallel_for((size_t)N * G, 1, groupnorm_forward_range, &a);
 }
 
@@ -1995,8 +1997,11 @@ void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, floa
                                   const float *gamma, const float *beta, const float *scale, const float *shift,
                                   int silu, const unsigned char *keep, float keep_scale, float *dz,
                                   int N, int C, int HW, int G) {
-    GroupNorm a = {NULL, (float *)mean, (float *)rstd, inp, gamma, beta, dinp, dgamma, dbeta, dout,
-                   N, C, HW, G, 0.0f, scale, shift, dscale, dshift, silu, dz, keep, keep_scale};
+    GroupNorm a = {.mean = (float *)mean, .rstd = (float *)rstd, .inp = inp, .gamma = gamma, .beta = beta,
+                   .dinp = dinp, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
+                   .N = N, .C = C, .HW = HW, .G = G, .scale = scale, .shift = shift,
+                   .dscale = dscale, .dshift = dshift, .silu = silu, .dz = dz, .keep = keep,
+                   .keep_scale = keep_scale};
     parallel_for((size_t)G, 1, groupnorm_backward_range, &a);
 }
 

@@ -398,12 +398,14 @@ static Tensor *view4(Graph *g, Tensor *t, int n, int c, int h, int w) {
 // silu_emb = SiLU(emb), the same for every block, computed once.
 static Tensor *resblock_forward(Graph *g, const UNetConfig *c, ResBlock *r, Tensor *x, Tensor *silu_emb) {
     int N = x->shape[0], out = r->out_ch;
-    NormSpec in_norm = {r->in_norm_w, r->in_norm_b, NULL, NULL, 1, c->groups, 0.0f, 1e-5f};
+    NormSpec in_norm = {.gamma = r->in_norm_w, .beta = r->in_norm_b, .silu = 1, .groups = c->groups,
+                        .eps = 1e-5f};
     Tensor *h = norm_conv2d(g, x, &in_norm, r->in_conv_w, r->in_conv_b, NULL, 1);
     Tensor *e = view4(g, linear(g, silu_emb, r->emb_w, r->emb_b), N, 2 * out, 1, 1);
     Tensor *scale = slice_channels(g, e, 0, out), *shift = slice_channels(g, e, out, 2 * out);
     Tensor *skip = r->skip_w ? conv2d(g, x, r->skip_w, r->skip_b, 1, 0) : x;
-    NormSpec out_norm = {r->out_norm_w, r->out_norm_b, scale, shift, 1, c->groups, c->dropout, 1e-5f};
+    NormSpec out_norm = {.gamma = r->out_norm_w, .beta = r->out_norm_b, .scale = scale, .shift = shift,
+                         .silu = 1, .groups = c->groups, .dropout = c->dropout, .eps = 1e-5f};
     return norm_conv2d(g, h, &out_norm, r->out_conv_w, r->out_conv_b, skip, 1);
 }
 
@@ -414,7 +416,7 @@ static Tensor *attention_forward(Graph *g, const UNetConfig *c, AttnBlock *a, Te
     int B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3], T = H * W;
     int heads = c->num_heads, ch = C / heads;
     if (C % heads) fatal("attention: %d channels do not split into %d heads", C, heads);
-    NormSpec norm = {a->norm_w, a->norm_b, NULL, NULL, 0, c->groups, 0.0f, 1e-5f};
+    NormSpec norm = {.gamma = a->norm_w, .beta = a->norm_b, .groups = c->groups, .eps = 1e-5f};
     Tensor *qkv = norm_conv2d(g, x, &norm, view4(g, a->qkv_w, 3 * C, C, 1, 1), a->qkv_b, NULL, 0);  // (B, 3C, H, W)
     int s3[3] = {B * heads, 3 * ch, T};
     // improved-diffusion scales q and k by ch^(-1/4) each; here the product by ch^(-1/2)
@@ -487,6 +489,7 @@ Tensor *unet_forward(Graph *g, UNet *u, Tensor *x, const float *t) {
     int top = u->n_input;
     for (int i = 0; i < u->n_output; i++)
         h = graph_keep(g, m, run_block(g, u, &u->output[i], h, hs[--top], emb));
-    NormSpec out_norm = {u->out_norm_w, u->out_norm_b, NULL, NULL, 1, c->groups, 0.0f, 1e-5f};
+    NormSpec out_norm = {.gamma = u->out_norm_w, .beta = u->out_norm_b, .silu = 1, .groups = c->groups,
+                         .eps = 1e-5f};
     return graph_keep(g, m, norm_conv2d(g, h, &out_norm, u->out_conv_w, u->out_conv_b, NULL, 1));
 }

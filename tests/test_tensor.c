@@ -133,7 +133,8 @@ static Tensor *b_conv_add(Graph *g, Tensor **in, const int *a) {
 }
 // x, gamma, beta, scale, shift, w, b, residual; a[0] groups, a[1] silu, a[2] dropout on, a[3] pad
 static Tensor *b_norm_conv(Graph *g, Tensor **in, const int *a) {
-    NormSpec ns = {in[1], in[2], in[3], in[4], a[1], a[0], a[2] ? 0.3f : 0.0f, 1e-5f};
+    NormSpec ns = {.gamma = in[1], .beta = in[2], .scale = in[3], .shift = in[4], .silu = a[1], .groups = a[0],
+                   .dropout = a[2] ? 0.3f : 0.0f, .eps = 1e-5f};
     return norm_conv2d(g, in[0], &ns, in[5], in[6], in[7], a[3]);
 }
 static Tensor *b_relu(Graph *g, Tensor **in, const int *a) { (void)a; return relu(g, in[0]); }
@@ -360,7 +361,8 @@ static void test_fused_equal_composed(void) {
         ref8[i] = tensor_from(&gr, nd3[i], shp3[i], in8[i]->data);
         in8[i]->requires_grad = ref8[i]->requires_grad = 1;
     }
-    NormSpec ns = {in8[1], in8[2], in8[3], in8[4], 1, 32, 0.3f, 1e-5f};
+    NormSpec ns = {.gamma = in8[1], .beta = in8[2], .scale = in8[3], .shift = in8[4], .silu = 1, .groups = 32,
+                   .dropout = 0.3f, .eps = 1e-5f};
     y = norm_conv2d(&g, in8[0], &ns, in8[5], in8[6], in8[7], 1);
     Tensor *hr = groupnorm_film_silu(&gr, ref8[0], ref8[1], ref8[2], ref8[3], ref8[4], 1, 0.3f, 32, 1e-5f);
     yr = conv2d_add(&gr, hr, ref8[5], ref8[6], NULL, ref8[7], 1, 1);

@@ -172,7 +172,7 @@ static void run_variant(const char *v) {
     int t[16];
     for (int i = 0; i < B; i++) t[i] = (int)et->data[i];
     double gamma = kind == MODEL_DDPM_X0 ? 0.0 : atof((st_meta(&gold, "p2_gamma", buf, sizeof buf), buf));
-    LossConfig lc = {kind, gamma, 1.0, 1, 0.1f, NULL, NULL};
+    LossConfig lc = {.kind = kind, .p2_gamma = gamma, .p2_k = 1.0, .clip_x0 = 1, .lambda_lpips = 0.1f};
     LossTerms lt;
     diffusion_losses(&g, &lt, &lc, &s, &theta, has_phi ? &phi : NULL, x0, t, noise);
     graph_backward(&g, lt.loss, NULL);
@@ -237,7 +237,7 @@ static size_t step_grads(UNet *theta, UNet *phi, int use_ckpt, float *loss, size
     Tensor *x0 = tensor_new(&g, 4, shape), *noise = tensor_new(&g, 4, shape);
     rng_fill_uniform(&rng, x0->data, x0->size, -1.0f, 1.0f);
     rng_fill_normal(&rng, noise->data, noise->size, 0.0f, 1.0f);
-    LossConfig lc = {MODEL_CASDM, 1.0, 1.0, 1, 0.1f, NULL, NULL};
+    LossConfig lc = {.kind = MODEL_CASDM, .p2_gamma = 1.0, .p2_k = 1.0, .clip_x0 = 1, .lambda_lpips = 0.1f};
     LossTerms lt;
     diffusion_losses(&g, &lt, &lc, &s, theta, phi, x0, t, noise);
     graph_backward(&g, lt.loss, NULL);
@@ -365,7 +365,7 @@ static double run_sampler(const char *v, int method, float eta, const char *spec
     if (nk < 0) fatal("%s", err);
     Schedule rs;
     schedule_respace(&rs, base, kept, nk);
-    SampleConfig sc = {model_parse(v), method, eta, 1, 1};
+    SampleConfig sc = {.kind = model_parse(v), .method = method, .eta = eta, .clip = 1, .clip_x0 = 1};
     float *x = mallocCheck(n * sizeof(float)), *xp = mallocCheck(n * sizeof(float));
     memcpy(x, xT->data, n * sizeof(float));
     char ikey[96];
@@ -466,7 +466,7 @@ static void test_sampling_closed_form(void) {
     float *x0 = mallocCheck(n * 4), *x = mallocCheck(n * 4), *xp = mallocCheck(n * 4), *eps = mallocCheck(n * 4);
     rng_fill_uniform(&r, x0, n, -0.9f, 0.9f);
     rng_fill_normal(&r, x, n, 0, 1);
-    SampleConfig sc = {MODEL_DDPM_EPS, SAMPLER_DDIM, 0.0f, 1, 1};
+    SampleConfig sc = {.kind = MODEL_DDPM_EPS, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1, .clip_x0 = 1};
     for (int j = nk - 1; j >= 0; j--) {
         double ab = rs.abar[j];
         for (size_t i = 0; i < n; i++) eps[i] = (float)((x[i] - sqrt(ab) * x0[i]) / sqrt(1.0 - ab));
