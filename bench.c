@@ -16,12 +16,6 @@
 #include <sys/resource.h>
 #include <time.h>
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -34,9 +28,9 @@ static double time_median(step_fn f, void *ctx, int warmup, int iters) {
     for (int i = 0; i < warmup; i++) f(ctx);
     double *t = mallocCheck((size_t)iters * sizeof(double));
     for (int i = 0; i < iters; i++) {
-        double t0 = now();
+        double t0 = now_seconds();
         f(ctx);
-        t[i] = now() - t0;
+        t[i] = now_seconds() - t0;
     }
     qsort(t, (size_t)iters, sizeof(double), cmp_double);
     double m = iters % 2 ? t[iters / 2] : 0.5 * (t[iters / 2 - 1] + t[iters / 2]);
@@ -152,9 +146,9 @@ int main(int argc, char **argv) {
     }
     pool_init(threads);
     if (!strcmp(cs, "peak")) {
-        double fl[64] = {0}, t0 = now();
+        double fl[64] = {0}, t0 = now_seconds();
         pool_run(peak_task, fl);
-        double dt = now() - t0, total = 0.0;
+        double dt = now_seconds() - t0, total = 0.0;
         for (int i = 0; i < pool_threads(); i++) total += fl[i];
         printf("peak threads=%d gflops=%.1f simd=%s\n", pool_threads(), total / dt / 1e9, simd_name());
         pool_shutdown();
@@ -222,5 +216,6 @@ int main(int argc, char **argv) {
            simd_name(), (b.g.arena.peak + (b.g.sub ? b.g.sub->arena.peak : 0)) / 1048576.0,
            (b.g.grad_peak + (b.g.sub ? b.g.sub->grad_peak : 0)) / 1048576.0);
     pool_shutdown();
+    sgemm_free_buffers();
     return 0;  // the process ends here; its memory goes with it
 }

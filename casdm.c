@@ -120,11 +120,6 @@ static void load_data_file(Dataset *d, const char *path, images_decoder decode) 
     free(b);
 }
 
-static int ends_with(const char *s, const char *suffix) {
-    size_t n = strlen(s), m = strlen(suffix);
-    return n >= m && strcmp(s + n - m, suffix) == 0;
-}
-
 static int image_name(const char *s) {
     return ends_with(s, ".png") || ends_with(s, ".ppm") || ends_with(s, ".pgm") ||
            ends_with(s, ".PNG") || ends_with(s, ".PPM") || ends_with(s, ".PGM");
@@ -684,12 +679,6 @@ static void catch_signals(void) {
 
 static int interrupted_status(void) { return 128 + (int)interrupted; }
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 // mkdir -p
 static void make_dir(const char *path) {
     char p[4096];
@@ -950,133 +939,183 @@ static void save_or_die(const Trainer *tr, const TrainOpts *o, const char *ckpt,
     if (save_checkpoint(tr, o, ckpt, err, sizeof err) != 0) stop_run(err, ckpt, saved_step);
 }
 
+// What a run writes besides the weights: log.csv (rows of means over
+// --log-every steps), the loss plot, the progress line; and which
+// checkpoint on disk a failure leaves untouched.
+typedef struct {
+    char ckpt[4200], log_path[4200], svg_path[4200], title[256];
+    FILE *log;
+    History hist;         // every logged row, for the plot
+    long saved_step;      // the step of the checkpoint on disk this run may replace (-1: none)
+    long saved_here;      // the last step this run saved (-1: none)
+    long step0;           // the step this run started from
+    double t0, t_row;     // start of the run, of the current row
+    double sums[5];       // loss, l_eps, l_x0, l_mu, l_lpips summed over the row's steps
+    int nsum, tty;
+} Run;
+
+// the output directory, a resume, and log.csv carried over to the resumed
+// step (in place or into a new directory)
+static void run_open(Run *r, Trainer *tr, const TrainOpts *o) {
+    memset(r, 0, sizeof *r);
+    make_dir(o->out);
+    snprintf(r->ckpt, sizeof r->ckpt, "%s/ckpt.safetensors", o->out);
+    snprintf(r->log_path, sizeof r->log_path, "%s/log.csv", o->out);
+    snprintf(r->svg_path, sizeof r->svg_path, "%s/loss.svg", o->out);
+    snprintf(r->title, sizeof r->title, "casdm train --model %s (%s)", model_name(tr->kind), o->data);
+    r->saved_step = r->saved_here = -1;
+    char from[4200];
+    if (o->resume) {
+        snprintf(from, sizeof from, "%s/ckpt.safetensors", o->resume);
+        load_checkpoint(tr, from);
+        fprintf(stderr, "resumed from %s at step %ld\n", from, tr->step);
+        if (strcmp(from, r->ckpt) == 0) r->saved_step = tr->step;
+        snprintf(from, sizeof from, "%s/log.csv", o->resume);
+    }
+    carry_log(o->resume ? from : NULL, r->log_path, tr->step, &r->hist);
+    r->log = fopen(r->log_path, "a");
+    if (!r->log) fatal("cannot write '%s': %s", r->log_path, strerror(errno));
+    r->step0 = tr->step;
+    r->tty = isatty(2);
+}
+
+static int out_of_time(const Run *r, const TrainOpts *o) {
+    return o->time_limit > 0 && now_seconds() - r->t0 >= o->time_limit;
+}
+
+// a step's losses into the row; at the end of a row: log.csv, the plot, the progress line
+static void run_log(Run *r, const TrainOpts *o, long step, const LossTerms *lt) {
+    Tensor *terms[5] = {lt->loss, lt->l_eps, lt->l_x0, lt->l_mu, lt->l_lpips};
+    for (int i = 0; i < 5; i++) r->sums[i] += terms[i] ? terms[i]->data[0] : 0.0;
+    r->nsum++;
+    if (step % o->log_every != 0 && step != o->steps && !out_of_time(r, o)) return;
+    double now = now_seconds(), ips = (double)r->nsum * o->batch / (now - r->t_row);
+    log_row(r->log, r->log_path, step, r->sums, r->nsum, terms, ips);
+    double row[PLOT_TERMS];
+    for (int i = 0; i < PLOT_TERMS; i++) row[i] = terms[i] ? r->sums[i] / r->nsum : NAN;
+    history_add(&r->hist, step, row);
+    char err[600];
+    if (write_loss_svg(r->svg_path, &r->hist, NULL, 1, r->title, err, sizeof err) != 0) fatal("%s", err);
+    progress_line(o, step, r->step0, now - r->t0, ips, r->sums, r->nsum, terms, r->tty);
+    memset(r->sums, 0, sizeof r->sums);
+    r->nsum = 0;
+    r->t_row = now;
+}
+
+static void run_save(Run *r, const Trainer *tr, const TrainOpts *o) {
+    save_or_die(tr, o, r->ckpt, r->saved_step);
+    r->saved_step = r->saved_here = tr->step;
+}
+
+static void run_close(Run *r) {
+    if (r->hist.n) fprintf(stderr, "loss plot: %s\n", r->svg_path);
+    history_free(&r->hist);
+    fclose(r->log);
+}
+
+// the networks the sample grids use (the EMA weights are copied in for each grid)
+static void ema_model_init(Model *ema, const Trainer *tr, const TrainOpts *o) {
+    memset(ema, 0, sizeof *ema);
+    ema->kind = tr->kind;
+    ema->has_phi = tr->has_phi;
+    ema->clip_x0 = !o->no_clip_x0;
+    if (o->sample_n <= 0) return;
+    unet_init(&ema->theta, &tr->theta_cfg, 0, NULL);
+    if (tr->has_phi) unet_init(&ema->phi, &tr->phi_cfg, 0, NULL);
+}
+
+static void ema_model_free(Model *ema, const TrainOpts *o) {
+    if (o->sample_n <= 0) return;
+    unet_free(&ema->theta);
+    if (ema->has_phi) unet_free(&ema->phi);
+}
+
+// the options that no single option's range can check; the LPIPS file
+// first, so that a bad one is an error before anything slow
+static int check_train_options(const TrainOpts *o, Lpips *lpips) {
+    if (!o->data) { fprintf(stderr, "casdm train: --data is required (see casdm train --help)\n"); return 2; }
+    if (o->flip && o->no_flip) {
+        fprintf(stderr, "casdm train: --flip and --no-flip contradict each other\n");
+        return 2;
+    }
+    if (o->lpips) {
+        char err[512];
+        lpips_init(lpips);
+        lpips->size = o->lpips_size;
+        if (lpips_load(lpips, o->lpips, err, sizeof err) != 0) fatal("--lpips: %s", err);
+    }
+    return 0;
+}
+
 static int cmd_train(int argc, char **argv) {
     TrainOpts o;
     define_train_options(&o);
     int pr = parse_options("train", train_opts_table, train_opts_n, argc, argv, train_help);
     if (pr) return PARSED_EXIT(pr);
-    if (!o.data) { fprintf(stderr, "casdm train: --data is required (see casdm train --help)\n"); return 2; }
-    if (o.flip && o.no_flip) { fprintf(stderr, "casdm train: --flip and --no-flip contradict each other\n"); return 2; }
-
     Lpips lpips;
-    int use_lpips = o.lpips != NULL;
-    if (use_lpips) {  // before anything slow: a bad file is an error at once
-        char err[512];
-        lpips_init(&lpips);
-        lpips.size = o.lpips_size;
-        if (lpips_load(&lpips, o.lpips, err, sizeof err) != 0) fatal("--lpips: %s", err);
-    }
+    int bad = check_train_options(&o, &lpips);
+    if (bad) return bad;
     Dataset data;
     load_dataset(&data, o.data);
     const Images *im = &data.img;
-    if (use_lpips && im->c != 3) fatal("--lpips needs RGB images; '%s' has %d channel(s)", o.data, im->c);
+    if (o.lpips && im->c != 3) fatal("--lpips needs RGB images; '%s' has %d channel(s)", o.data, im->c);
     if (im->h != im->w) fatal("--data '%s': images are %dx%d; square images only", o.data, im->h, im->w);
     int flip = o.flip || (data.flip && !o.no_flip);
     Trainer tr;
     trainer_init(&tr, &o, im->c, im->h);
-    make_dir(o.out);
-    char ckpt[4200], logpath[4200], from[4200];
-    snprintf(ckpt, sizeof ckpt, "%s/ckpt.safetensors", o.out);
-    snprintf(logpath, sizeof logpath, "%s/log.csv", o.out);
-    long saved_step = -1;  // the step of the checkpoint on disk that this run may replace
-    long saved_here = -1;  // the last step this run saved
-    if (o.resume) {
-        snprintf(from, sizeof from, "%s/ckpt.safetensors", o.resume);
-        load_checkpoint(&tr, from);
-        fprintf(stderr, "resumed from %s at step %ld\n", from, tr.step);
-        if (strcmp(from, ckpt) == 0) saved_step = tr.step;
-    }
-    // the log continues from the rows up to the resumed step (in place or
-    // into a new directory)
-    History hist = {0};
-    snprintf(from, sizeof from, "%s/log.csv", o.resume ? o.resume : o.out);
-    carry_log(o.resume ? from : NULL, logpath, tr.step, &hist);
-    FILE *log = fopen(logpath, "a");
-    if (!log) fatal("cannot write '%s': %s", logpath, strerror(errno));
-    char svgpath[4200], title[256], err[600];
-    snprintf(svgpath, sizeof svgpath, "%s/loss.svg", o.out);
-    snprintf(title, sizeof title, "casdm train --model %s (%s)", model_name(tr.kind), o.data);
-    // the networks the sample grids use: EMA weights copied in when needed
-    Model ema = {0};
-    ema.kind = tr.kind;
-    ema.has_phi = tr.has_phi;
-    ema.clip_x0 = !o.no_clip_x0;
-    if (o.sample_n > 0) {
-        unet_init(&ema.theta, &tr.theta_cfg, 0, NULL);
-        if (tr.has_phi) unet_init(&ema.phi, &tr.phi_cfg, 0, NULL);
-    }
+    Run run;
+    run_open(&run, &tr, &o);
+    Model ema;
+    ema_model_init(&ema, &tr, &o);
     fprintf(stderr, "casdm train: %s on %d images %dx%dx%d from %s; theta %zu parameters%s; %s, %d threads\n",
             model_name(tr.kind), im->n, im->c, im->h, im->w, o.data, tr.theta.params.total,
             tr.has_phi ? " (+ phi)" : "", simd_name(), pool_threads());
-
     tr.theta.use_checkpoint = tr.phi.use_checkpoint = o.grad_checkpoint;
     LossConfig lc = {.kind = tr.kind, .p2_gamma = o.p2_gamma, .p2_k = o.p2_k, .clip_x0 = !o.no_clip_x0,
-                     .lambda_lpips = (float)o.lambda_lpips, .lpips = use_lpips ? lpips_loss : NULL,
-                     .lpips_ctx = use_lpips ? &lpips : NULL};
+                     .lambda_lpips = (float)o.lambda_lpips, .lpips = o.lpips ? lpips_loss : NULL,
+                     .lpips_ctx = o.lpips ? &lpips : NULL};
     Graph g;
     graph_init(&g, 0, 0);
     g.rng = &tr.rng;
     g.training = 1;
     float *x0buf = mallocCheck((size_t)o.batch * im->c * im->h * im->w * sizeof(float));
     int *t = mallocCheck((size_t)o.batch * sizeof(int));
-    double sums[5] = {0}, t0 = now_seconds(), tlog = t0;
-    int nsum = 0, tty = isatty(2), out_of_time = 0;
     Fault fault = fault_from_env();
     catch_signals();
-    long step0 = tr.step;
-    while (tr.step < o.steps && !interrupted) {
-        out_of_time = o.time_limit > 0 && now_seconds() - t0 >= o.time_limit;
-        if (out_of_time) break;
+    int timed_out = 0;
+    run.t0 = run.t_row = now_seconds();  // the clock of --time-limit, the ETA and img/s
+    while (tr.step < o.steps && !interrupted && !(timed_out = out_of_time(&run, &o))) {
         LossTerms lt;
+        char err[600];
         if (train_step(&tr, &g, &lc, &data, &o, flip, x0buf, t, fault, &lt, err, sizeof err) != 0) {
-            if (tty) fprintf(stderr, "\n");
+            if (run.tty) fprintf(stderr, "\n");
             strncat(err, ": stopping (lower --lr, or set --grad-clip)", sizeof err - strlen(err) - 1);
-            stop_run(err, ckpt, saved_step);
+            stop_run(err, run.ckpt, run.saved_step);
         }
-        Tensor *terms[5] = {lt.loss, lt.l_eps, lt.l_x0, lt.l_mu, lt.l_lpips};
-        for (int i = 0; i < 5; i++) sums[i] += terms[i] ? terms[i]->data[0] : 0.0;
-        nsum++;
-        if (tr.step % o.log_every == 0 || tr.step == o.steps || (o.time_limit > 0 && now_seconds() - t0 >= o.time_limit)) {
-            double now = now_seconds(), ips = (double)nsum * o.batch / (now - tlog);
-            log_row(log, logpath, tr.step, sums, nsum, terms, ips);
-            double row[PLOT_TERMS];
-            for (int i = 0; i < PLOT_TERMS; i++) row[i] = terms[i] ? sums[i] / nsum : NAN;
-            history_add(&hist, tr.step, row);
-            if (write_loss_svg(svgpath, &hist, NULL, 1, title, err, sizeof err) != 0) fatal("%s", err);
-            progress_line(&o, tr.step, step0, now - t0, ips, sums, nsum, terms, tty);
-            memset(sums, 0, sizeof sums);
-            nsum = 0;
-            tlog = now;
-        }
-        if (o.ckpt_every > 0 && tr.step % o.ckpt_every == 0 && tr.step < o.steps) {
-            save_or_die(&tr, &o, ckpt, saved_step);
-            saved_step = saved_here = tr.step;
-        }
-        if (o.sample_n > 0 && o.sample_every > 0 && tr.step % o.sample_every == 0 && tr.step < o.steps && !interrupted) {
-            if (tty) fprintf(stderr, "\n");
-            train_sample_grid(&tr, &ema, &o, im->c, im->h, tty);
+        run_log(&run, &o, tr.step, &lt);
+        int more = tr.step < o.steps;
+        if (o.ckpt_every > 0 && tr.step % o.ckpt_every == 0 && more) run_save(&run, &tr, &o);
+        if (o.sample_n > 0 && o.sample_every > 0 && tr.step % o.sample_every == 0 && more && !interrupted) {
+            if (run.tty) fprintf(stderr, "\n");
+            train_sample_grid(&tr, &ema, &o, im->c, im->h, run.tty);
         }
     }
-    if (tty) fprintf(stderr, "\n");
+    if (run.tty) fprintf(stderr, "\n");
     // (a signal during a periodic save: that one holds this step already; a
     // resume to the same step does save, which tools/cross.sh relies on)
-    if (saved_here != tr.step) save_or_die(&tr, &o, ckpt, saved_step);
-    if (interrupted) fprintf(stderr, "interrupted (%s) at step %ld: wrote %s\n", interrupted == SIGTERM ? "SIGTERM" : "SIGINT",
-                             tr.step, ckpt);
-    else fprintf(stderr, "%s at step %ld: wrote %s\n", out_of_time ? "time limit reached" : "done", tr.step, ckpt);
-    if (o.sample_n > 0 && !interrupted) train_sample_grid(&tr, &ema, &o, im->c, im->h, tty);
-    if (hist.n) fprintf(stderr, "loss plot: %s\n", svgpath);
-    history_free(&hist);
-    if (o.sample_n > 0) {
-        unet_free(&ema.theta);
-        if (tr.has_phi) unet_free(&ema.phi);
-    }
-    fclose(log);
+    if (run.saved_here != tr.step) run_save(&run, &tr, &o);
+    if (interrupted)
+        fprintf(stderr, "interrupted (%s) at step %ld: wrote %s\n", interrupted == SIGTERM ? "SIGTERM" : "SIGINT",
+                tr.step, run.ckpt);
+    else fprintf(stderr, "%s at step %ld: wrote %s\n", timed_out ? "time limit reached" : "done", tr.step, run.ckpt);
+    if (o.sample_n > 0 && !interrupted) train_sample_grid(&tr, &ema, &o, im->c, im->h, run.tty);
+    run_close(&run);
+    ema_model_free(&ema, &o);
     free(x0buf);
     free(t);
     graph_free(&g);
     trainer_free(&tr);
-    if (use_lpips) lpips_free(&lpips);
+    if (o.lpips) lpips_free(&lpips);
     free(data.img.pixels);
     return interrupted ? interrupted_status() : 0;
 }
@@ -1608,5 +1647,6 @@ int main(int argc, char **argv) {
         rc = 2;
     }
     pool_shutdown();
+    sgemm_free_buffers();
     return rc;
 }

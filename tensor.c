@@ -1,9 +1,13 @@
 // tensor.c: the casdm tensor engine. See tensor.h for the overview.
 //
-// Sections: errors and allocation, arena, RNG, thread pool, SIMD layer,
-// matrix multiply, kernels (each forward with its backward below it),
-// graph ops with their tape nodes, parameters, Adam. (File formats,
-// safetensors among them, are in formats.c.)
+// Sections, in order: errors and allocation, arena, RNG, thread pool, SIMD
+// layer, matrix multiply (the infrastructure); tensors and the tape; then one
+// section per op (convolution, linear, batched matmul, group norm and its
+// fused forms, L2 norm, activations, softmax, QKV attention, upsample,
+// average pool, bilinear resize, add/sub/mul, scale_shift, concat/slice,
+// reductions, MSE loss, dropout, clamp), each holding its kernels, reference
+// kernels, tape node and graph op; parameters; Adam. File formats are in
+// formats.c.
 #define _POSIX_C_SOURCE 200809L
 #define _FILE_OFFSET_BITS 64
 #include "tensor.h"
@@ -14,6 +18,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef CASDM_THREADS
@@ -27,7 +32,7 @@
 #endif
 
 // ---------------------------------------------------------------------------
-// ---- errors and allocation ----
+// ---- errors, allocation, small helpers ----
 // ---------------------------------------------------------------------------
 void fatal(const char *fmt, ...) {
     va_list ap;
@@ -57,8 +62,9 @@ FILE *fopen_check(const char *path, const char *mode, const char *file, int line
     return f;
 }
 
-// 64-byte aligned memory from plain malloc: the byte before the aligned
-// pointer... is not used; we keep the raw pointer in front of the block.
+// 64-byte aligned memory from plain malloc (C99 has no aligned_alloc): 64 +
+// sizeof(void *) bytes more than asked, the pointer rounded up to 64, and
+// the raw pointer stored in the bytes just below it for aligned_free.
 static void *aligned_malloc(size_t bytes) {
     unsigned char *raw = mallocCheck(bytes + 64 + sizeof(void *));
     uintptr_t p = (uintptr_t)(raw + sizeof(void *));
@@ -72,6 +78,17 @@ static void aligned_free(void *p) {
     void *raw;
     memcpy(&raw, (unsigned char *)p - sizeof(void *), sizeof(void *));
     free(raw);
+}
+
+double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -276,8 +293,6 @@ void slice(size_t n, int ith, int nth, size_t *begin, size_t *end) {
     *end = *begin + base + (i < rem ? 1 : 0);
 }
 
-static void gemm_free_buffers(void);
-
 #if CASDM_THREADS
 #define MAX_THREADS 64
 #ifndef POOL_SPIN
@@ -450,15 +465,12 @@ void pool_run(pool_fn fn, void *arg) {
     pool.busy = 0;
 }
 
-void pool_shutdown(void) {
-    pool_stop_workers();
-    gemm_free_buffers();
-}
+void pool_shutdown(void) { pool_stop_workers(); }
 #else  // THREADS=0: everything on the calling thread
 void pool_init(int nthreads) { (void)nthreads; }
 int pool_threads(void) { return 1; }
 void pool_run(pool_fn fn, void *arg) { fn(arg, 0, 1); }
-void pool_shutdown(void) { gemm_free_buffers(); }
+void pool_shutdown(void) {}
 static int pool_thread_id(void) { return 0; }
 #endif
 
@@ -731,13 +743,13 @@ static void gemm_micro_kernel(size_t kc, const float *a, const float *b,
         }
 }
 
-// per-thread pack buffers, made on first use and kept until pool_shutdown
+// per-thread pack buffers, made on first use and kept until sgemm_free_buffers
 #ifndef MAX_THREADS
 #define MAX_THREADS 1
 #endif
 static float *gemm_pack_a[MAX_THREADS], *gemm_pack_b[MAX_THREADS];
 
-static void gemm_free_buffers(void) {
+void sgemm_free_buffers(void) {
     for (int i = 0; i < MAX_THREADS; i++) {
         aligned_free(gemm_pack_a[i]);
         aligned_free(gemm_pack_b[i]);
@@ -836,7 +848,8 @@ void sgemm(int transA, int transB, size_t M, size_t N, size_t K,
            int accumulate, float *C, size_t ldc) {
     if (M == 0 || N == 0) return;
     if (K == 0) { gemm_zero_or_keep(M, N, accumulate, C, ldc); return; }
-    GemmTask t = {transA, transB, M, N, K, A, B, lda, ldb, ldc, accumulate, C, 1, NULL, NULL};
+    GemmTask t = {.transA = transA, .transB = transB, .M = M, .N = N, .K = K, .A = A, .B = B,
+                  .lda = lda, .ldb = ldb, .ldc = ldc, .accumulate = accumulate, .C = C, .split_n = 1};
     gemm_run(&t);
 }
 
@@ -846,7 +859,8 @@ static void sgemm_pack_b(int transA, size_t M, size_t N, size_t K, const float *
                          int accumulate, float *C, size_t ldc) {
     if (M == 0 || N == 0) return;
     if (K == 0) { gemm_zero_or_keep(M, N, accumulate, C, ldc); return; }
-    GemmTask t = {transA, 0, M, N, K, A, NULL, lda, 0, ldc, accumulate, C, 1, pack_b, ctx};
+    GemmTask t = {.transA = transA, .M = M, .N = N, .K = K, .A = A, .lda = lda, .ldc = ldc,
+                  .accumulate = accumulate, .C = C, .split_n = 1, .pack_b = pack_b, .pack_b_ctx = ctx};
     gemm_run(&t);
 }
 
@@ -1122,7 +1136,7 @@ static void checkpoint_node_backward(Graph *g, TapeNode *n) {
 Tensor *checkpoint(Graph *g, checkpoint_fn fn, const void *ctx, size_t ctx_bytes, int n_in, Tensor **in) {
     if (n_in < 1 || n_in > 5) fatal("checkpoint: %d inputs (1 to 5)", n_in);
     if (!g->grad_enabled) return fn(g, ctx, in);
-    Checkpoint ck = {fn, NULL, {0, 0}, g->rng != NULL, n_in};
+    Checkpoint ck = {.fn = fn, .has_rng = g->rng != NULL, .n_in = n_in};
     if (g->rng) ck.rng = *g->rng;
     ArenaMark m = arena_mark(&g->arena);
     g->grad_enabled = 0;
@@ -1673,7 +1687,7 @@ static void matmul_forward_range(void *arg, size_t b0, size_t b1) {
 
 void matmul_forward(float *out, const float *a, const float *b, int batch, int M, int N, int K,
                     int transA, int transB) {
-    Matmul m = {out, a, b, transA, transB, M, N, K, NULL, NULL, NULL};
+    Matmul m = {.out = out, .a = a, .b = b, .transA = transA, .transB = transB, .M = M, .N = N, .K = K};
     flops_forward += 2.0 * batch * (double)M * N * K;
     parallel_for((size_t)batch, 1, matmul_forward_range, &m);
 }
@@ -1703,7 +1717,8 @@ static void matmul_backward_range(void *arg, size_t b0, size_t b1) {
 
 void matmul_backward(float *da, float *db, const float *dout, const float *a, const float *b,
                      int batch, int M, int N, int K, int transA, int transB) {
-    Matmul m = {NULL, a, b, transA, transB, M, N, K, da, db, dout};
+    Matmul m = {.a = a, .b = b, .transA = transA, .transB = transB, .M = M, .N = N, .K = K,
+                .da = da, .db = db, .dout = dout};
     parallel_for((size_t)batch, 1, matmul_backward_range, &m);
 }
 
@@ -2430,7 +2445,7 @@ static void qkv_attention_forward_range(void *arg, size_t b0, size_t b1) {
 }
 
 void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH, int ch, int T, float scale) {
-    Attention a = {qkv, scratch, out, NULL, NULL, ch, T, scale};
+    Attention a = {.qkv = qkv, .scratch = scratch, .out = out, .ch = ch, .T = T, .scale = scale};
     flops_forward += 4.0 * BH * (double)ch * T * T;
     parallel_for((size_t)BH, 1, qkv_attention_forward_range, &a);
 }
@@ -2460,7 +2475,7 @@ static void qkv_attention_backward_range(void *arg, size_t b0, size_t b1) {
 // dqkv += the gradient
 void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, float *scratch,
                             int BH, int ch, int T, float scale) {
-    Attention a = {qkv, scratch, NULL, dqkv, dout, ch, T, scale};
+    Attention a = {.qkv = qkv, .scratch = scratch, .dqkv = dqkv, .dout = dout, .ch = ch, .T = T, .scale = scale};
     parallel_for((size_t)BH, 1, qkv_attention_backward_range, &a);
 }
 

@@ -29,6 +29,8 @@ FILE *fopen_check(const char *path, const char *mode, const char *file, int line
 #define callocCheck(n, s) calloc_check((n), (s), __FILE__, __LINE__)
 #define fopenCheck(p, m) fopen_check((p), (m), __FILE__, __LINE__)
 void fatal(const char *fmt, ...);  // message to stderr, exit(1)
+double now_seconds(void);          // a monotonic clock
+int ends_with(const char *s, const char *suffix);
 
 // ---------------------------------------------------------------------------
 // arena: a bump allocator made of blocks, 64-byte aligned. Blocks are kept on
@@ -84,7 +86,7 @@ typedef void (*pool_fn)(void *arg, int ith, int nth);
 void pool_init(int nthreads);        // <= 0: CASDM_THREADS env, else cores
 int pool_threads(void);
 void pool_run(pool_fn fn, void *arg);
-void pool_shutdown(void);            // joins workers, frees GEMM pack buffers
+void pool_shutdown(void);            // joins the workers (pool_init starts them again)
 // [*begin, *end) = part ith of nth of [0, n), contiguous, in order
 void slice(size_t n, int ith, int nth, size_t *begin, size_t *end);
 const char *simd_name(void);         // "avx512", "avx2", "neon" or "scalar"
@@ -107,6 +109,9 @@ void sgemm(int transA, int transB, size_t M, size_t N, size_t K,
 void sgemm_naive(int transA, int transB, size_t M, size_t N, size_t K,
                  const float *A, size_t lda, const float *B, size_t ldb,
                  int accumulate, float *C, size_t ldc);
+// frees the per-thread panel buffers sgemm keeps between calls (made again
+// on the next call); at the end of a program, after pool_shutdown
+void sgemm_free_buffers(void);
 
 // ---------------------------------------------------------------------------
 // tensors

@@ -239,11 +239,6 @@ static void unet_declare(Decl *d) {
 // PyTorch's default for Conv and Linear (kaiming_uniform with a=sqrt(5)):
 // weight and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in)); GroupNorm 1 and 0;
 // then improved-diffusion's zero_module layers (out_layers.3, proj_out, out.2).
-static int ends_with(const char *s, const char *suffix) {
-    size_t n = strlen(s), m = strlen(suffix);
-    return n >= m && strcmp(s + n - m, suffix) == 0;
-}
-
 static void unet_init_values(UNet *u, Rng *rng) {
     ParamSet *ps = &u->params;
     for (size_t i = 0; i < ps->count; i++) {

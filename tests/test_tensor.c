@@ -918,5 +918,6 @@ int main(int argc, char **argv) {
     test_safetensors();
     test_determinism();
     pool_shutdown();
+    sgemm_free_buffers();
     return test_failed_count ? 1 : 0;
 }

@@ -686,5 +686,6 @@ int main(int argc, char **argv) {
         test_lpips();
     }
     pool_shutdown();
+    sgemm_free_buffers();
     return test_failed_count ? 1 : 0;
 }
