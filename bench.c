@@ -6,7 +6,7 @@
 // Cases: conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step
 //        casdm_ch64_step casdm_ch128_step lpips224_fwdbwd ddim_ch128_step
 //        (casdm_ch64_step_ckpt, casdm_ch128_step_ckpt: with U-Net checkpointing)
-//        (and lpips32_fwdbwd, lpips64_fwdbwd for the LPIPS issue)
+//        lpips32_fwdbwd lpips64_fwdbwd (LPIPS at the sizes people train small models at)
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 

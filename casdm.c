@@ -3,9 +3,11 @@
 // image folders; `casdm sample`, `eval`, `lpips` and `plot` use its
 // checkpoints and logs; `casdm info` reports the build.
 //
-// Sections: options, data, training state and checkpoints, signals and
-// memory, training, lpips, sampling, evaluation, plot, main. The bytes of
-// every file format are in formats.c.
+// Sections: options; data; training state and checkpoints; memory (what a
+// step will need, checked before anything is allocated); reading a
+// checkpoint's metadata; signals, time, directories; training (train_step,
+// then cmd_train's loop); lpips; sampling; evaluation; plot; main. The bytes
+// of every file format are in formats.c.
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 

@@ -86,7 +86,7 @@ void timestep_embedding(float *out, const float *t, int n, int dim);
 
 // ---------------------------------------------------------------------------
 // ddim.c: noise schedules, P2 weighting, the training losses of the four
-// models, and (with the sampling issue) DDPM / DDIM sampling.
+// models, respacing, and DDPM / DDIM sampling with the Eq. 16-17 mixing.
 // ---------------------------------------------------------------------------
 enum { SCHEDULE_LINEAR, SCHEDULE_COSINE };
 

@@ -1520,6 +1520,91 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
     }
 }
 
+// ---- reference: the convolution as its definition, direct loops in double ----
+// out[n,o,y,x] = bias[o] + sum_{c,i,j} w[o,c,i,j] * inp[n, c, y*stride - pad + i, x*stride - pad + j]
+// (zero outside the image). Backward gathers each gradient element's own
+// sum: no GEMM, no im2col, no grouping of images; the tests' witness.
+static int in_image(int v, int size) { return v >= 0 && v < size; }
+
+void conv2d_forward_ref(float *out, const float *inp, const float *weight, const float *bias,
+                        int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++)
+            for (int y = 0; y < OH; y++)
+                for (int x = 0; x < OW; x++) {
+                    double acc = bias ? bias[o] : 0.0;
+                    for (int c = 0; c < C; c++)
+                        for (int i = 0; i < K; i++)
+                            for (int j = 0; j < K; j++) {
+                                int iy = y * stride - pad + i, ix = x * stride - pad + j;
+                                if (!in_image(iy, H) || !in_image(ix, W)) continue;
+                                acc += (double)weight[((size_t)(o * C + c) * K + i) * K + j] *
+                                       inp[((size_t)(n * C + c) * H + iy) * W + ix];
+                            }
+                    out[((size_t)(n * OC + o) * OH + y) * OW + x] = (float)acc;
+                }
+}
+
+// dinp[n,c,iy,ix] += sum over the (o, i, j) whose output pixel
+// ((iy + pad - i) / stride, (ix + pad - j) / stride) exists of dout * w
+static void conv2d_dinp_ref(float *dinp, const float *dout, const float *weight,
+                            int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++)
+            for (int iy = 0; iy < H; iy++)
+                for (int ix = 0; ix < W; ix++) {
+                    double acc = 0.0;
+                    for (int o = 0; o < OC; o++)
+                        for (int i = 0; i < K; i++)
+                            for (int j = 0; j < K; j++) {
+                                int ty = iy + pad - i, tx = ix + pad - j;
+                                if (ty < 0 || tx < 0 || ty % stride || tx % stride) continue;
+                                if (ty / stride >= OH || tx / stride >= OW) continue;
+                                acc += (double)dout[((size_t)(n * OC + o) * OH + ty / stride) * OW + tx / stride] *
+                                       weight[((size_t)(o * C + c) * K + i) * K + j];
+                            }
+                    dinp[((size_t)(n * C + c) * H + iy) * W + ix] += (float)acc;
+                }
+}
+
+// dweight[o,c,i,j] += sum over n and output pixels of dout * the input pixel under tap (i, j)
+static void conv2d_dweight_ref(float *dweight, const float *dout, const float *inp,
+                               int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
+    for (int o = 0; o < OC; o++)
+        for (int c = 0; c < C; c++)
+            for (int i = 0; i < K; i++)
+                for (int j = 0; j < K; j++) {
+                    double acc = 0.0;
+                    for (int n = 0; n < N; n++)
+                        for (int y = 0; y < OH; y++)
+                            for (int x = 0; x < OW; x++) {
+                                int iy = y * stride - pad + i, ix = x * stride - pad + j;
+                                if (!in_image(iy, H) || !in_image(ix, W)) continue;
+                                acc += (double)dout[((size_t)(n * OC + o) * OH + y) * OW + x] *
+                                       inp[((size_t)(n * C + c) * H + iy) * W + ix];
+                            }
+                    dweight[((size_t)(o * C + c) * K + i) * K + j] += (float)acc;
+                }
+}
+
+void conv2d_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout,
+                         const float *inp, const float *weight,
+                         int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    size_t ohw = (size_t)conv_out_size(H, K, stride, pad) * conv_out_size(W, K, stride, pad);
+    if (dinp) conv2d_dinp_ref(dinp, dout, weight, N, C, H, W, OC, K, stride, pad);
+    if (dweight) conv2d_dweight_ref(dweight, dout, inp, N, C, H, W, OC, K, stride, pad);
+    if (dbias)
+        for (int o = 0; o < OC; o++) {
+            double acc = 0.0;
+            for (int n = 0; n < N; n++)
+                for (size_t p = 0; p < ohw; p++) acc += dout[(size_t)(n * OC + o) * ohw + p];
+            dbias[o] += (float)acc;
+        }
+}
+
 // conv2d: x (N,C,H,W), w (OC,C,K,K), b (OC) or NULL
 typedef struct { int stride, pad; } ConvState;
 
@@ -2020,6 +2105,111 @@ void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, floa
     parallel_for((size_t)G, 1, groupnorm_backward_range, &a);
 }
 
+// ---- reference: group norm with FiLM, SiLU and dropout, one element at a time in double ----
+// Per (n, group): mean m and biased variance v over its C/G channels x HW
+// pixels, xhat = (x - m) / sqrt(v + eps), y = xhat * gamma + beta,
+// z = y * (1 + scale[n,c]) + shift[n,c], out = keep * (silu ? z sigmoid(z) : z).
+// Backward: dz by the chain rule, then the normalisation's own backward
+// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) over the group.
+// The statistics are computed here, not taken from the fast forward.
+typedef struct {
+    const float *inp, *gamma, *beta, *scale, *shift;
+    int silu; const unsigned char *keep; float keep_scale;
+    int C, HW, G; float eps;
+} NormRef;
+
+static void norm_ref_stats(const NormRef *r, int n, int grp, double *mean, double *rstd) {
+    int cg = r->C / r->G;
+    size_t len = (size_t)cg * r->HW;
+    const float *x = r->inp + ((size_t)n * r->C + (size_t)grp * cg) * r->HW;
+    double s = 0.0, s2 = 0.0;
+    for (size_t i = 0; i < len; i++) s += x[i];
+    *mean = s / (double)len;
+    for (size_t i = 0; i < len; i++) s2 += (x[i] - *mean) * (x[i] - *mean);
+    *rstd = 1.0 / sqrt(s2 / (double)len + r->eps);
+}
+
+// element i of channel c of image n: y (after the affine), z (after FiLM), the factor 1 + scale
+static void norm_ref_point(const NormRef *r, int n, int c, size_t i, double mean, double rstd,
+                           double *xhat, double *y, double *z, double *film) {
+    size_t nc = (size_t)n * r->C + c;
+    *xhat = (r->inp[nc * r->HW + i] - mean) * rstd;
+    *y = *xhat * (r->gamma ? r->gamma[c] : 1.0) + (r->beta ? r->beta[c] : 0.0);
+    *film = 1.0 + (r->scale ? r->scale[nc] : 0.0);
+    *z = *y * *film + (r->shift ? r->shift[nc] : 0.0);
+}
+
+static double norm_ref_keep(const NormRef *r, size_t at) {
+    return r->keep ? (r->keep[at] ? r->keep_scale : 0.0) : 1.0;
+}
+
+void groupnorm_film_silu_forward_ref(float *out, const float *inp, const float *gamma, const float *beta,
+                                     const float *scale, const float *shift, int silu,
+                                     const unsigned char *keep, float keep_scale,
+                                     int N, int C, int HW, int G, float eps) {
+    NormRef r = {inp, gamma, beta, scale, shift, silu, keep, keep_scale, C, HW, G, eps};
+    int cg = C / G;
+    for (int n = 0; n < N; n++)
+        for (int grp = 0; grp < G; grp++) {
+            double mean, rstd, xhat, y, z, film;
+            norm_ref_stats(&r, n, grp, &mean, &rstd);
+            for (int c = grp * cg; c < (grp + 1) * cg; c++)
+                for (size_t i = 0; i < (size_t)HW; i++) {
+                    size_t at = ((size_t)n * C + c) * HW + i;
+                    norm_ref_point(&r, n, c, i, mean, rstd, &xhat, &y, &z, &film);
+                    double a = silu ? z / (1.0 + exp(-z)) : z;
+                    out[at] = (float)(a * norm_ref_keep(&r, at));
+                }
+        }
+}
+
+void groupnorm_film_silu_backward_ref(float *dinp, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                      const float *dout, const float *inp, const float *gamma, const float *beta,
+                                      const float *scale, const float *shift, int silu,
+                                      const unsigned char *keep, float keep_scale,
+                                      int N, int C, int HW, int G, float eps) {
+    NormRef r = {inp, gamma, beta, scale, shift, silu, keep, keep_scale, C, HW, G, eps};
+    int cg = C / G;
+    size_t len = (size_t)cg * HW;
+    double *dxhat = mallocCheck(len * sizeof(double)), *xh = mallocCheck(len * sizeof(double));
+    double *dg = callocCheck((size_t)C, sizeof(double)), *db = callocCheck((size_t)C, sizeof(double));
+    for (int n = 0; n < N; n++)
+        for (int grp = 0; grp < G; grp++) {
+            double mean, rstd, xhat, y, z, film, sum_d = 0.0, sum_dx = 0.0;
+            norm_ref_stats(&r, n, grp, &mean, &rstd);
+            for (int c = grp * cg; c < (grp + 1) * cg; c++) {
+                size_t nc = (size_t)n * C + c;
+                double ds = 0.0, dt = 0.0;
+                for (size_t i = 0; i < (size_t)HW; i++) {
+                    size_t at = nc * HW + i, k = (size_t)(c - grp * cg) * HW + i;
+                    norm_ref_point(&r, n, c, i, mean, rstd, &xhat, &y, &z, &film);
+                    double sg = 1.0 / (1.0 + exp(-z));
+                    double dz = dout[at] * norm_ref_keep(&r, at) * (silu ? sg * (1.0 + z * (1.0 - sg)) : 1.0);
+                    dt += dz;                          // d shift
+                    ds += dz * y;                      // d scale
+                    double dy = dz * film;
+                    dg[c] += dy * xhat;
+                    db[c] += dy;
+                    dxhat[k] = dy * (gamma ? gamma[c] : 1.0);
+                    xh[k] = xhat;
+                    sum_d += dxhat[k];
+                    sum_dx += dxhat[k] * xhat;
+                }
+                if (dscale) dscale[nc] += (float)ds;
+                if (dshift) dshift[nc] += (float)dt;
+            }
+            if (!dinp) continue;
+            float *dx = dinp + ((size_t)n * C + (size_t)grp * cg) * HW;
+            for (size_t k = 0; k < len; k++)
+                dx[k] += (float)(rstd * (dxhat[k] - sum_d / (double)len - xh[k] * sum_dx / (double)len));
+        }
+    for (int c = 0; c < C; c++) {
+        if (dgamma) dgamma[c] += (float)dg[c];
+        if (dbeta) dbeta[c] += (float)db[c];
+    }
+    free(dxhat); free(xh); free(dg); free(db);
+}
+
 // groupnorm: x (N,C,H,W), gamma and beta (C) or NULL
 typedef struct {
     int groups;
@@ -2477,6 +2667,80 @@ void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, fl
                             int BH, int ch, int T, float scale) {
     Attention a = {.qkv = qkv, .scratch = scratch, .dqkv = dqkv, .dout = dout, .ch = ch, .T = T, .scale = scale};
     parallel_for((size_t)BH, 1, qkv_attention_backward_range, &a);
+}
+
+// ---- reference: attention head by head, direct loops in double ----
+// per head: s[t][u] = scale * sum_c q[c][t] k[c][u], w = softmax_u(s),
+// out[c][t] = sum_u w[t][u] v[c][u]. Backward: dv[c][u] += sum_t dout[c][t] w[t][u],
+// dw[t][u] = sum_c dout[c][t] v[c][u], ds = w (dw - sum_u dw w) (the
+// softmax's backward), dq[c][t] += scale sum_u ds[t][u] k[c][u],
+// dk[c][u] += scale sum_t ds[t][u] q[c][t].
+static void attention_weights_ref(const float *q, const float *k, int ch, int T, float scale, double *w) {
+    for (int t = 0; t < T; t++) {
+        double *row = w + (size_t)t * T, top = -INFINITY, sum = 0.0;
+        for (int u = 0; u < T; u++) {
+            double dot = 0.0;
+            for (int c = 0; c < ch; c++) dot += (double)q[(size_t)c * T + t] * k[(size_t)c * T + u];
+            row[u] = scale * dot;
+            if (row[u] > top) top = row[u];
+        }
+        for (int u = 0; u < T; u++) sum += (row[u] = exp(row[u] - top));
+        for (int u = 0; u < T; u++) row[u] /= sum;
+    }
+}
+
+void qkv_attention_forward_ref(float *out, const float *qkv, int BH, int ch, int T, float scale) {
+    double *w = mallocCheck((size_t)T * T * sizeof(double));
+    for (int b = 0; b < BH; b++) {
+        const float *q = qkv + (size_t)b * 3 * ch * T, *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
+        attention_weights_ref(q, k, ch, T, scale, w);
+        for (int c = 0; c < ch; c++)
+            for (int t = 0; t < T; t++) {
+                double acc = 0.0;
+                for (int u = 0; u < T; u++) acc += w[(size_t)t * T + u] * v[(size_t)c * T + u];
+                out[((size_t)b * ch + c) * T + t] = (float)acc;
+            }
+    }
+    free(w);
+}
+
+void qkv_attention_backward_ref(float *dqkv, const float *dout, const float *qkv, int BH, int ch, int T,
+                                float scale) {
+    double *w = mallocCheck((size_t)T * T * sizeof(double)), *ds = mallocCheck((size_t)T * T * sizeof(double));
+    for (int b = 0; b < BH; b++) {
+        const float *q = qkv + (size_t)b * 3 * ch * T, *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
+        const float *dy = dout + (size_t)b * ch * T;
+        float *dq = dqkv + (size_t)b * 3 * ch * T, *dk = dq + (size_t)ch * T, *dv = dk + (size_t)ch * T;
+        attention_weights_ref(q, k, ch, T, scale, w);
+        for (int t = 0; t < T; t++) {
+            double dot = 0.0;
+            for (int u = 0; u < T; u++) {
+                double dw = 0.0;
+                for (int c = 0; c < ch; c++) dw += (double)dy[(size_t)c * T + t] * v[(size_t)c * T + u];
+                ds[(size_t)t * T + u] = dw;
+                dot += dw * w[(size_t)t * T + u];
+            }
+            for (int u = 0; u < T; u++) ds[(size_t)t * T + u] = w[(size_t)t * T + u] * (ds[(size_t)t * T + u] - dot);
+        }
+        for (int c = 0; c < ch; c++) {
+            for (int u = 0; u < T; u++) {
+                double av = 0.0, ak = 0.0;
+                for (int t = 0; t < T; t++) {
+                    av += (double)dy[(size_t)c * T + t] * w[(size_t)t * T + u];
+                    ak += ds[(size_t)t * T + u] * q[(size_t)c * T + t];
+                }
+                dv[(size_t)c * T + u] += (float)av;
+                dk[(size_t)c * T + u] += (float)(scale * ak);
+            }
+            for (int t = 0; t < T; t++) {
+                double aq = 0.0;
+                for (int u = 0; u < T; u++) aq += ds[(size_t)t * T + u] * k[(size_t)c * T + u];
+                dq[(size_t)c * T + t] += (float)(scale * aq);
+            }
+        }
+    }
+    free(w);
+    free(ds);
 }
 
 typedef struct { float scale; } AttentionState;

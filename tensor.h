@@ -256,7 +256,7 @@ Tensor *sub(Graph *g, Tensor *a, Tensor *b);
 Tensor *mul(Graph *g, Tensor *a, Tensor *b);
 Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift);  // scale*x + shift
 Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);
-// The U-Net's fused norm: dropout([silu](groupnorm(x) * (1 + scale) + shift)),
+// The norm, FiLM, SiLU and dropout in one pass: dropout([silu](groupnorm(x) * (1 + scale) + shift)),
 // scale and shift (N,C) or NULL, silu_after 0/1, dropout p (when training;
 // 0 = none); the normalised tensor is not kept, the dropout mask as bytes.
 Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale, Tensor *shift,
@@ -352,6 +352,31 @@ void avgpool2x2_forward(float *out, const float *inp, size_t P, int H, int W);
 void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W);
 void resize_bilinear_forward(float *out, const float *inp, size_t P, int H, int W, int OH, int OW);
 void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH, int OW);
+// ---------------------------------------------------------------------------
+// reference kernels: the definitions as direct loops, accumulated in double,
+// beside the fast kernels they witness (as llm.c keeps matmul_forward_naive
+// beside matmul_forward); for tests, slow by design. Backward ones
+// accumulate (+=) and skip a NULL gradient, like the fast ones; the group
+// norm's computes its own statistics. sgemm_naive (above) is the GEMM's.
+// ---------------------------------------------------------------------------
+void conv2d_forward_ref(float *out, const float *inp, const float *weight, const float *bias,
+                        int N, int C, int H, int W, int OC, int K, int stride, int pad);
+void conv2d_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout,
+                         const float *inp, const float *weight,
+                         int N, int C, int H, int W, int OC, int K, int stride, int pad);
+void groupnorm_film_silu_forward_ref(float *out, const float *inp, const float *gamma, const float *beta,
+                                     const float *scale, const float *shift, int silu,
+                                     const unsigned char *keep, float keep_scale,
+                                     int N, int C, int HW, int G, float eps);
+void groupnorm_film_silu_backward_ref(float *dinp, float *dgamma, float *dbeta, float *dscale, float *dshift,
+                                      const float *dout, const float *inp, const float *gamma, const float *beta,
+                                      const float *scale, const float *shift, int silu,
+                                      const unsigned char *keep, float keep_scale,
+                                      int N, int C, int HW, int G, float eps);
+void qkv_attention_forward_ref(float *out, const float *qkv, int BH, int ch, int T, float scale);
+void qkv_attention_backward_ref(float *dqkv, const float *dout, const float *qkv, int BH, int ch, int T,
+                                float scale);
+
 // norm (N,HW) is written by forward and read by backward
 void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps);
 void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,

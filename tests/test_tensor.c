@@ -638,6 +638,147 @@ static void test_gemm(void) {
 }
 
 // ---------------------------------------------------------------------------
+// fast kernels against their plain references (tensor.c's *_ref: direct
+// loops in double), over a sweep of shapes, at 1 and 2 threads; make test
+// SIMD=0 runs the same sweep on the scalar path. err = |fast - ref| /
+// max(1, |ref|) over every element of every output and gradient.
+// ---------------------------------------------------------------------------
+static float *random_floats(Rng *r, size_t n) {
+    float *x = mallocCheck((n ? n : 1) * sizeof(float));
+    rng_fill_normal(r, x, n, 0.0f, 1.0f);
+    return x;
+}
+
+static float *copy_floats(const float *x, size_t n) {
+    float *y = mallocCheck((n ? n : 1) * sizeof(float));
+    memcpy(y, x, n * sizeof(float));
+    return y;
+}
+
+// one convolution shape: forward, and backward into gradients that start
+// non-zero (both kernels accumulate)
+static double conv_against_ref(Rng *r, const int *cs) {
+    int N = cs[0], C = cs[1], H = cs[2], W = cs[3], OC = cs[4], K = cs[5], st = cs[6], pd = cs[7];
+    int OH = (H + 2 * pd - K) / st + 1, OW = (W + 2 * pd - K) / st + 1;
+    size_t nx = (size_t)N * C * H * W, nw = (size_t)OC * C * K * K, ny = (size_t)N * OC * OH * OW;
+    float *x = random_floats(r, nx), *w = random_floats(r, nw), *b = random_floats(r, (size_t)OC);
+    float *dy = random_floats(r, ny), *y = mallocCheck(ny * 4), *y_ref = mallocCheck(ny * 4);
+    float *dx = random_floats(r, nx), *dw = random_floats(r, nw), *db = random_floats(r, (size_t)OC);
+    float *dx_ref = copy_floats(dx, nx), *dw_ref = copy_floats(dw, nw), *db_ref = copy_floats(db, (size_t)OC);
+    float *col = mallocCheck(conv2d_forward_scratch(N, C, H, W, OC, K, st, pd) * 4);
+    conv2d_forward(y, x, w, b, col, N, C, H, W, OC, K, st, pd);
+    free(col);
+    col = mallocCheck(conv2d_backward_scratch(N, C, H, W, OC, K, st, pd) * 4);
+    conv2d_backward(dx, dw, db, dy, x, w, col, N, C, H, W, OC, K, st, pd);
+    conv2d_forward_ref(y_ref, x, w, b, N, C, H, W, OC, K, st, pd);
+    conv2d_backward_ref(dx_ref, dw_ref, db_ref, dy, x, w, N, C, H, W, OC, K, st, pd);
+    double e = compare("conv y", y, y_ref, ny, 1e-4);
+    e = fmax(e, compare("conv dx", dx, dx_ref, nx, 1e-4));
+    e = fmax(e, compare("conv dw", dw, dw_ref, nw, 1e-4));
+    e = fmax(e, compare("conv db", db, db_ref, (size_t)OC, 1e-4));
+    float *all[] = {x, w, b, dy, y, y_ref, dx, dw, db, dx_ref, dw_ref, db_ref, col};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
+    return e;
+}
+
+// one group norm shape with FiLM / SiLU / dropout switched by `mode` bits
+// (1 FiLM, 2 SiLU, 4 dropout, 8 no affine)
+static double norm_against_ref(Rng *r, const int *cs, int mode) {
+    int N = cs[0], C = cs[1], HW = cs[2], G = cs[3];
+    size_t n = (size_t)N * C * HW, nc = (size_t)N * C;
+    float *x = random_floats(r, n), *dy = random_floats(r, n), *y = mallocCheck(n * 4), *y_ref = mallocCheck(n * 4);
+    float *gm = random_floats(r, (size_t)C), *bt = random_floats(r, (size_t)C);
+    float *sc = random_floats(r, nc), *sh = random_floats(r, nc);
+    float *grads[5], *grads_ref[5];
+    size_t sizes[5] = {n, (size_t)C, (size_t)C, nc, nc};
+    for (int i = 0; i < 5; i++) { grads[i] = random_floats(r, sizes[i]); grads_ref[i] = copy_floats(grads[i], sizes[i]); }
+    unsigned char *keep = mallocCheck(n);
+    rng_fill_keep(r, keep, n, 0.3f);
+    int film = mode & 1, silu = (mode & 2) != 0, drop = mode & 4, affine = !(mode & 8);
+    const float *g = affine ? gm : NULL, *b = affine ? bt : NULL, *s = film ? sc : NULL, *t = film ? sh : NULL;
+    const unsigned char *k = drop ? keep : NULL;
+    float ks = drop ? 1.0f / 0.7f : 1.0f;
+    float *mean = mallocCheck(nc / C * G * 4 + 4), *rstd = mallocCheck(nc / C * G * 4 + 4);
+    float *dz = mallocCheck((size_t)C * HW * 4);
+    groupnorm_film_silu_forward(y, mean, rstd, x, g, b, s, t, silu, k, ks, N, C, HW, G, 1e-5f);
+    groupnorm_film_silu_backward(grads[0], affine ? grads[1] : NULL, affine ? grads[2] : NULL,
+                                 film ? grads[3] : NULL, film ? grads[4] : NULL, dy, x, mean, rstd,
+                                 g, b, s, t, silu, k, ks, dz, N, C, HW, G);
+    groupnorm_film_silu_forward_ref(y_ref, x, g, b, s, t, silu, k, ks, N, C, HW, G, 1e-5f);
+    groupnorm_film_silu_backward_ref(grads_ref[0], affine ? grads_ref[1] : NULL, affine ? grads_ref[2] : NULL,
+                                     film ? grads_ref[3] : NULL, film ? grads_ref[4] : NULL, dy, x,
+                                     g, b, s, t, silu, k, ks, N, C, HW, G, 1e-5f);
+    double e = compare("norm y", y, y_ref, n, 1e-4);
+    const char *names[5] = {"norm dx", "norm dgamma", "norm dbeta", "norm dscale", "norm dshift"};
+    for (int i = 0; i < 5; i++) e = fmax(e, compare(names[i], grads[i], grads_ref[i], sizes[i], 1e-4));
+    if (mode == 0) {  // the plain kernels are the same norm without the extras
+        float *y2 = mallocCheck(n * 4), *dx2 = copy_floats(grads_ref[0], n);
+        float *dx_ref2 = copy_floats(grads_ref[0], n);
+        groupnorm_forward(y2, mean, rstd, x, g, b, N, C, HW, G, 1e-5f);
+        groupnorm_backward(dx2, NULL, NULL, dy, x, mean, rstd, g, N, C, HW, G);
+        groupnorm_film_silu_backward_ref(dx_ref2, NULL, NULL, NULL, NULL, dy, x, g, b, NULL, NULL, 0, NULL, 1.0f,
+                                         N, C, HW, G, 1e-5f);
+        e = fmax(e, fmax(compare("groupnorm y", y2, y_ref, n, 1e-4), compare("groupnorm dx", dx2, dx_ref2, n, 1e-4)));
+        free(y2); free(dx2); free(dx_ref2);
+    }
+    float *all[] = {x, dy, y, y_ref, gm, bt, sc, sh, mean, rstd, dz};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
+    for (int i = 0; i < 5; i++) { free(grads[i]); free(grads_ref[i]); }
+    free(keep);
+    return e;
+}
+
+static double attention_against_ref(Rng *r, const int *cs) {
+    int BH = cs[0], ch = cs[1], T = cs[2];
+    float scale = 1.0f / sqrtf((float)ch);
+    size_t nq = (size_t)BH * 3 * ch * T, ny = (size_t)BH * ch * T;
+    float *qkv = random_floats(r, nq), *dy = random_floats(r, ny), *y = mallocCheck(ny * 4);
+    float *y_ref = mallocCheck(ny * 4), *dq = random_floats(r, nq), *dq_ref = copy_floats(dq, nq);
+    float *scratch = mallocCheck(qkv_attention_scratch(T) * 4);
+    qkv_attention_forward(y, qkv, scratch, BH, ch, T, scale);
+    qkv_attention_backward(dq, dy, qkv, scratch, BH, ch, T, scale);
+    qkv_attention_forward_ref(y_ref, qkv, BH, ch, T, scale);
+    qkv_attention_backward_ref(dq_ref, dy, qkv, BH, ch, T, scale);
+    double e = fmax(compare("attention y", y, y_ref, ny, 1e-4), compare("attention dqkv", dq, dq_ref, nq, 1e-4));
+    free(qkv); free(dy); free(y); free(y_ref); free(dq); free(dq_ref); free(scratch);
+    return e;
+}
+
+static void test_reference_kernels(void) {
+    // N, C, H, W, OC, K, stride, pad: odd and non-square maps, stride 2 and 3,
+    // 1x1 (the pointwise path), "same" 3x3 and 5x5 (the transposed input
+    // gradient), valid 3x3 and even 4x4 kernels (the col2im path), small maps
+    // of several images per GEMM, and a map of one image per GEMM
+    const int convs[][8] = {{1, 3, 7, 5, 4, 3, 1, 1}, {2, 5, 9, 9, 6, 3, 2, 1}, {3, 8, 6, 6, 5, 1, 1, 0},
+                            {4, 4, 8, 8, 8, 3, 1, 1}, {2, 3, 11, 10, 4, 5, 1, 2}, {2, 4, 8, 8, 3, 3, 1, 0},
+                            {1, 16, 32, 32, 16, 3, 1, 1}, {2, 6, 10, 10, 7, 4, 2, 1}, {2, 4, 9, 9, 4, 3, 2, 0},
+                            {1, 3, 5, 5, 2, 3, 3, 1}, {5, 7, 4, 4, 9, 1, 1, 0}, {2, 17, 16, 16, 33, 3, 1, 1}};
+    // N, C, HW, G: groups of 1 and 2 channels, maps of 1, 17x17 and 32x32 pixels (SIMD tails)
+    const int norms[][4] = {{2, 6, 35, 3}, {3, 64, 16, 32}, {1, 4, 1, 2}, {2, 32, 289, 8}, {1, 64, 1024, 32}};
+    // BH, ch, T: one token, odd lengths, the U-Net's 16x16 and 8x8 maps
+    const int attns[][3] = {{1, 1, 1}, {3, 4, 7}, {4, 8, 33}, {2, 16, 64}, {2, 32, 256}};
+    size_t n_conv = sizeof convs / sizeof convs[0], n_norm = sizeof norms / sizeof norms[0];
+    size_t n_attn = sizeof attns / sizeof attns[0];
+    double e_conv = 0.0, e_norm = 0.0, e_attn = 0.0;
+    Rng r;
+    rng_seed(&r, 2024, 16);
+    for (int threads = 1; threads <= 2; threads++) {
+        pool_init(threads);
+        for (size_t i = 0; i < n_conv; i++) e_conv = fmax(e_conv, conv_against_ref(&r, convs[i]));
+        for (size_t i = 0; i < n_norm; i++)
+            for (int mode = 0; mode < 16; mode++) e_norm = fmax(e_norm, norm_against_ref(&r, norms[i], mode));
+        for (size_t i = 0; i < n_attn; i++) e_attn = fmax(e_attn, attention_against_ref(&r, attns[i]));
+    }
+    pool_init(0);
+    test_result(e_conv <= 1e-4, "conv2d forward and backward vs the direct-loop reference",
+                "%zu shapes x 1 and 2 threads, max err %.1e, tol 1e-4, %s", n_conv, e_conv, simd_name());
+    test_result(e_norm <= 1e-4, "group norm (plain, FiLM, SiLU, dropout, no affine) vs the reference",
+                "%zu shapes x 16 combinations x 1 and 2 threads, max err %.1e, tol 1e-4", n_norm, e_norm);
+    test_result(e_attn <= 1e-4, "qkv_attention forward and backward vs the reference",
+                "%zu shapes x 1 and 2 threads, max err %.1e, tol 1e-4", n_attn, e_attn);
+}
+
+// ---------------------------------------------------------------------------
 // RNG: PCG32's published demo output (pcg32-global-demo, seed 42, stream 54)
 // ---------------------------------------------------------------------------
 static void test_rng(void) {
@@ -914,6 +1055,7 @@ int main(int argc, char **argv) {
     test_fused_equal_composed();
     test_grad_pool();
     test_conv_grouped_equals_single();
+    test_reference_kernels();
     test_goldens();
     test_safetensors();
     test_determinism();
