@@ -6,11 +6,36 @@
 //
 // Two layers, as in karpathy/llm.c's train_gpt2.c:
 //   1. kernels on raw pointers, each `*_forward` with its `*_backward` right
-//      below it in tensor.c (`conv2d_forward`, `conv2d_backward`, ...);
+//      below it in tensor.c (`conv2d_forward`, `conv2d_backward`, ...), and
+//      beside the fast ones a plain reference (`conv2d_forward_ref`) that the
+//      tests hold them to;
 //   2. graph ops on Tensors (`conv2d(g, x, w, b, stride, pad)`) that call the
 //      forward kernel and, when a gradient is needed, push a tape node whose
 //      backward calls the backward kernel.
+// tensor.c has one section per op holding both layers, after the
+// infrastructure (arena, RNG, thread pool, SIMD, GEMM) and the tape.
 // Backward kernels accumulate (+=) into gradients; zeroing is explicit.
+//
+// Reading guide: one Cas-DM training step, top to bottom.
+//   casdm.c  main -> cmd_train (the loop: a step, a log row, maybe a
+//            checkpoint or a sample grid) -> train_step (a batch, t and the
+//            noise; the losses; zero grad; graph_backward; the gradient's
+//            norm and clip; adam_step; ema_update)
+//   ddim.c   diffusion_losses: x_t (Eq. 3), theta's eps and r_t, x0* from
+//            them, phi's x0, the loss terms of Eq. 8-15 (P2 on L_eps)
+//   unet.c   unet_forward -> run_block (checkpointed or not) -> block_forward
+//            -> resblock_forward / attention_forward, upsample2x, concat
+//   tensor.c norm_conv2d (group norm, FiLM, SiLU, dropout, then the conv;
+//            the norm's output not kept) -> groupnorm_film_silu_forward and
+//            conv2d_add_forward -> sgemm_pack_b with pack_conv_cols (the
+//            image read straight into the GEMM's B panels, no im2col
+//            matrix) -> gemm_block -> gemm_micro_kernel
+// Backward comes back the same way: graph_backward walks the tape from the
+// loss's node to the first, each node's backward (norm_conv2d_node_backward:
+// the norm again from x, then conv2d_backward, then
+// groupnorm_film_silu_backward) adding into its inputs' gradients; a
+// parameter's gradient lands in its ParamSet's one gradient buffer, which
+// train_step hands to adam_step.
 #ifndef CASDM_TENSOR_H
 #define CASDM_TENSOR_H
 
@@ -231,8 +256,11 @@ void ema_update(float *ema, const float *param, size_t n, float rate);
 double grad_norm_sq(const float *grad, size_t n);  // sum of squares in double
 
 // ---------------------------------------------------------------------------
-// graph ops. Shapes are given as (N,C,H,W). Broadcasting in add/sub/mul
-// follows numpy: shapes aligned to the right, each dim equal or 1.
+// graph ops, in tensor.c's order. Shapes are given as (N,C,H,W).
+// Broadcasting in add/sub/mul follows numpy: shapes aligned to the right,
+// each dim equal or 1. Marked "(reference)": ops no model uses today, kept
+// as the composed forms the tests check fused ops against (groupnorm, softmax,
+// dropout, matmul) and as blocks for the next models.
 // ---------------------------------------------------------------------------
 Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);  // b may be NULL
 Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);  // relu(conv2d), fused
@@ -240,7 +268,7 @@ Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int p
 // residual (N,OC,OH,OW) may be NULL. Neither sum is stored separately.
 Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad);
 Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b);   // x (N,in), w (out,in), b (out)
-Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB);  // batched (B,M,K)@(B,K,N)
+Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB);  // batched (B,M,K)@(B,K,N) (reference)
 // improved-diffusion's QKVAttentionLegacy on qkv (BH, 3*ch, T): per head q, k,
 // v = rows [0,ch), [ch,2ch), [2ch,3ch); softmax(scale q^T k) applied to v.
 // Returns (BH, ch, T); q, k, v are not copied, and the weights are not kept:
@@ -255,13 +283,15 @@ Tensor *add(Graph *g, Tensor *a, Tensor *b);
 Tensor *sub(Graph *g, Tensor *a, Tensor *b);
 Tensor *mul(Graph *g, Tensor *a, Tensor *b);
 Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift);  // scale*x + shift
-Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);
-// The norm, FiLM, SiLU and dropout in one pass: dropout([silu](groupnorm(x) * (1 + scale) + shift)),
-// scale and shift (N,C) or NULL, silu_after 0/1, dropout p (when training;
-// 0 = none); the normalised tensor is not kept, the dropout mask as bytes.
+Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);  // (reference)
+// The norm, FiLM, SiLU and dropout in one pass (reference: norm_conv2d's
+// first half): dropout([silu](groupnorm(x) * (1 + scale) + shift)), scale and
+// shift (N,C) or NULL, silu_after 0/1, dropout p (when training; 0 = none);
+// the normalised tensor is not kept, the dropout mask as bytes.
 Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale, Tensor *shift,
                             int silu_after, float dropout_p, int groups, float eps);
-Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);  // silu(groupnorm)
+// silu(groupnorm(x)) (reference; LDDGAN's autoencoder will use it)
+Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);
 // conv2d_add(groupnorm_film_silu(x, norm...), w, b, residual=residual), stride
 // 1, where the norm's output is not kept: backward computes it again from x
 // (a memory-bound pass, cheap next to the convolution). The U-Net's
@@ -273,23 +303,23 @@ typedef struct {
 } NormSpec;
 Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *norm, Tensor *w, Tensor *b, Tensor *residual, int pad);
 Tensor *silu(Graph *g, Tensor *x);
-Tensor *relu(Graph *g, Tensor *x);
+Tensor *relu(Graph *g, Tensor *x);             // (reference)
 Tensor *sigmoid(Graph *g, Tensor *x);
-Tensor *softmax(Graph *g, Tensor *x);          // over the last axis
+Tensor *softmax(Graph *g, Tensor *x);          // over the last axis (reference)
 Tensor *upsample2x(Graph *g, Tensor *x);       // nearest
 Tensor *avgpool2x2(Graph *g, Tensor *x);       // kernel 2, stride 2
 Tensor *resize_bilinear(Graph *g, Tensor *x, int out_h, int out_w);  // align_corners=False
 Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b);
 Tensor *slice_channels(Graph *g, Tensor *x, int c0, int c1);         // x[:, c0:c1]
 Tensor *reshape(Graph *g, Tensor *x, int ndim, const int *shape);    // a view
-Tensor *sum_all(Graph *g, Tensor *x);          // shape (1)
+Tensor *sum_all(Graph *g, Tensor *x);          // shape (1) (reference)
 Tensor *mean_all(Graph *g, Tensor *x);         // shape (1)
 Tensor *mean_hw(Graph *g, Tensor *x);          // (N,C,H,W) -> (N,C,1,1)
 // mean over all elements of w[n] * (a - b)^2; w (N) may be NULL (all 1).
 // b usually needs no gradient (a target) but may have one.
 Tensor *mse_loss(Graph *g, Tensor *a, Tensor *b, const float *w);
 Tensor *l2norm_channels(Graph *g, Tensor *x, float eps);  // x / (||x||_c + eps)
-Tensor *dropout(Graph *g, Tensor *x, float p);  // identity unless g->training
+Tensor *dropout(Graph *g, Tensor *x, float p);  // identity unless g->training (reference)
 Tensor *detach(Graph *g, Tensor *x);            // same data, no gradient
 Tensor *clamp(Graph *g, Tensor *x, float lo, float hi);  // gradient 0 where clipped
 
