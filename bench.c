@@ -87,7 +87,8 @@ static void train_step(void *ctx) {
     int t[64];
     for (int i = 0; i < b->B; i++) t[i] = (int)rng_below(&b->rng, (uint32_t)b->sched.T);
     LossTerms lt;
-    diffusion_losses(&b->g, &lt, &b->lc, &b->sched, &b->theta, b->kind == MODEL_CASDM ? &b->phi : NULL, x0, t, noise);
+    diffusion_losses(&b->g, &lt, &b->lc, &b->sched, &b->theta,
+                     b->kind == MODEL_CASDM ? &b->phi : NULL, x0, t, noise);
     params_zero_grad(&b->theta.params);
     if (b->kind == MODEL_CASDM) params_zero_grad(&b->phi.params);
     graph_backward(&b->g, lt.loss, NULL);
@@ -108,9 +109,11 @@ static void lpips_step(void *ctx) {
 static void ddim_step(void *ctx) {
     Bench *b = ctx;
     size_t n = (size_t)b->B * 3 * 32 * 32;
-    SampleConfig sc = {.kind = MODEL_CASDM, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1, .clip_x0 = 1};
+    SampleConfig sc = {.kind = MODEL_CASDM, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1,
+                       .clip_x0 = 1};
     rng_fill_normal(&b->rng, b->x, n, 0.0f, 1.0f);
-    sample_step(&b->g, &sc, &b->sched, &b->theta, &b->phi, b->x, b->y, b->B, 3, 32, 32, b->sched.T / 2, NULL);
+    sample_step(&b->g, &sc, &b->sched, &b->theta, &b->phi, b->x, b->y, b->B, 3, 32, 32,
+                b->sched.T / 2, NULL);
 }
 
 static void setup_models(Bench *b, int kind, int ch, int res, const char *attn, int trainable) {
@@ -129,12 +132,16 @@ static void setup_models(Bench *b, int kind, int ch, int res, const char *attn, 
         if (trainable) adam_init(&b->ap, b->phi.params.total, 1e-4f);
     }
     schedule_init(&b->sched, SCHEDULE_LINEAR, 1000);  // as ../shared/ref/unet_ref.py
-    LossConfig lc = {.kind = kind, .p2_gamma = 0.0, .p2_k = 1.0, .clip_x0 = 1, .lambda_lpips = 0.1f};
+    LossConfig lc = {.kind = kind, .p2_gamma = 0.0, .p2_k = 1.0, .clip_x0 = 1,
+                     .lambda_lpips = 0.1f};
     b->lc = lc;
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2) { fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B]\n"); return 2; }
+    if (argc < 2) {
+        fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B]\n");
+        return 2;
+    }
     const char *cs = argv[1];
     int threads = 0, iters = 5, warmup = 2, batch = 16;
     for (int i = 2; i + 1 < argc; i += 2) {
@@ -150,7 +157,8 @@ int main(int argc, char **argv) {
         pool_run(peak_task, fl);
         double dt = now_seconds() - t0, total = 0.0;
         for (int i = 0; i < pool_threads(); i++) total += fl[i];
-        printf("peak threads=%d gflops=%.1f simd=%s\n", pool_threads(), total / dt / 1e9, simd_name());
+        printf("peak threads=%d gflops=%.1f simd=%s\n", pool_threads(), total / dt / 1e9,
+               simd_name());
         pool_shutdown();
         return 0;
     }
@@ -164,9 +172,16 @@ int main(int argc, char **argv) {
     step_fn f = NULL;
     if (!strncmp(cs, "conv3x3", 7)) {
         size_t nx = (size_t)CB * CC * CHW * CHW, nw = (size_t)CC * CC * 9;
-        b.x = mallocCheck(nx * 4); b.y = mallocCheck(nx * 4); b.dx = mallocCheck(nx * 4); b.dy = mallocCheck(nx * 4);
-        b.w = mallocCheck(nw * 4); b.dw = mallocCheck(nw * 4); b.b = mallocCheck(CC * 4); b.db = mallocCheck(CC * 4);
-        size_t sf = conv2d_forward_scratch(CB, CC, CHW, CHW, CC, 3, 1, 1), sb = conv2d_backward_scratch(CB, CC, CHW, CHW, CC, 3, 1, 1);
+        b.x = mallocCheck(nx * 4);
+        b.y = mallocCheck(nx * 4);
+        b.dx = mallocCheck(nx * 4);
+        b.dy = mallocCheck(nx * 4);
+        b.w = mallocCheck(nw * 4);
+        b.dw = mallocCheck(nw * 4);
+        b.b = mallocCheck(CC * 4);
+        b.db = mallocCheck(CC * 4);
+        size_t sf = conv2d_forward_scratch(CB, CC, CHW, CHW, CC, 3, 1, 1),
+               sb = conv2d_backward_scratch(CB, CC, CHW, CHW, CC, 3, 1, 1);
         b.col = mallocCheck((sf > sb ? sf : sb) * 4);
         rng_fill_normal(&b.rng, b.x, nx, 0, 1); rng_fill_normal(&b.rng, b.dy, nx, 0, 1);
         rng_fill_normal(&b.rng, b.w, nw, 0, 0.03f); rng_fill_normal(&b.rng, b.b, CC, 0, 0.1f);
@@ -185,11 +200,13 @@ int main(int argc, char **argv) {
         b.theta.use_checkpoint = b.phi.use_checkpoint = strstr(cs, "ckpt") != NULL;
         f = train_step;
         b.flops_mult = 3.0;
-    } else if (!strcmp(cs, "lpips224_fwdbwd") || !strcmp(cs, "lpips64_fwdbwd") || !strcmp(cs, "lpips32_fwdbwd")) {
+    } else if (!strcmp(cs, "lpips224_fwdbwd") || !strcmp(cs, "lpips64_fwdbwd") ||
+               !strcmp(cs, "lpips32_fwdbwd")) {
         lpips_init(&b.lpips);  // random frozen weights: the speed does not depend on them
         for (size_t i = 0; i < b.lpips.params.count; i++) {
             Tensor *t = params_get(&b.lpips.params, i);
-            float s = t->ndim == 4 && t->shape[0] > 1 ? sqrtf(2.0f / (float)(t->size / t->shape[0])) : 0.1f;
+            float s = t->ndim == 4 && t->shape[0] > 1 ? sqrtf(2.0f / (float)(t->size / t->shape[0]))
+                                                      : 0.1f;
             rng_fill_normal(&b.rng, t->data, t->size, 0, s);
         }
         b.lpips.size = atoi(cs + 5);  // lpipsN_fwdbwd: resized from 32x32 to N
@@ -211,10 +228,12 @@ int main(int argc, char **argv) {
     double med = time_median(f, &b, warmup > 0 ? warmup - 1 : 0, iters);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    printf("ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s arena_peak_mib=%.1f grad_peak_mib=%.1f\n",
-           cs, pool_threads(), !strncmp(cs, "conv", 4) ? CB : batch, med * 1e3, flops / med / 1e9, ru.ru_maxrss / 1024.0,
-           simd_name(), (b.g.arena.peak + (b.g.sub ? b.g.sub->arena.peak : 0)) / 1048576.0,
-           (b.g.grad_peak + (b.g.sub ? b.g.sub->grad_peak : 0)) / 1048576.0);
+    printf(
+        "ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s arena_peak_mib=%.1f grad_peak_mib=%.1f\n",
+        cs, pool_threads(), !strncmp(cs, "conv", 4) ? CB : batch, med * 1e3, flops / med / 1e9,
+        ru.ru_maxrss / 1024.0, simd_name(),
+        (b.g.arena.peak + (b.g.sub ? b.g.sub->arena.peak : 0)) / 1048576.0,
+        (b.g.grad_peak + (b.g.sub ? b.g.sub->grad_peak : 0)) / 1048576.0);
     pool_shutdown();
     sgemm_free_buffers();
     return 0;  // the process ends here; its memory goes with it

@@ -44,7 +44,8 @@ static void usage_options(FILE *f, const Option *opts, int n) {
         snprintf(left, sizeof left, "%s%s", opts[i].name,
                  opts[i].type == OPT_FLAG ? "" : opts[i].type == OPT_STR ? " S" : " N");
         fprintf(f, "  %-22s %s", left, opts[i].help);
-        if (opts[i].def && opts[i].type != OPT_FLAG) fprintf(f, " [default: %s]", opts[i].def[0] ? opts[i].def : "none");
+        if (opts[i].def && opts[i].type != OPT_FLAG)
+            fprintf(f, " [default: %s]", opts[i].def[0] ? opts[i].def : "none");
         fprintf(f, "\n");
     }
 }
@@ -55,7 +56,8 @@ static int set_option(const Option *o, const char *value) {
     case OPT_INT: {
         long v = strtol(value, &end, 10);
         if (!*value || *end || v < o->lo || v > o->hi) {
-            fprintf(stderr, "casdm: %s expects an integer in %.0f..%.0f, got '%s'\n", o->name, o->lo, o->hi, value);
+            fprintf(stderr, "casdm: %s expects an integer in %.0f..%.0f, got '%s'\n", o->name,
+                    o->lo, o->hi, value);
             return -1;
         }
         *(int *)o->dest = (int)v;
@@ -64,7 +66,8 @@ static int set_option(const Option *o, const char *value) {
     case OPT_FLOAT: {
         double v = strtod(value, &end);
         if (!*value || *end || !(v >= o->lo && v <= o->hi)) {
-            fprintf(stderr, "casdm: %s expects a number in %g..%g, got '%s'\n", o->name, o->lo, o->hi, value);
+            fprintf(stderr, "casdm: %s expects a number in %g..%g, got '%s'\n", o->name, o->lo,
+                    o->hi, value);
             return -1;
         }
         *(double *)o->dest = v;
@@ -83,20 +86,28 @@ static int parse_options(const char *cmd, const Option *opts, int n, int argc, c
                          void (*help)(FILE *)) {
     for (int i = 0; i < n; i++) {
         if (opts[i].type == OPT_FLAG) *(int *)opts[i].dest = 0;
-        else if (opts[i].def && set_option(&opts[i], opts[i].def) != 0) fatal("bad default for %s", opts[i].name);
+        else if (opts[i].def && set_option(&opts[i], opts[i].def) != 0)
+            fatal("bad default for %s", opts[i].name);
         else if (!opts[i].def && opts[i].type == OPT_STR) *(const char **)opts[i].dest = NULL;
     }
     for (int a = 0; a < argc; a++) {
-        if (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0) { help(stdout); return 1; }
+        if (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0) {
+            help(stdout);
+            return 1;
+        }
         const Option *o = NULL;
         for (int i = 0; i < n; i++)
             if (strcmp(argv[a], opts[i].name) == 0) o = &opts[i];
         if (!o) {
-            fprintf(stderr, "casdm %s: unknown option '%s' (see casdm %s --help)\n", cmd, argv[a], cmd);
+            fprintf(stderr, "casdm %s: unknown option '%s' (see casdm %s --help)\n", cmd, argv[a],
+                    cmd);
             return -1;
         }
         if (o->type == OPT_FLAG) { set_option(o, NULL); continue; }
-        if (a + 1 >= argc) { fprintf(stderr, "casdm %s: %s needs a value\n", cmd, o->name); return -1; }
+        if (a + 1 >= argc) {
+            fprintf(stderr, "casdm %s: %s needs a value\n", cmd, o->name);
+            return -1;
+        }
         if (set_option(o, argv[++a]) != 0) return -1;
     }
     return 0;
@@ -113,7 +124,8 @@ typedef struct {
 } Dataset;
 
 // a CIFAR-10 batch (appended) or an IDX file, through its decoder in formats.c
-typedef int (*images_decoder)(const unsigned char *, size_t, const char *, Images *, char *, size_t);
+typedef int (*images_decoder)(const unsigned char *, size_t, const char *, Images *, char *,
+                              size_t);
 static void load_data_file(Dataset *d, const char *path, images_decoder decode) {
     char err[600];
     size_t size;
@@ -127,7 +139,9 @@ static int image_name(const char *s) {
            ends_with(s, ".PNG") || ends_with(s, ".PPM") || ends_with(s, ".PGM");
 }
 
-static int compare_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+static int compare_names(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
 
 // the image file names of a folder, sorted; *n their number
 static char **folder_image_names(const char *path, size_t *count) {
@@ -151,8 +165,10 @@ static char **folder_image_names(const char *path, size_t *count) {
     }
     closedir(dir);
     if (n == 0)
-        fatal("--data '%s': no CIFAR-10 data_batch_N.bin files and no .png/.ppm/.pgm images in this directory "
-              "(CIFAR-10's binary version: https://www.cs.toronto.edu/~kriz/cifar.html)", path);
+        fatal(
+            "--data '%s': no CIFAR-10 data_batch_N.bin files and no .png/.ppm/.pgm images in this directory "
+            "(CIFAR-10's binary version: https://www.cs.toronto.edu/~kriz/cifar.html)",
+            path);
     qsort(names, n, sizeof *names, compare_names);
     *count = n;
     return names;
@@ -179,12 +195,14 @@ static void load_image_folder(Dataset *d, const char *path) {
                 fatal("--data '%s': %zu images of %dx%d do not fit in memory", path, n, w, h);
             im->pixels = mallocCheck(n * (size_t)w * h * c);
         } else if (w != im->w || h != im->h || c != im->c) {
-            fatal("--data '%s': '%s' is %dx%d with %d channel(s), but '%s' is %dx%d with %d; all images must match",
-                  path, names[i], w, h, c, names[0], im->w, im->h, im->c);
+            fatal(
+                "--data '%s': '%s' is %dx%d with %d channel(s), but '%s' is %dx%d with %d; all images must match",
+                path, names[i], w, h, c, names[0], im->w, im->h, im->c);
         }
         unsigned char *dst = im->pixels + i * (size_t)w * h * c;  // HWC -> CHW
         for (int ch = 0; ch < c; ch++)
-            for (size_t k = 0; k < (size_t)w * h; k++) dst[(size_t)ch * w * h + k] = img[k * c + ch];
+            for (size_t k = 0; k < (size_t)w * h; k++)
+                dst[(size_t)ch * w * h + k] = img[k * c + ch];
         free(img);
     }
     for (size_t i = 0; i < n; i++) free(names[i]);
@@ -211,9 +229,12 @@ static void load_dataset(Dataset *d, const char *path) {
         load_data_file(d, path, cifar_decode);
         d->flip = 1;
     } else if (strstr(path, "idx3-ubyte")) {
-        load_data_file(d, path, idx_decode);  // digits and letters are not mirror-symmetric: no flips by default
+        // digits and letters are not mirror-symmetric: no flips by default
+        load_data_file(d, path, idx_decode);
     } else {
-        fatal("--data '%s': not a CIFAR-10 directory or .bin file, an IDX *-idx3-ubyte file, nor a directory of images", path);
+        fatal(
+            "--data '%s': not a CIFAR-10 directory or .bin file, an IDX *-idx3-ubyte file, nor a directory of images",
+            path);
     }
 }
 
@@ -267,10 +288,12 @@ typedef struct {
 // theta's configuration, the model kind and the schedule that the options
 // ask for, for images of C channels and side image_size; -1 with a message
 // naming the flag
-static int train_config(const TrainOpts *o, int C, int image_size, UNetConfig *c, int *kind, int *sk,
-                        char *err, size_t errlen) {
+static int train_config(const TrainOpts *o, int C, int image_size, UNetConfig *c, int *kind,
+                        int *sk, char *err, size_t errlen) {
     *kind = model_parse(o->model);
-    if (*kind < 0) return errorf(err, errlen, "--model '%s' is not ddpm-eps, ddpm-x0, dual or casdm", o->model);
+    if (*kind < 0)
+        return errorf(err, errlen, "--model '%s' is not ddpm-eps, ddpm-x0, dual or casdm",
+                      o->model);
     *sk = schedule_parse(o->schedule);
     if (*sk < 0) return errorf(err, errlen, "--schedule '%s' is not linear or cosine", o->schedule);
     if (*kind == MODEL_DDPM_X0 && o->p2_gamma != 0.0)
@@ -285,15 +308,21 @@ static int train_config(const TrainOpts *o, int C, int image_size, UNetConfig *c
     if (o->mult[0] && unet_parse_channel_mult(c, o->mult) != 0)
         return errorf(err, errlen, "--mult '%s' is not a list such as 1,2,2,2", o->mult);
     if (unet_parse_attention(c, o->attn) != 0)
-        return errorf(err, errlen, "--attn '%s' is not a list of resolutions dividing %d, such as 16,8", o->attn, image_size);
+        return errorf(err, errlen,
+                      "--attn '%s' is not a list of resolutions dividing %d, such as 16,8", o->attn,
+                      image_size);
     for (int l = 0; l < c->n_levels; l++)
         if ((c->channel_mult[l] * c->model_channels) % c->groups)
-            return errorf(err, errlen, "--ch %d x mult %d is not a multiple of 32 (GroupNorm groups)", o->ch, c->channel_mult[l]);
+            return errorf(err, errlen,
+                          "--ch %d x mult %d is not a multiple of 32 (GroupNorm groups)", o->ch,
+                          c->channel_mult[l]);
     if (image_size % (1 << (c->n_levels - 1)))
-        return errorf(err, errlen, "images of %d pixels do not halve %d times (--mult has %d levels)", image_size,
-                    c->n_levels - 1, c->n_levels);
+        return errorf(err, errlen,
+                      "images of %d pixels do not halve %d times (--mult has %d levels)",
+                      image_size, c->n_levels - 1, c->n_levels);
     char why[256];
-    if (unet_check_config(c, why, sizeof why) != 0) return errorf(err, errlen, "--ch/--res/--mult/--heads: %s", why);
+    if (unet_check_config(c, why, sizeof why) != 0)
+        return errorf(err, errlen, "--ch/--res/--mult/--heads: %s", why);
     return 0;
 }
 
@@ -319,12 +348,16 @@ static double machine_bytes(void) {
 static int check_memory(const char *what, double params, double acts, char *err, size_t errlen) {
     double have = machine_bytes(), need = params + acts, gb = 1024.0 * 1024.0 * 1024.0;
     if (have <= 0.0 || need <= have) return 0;
-    return errorf(err, errlen, "%s needs ~%.1f GB (parameters and optimiser %.1f GB, activations %.1f GB); the machine has "
-                "%.1f GB: lower --batch or --ch%s", what, need / gb, params / gb, acts / gb, have / gb,
-                strstr(what, "train") ? ", or add --grad-checkpoint" : "");
+    return errorf(
+        err, errlen,
+        "%s needs ~%.1f GB (parameters and optimiser %.1f GB, activations %.1f GB); the machine has "
+        "%.1f GB: lower --batch or --ch%s",
+        what, need / gb, params / gb, acts / gb, have / gb,
+        strstr(what, "train") ? ", or add --grad-checkpoint" : "");
 }
 
-static int train_memory_check(const UNetConfig *theta, int has_phi, const TrainOpts *o, char *err, size_t errlen) {
+static int train_memory_check(const UNetConfig *theta, int has_phi, const TrainOpts *o, char *err,
+                              size_t errlen) {
     double params = 5.0 * 4.0 * (double)unet_param_count(theta) * (has_phi ? 2 : 1);
     double per = o->grad_checkpoint ? ACT_PER_FLOAT_TRAIN_CKPT : ACT_PER_FLOAT_TRAIN;
     double acts = per * 4.0 * unet_activation_floats(theta) * (has_phi ? 2 : 1) * o->batch;
@@ -418,15 +451,19 @@ static void config_metadata(char kv[][2][128], int *n, const char *key, const ch
 static void join_ints(char *buf, size_t len, const int *v, int n) {
     size_t k = 0;
     buf[0] = 0;
-    for (int i = 0; i < n && k < len; i++) k += (size_t)snprintf(buf + k, len - k, i ? ",%d" : "%d", v[i]);
+    for (int i = 0; i < n && k < len; i++)
+        k += (size_t)snprintf(buf + k, len - k, i ? ",%d" : "%d", v[i]);
 }
 
 // Writes the whole training state atomically; -1 with a message, leaving
 // the file at path as it was, on a write error or when any value is not
 // finite (a checkpoint that cannot be resumed never replaces one that can).
-static int save_checkpoint(const Trainer *tr, const TrainOpts *o, const char *path, char *err, size_t errlen) {
+static int save_checkpoint(const Trainer *tr, const TrainOpts *o, const char *path, char *err,
+                           size_t errlen) {
     const char *bad = trainer_nonfinite(tr);
-    if (bad) return errorf(err, errlen, "not saving step %ld: '%s' holds NaN or Inf values", tr->step, bad);
+    if (bad)
+        return errorf(err, errlen, "not saving step %ld: '%s' holds NaN or Inf values", tr->step,
+                      bad);
     int nets = tr->has_phi ? 2 : 1;
     size_t count = 0;
     for (int net = 0; net < nets; net++) count += (net ? tr->phi : tr->theta).params.count * 4;
@@ -442,7 +479,8 @@ static int save_checkpoint(const Trainer *tr, const TrainOpts *o, const char *pa
                 const Tensor *t = &u->params.t[i];
                 size_t len = strlen(t->name) + 16;
                 names[k] = mallocCheck(len);
-                snprintf(names[k], len, "%s%s.%s", kinds_of_copy[copy], net ? "phi" : "theta", t->name);
+                snprintf(names[k], len, "%s%s.%s", kinds_of_copy[copy], net ? "phi" : "theta",
+                         t->name);
                 w[k] = (StWrite){names[k], t->ndim, t->shape, base + off};
                 off += t->size;
                 k++;
@@ -464,7 +502,8 @@ static int save_checkpoint(const Trainer *tr, const TrainOpts *o, const char *pa
     config_metadata(kv, &n, "num_heads", "%d", c->num_heads);
     config_metadata(kv, &n, "dropout", "%.9g", c->dropout);
     config_metadata(kv, &n, "diffusion_steps", "%d", tr->sched.T_train);
-    config_metadata(kv, &n, "noise_schedule", "%s", tr->sched.kind == SCHEDULE_LINEAR ? "linear" : "cosine");
+    config_metadata(kv, &n, "noise_schedule", "%s",
+                    tr->sched.kind == SCHEDULE_LINEAR ? "linear" : "cosine");
     config_metadata(kv, &n, "rescale_timesteps", "true");
     config_metadata(kv, &n, "p2_gamma", "%.17g", o->p2_gamma);
     config_metadata(kv, &n, "p2_k", "%.17g", o->p2_k);
@@ -491,57 +530,72 @@ typedef struct {
     uint64_t rng_state, rng_inc;
 } CkptInfo;
 
-static int meta_string(const StFile *f, const char *path, const char *key, char *buf, size_t len, char *err, size_t errlen) {
-    if (st_meta(f, key, buf, len) != 0) return errorf(err, errlen, "checkpoint '%s' has no '%s' in its metadata", path, key);
+static int meta_string(const StFile *f, const char *path, const char *key, char *buf, size_t len,
+                       char *err, size_t errlen) {
+    if (st_meta(f, key, buf, len) != 0)
+        return errorf(err, errlen, "checkpoint '%s' has no '%s' in its metadata", path, key);
     return 0;
 }
 
 // a decimal integer in lo..hi (no sign games, no truncation to int)
-static int meta_long(const StFile *f, const char *path, const char *key, long lo, long hi, long *v, char *err, size_t errlen) {
+static int meta_long(const StFile *f, const char *path, const char *key, long lo, long hi, long *v,
+                     char *err, size_t errlen) {
     char buf[128], *end;
     if (meta_string(f, path, key, buf, sizeof buf, err, errlen)) return -1;
     errno = 0;
     long x = strtol(buf, &end, 10);
-    int plain = (buf[0] >= '0' && buf[0] <= '9') || (buf[0] == '-' && buf[1] >= '0' && buf[1] <= '9');  // no spaces, no '+'
+    // no spaces, no '+'
+    int plain = (buf[0] >= '0' && buf[0] <= '9') ||
+                (buf[0] == '-' && buf[1] >= '0' && buf[1] <= '9');
     if (!plain || *end || errno == ERANGE || x < lo || x > hi)
-        return errorf(err, errlen, "checkpoint '%s': metadata '%s' = '%s' is not an integer in %ld..%ld", path, key, buf, lo, hi);
+        return errorf(err, errlen,
+                      "checkpoint '%s': metadata '%s' = '%s' is not an integer in %ld..%ld", path,
+                      key, buf, lo, hi);
     *v = x;
     return 0;
 }
 
-static int meta_int(const StFile *f, const char *path, const char *key, int lo, int hi, int *v, char *err, size_t errlen) {
+static int meta_int(const StFile *f, const char *path, const char *key, int lo, int hi, int *v,
+                    char *err, size_t errlen) {
     long x;
     if (meta_long(f, path, key, lo, hi, &x, err, errlen)) return -1;
     *v = (int)x;
     return 0;
 }
 
-static int meta_hex64(const StFile *f, const char *path, const char *key, uint64_t *v, char *err, size_t errlen) {
+static int meta_hex64(const StFile *f, const char *path, const char *key, uint64_t *v, char *err,
+                      size_t errlen) {
     char buf[128];
     if (meta_string(f, path, key, buf, sizeof buf, err, errlen)) return -1;
     size_t n = strlen(buf);
     uint64_t x = 0;
     for (size_t i = 0; i < n; i++) {
-        int d = buf[i] >= '0' && buf[i] <= '9' ? buf[i] - '0' : buf[i] >= 'a' && buf[i] <= 'f' ? buf[i] - 'a' + 10 : -1;
+        int d = buf[i] >= '0' && buf[i] <= '9'   ? buf[i] - '0'
+                : buf[i] >= 'a' && buf[i] <= 'f' ? buf[i] - 'a' + 10
+                                                 : -1;
         if (d < 0) n = 0;
         x = x << 4 | (uint64_t)(d < 0 ? 0 : d);
     }
-    if (n != 16) return errorf(err, errlen, "checkpoint '%s': metadata '%s' = '%s' is not 16 hex digits", path, key, buf);
+    if (n != 16)
+        return errorf(err, errlen, "checkpoint '%s': metadata '%s' = '%s' is not 16 hex digits",
+                      path, key, buf);
     *v = x;
     return 0;
 }
 
 // The training state (step, Adam's step, PCG32 state): a stream increment
 // must be odd (PCG32's rule; an even one can lock rng_below in a loop).
-static int checkpoint_train_state(const StFile *f, const char *path, CkptInfo *ci, char *err, size_t errlen) {
+static int checkpoint_train_state(const StFile *f, const char *path, CkptInfo *ci, char *err,
+                                  size_t errlen) {
     if (meta_long(f, path, "step", 0, LOG_MAX_STEP, &ci->step, err, errlen) ||
         meta_long(f, path, "adam_step", 0, ci->step, &ci->adam_step, err, errlen) ||
         meta_hex64(f, path, "rng_state", &ci->rng_state, err, errlen) ||
         meta_hex64(f, path, "rng_inc", &ci->rng_inc, err, errlen))
         return -1;
     if (!(ci->rng_inc & 1))
-        return errorf(err, errlen, "checkpoint '%s': rng_inc %016llx is even; a PCG32 stream increment is odd", path,
-                    (unsigned long long)ci->rng_inc);
+        return errorf(err, errlen,
+                      "checkpoint '%s': rng_inc %016llx is even; a PCG32 stream increment is odd",
+                      path, (unsigned long long)ci->rng_inc);
     ci->has_train_state = 1;
     return 0;
 }
@@ -557,8 +611,8 @@ static size_t floats_with_prefix(const StFile *f, const char *prefix) {
 // the networks a checkpoint's metadata describes must have exactly as many
 // parameters as the file holds under prefix ("ema." or ""): what is then
 // allocated is bounded by the file
-static int checkpoint_sizes(const StFile *f, const char *path, const CkptInfo *ci, const char *prefix,
-                            char *err, size_t errlen) {
+static int checkpoint_sizes(const StFile *f, const char *path, const CkptInfo *ci,
+                            const char *prefix, char *err, size_t errlen) {
     for (int net = 0; net < (ci->kind == MODEL_CASDM ? 2 : 1); net++) {
         UNetConfig c = ci->cfg;
         if (net) c.out_channels = c.in_channels + 1;
@@ -566,18 +620,24 @@ static int checkpoint_sizes(const StFile *f, const char *path, const CkptInfo *c
         snprintf(p, sizeof p, "%s%s.", prefix, net ? "phi" : "theta");
         size_t want = unet_param_count(&c), have = floats_with_prefix(f, p);
         if (want != have)
-            return errorf(err, errlen, "checkpoint '%s': its metadata describes %zu parameters under '%s', the file "
-                        "holds %zu", path, want, p, have);
+            return errorf(
+                err, errlen,
+                "checkpoint '%s': its metadata describes %zu parameters under '%s', the file "
+                "holds %zu",
+                path, want, p, have);
     }
     return 0;
 }
 
-static int checkpoint_info(const StFile *f, const char *path, CkptInfo *ci, char *err, size_t errlen) {
+static int checkpoint_info(const StFile *f, const char *path, CkptInfo *ci, char *err,
+                           size_t errlen) {
     char buf[256];
     memset(ci, 0, sizeof *ci);
     if (meta_string(f, path, "format", buf, sizeof buf, err, errlen)) return -1;
     if (strcmp(buf, "casdm-checkpoint-1") != 0)
-        return errorf(err, errlen, "'%s' has format '%s', not a casdm checkpoint (casdm-checkpoint-1)", path, buf);
+        return errorf(err, errlen,
+                      "'%s' has format '%s', not a casdm checkpoint (casdm-checkpoint-1)", path,
+                      buf);
     if (meta_string(f, path, "model", buf, sizeof buf, err, errlen)) return -1;
     ci->kind = model_parse(buf);
     if (ci->kind < 0) return errorf(err, errlen, "checkpoint '%s': unknown model '%s'", path, buf);
@@ -589,7 +649,9 @@ static int checkpoint_info(const StFile *f, const char *path, CkptInfo *ci, char
         meta_int(f, path, "num_heads", 1, 64, &heads, err, errlen) ||
         meta_int(f, path, "diffusion_steps", 1, 100000, &ci->T, err, errlen))
         return -1;
-    if (st_meta(f, "clip_x0", buf, sizeof buf) == 0 && meta_int(f, path, "clip_x0", 0, 1, &clip, err, errlen)) return -1;
+    if (st_meta(f, "clip_x0", buf, sizeof buf) == 0 &&
+        meta_int(f, path, "clip_x0", 0, 1, &clip, err, errlen))
+        return -1;
     ci->clip_x0 = clip;
     UNetConfig *c = &ci->cfg;
     unet_default_config(c, S, C, model_theta_out(ci->kind, C));
@@ -598,36 +660,47 @@ static int checkpoint_info(const StFile *f, const char *path, CkptInfo *ci, char
     c->num_heads = heads;
     c->dropout = 0.0f;
     if (meta_string(f, path, "channel_mult", buf, sizeof buf, err, errlen)) return -1;
-    if (unet_parse_channel_mult(c, buf) != 0) return errorf(err, errlen, "checkpoint '%s': bad channel_mult '%s'", path, buf);
+    if (unet_parse_channel_mult(c, buf) != 0)
+        return errorf(err, errlen, "checkpoint '%s': bad channel_mult '%s'", path, buf);
     if (meta_string(f, path, "attention_resolutions", buf, sizeof buf, err, errlen)) return -1;
     if (unet_parse_attention(c, buf) != 0)
         return errorf(err, errlen, "checkpoint '%s': bad attention_resolutions '%s'", path, buf);
     if (meta_string(f, path, "noise_schedule", buf, sizeof buf, err, errlen)) return -1;
     ci->schedule = schedule_parse(buf);
-    if (ci->schedule < 0) return errorf(err, errlen, "checkpoint '%s': unknown noise_schedule '%s'", path, buf);
+    if (ci->schedule < 0)
+        return errorf(err, errlen, "checkpoint '%s': unknown noise_schedule '%s'", path, buf);
     char why[256];
-    if (unet_check_config(c, why, sizeof why) != 0) return errorf(err, errlen, "checkpoint '%s': %s", path, why);
-    if (st_meta(f, "step", buf, sizeof buf) == 0) return checkpoint_train_state(f, path, ci, err, errlen);
+    if (unet_check_config(c, why, sizeof why) != 0)
+        return errorf(err, errlen, "checkpoint '%s': %s", path, why);
+    if (st_meta(f, "step", buf, sizeof buf) == 0)
+        return checkpoint_train_state(f, path, ci, err, errlen);
     return 0;
 }
 
 // copies "<prefix><net>.<key>" tensors of f into u, checking every shape
 // and that every value is finite
-static int load_net(UNet *u, const StFile *f, const char *path, const char *prefix, const char *net, float *dst,
-                    char *err, size_t errlen) {
+static int load_net(UNet *u, const StFile *f, const char *path, const char *prefix, const char *net,
+                    float *dst, char *err, size_t errlen) {
     size_t off = 0;
     for (size_t i = 0; i < u->params.count; i++) {
         Tensor *t = &u->params.t[i];
         char name[300];
         snprintf(name, sizeof name, "%s%s.%s", prefix, net, t->name);
         const StEntry *e = st_find(f, name);
-        if (!e) return errorf(err, errlen, "checkpoint '%s' lacks tensor '%s' (was it written with other --ch/--res/--attn/--mult?)",
-                            path, name);
+        if (!e)
+            return errorf(
+                err, errlen,
+                "checkpoint '%s' lacks tensor '%s' (was it written with other --ch/--res/--attn/--mult?)",
+                path, name);
         int same = e->ndim == t->ndim && e->size == t->size;
         for (int d = 0; same && d < t->ndim; d++) same = e->shape[d] == t->shape[d];
-        if (!same) return errorf(err, errlen, "checkpoint '%s': tensor '%s' has another shape than this model's", path, name);
+        if (!same)
+            return errorf(err, errlen,
+                          "checkpoint '%s': tensor '%s' has another shape than this model's", path,
+                          name);
         if (first_nonfinite(e->data, e->size) < e->size)
-            return errorf(err, errlen, "checkpoint '%s': tensor '%s' holds NaN or Inf values", path, name);
+            return errorf(err, errlen, "checkpoint '%s': tensor '%s' holds NaN or Inf values", path,
+                          name);
         memcpy((dst ? dst : u->params.data) + off, e->data, t->size * sizeof(float));
         off += t->size;
     }
@@ -643,13 +716,17 @@ static void load_checkpoint(Trainer *tr, const char *path) {
     char err[600];
     if (st_read(path, &f, err, sizeof err) != 0) fatal("%s", err);
     if (checkpoint_info(&f, path, &ci, err, sizeof err) != 0) fatal("%s", err);
-    if (ci.kind != tr->kind) fatal("checkpoint '%s' holds a %s model, not %s", path, model_name(ci.kind), model_name(tr->kind));
-    if (!ci.has_train_state) fatal("checkpoint '%s' has no 'step' in its metadata: it cannot be resumed", path);
+    if (ci.kind != tr->kind)
+        fatal("checkpoint '%s' holds a %s model, not %s", path, model_name(ci.kind),
+              model_name(tr->kind));
+    if (!ci.has_train_state)
+        fatal("checkpoint '%s' has no 'step' in its metadata: it cannot be resumed", path);
     int nets = tr->has_phi ? 2 : 1;
     for (int copy = 0; copy < 4; copy++)
         for (int net = 0; net < nets; net++)
-            if (load_net(net ? &tr->phi : &tr->theta, &f, path, kinds_of_copy[copy], net ? "phi" : "theta",
-                         (float *)copy_data(tr, net, copy), err, sizeof err) != 0)
+            if (load_net(net ? &tr->phi : &tr->theta, &f, path, kinds_of_copy[copy],
+                         net ? "phi" : "theta", (float *)copy_data(tr, net, copy), err,
+                         sizeof err) != 0)
                 fatal("%s", err);
     tr->step = ci.step;
     tr->adam_theta.step = tr->adam_phi.step = ci.adam_step;
@@ -688,12 +765,15 @@ static void make_dir(const char *path) {
     for (char *c = p + 1; *c; c++) {
         if (*c != '/') continue;
         *c = 0;
-        if (mkdir(p, 0777) != 0 && errno != EEXIST) fatal("cannot create directory '%s': %s", p, strerror(errno));
+        if (mkdir(p, 0777) != 0 && errno != EEXIST)
+            fatal("cannot create directory '%s': %s", p, strerror(errno));
         *c = '/';
     }
-    if (mkdir(p, 0777) != 0 && errno != EEXIST) fatal("cannot create directory '%s': %s", path, strerror(errno));
+    if (mkdir(p, 0777) != 0 && errno != EEXIST)
+        fatal("cannot create directory '%s': %s", path, strerror(errno));
     struct stat st;
-    if (stat(p, &st) != 0 || !S_ISDIR(st.st_mode)) fatal("--out '%s' exists and is not a directory", path);
+    if (stat(p, &st) != 0 || !S_ISDIR(st.st_mode))
+        fatal("--out '%s' exists and is not a directory", path);
 }
 
 // ---------------------------------------------------------------------------
@@ -706,8 +786,8 @@ typedef struct {
     Schedule sched;  // as trained
     int clip_x0;
 } Model;
-static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, Rng *rng, int n, int batch,
-                         unsigned char *out, int tty);
+static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, Rng *rng, int n,
+                         int batch, unsigned char *out, int tty);
 static void write_grid_png(const char *path, const unsigned char *img, int N, int H, int W, int C);
 
 // EMA with warm-up: improved-diffusion uses a fixed rate (0.9999), which on a
@@ -748,7 +828,8 @@ static void carry_log(const char *from, const char *path, long max_step, History
 }
 
 // one row of log.csv; a failed write (a full disk) stops the run
-static void log_row(FILE *log, const char *path, long step, const double *sums, int nsum, Tensor *const *terms, double ips) {
+static void log_row(FILE *log, const char *path, long step, const double *sums, int nsum,
+                    Tensor *const *terms, double ips) {
     fprintf(log, "%ld", step);
     for (int i = 0; i < 5; i++) {
         if (terms[i]) fprintf(log, ",%.6g", nonfinite_or(sums[i] / nsum));
@@ -769,7 +850,8 @@ static Fault fault_from_env(void) {
     const char *s = getenv("CASDM_TEST_FAULT");
     if (!s) return f;
     if (strncmp(s, "grad-inf:", 9) == 0) f.kind = FAULT_GRAD_INF, f.step = strtol(s + 9, NULL, 10);
-    else if (strncmp(s, "param-nan:", 10) == 0) f.kind = FAULT_PARAM_NAN, f.step = strtol(s + 10, NULL, 10);
+    else if (strncmp(s, "param-nan:", 10) == 0)
+        f.kind = FAULT_PARAM_NAN, f.step = strtol(s + 10, NULL, 10);
     return f;
 }
 
@@ -799,36 +881,53 @@ static void define_train_options(TrainOpts *o) {
         {"--model", OPT_STR, &o->model, "casdm", "ddpm-eps, ddpm-x0, dual or casdm", 0, 0},
         {"--ch", OPT_INT, &o->ch, "64", "U-Net model_channels (the paper: 128)", 32, 1024},
         {"--res", OPT_INT, &o->res, "2", "ResBlocks per level (the paper: 3)", 1, 16},
-        {"--attn", OPT_STR, &o->attn, "16", "attention resolutions, e.g. 16,8 (the paper); '' for none", 0, 0},
-        {"--mult", OPT_STR, &o->mult, "", "channel_mult, e.g. 1,2,2,2; '' = improved-diffusion's default for the size", 0, 0},
+        {"--attn", OPT_STR, &o->attn, "16",
+         "attention resolutions, e.g. 16,8 (the paper); '' for none", 0, 0},
+        {"--mult", OPT_STR, &o->mult, "",
+         "channel_mult, e.g. 1,2,2,2; '' = improved-diffusion's default for the size", 0, 0},
         {"--heads", OPT_INT, &o->heads, "4", "attention heads", 1, 64},
         {"--dropout", OPT_FLOAT, &o->dropout, "0.1", "dropout in ResBlocks", 0, 0.99},
         {"--T", OPT_INT, &o->T, "4000", "diffusion steps (the paper: 4000)", 1, 100000},
         {"--schedule", OPT_STR, &o->schedule, "cosine", "noise schedule: cosine or linear", 0, 0},
-        {"--p2-gamma", OPT_FLOAT, &o->p2_gamma, "0", "P2 weighting gamma on the epsilon loss (0 = off; paper 0.5 or 1)", 0, 10},
+        {"--p2-gamma", OPT_FLOAT, &o->p2_gamma, "0",
+         "P2 weighting gamma on the epsilon loss (0 = off; paper 0.5 or 1)", 0, 10},
         {"--p2-k", OPT_FLOAT, &o->p2_k, "1", "P2 weighting k", 1e-6, 1e6},
         {"--no-clip-x0", OPT_FLAG, &o->no_clip_x0, NULL, "casdm: feed x0* to phi unclipped", 0, 0},
-        {"--lpips", OPT_STR, &o->lpips, NULL, "LPIPS weights (tools/convert_lpips.py); adds L^lpips on the x0 prediction", 0, 0},
-        {"--lpips-size", OPT_INT, &o->lpips_size, "224", "LPIPS input size (images are resized; the paper: 224)", 16, 1024},
-        {"--lpips-weight", OPT_FLOAT, &o->lambda_lpips, "0.1", "lambda of L^lpips (Eq. 15)", 0, 1e6},
-        {"--steps", OPT_INT, &o->steps, "1000", "training steps (total, counting resumed ones)", 0, 1000000000},
-        {"--time-limit", OPT_FLOAT, &o->time_limit, "0", "stop after this many seconds of training (0 = no limit)", 0, 1e9},
+        {"--lpips", OPT_STR, &o->lpips, NULL,
+         "LPIPS weights (tools/convert_lpips.py); adds L^lpips on the x0 prediction", 0, 0},
+        {"--lpips-size", OPT_INT, &o->lpips_size, "224",
+         "LPIPS input size (images are resized; the paper: 224)", 16, 1024},
+        {"--lpips-weight", OPT_FLOAT, &o->lambda_lpips, "0.1", "lambda of L^lpips (Eq. 15)", 0,
+         1e6},
+        {"--steps", OPT_INT, &o->steps, "1000", "training steps (total, counting resumed ones)", 0,
+         1000000000},
+        {"--time-limit", OPT_FLOAT, &o->time_limit, "0",
+         "stop after this many seconds of training (0 = no limit)", 0, 1e9},
         {"--batch", OPT_INT, &o->batch, "16", "batch size", 1, 4096},
         {"--lr", OPT_FLOAT, &o->lr, "1e-4", "Adam learning rate", 0, 1},
-        {"--ema", OPT_FLOAT, &o->ema, "0.9999", "EMA rate (warmed up as min(rate, (1+s)/(10+s)))", 0, 1},
-        {"--grad-clip", OPT_FLOAT, &o->grad_clip, "0", "clip the global gradient norm to this (0 = off)", 0, 1e9},
+        {"--ema", OPT_FLOAT, &o->ema, "0.9999", "EMA rate (warmed up as min(rate, (1+s)/(10+s)))",
+         0, 1},
+        {"--grad-clip", OPT_FLOAT, &o->grad_clip, "0",
+         "clip the global gradient norm to this (0 = off)", 0, 1e9},
         {"--seed", OPT_INT, &o->seed, "0", "random seed", 0, 2147483647},
         {"--grad-checkpoint", OPT_FLAG, &o->grad_checkpoint, NULL,
-         "recompute each U-Net block in backward instead of keeping its activations (about half the memory, a third more time; same numbers)", 0, 0},
-        {"--no-flip", OPT_FLAG, &o->no_flip, NULL, "no random horizontal flips (default for CIFAR-10 and image folders: flips)", 0, 0},
-        {"--flip", OPT_FLAG, &o->flip, NULL, "random horizontal flips also for IDX data (default there: none)", 0, 0},
+         "recompute each U-Net block in backward instead of keeping its activations (about half the memory, a third more time; same numbers)",
+         0, 0},
+        {"--no-flip", OPT_FLAG, &o->no_flip, NULL,
+         "no random horizontal flips (default for CIFAR-10 and image folders: flips)", 0, 0},
+        {"--flip", OPT_FLAG, &o->flip, NULL,
+         "random horizontal flips also for IDX data (default there: none)", 0, 0},
         {"--out", OPT_STR, &o->out, "runs/train", "output directory", 0, 0},
         {"--resume", OPT_STR, &o->resume, NULL, "continue from DIR/ckpt.safetensors", 0, 0},
         {"--log-every", OPT_INT, &o->log_every, "10", "steps per line of log.csv", 1, 1000000},
-        {"--ckpt-every", OPT_INT, &o->ckpt_every, "1000", "steps between checkpoints (0 = only at the end)", 0, 1000000000},
-        {"--sample-every", OPT_INT, &o->sample_every, "0", "steps between sample grids DIR/samples_STEP.png (0 = only at the end)", 0, 1000000000},
-        {"--sample-n", OPT_INT, &o->sample_n, "36", "images in each sample grid (0 = none)", 0, 4096},
-        {"--sample-steps", OPT_INT, &o->sample_steps, "50", "DDIM steps for the sample grids", 1, 100000},
+        {"--ckpt-every", OPT_INT, &o->ckpt_every, "1000",
+         "steps between checkpoints (0 = only at the end)", 0, 1000000000},
+        {"--sample-every", OPT_INT, &o->sample_every, "0",
+         "steps between sample grids DIR/samples_STEP.png (0 = only at the end)", 0, 1000000000},
+        {"--sample-n", OPT_INT, &o->sample_n, "36", "images in each sample grid (0 = none)", 0,
+         4096},
+        {"--sample-steps", OPT_INT, &o->sample_steps, "50", "DDIM steps for the sample grids", 1,
+         100000},
     };
     train_opts_n = (int)(sizeof opts / sizeof opts[0]);
     memcpy(train_opts_table, opts, sizeof opts);
@@ -839,28 +938,34 @@ static void define_train_options(TrainOpts *o) {
 // stops it between steps (no grid is written then).
 static void train_sample_grid(Trainer *tr, Model *ema, const TrainOpts *o, int C, int S, int tty) {
     memcpy(ema->theta.params.data, tr->ema_theta, tr->theta.params.total * sizeof(float));
-    if (tr->has_phi) memcpy(ema->phi.params.data, tr->ema_phi, tr->phi.params.total * sizeof(float));
+    if (tr->has_phi)
+        memcpy(ema->phi.params.data, tr->ema_phi, tr->phi.params.total * sizeof(float));
     ema->sched = tr->sched;
     int *kept = mallocCheck((size_t)tr->sched.T * sizeof *kept);
     char err[128], spec[32];
-    snprintf(spec, sizeof spec, "%d", o->sample_steps < tr->sched.T ? o->sample_steps : tr->sched.T);
+    snprintf(spec, sizeof spec, "%d",
+             o->sample_steps < tr->sched.T ? o->sample_steps : tr->sched.T);
     int nk = space_timesteps(tr->sched.T, spec, kept, err, sizeof err);
     if (nk < 0) fatal("--sample-steps: %s", err);
     Schedule rs;
     schedule_respace(&rs, &tr->sched, kept, nk);
     free(kept);
-    SampleConfig sc = {.kind = tr->kind, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1, .clip_x0 = ema->clip_x0};
+    SampleConfig sc = {.kind = tr->kind, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1,
+                       .clip_x0 = ema->clip_x0};
     Rng rng;
     rng_seed(&rng, (uint64_t)o->seed, 7);  // the same noise at every grid: progress is easy to see
     unsigned char *img = mallocCheck((size_t)o->sample_n * C * S * S);
-    int rc = sample_images(ema, &sc, &rs, &rng, o->sample_n, o->sample_n < 36 ? o->sample_n : 36, img, tty ? 1 : -1);
+    int rc = sample_images(ema, &sc, &rs, &rng, o->sample_n, o->sample_n < 36 ? o->sample_n : 36,
+                           img, tty ? 1 : -1);
     char path[4200];
     snprintf(path, sizeof path, "%s/samples_%06ld.png", o->out, tr->step);
     if (rc == 0) {
         write_grid_png(path, img, o->sample_n, S, S, C);
         fprintf(stderr, "samples: %s\n", path);
     } else if (rc == 1) {
-        fprintf(stderr, "samples: the EMA weights give NaN or Inf pixels at step %ld; %s not written\n", tr->step, path);
+        fprintf(stderr,
+                "samples: the EMA weights give NaN or Inf pixels at step %ld; %s not written\n",
+                tr->step, path);
     }
     free(img);
     schedule_free(&rs);
@@ -882,8 +987,9 @@ static void scale_grads(Trainer *tr, float k) {
 // backward, the gradient's check and clip, Adam and the EMA (as
 // improved-diffusion's TrainLoop.run_step). Returns 0, or -1 with a message
 // when the loss or the gradient is not finite: then nothing was updated.
-static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset *data, const TrainOpts *o, int flip,
-                      float *x0buf, int *t, Fault fault, LossTerms *lt, char *err, size_t errlen) {
+static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset *data,
+                      const TrainOpts *o, int flip, float *x0buf, int *t, Fault fault,
+                      LossTerms *lt, char *err, size_t errlen) {
     const Images *im = &data->img;
     int B = o->batch;
     graph_reset(g);
@@ -893,18 +999,22 @@ static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset
     memcpy(x0->data, x0buf, x0->size * sizeof(float));
     Tensor *noise = tensor4(g, B, im->c, im->h, im->w);
     rng_fill_normal(&tr->rng, noise->data, noise->size, 0.0f, 1.0f);
-    diffusion_losses(g, lt, lc, &tr->sched, &tr->theta, tr->has_phi ? &tr->phi : NULL, x0, t, noise);
+    diffusion_losses(g, lt, lc, &tr->sched, &tr->theta, tr->has_phi ? &tr->phi : NULL, x0, t,
+                     noise);
     if (!isfinite(lt->loss->data[0]))
         return errorf(err, errlen, "loss is %g at step %ld", lt->loss->data[0], tr->step + 1);
     params_zero_grad(&tr->theta.params);
     if (tr->has_phi) params_zero_grad(&tr->phi.params);
     graph_backward(g, lt->loss, NULL);
-    if (fault.kind == FAULT_GRAD_INF && fault.step == tr->step + 1) tr->theta.params.grad[0] = INFINITY;
+    if (fault.kind == FAULT_GRAD_INF && fault.step == tr->step + 1)
+        tr->theta.params.grad[0] = INFINITY;
     // a non-finite gradient would make Adam's moments, and then every
     // weight, NaN: stop before the update
     double norm = grad_norm(tr);
-    if (!isfinite(norm)) return errorf(err, errlen, "the gradient norm is %g at step %ld", norm, tr->step + 1);
-    if (o->grad_clip > 0 && norm > o->grad_clip) scale_grads(tr, (float)(o->grad_clip / (norm + 1e-6)));
+    if (!isfinite(norm))
+        return errorf(err, errlen, "the gradient norm is %g at step %ld", norm, tr->step + 1);
+    if (o->grad_clip > 0 && norm > o->grad_clip)
+        scale_grads(tr, (float)(o->grad_clip / (norm + 1e-6)));
     adam_step(&tr->adam_theta, tr->theta.params.data, tr->theta.params.grad);
     float rate = ema_rate(o->ema, tr->step);
     ema_update(tr->ema_theta, tr->theta.params.data, tr->theta.params.total, rate);
@@ -919,15 +1029,17 @@ static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset
 
 // the progress line (in place on a tty) with the ETA from this run's pace,
 // never past --time-limit
-static void progress_line(const TrainOpts *o, long step, long step0, double elapsed, double ips, const double *sums,
-                          int nsum, Tensor *const *terms, int tty) {
+static void progress_line(const TrainOpts *o, long step, long step0, double elapsed, double ips,
+                          const double *sums, int nsum, Tensor *const *terms, int tty) {
     double eta = elapsed / (double)(step - step0) * (double)(o->steps - step);
-    if (o->time_limit > 0 && eta > o->time_limit - elapsed) eta = fmax(0.0, o->time_limit - elapsed);
+    if (o->time_limit > 0 && eta > o->time_limit - elapsed)
+        eta = fmax(0.0, o->time_limit - elapsed);
     fprintf(stderr, "%sstep %ld/%d loss %.4f", tty ? "\r" : "", step, o->steps, sums[0] / nsum);
     const char *nm[5] = {"", "eps", "x0", "mu", "lpips"};
     for (int i = 1; i < 5; i++)
         if (terms[i]) fprintf(stderr, " %s %.4f", nm[i], sums[i] / nsum);
-    fprintf(stderr, " | %.2f img/s | %.0fs elapsed, ETA %.0fs%s", ips, elapsed, eta, tty ? "   " : "\n");
+    fprintf(stderr, " | %.2f img/s | %.0fs elapsed, ETA %.0fs%s", ips, elapsed, eta,
+            tty ? "   " : "\n");
 }
 
 // a message and exit 1 that names the last good checkpoint (saved_step < 0: none)
@@ -964,7 +1076,8 @@ static void run_open(Run *r, Trainer *tr, const TrainOpts *o) {
     snprintf(r->ckpt, sizeof r->ckpt, "%s/ckpt.safetensors", o->out);
     snprintf(r->log_path, sizeof r->log_path, "%s/log.csv", o->out);
     snprintf(r->svg_path, sizeof r->svg_path, "%s/loss.svg", o->out);
-    snprintf(r->title, sizeof r->title, "casdm train --model %s (%s)", model_name(tr->kind), o->data);
+    snprintf(r->title, sizeof r->title, "casdm train --model %s (%s)", model_name(tr->kind),
+             o->data);
     r->saved_step = r->saved_here = -1;
     char from[4200];
     if (o->resume) {
@@ -997,7 +1110,8 @@ static void run_log(Run *r, const TrainOpts *o, long step, const LossTerms *lt) 
     for (int i = 0; i < PLOT_TERMS; i++) row[i] = terms[i] ? r->sums[i] / r->nsum : NAN;
     history_add(&r->hist, step, row);
     char err[600];
-    if (write_loss_svg(r->svg_path, &r->hist, NULL, 1, r->title, err, sizeof err) != 0) fatal("%s", err);
+    if (write_loss_svg(r->svg_path, &r->hist, NULL, 1, r->title, err, sizeof err) != 0)
+        fatal("%s", err);
     progress_line(o, step, r->step0, now - r->t0, ips, r->sums, r->nsum, terms, r->tty);
     memset(r->sums, 0, sizeof r->sums);
     r->nsum = 0;
@@ -1035,7 +1149,10 @@ static void ema_model_free(Model *ema, const TrainOpts *o) {
 // the options that no single option's range can check; the LPIPS file
 // first, so that a bad one is an error before anything slow
 static int check_train_options(const TrainOpts *o, Lpips *lpips) {
-    if (!o->data) { fprintf(stderr, "casdm train: --data is required (see casdm train --help)\n"); return 2; }
+    if (!o->data) {
+        fprintf(stderr, "casdm train: --data is required (see casdm train --help)\n");
+        return 2;
+    }
     if (o->flip && o->no_flip) {
         fprintf(stderr, "casdm train: --flip and --no-flip contradict each other\n");
         return 2;
@@ -1060,8 +1177,10 @@ static int cmd_train(int argc, char **argv) {
     Dataset data;
     load_dataset(&data, o.data);
     const Images *im = &data.img;
-    if (o.lpips && im->c != 3) fatal("--lpips needs RGB images; '%s' has %d channel(s)", o.data, im->c);
-    if (im->h != im->w) fatal("--data '%s': images are %dx%d; square images only", o.data, im->h, im->w);
+    if (o.lpips && im->c != 3)
+        fatal("--lpips needs RGB images; '%s' has %d channel(s)", o.data, im->c);
+    if (im->h != im->w)
+        fatal("--data '%s': images are %dx%d; square images only", o.data, im->h, im->w);
     int flip = o.flip || (data.flip && !o.no_flip);
     Trainer tr;
     trainer_init(&tr, &o, im->c, im->h);
@@ -1069,13 +1188,15 @@ static int cmd_train(int argc, char **argv) {
     run_open(&run, &tr, &o);
     Model ema;
     ema_model_init(&ema, &tr, &o);
-    fprintf(stderr, "casdm train: %s on %d images %dx%dx%d from %s; theta %zu parameters%s; %s, %d threads\n",
-            model_name(tr.kind), im->n, im->c, im->h, im->w, o.data, tr.theta.params.total,
-            tr.has_phi ? " (+ phi)" : "", simd_name(), pool_threads());
+    fprintf(
+        stderr,
+        "casdm train: %s on %d images %dx%dx%d from %s; theta %zu parameters%s; %s, %d threads\n",
+        model_name(tr.kind), im->n, im->c, im->h, im->w, o.data, tr.theta.params.total,
+        tr.has_phi ? " (+ phi)" : "", simd_name(), pool_threads());
     tr.theta.use_checkpoint = tr.phi.use_checkpoint = o.grad_checkpoint;
-    LossConfig lc = {.kind = tr.kind, .p2_gamma = o.p2_gamma, .p2_k = o.p2_k, .clip_x0 = !o.no_clip_x0,
-                     .lambda_lpips = (float)o.lambda_lpips, .lpips = o.lpips ? lpips_loss : NULL,
-                     .lpips_ctx = o.lpips ? &lpips : NULL};
+    LossConfig lc = {.kind = tr.kind, .p2_gamma = o.p2_gamma, .p2_k = o.p2_k,
+                     .clip_x0 = !o.no_clip_x0, .lambda_lpips = (float)o.lambda_lpips,
+                     .lpips = o.lpips ? lpips_loss : NULL, .lpips_ctx = o.lpips ? &lpips : NULL};
     Graph g;
     graph_init(&g, 0, 0);
     g.rng = &tr.rng;
@@ -1091,13 +1212,15 @@ static int cmd_train(int argc, char **argv) {
         char err[600];
         if (train_step(&tr, &g, &lc, &data, &o, flip, x0buf, t, fault, &lt, err, sizeof err) != 0) {
             if (run.tty) fprintf(stderr, "\n");
-            strncat(err, ": stopping (lower --lr, or set --grad-clip)", sizeof err - strlen(err) - 1);
+            strncat(err, ": stopping (lower --lr, or set --grad-clip)",
+                    sizeof err - strlen(err) - 1);
             stop_run(err, run.ckpt, run.saved_step);
         }
         run_log(&run, &o, tr.step, &lt);
         int more = tr.step < o.steps;
         if (o.ckpt_every > 0 && tr.step % o.ckpt_every == 0 && more) run_save(&run, &tr, &o);
-        if (o.sample_n > 0 && o.sample_every > 0 && tr.step % o.sample_every == 0 && more && !interrupted) {
+        if (o.sample_n > 0 && o.sample_every > 0 && tr.step % o.sample_every == 0 && more &&
+            !interrupted) {
             if (run.tty) fprintf(stderr, "\n");
             train_sample_grid(&tr, &ema, &o, im->c, im->h, run.tty);
         }
@@ -1107,9 +1230,11 @@ static int cmd_train(int argc, char **argv) {
     // resume to the same step does save, which tools/cross.sh relies on)
     if (run.saved_here != tr.step) run_save(&run, &tr, &o);
     if (interrupted)
-        fprintf(stderr, "interrupted (%s) at step %ld: wrote %s\n", interrupted == SIGTERM ? "SIGTERM" : "SIGINT",
+        fprintf(stderr, "interrupted (%s) at step %ld: wrote %s\n",
+                interrupted == SIGTERM ? "SIGTERM" : "SIGINT", tr.step, run.ckpt);
+    else
+        fprintf(stderr, "%s at step %ld: wrote %s\n", timed_out ? "time limit reached" : "done",
                 tr.step, run.ckpt);
-    else fprintf(stderr, "%s at step %ld: wrote %s\n", timed_out ? "time limit reached" : "done", tr.step, run.ckpt);
     if (o.sample_n > 0 && !interrupted) train_sample_grid(&tr, &ema, &o, im->c, im->h, run.tty);
     run_close(&run);
     ema_model_free(&ema, &o);
@@ -1130,7 +1255,8 @@ static void write_grid_png(const char *path, const unsigned char *img, int N, in
     for (int n = 0; n < N; n++) {
         int ox = pad + (n % cols) * (W + pad), oy = pad + (n / cols) * (H + pad);
         for (int y = 0; y < H; y++)
-            memcpy(g + ((size_t)(oy + y) * GW + ox) * C, img + (((size_t)n * H + y) * W) * C, (size_t)W * C);
+            memcpy(g + ((size_t)(oy + y) * GW + ox) * C, img + (((size_t)n * H + y) * W) * C,
+                   (size_t)W * C);
     }
     char err[600];
     if (write_png(path, g, GW, GH, C, err, sizeof err) != 0) fatal("%s", err);
@@ -1143,9 +1269,11 @@ static Option lpips_opts_table[8];
 static int lpips_opts_n;
 
 static void lpips_help(FILE *f) {
-    fputs("usage: casdm lpips A.png B.png --weights FILE [--size N]\n\n"
-          "Prints the LPIPS distance (VGG16, average pooling) between two images of the same size\n"
-          "(8-bit PNG or binary PPM/PGM). Weights: tools/convert_lpips.py (see README).\n\noptions:\n", f);
+    fputs(
+        "usage: casdm lpips A.png B.png --weights FILE [--size N]\n\n"
+        "Prints the LPIPS distance (VGG16, average pooling) between two images of the same size\n"
+        "(8-bit PNG or binary PPM/PGM). Weights: tools/convert_lpips.py (see README).\n\noptions:\n",
+        f);
     usage_options(f, lpips_opts_table, lpips_opts_n);
 }
 
@@ -1153,8 +1281,10 @@ static int cmd_lpips(int argc, char **argv) {
     const char *weights = NULL;
     int size;
     const Option opts[] = {
-        {"--weights", OPT_STR, &weights, NULL, "LPIPS weights (safetensors from tools/convert_lpips.py)", 0, 0},
-        {"--size", OPT_INT, &size, "224", "resize both images to this size first (0: as they are)", 0, 4096},
+        {"--weights", OPT_STR, &weights, NULL,
+         "LPIPS weights (safetensors from tools/convert_lpips.py)", 0, 0},
+        {"--size", OPT_INT, &size, "224", "resize both images to this size first (0: as they are)",
+         0, 4096},
     };
     lpips_opts_n = 2;
     memcpy(lpips_opts_table, opts, sizeof opts);
@@ -1163,14 +1293,18 @@ static int cmd_lpips(int argc, char **argv) {
     char *rest[16];
     int nr = 0;
     for (int i = 0; i < argc; i++) {  // positional file names, options as usual
-        int is_value = i > 0 && (strcmp(argv[i - 1], "--weights") == 0 || strcmp(argv[i - 1], "--size") == 0);
+        int is_value = i > 0 && (strcmp(argv[i - 1], "--weights") == 0 ||
+                                 strcmp(argv[i - 1], "--size") == 0);
         if (argv[i][0] != '-' && nf < 2 && !is_value)
             files[nf++] = argv[i];
         else if (nr < 16) rest[nr++] = argv[i];
     }
     int pr = parse_options("lpips", lpips_opts_table, lpips_opts_n, nr, rest, lpips_help);
     if (pr) return PARSED_EXIT(pr);
-    if (nf != 2 || !weights) { fprintf(stderr, "casdm lpips: needs two images and --weights (see casdm lpips --help)\n"); return 2; }
+    if (nf != 2 || !weights) {
+        fprintf(stderr, "casdm lpips: needs two images and --weights (see casdm lpips --help)\n");
+        return 2;
+    }
     Lpips l;
     char err[512];
     lpips_init(&l);
@@ -1184,7 +1318,8 @@ static int cmd_lpips(int argc, char **argv) {
         if (!img[i]) fatal("%s", err);
     }
     if (w[0] != w[1] || h[0] != h[1])
-        fatal("'%s' is %dx%d but '%s' is %dx%d: the images must have the same size", files[0], w[0], h[0], files[1], w[1], h[1]);
+        fatal("'%s' is %dx%d but '%s' is %dx%d: the images must have the same size", files[0], w[0],
+              h[0], files[1], w[1], h[1]);
     Graph g;
     graph_init(&g, 0, 0);
     g.grad_enabled = 0;
@@ -1192,7 +1327,8 @@ static int cmd_lpips(int argc, char **argv) {
     for (int i = 0; i < 2; i++) {
         t[i] = tensor4(&g, 1, 3, h[0], w[0]);
         for (int c = 0; c < 3; c++)
-            for (int k = 0; k < w[0] * h[0]; k++) t[i]->data[(size_t)c * w[0] * h[0] + k] = img[i][(size_t)k * 3 + c] / 127.5f - 1.0f;
+            for (int k = 0; k < w[0] * h[0]; k++)
+                t[i]->data[(size_t)c * w[0] * h[0] + k] = img[i][(size_t)k * 3 + c] / 127.5f - 1.0f;
         free(img[i]);
     }
     Tensor *d = lpips_distance(&g, &l, t[0], t[1], NULL);
@@ -1215,7 +1351,8 @@ static void load_model(Model *m, const char *path, int use_ema) {
     char err[600];
     memset(m, 0, sizeof *m);
     const char *prefix = use_ema ? "ema." : "";
-    if (st_read(path, &f, err, sizeof err) != 0 || checkpoint_info(&f, path, &ci, err, sizeof err) != 0 ||
+    if (st_read(path, &f, err, sizeof err) != 0 ||
+        checkpoint_info(&f, path, &ci, err, sizeof err) != 0 ||
         checkpoint_sizes(&f, path, &ci, prefix, err, sizeof err) != 0)
         fatal("%s", err);
     m->kind = ci.kind;
@@ -1251,11 +1388,12 @@ static unsigned char to_u8(float v) {
 // stderr in place (tty 1), as lines (0) or not at all (-1). Returns 0, 1
 // when a sample is not finite (broken weights), or -1 when a signal asked
 // to stop (checked after every step).
-static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, Rng *rng, int n, int batch,
-                         unsigned char *out, int tty) {
+static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, Rng *rng, int n,
+                         int batch, unsigned char *out, int tty) {
     int C = m->theta.cfg.in_channels, S = m->theta.cfg.image_size, rc = 0;
     size_t per = (size_t)C * S * S;
-    float *x = mallocCheck((size_t)batch * per * sizeof(float)), *xp = mallocCheck((size_t)batch * per * sizeof(float));
+    float *x = mallocCheck((size_t)batch * per * sizeof(float)),
+          *xp = mallocCheck((size_t)batch * per * sizeof(float));
     float *z = mallocCheck((size_t)batch * per * sizeof(float));
     Graph g;
     graph_init(&g, 0, 0);
@@ -1266,20 +1404,24 @@ static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, R
         for (int j = rs->T - 1; j >= 0 && rc == 0; j--) {
             int noisy = sample_step_noisy(sc, j);
             if (noisy) rng_fill_normal(rng, z, (size_t)B * per, 0.0f, 1.0f);
-            sample_step(&g, sc, rs, &m->theta, m->has_phi ? &m->phi : NULL, x, xp, B, C, S, S, j, noisy ? z : NULL);
+            sample_step(&g, sc, rs, &m->theta, m->has_phi ? &m->phi : NULL, x, xp, B, C, S, S, j,
+                        noisy ? z : NULL);
             float *tmp = x; x = xp; xp = tmp;
             double el = now_seconds() - t0;
             double frac = ((double)done + (double)B * (rs->T - j) / rs->T) / n;
-            if (tty >= 0) fprintf(stderr, "%simages %d-%d of %d, step %d/%d | %.1fs elapsed, %.2f img/s, ETA %.0fs%s",
-                                  tty ? "\r" : "", done + 1, done + B, n, rs->T - j, rs->T, el, frac * n / el,
-                                  el / frac * (1 - frac), tty ? "   " : "\n");
+            if (tty >= 0)
+                fprintf(stderr,
+                        "%simages %d-%d of %d, step %d/%d | %.1fs elapsed, %.2f img/s, ETA %.0fs%s",
+                        tty ? "\r" : "", done + 1, done + B, n, rs->T - j, rs->T, el, frac * n / el,
+                        el / frac * (1 - frac), tty ? "   " : "\n");
             if (interrupted) rc = -1;
         }
         if (rc == 0 && first_nonfinite(x, (size_t)B * per) < (size_t)B * per) rc = 1;
         for (int b = 0; b < B && rc == 0; b++)
             for (int c = 0; c < C; c++)
                 for (int i = 0; i < S * S; i++)
-                    out[(((size_t)(done + b) * S * S) + i) * C + c] = to_u8(x[(size_t)b * per + (size_t)c * S * S + i]);
+                    out[(((size_t)(done + b) * S * S) + i) * C + c] = to_u8(
+                        x[(size_t)b * per + (size_t)c * S * S + i]);
     }
     if (tty > 0) fprintf(stderr, "\n");
     graph_free(&g);
@@ -1297,10 +1439,12 @@ static Option sample_opts_table[32];
 static int sample_opts_n;
 
 static void sample_help(FILE *f) {
-    fputs("usage: casdm sample --ckpt FILE [options]\n\n"
-          "Samples with the checkpoint's EMA weights and writes DIR/grid.png, DIR/samples_NxHxWxC.npz\n"
-          "(uint8 NHWC as arr_0, the layout of improved-diffusion's image_sample.py) and, with --each,\n"
-          "DIR/sample_00000.png ... Ctrl-C (or SIGTERM) stops between steps and writes nothing.\n\noptions:\n", f);
+    fputs(
+        "usage: casdm sample --ckpt FILE [options]\n\n"
+        "Samples with the checkpoint's EMA weights and writes DIR/grid.png, DIR/samples_NxHxWxC.npz\n"
+        "(uint8 NHWC as arr_0, the layout of improved-diffusion's image_sample.py) and, with --each,\n"
+        "DIR/sample_00000.png ... Ctrl-C (or SIGTERM) stops between steps and writes nothing.\n\noptions:\n",
+        f);
     usage_options(f, sample_opts_table, sample_opts_n);
 }
 
@@ -1308,7 +1452,9 @@ static void define_sample_options(SampleOpts *o) {
     const Option opts[] = {
         {"--ckpt", OPT_STR, &o->ckpt, NULL, "checkpoint written by casdm train", 0, 0},
         {"--n", OPT_INT, &o->n, "64", "number of images", 1, 1000000},
-        {"--steps", OPT_STR, &o->steps, "100", "sampling steps: N (evenly strided, improved-diffusion's ddimN) or sections '10,10'", 0, 0},
+        {"--steps", OPT_STR, &o->steps, "100",
+         "sampling steps: N (evenly strided, improved-diffusion's ddimN) or sections '10,10'", 0,
+         0},
         {"--method", OPT_STR, &o->method, "ddim", "ddim or ddpm", 0, 0},
         {"--eta", OPT_FLOAT, &o->eta, "0", "DDIM eta (0 = deterministic)", 0, 1},
         {"--seed", OPT_INT, &o->seed, "0", "random seed", 0, 2147483647},
@@ -1341,10 +1487,17 @@ static int cmd_sample(int argc, char **argv) {
     define_sample_options(&o);
     int pr = parse_options("sample", sample_opts_table, sample_opts_n, argc, argv, sample_help);
     if (pr) return PARSED_EXIT(pr);
-    if (!o.ckpt) { fprintf(stderr, "casdm sample: --ckpt is required (see casdm sample --help)\n"); return 2; }
-    SampleConfig sc = {.method = SAMPLER_DDIM, .eta = (float)o.eta, .clip = !o.no_clip, .clip_x0 = 1};
+    if (!o.ckpt) {
+        fprintf(stderr, "casdm sample: --ckpt is required (see casdm sample --help)\n");
+        return 2;
+    }
+    SampleConfig sc = {.method = SAMPLER_DDIM, .eta = (float)o.eta, .clip = !o.no_clip,
+                       .clip_x0 = 1};
     if (strcmp(o.method, "ddpm") == 0) sc.method = SAMPLER_DDPM;
-    else if (strcmp(o.method, "ddim") != 0) { fprintf(stderr, "casdm sample: --method '%s' is not ddim or ddpm\n", o.method); return 2; }
+    else if (strcmp(o.method, "ddim") != 0) {
+        fprintf(stderr, "casdm sample: --method '%s' is not ddim or ddpm\n", o.method);
+        return 2;
+    }
     Model m;
     load_model(&m, o.ckpt, !o.no_ema);
     sc.kind = m.kind;
@@ -1355,13 +1508,17 @@ static int cmd_sample(int argc, char **argv) {
     int C = m.theta.cfg.in_channels, S = m.theta.cfg.image_size, bad = nk < 0;
     if (bad) fprintf(stderr, "casdm sample: --steps '%s': %s\n", o.steps, err);
     double params = 4.0 * (double)(m.theta.params.total + (m.has_phi ? m.phi.params.total : 0));
-    double acts = ACT_PER_FLOAT_SAMPLE * 4.0 * unet_activation_floats(&m.theta.cfg) * o.batch + 3.0 * 4.0 * o.batch * C * S * S;
-    if (!bad && check_memory("casdm sample with this --batch", params, acts, err, sizeof err) != 0) {
+    double acts = ACT_PER_FLOAT_SAMPLE * 4.0 * unet_activation_floats(&m.theta.cfg) * o.batch +
+                  3.0 * 4.0 * o.batch * C * S * S;
+    if (!bad &&
+        check_memory("casdm sample with this --batch", params, acts, err, sizeof err) != 0) {
         fprintf(stderr, "casdm sample: %s\n", err);
         bad = 1;
     }
     if (!bad && (uint64_t)o.n * S * S * C > DATA_MAX_FILE) {
-        fprintf(stderr, "casdm sample: --n %d images of %dx%dx%d do not fit in one NPZ file; lower --n\n", o.n, C, S, S);
+        fprintf(stderr,
+                "casdm sample: --n %d images of %dx%dx%d do not fit in one NPZ file; lower --n\n",
+                o.n, C, S, S);
         bad = 1;
     }
     if (bad) {
@@ -1376,9 +1533,10 @@ static int cmd_sample(int argc, char **argv) {
     unsigned char *img = mallocCheck((size_t)o.n * S * S * C);
     Rng rng;
     rng_seed(&rng, (uint64_t)o.seed, 1);
-    fprintf(stderr, "casdm sample: %s, %d images %dx%dx%d, %s %d steps (eta %g), %s weights, %d threads\n",
-            model_name(m.kind), o.n, C, S, S, sc.method == SAMPLER_DDIM ? "DDIM" : "DDPM", nk, o.eta,
-            o.no_ema ? "raw" : "EMA", pool_threads());
+    fprintf(stderr,
+            "casdm sample: %s, %d images %dx%dx%d, %s %d steps (eta %g), %s weights, %d threads\n",
+            model_name(m.kind), o.n, C, S, S, sc.method == SAMPLER_DDIM ? "DDIM" : "DDPM", nk,
+            o.eta, o.no_ema ? "raw" : "EMA", pool_threads());
     double t0 = now_seconds();
     catch_signals();
     int rc = sample_images(&m, &sc, &rs, &rng, o.n, o.batch, img, isatty(2));
@@ -1393,11 +1551,15 @@ static int cmd_sample(int argc, char **argv) {
         printf("%s\n", path);
         for (int i = 0; o.each && i < o.n; i++) {
             snprintf(path, sizeof path, "%s/sample_%05d.png", o.out, i);
-            if (write_png(path, img + (size_t)i * S * S * C, S, S, C, err, sizeof err) != 0) fatal("%s", err);
+            if (write_png(path, img + (size_t)i * S * S * C, S, S, C, err, sizeof err) != 0)
+                fatal("%s", err);
         }
         fprintf(stderr, "%d images in %.1fs (%.2f img/s)\n", o.n, dt, o.n / dt);
     } else if (rc > 0) {
-        fprintf(stderr, "casdm sample: '%s' gives NaN or Inf pixels: its weights are broken; nothing written\n", o.ckpt);
+        fprintf(
+            stderr,
+            "casdm sample: '%s' gives NaN or Inf pixels: its weights are broken; nothing written\n",
+            o.ckpt);
     } else {
         fprintf(stderr, "casdm sample: interrupted after %.1fs; nothing written\n", dt);
     }
@@ -1419,9 +1581,11 @@ static Option eval_opts_table[8];
 static int eval_opts_n;
 
 static void eval_help(FILE *f) {
-    fputs("usage: casdm eval --ckpt FILE --data PATH [options]\n\n"
-          "Held-out denoising losses: epsilon-MSE and x0-MSE at a fixed grid of t, with fixed noise,\n"
-          "as CSV on stdout (t,eps_mse,x0_mse; a last line with the means).\n\noptions:\n", f);
+    fputs(
+        "usage: casdm eval --ckpt FILE --data PATH [options]\n\n"
+        "Held-out denoising losses: epsilon-MSE and x0-MSE at a fixed grid of t, with fixed noise,\n"
+        "as CSV on stdout (t,eps_mse,x0_mse; a last line with the means).\n\noptions:\n",
+        f);
     usage_options(f, eval_opts_table, eval_opts_n);
 }
 
@@ -1430,9 +1594,11 @@ static int cmd_eval(int argc, char **argv) {
     int n, grid, seed, batch, no_ema;
     const Option opts[] = {
         {"--ckpt", OPT_STR, &ckpt, NULL, "checkpoint written by casdm train", 0, 0},
-        {"--data", OPT_STR, &data_path, NULL, "held-out images (e.g. t10k-images-idx3-ubyte, test_batch.bin)", 0, 0},
+        {"--data", OPT_STR, &data_path, NULL,
+         "held-out images (e.g. t10k-images-idx3-ubyte, test_batch.bin)", 0, 0},
         {"--n", OPT_INT, &n, "1000", "images (the first N)", 1, 10000000},
-        {"--t-grid", OPT_INT, &grid, "10", "timesteps t = (k + 0.5) T / grid, k = 0 .. grid-1", 1, 1000},
+        {"--t-grid", OPT_INT, &grid, "10", "timesteps t = (k + 0.5) T / grid, k = 0 .. grid-1", 1,
+         1000},
         {"--seed", OPT_INT, &seed, "0", "noise seed", 0, 2147483647},
         {"--batch", OPT_INT, &batch, "64", "images per batch", 1, 4096},
         {"--no-ema", OPT_FLAG, &no_ema, NULL, "the raw weights instead of the EMA", 0, 0},
@@ -1441,13 +1607,18 @@ static int cmd_eval(int argc, char **argv) {
     memcpy(eval_opts_table, opts, sizeof opts);
     int pr = parse_options("eval", eval_opts_table, eval_opts_n, argc, argv, eval_help);
     if (pr) return PARSED_EXIT(pr);
-    if (!ckpt || !data_path) { fprintf(stderr, "casdm eval: --ckpt and --data are required\n"); return 2; }
+    if (!ckpt || !data_path) {
+        fprintf(stderr, "casdm eval: --ckpt and --data are required\n");
+        return 2;
+    }
     Model m;
     load_model(&m, ckpt, !no_ema);
     Dataset d;
     load_dataset(&d, data_path);
     int C = m.theta.cfg.in_channels, S = m.theta.cfg.image_size;
-    if (d.img.c != C || d.img.h != S || d.img.w != S) fatal("--data '%s' has %dx%dx%d images; the model takes %dx%dx%d", data_path, d.img.c, d.img.h, d.img.w, C, S, S);
+    if (d.img.c != C || d.img.h != S || d.img.w != S)
+        fatal("--data '%s' has %dx%dx%d images; the model takes %dx%dx%d", data_path, d.img.c,
+              d.img.h, d.img.w, C, S, S);
     if (n > d.img.n) n = d.img.n;
     size_t per = (size_t)C * S * S;
     Graph g;
@@ -1465,10 +1636,13 @@ static int cmd_eval(int argc, char **argv) {
         for (int b0 = 0; b0 < n && !interrupted; b0 += batch) {
             int B = n - b0 < batch ? n - b0 : batch;
             graph_reset(&g);
-            Tensor *x0 = tensor4(&g, B, C, S, S), *eps = tensor4(&g, B, C, S, S), *xt = tensor4(&g, B, C, S, S);
-            for (size_t i = 0; i < (size_t)B * per; i++) x0->data[i] = d.img.pixels[(size_t)b0 * per + i] / 127.5f - 1.0f;
+            Tensor *x0 = tensor4(&g, B, C, S, S), *eps = tensor4(&g, B, C, S, S),
+                   *xt = tensor4(&g, B, C, S, S);
+            for (size_t i = 0; i < (size_t)B * per; i++)
+                x0->data[i] = d.img.pixels[(size_t)b0 * per + i] / 127.5f - 1.0f;
             rng_fill_normal(&rng, eps->data, eps->size, 0.0f, 1.0f);
-            for (size_t i = 0; i < xt->size; i++) xt->data[i] = (float)(sqrt(ab) * x0->data[i] + sqrt(1.0 - ab) * eps->data[i]);
+            for (size_t i = 0; i < xt->size; i++)
+                xt->data[i] = (float)(sqrt(ab) * x0->data[i] + sqrt(1.0 - ab) * eps->data[i]);
             float *tm = arena_floats(&g.arena, (size_t)B);
             for (int i = 0; i < B; i++) tm[i] = schedule_model_t(&m.sched, t);
             Tensor *o = unet_forward(&g, &m.theta, xt, tm);
@@ -1495,7 +1669,8 @@ static int cmd_eval(int argc, char **argv) {
                     if (pe) e = pe[i * so + q];
                     if (px) x = px[i * sx0 + q];
                     if (!pe) e = (a1 * xv - x) / a2;                    // epsilon from x0
-                    if (!px) { x = a1 * xv - a2 * e; x = x < -1 ? -1 : x > 1 ? 1 : x; }  // x0 from epsilon, clipped
+                    // x0 from epsilon, clipped
+                    if (!px) { x = a1 * xv - a2 * e; x = x < -1 ? -1 : x > 1 ? 1 : x; }
                     double de = e - eps->data[i * per + q], dx = x - x0->data[i * per + q];
                     se += de * de;
                     sx += dx * dx;
@@ -1523,10 +1698,12 @@ static Option plot_opts_table[2];
 static int plot_opts_n;
 
 static void plot_help(FILE *f) {
-    fputs("usage: casdm plot --out FILE.svg [--title S] [LABEL=]LOG.csv ...\n\n"
-          "Draws the loss terms of one or more log.csv files (casdm train's, or tools/train_ref.py's)\n"
-          "in one SVG: a colour per term, a dash pattern per file. LABEL names a file in the legend\n"
-          "(default: its path).\n\noptions:\n", f);
+    fputs(
+        "usage: casdm plot --out FILE.svg [--title S] [LABEL=]LOG.csv ...\n\n"
+        "Draws the loss terms of one or more log.csv files (casdm train's, or tools/train_ref.py's)\n"
+        "in one SVG: a colour per term, a dash pattern per file. LABEL names a file in the legend\n"
+        "(default: its path).\n\noptions:\n",
+        f);
     usage_options(f, plot_opts_table, plot_opts_n);
 }
 
@@ -1538,15 +1715,23 @@ static int cmd_plot(int argc, char **argv) {
     };
     plot_opts_n = (int)(sizeof opts / sizeof opts[0]);
     memcpy(plot_opts_table, opts, sizeof opts);
-    // options first, then the files: split argv at the first argument that is not an option or its value
+    // options first, then the files: split argv at the first argument that is not an option or its
+    // value
     int a = 0;
-    while (a < argc && argv[a][0] == '-') a += (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0) ? 1 : 2;
+    while (a < argc && argv[a][0] == '-')
+        a += (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0) ? 1 : 2;
     if (a > argc) a = argc;
     int pr = parse_options("plot", opts, plot_opts_n, a, argv, plot_help);
     if (pr) return PARSED_EXIT(pr);
-    if (!out) { fprintf(stderr, "casdm plot: --out is required (see casdm plot --help)\n"); return 2; }
+    if (!out) {
+        fprintf(stderr, "casdm plot: --out is required (see casdm plot --help)\n");
+        return 2;
+    }
     int nruns = argc - a;
-    if (nruns < 1) { fprintf(stderr, "casdm plot: no log.csv given (see casdm plot --help)\n"); return 2; }
+    if (nruns < 1) {
+        fprintf(stderr, "casdm plot: no log.csv given (see casdm plot --help)\n");
+        return 2;
+    }
     History *runs = calloc((size_t)nruns, sizeof *runs);
     const char **labels = calloc((size_t)nruns, sizeof *labels);
     if (!runs || !labels) fatal("out of memory");
@@ -1619,7 +1804,10 @@ static int parse_threads(const char *s) {
 int main(int argc, char **argv) {
     int threads = 0, i = 1;
     for (; i < argc && argv[i][0] == '-'; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) { usage(stdout); return 0; }
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            return 0;
+        }
         if (strcmp(argv[i], "--threads") == 0) {
             if (i + 1 >= argc) { fprintf(stderr, "casdm: --threads needs a value\n"); return 2; }
             threads = parse_threads(argv[++i]);

@@ -77,7 +77,9 @@ void unet_init(UNet *u, const UNetConfig *c, int trainable, Rng *rng);
 // 0, or -1 with what is wrong in err (unet_init exits on a bad config)
 int unet_check_config(const UNetConfig *c, char *err, size_t errlen);
 size_t unet_param_count(const UNetConfig *c);
-double unet_activation_floats(const UNetConfig *c);  // per image, a measure for memory estimates  // floats unet_init would allocate (c must pass the check)
+// per image, a measure for memory estimates  // floats unet_init would allocate (c must pass the
+// check)
+double unet_activation_floats(const UNetConfig *c);
 void unet_free(UNet *u);
 // x (N,in,H,W), t (N) the timesteps the network sees (already rescaled)
 Tensor *unet_forward(Graph *g, UNet *u, Tensor *x, const float *t);
@@ -234,19 +236,24 @@ int write_file_atomically(const char *path, const void *data, size_t len, char *
 // (grey repeated), 1 for one channel (grey, or the red of a colour image);
 // *C = 0 keeps the file's own: 1 for grey, 3 for colour (alpha is dropped).
 // name is used in messages.
-unsigned char *decode_image(const unsigned char *b, size_t n, const char *name, int *W, int *H, int *C,
-                            char *err, size_t errlen);
+unsigned char *decode_image(const unsigned char *b, size_t n, const char *name, int *W, int *H,
+                            int *C, char *err, size_t errlen);
 unsigned char *read_image(const char *path, int *W, int *H, int *C, char *err, size_t errlen);
-void png_encode(Bytes *o, const unsigned char *pixels, int W, int H, int C);  // pixels (H,W,C), C 1 or 3
-int write_png(const char *path, const unsigned char *pixels, int W, int H, int C, char *err, size_t errlen);
+// pixels (H,W,C), C 1 or 3
+void png_encode(Bytes *o, const unsigned char *pixels, int W, int H, int C);
+int write_png(const char *path, const unsigned char *pixels, int W, int H, int C, char *err,
+              size_t errlen);
 // improved-diffusion's sample NPZ: arr_0, uint8 (N,H,W,C)
-int write_npz(const char *path, const unsigned char *img, int N, int H, int W, int C, char *err, size_t errlen);
+int write_npz(const char *path, const unsigned char *img, int N, int H, int W, int C, char *err,
+              size_t errlen);
 
 typedef struct { int n, c, h, w; unsigned char *pixels; } Images;  // uint8 (n,c,h,w)
 // IDX image file -> out (square images zero-padded to a multiple of 8, centred)
-int idx_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err, size_t errlen);
+int idx_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err,
+               size_t errlen);
 // CIFAR-10 binary batch, appended to out
-int cifar_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err, size_t errlen);
+int cifar_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err,
+                 size_t errlen);
 
 // safetensors (https://github.com/huggingface/safetensors): 8-byte LE header
 // length, JSON header, raw little-endian data. F32 only. The tensors must
@@ -265,7 +272,8 @@ typedef struct {
     char *metadata_json;  // raw "__metadata__" object text or NULL
 } StFile;
 int st_read(const char *path, StFile *out, char *err, size_t errlen);
-int st_parse(const unsigned char *buf, size_t len, const char *name, StFile *out, char *err, size_t errlen);
+int st_parse(const unsigned char *buf, size_t len, const char *name, StFile *out, char *err,
+             size_t errlen);
 void st_free(StFile *f);
 const StEntry *st_find(const StFile *f, const char *name);
 // the metadata value of key into buf; returns 0, or -1 if absent
@@ -277,14 +285,16 @@ int st_write(const char *path, const StWrite *t, size_t n, const char *const *me
 
 // log.csv rows and the loss plot
 #define PLOT_TERMS 5
-typedef struct { long *step; double *v; size_t n, cap; } History;  // v: n x PLOT_TERMS, NAN = absent
+// v: n x PLOT_TERMS, NAN = absent
+typedef struct { long *step; double *v; size_t n, cap; } History;
 void history_add(History *h, long step, const double *v);
 void history_free(History *h);
 long log_row_step(const char *line, size_t len);  // a data row's step, or -1
 void history_parse(History *h, const char *text, size_t len);
 int history_load(History *h, const char *path, char *err, size_t errlen);
-void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nruns, const char *title);
-int write_loss_svg(const char *path, const History *runs, const char *const *labels, int nruns, const char *title,
-                   char *err, size_t errlen);
+void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nruns,
+              const char *title);
+int write_loss_svg(const char *path, const History *runs, const char *const *labels, int nruns,
+                   const char *title, char *err, size_t errlen);
 
 #endif

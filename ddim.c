@@ -117,20 +117,28 @@ static double c_sqrt_abar(const Schedule *s, int t) { return sqrt(s->abar[t]); }
 static double c_sqrt_1m_abar(const Schedule *s, int t) { return sqrt(1.0 - s->abar[t]); }
 // posterior mean, Eq. 7: mu~ = c1 x0 + c2 x_t. (Eq. 10 of the paper prints
 // sqrt(abar_t) for the x_t coefficient; the posterior has sqrt(alpha_t).)
-static double c_post1(const Schedule *s, int t) { return sqrt(s->abar_prev[t]) * s->beta[t] / (1.0 - s->abar[t]); }
-static double c_post2(const Schedule *s, int t) { return sqrt(s->alpha[t]) * (1.0 - s->abar_prev[t]) / (1.0 - s->abar[t]); }
+static double c_post1(const Schedule *s, int t) {
+    return sqrt(s->abar_prev[t]) * s->beta[t] / (1.0 - s->abar[t]);
+}
+static double c_post2(const Schedule *s, int t) {
+    return sqrt(s->alpha[t]) * (1.0 - s->abar_prev[t]) / (1.0 - s->abar[t]);
+}
 // mean from epsilon, Eq. 9: mu = (x_t - beta / sqrt(1 - abar) eps) / sqrt(alpha) = k1 x_t - k2 eps.
 // (The paper prints 1/sqrt(abar_t) for k1; DDPM's Eq. 11 and Eq. 7 with
 // Eq. 8 substituted give 1/sqrt(alpha_t).) Computed directly, not through
 // x0*, which is huge at large t.
 static double c_eps1(const Schedule *s, int t) { return 1.0 / sqrt(s->alpha[t]); }
-static double c_eps2(const Schedule *s, int t) { return s->beta[t] / (sqrt(1.0 - s->abar[t]) * sqrt(s->alpha[t])); }
+static double c_eps2(const Schedule *s, int t) {
+    return s->beta[t] / (sqrt(1.0 - s->abar[t]) * sqrt(s->alpha[t]));
+}
 // x0* from epsilon, Eq. 8: x0* = (x_t - sqrt(1 - abar) eps) / sqrt(abar) = a1 x_t - a2 eps
 static double c_x0_1(const Schedule *s, int t) { return 1.0 / sqrt(s->abar[t]); }
 static double c_x0_2(const Schedule *s, int t) { return sqrt(1.0 - s->abar[t]) / sqrt(s->abar[t]); }
 
 // a x + b y with per-sample a, b
-static Tensor *lin2(Graph *g, Tensor *a, Tensor *x, Tensor *b, Tensor *y) { return add(g, mul(g, a, x), mul(g, b, y)); }
+static Tensor *lin2(Graph *g, Tensor *a, Tensor *x, Tensor *b, Tensor *y) {
+    return add(g, mul(g, a, x), mul(g, b, y));
+}
 
 // r a + (1 - r) b, r (N,1,H,W) per pixel, broadcast over channels (Eq. 11)
 static Tensor *mix(Graph *g, Tensor *r, Tensor *a, Tensor *b) {
@@ -140,9 +148,11 @@ static Tensor *mix(Graph *g, Tensor *r, Tensor *a, Tensor *b) {
 // L^mu of Eq. 12: the mixing weight learns from the detached means
 static Tensor *mu_loss(Graph *g, Tensor *r, Tensor *x0p, Tensor *epsp, Tensor *xt, Tensor *mu_true,
                        const Schedule *s, const int *t, int N) {
-    Tensor *mu_x0 = lin2(g, per_sample(g, s, t, N, c_post1), detach(g, x0p), per_sample(g, s, t, N, c_post2), xt);
-    Tensor *mu_eps = add(g, mul(g, per_sample(g, s, t, N, c_eps1), xt),
-                         mul(g, scale_shift(g, per_sample(g, s, t, N, c_eps2), -1.0f, 0.0f), detach(g, epsp)));
+    Tensor *mu_x0 = lin2(g, per_sample(g, s, t, N, c_post1), detach(g, x0p),
+                         per_sample(g, s, t, N, c_post2), xt);
+    Tensor *mu_eps = add(
+        g, mul(g, per_sample(g, s, t, N, c_eps1), xt),
+        mul(g, scale_shift(g, per_sample(g, s, t, N, c_eps2), -1.0f, 0.0f), detach(g, epsp)));
     return mse_loss(g, mix(g, r, mu_x0, mu_eps), mu_true, NULL);
 }
 
@@ -151,14 +161,16 @@ void diffusion_losses(Graph *g, LossTerms *out, const LossConfig *lc, const Sche
     memset(out, 0, sizeof *out);
     int N = x0->shape[0], C = x0->shape[1];
     for (int i = 0; i < N; i++)
-        if (t[i] < 0 || t[i] >= s->T) fatal("diffusion_losses: timestep %d outside 0..%d", t[i], s->T - 1);
+        if (t[i] < 0 || t[i] >= s->T)
+            fatal("diffusion_losses: timestep %d outside 0..%d", t[i], s->T - 1);
     float *tm = arena_floats(&g->arena, (size_t)N), *w = arena_floats(&g->arena, (size_t)N);
     for (int i = 0; i < N; i++) {
         tm[i] = schedule_model_t(s, t[i]);
         w[i] = (float)p2_weight(s, t[i], lc->p2_gamma, lc->p2_k);
     }
     const float *p2 = lc->p2_gamma != 0.0 ? w : NULL;
-    Tensor *xt = lin2(g, per_sample(g, s, t, N, c_sqrt_abar), x0, per_sample(g, s, t, N, c_sqrt_1m_abar), noise);
+    Tensor *xt = lin2(g, per_sample(g, s, t, N, c_sqrt_abar), x0,
+                      per_sample(g, s, t, N, c_sqrt_1m_abar), noise);
     out->xt = xt;
     Tensor *o = unet_forward(g, theta, xt, tm);
     out->theta_out = o;
@@ -170,7 +182,8 @@ void diffusion_losses(Graph *g, LossTerms *out, const LossConfig *lc, const Sche
         x0p = o;
         out->loss = out->l_x0 = mse_loss(g, o, x0, NULL);
     } else {
-        Tensor *mu_true = lin2(g, per_sample(g, s, t, N, c_post1), x0, per_sample(g, s, t, N, c_post2), xt);
+        Tensor *mu_true = lin2(g, per_sample(g, s, t, N, c_post1), x0,
+                               per_sample(g, s, t, N, c_post2), xt);
         Tensor *epsp, *r;
         if (lc->kind == MODEL_DUAL) {  // Benny & Wolf: one network, [x0, eps, r]
             x0p = slice_channels(g, o, 0, C);
@@ -180,7 +193,8 @@ void diffusion_losses(Graph *g, LossTerms *out, const LossConfig *lc, const Sche
             if (!phi) fatal("diffusion_losses: casdm needs the phi network");
             epsp = o;
             Tensor *x0s = lin2(g, per_sample(g, s, t, N, c_x0_1), xt,
-                               scale_shift(g, per_sample(g, s, t, N, c_x0_2), -1.0f, 0.0f), detach(g, epsp));
+                               scale_shift(g, per_sample(g, s, t, N, c_x0_2), -1.0f, 0.0f),
+                               detach(g, epsp));
             out->x0_star = x0s;
             // x0* grows like 1/sqrt(abar_t) at large t (81,000x at t=3999 of
             // the paper's cosine T=4000); the paper is silent, we clip it to
@@ -209,14 +223,22 @@ void diffusion_losses(Graph *g, LossTerms *out, const LossConfig *lc, const Sche
 // ---------------------------------------------------------------------------
 // ---- respacing ----
 // ---------------------------------------------------------------------------
-static int cmp_int(const void *a, const void *b) { return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b); }
+static int cmp_int(const void *a, const void *b) {
+    return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b);
+}
 
 int space_timesteps(int T, const char *spec, int *kept, char *err, size_t errlen) {
     if (strncmp(spec, "ddim", 4) == 0) {
         char *end;
         long want = strtol(spec + 4, &end, 10);
-        if (end == spec + 4 || *end || want < 1) { snprintf(err, errlen, "bad respacing '%s'", spec); return -1; }
-        if (want > T) { snprintf(err, errlen, "%ld steps is more than the %d of the chain", want, T); return -1; }
+        if (end == spec + 4 || *end || want < 1) {
+            snprintf(err, errlen, "bad respacing '%s'", spec);
+            return -1;
+        }
+        if (want > T) {
+            snprintf(err, errlen, "%ld steps is more than the %d of the chain", want, T);
+            return -1;
+        }
         for (int stride = 1; stride < T; stride++) {
             int n = (T + stride - 1) / stride;  // len(range(0, T, stride))
             if (n == want) {
@@ -224,7 +246,8 @@ int space_timesteps(int T, const char *spec, int *kept, char *err, size_t errlen
                 return n;
             }
         }
-        snprintf(err, errlen, "cannot create exactly %ld steps with an integer stride from %d", want, T);
+        snprintf(err, errlen, "cannot create exactly %ld steps with an integer stride from %d",
+                 want, T);
         return -1;
     }
     int counts[256], ns = 0;
@@ -232,9 +255,15 @@ int space_timesteps(int T, const char *spec, int *kept, char *err, size_t errlen
     while (*p) {
         char *end;
         long c = strtol(p, &end, 10);
-        if (end == p || c < 1 || ns == 256) { snprintf(err, errlen, "bad respacing '%s'", spec); return -1; }
+        if (end == p || c < 1 || ns == 256) {
+            snprintf(err, errlen, "bad respacing '%s'", spec);
+            return -1;
+        }
         // a count is at most T (strtol saturates; a cast to int would wrap)
-        if (c > T) { snprintf(err, errlen, "a section of %ld steps is more than the %d of the chain", c, T); return -1; }
+        if (c > T) {
+            snprintf(err, errlen, "a section of %ld steps is more than the %d of the chain", c, T);
+            return -1;
+        }
         counts[ns++] = (int)c;
         p = end;
         if (*p == ',') p++;
@@ -366,7 +395,8 @@ void sample_step(Graph *g, const SampleConfig *sc, const Schedule *s, UNet *thet
         sample_update(sc, s, j, x, x_prev, N, C, hw, NULL, 0, o->data, so, NULL, 0, z);
         break;
     case MODEL_DUAL:  // [x0, eps, r]
-        sample_update(sc, s, j, x, x_prev, N, C, hw, o->data + per, so, o->data, so, o->data + 2 * per, so, z);
+        sample_update(sc, s, j, x, x_prev, N, C, hw, o->data + per, so, o->data, so,
+                      o->data + 2 * per, so, z);
         break;
     default: {  // casdm: phi refines x0* = (x_t - sqrt(1-abar) eps') / sqrt(abar)
         if (!phi) fatal("sample_step: casdm needs phi");
@@ -375,10 +405,12 @@ void sample_step(Graph *g, const SampleConfig *sc, const Schedule *s, UNet *thet
         Tensor *x0s = tensor4(g, N, C, H, W);
         for (int n = 0; n < N; n++)
             for (size_t i = 0; i < per; i++)
-                x0s->data[n * per + i] = clip1(a1 * x[n * per + i] - a2 * o->data[n * so + i], sc->clip_x0);
+                x0s->data[n * per + i] = clip1(a1 * x[n * per + i] - a2 * o->data[n * so + i],
+                                               sc->clip_x0);
         Tensor *po = unet_forward(g, phi, x0s, tm);
         size_t sp = (size_t)po->shape[1] * hw;
-        sample_update(sc, s, j, x, x_prev, N, C, hw, o->data, so, po->data, sp, po->data + per, sp, z);
+        sample_update(sc, s, j, x, x_prev, N, C, hw, o->data, so, po->data, sp, po->data + per, sp,
+                      z);
     }
     }
     g->grad_enabled = saved;

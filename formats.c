@@ -69,7 +69,8 @@ void bytes_printf(Bytes *o, const char *fmt, ...) {
 }
 
 static void bytes_u32be(Bytes *o, uint32_t v) {
-    unsigned char b[4] = {(unsigned char)(v >> 24), (unsigned char)(v >> 16), (unsigned char)(v >> 8), (unsigned char)v};
+    unsigned char b[4] = {(unsigned char)(v >> 24), (unsigned char)(v >> 16),
+                          (unsigned char)(v >> 8), (unsigned char)v};
     bytes_put(o, b, 4);
 }
 
@@ -79,13 +80,15 @@ static void bytes_u16le(Bytes *o, uint32_t v) {
 }
 
 static void bytes_u32le(Bytes *o, uint32_t v) {
-    unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
+    unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
+                          (unsigned char)(v >> 24)};
     bytes_put(o, b, 4);
 }
 
 // Opens path for reading after checking that it is a regular file of at most
 // max bytes (ftell on a directory gives nonsense sizes). *size: its length.
-static FILE *open_regular(const char *path, uint64_t max, uint64_t *size, char *err, size_t errlen) {
+static FILE *open_regular(const char *path, uint64_t max, uint64_t *size, char *err,
+                          size_t errlen) {
     FILE *f = fopen(path, "rb");
     if (!f) { errorf(err, errlen, "cannot open '%s': %s", path, strerror(errno)); return NULL; }
     struct stat st;
@@ -95,7 +98,8 @@ static FILE *open_regular(const char *path, uint64_t max, uint64_t *size, char *
         return NULL;
     }
     if (!S_ISREG(st.st_mode)) {
-        errorf(err, errlen, "'%s' is %s, not a file", path, S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
+        errorf(err, errlen, "'%s' is %s, not a file", path,
+               S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
         fclose(f);
         return NULL;
     }
@@ -114,7 +118,8 @@ unsigned char *read_file(const char *path, uint64_t max, size_t *size, char *err
     FILE *f = open_regular(path, max, &n, err, errlen);
     if (!f) return NULL;
     if ((uint64_t)(size_t)n != n) {  // 32-bit hosts
-        errorf(err, errlen, "'%s' (%llu bytes) does not fit in this machine's address space", path, (unsigned long long)n);
+        errorf(err, errlen, "'%s' (%llu bytes) does not fit in this machine's address space", path,
+               (unsigned long long)n);
         fclose(f);
         return NULL;
     }
@@ -123,7 +128,8 @@ unsigned char *read_file(const char *path, uint64_t max, size_t *size, char *err
     int bad = got != (size_t)n || ferror(f);
     fclose(f);
     if (bad) {
-        errorf(err, errlen, "cannot read '%s': %s", path, got != (size_t)n ? "the file changed while reading" : strerror(errno));
+        errorf(err, errlen, "cannot read '%s': %s", path,
+               got != (size_t)n ? "the file changed while reading" : strerror(errno));
         free(b);
         return NULL;
     }
@@ -179,7 +185,8 @@ int atomic_commit(AtomicFile *a, char *err, size_t errlen) {
     return 0;
 }
 
-int write_file_atomically(const char *path, const void *data, size_t len, char *err, size_t errlen) {
+int write_file_atomically(const char *path, const void *data, size_t len, char *err,
+                          size_t errlen) {
     AtomicFile a;
     if (atomic_open(&a, path, err, errlen) != 0) return -1;
     atomic_write(&a, data, len);
@@ -273,10 +280,15 @@ static int inf_put(Inflate *s, const unsigned char *p, size_t n) {
     return 0;
 }
 
-static const short len_base[29] = {3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195, 227, 258};
-static const short len_extra[29] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
-static const short dist_base[30] = {1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577};
-static const short dist_extra[30] = {0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13};
+static const short len_base[29] = {3,  4,  5,  6,  7,  8,  9,  10, 11,  13,  15,  17,  19,  23, 27,
+                                   31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195, 227, 258};
+static const short len_extra[29] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2,
+                                    2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
+static const short dist_base[30] = {1,    2,    3,    4,    5,    7,    9,    13,    17,    25,
+                                    33,   49,   65,   97,   129,  193,  257,  385,   513,   769,
+                                    1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577};
+static const short dist_extra[30] = {0, 0, 0, 0, 1, 1, 2, 2,  3,  3,  4,  4,  5,  5,  6,
+                                     6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13};
 
 static int inf_codes(Inflate *s, const Huffman *lit, const Huffman *dist) {
     for (;;) {
@@ -309,7 +321,8 @@ static int inf_codes(Inflate *s, const Huffman *lit, const Huffman *dist) {
 // the code lengths of a dynamic block (RFC 1951 3.2.7) into lengths[0..288)
 // and lengths[288..318)
 static int inf_dynamic_lengths(Inflate *s, unsigned char *lengths, int *ndist_out) {
-    static const unsigned char order[19] = {16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15};
+    static const unsigned char order[19] = {16, 17, 18, 0, 8,  7, 9,  6, 10, 5,
+                                            11, 4,  12, 3, 13, 2, 14, 1, 15};
     int nlen = inf_bits(s, 5) + 257, ndist = inf_bits(s, 5) + 1, ncode = inf_bits(s, 4) + 4;
     if (nlen > 286 || ndist > 30 || nlen < 257 || ndist < 1 || ncode < 4) return -1;
     unsigned char cl[19] = {0};
@@ -356,7 +369,8 @@ static int inflate_zlib(const unsigned char *in, size_t len, Bytes *out, size_t 
             s.bits = 0;
             s.nbits = 0;
             if (s.pos + 4 > s.len) return -1;
-            unsigned n = s.in[s.pos] | (unsigned)s.in[s.pos + 1] << 8, nn = s.in[s.pos + 2] | (unsigned)s.in[s.pos + 3] << 8;
+            unsigned n = s.in[s.pos] | (unsigned)s.in[s.pos + 1] << 8,
+                     nn = s.in[s.pos + 2] | (unsigned)s.in[s.pos + 3] << 8;
             s.pos += 4;
             if ((n ^ 0xffffu) != nn || n > s.len - s.pos) return -1;
             if (inf_put(&s, s.in + s.pos, n)) return -2;
@@ -382,7 +396,8 @@ static int inflate_zlib(const unsigned char *in, size_t len, Bytes *out, size_t 
             return -1;
         }
     }
-    if (adler32(out->b ? out->b : (const unsigned char *)"", out->len) != be32(in + len - 4)) return -1;
+    if (adler32(out->b ? out->b : (const unsigned char *)"", out->len) != be32(in + len - 4))
+        return -1;
     return 0;
 }
 
@@ -418,8 +433,8 @@ static int pnm_number(const unsigned char *b, size_t n, size_t *p, long *v) {
     return 0;
 }
 
-static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *name, int *W, int *H, int *C,
-                                 char *err, size_t errlen) {
+static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *name, int *W, int *H,
+                                 int *C, char *err, size_t errlen) {
     int ch = b[1] == '6' ? 3 : 1;
     long v[3];
     size_t p = 2;
@@ -429,12 +444,20 @@ static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *n
     }
     for (int k = 0; k < 3; k++) {  // width, height, maxval
         int rc = pnm_number(b, n, &p, &v[k]);
-        if (rc == -2) { errorf(err, errlen, "'%s': PNM header number too large (sides up to %d)", name, IMAGE_MAX_SIDE); return NULL; }
+        if (rc == -2) {
+            errorf(err, errlen, "'%s': PNM header number too large (sides up to %d)", name,
+                   IMAGE_MAX_SIDE);
+            return NULL;
+        }
         if (rc) { errorf(err, errlen, "'%s': bad PNM header", name); return NULL; }
     }
-    if (v[2] != 255) { errorf(err, errlen, "'%s': only 8-bit PNM (maxval 255) is supported", name); return NULL; }
+    if (v[2] != 255) {
+        errorf(err, errlen, "'%s': only 8-bit PNM (maxval 255) is supported", name);
+        return NULL;
+    }
     if (v[0] < 1 || v[1] < 1 || v[0] > IMAGE_MAX_SIDE || v[1] > IMAGE_MAX_SIDE) {
-        errorf(err, errlen, "'%s': PNM size %ldx%ld is outside 1..%d", name, v[0], v[1], IMAGE_MAX_SIDE);
+        errorf(err, errlen, "'%s': PNM size %ldx%ld is outside 1..%d", name, v[0], v[1],
+               IMAGE_MAX_SIDE);
         return NULL;
     }
     // exactly one whitespace byte ends the header
@@ -444,7 +467,8 @@ static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *n
         return NULL;
     }
     if (p >= n || (uint64_t)(n - p - 1) < need) {
-        errorf(err, errlen, "'%s': truncated PNM data (%llu pixel bytes wanted)", name, (unsigned long long)need);
+        errorf(err, errlen, "'%s': truncated PNM data (%llu pixel bytes wanted)", name,
+               (unsigned long long)need);
         return NULL;
     }
     p++;
@@ -456,7 +480,8 @@ static unsigned char *decode_pnm(const unsigned char *b, size_t n, const char *n
     return out;
 }
 
-static int unfilter_rows(unsigned char *img, const unsigned char *raw, int H, size_t stride, int ch) {
+static int unfilter_rows(unsigned char *img, const unsigned char *raw, int H, size_t stride,
+                         int ch) {
     for (int y = 0; y < H; y++) {
         const unsigned char *src = raw + (size_t)y * (stride + 1) + 1;
         unsigned char *row = img + (size_t)y * stride, *up = y ? row - stride : NULL;
@@ -478,8 +503,8 @@ static int unfilter_rows(unsigned char *img, const unsigned char *raw, int H, si
     return 0;
 }
 
-static unsigned char *decode_png(const unsigned char *b, size_t n, const char *name, int *W, int *H, int *C,
-                                 char *err, size_t errlen) {
+static unsigned char *decode_png(const unsigned char *b, size_t n, const char *name, int *W, int *H,
+                                 int *C, char *err, size_t errlen) {
     Bytes z = {0}, raw = {0};
     unsigned char *img = NULL, *out = NULL;
     size_t p = 8;
@@ -514,17 +539,21 @@ static unsigned char *decode_png(const unsigned char *b, size_t n, const char *n
     }
     int ch = ctype == 0 ? 1 : ctype == 4 ? 2 : ctype == 2 ? 3 : ctype == 6 ? 4 : 0;
     if (!seen_ihdr || depth != 8 || ch == 0 || interlace) {
-        errorf(err, errlen, "'%s': only 8-bit, non-interlaced grey/RGB(A) PNGs are supported", name);
+        errorf(err, errlen, "'%s': only 8-bit, non-interlaced grey/RGB(A) PNGs are supported",
+               name);
         goto done;
     }
     if (w < 1 || h < 1 || (uint64_t)w * (uint64_t)h > IMAGE_MAX_PIXELS) {
-        errorf(err, errlen, "'%s': PNG size %dx%d is outside 1..%d per side and %d pixels", name, w, h, IMAGE_MAX_SIDE,
-             IMAGE_MAX_PIXELS);
+        errorf(err, errlen, "'%s': PNG size %dx%d is outside 1..%d per side and %d pixels", name, w,
+               h, IMAGE_MAX_SIDE, IMAGE_MAX_PIXELS);
         goto done;
     }
     size_t stride = (size_t)w * ch, want = (size_t)h * (stride + 1);
     int rc = inflate_zlib(z.b, z.len, &raw, want);
-    if (rc == -2) { errorf(err, errlen, "'%s': PNG image data longer than its %dx%d size", name, w, h); goto done; }
+    if (rc == -2) {
+        errorf(err, errlen, "'%s': PNG image data longer than its %dx%d size", name, w, h);
+        goto done;
+    }
     if (rc) { errorf(err, errlen, "'%s': corrupt PNG image data", name); goto done; }
     if (raw.len != want) { errorf(err, errlen, "'%s': PNG image data too short", name); goto done; }
     img = mallocCheck((size_t)h * stride);
@@ -542,11 +571,15 @@ done:
     return out;
 }
 
-unsigned char *decode_image(const unsigned char *b, size_t n, const char *name, int *W, int *H, int *C,
-                            char *err, size_t errlen) {
+unsigned char *decode_image(const unsigned char *b, size_t n, const char *name, int *W, int *H,
+                            int *C, char *err, size_t errlen) {
     static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-    if (*C != 0 && *C != 1 && *C != 3) { errorf(err, errlen, "decode_image: channels %d", *C); return NULL; }
-    if (n >= 2 && b[0] == 'P' && (b[1] == '5' || b[1] == '6')) return decode_pnm(b, n, name, W, H, C, err, errlen);
+    if (*C != 0 && *C != 1 && *C != 3) {
+        errorf(err, errlen, "decode_image: channels %d", *C);
+        return NULL;
+    }
+    if (n >= 2 && b[0] == 'P' && (b[1] == '5' || b[1] == '6'))
+        return decode_pnm(b, n, name, W, H, C, err, errlen);
     if (n >= 8 && !memcmp(b, sig, 8)) return decode_png(b, n, name, W, H, C, err, errlen);
     errorf(err, errlen, "'%s' is neither a PNG nor a binary PPM/PGM file", name);
     return NULL;
@@ -567,22 +600,29 @@ unsigned char *read_image(const char *path, int *W, int *H, int *C, char *err, s
 // IDX (MNIST / Fashion-MNIST images): magic 0x00000803, then N, rows, cols
 // (big-endian), then N*rows*cols bytes. Images are zero-padded to a side that
 // is a multiple of 8 (28 -> 32), centred, so that three halvings fit.
-int idx_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err, size_t errlen) {
+int idx_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err,
+               size_t errlen) {
     memset(out, 0, sizeof *out);
     if (size >= 2 && b[0] == 0x1f && b[1] == 0x8b)
-        return errorf(err, errlen, "'%s' is gzip-compressed: gunzip it first (make data does)", name);
+        return errorf(err, errlen, "'%s' is gzip-compressed: gunzip it first (make data does)",
+                      name);
     if (size < 16 || be32(b) != 0x00000803)
-        return errorf(err, errlen, "'%s' is not an IDX image file (magic %08x, want 00000803)", name, size >= 4 ? be32(b) : 0);
+        return errorf(err, errlen, "'%s' is not an IDX image file (magic %08x, want 00000803)",
+                      name, size >= 4 ? be32(b) : 0);
     uint32_t n = be32(b + 4), rows = be32(b + 8), cols = be32(b + 12);
     if (rows != cols || rows == 0 || rows > IDX_MAX_SIDE)
-        return errorf(err, errlen, "'%s': images are %ux%u; square images of 1..%d pixels only", name, rows, cols, IDX_MAX_SIDE);
+        return errorf(err, errlen, "'%s': images are %ux%u; square images of 1..%d pixels only",
+                      name, rows, cols, IDX_MAX_SIDE);
     if (n == 0 || n > 0x7fffffffu || (uint64_t)n * rows * cols != size - 16)
-        return errorf(err, errlen, "'%s': header says %u images of %ux%u but the file has %zu pixel bytes", name, n, rows,
-                    cols, size - 16);
+        return errorf(err, errlen,
+                      "'%s': header says %u images of %ux%u but the file has %zu pixel bytes", name,
+                      n, rows, cols, size - 16);
     int side = ((int)rows + 7) / 8 * 8;
-    uint64_t bytes = (uint64_t)n * side * side;  // at most (1 + 7/rows)^2 times the file (64 for 1x1)
+    // at most (1 + 7/rows)^2 times the file (64 for 1x1)
+    uint64_t bytes = (uint64_t)n * side * side;
     if (bytes > DATA_MAX_FILE || (uint64_t)(size_t)bytes != bytes)
-        return errorf(err, errlen, "'%s': %u images padded to %dx%d do not fit in memory", name, n, side, side);
+        return errorf(err, errlen, "'%s': %u images padded to %dx%d do not fit in memory", name, n,
+                      side, side);
     out->n = (int)n;
     out->c = 1;
     out->h = out->w = side;
@@ -590,21 +630,28 @@ int idx_decode(const unsigned char *b, size_t size, const char *name, Images *ou
     int o = (side - (int)rows) / 2;
     for (uint32_t i = 0; i < n; i++)
         for (uint32_t y = 0; y < rows; y++)
-            memcpy(out->pixels + ((size_t)i * side + o + y) * side + o, b + 16 + ((size_t)i * rows + y) * cols, cols);
+            memcpy(out->pixels + ((size_t)i * side + o + y) * side + o,
+                   b + 16 + ((size_t)i * rows + y) * cols, cols);
     return 0;
 }
 
 // CIFAR-10 binary version: records of 1 label byte + 3072 bytes (R, G, B
 // planes of 32x32). Appends to out (c, h, w set to 3, 32, 32).
-int cifar_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err, size_t errlen) {
+int cifar_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err,
+                 size_t errlen) {
     const size_t rec = 1 + 3 * 32 * 32;
     if (size == 0 || size % rec)
-        return errorf(err, errlen, "'%s' is not a CIFAR-10 binary batch: %zu bytes is not a multiple of %zu "
-                    "(1 label + 3072 pixels)", name, size, rec);
+        return errorf(err, errlen,
+                      "'%s' is not a CIFAR-10 binary batch: %zu bytes is not a multiple of %zu "
+                      "(1 label + 3072 pixels)",
+                      name, size, rec);
     size_t n = size / rec;
-    if (n > (size_t)(0x7fffffff - out->n)) return errorf(err, errlen, "'%s': too many images", name);
+    if (n > (size_t)(0x7fffffff - out->n))
+        return errorf(err, errlen, "'%s': too many images", name);
     for (size_t i = 0; i < n; i++)
-        if (b[i * rec] > 9) return errorf(err, errlen, "'%s': record %zu has label %d; CIFAR-10 labels are 0..9", name, i, b[i * rec]);
+        if (b[i * rec] > 9)
+            return errorf(err, errlen, "'%s': record %zu has label %d; CIFAR-10 labels are 0..9",
+                          name, i, b[i * rec]);
     unsigned char *p = mallocCheck(((size_t)out->n + n) * 3072);
     if (out->n) memcpy(p, out->pixels, (size_t)out->n * 3072);
     for (size_t i = 0; i < n; i++) memcpy(p + ((size_t)out->n + i) * 3072, b + i * rec + 1, 3072);
@@ -641,8 +688,9 @@ void png_encode(Bytes *o, const unsigned char *pixels, int W, int H, int C) {
     bytes_put(&z, zh, 2);
     for (size_t off = 0; off < raw.len || off == 0; off += 65535) {
         size_t n = raw.len - off < 65535 ? raw.len - off : 65535;
-        unsigned char hdr[5] = {(unsigned char)(off + n == raw.len), (unsigned char)n, (unsigned char)(n >> 8),
-                                (unsigned char)~n, (unsigned char)(~n >> 8)};
+        unsigned char hdr[5] = {(unsigned char)(off + n == raw.len), (unsigned char)n,
+                                (unsigned char)(n >> 8), (unsigned char)~n,
+                                (unsigned char)(~n >> 8)};
         bytes_put(&z, hdr, 5);
         bytes_put(&z, raw.b + off, n);
         if (raw.len == 0) break;
@@ -650,9 +698,19 @@ void png_encode(Bytes *o, const unsigned char *pixels, int W, int H, int C) {
     bytes_u32be(&z, adler32(raw.b ? raw.b : (const unsigned char *)"", raw.len));
     static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
     bytes_put(o, sig, 8);
-    unsigned char ihdr[13] = {(unsigned char)(W >> 24), (unsigned char)(W >> 16), (unsigned char)(W >> 8), (unsigned char)W,
-                              (unsigned char)(H >> 24), (unsigned char)(H >> 16), (unsigned char)(H >> 8), (unsigned char)H,
-                              8, (unsigned char)(C == 1 ? 0 : 2), 0, 0, 0};
+    unsigned char ihdr[13] = {(unsigned char)(W >> 24),
+                              (unsigned char)(W >> 16),
+                              (unsigned char)(W >> 8),
+                              (unsigned char)W,
+                              (unsigned char)(H >> 24),
+                              (unsigned char)(H >> 16),
+                              (unsigned char)(H >> 8),
+                              (unsigned char)H,
+                              8,
+                              (unsigned char)(C == 1 ? 0 : 2),
+                              0,
+                              0,
+                              0};
     png_chunk(o, "IHDR", ihdr, 13);
     png_chunk(o, "IDAT", z.b, z.len);
     png_chunk(o, "IEND", NULL, 0);
@@ -660,7 +718,8 @@ void png_encode(Bytes *o, const unsigned char *pixels, int W, int H, int C) {
     free(z.b);
 }
 
-int write_png(const char *path, const unsigned char *pixels, int W, int H, int C, char *err, size_t errlen) {
+int write_png(const char *path, const unsigned char *pixels, int W, int H, int C, char *err,
+              size_t errlen) {
     Bytes o = {0};
     png_encode(&o, pixels, W, H, C);
     int rc = write_file_atomically(path, o.b, o.len, err, errlen);
@@ -669,14 +728,19 @@ int write_png(const char *path, const unsigned char *pixels, int W, int H, int C
 }
 
 // NPZ with one member arr_0.npy of uint8 (N, H, W, C)
-int write_npz(const char *path, const unsigned char *img, int N, int H, int W, int C, char *err, size_t errlen) {
+int write_npz(const char *path, const unsigned char *img, int N, int H, int W, int C, char *err,
+              size_t errlen) {
     Bytes npy = {0}, o = {0};
     char dict[256];
-    int dl = snprintf(dict, sizeof dict, "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, %d), }", N, H, W, C);
-    int total = 10 + dl + 1, padn = (64 - total % 64) % 64;  // header padded to 64 bytes, ends in \n
+    int dl = snprintf(dict, sizeof dict,
+                      "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, %d), }", N, H,
+                      W, C);
+    // header padded to 64 bytes, ends in \n
+    int total = 10 + dl + 1, padn = (64 - total % 64) % 64;
     uint64_t bytes = (uint64_t)N * H * W * C;
-    if (bytes + 1024 > 0xffffffffu) return errorf(err, errlen, "'%s': %llu bytes is beyond a plain zip (no zip64)", path,
-                                               (unsigned long long)bytes);
+    if (bytes + 1024 > 0xffffffffu)
+        return errorf(err, errlen, "'%s': %llu bytes is beyond a plain zip (no zip64)", path,
+                      (unsigned long long)bytes);
     static const unsigned char magic[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
     bytes_put(&npy, magic, 8);
     bytes_u16le(&npy, (uint32_t)(dl + padn + 1));
@@ -696,14 +760,26 @@ int write_npz(const char *path, const unsigned char *img, int N, int H, int W, i
     bytes_put(&o, npy.b, npy.len);
     uint32_t cd = (uint32_t)o.len;
     // central directory entry, then the end record
-    bytes_u32le(&o, 0x02014b50); bytes_u16le(&o, 20); bytes_u16le(&o, 20); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
+    bytes_u32le(&o, 0x02014b50);
+    bytes_u16le(&o, 20);
+    bytes_u16le(&o, 20);
+    bytes_u16le(&o, 0);
+    bytes_u16le(&o, 0);
     bytes_u16le(&o, 0); bytes_u16le(&o, 0x21);
     bytes_u32le(&o, crc); bytes_u32le(&o, (uint32_t)npy.len); bytes_u32le(&o, (uint32_t)npy.len);
-    bytes_u16le(&o, nl); bytes_u16le(&o, 0); bytes_u16le(&o, 0); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
+    bytes_u16le(&o, nl);
+    bytes_u16le(&o, 0);
+    bytes_u16le(&o, 0);
+    bytes_u16le(&o, 0);
+    bytes_u16le(&o, 0);
     bytes_u32le(&o, 0); bytes_u32le(&o, 0);  // attributes, local header at offset 0
     bytes_put(&o, name, nl);
     uint32_t cdlen = (uint32_t)o.len - cd;
-    bytes_u32le(&o, 0x06054b50); bytes_u16le(&o, 0); bytes_u16le(&o, 0); bytes_u16le(&o, 1); bytes_u16le(&o, 1);
+    bytes_u32le(&o, 0x06054b50);
+    bytes_u16le(&o, 0);
+    bytes_u16le(&o, 0);
+    bytes_u16le(&o, 1);
+    bytes_u16le(&o, 1);
     bytes_u32le(&o, cdlen); bytes_u32le(&o, cd); bytes_u16le(&o, 0);
     int rc = write_file_atomically(path, o.b, o.len, err, errlen);
     free(npy.b);
@@ -747,7 +823,13 @@ static void store_f32_le(unsigned char *b, float f) {
 }
 
 // a small strict JSON reader for the header; errors go to j->err
-typedef struct { const char *s, *end; char *err; size_t errlen; const char *path; const char *start; } Json;
+typedef struct {
+    const char *s, *end;
+    char *err;
+    size_t errlen;
+    const char *path;
+    const char *start;
+} Json;
 
 static int json_fail(Json *j, const char *what) {
     if (j->err && !j->err[0])
@@ -757,7 +839,8 @@ static int json_fail(Json *j, const char *what) {
 }
 
 static void json_ws(Json *j) {
-    while (j->s < j->end && (*j->s == ' ' || *j->s == '\t' || *j->s == '\n' || *j->s == '\r')) j->s++;
+    while (j->s < j->end && (*j->s == ' ' || *j->s == '\t' || *j->s == '\n' || *j->s == '\r'))
+        j->s++;
 }
 
 static int json_expect(Json *j, char c) {
@@ -777,7 +860,8 @@ static int json_string(Json *j, char *buf, size_t cap) {
     size_t n = 0;
     while (j->s < j->end && *j->s != '"') {
         char c = *j->s++;
-        if ((unsigned char)c < 0x20) return json_fail(j, "a control character in a string (JSON wants it escaped)");
+        if ((unsigned char)c < 0x20)
+            return json_fail(j, "a control character in a string (JSON wants it escaped)");
         if (c == '\\') {
             if (j->s >= j->end) return json_fail(j, "unfinished escape");
             char e = *j->s++;
@@ -806,7 +890,8 @@ static int json_string(Json *j, char *buf, size_t cap) {
 
 static int json_uint(Json *j, uint64_t *v) {
     json_ws(j);
-    if (j->s >= j->end || *j->s < '0' || *j->s > '9') return json_fail(j, "expected a non-negative integer");
+    if (j->s >= j->end || *j->s < '0' || *j->s > '9')
+        return json_fail(j, "expected a non-negative integer");
     uint64_t x = 0;
     while (j->s < j->end && *j->s >= '0' && *j->s <= '9') {
         if (x > (UINT64_MAX - 9) / 10) return json_fail(j, "integer too large");
@@ -863,15 +948,17 @@ const StEntry *st_find(const StFile *f, const char *name) {
 int st_meta(const StFile *f, const char *key, char *buf, size_t len) {
     if (!f->metadata_json) return -1;
     char err[64] = "";
-    Json j = {f->metadata_json, f->metadata_json + strlen(f->metadata_json), err, sizeof err, "metadata",
-              f->metadata_json};
+    Json j = {
+        f->metadata_json, f->metadata_json + strlen(f->metadata_json), err, sizeof err, "metadata",
+        f->metadata_json};
     if (json_expect(&j, '{')) return -1;
     if (json_peek(&j, '}')) return -1;
     for (;;) {
         // as large as st_parse_metadata allows: a long key or value elsewhere
         // in the object does not hide the one asked for
         char k[4096], v[4096];
-        if (json_string(&j, k, sizeof k) || json_expect(&j, ':') || json_string(&j, v, sizeof v)) return -1;
+        if (json_string(&j, k, sizeof k) || json_expect(&j, ':') || json_string(&j, v, sizeof v))
+            return -1;
         if (strcmp(k, key) == 0) {
             size_t n = strlen(v);
             if (n >= len) return -1;
@@ -891,8 +978,12 @@ static int st_parse_metadata(Json *j, StFile *out) {
     if (json_expect(j, '{')) return -1;
     if (json_peek(j, '}')) j->s++;
     else for (;;) {
-        if (json_string(j, tmp, sizeof tmp) || json_expect(j, ':') || json_string(j, tmp, sizeof tmp)) return -1;
-        if (json_peek(j, ',')) { j->s++; continue; }
+            if (json_string(j, tmp, sizeof tmp) || json_expect(j, ':') ||
+                json_string(j, tmp, sizeof tmp))
+                return -1;
+            if (json_peek(j, ',')) {
+                j->s++;
+                continue; }
         if (json_expect(j, '}')) return -1;
         break;
     }
@@ -915,7 +1006,9 @@ static int st_parse_entry(Json *j, StEntry *e, const char *path, uint64_t *range
             char dt[32];
             if (json_string(j, dt, sizeof dt)) return -1;
             if (strcmp(dt, "F32") != 0)
-                return errorf(j->err, j->errlen, "%s: tensor '%s' has dtype %s; only F32 is supported", path, e->name, dt);
+                return errorf(j->err, j->errlen,
+                              "%s: tensor '%s' has dtype %s; only F32 is supported", path, e->name,
+                              dt);
             have_dtype = 1;
         } else if (strcmp(field, "shape") == 0) {
             if (json_uint_array(j, dims, 8, &nd)) return -1;
@@ -925,26 +1018,33 @@ static int st_parse_entry(Json *j, StEntry *e, const char *path, uint64_t *range
             if (no != 2) return json_fail(j, "data_offsets needs two integers");
             have_off = 1;
         } else {
-            return errorf(j->err, j->errlen, "%s: tensor '%s' has an unknown field '%s'", path, e->name, field);
+            return errorf(j->err, j->errlen, "%s: tensor '%s' has an unknown field '%s'", path,
+                          e->name, field);
         }
         if (json_peek(j, ',')) { j->s++; continue; }
         if (json_expect(j, '}')) return -1;
         break;
     }
     if (!have_dtype || !have_shape || !have_off)
-        return errorf(j->err, j->errlen, "%s: tensor '%s' lacks dtype, shape or data_offsets", path, e->name);
+        return errorf(j->err, j->errlen, "%s: tensor '%s' lacks dtype, shape or data_offsets", path,
+                      e->name);
     uint64_t n = 1;
     e->ndim = nd;
     for (int d = 0; d < nd; d++) {
-        if (dims[d] > (1u << 30)) return errorf(j->err, j->errlen, "%s: tensor '%s' dimension too large", path, e->name);
+        if (dims[d] > (1u << 30))
+            return errorf(j->err, j->errlen, "%s: tensor '%s' dimension too large", path, e->name);
         e->shape[d] = (int)dims[d];
         n *= dims[d];
-        if (n > ((uint64_t)1 << 34)) return errorf(j->err, j->errlen, "%s: tensor '%s' too large", path, e->name);
+        if (n > ((uint64_t)1 << 34))
+            return errorf(j->err, j->errlen, "%s: tensor '%s' too large", path, e->name);
     }
     if (range[1] < range[0] || range[1] - range[0] != n * 4)
-        return errorf(j->err, j->errlen, "%s: tensor '%s' has %llu bytes of data for %llu floats", path, e->name,
-                    (unsigned long long)(range[1] - range[0]), (unsigned long long)n);
-    if ((uint64_t)(size_t)n != n) return errorf(j->err, j->errlen, "%s: tensor '%s' too large for this machine", path, e->name);
+        return errorf(j->err, j->errlen, "%s: tensor '%s' has %llu bytes of data for %llu floats",
+                      path, e->name, (unsigned long long)(range[1] - range[0]),
+                      (unsigned long long)n);
+    if ((uint64_t)(size_t)n != n)
+        return errorf(j->err, j->errlen, "%s: tensor '%s' too large for this machine", path,
+                      e->name);
     e->size = (size_t)n;
     return 0;
 }
@@ -957,8 +1057,8 @@ static int cmp_by_begin(const void *a, const void *b) {
 
 // the tensors must tile [0, data_size): sorted by begin, each starts where
 // the last ended, and the last ends at the end of the file
-static int st_check_tiling(const StFile *out, const uint64_t *ranges, uint64_t data_size, const char *path,
-                           char *err, size_t errlen) {
+static int st_check_tiling(const StFile *out, const uint64_t *ranges, uint64_t data_size,
+                           const char *path, char *err, size_t errlen) {
     size_t *order = mallocCheck((out->count ? out->count : 1) * sizeof *order);
     for (size_t i = 0; i < out->count; i++) order[i] = i;
     sort_ranges = ranges;
@@ -968,18 +1068,22 @@ static int st_check_tiling(const StFile *out, const uint64_t *ranges, uint64_t d
     for (size_t k = 0; k < out->count && rc == 0; k++) {
         const uint64_t *r = ranges + 2 * order[k];
         if (r[1] > data_size)
-            rc = errorf(err, errlen, "%s: truncated: tensor '%s' ends at byte %llu of a %llu-byte data section", path,
-                      out->e[order[k]].name, (unsigned long long)r[1], (unsigned long long)data_size);
+            rc = errorf(err, errlen,
+                        "%s: truncated: tensor '%s' ends at byte %llu of a %llu-byte data section",
+                        path, out->e[order[k]].name, (unsigned long long)r[1],
+                        (unsigned long long)data_size);
         else if (r[0] < at)
-            rc = errorf(err, errlen, "%s: tensor '%s' overlaps another tensor's data (bytes %llu..%llu)", path,
-                      out->e[order[k]].name, (unsigned long long)r[0], (unsigned long long)r[1]);
+            rc = errorf(err, errlen,
+                        "%s: tensor '%s' overlaps another tensor's data (bytes %llu..%llu)", path,
+                        out->e[order[k]].name, (unsigned long long)r[0], (unsigned long long)r[1]);
         else if (r[0] > at)
-            rc = errorf(err, errlen, "%s: bytes %llu..%llu of the data section belong to no tensor", path,
-                      (unsigned long long)at, (unsigned long long)r[0]);
+            rc = errorf(err, errlen, "%s: bytes %llu..%llu of the data section belong to no tensor",
+                        path, (unsigned long long)at, (unsigned long long)r[0]);
         at = r[1];
     }
     if (rc == 0 && at != data_size)
-        rc = errorf(err, errlen, "%s: %llu bytes after the last tensor's data", path, (unsigned long long)(data_size - at));
+        rc = errorf(err, errlen, "%s: %llu bytes after the last tensor's data", path,
+                    (unsigned long long)(data_size - at));
     free(order);
     return rc;
 }
@@ -987,8 +1091,8 @@ static int st_check_tiling(const StFile *out, const uint64_t *ranges, uint64_t d
 // Parses the header hdr[0..hlen) of a file whose data section has data_size
 // bytes: entries (without data), sorted name index, byte ranges (2 per entry,
 // to be freed by the caller).
-static int st_parse_header(const char *path, const char *hdr, uint64_t hlen, uint64_t data_size, StFile *out,
-                           uint64_t **ranges_out, char *err, size_t errlen) {
+static int st_parse_header(const char *path, const char *hdr, uint64_t hlen, uint64_t data_size,
+                           StFile *out, uint64_t **ranges_out, char *err, size_t errlen) {
     Json j = {hdr, hdr + hlen, err, errlen, path, hdr};
     size_t cap = 16;
     uint64_t *ranges = mallocCheck(cap * 2 * sizeof *ranges);
@@ -1036,7 +1140,8 @@ static int st_parse_header(const char *path, const char *hdr, uint64_t hlen, uin
     qsort(out->by_name, out->count, sizeof *out->by_name, cmp_by_name);
     for (size_t i = 1; i < out->count; i++)
         if (strcmp(out->e[out->by_name[i]].name, out->e[out->by_name[i - 1]].name) == 0) {
-            errorf(err, errlen, "%s: tensor '%s' appears twice", path, out->e[out->by_name[i]].name);
+            errorf(err, errlen, "%s: tensor '%s' appears twice", path,
+                   out->e[out->by_name[i]].name);
             goto bad;
         }
     *ranges_out = ranges;
@@ -1047,14 +1152,16 @@ bad:
 }
 
 // the length word and its checks; *hlen on success
-static int st_check_lengths(const char *path, const unsigned char *lenb, uint64_t fsize, uint64_t *hlen,
-                            char *err, size_t errlen) {
+static int st_check_lengths(const char *path, const unsigned char *lenb, uint64_t fsize,
+                            uint64_t *hlen, char *err, size_t errlen) {
     if (fsize < 8)
-        return errorf(err, errlen, "%s: truncated: %llu bytes, not even a header length", path, (unsigned long long)fsize);
+        return errorf(err, errlen, "%s: truncated: %llu bytes, not even a header length", path,
+                      (unsigned long long)fsize);
     *hlen = load_u64_le(lenb);
     if (*hlen < 2 || *hlen > fsize - 8 || *hlen > ST_MAX_HEADER)
-        return errorf(err, errlen, "%s: not a safetensors file (header length %llu, file size %llu)", path,
-                    (unsigned long long)*hlen, (unsigned long long)fsize);
+        return errorf(err, errlen,
+                      "%s: not a safetensors file (header length %llu, file size %llu)", path,
+                      (unsigned long long)*hlen, (unsigned long long)fsize);
     return 0;
 }
 
@@ -1062,7 +1169,8 @@ static void st_convert(float *dst, const unsigned char *src, size_t n) {
     for (size_t q = 0; q < n; q++) dst[q] = load_f32_le(src + 4 * q);
 }
 
-int st_parse(const unsigned char *buf, size_t len, const char *name, StFile *out, char *err, size_t errlen) {
+int st_parse(const unsigned char *buf, size_t len, const char *name, StFile *out, char *err,
+             size_t errlen) {
     memset(out, 0, sizeof *out);
     err[0] = 0;
     uint64_t hlen, *ranges = NULL;
@@ -1090,10 +1198,16 @@ int st_read(const char *path, StFile *out, char *err, size_t errlen) {
     char *hdr = NULL;
     unsigned char *buf = NULL, lenb[8] = {0};
     int rc = -1;
-    if (fsize >= 8 && fread(lenb, 1, 8, f) != 8) { errorf(err, errlen, "%s: cannot read", path); goto done; }
+    if (fsize >= 8 && fread(lenb, 1, 8, f) != 8) {
+        errorf(err, errlen, "%s: cannot read", path);
+        goto done;
+    }
     if (st_check_lengths(path, lenb, fsize, &hlen, err, errlen)) goto done;
     hdr = mallocCheck((size_t)hlen + 1);
-    if (fread(hdr, 1, (size_t)hlen, f) != hlen) { errorf(err, errlen, "%s: truncated header", path); goto done; }
+    if (fread(hdr, 1, (size_t)hlen, f) != hlen) {
+        errorf(err, errlen, "%s: truncated header", path);
+        goto done;
+    }
     hdr[hlen] = 0;
     if (st_parse_header(path, hdr, hlen, fsize - 8 - hlen, out, &ranges, err, errlen)) goto done;
     // the data, converted from little-endian
@@ -1200,7 +1314,10 @@ void history_add(History *h, long step, const double *v) {
         h->cap = h->cap ? 2 * h->cap : 256;
         long *s = mallocCheck(h->cap * sizeof *s);
         double *nv = mallocCheck(h->cap * PLOT_TERMS * sizeof *nv);
-        if (h->n) { memcpy(s, h->step, h->n * sizeof *s); memcpy(nv, h->v, h->n * PLOT_TERMS * sizeof *nv); }
+        if (h->n) {
+            memcpy(s, h->step, h->n * sizeof *s);
+            memcpy(nv, h->v, h->n * PLOT_TERMS * sizeof *nv);
+        }
         free(h->step);
         free(h->v);
         h->step = s;
@@ -1280,7 +1397,8 @@ static void svg_text_escaped(Bytes *o, const char *s) {
 
 // One or more runs in one plot (labels name the runs; NULL for a single run).
 // Steps are mapped to x in double: a log may hold any step up to LOG_MAX_STEP.
-void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nruns, const char *title) {
+void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nruns,
+              const char *title) {
     static const char *names[PLOT_TERMS] = {"loss", "L_eps", "L_x0", "L_mu", "L_lpips"};
     static const char *colors[PLOT_TERMS] = {"#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"};
     static const char *dashes[4] = {"", "7,4", "2,3", "10,3,2,3"};
@@ -1288,33 +1406,50 @@ void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nrun
     double lo = INFINITY, hi = -INFINITY, s0 = INFINITY, s1 = -INFINITY;
     for (int r = 0; r < nruns; r++) {
         const History *h = &runs[r];
-        for (size_t i = 0; i < h->n; i++) { s0 = fmin(s0, (double)h->step[i]); s1 = fmax(s1, (double)h->step[i]); }
+        for (size_t i = 0; i < h->n; i++) {
+            s0 = fmin(s0, (double)h->step[i]);
+            s1 = fmax(s1, (double)h->step[i]);
+        }
         for (size_t i = 0; i < h->n * PLOT_TERMS; i++)
-            if (h->v[i] > 0 && isfinite(h->v[i])) { lo = fmin(lo, h->v[i]); hi = fmax(hi, h->v[i]); }
+            if (h->v[i] > 0 && isfinite(h->v[i])) {
+                lo = fmin(lo, h->v[i]);
+                hi = fmax(hi, h->v[i]);
+            }
     }
     if (!(s0 <= s1)) { s0 = 0; s1 = 1; }
     if (!(lo < hi)) { lo = 1e-3; hi = 1.0; }
     double dlo = floor(log10(lo)), dhi = ceil(log10(hi));
     if (dhi <= dlo) dhi = dlo + 1;
     if (s1 <= s0) s1 = s0 + 1;
-    bytes_printf(o, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
-                 "font-size=\"12\">\n", W, H);
-    bytes_printf(o, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"%.0f\" y=\"24\" font-size=\"15\">", L);
+    bytes_printf(
+        o,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
+        "font-size=\"12\">\n",
+        W, H);
+    bytes_printf(
+        o,
+        "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"%.0f\" y=\"24\" font-size=\"15\">",
+        L);
     svg_text_escaped(o, title);
     bytes_printf(o, "</text>\n");
     for (double d = dlo; d <= dhi; d++) {  // decades
         double y = T + (H - T - B) * (dhi - d) / (dhi - dlo);
-        bytes_printf(o, "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\" stroke=\"#ddd\"/>"
-                     "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">1e%d</text>\n", L, y, W - R, y, L - 6, y + 4, (int)d);
+        bytes_printf(o,
+                     "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\" stroke=\"#ddd\"/>"
+                     "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">1e%d</text>\n",
+                     L, y, W - R, y, L - 6, y + 4, (int)d);
     }
     for (int k = 0; k <= 4; k++) {
         double x = L + (W - L - R) * k / 4.0;
-        bytes_printf(o, "<text x=\"%.1f\" y=\"%.0f\" text-anchor=\"middle\">%.0f</text>\n", x, H - B + 18,
-                     floor(s0 + (s1 - s0) * k / 4.0));
+        bytes_printf(o, "<text x=\"%.1f\" y=\"%.0f\" text-anchor=\"middle\">%.0f</text>\n", x,
+                     H - B + 18, floor(s0 + (s1 - s0) * k / 4.0));
     }
-    bytes_printf(o, "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">step</text>\n", (L + W - R) / 2, H - 10);
-    bytes_printf(o, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\"/>\n", L, T,
-                 W - L - R, H - T - B);
+    bytes_printf(o, "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">step</text>\n",
+                 (L + W - R) / 2, H - 10);
+    bytes_printf(
+        o,
+        "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\"/>\n",
+        L, T, W - L - R, H - T - B);
     int legend = 0;
     for (int t = 0; t < PLOT_TERMS; t++) {
         int shown = 0;
@@ -1327,8 +1462,10 @@ void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nrun
                 double x = L + (W - L - R) * ((double)h->step[i] - s0) / (s1 - s0);
                 double y = T + (H - T - B) * (dhi - log10(v)) / (dhi - dlo);
                 if (!any)
-                    bytes_printf(o, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"%s%s%s points=\"", colors[t],
-                                 r ? " stroke-dasharray=\"" : "", dashes[r % 4], r ? "\"" : "");
+                    bytes_printf(
+                        o,
+                        "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"%s%s%s points=\"",
+                        colors[t], r ? " stroke-dasharray=\"" : "", dashes[r % 4], r ? "\"" : "");
                 bytes_printf(o, "%.1f,%.1f ", x, y);
                 any = 1;
             }
@@ -1337,15 +1474,20 @@ void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nrun
         }
         if (shown) {
             double y = T + 14 + 18 * legend++;
-            bytes_printf(o, "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"%s\" stroke-width=\"2\"/>"
-                         "<text x=\"%.0f\" y=\"%.0f\">%s</text>\n", W - R + 12, y, W - R + 32, y, colors[t], W - R + 38, y + 4,
-                         names[t]);
+            bytes_printf(
+                o,
+                "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"%s\" stroke-width=\"2\"/>"
+                "<text x=\"%.0f\" y=\"%.0f\">%s</text>\n",
+                W - R + 12, y, W - R + 32, y, colors[t], W - R + 38, y + 4, names[t]);
         }
     }
     for (int r = 0; labels && r < nruns; r++) {  // which dash is which run
         double y = T + 14 + 18 * legend++ + 8;
-        bytes_printf(o, "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"#444\" stroke-width=\"2\"%s%s%s/>",
-                     W - R + 12, y, W - R + 32, y, r ? " stroke-dasharray=\"" : "", dashes[r % 4], r ? "\"" : "");
+        bytes_printf(
+            o,
+            "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"#444\" stroke-width=\"2\"%s%s%s/>",
+            W - R + 12, y, W - R + 32, y, r ? " stroke-dasharray=\"" : "", dashes[r % 4],
+            r ? "\"" : "");
         bytes_printf(o, "<text x=\"%.0f\" y=\"%.0f\">", W - R + 38, y + 4);
         svg_text_escaped(o, labels[r]);  // the label is user text
         bytes_printf(o, "</text>\n");
@@ -1353,8 +1495,8 @@ void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nrun
     bytes_printf(o, "</svg>\n");
 }
 
-int write_loss_svg(const char *path, const History *runs, const char *const *labels, int nruns, const char *title,
-                   char *err, size_t errlen) {
+int write_loss_svg(const char *path, const History *runs, const char *const *labels, int nruns,
+                   const char *title, char *err, size_t errlen) {
     Bytes o = {0};
     loss_svg(&o, runs, labels, nruns, title);
     int rc = write_file_atomically(path, o.b, o.len, err, errlen);

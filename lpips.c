@@ -23,8 +23,10 @@
 #include <string.h>
 
 // torchvision vgg16().features: the out-channels of each conv, 0 = 2x2 pool
-static const int vgg_cfg[] = {64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512};
-static const int tap_after_conv[LPIPS_TAPS] = {1, 3, 6, 9, 12};  // relu1_2 ... relu5_3 by conv number
+static const int vgg_cfg[] = {64, 64,  0,   128, 128, 0,   256, 256, 256,
+                              0,  512, 512, 512, 0,   512, 512, 512};
+// relu1_2 ... relu5_3 by conv number
+static const int tap_after_conv[LPIPS_TAPS] = {1, 3, 6, 9, 12};
 static const int tap_channels[LPIPS_TAPS] = {64, 128, 256, 512, 512};
 
 void lpips_init(Lpips *l) {
@@ -68,7 +70,8 @@ int lpips_load(Lpips *l, const char *path, char *err, size_t errlen) {
         Tensor *t = params_get(&l->params, i);
         const StEntry *e = st_find(&f, t->name);
         if (!e) {
-            snprintf(err, errlen, "%s: no tensor '%s' (write the file with tools/convert_lpips.py)", path, t->name);
+            snprintf(err, errlen, "%s: no tensor '%s' (write the file with tools/convert_lpips.py)",
+                     path, t->name);
             rc = -1;
             break;
         }
@@ -77,7 +80,8 @@ int lpips_load(Lpips *l, const char *path, char *err, size_t errlen) {
         if (!same) {
             char want[64];
             shape_str(t, want, sizeof want);
-            snprintf(err, errlen, "%s: tensor '%s' has the wrong shape (want %s)", path, t->name, want);
+            snprintf(err, errlen, "%s: tensor '%s' has the wrong shape (want %s)", path, t->name,
+                     want);
             rc = -1;
             break;
         }
@@ -94,7 +98,8 @@ static Tensor *lpips_input(Graph *g, Lpips *l, Tensor *x) {
         shape_str(x, s, sizeof s);
         fatal("lpips: images must be (N,3,H,W), got %s", s);
     }
-    if (l->size > 0 && (x->shape[2] != l->size || x->shape[3] != l->size)) x = resize_bilinear(g, x, l->size, l->size);
+    if (l->size > 0 && (x->shape[2] != l->size || x->shape[3] != l->size))
+        x = resize_bilinear(g, x, l->size, l->size);
     static const float mean[3] = {0.485f, 0.456f, 0.406f}, std[3] = {0.229f, 0.224f, 0.225f};
     Tensor *a = tensor4(g, 1, 3, 1, 1), *b = tensor4(g, 1, 3, 1, 1);
     for (int c = 0; c < 3; c++) {  // ((x + 1) / 2 - mean) / std = a x + b

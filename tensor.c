@@ -58,7 +58,8 @@ void *calloc_check(size_t n, size_t size, const char *file, int line) {
 
 FILE *fopen_check(const char *path, const char *mode, const char *file, int line) {
     FILE *f = fopen(path, mode);
-    if (!f) fatal("cannot open '%s' (mode %s): %s [%s:%d]", path, mode, strerror(errno), file, line);
+    if (!f)
+        fatal("cannot open '%s' (mode %s): %s [%s:%d]", path, mode, strerror(errno), file, line);
     return f;
 }
 
@@ -245,7 +246,8 @@ void rng_advance(Rng *r, uint64_t delta) {
 // Fills that take the same numbers as the one-at-a-time loop, split between
 // the threads: each slice starts from a copy advanced to its first word.
 typedef struct { Rng start; float *x; unsigned char *keep; float a, b; } RngFill;
-static void parallel_for(size_t n, size_t min_per_thread, void (*fn)(void *, size_t, size_t), void *ctx);
+static void parallel_for(size_t n, size_t min_per_thread, void (*fn)(void *, size_t, size_t),
+                         void *ctx);
 
 static void fill_normal_range(void *arg, size_t i0, size_t i1) {
     const RngFill *f = arg;
@@ -353,7 +355,9 @@ static void *pool_worker(void *p) {
     unsigned long seen = 0;
     for (;;) {
 #if POOL_ATOMICS
-        for (int spin = 0; spin < POOL_SPIN && LOAD(&pool.generation) == seen && !LOAD(&pool.quit); spin++) CPU_RELAX();
+        for (int spin = 0; spin < POOL_SPIN && LOAD(&pool.generation) == seen && !LOAD(&pool.quit);
+             spin++)
+            CPU_RELAX();
 #endif
         if (pool_generation() == seen) {
             pthread_mutex_lock(&pool.mu);
@@ -510,7 +514,8 @@ static inline void v_store(float *p, vfloat x) { _mm512_storeu_ps(p, x); }
 static inline vfloat v_set1(float x) { return _mm512_set1_ps(x); }
 static inline vfloat v_zero(void) { return _mm512_setzero_ps(); }
 static inline vfloat v_add(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
-static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }  // a*b+c
+// a*b+c
+static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 // dst[c * ldd + r] = src[r * lds + c] for r < rows (rows past them read as
 // 0), c < 16; of each dst row the first `keep` floats are written. The
 // packing of K-major GEMM panels from K-contiguous sources (the weight
@@ -520,7 +525,8 @@ static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_p
 #define HAVE_TRANSPOSE16 1
 static void transpose16(float *dst, size_t ldd, const float *src, size_t lds, int rows, int keep) {
     __m512 r[16], t[16];
-    for (int i = 0; i < 16; i++) r[i] = i < rows ? _mm512_loadu_ps(src + (size_t)i * lds) : _mm512_setzero_ps();
+    for (int i = 0; i < 16; i++)
+        r[i] = i < rows ? _mm512_loadu_ps(src + (size_t)i * lds) : _mm512_setzero_ps();
     for (int i = 0; i < 8; i++) {  // pairs of rows interleaved within 128-bit lanes
         t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
         t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -535,8 +541,10 @@ static void transpose16(float *dst, size_t ldd, const float *src, size_t lds, in
     }
     __mmask16 m = (__mmask16)((1u << keep) - 1u);
     for (int k = 0; k < 4; k++) {  // gather the four lanes of column 4L+k
-        __m512 v = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), w = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xdd);
-        __m512 v2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), w2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xdd);
+        __m512 v = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88),
+               w = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xdd);
+        __m512 v2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88),
+               w2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xdd);
         _mm512_mask_storeu_ps(dst + (size_t)k * ldd, m, _mm512_shuffle_f32x4(v, v2, 0x88));
         _mm512_mask_storeu_ps(dst + (size_t)(8 + k) * ldd, m, _mm512_shuffle_f32x4(v, v2, 0xdd));
         _mm512_mask_storeu_ps(dst + (size_t)(4 + k) * ldd, m, _mm512_shuffle_f32x4(w, w2, 0x88));
@@ -585,14 +593,16 @@ const char *simd_name(void) { return SIMD_NAME; }
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (r < keep_rows
 // written; rows past `rows` as 0): 16x16 blocks by transpose16 where it
 // exists, the rest element by element
-static void transpose_block(float *dst, size_t ldd, const float *src, size_t lds, int rows, int keep, size_t cols) {
+static void transpose_block(float *dst, size_t ldd, const float *src, size_t lds, int rows,
+                            int keep, size_t cols) {
     size_t c = 0;
 #ifdef HAVE_TRANSPOSE16
     if (rows <= 16 && keep <= 16)
         for (; c + 16 <= cols; c += 16) transpose16(dst + c * ldd, ldd, src + c, lds, rows, keep);
 #endif
     for (; c < cols; c++)
-        for (int r = 0; r < keep; r++) dst[c * ldd + (size_t)r] = r < rows ? src[(size_t)r * lds + c] : 0.0f;
+        for (int r = 0; r < keep; r++)
+            dst[c * ldd + (size_t)r] = r < rows ? src[(size_t)r * lds + c] : 0.0f;
 }
 
 // complete unrolling of short constant loops, so accumulators stay in registers
@@ -801,9 +811,10 @@ static void gemm_block(const GemmTask *t, size_t i0, size_t i1, size_t j0, size_
                         } else {  // edge: full tile into a buffer, copy the valid part
                             gemm_micro_kernel(kc, a, b, tile, GEMM_NR, 0);
                             for (size_t i = 0; i < mr; i++)
-                                for (size_t j = 0; j < nr; j++)
-                                    c[i * t->ldc + j] = acc ? c[i * t->ldc + j] + tile[i * GEMM_NR + j]
-                                                            : tile[i * GEMM_NR + j];
+                                for (size_t j = 0; j < nr; j++) {
+                                    float v = tile[i * GEMM_NR + j];
+                                    c[i * t->ldc + j] = acc ? c[i * t->ldc + j] + v : v;
+                                }
                         }
                     }
                 }
@@ -849,18 +860,20 @@ void sgemm(int transA, int transB, size_t M, size_t N, size_t K,
     if (M == 0 || N == 0) return;
     if (K == 0) { gemm_zero_or_keep(M, N, accumulate, C, ldc); return; }
     GemmTask t = {.transA = transA, .transB = transB, .M = M, .N = N, .K = K, .A = A, .B = B,
-                  .lda = lda, .ldb = ldb, .ldc = ldc, .accumulate = accumulate, .C = C, .split_n = 1};
+                  .lda = lda, .ldb = ldb, .ldc = ldc, .accumulate = accumulate, .C = C,
+                  .split_n = 1};
     gemm_run(&t);
 }
 
 // C (+)= op(A) @ B with B (K, N) made panel by panel by pack_b (see GemmTask)
 static void sgemm_pack_b(int transA, size_t M, size_t N, size_t K, const float *A, size_t lda,
-                         void (*pack_b)(const void *, float *, size_t, size_t, size_t, size_t), const void *ctx,
-                         int accumulate, float *C, size_t ldc) {
+                         void (*pack_b)(const void *, float *, size_t, size_t, size_t, size_t),
+                         const void *ctx, int accumulate, float *C, size_t ldc) {
     if (M == 0 || N == 0) return;
     if (K == 0) { gemm_zero_or_keep(M, N, accumulate, C, ldc); return; }
     GemmTask t = {.transA = transA, .M = M, .N = N, .K = K, .A = A, .lda = lda, .ldc = ldc,
-                  .accumulate = accumulate, .C = C, .split_n = 1, .pack_b = pack_b, .pack_b_ctx = ctx};
+                  .accumulate = accumulate, .C = C, .split_n = 1, .pack_b = pack_b,
+                  .pack_b_ctx = ctx};
     gemm_run(&t);
 }
 
@@ -948,7 +961,8 @@ size_t shape_size(int ndim, const int *shape) {
 }
 
 Tensor *tensor_new(Graph *g, int ndim, const int *shape) {
-    if (ndim < 1 || ndim > MAX_DIMS) fatal("tensor_new: %d dimensions (1..%d allowed)", ndim, MAX_DIMS);
+    if (ndim < 1 || ndim > MAX_DIMS)
+        fatal("tensor_new: %d dimensions (1..%d allowed)", ndim, MAX_DIMS);
     Tensor *t = arena_alloc(&g->arena, sizeof *t);
     memset(t, 0, sizeof *t);
     t->ndim = ndim;
@@ -1027,7 +1041,8 @@ static void check_4d(const Tensor *x, const char *op) {
 }
 
 static int wants_grad(Graph *g, const Tensor *a, const Tensor *b, const Tensor *c) {
-    return g->grad_enabled && ((a && a->requires_grad) || (b && b->requires_grad) || (c && c->requires_grad));
+    return g->grad_enabled &&
+           ((a && a->requires_grad) || (b && b->requires_grad) || (c && c->requires_grad));
 }
 
 // push a node; the output now requires a gradient
@@ -1127,13 +1142,15 @@ static void checkpoint_node_backward(Graph *g, TapeNode *n) {
     double counted = flops_forward;  // the model's forward FLOPs: the rerun is not counted twice
     Tensor *y = ck->fn(sub, ck->ctx, in);
     flops_forward = counted;
-    if (y->size != n->out->size) fatal("checkpoint: the second run made %zu elements, the first %zu", y->size, n->out->size);
+    if (y->size != n->out->size)
+        fatal("checkpoint: the second run made %zu elements, the first %zu", y->size, n->out->size);
     y->grad = n->out->grad;   // seeded with the outer gradient, not copied
     y->grad_pooled = 0;
     tape_backward(sub, y);
 }
 
-Tensor *checkpoint(Graph *g, checkpoint_fn fn, const void *ctx, size_t ctx_bytes, int n_in, Tensor **in) {
+Tensor *checkpoint(Graph *g, checkpoint_fn fn, const void *ctx, size_t ctx_bytes, int n_in,
+                   Tensor **in) {
     if (n_in < 1 || n_in > 5) fatal("checkpoint: %d inputs (1 to 5)", n_in);
     if (!g->grad_enabled) return fn(g, ctx, in);
     Checkpoint ck = {.fn = fn, .has_rng = g->rng != NULL, .n_in = n_in};
@@ -1199,12 +1216,14 @@ static ConvRow conv_row(const ConvCols *v, size_t row) {
     r.plane = v->img + (row / kk) * v->H * v->W;
     r.ky = (int)(row % kk) / v->K;
     r.kx = (int)(row % kk) % v->K;
-    valid_cols(v->OW, v->W, v->stride, v->pad, r.kx, &r.lo, &r.hi);  // ox in [lo, hi): inside the image
+    // ox in [lo, hi): inside the image
+    valid_cols(v->OW, v->W, v->stride, v->pad, r.kx, &r.lo, &r.hi);
     return r;
 }
 
 // d[k * dstride] = cols[row][(i, oy, ox + k)] for k < run, within one output row
-static void conv_run(const ConvCols *v, const ConvRow *r, size_t i, int oy, int ox, int run, float *d, size_t dstride) {
+static void conv_run(const ConvCols *v, const ConvRow *r, size_t i, int oy, int ox, int run,
+                     float *d, size_t dstride) {
     int iy = oy * v->stride - v->pad + r->ky, end = ox + run;
     if (iy < 0 || iy >= v->H) {
         for (int k = 0; k < run; k++, d += dstride) *d = 0.0f;
@@ -1238,7 +1257,8 @@ static void pack_conv_cols(const void *ctx, float *Bp, size_t p0, size_t kc, siz
             size_t in_panel = GEMM_NR - j % GEMM_NR, run = (size_t)(v->OW - ox);
             if (run > in_panel) run = in_panel;
             if (run > n - j) run = n - j;
-            conv_run(v, &r, i, oy, ox, (int)run, Bp + (j / GEMM_NR) * GEMM_NR * kc + p * GEMM_NR + j % GEMM_NR, 1);
+            conv_run(v, &r, i, oy, ox, (int)run,
+                     Bp + (j / GEMM_NR) * GEMM_NR * kc + p * GEMM_NR + j % GEMM_NR, 1);
             j += run;
             ox += (int)run;
             if (ox == v->OW) { ox = 0; if (++oy == v->OH) { oy = 0; i++; } }
@@ -1253,7 +1273,8 @@ static void pack_conv_cols(const void *ctx, float *Bp, size_t p0, size_t kc, siz
 // B = cols^T, as pack_B with transB 1 (the weight gradient: dy @ cols^T):
 // panel column j is row j0+jr+j of cols over the pixels p0..p0+kc. The rows
 // are copied out contiguously (runs), then transposed 16x16 into the panel.
-static void pack_conv_cols_t(const void *ctx, float *Bp, size_t p0, size_t kc, size_t j0, size_t n) {
+static void pack_conv_cols_t(const void *ctx, float *Bp, size_t p0, size_t kc, size_t j0,
+                             size_t n) {
     const ConvCols *v = ctx;
     size_t ohw = (size_t)v->OH * v->OW;
     size_t i0 = p0 / ohw, q0 = p0 % ohw;
@@ -1301,8 +1322,12 @@ static void col2im_range(void *arg, size_t c0, size_t c1) {
     }
 }
 
-static int conv_out_size(int in, int k, int stride, int pad) { return (in + 2 * pad - k) / stride + 1; }
-static int conv_is_pointwise(int K, int stride, int pad) { return K == 1 && stride == 1 && pad == 0; }
+static int conv_out_size(int in, int k, int stride, int pad) {
+    return (in + 2 * pad - k) / stride + 1;
+}
+static int conv_is_pointwise(int K, int stride, int pad) {
+    return K == 1 && stride == 1 && pad == 0;
+}
 
 // Images per GEMM. A GEMM per image is poorly shaped when the maps are small
 // (8x8: 64 columns, two register tiles; VGG at 2x2: 4 columns in a 32-wide
@@ -1322,7 +1347,8 @@ static void gather_range(void *arg, size_t c0, size_t c1) {  // blk[c][i*P+p] = 
     const Regroup *r = arg;
     for (size_t c = c0; c < c1; c++)
         for (int i = 0; i < r->G; i++)
-            memcpy(r->blk + c * r->G * r->P + i * r->P, r->nchw + ((size_t)i * r->C + c) * r->P, r->P * sizeof(float));
+            memcpy(r->blk + c * r->G * r->P + i * r->P, r->nchw + ((size_t)i * r->C + c) * r->P,
+                   r->P * sizeof(float));
 }
 
 static void scatter_range(void *arg, size_t c0, size_t c1) {  // nchw[i][c][p] (+)= blk[c][i*P+p]
@@ -1342,7 +1368,8 @@ static void regroup(int scatter, float *blk, float *nchw, size_t C, size_t P, in
 }
 
 // The convolution's additive terms, per (image, output channel) plane:
-//   out[n,oc,:] = blk[oc][i*P:(i+1)*P] (or 0 without blk) + bias[oc] + shift[n,oc] + residual[n,oc,:]
+//   out[n,oc,:] = blk[oc][i*P:(i+1)*P] (or 0 without blk) + bias[oc] + shift[n,oc] +
+//   residual[n,oc,:]
 // with n = n0 + i. Without blk it initialises the output before a GEMM that
 // accumulates; with blk it is the scatter of a group's GEMM result.
 typedef struct {
@@ -1392,7 +1419,8 @@ void conv2d_add_forward(float *out, const float *inp, const float *weight, const
         int g = N - n0 < G ? N - n0 : G;  // images in this group
         const float *x = inp + (size_t)n0 * C * H * W;
         float *y = out + (size_t)n0 * OC * ohw;
-        float *Y = G > 1 ? col : y;  // the GEMM's output: y itself for one image, else a block to scatter
+        // the GEMM's output: y itself for one image, else a block to scatter
+        float *Y = G > 1 ? col : y;
         size_t ncols = (size_t)g * ohw;
         ConvEpilogue e = {NULL, out, bias, shift, residual, (size_t)OC, ohw, g, n0};
         if (G == 1 && init) parallel_for((size_t)OC, 1, conv_epilogue_range, &e);
@@ -1402,7 +1430,8 @@ void conv2d_add_forward(float *out, const float *inp, const float *weight, const
             sgemm(0, 0, (size_t)OC, ncols, ckk, weight, ckk, x, ncols, init, Y, ncols);
         } else {
             ConvCols v = {x, (size_t)C * H * W, C, H, W, K, stride, pad, OH, OW};
-            sgemm_pack_b(0, (size_t)OC, ncols, ckk, weight, ckk, pack_conv_cols, &v, G == 1 && init, Y, ncols);
+            sgemm_pack_b(0, (size_t)OC, ncols, ckk, weight, ckk, pack_conv_cols, &v, G == 1 && init,
+                         Y, ncols);
         }
         if (G > 1) {  // scatter the block to NCHW, adding the extra terms on the way
             e.blk = Y;
@@ -1423,18 +1452,24 @@ void conv2d_forward(float *out, const float *inp, const float *weight, const flo
 // i.e. im2col(dy) and one GEMM with depth OC*K*K, instead of a GEMM of depth
 // OC into a C*K*K-row buffer folded back by col2im: the GEMM is better shaped
 // (depth 288 instead of 32 for 32 channels) and nothing is folded.
-static int conv_is_same(int K, int stride, int pad) { return stride == 1 && K % 2 == 1 && pad == (K - 1) / 2 && K > 1; }
+static int conv_is_same(int K, int stride, int pad) {
+    return stride == 1 && K % 2 == 1 && pad == (K - 1) / 2 && K > 1;
+}
 
 // The backward scratch, in floats: [dy block | columns | dx block | flipped weights]
 typedef struct { size_t dy, cols, dx, wflip, total; } ConvScratch;
 
-static ConvScratch conv_backward_layout(int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+static ConvScratch conv_backward_layout(int N, int C, int H, int W, int OC, int K, int stride,
+                                        int pad) {
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
-    size_t ohw = (size_t)OH * OW, hw = (size_t)H * W, ckk = (size_t)C * K * K, okk = (size_t)OC * K * K;
-    int G = conv_group(ohw, N), pointwise = conv_is_pointwise(K, stride, pad), same = conv_is_same(K, stride, pad);
+    size_t ohw = (size_t)OH * OW, hw = (size_t)H * W, ckk = (size_t)C * K * K,
+           okk = (size_t)OC * K * K;
+    int G = conv_group(ohw, N), pointwise = conv_is_pointwise(K, stride, pad),
+        same = conv_is_same(K, stride, pad);
     ConvScratch s;
     s.dy = G > 1 ? (size_t)OC * G * ohw : 0;
-    s.cols = !pointwise && !same ? ckk * G * ohw : 0;  // dcol for col2im (im2col(x), im2col(dy): packed directly)
+    // dcol for col2im (im2col(x), im2col(dy): packed directly)
+    s.cols = !pointwise && !same ? ckk * G * ohw : 0;
     s.dx = (G > 1 && (pointwise || same)) ? (size_t)C * G * hw : 0;
     s.wflip = same ? (size_t)C * okk : 0;
     s.total = s.dy + s.cols + s.dx + s.wflip;
@@ -1452,16 +1487,19 @@ typedef struct {
     int N, C, OC, K; size_t ohw;
 } ConvSmall;
 
-static void conv_wflip_range(void *arg, size_t c0, size_t c1) {  // wflip (C, OC*K*K), the kernel flipped in space
+static void conv_wflip_range(void *arg, size_t c0,
+                             size_t c1) {  // wflip (C, OC*K*K), the kernel flipped in space
     const ConvSmall *t = arg;
     size_t kk = (size_t)t->K * t->K;
     for (size_t c = c0; c < c1; c++)
         for (int oc = 0; oc < t->OC; oc++)
             for (size_t k = 0; k < kk; k++)
-                t->wflip[(c * t->OC + oc) * kk + k] = t->weight[((size_t)oc * t->C + c) * kk + (kk - 1 - k)];
+                t->wflip[(c * t->OC + oc) * kk + k] =
+                    t->weight[((size_t)oc * t->C + c) * kk + (kk - 1 - k)];
 }
 
-static void conv_dbias_range(void *arg, size_t oc0, size_t oc1) {  // dbias[oc] += sum over n, pixels of dout
+static void conv_dbias_range(void *arg, size_t oc0,
+                             size_t oc1) {  // dbias[oc] += sum over n, pixels of dout
     const ConvSmall *t = arg;
     for (size_t oc = oc0; oc < oc1; oc++)
         for (int n = 0; n < t->N; n++) {
@@ -1476,7 +1514,8 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
                      const float *inp, const float *weight, float *col,
                      int N, int C, int H, int W, int OC, int K, int stride, int pad) {
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
-    size_t ohw = (size_t)OH * OW, hw = (size_t)H * W, ckk = (size_t)C * K * K, okk = (size_t)OC * K * K;
+    size_t ohw = (size_t)OH * OW, hw = (size_t)H * W, ckk = (size_t)C * K * K,
+           okk = (size_t)OC * K * K;
     int pointwise = conv_is_pointwise(K, stride, pad), same = conv_is_same(K, stride, pad);
     int G = conv_group(ohw, N);
     ConvScratch L = conv_backward_layout(N, C, H, W, OC, K, stride, pad);
@@ -1486,7 +1525,8 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
     if (dbias) parallel_for((size_t)OC, 1, conv_dbias_range, &cs);
     for (int n0 = 0; n0 < N; n0 += G) {
         int g = N - n0 < G ? N - n0 : G;
-        size_t nco = (size_t)g * ohw, nci = (size_t)g * hw;  // columns of the output and input blocks
+        // columns of the output and input blocks
+        size_t nco = (size_t)g * ohw, nci = (size_t)g * hw;
         const float *x = inp + (size_t)n0 * C * hw;
         const float *dy = dout + (size_t)n0 * OC * ohw;
         float *dx = dinp ? dinp + (size_t)n0 * C * hw : NULL;
@@ -1497,7 +1537,8 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
                 sgemm(0, 1, (size_t)OC, ckk, nco, DY, nco, x, nco, 1, dweight, ckk);
             } else {
                 ConvCols v = {x, (size_t)C * hw, C, H, W, K, stride, pad, OH, OW};
-                sgemm_pack_b(0, (size_t)OC, ckk, nco, DY, nco, pack_conv_cols_t, &v, 1, dweight, ckk);
+                sgemm_pack_b(0, (size_t)OC, ckk, nco, DY, nco, pack_conv_cols_t, &v, 1, dweight,
+                             ckk);
             }
         }
         if (!dx) continue;
@@ -1507,13 +1548,15 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
                 sgemm(1, 0, (size_t)C, nci, (size_t)OC, weight, ckk, DY, nco, G == 1, DX, nci);
             } else {          // dx (C, HW) (+)= wflip (C, OC*K*K) @ cols(dy) (OC*K*K, HW)
                 ConvCols v = {dy, (size_t)OC * ohw, OC, OH, OW, K, 1, pad, H, W};
-                sgemm_pack_b(0, (size_t)C, nci, okk, wflip, okk, pack_conv_cols, &v, G == 1, DX, nci);
+                sgemm_pack_b(0, (size_t)C, nci, okk, wflip, okk, pack_conv_cols, &v, G == 1, DX,
+                             nci);
             }
             if (G > 1) regroup(1, dxblk, dx, (size_t)C, hw, g, 1);
         } else {              // dcol = weight^T @ dy, then fold each image back
             sgemm(1, 0, ckk, nco, (size_t)OC, weight, ckk, DY, nco, 0, cols, nco);
             for (int i = 0; i < g; i++) {
-                Im2col a = {cols + i * ohw, dx + (size_t)i * C * hw, C, H, W, K, stride, pad, OH, OW, nco};
+                Im2col a = {
+                    cols + i * ohw, dx + (size_t)i * C * hw, C, H, W, K, stride, pad, OH, OW, nco};
                 parallel_for((size_t)C, 1, col2im_range, &a);
             }
         }
@@ -1521,9 +1564,9 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
 }
 
 // ---- reference: the convolution as its definition, direct loops in double ----
-// out[n,o,y,x] = bias[o] + sum_{c,i,j} w[o,c,i,j] * inp[n, c, y*stride - pad + i, x*stride - pad + j]
-// (zero outside the image). Backward gathers each gradient element's own
-// sum: no GEMM, no im2col, no grouping of images; the tests' witness.
+// out[n,o,y,x] = bias[o] + sum_{c,i,j} w[o,c,i,j] * inp[n, c, y*stride - pad + i, x*stride - pad +
+// j] (zero outside the image). Backward gathers each gradient element's own sum: no GEMM, no
+// im2col, no grouping of images; the tests' witness.
 static int in_image(int v, int size) { return v >= 0 && v < size; }
 
 void conv2d_forward_ref(float *out, const float *inp, const float *weight, const float *bias,
@@ -1562,7 +1605,8 @@ static void conv2d_dinp_ref(float *dinp, const float *dout, const float *weight,
                                 int ty = iy + pad - i, tx = ix + pad - j;
                                 if (ty < 0 || tx < 0 || ty % stride || tx % stride) continue;
                                 if (ty / stride >= OH || tx / stride >= OW) continue;
-                                acc += (double)dout[((size_t)(n * OC + o) * OH + ty / stride) * OW + tx / stride] *
+                                acc += (double)dout[((size_t)(n * OC + o) * OH + ty / stride) * OW +
+                                                    tx / stride] *
                                        weight[((size_t)(o * C + c) * K + i) * K + j];
                             }
                     dinp[((size_t)(n * C + c) * H + iy) * W + ix] += (float)acc;
@@ -1616,8 +1660,9 @@ static void conv2d_node_backward(Graph *g, TapeNode *n) {
     ArenaMark m = arena_mark(&g->arena);
     float *col = NULL;
     if (dx || dw)
-        col = arena_floats(&g->arena, conv2d_backward_scratch(x->shape[0], x->shape[1], x->shape[2], x->shape[3],
-                                                              w->shape[0], K, stride, pad));
+        col = arena_floats(&g->arena,
+                           conv2d_backward_scratch(x->shape[0], x->shape[1], x->shape[2],
+                                                   x->shape[3], w->shape[0], K, stride, pad));
     conv2d_backward(dx, dw, db, n->out->grad, x->data, w->data, col, x->shape[0], x->shape[1],
                     x->shape[2], x->shape[3], w->shape[0], K, stride, pad);
     arena_release(&g->arena, m);
@@ -1628,7 +1673,8 @@ static void conv2d_add_node_backward(Graph *g, TapeNode *n) {
     conv2d_node_backward(g, n);
     Tensor *shift = n->in[3], *res = n->in[4];
     const float *dy = n->out->grad;
-    size_t NOC = (size_t)n->out->shape[0] * n->out->shape[1], ohw = (size_t)n->out->shape[2] * n->out->shape[3];
+    size_t NOC = (size_t)n->out->shape[0] * n->out->shape[1],
+           ohw = (size_t)n->out->shape[2] * n->out->shape[3];
     if (shift && shift->requires_grad) {
         float *ds = tensor_grad(g, shift);
         for (size_t r = 0; r < NOC; r++) {
@@ -1643,7 +1689,8 @@ static void conv2d_add_node_backward(Graph *g, TapeNode *n) {
     }
 }
 
-Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad) {
+Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual,
+                   int stride, int pad) {
     check_4d(x, "conv2d");
     if (w->ndim != 4 || w->shape[1] != x->shape[1] || w->shape[2] != w->shape[3] ||
         (b && (int)b->size != w->shape[0])) {
@@ -1655,7 +1702,8 @@ Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Ten
     int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
     int OC = w->shape[0], K = w->shape[2];
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
-    if (shift && shift->size != (size_t)N * OC) fatal("conv2d_add: shift must have N*OC = %d elements", N * OC);
+    if (shift && shift->size != (size_t)N * OC)
+        fatal("conv2d_add: shift must have N*OC = %d elements", N * OC);
     if (residual && (residual->ndim != 4 || residual->shape[0] != N || residual->shape[1] != OC ||
                      residual->shape[2] != OH || residual->shape[3] != OW))
         fatal("conv2d_add: residual must be (%d,%d,%d,%d)", N, OC, OH, OW);
@@ -1665,9 +1713,11 @@ Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Ten
     conv2d_add_forward(y->data, x->data, w->data, data_of(b), data_of(shift),
                        data_of(residual), col, N, C, H, W, OC, K, stride, pad);
     arena_release(&g->arena, m);
-    int extra = g->grad_enabled && ((shift && shift->requires_grad) || (residual && residual->requires_grad));
+    int extra = g->grad_enabled &&
+                ((shift && shift->requires_grad) || (residual && residual->requires_grad));
     if (wants_grad(g, x, w, b) || extra) {
-        TapeNode *nd = record(g, shift || residual ? "conv2d_add" : "conv2d", conv2d_add_node_backward, y, x, w, b);
+        TapeNode *nd = record(g, shift || residual ? "conv2d_add" : "conv2d",
+                              conv2d_add_node_backward, y, x, w, b);
         ConvState s = {.stride = stride, .pad = pad};
         save_state(g, nd, &s, sizeof s);
         nd->in[3] = shift;
@@ -1720,7 +1770,8 @@ void linear_forward(float *out, const float *inp, const float *weight, const flo
 void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int IN, int OUT) {
     if (dinp) sgemm(0, 0, (size_t)N, (size_t)IN, (size_t)OUT, dout, OUT, weight, IN, 1, dinp, IN);
-    if (dweight) sgemm(1, 0, (size_t)OUT, (size_t)IN, (size_t)N, dout, OUT, inp, IN, 1, dweight, IN);
+    if (dweight)
+        sgemm(1, 0, (size_t)OUT, (size_t)IN, (size_t)N, dout, OUT, inp, IN, 1, dweight, IN);
     if (dbias)
         for (int o = 0; o < OUT; o++) {
             float s = 0.0f;
@@ -1737,7 +1788,8 @@ static void linear_node_backward(Graph *g, TapeNode *n) {
 }
 
 Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b) {
-    if (x->ndim != 2 || w->ndim != 2 || w->shape[1] != x->shape[1] || (b && (int)b->size != w->shape[0])) {
+    if (x->ndim != 2 || w->ndim != 2 || w->shape[1] != x->shape[1] ||
+        (b && (int)b->size != w->shape[0])) {
         char sx[64], sw[64];
         shape_str(x, sx, sizeof sx);
         shape_str(w, sw, sizeof sw);
@@ -1772,7 +1824,8 @@ static void matmul_forward_range(void *arg, size_t b0, size_t b1) {
 
 void matmul_forward(float *out, const float *a, const float *b, int batch, int M, int N, int K,
                     int transA, int transB) {
-    Matmul m = {.out = out, .a = a, .b = b, .transA = transA, .transB = transB, .M = M, .N = N, .K = K};
+    Matmul m = {.out = out, .a = a, .b = b, .transA = transA, .transB = transB, .M = M, .N = N,
+                .K = K};
     flops_forward += 2.0 * batch * (double)M * N * K;
     parallel_for((size_t)batch, 1, matmul_forward_range, &m);
 }
@@ -1868,7 +1921,8 @@ typedef struct {
     float *dscale, *dshift;       // their gradients (N,C) or NULL
     int silu;                     // out = silu(z)
     float *dz;                    // fused backward: scratch of C*HW floats (one group per thread)
-    const unsigned char *keep;    // dropout after the silu: 1 = kept (scaled by keep_scale), or NULL
+    // dropout after the silu: 1 = kept (scaled by keep_scale), or NULL
+    const unsigned char *keep;
     float keep_scale;
 } GroupNorm;
 
@@ -1906,8 +1960,8 @@ static double sum_sq_dev_lanes(const float *x, size_t n, double mean) {  // sum 
 
 // sum dz, sum dz * xhat and sum dz * gn over one channel, xhat = (x - m) * rs
 // and gn = x * sc + sh (the norm's output as the forward made it)
-static void dz_sums_lanes(const float *dz, const float *x, size_t n, float m, float rs, float sc, float sh,
-                          double *sum_dz, double *sum_dz_xhat, double *sum_dz_gn) {
+static void dz_sums_lanes(const float *dz, const float *x, size_t n, float m, float rs, float sc,
+                          float sh, double *sum_dz, double *sum_dz_xhat, double *sum_dz_gn) {
     double a[LANES] = {0}, b[LANES] = {0}, c[LANES] = {0};
     size_t i = 0;
     for (; i + LANES <= n; i += LANES)
@@ -1929,8 +1983,8 @@ static void dz_sums_lanes(const float *dz, const float *x, size_t n, float m, fl
 }
 
 // sum dy and sum dy * xhat, xhat = (x - m) * rs, over one channel
-static void dy_sums_lanes(const float *dy, const float *x, size_t n, float m, float rs, double *sum_dy,
-                          double *sum_dy_xhat) {
+static void dy_sums_lanes(const float *dy, const float *x, size_t n, float m, float rs,
+                          double *sum_dy, double *sum_dy_xhat) {
     double a[LANES] = {0}, b[LANES] = {0};
     size_t i = 0;
     for (; i + LANES <= n; i += LANES)
@@ -1985,8 +2039,8 @@ static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
     }
 }
 
-void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
-                       const float *gamma, const float *beta, int N, int C, int HW, int G, float eps) {
+void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *gamma,
+                       const float *beta, int N, int C, int HW, int G, float eps) {
     GroupNorm a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .gamma = gamma, .beta = beta,
                    .N = N, .C = C, .HW = HW, .G = G, .eps = eps, .keep_scale = 1.0f};
     parallel_for((size_t)N * G, 1, groupnorm_forward_range, &a);
@@ -2005,16 +2059,20 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
             size_t r = (size_t)n * a->G + g;
             const float *x = a->inp + r * len, *dy = a->dout + r * len;
             float m = a->mean[r], rs = a->rstd[r];
-            const float *buf = dy;  // the gradient at the norm's output is buf * s1 (s1 = 1 unfused)
-            if (fused) {  // through dropout, silu and FiLM: dz at the FiLM output, z as the forward made it
+            // the gradient at the norm's output is buf * s1 (s1 = 1 unfused)
+            const float *buf = dy;
+            if (fused) {  // through dropout, silu and FiLM: dz at the FiLM output, z as the forward
+                          // made it
                 float *d = a->dz + g * len;
                 for (int c = 0; c < cpg; c++) {
                     size_t ch = g * cpg + c, nc = (size_t)n * a->C + ch;
                     float ga = a->gamma ? a->gamma[ch] : 1.0f, be = a->beta ? a->beta[ch] : 0.0f;
                     float sc = rs * ga, sh = be - m * sc;
-                    float s1 = a->scale ? 1.0f + a->scale[nc] : 1.0f, t = a->shift ? a->shift[nc] : 0.0f;
+                    float s1 = a->scale ? 1.0f + a->scale[nc] : 1.0f,
+                          t = a->shift ? a->shift[nc] : 0.0f;
                     const float *xc = x + (size_t)c * a->HW, *dyc = dy + (size_t)c * a->HW;
-                    const unsigned char *kc = a->keep ? a->keep + r * len + (size_t)c * a->HW : NULL;
+                    const unsigned char *kc = a->keep ? a->keep + r * len + (size_t)c * a->HW
+                                                      : NULL;
                     float *dc = d + (size_t)c * a->HW;
                     for (int i = 0; i < a->HW; i++) {
                         float dzi = dyc[i];
@@ -2040,12 +2098,13 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
                 if (fused) {
                     float be = a->beta ? a->beta[ch] : 0.0f, sc = rs * ga, sh = be - m * sc;
                     double sbgn;
-                    dz_sums_lanes(buf + (size_t)c * a->HW, x + (size_t)c * a->HW, (size_t)a->HW, m, rs, sc, sh,
-                                  &sb, &sbx, &sbgn);
+                    dz_sums_lanes(buf + (size_t)c * a->HW, x + (size_t)c * a->HW, (size_t)a->HW, m,
+                                  rs, sc, sh, &sb, &sbx, &sbgn);
                     if (a->dscale) a->dscale[nc] += (float)sbgn;
                     if (a->dshift) a->dshift[nc] += (float)sb;
                 } else {
-                    dy_sums_lanes(buf + (size_t)c * a->HW, x + (size_t)c * a->HW, (size_t)a->HW, m, rs, &sb, &sbx);
+                    dy_sums_lanes(buf + (size_t)c * a->HW, x + (size_t)c * a->HW, (size_t)a->HW, m,
+                                  rs, &sb, &sbx);
                 }
                 double db = s1 * sb, dg = s1 * sbx;
                 sum_dxhat += ga * db;
@@ -2055,7 +2114,8 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
             }
             if (!a->dinp) continue;
             float *dx = a->dinp + r * len;
-            float mdx = (float)(sum_dxhat / (double)len), mdxx = (float)(sum_dxhat_xhat / (double)len);
+            float mdx = (float)(sum_dxhat / (double)len),
+                  mdxx = (float)(sum_dxhat_xhat / (double)len);
             for (int c = 0; c < cpg; c++) {
                 size_t ch = g * cpg + c, nc = (size_t)n * a->C + ch;
                 float ga = a->gamma ? a->gamma[ch] : 1.0f;
@@ -2082,9 +2142,9 @@ void groupnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *d
 
 // the fused form: out = [silu](GN(x) * (1 + scale) + shift); scale, shift (N,C) may be NULL
 void groupnorm_film_silu_forward(float *out, float *mean, float *rstd, const float *inp,
-                                 const float *gamma, const float *beta, const float *scale, const float *shift,
-                                 int silu, const unsigned char *keep, float keep_scale,
-                                 int N, int C, int HW, int G, float eps) {
+                                 const float *gamma, const float *beta, const float *scale,
+                                 const float *shift, int silu, const unsigned char *keep,
+                                 float keep_scale, int N, int C, int HW, int G, float eps) {
     GroupNorm a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .gamma = gamma, .beta = beta,
                    .N = N, .C = C, .HW = HW, .G = G, .eps = eps, .scale = scale, .shift = shift,
                    .silu = silu, .keep = keep, .keep_scale = keep_scale};
@@ -2092,13 +2152,14 @@ void groupnorm_film_silu_forward(float *out, float *mean, float *rstd, const flo
 }
 
 // dz: scratch of C*HW floats
-void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, float *dscale, float *dshift,
-                                  const float *dout, const float *inp, const float *mean, const float *rstd,
-                                  const float *gamma, const float *beta, const float *scale, const float *shift,
+void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, float *dscale,
+                                  float *dshift, const float *dout, const float *inp,
+                                  const float *mean, const float *rstd, const float *gamma,
+                                  const float *beta, const float *scale, const float *shift,
                                   int silu, const unsigned char *keep, float keep_scale, float *dz,
                                   int N, int C, int HW, int G) {
-    GroupNorm a = {.mean = (float *)mean, .rstd = (float *)rstd, .inp = inp, .gamma = gamma, .beta = beta,
-                   .dinp = dinp, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
+    GroupNorm a = {.mean = (float *)mean, .rstd = (float *)rstd, .inp = inp, .gamma = gamma,
+                   .beta = beta, .dinp = dinp, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
                    .N = N, .C = C, .HW = HW, .G = G, .scale = scale, .shift = shift,
                    .dscale = dscale, .dshift = dshift, .silu = silu, .dz = dz, .keep = keep,
                    .keep_scale = keep_scale};
@@ -2143,10 +2204,10 @@ static double norm_ref_keep(const NormRef *r, size_t at) {
     return r->keep ? (r->keep[at] ? r->keep_scale : 0.0) : 1.0;
 }
 
-void groupnorm_film_silu_forward_ref(float *out, const float *inp, const float *gamma, const float *beta,
-                                     const float *scale, const float *shift, int silu,
-                                     const unsigned char *keep, float keep_scale,
-                                     int N, int C, int HW, int G, float eps) {
+void groupnorm_film_silu_forward_ref(float *out, const float *inp, const float *gamma,
+                                     const float *beta, const float *scale, const float *shift,
+                                     int silu, const unsigned char *keep, float keep_scale, int N,
+                                     int C, int HW, int G, float eps) {
     NormRef r = {inp, gamma, beta, scale, shift, silu, keep, keep_scale, C, HW, G, eps};
     int cg = C / G;
     for (int n = 0; n < N; n++)
@@ -2163,16 +2224,17 @@ void groupnorm_film_silu_forward_ref(float *out, const float *inp, const float *
         }
 }
 
-void groupnorm_film_silu_backward_ref(float *dinp, float *dgamma, float *dbeta, float *dscale, float *dshift,
-                                      const float *dout, const float *inp, const float *gamma, const float *beta,
-                                      const float *scale, const float *shift, int silu,
-                                      const unsigned char *keep, float keep_scale,
-                                      int N, int C, int HW, int G, float eps) {
+void groupnorm_film_silu_backward_ref(float *dinp, float *dgamma, float *dbeta, float *dscale,
+                                      float *dshift, const float *dout, const float *inp,
+                                      const float *gamma, const float *beta, const float *scale,
+                                      const float *shift, int silu, const unsigned char *keep,
+                                      float keep_scale, int N, int C, int HW, int G, float eps) {
     NormRef r = {inp, gamma, beta, scale, shift, silu, keep, keep_scale, C, HW, G, eps};
     int cg = C / G;
     size_t len = (size_t)cg * HW;
     double *dxhat = mallocCheck(len * sizeof(double)), *xh = mallocCheck(len * sizeof(double));
-    double *dg = callocCheck((size_t)C, sizeof(double)), *db = callocCheck((size_t)C, sizeof(double));
+    double *dg = callocCheck((size_t)C, sizeof(double)),
+           *db = callocCheck((size_t)C, sizeof(double));
     for (int n = 0; n < N; n++)
         for (int grp = 0; grp < G; grp++) {
             double mean, rstd, xhat, y, z, film, sum_d = 0.0, sum_dx = 0.0;
@@ -2184,7 +2246,8 @@ void groupnorm_film_silu_backward_ref(float *dinp, float *dgamma, float *dbeta, 
                     size_t at = nc * HW + i, k = (size_t)(c - grp * cg) * HW + i;
                     norm_ref_point(&r, n, c, i, mean, rstd, &xhat, &y, &z, &film);
                     double sg = 1.0 / (1.0 + exp(-z));
-                    double dz = dout[at] * norm_ref_keep(&r, at) * (silu ? sg * (1.0 + z * (1.0 - sg)) : 1.0);
+                    double dz = dout[at] * norm_ref_keep(&r, at) *
+                                (silu ? sg * (1.0 + z * (1.0 - sg)) : 1.0);
                     dt += dz;                          // d shift
                     ds += dz * y;                      // d scale
                     double dy = dz * film;
@@ -2201,7 +2264,8 @@ void groupnorm_film_silu_backward_ref(float *dinp, float *dgamma, float *dbeta, 
             if (!dinp) continue;
             float *dx = dinp + ((size_t)n * C + (size_t)grp * cg) * HW;
             for (size_t k = 0; k < len; k++)
-                dx[k] += (float)(rstd * (dxhat[k] - sum_d / (double)len - xh[k] * sum_dx / (double)len));
+                dx[k] += (float)(rstd *
+                                 (dxhat[k] - sum_d / (double)len - xh[k] * sum_dx / (double)len));
         }
     for (int c = 0; c < C; c++) {
         if (dgamma) dgamma[c] += (float)dg[c];
@@ -2227,13 +2291,15 @@ static void groupnorm_node_backward(Graph *g, TapeNode *n) {
 Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps) {
     check_4d(x, "groupnorm");
     int N = x->shape[0], C = x->shape[1];
-    if (groups < 1 || C % groups) fatal("groupnorm: %d channels do not split into %d groups", C, groups);
+    if (groups < 1 || C % groups)
+        fatal("groupnorm: %d channels do not split into %d groups", C, groups);
     if ((gamma && (int)gamma->size != C) || (beta && (int)beta->size != C))
         fatal("groupnorm: affine parameters must have %d elements", C);
     Tensor *y = tensor_new(g, 4, x->shape);
     int rec = wants_grad(g, x, gamma, beta);
     ArenaMark m = arena_mark(&g->arena);
-    float *mean = arena_floats(&g->arena, (size_t)N * groups), *rstd = arena_floats(&g->arena, (size_t)N * groups);
+    float *mean = arena_floats(&g->arena, (size_t)N * groups),
+          *rstd = arena_floats(&g->arena, (size_t)N * groups);
     groupnorm_forward(y->data, mean, rstd, x->data, data_of(gamma), data_of(beta),
                       N, C, x->shape[2] * x->shape[3], groups, eps);
     if (rec) {
@@ -2261,11 +2327,10 @@ static void groupnorm_film_silu_node_backward(Graph *g, TapeNode *n) {
     float *dscale = input_grad(g, n, 3), *dshift = input_grad(g, n, 4);
     ArenaMark m = arena_mark(&g->arena);
     float *dz = arena_floats(&g->arena, x->size / (size_t)x->shape[0]);
-    groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, n->out->grad, x->data, s->mean, s->rstd,
-                                 data_of(gamma), data_of(beta),
-                                 data_of(scale), data_of(shift), s->silu, s->keep,
-                                 s->keep_scale, dz, x->shape[0], x->shape[1], x->shape[2] * x->shape[3],
-                                 s->groups);
+    groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, n->out->grad, x->data, s->mean,
+                                 s->rstd, data_of(gamma), data_of(beta), data_of(scale),
+                                 data_of(shift), s->silu, s->keep, s->keep_scale, dz, x->shape[0],
+                                 x->shape[1], x->shape[2] * x->shape[3], s->groups);
     arena_release(&g->arena, m);
 }
 
@@ -2276,14 +2341,16 @@ static void check_norm(const char *op, const Tensor *x, const Tensor *gamma, con
                        const Tensor *scale, const Tensor *shift, int groups) {
     check_4d(x, op);
     int N = x->shape[0], C = x->shape[1];
-    if (groups < 1 || C % groups) fatal("%s: %d channels do not split into %d groups", op, C, groups);
+    if (groups < 1 || C % groups)
+        fatal("%s: %d channels do not split into %d groups", op, C, groups);
     if ((gamma && (int)gamma->size != C) || (beta && (int)beta->size != C))
         fatal("%s: affine parameters must have %d elements", op, C);
     if ((scale && scale->size != (size_t)N * C) || (shift && shift->size != (size_t)N * C))
         fatal("%s: scale and shift must have N*C = %d elements", op, N * C);
 }
 
-static unsigned char *norm_dropout_mask(Graph *g, const char *op, size_t n, float p, float *keep_scale) {
+static unsigned char *norm_dropout_mask(Graph *g, const char *op, size_t n, float p,
+                                        float *keep_scale) {
     *keep_scale = 1.0f;
     if (!g->training || p <= 0.0f) return NULL;
     if (p >= 1.0f) fatal("%s: dropout p=%g must be below 1", op, p);
@@ -2294,22 +2361,26 @@ static unsigned char *norm_dropout_mask(Graph *g, const char *op, size_t n, floa
     return keep;
 }
 
-Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale, Tensor *shift,
-                            int silu_after, float dropout_p, int groups, float eps) {
+Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale,
+                            Tensor *shift, int silu_after, float dropout_p, int groups, float eps) {
     check_norm("groupnorm_film_silu", x, gamma, beta, scale, shift, groups);
     int N = x->shape[0], C = x->shape[1];
     Tensor *y = tensor_new(g, 4, x->shape);
     int rec = wants_grad(g, x, gamma, beta) ||
-              (g->grad_enabled && ((scale && scale->requires_grad) || (shift && shift->requires_grad)));
+              (g->grad_enabled &&
+               ((scale && scale->requires_grad) || (shift && shift->requires_grad)));
     float keep_scale;
-    unsigned char *keep = norm_dropout_mask(g, "groupnorm_film_silu", x->size, dropout_p, &keep_scale);
+    unsigned char *keep = norm_dropout_mask(g, "groupnorm_film_silu", x->size, dropout_p,
+                                            &keep_scale);
     ArenaMark m = arena_mark(&g->arena);
-    float *mean = arena_floats(&g->arena, (size_t)N * groups), *rstd = arena_floats(&g->arena, (size_t)N * groups);
+    float *mean = arena_floats(&g->arena, (size_t)N * groups),
+          *rstd = arena_floats(&g->arena, (size_t)N * groups);
     groupnorm_film_silu_forward(y->data, mean, rstd, x->data, data_of(gamma), data_of(beta),
                                 data_of(scale), data_of(shift), silu_after, keep, keep_scale,
                                 N, C, x->shape[2] * x->shape[3], groups, eps);
     if (rec) {
-        TapeNode *nd = record(g, "groupnorm_film_silu", groupnorm_film_silu_node_backward, y, x, gamma, beta);
+        TapeNode *nd = record(g, "groupnorm_film_silu", groupnorm_film_silu_node_backward, y, x,
+                              gamma, beta);
         nd->in[3] = scale;
         nd->in[4] = shift;
         FilmNormState s = {.groups = groups, .silu = silu_after, .mean = mean, .rstd = rstd,
@@ -2337,7 +2408,8 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
     const NormConv *nc = n->state;
     const NormSpec *ns = &nc->ns;
     Tensor *x = n->in[0], *w = n->in[1], *res = n->in[3];
-    int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3], OC = w->shape[0], K = w->shape[2];
+    int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3], OC = w->shape[0],
+        K = w->shape[2];
     int HW = H * W, pad = nc->pad;
     float *dx = input_grad(g, n, 0), *dw = input_grad(g, n, 1), *db = input_grad(g, n, 2);
     float *dgamma = ns->gamma && ns->gamma->requires_grad ? tensor_grad(g, ns->gamma) : NULL;
@@ -2348,7 +2420,8 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
     ArenaMark m = arena_mark(&g->arena);
     // the norm's output and statistics again: the same kernel on the same x, so the same bits
     float *h = arena_floats(&g->arena, x->size);
-    float *mean = arena_floats(&g->arena, (size_t)N * ns->groups), *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
+    float *mean = arena_floats(&g->arena, (size_t)N * ns->groups),
+          *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
     groupnorm_film_silu_forward(h, mean, rstd, x->data, data_of(ns->gamma),
                                 data_of(ns->beta), data_of(ns->scale),
                                 data_of(ns->shift), ns->silu, nc->keep, nc->keep_scale,
@@ -2370,25 +2443,30 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
     arena_release(&g->arena, m);
 }
 
-Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *b, Tensor *residual, int pad) {
+Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *b, Tensor *residual,
+                    int pad) {
     check_norm("norm_conv2d", x, ns->gamma, ns->beta, ns->scale, ns->shift, ns->groups);
     int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
-    if (w->ndim != 4 || w->shape[1] != C || w->shape[2] != w->shape[3] || (b && (int)b->size != w->shape[0]))
+    if (w->ndim != 4 || w->shape[1] != C || w->shape[2] != w->shape[3] ||
+        (b && (int)b->size != w->shape[0]))
         fatal("norm_conv2d: weight does not fit %d input channels", C);
-    int OC = w->shape[0], K = w->shape[2], OH = conv_out_size(H, K, 1, pad), OW = conv_out_size(W, K, 1, pad);
+    int OC = w->shape[0], K = w->shape[2], OH = conv_out_size(H, K, 1, pad),
+        OW = conv_out_size(W, K, 1, pad);
     if (residual && (residual->ndim != 4 || residual->shape[0] != N || residual->shape[1] != OC ||
                      residual->shape[2] != OH || residual->shape[3] != OW))
         fatal("norm_conv2d: residual must be (%d,%d,%d,%d)", N, OC, OH, OW);
     Tensor *y = tensor4(g, N, OC, OH, OW);  // first, so that the norm's output can go after it
-    int rec = g->grad_enabled && (x->requires_grad || w->requires_grad || (b && b->requires_grad) ||
-                                  (residual && residual->requires_grad) ||
-                                  (ns->gamma && ns->gamma->requires_grad) || (ns->beta && ns->beta->requires_grad) ||
-                                  (ns->scale && ns->scale->requires_grad) || (ns->shift && ns->shift->requires_grad));
+    int rec = g->grad_enabled &&
+              (x->requires_grad || w->requires_grad || (b && b->requires_grad) ||
+               (residual && residual->requires_grad) || (ns->gamma && ns->gamma->requires_grad) ||
+               (ns->beta && ns->beta->requires_grad) || (ns->scale && ns->scale->requires_grad) ||
+               (ns->shift && ns->shift->requires_grad));
     NormConv nc = {.ns = *ns, .pad = pad, .keep = NULL, .keep_scale = 1.0f};
     nc.keep = norm_dropout_mask(g, "norm_conv2d", x->size, ns->dropout, &nc.keep_scale);
     ArenaMark m = arena_mark(&g->arena);
     float *h = arena_floats(&g->arena, x->size);
-    float *mean = arena_floats(&g->arena, (size_t)N * ns->groups), *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
+    float *mean = arena_floats(&g->arena, (size_t)N * ns->groups),
+          *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
     groupnorm_film_silu_forward(h, mean, rstd, x->data, data_of(ns->gamma),
                                 data_of(ns->beta), data_of(ns->scale),
                                 data_of(ns->shift), ns->silu, nc.keep, nc.keep_scale,
@@ -2521,8 +2599,8 @@ typedef struct { int act; } ActState;  // ACT_SILU, ACT_RELU or ACT_SIGMOID
 
 static void activation_node_backward(Graph *g, TapeNode *n) {
     const ActState *s = n->state;
-    activation_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data, n->out->data, n->out->size,
-                        s->act);
+    activation_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data, n->out->data,
+                        n->out->size, s->act);
 }
 
 static Tensor *activation(Graph *g, Tensor *x, int act, const char *name) {
@@ -2543,7 +2621,13 @@ Tensor *sigmoid(Graph *g, Tensor *x) { return activation(g, x, ACT_SIGMOID, "sig
 // ---- op: softmax over the last axis ----
 // ---------------------------------------------------------------------------
 
-typedef struct { float *out; const float *inp; float *dinp; const float *dout; size_t len; } Softmax;
+typedef struct {
+    float *out;
+    const float *inp;
+    float *dinp;
+    const float *dout;
+    size_t len;
+} Softmax;
 
 static void softmax_forward_range(void *arg, size_t r0, size_t r1) {
     const Softmax *a = arg;
@@ -2634,7 +2718,8 @@ static void qkv_attention_forward_range(void *arg, size_t b0, size_t b1) {
     }
 }
 
-void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH, int ch, int T, float scale) {
+void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH, int ch, int T,
+                           float scale) {
     Attention a = {.qkv = qkv, .scratch = scratch, .out = out, .ch = ch, .T = T, .scale = scale};
     flops_forward += 4.0 * BH * (double)ch * T * T;
     parallel_for((size_t)BH, 1, qkv_attention_forward_range, &a);
@@ -2643,7 +2728,8 @@ void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH,
 static void qkv_attention_backward_range(void *arg, size_t b0, size_t b1) {
     const Attention *a = arg;
     size_t T = (size_t)a->T, ch = (size_t)a->ch;
-    float *w = a->scratch + (size_t)pool_thread_id() * 2 * T * T, *dw = w + T * T, *ds = dw;  // softmax' overwrites dw
+    // softmax' overwrites dw
+    float *w = a->scratch + (size_t)pool_thread_id() * 2 * T * T, *dw = w + T * T, *ds = dw;
     for (size_t b = b0; b < b1; b++) {
         const float *q = a->qkv + b * 3 * ch * T, *k = q + ch * T, *v = k + ch * T;
         const float *dout = a->dout + b * ch * T;
@@ -2665,7 +2751,8 @@ static void qkv_attention_backward_range(void *arg, size_t b0, size_t b1) {
 // dqkv += the gradient
 void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, float *scratch,
                             int BH, int ch, int T, float scale) {
-    Attention a = {.qkv = qkv, .scratch = scratch, .dqkv = dqkv, .dout = dout, .ch = ch, .T = T, .scale = scale};
+    Attention a = {.qkv = qkv, .scratch = scratch, .dqkv = dqkv, .dout = dout, .ch = ch, .T = T,
+                   .scale = scale};
     parallel_for((size_t)BH, 1, qkv_attention_backward_range, &a);
 }
 
@@ -2675,7 +2762,8 @@ void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, fl
 // dw[t][u] = sum_c dout[c][t] v[c][u], ds = w (dw - sum_u dw w) (the
 // softmax's backward), dq[c][t] += scale sum_u ds[t][u] k[c][u],
 // dk[c][u] += scale sum_t ds[t][u] q[c][t].
-static void attention_weights_ref(const float *q, const float *k, int ch, int T, float scale, double *w) {
+static void attention_weights_ref(const float *q, const float *k, int ch, int T, float scale,
+                                  double *w) {
     for (int t = 0; t < T; t++) {
         double *row = w + (size_t)t * T, top = -INFINITY, sum = 0.0;
         for (int u = 0; u < T; u++) {
@@ -2692,7 +2780,8 @@ static void attention_weights_ref(const float *q, const float *k, int ch, int T,
 void qkv_attention_forward_ref(float *out, const float *qkv, int BH, int ch, int T, float scale) {
     double *w = mallocCheck((size_t)T * T * sizeof(double));
     for (int b = 0; b < BH; b++) {
-        const float *q = qkv + (size_t)b * 3 * ch * T, *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
+        const float *q = qkv + (size_t)b * 3 * ch * T, *k = q + (size_t)ch * T,
+                    *v = k + (size_t)ch * T;
         attention_weights_ref(q, k, ch, T, scale, w);
         for (int c = 0; c < ch; c++)
             for (int t = 0; t < T; t++) {
@@ -2704,23 +2793,28 @@ void qkv_attention_forward_ref(float *out, const float *qkv, int BH, int ch, int
     free(w);
 }
 
-void qkv_attention_backward_ref(float *dqkv, const float *dout, const float *qkv, int BH, int ch, int T,
-                                float scale) {
-    double *w = mallocCheck((size_t)T * T * sizeof(double)), *ds = mallocCheck((size_t)T * T * sizeof(double));
+void qkv_attention_backward_ref(float *dqkv, const float *dout, const float *qkv, int BH, int ch,
+                                int T, float scale) {
+    double *w = mallocCheck((size_t)T * T * sizeof(double)),
+           *ds = mallocCheck((size_t)T * T * sizeof(double));
     for (int b = 0; b < BH; b++) {
-        const float *q = qkv + (size_t)b * 3 * ch * T, *k = q + (size_t)ch * T, *v = k + (size_t)ch * T;
+        const float *q = qkv + (size_t)b * 3 * ch * T, *k = q + (size_t)ch * T,
+                    *v = k + (size_t)ch * T;
         const float *dy = dout + (size_t)b * ch * T;
-        float *dq = dqkv + (size_t)b * 3 * ch * T, *dk = dq + (size_t)ch * T, *dv = dk + (size_t)ch * T;
+        float *dq = dqkv + (size_t)b * 3 * ch * T, *dk = dq + (size_t)ch * T,
+              *dv = dk + (size_t)ch * T;
         attention_weights_ref(q, k, ch, T, scale, w);
         for (int t = 0; t < T; t++) {
             double dot = 0.0;
             for (int u = 0; u < T; u++) {
                 double dw = 0.0;
-                for (int c = 0; c < ch; c++) dw += (double)dy[(size_t)c * T + t] * v[(size_t)c * T + u];
+                for (int c = 0; c < ch; c++)
+                    dw += (double)dy[(size_t)c * T + t] * v[(size_t)c * T + u];
                 ds[(size_t)t * T + u] = dw;
                 dot += dw * w[(size_t)t * T + u];
             }
-            for (int u = 0; u < T; u++) ds[(size_t)t * T + u] = w[(size_t)t * T + u] * (ds[(size_t)t * T + u] - dot);
+            for (int u = 0; u < T; u++)
+                ds[(size_t)t * T + u] = w[(size_t)t * T + u] * (ds[(size_t)t * T + u] - dot);
         }
         for (int c = 0; c < ch; c++) {
             for (int u = 0; u < T; u++) {
@@ -2758,7 +2852,8 @@ static void qkv_attention_node_backward(Graph *g, TapeNode *n) {
 
 Tensor *qkv_attention(Graph *g, Tensor *qkv, float scale) {
     if (qkv->ndim != 3 || qkv->shape[1] % 3)
-        fatal("qkv_attention: expected (BH, 3*ch, T), got %d-D with %d rows", qkv->ndim, qkv->ndim > 1 ? qkv->shape[1] : 0);
+        fatal("qkv_attention: expected (BH, 3*ch, T), got %d-D with %d rows", qkv->ndim,
+              qkv->ndim > 1 ? qkv->shape[1] : 0);
     int BH = qkv->shape[0], ch = qkv->shape[1] / 3, T = qkv->shape[2];
     int s[3] = {BH, ch, T};
     Tensor *y = tensor_new(g, 3, s);
@@ -2768,7 +2863,8 @@ Tensor *qkv_attention(Graph *g, Tensor *qkv, float scale) {
     arena_release(&g->arena, m);
     if (wants_grad(g, qkv, NULL, NULL)) {
         AttentionState s = {.scale = scale};
-        save_state(g, record(g, "qkv_attention", qkv_attention_node_backward, y, qkv, NULL, NULL), &s, sizeof s);
+        save_state(g, record(g, "qkv_attention", qkv_attention_node_backward, y, qkv, NULL, NULL),
+                   &s, sizeof s);
     }
     return y;
 }
@@ -2788,7 +2884,8 @@ static void upsample2x_forward_range(void *arg, size_t p0, size_t p1) {
         const float *x = t->inp + p * H * W;
         float *y = t->out + p * 4 * H * W;
         for (int oy = 0; oy < 2 * H; oy++)
-            for (int ox = 0; ox < 2 * W; ox++) y[(size_t)oy * 2 * W + ox] = x[(size_t)(oy / 2) * W + ox / 2];
+            for (int ox = 0; ox < 2 * W; ox++)
+                y[(size_t)oy * 2 * W + ox] = x[(size_t)(oy / 2) * W + ox / 2];
     }
 }
 
@@ -2819,14 +2916,17 @@ void upsample2x_backward(float *dinp, const float *dout, size_t P, int H, int W)
 // nearest 2x upsample
 static void upsample2x_node_backward(Graph *g, TapeNode *n) {
     Tensor *x = n->in[0];
-    upsample2x_backward(input_grad(g, n, 0), n->out->grad, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3]);
+    upsample2x_backward(input_grad(g, n, 0), n->out->grad, (size_t)x->shape[0] * x->shape[1],
+                        x->shape[2], x->shape[3]);
 }
 
 Tensor *upsample2x(Graph *g, Tensor *x) {
     check_4d(x, "upsample2x");
     Tensor *y = tensor4(g, x->shape[0], x->shape[1], 2 * x->shape[2], 2 * x->shape[3]);
-    upsample2x_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3]);
-    if (wants_grad(g, x, NULL, NULL)) record(g, "upsample2x", upsample2x_node_backward, y, x, NULL, NULL);
+    upsample2x_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2],
+                       x->shape[3]);
+    if (wants_grad(g, x, NULL, NULL))
+        record(g, "upsample2x", upsample2x_node_backward, y, x, NULL, NULL);
     return y;
 }
 
@@ -2877,14 +2977,17 @@ void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W)
 // 2x2 average pool
 static void avgpool2x2_node_backward(Graph *g, TapeNode *n) {
     Tensor *x = n->in[0];
-    avgpool2x2_backward(input_grad(g, n, 0), n->out->grad, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3]);
+    avgpool2x2_backward(input_grad(g, n, 0), n->out->grad, (size_t)x->shape[0] * x->shape[1],
+                        x->shape[2], x->shape[3]);
 }
 
 Tensor *avgpool2x2(Graph *g, Tensor *x) {
     check_4d(x, "avgpool2x2");
     Tensor *y = tensor4(g, x->shape[0], x->shape[1], x->shape[2] / 2, x->shape[3] / 2);
-    avgpool2x2_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3]);
-    if (wants_grad(g, x, NULL, NULL)) record(g, "avgpool2x2", avgpool2x2_node_backward, y, x, NULL, NULL);
+    avgpool2x2_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2],
+                       x->shape[3]);
+    if (wants_grad(g, x, NULL, NULL))
+        record(g, "avgpool2x2", avgpool2x2_node_backward, y, x, NULL, NULL);
     return y;
 }
 
@@ -2953,7 +3056,8 @@ static void resize_backward_range(void *arg, size_t p0, size_t p1) {
     }
 }
 
-void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH, int OW) {
+void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH,
+                              int OW) {
     Resize a = {(float *)dout, dinp, H, W, OH, OW};
     parallel_for(P, 1, resize_backward_range, &a);
 }
@@ -2961,16 +3065,18 @@ void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, i
 // bilinear resize
 static void resize_node_backward(Graph *g, TapeNode *n) {
     Tensor *x = n->in[0], *y = n->out;
-    resize_bilinear_backward(input_grad(g, n, 0), y->grad, (size_t)x->shape[0] * x->shape[1], x->shape[2],
-                             x->shape[3], y->shape[2], y->shape[3]);
+    resize_bilinear_backward(input_grad(g, n, 0), y->grad, (size_t)x->shape[0] * x->shape[1],
+                             x->shape[2], x->shape[3], y->shape[2], y->shape[3]);
 }
 
 Tensor *resize_bilinear(Graph *g, Tensor *x, int out_h, int out_w) {
     check_4d(x, "resize_bilinear");
     if (out_h < 1 || out_w < 1) fatal("resize_bilinear: bad output size %dx%d", out_h, out_w);
     Tensor *y = tensor4(g, x->shape[0], x->shape[1], out_h, out_w);
-    resize_bilinear_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3], out_h, out_w);
-    if (wants_grad(g, x, NULL, NULL)) record(g, "resize_bilinear", resize_node_backward, y, x, NULL, NULL);
+    resize_bilinear_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2],
+                            x->shape[3], out_h, out_w);
+    if (wants_grad(g, x, NULL, NULL))
+        record(g, "resize_bilinear", resize_node_backward, y, x, NULL, NULL);
     return y;
 }
 
@@ -3016,7 +3122,8 @@ static void binary_flat_range(void *arg, size_t i0, size_t i1) {
     }
 }
 
-static void binary_forward(float *out, const float *a, const float *b, const Bcast *p, int op, int flat) {
+static void binary_forward(float *out, const float *a, const float *b, const Bcast *p, int op,
+                           int flat) {
     size_t n = (size_t)p->shape[0] * p->shape[1] * p->shape[2] * p->shape[3];
     if (flat) {
         Binary t = {out, a, b, op};
@@ -3098,7 +3205,8 @@ static void binary_node_backward(Graph *g, TapeNode *n) {
     }
     if (a->ndim == 4 && b->ndim == 4 && a->size == n->out->size && b->shape[0] == a->shape[0] &&
         b->shape[1] == a->shape[1] && b->shape[2] == 1 && b->shape[3] == 1) {
-        PlaneGrad t = {da, db, n->out->grad, a->data, b->data, op, (size_t)a->shape[2] * a->shape[3]};
+        PlaneGrad t = {
+            da, db, n->out->grad, a->data, b->data, op, (size_t)a->shape[2] * a->shape[3]};
         parallel_for(b->size, 4, binary_grad_plane_range, &t);
         return;
     }
@@ -3147,7 +3255,8 @@ Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift) {
     for (size_t i = 0; i < x->size; i++) y->data[i] = scale * x->data[i] + shift;
     if (wants_grad(g, x, NULL, NULL)) {
         ScaleShiftState s = {.scale = scale};
-        save_state(g, record(g, "scale_shift", scale_shift_node_backward, y, x, NULL, NULL), &s, sizeof s);
+        save_state(g, record(g, "scale_shift", scale_shift_node_backward, y, x, NULL, NULL), &s,
+                   sizeof s);
     }
     return y;
 }
@@ -3192,7 +3301,8 @@ Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b) {
     Tensor *y = tensor4(g, a->shape[0], a->shape[1] + b->shape[1], a->shape[2], a->shape[3]);
     Concat t = {y->data, NULL, a->data, b->data, a->size / a->shape[0], b->size / b->shape[0]};
     parallel_for((size_t)a->shape[0], 1, concat_forward_range, &t);
-    if (wants_grad(g, a, b, NULL)) record(g, "concat_channels", concat_node_backward, y, a, b, NULL);
+    if (wants_grad(g, a, b, NULL))
+        record(g, "concat_channels", concat_node_backward, y, a, b, NULL);
     return y;
 }
 
@@ -3213,11 +3323,13 @@ static void slice_node_backward(Graph *g, TapeNode *n) {
 
 Tensor *slice_channels(Graph *g, Tensor *x, int c0, int c1) {
     check_4d(x, "slice_channels");
-    if (c0 < 0 || c1 > x->shape[1] || c0 >= c1) fatal("slice_channels: [%d,%d) of %d channels", c0, c1, x->shape[1]);
+    if (c0 < 0 || c1 > x->shape[1] || c0 >= c1)
+        fatal("slice_channels: [%d,%d) of %d channels", c0, c1, x->shape[1]);
     Tensor *y = tensor4(g, x->shape[0], c1 - c0, x->shape[2], x->shape[3]);
     size_t hw = (size_t)x->shape[2] * x->shape[3], len = (size_t)(c1 - c0) * hw;
     for (int i = 0; i < x->shape[0]; i++)
-        memcpy(y->data + i * len, x->data + (size_t)i * x->shape[1] * hw + (size_t)c0 * hw, len * sizeof(float));
+        memcpy(y->data + i * len, x->data + (size_t)i * x->shape[1] * hw + (size_t)c0 * hw,
+               len * sizeof(float));
     if (wants_grad(g, x, NULL, NULL)) {
         TapeNode *nd = record(g, "slice_channels", slice_node_backward, y, x, NULL, NULL);
         SliceState s = {.c0 = c0, .c1 = c1};
@@ -3273,8 +3385,9 @@ static Tensor *reduce_all(Graph *g, Tensor *x, int mean) {
     y->data[0] = (float)(mean ? s / (double)x->size : s);
     if (wants_grad(g, x, NULL, NULL)) {
         SumState s = {.k = k};
-        save_state(g, record(g, mean ? "mean_all" : "sum_all", sum_all_node_backward, y, x, NULL, NULL), &s,
-                   sizeof s);
+        save_state(
+            g, record(g, mean ? "mean_all" : "sum_all", sum_all_node_backward, y, x, NULL, NULL),
+            &s, sizeof s);
     }
     return y;
 }
@@ -3407,7 +3520,8 @@ static void clamp_node_backward(Graph *g, TapeNode *n) {
 
 Tensor *clamp(Graph *g, Tensor *x, float lo, float hi) {
     Tensor *y = tensor_new(g, x->ndim, x->shape);
-    for (size_t i = 0; i < x->size; i++) y->data[i] = x->data[i] < lo ? lo : (x->data[i] > hi ? hi : x->data[i]);
+    for (size_t i = 0; i < x->size; i++)
+        y->data[i] = x->data[i] < lo ? lo : (x->data[i] > hi ? hi : x->data[i]);
     if (wants_grad(g, x, NULL, NULL)) {
         TapeNode *nd = record(g, "clamp", clamp_node_backward, y, x, NULL, NULL);
         ClampState s = {.lo = lo, .hi = hi};
@@ -3525,7 +3639,8 @@ static void adam_range(void *arg, size_t i0, size_t i1) {
 // PyTorch: step_size = lr / (1 - beta1^t); denom = sqrt(v) / sqrt(1 - beta2^t) + eps
 void adam_step(Adam *a, float *param, const float *grad) {
     a->step++;
-    double bc1 = 1.0 - pow((double)a->beta1, (double)a->step), bc2 = 1.0 - pow((double)a->beta2, (double)a->step);
+    double bc1 = 1.0 - pow((double)a->beta1, (double)a->step),
+           bc2 = 1.0 - pow((double)a->beta2, (double)a->step);
     AdamTask t = {a, param, grad, (float)(a->lr / bc1), (float)sqrt(bc2)};
     parallel_for(a->n, 1 << 15, adam_range, &t);
 }

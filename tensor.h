@@ -211,7 +211,8 @@ Tensor *graph_keep(Graph *g, ArenaMark m, Tensor *y);
 // numbers as without it; the price is a second forward of fn. ctx
 // (ctx_bytes) is copied; 1 to 5 inputs. Without grad: just fn.
 typedef Tensor *(*checkpoint_fn)(Graph *g, const void *ctx, Tensor **in);
-Tensor *checkpoint(Graph *g, checkpoint_fn fn, const void *ctx, size_t ctx_bytes, int n_in, Tensor **in);
+Tensor *checkpoint(Graph *g, checkpoint_fn fn, const void *ctx, size_t ctx_bytes, int n_in,
+                   Tensor **in);
 int same_shape(const Tensor *a, const Tensor *b);
 void shape_str(const Tensor *t, char *buf, size_t n);
 
@@ -263,12 +264,15 @@ double grad_norm_sq(const float *grad, size_t n);  // sum of squares in double
 // dropout, matmul) and as blocks for the next models.
 // ---------------------------------------------------------------------------
 Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);  // b may be NULL
-Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);  // relu(conv2d), fused
+// relu(conv2d), fused
+Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);
 // conv2d(x, w, b) + shift[:, :, None, None] + residual; shift (N,OC) and
 // residual (N,OC,OH,OW) may be NULL. Neither sum is stored separately.
-Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual, int stride, int pad);
+Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual,
+                   int stride, int pad);
 Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b);   // x (N,in), w (out,in), b (out)
-Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB);  // batched (B,M,K)@(B,K,N) (reference)
+// batched (B,M,K)@(B,K,N) (reference)
+Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB);
 // improved-diffusion's QKVAttentionLegacy on qkv (BH, 3*ch, T): per head q, k,
 // v = rows [0,ch), [ch,2ch), [2ch,3ch); softmax(scale q^T k) applied to v.
 // Returns (BH, ch, T); q, k, v are not copied, and the weights are not kept:
@@ -276,20 +280,22 @@ Tensor *matmul(Graph *g, Tensor *a, Tensor *b, int transA, int transB);  // batc
 Tensor *qkv_attention(Graph *g, Tensor *qkv, float scale);
 // scratch: qkv_attention_scratch(T) floats (two T*T blocks per thread)
 size_t qkv_attention_scratch(int T);
-void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH, int ch, int T, float scale);
+void qkv_attention_forward(float *out, const float *qkv, float *scratch, int BH, int ch, int T,
+                           float scale);
 void qkv_attention_backward(float *dqkv, const float *dout, const float *qkv, float *scratch,
                             int BH, int ch, int T, float scale);
 Tensor *add(Graph *g, Tensor *a, Tensor *b);
 Tensor *sub(Graph *g, Tensor *a, Tensor *b);
 Tensor *mul(Graph *g, Tensor *a, Tensor *b);
 Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift);  // scale*x + shift
-Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);  // (reference)
+// (reference)
+Tensor *groupnorm(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);
 // The norm, FiLM, SiLU and dropout in one pass (reference: norm_conv2d's
 // first half): dropout([silu](groupnorm(x) * (1 + scale) + shift)), scale and
 // shift (N,C) or NULL, silu_after 0/1, dropout p (when training; 0 = none);
 // the normalised tensor is not kept, the dropout mask as bytes.
-Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale, Tensor *shift,
-                            int silu_after, float dropout_p, int groups, float eps);
+Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Tensor *scale,
+                            Tensor *shift, int silu_after, float dropout_p, int groups, float eps);
 // silu(groupnorm(x)) (reference; LDDGAN's autoencoder will use it)
 Tensor *groupnorm_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, int groups, float eps);
 // conv2d_add(groupnorm_film_silu(x, norm...), w, b, residual=residual), stride
@@ -301,7 +307,8 @@ typedef struct {
     int silu, groups;
     float dropout, eps;
 } NormSpec;
-Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *norm, Tensor *w, Tensor *b, Tensor *residual, int pad);
+Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *norm, Tensor *w, Tensor *b,
+                    Tensor *residual, int pad);
 Tensor *silu(Graph *g, Tensor *x);
 Tensor *relu(Graph *g, Tensor *x);             // (reference)
 Tensor *sigmoid(Graph *g, Tensor *x);
@@ -353,8 +360,8 @@ void matmul_forward(float *out, const float *a, const float *b, int batch, int M
 void matmul_backward(float *da, float *db, const float *dout, const float *a, const float *b,
                      int batch, int M, int N, int K, int transA, int transB);
 // mean, rstd (N,G) are written by forward and read by backward
-void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
-                       const float *gamma, const float *beta, int N, int C, int HW, int G, float eps);
+void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *gamma,
+                       const float *beta, int N, int C, int HW, int G, float eps);
 void groupnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *dout,
                         const float *inp, const float *mean, const float *rstd, const float *gamma,
                         int N, int C, int HW, int G);
@@ -362,12 +369,13 @@ void groupnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *d
 // shift (N,C) may be NULL; dz: scratch of C*HW floats
 // keep: dropout mask (N*C*HW bytes, 1 = kept and scaled by keep_scale) or NULL
 void groupnorm_film_silu_forward(float *out, float *mean, float *rstd, const float *inp,
-                                 const float *gamma, const float *beta, const float *scale, const float *shift,
-                                 int silu, const unsigned char *keep, float keep_scale,
-                                 int N, int C, int HW, int G, float eps);
-void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, float *dscale, float *dshift,
-                                  const float *dout, const float *inp, const float *mean, const float *rstd,
-                                  const float *gamma, const float *beta, const float *scale, const float *shift,
+                                 const float *gamma, const float *beta, const float *scale,
+                                 const float *shift, int silu, const unsigned char *keep,
+                                 float keep_scale, int N, int C, int HW, int G, float eps);
+void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, float *dscale,
+                                  float *dshift, const float *dout, const float *inp,
+                                  const float *mean, const float *rstd, const float *gamma,
+                                  const float *beta, const float *scale, const float *shift,
                                   int silu, const unsigned char *keep, float keep_scale, float *dz,
                                   int N, int C, int HW, int G);
 void activation_forward(float *out, const float *inp, size_t n, int act);
@@ -381,7 +389,8 @@ void upsample2x_backward(float *dinp, const float *dout, size_t P, int H, int W)
 void avgpool2x2_forward(float *out, const float *inp, size_t P, int H, int W);
 void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W);
 void resize_bilinear_forward(float *out, const float *inp, size_t P, int H, int W, int OH, int OW);
-void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH, int OW);
+void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH,
+                              int OW);
 // ---------------------------------------------------------------------------
 // reference kernels: the definitions as direct loops, accumulated in double,
 // beside the fast kernels they witness (as llm.c keeps matmul_forward_naive
@@ -394,18 +403,18 @@ void conv2d_forward_ref(float *out, const float *inp, const float *weight, const
 void conv2d_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout,
                          const float *inp, const float *weight,
                          int N, int C, int H, int W, int OC, int K, int stride, int pad);
-void groupnorm_film_silu_forward_ref(float *out, const float *inp, const float *gamma, const float *beta,
-                                     const float *scale, const float *shift, int silu,
-                                     const unsigned char *keep, float keep_scale,
-                                     int N, int C, int HW, int G, float eps);
-void groupnorm_film_silu_backward_ref(float *dinp, float *dgamma, float *dbeta, float *dscale, float *dshift,
-                                      const float *dout, const float *inp, const float *gamma, const float *beta,
-                                      const float *scale, const float *shift, int silu,
-                                      const unsigned char *keep, float keep_scale,
-                                      int N, int C, int HW, int G, float eps);
+void groupnorm_film_silu_forward_ref(float *out, const float *inp, const float *gamma,
+                                     const float *beta, const float *scale, const float *shift,
+                                     int silu, const unsigned char *keep, float keep_scale, int N,
+                                     int C, int HW, int G, float eps);
+void groupnorm_film_silu_backward_ref(float *dinp, float *dgamma, float *dbeta, float *dscale,
+                                      float *dshift, const float *dout, const float *inp,
+                                      const float *gamma, const float *beta, const float *scale,
+                                      const float *shift, int silu, const unsigned char *keep,
+                                      float keep_scale, int N, int C, int HW, int G, float eps);
 void qkv_attention_forward_ref(float *out, const float *qkv, int BH, int ch, int T, float scale);
-void qkv_attention_backward_ref(float *dqkv, const float *dout, const float *qkv, int BH, int ch, int T,
-                                float scale);
+void qkv_attention_backward_ref(float *dqkv, const float *dout, const float *qkv, int BH, int ch,
+                                int T, float scale);
 
 // norm (N,HW) is written by forward and read by backward
 void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps);

@@ -80,7 +80,8 @@ static int has_attention(const UNetConfig *c, int ds) {
 typedef struct { Tensor **slot; size_t index; } Slot;
 typedef struct { UNet *u; Slot slots[4096]; size_t n; } Decl;
 
-static void declare(Decl *d, Tensor **slot, const char *name, int ndim, int s0, int s1, int s2, int s3) {
+static void declare(Decl *d, Tensor **slot, const char *name, int ndim, int s0, int s1, int s2,
+                    int s3) {
     int shape[4] = {s0, s1, s2, s3};
     if (d->n == sizeof d->slots / sizeof d->slots[0]) fatal("unet: too many parameters");
     d->slots[d->n].slot = slot;
@@ -96,7 +97,8 @@ static void declare_norm(Decl *d, Tensor **w, Tensor **b, const char *prefix, in
     declare(d, b, name, 1, ch, 0, 0, 0);
 }
 
-static void declare_conv(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in, int k) {
+static void declare_conv(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in,
+                         int k) {
     char name[160];
     snprintf(name, sizeof name, "%s.weight", prefix);
     declare(d, w, name, 4, out, in, k, k);
@@ -122,7 +124,8 @@ static void declare_linear(Decl *d, Tensor **w, Tensor **b, const char *prefix, 
     declare(d, b, name, 1, out, 0, 0, 0);
 }
 
-static void declare_resblock(Decl *d, ResBlock *r, const char *prefix, int in_ch, int out_ch, int emb_ch) {
+static void declare_resblock(Decl *d, ResBlock *r, const char *prefix, int in_ch, int out_ch,
+                             int emb_ch) {
     char p[160];
     r->in_ch = in_ch;
     r->out_ch = out_ch;
@@ -249,9 +252,13 @@ static void unet_init_values(UNet *u, Rng *rng) {
         if (t->ndim == 1) {
             // biases take the fan_in of their weight (the previous parameter);
             // 1-D weights are GroupNorm scales
-            if (ends_with(t->name, ".weight")) { for (size_t k = 0; k < t->size; k++) t->data[k] = 1.0f; continue; }
+            if (ends_with(t->name, ".weight")) {
+                for (size_t k = 0; k < t->size; k++) t->data[k] = 1.0f;
+                continue;
+            }
             Tensor *w = i > 0 ? params_get(ps, i - 1) : NULL;
-            if (!w || w->ndim == 1) { memset(t->data, 0, t->size * sizeof(float)); continue; }  // GroupNorm bias
+            // GroupNorm bias
+            if (!w || w->ndim == 1) { memset(t->data, 0, t->size * sizeof(float)); continue; }
             float bound = 1.0f / sqrtf((float)(w->size / w->shape[0]));
             rng_fill_uniform(rng, t->data, t->size, -bound, bound);
         } else {
@@ -266,26 +273,34 @@ static void unet_init_values(UNet *u, Rng *rng) {
 int unet_check_config(const UNetConfig *c, char *err, size_t errlen) {
     const char *bad = NULL;
     if (c->image_size < 1 || c->image_size > 4096) bad = "image_size must be 1..4096";
-    else if (c->in_channels < 1 || c->in_channels > 4 || c->out_channels < 1 || c->out_channels > 16)
+    else if (c->in_channels < 1 || c->in_channels > 4 || c->out_channels < 1 ||
+             c->out_channels > 16)
         bad = "in_channels must be 1..4 (out_channels 1..16)";
-    else if (c->model_channels < 1 || c->model_channels > 4096) bad = "model_channels must be 1..4096";
-    else if (c->n_levels < 1 || c->n_levels > UNET_MAX_LEVELS) bad = "channel_mult needs 1..8 levels";
+    else if (c->model_channels < 1 || c->model_channels > 4096)
+        bad = "model_channels must be 1..4096";
+    else if (c->n_levels < 1 || c->n_levels > UNET_MAX_LEVELS)
+        bad = "channel_mult needs 1..8 levels";
     else if (c->num_res_blocks < 1 || c->n_levels * (c->num_res_blocks + 1) > UNET_MAX_BLOCKS)
         bad = "num_res_blocks must be at least 1, and levels x (num_res_blocks + 1) at most 64";
     else if (c->num_heads < 1 || c->num_heads > 64) bad = "num_heads must be 1..64";
     else if (c->groups < 1) bad = "groups must be positive";
-    else if (c->image_size % (1 << (c->n_levels - 1))) bad = "image_size does not halve once per level of channel_mult";
+    else if (c->image_size % (1 << (c->n_levels - 1)))
+        bad = "image_size does not halve once per level of channel_mult";
     if (bad) { snprintf(err, errlen, "%s", bad); return -1; }
     for (int l = 0; l < c->n_levels; l++) {
         int ch = c->channel_mult[l] * c->model_channels;
         if (c->channel_mult[l] < 1 || ch % c->groups) {
-            snprintf(err, errlen, "%d channels (model_channels %d x channel_mult %d) do not split into %d GroupNorm groups",
-                     ch, c->model_channels, c->channel_mult[l], c->groups);
+            snprintf(
+                err, errlen,
+                "%d channels (model_channels %d x channel_mult %d) do not split into %d GroupNorm groups",
+                ch, c->model_channels, c->channel_mult[l], c->groups);
             return -1;
         }
-        int attn = l == c->n_levels - 1 || has_attention(c, 1 << l);  // the middle block attends at the last level
+        // the middle block attends at the last level
+        int attn = l == c->n_levels - 1 || has_attention(c, 1 << l);
         if (attn && ch % c->num_heads) {
-            snprintf(err, errlen, "%d channels do not split into %d attention heads", ch, c->num_heads);
+            snprintf(err, errlen, "%d channels do not split into %d attention heads", ch,
+                     c->num_heads);
             return -1;
         }
     }
@@ -327,7 +342,8 @@ double unet_activation_floats(const UNetConfig *c) {
     for (int level = 0; level < c->n_levels; level++) {
         for (int i = 0; i < c->num_res_blocks; i++) {
             int out = c->channel_mult[level] * mc;
-            total += (double)(ch + out) * r2 + (has_attention(c, 1 << level) ? 4.0 * out * r2 : 0.0);
+            total += (double)(ch + out) * r2 +
+                     (has_attention(c, 1 << level) ? 4.0 * out * r2 : 0.0);
             ch = chans[nch++] = out;
         }
         if (level != c->n_levels - 1) { r2 /= 4.0; total += (double)ch * r2; chans[nch++] = ch; }
@@ -336,7 +352,8 @@ double unet_activation_floats(const UNetConfig *c) {
     for (int level = c->n_levels - 1; level >= 0; level--) {
         for (int i = 0; i < c->num_res_blocks + 1; i++) {
             int out = c->channel_mult[level] * mc, in = ch + chans[--nch];
-            total += (double)(in + out) * r2 + (has_attention(c, 1 << level) ? 4.0 * out * r2 : 0.0);
+            total += (double)(in + out) * r2 +
+                     (has_attention(c, 1 << level) ? 4.0 * out * r2 : 0.0);
             ch = out;
             if (level && i == c->num_res_blocks) { r2 *= 4.0; total += (double)ch * r2; }
         }
@@ -391,7 +408,8 @@ static Tensor *view4(Graph *g, Tensor *t, int n, int c, int h, int w) {
 // one node (norm_conv2d) that keeps only its input: backward recomputes the
 // norm's output. The residual sum is done by the last convolution.
 // silu_emb = SiLU(emb), the same for every block, computed once.
-static Tensor *resblock_forward(Graph *g, const UNetConfig *c, ResBlock *r, Tensor *x, Tensor *silu_emb) {
+static Tensor *resblock_forward(Graph *g, const UNetConfig *c, ResBlock *r, Tensor *x,
+                                Tensor *silu_emb) {
     int N = x->shape[0], out = r->out_ch;
     NormSpec in_norm = {.gamma = r->in_norm_w, .beta = r->in_norm_b, .silu = 1, .groups = c->groups,
                         .eps = 1e-5f};
@@ -399,8 +417,9 @@ static Tensor *resblock_forward(Graph *g, const UNetConfig *c, ResBlock *r, Tens
     Tensor *e = view4(g, linear(g, silu_emb, r->emb_w, r->emb_b), N, 2 * out, 1, 1);
     Tensor *scale = slice_channels(g, e, 0, out), *shift = slice_channels(g, e, out, 2 * out);
     Tensor *skip = r->skip_w ? conv2d(g, x, r->skip_w, r->skip_b, 1, 0) : x;
-    NormSpec out_norm = {.gamma = r->out_norm_w, .beta = r->out_norm_b, .scale = scale, .shift = shift,
-                         .silu = 1, .groups = c->groups, .dropout = c->dropout, .eps = 1e-5f};
+    NormSpec out_norm = {.gamma = r->out_norm_w, .beta = r->out_norm_b, .scale = scale,
+                         .shift = shift, .silu = 1, .groups = c->groups, .dropout = c->dropout,
+                         .eps = 1e-5f};
     return norm_conv2d(g, h, &out_norm, r->out_conv_w, r->out_conv_b, skip, 1);
 }
 
@@ -412,12 +431,15 @@ static Tensor *attention_forward(Graph *g, const UNetConfig *c, AttnBlock *a, Te
     int heads = c->num_heads, ch = C / heads;
     if (C % heads) fatal("attention: %d channels do not split into %d heads", C, heads);
     NormSpec norm = {.gamma = a->norm_w, .beta = a->norm_b, .groups = c->groups, .eps = 1e-5f};
-    Tensor *qkv = norm_conv2d(g, x, &norm, view4(g, a->qkv_w, 3 * C, C, 1, 1), a->qkv_b, NULL, 0);  // (B, 3C, H, W)
+    // (B, 3C, H, W)
+    Tensor *qkv = norm_conv2d(g, x, &norm, view4(g, a->qkv_w, 3 * C, C, 1, 1), a->qkv_b, NULL, 0);
     int s3[3] = {B * heads, 3 * ch, T};
     // improved-diffusion scales q and k by ch^(-1/4) each; here the product by ch^(-1/2)
-    Tensor *o = qkv_attention(g, reshape(g, qkv, 3, s3), (float)(1.0 / sqrt((double)ch)));  // (BH, ch, T)
+    // (BH, ch, T)
+    Tensor *o = qkv_attention(g, reshape(g, qkv, 3, s3), (float)(1.0 / sqrt((double)ch)));
     o = view4(g, o, B, C, H, W);
-    return conv2d_add(g, o, view4(g, a->proj_w, C, C, 1, 1), a->proj_b, NULL, x, 1, 0);  // x + proj(o)
+    // x + proj(o)
+    return conv2d_add(g, o, view4(g, a->proj_w, C, C, 1, 1), a->proj_b, NULL, x, 1, 0);
 }
 
 static Tensor *block_forward(Graph *g, const UNetConfig *c, UNetBlock *b, Tensor *h, Tensor *emb) {
@@ -449,7 +471,8 @@ static Tensor *run_block(Graph *g, UNet *u, UNetBlock *b, Tensor *h, Tensor *ski
     BlockCtx k = {&u->cfg, b};
     if (u->use_checkpoint && (b->conv_kind == CONV_NONE || b->conv_kind == CONV_UP)) {
         Tensor *in[3] = {h, skip ? skip : emb, emb};
-        return checkpoint(g, skip ? up_block_checkpointed : block_checkpointed, &k, sizeof k, skip ? 3 : 2, in);
+        return checkpoint(g, skip ? up_block_checkpointed : block_checkpointed, &k, sizeof k,
+                          skip ? 3 : 2, in);
     }
     return block_forward(g, &u->cfg, b, skip ? concat_channels(g, h, skip) : h, emb);
 }
@@ -467,7 +490,8 @@ Tensor *unet_forward(Graph *g, UNet *u, Tensor *x, const float *t) {
     int se[2] = {N, mc};
     Tensor *temb = tensor_new(g, 2, se);
     timestep_embedding(temb->data, t, N, mc);
-    Tensor *emb = linear(g, silu(g, linear(g, temb, u->temb0_w, u->temb0_b)), u->temb2_w, u->temb2_b);
+    Tensor *emb = linear(g, silu(g, linear(g, temb, u->temb0_w, u->temb0_b)), u->temb2_w,
+                         u->temb2_b);
     emb = silu(g, emb);  // the first layer of every ResBlock's emb_layers
 
     Tensor *hs[UNET_MAX_BLOCKS];
@@ -484,7 +508,7 @@ Tensor *unet_forward(Graph *g, UNet *u, Tensor *x, const float *t) {
     int top = u->n_input;
     for (int i = 0; i < u->n_output; i++)
         h = graph_keep(g, m, run_block(g, u, &u->output[i], h, hs[--top], emb));
-    NormSpec out_norm = {.gamma = u->out_norm_w, .beta = u->out_norm_b, .silu = 1, .groups = c->groups,
-                         .eps = 1e-5f};
+    NormSpec out_norm = {.gamma = u->out_norm_w, .beta = u->out_norm_b, .silu = 1,
+                         .groups = c->groups, .eps = 1e-5f};
     return graph_keep(g, m, norm_conv2d(g, h, &out_norm, u->out_conv_w, u->out_conv_b, NULL, 1));
 }

@@ -5,8 +5,9 @@
 //   check_files grid.png W H C     check_files samples.npz N H W C
 //     prints nothing and exits 0 when the file is valid, else says why, exit 1
 //   check_files --set-meta IN OUT KEY VALUE     a checkpoint with one metadata value changed
-//   check_files --set-floats IN OUT NAME VALUE  ... with every float of tensor NAME set (strtof: nan, 3e38)
-//   check_files --craft KIND OUT                a hostile file: png-empty-idat (a valid 2x2 grey PNG
+//   check_files --set-floats IN OUT NAME VALUE  ... with every float of tensor NAME set (strtof:
+//   nan, 3e38) check_files --craft KIND OUT                a hostile file: png-empty-idat (a valid
+//   2x2 grey PNG
 //     with an empty IDAT chunk and an empty stored block), png-bomb (a 1x1 PNG whose IDAT inflates
 //     to 1 MiB)
 #include <stdint.h>
@@ -28,8 +29,12 @@ static uint32_t crc32_bitwise(const unsigned char *p, size_t n) {
     return ~c;
 }
 
-static uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
-static uint32_t le32(const unsigned char *p) { return (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0]; }
+static uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static uint32_t le32(const unsigned char *p) {
+    return (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0];
+}
 static uint32_t le16(const unsigned char *p) { return (uint32_t)p[1] << 8 | p[0]; }
 
 static int check_png(int W, int H, int C) {
@@ -41,10 +46,12 @@ static int check_png(int W, int H, int C) {
     while (pos + 12 <= len) {
         uint32_t n = be32(buf + pos);
         if (pos + 12 + n > len) return fail("chunk runs past the end");
-        if (crc32_bitwise(buf + pos + 4, n + 4) != be32(buf + pos + 8 + n)) return fail("chunk CRC");
+        if (crc32_bitwise(buf + pos + 4, n + 4) != be32(buf + pos + 8 + n))
+            return fail("chunk CRC");
         const unsigned char *d = buf + pos + 8;
         if (!memcmp(buf + pos + 4, "IHDR", 4)) {
-            if (n != 13 || (int)be32(d) != W || (int)be32(d + 4) != H || d[8] != 8 || d[9] != (C == 1 ? 0 : 2))
+            if (n != 13 || (int)be32(d) != W || (int)be32(d + 4) != H || d[8] != 8 ||
+                d[9] != (C == 1 ? 0 : 2))
                 return fail("IHDR size, depth or colour type");
             seen_ihdr = 1;
         } else if (!memcmp(buf + pos + 4, "IDAT", 4)) {
@@ -91,21 +98,25 @@ static int check_npz(int N, int H, int W, int C) {
     uint32_t cdoff = le32(e + 16), cdlen = le32(e + 12);
     if ((size_t)cdoff + cdlen + 22 != len) return fail("central directory position");
     const unsigned char *cd = buf + cdoff;
-    if (le32(cd) != 0x02014b50 || le16(cd + 10) != 0) return fail("central directory entry / not stored");
+    if (le32(cd) != 0x02014b50 || le16(cd + 10) != 0)
+        return fail("central directory entry / not stored");
     uint32_t crc = le32(cd + 16), size = le32(cd + 20), nl = le16(cd + 28), lo = le32(cd + 42);
     if (nl != 9 || memcmp(cd + 46, "arr_0.npy", 9)) return fail("member name");
     const unsigned char *lh = buf + lo;
-    if (le32(lh) != 0x04034b50 || le32(lh + 14) != crc || le32(lh + 18) != size) return fail("local header");
+    if (le32(lh) != 0x04034b50 || le32(lh + 14) != crc || le32(lh + 18) != size)
+        return fail("local header");
     const unsigned char *npy = lh + 30 + le16(lh + 26) + le16(lh + 28);
     if ((size_t)(npy - buf) + size > cdoff) return fail("member size");
     if (crc32_bitwise(npy, size) != crc) return fail("member CRC");
     if (memcmp(npy, "\x93NUMPY\x01\x00", 8)) return fail("npy magic/version");
     uint32_t hl = le16(npy + 8);
     char hdr[512], want[256];
-    if (hl >= sizeof hdr || (10 + hl) % 16 || npy[10 + hl - 1] != '\n') return fail("npy header length/alignment");
+    if (hl >= sizeof hdr || (10 + hl) % 16 || npy[10 + hl - 1] != '\n')
+        return fail("npy header length/alignment");
     memcpy(hdr, npy + 10, hl);
     hdr[hl] = 0;
-    snprintf(want, sizeof want, "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, %d), }", N, H, W, C);
+    snprintf(want, sizeof want,
+             "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, %d), }", N, H, W, C);
     if (strncmp(hdr, want, strlen(want))) return fail("npy header dict");
     if (size != 10 + hl + (size_t)N * H * W * C) return fail("npy data size");
     return 0;
@@ -118,11 +129,12 @@ static uint64_t le64(const unsigned char *p) {
     return v;
 }
 
-static int write_out(const char *path, const unsigned char *a, size_t na, const unsigned char *b, size_t nb,
-                     const unsigned char *c, size_t nc) {
+static int write_out(const char *path, const unsigned char *a, size_t na, const unsigned char *b,
+                     size_t nb, const unsigned char *c, size_t nc) {
     FILE *f = fopen(path, "wb");
     if (!f) return fail("cannot create the output");
-    int ok = fwrite(a, 1, na, f) == na && (!nb || fwrite(b, 1, nb, f) == nb) && (!nc || fwrite(c, 1, nc, f) == nc);
+    int ok = fwrite(a, 1, na, f) == na && (!nb || fwrite(b, 1, nb, f) == nb) &&
+             (!nc || fwrite(c, 1, nc, f) == nc);
     return fclose(f) == 0 && ok ? 0 : fail("write");
 }
 
@@ -162,7 +174,8 @@ static int set_floats(const char *out, const char *name, float value) {
     if (!at) return fail("no such tensor");
     char *off = strstr(at, "\"data_offsets\":[");
     unsigned long long b0, b1;
-    if (!off || sscanf(off + 16, "%llu,%llu", &b0, &b1) != 2 || 8 + hl + b1 > len) return fail("data_offsets");
+    if (!off || sscanf(off + 16, "%llu,%llu", &b0, &b1) != 2 || 8 + hl + b1 > len)
+        return fail("data_offsets");
     uint32_t u;
     memcpy(&u, &value, 4);
     for (unsigned long long p = b0; p < b1; p += 4)
@@ -171,7 +184,12 @@ static int set_floats(const char *out, const char *name, float value) {
 }
 
 // ---- hostile PNGs ----
-static void put32be(unsigned char *p, uint32_t v) { p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = (unsigned char)v; }
+static void put32be(unsigned char *p, uint32_t v) {
+    p[0] = v >> 24;
+    p[1] = v >> 16;
+    p[2] = v >> 8;
+    p[3] = (unsigned char)v;
+}
 
 static size_t chunk(unsigned char *o, const char *type, const unsigned char *d, uint32_t n) {
     put32be(o, n);
@@ -199,7 +217,8 @@ static void bits_put(Bits *w, uint32_t v, int nbits, int reversed) {
 
 static int craft(const char *kind, const char *out) {
     static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-    unsigned char *o = calloc(1, 1 << 16), ihdr[13] = {0, 0, 0, 2, 0, 0, 0, 2, 8, 0, 0, 0, 0}, z[16384];
+    unsigned char *o = calloc(1, 1 << 16), ihdr[13] = {0, 0, 0, 2, 0, 0, 0, 2, 8, 0, 0, 0, 0},
+                  z[16384];
     size_t n = 8, zn = 0;
     memcpy(o, sig, 8);
     if (!strcmp(kind, "png-empty-idat")) {
@@ -207,8 +226,10 @@ static int craft(const char *kind, const char *out) {
         // zlib stream with an empty stored block before the data block
         const unsigned char raw[6] = {0, 10, 20, 0, 30, 40};
         z[zn++] = 0x78; z[zn++] = 0x01;
-        z[zn++] = 0; z[zn++] = 0; z[zn++] = 0; z[zn++] = 0xff; z[zn++] = 0xff;  // stored, not last, 0 bytes
-        z[zn++] = 1; z[zn++] = 6; z[zn++] = 0; z[zn++] = 0xf9; z[zn++] = 0xff;  // stored, last, 6 bytes
+        // stored, not last, 0 bytes
+        z[zn++] = 0; z[zn++] = 0; z[zn++] = 0; z[zn++] = 0xff; z[zn++] = 0xff;
+        // stored, last, 6 bytes
+        z[zn++] = 1; z[zn++] = 6; z[zn++] = 0; z[zn++] = 0xf9; z[zn++] = 0xff;
         memcpy(z + zn, raw, 6); zn += 6;
         put32be(z + zn, adler(raw, 6, 1, 0)); zn += 4;
         n += chunk(o + n, "IHDR", ihdr, 13);
@@ -263,7 +284,8 @@ int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "--craft")) return craft(argv[2], argv[3]);
     if (argc == 6 && (!strcmp(argv[1], "--set-meta") || !strcmp(argv[1], "--set-floats"))) {
         if (load(argv[2])) return 1;
-        int rc = argv[1][6] == 'm' ? set_meta(argv[3], argv[4], argv[5]) : set_floats(argv[3], argv[4], strtof(argv[5], NULL));
+        int rc = argv[1][6] == 'm' ? set_meta(argv[3], argv[4], argv[5])
+                                   : set_floats(argv[3], argv[4], strtof(argv[5], NULL));
         free(buf);
         return rc;
     }
@@ -271,8 +293,10 @@ int main(int argc, char **argv) {
     if (load(argv[1])) return 1;
     size_t n = strlen(argv[1]);
     int rc;
-    if (n > 4 && !strcmp(argv[1] + n - 4, ".png") && argc == 5) rc = check_png(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
-    else if (n > 4 && !strcmp(argv[1] + n - 4, ".npz") && argc == 6) rc = check_npz(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
+    if (n > 4 && !strcmp(argv[1] + n - 4, ".png") && argc == 5)
+        rc = check_png(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
+    else if (n > 4 && !strcmp(argv[1] + n - 4, ".npz") && argc == 6)
+        rc = check_npz(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
     else rc = fail("usage: check_files FILE.png W H C | FILE.npz N H W C");
     free(buf);
     return rc;

@@ -117,9 +117,12 @@ static void st_exercise(const StFile *f) {
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
         int found = st_meta(f, keys[i], big, sizeof big) == 0;
         if (found) fuzz_check(strlen(big) < sizeof big, "st_meta: terminated");
-        if (st_meta(f, keys[i], small, sizeof small) == 0) fuzz_check(strlen(small) < sizeof small, "st_meta: fits");
+        if (st_meta(f, keys[i], small, sizeof small) == 0)
+            fuzz_check(strlen(small) < sizeof small, "st_meta: fits");
         // a short value is found whatever the length of the other values
-        else if (found) fuzz_check(strlen(big) >= sizeof small, "st_meta: a short value found with a small buffer");
+        else if (found)
+            fuzz_check(strlen(big) >= sizeof small,
+                       "st_meta: a short value found with a small buffer");
     }
 }
 
@@ -190,7 +193,8 @@ static void fuzz_train_options(int argc, char **argv) {
         UNetConfig cfg;
         int kind, sk;
         char err[600];
-        if (train_config(&o, shapes[k][0], shapes[k][1], &cfg, &kind, &sk, err, sizeof err) != 0) continue;
+        if (train_config(&o, shapes[k][0], shapes[k][1], &cfg, &kind, &sk, err, sizeof err) != 0)
+            continue;
         // what trainer_init does before it allocates
         (void)train_memory_check(&cfg, kind == MODEL_CASDM, &o, err, sizeof err);
     }
@@ -199,14 +203,16 @@ static void fuzz_train_options(int argc, char **argv) {
 static void fuzz_sample_options(int argc, char **argv) {
     SampleOpts o;
     define_sample_options(&o);
-    if (parse_options("sample", sample_opts_table, sample_opts_n, argc, argv, sample_help) != 0) return;
+    if (parse_options("sample", sample_opts_table, sample_opts_n, argc, argv, sample_help) != 0)
+        return;
     enum { T = 1000 };
     static int kept[T];
     char err[600];
     int nk = sample_steps(o.steps, T, kept, err, sizeof err);
     if (nk < 0) return;
     fuzz_check(nk >= 1 && nk <= T, "sample_steps: count in 1..T");
-    for (int i = 0; i < nk; i++) fuzz_check(kept[i] >= 0 && kept[i] < T, "sample_steps: steps in 0..T-1");
+    for (int i = 0; i < nk; i++)
+        fuzz_check(kept[i] >= 0 && kept[i] < T, "sample_steps: steps in 0..T-1");
     Schedule base, rs;
     schedule_init(&base, SCHEDULE_COSINE, T);
     schedule_respace(&rs, &base, kept, nk);
@@ -232,7 +238,8 @@ int fuzz_options(const uint8_t *data, size_t size) {
         int nk = space_timesteps(Ts[k], buf, kept, err, sizeof err);
         if (nk >= 0) {
             fuzz_check(nk >= 1 && nk <= Ts[k], "space_timesteps: count in 1..T");
-            for (int i = 0; i < nk; i++) fuzz_check(kept[i] >= 0 && kept[i] < Ts[k], "space_timesteps: steps in 0..T-1");
+            for (int i = 0; i < nk; i++)
+                fuzz_check(kept[i] >= 0 && kept[i] < Ts[k], "space_timesteps: steps in 0..T-1");
         }
         nk = sample_steps(buf, Ts[k], kept, err, sizeof err);
         if (nk >= 0) fuzz_check(nk >= 1 && nk <= Ts[k], "sample_steps: count in 1..T");
@@ -242,8 +249,10 @@ int fuzz_options(const uint8_t *data, size_t size) {
         UNetConfig c;
         char why[256];
         unet_default_config(&c, sizes[k], 3, 3);
-        if (unet_parse_channel_mult(&c, buf) == 0) fuzz_check(c.n_levels >= 1 && c.n_levels <= UNET_MAX_LEVELS, "mult: levels");
-        if (unet_parse_attention(&c, buf) == 0) fuzz_check(c.n_attention <= UNET_MAX_LEVELS, "attn: count");
+        if (unet_parse_channel_mult(&c, buf) == 0)
+            fuzz_check(c.n_levels >= 1 && c.n_levels <= UNET_MAX_LEVELS, "mult: levels");
+        if (unet_parse_attention(&c, buf) == 0)
+            fuzz_check(c.n_attention <= UNET_MAX_LEVELS, "attn: count");
         (void)unet_check_config(&c, why, sizeof why);
     }
     free(buf);

@@ -88,7 +88,8 @@ static void gradcheck(const char *name, BuildFn build, const int *arg, int nin, 
         double scale = 1e-6;
         for (size_t k = 0; k < n; k++) scale = fmax(scale, fabs(an[i][k]));
         size_t step = n > 40 ? n / 40 : 1;
-        for (size_t k = (step > 1 ? (size_t)rng_below(&rng, (uint32_t)step) : 0); k < n; k += step) {
+        for (size_t k = (step > 1 ? (size_t)rng_below(&rng, (uint32_t)step) : 0); k < n;
+             k += step) {
             float save = vals[i][k];
             vals[i][k] = save + (float)h;
             rng_seed(&drop, 99, 3);
@@ -99,33 +100,50 @@ static void gradcheck(const char *name, BuildFn build, const int *arg, int nin, 
             vals[i][k] = save;
             double fd = (lp - lm) / (2.0 * h), err = fabs(fd - an[i][k]) / scale;
             if (!(err <= worst)) worst = err;
-            if (!(err <= tol)) fprintf(stderr, "  %s input %d [%zu]: analytic %.6g, numeric %.6g\n", name, i, k, an[i][k], fd);
+            if (!(err <= tol))
+                fprintf(stderr, "  %s input %d [%zu]: analytic %.6g, numeric %.6g\n", name, i, k,
+                        an[i][k], fd);
             nchecked++;
         }
     }
     char tname[96];
     snprintf(tname, sizeof tname, "gradcheck %s", name);
-    test_result(worst <= tol, tname, "max err %.2e over %d elements, tol %.0e", worst, nchecked, tol);
+    test_result(worst <= tol, tname, "max err %.2e over %d elements, tol %.0e", worst, nchecked,
+                tol);
     for (int i = 0; i < nin; i++) { free(vals[i]); free(an[i]); }
     free(R);
     graph_free(&g);
 }
 
 // ---- builders: one small graph per op ----
-static Tensor *b_conv(Graph *g, Tensor **in, const int *a) { return conv2d(g, in[0], in[1], a[2] ? in[2] : NULL, a[0], a[1]); }
-static Tensor *b_linear(Graph *g, Tensor **in, const int *a) { (void)a; return linear(g, in[0], in[1], in[2]); }
-static Tensor *b_matmul(Graph *g, Tensor **in, const int *a) { return matmul(g, in[0], in[1], a[0], a[1]); }
+static Tensor *b_conv(Graph *g, Tensor **in, const int *a) {
+    return conv2d(g, in[0], in[1], a[2] ? in[2] : NULL, a[0], a[1]);
+}
+static Tensor *b_linear(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return linear(g, in[0], in[1], in[2]);
+}
+static Tensor *b_matmul(Graph *g, Tensor **in, const int *a) {
+    return matmul(g, in[0], in[1], a[0], a[1]);
+}
 static Tensor *b_add(Graph *g, Tensor **in, const int *a) { (void)a; return add(g, in[0], in[1]); }
 static Tensor *b_sub(Graph *g, Tensor **in, const int *a) { (void)a; return sub(g, in[0], in[1]); }
 static Tensor *b_mul(Graph *g, Tensor **in, const int *a) { (void)a; return mul(g, in[0], in[1]); }
-static Tensor *b_scale_shift(Graph *g, Tensor **in, const int *a) { (void)a; return scale_shift(g, in[0], -1.7f, 0.3f); }
-static Tensor *b_groupnorm(Graph *g, Tensor **in, const int *a) { return groupnorm(g, in[0], in[1], in[2], a[0], 1e-5f); }
+static Tensor *b_scale_shift(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return scale_shift(g, in[0], -1.7f, 0.3f);
+}
+static Tensor *b_groupnorm(Graph *g, Tensor **in, const int *a) {
+    return groupnorm(g, in[0], in[1], in[2], a[0], 1e-5f);
+}
 static Tensor *b_silu(Graph *g, Tensor **in, const int *a) { (void)a; return silu(g, in[0]); }
-static Tensor *b_gn_silu(Graph *g, Tensor **in, const int *a) { return groupnorm_silu(g, in[0], in[1], in[2], a[0], 1e-5f); }
+static Tensor *b_gn_silu(Graph *g, Tensor **in, const int *a) {
+    return groupnorm_silu(g, in[0], in[1], in[2], a[0], 1e-5f);
+}
 // a[0] groups, a[1] silu after, a[2] with FiLM
 static Tensor *b_gn_film_silu(Graph *g, Tensor **in, const int *a) {
-    return groupnorm_film_silu(g, in[0], in[1], in[2], a[2] ? in[3] : NULL, a[2] ? in[4] : NULL, a[1], a[3] ? 0.3f : 0.0f,
-                               a[0], 1e-5f);
+    return groupnorm_film_silu(g, in[0], in[1], in[2], a[2] ? in[3] : NULL, a[2] ? in[4] : NULL,
+                               a[1], a[3] ? 0.3f : 0.0f, a[0], 1e-5f);
 }
 // a[0] stride, a[1] pad, a[2] with shift, a[3] with residual
 static Tensor *b_conv_add(Graph *g, Tensor **in, const int *a) {
@@ -133,37 +151,68 @@ static Tensor *b_conv_add(Graph *g, Tensor **in, const int *a) {
 }
 // x, gamma, beta, scale, shift, w, b, residual; a[0] groups, a[1] silu, a[2] dropout on, a[3] pad
 static Tensor *b_norm_conv(Graph *g, Tensor **in, const int *a) {
-    NormSpec ns = {.gamma = in[1], .beta = in[2], .scale = in[3], .shift = in[4], .silu = a[1], .groups = a[0],
-                   .dropout = a[2] ? 0.3f : 0.0f, .eps = 1e-5f};
+    NormSpec ns = {.gamma = in[1], .beta = in[2], .scale = in[3], .shift = in[4], .silu = a[1],
+                   .groups = a[0], .dropout = a[2] ? 0.3f : 0.0f, .eps = 1e-5f};
     return norm_conv2d(g, in[0], &ns, in[5], in[6], in[7], a[3]);
 }
 static Tensor *b_relu(Graph *g, Tensor **in, const int *a) { (void)a; return relu(g, in[0]); }
-static Tensor *b_conv_relu(Graph *g, Tensor **in, const int *a) { (void)a; return conv2d_relu(g, in[0], in[1], in[2], 1, 1); }
+static Tensor *b_conv_relu(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return conv2d_relu(g, in[0], in[1], in[2], 1, 1);
+}
 static Tensor *b_sigmoid(Graph *g, Tensor **in, const int *a) { (void)a; return sigmoid(g, in[0]); }
 static Tensor *b_softmax(Graph *g, Tensor **in, const int *a) { (void)a; return softmax(g, in[0]); }
-static Tensor *b_qkv_attention(Graph *g, Tensor **in, const int *a) { (void)a; return qkv_attention(g, in[0], 0.6f); }
-static Tensor *b_upsample(Graph *g, Tensor **in, const int *a) { (void)a; return upsample2x(g, in[0]); }
-static Tensor *b_avgpool(Graph *g, Tensor **in, const int *a) { (void)a; return avgpool2x2(g, in[0]); }
-static Tensor *b_resize(Graph *g, Tensor **in, const int *a) { return resize_bilinear(g, in[0], a[0], a[1]); }
-static Tensor *b_concat(Graph *g, Tensor **in, const int *a) { (void)a; return concat_channels(g, in[0], in[1]); }
-static Tensor *b_slice(Graph *g, Tensor **in, const int *a) { return slice_channels(g, in[0], a[0], a[1]); }
+static Tensor *b_qkv_attention(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return qkv_attention(g, in[0], 0.6f);
+}
+static Tensor *b_upsample(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return upsample2x(g, in[0]);
+}
+static Tensor *b_avgpool(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return avgpool2x2(g, in[0]);
+}
+static Tensor *b_resize(Graph *g, Tensor **in, const int *a) {
+    return resize_bilinear(g, in[0], a[0], a[1]);
+}
+static Tensor *b_concat(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return concat_channels(g, in[0], in[1]);
+}
+static Tensor *b_slice(Graph *g, Tensor **in, const int *a) {
+    return slice_channels(g, in[0], a[0], a[1]);
+}
 static Tensor *b_reshape(Graph *g, Tensor **in, const int *a) {
     (void)a;
     int s[2] = {in[0]->shape[0], (int)(in[0]->size / in[0]->shape[0])};
     return linear(g, reshape(g, in[0], 2, s), in[1], NULL);
 }
 static Tensor *b_sum_all(Graph *g, Tensor **in, const int *a) { (void)a; return sum_all(g, in[0]); }
-static Tensor *b_mean_all(Graph *g, Tensor **in, const int *a) { (void)a; return mean_all(g, in[0]); }
+static Tensor *b_mean_all(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return mean_all(g, in[0]);
+}
 static Tensor *b_mean_hw(Graph *g, Tensor **in, const int *a) { (void)a; return mean_hw(g, in[0]); }
 static Tensor *b_mse(Graph *g, Tensor **in, const int *a) {
     static const float w[3] = {0.5f, 2.0f, 1.25f};
     return mse_loss(g, in[0], in[1], a[0] ? w : NULL);
 }
-static Tensor *b_l2norm(Graph *g, Tensor **in, const int *a) { (void)a; return l2norm_channels(g, in[0], 1e-10f); }
-static Tensor *b_dropout(Graph *g, Tensor **in, const int *a) { (void)a; return dropout(g, in[0], 0.3f); }
+static Tensor *b_l2norm(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return l2norm_channels(g, in[0], 1e-10f);
+}
+static Tensor *b_dropout(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return dropout(g, in[0], 0.3f);
+}
 // bounds where a normal sample falls on both sides (19% outside); the seed
 // (the test's name) keeps every checked element more than h from a bound
-static Tensor *b_clamp(Graph *g, Tensor **in, const int *a) { (void)a; return clamp(g, in[0], -1.3f, 1.3f); }
+static Tensor *b_clamp(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return clamp(g, in[0], -1.3f, 1.3f);
+}
 // a chain like one improved-diffusion ResBlock half: GN -> SiLU -> conv, FiLM, residual
 static Tensor *b_chain(Graph *g, Tensor **in, const int *a) {
     (void)a;
@@ -190,17 +239,36 @@ static void test_gradchecks(void) {
     for (int ta = 0; ta < 2; ta++)
         for (int tb = 0; tb < 2; tb++) {
             int M = 3, N = 4, K = 5, a[2] = {ta, tb};
-            InSpec s[2] = {{3, {2, ta ? K : M, ta ? M : K, 0}, 0}, {3, {2, tb ? N : K, tb ? K : N, 0}, 0}};
+            InSpec s[2] = {{3, {2, ta ? K : M, ta ? M : K, 0}, 0},
+                           {3, {2, tb ? N : K, tb ? K : N, 0}, 0}};
             char nm[64];
             snprintf(nm, sizeof nm, "matmul transA=%d transB=%d", ta, tb);
             gradcheck(nm, b_matmul, a, 2, s, 1e-2, 2e-3);
         }
-    { InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {2, 3, 4, 5}, 0}}; gradcheck("add same shape", b_add, NULL, 2, s, 1e-2, 2e-3); }
-    { InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {2, 3, 1, 1}, 0}}; gradcheck("add broadcast (N,C,1,1)", b_add, NULL, 2, s, 1e-2, 2e-3); }
-    { InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {1, {1}, 0}}; gradcheck("sub broadcast scalar", b_sub, NULL, 2, s, 1e-2, 2e-3); }
-    { InSpec s[2] = {{4, {2, 1, 4, 5}, 0}, {4, {2, 3, 4, 5}, 0}}; gradcheck("mul broadcast (N,1,H,W)", b_mul, NULL, 2, s, 1e-2, 2e-3); }
-    { InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {1, 3, 1, 1}, 0}}; gradcheck("mul broadcast (1,C,1,1)", b_mul, NULL, 2, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 3, 2, 2}, 0}}; gradcheck("scale_shift", b_scale_shift, NULL, 1, s, 1e-2, 2e-3); }
+    {
+        InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {2, 3, 4, 5}, 0}};
+        gradcheck("add same shape", b_add, NULL, 2, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {2, 3, 1, 1}, 0}};
+        gradcheck("add broadcast (N,C,1,1)", b_add, NULL, 2, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {1, {1}, 0}};
+        gradcheck("sub broadcast scalar", b_sub, NULL, 2, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[2] = {{4, {2, 1, 4, 5}, 0}, {4, {2, 3, 4, 5}, 0}};
+        gradcheck("mul broadcast (N,1,H,W)", b_mul, NULL, 2, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {1, 3, 1, 1}, 0}};
+        gradcheck("mul broadcast (1,C,1,1)", b_mul, NULL, 2, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{4, {2, 3, 2, 2}, 0}};
+        gradcheck("scale_shift", b_scale_shift, NULL, 1, s, 1e-2, 2e-3);
+    }
     { InSpec s[3] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}}; int a[1] = {4};
       gradcheck("groupnorm 4 groups", b_groupnorm, a, 3, s, 1e-2, 2e-3); }
     { InSpec s[3] = {{4, {1, 64, 2, 3}, 0}, {1, {64}, 0}, {1, {64}, 0}}; int a[1] = {32};
@@ -208,54 +276,129 @@ static void test_gradchecks(void) {
     { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("silu", b_silu, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[3] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}}; int a[1] = {4};
       gradcheck("groupnorm_silu", b_gn_silu, a, 3, s, 1e-2, 2e-3); }
-    { InSpec s[5] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}, {4, {2, 8, 1, 1}, 0}, {2, {2, 8}, 0}};
-      int a[4] = {4, 1, 1, 0};
-      gradcheck("groupnorm_film_silu (FiLM + SiLU)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
-    { InSpec s[5] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}, {4, {2, 8, 1, 1}, 0}, {2, {2, 8}, 0}};
-      int a[4] = {4, 1, 1, 1};
-      gradcheck("groupnorm_film_silu (FiLM + SiLU + dropout)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3); }
+    {
+        InSpec s[5] = {
+            {4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}, {4, {2, 8, 1, 1}, 0}, {2, {2, 8}, 0}};
+        int a[4] = {4, 1, 1, 0};
+        gradcheck("groupnorm_film_silu (FiLM + SiLU)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[5] = {
+            {4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}, {4, {2, 8, 1, 1}, 0}, {2, {2, 8}, 0}};
+        int a[4] = {4, 1, 1, 1};
+        gradcheck("groupnorm_film_silu (FiLM + SiLU + dropout)", b_gn_film_silu, a, 5, s, 1e-2,
+                  2e-3);
+    }
     // FiLM alone, then dropout with each other combination (forward once
     // skipped the mask when there was neither FiLM nor SiLU, while backward
     // applied it); a: groups, silu, FiLM, dropout
-    { InSpec s[5] = {{4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
-      static const struct { const char *name; int a[4]; } combos[] = {
-          {"groupnorm_film_silu (FiLM only)", {2, 0, 1, 0}},
-          {"groupnorm_film_silu (dropout only)", {2, 0, 0, 1}},
-          {"groupnorm_film_silu (SiLU + dropout)", {2, 1, 0, 1}},
-          {"groupnorm_film_silu (FiLM + dropout)", {2, 0, 1, 1}},
-      };
-      for (size_t i = 0; i < sizeof combos / sizeof combos[0]; i++)
-          gradcheck(combos[i].name, b_gn_film_silu, combos[i].a, 5, s, 1e-2, 2e-3); }
+    {
+        InSpec s[5] = {
+            {4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
+        static const struct {
+            const char *name;
+            int a[4];
+        } combos[] = {
+            {"groupnorm_film_silu (FiLM only)", {2, 0, 1, 0}},
+            {"groupnorm_film_silu (dropout only)", {2, 0, 0, 1}},
+            {"groupnorm_film_silu (SiLU + dropout)", {2, 1, 0, 1}},
+            {"groupnorm_film_silu (FiLM + dropout)", {2, 0, 1, 1}},
+        };
+        for (size_t i = 0; i < sizeof combos / sizeof combos[0]; i++)
+            gradcheck(combos[i].name, b_gn_film_silu, combos[i].a, 5, s, 1e-2, 2e-3);
+    }
     { InSpec s[8] = {{4, {2, 8, 3, 4}, 0}, {1, {8}, 0}, {1, {8}, 0}, {2, {2, 8}, 0}, {2, {2, 8}, 0},
                      {4, {5, 8, 3, 3}, 0}, {1, {5}, 0}, {4, {2, 5, 3, 4}, 0}};
       int a[4] = {4, 1, 1, 1};
-      gradcheck("norm_conv2d (FiLM + SiLU + dropout, 3x3, residual)", b_norm_conv, a, 8, s, 1e-2, 2e-3); }
-    { InSpec s[5] = {{4, {2, 3, 5, 6}, 0}, {4, {4, 3, 3, 3}, 0}, {1, {4}, 0}, {2, {2, 4}, 0}, {4, {2, 4, 5, 6}, 0}};
-      int a[4] = {1, 1, 1, 1};
-      gradcheck("conv2d_add (shift + residual)", b_conv_add, a, 5, s, 1e-2, 2e-3); }
-    { InSpec s[5] = {{4, {2, 3, 6, 6}, 0}, {4, {4, 3, 1, 1}, 0}, {1, {4}, 0}, {2, {2, 4}, 0}, {4, {2, 4, 6, 6}, 0}};
-      int a[4] = {1, 0, 0, 1};
-      gradcheck("conv2d_add 1x1 (residual)", b_conv_add, a, 5, s, 1e-2, 2e-3); }
+      gradcheck("norm_conv2d (FiLM + SiLU + dropout, 3x3, residual)", b_norm_conv, a, 8, s, 1e-2,
+                2e-3);
+    }
+    {
+        InSpec s[5] = {{4, {2, 3, 5, 6}, 0},
+                       {4, {4, 3, 3, 3}, 0},
+                       {1, {4}, 0},
+                       {2, {2, 4}, 0},
+                       {4, {2, 4, 5, 6}, 0}};
+        int a[4] = {1, 1, 1, 1};
+        gradcheck("conv2d_add (shift + residual)", b_conv_add, a, 5, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[5] = {{4, {2, 3, 6, 6}, 0},
+                       {4, {4, 3, 1, 1}, 0},
+                       {1, {4}, 0},
+                       {2, {2, 4}, 0},
+                       {4, {2, 4, 6, 6}, 0}};
+        int a[4] = {1, 0, 0, 1};
+        gradcheck("conv2d_add 1x1 (residual)", b_conv_add, a, 5, s, 1e-2, 2e-3);
+    }
     { InSpec s[1] = {{4, {2, 3, 4, 5}, 1}}; gradcheck("relu", b_relu, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[3] = {{4, {2, 3, 4, 5}, 0}, {4, {4, 3, 3, 3}, 0}, {1, {4}, 0}};
       gradcheck("conv2d_relu", b_conv_relu, NULL, 3, s, 1e-3, 2e-3); }
-    { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("sigmoid", b_sigmoid, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{3, {2, 3, 7, 0}, 0}}; gradcheck("softmax", b_softmax, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{3, {3, 6, 5, 0}, 0}}; gradcheck("qkv_attention", b_qkv_attention, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 3, 3, 5}, 0}}; gradcheck("upsample2x", b_upsample, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 3, 4, 6}, 0}}; gradcheck("avgpool2x2", b_avgpool, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {1, 2, 5, 6}, 0}}; int a[2] = {8, 11}; gradcheck("resize_bilinear up", b_resize, a, 1, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 2, 7, 9}, 0}}; int a[2] = {3, 4}; gradcheck("resize_bilinear down", b_resize, a, 1, s, 1e-2, 2e-3); }
-    { InSpec s[2] = {{4, {2, 3, 2, 2}, 0}, {4, {2, 2, 2, 2}, 0}}; gradcheck("concat_channels", b_concat, NULL, 2, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 5, 2, 3}, 0}}; int a[2] = {1, 4}; gradcheck("slice_channels", b_slice, a, 1, s, 1e-2, 2e-3); }
-    { InSpec s[2] = {{4, {2, 3, 2, 2}, 0}, {2, {3, 12}, 0}}; gradcheck("reshape", b_reshape, NULL, 2, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 3, 2, 2}, 0}}; gradcheck("sum_all", b_sum_all, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 3, 2, 2}, 0}}; gradcheck("mean_all", b_mean_all, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 3, 3, 4}, 0}}; gradcheck("mean_hw", b_mean_hw, NULL, 1, s, 1e-2, 2e-3); }
+    {
+        InSpec s[1] = {{4, {2, 3, 4, 5}, 0}};
+        gradcheck("sigmoid", b_sigmoid, NULL, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{3, {2, 3, 7, 0}, 0}};
+        gradcheck("softmax", b_softmax, NULL, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{3, {3, 6, 5, 0}, 0}};
+        gradcheck("qkv_attention", b_qkv_attention, NULL, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{4, {2, 3, 3, 5}, 0}};
+        gradcheck("upsample2x", b_upsample, NULL, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{4, {2, 3, 4, 6}, 0}};
+        gradcheck("avgpool2x2", b_avgpool, NULL, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{4, {1, 2, 5, 6}, 0}};
+        int a[2] = {8, 11};
+        gradcheck("resize_bilinear up", b_resize, a, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{4, {2, 2, 7, 9}, 0}};
+        int a[2] = {3, 4};
+        gradcheck("resize_bilinear down", b_resize, a, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[2] = {{4, {2, 3, 2, 2}, 0}, {4, {2, 2, 2, 2}, 0}};
+        gradcheck("concat_channels", b_concat, NULL, 2, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{4, {2, 5, 2, 3}, 0}};
+        int a[2] = {1, 4};
+        gradcheck("slice_channels", b_slice, a, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[2] = {{4, {2, 3, 2, 2}, 0}, {2, {3, 12}, 0}};
+        gradcheck("reshape", b_reshape, NULL, 2, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{4, {2, 3, 2, 2}, 0}};
+        gradcheck("sum_all", b_sum_all, NULL, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{4, {2, 3, 2, 2}, 0}};
+        gradcheck("mean_all", b_mean_all, NULL, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{4, {2, 3, 3, 4}, 0}};
+        gradcheck("mean_hw", b_mean_hw, NULL, 1, s, 1e-2, 2e-3);
+    }
     { InSpec s[2] = {{4, {3, 2, 3, 3}, 0}, {4, {3, 2, 3, 3}, 0}}; int a[1] = {1};
       gradcheck("mse_loss weighted", b_mse, a, 2, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 4, 3, 3}, 0}}; gradcheck("l2norm_channels", b_l2norm, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("dropout", b_dropout, NULL, 1, s, 1e-2, 2e-3); }
+    {
+        InSpec s[1] = {{4, {2, 4, 3, 3}, 0}};
+        gradcheck("l2norm_channels", b_l2norm, NULL, 1, s, 1e-2, 2e-3);
+    }
+    {
+        InSpec s[1] = {{4, {2, 3, 4, 5}, 0}};
+        gradcheck("dropout", b_dropout, NULL, 1, s, 1e-2, 2e-3);
+    }
     { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("clamp", b_clamp, NULL, 1, s, 1e-2, 2e-3); }
     { InSpec s[3] = {{4, {2, 4, 5, 5}, 0}, {4, {4, 4, 3, 3}, 0}, {4, {2, 4, 1, 1}, 0}};
       gradcheck("chain groupnorm-silu-conv-film-residual", b_chain, NULL, 3, s, 1e-2, 2e-3); }
@@ -263,12 +406,14 @@ static void test_gradchecks(void) {
 
 // The fused ops against their unfused compositions (forward and every
 // gradient): silu(GN(x) * (1 + scale) + shift) and conv(x) + shift + residual.
-static double grad_diff(Tensor **a, Tensor **b, int n) {  // max over inputs, relative to the largest element
+static double grad_diff(Tensor **a, Tensor **b,
+                        int n) {  // max over inputs, relative to the largest element
     double err = 0.0;
     for (int i = 0; i < n; i++) {
         double mx = 1e-30, e = 0.0;
         for (size_t k = 0; k < a[i]->size; k++) mx = fmax(mx, fabs(b[i]->grad[k]));
-        for (size_t k = 0; k < a[i]->size; k++) e = fmax(e, fabs(a[i]->grad[k] - b[i]->grad[k]) / mx);
+        for (size_t k = 0; k < a[i]->size; k++)
+            e = fmax(e, fabs(a[i]->grad[k] - b[i]->grad[k]) / mx);
         if (e > 1e-5) fprintf(stderr, "  input %d: gradient differs by %.2e\n", i, e);
         err = fmax(err, e);
     }
@@ -296,12 +441,14 @@ static void test_fused_equal_composed(void) {
     }
     Tensor *y = groupnorm_film_silu(&g, in[0], in[1], in[2], in[3], in[4], 1, 0.0f, 32, 1e-5f);
     Tensor *gn = groupnorm(&gr, ref_in[0], ref_in[1], ref_in[2], 32, 1e-5f);
-    Tensor *yr = silu(&gr, add(&gr, mul(&gr, gn, scale_shift(&gr, ref_in[3], 1.0f, 1.0f)), ref_in[4]));
+    Tensor *yr = silu(&gr,
+                      add(&gr, mul(&gr, gn, scale_shift(&gr, ref_in[3], 1.0f, 1.0f)), ref_in[4]));
     double err = compare("fused", y->data, yr->data, ny, 1e-6);
     graph_backward(&g, y, R);
     graph_backward(&gr, yr, R);
     err = fmax(err, grad_diff(in, ref_in, 5));
-    test_result(err <= 1e-5, "groupnorm_film_silu equals groupnorm, FiLM and silu composed", "max err %.1e", err);
+    test_result(err <= 1e-5, "groupnorm_film_silu equals groupnorm, FiLM and silu composed",
+                "max err %.1e", err);
 
     // with dropout: the same mask as the dropout op drawn from the same RNG state
     graph_reset(&g);
@@ -318,17 +465,23 @@ static void test_fused_equal_composed(void) {
         in[i]->requires_grad = ref_in[i]->requires_grad = 1;
     }
     y = groupnorm_film_silu(&g, in[0], in[1], in[2], in[3], in[4], 1, 0.3f, 32, 1e-5f);
-    yr = dropout(&gr, groupnorm_film_silu(&gr, ref_in[0], ref_in[1], ref_in[2], ref_in[3], ref_in[4], 1, 0.0f, 32, 1e-5f), 0.3f);
+    yr = dropout(&gr,
+                 groupnorm_film_silu(&gr, ref_in[0], ref_in[1], ref_in[2], ref_in[3], ref_in[4], 1,
+                                     0.0f, 32, 1e-5f),
+                 0.3f);
     err = compare("fused dropout", y->data, yr->data, ny, 0.0);
     graph_backward(&g, y, R);
     graph_backward(&gr, yr, R);
     err = fmax(err, grad_diff(in, ref_in, 5));
-    test_result(err <= 1e-6, "groupnorm_film_silu with dropout equals it followed by the dropout op", "max err %.1e", err);
+    test_result(err <= 1e-6,
+                "groupnorm_film_silu with dropout equals it followed by the dropout op",
+                "max err %.1e", err);
     g.training = gr.training = 0;
 
     graph_reset(&g);
     graph_reset(&gr);
-    int sw[4] = {8, C, 3, 3}, sb[1] = {8}, ss[2] = {N, 8}, sr[4] = {N, 8, H, W}, ss4[4] = {N, 8, 1, 1};
+    int sw[4] = {8, C, 3, 3}, sb[1] = {8}, ss[2] = {N, 8}, sr[4] = {N, 8, H, W},
+        ss4[4] = {N, 8, 1, 1};
     const int *shp2[5] = {sx, sw, sb, ss, sr};
     int nd2[5] = {4, 4, 1, 2, 4};
     for (int i = 0; i < 5; i++) {
@@ -338,12 +491,16 @@ static void test_fused_equal_composed(void) {
         in[i]->requires_grad = ref_in[i]->requires_grad = 1;
     }
     y = conv2d_add(&g, in[0], in[1], in[2], in[3], in[4], 1, 1);
-    yr = add(&gr, add(&gr, conv2d(&gr, ref_in[0], ref_in[1], ref_in[2], 1, 1), reshape(&gr, ref_in[3], 4, ss4)), ref_in[4]);
+    yr = add(&gr,
+             add(&gr, conv2d(&gr, ref_in[0], ref_in[1], ref_in[2], 1, 1),
+                 reshape(&gr, ref_in[3], 4, ss4)),
+             ref_in[4]);
     err = compare("conv_add", y->data, yr->data, (size_t)N * 8 * H * W, 1e-5);
     graph_backward(&g, y, R);
     graph_backward(&gr, yr, R);
     err = fmax(err, grad_diff(in, ref_in, 5));
-    test_result(err <= 1e-5, "conv2d_add equals conv2d plus shift plus residual", "max err %.1e", err);
+    test_result(err <= 1e-5, "conv2d_add equals conv2d plus shift plus residual", "max err %.1e",
+                err);
 
     // norm_conv2d against groupnorm_film_silu then conv2d_add, dropout on: bitwise
     graph_reset(&g);
@@ -361,18 +518,22 @@ static void test_fused_equal_composed(void) {
         ref8[i] = tensor_from(&gr, nd3[i], shp3[i], in8[i]->data);
         in8[i]->requires_grad = ref8[i]->requires_grad = 1;
     }
-    NormSpec ns = {.gamma = in8[1], .beta = in8[2], .scale = in8[3], .shift = in8[4], .silu = 1, .groups = 32,
-                   .dropout = 0.3f, .eps = 1e-5f};
+    NormSpec ns = {.gamma = in8[1], .beta = in8[2], .scale = in8[3], .shift = in8[4], .silu = 1,
+                   .groups = 32, .dropout = 0.3f, .eps = 1e-5f};
     y = norm_conv2d(&g, in8[0], &ns, in8[5], in8[6], in8[7], 1);
-    Tensor *hr = groupnorm_film_silu(&gr, ref8[0], ref8[1], ref8[2], ref8[3], ref8[4], 1, 0.3f, 32, 1e-5f);
+    Tensor *hr = groupnorm_film_silu(&gr, ref8[0], ref8[1], ref8[2], ref8[3], ref8[4], 1, 0.3f, 32,
+                                     1e-5f);
     yr = conv2d_add(&gr, hr, ref8[5], ref8[6], NULL, ref8[7], 1, 1);
     size_t differ = 0;
-    for (size_t i = 0; i < y->size; i++) differ += memcmp(&y->data[i], &yr->data[i], sizeof(float)) != 0;
+    for (size_t i = 0; i < y->size; i++)
+        differ += memcmp(&y->data[i], &yr->data[i], sizeof(float)) != 0;
     graph_backward(&g, y, R);
     graph_backward(&gr, yr, R);
     for (int i = 0; i < 8; i++)
-        for (size_t k = 0; k < in8[i]->size; k++) differ += memcmp(&in8[i]->grad[k], &ref8[i]->grad[k], sizeof(float)) != 0;
-    test_result(differ == 0, "norm_conv2d equals groupnorm_film_silu then conv2d_add, bit for bit (dropout on)",
+        for (size_t k = 0; k < in8[i]->size; k++)
+            differ += memcmp(&in8[i]->grad[k], &ref8[i]->grad[k], sizeof(float)) != 0;
+    test_result(differ == 0,
+                "norm_conv2d equals groupnorm_film_silu then conv2d_add, bit for bit (dropout on)",
                 "%zu values differ", differ);
     g.training = gr.training = 0;
     free(R);
@@ -392,13 +553,18 @@ static void test_conv_grouped_equals_single(void) {
     for (int cs = 0; cs < 3; cs++) {
         int K = cases[cs][0], st = cases[cs][1], pd = cases[cs][2], N = 3, C = 5, OC = 7, H = 8;
         int OH = (H + 2 * pd - K) / st + 1;
-        int sx[4] = {N, C, H, H}, sw[4] = {OC, C, K, K}, sb[1] = {OC}, ss[2] = {N, OC}, sr[4] = {N, OC, OH, OH};
+        int sx[4] = {N, C, H, H}, sw[4] = {OC, C, K, K}, sb[1] = {OC}, ss[2] = {N, OC},
+            sr[4] = {N, OC, OH, OH};
         Graph g;
         graph_init(&g, 0, 0);
         Tensor *x = tensor_new(&g, 4, sx), *w = tensor_new(&g, 4, sw), *b = tensor_new(&g, 1, sb);
-        Tensor *sh = tensor_new(&g, 2, ss), *res = tensor_new(&g, 4, sr), *R = tensor_new(&g, 4, sr);
+        Tensor *sh = tensor_new(&g, 2, ss), *res = tensor_new(&g, 4, sr),
+               *R = tensor_new(&g, 4, sr);
         Tensor *all[6] = {x, w, b, sh, res, R};
-        for (int i = 0; i < 6; i++) { rng_fill_normal(&rng, all[i]->data, all[i]->size, 0.0f, 1.0f); all[i]->requires_grad = i < 5; }
+        for (int i = 0; i < 6; i++) {
+            rng_fill_normal(&rng, all[i]->data, all[i]->size, 0.0f, 1.0f);
+            all[i]->requires_grad = i < 5;
+        }
         Tensor *y = conv2d_add(&g, x, w, b, sh, res, st, pd);  // grouped
         graph_backward(&g, y, R->data);
         for (int n = 0; n < N; n++) {  // one image at a time, fresh gradients
@@ -413,16 +579,23 @@ static void test_conv_grouped_equals_single(void) {
             for (int i = 0; i < 5; i++) in1[i]->requires_grad = 1;
             Tensor *y1 = conv2d_add(&g1, x1, w1, b1, sh1, r1, st, pd);
             graph_backward(&g1, y1, R->data + (size_t)n * OC * OH * OH);
-            worst = fmax(worst, compare("y", y1->data, y->data + (size_t)n * OC * OH * OH, y1->size, 1e-5));
-            worst = fmax(worst, compare("dx", x1->grad, x->grad + (size_t)n * C * H * H, x1->size, 1e-5));
-            worst = fmax(worst, compare("dshift", sh1->grad, sh->grad + (size_t)n * OC, sh1->size, 1e-5));
-            worst = fmax(worst, compare("dres", r1->grad, res->grad + (size_t)n * OC * OH * OH, r1->size, 1e-5));
+            worst = fmax(
+                worst, compare("y", y1->data, y->data + (size_t)n * OC * OH * OH, y1->size, 1e-5));
+            worst = fmax(worst,
+                         compare("dx", x1->grad, x->grad + (size_t)n * C * H * H, x1->size, 1e-5));
+            worst = fmax(worst,
+                         compare("dshift", sh1->grad, sh->grad + (size_t)n * OC, sh1->size, 1e-5));
+            worst = fmax(worst, compare("dres", r1->grad, res->grad + (size_t)n * OC * OH * OH,
+                                        r1->size, 1e-5));
             for (int i = 1; i < 3; i++) {  // dw, db: the sums over images
                 Tensor *t = i == 1 ? w : b;
                 float *acc = i == 1 ? w1->grad : b1->grad;
                 static float sums[2][512];
-                for (size_t k = 0; k < t->size; k++) sums[i - 1][k] = (n ? sums[i - 1][k] : 0.0f) + acc[k];
-                if (n == N - 1) worst = fmax(worst, compare(i == 1 ? "dw" : "db", sums[i - 1], t->grad, t->size, 1e-5));
+                for (size_t k = 0; k < t->size; k++)
+                    sums[i - 1][k] = (n ? sums[i - 1][k] : 0.0f) + acc[k];
+                if (n == N - 1)
+                    worst = fmax(
+                        worst, compare(i == 1 ? "dw" : "db", sums[i - 1], t->grad, t->size, 1e-5));
             }
             graph_free(&g1);
         }
@@ -489,7 +662,8 @@ static void test_no_grad(void) {
     int ok3 = x->grad == NULL && frozen->grad == NULL && w->grad != NULL;
     // no-grad keeps only the two outputs (plus their headers), no scratch
     int ok4 = used <= 2 * (32 * 4 + 64) + 2 * 128;
-    test_result(ok1 && ok2 && ok3 && ok4, "no-grad mode and frozen tensors", "no-grad used %zu bytes", used);
+    test_result(ok1 && ok2 && ok3 && ok4, "no-grad mode and frozen tensors",
+                "no-grad used %zu bytes", used);
     graph_free(&g);
 }
 
@@ -510,9 +684,11 @@ static Tensor *golden(Graph *g, const char *case_name, const char *what, int req
 }
 
 // compares out and every d<input> of one case; fwd tol 1e-5, grad tol 1e-4
-static void golden_check(Graph *g, const char *case_name, Tensor *out, Tensor **in, const char **names, int nin) {
+static void golden_check(Graph *g, const char *case_name, Tensor *out, Tensor **in,
+                         const char **names, int nin) {
     Tensor *ref = golden(g, case_name, "out", 0), *dout = golden(g, case_name, "dout", 0);
-    double ef = same_shape(out, ref) ? compare("out", out->data, ref->data, ref->size, 1e-5) : INFINITY;
+    double ef = same_shape(out, ref) ? compare("out", out->data, ref->data, ref->size, 1e-5)
+                                     : INFINITY;
     graph_backward(g, out, dout->data);
     double eb = 0.0;
     for (int i = 0; i < nin; i++) {
@@ -523,7 +699,8 @@ static void golden_check(Graph *g, const char *case_name, Tensor *out, Tensor **
     }
     char tname[96];
     snprintf(tname, sizeof tname, "golden %s", case_name);
-    test_result(ef <= 1e-5 && eb <= 1e-4, tname, "forward err %.1e (tol 1e-5), gradient err %.1e (tol 1e-4)", ef, eb);
+    test_result(ef <= 1e-5 && eb <= 1e-4, tname,
+                "forward err %.1e (tol 1e-5), gradient err %.1e (tol 1e-4)", ef, eb);
 }
 
 static void test_goldens(void) {
@@ -538,29 +715,36 @@ static void test_goldens(void) {
     const char *convs[3] = {"conv3x3", "conv3x3s2", "conv1x1"};
     for (int i = 0; i < 3; i++) {
         graph_reset(&g);
-        Tensor *in[3] = {golden(&g, convs[i], "x", 1), golden(&g, convs[i], "w", 1), golden(&g, convs[i], "b", 1)};
-        int stride = (int)golden(&g, convs[i], "stride", 0)->data[0], pad = (int)golden(&g, convs[i], "pad", 0)->data[0];
+        Tensor *in[3] = {golden(&g, convs[i], "x", 1), golden(&g, convs[i], "w", 1),
+                         golden(&g, convs[i], "b", 1)};
+        int stride = (int)golden(&g, convs[i], "stride", 0)->data[0],
+            pad = (int)golden(&g, convs[i], "pad", 0)->data[0];
         const char *names[3] = {"x", "w", "b"};
         golden_check(&g, convs[i], conv2d(&g, in[0], in[1], in[2], stride, pad), in, names, 3);
     }
     {
         graph_reset(&g);
-        Tensor *in[3] = {golden(&g, "groupnorm", "x", 1), golden(&g, "groupnorm", "gamma", 1), golden(&g, "groupnorm", "beta", 1)};
+        Tensor *in[3] = {golden(&g, "groupnorm", "x", 1), golden(&g, "groupnorm", "gamma", 1),
+                         golden(&g, "groupnorm", "beta", 1)};
         const char *names[3] = {"x", "gamma", "beta"};
         golden_check(&g, "groupnorm", groupnorm(&g, in[0], in[1], in[2], 32, 1e-5f), in, names, 3);
     }
     {   // improved-diffusion's QKVAttention from matmul, scale and softmax
         graph_reset(&g);
-        Tensor *in[3] = {golden(&g, "attention", "q", 1), golden(&g, "attention", "k", 1), golden(&g, "attention", "v", 1)};
+        Tensor *in[3] = {golden(&g, "attention", "q", 1), golden(&g, "attention", "k", 1),
+                         golden(&g, "attention", "v", 1)};
         float sc = golden(&g, "attention", "scale", 0)->data[0];
-        Tensor *w = matmul(&g, scale_shift(&g, in[0], sc, 0.0f), scale_shift(&g, in[1], sc, 0.0f), 1, 0);  // (B,T,S)
+        // (B,T,S)
+        Tensor *w = matmul(&g, scale_shift(&g, in[0], sc, 0.0f), scale_shift(&g, in[1], sc, 0.0f),
+                           1, 0);
         Tensor *out = matmul(&g, in[2], softmax(&g, w), 0, 1);  // v (B,C,S) @ w^T (B,S,T)
         const char *names[3] = {"q", "k", "v"};
         golden_check(&g, "attention", out, in, names, 3);
     }
     {   // the fused qkv_attention against the same golden: q, k, v stacked per batch
         graph_reset(&g);
-        Tensor *q = golden(&g, "attention", "q", 0), *k = golden(&g, "attention", "k", 0), *v = golden(&g, "attention", "v", 0);
+        Tensor *q = golden(&g, "attention", "q", 0), *k = golden(&g, "attention", "k", 0),
+               *v = golden(&g, "attention", "v", 0);
         float sc = golden(&g, "attention", "scale", 0)->data[0];
         int B = q->shape[0], C = q->shape[1], T = q->shape[2], s3[3] = {B, 3 * C, T};
         Tensor *qkv = tensor_new(&g, 3, s3);
@@ -578,7 +762,8 @@ static void test_goldens(void) {
         for (int i = 0; i < 3; i++) {
             Tensor *r = golden(&g, "attention", dn[i], 0);
             for (int b = 0; b < B; b++)
-                eb = fmax(eb, compare(dn[i], qkv->grad + (3 * (size_t)b + i) * blk, r->data + b * blk, blk, 1e-4));
+                eb = fmax(eb, compare(dn[i], qkv->grad + (3 * (size_t)b + i) * blk,
+                                      r->data + b * blk, blk, 1e-4));
         }
         test_result(ef <= 1e-5 && eb <= 1e-4, "golden attention, fused qkv_attention",
                     "forward err %.1e (tol 1e-5), gradient err %.1e (tol 1e-4)", ef, eb);
@@ -589,7 +774,8 @@ static void test_goldens(void) {
         Tensor *in[1] = {golden(&g, resizes[i], "x", 1)};
         Tensor *ref = golden(&g, resizes[i], "out", 0);
         const char *names[1] = {"x"};
-        golden_check(&g, resizes[i], resize_bilinear(&g, in[0], ref->shape[2], ref->shape[3]), in, names, 1);
+        golden_check(&g, resizes[i], resize_bilinear(&g, in[0], ref->shape[2], ref->shape[3]), in,
+                     names, 1);
     }
     {
         graph_reset(&g);
@@ -663,8 +849,10 @@ static double conv_against_ref(Rng *r, const int *cs) {
     size_t nx = (size_t)N * C * H * W, nw = (size_t)OC * C * K * K, ny = (size_t)N * OC * OH * OW;
     float *x = random_floats(r, nx), *w = random_floats(r, nw), *b = random_floats(r, (size_t)OC);
     float *dy = random_floats(r, ny), *y = mallocCheck(ny * 4), *y_ref = mallocCheck(ny * 4);
-    float *dx = random_floats(r, nx), *dw = random_floats(r, nw), *db = random_floats(r, (size_t)OC);
-    float *dx_ref = copy_floats(dx, nx), *dw_ref = copy_floats(dw, nw), *db_ref = copy_floats(db, (size_t)OC);
+    float *dx = random_floats(r, nx), *dw = random_floats(r, nw),
+          *db = random_floats(r, (size_t)OC);
+    float *dx_ref = copy_floats(dx, nx), *dw_ref = copy_floats(dw, nw),
+          *db_ref = copy_floats(db, (size_t)OC);
     float *col = mallocCheck(conv2d_forward_scratch(N, C, H, W, OC, K, st, pd) * 4);
     conv2d_forward(y, x, w, b, col, N, C, H, W, OC, K, st, pd);
     free(col);
@@ -686,16 +874,21 @@ static double conv_against_ref(Rng *r, const int *cs) {
 static double norm_against_ref(Rng *r, const int *cs, int mode) {
     int N = cs[0], C = cs[1], HW = cs[2], G = cs[3];
     size_t n = (size_t)N * C * HW, nc = (size_t)N * C;
-    float *x = random_floats(r, n), *dy = random_floats(r, n), *y = mallocCheck(n * 4), *y_ref = mallocCheck(n * 4);
+    float *x = random_floats(r, n), *dy = random_floats(r, n), *y = mallocCheck(n * 4),
+          *y_ref = mallocCheck(n * 4);
     float *gm = random_floats(r, (size_t)C), *bt = random_floats(r, (size_t)C);
     float *sc = random_floats(r, nc), *sh = random_floats(r, nc);
     float *grads[5], *grads_ref[5];
     size_t sizes[5] = {n, (size_t)C, (size_t)C, nc, nc};
-    for (int i = 0; i < 5; i++) { grads[i] = random_floats(r, sizes[i]); grads_ref[i] = copy_floats(grads[i], sizes[i]); }
+    for (int i = 0; i < 5; i++) {
+        grads[i] = random_floats(r, sizes[i]);
+        grads_ref[i] = copy_floats(grads[i], sizes[i]);
+    }
     unsigned char *keep = mallocCheck(n);
     rng_fill_keep(r, keep, n, 0.3f);
     int film = mode & 1, silu = (mode & 2) != 0, drop = mode & 4, affine = !(mode & 8);
-    const float *g = affine ? gm : NULL, *b = affine ? bt : NULL, *s = film ? sc : NULL, *t = film ? sh : NULL;
+    const float *g = affine ? gm : NULL, *b = affine ? bt : NULL, *s = film ? sc : NULL,
+                *t = film ? sh : NULL;
     const unsigned char *k = drop ? keep : NULL;
     float ks = drop ? 1.0f / 0.7f : 1.0f;
     float *mean = mallocCheck(nc / C * G * 4 + 4), *rstd = mallocCheck(nc / C * G * 4 + 4);
@@ -705,20 +898,23 @@ static double norm_against_ref(Rng *r, const int *cs, int mode) {
                                  film ? grads[3] : NULL, film ? grads[4] : NULL, dy, x, mean, rstd,
                                  g, b, s, t, silu, k, ks, dz, N, C, HW, G);
     groupnorm_film_silu_forward_ref(y_ref, x, g, b, s, t, silu, k, ks, N, C, HW, G, 1e-5f);
-    groupnorm_film_silu_backward_ref(grads_ref[0], affine ? grads_ref[1] : NULL, affine ? grads_ref[2] : NULL,
-                                     film ? grads_ref[3] : NULL, film ? grads_ref[4] : NULL, dy, x,
-                                     g, b, s, t, silu, k, ks, N, C, HW, G, 1e-5f);
+    groupnorm_film_silu_backward_ref(grads_ref[0], affine ? grads_ref[1] : NULL,
+                                     affine ? grads_ref[2] : NULL, film ? grads_ref[3] : NULL,
+                                     film ? grads_ref[4] : NULL, dy, x, g, b, s, t, silu, k, ks, N,
+                                     C, HW, G, 1e-5f);
     double e = compare("norm y", y, y_ref, n, 1e-4);
     const char *names[5] = {"norm dx", "norm dgamma", "norm dbeta", "norm dscale", "norm dshift"};
-    for (int i = 0; i < 5; i++) e = fmax(e, compare(names[i], grads[i], grads_ref[i], sizes[i], 1e-4));
+    for (int i = 0; i < 5; i++)
+        e = fmax(e, compare(names[i], grads[i], grads_ref[i], sizes[i], 1e-4));
     if (mode == 0) {  // the plain kernels are the same norm without the extras
         float *y2 = mallocCheck(n * 4), *dx2 = copy_floats(grads_ref[0], n);
         float *dx_ref2 = copy_floats(grads_ref[0], n);
         groupnorm_forward(y2, mean, rstd, x, g, b, N, C, HW, G, 1e-5f);
         groupnorm_backward(dx2, NULL, NULL, dy, x, mean, rstd, g, N, C, HW, G);
-        groupnorm_film_silu_backward_ref(dx_ref2, NULL, NULL, NULL, NULL, dy, x, g, b, NULL, NULL, 0, NULL, 1.0f,
-                                         N, C, HW, G, 1e-5f);
-        e = fmax(e, fmax(compare("groupnorm y", y2, y_ref, n, 1e-4), compare("groupnorm dx", dx2, dx_ref2, n, 1e-4)));
+        groupnorm_film_silu_backward_ref(dx_ref2, NULL, NULL, NULL, NULL, dy, x, g, b, NULL, NULL,
+                                         0, NULL, 1.0f, N, C, HW, G, 1e-5f);
+        e = fmax(e, fmax(compare("groupnorm y", y2, y_ref, n, 1e-4),
+                         compare("groupnorm dx", dx2, dx_ref2, n, 1e-4)));
         free(y2); free(dx2); free(dx_ref2);
     }
     float *all[] = {x, dy, y, y_ref, gm, bt, sc, sh, mean, rstd, dz};
@@ -739,7 +935,8 @@ static double attention_against_ref(Rng *r, const int *cs) {
     qkv_attention_backward(dq, dy, qkv, scratch, BH, ch, T, scale);
     qkv_attention_forward_ref(y_ref, qkv, BH, ch, T, scale);
     qkv_attention_backward_ref(dq_ref, dy, qkv, BH, ch, T, scale);
-    double e = fmax(compare("attention y", y, y_ref, ny, 1e-4), compare("attention dqkv", dq, dq_ref, nq, 1e-4));
+    double e = fmax(compare("attention y", y, y_ref, ny, 1e-4),
+                    compare("attention dqkv", dq, dq_ref, nq, 1e-4));
     free(qkv); free(dy); free(y); free(y_ref); free(dq); free(dq_ref); free(scratch);
     return e;
 }
@@ -749,12 +946,14 @@ static void test_reference_kernels(void) {
     // 1x1 (the pointwise path), "same" 3x3 and 5x5 (the transposed input
     // gradient), valid 3x3 and even 4x4 kernels (the col2im path), small maps
     // of several images per GEMM, and a map of one image per GEMM
-    const int convs[][8] = {{1, 3, 7, 5, 4, 3, 1, 1}, {2, 5, 9, 9, 6, 3, 2, 1}, {3, 8, 6, 6, 5, 1, 1, 0},
-                            {4, 4, 8, 8, 8, 3, 1, 1}, {2, 3, 11, 10, 4, 5, 1, 2}, {2, 4, 8, 8, 3, 3, 1, 0},
-                            {1, 16, 32, 32, 16, 3, 1, 1}, {2, 6, 10, 10, 7, 4, 2, 1}, {2, 4, 9, 9, 4, 3, 2, 0},
-                            {1, 3, 5, 5, 2, 3, 3, 1}, {5, 7, 4, 4, 9, 1, 1, 0}, {2, 17, 16, 16, 33, 3, 1, 1}};
+    const int convs[][8] = {
+        {1, 3, 7, 5, 4, 3, 1, 1},     {2, 5, 9, 9, 6, 3, 2, 1},   {3, 8, 6, 6, 5, 1, 1, 0},
+        {4, 4, 8, 8, 8, 3, 1, 1},     {2, 3, 11, 10, 4, 5, 1, 2}, {2, 4, 8, 8, 3, 3, 1, 0},
+        {1, 16, 32, 32, 16, 3, 1, 1}, {2, 6, 10, 10, 7, 4, 2, 1}, {2, 4, 9, 9, 4, 3, 2, 0},
+        {1, 3, 5, 5, 2, 3, 3, 1},     {5, 7, 4, 4, 9, 1, 1, 0},   {2, 17, 16, 16, 33, 3, 1, 1}};
     // N, C, HW, G: groups of 1 and 2 channels, maps of 1, 17x17 and 32x32 pixels (SIMD tails)
-    const int norms[][4] = {{2, 6, 35, 3}, {3, 64, 16, 32}, {1, 4, 1, 2}, {2, 32, 289, 8}, {1, 64, 1024, 32}};
+    const int norms[][4] = {
+        {2, 6, 35, 3}, {3, 64, 16, 32}, {1, 4, 1, 2}, {2, 32, 289, 8}, {1, 64, 1024, 32}};
     // BH, ch, T: one token, odd lengths, the U-Net's 16x16 and 8x8 maps
     const int attns[][3] = {{1, 1, 1}, {3, 4, 7}, {4, 8, 33}, {2, 16, 64}, {2, 32, 256}};
     size_t n_conv = sizeof convs / sizeof convs[0], n_norm = sizeof norms / sizeof norms[0];
@@ -766,14 +965,18 @@ static void test_reference_kernels(void) {
         pool_init(threads);
         for (size_t i = 0; i < n_conv; i++) e_conv = fmax(e_conv, conv_against_ref(&r, convs[i]));
         for (size_t i = 0; i < n_norm; i++)
-            for (int mode = 0; mode < 16; mode++) e_norm = fmax(e_norm, norm_against_ref(&r, norms[i], mode));
-        for (size_t i = 0; i < n_attn; i++) e_attn = fmax(e_attn, attention_against_ref(&r, attns[i]));
+            for (int mode = 0; mode < 16; mode++)
+                e_norm = fmax(e_norm, norm_against_ref(&r, norms[i], mode));
+        for (size_t i = 0; i < n_attn; i++)
+            e_attn = fmax(e_attn, attention_against_ref(&r, attns[i]));
     }
     pool_init(0);
     test_result(e_conv <= 1e-4, "conv2d forward and backward vs the direct-loop reference",
-                "%zu shapes x 1 and 2 threads, max err %.1e, tol 1e-4, %s", n_conv, e_conv, simd_name());
-    test_result(e_norm <= 1e-4, "group norm (plain, FiLM, SiLU, dropout, no affine) vs the reference",
-                "%zu shapes x 16 combinations x 1 and 2 threads, max err %.1e, tol 1e-4", n_norm, e_norm);
+                "%zu shapes x 1 and 2 threads, max err %.1e, tol 1e-4, %s", n_conv, e_conv,
+                simd_name());
+    test_result(
+        e_norm <= 1e-4, "group norm (plain, FiLM, SiLU, dropout, no affine) vs the reference",
+        "%zu shapes x 16 combinations x 1 and 2 threads, max err %.1e, tol 1e-4", n_norm, e_norm);
     test_result(e_attn <= 1e-4, "qkv_attention forward and backward vs the reference",
                 "%zu shapes x 1 and 2 threads, max err %.1e, tol 1e-4", n_attn, e_attn);
 }
@@ -784,11 +987,15 @@ static void test_reference_kernels(void) {
 static void test_rng(void) {
     Rng r;
     rng_seed(&r, 42u, 54u);
-    const uint32_t want[6] = {0xa15c02b7, 0x7b47f409, 0xba1d3330, 0x83d2f293, 0xbfa4784b, 0xcbed606e};
+    const uint32_t want[6] = {0xa15c02b7, 0x7b47f409, 0xba1d3330,
+                              0x83d2f293, 0xbfa4784b, 0xcbed606e};
     int ok = 1;
     for (int i = 0; i < 6; i++) {
         uint32_t v = rng_u32(&r);
-        if (v != want[i]) { ok = 0; fprintf(stderr, "  pcg32 #%d: got %08x want %08x\n", i, v, want[i]); }
+        if (v != want[i]) {
+            ok = 0;
+            fprintf(stderr, "  pcg32 #%d: got %08x want %08x\n", i, v, want[i]);
+        }
     }
     test_result(ok, "pcg32 matches the reference sequence", "");
     // normals: moments of 200k draws (std error of the mean 0.0022)
@@ -800,8 +1007,8 @@ static void test_rng(void) {
         s += x; s2 += x * x; s4 += x * x * x * x;
     }
     double m = s / n, v = s2 / n - m * m, k = s4 / n;
-    test_result(fabs(m) < 0.012 && fabs(v - 1) < 0.015 && fabs(k - 3) < 0.06, "normal sampler moments",
-                "mean %.4f var %.4f E[x^4] %.3f", m, v, k);
+    test_result(fabs(m) < 0.012 && fabs(v - 1) < 0.015 && fabs(k - 3) < 0.06,
+                "normal sampler moments", "mean %.4f var %.4f E[x^4] %.3f", m, v, k);
     // jump-ahead against stepping one by one, and the threaded fills against
     // the one-at-a-time loops they replace (same numbers, same end state)
     int adv_ok = 1;
@@ -828,8 +1035,8 @@ static void test_rng(void) {
     int fill_ok = !memcmp(fa, fb, nf * sizeof(float)) && !memcmp(ka, kb, nf) && a.state == b.state;
     test_result(adv_ok && fill_ok && fabs((double)kept / nf - 0.7) < 0.01,
                 "rng_advance and the threaded fills give the sequential stream",
-                "jumps 0..123457, %zu normals and dropout bits, %d threads, kept %.4f", nf, pool_threads(),
-                (double)kept / nf);
+                "jumps 0..123457, %zu normals and dropout bits, %d threads, kept %.4f", nf,
+                pool_threads(), (double)kept / nf);
     free(fa); free(fb); free(ka); free(kb);
 }
 
@@ -845,7 +1052,10 @@ static void run_small_net(float *out, float *grads, size_t *nout, size_t *ngrad)
     Tensor *x = tensor_new(&g, 4, sx), *w = tensor_new(&g, 4, sw), *w2 = tensor_new(&g, 4, sw2);
     Tensor *gm = tensor_new(&g, 1, sg), *bt = tensor_new(&g, 1, sg);
     Tensor *all[5] = {x, w, w2, gm, bt};
-    for (int i = 0; i < 5; i++) { rng_fill_normal(&r, all[i]->data, all[i]->size, 0, 0.2f); all[i]->requires_grad = 1; }
+    for (int i = 0; i < 5; i++) {
+        rng_fill_normal(&r, all[i]->data, all[i]->size, 0, 0.2f);
+        all[i]->requires_grad = 1;
+    }
     Tensor *h = conv2d(&g, x, w, NULL, 1, 1);
     h = silu(&g, groupnorm(&g, h, gm, bt, 32, 1e-5f));
     h = conv2d(&g, h, w2, NULL, 2, 1);
@@ -856,14 +1066,18 @@ static void run_small_net(float *out, float *grads, size_t *nout, size_t *ngrad)
     memcpy(out, y->data, y->size * 4);
     *nout = y->size;
     size_t k = 0;
-    for (int i = 0; i < 5; i++) { memcpy(grads + k, all[i]->grad, all[i]->size * 4); k += all[i]->size; }
+    for (int i = 0; i < 5; i++) {
+        memcpy(grads + k, all[i]->grad, all[i]->size * 4);
+        k += all[i]->size;
+    }
     *ngrad = k;
     graph_free(&g);
 }
 
 static void test_determinism(void) {
     size_t cap = 1 << 17, no, ng;
-    float *o1 = mallocCheck(cap * 4), *g1 = mallocCheck(cap * 4), *o2 = mallocCheck(cap * 4), *g2 = mallocCheck(cap * 4);
+    float *o1 = mallocCheck(cap * 4), *g1 = mallocCheck(cap * 4), *o2 = mallocCheck(cap * 4),
+          *g2 = mallocCheck(cap * 4);
     float *o3 = mallocCheck(cap * 4), *g3 = mallocCheck(cap * 4);
     pool_init(1);
     run_small_net(o1, g1, &no, &ng);
@@ -910,7 +1124,8 @@ static void test_arena(void) {
     params_alloc(&ps, 1);
     Tensor *b = params_find(&ps, "input_blocks.0.0.bias");
     int pok = ps.total == 19 && b && b->data == ps.data + 12 && b->grad == ps.grad + 12 &&
-              params_find(&ps, "nope") == NULL && strcmp(params_get(&ps, 0)->name, "input_blocks.0.0.weight") == 0;
+              params_find(&ps, "nope") == NULL &&
+              strcmp(params_get(&ps, 0)->name, "input_blocks.0.0.weight") == 0;
     params_free(&ps);
     ParamSet frozen;
     params_init(&frozen);
@@ -956,7 +1171,9 @@ static int expect_st_error(const char *path, const char *needle) {
     char err[512];
     int rc = st_read(path, &f, err, sizeof err);
     int ok = rc != 0 && strstr(err, path) && strstr(err, needle);
-    if (!ok) fprintf(stderr, "  %s: rc %d, message '%s' (wanted '%s')\n", path, rc, rc ? err : "", needle);
+    if (!ok)
+        fprintf(stderr, "  %s: rc %d, message '%s' (wanted '%s')\n", path, rc, rc ? err : "",
+                needle);
     return ok;
 }
 
@@ -968,11 +1185,13 @@ static void test_safetensors(void) {
     const char *meta[] = {"format", "casdm", "step", "12", NULL};
     char err[512];
     StFile f;
-    int ok = st_write(path, w, 2, meta, err, sizeof err) == 0 && st_read(path, &f, err, sizeof err) == 0;
+    int ok = st_write(path, w, 2, meta, err, sizeof err) == 0 &&
+             st_read(path, &f, err, sizeof err) == 0;
     if (ok) {
         const StEntry *e = st_find(&f, "input_blocks.0.0.weight"), *e2 = st_find(&f, "x\"y");
-        ok = e && e2 && e->ndim == 2 && e->shape[0] == 2 && e->shape[1] == 3 && memcmp(e->data, a, sizeof a) == 0 &&
-             e2->data[0] == 42.0f && f.metadata_json && strstr(f.metadata_json, "\"step\":\"12\"");
+        ok = e && e2 && e->ndim == 2 && e->shape[0] == 2 && e->shape[1] == 3 &&
+             memcmp(e->data, a, sizeof a) == 0 && e2->data[0] == 42.0f && f.metadata_json &&
+             strstr(f.metadata_json, "\"step\":\"12\"");
         st_free(&f);
     }
     // byte-level check of the layout: LE length, header, 8-byte aligned data
@@ -980,7 +1199,9 @@ static void test_safetensors(void) {
     unsigned char *bytes = read_bytes(path, &n);
     uint64_t hl = 0;
     for (int i = 7; i >= 0; i--) hl = (hl << 8) | bytes[i];
-    ok = ok && (8 + hl) % 8 == 0 && n == 8 + hl + 28 && bytes[8 + hl] == 0x00 && bytes[8 + hl + 3] == 0x3f;  // 1.5f LE
+    // 1.5f LE
+    ok = ok && (8 + hl) % 8 == 0 && n == 8 + hl + 28 && bytes[8 + hl] == 0x00 &&
+         bytes[8 + hl + 3] == 0x3f;
     test_result(ok, "safetensors round trip (layout, names, metadata)", "");
 
     // truncated: cut the last 5 bytes
@@ -993,19 +1214,29 @@ static void test_safetensors(void) {
     // headers that must be refused, each with the words of its message; the
     // last three: the tensors must tile the data section (huggingface/
     // safetensors' validate()): two names on the same bytes, a gap, bytes left over
-    static const struct { const char *file, *header; size_t ndata; const char *needle; } cases[] = {
-        {"build/test_dtype.safetensors", "{\"a\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[0,4]}}", 4, "only F32"},
-        {"build/test_size.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8,
+    static const struct { const char *file, *header; size_t ndata; const char *needle;
+    } cases[] = {
+        {"build/test_dtype.safetensors",
+         "{\"a\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[0,4]}}", 4, "only F32"},
+        {"build/test_size.safetensors",
+         "{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8,
          "bytes of data for 3 floats"},
-        {"build/test_json.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2,],\"data_offsets\":[0,8]}}", 8,
+        {"build/test_json.safetensors",
+         "{\"a\":{\"dtype\":\"F32\",\"shape\":[2,],\"data_offsets\":[0,8]}}", 8,
          "bad safetensors header"},
-        {"build/test_dup.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
-         "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8, "appears twice"},
-        {"build/test_overlap.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
-         "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8, "overlaps another tensor"},
-        {"build/test_hole.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8,
+        {"build/test_dup.safetensors",
+         "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+         "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
+         8, "appears twice"},
+        {"build/test_overlap.safetensors",
+         "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+         "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
+         8, "overlaps another tensor"},
+        {"build/test_hole.safetensors",
+         "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8,
          "belong to no tensor"},
-        {"build/test_tail.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 12,
+        {"build/test_tail.safetensors",
+         "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 12,
          "after the last tensor"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -1022,19 +1253,26 @@ static void test_safetensors(void) {
     char *hdr = mallocCheck(cap);
     hn += (size_t)snprintf(hdr + hn, cap - hn, "{");
     for (size_t i = 0; i < nt; i++)
-        hn += (size_t)snprintf(hdr + hn, cap - hn, "%s\"t%zu\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}",
-                               i ? "," : "", (i * 7919) % nt);
+        hn += (size_t)snprintf(
+            hdr + hn, cap - hn,
+            "%s\"t%zu\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}", i ? "," : "",
+            (i * 7919) % nt);
     snprintf(hdr + hn, cap - hn, "}");
     write_raw_st("build/test_many.safetensors", hdr, 0);
     StFile many;
-    int many_ok = st_read("build/test_many.safetensors", &many, err, sizeof err) == 0 && many.count == nt &&
-                  st_find(&many, "t0") && st_find(&many, "t79999") && st_find(&many, "t41234") && !st_find(&many, "t80000");
+    int many_ok = st_read("build/test_many.safetensors", &many, err, sizeof err) == 0 &&
+                  many.count == nt && st_find(&many, "t0") && st_find(&many, "t79999") &&
+                  st_find(&many, "t41234") && !st_find(&many, "t80000");
     if (many_ok) st_free(&many);
     free(hdr);
-    if (many_ok) test_result(1, "safetensors with 80,000 tensors: every name found (sorted index)", "");
+    if (many_ok)
+        test_result(1, "safetensors with 80,000 tensors: every name found (sorted index)", "");
     else test_result(0, "safetensors with 80,000 tensors", "%s", err);
-    test_result(bad, "safetensors rejects bad files (truncated, missing, dtype, sizes, JSON, duplicates, overlaps, "
-                "holes, a directory)", "");
+    test_result(
+        bad,
+        "safetensors rejects bad files (truncated, missing, dtype, sizes, JSON, duplicates, overlaps, "
+        "holes, a directory)",
+        "");
     const char *files[] = {path, "build/test_trunc.safetensors", "build/test_short.safetensors",
                            "build/test_hlen.safetensors", "build/test_many.safetensors"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) remove(files[i]);

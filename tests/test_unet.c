@@ -60,14 +60,16 @@ static double check_tensor(const char *v, const char *what, const Tensor *t) {
     char key[160];
     snprintf(key, sizeof key, "%s/%s", v, what);
     const StEntry *e = need(key);
-    if (e->size != t->size) fatal("golden '%s' has %zu elements, we have %zu", key, e->size, t->size);
+    if (e->size != t->size)
+        fatal("golden '%s' has %zu elements, we have %zu", key, e->size, t->size);
     double err = rel_err(t->data, e->data, t->size, 1, 0.0);
     if (err > 1e-4) fprintf(stderr, "  %s: rel err %.2e\n", key, err);
     return err;
 }
 
 // the golden entry "<v>/<kind>/<net>.<name>" (full) or ".../<kind>7/..." (every 7th element)
-static const StEntry *param_entry(const char *v, const char *kind, const char *net, const Tensor *t, size_t *stride) {
+static const StEntry *param_entry(const char *v, const char *kind, const char *net, const Tensor *t,
+                                  size_t *stride) {
     char key[400];
     snprintf(key, sizeof key, "%s/%s/%s.%s", v, kind, net, t->name);
     const StEntry *e = st_find(&gold, key);
@@ -77,7 +79,8 @@ static const StEntry *param_entry(const char *v, const char *kind, const char *n
         e = need(key);
         *stride = 7;
     }
-    if (e->size != (t->size + *stride - 1) / *stride) fatal("golden '%s' has %zu elements", key, e->size);
+    if (e->size != (t->size + *stride - 1) / *stride)
+        fatal("golden '%s' has %zu elements", key, e->size);
     return e;
 }
 
@@ -97,7 +100,8 @@ static double grad_scale(const char *v, UNet *u, const char *net) {
 // largest gradient G), and absolute over G for all tensors, which covers the
 // analytically-zero ones (a conv bias feeding a GroupNorm with one channel per
 // group, the key rows of qkv.bias), where both sides hold rounding noise.
-static double check_grads(const char *v, UNet *u, const char *net, char *worst_name, double *abs_over_G) {
+static double check_grads(const char *v, UNet *u, const char *net, char *worst_name,
+                          double *abs_over_G) {
     double G = grad_scale(v, u, net), worst = 0.0;
     for (size_t p = 0; p < u->params.count; p++) {
         Tensor *t = params_get(&u->params, p);
@@ -125,7 +129,8 @@ static double check_adam(const char *v, UNet *u, const char *net, float lr, size
     for (size_t p = 0; p < u->params.count; p++) {
         Tensor *t = params_get(&u->params, p);
         size_t sa, sg;
-        const StEntry *ea = param_entry(v, "adam", net, t, &sa), *eg = param_entry(v, "grad", net, t, &sg);
+        const StEntry *ea = param_entry(v, "adam", net, t, &sa),
+                      *eg = param_entry(v, "grad", net, t, &sg);
         for (size_t i = 0, k = 0; i < t->size; i += sa, k++) {
             if (fabs(eg->data[i / sg]) < 1e-5 * G) { (*skipped)++; continue; }
             worst = fmax(worst, fabs((double)t->data[i] - ea->data[k]) / lr);
@@ -141,7 +146,8 @@ static int meta_int(const char *key) {
 }
 
 static void run_variant(const char *v) {
-    int kind = model_parse(v), B = meta_int("batch"), C = meta_int("in_channels"), S = meta_int("image_size");
+    int kind = model_parse(v), B = meta_int("batch"), C = meta_int("in_channels"),
+        S = meta_int("image_size");
     UNetConfig cfg;
     unet_default_config(&cfg, S, C, model_theta_out(kind, C));
     cfg.model_channels = meta_int("model_channels");
@@ -149,7 +155,8 @@ static void run_variant(const char *v) {
     cfg.num_heads = meta_int("num_heads");
     cfg.dropout = 0.0f;
     char buf[64];
-    if (st_meta(&gold, "channel_mult", buf, sizeof buf) || unet_parse_channel_mult(&cfg, buf)) fatal("golden channel_mult");
+    if (st_meta(&gold, "channel_mult", buf, sizeof buf) || unet_parse_channel_mult(&cfg, buf))
+        fatal("golden channel_mult");
     cfg.n_attention = 1;
     cfg.attention_ds[0] = meta_int("attention_ds");
     UNet theta, phi;
@@ -171,8 +178,10 @@ static void run_variant(const char *v) {
     Tensor *noise = tensor_from(&g, enoise->ndim, enoise->shape, enoise->data);
     int t[16];
     for (int i = 0; i < B; i++) t[i] = (int)et->data[i];
-    double gamma = kind == MODEL_DDPM_X0 ? 0.0 : atof((st_meta(&gold, "p2_gamma", buf, sizeof buf), buf));
-    LossConfig lc = {.kind = kind, .p2_gamma = gamma, .p2_k = 1.0, .clip_x0 = 1, .lambda_lpips = 0.1f};
+    double gamma = kind == MODEL_DDPM_X0 ? 0.0
+                                         : atof((st_meta(&gold, "p2_gamma", buf, sizeof buf), buf));
+    LossConfig lc = {.kind = kind, .p2_gamma = gamma, .p2_k = 1.0, .clip_x0 = 1,
+                     .lambda_lpips = 0.1f};
     LossTerms lt;
     diffusion_losses(&g, &lt, &lc, &s, &theta, has_phi ? &phi : NULL, x0, t, noise);
     graph_backward(&g, lt.loss, NULL);
@@ -208,10 +217,11 @@ static void run_variant(const char *v) {
     adam_free(&at);
     char name[96];
     snprintf(name, sizeof name, "parity %s step vs PyTorch", v);
-    test_result(ef <= 1e-4 && el <= 1e-4 && eg <= 1e-4 && eabs <= 1e-5 && ea <= 1e-3, name,
-                "outputs %.1e, losses %.1e, gradients %.1e of own scale (worst %s), %.1e of largest; "
-                "tol 1e-4, 1e-5; after Adam %.1e lr (tol 1e-3; %zu elements with |g| < 1e-5 max skipped)",
-                ef, el, eg, wn, eabs, ea, skipped);
+    test_result(
+        ef <= 1e-4 && el <= 1e-4 && eg <= 1e-4 && eabs <= 1e-5 && ea <= 1e-3, name,
+        "outputs %.1e, losses %.1e, gradients %.1e of own scale (worst %s), %.1e of largest; "
+        "tol 1e-4, 1e-5; after Adam %.1e lr (tol 1e-3; %zu elements with |g| < 1e-5 max skipped)",
+        ef, el, eg, wn, eabs, ea, skipped);
     graph_free(&g);
     schedule_free(&s);
     unet_free(&theta);
@@ -237,7 +247,8 @@ static size_t step_grads(UNet *theta, UNet *phi, int use_ckpt, float *loss, size
     Tensor *x0 = tensor_new(&g, 4, shape), *noise = tensor_new(&g, 4, shape);
     rng_fill_uniform(&rng, x0->data, x0->size, -1.0f, 1.0f);
     rng_fill_normal(&rng, noise->data, noise->size, 0.0f, 1.0f);
-    LossConfig lc = {.kind = MODEL_CASDM, .p2_gamma = 1.0, .p2_k = 1.0, .clip_x0 = 1, .lambda_lpips = 0.1f};
+    LossConfig lc = {.kind = MODEL_CASDM, .p2_gamma = 1.0, .p2_k = 1.0, .clip_x0 = 1,
+                     .lambda_lpips = 0.1f};
     LossTerms lt;
     diffusion_losses(&g, &lt, &lc, &s, theta, phi, x0, t, noise);
     graph_backward(&g, lt.loss, NULL);
@@ -289,10 +300,12 @@ static void test_checkpoint(void) {
         differ += memcmp(&gi, &ref[i], sizeof gi) != 0;
         nonzero += ref[i] != 0.0f;
     }
-    test_result(differ == 0 && loss0 == loss1 && nonzero > (nt + np) * 9 / 10 && nodes1 < nodes0 && peak1 < peak0,
-                "checkpointed U-Net step bitwise equal to the plain one",
-                "%zu of %zu gradients differ, loss %.8g vs %.8g; tape %zu -> %zu nodes, arena peak %.1f -> %.1f MiB",
-                differ, nt + np, loss0, loss1, nodes0, nodes1, peak0 / 1048576.0, peak1 / 1048576.0);
+    test_result(
+        differ == 0 && loss0 == loss1 && nonzero > (nt + np) * 9 / 10 && nodes1 < nodes0 &&
+            peak1 < peak0,
+        "checkpointed U-Net step bitwise equal to the plain one",
+        "%zu of %zu gradients differ, loss %.8g vs %.8g; tape %zu -> %zu nodes, arena peak %.1f -> %.1f MiB",
+        differ, nt + np, loss0, loss1, nodes0, nodes1, peak0 / 1048576.0, peak1 / 1048576.0);
     free(ref);
     unet_free(&theta);
     unet_free(&phi);
@@ -303,10 +316,12 @@ static void test_schedules(void) {
     Schedule s;
     schedule_init(&s, SCHEDULE_COSINE, 4000);
     // abar_t = f(t+1)/f(0) while no beta is clipped: check one mid step
-    double f0 = cos(0.008 / 1.008 * 3.14159265358979323846 / 2), f = cos((2001.0 / 4000 + 0.008) / 1.008 * 3.14159265358979323846 / 2);
+    double f0 = cos(0.008 / 1.008 * 3.14159265358979323846 / 2),
+           f = cos((2001.0 / 4000 + 0.008) / 1.008 * 3.14159265358979323846 / 2);
     double want = (f * f) / (f0 * f0);
     // (double)0.999: where FLT_EVAL_METHOD is 2 (x87) the bare constant is a long double
-    int ok = fabs(s.abar[2000] - want) < 1e-12 && s.beta[3999] == (double)0.999 && fabs(s.abar_prev[0] - 1.0) < 1e-15;
+    int ok = fabs(s.abar[2000] - want) < 1e-12 && s.beta[3999] == (double)0.999 &&
+             fabs(s.abar_prev[0] - 1.0) < 1e-15;
     double w = p2_weight(&s, 2000, 1.0, 1.0), snr = s.abar[2000] / (1 - s.abar[2000]);
     ok = ok && fabs(w - 1.0 / (1.0 + snr)) < 1e-12 && p2_weight(&s, 5, 0.0, 1.0) == 1.0;
     float mt = schedule_model_t(&s, 3985);
@@ -315,7 +330,8 @@ static void test_schedules(void) {
     schedule_init(&s, SCHEDULE_LINEAR, 1000);
     ok = ok && fabs(s.beta[0] - 1e-4) < 1e-15 && fabs(s.beta[999] - 0.02) < 1e-15;
     schedule_free(&s);
-    test_result(ok, "schedules: cosine abar, clip at 0.999, linear ends, P2 weight, rescaled t", "");
+    test_result(ok, "schedules: cosine abar, clip at 0.999, linear ends, P2 weight, rescaled t",
+                "");
 }
 
 // the paper's CIFAR-10 theta: improved-diffusion's count for the same config
@@ -324,10 +340,14 @@ static void test_param_count(void) {
     unet_default_config(&c, 32, 3, 3);
     UNet u;
     unet_init(&u, &c, 0, NULL);
-    int ok = u.params.total == 52542979 && params_find(&u.params, "input_blocks.1.0.in_layers.2.weight") &&
-             params_find(&u.params, "output_blocks.11.0.skip_connection.weight") && params_find(&u.params, "middle_block.1.qkv.weight");
-    test_result(ok, "U-Net ch128/res3/attn16,8 has improved-diffusion's 52,542,979 parameters and key names",
-                "%zu", u.params.total);
+    int ok = u.params.total == 52542979 &&
+             params_find(&u.params, "input_blocks.1.0.in_layers.2.weight") &&
+             params_find(&u.params, "output_blocks.11.0.skip_connection.weight") &&
+             params_find(&u.params, "middle_block.1.qkv.weight");
+    test_result(
+        ok,
+        "U-Net ch128/res3/attn16,8 has improved-diffusion's 52,542,979 parameters and key names",
+        "%zu", u.params.total);
     unet_free(&u);
 }
 
@@ -354,8 +374,8 @@ static double max_abs_diff(const float *a, const float *b, size_t n) {
 
 // runs the respaced chain from x_T; returns the max error of the final x_0
 // (and of every intermediate x_j when the golden has them)
-static double run_sampler(const char *v, int method, float eta, const char *spec, const char *key, UNet *theta, UNet *phi,
-                          const Schedule *base) {
+static double run_sampler(const char *v, int method, float eta, const char *spec, const char *key,
+                          UNet *theta, UNet *phi, const Schedule *base) {
     const StEntry *xT = sneed("x_T"), *noise = sneed("noise"), *want = sneed(key);
     int N = xT->shape[0], C = xT->shape[1], H = xT->shape[2], W = xT->shape[3];
     size_t n = xT->size;
@@ -365,7 +385,8 @@ static double run_sampler(const char *v, int method, float eta, const char *spec
     if (nk < 0) fatal("%s", err);
     Schedule rs;
     schedule_respace(&rs, base, kept, nk);
-    SampleConfig sc = {.kind = model_parse(v), .method = method, .eta = eta, .clip = 1, .clip_x0 = 1};
+    SampleConfig sc = {.kind = model_parse(v), .method = method, .eta = eta, .clip = 1,
+                       .clip_x0 = 1};
     float *x = mallocCheck(n * sizeof(float)), *xp = mallocCheck(n * sizeof(float));
     memcpy(x, xT->data, n * sizeof(float));
     char ikey[96];
@@ -431,12 +452,18 @@ static void test_sampling_goldens(void) {
         snprintf(k2, sizeof k2, "%s/ddpm10", variants[i]);
         UNet *ph = kind == MODEL_CASDM ? &phi : NULL;
         double e1 = run_sampler(variants[i], SAMPLER_DDIM, 0.0f, "ddim10", k1, &theta, ph, &base);
-        double e2 = test_quick ? 0.0 : run_sampler(variants[i], SAMPLER_DDPM, 0.0f, "10", k2, &theta, ph, &base);
-        double e3 = kind == MODEL_CASDM && !test_quick ? run_sampler(variants[i], SAMPLER_DDIM, 0.5f, "ddim10", "casdm/ddim10_eta0.5", &theta, ph, &base) : 0.0;
-        snprintf(name, sizeof name, "sampling %s: DDIM 10 steps (eta 0%s) and DDPM 10 steps vs PyTorch", variants[i],
+        double e2 = test_quick
+                        ? 0.0
+                        : run_sampler(variants[i], SAMPLER_DDPM, 0.0f, "10", k2, &theta, ph, &base);
+        double e3 = kind == MODEL_CASDM && !test_quick
+                        ? run_sampler(variants[i], SAMPLER_DDIM, 0.5f, "ddim10",
+                                      "casdm/ddim10_eta0.5", &theta, ph, &base)
+                        : 0.0;
+        snprintf(name, sizeof name,
+                 "sampling %s: DDIM 10 steps (eta 0%s) and DDPM 10 steps vs PyTorch", variants[i],
                  kind == MODEL_CASDM ? " and 0.5" : "");
-        test_result(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4, name, "max abs err DDIM %.1e, DDPM %.1e, DDIM eta 0.5 %.1e; tol 1e-4",
-                    e1, e2, e3);
+        test_result(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4, name,
+                    "max abs err DDIM %.1e, DDPM %.1e, DDIM eta 0.5 %.1e; tol 1e-4", e1, e2, e3);
         unet_free(&theta);
         if (ph) unet_free(&phi);
     }
@@ -455,18 +482,22 @@ static void test_sampling_closed_form(void) {
     int ok = nk == 100 && kept[1] == 40 && kept[99] == 3960;
     schedule_respace(&rs, &base, kept, nk);
     double worst = 0.0;
-    for (int j = 0; j < nk; j++) worst = fmax(worst, fabs(rs.abar[j] - base.abar[kept[j]]) / base.abar[kept[j]]);
+    for (int j = 0; j < nk; j++)
+        worst = fmax(worst, fabs(rs.abar[j] - base.abar[kept[j]]) / base.abar[kept[j]]);
     ok = ok && worst < 1e-12 && rs.timestep[5] == 200 && schedule_model_t(&rs, 5) == 50.0f;
-    test_result(ok, "respaced abar equal the original at the kept steps (ddim100 of 4000)", "max rel err %.1e", worst);
+    test_result(ok, "respaced abar equal the original at the kept steps (ddim100 of 4000)",
+                "max rel err %.1e", worst);
 
     // a "model" that knows x0: eps(x_t) = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
     Rng r;
     rng_seed(&r, 3, 3);
     size_t n = 2 * 3 * 8 * 8;
-    float *x0 = mallocCheck(n * 4), *x = mallocCheck(n * 4), *xp = mallocCheck(n * 4), *eps = mallocCheck(n * 4);
+    float *x0 = mallocCheck(n * 4), *x = mallocCheck(n * 4), *xp = mallocCheck(n * 4),
+          *eps = mallocCheck(n * 4);
     rng_fill_uniform(&r, x0, n, -0.9f, 0.9f);
     rng_fill_normal(&r, x, n, 0, 1);
-    SampleConfig sc = {.kind = MODEL_DDPM_EPS, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1, .clip_x0 = 1};
+    SampleConfig sc = {.kind = MODEL_DDPM_EPS, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1,
+                       .clip_x0 = 1};
     for (int j = nk - 1; j >= 0; j--) {
         double ab = rs.abar[j];
         for (size_t i = 0; i < n; i++) eps[i] = (float)((x[i] - sqrt(ab) * x0[i]) / sqrt(1.0 - ab));
@@ -474,7 +505,8 @@ static void test_sampling_closed_form(void) {
         memcpy(x, xp, n * 4);
     }
     double e = max_abs_diff(x, x0, n);
-    test_result(e < 1e-5, "DDIM eta 0 with the true epsilon recovers x0 (100 steps)", "max abs err %.1e", e);
+    test_result(e < 1e-5, "DDIM eta 0 with the true epsilon recovers x0 (100 steps)",
+                "max abs err %.1e", e);
     free(x0); free(x); free(xp); free(eps);
     schedule_free(&rs);
     schedule_free(&base);
@@ -494,7 +526,8 @@ static void lpips_test_init(Lpips *l) {
         uint64_t h = 14695981039346656037ULL;
         for (const char *c = name; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ULL;
         size_t len = strlen(t->name);
-        int head = strncmp(t->name, "lin", 3) == 0, bias = len > 5 && strcmp(t->name + len - 5, ".bias") == 0;
+        int head = strncmp(t->name, "lin", 3) == 0,
+            bias = len > 5 && strcmp(t->name + len - 5, ".bias") == 0;
         double fan_in = t->ndim == 4 ? (double)t->shape[1] * t->shape[2] * t->shape[3] : 1.0;
         for (size_t i = 0; i < t->size; i++) {
             uint64_t z = h + ((uint64_t)i + 1) * 0x9E3779B97F4A7C15ULL;
@@ -527,8 +560,10 @@ static void test_lpips(void) {
             Tensor *t = params_get(&l.params, i);
             w[i] = (StWrite){t->name, t->ndim, t->shape, t->data};
         }
-        const char *meta[] = {"format", "casdm-lpips-vgg16-1", "producer", "tests/test_unet.c (test weights)", NULL};
-        if (st_write("build/lpips_test.safetensors", w, l.params.count, meta, err, sizeof err) != 0) fatal("%s", err);
+        const char *meta[] = {"format", "casdm-lpips-vgg16-1", "producer",
+                              "tests/test_unet.c (test weights)", NULL};
+        if (st_write("build/lpips_test.safetensors", w, l.params.count, meta, err, sizeof err) != 0)
+            fatal("%s", err);
         // and broken copies: one tensor missing, one of the wrong shape
         int bad_shape[4] = {1, 63, 1, 1};
         StWrite keep = w[l.params.count - 1];
@@ -553,7 +588,8 @@ static void test_lpips(void) {
         }
         graph_reset(&g);
         l.size = sizes[si];
-        Tensor *x = tensor_from(&g, ex->ndim, ex->shape, ex->data), *y = tensor_from(&g, ey->ndim, ey->shape, ey->data);
+        Tensor *x = tensor_from(&g, ex->ndim, ex->shape, ex->data),
+               *y = tensor_from(&g, ey->ndim, ey->shape, ey->data);
         x->requires_grad = 1;
         Tensor *taps[LPIPS_TAPS];
         Tensor *d = lpips_distance(&g, &l, x, y, taps);
@@ -570,14 +606,19 @@ static void test_lpips(void) {
         for (int n = 0; n < 2; n++) {
             edist = fmax(edist, fabs(d->data[n] - ed->data[n]) / fabs(ed->data[n]));
             for (int k = 0; k < LPIPS_TAPS; k++)
-                etap = fmax(etap, fabs(taps[k]->data[n] - et->data[n * LPIPS_TAPS + k]) / fabs(et->data[n * LPIPS_TAPS + k]));
+                etap = fmax(etap, fabs(taps[k]->data[n] - et->data[n * LPIPS_TAPS + k]) /
+                                      fabs(et->data[n * LPIPS_TAPS + k]));
         }
         double egrad = rel_err(x->grad, eg->data, x->size, 1, 0.0);
         char name[96];
-        snprintf(name, sizeof name, "LPIPS at size %d%s vs PyTorch: distance, each tap, input gradient", sizes[si],
-                 sizes[si] == 64 ? " (resize up)" : sizes[si] == 16 ? " (resize down)" : "");
+        snprintf(name, sizeof name,
+                 "LPIPS at size %d%s vs PyTorch: distance, each tap, input gradient", sizes[si],
+                 sizes[si] == 64   ? " (resize up)"
+                 : sizes[si] == 16 ? " (resize down)"
+                                   : "");
         test_result(edist <= 1e-5 && etap <= 1e-4 && egrad <= 1e-4, name,
-                    "distance %.1e, worst tap %.1e, gradient %.1e of its max; tol 1e-5, 1e-4, 1e-4", edist, etap, egrad);
+                    "distance %.1e, worst tap %.1e, gradient %.1e of its max; tol 1e-5, 1e-4, 1e-4",
+                    edist, etap, egrad);
     }
     if (test_quick) test_skip("LPIPS input gradient vs finite differences", "--quick");
     // finite differences through the whole network, along 6 random
@@ -595,7 +636,8 @@ static void test_lpips(void) {
         Tensor *x = tensor4(&g, 1, 3, 16, 16), *y = tensor4(&g, 1, 3, 16, 16);
         rng_fill_uniform(&r, x->data, nx, -1, 1);
         rng_fill_uniform(&r, y->data, nx, -1, 1);
-        float *xv = mallocCheck(nx * 4), *yv = mallocCheck(nx * 4), *an = mallocCheck(nx * 4), *v = mallocCheck(nx * 4);
+        float *xv = mallocCheck(nx * 4), *yv = mallocCheck(nx * 4), *an = mallocCheck(nx * 4),
+              *v = mallocCheck(nx * 4);
         memcpy(xv, x->data, nx * 4);
         memcpy(yv, y->data, nx * 4);
         x->requires_grad = 1;
@@ -606,7 +648,11 @@ static void test_lpips(void) {
         for (int dir = 0; dir < 6; dir++) {
             rng_fill_normal(&r, v, nx, 0.0f, 1.0f);
             double L[2], want = 0.0, h = 1e-3, ng = 0.0, nv = 0.0;
-            for (size_t i = 0; i < nx; i++) { want += (double)an[i] * v[i]; ng += (double)an[i] * an[i]; nv += (double)v[i] * v[i]; }
+            for (size_t i = 0; i < nx; i++) {
+                want += (double)an[i] * v[i];
+                ng += (double)an[i] * an[i];
+                nv += (double)v[i] * v[i];
+            }
             for (int sgn = 0; sgn < 2; sgn++) {
                 graph_reset(&g);
                 Tensor *xp = tensor_from(&g, 4, shp, xv), *yp = tensor_from(&g, 4, shp, yv);
@@ -618,8 +664,10 @@ static void test_lpips(void) {
         g.grad_enabled = 1;
         // measured ~2e-3: a step along a dense direction flips ReLUs throughout
         // the trunk; a wrong gradient is off by O(0.1 - 1)
-        test_result(worst <= 1e-2, "LPIPS input gradient vs finite differences (whole VGG, 16x16, 6 directions)",
-                    "max err %.1e of |grad||v|, tol 1e-2 (float32 forward, h 1e-3, ReLU kinks)", worst);
+        test_result(worst <= 1e-2,
+                    "LPIPS input gradient vs finite differences (whole VGG, 16x16, 6 directions)",
+                    "max err %.1e of |grad||v|, tol 1e-2 (float32 forward, h 1e-3, ReLU kinks)",
+                    worst);
         free(xv); free(yv); free(an); free(v);
     }
     graph_free(&g);
@@ -628,10 +676,13 @@ static void test_lpips(void) {
     lpips_init(&l2);
     int ok = lpips_load(&l2, "build/lpips_test.safetensors", err, sizeof err) == 0 &&
              memcmp(l2.params.data, l.params.data, l.params.total * 4) == 0;
-    ok &= lpips_load(&l2, "build/lpips_missing.safetensors", err, sizeof err) != 0 && strstr(err, "no tensor 'lin4.weight'") != NULL;
-    ok &= lpips_load(&l2, "build/lpips_shape.safetensors", err, sizeof err) != 0 && strstr(err, "'lin4.weight' has the wrong shape") != NULL;
+    ok &= lpips_load(&l2, "build/lpips_missing.safetensors", err, sizeof err) != 0 &&
+          strstr(err, "no tensor 'lin4.weight'") != NULL;
+    ok &= lpips_load(&l2, "build/lpips_shape.safetensors", err, sizeof err) != 0 &&
+          strstr(err, "'lin4.weight' has the wrong shape") != NULL;
     {
-        FILE *f = fopenCheck("build/lpips_test.safetensors", "rb"), *o = fopenCheck("build/lpips_trunc.safetensors", "wb");
+        FILE *f = fopenCheck("build/lpips_test.safetensors", "rb"),
+             *o = fopenCheck("build/lpips_trunc.safetensors", "wb");
         char *buf = mallocCheck(1 << 20);
         size_t n = fread(buf, 1, 1 << 20, f);
         fwrite(buf, 1, n, o);
@@ -639,9 +690,14 @@ static void test_lpips(void) {
         fclose(o);
         free(buf);
     }
-    ok &= lpips_load(&l2, "build/lpips_trunc.safetensors", err, sizeof err) != 0 && strstr(err, "truncated") != NULL;
-    ok &= lpips_load(&l2, "tests/test_util.h", err, sizeof err) != 0 && strstr(err, "not a safetensors file") != NULL;
-    test_result(ok, "LPIPS weights loader: accepts the file, rejects missing, misshapen, truncated and foreign files", "");
+    ok &= lpips_load(&l2, "build/lpips_trunc.safetensors", err, sizeof err) != 0 &&
+          strstr(err, "truncated") != NULL;
+    ok &= lpips_load(&l2, "tests/test_util.h", err, sizeof err) != 0 &&
+          strstr(err, "not a safetensors file") != NULL;
+    test_result(
+        ok,
+        "LPIPS weights loader: accepts the file, rejects missing, misshapen, truncated and foreign files",
+        "");
     remove("build/lpips_missing.safetensors");
     remove("build/lpips_shape.safetensors");
     remove("build/lpips_trunc.safetensors");

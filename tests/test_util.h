@@ -33,7 +33,8 @@ static inline void test_skip(const char *name, const char *why) {
 // Compares got with ref element by element: err = |got - ref| / max(1, |ref|),
 // i.e. absolute below 1 and relative above. Returns the max error and prints
 // the first offending values to stderr when it exceeds tol.
-static inline double compare(const char *what, const float *got, const float *ref, size_t n, double tol) {
+static inline double compare(const char *what, const float *got, const float *ref, size_t n,
+                             double tol) {
     double worst = 0.0;
     size_t shown = 0;
     for (size_t i = 0; i < n; i++) {
