@@ -221,193 +221,110 @@ static Tensor *b_chain(Graph *g, Tensor **in, const int *a) {
     return add(g, in[0], film);
 }
 
-static void test_gradchecks(void) {
-    { InSpec s[3] = {{4, {2, 3, 5, 7}, 0}, {4, {4, 3, 3, 3}, 0}, {1, {4}, 0}}; int a[3] = {1, 1, 1};
-      gradcheck("conv2d 3x3 stride 1", b_conv, a, 3, s, 1e-2, 2e-3); }
-    { InSpec s[3] = {{4, {2, 3, 7, 6}, 0}, {4, {2, 3, 3, 3}, 0}, {1, {2}, 0}}; int a[3] = {2, 1, 1};
-      gradcheck("conv2d 3x3 stride 2", b_conv, a, 3, s, 1e-2, 2e-3); }
-    { InSpec s[3] = {{4, {2, 5, 3, 3}, 0}, {4, {3, 5, 1, 1}, 0}, {1, {3}, 0}}; int a[3] = {1, 0, 1};
-      gradcheck("conv2d 1x1", b_conv, a, 3, s, 1e-2, 2e-3); }
-    { InSpec s[3] = {{4, {2, 6, 4, 5}, 0}, {4, {2, 6, 3, 3}, 0}, {1, {2}, 0}}; int a[3] = {1, 1, 1};
-      gradcheck("conv2d 3x3 more in than out channels", b_conv, a, 3, s, 1e-2, 2e-3); }
-    { InSpec s[3] = {{4, {2, 2, 6, 7}, 0}, {4, {3, 2, 5, 5}, 0}, {1, {3}, 0}}; int a[3] = {1, 2, 1};
-      gradcheck("conv2d 5x5 pad 2", b_conv, a, 3, s, 1e-2, 2e-3); }
-    { InSpec s[2] = {{4, {1, 2, 6, 5}, 0}, {4, {2, 2, 3, 3}, 0}}; int a[3] = {1, 0, 0};
-      gradcheck("conv2d 3x3 no pad no bias", b_conv, a, 2, s, 1e-2, 2e-3); }
-    { InSpec s[3] = {{2, {3, 5}, 0}, {2, {4, 5}, 0}, {1, {4}, 0}};
-      gradcheck("linear", b_linear, NULL, 3, s, 1e-2, 2e-3); }
-    for (int ta = 0; ta < 2; ta++)
-        for (int tb = 0; tb < 2; tb++) {
-            int M = 3, N = 4, K = 5, a[2] = {ta, tb};
-            InSpec s[2] = {{3, {2, ta ? K : M, ta ? M : K, 0}, 0},
-                           {3, {2, tb ? N : K, tb ? K : N, 0}, 0}};
-            char nm[64];
-            snprintf(nm, sizeof nm, "matmul transA=%d transB=%d", ta, tb);
-            gradcheck(nm, b_matmul, a, 2, s, 1e-2, 2e-3);
-        }
-    {
-        InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {2, 3, 4, 5}, 0}};
-        gradcheck("add same shape", b_add, NULL, 2, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {2, 3, 1, 1}, 0}};
-        gradcheck("add broadcast (N,C,1,1)", b_add, NULL, 2, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {1, {1}, 0}};
-        gradcheck("sub broadcast scalar", b_sub, NULL, 2, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[2] = {{4, {2, 1, 4, 5}, 0}, {4, {2, 3, 4, 5}, 0}};
-        gradcheck("mul broadcast (N,1,H,W)", b_mul, NULL, 2, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[2] = {{4, {2, 3, 4, 5}, 0}, {4, {1, 3, 1, 1}, 0}};
-        gradcheck("mul broadcast (1,C,1,1)", b_mul, NULL, 2, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{4, {2, 3, 2, 2}, 0}};
-        gradcheck("scale_shift", b_scale_shift, NULL, 1, s, 1e-2, 2e-3);
-    }
-    { InSpec s[3] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}}; int a[1] = {4};
-      gradcheck("groupnorm 4 groups", b_groupnorm, a, 3, s, 1e-2, 2e-3); }
-    { InSpec s[3] = {{4, {1, 64, 2, 3}, 0}, {1, {64}, 0}, {1, {64}, 0}}; int a[1] = {32};
-      gradcheck("groupnorm 32 groups", b_groupnorm, a, 3, s, 1e-2, 2e-3); }
-    { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("silu", b_silu, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[3] = {{4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}}; int a[1] = {4};
-      gradcheck("groupnorm_silu", b_gn_silu, a, 3, s, 1e-2, 2e-3); }
-    {
-        InSpec s[5] = {
-            {4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}, {4, {2, 8, 1, 1}, 0}, {2, {2, 8}, 0}};
-        int a[4] = {4, 1, 1, 0};
-        gradcheck("groupnorm_film_silu (FiLM + SiLU)", b_gn_film_silu, a, 5, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[5] = {
-            {4, {2, 8, 3, 3}, 0}, {1, {8}, 0}, {1, {8}, 0}, {4, {2, 8, 1, 1}, 0}, {2, {2, 8}, 0}};
-        int a[4] = {4, 1, 1, 1};
-        gradcheck("groupnorm_film_silu (FiLM + SiLU + dropout)", b_gn_film_silu, a, 5, s, 1e-2,
-                  2e-3);
-    }
+// One row per case: name, builder, its int arguments, the inputs' shapes
+// ({ndim, {shape}, away_from_zero}), the finite-difference step h.
+typedef struct {
+    const char *name;
+    BuildFn build;
+    int arg[4];
+    int nin;
+    InSpec in[MAX_IN];
+    double h;
+} GradCase;
+
+#define T1(d0) {1, {d0}, 0}
+#define T2(d0, d1) {2, {d0, d1}, 0}
+#define T3(d0, d1, d2) {3, {d0, d1, d2}, 0}
+#define T4(d0, d1, d2, d3) {4, {d0, d1, d2, d3}, 0}
+static const GradCase grad_cases[] = {
+    // conv2d: a = stride, pad, has bias
+    {"conv2d 3x3 stride 1", b_conv, {1, 1, 1}, 3, {T4(2, 3, 5, 7), T4(4, 3, 3, 3), T1(4)}, 1e-2},
+    {"conv2d 3x3 stride 2", b_conv, {2, 1, 1}, 3, {T4(2, 3, 7, 6), T4(2, 3, 3, 3), T1(2)}, 1e-2},
+    {"conv2d 1x1", b_conv, {1, 0, 1}, 3, {T4(2, 5, 3, 3), T4(3, 5, 1, 1), T1(3)}, 1e-2},
+    {"conv2d 3x3 more in than out channels", b_conv, {1, 1, 1}, 3,
+     {T4(2, 6, 4, 5), T4(2, 6, 3, 3), T1(2)}, 1e-2},
+    {"conv2d 5x5 pad 2", b_conv, {1, 2, 1}, 3, {T4(2, 2, 6, 7), T4(3, 2, 5, 5), T1(3)}, 1e-2},
+    {"conv2d 3x3 no pad no bias", b_conv, {1, 0, 0}, 2, {T4(1, 2, 6, 5), T4(2, 2, 3, 3)}, 1e-2},
+    // conv2d_add: a = stride, pad, has shift, has residual
+    {"conv2d_add (shift + residual)", b_conv_add, {1, 1, 1, 1}, 5,
+     {T4(2, 3, 5, 6), T4(4, 3, 3, 3), T1(4), T2(2, 4), T4(2, 4, 5, 6)}, 1e-2},
+    {"conv2d_add 1x1 (residual)", b_conv_add, {1, 0, 0, 1}, 5,
+     {T4(2, 3, 6, 6), T4(4, 3, 1, 1), T1(4), T2(2, 4), T4(2, 4, 6, 6)}, 1e-2},
+    {"conv2d_relu", b_conv_relu, {0}, 3, {T4(2, 3, 4, 5), T4(4, 3, 3, 3), T1(4)}, 1e-3},
+    {"linear", b_linear, {0}, 3, {T2(3, 5), T2(4, 5), T1(4)}, 1e-2},
+    // matmul: a = transA, transB; M = 3, N = 4, K = 5
+    {"matmul transA=0 transB=0", b_matmul, {0, 0}, 2, {T3(2, 3, 5), T3(2, 5, 4)}, 1e-2},
+    {"matmul transA=0 transB=1", b_matmul, {0, 1}, 2, {T3(2, 3, 5), T3(2, 4, 5)}, 1e-2},
+    {"matmul transA=1 transB=0", b_matmul, {1, 0}, 2, {T3(2, 5, 3), T3(2, 5, 4)}, 1e-2},
+    {"matmul transA=1 transB=1", b_matmul, {1, 1}, 2, {T3(2, 5, 3), T3(2, 4, 5)}, 1e-2},
+    // group norms: a = groups (, silu, FiLM, dropout)
+    {"groupnorm 4 groups", b_groupnorm, {4}, 3, {T4(2, 8, 3, 3), T1(8), T1(8)}, 1e-2},
+    {"groupnorm 32 groups", b_groupnorm, {32}, 3, {T4(1, 64, 2, 3), T1(64), T1(64)}, 1e-2},
+    {"groupnorm_silu", b_gn_silu, {4}, 3, {T4(2, 8, 3, 3), T1(8), T1(8)}, 1e-2},
+    {"groupnorm_film_silu (FiLM + SiLU)", b_gn_film_silu, {4, 1, 1, 0}, 5,
+     {T4(2, 8, 3, 3), T1(8), T1(8), T4(2, 8, 1, 1), T2(2, 8)}, 1e-2},
+    {"groupnorm_film_silu (FiLM + SiLU + dropout)", b_gn_film_silu, {4, 1, 1, 1}, 5,
+     {T4(2, 8, 3, 3), T1(8), T1(8), T4(2, 8, 1, 1), T2(2, 8)}, 1e-2},
     // FiLM alone, then dropout with each other combination (forward once
     // skipped the mask when there was neither FiLM nor SiLU, while backward
-    // applied it); a: groups, silu, FiLM, dropout
-    {
-        InSpec s[5] = {
-            {4, {3, 4, 2, 5}, 0}, {1, {4}, 0}, {1, {4}, 0}, {2, {3, 4}, 0}, {2, {3, 4}, 0}};
-        static const struct {
-            const char *name;
-            int a[4];
-        } combos[] = {
-            {"groupnorm_film_silu (FiLM only)", {2, 0, 1, 0}},
-            {"groupnorm_film_silu (dropout only)", {2, 0, 0, 1}},
-            {"groupnorm_film_silu (SiLU + dropout)", {2, 1, 0, 1}},
-            {"groupnorm_film_silu (FiLM + dropout)", {2, 0, 1, 1}},
-        };
-        for (size_t i = 0; i < sizeof combos / sizeof combos[0]; i++)
-            gradcheck(combos[i].name, b_gn_film_silu, combos[i].a, 5, s, 1e-2, 2e-3);
+    // applied it)
+    {"groupnorm_film_silu (FiLM only)", b_gn_film_silu, {2, 0, 1, 0}, 5,
+     {T4(3, 4, 2, 5), T1(4), T1(4), T2(3, 4), T2(3, 4)}, 1e-2},
+    {"groupnorm_film_silu (dropout only)", b_gn_film_silu, {2, 0, 0, 1}, 5,
+     {T4(3, 4, 2, 5), T1(4), T1(4), T2(3, 4), T2(3, 4)}, 1e-2},
+    {"groupnorm_film_silu (SiLU + dropout)", b_gn_film_silu, {2, 1, 0, 1}, 5,
+     {T4(3, 4, 2, 5), T1(4), T1(4), T2(3, 4), T2(3, 4)}, 1e-2},
+    {"groupnorm_film_silu (FiLM + dropout)", b_gn_film_silu, {2, 0, 1, 1}, 5,
+     {T4(3, 4, 2, 5), T1(4), T1(4), T2(3, 4), T2(3, 4)}, 1e-2},
+    {"norm_conv2d (FiLM + SiLU + dropout, 3x3, residual)", b_norm_conv, {4, 1, 1, 1}, 8,
+     {T4(2, 8, 3, 4), T1(8), T1(8), T2(2, 8), T2(2, 8), T4(5, 8, 3, 3), T1(5), T4(2, 5, 3, 4)}, 1e-2},
+    {"l2norm_channels", b_l2norm, {0}, 1, {T4(2, 4, 3, 3)}, 1e-2},
+    // pointwise (relu's inputs kept more than h from its kink)
+    {"silu", b_silu, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
+    {"relu", b_relu, {0}, 1, {{4, {2, 3, 4, 5}, 1}}, 1e-2},
+    {"sigmoid", b_sigmoid, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
+    {"softmax", b_softmax, {0}, 1, {T3(2, 3, 7)}, 1e-2},
+    {"qkv_attention", b_qkv_attention, {0}, 1, {T3(3, 6, 5)}, 1e-2},
+    {"upsample2x", b_upsample, {0}, 1, {T4(2, 3, 3, 5)}, 1e-2},
+    {"avgpool2x2", b_avgpool, {0}, 1, {T4(2, 3, 4, 6)}, 1e-2},
+    {"resize_bilinear up", b_resize, {8, 11}, 1, {T4(1, 2, 5, 6)}, 1e-2},
+    {"resize_bilinear down", b_resize, {3, 4}, 1, {T4(2, 2, 7, 9)}, 1e-2},
+    // broadcast arithmetic
+    {"add same shape", b_add, {0}, 2, {T4(2, 3, 4, 5), T4(2, 3, 4, 5)}, 1e-2},
+    {"add broadcast (N,C,1,1)", b_add, {0}, 2, {T4(2, 3, 4, 5), T4(2, 3, 1, 1)}, 1e-2},
+    {"sub broadcast scalar", b_sub, {0}, 2, {T4(2, 3, 4, 5), T1(1)}, 1e-2},
+    {"mul broadcast (N,1,H,W)", b_mul, {0}, 2, {T4(2, 1, 4, 5), T4(2, 3, 4, 5)}, 1e-2},
+    {"mul broadcast (1,C,1,1)", b_mul, {0}, 2, {T4(2, 3, 4, 5), T4(1, 3, 1, 1)}, 1e-2},
+    {"scale_shift", b_scale_shift, {0}, 1, {T4(2, 3, 2, 2)}, 1e-2},
+    // shapes, reductions, losses
+    {"concat_channels", b_concat, {0}, 2, {T4(2, 3, 2, 2), T4(2, 2, 2, 2)}, 1e-2},
+    {"slice_channels", b_slice, {1, 4}, 1, {T4(2, 5, 2, 3)}, 1e-2},
+    {"reshape", b_reshape, {0}, 2, {T4(2, 3, 2, 2), T2(3, 12)}, 1e-2},
+    {"sum_all", b_sum_all, {0}, 1, {T4(2, 3, 2, 2)}, 1e-2},
+    {"mean_all", b_mean_all, {0}, 1, {T4(2, 3, 2, 2)}, 1e-2},
+    {"mean_hw", b_mean_hw, {0}, 1, {T4(2, 3, 3, 4)}, 1e-2},
+    {"mse_loss weighted", b_mse, {1}, 2, {T4(3, 2, 3, 3), T4(3, 2, 3, 3)}, 1e-2},
+    {"dropout", b_dropout, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
+    {"clamp", b_clamp, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
+    {"chain groupnorm-silu-conv-film-residual", b_chain, {0}, 3,
+     {T4(2, 4, 5, 5), T4(4, 4, 3, 3), T4(2, 4, 1, 1)}, 1e-2},
+};
+#undef T1
+#undef T2
+#undef T3
+#undef T4
+
+static void test_gradchecks(void) {
+    for (size_t i = 0; i < sizeof grad_cases / sizeof grad_cases[0]; i++) {
+        const GradCase *c = &grad_cases[i];
+        gradcheck(c->name, c->build, c->arg, c->nin, c->in, c->h, 2e-3);
     }
-    { InSpec s[8] = {{4, {2, 8, 3, 4}, 0}, {1, {8}, 0}, {1, {8}, 0}, {2, {2, 8}, 0}, {2, {2, 8}, 0},
-                     {4, {5, 8, 3, 3}, 0}, {1, {5}, 0}, {4, {2, 5, 3, 4}, 0}};
-      int a[4] = {4, 1, 1, 1};
-      gradcheck("norm_conv2d (FiLM + SiLU + dropout, 3x3, residual)", b_norm_conv, a, 8, s, 1e-2,
-                2e-3);
-    }
-    {
-        InSpec s[5] = {{4, {2, 3, 5, 6}, 0},
-                       {4, {4, 3, 3, 3}, 0},
-                       {1, {4}, 0},
-                       {2, {2, 4}, 0},
-                       {4, {2, 4, 5, 6}, 0}};
-        int a[4] = {1, 1, 1, 1};
-        gradcheck("conv2d_add (shift + residual)", b_conv_add, a, 5, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[5] = {{4, {2, 3, 6, 6}, 0},
-                       {4, {4, 3, 1, 1}, 0},
-                       {1, {4}, 0},
-                       {2, {2, 4}, 0},
-                       {4, {2, 4, 6, 6}, 0}};
-        int a[4] = {1, 0, 0, 1};
-        gradcheck("conv2d_add 1x1 (residual)", b_conv_add, a, 5, s, 1e-2, 2e-3);
-    }
-    { InSpec s[1] = {{4, {2, 3, 4, 5}, 1}}; gradcheck("relu", b_relu, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[3] = {{4, {2, 3, 4, 5}, 0}, {4, {4, 3, 3, 3}, 0}, {1, {4}, 0}};
-      gradcheck("conv2d_relu", b_conv_relu, NULL, 3, s, 1e-3, 2e-3); }
-    {
-        InSpec s[1] = {{4, {2, 3, 4, 5}, 0}};
-        gradcheck("sigmoid", b_sigmoid, NULL, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{3, {2, 3, 7, 0}, 0}};
-        gradcheck("softmax", b_softmax, NULL, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{3, {3, 6, 5, 0}, 0}};
-        gradcheck("qkv_attention", b_qkv_attention, NULL, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{4, {2, 3, 3, 5}, 0}};
-        gradcheck("upsample2x", b_upsample, NULL, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{4, {2, 3, 4, 6}, 0}};
-        gradcheck("avgpool2x2", b_avgpool, NULL, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{4, {1, 2, 5, 6}, 0}};
-        int a[2] = {8, 11};
-        gradcheck("resize_bilinear up", b_resize, a, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{4, {2, 2, 7, 9}, 0}};
-        int a[2] = {3, 4};
-        gradcheck("resize_bilinear down", b_resize, a, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[2] = {{4, {2, 3, 2, 2}, 0}, {4, {2, 2, 2, 2}, 0}};
-        gradcheck("concat_channels", b_concat, NULL, 2, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{4, {2, 5, 2, 3}, 0}};
-        int a[2] = {1, 4};
-        gradcheck("slice_channels", b_slice, a, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[2] = {{4, {2, 3, 2, 2}, 0}, {2, {3, 12}, 0}};
-        gradcheck("reshape", b_reshape, NULL, 2, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{4, {2, 3, 2, 2}, 0}};
-        gradcheck("sum_all", b_sum_all, NULL, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{4, {2, 3, 2, 2}, 0}};
-        gradcheck("mean_all", b_mean_all, NULL, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{4, {2, 3, 3, 4}, 0}};
-        gradcheck("mean_hw", b_mean_hw, NULL, 1, s, 1e-2, 2e-3);
-    }
-    { InSpec s[2] = {{4, {3, 2, 3, 3}, 0}, {4, {3, 2, 3, 3}, 0}}; int a[1] = {1};
-      gradcheck("mse_loss weighted", b_mse, a, 2, s, 1e-2, 2e-3); }
-    {
-        InSpec s[1] = {{4, {2, 4, 3, 3}, 0}};
-        gradcheck("l2norm_channels", b_l2norm, NULL, 1, s, 1e-2, 2e-3);
-    }
-    {
-        InSpec s[1] = {{4, {2, 3, 4, 5}, 0}};
-        gradcheck("dropout", b_dropout, NULL, 1, s, 1e-2, 2e-3);
-    }
-    { InSpec s[1] = {{4, {2, 3, 4, 5}, 0}}; gradcheck("clamp", b_clamp, NULL, 1, s, 1e-2, 2e-3); }
-    { InSpec s[3] = {{4, {2, 4, 5, 5}, 0}, {4, {4, 4, 3, 3}, 0}, {4, {2, 4, 1, 1}, 0}};
-      gradcheck("chain groupnorm-silu-conv-film-residual", b_chain, NULL, 3, s, 1e-2, 2e-3); }
 }
 
 // The fused ops against their unfused compositions (forward and every
 // gradient): silu(GN(x) * (1 + scale) + shift) and conv(x) + shift + residual.
-static double grad_diff(Tensor **a, Tensor **b,
-                        int n) {  // max over inputs, relative to the largest element
+// max over inputs, relative to the largest element
+static double grad_diff(Tensor **a, Tensor **b, int n) {
     double err = 0.0;
     for (int i = 0; i < n; i++) {
         double mx = 1e-30, e = 0.0;
@@ -420,122 +337,144 @@ static double grad_diff(Tensor **a, Tensor **b,
     return err;
 }
 
-static void test_fused_equal_composed(void) {
-    Graph g, gr;  // fused, reference (one backward per graph)
-    graph_init(&g, 0, 0);
-    graph_init(&gr, 0, 0);
-    Rng rng;
-    rng_seed(&rng, 77, 1);
-    int N = 3, C = 64, H = 5, W = 7, sx[4] = {N, C, H, W}, sc[1] = {C}, sf[4] = {N, C, 1, 1};
+// g: the fused op, gr: the composed reference (one backward per graph);
+// the inputs (N, C, H, W) = (3, 64, 5, 7) random, R the output's gradient
+enum { FN = 3, FC = 64, FH = 5, FW = 7 };
+
+static void fused_film_norm(Graph *g, Graph *gr, Rng *rng, const float *R) {
+    int N = FN, C = FC, sx[4] = {N, C, FH, FW}, sc[1] = {C}, sf[4] = {N, C, 1, 1};
     Tensor *in[5], *ref_in[5];
     const int *shp[5] = {sx, sc, sc, sf, sf};
     int nd[5] = {4, 1, 1, 4, 4};
-    size_t ny = (size_t)N * C * H * W;
-    float *R = mallocCheck(ny * sizeof(float));
-    rng_fill_normal(&rng, R, ny, 0.0f, 1.0f);
+    size_t ny = (size_t)N * C * FH * FW;
     for (int i = 0; i < 5; i++) {
-        in[i] = tensor_new(&g, nd[i], shp[i]);
-        rng_fill_normal(&rng, in[i]->data, in[i]->size, 0.0f, i == 0 ? 2.0f : 0.5f);
-        ref_in[i] = tensor_from(&gr, nd[i], shp[i], in[i]->data);
+        in[i] = tensor_new(g, nd[i], shp[i]);
+        rng_fill_normal(rng, in[i]->data, in[i]->size, 0.0f, i == 0 ? 2.0f : 0.5f);
+        ref_in[i] = tensor_from(gr, nd[i], shp[i], in[i]->data);
         in[i]->requires_grad = ref_in[i]->requires_grad = 1;
     }
-    Tensor *y = groupnorm_film_silu(&g, in[0], in[1], in[2], in[3], in[4], 1, 0.0f, 32, 1e-5f);
-    Tensor *gn = groupnorm(&gr, ref_in[0], ref_in[1], ref_in[2], 32, 1e-5f);
-    Tensor *yr = silu(&gr,
-                      add(&gr, mul(&gr, gn, scale_shift(&gr, ref_in[3], 1.0f, 1.0f)), ref_in[4]));
+    Tensor *y = groupnorm_film_silu(g, in[0], in[1], in[2], in[3], in[4], 1, 0.0f, 32, 1e-5f);
+    Tensor *gn = groupnorm(gr, ref_in[0], ref_in[1], ref_in[2], 32, 1e-5f);
+    Tensor *yr = silu(gr,
+                      add(gr, mul(gr, gn, scale_shift(gr, ref_in[3], 1.0f, 1.0f)), ref_in[4]));
     double err = compare("fused", y->data, yr->data, ny, 1e-6);
-    graph_backward(&g, y, R);
-    graph_backward(&gr, yr, R);
+    graph_backward(g, y, R);
+    graph_backward(gr, yr, R);
     err = fmax(err, grad_diff(in, ref_in, 5));
     test_result(err <= 1e-5, "groupnorm_film_silu equals groupnorm, FiLM and silu composed",
                 "max err %.1e", err);
 
     // with dropout: the same mask as the dropout op drawn from the same RNG state
-    graph_reset(&g);
-    graph_reset(&gr);
+    graph_reset(g);
+    graph_reset(gr);
     Rng d1, d2;
     rng_seed(&d1, 3, 3);
     rng_seed(&d2, 3, 3);
-    g.rng = &d1;
-    gr.rng = &d2;
-    g.training = gr.training = 1;
+    g->rng = &d1;
+    gr->rng = &d2;
+    g->training = gr->training = 1;
     for (int i = 0; i < 5; i++) {
-        in[i] = tensor_from(&g, nd[i], shp[i], ref_in[i]->data);
-        ref_in[i] = tensor_from(&gr, nd[i], shp[i], in[i]->data);
+        in[i] = tensor_from(g, nd[i], shp[i], ref_in[i]->data);
+        ref_in[i] = tensor_from(gr, nd[i], shp[i], in[i]->data);
         in[i]->requires_grad = ref_in[i]->requires_grad = 1;
     }
-    y = groupnorm_film_silu(&g, in[0], in[1], in[2], in[3], in[4], 1, 0.3f, 32, 1e-5f);
-    yr = dropout(&gr,
-                 groupnorm_film_silu(&gr, ref_in[0], ref_in[1], ref_in[2], ref_in[3], ref_in[4], 1,
+    y = groupnorm_film_silu(g, in[0], in[1], in[2], in[3], in[4], 1, 0.3f, 32, 1e-5f);
+    yr = dropout(gr,
+                 groupnorm_film_silu(gr, ref_in[0], ref_in[1], ref_in[2], ref_in[3], ref_in[4], 1,
                                      0.0f, 32, 1e-5f),
                  0.3f);
     err = compare("fused dropout", y->data, yr->data, ny, 0.0);
-    graph_backward(&g, y, R);
-    graph_backward(&gr, yr, R);
+    graph_backward(g, y, R);
+    graph_backward(gr, yr, R);
     err = fmax(err, grad_diff(in, ref_in, 5));
     test_result(err <= 1e-6,
                 "groupnorm_film_silu with dropout equals it followed by the dropout op",
                 "max err %.1e", err);
-    g.training = gr.training = 0;
+    g->training = gr->training = 0;
+    g->rng = gr->rng = NULL;
+}
 
-    graph_reset(&g);
-    graph_reset(&gr);
+static void fused_conv_add(Graph *g, Graph *gr, Rng *rng, const float *R) {
+    int N = FN, C = FC, H = FH, W = FW, sx[4] = {N, C, H, W};
+    Tensor *in[5], *ref_in[5], *y, *yr;
+    graph_reset(g);
+    graph_reset(gr);
     int sw[4] = {8, C, 3, 3}, sb[1] = {8}, ss[2] = {N, 8}, sr[4] = {N, 8, H, W},
         ss4[4] = {N, 8, 1, 1};
     const int *shp2[5] = {sx, sw, sb, ss, sr};
     int nd2[5] = {4, 4, 1, 2, 4};
     for (int i = 0; i < 5; i++) {
-        in[i] = tensor_new(&g, nd2[i], shp2[i]);
-        rng_fill_normal(&rng, in[i]->data, in[i]->size, 0.0f, 1.0f);
-        ref_in[i] = tensor_from(&gr, nd2[i], shp2[i], in[i]->data);
+        in[i] = tensor_new(g, nd2[i], shp2[i]);
+        rng_fill_normal(rng, in[i]->data, in[i]->size, 0.0f, 1.0f);
+        ref_in[i] = tensor_from(gr, nd2[i], shp2[i], in[i]->data);
         in[i]->requires_grad = ref_in[i]->requires_grad = 1;
     }
-    y = conv2d_add(&g, in[0], in[1], in[2], in[3], in[4], 1, 1);
-    yr = add(&gr,
-             add(&gr, conv2d(&gr, ref_in[0], ref_in[1], ref_in[2], 1, 1),
-                 reshape(&gr, ref_in[3], 4, ss4)),
+    y = conv2d_add(g, in[0], in[1], in[2], in[3], in[4], 1, 1);
+    yr = add(gr, add(gr, conv2d(gr, ref_in[0], ref_in[1], ref_in[2], 1, 1), reshape(gr, ref_in[3], 4, ss4)),
              ref_in[4]);
-    err = compare("conv_add", y->data, yr->data, (size_t)N * 8 * H * W, 1e-5);
-    graph_backward(&g, y, R);
-    graph_backward(&gr, yr, R);
+    double err = compare("conv_add", y->data, yr->data, (size_t)N * 8 * H * W, 1e-5);
+    graph_backward(g, y, R);
+    graph_backward(gr, yr, R);
     err = fmax(err, grad_diff(in, ref_in, 5));
     test_result(err <= 1e-5, "conv2d_add equals conv2d plus shift plus residual", "max err %.1e",
                 err);
+}
 
-    // norm_conv2d against groupnorm_film_silu then conv2d_add, dropout on: bitwise
-    graph_reset(&g);
-    graph_reset(&gr);
+// norm_conv2d against groupnorm_film_silu then conv2d_add, dropout on: bitwise
+static void fused_norm_conv(Graph *g, Graph *gr, Rng *rng, const float *R) {
+    int N = FN, C = FC, H = FH, W = FW, sx[4] = {N, C, H, W};
+    int sw[4] = {8, C, 3, 3}, sb[1] = {8}, sr[4] = {N, 8, H, W};
+    graph_reset(g);
+    graph_reset(gr);
+    Rng d1, d2;
     rng_seed(&d1, 4, 3);
     rng_seed(&d2, 4, 3);
-    g.training = gr.training = 1;
+    g->rng = &d1;
+    gr->rng = &d2;
+    g->training = gr->training = 1;
     int sg[1] = {C}, sfs[2] = {N, C};
     const int *shp3[8] = {sx, sg, sg, sfs, sfs, sw, sb, sr};
     int nd3[8] = {4, 1, 1, 2, 2, 4, 1, 4};
     Tensor *in8[8], *ref8[8];
     for (int i = 0; i < 8; i++) {
-        in8[i] = tensor_new(&g, nd3[i], shp3[i]);
-        rng_fill_normal(&rng, in8[i]->data, in8[i]->size, 0.0f, 1.0f);
-        ref8[i] = tensor_from(&gr, nd3[i], shp3[i], in8[i]->data);
+        in8[i] = tensor_new(g, nd3[i], shp3[i]);
+        rng_fill_normal(rng, in8[i]->data, in8[i]->size, 0.0f, 1.0f);
+        ref8[i] = tensor_from(gr, nd3[i], shp3[i], in8[i]->data);
         in8[i]->requires_grad = ref8[i]->requires_grad = 1;
     }
     NormSpec ns = {.gamma = in8[1], .beta = in8[2], .scale = in8[3], .shift = in8[4], .silu = 1,
                    .groups = 32, .dropout = 0.3f, .eps = 1e-5f};
-    y = norm_conv2d(&g, in8[0], &ns, in8[5], in8[6], in8[7], 1);
-    Tensor *hr = groupnorm_film_silu(&gr, ref8[0], ref8[1], ref8[2], ref8[3], ref8[4], 1, 0.3f, 32,
+    Tensor *y = norm_conv2d(g, in8[0], &ns, in8[5], in8[6], in8[7], 1);
+    Tensor *hr = groupnorm_film_silu(gr, ref8[0], ref8[1], ref8[2], ref8[3], ref8[4], 1, 0.3f, 32,
                                      1e-5f);
-    yr = conv2d_add(&gr, hr, ref8[5], ref8[6], NULL, ref8[7], 1, 1);
+    Tensor *yr = conv2d_add(gr, hr, ref8[5], ref8[6], NULL, ref8[7], 1, 1);
     size_t differ = 0;
     for (size_t i = 0; i < y->size; i++)
         differ += memcmp(&y->data[i], &yr->data[i], sizeof(float)) != 0;
-    graph_backward(&g, y, R);
-    graph_backward(&gr, yr, R);
+    graph_backward(g, y, R);
+    graph_backward(gr, yr, R);
     for (int i = 0; i < 8; i++)
         for (size_t k = 0; k < in8[i]->size; k++)
             differ += memcmp(&in8[i]->grad[k], &ref8[i]->grad[k], sizeof(float)) != 0;
     test_result(differ == 0,
                 "norm_conv2d equals groupnorm_film_silu then conv2d_add, bit for bit (dropout on)",
                 "%zu values differ", differ);
-    g.training = gr.training = 0;
+    g->training = gr->training = 0;
+    g->rng = gr->rng = NULL;
+}
+
+static void test_fused_equal_composed(void) {
+    Graph g, gr;
+    graph_init(&g, 0, 0);
+    graph_init(&gr, 0, 0);
+    Rng rng;
+    rng_seed(&rng, 77, 1);
+    size_t ny = (size_t)FN * FC * FH * FW;
+    float *R = mallocCheck(ny * sizeof(float));
+    rng_fill_normal(&rng, R, ny, 0.0f, 1.0f);
+    fused_film_norm(&g, &gr, &rng, R);
+    fused_conv_add(&g, &gr, &rng, R);
+    fused_norm_conv(&g, &gr, &rng, R);
     free(R);
     graph_free(&g);
     graph_free(&gr);
