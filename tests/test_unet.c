@@ -543,42 +543,35 @@ static void lpips_test_init(Lpips *l) {
     }
 }
 
-static void test_lpips(void) {
-    StFile lg;
+// the test weights as a file (the CLI test and the loader checks use it),
+// and broken copies: one tensor missing, one of the wrong shape
+static void write_lpips_test_files(Lpips *l) {
     char err[512];
-    if (st_read("tests/goldens/lpips.safetensors", &lg, err, sizeof err) != 0) {
-        test_result(0, "lpips golden file", "%s", err);
-        return;
+    StWrite *w = mallocCheck(l->params.count * sizeof *w);
+    for (size_t i = 0; i < l->params.count; i++) {
+        Tensor *t = params_get(&l->params, i);
+        w[i] = (StWrite){t->name, t->ndim, t->shape, t->data};
     }
-    Lpips l;
-    lpips_init(&l);
-    lpips_test_init(&l);
-    // the test weights as a file: the CLI test and the loader checks use it
-    {
-        StWrite *w = mallocCheck(l.params.count * sizeof *w);
-        for (size_t i = 0; i < l.params.count; i++) {
-            Tensor *t = params_get(&l.params, i);
-            w[i] = (StWrite){t->name, t->ndim, t->shape, t->data};
-        }
-        const char *meta[] = {"format", "casdm-lpips-vgg16-1", "producer",
-                              "tests/test_unet.c (test weights)", NULL};
-        if (st_write("build/lpips_test.safetensors", w, l.params.count, meta, err, sizeof err) != 0)
-            fatal("%s", err);
-        // and broken copies: one tensor missing, one of the wrong shape
-        int bad_shape[4] = {1, 63, 1, 1};
-        StWrite keep = w[l.params.count - 1];
-        st_write("build/lpips_missing.safetensors", w, l.params.count - 1, meta, err, sizeof err);
-        w[l.params.count - 1].shape = bad_shape;
-        w[l.params.count - 1].ndim = 4;
-        st_write("build/lpips_shape.safetensors", w, l.params.count, meta, err, sizeof err);
-        w[l.params.count - 1] = keep;
-        free(w);
-    }
-    const StEntry *ex = st_find(&lg, "x"), *ey = st_find(&lg, "y");
+    const char *meta[] = {"format", "casdm-lpips-vgg16-1", "producer",
+                          "tests/test_unet.c (test weights)", NULL};
+    if (st_write("build/lpips_test.safetensors", w, l->params.count, meta, err, sizeof err) != 0)
+        fatal("%s", err);
+    int bad_shape[4] = {1, 63, 1, 1};
+    StWrite keep = w[l->params.count - 1];
+    st_write("build/lpips_missing.safetensors", w, l->params.count - 1, meta, err, sizeof err);
+    w[l->params.count - 1].shape = bad_shape;
+    w[l->params.count - 1].ndim = 4;
+    st_write("build/lpips_shape.safetensors", w, l->params.count, meta, err, sizeof err);
+    w[l->params.count - 1] = keep;
+    free(w);
+}
+
+// distance, taps and input gradient at sizes 32, 64 (resized up), 16 (down)
+// against tools/make_lpips_goldens.py
+static void lpips_vs_golden(Lpips *l, const StFile *lg, Graph *g) {
+    const StEntry *ex = st_find(lg, "x"), *ey = st_find(lg, "y");
     if (!ex || !ey) fatal("lpips golden lacks x or y");
     const int sizes[3] = {32, 64, 16};
-    Graph g;
-    graph_init(&g, 0, 0);
     for (int si = 0; si < 3; si++) {
         if (test_quick && si > 0) {
             char nm[64];
@@ -586,21 +579,21 @@ static void test_lpips(void) {
             test_skip(nm, "--quick runs size 32 only");
             continue;
         }
-        graph_reset(&g);
-        l.size = sizes[si];
-        Tensor *x = tensor_from(&g, ex->ndim, ex->shape, ex->data),
-               *y = tensor_from(&g, ey->ndim, ey->shape, ey->data);
+        graph_reset(g);
+        l->size = sizes[si];
+        Tensor *x = tensor_from(g, ex->ndim, ex->shape, ex->data),
+               *y = tensor_from(g, ey->ndim, ey->shape, ey->data);
         x->requires_grad = 1;
         Tensor *taps[LPIPS_TAPS];
-        Tensor *d = lpips_distance(&g, &l, x, y, taps);
-        graph_backward(&g, sum_all(&g, d), NULL);
+        Tensor *d = lpips_distance(g, l, x, y, taps);
+        graph_backward(g, sum_all(g, d), NULL);
         char key[64];
         snprintf(key, sizeof key, "s%d/distance", sizes[si]);
-        const StEntry *ed = st_find(&lg, key);
+        const StEntry *ed = st_find(lg, key);
         snprintf(key, sizeof key, "s%d/grad_x", sizes[si]);
-        const StEntry *eg = st_find(&lg, key);
+        const StEntry *eg = st_find(lg, key);
         snprintf(key, sizeof key, "s%d/taps", sizes[si]);
-        const StEntry *et = st_find(&lg, key);
+        const StEntry *et = st_find(lg, key);
         if (!ed || !eg || !et) fatal("lpips golden lacks size %d", sizes[si]);
         double edist = 0.0, etap = 0.0;
         for (int n = 0; n < 2; n++) {
@@ -620,6 +613,9 @@ static void test_lpips(void) {
                     "distance %.1e, worst tap %.1e, gradient %.1e of its max; tol 1e-5, 1e-4, 1e-4",
                     edist, etap, egrad);
     }
+}
+
+static void lpips_vs_finite_differences(Lpips *l, Graph *g) {
     if (test_quick) test_skip("LPIPS input gradient vs finite differences", "--quick");
     // finite differences through the whole network, along 6 random
     // directions v of the 1x3x16x16 input: (L(x + hv) - L(x - hv)) / 2h
@@ -629,11 +625,11 @@ static void test_lpips(void) {
     if (!test_quick) {
         Rng r;
         rng_seed(&r, 11, 2);
-        l.size = 16;
+        l->size = 16;
         int shp[4] = {1, 3, 16, 16};
         size_t nx = 768;
-        graph_reset(&g);
-        Tensor *x = tensor4(&g, 1, 3, 16, 16), *y = tensor4(&g, 1, 3, 16, 16);
+        graph_reset(g);
+        Tensor *x = tensor4(g, 1, 3, 16, 16), *y = tensor4(g, 1, 3, 16, 16);
         rng_fill_uniform(&r, x->data, nx, -1, 1);
         rng_fill_uniform(&r, y->data, nx, -1, 1);
         float *xv = mallocCheck(nx * 4), *yv = mallocCheck(nx * 4), *an = mallocCheck(nx * 4),
@@ -641,10 +637,10 @@ static void test_lpips(void) {
         memcpy(xv, x->data, nx * 4);
         memcpy(yv, y->data, nx * 4);
         x->requires_grad = 1;
-        graph_backward(&g, lpips_distance(&g, &l, x, y, NULL), NULL);
+        graph_backward(g, lpips_distance(g, l, x, y, NULL), NULL);
         memcpy(an, x->grad, nx * 4);
         double worst = 0.0;
-        g.grad_enabled = 0;
+        g->grad_enabled = 0;
         for (int dir = 0; dir < 6; dir++) {
             rng_fill_normal(&r, v, nx, 0.0f, 1.0f);
             double L[2], want = 0.0, h = 1e-3, ng = 0.0, nv = 0.0;
@@ -654,14 +650,14 @@ static void test_lpips(void) {
                 nv += (double)v[i] * v[i];
             }
             for (int sgn = 0; sgn < 2; sgn++) {
-                graph_reset(&g);
-                Tensor *xp = tensor_from(&g, 4, shp, xv), *yp = tensor_from(&g, 4, shp, yv);
+                graph_reset(g);
+                Tensor *xp = tensor_from(g, 4, shp, xv), *yp = tensor_from(g, 4, shp, yv);
                 for (size_t i = 0; i < nx; i++) xp->data[i] += (float)((sgn ? -h : h) * v[i]);
-                L[sgn] = lpips_distance(&g, &l, xp, yp, NULL)->data[0];
+                L[sgn] = lpips_distance(g, l, xp, yp, NULL)->data[0];
             }
             worst = fmax(worst, fabs((L[0] - L[1]) / (2 * h) - want) / sqrt(ng * nv));
         }
-        g.grad_enabled = 1;
+        g->grad_enabled = 1;
         // measured ~2e-3: a step along a dense direction flips ReLUs throughout
         // the trunk; a wrong gradient is off by O(0.1 - 1)
         test_result(worst <= 1e-2,
@@ -670,12 +666,15 @@ static void test_lpips(void) {
                     worst);
         free(xv); free(yv); free(an); free(v);
     }
-    graph_free(&g);
-    // the loader: good file, missing tensor, wrong shape, truncated, not safetensors
+}
+
+// the loader: good file, missing tensor, wrong shape, truncated, not safetensors
+static void lpips_loader(const Lpips *l) {
+    char err[512];
     Lpips l2;
     lpips_init(&l2);
     int ok = lpips_load(&l2, "build/lpips_test.safetensors", err, sizeof err) == 0 &&
-             memcmp(l2.params.data, l.params.data, l.params.total * 4) == 0;
+             memcmp(l2.params.data, l->params.data, l->params.total * 4) == 0;
     ok &= lpips_load(&l2, "build/lpips_missing.safetensors", err, sizeof err) != 0 &&
           strstr(err, "no tensor 'lin4.weight'") != NULL;
     ok &= lpips_load(&l2, "build/lpips_shape.safetensors", err, sizeof err) != 0 &&
@@ -702,6 +701,25 @@ static void test_lpips(void) {
     remove("build/lpips_shape.safetensors");
     remove("build/lpips_trunc.safetensors");
     lpips_free(&l2);
+}
+
+static void test_lpips(void) {
+    StFile lg;
+    char err[512];
+    if (st_read("tests/goldens/lpips.safetensors", &lg, err, sizeof err) != 0) {
+        test_result(0, "lpips golden file", "%s", err);
+        return;
+    }
+    Lpips l;
+    lpips_init(&l);
+    lpips_test_init(&l);
+    write_lpips_test_files(&l);
+    Graph g;
+    graph_init(&g, 0, 0);
+    lpips_vs_golden(&l, &lg, &g);
+    lpips_vs_finite_differences(&l, &g);
+    graph_free(&g);
+    lpips_loader(&l);
     lpips_free(&l);
     st_free(&lg);
 }
