@@ -137,6 +137,76 @@ static void setup_models(Bench *b, int kind, int ch, int res, const char *attn, 
     b->lc = lc;
 }
 
+static void setup_conv(Bench *b) {
+    size_t nx = (size_t)CB * CC * CHW * CHW, nw = (size_t)CC * CC * 9;
+    b->x = mallocCheck(nx * 4);
+    b->y = mallocCheck(nx * 4);
+    b->dx = mallocCheck(nx * 4);
+    b->dy = mallocCheck(nx * 4);
+    b->w = mallocCheck(nw * 4);
+    b->dw = mallocCheck(nw * 4);
+    b->b = mallocCheck(CC * 4);
+    b->db = mallocCheck(CC * 4);
+    size_t sf = conv2d_forward_scratch(CB, CC, CHW, CHW, CC, 3, 1, 1),
+           sb = conv2d_backward_scratch(CB, CC, CHW, CHW, CC, 3, 1, 1);
+    b->col = mallocCheck((sf > sb ? sf : sb) * 4);
+    rng_fill_normal(&b->rng, b->x, nx, 0, 1);
+    rng_fill_normal(&b->rng, b->dy, nx, 0, 1);
+    rng_fill_normal(&b->rng, b->w, nw, 0, 0.03f);
+    rng_fill_normal(&b->rng, b->b, CC, 0, 0.1f);
+}
+
+// random frozen weights: the speed does not depend on them
+static void setup_lpips(Bench *b, int size) {
+    lpips_init(&b->lpips);
+    for (size_t i = 0; i < b->lpips.params.count; i++) {
+        Tensor *t = params_get(&b->lpips.params, i);
+        float s = t->ndim == 4 && t->shape[0] > 1 ? sqrtf(2.0f / (float)(t->size / t->shape[0]))
+                                                  : 0.1f;
+        rng_fill_normal(&b->rng, t->data, t->size, 0, s);
+    }
+    b->lpips.size = size;
+}
+
+// the case's inputs and step function (NULL: unknown case); the FLOPs the
+// step does per counted forward FLOP go in b->flops_mult
+static step_fn setup_case(Bench *b, const char *cs, int *warmup, int *iters) {
+    if (!strncmp(cs, "conv3x3", 7)) {
+        setup_conv(b);
+        int both = strstr(cs, "fwdbwd") != NULL;
+        b->flops_mult = both ? 3.0 : 1.0;
+        if (!both) { *warmup = 3; *iters = *iters < 20 ? 20 : *iters; }
+        return both ? conv_fwdbwd : conv_fwd;
+    }
+    int big = strstr(cs, "128") != NULL;
+    if (!strcmp(cs, "unet_ch64_step") || !strcmp(cs, "unet_ch128_step")) {
+        setup_models(b, MODEL_DDPM_EPS, big ? 128 : 64, big ? 3 : 2, big ? "16,8" : "16", 1);
+        b->flops_mult = 3.0;
+        return train_step;
+    }
+    if (!strcmp(cs, "casdm_ch64_step") || !strcmp(cs, "casdm_ch128_step") ||
+        !strcmp(cs, "casdm_ch64_step_ckpt") || !strcmp(cs, "casdm_ch128_step_ckpt")) {
+        setup_models(b, MODEL_CASDM, big ? 128 : 64, big ? 3 : 2, big ? "16,8" : "16", 1);
+        b->theta.use_checkpoint = b->phi.use_checkpoint = strstr(cs, "ckpt") != NULL;
+        b->flops_mult = 3.0;
+        return train_step;
+    }
+    if (!strcmp(cs, "lpips224_fwdbwd") || !strcmp(cs, "lpips64_fwdbwd") ||
+        !strcmp(cs, "lpips32_fwdbwd")) {
+        setup_lpips(b, atoi(cs + 5));  // lpipsN_fwdbwd: resized from 32x32 to N
+        b->flops_mult = 1.5;  // both branches forward (counted) + the input gradient of one
+        return lpips_step;
+    }
+    if (!strcmp(cs, "ddim_ch128_step")) {
+        setup_models(b, MODEL_CASDM, 128, 3, "16,8", 0);
+        b->x = mallocCheck((size_t)b->B * 3 * 1024 * 4);
+        b->y = mallocCheck((size_t)b->B * 3 * 1024 * 4);
+        b->flops_mult = 1.0;
+        return ddim_step;
+    }
+    return NULL;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B]\n");
@@ -169,56 +239,8 @@ int main(int argc, char **argv) {
     b.g.rng = &b.rng;
     rng_seed(&b.rng, 1, 1);
     b.B = batch;
-    step_fn f = NULL;
-    if (!strncmp(cs, "conv3x3", 7)) {
-        size_t nx = (size_t)CB * CC * CHW * CHW, nw = (size_t)CC * CC * 9;
-        b.x = mallocCheck(nx * 4);
-        b.y = mallocCheck(nx * 4);
-        b.dx = mallocCheck(nx * 4);
-        b.dy = mallocCheck(nx * 4);
-        b.w = mallocCheck(nw * 4);
-        b.dw = mallocCheck(nw * 4);
-        b.b = mallocCheck(CC * 4);
-        b.db = mallocCheck(CC * 4);
-        size_t sf = conv2d_forward_scratch(CB, CC, CHW, CHW, CC, 3, 1, 1),
-               sb = conv2d_backward_scratch(CB, CC, CHW, CHW, CC, 3, 1, 1);
-        b.col = mallocCheck((sf > sb ? sf : sb) * 4);
-        rng_fill_normal(&b.rng, b.x, nx, 0, 1); rng_fill_normal(&b.rng, b.dy, nx, 0, 1);
-        rng_fill_normal(&b.rng, b.w, nw, 0, 0.03f); rng_fill_normal(&b.rng, b.b, CC, 0, 0.1f);
-        f = strstr(cs, "fwdbwd") ? conv_fwdbwd : conv_fwd;
-        b.flops_mult = strstr(cs, "fwdbwd") ? 3.0 : 1.0;
-        if (!strstr(cs, "fwdbwd")) { warmup = 3; iters = iters < 20 ? 20 : iters; }
-    } else if (!strcmp(cs, "unet_ch64_step") || !strcmp(cs, "unet_ch128_step")) {
-        int big = strstr(cs, "128") != NULL;
-        setup_models(&b, MODEL_DDPM_EPS, big ? 128 : 64, big ? 3 : 2, big ? "16,8" : "16", 1);
-        f = train_step;
-        b.flops_mult = 3.0;
-    } else if (!strcmp(cs, "casdm_ch64_step") || !strcmp(cs, "casdm_ch128_step") ||
-               !strcmp(cs, "casdm_ch64_step_ckpt") || !strcmp(cs, "casdm_ch128_step_ckpt")) {
-        int big = strstr(cs, "128") != NULL;
-        setup_models(&b, MODEL_CASDM, big ? 128 : 64, big ? 3 : 2, big ? "16,8" : "16", 1);
-        b.theta.use_checkpoint = b.phi.use_checkpoint = strstr(cs, "ckpt") != NULL;
-        f = train_step;
-        b.flops_mult = 3.0;
-    } else if (!strcmp(cs, "lpips224_fwdbwd") || !strcmp(cs, "lpips64_fwdbwd") ||
-               !strcmp(cs, "lpips32_fwdbwd")) {
-        lpips_init(&b.lpips);  // random frozen weights: the speed does not depend on them
-        for (size_t i = 0; i < b.lpips.params.count; i++) {
-            Tensor *t = params_get(&b.lpips.params, i);
-            float s = t->ndim == 4 && t->shape[0] > 1 ? sqrtf(2.0f / (float)(t->size / t->shape[0]))
-                                                      : 0.1f;
-            rng_fill_normal(&b.rng, t->data, t->size, 0, s);
-        }
-        b.lpips.size = atoi(cs + 5);  // lpipsN_fwdbwd: resized from 32x32 to N
-        f = lpips_step;
-        b.flops_mult = 1.5;  // both branches forward (counted) + the input gradient of one
-    } else if (!strcmp(cs, "ddim_ch128_step")) {
-        setup_models(&b, MODEL_CASDM, 128, 3, "16,8", 0);
-        b.x = mallocCheck((size_t)batch * 3 * 1024 * 4);
-        b.y = mallocCheck((size_t)batch * 3 * 1024 * 4);
-        f = ddim_step;
-        b.flops_mult = 1.0;
-    } else {
+    step_fn f = setup_case(&b, cs, &warmup, &iters);
+    if (!f) {
         fprintf(stderr, "bench: unknown case '%s'\n", cs);
         return 2;
     }
