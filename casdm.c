@@ -1589,6 +1589,56 @@ static void eval_help(FILE *f) {
     usage_options(f, eval_opts_table, eval_opts_n);
 }
 
+// one batch of held-out images at timestep t: x_t from fixed noise, the
+// model's eps and x0 (each derived from the other where the model predicts
+// only one; casdm's phi on its x0*), their squared errors added to se, sx
+static void eval_batch(Graph *g, Model *m, const Dataset *d, int b0, int B, int t, Rng *rng,
+                       double *se, double *sx) {
+    int C = m->theta.cfg.in_channels, S = m->theta.cfg.image_size;
+    size_t per = (size_t)C * S * S;
+    double ab = m->sched.abar[t], a1 = 1.0 / sqrt(ab), a2 = sqrt(1.0 / ab - 1.0);
+    graph_reset(g);
+    Tensor *x0 = tensor4(g, B, C, S, S), *eps = tensor4(g, B, C, S, S),
+           *xt = tensor4(g, B, C, S, S);
+    for (size_t i = 0; i < (size_t)B * per; i++)
+        x0->data[i] = d->img.pixels[(size_t)b0 * per + i] / 127.5f - 1.0f;
+    rng_fill_normal(rng, eps->data, eps->size, 0.0f, 1.0f);
+    for (size_t i = 0; i < xt->size; i++)
+        xt->data[i] = (float)(sqrt(ab) * x0->data[i] + sqrt(1.0 - ab) * eps->data[i]);
+    float *tm = arena_floats(&g->arena, (size_t)B);
+    for (int i = 0; i < B; i++) tm[i] = schedule_model_t(&m->sched, t);
+    Tensor *o = unet_forward(g, &m->theta, xt, tm);
+    size_t so = (size_t)o->shape[1] * S * S;
+    const float *pe = NULL, *px = NULL;
+    size_t sx0 = so;
+    if (m->kind == MODEL_DDPM_EPS || m->kind == MODEL_CASDM) pe = o->data;
+    if (m->kind == MODEL_DDPM_X0) px = o->data;
+    if (m->kind == MODEL_DUAL) { px = o->data; pe = o->data + per; }
+    if (m->kind == MODEL_CASDM) {
+        Tensor *x0s = tensor4(g, B, C, S, S);
+        for (int i = 0; i < B; i++)
+            for (size_t q = 0; q < per; q++) {
+                float v = (float)(a1 * xt->data[i * per + q] - a2 * o->data[i * so + q]);
+                x0s->data[i * per + q] = m->clip_x0 ? (v < -1 ? -1 : v > 1 ? 1 : v) : v;
+            }
+        Tensor *po = unet_forward(g, &m->phi, x0s, tm);
+        px = po->data;
+        sx0 = (size_t)po->shape[1] * S * S;
+    }
+    for (int i = 0; i < B; i++)
+        for (size_t q = 0; q < per; q++) {
+            double xv = xt->data[i * per + q], e = 0.0, x = 0.0;
+            if (pe) e = pe[i * so + q];
+            if (px) x = px[i * sx0 + q];
+            if (!pe) e = (a1 * xv - x) / a2;  // epsilon from x0
+            // x0 from epsilon, clipped
+            if (!px) { x = a1 * xv - a2 * e; x = x < -1 ? -1 : x > 1 ? 1 : x; }
+            double de = e - eps->data[i * per + q], dx = x - x0->data[i * per + q];
+            *se += de * de;
+            *sx += dx * dx;
+        }
+}
+
 static int cmd_eval(int argc, char **argv) {
     const char *ckpt = NULL, *data_path = NULL;
     int n, grid, seed, batch, no_ema;
@@ -1629,52 +1679,12 @@ static int cmd_eval(int argc, char **argv) {
     catch_signals();
     for (int k = 0; k < grid && !interrupted; k++) {
         int t = (int)(((double)k + 0.5) * m.sched.T / grid);
-        double ab = m.sched.abar[t], a1 = 1.0 / sqrt(ab), a2 = sqrt(1.0 / ab - 1.0);
         Rng rng;
         rng_seed(&rng, (uint64_t)seed, 1000 + (uint64_t)k);
         double se = 0.0, sx = 0.0;
         for (int b0 = 0; b0 < n && !interrupted; b0 += batch) {
             int B = n - b0 < batch ? n - b0 : batch;
-            graph_reset(&g);
-            Tensor *x0 = tensor4(&g, B, C, S, S), *eps = tensor4(&g, B, C, S, S),
-                   *xt = tensor4(&g, B, C, S, S);
-            for (size_t i = 0; i < (size_t)B * per; i++)
-                x0->data[i] = d.img.pixels[(size_t)b0 * per + i] / 127.5f - 1.0f;
-            rng_fill_normal(&rng, eps->data, eps->size, 0.0f, 1.0f);
-            for (size_t i = 0; i < xt->size; i++)
-                xt->data[i] = (float)(sqrt(ab) * x0->data[i] + sqrt(1.0 - ab) * eps->data[i]);
-            float *tm = arena_floats(&g.arena, (size_t)B);
-            for (int i = 0; i < B; i++) tm[i] = schedule_model_t(&m.sched, t);
-            Tensor *o = unet_forward(&g, &m.theta, xt, tm);
-            size_t so = (size_t)o->shape[1] * S * S;
-            const float *pe = NULL, *px = NULL;
-            size_t sx0 = so;
-            if (m.kind == MODEL_DDPM_EPS || m.kind == MODEL_CASDM) pe = o->data;
-            if (m.kind == MODEL_DDPM_X0) px = o->data;
-            if (m.kind == MODEL_DUAL) { px = o->data; pe = o->data + per; }
-            if (m.kind == MODEL_CASDM) {
-                Tensor *x0s = tensor4(&g, B, C, S, S);
-                for (int i = 0; i < B; i++)
-                    for (size_t q = 0; q < per; q++) {
-                        float v = (float)(a1 * xt->data[i * per + q] - a2 * o->data[i * so + q]);
-                        x0s->data[i * per + q] = m.clip_x0 ? (v < -1 ? -1 : v > 1 ? 1 : v) : v;
-                    }
-                Tensor *po = unet_forward(&g, &m.phi, x0s, tm);
-                px = po->data;
-                sx0 = (size_t)po->shape[1] * S * S;
-            }
-            for (int i = 0; i < B; i++)
-                for (size_t q = 0; q < per; q++) {
-                    double xv = xt->data[i * per + q], e = 0.0, x = 0.0;
-                    if (pe) e = pe[i * so + q];
-                    if (px) x = px[i * sx0 + q];
-                    if (!pe) e = (a1 * xv - x) / a2;                    // epsilon from x0
-                    // x0 from epsilon, clipped
-                    if (!px) { x = a1 * xv - a2 * e; x = x < -1 ? -1 : x > 1 ? 1 : x; }
-                    double de = e - eps->data[i * per + q], dx = x - x0->data[i * per + q];
-                    se += de * de;
-                    sx += dx * dx;
-                }
+            eval_batch(&g, &m, &d, b0, B, t, &rng, &se, &sx);
         }
         se /= (double)n * per;
         sx /= (double)n * per;
