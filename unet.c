@@ -89,39 +89,34 @@ static void declare(Decl *d, Tensor **slot, const char *name, int ndim, int s0, 
     d->n++;
 }
 
-static void declare_norm(Decl *d, Tensor **w, Tensor **b, const char *prefix, int ch) {
+// PREFIX.weight of shape (s0, s1, s2, s3) (its first ndim), PREFIX.bias of
+// shape (s0): the pair every norm, conv and linear layer has
+static void declare_weight_bias(Decl *d, Tensor **w, Tensor **b, const char *prefix, int ndim,
+                                int s0, int s1, int s2, int s3) {
     char name[160];
     snprintf(name, sizeof name, "%s.weight", prefix);
-    declare(d, w, name, 1, ch, 0, 0, 0);
+    declare(d, w, name, ndim, s0, s1, s2, s3);
     snprintf(name, sizeof name, "%s.bias", prefix);
-    declare(d, b, name, 1, ch, 0, 0, 0);
+    declare(d, b, name, 1, s0, 0, 0, 0);
+}
+
+static void declare_norm(Decl *d, Tensor **w, Tensor **b, const char *prefix, int ch) {
+    declare_weight_bias(d, w, b, prefix, 1, ch, 0, 0, 0);
 }
 
 static void declare_conv(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in,
                          int k) {
-    char name[160];
-    snprintf(name, sizeof name, "%s.weight", prefix);
-    declare(d, w, name, 4, out, in, k, k);
-    snprintf(name, sizeof name, "%s.bias", prefix);
-    declare(d, b, name, 1, out, 0, 0, 0);
+    declare_weight_bias(d, w, b, prefix, 4, out, in, k, k);
 }
 
 // Conv1d weights are (out, in, 1) in PyTorch; we keep that shape so that
 // state_dicts load strictly, and view them as (out, in, 1, 1) in forward.
 static void declare_conv1d(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in) {
-    char name[160];
-    snprintf(name, sizeof name, "%s.weight", prefix);
-    declare(d, w, name, 3, out, in, 1, 0);
-    snprintf(name, sizeof name, "%s.bias", prefix);
-    declare(d, b, name, 1, out, 0, 0, 0);
+    declare_weight_bias(d, w, b, prefix, 3, out, in, 1, 0);
 }
 
 static void declare_linear(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in) {
-    char name[160];
-    snprintf(name, sizeof name, "%s.weight", prefix);
-    declare(d, w, name, 2, out, in, 0, 0);
-    snprintf(name, sizeof name, "%s.bias", prefix);
-    declare(d, b, name, 1, out, 0, 0, 0);
+    declare_weight_bias(d, w, b, prefix, 2, out, in, 0, 0);
 }
 
 static void declare_resblock(Decl *d, ResBlock *r, const char *prefix, int in_ch, int out_ch,
