@@ -122,7 +122,7 @@ def load_data(path):
     return out, False
 
 
-def sample_batch(data, rng, B, flip):
+def draw_batch(data, rng, B, flip):
     idx, fl = [], []
     for _ in range(B):
         idx.append(rng.below(data.shape[0]))
@@ -214,7 +214,7 @@ def main():
     sums, nsum, step0 = [0.0] * 5, 0, step
     t0 = tlog = time.monotonic()
     while step < a.steps:
-        x0 = torch.from_numpy(sample_batch(data, rng, B, flip))
+        x0 = torch.from_numpy(draw_batch(data, rng, B, flip))
         t = np.array([rng.below(T) for _ in range(B)], dtype=np.int64)
         noise = torch.from_numpy(rng.normals(B * C * S * S).reshape(B, C, S, S))
         out = R.train_losses(kind, nets, x0, t, noise, T, sched, p2g, p2k, clip_x0=clip_x0)
