@@ -391,6 +391,11 @@ void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W)
 void resize_bilinear_forward(float *out, const float *inp, size_t P, int H, int W, int OH, int OW);
 void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH,
                               int OW);
+// norm (N,HW) is written by forward and read by backward
+void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps);
+void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
+                     int N, int C, int HW, float eps);
+
 // ---------------------------------------------------------------------------
 // reference kernels: the definitions as direct loops, accumulated in double,
 // beside the fast kernels they witness (as llm.c keeps matmul_forward_naive
@@ -415,10 +420,5 @@ void groupnorm_film_silu_backward_ref(float *dinp, float *dgamma, float *dbeta, 
 void qkv_attention_forward_ref(float *out, const float *qkv, int BH, int ch, int T, float scale);
 void qkv_attention_backward_ref(float *dqkv, const float *dout, const float *qkv, int BH, int ch,
                                 int T, float scale);
-
-// norm (N,HW) is written by forward and read by backward
-void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps);
-void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
-                     int N, int C, int HW, float eps);
 
 #endif
