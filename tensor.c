@@ -282,12 +282,22 @@ void rng_fill_uniform(Rng *r, float *x, size_t n, float lo, float hi) {
 
 // ---------------------------------------------------------------------------
 // ---- thread pool ----
-// pool_run publishes (fn, arg) and bumps a generation counter; workers spin
-// on it for a short while (a U-Net step runs thousands of small parallel
-// regions, and a futex wake-up costs more than many of them), then sleep on
-// a condition variable. The caller runs slice 0 and spins until the others
-// have finished. Atomics are GCC/Clang builtins; other compilers get the
-// mutex path only.
+// A job is fn(arg, c, nchunks) for chunks c = 0 .. nchunks-1. Each thread
+// has a home range of the chunks (as a static split would give it, so the
+// same thread tends to touch the same data from one job to the next) and
+// claims them one at a time; a thread whose range is done takes the chunks
+// nobody has started from the others' ranges. So nobody waits for a chunk
+// that no thread has started: when a worker is slow to wake, or its core is
+// busy with another process, the caller does the chunks itself, instead of
+// stalling on every one of the thousands of jobs of a training step. The
+// caller then waits only for chunks in progress: it polls for
+// POOL_WAIT_SPIN_NS, then sleeps (so the OS can run the late worker on the
+// caller's core). Workers poll for the next job for POOL_SPIN_NS, then sleep
+// on a condition variable.
+// Kernels make each output element in one chunk, in a fixed order, so the
+// numbers do not depend on which thread ran which chunk, nor on how many
+// threads there are. Atomics are GCC/Clang builtins; other compilers get
+// the same protocol under the mutex.
 // ---------------------------------------------------------------------------
 void slice(size_t n, int ith, int nth, size_t *begin, size_t *end) {
     size_t base = n / (size_t)nth, rem = n % (size_t)nth, i = (size_t)ith;
@@ -297,56 +307,153 @@ void slice(size_t n, int ith, int nth, size_t *begin, size_t *end) {
 
 #if CASDM_THREADS
 #define MAX_THREADS 64
-#ifndef POOL_SPIN
-#define POOL_SPIN 200000    // polls before a worker sleeps (~0.1-1 ms)
+#define POOL_MAX_CHUNKS 65536  // a home word keeps chunk numbers in 20 bits
+#ifndef POOL_SPIN_NS
+#define POOL_SPIN_NS 100000    // a worker polls this long for the next job, then sleeps
+#endif
+#ifndef POOL_WAIT_SPIN_NS
+#define POOL_WAIT_SPIN_NS 1000000  // the caller polls this long for the last chunks, then sleeps
 #endif
 #if defined(__GNUC__)
-#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-#define FETCH_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_ACQ_REL)
+#define POOL_ATOMICS 1
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define FETCH_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_SEQ_CST)
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
 #else
 #define CPU_RELAX() ((void)0)
 #endif
-#define POOL_ATOMICS 1
 #else
 #define POOL_ATOMICS 0
 #endif
 
+typedef struct { pool_fn fn; void *arg; } PoolJob;
+
 static struct {
-    int nthreads;         // 0 until pool_init
+    int nthreads;              // 0 until pool_init
     pthread_t threads[MAX_THREADS];
     pthread_mutex_t mu;
-    pthread_cond_t work, done;
-    pool_fn fn;
-    void *arg;
-    unsigned long generation;  // bumped once per pool_run
-    int pending;               // workers still running the current job
+    pthread_cond_t work, done; // workers wait for a job; the caller for the last chunks
+    unsigned long generation;  // of the current job; workers wait for it to change
+    // Each thread's home chunks: generation << 40 | end << 20 | next chunk.
+    // A thread claims its own first (so a thread works on the same part of
+    // the data from one job to the next, as its cache would have it), then
+    // the others'. One fetch_add claims a chunk and says of which job and
+    // where that home range ends, so a claim is right even by a thread that
+    // is still sweeping the job before.
+    struct { uint64_t v; char pad[56]; } home[MAX_THREADS];
+    PoolJob job[2];            // by generation & 1: the current job, and the one before
+    int job_chunks[2];         // their chunk counts
+    int finished[2];           // chunks finished, by generation & 1
     int sleepers;              // workers waiting on `work`
+    int caller_sleeping;       // the caller waits on `done`
     int quit;
-    int busy;                  // a pool_run is in progress: nested calls run serially
+    int busy;                  // a job is in progress: nested calls run serially
     pthread_key_t id_key;      // worker index + 1 of the calling thread (main: unset)
     int key_made;
 } pool;
 
 // Which OS thread is this (0 = the main thread)? Scratch buffers are per OS
-// thread, since a nested call runs as slice 0 of 1 on a worker.
-static int pool_thread_id(void) {
+// thread: a thread runs one chunk at a time, and a nested call runs serially.
+int pool_thread_id(void) {
     if (!pool.key_made) return 0;
     void *v = pthread_getspecific(pool.id_key);
     return v ? (int)(intptr_t)v - 1 : 0;
 }
 
-static unsigned long pool_generation(void) {
 #if POOL_ATOMICS
-    return LOAD(&pool.generation);
+static unsigned long pool_generation(void) { return LOAD(&pool.generation); }
+static uint64_t pool_claim(int i) { return FETCH_ADD(&pool.home[i].v, 1); }
+static int pool_finish(int slot) { return FETCH_ADD(&pool.finished[slot], 1) + 1; }
+static int pool_finished(int slot) { return LOAD(&pool.finished[slot]); }
 #else
+static uint64_t pool_locked_add(uint64_t *p, uint64_t v) {
+    pthread_mutex_lock(&pool.mu);
+    uint64_t old = *p;
+    *p += v;
+    pthread_mutex_unlock(&pool.mu);
+    return old;
+}
+static unsigned long pool_generation(void) {
     pthread_mutex_lock(&pool.mu);
     unsigned long g = pool.generation;
     pthread_mutex_unlock(&pool.mu);
     return g;
+}
+static uint64_t pool_claim(int i) { return pool_locked_add(&pool.home[i].v, 1); }
+static int pool_finish(int slot) {
+    pthread_mutex_lock(&pool.mu);
+    int n = ++pool.finished[slot];
+    pthread_mutex_unlock(&pool.mu);
+    return n;
+}
+static int pool_finished(int slot) {
+    pthread_mutex_lock(&pool.mu);
+    int n = pool.finished[slot];
+    pthread_mutex_unlock(&pool.mu);
+    return n;
+}
 #endif
+
+// the same, for code that holds pool.mu
+#if POOL_ATOMICS
+static unsigned long pool_generation_locked(void) { return LOAD(&pool.generation); }
+static int pool_quit_locked(void) { return LOAD(&pool.quit); }
+#else
+static unsigned long pool_generation_locked(void) { return pool.generation; }
+static int pool_quit_locked(void) { return pool.quit; }
+#endif
+
+// Claims and runs chunks until none is left, its own home range first
+// (self), then the others'. A claim below its range's end is a chunk nobody
+// else has, of a job whose caller is still waiting for it: that job's
+// PoolJob is still in place.
+static void pool_work(int self) {
+    int nth = pool.nthreads;
+    for (int k = 0; k < nth; k++) {
+        int i = (self + k) % nth;
+        for (;;) {
+            uint64_t t = pool_claim(i);
+            int slot = (int)(t >> 40 & 1), end = (int)(t >> 20 & 0xfffff), c = (int)(t & 0xfffff);
+            if (c >= end) break;
+            PoolJob job = pool.job[slot];
+            int nchunks = pool.job_chunks[slot];
+            job.fn(job.arg, c, nchunks);
+            if (pool_finish(slot) == nchunks) {
+#if POOL_ATOMICS
+                if (LOAD(&pool.caller_sleeping))
+#endif
+                {
+                    pthread_mutex_lock(&pool.mu);
+                    pthread_cond_signal(&pool.done);
+                    pthread_mutex_unlock(&pool.mu);
+                }
+            }
+        }
+    }
+}
+
+// polls until cond(arg) holds or about ns nanoseconds have passed; returns cond(arg)
+static int pool_poll(int (*cond)(void *), void *arg, double ns) {
+#if POOL_ATOMICS
+    double until = now_seconds() + ns * 1e-9;
+    for (int i = 1;; i++) {
+        if (cond(arg)) return 1;
+        CPU_RELAX();
+        if (i % 64 == 0 && now_seconds() > until) return cond(arg);
+    }
+#else
+    (void)ns;
+    return cond(arg);
+#endif
+}
+
+static int new_job(void *seen) {
+#if POOL_ATOMICS
+    if (LOAD(&pool.quit)) return 1;
+#endif
+    return pool_generation() != *(const unsigned long *)seen;
 }
 
 static void *pool_worker(void *p) {
@@ -354,35 +461,32 @@ static void *pool_worker(void *p) {
     pthread_setspecific(pool.id_key, (void *)(intptr_t)(ith + 1));
     unsigned long seen = 0;
     for (;;) {
-#if POOL_ATOMICS
-        for (int spin = 0; spin < POOL_SPIN && LOAD(&pool.generation) == seen && !LOAD(&pool.quit);
-             spin++)
-            CPU_RELAX();
-#endif
-        if (pool_generation() == seen) {
+        if (!pool_poll(new_job, &seen, POOL_SPIN_NS)) {
             pthread_mutex_lock(&pool.mu);
+#if POOL_ATOMICS
+            FETCH_ADD(&pool.sleepers, 1);  // before the check: pool_run_chunks reads it after publishing
+#else
             pool.sleepers++;
-            while (pool.generation == seen && !pool.quit) pthread_cond_wait(&pool.work, &pool.mu);
+#endif
+            while (pool_generation_locked() == seen && !pool_quit_locked())
+                pthread_cond_wait(&pool.work, &pool.mu);
+#if POOL_ATOMICS
+            FETCH_ADD(&pool.sleepers, -1);
+#else
             pool.sleepers--;
+#endif
             pthread_mutex_unlock(&pool.mu);
         }
 #if POOL_ATOMICS
         if (LOAD(&pool.quit)) break;
-        seen = LOAD(&pool.generation);
-        pool.fn(pool.arg, ith, pool.nthreads);  // published before the generation (release/acquire)
-        FETCH_ADD(&pool.pending, -1);
 #else
         pthread_mutex_lock(&pool.mu);
-        if (pool.quit) { pthread_mutex_unlock(&pool.mu); break; }
-        seen = pool.generation;
-        pool_fn fn = pool.fn;
-        void *arg = pool.arg;
+        int quit = pool.quit;
         pthread_mutex_unlock(&pool.mu);
-        fn(arg, ith, pool.nthreads);
-        pthread_mutex_lock(&pool.mu);
-        if (--pool.pending == 0) pthread_cond_signal(&pool.done);
-        pthread_mutex_unlock(&pool.mu);
+        if (quit) break;
 #endif
+        seen = pool_generation();
+        pool_work(ith);
     }
     return NULL;
 }
@@ -421,11 +525,10 @@ void pool_init(int nthreads) {
     if (nthreads <= 0) nthreads = default_threads();
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     pool_stop_workers();
-    pool.quit = 0;
-    pool.busy = 0;
+    pool.quit = pool.busy = pool.sleepers = pool.caller_sleeping = 0;
     pool.generation = 0;
-    pool.pending = 0;
-    pool.sleepers = 0;
+    for (int i = 0; i < MAX_THREADS; i++) pool.home[i].v = 0;  // generation 0, empty ranges
+    pool.finished[0] = pool.finished[1] = 0;
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.work, NULL);
     pthread_cond_init(&pool.done, NULL);
@@ -441,60 +544,103 @@ int pool_threads(void) {
     return pool.nthreads;
 }
 
-void pool_run(pool_fn fn, void *arg) {
+static int job_done(void *slot) {
+    int s = *(int *)slot;
+    return pool_finished(s) >= pool.job_chunks[s];
+}
+
+void pool_run_chunks(pool_fn fn, void *arg, int nchunks) {
+    if (nchunks <= 0) return;
+    if (nchunks > POOL_MAX_CHUNKS) fatal("pool_run_chunks: %d chunks (at most %d)", nchunks, POOL_MAX_CHUNKS);
     if (pool.nthreads == 0) pool_init(0);
-    if (pool.nthreads == 1 || pool.busy) { fn(arg, 0, 1); return; }
+    if (pool.nthreads == 1 || pool.busy || nchunks == 1) {
+        for (int c = 0; c < nchunks; c++) fn(arg, c, nchunks);
+        return;
+    }
     pool.busy = 1;
-    pool.fn = fn;
-    pool.arg = arg;
+    uint64_t gen = (uint64_t)(pool.generation + 1) & 0xffffff;  // 24 bits in a home word
+    int slot = (int)(gen & 1);
+    pool.job[slot].fn = fn;
+    pool.job[slot].arg = arg;
+    pool.job_chunks[slot] = nchunks;
+    pool.finished[slot] = 0;  // nobody touches this slot: its last job finished before the one before us began
 #if POOL_ATOMICS
-    STORE(&pool.pending, pool.nthreads - 1);
-    pthread_mutex_lock(&pool.mu);  // a sleeper checks the generation under the lock
-    FETCH_ADD(&pool.generation, 1UL);
-    if (pool.sleepers) pthread_cond_broadcast(&pool.work);
-    pthread_mutex_unlock(&pool.mu);
-    fn(arg, 0, pool.nthreads);
-    while (LOAD(&pool.pending) > 0) CPU_RELAX();
+    for (int i = 0; i < pool.nthreads; i++) {
+        size_t b, e;
+        slice((size_t)nchunks, i, pool.nthreads, &b, &e);
+        STORE(&pool.home[i].v, gen << 40 | (uint64_t)e << 20 | (uint64_t)b);
+    }
+    STORE(&pool.generation, (unsigned long)gen);  // the job is published with its ranges
+    if (LOAD(&pool.sleepers)) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.work);
+        pthread_mutex_unlock(&pool.mu);
+    }
 #else
     pthread_mutex_lock(&pool.mu);
-    pool.pending = pool.nthreads - 1;
-    pool.generation++;
+    for (int i = 0; i < pool.nthreads; i++) {
+        size_t b, e;
+        slice((size_t)nchunks, i, pool.nthreads, &b, &e);
+        pool.home[i].v = gen << 40 | (uint64_t)e << 20 | (uint64_t)b;
+    }
+    pool.generation = (unsigned long)gen;
     pthread_cond_broadcast(&pool.work);
     pthread_mutex_unlock(&pool.mu);
-    fn(arg, 0, pool.nthreads);
-    pthread_mutex_lock(&pool.mu);
-    while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.mu);
-    pthread_mutex_unlock(&pool.mu);
 #endif
+    pool_work(0);
+    if (!pool_poll(job_done, &slot, POOL_WAIT_SPIN_NS)) {
+        pthread_mutex_lock(&pool.mu);
+#if POOL_ATOMICS
+        STORE(&pool.caller_sleeping, 1);  // before the check: a finishing worker reads it after counting
+        while (LOAD(&pool.finished[slot]) < nchunks) pthread_cond_wait(&pool.done, &pool.mu);
+        STORE(&pool.caller_sleeping, 0);
+#else
+        while (pool.finished[slot] < nchunks) pthread_cond_wait(&pool.done, &pool.mu);
+#endif
+        pthread_mutex_unlock(&pool.mu);
+    }
     pool.busy = 0;
 }
+
+void pool_run(pool_fn fn, void *arg) { pool_run_chunks(fn, arg, pool_threads()); }
 
 void pool_shutdown(void) { pool_stop_workers(); }
 #else  // THREADS=0: everything on the calling thread
 void pool_init(int nthreads) { (void)nthreads; }
 int pool_threads(void) { return 1; }
+void pool_run_chunks(pool_fn fn, void *arg, int nchunks) {
+    for (int c = 0; c < nchunks; c++) fn(arg, c, nchunks);
+}
 void pool_run(pool_fn fn, void *arg) { fn(arg, 0, 1); }
 void pool_shutdown(void) {}
-static int pool_thread_id(void) { return 0; }
+int pool_thread_id(void) { return 0; }
 #endif
 
-// parallel_for: fn(ctx, begin, end) over contiguous slices of [0, n); runs on
-// the calling thread alone when there is too little work to share.
+// parallel_for: fn(ctx, begin, end) over contiguous ranges of [0, n), up to
+// POOL_CHUNKS_PER_THREAD per thread (small enough that a thread that is late
+// or preempted holds back little), each of at least min_per_chunk items;
+// on the calling thread alone when there is too little work to share.
+#ifndef POOL_CHUNKS_PER_THREAD
+#define POOL_CHUNKS_PER_THREAD 4
+#endif
 typedef void (*range_fn)(void *ctx, size_t begin, size_t end);
 typedef struct { range_fn fn; void *ctx; size_t n; } RangeTask;
 
-static void range_task(void *arg, int ith, int nth) {
+static void range_task(void *arg, int c, int nchunks) {
     RangeTask *t = arg;
     size_t b, e;
-    slice(t->n, ith, nth, &b, &e);
+    slice(t->n, c, nchunks, &b, &e);
     if (b < e) t->fn(t->ctx, b, e);
 }
 
-static void parallel_for(size_t n, size_t min_per_thread, range_fn fn, void *ctx) {
+static void parallel_for(size_t n, size_t min_per_chunk, range_fn fn, void *ctx) {
     if (n == 0) return;
-    if (n < 2 * min_per_thread || pool_threads() == 1) { fn(ctx, 0, n); return; }
+    int nth = pool_threads();
+    size_t most = (size_t)nth * POOL_CHUNKS_PER_THREAD, chunks = n / (min_per_chunk ? min_per_chunk : 1);
+    if (chunks > most) chunks = most;
+    if (chunks < 2 || nth == 1) { fn(ctx, 0, n); return; }
     RangeTask t = {fn, ctx, n};
-    pool_run(range_task, &t);
+    pool_run_chunks(range_task, &t, (int)chunks);
 }
 
 // ---------------------------------------------------------------------------
@@ -841,12 +987,22 @@ static void gemm_thread(void *arg, int ith, int nth) {
     }
 }
 
+// GEMM_CHUNKS_PER_THREAD chunks per thread, claimed as the threads come
+// (see the thread pool): a thread that is late leaves its chunk to the
+// caller. Each chunk packs its own B columns (split_n) or A rows and all of
+// the other operand, so more chunks would repack that more often.
+#ifndef GEMM_CHUNKS_PER_THREAD
+#define GEMM_CHUNKS_PER_THREAD 1  // measured: 4 repacks enough to cost 10-40% on small maps
+#endif
 static void gemm_run(GemmTask *t) {
     int nth = pool_threads();
     t->split_n = t->N >= (size_t)nth * GEMM_NR * 4 || t->M < (size_t)nth * GEMM_MR * 2;
     if ((double)t->M * t->N * t->K < 64.0 * 64 * 64) nth = 1;  // not worth waking threads
-    if (nth == 1) gemm_thread(t, 0, 1);
-    else pool_run(gemm_thread, t);
+    size_t panels = t->split_n ? (t->N + GEMM_NR - 1) / GEMM_NR : (t->M + GEMM_MR - 1) / GEMM_MR;
+    size_t chunks = (size_t)nth * GEMM_CHUNKS_PER_THREAD;
+    if (chunks > panels) chunks = panels;
+    if (nth == 1 || chunks < 2) gemm_thread(t, 0, 1);
+    else pool_run_chunks(gemm_thread, t, (int)chunks);
 }
 
 static void gemm_zero_or_keep(size_t M, size_t N, int accumulate, float *C, size_t ldc) {  // K == 0

@@ -102,15 +102,22 @@ void rng_advance(Rng *r, uint64_t delta);            // skip delta rng_u32 outpu
 void rng_fill_keep(Rng *r, unsigned char *keep, size_t n, float p);  // keep[i] = (uniform >= p)
 
 // ---------------------------------------------------------------------------
-// thread pool: pool_run(fn, arg) calls fn(arg, ith, nth) for ith = 0..nth-1,
-// the caller being thread 0, and returns when all are done. Kernels split
-// their work with `slice`. Built with THREADS=0 (CASDM_THREADS=0) it runs
-// fn(arg, 0, 1) on the calling thread. Nested calls run serially.
+// thread pool: pool_run_chunks(fn, arg, n) calls fn(arg, c, n) for every
+// chunk c = 0..n-1 and returns when all are done. The caller and the workers
+// claim chunks one at a time, so a worker that is late (asleep, or its core
+// busy with another process) holds nothing up: the caller runs what nobody
+// has started. Kernels split their work with `slice(total, c, n, ...)` and
+// make each output in one chunk, so the numbers do not depend on which
+// thread ran which chunk. pool_run(fn, arg) is the same with one chunk per
+// thread. Built with THREADS=0 everything runs on the calling thread. Nested
+// calls run serially.
 // ---------------------------------------------------------------------------
-typedef void (*pool_fn)(void *arg, int ith, int nth);
+typedef void (*pool_fn)(void *arg, int chunk, int nchunks);
 void pool_init(int nthreads);        // <= 0: CASDM_THREADS env, else cores
 int pool_threads(void);
+void pool_run_chunks(pool_fn fn, void *arg, int nchunks);
 void pool_run(pool_fn fn, void *arg);
+int pool_thread_id(void);             // the calling thread: 0 = the one that called pool_init
 void pool_shutdown(void);            // joins the workers (pool_init starts them again)
 // [*begin, *end) = part ith of nth of [0, n), contiguous, in order
 void slice(size_t n, int ith, int nth, size_t *begin, size_t *end);

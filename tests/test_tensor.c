@@ -5,6 +5,7 @@
 // good and bad.
 #define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
+#include <time.h>
 
 #include "test_util.h"
 
@@ -921,6 +922,70 @@ static void test_reference_kernels(void) {
 }
 
 // ---------------------------------------------------------------------------
+// the thread pool: every chunk runs exactly once, with nested jobs, and a
+// worker that stalls inside a chunk holds up only that chunk: the caller
+// runs the chunks nobody has started (the worker's home range included)
+// ---------------------------------------------------------------------------
+#define POOL_TEST_CHUNKS 64
+typedef struct { int runs[POOL_TEST_CHUNKS]; int by_caller[POOL_TEST_CHUNKS]; int stall, nested; } PoolProbe;
+
+static void pool_inner(void *arg, int c, int n) { (void)n; ((int *)arg)[c]++; }
+
+static void pool_probe_chunk(void *arg, int c, int n) {
+    PoolProbe *p = arg;
+    (void)n;
+    if (p->nested) {  // a nested job runs serially on the thread that calls it
+        int inner[4] = {0};
+        pool_run_chunks(pool_inner, inner, 4);
+        if (inner[0] != 1 || inner[3] != 1) p->runs[c] += 100;
+    }
+    p->runs[c]++;
+    int worker = pool_thread_id() != 0;
+    p->by_caller[c] = !worker;
+    if (p->stall) {  // ~50 us of work per chunk, so that the worker is awake and takes some
+        double until = now_seconds() + 50e-6;
+        while (now_seconds() < until) {}
+    }
+    if (p->stall == 1 && worker) {  // one worker: nobody else writes stall
+        p->stall = 2;
+        struct timespec ts = {0, 200 * 1000000};  // the worker's first chunk stalls 200 ms
+        nanosleep(&ts, NULL);
+    }
+}
+
+static void test_pool(void) {
+    pool_init(2);
+    int ok = 1;
+    for (int round = 0; round < 200 && ok; round++) {
+        PoolProbe p;
+        memset(&p, 0, sizeof p);
+        p.nested = round % 3 == 0;
+        int n = 1 + round % POOL_TEST_CHUNKS;
+        pool_run_chunks(pool_probe_chunk, &p, n);
+        for (int c = 0; c < POOL_TEST_CHUNKS; c++) ok &= p.runs[c] == (c < n);
+    }
+    test_result(ok, "pool_run_chunks runs every chunk once (200 jobs of 1-64 chunks, nested jobs)", "");
+    // The worker's first chunk stalls 200 ms (a preempted or descheduled
+    // thread): meanwhile the caller runs every other chunk, the worker's
+    // home range included, so the worker ends with just that one chunk. A
+    // static split would leave it half of them.
+    PoolProbe p;
+    memset(&p, 0, sizeof p);
+    p.stall = 1;
+    pool_run_chunks(pool_probe_chunk, &p, POOL_TEST_CHUNKS);
+    int once = 1, by_worker = 0;
+    for (int c = 0; c < POOL_TEST_CHUNKS; c++) {
+        once &= p.runs[c] == 1;
+        by_worker += !p.by_caller[c];
+    }
+    test_result(once && by_worker <= 1 && pool_threads() <= 2,
+                "a worker stalled in a chunk holds up only that chunk: the caller runs the rest",
+                "the worker ran %d of %d chunks, %d threads", by_worker, POOL_TEST_CHUNKS,
+                pool_threads());
+    pool_init(0);
+}
+
+// ---------------------------------------------------------------------------
 // RNG: PCG32's published demo output (pcg32-global-demo, seed 42, stream 54)
 // ---------------------------------------------------------------------------
 static void test_rng(void) {
@@ -1236,6 +1301,7 @@ int main(int argc, char **argv) {
     test_goldens();
     test_safetensors();
     test_determinism();
+    test_pool();
     pool_shutdown();
     sgemm_free_buffers();
     return test_failed_count ? 1 : 0;
