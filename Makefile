@@ -2,6 +2,7 @@
 #   make                 build the program (./casdm) and the library objects
 #   make test            build and run every test; ends with "N passed, N failed"
 #   make asan            the tests under AddressSanitizer + UBSan (LeakSanitizer on)
+#   make tsan            the engine's tests under ThreadSanitizer
 #   make fuzz            libFuzzer harnesses of every reader (clang), each run
 #                        FUZZ_SECONDS (default 10) on its seeds in tests/fuzz/
 #   make clean
@@ -38,7 +39,7 @@ $(shell mkdir -p build; echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' | cmp -s - $(FLAGS_
 LIB_OBJS = build/tensor.o build/formats.o build/unet.o build/ddim.o build/lpips.o
 TESTS    = build/test_tensor build/test_unet
 
-.PHONY: all test asan clean bench data demo demo-torch cross quality fuzz
+.PHONY: all test asan tsan clean bench data demo demo-torch cross quality fuzz
 
 all: casdm $(LIB_OBJS)
 
@@ -105,6 +106,14 @@ cross:
 asan:
 	$(MAKE) clean
 	$(MAKE) test CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+
+# the engine's tests under ThreadSanitizer: the pool's protocol and every
+# threaded kernel; any report fails it (halt_on_error)
+tsan:
+	$(MAKE) clean
+	$(MAKE) build/test_tensor CFLAGS="-O1 -g -fsanitize=thread" LDLIBS="-lm -lpthread -fsanitize=thread"
+	TSAN_OPTIONS=halt_on_error=1 setarch $$(uname -m) -R ./build/test_tensor --quick  # -R: no ASLR, which gcc 12's TSan needs on new kernels
+	$(MAKE) clean
 
 # ---- fuzzing: tests/fuzz.c, one libFuzzer binary per reader (ASan + UBSan) ----
 # `make fuzz FUZZ_SECONDS=N` runs each target N seconds on a copy of its seeds

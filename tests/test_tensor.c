@@ -927,7 +927,11 @@ static void test_reference_kernels(void) {
 // runs the chunks nobody has started (the worker's home range included)
 // ---------------------------------------------------------------------------
 #define POOL_TEST_CHUNKS 64
-typedef struct { int runs[POOL_TEST_CHUNKS]; int by_caller[POOL_TEST_CHUNKS]; int stall, nested; } PoolProbe;
+typedef struct {
+    int runs[POOL_TEST_CHUNKS], by_caller[POOL_TEST_CHUNKS];
+    int nested, busy;  // set before the job
+    int stall;         // the worker's alone (one worker)
+} PoolProbe;
 
 static void pool_inner(void *arg, int c, int n) { (void)n; ((int *)arg)[c]++; }
 
@@ -942,12 +946,12 @@ static void pool_probe_chunk(void *arg, int c, int n) {
     p->runs[c]++;
     int worker = pool_thread_id() != 0;
     p->by_caller[c] = !worker;
-    if (p->stall) {  // ~50 us of work per chunk, so that the worker is awake and takes some
+    if (p->busy) {  // ~50 us of work per chunk, so that the worker is awake and takes some
         double until = now_seconds() + 50e-6;
         while (now_seconds() < until) {}
     }
-    if (p->stall == 1 && worker) {  // one worker: nobody else writes stall
-        p->stall = 2;
+    if (worker && p->busy && p->stall == 0) {  // one worker: nobody else touches stall
+        p->stall = 1;
         struct timespec ts = {0, 200 * 1000000};  // the worker's first chunk stalls 200 ms
         nanosleep(&ts, NULL);
     }
@@ -971,7 +975,7 @@ static void test_pool(void) {
     // static split would leave it half of them.
     PoolProbe p;
     memset(&p, 0, sizeof p);
-    p.stall = 1;
+    p.busy = 1;
     pool_run_chunks(pool_probe_chunk, &p, POOL_TEST_CHUNKS);
     int once = 1, by_worker = 0;
     for (int c = 0; c < POOL_TEST_CHUNKS; c++) {
