@@ -9,6 +9,11 @@
 # as whole programs: ./casdm train against tools/train_ref.py from the same
 # step-0 checkpoint, 30 steps each; ms per step from the last 10 steps' img/s
 # in each log.csv (needs data/fashion-mnist; rss: the whole program's).
+# contention_demo_step: the same training at 2 threads, 10 steps (ms per step
+# from the last 5), quiet, then beside one busy loop at nice 19, then beside
+# one at normal priority: each side gets its own busy loop, started before
+# and killed after it (bounded by timeout). Lines contention_demo_step/quiet,
+# /nice19 and /busy.
 # casdm_*_step_ckpt: the Cas-DM step with every U-Net block checkpointed
 # (ours: use_checkpoint on both nets; PyTorch: torch.utils.checkpoint on
 # the same blocks, tools/bench_torch.py casdm_ckpt).
@@ -24,7 +29,7 @@ elif [ ! -f "$ref" ]; then echo "PyTorch reference $ref not found: torch columns
 if [ $quick -eq 1 ]; then
     cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step casdm_ch64_step"; iters=3
 else
-    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step casdm_demo_step"; iters=5
+    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step casdm_demo_step contention_demo_step"; iters=5
 fi
 [ -n "${BENCH_CASES:-}" ] && cases=$BENCH_CASES   # e.g. BENCH_CASES="lpips224_fwdbwd ddim_ch128_step"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -71,13 +76,46 @@ demo_run() {
     awk -v i="$ips" -v r="$(tail -n 1 "$d.rss" 2>/dev/null)" 'BEGIN { if (i + 0 > 0) printf "%.2f %.1f\n", 32000 / i, r / 1024; else print "- -" }'
 }
 
+# contention_run ours|torch load -> "ms rss_mib": 10 demo steps at 2 threads,
+# beside a busy loop (load nice19 or busy) or alone (quiet)
+contention_run() {
+    d=$tmp/cont_$1_$2; pid=
+    case $2 in
+        nice19) nice -n 19 timeout 1200 sh -c 'while :; do :; done' & pid=$! ;;
+        busy) timeout 1200 sh -c 'while :; do :; done' & pid=$! ;;
+    esac
+    f=$(echo "$demo_flags" | sed 's/--log-every 10/--log-every 5/')
+    if [ "$1" = ours ]; then
+        /usr/bin/time -f "%M" -o "$d.rss" ./casdm --threads 2 train $f --attn '' --steps 10 --resume "$tmp/demo_init" --out "$d" 2>/dev/null
+    else
+        /usr/bin/time -f "%M" -o "$d.rss" $py tools/train_ref.py --init "$tmp/demo_init/ckpt.safetensors" $f --attn '' \
+            --steps 10 --threads 2 --out "$d" 2>/dev/null
+    fi
+    [ -n "$pid" ] && { kill $pid 2>/dev/null; wait $pid 2>/dev/null; }
+    ips=$(tail -n 1 "$d/log.csv" 2>/dev/null | awk -F, '{ print $7 }')
+    awk -v i="$ips" -v r="$(tail -n 1 "$d.rss" 2>/dev/null)" 'BEGIN { if (i + 0 > 0) printf "%.2f %.1f\n", 32000 / i, r / 1024; else print "- -" }'
+}
+
 for c in $cases; do
     batch=16; [ "$c" = lpips224_fwdbwd ] && batch=4
-    if [ "$c" = casdm_demo_step ]; then
+    if [ "$c" = casdm_demo_step ] || [ "$c" = contention_demo_step ]; then
         if [ ! -f data/fashion-mnist/train-images-idx3-ubyte ] || [ ! -x ./casdm ]; then
-            echo "casdm_demo_step: needs ./casdm and data/fashion-mnist (make casdm data); skipped"; continue
+            echo "$c: needs ./casdm and data/fashion-mnist (make casdm data); skipped"; continue
         fi
-        ./casdm train $demo_flags --attn '' --steps 0 --out "$tmp/demo_init" 2>/dev/null
+        [ -f "$tmp/demo_init/ckpt.safetensors" ] || ./casdm train $demo_flags --attn '' --steps 0 --out "$tmp/demo_init" 2>/dev/null
+    fi
+    if [ "$c" = contention_demo_step ]; then
+        for load in quiet nice19 busy; do
+            set -- $(contention_run ours $load); ours_ms=$1; rss=$2
+            torch_ms=-; torch_rss=-
+            [ $torch -eq 1 ] && { set -- $(contention_run torch $load); torch_ms=$1; torch_rss=$2; }
+            ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN{ if (a == "-" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
+            line="bench $c/$load threads=2 ours_ms=$ours_ms torch_ms=$torch_ms ratio=$ratio gflops=- peak_frac=- rss_mib=$rss torch_rss_mib=$torch_rss"
+            echo "$line"; echo "$line" >> "$tmp/lines"
+        done
+        continue
+    fi
+    if [ "$c" = casdm_demo_step ]; then
         for th in 1 2; do
             set -- $(demo_run ours $th); ours_ms=$1; rss=$2
             torch_ms=-; torch_rss=-
