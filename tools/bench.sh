@@ -96,6 +96,18 @@ contention_run() {
     awk -v i="$ips" -v r="$(tail -n 1 "$d.rss" 2>/dev/null)" 'BEGIN { if (i + 0 > 0) printf "%.2f %.1f\n", 32000 / i, r / 1024; else print "- -" }'
 }
 
+# whole_programs NAME THREADS RUN ARG: ours and PyTorch's runs of RUN (demo_run
+# or contention_run, which print "ms rss_mib") into one bench line
+whole_programs() {
+    set -- "$1" "$2" "$3" "$4" $($3 ours $4)
+    name=$1; th=$2; run=$3; arg=$4; ours_ms=$5; rss=$6
+    torch_ms=-; torch_rss=-
+    [ $torch -eq 1 ] && { set -- $($run torch $arg); torch_ms=$1; torch_rss=$2; }
+    ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN{ if (a == "-" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
+    line="bench $name threads=$th ours_ms=$ours_ms torch_ms=$torch_ms ratio=$ratio gflops=- peak_frac=- rss_mib=$rss torch_rss_mib=$torch_rss"
+    echo "$line"; echo "$line" >> "$tmp/lines"
+}
+
 for c in $cases; do
     batch=16; [ "$c" = lpips224_fwdbwd ] && batch=4
     if [ "$c" = casdm_demo_step ] || [ "$c" = contention_demo_step ]; then
@@ -105,25 +117,11 @@ for c in $cases; do
         [ -f "$tmp/demo_init/ckpt.safetensors" ] || ./casdm train $demo_flags --attn '' --steps 0 --out "$tmp/demo_init" 2>/dev/null
     fi
     if [ "$c" = contention_demo_step ]; then
-        for load in quiet nice19 busy; do
-            set -- $(contention_run ours $load); ours_ms=$1; rss=$2
-            torch_ms=-; torch_rss=-
-            [ $torch -eq 1 ] && { set -- $(contention_run torch $load); torch_ms=$1; torch_rss=$2; }
-            ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN{ if (a == "-" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
-            line="bench $c/$load threads=2 ours_ms=$ours_ms torch_ms=$torch_ms ratio=$ratio gflops=- peak_frac=- rss_mib=$rss torch_rss_mib=$torch_rss"
-            echo "$line"; echo "$line" >> "$tmp/lines"
-        done
+        for load in quiet nice19 busy; do whole_programs "$c/$load" 2 contention_run $load; done
         continue
     fi
     if [ "$c" = casdm_demo_step ]; then
-        for th in 1 2; do
-            set -- $(demo_run ours $th); ours_ms=$1; rss=$2
-            torch_ms=-; torch_rss=-
-            [ $torch -eq 1 ] && { set -- $(demo_run torch $th); torch_ms=$1; torch_rss=$2; }
-            ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN{ if (a == "-" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
-            line="bench $c threads=$th ours_ms=$ours_ms torch_ms=$torch_ms ratio=$ratio gflops=- peak_frac=- rss_mib=$rss torch_rss_mib=$torch_rss"
-            echo "$line"; echo "$line" >> "$tmp/lines"
-        done
+        for th in 1 2; do whole_programs "$c" $th demo_run $th; done
         continue
     fi
     for th in 1 2; do
