@@ -758,6 +758,41 @@ static void catch_signals(void) {
 
 static int interrupted_status(void) { return 128 + (int)interrupted; }
 
+// The progress of a long job on stderr: on a tty one line rewritten in place
+// (at most 10 times a second), otherwise (a log file) a line every 30 s and
+// at the end; -1 is silent. `what` says where the job is ("step 3/50").
+typedef struct {
+    int mode;  // 1 in place, 0 lines, -1 silent
+    double t0, shown;
+    int open;  // an in-place line is on screen
+} Progress;
+
+static void progress_start(Progress *p, int mode) {
+    p->mode = mode;
+    p->t0 = now_seconds();
+    p->shown = -1e30;
+    p->open = 0;
+}
+
+static void progress_show(Progress *p, const char *unit, double done, double total,
+                          const char *what) {
+    double now = now_seconds(), el = now - p->t0;
+    int last = done >= total;
+    if (p->mode < 0 || (!last && now - p->shown < (p->mode ? 0.1 : 30.0))) return;
+    p->shown = now;
+    double rate = el > 0 ? done / el : 0.0, eta = done > 0 ? el / done * (total - done) : 0.0;
+    fprintf(stderr, "%s%.0f/%.0f %s, %s | %.2f %s/s | %.0fs elapsed, ETA %.0fs%s",
+            p->mode ? "\r" : "", done, total, unit, what, rate, unit, el, eta,
+            p->mode ? "   " : "\n");
+    p->open = p->mode > 0;
+}
+
+// ends the in-place line, so what follows starts on a line of its own
+static void progress_end(Progress *p) {
+    if (p->open) fprintf(stderr, "\n");
+    p->open = 0;
+}
+
 // mkdir -p
 static void make_dir(const char *path) {
     char p[4096];
@@ -956,7 +991,7 @@ static void train_sample_grid(Trainer *tr, Model *ema, const TrainOpts *o, int C
     rng_seed(&rng, (uint64_t)o->seed, 7);  // the same noise at every grid: progress is easy to see
     unsigned char *img = mallocCheck((size_t)o->sample_n * C * S * S);
     int rc = sample_images(ema, &sc, &rs, &rng, o->sample_n, o->sample_n < 36 ? o->sample_n : 36,
-                           img, tty ? 1 : -1);
+                           img, tty ? 1 : 0);
     char path[4200];
     snprintf(path, sizeof path, "%s/samples_%06ld.png", o->out, tr->step);
     if (rc == 0) {
@@ -1397,7 +1432,8 @@ static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, R
     float *z = mallocCheck((size_t)batch * per * sizeof(float));
     Graph g;
     graph_init(&g, 0, 0);
-    double t0 = now_seconds();
+    Progress pr;
+    progress_start(&pr, tty);
     for (int done = 0; done < n && rc == 0; done += batch) {
         int B = n - done < batch ? n - done : batch;
         rng_fill_normal(rng, x, (size_t)B * per, 0.0f, 1.0f);
@@ -1407,13 +1443,10 @@ static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, R
             sample_step(&g, sc, rs, &m->theta, m->has_phi ? &m->phi : NULL, x, xp, B, C, S, S, j,
                         noisy ? z : NULL);
             float *tmp = x; x = xp; xp = tmp;
-            double el = now_seconds() - t0;
-            double frac = ((double)done + (double)B * (rs->T - j) / rs->T) / n;
-            if (tty >= 0)
-                fprintf(stderr,
-                        "%simages %d-%d of %d, step %d/%d | %.1fs elapsed, %.2f img/s, ETA %.0fs%s",
-                        tty ? "\r" : "", done + 1, done + B, n, rs->T - j, rs->T, el, frac * n / el,
-                        el / frac * (1 - frac), tty ? "   " : "\n");
+            char what[64];
+            snprintf(what, sizeof what, "images %d-%d at step %d/%d", done + 1, done + B,
+                     rs->T - j, rs->T);
+            progress_show(&pr, "img", done + (double)B * (rs->T - j) / rs->T, n, what);
             if (interrupted) rc = -1;
         }
         if (rc == 0 && first_nonfinite(x, (size_t)B * per) < (size_t)B * per) rc = 1;
@@ -1423,7 +1456,7 @@ static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, R
                     out[(((size_t)(done + b) * S * S) + i) * C + c] = to_u8(
                         x[(size_t)b * per + (size_t)c * S * S + i]);
     }
-    if (tty > 0) fprintf(stderr, "\n");
+    progress_end(&pr);
     graph_free(&g);
     free(x); free(xp); free(z);
     return rc;
@@ -1677,6 +1710,8 @@ static int cmd_eval(int argc, char **argv) {
     printf("t,eps_mse,x0_mse\n");
     double tot_e = 0.0, tot_x = 0.0;
     catch_signals();
+    Progress prog;
+    progress_start(&prog, isatty(2));
     for (int k = 0; k < grid && !interrupted; k++) {
         int t = (int)(((double)k + 0.5) * m.sched.T / grid);
         Rng rng;
@@ -1685,6 +1720,9 @@ static int cmd_eval(int argc, char **argv) {
         for (int b0 = 0; b0 < n && !interrupted; b0 += batch) {
             int B = n - b0 < batch ? n - b0 : batch;
             eval_batch(&g, &m, &d, b0, B, t, &rng, &se, &sx);
+            char what[64];
+            snprintf(what, sizeof what, "t = %d (%d of %d)", t, k + 1, grid);
+            progress_show(&prog, "img", (double)k * n + b0 + B, (double)grid * n, what);
         }
         se /= (double)n * per;
         sx /= (double)n * per;
@@ -1692,6 +1730,7 @@ static int cmd_eval(int argc, char **argv) {
         tot_x += sx;
         printf("%d,%.6f,%.6f\n", t, se, sx);
     }
+    progress_end(&prog);
     if (!interrupted) printf("mean,%.6f,%.6f\n", tot_e / grid, tot_x / grid);
     else fprintf(stderr, "casdm eval: interrupted; the rows above are the grid points done\n");
     graph_free(&g);

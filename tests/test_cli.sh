@@ -160,6 +160,27 @@ if ./casdm eval --ckpt "$dir/straight/ckpt.safetensors" --data "$dir/data_batch_
 else
     fail "casdm eval"; sed 's/^/  /' "$dir/eval.err" "$dir/eval.csv"
 fi
+# progress: eval, sample and the training grid end with a line of images
+# done, img/s and ETA (lines in a log; on a tty one line rewritten with \r)
+if grep -q '^24/24 img, t = 87 (4 of 4) | [0-9.]* img/s | [0-9]*s elapsed, ETA 0s$' "$dir/eval.err" &&
+   grep -q '^5/5 img, images 4-5 at step 4/4 | [0-9.]* img/s' "$dir/sample.err" &&
+   grep -q '^4/4 img, images 1-4 at step 3/3 | ' "$dir/grids.err"; then
+    pass "casdm eval, casdm sample and the training grid show images done, img/s and ETA"
+else
+    fail "progress lines"; sed 's/^/  /' "$dir/eval.err" "$dir/sample.err" "$dir/grids.err"
+fi
+if command -v script >/dev/null 2>&1; then
+    script -qec "./casdm eval --ckpt $dir/straight/ckpt.safetensors --data $dir/data_batch_1.bin --n 6 --t-grid 4 >/dev/null" \
+        /dev/null > "$dir/eval.tty" 2>&1
+    if tr '\r' '\n' < "$dir/eval.tty" | grep -q '^24/24 img, t = 87 (4 of 4) | .*ETA 0s   $' &&
+       [ "$(grep -c 'img/s' "$dir/eval.tty")" -eq 1 ]; then
+        pass "on a tty the progress line is rewritten in place"
+    else
+        fail "progress on a tty"; cat -A "$dir/eval.tty" | sed 's/^/  /'
+    fi
+else
+    echo "SKIP progress on a tty: no script(1)"
+fi
 # --time-limit stops a long run early and still writes the checkpoint (into a
 # directory whose parents do not exist yet)
 if ./casdm train --data "$dir" $small --steps 100000 --time-limit 1 --sample-n 0 --out "$dir/nested/tl" 2>"$dir/tl.err" &&
