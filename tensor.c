@@ -645,9 +645,10 @@ static void parallel_for(size_t n, size_t min_per_chunk, range_fn fn, void *ctx)
 
 // ---------------------------------------------------------------------------
 // ---- SIMD layer ----
-// One vector type and six operations, chosen at build time; the scalar
-// version is the same code with VLEN 1. Used by the GEMM micro-kernel only:
-// elsewhere plain loops, which the compiler vectorises.
+// One vector type and a dozen operations, chosen at build time; the scalar
+// version is the same code with VLEN 1. Used by the GEMM micro-kernel and by
+// the exponential (SiLU, sigmoid, softmax: libm's expf is one call per
+// element); elsewhere plain loops, which the compiler vectorises.
 // ---------------------------------------------------------------------------
 #if CASDM_SIMD && defined(__AVX512F__)
 #include <immintrin.h>
@@ -662,6 +663,16 @@ static inline vfloat v_zero(void) { return _mm512_setzero_ps(); }
 static inline vfloat v_add(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 // a*b+c
 static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vfloat v_mul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+static inline vfloat v_div(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
+// min/max return the second operand when either is NaN: pass x second
+static inline vfloat v_min(vfloat a, vfloat b) { return _mm512_min_ps(a, b); }
+static inline vfloat v_max(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
+static inline vfloat v_round(vfloat x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+// p * 2^n, n a whole number in [-126, 127]
+static inline vfloat v_ldexp(vfloat p, vfloat n) { return _mm512_scalef_ps(p, n); }
 // dst[c * ldd + r] = src[r * lds + c] for r < rows (rows past them read as
 // 0), c < 16; of each dst row the first `keep` floats are written. The
 // packing of K-major GEMM panels from K-contiguous sources (the weight
@@ -709,6 +720,17 @@ static inline vfloat v_set1(float x) { return _mm256_set1_ps(x); }
 static inline vfloat v_zero(void) { return _mm256_setzero_ps(); }
 static inline vfloat v_add(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
 static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vfloat v_mul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+static inline vfloat v_div(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
+static inline vfloat v_min(vfloat a, vfloat b) { return _mm256_min_ps(a, b); }
+static inline vfloat v_max(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
+static inline vfloat v_round(vfloat x) {
+    return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline vfloat v_ldexp(vfloat p, vfloat n) {  // 2^n built in the exponent bits
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
 #elif CASDM_SIMD && defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #define SIMD_NAME "neon"
@@ -721,6 +743,15 @@ static inline vfloat v_set1(float x) { return vdupq_n_f32(x); }
 static inline vfloat v_zero(void) { return vdupq_n_f32(0.0f); }
 static inline vfloat v_add(vfloat a, vfloat b) { return vaddq_f32(a, b); }
 static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return vfmaq_f32(c, a, b); }
+static inline vfloat v_mul(vfloat a, vfloat b) { return vmulq_f32(a, b); }
+static inline vfloat v_div(vfloat a, vfloat b) { return vdivq_f32(a, b); }
+static inline vfloat v_min(vfloat a, vfloat b) { return vminq_f32(a, b); }
+static inline vfloat v_max(vfloat a, vfloat b) { return vmaxq_f32(a, b); }
+static inline vfloat v_round(vfloat x) { return vrndnq_f32(x); }
+static inline vfloat v_ldexp(vfloat p, vfloat n) {
+    int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
 #else
 #define SIMD_NAME "scalar"
 #define VLEN 1
@@ -732,9 +763,102 @@ static inline vfloat v_set1(float x) { return x; }
 static inline vfloat v_zero(void) { return 0.0f; }
 static inline vfloat v_add(vfloat a, vfloat b) { return a + b; }
 static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
+static inline vfloat v_mul(vfloat a, vfloat b) { return a * b; }
+static inline vfloat v_div(vfloat a, vfloat b) { return a / b; }
+#endif
+
+#if VLEN > 1
+// exp(x) as libm computes it, a vector at a time (within 2 ulp of expf; the
+// test sweeps it): n = round(x log2 e), r = x - n ln 2 in two parts (ln 2 =
+// 0.693359375 - 2.12194440e-4, the first exact in few bits, so n * it is
+// exact), exp(r) = 1 + r + r^2 P(r) on |r| <= ln2 / 2 with Cephes' degree-5
+// minimax P, then times 2^n. x is clamped to [-87, 88] so 2^n stays a normal
+// float (e^-87 = 1.6e-38 stands for anything smaller); NaN passes through.
+static inline vfloat v_exp(vfloat x) {
+    x = v_max(v_set1(-87.0f), v_min(v_set1(88.0f), x));
+    vfloat n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
+    vfloat r = v_fma(n, v_set1(-0.693359375f), x);
+    r = v_fma(n, v_set1(2.12194440e-4f), r);
+    vfloat p = v_set1(1.9875691500e-4f);
+    p = v_fma(p, r, v_set1(1.3981999507e-3f));
+    p = v_fma(p, r, v_set1(8.3334519073e-3f));
+    p = v_fma(p, r, v_set1(4.1665795894e-2f));
+    p = v_fma(p, r, v_set1(1.6666665459e-1f));
+    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    p = v_fma(p, v_mul(r, r), v_add(r, v_set1(1.0f)));
+    return v_ldexp(p, n);
+}
+#else
+static inline vfloat v_exp(vfloat x) { return expf(x); }  // the scalar build: libm itself
 #endif
 
 const char *simd_name(void) { return SIMD_NAME; }
+
+// ---- the exponential and its users, a vector at a time ----
+// Each maps whole vectors, then the tail through one zero-padded vector; the
+// output may be the input (in place). Scalar builds run libm's expf.
+void exp_array(float *y, const float *x, size_t n) {
+    size_t i = 0;
+    for (; i + VLEN <= n; i += VLEN) v_store(y + i, v_exp(v_load(x + i)));
+    if (i < n) {
+        float t[VLEN] = {0};
+        memcpy(t, x + i, (n - i) * sizeof(float));
+        v_store(t, v_exp(v_load(t)));
+        memcpy(y + i, t, (n - i) * sizeof(float));
+    }
+}
+
+static inline vfloat v_sigmoid(vfloat x) {  // 1 / (1 + e^-x)
+    vfloat one = v_set1(1.0f);
+    return v_div(one, v_add(one, v_exp(v_mul(x, v_set1(-1.0f)))));
+}
+
+// y = x * sigmoid(x)
+static void silu_array(float *y, const float *x, size_t n) {
+    size_t i = 0;
+    for (; i + VLEN <= n; i += VLEN) {
+        vfloat v = v_load(x + i);
+        v_store(y + i, v_mul(v, v_sigmoid(v)));
+    }
+    if (i < n) {
+        float t[VLEN] = {0};
+        memcpy(t, x + i, (n - i) * sizeof(float));
+        vfloat v = v_load(t);
+        v_store(t, v_mul(v, v_sigmoid(v)));
+        memcpy(y + i, t, (n - i) * sizeof(float));
+    }
+}
+
+// y = sigmoid(x)
+static void sigmoid_array(float *y, const float *x, size_t n) {
+    size_t i = 0;
+    for (; i + VLEN <= n; i += VLEN) v_store(y + i, v_sigmoid(v_load(x + i)));
+    if (i < n) {
+        float t[VLEN] = {0};
+        memcpy(t, x + i, (n - i) * sizeof(float));
+        v_store(t, v_sigmoid(v_load(t)));
+        memcpy(y + i, t, (n - i) * sizeof(float));
+    }
+}
+
+// dx = dy * silu'(x), silu' = s (1 + x (1 - s)), s = sigmoid(x); dx may be x
+static inline vfloat v_silu_grad(vfloat dy, vfloat x) {
+    vfloat s = v_sigmoid(x), one = v_set1(1.0f);
+    vfloat oms = v_add(one, v_mul(s, v_set1(-1.0f)));  // 1 - s
+    return v_mul(dy, v_mul(s, v_fma(x, oms, one)));
+}
+
+static void silu_grad_array(float *dx, const float *dy, const float *x, size_t n) {
+    size_t i = 0;
+    for (; i + VLEN <= n; i += VLEN) v_store(dx + i, v_silu_grad(v_load(dy + i), v_load(x + i)));
+    if (i < n) {
+        float t[VLEN] = {0}, u[VLEN] = {0};
+        memcpy(t, dy + i, (n - i) * sizeof(float));
+        memcpy(u, x + i, (n - i) * sizeof(float));
+        v_store(t, v_silu_grad(v_load(t), v_load(u)));
+        memcpy(dx + i, t, (n - i) * sizeof(float));
+    }
+}
 
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (r < keep_rows
 // written; rows past `rows` as 0): 16x16 blocks by transpose16 where it
@@ -2082,8 +2206,6 @@ typedef struct {
     float keep_scale;
 } GroupNorm;
 
-static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-
 // Sums in double over 8 interleaved lanes, then the lanes in order: the
 // same result on every machine and thread count, and the compiler can keep
 // the lanes in one vector register instead of waiting on one long chain of
@@ -2183,10 +2305,8 @@ static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
             }
             size_t nc = n * (size_t)a->C + (size_t)(c0 + c);
             float s1 = a->scale ? 1.0f + a->scale[nc] : 1.0f, t = a->shift ? a->shift[nc] : 0.0f;
-            for (int i = 0; i < a->HW; i++) {
-                float z = (xc[i] * sc + sh) * s1 + t;
-                yc[i] = a->silu ? z * sigmoidf(z) : z;
-            }
+            for (int i = 0; i < a->HW; i++) yc[i] = (xc[i] * sc + sh) * s1 + t;
+            if (a->silu) silu_array(yc, yc, (size_t)a->HW);
             if (a->keep) {
                 const unsigned char *kc = a->keep + r * len + (size_t)c * a->HW;
                 for (int i = 0; i < a->HW; i++) yc[i] = kc[i] ? yc[i] * a->keep_scale : 0.0f;
@@ -2230,15 +2350,14 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
                     const unsigned char *kc = a->keep ? a->keep + r * len + (size_t)c * a->HW
                                                       : NULL;
                     float *dc = d + (size_t)c * a->HW;
-                    for (int i = 0; i < a->HW; i++) {
-                        float dzi = dyc[i];
-                        if (kc) dzi = kc[i] ? dzi * a->keep_scale : 0.0f;
-                        if (a->silu) {
-                            float z = (xc[i] * sc + sh) * s1 + t, sg = sigmoidf(z);
-                            dzi *= sg * (1.0f + z * (1.0f - sg));
-                        }
-                        dc[i] = dzi;
+                    if (a->silu) {  // dz = dy silu'(z), z remade in dc first
+                        for (int i = 0; i < a->HW; i++) dc[i] = (xc[i] * sc + sh) * s1 + t;
+                        silu_grad_array(dc, dyc, dc, (size_t)a->HW);
+                    } else {
+                        memcpy(dc, dyc, (size_t)a->HW * sizeof(float));
                     }
+                    if (kc)
+                        for (int i = 0; i < a->HW; i++) dc[i] = kc[i] ? dc[i] * a->keep_scale : 0.0f;
                 }
                 buf = d;
             }
@@ -2715,14 +2834,10 @@ typedef struct { float *out; const float *inp; float *dinp; const float *dout; i
 
 static void act_forward_range(void *arg, size_t i0, size_t i1) {
     const Act *a = arg;
-    for (size_t i = i0; i < i1; i++) {
-        float x = a->inp[i];
-        switch (a->act) {
-        case ACT_SILU: a->out[i] = x * sigmoidf(x); break;
-        case ACT_RELU: a->out[i] = x > 0.0f ? x : 0.0f; break;
-        default: a->out[i] = sigmoidf(x); break;
-        }
-    }
+    if (a->act == ACT_SILU) silu_array(a->out + i0, a->inp + i0, i1 - i0);
+    if (a->act == ACT_SIGMOID) sigmoid_array(a->out + i0, a->inp + i0, i1 - i0);
+    if (a->act == ACT_RELU)
+        for (size_t i = i0; i < i1; i++) a->out[i] = a->inp[i] > 0.0f ? a->inp[i] : 0.0f;
 }
 
 void activation_forward(float *out, const float *inp, size_t n, int act) {
@@ -2733,13 +2848,18 @@ void activation_forward(float *out, const float *inp, size_t n, int act) {
 // silu' = s (1 + x (1 - s)); relu' = [x > 0]; sigmoid' = y (1 - y) from the output
 static void act_backward_range(void *arg, size_t i0, size_t i1) {
     const Act *a = arg;
-    for (size_t i = i0; i < i1; i++) {
-        float x = a->inp[i], g;
-        switch (a->act) {
-        case ACT_SILU: { float s = sigmoidf(x); g = s * (1.0f + x * (1.0f - s)); break; }
-        case ACT_RELU: g = x > 0.0f ? 1.0f : 0.0f; break;
-        default: { float y = a->out[i]; g = y * (1.0f - y); break; }
+    if (a->act == ACT_SILU) {  // through a block on the stack, since dinp accumulates
+        float d[256];
+        for (size_t i = i0; i < i1; i += 256) {
+            size_t m = i1 - i < 256 ? i1 - i : 256;
+            silu_grad_array(d, a->dout + i, a->inp + i, m);
+            for (size_t k = 0; k < m; k++) a->dinp[i + k] += d[k];
         }
+        return;
+    }
+    for (size_t i = i0; i < i1; i++) {
+        float g = a->act == ACT_RELU ? (a->inp[i] > 0.0f ? 1.0f : 0.0f)
+                                     : a->out[i] * (1.0f - a->out[i]);
         a->dinp[i] += a->dout[i] * g;
     }
 }
@@ -2792,8 +2912,10 @@ static void softmax_forward_range(void *arg, size_t r0, size_t r1) {
         float *y = a->out + r * a->len;
         float mx = -FLT_MAX;
         for (size_t i = 0; i < a->len; i++) mx = x[i] > mx ? x[i] : mx;
+        for (size_t i = 0; i < a->len; i++) y[i] = x[i] - mx;
+        exp_array(y, y, a->len);
         float s = 0.0f;
-        for (size_t i = 0; i < a->len; i++) { y[i] = expf(x[i] - mx); s += y[i]; }
+        for (size_t i = 0; i < a->len; i++) s += y[i];
         float inv = 1.0f / s;
         for (size_t i = 0; i < a->len; i++) y[i] *= inv;
     }

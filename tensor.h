@@ -128,6 +128,9 @@ extern double flops_forward;
 // a register-only FMA loop of `iters` iterations on the calling thread;
 // returns the FLOPs it did (the benchmark's measure of the machine's peak)
 double simd_fma_loop(long iters);
+// y[i] = exp(x[i]) (y may be x): the SIMD polynomial within 2 ulp of expf,
+// libm's expf in scalar builds; what SiLU, sigmoid and softmax use
+void exp_array(float *y, const float *x, size_t n);
 
 // ---------------------------------------------------------------------------
 // matrix multiply. C (M,N) = op(A) (M,K) @ op(B) (K,N), + C if accumulate.
