@@ -7,6 +7,8 @@
 //        casdm_ch64_step casdm_ch128_step lpips224_fwdbwd ddim_ch128_step
 //        (casdm_ch64_step_ckpt, casdm_ch128_step_ckpt: with U-Net checkpointing)
 //        lpips32_fwdbwd lpips64_fwdbwd (LPIPS at the sizes people train small models at)
+//        demo_step (the make demo model in one process: Cas-DM ch32, mult 1,2,2,
+//        one ResBlock a level, no attention, 1x28x28, batch 32)
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 
@@ -56,7 +58,7 @@ typedef struct {
     Schedule sched;
     LossConfig lc;
     Lpips lpips;
-    int kind, B;
+    int kind, B, C, S;  // model kind, batch, image channels and size
     double flops_mult;  // total FLOPs of a step = counted forward FLOPs x this
 } Bench;
 
@@ -81,7 +83,8 @@ static void conv_fwdbwd(void *ctx) {
 static void train_step(void *ctx) {
     Bench *b = ctx;
     graph_reset(&b->g);
-    Tensor *x0 = tensor4(&b->g, b->B, 3, 32, 32), *noise = tensor4(&b->g, b->B, 3, 32, 32);
+    Tensor *x0 = tensor4(&b->g, b->B, b->C, b->S, b->S),
+           *noise = tensor4(&b->g, b->B, b->C, b->S, b->S);
     rng_fill_uniform(&b->rng, x0->data, x0->size, -1.0f, 1.0f);
     rng_fill_normal(&b->rng, noise->data, noise->size, 0.0f, 1.0f);
     int t[64];
@@ -117,17 +120,19 @@ static void ddim_step(void *ctx) {
 }
 
 static void setup_models(Bench *b, int kind, int ch, int res, const char *attn, int trainable) {
+    if (!b->C) { b->C = 3; b->S = 32; }
     UNetConfig c;
-    unet_default_config(&c, 32, 3, model_theta_out(kind, 3));
+    unet_default_config(&c, b->S, b->C, model_theta_out(kind, b->C));
     c.model_channels = ch;
     c.num_res_blocks = res;
-    c.dropout = 0.1f;
+    c.dropout = b->S == 28 ? 0.0f : 0.1f;  // the demo trains without dropout
+    if (b->S == 28) unet_parse_channel_mult(&c, "1,2,2");
     unet_parse_attention(&c, attn);
     b->kind = kind;
     unet_init(&b->theta, &c, trainable, &b->rng);
     if (trainable) adam_init(&b->at, b->theta.params.total, 1e-4f);
     if (kind == MODEL_CASDM) {
-        c.out_channels = 4;
+        c.out_channels = b->C + 1;
         unet_init(&b->phi, &c, trainable, &b->rng);
         if (trainable) adam_init(&b->ap, b->phi.params.total, 1e-4f);
     }
@@ -188,6 +193,14 @@ static step_fn setup_case(Bench *b, const char *cs, int *warmup, int *iters) {
         !strcmp(cs, "casdm_ch64_step_ckpt") || !strcmp(cs, "casdm_ch128_step_ckpt")) {
         setup_models(b, MODEL_CASDM, big ? 128 : 64, big ? 3 : 2, big ? "16,8" : "16", 1);
         b->theta.use_checkpoint = b->phi.use_checkpoint = strstr(cs, "ckpt") != NULL;
+        b->flops_mult = 3.0;
+        return train_step;
+    }
+    if (!strcmp(cs, "demo_step")) {
+        b->C = 1;
+        b->S = 28;
+        b->B = 32;
+        setup_models(b, MODEL_CASDM, 32, 1, "", 1);
         b->flops_mult = 3.0;
         return train_step;
     }
@@ -252,7 +265,7 @@ int main(int argc, char **argv) {
     getrusage(RUSAGE_SELF, &ru);
     printf(
         "ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s arena_peak_mib=%.1f grad_peak_mib=%.1f\n",
-        cs, pool_threads(), !strncmp(cs, "conv", 4) ? CB : batch, med * 1e3, flops / med / 1e9,
+        cs, pool_threads(), !strncmp(cs, "conv", 4) ? CB : b.B, med * 1e3, flops / med / 1e9,
         ru.ru_maxrss / 1024.0, simd_name(),
         (b.g.arena.peak + (b.g.sub ? b.g.sub->arena.peak : 0)) / 1048576.0,
         (b.g.grad_peak + (b.g.sub ? b.g.sub->grad_peak : 0)) / 1048576.0);
