@@ -2105,10 +2105,14 @@ static void conv_dbias_range(void *arg, size_t oc0,
                              size_t oc1) {  // dbias[oc] += sum over n, pixels of dout
     const ConvSmall *t = arg;
     for (size_t oc = oc0; oc < oc1; oc++)
-        for (int n = 0; n < t->N; n++) {
+        for (int n = 0; n < t->N; n++) {  // in 16 lanes (vectorised), added in order
             const float *d = t->dout + ((size_t)n * t->OC + oc) * t->ohw;
-            float s = 0.0f;
-            for (size_t i = 0; i < t->ohw; i++) s += d[i];
+            float l[16] = {0}, s = 0.0f;
+            size_t i = 0;
+            for (; i + 16 <= t->ohw; i += 16)
+                for (int k = 0; k < 16; k++) l[k] += d[i + k];
+            for (; i < t->ohw; i++) l[i % 16] += d[i];
+            for (int k = 0; k < 16; k++) s += l[k];
             t->dbias[oc] += s;
         }
 }
@@ -2118,7 +2122,7 @@ static void conv_dbias_range(void *arg, size_t oc0,
 //   dx[c,i,j] = sum_{oc,ky,kx} w[oc,c,K-1-ky,K-1-kx] dy[oc, i+ky-pad, j+kx-pad]
 static void conv_backward_planes(float *dinp, float *dweight, const float *dout, const float *inp,
                                  const float *weight, float *col, int N, int C, int H, int W,
-                                 int OC, int K, int pad) {
+                                 int OC, int K, int pad, int dx_overwrite) {
     ConvScratch L = conv_backward_layout(N, C, H, W, OC, K, 1, pad);
     float *xp = col, *dyp = xp + L.cols, *dxp = dyp + L.dy, *wflip = dxp + L.dx;
     float *Ap = wflip + (size_t)C * OC * K * K;
@@ -2132,22 +2136,25 @@ static void conv_backward_planes(float *dinp, float *dweight, const float *dout,
     ConvSmall cs = {wflip, weight, NULL, NULL, N, C, OC, K, 0};
     parallel_for((size_t)C, 1, conv_wflip_range, &cs);
     planes_conv(dxp, dyp, wflip, Ap, (size_t)C, &gy, K);
-    ConvPlanesCopy t = {.planes = dxp, .nchw = dinp, .g = &gx, .add = 1};
+    ConvPlanesCopy t = {.planes = dxp, .nchw = dinp, .g = &gx, .add = !dx_overwrite};
     parallel_for((size_t)C, 1, from_planes_range, &t);
 }
 
-void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-                     const float *inp, const float *weight, float *col,
-                     int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+// dinp = (dx_overwrite) or += the input gradient; dweight, dbias +=
+static void conv_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                          const float *inp, const float *weight, float *col, int N, int C, int H,
+                          int W, int OC, int K, int stride, int pad, int dx_overwrite) {
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
     size_t ohw = (size_t)OH * OW, hw = (size_t)H * W, ckk = (size_t)C * K * K;
     int pointwise = conv_is_pointwise(K, stride, pad);
     ConvSmall cs = {NULL, weight, dbias, dout, N, C, OC, K, ohw};
     if (dbias) parallel_for((size_t)OC, 1, conv_dbias_range, &cs);
     if (conv_on_planes(H, W, K, stride, pad)) {
-        conv_backward_planes(dinp, dweight, dout, inp, weight, col, N, C, H, W, OC, K, pad);
+        conv_backward_planes(dinp, dweight, dout, inp, weight, col, N, C, H, W, OC, K, pad,
+                             dx_overwrite);
         return;
     }
+    if (dinp && dx_overwrite) memset(dinp, 0, (size_t)N * C * hw * sizeof(float));
     int G = conv_group(ohw, N);
     ConvScratch L = conv_backward_layout(N, C, H, W, OC, K, stride, pad);
     float *dyblk = col, *cols = col + L.dy, *dxblk = cols + L.cols;
@@ -2183,6 +2190,12 @@ void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dou
             }
         }
     }
+}
+
+void conv2d_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                     const float *inp, const float *weight, float *col,
+                     int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    conv_backward(dinp, dweight, dbias, dout, inp, weight, col, N, C, H, W, OC, K, stride, pad, 0);
 }
 
 // ---- reference: the convolution as its definition, direct loops in double ----
@@ -3043,9 +3056,9 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
                                 data_of(ns->beta), data_of(ns->scale),
                                 data_of(ns->shift), ns->silu, nc->keep, nc->keep_scale,
                                 N, C, HW, ns->groups, ns->eps);
-    float *dh = need_dh ? arena_zeros(&g->arena, x->size) : NULL;
+    float *dh = need_dh ? arena_floats(&g->arena, x->size) : NULL;  // written, not added to
     float *col = arena_floats(&g->arena, conv2d_backward_scratch(N, C, H, W, OC, K, 1, pad));
-    conv2d_backward(dh, dw, db, n->out->grad, h, w->data, col, N, C, H, W, OC, K, 1, pad);
+    conv_backward(dh, dw, db, n->out->grad, h, w->data, col, N, C, H, W, OC, K, 1, pad, 1);
     if (res && res->requires_grad) {
         float *dr = tensor_grad(g, res);
         for (size_t i = 0; i < n->out->size; i++) dr[i] += n->out->grad[i];
