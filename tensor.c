@@ -1988,6 +1988,20 @@ size_t conv2d_forward_scratch(int N, int C, int H, int W, int OC, int K, int str
     return G == 1 ? 0 : (size_t)OC * G * ohw;
 }
 
+// out (NCHW) = the same convolution of the planes at the start of col (the
+// caller's) + bias, shift and residual; col: conv2d_forward_scratch floats
+static void conv_forward_on_planes(float *out, float *col, const float *weight, const float *bias,
+                                   const float *shift, const float *residual, int N, int C, int H,
+                                   int W, int OC, int K, int pad) {
+    ConvPlanes g = planes_of(N, C, H, W, pad), go = planes_of(N, OC, H, W, pad);
+    float *outp = col + (size_t)C * g.ld, *Ap = outp + (size_t)OC * g.ld;
+    flops_forward += 2.0 * OC * (double)N * H * W * C * K * K;
+    planes_conv(outp, col, weight, Ap, (size_t)OC, &g, K);
+    ConvPlanesCopy t = {.planes = outp, .nchw = out, .g = &go, .bias = bias, .shift = shift,
+                        .residual = residual};
+    parallel_for((size_t)OC, 1, from_planes_range, &t);
+}
+
 // out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC)
 //                    + shift (N,OC) broadcast over OH,OW + residual (N,OC,OH,OW)
 // bias, shift and residual may each be NULL. The U-Net's ResBlock adds its
@@ -1997,15 +2011,10 @@ size_t conv2d_forward_scratch(int N, int C, int H, int W, int OC, int K, int str
 void conv2d_add_forward(float *out, const float *inp, const float *weight, const float *bias,
                         const float *shift, const float *residual, float *col,
                         int N, int C, int H, int W, int OC, int K, int stride, int pad) {
-    if (conv_on_planes(H, W, K, stride, pad)) {  // out = the planes' result + the extra terms
-        ConvPlanes g = planes_of(N, C, H, W, pad), go = planes_of(N, OC, H, W, pad);
-        float *in = col, *outp = col + (size_t)C * g.ld, *Ap = outp + (size_t)OC * g.ld;
-        flops_forward += 2.0 * OC * (double)N * H * W * C * K * K;
-        to_planes(in, inp, &g);
-        planes_conv(outp, in, weight, Ap, (size_t)OC, &g, K);
-        ConvPlanesCopy t = {.planes = outp, .nchw = out, .g = &go, .bias = bias, .shift = shift,
-                        .residual = residual};
-        parallel_for((size_t)OC, 1, from_planes_range, &t);
+    if (conv_on_planes(H, W, K, stride, pad)) {
+        ConvPlanes g = planes_of(N, C, H, W, pad);
+        to_planes(col, inp, &g);
+        conv_forward_on_planes(out, col, weight, bias, shift, residual, N, C, H, W, OC, K, pad);
         return;
     }
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
@@ -2120,24 +2129,31 @@ static void conv_dbias_range(void *arg, size_t oc0,
 // A same convolution's backward on planes: dW from the planes of x and dy,
 // dx as the convolution of dy's planes with the flipped, transposed kernel
 //   dx[c,i,j] = sum_{oc,ky,kx} w[oc,c,K-1-ky,K-1-kx] dy[oc, i+ky-pad, j+kx-pad]
-static void conv_backward_planes(float *dinp, float *dweight, const float *dout, const float *inp,
-                                 const float *weight, float *col, int N, int C, int H, int W,
-                                 int OC, int K, int pad, int dx_overwrite) {
+// inp NULL: x's planes are already at the start of col (norm_conv2d's norm
+// wrote them). The input gradient is added to dinp, written to it, or (for
+// norm_conv2d's norm backward) left in its planes, which are returned.
+enum { DX_NONE, DX_ADD, DX_WRITE, DX_PLANES };
+
+static float *conv_backward_planes(float *dinp, int dx_mode, float *dweight, const float *dout,
+                                   const float *inp, const float *weight, float *col, int N, int C,
+                                   int H, int W, int OC, int K, int pad) {
     ConvScratch L = conv_backward_layout(N, C, H, W, OC, K, 1, pad);
     float *xp = col, *dyp = xp + L.cols, *dxp = dyp + L.dy, *wflip = dxp + L.dx;
     float *Ap = wflip + (size_t)C * OC * K * K;
     ConvPlanes gx = planes_of(N, C, H, W, pad), gy = planes_of(N, OC, H, W, pad);
     to_planes(dyp, dout, &gy);
     if (dweight) {
-        to_planes(xp, inp, &gx);
+        if (inp) to_planes(xp, inp, &gx);
         planes_dweight(dweight, dyp, xp, (size_t)OC, &gx, K);
     }
-    if (!dinp) return;
+    if (dx_mode == DX_NONE) return NULL;
     ConvSmall cs = {wflip, weight, NULL, NULL, N, C, OC, K, 0};
     parallel_for((size_t)C, 1, conv_wflip_range, &cs);
     planes_conv(dxp, dyp, wflip, Ap, (size_t)C, &gy, K);
-    ConvPlanesCopy t = {.planes = dxp, .nchw = dinp, .g = &gx, .add = !dx_overwrite};
+    if (dx_mode == DX_PLANES) return dxp;
+    ConvPlanesCopy t = {.planes = dxp, .nchw = dinp, .g = &gx, .add = dx_mode == DX_ADD};
     parallel_for((size_t)C, 1, from_planes_range, &t);
+    return NULL;
 }
 
 // dinp = (dx_overwrite) or += the input gradient; dweight, dbias +=
@@ -2150,8 +2166,8 @@ static void conv_backward(float *dinp, float *dweight, float *dbias, const float
     ConvSmall cs = {NULL, weight, dbias, dout, N, C, OC, K, ohw};
     if (dbias) parallel_for((size_t)OC, 1, conv_dbias_range, &cs);
     if (conv_on_planes(H, W, K, stride, pad)) {
-        conv_backward_planes(dinp, dweight, dout, inp, weight, col, N, C, H, W, OC, K, pad,
-                             dx_overwrite);
+        conv_backward_planes(dinp, !dinp ? DX_NONE : dx_overwrite ? DX_WRITE : DX_ADD, dweight,
+                             dout, inp, weight, col, N, C, H, W, OC, K, pad);
         return;
     }
     if (dinp && dx_overwrite) memset(dinp, 0, (size_t)N * C * hw * sizeof(float));
@@ -2559,7 +2575,37 @@ typedef struct {
     // dropout after the silu: 1 = kept (scaled by keep_scale), or NULL
     const unsigned char *keep;
     float keep_scale;
+    // norm_conv2d: out (forward) or dout (backward) are a same convolution's
+    // padded planes instead of NCHW, a channel at a time through `stage`
+    // (HW floats per thread), so the norm's output is never stored twice
+    const ConvPlanes *planes;
+    float *stage;
 } GroupNorm;
+
+// a channel of image n, HW floats, into its planes: W values and `pad`
+// zeros a row, then `pad` zero rows (the margins are planes_zero_margins')
+static void planes_put(float *planes, const ConvPlanes *g, int n, int c, const float *src) {
+    float *d = planes + (size_t)c * g->ld + g->lead + (size_t)n * g->plane;
+    for (int y = 0; y < g->H; y++, d += g->W1, src += g->W) {
+        memcpy(d, src, (size_t)g->W * sizeof(float));
+        memset(d + g->W, 0, (size_t)g->pad * sizeof(float));
+    }
+    memset(d, 0, (size_t)g->pad * g->W1 * sizeof(float));
+}
+
+static void planes_get(float *dst, const float *planes, const ConvPlanes *g, int n, int c) {
+    const float *s = planes + (size_t)c * g->ld + g->lead + (size_t)n * g->plane;
+    for (int y = 0; y < g->H; y++, s += g->W1, dst += g->W)
+        memcpy(dst, s, (size_t)g->W * sizeof(float));
+}
+
+static void planes_zero_margins(float *planes, const ConvPlanes *g) {
+    for (int c = 0; c < g->C; c++) {
+        float *d = planes + (size_t)c * g->ld;
+        memset(d, 0, g->lead * sizeof(float));
+        memset(d + g->lead + g->npos, 0, (g->ld - g->lead - g->npos) * sizeof(float));
+    }
+}
 
 // Sums in double over 8 interleaved lanes, then the lanes in order: the
 // same result on every machine and thread count, and the compiler can keep
@@ -2641,7 +2687,7 @@ static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
     size_t len = (size_t)cpg * a->HW;
     for (size_t r = r0; r < r1; r++) {  // r = n*G + g; the group is contiguous
         const float *x = a->inp + r * len;
-        float *y = a->out + r * len;
+        float *y = a->planes ? NULL : a->out + r * len;
         double mean = sum_lanes(x, len) / (double)len;
         double v = sum_sq_dev_lanes(x, len, mean);
         float m = (float)mean, rs = (float)(1.0 / sqrt(v / (double)len + a->eps));
@@ -2653,19 +2699,22 @@ static void groupnorm_forward_range(void *arg, size_t r0, size_t r1) {
             float ga = a->gamma ? a->gamma[c0 + c] : 1.0f, be = a->beta ? a->beta[c0 + c] : 0.0f;
             float sc = rs * ga, sh = be - m * sc;
             const float *xc = x + (size_t)c * a->HW;
-            float *yc = y + (size_t)c * a->HW;
+            float *yc = a->planes ? a->stage + (size_t)pool_thread_id() * a->HW
+                                  : y + (size_t)c * a->HW;
             if (!a->scale && !a->shift && !a->silu && !a->keep) {  // the plain norm
                 for (int i = 0; i < a->HW; i++) yc[i] = xc[i] * sc + sh;
-                continue;
+            } else {
+                size_t nc = n * (size_t)a->C + (size_t)(c0 + c);
+                float s1 = a->scale ? 1.0f + a->scale[nc] : 1.0f,
+                      t = a->shift ? a->shift[nc] : 0.0f;
+                for (int i = 0; i < a->HW; i++) yc[i] = (xc[i] * sc + sh) * s1 + t;
+                if (a->silu) silu_array(yc, yc, (size_t)a->HW);
+                if (a->keep) {
+                    const unsigned char *kc = a->keep + r * len + (size_t)c * a->HW;
+                    for (int i = 0; i < a->HW; i++) yc[i] = kc[i] ? yc[i] * a->keep_scale : 0.0f;
+                }
             }
-            size_t nc = n * (size_t)a->C + (size_t)(c0 + c);
-            float s1 = a->scale ? 1.0f + a->scale[nc] : 1.0f, t = a->shift ? a->shift[nc] : 0.0f;
-            for (int i = 0; i < a->HW; i++) yc[i] = (xc[i] * sc + sh) * s1 + t;
-            if (a->silu) silu_array(yc, yc, (size_t)a->HW);
-            if (a->keep) {
-                const unsigned char *kc = a->keep + r * len + (size_t)c * a->HW;
-                for (int i = 0; i < a->HW; i++) yc[i] = kc[i] ? yc[i] * a->keep_scale : 0.0f;
-            }
+            if (a->planes) planes_put(a->out, a->planes, (int)n, c0 + c, yc);
         }
     }
 }
@@ -2684,11 +2733,11 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
     const GroupNorm *a = arg;
     int cpg = a->C / a->G;
     size_t len = (size_t)cpg * a->HW;
-    int fused = a->scale || a->silu || a->keep;
+    int fused = a->scale || a->silu || a->keep || a->planes;
     for (size_t g = g0; g < g1; g++) {
         for (int n = 0; n < a->N; n++) {
             size_t r = (size_t)n * a->G + g;
-            const float *x = a->inp + r * len, *dy = a->dout + r * len;
+            const float *x = a->inp + r * len, *dy = a->planes ? NULL : a->dout + r * len;
             float m = a->mean[r], rs = a->rstd[r];
             // the gradient at the norm's output is buf * s1 (s1 = 1 unfused)
             const float *buf = dy;
@@ -2701,14 +2750,22 @@ static void groupnorm_backward_range(void *arg, size_t g0, size_t g1) {
                     float sc = rs * ga, sh = be - m * sc;
                     float s1 = a->scale ? 1.0f + a->scale[nc] : 1.0f,
                           t = a->shift ? a->shift[nc] : 0.0f;
-                    const float *xc = x + (size_t)c * a->HW, *dyc = dy + (size_t)c * a->HW;
+                    const float *xc = x + (size_t)c * a->HW;
                     const unsigned char *kc = a->keep ? a->keep + r * len + (size_t)c * a->HW
                                                       : NULL;
                     float *dc = d + (size_t)c * a->HW;
+                    const float *dyc = dy ? dy + (size_t)c * a->HW : dc;
+                    if (!dy && a->silu) {  // dy out of the planes, beside dc
+                        float *st = a->stage + (size_t)pool_thread_id() * a->HW;
+                        planes_get(st, a->dout, a->planes, n, (int)ch);
+                        dyc = st;
+                    } else if (!dy) {
+                        planes_get(dc, a->dout, a->planes, n, (int)ch);
+                    }
                     if (a->silu) {  // dz = dy silu'(z), z remade in dc first
                         for (int i = 0; i < a->HW; i++) dc[i] = (xc[i] * sc + sh) * s1 + t;
                         silu_grad_array(dc, dyc, dc, (size_t)a->HW);
-                    } else {
+                    } else if (dyc != dc) {
                         memcpy(dc, dyc, (size_t)a->HW * sizeof(float));
                     }
                     if (kc)
@@ -3034,6 +3091,58 @@ typedef struct {
     float keep_scale;
 } NormConv;
 
+// the norm of norm_conv2d straight into its convolution's planes (the
+// margins zeroed here, the rest written by the norm); stage from the arena
+static void norm_into_planes(Graph *g, float *planes, const ConvPlanes *gp, float *mean,
+                             float *rstd, const Tensor *x, const NormSpec *ns,
+                             const NormConv *nc) {
+    int N = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
+    planes_zero_margins(planes, gp);
+    GroupNorm a = {.out = planes, .mean = mean, .rstd = rstd, .inp = x->data,
+                   .gamma = data_of(ns->gamma), .beta = data_of(ns->beta), .N = N, .C = C,
+                   .HW = HW, .G = ns->groups, .eps = ns->eps, .scale = data_of(ns->scale),
+                   .shift = data_of(ns->shift), .silu = ns->silu, .keep = nc->keep,
+                   .keep_scale = nc->keep_scale, .planes = gp,
+                   .stage = arena_floats(&g->arena, (size_t)pool_threads() * HW)};
+    parallel_for((size_t)N * ns->groups, 1, groupnorm_forward_range, &a);
+}
+
+// norm_conv2d's backward when its convolution runs on planes: the norm's
+// output remade into x's planes (the same kernel on the same x: the same
+// bits), the convolution's input gradient left in its planes and read from
+// there by the norm's backward
+static void norm_conv2d_backward_planes(Graph *g, TapeNode *n, float *dx, float *dw, float *db,
+                                        float *dgamma, float *dbeta, float *dscale,
+                                        float *dshift) {
+    const NormConv *nc = n->state;
+    const NormSpec *ns = &nc->ns;
+    Tensor *x = n->in[0], *w = n->in[1];
+    int N = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3], OC = w->shape[0],
+        K = w->shape[2], pad = nc->pad;
+    int need_dh = dx || dgamma || dbeta || dscale || dshift;
+    float *mean = arena_floats(&g->arena, (size_t)N * ns->groups),
+          *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
+    float *col = arena_floats(&g->arena, conv2d_backward_scratch(N, C, H, W, OC, K, 1, pad));
+    ConvPlanes gx = planes_of(N, C, H, W, pad);
+    norm_into_planes(g, col, &gx, mean, rstd, x, ns, nc);
+    if (db) {
+        ConvSmall cs = {NULL, w->data, db, n->out->grad, N, C, OC, K, (size_t)H * W};
+        parallel_for((size_t)OC, 1, conv_dbias_range, &cs);
+    }
+    float *dhp = conv_backward_planes(NULL, need_dh ? DX_PLANES : DX_NONE, dw, n->out->grad, NULL,
+                                      w->data, col, N, C, H, W, OC, K, pad);
+    if (!need_dh) return;
+    GroupNorm a = {.mean = mean, .rstd = rstd, .inp = x->data, .gamma = data_of(ns->gamma),
+                   .beta = data_of(ns->beta), .dinp = dx, .dgamma = dgamma, .dbeta = dbeta,
+                   .dout = dhp, .N = N, .C = C, .HW = H * W, .G = ns->groups,
+                   .scale = data_of(ns->scale), .shift = data_of(ns->shift), .dscale = dscale,
+                   .dshift = dshift, .silu = ns->silu,
+                   .dz = arena_floats(&g->arena, x->size / (size_t)N), .keep = nc->keep,
+                   .keep_scale = nc->keep_scale, .planes = &gx,
+                   .stage = arena_floats(&g->arena, (size_t)pool_threads() * H * W)};
+    parallel_for((size_t)ns->groups, 1, groupnorm_backward_range, &a);
+}
+
 static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
     const NormConv *nc = n->state;
     const NormSpec *ns = &nc->ns;
@@ -3048,6 +3157,15 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
     float *dshift = ns->shift && ns->shift->requires_grad ? tensor_grad(g, ns->shift) : NULL;
     int need_dh = dx || dgamma || dbeta || dscale || dshift;
     ArenaMark m = arena_mark(&g->arena);
+    if (res && res->requires_grad) {
+        float *dr = tensor_grad(g, res);
+        for (size_t i = 0; i < n->out->size; i++) dr[i] += n->out->grad[i];
+    }
+    if (conv_on_planes(H, W, K, 1, pad)) {
+        norm_conv2d_backward_planes(g, n, dx, dw, db, dgamma, dbeta, dscale, dshift);
+        arena_release(&g->arena, m);
+        return;
+    }
     // the norm's output and statistics again: the same kernel on the same x, so the same bits
     float *h = arena_floats(&g->arena, x->size);
     float *mean = arena_floats(&g->arena, (size_t)N * ns->groups),
@@ -3059,10 +3177,6 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
     float *dh = need_dh ? arena_floats(&g->arena, x->size) : NULL;  // written, not added to
     float *col = arena_floats(&g->arena, conv2d_backward_scratch(N, C, H, W, OC, K, 1, pad));
     conv_backward(dh, dw, db, n->out->grad, h, w->data, col, N, C, H, W, OC, K, 1, pad, 1);
-    if (res && res->requires_grad) {
-        float *dr = tensor_grad(g, res);
-        for (size_t i = 0; i < n->out->size; i++) dr[i] += n->out->grad[i];
-    }
     if (need_dh) {
         float *dz = arena_floats(&g->arena, x->size / (size_t)N);
         groupnorm_film_silu_backward(dx, dgamma, dbeta, dscale, dshift, dh, x->data, mean, rstd,
@@ -3094,16 +3208,23 @@ Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *
     NormConv nc = {.ns = *ns, .pad = pad, .keep = NULL, .keep_scale = 1.0f};
     nc.keep = norm_dropout_mask(g, "norm_conv2d", x->size, ns->dropout, &nc.keep_scale);
     ArenaMark m = arena_mark(&g->arena);
-    float *h = arena_floats(&g->arena, x->size);
     float *mean = arena_floats(&g->arena, (size_t)N * ns->groups),
           *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
-    groupnorm_film_silu_forward(h, mean, rstd, x->data, data_of(ns->gamma),
-                                data_of(ns->beta), data_of(ns->scale),
-                                data_of(ns->shift), ns->silu, nc.keep, nc.keep_scale,
-                                N, C, H * W, ns->groups, ns->eps);
     float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, 1, pad));
-    conv2d_add_forward(y->data, h, w->data, data_of(b), NULL, data_of(residual), col,
-                       N, C, H, W, OC, K, 1, pad);
+    if (conv_on_planes(H, W, K, 1, pad)) {  // the norm writes the convolution's planes
+        ConvPlanes gp = planes_of(N, C, H, W, pad);
+        norm_into_planes(g, col, &gp, mean, rstd, x, ns, &nc);
+        conv_forward_on_planes(y->data, col, w->data, data_of(b), NULL, data_of(residual), N, C,
+                               H, W, OC, K, pad);
+    } else {
+        float *h = arena_floats(&g->arena, x->size);
+        groupnorm_film_silu_forward(h, mean, rstd, x->data, data_of(ns->gamma),
+                                    data_of(ns->beta), data_of(ns->scale),
+                                    data_of(ns->shift), ns->silu, nc.keep, nc.keep_scale,
+                                    N, C, H * W, ns->groups, ns->eps);
+        conv2d_add_forward(y->data, h, w->data, data_of(b), NULL, data_of(residual), col,
+                           N, C, H, W, OC, K, 1, pad);
+    }
     arena_release(&g->arena, m);  // the norm's output and statistics are gone
     if (!rec) return y;
     TapeNode *nd = record(g, "norm_conv2d", norm_conv2d_node_backward, y, x, w, b);

@@ -279,6 +279,10 @@ static const GradCase grad_cases[] = {
      {T4(3, 4, 2, 5), T1(4), T1(4), T2(3, 4), T2(3, 4)}, 1e-2},
     {"norm_conv2d (FiLM + SiLU + dropout, 3x3, residual)", b_norm_conv, {4, 1, 1, 1}, 8,
      {T4(2, 8, 3, 4), T1(8), T1(8), T2(2, 8), T2(2, 8), T4(5, 8, 3, 3), T1(5), T4(2, 5, 3, 4)}, 1e-2},
+    {"norm_conv2d on planes (FiLM + SiLU + dropout, 7x8)", b_norm_conv, {4, 1, 1, 1}, 8,
+     {T4(2, 8, 7, 8), T1(8), T1(8), T2(2, 8), T2(2, 8), T4(5, 8, 3, 3), T1(5), T4(2, 5, 7, 8)}, 1e-2},
+    {"norm_conv2d on planes (FiLM, no SiLU, 7x8)", b_norm_conv, {4, 0, 0, 1}, 8,
+     {T4(2, 8, 7, 8), T1(8), T1(8), T2(2, 8), T2(2, 8), T4(5, 8, 3, 3), T1(5), T4(2, 5, 7, 8)}, 1e-2},
     {"l2norm_channels", b_l2norm, {0}, 1, {T4(2, 4, 3, 3)}, 1e-2},
     // pointwise (relu's inputs kept more than h from its kink)
     {"silu", b_silu, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
@@ -421,9 +425,10 @@ static void fused_conv_add(Graph *g, Graph *gr, Rng *rng, const float *R) {
                 err);
 }
 
-// norm_conv2d against groupnorm_film_silu then conv2d_add, dropout on: bitwise
-static void fused_norm_conv(Graph *g, Graph *gr, Rng *rng, const float *R) {
-    int N = FN, C = FC, H = FH, W = FW, sx[4] = {N, C, H, W};
+// norm_conv2d against groupnorm_film_silu then conv2d_add, dropout on: bitwise,
+// at 5x7 (the GEMM path) and 8x9 (the norm writes the convolution's planes)
+static void fused_norm_conv(Graph *g, Graph *gr, Rng *rng, const float *R, int H, int W) {
+    int N = FN, C = FC, sx[4] = {N, C, H, W};
     int sw[4] = {8, C, 3, 3}, sb[1] = {8}, sr[4] = {N, 8, H, W};
     graph_reset(g);
     graph_reset(gr);
@@ -457,9 +462,11 @@ static void fused_norm_conv(Graph *g, Graph *gr, Rng *rng, const float *R) {
     for (int i = 0; i < 8; i++)
         for (size_t k = 0; k < in8[i]->size; k++)
             differ += memcmp(&in8[i]->grad[k], &ref8[i]->grad[k], sizeof(float)) != 0;
-    test_result(differ == 0,
-                "norm_conv2d equals groupnorm_film_silu then conv2d_add, bit for bit (dropout on)",
-                "%zu values differ", differ);
+    char name[128];
+    snprintf(name, sizeof name,
+             "norm_conv2d equals groupnorm_film_silu then conv2d_add, bit for bit (dropout on, %dx%d)",
+             H, W);
+    test_result(differ == 0, name, "%zu values differ", differ);
     g->training = gr->training = 0;
     g->rng = gr->rng = NULL;
 }
@@ -475,7 +482,8 @@ static void test_fused_equal_composed(void) {
     rng_fill_normal(&rng, R, ny, 0.0f, 1.0f);
     fused_film_norm(&g, &gr, &rng, R);
     fused_conv_add(&g, &gr, &rng, R);
-    fused_norm_conv(&g, &gr, &rng, R);
+    fused_norm_conv(&g, &gr, &rng, R, FH, FW);
+    fused_norm_conv(&g, &gr, &rng, R, 8, 9);  // R is larger than the 8-channel output
     free(R);
     graph_free(&g);
     graph_free(&gr);
