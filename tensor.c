@@ -294,6 +294,14 @@ void rng_fill_uniform(Rng *r, float *x, size_t n, float lo, float hi) {
 // POOL_WAIT_SPIN_NS, then sleeps (so the OS can run the late worker on the
 // caller's core). Workers poll for the next job for POOL_SPIN_NS, then sleep
 // on a condition variable.
+// When the other cores are taken by other processes, a worker can still be
+// preempted in the middle of a chunk, and the caller then waits a scheduler
+// time slice for it, job after job. The pool measures that: if over a
+// window of POOL_GUARD_WINDOW_S the caller spent more than POOL_GUARD_WAIT
+// of its jobs' time waiting for workers, the next POOL_GUARD_SERIAL_S of
+// jobs run on the caller alone (the same chunks, so the same numbers), then
+// the workers are tried again. So a busy machine costs at most the speed of
+// one thread, never less.
 // Kernels make each output element in one chunk, in a fixed order, so the
 // numbers do not depend on which thread ran which chunk, nor on how many
 // threads there are. Atomics are GCC/Clang builtins; other compilers get
@@ -314,6 +322,11 @@ void slice(size_t n, int ith, int nth, size_t *begin, size_t *end) {
 #ifndef POOL_WAIT_SPIN_NS
 #define POOL_WAIT_SPIN_NS 1000000  // the caller polls this long for the last chunks, then sleeps
 #endif
+#define POOL_GUARD_WINDOW_S 0.05   // the contention guard judges 50 ms of jobs at a time,
+#ifndef POOL_GUARD_WAIT
+#define POOL_GUARD_WAIT 0.3        // and when the caller waited for more than 30% of it,
+#endif
+#define POOL_GUARD_SERIAL_S 0.25   // runs the jobs of the next 250 ms alone
 #if defined(__GNUC__)
 #define POOL_ATOMICS 1
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
@@ -352,6 +365,9 @@ static struct {
     int busy;                  // a job is in progress: nested calls run serially
     pthread_key_t id_key;      // worker index + 1 of the calling thread (main: unset)
     int key_made;
+    // the contention guard (the caller's alone): the window's start, its
+    // jobs' time and the caller's waits in them; serial until this time
+    double guard_t0, guard_jobs, guard_waits, serial_until;
 } pool;
 
 // Which OS thread is this (0 = the main thread)? Scratch buffers are per OS
@@ -526,6 +542,7 @@ void pool_init(int nthreads) {
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     pool_stop_workers();
     pool.quit = pool.busy = pool.sleepers = pool.caller_sleeping = 0;
+    pool.guard_t0 = pool.guard_jobs = pool.guard_waits = pool.serial_until = 0.0;
     pool.generation = 0;
     for (int i = 0; i < MAX_THREADS; i++) pool.home[i].v = 0;  // generation 0, empty ranges
     pool.finished[0] = pool.finished[1] = 0;
@@ -544,6 +561,18 @@ int pool_threads(void) {
     return pool.nthreads;
 }
 
+// one parallel job, from t0 (published) over t1 (the caller out of chunks)
+// to t2 (all done), into the contention guard's window
+static void pool_guard(double t0, double t1, double t2) {
+    pool.guard_jobs += t2 - t0;
+    pool.guard_waits += t2 - t1;
+    if (t2 - pool.guard_t0 < POOL_GUARD_WINDOW_S) return;
+    if (pool.guard_waits > POOL_GUARD_WAIT * pool.guard_jobs)
+        pool.serial_until = t2 + POOL_GUARD_SERIAL_S;
+    pool.guard_t0 = t2;
+    pool.guard_jobs = pool.guard_waits = 0.0;
+}
+
 static int job_done(void *slot) {
     int s = *(int *)slot;
     return pool_finished(s) >= pool.job_chunks[s];
@@ -553,7 +582,8 @@ void pool_run_chunks(pool_fn fn, void *arg, int nchunks) {
     if (nchunks <= 0) return;
     if (nchunks > POOL_MAX_CHUNKS) fatal("pool_run_chunks: %d chunks (at most %d)", nchunks, POOL_MAX_CHUNKS);
     if (pool.nthreads == 0) pool_init(0);
-    if (pool.nthreads == 1 || pool.busy || nchunks == 1) {
+    double t0 = pool.nthreads > 1 && !pool.busy && nchunks > 1 ? now_seconds() : 0.0;
+    if (pool.nthreads == 1 || pool.busy || nchunks == 1 || t0 < pool.serial_until) {
         for (int c = 0; c < nchunks; c++) fn(arg, c, nchunks);
         return;
     }
@@ -588,6 +618,7 @@ void pool_run_chunks(pool_fn fn, void *arg, int nchunks) {
     pthread_mutex_unlock(&pool.mu);
 #endif
     pool_work(0);
+    double t1 = now_seconds();
     if (!pool_poll(job_done, &slot, POOL_WAIT_SPIN_NS)) {
         pthread_mutex_lock(&pool.mu);
 #if POOL_ATOMICS
@@ -600,6 +631,7 @@ void pool_run_chunks(pool_fn fn, void *arg, int nchunks) {
         pthread_mutex_unlock(&pool.mu);
     }
     pool.busy = 0;
+    pool_guard(t0, t1, now_seconds());
 }
 
 void pool_run(pool_fn fn, void *arg) { pool_run_chunks(fn, arg, pool_threads()); }

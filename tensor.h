@@ -26,16 +26,21 @@
 //   unet.c   unet_forward -> run_block (checkpointed or not) -> block_forward
 //            -> resblock_forward / attention_forward, upsample2x, concat
 //   tensor.c norm_conv2d (group norm, FiLM, SiLU, dropout, then the conv;
-//            the norm's output not kept) -> groupnorm_film_silu_forward and
-//            conv2d_add_forward -> sgemm_pack_b with pack_conv_cols (the
-//            image read straight into the GEMM's B panels, no im2col
-//            matrix) -> gemm_block -> gemm_micro_kernel
+//            the norm's output not kept) -> norm_into_planes (the norm
+//            writes the convolution's padded planes, where every tap of
+//            the kernel is one offset) -> conv_forward_on_planes ->
+//            planes_conv -> planes_micro_kernel (B read straight from the
+//            planes, no im2col, no packing). Convolutions on small maps,
+//            strided and 1x1 ones go through the GEMM instead:
+//            conv2d_add_forward -> sgemm_pack_b with pack_conv_cols ->
+//            gemm_block -> gemm_micro_kernel
 // Backward comes back the same way: graph_backward walks the tape from the
 // loss's node to the first, each node's backward (norm_conv2d_node_backward:
-// the norm again from x, then conv2d_backward, then
-// groupnorm_film_silu_backward) adding into its inputs' gradients; a
-// parameter's gradient lands in its ParamSet's one gradient buffer, which
-// train_step hands to adam_step.
+// the norm again from x into planes, the weight gradient as inner products
+// over the planes (planes_dweight), the input gradient as the flipped
+// convolution of dy's planes, then the norm's backward reading it from
+// there) adding into its inputs' gradients; a parameter's gradient lands in
+// its ParamSet's one gradient buffer, which train_step hands to adam_step.
 #ifndef CASDM_TENSOR_H
 #define CASDM_TENSOR_H
 

@@ -990,7 +990,7 @@ static void test_reference_kernels(void) {
 #define POOL_TEST_CHUNKS 64
 typedef struct {
     int runs[POOL_TEST_CHUNKS], by_caller[POOL_TEST_CHUNKS];
-    int nested, busy;  // set before the job
+    int nested, busy;  // set before the job (busy: microseconds of work per chunk)
     int stall;         // the worker's alone (one worker)
 } PoolProbe;
 
@@ -1007,8 +1007,8 @@ static void pool_probe_chunk(void *arg, int c, int n) {
     p->runs[c]++;
     int worker = pool_thread_id() != 0;
     p->by_caller[c] = !worker;
-    if (p->busy) {  // ~50 us of work per chunk, so that the worker is awake and takes some
-        double until = now_seconds() + 50e-6;
+    if (p->busy) {  // work in every chunk, so that the worker is awake and takes some
+        double until = now_seconds() + p->busy * 1e-6;
         while (now_seconds() < until) {}
     }
     if (worker && p->busy && p->stall == 0) {  // one worker: nobody else touches stall
@@ -1016,6 +1016,18 @@ static void pool_probe_chunk(void *arg, int c, int n) {
         struct timespec ts = {0, 200 * 1000000};  // the worker's first chunk stalls 200 ms
         nanosleep(&ts, NULL);
     }
+}
+
+// a job of 64 chunks of `us` microseconds, no stall: how many the worker ran
+static int pool_probe_by_worker(int us) {
+    PoolProbe p;
+    memset(&p, 0, sizeof p);
+    p.busy = us;
+    p.stall = 1;
+    pool_run_chunks(pool_probe_chunk, &p, POOL_TEST_CHUNKS);
+    int n = 0;
+    for (int c = 0; c < POOL_TEST_CHUNKS; c++) n += !p.by_caller[c];
+    return n;
 }
 
 static void test_pool(void) {
@@ -1036,7 +1048,7 @@ static void test_pool(void) {
     // static split would leave it half of them.
     PoolProbe p;
     memset(&p, 0, sizeof p);
-    p.busy = 1;
+    p.busy = 50;
     pool_run_chunks(pool_probe_chunk, &p, POOL_TEST_CHUNKS);
     int once = 1, by_worker = 0;
     for (int c = 0; c < POOL_TEST_CHUNKS; c++) {
@@ -1047,6 +1059,23 @@ static void test_pool(void) {
                 "a worker stalled in a chunk holds up only that chunk: the caller runs the rest",
                 "the worker ran %d of %d chunks, %d threads", by_worker, POOL_TEST_CHUNKS,
                 pool_threads());
+    // The contention guard: in that job the caller waited ~200 ms of ~203, so
+    // the jobs of the next 250 ms run on the caller alone; 300 ms later the
+    // worker takes part again (200 us chunks: time enough for it to wake).
+    if (pool_threads() < 2) {
+        test_skip("the contention guard", "a build without threads");
+        pool_init(0);
+        return;
+    }
+    int serial_by_worker = pool_probe_by_worker(200);
+    struct timespec ts = {0, 300 * 1000000};
+    nanosleep(&ts, NULL);
+    int later_by_worker = pool_probe_by_worker(200);
+    test_result(serial_by_worker == 0 && later_by_worker > 0,
+                "after a job spent waiting on a stalled worker, the next ones run serially, "
+                "then in parallel again",
+                "the worker ran %d of %d chunks right after, %d of %d 300 ms later",
+                serial_by_worker, POOL_TEST_CHUNKS, later_by_worker, POOL_TEST_CHUNKS);
     pool_init(0);
 }
 
