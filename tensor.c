@@ -1766,6 +1766,17 @@ static ConvPlanes planes_of(int N, int C, int H, int W, int pad) {
     return g;
 }
 
+// Images whose planes are made at once: as many as keep one planes buffer
+// within conv_planes_max_floats (16 MiB), at least one, so the scratch of a
+// convolution of large maps stays bounded (LPIPS at 224). The shapes alone
+// decide it, never the thread count.
+size_t conv_planes_max_floats = (size_t)4 << 20;
+static int planes_images(int N, int C, int OC, int H, int W, int pad) {
+    size_t per = (size_t)(C > OC ? C : OC) * ((size_t)H + pad) * ((size_t)W + pad);
+    size_t g = conv_planes_max_floats / per;
+    return g < 1 ? 1 : g > (size_t)N ? N : (int)g;
+}
+
 // NCHW <-> planes, a channel per item
 typedef struct {
     float *planes; float *nchw;
@@ -2011,7 +2022,7 @@ static void planes_dweight(float *dw, const float *dy, const float *x, size_t M,
 // of a group of images (none for one image a GEMM)
 size_t conv2d_forward_scratch(int N, int C, int H, int W, int OC, int K, int stride, int pad) {
     if (conv_on_planes(H, W, K, stride, pad)) {
-        ConvPlanes g = planes_of(N, C, H, W, pad);
+        ConvPlanes g = planes_of(planes_images(N, C, OC, H, W, pad), C, H, W, pad);
         return ((size_t)C + OC) * g.ld + planes_rows((size_t)OC) * C * K * K;
     }
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
@@ -2043,10 +2054,18 @@ static void conv_forward_on_planes(float *out, float *col, const float *weight, 
 void conv2d_add_forward(float *out, const float *inp, const float *weight, const float *bias,
                         const float *shift, const float *residual, float *col,
                         int N, int C, int H, int W, int OC, int K, int stride, int pad) {
-    if (conv_on_planes(H, W, K, stride, pad)) {
-        ConvPlanes g = planes_of(N, C, H, W, pad);
-        to_planes(col, inp, &g);
-        conv_forward_on_planes(out, col, weight, bias, shift, residual, N, C, H, W, OC, K, pad);
+    if (conv_on_planes(H, W, K, stride, pad)) {  // a group of images at a time
+        int G = planes_images(N, C, OC, H, W, pad);
+        size_t hw = (size_t)H * W;
+        for (int n0 = 0; n0 < N; n0 += G) {
+            int g = N - n0 < G ? N - n0 : G;
+            ConvPlanes gp = planes_of(g, C, H, W, pad);
+            to_planes(col, inp + (size_t)n0 * C * hw, &gp);
+            conv_forward_on_planes(out + (size_t)n0 * OC * hw, col, weight, bias,
+                                   shift ? shift + (size_t)n0 * OC : NULL,
+                                   residual ? residual + (size_t)n0 * OC * hw : NULL, g, C, H, W,
+                                   OC, K, pad);
+        }
         return;
     }
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
@@ -2099,7 +2118,7 @@ static ConvScratch conv_backward_layout(int N, int C, int H, int W, int OC, int 
                                         int pad) {
     ConvScratch s;
     if (conv_on_planes(H, W, K, stride, pad)) {
-        ConvPlanes g = planes_of(N, C, H, W, pad);
+        ConvPlanes g = planes_of(planes_images(N, C, OC, H, W, pad), C, H, W, pad);
         size_t okk = (size_t)OC * K * K;
         s.cols = (size_t)C * g.ld;   // x
         s.dy = (size_t)OC * g.ld;
@@ -2172,19 +2191,27 @@ static float *conv_backward_planes(float *dinp, int dx_mode, float *dweight, con
     ConvScratch L = conv_backward_layout(N, C, H, W, OC, K, 1, pad);
     float *xp = col, *dyp = xp + L.cols, *dxp = dyp + L.dy, *wflip = dxp + L.dx;
     float *Ap = wflip + (size_t)C * OC * K * K;
-    ConvPlanes gx = planes_of(N, C, H, W, pad), gy = planes_of(N, OC, H, W, pad);
-    to_planes(dyp, dout, &gy);
-    if (dweight) {
-        if (inp) to_planes(xp, inp, &gx);
-        planes_dweight(dweight, dyp, xp, (size_t)OC, &gx, K);
+    int G = planes_images(N, C, OC, H, W, pad);
+    size_t hw = (size_t)H * W;
+    if (dx_mode != DX_NONE) {
+        ConvSmall cs = {wflip, weight, NULL, NULL, N, C, OC, K, 0};
+        parallel_for((size_t)C, 1, conv_wflip_range, &cs);
     }
-    if (dx_mode == DX_NONE) return NULL;
-    ConvSmall cs = {wflip, weight, NULL, NULL, N, C, OC, K, 0};
-    parallel_for((size_t)C, 1, conv_wflip_range, &cs);
-    planes_conv(dxp, dyp, wflip, Ap, (size_t)C, &gy, K);
-    if (dx_mode == DX_PLANES) return dxp;
-    ConvPlanesCopy t = {.planes = dxp, .nchw = dinp, .g = &gx, .add = dx_mode == DX_ADD};
-    parallel_for((size_t)C, 1, from_planes_range, &t);
+    for (int n0 = 0; n0 < N; n0 += G) {  // a group of images at a time, in order
+        int g = N - n0 < G ? N - n0 : G;
+        ConvPlanes gx = planes_of(g, C, H, W, pad), gy = planes_of(g, OC, H, W, pad);
+        to_planes(dyp, dout + (size_t)n0 * OC * hw, &gy);
+        if (dweight) {
+            if (inp) to_planes(xp, inp + (size_t)n0 * C * hw, &gx);  // else one group: N
+            planes_dweight(dweight, dyp, xp, (size_t)OC, &gx, K);
+        }
+        if (dx_mode == DX_NONE) continue;
+        planes_conv(dxp, dyp, wflip, Ap, (size_t)C, &gy, K);
+        if (dx_mode == DX_PLANES) return dxp;  // one group: N (norm_conv_on_planes)
+        ConvPlanesCopy t = {.planes = dxp, .nchw = dinp + (size_t)n0 * C * hw, .g = &gx,
+                            .add = dx_mode == DX_ADD};
+        parallel_for((size_t)C, 1, from_planes_range, &t);
+    }
     return NULL;
 }
 
@@ -3123,6 +3150,12 @@ typedef struct {
     float keep_scale;
 } NormConv;
 
+// norm_conv2d writes its norm's output into the planes when its convolution
+// runs on them with the whole batch in one group of images
+static int norm_conv_on_planes(int N, int C, int OC, int H, int W, int K, int pad) {
+    return conv_on_planes(H, W, K, 1, pad) && planes_images(N, C, OC, H, W, pad) == N;
+}
+
 // the norm of norm_conv2d straight into its convolution's planes (the
 // margins zeroed here, the rest written by the norm); stage from the arena
 static void norm_into_planes(Graph *g, float *planes, const ConvPlanes *gp, float *mean,
@@ -3193,7 +3226,7 @@ static void norm_conv2d_node_backward(Graph *g, TapeNode *n) {
         float *dr = tensor_grad(g, res);
         for (size_t i = 0; i < n->out->size; i++) dr[i] += n->out->grad[i];
     }
-    if (conv_on_planes(H, W, K, 1, pad)) {
+    if (norm_conv_on_planes(N, C, OC, H, W, K, pad)) {
         norm_conv2d_backward_planes(g, n, dx, dw, db, dgamma, dbeta, dscale, dshift);
         arena_release(&g->arena, m);
         return;
@@ -3243,7 +3276,7 @@ Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *
     float *mean = arena_floats(&g->arena, (size_t)N * ns->groups),
           *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
     float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, 1, pad));
-    if (conv_on_planes(H, W, K, 1, pad)) {  // the norm writes the convolution's planes
+    if (norm_conv_on_planes(N, C, OC, H, W, K, pad)) {  // the norm writes the conv's planes
         ConvPlanes gp = planes_of(N, C, H, W, pad);
         norm_into_planes(g, col, &gp, mean, rstd, x, ns, &nc);
         conv_forward_on_planes(y->data, col, w->data, data_of(b), NULL, data_of(residual), N, C,

@@ -130,6 +130,10 @@ const char *simd_name(void);         // "avx512", "avx2", "neon" or "scalar"
 // multiply-add FLOPs (2 per MAC) of the forward GEMMs since the last reset:
 // convolutions, linears and matmuls, for the benchmark's GFLOP/s
 extern double flops_forward;
+// the floats one padded-planes buffer of a convolution may hold (default 4 Mi:
+// a batch of large maps is convolved a group of images at a time); tests
+// lower it to make every batch split
+extern size_t conv_planes_max_floats;
 // a register-only FMA loop of `iters` iterations on the calling thread;
 // returns the FLOPs it did (the benchmark's measure of the machine's peak)
 double simd_fma_loop(long iters);

@@ -399,8 +399,9 @@ static void fused_film_norm(Graph *g, Graph *gr, Rng *rng, const float *R) {
     g->rng = gr->rng = NULL;
 }
 
-static void fused_conv_add(Graph *g, Graph *gr, Rng *rng, const float *R) {
-    int N = FN, C = FC, H = FH, W = FW, sx[4] = {N, C, H, W};
+// at 5x7 (GEMM), 8x9 (planes) and 8x9 with the planes image by image
+static void fused_conv_add(Graph *g, Graph *gr, Rng *rng, const float *R, int H, int W) {
+    int N = FN, C = FC, sx[4] = {N, C, H, W};
     Tensor *in[5], *ref_in[5], *y, *yr;
     graph_reset(g);
     graph_reset(gr);
@@ -421,8 +422,10 @@ static void fused_conv_add(Graph *g, Graph *gr, Rng *rng, const float *R) {
     graph_backward(g, y, R);
     graph_backward(gr, yr, R);
     err = fmax(err, grad_diff(in, ref_in, 5));
-    test_result(err <= 1e-5, "conv2d_add equals conv2d plus shift plus residual", "max err %.1e",
-                err);
+    char name[128];
+    snprintf(name, sizeof name, "conv2d_add equals conv2d plus shift plus residual (%dx%d%s)", H,
+             W, conv_planes_max_floats < 1000 ? ", planes image by image" : "");
+    test_result(err <= 1e-5, name, "max err %.1e", err);
 }
 
 // norm_conv2d against groupnorm_film_silu then conv2d_add, dropout on: bitwise,
@@ -464,8 +467,8 @@ static void fused_norm_conv(Graph *g, Graph *gr, Rng *rng, const float *R, int H
             differ += memcmp(&in8[i]->grad[k], &ref8[i]->grad[k], sizeof(float)) != 0;
     char name[128];
     snprintf(name, sizeof name,
-             "norm_conv2d equals groupnorm_film_silu then conv2d_add, bit for bit (dropout on, %dx%d)",
-             H, W);
+             "norm_conv2d equals groupnorm_film_silu then conv2d_add, bit for bit (dropout on, %dx%d%s)",
+             H, W, conv_planes_max_floats < 1000 ? ", planes image by image" : "");
     test_result(differ == 0, name, "%zu values differ", differ);
     g->training = gr->training = 0;
     g->rng = gr->rng = NULL;
@@ -481,9 +484,15 @@ static void test_fused_equal_composed(void) {
     float *R = mallocCheck(ny * sizeof(float));
     rng_fill_normal(&rng, R, ny, 0.0f, 1.0f);
     fused_film_norm(&g, &gr, &rng, R);
-    fused_conv_add(&g, &gr, &rng, R);
+    fused_conv_add(&g, &gr, &rng, R, FH, FW);
+    fused_conv_add(&g, &gr, &rng, R, 8, 9);
     fused_norm_conv(&g, &gr, &rng, R, FH, FW);
     fused_norm_conv(&g, &gr, &rng, R, 8, 9);  // R is larger than the 8-channel output
+    size_t budget = conv_planes_max_floats;
+    conv_planes_max_floats = 1;  // the convolution's planes image by image: the norm in NCHW
+    fused_conv_add(&g, &gr, &rng, R, 8, 9);
+    fused_norm_conv(&g, &gr, &rng, R, 8, 9);
+    conv_planes_max_floats = budget;
     free(R);
     graph_free(&g);
     graph_free(&gr);
@@ -962,9 +971,13 @@ static void test_reference_kernels(void) {
     double e_conv = 0.0, e_norm = 0.0, e_attn = 0.0;
     Rng r;
     rng_seed(&r, 2024, 16);
+    size_t budget = conv_planes_max_floats;
     for (int threads = 1; threads <= 2; threads++) {
         pool_init(threads);
         for (size_t i = 0; i < n_conv; i++) e_conv = fmax(e_conv, conv_against_ref(&r, convs[i]));
+        conv_planes_max_floats = 1;  // planes one image at a time
+        for (size_t i = 0; i < n_conv; i++) e_conv = fmax(e_conv, conv_against_ref(&r, convs[i]));
+        conv_planes_max_floats = budget;
         for (size_t i = 0; i < n_norm; i++)
             for (int mode = 0; mode < 16; mode++)
                 e_norm = fmax(e_norm, norm_against_ref(&r, norms[i], mode));
@@ -973,8 +986,9 @@ static void test_reference_kernels(void) {
     }
     pool_init(0);
     test_result(e_conv <= 1e-4, "conv2d forward and backward vs the direct-loop reference",
-                "%zu shapes x 1 and 2 threads, max err %.1e, tol 1e-4, %s", n_conv, e_conv,
-                simd_name());
+                "%zu shapes x 1 and 2 threads x the batch's planes at once and image by image, "
+                "max err %.1e, tol 1e-4, %s",
+                n_conv, e_conv, simd_name());
     test_result(
         e_norm <= 1e-4, "group norm (plain, FiLM, SiLU, dropout, no affine) vs the reference",
         "%zu shapes x 16 combinations x 1 and 2 threads, max err %.1e, tol 1e-4", n_norm, e_norm);
