@@ -2102,12 +2102,10 @@ void conv2d_forward(float *out, const float *inp, const float *weight, const flo
     conv2d_add_forward(out, inp, weight, bias, NULL, NULL, col, N, C, H, W, OC, K, stride, pad);
 }
 
-// A "same" convolution (stride 1, odd K, pad (K-1)/2) gets its input
-// gradient as a convolution of dy with the flipped, transposed kernel:
-//   dx[c,i,j] = sum_{oc,ky,kx} w[oc,c,K-1-ky,K-1-kx] dy[oc, i+ky-pad, j+kx-pad]
-// i.e. im2col(dy) and one GEMM with depth OC*K*K, instead of a GEMM of depth
-// OC into a C*K*K-row buffer folded back by col2im: the GEMM is better shaped
-// (depth 288 instead of 32 for 32 channels) and nothing is folded.
+// The backward. Same convolutions on planes get their input gradient as the
+// convolution of dy with the flipped, transposed kernel (conv_backward_planes
+// below); the others, small maps included, as weight^T @ dy folded back by
+// col2im (1x1: the GEMM alone).
 
 // The backward scratch, in floats. Same convolutions: [x planes | dy planes |
 // dx planes | flipped weights | their packed panels]; the others: [dy block |
