@@ -202,6 +202,46 @@ Tensor *lpips_distance(Graph *g, Lpips *l, Tensor *x, Tensor *y, Tensor **taps);
 Tensor *lpips_loss(Graph *g, void *lpips, Tensor *pred, Tensor *target);
 
 // ---------------------------------------------------------------------------
+// fid.c: Inception-v3 as pytorch-fid runs it (FID, sFID, IS features), the
+// streamed feature statistics, the Frechet distance and the inception score
+// ---------------------------------------------------------------------------
+#define INCEPTION_CONVS 94
+#define INCEPTION_SIZE 299             // inputs are resized to 299 x 299
+#define INCEPTION_POOL 2048            // pool_3
+#define INCEPTION_LOGITS 1008
+#define INCEPTION_SPATIAL_CH 7         // sFID: Mixed_6d.branch1x1 channels 0-6
+#define INCEPTION_SPATIAL (17 * 17 * INCEPTION_SPATIAL_CH)  // 2023, at 299 x 299
+typedef struct {
+    float *w[INCEPTION_CONVS], *b[INCEPTION_CONVS];  // batch norms folded in
+    float *fc_w;                                     // (1008, 2048)
+    float *mem;                                      // the one allocation
+} Inception;
+// a safetensors file of pytorch-fid's state_dict (tools/convert_inception.py)
+int inception_load(Inception *m, const char *path, char *err, size_t errlen);
+void inception_free(Inception *m);
+// unit i's name (pytorch-fid's module path) and shape, for tests and tools
+const char *inception_conv_name(int i, int *ic, int *oc, int *kh, int *kw);
+// images (N,3,H,W) in [0,1] -> pool3 (N,2048), spatial (N,2023) and logits
+// (N,1008; pool3 @ fc.weight^T); spatial and logits may be NULL
+void inception_forward(const Inception *m, const float *images, int N, int H, int W, float *pool3,
+                       float *spatial, float *logits);
+
+typedef struct { int d; long n; double *shift, *sum, *sxx; } FeatStats;
+void featstats_init(FeatStats *s, int d);
+void featstats_add(FeatStats *s, const float *x, int rows);  // x (rows, d)
+// mu (d) and sigma (d, d) as np.mean / np.cov(rowvar=False); -1 if n < 2
+int featstats_result(const FeatStats *s, double *mu, double *sigma);
+void featstats_free(FeatStats *s);
+// a (n,n) symmetric, destroyed -> eigenvalues lambda (unsorted) and, if vt
+// is not NULL, the eigenvectors as vt's rows; -1 if QL did not converge
+int sym_eigen(double *a, int n, double *lambda, double *vt);
+int trace_sqrt_product(const double *s1, const double *s2, int n, double *out);
+int frechet_distance(const double *mu1, const double *s1, const double *mu2, const double *s2,
+                     int n, double *out);
+int inception_score(const float *logits, int N, int classes, int splits, double *mean,
+                    double *std);
+
+// ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).
 // Readers return -1 (or NULL) with a message naming the file in err, and
 // bound every allocation by what the file holds or by the limits below.
@@ -246,6 +286,25 @@ int write_png(const char *path, const unsigned char *pixels, int W, int H, int C
 // improved-diffusion's sample NPZ: arr_0, uint8 (N,H,W,C)
 int write_npz(const char *path, const unsigned char *img, int N, int H, int W, int C, char *err,
               size_t errlen);
+
+// NPZ members: name without ".npy"; writes are stored, reads stored or deflated
+enum { NPY_U8, NPY_F32, NPY_F64 };
+#define NPZ_MAX_DIMS 8
+typedef struct { const char *name; int kind, ndim; int64_t shape[NPZ_MAX_DIMS]; const void *data; } NpzWrite;
+int npz_write(const char *path, const NpzWrite *arrays, int n, char *err, size_t errlen);
+// one member: u8 holds uint8 arrays, f64 float32 / float64 ones (widened)
+typedef struct {
+    int kind, ndim;
+    int64_t shape[NPZ_MAX_DIMS];
+    size_t count;
+    unsigned char *u8;
+    double *f64;
+} NpzArray;
+int npz_parse(const unsigned char *b, size_t n, const char *name, const char *member,
+              NpzArray *out, char *err, size_t errlen);
+int npz_read(const char *path, const char *member, NpzArray *out, char *err, size_t errlen);
+int npz_has(const char *path, const char *member);  // 1 if the npz holds the member
+void npz_free(NpzArray *a);
 
 typedef struct { int n, c, h, w; unsigned char *pixels; } Images;  // uint8 (n,c,h,w)
 // IDX image file -> out (square images zero-padded to a multiple of 8, centred)

@@ -14,9 +14,12 @@
 //   CIFAR-10     the binary version: records of 1 label + 3072 bytes
 //   safetensors  F32 tensors and a string __metadata__ object
 //   log.csv      casdm train's log (step, five loss terms, img/s)
+//   NPZ          numpy's zip of .npy members, stored or deflated: samples
+//                (uint8) and FID statistics (float32 / float64)
 // Writes (atomically: path.tmp, fsync, rename, fsync of the directory):
-//   PNG (stored deflate blocks), NPZ (arr_0.npy in a stored zip, the layout
-//   of improved-diffusion's image_sample.py), safetensors, the loss plot SVG.
+//   PNG (stored deflate blocks), NPZ (stored zip: arr_0.npy as improved-
+//   diffusion's image_sample.py; mu / sigma as pytorch-fid's --save-stats),
+//   safetensors, the loss plot SVG.
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 
@@ -356,10 +359,9 @@ static int inf_dynamic_lengths(Inflate *s, unsigned char *lengths, int *ndist_ou
     return 0;
 }
 
-// zlib stream -> out, at most limit bytes; 0, -1 (corrupt) or -2 (too long)
-static int inflate_zlib(const unsigned char *in, size_t len, Bytes *out, size_t limit) {
-    if (len < 6 || (in[0] & 0x0f) != 8 || ((in[0] << 8) | in[1]) % 31 || (in[1] & 0x20)) return -1;
-    Inflate s = {in, len - 4, 2, 0, 0, out, limit};
+// the deflate blocks of s -> s->out; 0, -1 (corrupt) or -2 (too long)
+static int inflate_blocks(Inflate *sp) {
+    Inflate s = *sp;
     int last = 0;
     while (!last) {
         last = inf_bits(&s, 1);
@@ -396,9 +398,25 @@ static int inflate_zlib(const unsigned char *in, size_t len, Bytes *out, size_t 
             return -1;
         }
     }
+    *sp = s;
+    return 0;
+}
+
+// zlib stream -> out, at most limit bytes; 0, -1 (corrupt) or -2 (too long)
+static int inflate_zlib(const unsigned char *in, size_t len, Bytes *out, size_t limit) {
+    if (len < 6 || (in[0] & 0x0f) != 8 || ((in[0] << 8) | in[1]) % 31 || (in[1] & 0x20)) return -1;
+    Inflate s = {in, len - 4, 2, 0, 0, out, limit};
+    int rc = inflate_blocks(&s);
+    if (rc) return rc;
     if (adler32(out->b ? out->b : (const unsigned char *)"", out->len) != be32(in + len - 4))
         return -1;
     return 0;
+}
+
+// raw deflate (a zip member) -> out, at most limit bytes
+static int inflate_raw(const unsigned char *in, size_t len, Bytes *out, size_t limit) {
+    Inflate s = {in, len, 0, 0, 0, out, limit};
+    return inflate_blocks(&s);
 }
 
 // ---------------------------------------------------------------------------
@@ -727,64 +745,312 @@ int write_png(const char *path, const unsigned char *pixels, int W, int H, int C
     return rc;
 }
 
+// ---------------------------------------------------------------------------
+// ---- NPZ: numpy's zip of .npy members ----
+// Written: stored members (no compression), as improved-diffusion's samples
+// (arr_0: uint8 (N,H,W,C)) and pytorch-fid's statistics (mu, sigma: float64).
+// Read: stored or deflated members (np.savez / np.savez_compressed), zip64
+// sizes in the central directory (numpy writes them), .npy versions 1-3 of
+// little-endian uint8, float32 or float64 in C order.
+// ---------------------------------------------------------------------------
+static const char *npy_descr(int kind) {
+    return kind == NPY_U8 ? "|u1" : kind == NPY_F32 ? "<f4" : "<f8";
+}
+static size_t npy_item(int kind) { return kind == NPY_U8 ? 1 : kind == NPY_F32 ? 4 : 8; }
+
+// one member's .npy bytes: magic, version 1.0, the header dict padded to 64, data
+static void npy_encode(Bytes *o, const NpzWrite *a) {
+    char dict[512];
+    int dl = snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': (",
+                      npy_descr(a->kind));
+    for (int d = 0; d < a->ndim; d++)
+        dl += snprintf(dict + dl, sizeof dict - (size_t)dl, "%lld,%s", (long long)a->shape[d],
+                       d + 1 < a->ndim ? " " : "");
+    dl += snprintf(dict + dl, sizeof dict - (size_t)dl, "), }");
+    int total = 10 + dl + 1, padn = (64 - total % 64) % 64;
+    static const unsigned char magic[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
+    bytes_put(o, magic, 8);
+    bytes_u16le(o, (uint32_t)(dl + padn + 1));
+    bytes_put(o, dict, (size_t)dl);
+    for (int i = 0; i < padn; i++) bytes_put(o, " ", 1);
+    bytes_put(o, "\n", 1);
+    size_t count = 1;
+    for (int d = 0; d < a->ndim; d++) count *= (size_t)a->shape[d];
+    if (a->kind == NPY_U8) { bytes_put(o, a->data, count); return; }
+    for (size_t i = 0; i < count; i++) {  // little-endian, whatever the host
+        unsigned char b[8];
+        if (a->kind == NPY_F32) {
+            uint32_t u;
+            memcpy(&u, (const float *)a->data + i, 4);
+            for (int k = 0; k < 4; k++) b[k] = (unsigned char)(u >> (8 * k));
+        } else {
+            uint64_t u;
+            memcpy(&u, (const double *)a->data + i, 8);
+            for (int k = 0; k < 8; k++) b[k] = (unsigned char)(u >> (8 * k));
+        }
+        bytes_put(o, b, npy_item(a->kind));
+    }
+}
+
+int npz_write(const char *path, const NpzWrite *arrays, int n, char *err, size_t errlen) {
+    Bytes o = {0}, cdir = {0};
+    int rc = 0;
+    for (int k = 0; k < n && rc == 0; k++) {
+        Bytes npy = {0};
+        npy_encode(&npy, &arrays[k]);
+        char name[80];
+        snprintf(name, sizeof name, "%s.npy", arrays[k].name);
+        uint16_t nl = (uint16_t)strlen(name);
+        if ((uint64_t)o.len + npy.len + 1024 > 0xffffffffu) {
+            rc = errorf(err, errlen, "'%s': over 4 GiB is beyond a plain zip (no zip64)", path);
+            free(npy.b);
+            break;
+        }
+        uint32_t crc = crc32_update(0, npy.b, npy.len), at = (uint32_t)o.len;
+        // local file header: stored (method 0), no data descriptor
+        bytes_u32le(&o, 0x04034b50); bytes_u16le(&o, 20); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
+        bytes_u16le(&o, 0); bytes_u16le(&o, 0x21);  // time 0, date 1980-01-01
+        bytes_u32le(&o, crc); bytes_u32le(&o, (uint32_t)npy.len); bytes_u32le(&o, (uint32_t)npy.len);
+        bytes_u16le(&o, nl); bytes_u16le(&o, 0);
+        bytes_put(&o, name, nl);
+        bytes_put(&o, npy.b, npy.len);
+        // its central directory entry
+        bytes_u32le(&cdir, 0x02014b50); bytes_u16le(&cdir, 20); bytes_u16le(&cdir, 20);
+        bytes_u16le(&cdir, 0); bytes_u16le(&cdir, 0); bytes_u16le(&cdir, 0);
+        bytes_u16le(&cdir, 0x21);
+        bytes_u32le(&cdir, crc); bytes_u32le(&cdir, (uint32_t)npy.len);
+        bytes_u32le(&cdir, (uint32_t)npy.len);
+        bytes_u16le(&cdir, nl); bytes_u16le(&cdir, 0); bytes_u16le(&cdir, 0);
+        bytes_u16le(&cdir, 0); bytes_u16le(&cdir, 0);
+        bytes_u32le(&cdir, 0); bytes_u32le(&cdir, at);  // attributes, local header offset
+        bytes_put(&cdir, name, nl);
+        free(npy.b);
+    }
+    if (rc == 0) {
+        uint32_t cd = (uint32_t)o.len;
+        bytes_put(&o, cdir.b, cdir.len);
+        bytes_u32le(&o, 0x06054b50); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
+        bytes_u16le(&o, (uint32_t)n); bytes_u16le(&o, (uint32_t)n);
+        bytes_u32le(&o, (uint32_t)cdir.len); bytes_u32le(&o, cd); bytes_u16le(&o, 0);
+        rc = write_file_atomically(path, o.b, o.len, err, errlen);
+    }
+    free(o.b);
+    free(cdir.b);
+    return rc;
+}
+
 // NPZ with one member arr_0.npy of uint8 (N, H, W, C)
 int write_npz(const char *path, const unsigned char *img, int N, int H, int W, int C, char *err,
               size_t errlen) {
-    Bytes npy = {0}, o = {0};
-    char dict[256];
-    int dl = snprintf(dict, sizeof dict,
-                      "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, %d), }", N, H,
-                      W, C);
-    // header padded to 64 bytes, ends in \n
-    int total = 10 + dl + 1, padn = (64 - total % 64) % 64;
-    uint64_t bytes = (uint64_t)N * H * W * C;
-    if (bytes + 1024 > 0xffffffffu)
-        return errorf(err, errlen, "'%s': %llu bytes is beyond a plain zip (no zip64)", path,
-                      (unsigned long long)bytes);
-    static const unsigned char magic[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
-    bytes_put(&npy, magic, 8);
-    bytes_u16le(&npy, (uint32_t)(dl + padn + 1));
-    bytes_put(&npy, dict, (size_t)dl);
-    for (int i = 0; i < padn; i++) bytes_put(&npy, " ", 1);
-    bytes_put(&npy, "\n", 1);
-    bytes_put(&npy, img, (size_t)bytes);
-    uint32_t crc = crc32_update(0, npy.b, npy.len);
-    const char *name = "arr_0.npy";
-    uint16_t nl = (uint16_t)strlen(name);
-    // local file header: stored (method 0), no data descriptor
-    bytes_u32le(&o, 0x04034b50); bytes_u16le(&o, 20); bytes_u16le(&o, 0); bytes_u16le(&o, 0);
-    bytes_u16le(&o, 0); bytes_u16le(&o, 0x21);  // time 0, date 1980-01-01
-    bytes_u32le(&o, crc); bytes_u32le(&o, (uint32_t)npy.len); bytes_u32le(&o, (uint32_t)npy.len);
-    bytes_u16le(&o, nl); bytes_u16le(&o, 0);
-    bytes_put(&o, name, nl);
-    bytes_put(&o, npy.b, npy.len);
-    uint32_t cd = (uint32_t)o.len;
-    // central directory entry, then the end record
-    bytes_u32le(&o, 0x02014b50);
-    bytes_u16le(&o, 20);
-    bytes_u16le(&o, 20);
-    bytes_u16le(&o, 0);
-    bytes_u16le(&o, 0);
-    bytes_u16le(&o, 0); bytes_u16le(&o, 0x21);
-    bytes_u32le(&o, crc); bytes_u32le(&o, (uint32_t)npy.len); bytes_u32le(&o, (uint32_t)npy.len);
-    bytes_u16le(&o, nl);
-    bytes_u16le(&o, 0);
-    bytes_u16le(&o, 0);
-    bytes_u16le(&o, 0);
-    bytes_u16le(&o, 0);
-    bytes_u32le(&o, 0); bytes_u32le(&o, 0);  // attributes, local header at offset 0
-    bytes_put(&o, name, nl);
-    uint32_t cdlen = (uint32_t)o.len - cd;
-    bytes_u32le(&o, 0x06054b50);
-    bytes_u16le(&o, 0);
-    bytes_u16le(&o, 0);
-    bytes_u16le(&o, 1);
-    bytes_u16le(&o, 1);
-    bytes_u32le(&o, cdlen); bytes_u32le(&o, cd); bytes_u16le(&o, 0);
-    int rc = write_file_atomically(path, o.b, o.len, err, errlen);
-    free(npy.b);
-    free(o.b);
+    NpzWrite a = {"arr_0", NPY_U8, 4, {N, H, W, C}, img};
+    return npz_write(path, &a, 1, err, errlen);
+}
+
+static uint32_t le16(const unsigned char *b) { return (uint32_t)b[0] | (uint32_t)b[1] << 8; }
+static uint32_t le32(const unsigned char *b) { return le16(b) | le16(b + 2) << 16; }
+static uint64_t le64(const unsigned char *b) { return le32(b) | (uint64_t)le32(b + 4) << 32; }
+
+// The central directory entry of member `want` (e.g. "mu.npy"): its method,
+// sizes and local header offset; zip64 extra fields replace 0xffffffff ones.
+typedef struct { uint32_t method, crc; uint64_t csize, usize, offset; } ZipMember;
+
+static int zip_find(const unsigned char *b, size_t n, const char *want, ZipMember *m,
+                    int *found) {
+    *found = 0;
+    if (n < 22) return -1;
+    size_t eocd = n - 22, stop = n > 22 + 65535 ? n - 22 - 65535 : 0;
+    while (le32(b + eocd) != 0x06054b50) {
+        if (eocd == stop) return -1;
+        eocd--;
+    }
+    uint32_t entries = le16(b + eocd + 10), cdlen = le32(b + eocd + 12), cd = le32(b + eocd + 16);
+    if (cd > eocd || cdlen > eocd - cd) return -1;
+    size_t p = cd, end = (size_t)cd + cdlen;
+    for (uint32_t e = 0; e < entries; e++) {
+        if (end - p < 46 || le32(b + p) != 0x02014b50) return -1;
+        uint32_t nl = le16(b + p + 28), xl = le16(b + p + 30), cl = le16(b + p + 32);
+        if (end - p - 46 < (size_t)nl + xl + cl) return -1;
+        const unsigned char *name = b + p + 46;
+        if (nl == strlen(want) && memcmp(name, want, nl) == 0) {
+            m->method = le16(b + p + 10);
+            m->crc = le32(b + p + 16);
+            m->csize = le32(b + p + 20);
+            m->usize = le32(b + p + 24);
+            m->offset = le32(b + p + 42);
+            // zip64 extended information (header 0x0001): the fields that are 0xffffffff, in order
+            const unsigned char *x = name + nl, *xe = x + xl;
+            while (xe - x >= 4) {
+                uint32_t id = le16(x), len = le16(x + 2);
+                if ((size_t)(xe - x - 4) < len) return -1;
+                if (id == 1) {
+                    const unsigned char *f = x + 4, *fe = f + len;
+                    uint64_t *fields[3] = {&m->usize, &m->csize, &m->offset};
+                    for (int k = 0; k < 3; k++)
+                        if (*fields[k] == 0xffffffffu) {
+                            if (fe - f < 8) return -1;
+                            *fields[k] = le64(f);
+                            f += 8;
+                        }
+                }
+                x += 4 + len;
+            }
+            *found = 1;
+            return 0;
+        }
+        p += 46 + (size_t)nl + xl + cl;
+    }
+    return 0;
+}
+
+// the shape tuple's numbers after "'shape': (" in the header dict
+static int npy_shape(const char *h, NpzArray *out) {
+    const char *p = strstr(h, "'shape'");
+    if (!p || !(p = strchr(p, '('))) return -1;
+    p++;
+    out->ndim = 0;
+    for (;;) {
+        while (*p == ' ' || *p == ',') p++;
+        if (*p == ')') break;
+        if (*p < '0' || *p > '9' || out->ndim == NPZ_MAX_DIMS) return -1;
+        uint64_t v = 0;
+        while (*p >= '0' && *p <= '9') {
+            if (v > ((uint64_t)1 << 40)) return -1;
+            v = v * 10 + (uint64_t)(*p++ - '0');
+        }
+        if (*p == 'L') p++;  // Python 2's long suffix
+        out->shape[out->ndim++] = (int64_t)v;
+    }
+    return 0;
+}
+
+// a member's .npy bytes -> out (u8 for uint8, f64 for float32 / float64)
+static int npy_decode(const unsigned char *b, size_t n, const char *what, NpzArray *out, char *err,
+                      size_t errlen) {
+    static const unsigned char magic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
+    if (n < 10 || memcmp(b, magic, 6) != 0) return errorf(err, errlen, "%s: not a .npy array", what);
+    int major = b[6];
+    size_t hl, at;
+    if (major == 1) { hl = le16(b + 8); at = 10; }
+    else if ((major == 2 || major == 3) && n >= 12) { hl = le32(b + 8); at = 12; }
+    else return errorf(err, errlen, "%s: .npy version %d is not supported", what, major);
+    if (hl > 65536 || hl > n - at) return errorf(err, errlen, "%s: truncated .npy header", what);
+    char h[65537];
+    memcpy(h, b + at, hl);
+    h[hl] = 0;
+    const char *d = strstr(h, "'descr'");
+    const char *q = d ? strchr(d + 7, '\'') : NULL;
+    if (!q) return errorf(err, errlen, "%s: .npy header without 'descr'", what);
+    q++;
+    if (strncmp(q, "|u1'", 4) == 0 || strncmp(q, "<u1'", 4) == 0) out->kind = NPY_U8;
+    else if (strncmp(q, "<f4'", 4) == 0) out->kind = NPY_F32;
+    else if (strncmp(q, "<f8'", 4) == 0) out->kind = NPY_F64;
+    else return errorf(err, errlen, "%s: dtype %.8s is not uint8, <f4 or <f8", what, q);
+    const char *fo = strstr(h, "'fortran_order'");
+    if (!fo || !strstr(fo, "False"))
+        return errorf(err, errlen, "%s: Fortran-ordered arrays are not supported", what);
+    if (npy_shape(h, out) != 0) return errorf(err, errlen, "%s: bad shape in .npy header", what);
+    uint64_t count = 1;
+    for (int k = 0; k < out->ndim; k++) {
+        if (out->shape[k] != 0 && count > ((uint64_t)1 << 40) / (uint64_t)out->shape[k])
+            return errorf(err, errlen, "%s: shape too large", what);
+        count *= (uint64_t)out->shape[k];
+    }
+    size_t item = npy_item(out->kind), data = at + hl;
+    if (count > (n - data) / item || count * item != n - data)
+        return errorf(err, errlen, "%s: %zu data bytes for %llu elements of %zu bytes", what,
+                      n - data, (unsigned long long)count, item);
+    out->count = (size_t)count;
+    const unsigned char *src = b + data;
+    if (out->kind == NPY_U8) {
+        out->u8 = mallocCheck(count ? count : 1);
+        memcpy(out->u8, src, count);
+        return 0;
+    }
+    out->f64 = mallocCheck((count ? count : 1) * sizeof(double));
+    for (size_t i = 0; i < count; i++) {
+        if (out->kind == NPY_F32) {
+            uint32_t u = le32(src + 4 * i);
+            float f;
+            memcpy(&f, &u, 4);
+            out->f64[i] = f;
+        } else {
+            uint64_t u = le64(src + 8 * i);
+            memcpy(&out->f64[i], &u, 8);
+        }
+    }
+    return 0;
+}
+
+int npz_parse(const unsigned char *b, size_t n, const char *name, const char *member,
+              NpzArray *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    char want[80], what[4200];
+    snprintf(want, sizeof want, "%s.npy", member);
+    snprintf(what, sizeof what, "'%s' member %s", name, member);
+    ZipMember m;
+    int found;
+    if (zip_find(b, n, want, &m, &found) != 0)
+        return errorf(err, errlen, "'%s': not a zip archive (npz), or its directory is corrupt",
+                      name);
+    if (!found) return errorf(err, errlen, "'%s': no array '%s' in the npz", name, member);
+    if (m.offset > n || n - m.offset < 30 || le32(b + m.offset) != 0x04034b50)
+        return errorf(err, errlen, "%s: bad local header", what);
+    uint64_t start = m.offset + 30 + le16(b + m.offset + 26) + le16(b + m.offset + 28);
+    if (start > n || m.csize > n - start) return errorf(err, errlen, "%s: truncated", what);
+    // no member may expand past the archive's size bound: the caller read the
+    // file within a limit, and deflate cannot expand more than 1032:1
+    if (m.usize > (uint64_t)1032 * m.csize + 64 || m.usize > DATA_MAX_FILE)
+        return errorf(err, errlen, "%s: implausible size %llu", what,
+                      (unsigned long long)m.usize);
+    Bytes raw = {0};
+    const unsigned char *npy = b + start;
+    if (m.method == 8) {
+        int rc = inflate_raw(b + start, (size_t)m.csize, &raw, (size_t)m.usize);
+        if (rc != 0 || raw.len != m.usize) {
+            free(raw.b);
+            return errorf(err, errlen, "%s: corrupt deflate data", what);
+        }
+        npy = raw.b;
+    } else if (m.method != 0 || m.csize != m.usize) {
+        return errorf(err, errlen, "%s: zip method %u is not stored or deflate", what, m.method);
+    }
+    int rc = 0;
+    if (crc32_update(0, npy ? npy : (const unsigned char *)"", (size_t)m.usize) != m.crc)
+        rc = errorf(err, errlen, "%s: CRC mismatch", what);
+    else
+        rc = npy_decode(npy, (size_t)m.usize, what, out, err, errlen);
+    free(raw.b);
     return rc;
+}
+
+int npz_read(const char *path, const char *member, NpzArray *out, char *err, size_t errlen) {
+    size_t n;
+    unsigned char *b = read_file(path, DATA_MAX_FILE, &n, err, errlen);
+    memset(out, 0, sizeof *out);
+    if (!b) return -1;
+    int rc = npz_parse(b, n, path, member, out, err, errlen);
+    free(b);
+    return rc;
+}
+
+int npz_has(const char *path, const char *member) {
+    size_t n;
+    char err[64];
+    unsigned char *b = read_file(path, DATA_MAX_FILE, &n, err, sizeof err);
+    if (!b) return 0;
+    char want[80];
+    snprintf(want, sizeof want, "%s.npy", member);
+    ZipMember m;
+    int found = 0;
+    if (zip_find(b, n, want, &m, &found) != 0) found = 0;
+    free(b);
+    return found;
+}
+
+void npz_free(NpzArray *a) {
+    free(a->u8);
+    free(a->f64);
+    memset(a, 0, sizeof *a);
 }
 
 // ---------------------------------------------------------------------------

@@ -246,9 +246,6 @@ void rng_advance(Rng *r, uint64_t delta) {
 // Fills that take the same numbers as the one-at-a-time loop, split between
 // the threads: each slice starts from a copy advanced to its first word.
 typedef struct { Rng start; float *x; unsigned char *keep; float a, b; } RngFill;
-static void parallel_for(size_t n, size_t min_per_thread, void (*fn)(void *, size_t, size_t),
-                         void *ctx);
-
 static void fill_normal_range(void *arg, size_t i0, size_t i1) {
     const RngFill *f = arg;
     Rng r = f->start;
@@ -655,7 +652,6 @@ int pool_thread_id(void) { return 0; }
 #ifndef POOL_CHUNKS_PER_THREAD
 #define POOL_CHUNKS_PER_THREAD 4
 #endif
-typedef void (*range_fn)(void *ctx, size_t begin, size_t end);
 typedef struct { range_fn fn; void *ctx; size_t n; } RangeTask;
 
 static void range_task(void *arg, int c, int nchunks) {
@@ -665,7 +661,7 @@ static void range_task(void *arg, int c, int nchunks) {
     if (b < e) t->fn(t->ctx, b, e);
 }
 
-static void parallel_for(size_t n, size_t min_per_chunk, range_fn fn, void *ctx) {
+void parallel_for(size_t n, size_t min_per_chunk, range_fn fn, void *ctx) {
     if (n == 0) return;
     int nth = pool_threads();
     size_t most = (size_t)nth * POOL_CHUNKS_PER_THREAD, chunks = n / (min_per_chunk ? min_per_chunk : 1);
@@ -1509,34 +1505,36 @@ static void valid_cols(int OW, int W, int stride, int pad, int kx, int *lo, int 
 }
 
 // The columns matrix of a group of G images, never stored: row (c, ky, kx),
-// column (i, oy, ox) holds img[i][c][oy*stride - pad + ky][ox*stride - pad + kx]
+// column (i, oy, ox) holds img[i][c][oy*stride - PH + ky][ox*stride - PW + kx]
 // (0 outside the image). The GEMM packs its B panels straight from the
 // images (an implicit im2col): no matrix K*K times the input's size is
 // written and read back, and the threads share the packing.
 typedef struct {
     const float *img;     // G images (C, H, W), img_stride floats apart
     size_t img_stride;
-    int C, H, W, K, stride, pad, OH, OW;
+    int C, H, W;
+    int KH, KW, stride, PH, PW;  // a KH x KW kernel, padding PH rows and PW columns
+    int OH, OW;
 } ConvCols;
 
 // One row (c, ky, kx) of the columns matrix, decomposed once
 typedef struct { const float *plane; int ky, kx, lo, hi; } ConvRow;
 
 static ConvRow conv_row(const ConvCols *v, size_t row) {
-    size_t kk = (size_t)v->K * v->K;
+    size_t kk = (size_t)v->KH * v->KW;
     ConvRow r;
     r.plane = v->img + (row / kk) * v->H * v->W;
-    r.ky = (int)(row % kk) / v->K;
-    r.kx = (int)(row % kk) % v->K;
+    r.ky = (int)(row % kk) / v->KW;
+    r.kx = (int)(row % kk) % v->KW;
     // ox in [lo, hi): inside the image
-    valid_cols(v->OW, v->W, v->stride, v->pad, r.kx, &r.lo, &r.hi);
+    valid_cols(v->OW, v->W, v->stride, v->PW, r.kx, &r.lo, &r.hi);
     return r;
 }
 
 // d[k * dstride] = cols[row][(i, oy, ox + k)] for k < run, within one output row
 static void conv_run(const ConvCols *v, const ConvRow *r, size_t i, int oy, int ox, int run,
                      float *d, size_t dstride) {
-    int iy = oy * v->stride - v->pad + r->ky, end = ox + run;
+    int iy = oy * v->stride - v->PH + r->ky, end = ox + run;
     if (iy < 0 || iy >= v->H) {
         for (int k = 0; k < run; k++, d += dstride) *d = 0.0f;
         return;
@@ -1547,10 +1545,10 @@ static void conv_run(const ConvCols *v, const ConvRow *r, size_t i, int oy, int 
     if (b < a) b = a;
     for (int x = ox; x < a; x++, d += dstride) *d = 0.0f;
     if (dstride == 1 && v->stride == 1) {
-        memcpy(d, src + a - v->pad + r->kx, (size_t)(b - a) * sizeof(float));
+        memcpy(d, src + a - v->PW + r->kx, (size_t)(b - a) * sizeof(float));
         d += b - a;
     } else {
-        for (int x = a; x < b; x++, d += dstride) *d = src[x * v->stride - v->pad + r->kx];
+        for (int x = a; x < b; x++, d += dstride) *d = src[x * v->stride - v->PW + r->kx];
     }
     for (int x = b; x < end; x++, d += dstride) *d = 0.0f;
 }
@@ -2045,6 +2043,41 @@ static void conv_forward_on_planes(float *out, float *col, const float *weight, 
     parallel_for((size_t)OC, 1, from_planes_range, &t);
 }
 
+// The GEMM path of the forward, for a KH x KW kernel with padding (PH, PW):
+// images grouped as conv_group says, B packed straight from them
+static void conv_gemm_forward(float *out, const float *inp, const float *weight, const float *bias,
+                              const float *shift, const float *residual, float *col, int N, int C,
+                              int H, int W, int OC, int KH, int KW, int stride, int PH, int PW) {
+    int OH = conv_out_size(H, KH, stride, PH), OW = conv_out_size(W, KW, stride, PW);
+    size_t ohw = (size_t)OH * OW, ckk = (size_t)C * KH * KW;
+    int init = bias || shift || residual, G = conv_group(ohw, N);
+    int pointwise = KH == 1 && KW == 1 && stride == 1 && PH == 0 && PW == 0;
+    for (int n0 = 0; n0 < N; n0 += G) {
+        int g = N - n0 < G ? N - n0 : G;  // images in this group
+        const float *x = inp + (size_t)n0 * C * H * W;
+        float *y = out + (size_t)n0 * OC * ohw;
+        // the GEMM's output: y itself for one image, else a block to scatter
+        float *Y = G > 1 ? col : y;
+        size_t ncols = (size_t)g * ohw;
+        ConvEpilogue e = {NULL, out, bias, shift, residual, (size_t)OC, ohw, g, n0};
+        if (G == 1 && init) parallel_for((size_t)OC, 1, conv_epilogue_range, &e);
+        // Y (OC, g*OH*OW) (+)= weight (OC, C*KH*KW) @ cols (C*KH*KW, g*OH*OW)
+        flops_forward += 2.0 * OC * (double)ncols * (double)ckk;
+        if (G == 1 && pointwise) {  // cols = x
+            sgemm(0, 0, (size_t)OC, ncols, ckk, weight, ckk, x, ncols, init, Y, ncols);
+        } else {
+            ConvCols v = {x, (size_t)C * H * W, C, H, W, KH, KW, stride, PH, PW, OH, OW};
+            sgemm_pack_b(0, (size_t)OC, ncols, ckk, weight, ckk, pack_conv_cols, &v, G == 1 && init,
+                         Y, ncols);
+        }
+        if (G > 1) {  // scatter the block to NCHW, adding the extra terms on the way
+            e.blk = Y;
+            parallel_for((size_t)g * OC, 1, conv_epilogue_range, &e);
+        }
+    }
+}
+
+
 // out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC)
 //                    + shift (N,OC) broadcast over OH,OW + residual (N,OC,OH,OW)
 // bias, shift and residual may each be NULL. The U-Net's ResBlock adds its
@@ -2068,32 +2101,8 @@ void conv2d_add_forward(float *out, const float *inp, const float *weight, const
         }
         return;
     }
-    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
-    size_t ohw = (size_t)OH * OW, ckk = (size_t)C * K * K;
-    int init = bias || shift || residual, G = conv_group(ohw, N);
-    for (int n0 = 0; n0 < N; n0 += G) {
-        int g = N - n0 < G ? N - n0 : G;  // images in this group
-        const float *x = inp + (size_t)n0 * C * H * W;
-        float *y = out + (size_t)n0 * OC * ohw;
-        // the GEMM's output: y itself for one image, else a block to scatter
-        float *Y = G > 1 ? col : y;
-        size_t ncols = (size_t)g * ohw;
-        ConvEpilogue e = {NULL, out, bias, shift, residual, (size_t)OC, ohw, g, n0};
-        if (G == 1 && init) parallel_for((size_t)OC, 1, conv_epilogue_range, &e);
-        // Y (OC, g*OH*OW) (+)= weight (OC, C*K*K) @ cols (C*K*K, g*OH*OW)
-        flops_forward += 2.0 * OC * (double)ncols * (double)ckk;
-        if (G == 1 && conv_is_pointwise(K, stride, pad)) {  // cols = x
-            sgemm(0, 0, (size_t)OC, ncols, ckk, weight, ckk, x, ncols, init, Y, ncols);
-        } else {
-            ConvCols v = {x, (size_t)C * H * W, C, H, W, K, stride, pad, OH, OW};
-            sgemm_pack_b(0, (size_t)OC, ncols, ckk, weight, ckk, pack_conv_cols, &v, G == 1 && init,
-                         Y, ncols);
-        }
-        if (G > 1) {  // scatter the block to NCHW, adding the extra terms on the way
-            e.blk = Y;
-            parallel_for((size_t)g * OC, 1, conv_epilogue_range, &e);
-        }
-    }
+    conv_gemm_forward(out, inp, weight, bias, shift, residual, col, N, C, H, W, OC, K, K, stride,
+                      pad, pad);
 }
 
 // out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC) (bias may be NULL)
@@ -2244,7 +2253,7 @@ static void conv_backward(float *dinp, float *dweight, float *dbias, const float
             if (G == 1 && pointwise) {
                 sgemm(0, 1, (size_t)OC, ckk, nco, DY, nco, x, nco, 1, dweight, ckk);
             } else {
-                ConvCols v = {x, (size_t)C * hw, C, H, W, K, stride, pad, OH, OW};
+                ConvCols v = {x, (size_t)C * hw, C, H, W, K, K, stride, pad, pad, OH, OW};
                 sgemm_pack_b(0, (size_t)OC, ckk, nco, DY, nco, pack_conv_cols_t, &v, 1, dweight,
                              ckk);
             }
@@ -2460,6 +2469,117 @@ Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int p
 
 Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad) {
     return conv2d_add(g, x, w, b, NULL, NULL, stride, pad);
+}
+
+// ---------------------------------------------------------------------------
+// ---- inference only: rectangular convolutions and pooling (fid.c) ----
+// Inception-v3 factorises its 7x7 and 3x3 convolutions into 1x7, 7x1, 1x3
+// and 3x1 ones, pools 3x3 with stride 2 (max) or 1 (max, or TensorFlow's
+// average that counts only the pixels inside the image), and is only ever
+// run forward: the evaluator does not train, so these have no backward and
+// no tape node. Each has its direct-loop reference; tests hold them to it.
+// ---------------------------------------------------------------------------
+
+// scratch floats of conv2d_rect_forward
+size_t conv2d_rect_forward_scratch(int N, int C, int H, int W, int OC, int KH, int KW, int stride,
+                                   int PH, int PW) {
+    if (KH == KW && PH == PW) return conv2d_forward_scratch(N, C, H, W, OC, KH, stride, PH);
+    size_t ohw = (size_t)conv_out_size(H, KH, stride, PH) * conv_out_size(W, KW, stride, PW);
+    int G = conv_group(ohw, N);
+    return G == 1 ? 0 : (size_t)OC * G * ohw;
+}
+
+// out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,KH,KW) + bias (OC), padding
+// PH rows above and below, PW columns left and right; then max(0, .) when
+// relu. Square kernels with equal padding take conv2d_forward's paths.
+void conv2d_rect_forward(float *out, const float *inp, const float *weight, const float *bias,
+                         float *col, int N, int C, int H, int W, int OC, int KH, int KW,
+                         int stride, int PH, int PW, int relu) {
+    if (KH == KW && PH == PW)
+        conv2d_add_forward(out, inp, weight, bias, NULL, NULL, col, N, C, H, W, OC, KH, stride, PH);
+    else
+        conv_gemm_forward(out, inp, weight, bias, NULL, NULL, col, N, C, H, W, OC, KH, KW, stride,
+                          PH, PW);
+    if (relu) {
+        size_t n = (size_t)N * OC * conv_out_size(H, KH, stride, PH) * conv_out_size(W, KW, stride, PW);
+        activation_forward(out, out, n, ACT_RELU);
+    }
+}
+
+void conv2d_rect_forward_ref(float *out, const float *inp, const float *weight, const float *bias,
+                             int N, int C, int H, int W, int OC, int KH, int KW, int stride, int PH,
+                             int PW, int relu) {
+    int OH = conv_out_size(H, KH, stride, PH), OW = conv_out_size(W, KW, stride, PW);
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++)
+            for (int y = 0; y < OH; y++)
+                for (int x = 0; x < OW; x++) {
+                    double acc = bias ? bias[o] : 0.0;
+                    for (int c = 0; c < C; c++)
+                        for (int i = 0; i < KH; i++)
+                            for (int j = 0; j < KW; j++) {
+                                int iy = y * stride - PH + i, ix = x * stride - PW + j;
+                                if (!in_image(iy, H) || !in_image(ix, W)) continue;
+                                acc += (double)weight[((size_t)(o * C + c) * KH + i) * KW + j] *
+                                       inp[((size_t)(n * C + c) * H + iy) * W + ix];
+                            }
+                    if (relu && acc < 0) acc = 0;
+                    out[((size_t)(n * OC + o) * OH + y) * OW + x] = (float)acc;
+                }
+}
+
+// K x K pooling of P planes (H,W) with the given stride and zero padding:
+// POOL_MAX the largest pixel inside the image (torch's max_pool2d pads with
+// -inf), POOL_AVG_VALID the mean of the pixels inside the image
+// (avg_pool2d with count_include_pad=False, TensorFlow's SAME average)
+enum { POOL_MAX, POOL_AVG_VALID };
+typedef struct {
+    float *out; const float *inp;
+    int H, W, K, stride, pad, OH, OW, kind;
+} Pool2d;
+
+static void pool2d_range(void *arg, size_t p0, size_t p1) {
+    const Pool2d *a = arg;
+    for (size_t p = p0; p < p1; p++) {
+        const float *src = a->inp + p * a->H * a->W;
+        float *dst = a->out + p * a->OH * a->OW;
+        for (int y = 0; y < a->OH; y++) {
+            int y0 = y * a->stride - a->pad, y1 = y0 + a->K;
+            if (y0 < 0) y0 = 0;
+            if (y1 > a->H) y1 = a->H;
+            for (int x = 0; x < a->OW; x++) {
+                int x0 = x * a->stride - a->pad, x1 = x0 + a->K;
+                if (x0 < 0) x0 = 0;
+                if (x1 > a->W) x1 = a->W;
+                float m = -INFINITY, sum = 0.0f;
+                for (int iy = y0; iy < y1; iy++)
+                    for (int ix = x0; ix < x1; ix++) {
+                        float v = src[iy * a->W + ix];
+                        m = v > m ? v : m;
+                        sum += v;
+                    }
+                dst[y * a->OW + x] =
+                    a->kind == POOL_MAX ? m : sum / (float)((y1 - y0) * (x1 - x0));
+            }
+        }
+    }
+}
+
+static void pool2d(float *out, const float *inp, size_t P, int H, int W, int K, int stride,
+                   int pad, int kind) {
+    Pool2d a = {out, inp, H, W, K, stride, pad, conv_out_size(H, K, stride, pad),
+                conv_out_size(W, K, stride, pad), kind};
+    parallel_for(P, 1, pool2d_range, &a);
+}
+
+// out (P, OH, OW), OH = (H + 2 pad - K) / stride + 1
+void maxpool2d_forward(float *out, const float *inp, size_t P, int H, int W, int K, int stride,
+                       int pad) {
+    pool2d(out, inp, P, H, W, K, stride, pad, POOL_MAX);
+}
+void avgpool2d_valid_forward(float *out, const float *inp, size_t P, int H, int W, int K,
+                             int stride, int pad) {
+    pool2d(out, inp, P, H, W, K, stride, pad, POOL_AVG_VALID);
 }
 
 // ---------------------------------------------------------------------------

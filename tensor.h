@@ -126,6 +126,10 @@ int pool_thread_id(void);             // the calling thread: 0 = the one that ca
 void pool_shutdown(void);            // joins the workers (pool_init starts them again)
 // [*begin, *end) = part ith of nth of [0, n), contiguous, in order
 void slice(size_t n, int ith, int nth, size_t *begin, size_t *end);
+// fn(ctx, begin, end) over contiguous ranges of [0, n), a few per thread, each
+// of at least min_per_chunk items; on the caller alone when that is one range
+typedef void (*range_fn)(void *ctx, size_t begin, size_t end);
+void parallel_for(size_t n, size_t min_per_chunk, range_fn fn, void *ctx);
 const char *simd_name(void);         // "avx512", "avx2", "neon" or "scalar"
 // multiply-add FLOPs (2 per MAC) of the forward GEMMs since the last reset:
 // convolutions, linears and matmuls, for the benchmark's GFLOP/s
@@ -410,6 +414,20 @@ void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W)
 void resize_bilinear_forward(float *out, const float *inp, size_t P, int H, int W, int OH, int OW);
 void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH,
                               int OW);
+// Inference only (Inception-v3 in fid.c; no backward): a KH x KW kernel
+// with padding PH rows and PW columns on each side, then ReLU when relu;
+// col: conv2d_rect_forward_scratch floats
+void conv2d_rect_forward(float *out, const float *inp, const float *weight, const float *bias,
+                         float *col, int N, int C, int H, int W, int OC, int KH, int KW,
+                         int stride, int PH, int PW, int relu);
+size_t conv2d_rect_forward_scratch(int N, int C, int H, int W, int OC, int KH, int KW, int stride,
+                                   int PH, int PW);
+// K x K pooling of P planes, zero padding pad, out (P, OH, OW): the largest
+// pixel inside the image; the mean of the pixels inside (count_include_pad=False)
+void maxpool2d_forward(float *out, const float *inp, size_t P, int H, int W, int K, int stride,
+                       int pad);
+void avgpool2d_valid_forward(float *out, const float *inp, size_t P, int H, int W, int K,
+                             int stride, int pad);
 // norm (N,HW) is written by forward and read by backward
 void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps);
 void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
@@ -424,6 +442,9 @@ void l2norm_backward(float *dinp, const float *dout, const float *inp, const flo
 // ---------------------------------------------------------------------------
 void conv2d_forward_ref(float *out, const float *inp, const float *weight, const float *bias,
                         int N, int C, int H, int W, int OC, int K, int stride, int pad);
+void conv2d_rect_forward_ref(float *out, const float *inp, const float *weight, const float *bias,
+                             int N, int C, int H, int W, int OC, int KH, int KW, int stride, int PH,
+                             int PW, int relu);
 void conv2d_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout,
                          const float *inp, const float *weight,
                          int N, int C, int H, int W, int OC, int K, int stride, int pad);

@@ -20,8 +20,7 @@ static void test_init(UNet *u, const char *prefix) {
         Tensor *t = params_get(&u->params, p);
         char name[300];
         snprintf(name, sizeof name, "%s.%s", prefix, t->name);
-        uint64_t h = 14695981039346656037ULL;
-        for (const char *c = name; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ULL;
+        uint64_t h = test_name_hash(name);
         size_t len = strlen(t->name);
         int norm_weight = t->ndim == 1 && len > 7 && strcmp(t->name + len - 7, ".weight") == 0;
         double fan_in = t->ndim >= 2 ? (double)(t->size / t->shape[0]) : 1.0;
@@ -523,18 +522,13 @@ static void lpips_test_init(Lpips *l) {
         Tensor *t = params_get(&l->params, p);
         char name[128];
         snprintf(name, sizeof name, "vgg.%s", t->name);
-        uint64_t h = 14695981039346656037ULL;
-        for (const char *c = name; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ULL;
+        uint64_t h = test_name_hash(name);
         size_t len = strlen(t->name);
         int head = strncmp(t->name, "lin", 3) == 0,
             bias = len > 5 && strcmp(t->name + len - 5, ".bias") == 0;
         double fan_in = t->ndim == 4 ? (double)t->shape[1] * t->shape[2] * t->shape[3] : 1.0;
         for (size_t i = 0; i < t->size; i++) {
-            uint64_t z = h + ((uint64_t)i + 1) * 0x9E3779B97F4A7C15ULL;
-            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-            z ^= z >> 31;
-            double base = ((double)(z >> 40) / 16777216.0 - 0.5) * 2.0, v;
+            double base = test_base(h, i), v;
             if (head) v = fabs(base);
             else if (bias) v = 0.01 * base;
             else v = base * sqrt(6.0 / fan_in);

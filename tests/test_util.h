@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "../casdm.h"  // the engine (tensor.h), the models and formats.c
@@ -47,6 +48,22 @@ static inline double compare(const char *what, const float *got, const float *re
     }
     if (worst != worst) worst = INFINITY;
     return worst;
+}
+
+// The test weights of tools/lpips_ref.py (lpips_test_values) and
+// tools/inception_ref.py (test_values): h = FNV-1a 64 of a name; element i:
+// splitmix64 of h + (i+1) * golden ratio, top 24 bits, as base in [-1, 1)
+static inline uint64_t test_name_hash(const char *name) {
+    uint64_t h = 14695981039346656037ULL;
+    for (const char *c = name; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ULL;
+    return h;
+}
+static inline double test_base(uint64_t h, size_t i) {
+    uint64_t z = h + ((uint64_t)i + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return ((double)(z >> 40) / 16777216.0 - 0.5) * 2.0;
 }
 
 #endif
