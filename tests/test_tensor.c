@@ -997,6 +997,90 @@ static void test_reference_kernels(void) {
 }
 
 // ---------------------------------------------------------------------------
+// the inference-only kernels of fid.c's Inception: rectangular convolutions
+// against their direct loop, pooling against a loop written here (each
+// window element tested for being inside the image)
+// ---------------------------------------------------------------------------
+static double pool_ref_err(Rng *r, int P, int H, int W, int K, int stride, int pad, int max) {
+    int OH = (H + 2 * pad - K) / stride + 1, OW = (W + 2 * pad - K) / stride + 1;
+    float *x = mallocCheck((size_t)P * H * W * sizeof(float));
+    float *y = mallocCheck((size_t)P * OH * OW * sizeof(float));
+    rng_fill_normal(r, x, (size_t)P * H * W, 0.0f, 1.0f);
+    if (max) maxpool2d_forward(y, x, (size_t)P, H, W, K, stride, pad);
+    else avgpool2d_valid_forward(y, x, (size_t)P, H, W, K, stride, pad);
+    double worst = 0.0;
+    for (int p = 0; p < P; p++)
+        for (int oy = 0; oy < OH; oy++)
+            for (int ox = 0; ox < OW; ox++) {
+                double m = -INFINITY, sum = 0.0;
+                int count = 0;
+                for (int i = 0; i < K; i++)
+                    for (int j = 0; j < K; j++) {
+                        int iy = oy * stride - pad + i, ix = ox * stride - pad + j;
+                        if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+                        double v = x[((size_t)p * H + iy) * W + ix];
+                        m = fmax(m, v);
+                        sum += v;
+                        count++;
+                    }
+                double want = max ? m : sum / count;
+                worst = fmax(worst, fabs(y[((size_t)p * OH + oy) * OW + ox] - want));
+            }
+    free(x);
+    free(y);
+    return worst;
+}
+
+static void test_inference_kernels(void) {
+    // N, C, H, W, OC, KH, KW, stride, PH, PW: Inception's 1x7 / 7x1 at 17x17
+    // (several images per GEMM), 1x3 / 3x1 at 8x8, odd maps, stride 2, and
+    // square ones (conv2d_forward's paths: planes at 35x35, pointwise)
+    const int convs[][10] = {{3, 5, 17, 17, 6, 1, 7, 1, 0, 3}, {2, 4, 17, 17, 5, 7, 1, 1, 3, 0},
+                             {2, 6, 8, 8, 7, 1, 3, 1, 0, 1},   {2, 6, 8, 8, 7, 3, 1, 1, 1, 0},
+                             {1, 3, 9, 13, 4, 1, 7, 2, 0, 3},  {1, 3, 35, 35, 9, 3, 3, 1, 1, 1},
+                             {2, 8, 12, 11, 5, 1, 1, 1, 0, 0}, {1, 3, 15, 15, 4, 3, 3, 2, 0, 0}};
+    Rng r;
+    rng_seed(&r, 77, 3);
+    double e_conv = 0.0, e_pool = 0.0;
+    size_t n_conv = sizeof convs / sizeof convs[0];
+    for (int threads = 1; threads <= 2; threads++) {
+        pool_init(threads);
+        for (size_t i = 0; i < n_conv; i++) {
+            const int *c = convs[i];
+            int N = c[0], C = c[1], H = c[2], W = c[3], OC = c[4], KH = c[5], KW = c[6],
+                S = c[7], PH = c[8], PW = c[9];
+            int OH = (H + 2 * PH - KH) / S + 1, OW = (W + 2 * PW - KW) / S + 1;
+            size_t nx = (size_t)N * C * H * W, nw = (size_t)OC * C * KH * KW,
+                   ny = (size_t)N * OC * OH * OW;
+            float *x = mallocCheck(nx * 4), *w = mallocCheck(nw * 4), *b = mallocCheck(OC * 4);
+            float *y = mallocCheck(ny * 4), *yr = mallocCheck(ny * 4);
+            float *col = mallocCheck(
+                (conv2d_rect_forward_scratch(N, C, H, W, OC, KH, KW, S, PH, PW) + 1) * 4);
+            rng_fill_normal(&r, x, nx, 0.0f, 1.0f);
+            rng_fill_normal(&r, w, nw, 0.0f, 0.3f);
+            rng_fill_normal(&r, b, (size_t)OC, 0.0f, 0.3f);
+            for (int relu = 0; relu <= 1; relu++) {
+                conv2d_rect_forward(y, x, w, b, col, N, C, H, W, OC, KH, KW, S, PH, PW, relu);
+                conv2d_rect_forward_ref(yr, x, w, b, N, C, H, W, OC, KH, KW, S, PH, PW, relu);
+                e_conv = fmax(e_conv, compare("conv2d_rect", y, yr, ny, 1e-4));
+            }
+            free(x); free(w); free(b); free(y); free(yr); free(col);
+        }
+        e_pool = fmax(e_pool, pool_ref_err(&r, 5, 35, 35, 3, 1, 1, 0));
+        e_pool = fmax(e_pool, pool_ref_err(&r, 5, 8, 8, 3, 1, 1, 1));
+        e_pool = fmax(e_pool, pool_ref_err(&r, 3, 147, 147, 3, 2, 0, 1));
+        e_pool = fmax(e_pool, pool_ref_err(&r, 3, 17, 16, 3, 2, 0, 1));
+        e_pool = fmax(e_pool, pool_ref_err(&r, 2, 7, 9, 3, 2, 1, 0));
+    }
+    pool_init(0);
+    test_result(e_conv <= 1e-4, "conv2d_rect forward (1x7, 7x1, 1x3, 3x1, square) vs its reference",
+                "%zu shapes x bias+ReLU or not x 1 and 2 threads, max err %.1e, tol 1e-4", n_conv,
+                e_conv);
+    test_result(e_pool <= 1e-6, "max pool and valid-pixel average pool vs direct loops",
+                "3x3, stride 1 pad 1 and stride 2 pad 0/1, max err %.1e, tol 1e-6", e_pool);
+}
+
+// ---------------------------------------------------------------------------
 // the thread pool: every chunk runs exactly once, with nested jobs, and a
 // worker that stalls inside a chunk holds up only that chunk: the caller
 // runs the chunks nobody has started (the worker's home range included)
@@ -1407,6 +1491,7 @@ int main(int argc, char **argv) {
     test_conv_grouped_equals_single();
     test_exp();
     test_reference_kernels();
+    test_inference_kernels();
     test_goldens();
     test_safetensors();
     test_determinism();
