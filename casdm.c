@@ -124,13 +124,16 @@ typedef struct {
 } Dataset;
 
 // a CIFAR-10 batch (appended) or an IDX file, through its decoder in formats.c
+// what data-loading messages name: the flag (train, eval) or the command (fid)
+static const char *data_label = "--data";
+
 typedef int (*images_decoder)(const unsigned char *, size_t, const char *, Images *, char *,
                               size_t);
 static void load_data_file(Dataset *d, const char *path, images_decoder decode) {
     char err[600];
     size_t size;
     unsigned char *b = read_file(path, DATA_MAX_FILE, &size, err, sizeof err);
-    if (!b || decode(b, size, path, &d->img, err, sizeof err) != 0) fatal("--data: %s", err);
+    if (!b || decode(b, size, path, &d->img, err, sizeof err) != 0) fatal("%s: %s", data_label, err);
     free(b);
 }
 
@@ -146,12 +149,12 @@ static int compare_names(const void *a, const void *b) {
 // the image file names of a folder, sorted; *n their number
 static char **folder_image_names(const char *path, size_t *count) {
     DIR *dir = opendir(path);
-    if (!dir) fatal("--data '%s': %s", path, strerror(errno));
+    if (!dir) fatal("%s '%s': %s", data_label, path, strerror(errno));
     char **names = NULL;
     size_t n = 0, cap = 0;
     for (struct dirent *e; (e = readdir(dir));) {
         if (e->d_name[0] == '.' || !image_name(e->d_name)) continue;
-        if (n == 0x7fffffff) fatal("--data '%s': too many images", path);
+        if (n == 0x7fffffff) fatal("%s '%s': too many images", data_label, path);
         if (n == cap) {
             cap = cap ? 2 * cap : 1024;
             char **nn = mallocCheck(cap * sizeof *nn);
@@ -166,9 +169,9 @@ static char **folder_image_names(const char *path, size_t *count) {
     closedir(dir);
     if (n == 0)
         fatal(
-            "--data '%s': no CIFAR-10 data_batch_N.bin files and no .png/.ppm/.pgm images in this directory "
+            "%s '%s': no CIFAR-10 data_batch_N.bin files and no .png/.ppm/.pgm images in this directory "
             "(CIFAR-10's binary version: https://www.cs.toronto.edu/~kriz/cifar.html)",
-            path);
+            data_label, path);
     qsort(names, n, sizeof *names, compare_names);
     *count = n;
     return names;
@@ -185,19 +188,19 @@ static void load_image_folder(Dataset *d, const char *path) {
         snprintf(file, sizeof file, "%s/%s", path, names[i]);
         int w, h, c = 0;
         unsigned char *img = read_image(file, &w, &h, &c, err, sizeof err);
-        if (!img) fatal("--data: %s", err);
+        if (!img) fatal("%s: %s", data_label, err);
         if (i == 0) {
             im->c = c;
             im->h = h;
             im->w = w;
             uint64_t bytes = (uint64_t)w * h * c * n;  // 64-bit: size_t may be 32
             if (bytes > DATA_MAX_FILE || (size_t)bytes != bytes)
-                fatal("--data '%s': %zu images of %dx%d do not fit in memory", path, n, w, h);
+                fatal("%s '%s': %zu images of %dx%d do not fit in memory", data_label, path, n, w, h);
             im->pixels = mallocCheck(n * (size_t)w * h * c);
         } else if (w != im->w || h != im->h || c != im->c) {
             fatal(
-                "--data '%s': '%s' is %dx%d with %d channel(s), but '%s' is %dx%d with %d; all images must match",
-                path, names[i], w, h, c, names[0], im->w, im->h, im->c);
+                "%s '%s': '%s' is %dx%d with %d channel(s), but '%s' is %dx%d with %d; all images must match",
+                data_label, path, names[i], w, h, c, names[0], im->w, im->h, im->c);
         }
         unsigned char *dst = im->pixels + i * (size_t)w * h * c;  // HWC -> CHW
         for (int ch = 0; ch < c; ch++)
@@ -216,7 +219,7 @@ static void load_dataset(Dataset *d, const char *path) {
     memset(d, 0, sizeof *d);
     d->source = path;
     struct stat st;
-    if (stat(path, &st) != 0) fatal("--data '%s': %s", path, strerror(errno));
+    if (stat(path, &st) != 0) fatal("%s '%s': %s", data_label, path, strerror(errno));
     if (S_ISDIR(st.st_mode)) {
         char p[4096];
         for (int i = 1; i <= 5; i++) {
@@ -233,8 +236,8 @@ static void load_dataset(Dataset *d, const char *path) {
         load_data_file(d, path, idx_decode);
     } else {
         fatal(
-            "--data '%s': not a CIFAR-10 directory or .bin file, an IDX *-idx3-ubyte file, nor a directory of images",
-            path);
+            "%s '%s': not a CIFAR-10 directory or .bin file, an IDX *-idx3-ubyte file, nor a directory of images",
+            data_label, path);
     }
 }
 
@@ -1821,6 +1824,278 @@ static int cmd_plot(int argc, char **argv) {
 }
 
 // ---------------------------------------------------------------------------
+// ---- casdm fid SAMPLES [REF] --weights FILE ----
+// Each side is images (a samples .npz with arr_0 uint8 (N,H,W[,C]), a
+// CIFAR-10 directory or .bin, an IDX file, an image folder) or statistics
+// (an .npz with mu and sigma, pytorch-fid's --save-stats layout, and
+// optionally mu_s / sigma_s for sFID, guided-diffusion's reference batches).
+// ---------------------------------------------------------------------------
+static Option fid_opts_table[8];
+static int fid_opts_n;
+
+static void fid_help(FILE *f) {
+    fputs(
+        "usage: casdm fid SAMPLES [REF] --weights inception.safetensors [options]\n\n"
+        "Prints FID and sFID between SAMPLES and REF and the inception score of SAMPLES, as\n"
+        "pytorch-fid / guided-diffusion's evaluator compute them (Inception-v3 with the FID\n"
+        "weights, images resized to 299x299). Each side is a samples .npz (arr_0, uint8\n"
+        "(N,H,W,C), as casdm sample writes), a CIFAR-10 directory or .bin file, an IDX file, a\n"
+        "folder of PNG/PPM/PGM images, or a statistics .npz (mu, sigma [, mu_s, sigma_s]).\n"
+        "Grey images are repeated to three channels. Weights: tools/convert_inception.py.\n\n"
+        "options:\n",
+        f);
+    usage_options(f, fid_opts_table, fid_opts_n);
+}
+
+typedef struct {
+    const char *path;
+    int have_spatial;           // mu_s / sigma_s known
+    double *mu, *sigma, *mu_s, *sigma_s;
+    int d;                      // feature dimensions of mu
+    long n;                     // images scored (0 for a statistics file)
+    float *logits;              // (n, 1008), for the inception score
+} FidSide;
+
+static int is_stats_npz(const char *path) {
+    return ends_with(path, ".npz") && npz_has(path, "mu");
+}
+
+// mu (d) and sigma (d, d) from a statistics file; d = 0 asks for any size
+static void read_stats_pair(const char *path, const char *mu_name, const char *sigma_name, int d,
+                            double **mu, double **sigma, int *dim) {
+    NpzArray m, s;
+    char err[600];
+    if (npz_read(path, mu_name, &m, err, sizeof err) != 0) fatal("%s", err);
+    if (npz_read(path, sigma_name, &s, err, sizeof err) != 0) fatal("%s", err);
+    if (m.kind == NPY_U8 || s.kind == NPY_U8)
+        fatal("'%s': %s and %s must be float arrays", path, mu_name, sigma_name);
+    if (m.ndim != 1 || m.shape[0] < 1 || m.shape[0] > 65536)
+        fatal("'%s': %s must be a vector, not of %d dimension(s)", path, mu_name, m.ndim);
+    int n = (int)m.shape[0];
+    if (s.ndim != 2 || s.shape[0] != n || s.shape[1] != n)
+        fatal("'%s': %s must be %dx%d to match %s", path, sigma_name, n, n, mu_name);
+    if (d && n != d)
+        fatal("'%s': %s has %d dimensions, the features have %d", path, mu_name, n, d);
+    *mu = m.f64;
+    *sigma = s.f64;
+    m.f64 = s.f64 = NULL;
+    *dim = n;
+    npz_free(&m);
+    npz_free(&s);
+}
+
+// images of one side -> uint8 (n, c, h, w); an npz's arr_0 is (N,H,W[,C])
+static void load_fid_images(const char *path, Images *im) {
+    memset(im, 0, sizeof *im);
+    if (!ends_with(path, ".npz")) {
+        Dataset d;
+        load_dataset(&d, path);
+        *im = d.img;
+        return;
+    }
+    NpzArray a;
+    char err[600];
+    if (npz_read(path, "arr_0", &a, err, sizeof err) != 0) fatal("%s", err);
+    int C = a.ndim == 4 ? (int)a.shape[3] : 1;
+    if (a.kind != NPY_U8 || (a.ndim != 3 && a.ndim != 4) || (C != 1 && C != 3))
+        fatal("'%s': arr_0 must be uint8 (N, H, W) or (N, H, W, 1 or 3)", path);
+    if (a.shape[1] < 1 || a.shape[2] < 1 || a.shape[1] > IMAGE_MAX_SIDE ||
+        a.shape[2] > IMAGE_MAX_SIDE || a.shape[0] > 0x7fffffff)
+        fatal("'%s': arr_0 has a bad shape", path);
+    im->n = (int)a.shape[0], im->h = (int)a.shape[1], im->w = (int)a.shape[2], im->c = C;
+    size_t hw = (size_t)im->h * im->w;
+    im->pixels = mallocCheck(a.count ? a.count : 1);
+    for (int i = 0; i < im->n; i++)  // HWC -> CHW
+        for (int c = 0; c < C; c++)
+            for (size_t p = 0; p < hw; p++)
+                im->pixels[((size_t)i * C + c) * hw + p] = a.u8[((size_t)i * hw + p) * C + c];
+    npz_free(&a);
+}
+
+// Inception features of every image of one side, streamed into the statistics
+static void score_images(FidSide *side, const Inception *net, int batch, int want_logits,
+                         int limit) {
+    Images im;
+    load_fid_images(side->path, &im);
+    long n = im.n;
+    if (limit > 0 && limit < n) n = limit;
+    if (n < 2) fatal("'%s': %ld image(s); a covariance needs at least 2", side->path, n);
+    size_t hw = (size_t)im.h * im.w;
+    float *x = mallocCheck((size_t)batch * 3 * hw * sizeof(float));
+    float *pool3 = mallocCheck((size_t)batch * INCEPTION_POOL * sizeof(float));
+    float *spatial = mallocCheck((size_t)batch * INCEPTION_SPATIAL * sizeof(float));
+    side->logits = want_logits ? mallocCheck((size_t)n * INCEPTION_LOGITS * sizeof(float)) : NULL;
+    FeatStats fs, ss;
+    featstats_init(&fs, INCEPTION_POOL);
+    featstats_init(&ss, INCEPTION_SPATIAL);
+    Progress pr;
+    progress_start(&pr, isatty(2));
+    char what[64];
+    snprintf(what, sizeof what, "Inception on %.40s", side->path);
+    for (long done = 0; done < n && !interrupted; done += batch) {
+        int B = n - done < batch ? (int)(n - done) : batch;
+        for (int b = 0; b < B; b++)  // uint8 -> [0, 1] as ToTensor; grey to three channels
+            for (int c = 0; c < 3; c++) {
+                const unsigned char *src =
+                    im.pixels + ((size_t)(done + b) * im.c + (im.c == 3 ? c : 0)) * hw;
+                float *dst = x + ((size_t)b * 3 + c) * hw;
+                for (size_t p = 0; p < hw; p++) dst[p] = src[p] / 255.0f;
+            }
+        inception_forward(net, x, B, im.h, im.w, pool3, spatial,
+                          side->logits ? side->logits + (size_t)done * INCEPTION_LOGITS : NULL);
+        featstats_add(&fs, pool3, B);
+        featstats_add(&ss, spatial, B);
+        progress_show(&pr, "img", (double)(done + B), (double)n, what);
+    }
+    progress_end(&pr);
+    if (interrupted) fatal("fid: interrupted");
+    side->n = n;
+    side->d = INCEPTION_POOL;
+    side->have_spatial = 1;
+    side->mu = mallocCheck(INCEPTION_POOL * sizeof(double));
+    side->sigma = mallocCheck((size_t)INCEPTION_POOL * INCEPTION_POOL * sizeof(double));
+    side->mu_s = mallocCheck(INCEPTION_SPATIAL * sizeof(double));
+    side->sigma_s = mallocCheck((size_t)INCEPTION_SPATIAL * INCEPTION_SPATIAL * sizeof(double));
+    featstats_result(&fs, side->mu, side->sigma);
+    featstats_result(&ss, side->mu_s, side->sigma_s);
+    featstats_free(&fs);
+    featstats_free(&ss);
+    free(x);
+    free(pool3);
+    free(spatial);
+    free(im.pixels);
+}
+
+static void load_fid_side(FidSide *side, const char *path, const Inception *net, int batch,
+                          int want_logits, int limit) {
+    memset(side, 0, sizeof *side);
+    side->path = path;
+    if (is_stats_npz(path)) {
+        read_stats_pair(path, "mu", "sigma", 0, &side->mu, &side->sigma, &side->d);
+        if (npz_has(path, "mu_s")) {
+            int ds;
+            read_stats_pair(path, "mu_s", "sigma_s", 0, &side->mu_s, &side->sigma_s, &ds);
+            side->have_spatial = ds == INCEPTION_SPATIAL;
+            if (!side->have_spatial)
+                fatal("'%s': mu_s has %d dimensions, sFID's features have %d", path, ds,
+                      INCEPTION_SPATIAL);
+        }
+        return;
+    }
+    if (!net) fatal("fid: '%s' holds images: --weights is needed", path);
+    score_images(side, net, batch, want_logits, limit);
+}
+
+static void free_fid_side(FidSide *s) {
+    free(s->mu); free(s->sigma); free(s->mu_s); free(s->sigma_s); free(s->logits);
+}
+
+static int cmd_fid(int argc, char **argv) {
+    const char *weights = NULL, *save_stats = NULL;
+    int batch, limit, splits;
+    const Option opts[] = {
+        {"--weights", OPT_STR, &weights, NULL,
+         "Inception-v3 FID weights (safetensors from tools/convert_inception.py)", 0, 0},
+        {"--save-stats", OPT_STR, &save_stats, NULL,
+         "write SAMPLES' mu, sigma, mu_s, sigma_s (float64) to this .npz", 0, 0},
+        {"--batch", OPT_INT, &batch, "50", "images per Inception forward", 1, 4096},
+        {"--n", OPT_INT, &limit, "0", "score only the first N images of each side (0: all)", 0,
+         1e9},
+        {"--splits", OPT_INT, &splits, "10", "inception score splits", 1, 1000},
+    };
+    fid_opts_n = 5;
+    memcpy(fid_opts_table, opts, sizeof opts);
+    const char *files[2];
+    int nf = 0, nr = 0;
+    char *rest[32];
+    for (int i = 0; i < argc; i++) {  // positional names; every option here takes a value
+        int is_value = i > 0 && argv[i - 1][0] == '-' && strcmp(argv[i - 1], "--help") != 0;
+        if (argv[i][0] != '-' && !is_value) {
+            if (nf == 2) {
+                fprintf(stderr, "casdm fid: more than two inputs ('%s')\n", argv[i]);
+                return 2;
+            }
+            files[nf++] = argv[i];
+        } else if (nr < 32) {
+            rest[nr++] = argv[i];
+        }
+    }
+    int pr = parse_options("fid", fid_opts_table, fid_opts_n, nr, rest, fid_help);
+    if (pr) return PARSED_EXIT(pr);
+    if (nf == 0 || (nf == 1 && !save_stats)) {
+        fprintf(stderr, "casdm fid: needs SAMPLES and REF, or SAMPLES and --save-stats "
+                        "(see casdm fid --help)\n");
+        return 2;
+    }
+    data_label = "casdm fid";
+    Inception net;
+    char err[600];
+    int have_net = 0;
+    if (weights) {
+        if (inception_load(&net, weights, err, sizeof err) != 0) fatal("--weights: %s", err);
+        have_net = 1;
+    } else if (!is_stats_npz(files[0]) || (nf == 2 && !is_stats_npz(files[1]))) {
+        fprintf(stderr, "casdm fid: --weights is needed to score images (see casdm fid --help)\n");
+        return 2;
+    }
+    FidSide side[2];
+    int stats[2] = {0, 0};
+    for (int k = 0; k < nf; k++) stats[k] = is_stats_npz(files[k]);
+    for (int k = 0; k < nf; k++)  // statistics first: a mismatch is found before any scoring
+        if (stats[k]) load_fid_side(&side[k], files[k], NULL, batch, 0, limit);
+    for (int k = 0; k < nf; k++)
+        if (stats[k] && side[k].d != INCEPTION_POOL && nf == 2 && !stats[1 - k])
+            fatal("'%s' has %d-dimensional statistics, Inception's pool_3 %d: not the same features",
+                  files[k], side[k].d, INCEPTION_POOL);
+    for (int k = 0; k < nf; k++)
+        if (!stats[k]) load_fid_side(&side[k], files[k], have_net ? &net : NULL, batch, k == 0, limit);
+    int rc = 0;
+    if (save_stats) {
+        if (!side[0].have_spatial && side[0].n == 0 && !side[0].mu_s)
+            fprintf(stderr, "casdm fid: '%s' has no sFID statistics; writing mu and sigma only\n",
+                    files[0]);
+        int64_t d = side[0].d, ds = INCEPTION_SPATIAL;
+        NpzWrite w[4] = {{"mu", NPY_F64, 1, {d}, side[0].mu},
+                         {"sigma", NPY_F64, 2, {d, d}, side[0].sigma},
+                         {"mu_s", NPY_F64, 1, {ds}, side[0].mu_s},
+                         {"sigma_s", NPY_F64, 2, {ds, ds}, side[0].sigma_s}};
+        if (npz_write(save_stats, w, side[0].have_spatial ? 4 : 2, err, sizeof err) != 0)
+            fatal("--save-stats: %s", err);
+        fprintf(stderr, "casdm fid: wrote %s (%ld images)\n", save_stats, side[0].n);
+    }
+    if (nf == 2) {
+        if (side[0].d != side[1].d)
+            fatal("'%s' has %d-dimensional statistics, '%s' %d-dimensional: not the same features",
+                  files[0], side[0].d, files[1], side[1].d);
+        double fid, sfid;
+        if (frechet_distance(side[0].mu, side[0].sigma, side[1].mu, side[1].sigma, side[0].d,
+                             &fid) != 0)
+            fatal("fid: the eigenvalue iteration did not converge");
+        printf("FID   %.4f\n", fid);
+        if (side[0].have_spatial && side[1].have_spatial &&
+            frechet_distance(side[0].mu_s, side[0].sigma_s, side[1].mu_s, side[1].sigma_s,
+                             INCEPTION_SPATIAL, &sfid) == 0)
+            printf("sFID  %.4f\n", sfid);
+        else
+            printf("sFID  n/a (a statistics file without mu_s / sigma_s)\n");
+    }
+    if (side[0].logits) {
+        double mean, std;
+        if (side[0].n >= splits &&
+            inception_score(side[0].logits, (int)side[0].n, INCEPTION_LOGITS, splits, &mean,
+                            &std) == 0)
+            printf("IS    %.4f +- %.4f (%d splits of %ld images)\n", mean, std, splits,
+                   side[0].n);
+        else
+            printf("IS    n/a (%ld images for %d splits)\n", side[0].n, splits);
+    }
+    fflush(stdout);
+    for (int k = 0; k < nf; k++) free_fid_side(&side[k]);
+    if (have_net) inception_free(&net);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------
 // ---- main ----
 // ---------------------------------------------------------------------------
 static void usage(FILE *f) {
@@ -1832,6 +2107,7 @@ static void usage(FILE *f) {
             "  sample     sample images from a checkpoint (casdm sample --help)\n"
             "  lpips      LPIPS distance between two images (casdm lpips --help)\n"
             "  eval       held-out denoising losses of a checkpoint (casdm eval --help)\n"
+            "  fid        FID, sFID and IS of samples (casdm fid --help)\n"
             "  plot       loss curves of one or more log.csv files in one SVG (casdm plot --help)\n"
             "  info       print how this binary was built (SIMD path, threads)\n"
             "\n"
@@ -1879,6 +2155,8 @@ int main(int argc, char **argv) {
         rc = cmd_lpips(argc - i - 1, argv + i + 1);
     } else if (strcmp(argv[i], "eval") == 0) {
         rc = cmd_eval(argc - i - 1, argv + i + 1);
+    } else if (strcmp(argv[i], "fid") == 0) {
+        rc = cmd_fid(argc - i - 1, argv + i + 1);
     } else if (strcmp(argv[i], "plot") == 0) {
         rc = cmd_plot(argc - i - 1, argv + i + 1);
     } else {

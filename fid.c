@@ -20,6 +20,7 @@
 // conv2d_rect_forward with the batch norms folded into their weights.
 #include "casdm.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -542,12 +543,19 @@ static void tridiagonalise(double *a, int n, double *d, double *e, double *zt) {
 // zt's rows the eigenvectors of the original matrix. -1 if an eigenvalue
 // took more than 60 iterations.
 static int tridiagonal_ql(double *d, double *e, int n, double *zt) {
+    // a coupling is negligible next to its two diagonal entries, or next to
+    // the matrix's norm (a covariance of fewer samples than dimensions has
+    // many eigenvalues at rounding level, whose couplings never become small
+    // relative to themselves)
+    double norm = 0.0;
+    for (int i = 0; i < n; i++) norm = fmax(norm, fabs(d[i]) + fabs(e[i]));
+    double tiny = DBL_EPSILON * norm;
     for (int l = 0; l < n; l++) {
         for (int iter = 0;; iter++) {
             int m = l;
             for (; m < n - 1; m++) {  // the first negligible coupling below l
                 double dd = fabs(d[m]) + fabs(d[m + 1]);
-                if (fabs(e[m]) <= 1e-15 * dd || e[m] == 0.0) break;
+                if (fabs(e[m]) <= DBL_EPSILON * dd || fabs(e[m]) <= tiny) break;
             }
             if (m == l) break;
             if (iter == 60) return -1;

@@ -132,6 +132,55 @@ done
 
 # casdm lpips: the same pixels through the PNG reader (every row filter,
 # dynamic Huffman) and the PPM reader give distance 0; grey vs colour do not.
+# casdm fid on the test Inception weights test_fid wrote (random, pytorch-fid's
+# layout): a set against itself scores 0, a statistics file saved from a set
+# gives the same FID as the set, the shifted statistics test_fid wrote give
+# ||0.5||^2 * 64 = 16, and bad inputs are named
+iw=build/inception_test.safetensors
+if [ -f "$iw" ]; then
+    if ./casdm --threads 2 fid "$dir" "$dir" --weights "$iw" --n 6 --splits 2 >"$dir/fid.out" 2>"$dir/fid.err" &&
+       awk '/^FID /{f=$2} /^sFID /{s=$2} /^IS /{i=$2} END {exit !(f+0 < 1e-3 && f+0 > -1e-3 && s+0 < 1e-3 && s+0 > -1e-3 && i+0 >= 1)}' "$dir/fid.out"; then
+        pass "casdm fid: a set against itself gives FID 0 and sFID 0 ($(tr '\n' ' ' < "$dir/fid.out"))"
+    else
+        fail "casdm fid, a set against itself"; sed 's/^/  /' "$dir/fid.out" "$dir/fid.err"
+    fi
+    if ./casdm fid "$dir" --save-stats "$dir/ref.npz" --weights "$iw" --n 6 2>"$dir/fid2.err" >/dev/null &&
+       ./casdm fid "$dir/samples/samples_5x32x32x3.npz" "$dir/ref.npz" --weights "$iw" --splits 1 >"$dir/fid_a.out" 2>>"$dir/fid2.err" &&
+       ./casdm fid "$dir/samples/samples_5x32x32x3.npz" "$dir" --weights "$iw" --n 6 --splits 1 >"$dir/fid_b.out" 2>>"$dir/fid2.err" &&
+       cmp -s "$dir/fid_a.out" "$dir/fid_b.out" && grep -q '^FID ' "$dir/fid_a.out" && grep -q 'images' "$dir/fid2.err"; then
+        pass "casdm fid --save-stats: the saved statistics score as the images do ($(head -1 "$dir/fid_a.out"))"
+    else
+        fail "casdm fid --save-stats"; sed 's/^/  /' "$dir/fid_a.out" "$dir/fid_b.out" "$dir/fid2.err"
+    fi
+    if ./casdm fid build/fid_stats_a.npz build/fid_stats_shift.npz >"$dir/fid_s.out" 2>&1 &&
+       grep -q '^FID   16.0000$' "$dir/fid_s.out" && grep -q '^sFID  n/a' "$dir/fid_s.out"; then
+        pass "casdm fid: statistics with mu shifted by 0.5 in 64 dimensions give FID 16"
+    else
+        fail "casdm fid, shifted statistics"; sed 's/^/  /' "$dir/fid_s.out"
+    fi
+    ok=1
+    # name: what must be named; then the command
+    check_fid() {
+        want=$1; shift
+        if ./casdm fid "$@" >/dev/null 2>"$dir/fid_bad.err"; then ok=0; echo "  accepted: $*";
+        elif ! grep -q -- "$want" "$dir/fid_bad.err" || [ "$(wc -l < "$dir/fid_bad.err")" -ne 1 ]; then
+            ok=0; echo "  $*:"; sed 's/^/    /' "$dir/fid_bad.err"; fi
+    }
+    check_fid "not the same features" build/fid_stats_a.npz "$dir" --weights "$iw" --n 4
+    check_fid "sigma must be 64x64" build/fid_stats_bad.npz build/fid_stats_a.npz
+    check_fid "at least 2" build/fid_one.npz "$dir" --weights "$iw"
+    check_fid "at least 2" build/fid_none.npz "$dir" --weights "$iw"
+    check_fid "no-such.safetensors" "$dir" "$dir" --weights "$dir/no-such.safetensors"
+    check_fid "weights is needed" "$dir" build/fid_stats_a.npz
+    if [ $ok -eq 1 ]; then
+        pass "casdm fid: mismatched dimensions, a misshapen sigma, 0 or 1 images, missing weights give one clear line"
+    else
+        fail "casdm fid bad inputs"
+    fi
+else
+    echo "SKIP casdm fid: $iw not written (test_fid did not run)"
+fi
+
 # build/lpips_test.safetensors holds the test weights test_unet wrote.
 w=build/lpips_test.safetensors
 d0=$(./casdm lpips tests/goldens/image.png tests/goldens/image.ppm --weights $w --size 32 2>"$dir/lp.err")

@@ -316,6 +316,27 @@ static void test_npz(void) {
                 "float64 mu (8) and sigma (8,8) bitwise; missing member and non-zip named");
 }
 
+// files for tests/test_cli.sh's casdm fid checks: statistics of 64-d
+// features and a copy with mu shifted by 0.5 everywhere (FID = 64 * 0.25 =
+// 16 exactly), a sigma of the wrong shape, and sample sets of 1 and 0 images
+static void write_cli_files(void) {
+    double *mu, *sigma;
+    set_stats("a", 300, 64, 0.2, &mu, &sigma);
+    char err[512];
+    NpzWrite w[2] = {{"mu", NPY_F64, 1, {64}, mu}, {"sigma", NPY_F64, 2, {64, 64}, sigma}};
+    if (npz_write("build/fid_stats_a.npz", w, 2, err, sizeof err) != 0) fatal("%s", err);
+    for (int i = 0; i < 64; i++) mu[i] += 0.5;
+    if (npz_write("build/fid_stats_shift.npz", w, 2, err, sizeof err) != 0) fatal("%s", err);
+    w[1].shape[1] = 63;
+    if (npz_write("build/fid_stats_bad.npz", w, 2, err, sizeof err) != 0) fatal("%s", err);
+    unsigned char img[32 * 32 * 3] = {0};
+    if (write_npz("build/fid_one.npz", img, 1, 32, 32, 3, err, sizeof err) != 0 ||
+        write_npz("build/fid_none.npz", img, 0, 32, 32, 3, err, sizeof err) != 0)
+        fatal("%s", err);
+    free(mu);
+    free(sigma);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) test_quick = 1;
@@ -329,6 +350,7 @@ int main(int argc, char **argv) {
     test_inception_score();
     test_frechet();
     test_inception();
+    write_cli_files();
     st_free(&goldens);
     pool_shutdown();
     sgemm_free_buffers();
