@@ -127,7 +127,7 @@ tsan:
 # report, timeout or out-of-memory fails it, with the input in build/fuzz/.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS  = image idx cifar safetensors csv checkpoint options
+FUZZ_TARGETS  = image idx cifar safetensors csv checkpoint options npz
 FUZZ_CFLAGS   = $(STD) $(WARN) -O1 -g -fno-omit-frame-pointer -DCASDM_SIMD=0 -DCASDM_THREADS=0 \
                 -fsanitize=address,undefined -fno-sanitize-recover=undefined
 FUZZ_OBJS     = $(LIB_OBJS:build/%=build/fuzz/%)
