@@ -9,6 +9,8 @@
 //        lpips32_fwdbwd lpips64_fwdbwd (LPIPS at the sizes people train small models at)
 //        demo_step (the make demo model in one process: Cas-DM ch32, mult 1,2,2,
 //        one ResBlock a level, no attention, 1x28x28, batch 32)
+//        inception_fwd (fid.c's Inception-v3 on a batch of 32x32 images resized
+//        to 299x299, pool_3, sFID features and logits; --batch, default 50)
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 
@@ -58,6 +60,8 @@ typedef struct {
     Schedule sched;
     LossConfig lc;
     Lpips lpips;
+    Inception inception;
+    float *pool3, *spatial, *logits;
     int kind, B, C, S;  // model kind, batch, image channels and size
     double flops_mult;  // total FLOPs of a step = counted forward FLOPs x this
 } Bench;
@@ -173,6 +177,22 @@ static void setup_lpips(Bench *b, int size) {
     b->lpips.size = size;
 }
 
+static void inception_step(void *ctx) {
+    Bench *b = ctx;
+    inception_forward(&b->inception, b->x, b->B, 32, 32, b->pool3, b->spatial, b->logits);
+}
+
+// random weights (He-scaled, small biases), images in [0, 1]
+static void setup_inception(Bench *b) {
+    size_t n = inception_alloc(&b->inception);
+    rng_fill_normal(&b->rng, b->inception.mem, n, 0.0f, 0.05f);
+    b->x = mallocCheck((size_t)b->B * 3 * 1024 * sizeof(float));
+    rng_fill_uniform(&b->rng, b->x, (size_t)b->B * 3 * 1024, 0.0f, 1.0f);
+    b->pool3 = mallocCheck((size_t)b->B * INCEPTION_POOL * sizeof(float));
+    b->spatial = mallocCheck((size_t)b->B * INCEPTION_SPATIAL * sizeof(float));
+    b->logits = mallocCheck((size_t)b->B * INCEPTION_LOGITS * sizeof(float));
+}
+
 // the case's inputs and step function (NULL: unknown case); the FLOPs the
 // step does per counted forward FLOP go in b->flops_mult
 static step_fn setup_case(Bench *b, const char *cs, int *warmup, int *iters) {
@@ -209,6 +229,12 @@ static step_fn setup_case(Bench *b, const char *cs, int *warmup, int *iters) {
         setup_lpips(b, atoi(cs + 5));  // lpipsN_fwdbwd: resized from 32x32 to N
         b->flops_mult = 1.5;  // both branches forward (counted) + the input gradient of one
         return lpips_step;
+    }
+    if (!strcmp(cs, "inception_fwd")) {
+        setup_inception(b);
+        b->flops_mult = 1.0;
+        *warmup = 1;
+        return inception_step;
     }
     if (!strcmp(cs, "ddim_ch128_step")) {
         setup_models(b, MODEL_CASDM, 128, 3, "16,8", 0);

@@ -218,6 +218,8 @@ typedef struct {
 } Inception;
 // a safetensors file of pytorch-fid's state_dict (tools/convert_inception.py)
 int inception_load(Inception *m, const char *path, char *err, size_t errlen);
+// allocates the arrays (uninitialised; the benchmark fills them); returns their floats
+size_t inception_alloc(Inception *m);
 void inception_free(Inception *m);
 // unit i's name (pytorch-fid's module path) and shape, for tests and tools
 const char *inception_conv_name(int i, int *ic, int *oc, int *kh, int *kw);

@@ -109,17 +109,31 @@ static const StEntry *want_tensor(const StFile *f, const char *path, const char 
     return e;
 }
 
-int inception_load(Inception *m, const char *path, char *err, size_t errlen) {
+// one allocation: unit i's folded weights (oc, ic, kh, kw) then its bias, then fc.weight
+size_t inception_alloc(Inception *m) {
     memset(m, 0, sizeof *m);
     size_t total = (size_t)INCEPTION_LOGITS * INCEPTION_POOL;
     for (int i = 0; i < INCEPTION_CONVS; i++) {
         const IncSpec *s = &inc_spec[i];
         total += (size_t)s->oc * s->ic * s->kh * s->kw + (size_t)s->oc;
     }
-    StFile f;
-    if (st_read(path, &f, err, errlen) != 0) return -1;
     m->mem = mallocCheck(total * sizeof(float));
     float *p = m->mem;
+    for (int i = 0; i < INCEPTION_CONVS; i++) {
+        const IncSpec *s = &inc_spec[i];
+        m->w[i] = p;
+        m->b[i] = p + (size_t)s->oc * s->ic * s->kh * s->kw;
+        p = m->b[i] + s->oc;
+    }
+    m->fc_w = p;
+    return total;
+}
+
+int inception_load(Inception *m, const char *path, char *err, size_t errlen) {
+    memset(m, 0, sizeof *m);
+    StFile f;
+    if (st_read(path, &f, err, errlen) != 0) return -1;
+    inception_alloc(m);
     int rc = 0;
     for (int i = 0; i < INCEPTION_CONVS && rc == 0; i++) {
         const IncSpec *s = &inc_spec[i];
@@ -135,8 +149,6 @@ int inception_load(Inception *m, const char *path, char *err, size_t errlen) {
         }
         if (rc) break;
         size_t per = (size_t)s->ic * s->kh * s->kw;
-        m->w[i] = p;
-        m->b[i] = p + (size_t)s->oc * per;
         for (int o = 0; o < s->oc; o++) {
             double var = bn[3]->data[o];
             if (!(var >= 0.0) || !isfinite(var)) {
@@ -150,7 +162,6 @@ int inception_load(Inception *m, const char *path, char *err, size_t errlen) {
                 m->w[i][o * per + j] = (float)(w->data[o * per + j] * k);
             m->b[i][o] = (float)(bn[1]->data[o] - bn[2]->data[o] * k);
         }
-        p = m->b[i] + s->oc;
     }
     if (rc == 0) {
         int fw[2] = {INCEPTION_LOGITS, INCEPTION_POOL}, fb[1] = {INCEPTION_LOGITS};
@@ -158,7 +169,7 @@ int inception_load(Inception *m, const char *path, char *err, size_t errlen) {
         // fc.bias is checked (the layout is pytorch-fid's) but not used: see logits above
         const StEntry *b = w ? want_tensor(&f, path, "fc.bias", 1, fb, err, errlen) : NULL;
         if (!w || !b) rc = -1;
-        else { m->fc_w = p; memcpy(p, w->data, w->size * sizeof(float)); }
+        else memcpy(m->fc_w, w->data, w->size * sizeof(float));
     }
     st_free(&f);
     if (rc) inception_free(m);
@@ -217,11 +228,9 @@ static Map conv_unit(Run *r, Arena *a, Map x) {
 
 // a stem unit: a stage of its own
 static Map stem_conv(Run *r, Map x) {
-    const IncSpec *s = &inc_spec[r->next];
     r->cur ^= 1;
     arena_reset(&r->out[r->cur]);
     Map y = conv_unit(r, &r->out[r->cur], x);
-    (void)s;
     arena_reset(&r->scratch);
     return y;
 }

@@ -5,6 +5,8 @@
 # rss is the case's own peak. Prints one machine-readable line per case and
 # thread count, then a table. --quick: a reduced set in about five minutes.
 # LPIPS cases: batch 16 at 32 and 64, 4 at 224 (both sides), images 32x32 resized.
+# inception_fwd: fid.c's Inception-v3 against tools/inception_ref.py (pytorch-fid's
+# network), batch 50 of 32x32 images resized to 299x299, no gradients.
 # casdm_demo_step: the make demo training (Fashion-MNIST, casdm ch32, batch 32)
 # as whole programs: ./casdm train against tools/train_ref.py from the same
 # step-0 checkpoint, 30 steps each; ms per step from the last 10 steps' img/s
@@ -29,7 +31,7 @@ elif [ ! -f "$ref" ]; then echo "PyTorch reference $ref not found: torch columns
 if [ $quick -eq 1 ]; then
     cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step casdm_ch64_step"; iters=3
 else
-    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step casdm_demo_step contention_demo_step"; iters=5
+    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step inception_fwd casdm_demo_step contention_demo_step"; iters=5
 fi
 [ -n "${BENCH_CASES:-}" ] && cases=$BENCH_CASES   # e.g. BENCH_CASES="lpips224_fwdbwd ddim_ch128_step"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -55,6 +57,8 @@ torch_run() {  # case threads -> $tmp/torch.json
             if [ "$1" = casdm_ch64_step_ckpt ]; then m="--ch 64 --res 2 --attn 16"; else m="--ch 128 --res 3 --attn 16,8"; fi
             $py tools/bench_torch.py "$(dirname "$ref")" casdm_ckpt $m --batch 16 --threads $2 --iters $iters \
                 > "$tmp/torch.json" 2>/dev/null; return ;;
+        inception_fwd) $py tools/bench_torch.py "$(dirname "$ref")" inception --batch 50 \
+                           --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
         ddim_ch128_step) $py tools/bench_torch.py "$(dirname "$ref")" ddim --ch 128 --res 3 --attn 16,8 --batch 16 \
                              --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
     esac
@@ -109,7 +113,7 @@ whole_programs() {
 }
 
 for c in $cases; do
-    batch=16; [ "$c" = lpips224_fwdbwd ] && batch=4
+    batch=16; [ "$c" = lpips224_fwdbwd ] && batch=4; [ "$c" = inception_fwd ] && batch=50
     if [ "$c" = casdm_demo_step ] || [ "$c" = contention_demo_step ]; then
         if [ ! -f data/fashion-mnist/train-images-idx3-ubyte ] || [ ! -x ./casdm ]; then
             echo "$c: needs ./casdm and data/fashion-mnist (make casdm data); skipped"; continue

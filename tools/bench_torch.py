@@ -5,11 +5,16 @@
 
   bench_torch.py REF_DIR casdm_ckpt --ch 64 --res 2 --attn 16 --batch 16 --threads 2
 
+  bench_torch.py REF_DIR inception --batch 50 --threads 2
+
 ddim: one Cas-DM sampling step without gradients: theta(x_t, t), x0* from eps,
 phi(x0*, t), the same networks as unet_ref.py's (imported from REF_DIR).
 casdm_ckpt: unet_ref.py's Cas-DM training step (no LPIPS) with every block
 that holds a ResBlock under torch.utils.checkpoint, as improved-diffusion's
 use_checkpoint and casdm's bench --checkpoint 1.
+inception: tools/inception_ref.py's FIDInception (pytorch-fid's network; the witness
+tools/witness_pytorch_fid.py shows the two agree) without gradients on 32x32 images in
+[0, 1] resized to 299x299: pool_3, the Mixed_6d tap and the logits, as fid.c computes.
 Prints one JSON line like unet_ref.py: step_s (median), peak_rss_mib.
 """
 import json
@@ -27,7 +32,7 @@ def main():
     sys.argv = [sys.argv[0]] + sys.argv[2:]
     import argparse
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["ddim", "casdm_ckpt"])
+    p.add_argument("mode", choices=["ddim", "casdm_ckpt", "inception"])
     p.add_argument("--ch", type=int, default=128)
     p.add_argument("--res", type=int, default=3)
     p.add_argument("--attn", default="16,8")
@@ -40,6 +45,8 @@ def main():
     torch.set_num_threads(a.threads)
     if a.mode == "casdm_ckpt":
         return casdm_ckpt(a)
+    if a.mode == "inception":
+        return inception(a)
     theta, phi = R.make_unet(a, 3).eval(), R.make_unet(a, 4).eval()
     B = a.batch
     x = torch.randn(B, 3, 32, 32)
@@ -54,6 +61,17 @@ def main():
 
     med, mn, mx = R.timeit(step, 2, a.iters)
     print(json.dumps({"mode": "ddim", "threads": torch.get_num_threads(), "batch": B,
+                      "step_s": round(med, 4), "peak_rss_mib": round(R.peak_rss_mib(), 1)}))
+
+
+def inception(a):
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import inception_ref
+    model = inception_ref.FIDInception().eval()
+    x = torch.rand(a.batch, 3, 32, 32)
+    med, mn, mx = R.timeit(lambda: inception_ref.features(model, x), 1, a.iters)
+    print(json.dumps({"mode": "inception", "threads": torch.get_num_threads(), "batch": a.batch,
                       "step_s": round(med, 4), "peak_rss_mib": round(R.peak_rss_mib(), 1)}))
 
 
