@@ -2538,31 +2538,59 @@ typedef struct {
     int H, W, K, stride, pad, OH, OW, kind;
 } Pool2d;
 
+// Separable: each input row is reduced across the window's columns (hrow:
+// H rows of OW), then each output pixel across the window's rows; the mean
+// divides by the pixels inside, (rows inside) x (columns inside).
 static void pool2d_range(void *arg, size_t p0, size_t p1) {
     const Pool2d *a = arg;
+    int H = a->H, W = a->W, OH = a->OH, OW = a->OW, K = a->K, S = a->stride, pad = a->pad;
+    int max = a->kind == POOL_MAX;
+    float *hrow = mallocCheck((size_t)H * OW * sizeof(float));
+    int *x0 = mallocCheck((size_t)OW * 2 * sizeof(int)), *x1 = x0 + OW;
+    int lo = OW, hi = 0;  // [lo, hi): the windows wholly inside
+    for (int ox = 0; ox < OW; ox++) {  // the window's columns inside the image
+        x0[ox] = ox * S - pad < 0 ? 0 : ox * S - pad;
+        x1[ox] = ox * S - pad + K > W ? W : ox * S - pad + K;
+        if (ox * S - pad >= 0 && ox * S - pad + K <= W) { lo = ox < lo ? ox : lo; hi = ox + 1; }
+    }
     for (size_t p = p0; p < p1; p++) {
-        const float *src = a->inp + p * a->H * a->W;
-        float *dst = a->out + p * a->OH * a->OW;
-        for (int y = 0; y < a->OH; y++) {
-            int y0 = y * a->stride - a->pad, y1 = y0 + a->K;
-            if (y0 < 0) y0 = 0;
-            if (y1 > a->H) y1 = a->H;
-            for (int x = 0; x < a->OW; x++) {
-                int x0 = x * a->stride - a->pad, x1 = x0 + a->K;
-                if (x0 < 0) x0 = 0;
-                if (x1 > a->W) x1 = a->W;
-                float m = -INFINITY, sum = 0.0f;
-                for (int iy = y0; iy < y1; iy++)
-                    for (int ix = x0; ix < x1; ix++) {
-                        float v = src[iy * a->W + ix];
-                        m = v > m ? v : m;
-                        sum += v;
-                    }
-                dst[y * a->OW + x] =
-                    a->kind == POOL_MAX ? m : sum / (float)((y1 - y0) * (x1 - x0));
+        const float *src = a->inp + p * H * W;
+        float *dst = a->out + p * OH * OW;
+        for (int y = 0; y < H; y++) {
+            const float *row = src + (size_t)y * W;
+            float *h = hrow + (size_t)y * OW;
+            if (K == 3)  // Inception's pools: the windows inside the row in one loop
+                for (int ox = lo; ox < hi; ox++) {
+                    const float *q = row + ox * S - pad;
+                    float m = q[0] > q[1] ? q[0] : q[1];
+                    h[ox] = max ? (q[2] > m ? q[2] : m) : (q[0] + q[1]) + q[2];
+                }
+            for (int ox = 0; ox < OW; ox++) {
+                if (K == 3 && ox >= lo && ox < hi) continue;
+                float m = row[x0[ox]], sum = 0.0f;
+                for (int x = x0[ox]; x < x1[ox]; x++) {
+                    m = row[x] > m ? row[x] : m;
+                    sum += row[x];
+                }
+                h[ox] = max ? m : sum;
             }
         }
+        for (int oy = 0; oy < OH; oy++) {
+            int y0 = oy * S - pad < 0 ? 0 : oy * S - pad;
+            int y1 = oy * S - pad + K > H ? H : oy * S - pad + K;
+            float *d = dst + (size_t)oy * OW;
+            memcpy(d, hrow + (size_t)y0 * OW, (size_t)OW * sizeof(float));
+            for (int y = y0 + 1; y < y1; y++) {
+                const float *h = hrow + (size_t)y * OW;
+                if (max) for (int ox = 0; ox < OW; ox++) d[ox] = h[ox] > d[ox] ? h[ox] : d[ox];
+                else     for (int ox = 0; ox < OW; ox++) d[ox] += h[ox];
+            }
+            if (!max)
+                for (int ox = 0; ox < OW; ox++) d[ox] /= (float)((y1 - y0) * (x1[ox] - x0[ox]));
+        }
     }
+    free(x0);
+    free(hrow);
 }
 
 static void pool2d(float *out, const float *inp, size_t P, int H, int W, int K, int stride,
