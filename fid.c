@@ -455,6 +455,18 @@ int featstats_result(const FeatStats *s, double *mu, double *sigma) {
 // "Matrix Computations", 4th ed., 8.3.1 and 8.3.3; the EISPACK tred2 / tql2
 // pair does the same)
 // ---------------------------------------------------------------------------
+// sum a[j] b[j] in eight interleaved partial sums (a fixed order that the
+// compiler can vectorise; one sum in sequence cannot be reordered)
+static double dot8(const double *a, const double *b, int n) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int q = 0; q < 8; q++) acc[q] += a[j + q] * b[j + q];
+    double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
 typedef struct { double *a; const double *v; double *w; int n, k; } Reflector;
 
 // w[I] = A[I, k+1:] v[k+1:] for the trailing rows I = k + 1 + i
@@ -464,9 +476,7 @@ static void mat_vec_range(void *arg, size_t i0, size_t i1) {
     for (size_t i = i0; i < i1; i++) {
         size_t I = (size_t)k + 1 + i;
         const double *row = t->a + I * n;
-        double s = 0.0;
-        for (int j = k + 1; j < n; j++) s += row[j] * t->v[j];
-        t->w[I] = s;
+        t->w[I] = dot8(row + k + 1, t->v + k + 1, n - k - 1);
     }
 }
 
@@ -487,9 +497,7 @@ static void reflect_range(void *arg, size_t r0, size_t r1) {
     const Reflector *t = arg;
     int k = t->k, n = t->n;
     for (size_t r = r0; r < r1; r++) {
-        double *q = t->a + r * n, s = 0.0;
-        for (int j = k + 1; j < n; j++) s += q[j] * t->v[j];
-        s *= 2.0;
+        double *q = t->a + r * n, s = 2.0 * dot8(q + k + 1, t->v + k + 1, n - k - 1);
         for (int j = k + 1; j < n; j++) q[j] -= s * t->v[j];
     }
 }
@@ -551,6 +559,23 @@ static void tridiagonalise(double *a, int n, double *d, double *e, double *zt) {
 // eigenvalues; each plane rotation of rows i, i+1 of zt (if not NULL) makes
 // zt's rows the eigenvectors of the original matrix. -1 if an eigenvalue
 // took more than 60 iterations.
+// rows i, i+1 of zt rotated by (c_i, s_i) for i = m-1 down to first, on
+// columns [k0, k1): each thread applies the whole sweep to its columns
+typedef struct { double *zt; const double *rot; int n, first, m; } Rotations;
+
+static void rotate_range(void *arg, size_t k0, size_t k1) {
+    const Rotations *r = arg;
+    for (int i = r->m - 1; i >= r->first; i--) {
+        double c = r->rot[2 * i], s = r->rot[2 * i + 1];
+        double *zi = r->zt + (size_t)i * r->n, *zj = zi + r->n;
+        for (size_t k = k0; k < k1; k++) {
+            double t = zj[k];
+            zj[k] = s * zi[k] + c * t;
+            zi[k] = c * zi[k] - s * t;
+        }
+    }
+}
+
 static int tridiagonal_ql(double *d, double *e, int n, double *zt) {
     // a coupling is negligible next to its two diagonal entries, or next to
     // the matrix's norm (a covariance of fewer samples than dimensions has
@@ -559,6 +584,7 @@ static int tridiagonal_ql(double *d, double *e, int n, double *zt) {
     double norm = 0.0;
     for (int i = 0; i < n; i++) norm = fmax(norm, fabs(d[i]) + fabs(e[i]));
     double tiny = DBL_EPSILON * norm;
+    double *rot = mallocCheck(((size_t)2 * n + 2) * sizeof(double));
     for (int l = 0; l < n; l++) {
         for (int iter = 0;; iter++) {
             int m = l;
@@ -567,12 +593,12 @@ static int tridiagonal_ql(double *d, double *e, int n, double *zt) {
                 if (fabs(e[m]) <= DBL_EPSILON * dd || fabs(e[m]) <= tiny) break;
             }
             if (m == l) break;
-            if (iter == 60) return -1;
+            if (iter == 60) { free(rot); return -1; }
             // the shift: the eigenvalue of the leading 2x2 nearer d[l]
             double g = (d[l + 1] - d[l]) / (2.0 * e[l]), r = hypot(g, 1.0);
             g = d[m] - d[l] + e[l] / (g + (g >= 0 ? r : -r));
             double s = 1.0, c = 1.0, p = 0.0;
-            int i = m - 1, deflated = 0;
+            int i = m - 1, deflated = 0, first = m;
             for (; i >= l; i--) {  // chase the bulge from m up to l
                 double f = s * e[i], b = c * e[i];
                 r = hypot(f, g);
@@ -590,14 +616,13 @@ static int tridiagonal_ql(double *d, double *e, int n, double *zt) {
                 p = s * r;
                 d[i + 1] = g + p;
                 g = c * r - b;
-                if (zt) {
-                    double *zi = zt + (size_t)i * n, *zj = zi + n;
-                    for (int k = 0; k < n; k++) {
-                        double t = zj[k];
-                        zj[k] = s * zi[k] + c * t;
-                        zi[k] = c * zi[k] - s * t;
-                    }
-                }
+                rot[2 * i] = c;
+                rot[2 * i + 1] = s;
+                first = i;
+            }
+            if (zt && first < m) {  // the sweep's rotations, on column blocks in parallel
+                Rotations rs = {zt, rot, n, first, m};
+                parallel_for((size_t)n, 64, rotate_range, &rs);
             }
             if (deflated) continue;
             d[l] -= p;
@@ -605,6 +630,7 @@ static int tridiagonal_ql(double *d, double *e, int n, double *zt) {
             e[m] = 0.0;
         }
     }
+    free(rot);
     return 0;
 }
 
@@ -616,30 +642,36 @@ int sym_eigen(double *a, int n, double *lambda, double *vt) {
     return rc;
 }
 
-// C = A B^T for n x n row-major A, B, in double: blocks of 4 rows of A
-// share each row of B
-typedef struct { double *c; const double *a, *b; int n; } GemmNT;
+// C = A B (n x n, row-major, double) in tiles of 32 rows x 256 columns of C:
+// each row k of B's tile is loaded once for the tile's 32 rows (axpy form,
+// which the compiler vectorises)
+#define DG_ROWS 32
+#define DG_COLS 256
+typedef struct { double *c; const double *a, *b; int n, col_tiles; } Dgemm;
 
-static void gemm_nt_range(void *arg, size_t blk0, size_t blk1) {
-    const GemmNT *g = arg;
+static void dgemm_range(void *arg, size_t t0, size_t t1) {
+    const Dgemm *g = arg;
     int n = g->n;
-    for (size_t blk = blk0; blk < blk1; blk++) {
-        int i0 = (int)blk * 4, i1 = i0 + 4 < n ? i0 + 4 : n;
-        for (int j = 0; j < n; j++) {
-            const double *bj = g->b + (size_t)j * n;
+    for (size_t t = t0; t < t1; t++) {
+        int i0 = (int)(t / g->col_tiles) * DG_ROWS, j0 = (int)(t % g->col_tiles) * DG_COLS;
+        int i1 = i0 + DG_ROWS < n ? i0 + DG_ROWS : n, j1 = j0 + DG_COLS < n ? j0 + DG_COLS : n;
+        for (int i = i0; i < i1; i++)
+            for (int j = j0; j < j1; j++) g->c[(size_t)i * n + j] = 0.0;
+        for (int k = 0; k < n; k++) {
+            const double *bk = g->b + (size_t)k * n;
             for (int i = i0; i < i1; i++) {
-                const double *ai = g->a + (size_t)i * n;
-                double s = 0.0;
-                for (int k = 0; k < n; k++) s += ai[k] * bj[k];
-                g->c[(size_t)i * n + j] = s;
+                double aik = g->a[(size_t)i * n + k];
+                double *ci = g->c + (size_t)i * n;
+                for (int j = j0; j < j1; j++) ci[j] += aik * bk[j];
             }
         }
     }
 }
 
-static void gemm_nt_double(double *c, const double *a, const double *b, int n) {
-    GemmNT g = {c, a, b, n};
-    parallel_for(((size_t)n + 3) / 4, 1, gemm_nt_range, &g);
+static void dgemm(double *c, const double *a, const double *b, int n) {
+    int rt = (n + DG_ROWS - 1) / DG_ROWS, ct = (n + DG_COLS - 1) / DG_COLS;
+    Dgemm g = {c, a, b, n, ct};
+    parallel_for((size_t)rt * ct, 1, dgemm_range, &g);
 }
 
 // tr((S1 S2)^1/2) = sum of sqrt(eigenvalues of S1^1/2 S2 S1^1/2): with
@@ -653,8 +685,11 @@ int trace_sqrt_product(const double *s1, const double *s2, int n, double *out) {
     memcpy(a, s1, nn * sizeof(double));
     int rc = sym_eigen(a, n, lambda, vt);
     if (rc == 0) {
-        gemm_nt_double(t, vt, s2, n);  // rows v_i^T S2 (S2 symmetric)
-        gemm_nt_double(a, t, vt, n);   // B = V^T S2 V
+        dgemm(t, vt, s2, n);           // V^T S2 (the rows of vt are the v_i)
+        for (int i = 0; i < n; i++)    // a = V (vt transposed)
+            for (int j = 0; j < n; j++) a[(size_t)j * n + i] = vt[(size_t)i * n + j];
+        dgemm(vt, t, a, n);            // B = V^T S2 V, into vt (no longer needed)
+        memcpy(a, vt, nn * sizeof(double));
         for (int i = 0; i < n; i++) lambda[i] = lambda[i] > 0 ? sqrt(lambda[i]) : 0.0;
         for (int i = 0; i < n; i++)
             for (int j = 0; j < n; j++) a[(size_t)i * n + j] *= lambda[i] * lambda[j];
