@@ -4384,6 +4384,63 @@ Tensor *mean_hw(Graph *g, Tensor *x) {
 }
 
 // ---------------------------------------------------------------------------
+// ---- op: cross-entropy loss ----
+// mean over the rows of -log softmax(logits)[label] (torch's F.cross_entropy),
+// the classifier's loss (fid.c). The softmax is kept for backward:
+// d/dlogits = (softmax - onehot(label)) / N.
+// ---------------------------------------------------------------------------
+double cross_entropy_forward(float *prob, const float *logits, const int *labels, int N, int K) {
+    double total = 0.0;
+    for (int n = 0; n < N; n++) {
+        const float *l = logits + (size_t)n * K;
+        float *p = prob + (size_t)n * K;
+        double mx = -INFINITY, z = 0.0;
+        for (int k = 0; k < K; k++) mx = l[k] > mx ? l[k] : mx;
+        for (int k = 0; k < K; k++) z += exp((double)l[k] - mx);
+        for (int k = 0; k < K; k++) p[k] = (float)(exp((double)l[k] - mx) / z);
+        total += log(z) + mx - l[labels[n]];  // -log p[label], without rounding p first
+    }
+    return total / N;
+}
+
+void cross_entropy_backward(float *dlogits, const float *prob, const int *labels, float dloss,
+                            int N, int K) {
+    float k1 = dloss / (float)N;
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++)
+            dlogits[(size_t)n * K + k] +=
+                k1 * (prob[(size_t)n * K + k] - (k == labels[n] ? 1.0f : 0.0f));
+}
+
+typedef struct { float *prob; int *labels; } CrossEntropyState;
+
+static void cross_entropy_node_backward(Graph *g, TapeNode *n) {
+    const CrossEntropyState *s = n->state;
+    float *dl = input_grad(g, n, 0);
+    Tensor *x = n->in[0];
+    if (dl) cross_entropy_backward(dl, s->prob, s->labels, n->out->grad[0], x->shape[0],
+                                   (int)(x->size / x->shape[0]));
+}
+
+Tensor *cross_entropy(Graph *g, Tensor *logits, const int *labels) {
+    int N = logits->shape[0], K = (int)(logits->size / N), one = 1;
+    for (int n = 0; n < N; n++)
+        if (labels[n] < 0 || labels[n] >= K)
+            fatal("cross_entropy: label %d of row %d is outside 0..%d", labels[n], n, K - 1);
+    Tensor *y = tensor_new(g, 1, &one);
+    CrossEntropyState s = {arena_floats(&g->arena, logits->size), NULL};
+    y->data[0] = (float)cross_entropy_forward(s.prob, logits->data, labels, N, K);
+    if (wants_grad(g, logits, NULL, NULL)) {
+        s.labels = arena_alloc(&g->arena, (size_t)N * sizeof(int));
+        memcpy(s.labels, labels, (size_t)N * sizeof(int));
+        TapeNode *nd = record(g, "cross_entropy", cross_entropy_node_backward, y, logits, NULL,
+                              NULL);
+        save_state(g, nd, &s, sizeof s);
+    }
+    return y;
+}
+
+// ---------------------------------------------------------------------------
 // ---- op: mean squared error loss ----
 // ---------------------------------------------------------------------------
 

@@ -348,6 +348,9 @@ Tensor *mean_hw(Graph *g, Tensor *x);          // (N,C,H,W) -> (N,C,1,1)
 // mean over all elements of w[n] * (a - b)^2; w (N) may be NULL (all 1).
 // b usually needs no gradient (a target) but may have one.
 Tensor *mse_loss(Graph *g, Tensor *a, Tensor *b, const float *w);
+// mean over rows n of -log softmax(logits[n])[labels[n]] (F.cross_entropy);
+// logits (N, K), labels in 0..K-1 (copied)
+Tensor *cross_entropy(Graph *g, Tensor *logits, const int *labels);
 Tensor *l2norm_channels(Graph *g, Tensor *x, float eps);  // x / (||x||_c + eps)
 Tensor *dropout(Graph *g, Tensor *x, float p);  // identity unless g->training (reference)
 Tensor *detach(Graph *g, Tensor *x);            // same data, no gradient
@@ -428,6 +431,10 @@ void maxpool2d_forward(float *out, const float *inp, size_t P, int H, int W, int
                        int pad);
 void avgpool2d_valid_forward(float *out, const float *inp, size_t P, int H, int W, int K,
                              int stride, int pad);
+// prob (N,K) = softmax(logits) (kept for backward); returns the mean loss
+double cross_entropy_forward(float *prob, const float *logits, const int *labels, int N, int K);
+void cross_entropy_backward(float *dlogits, const float *prob, const int *labels, float dloss,
+                            int N, int K);
 // norm (N,HW) is written by forward and read by backward
 void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps);
 void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,

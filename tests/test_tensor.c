@@ -200,6 +200,12 @@ static Tensor *b_mse(Graph *g, Tensor **in, const int *a) {
     static const float w[3] = {0.5f, 2.0f, 1.25f};
     return mse_loss(g, in[0], in[1], a[0] ? w : NULL);
 }
+static Tensor *b_cross_entropy(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    static const int labels[4] = {2, 0, 4, 2};
+    int s[2] = {4, 5};
+    return cross_entropy(g, reshape(g, in[0], 2, s), labels);
+}
 static Tensor *b_l2norm(Graph *g, Tensor **in, const int *a) {
     (void)a;
     return l2norm_channels(g, in[0], 1e-10f);
@@ -309,6 +315,7 @@ static const GradCase grad_cases[] = {
     {"mean_all", b_mean_all, {0}, 1, {T4(2, 3, 2, 2)}, 1e-2},
     {"mean_hw", b_mean_hw, {0}, 1, {T4(2, 3, 3, 4)}, 1e-2},
     {"mse_loss weighted", b_mse, {1}, 2, {T4(3, 2, 3, 3), T4(3, 2, 3, 3)}, 1e-2},
+    {"cross_entropy", b_cross_entropy, {0}, 1, {T2(4, 5)}, 1e-2},
     {"dropout", b_dropout, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
     {"clamp", b_clamp, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
     {"chain groupnorm-silu-conv-film-residual", b_chain, {0}, 3,
@@ -1031,6 +1038,19 @@ static double pool_ref_err(Rng *r, int P, int H, int W, int K, int stride, int p
     return worst;
 }
 
+// cross-entropy's forward against closed forms: equal logits give log K;
+// logits (0, log 3) give -log(3/4) for the second class, -log(1/4) for the first
+static void test_cross_entropy_values(void) {
+    float zeros[10] = {0}, prob[10], two[2] = {0.0f, logf(3.0f)};
+    int lab[2] = {1, 3}, first = 0, second = 1;
+    double e1 = fabs(cross_entropy_forward(prob, zeros, lab, 2, 5) - log(5.0));
+    double e2 = fabs(cross_entropy_forward(prob, two, &second, 1, 2) + log(0.75));
+    double e3 = fabs(cross_entropy_forward(prob, two, &first, 1, 2) + log(0.25));
+    double e = fmax(e1, fmax(e2, e3));
+    test_result(e < 1e-6, "cross_entropy forward vs closed forms", "log 5, -log 3/4, -log 1/4: "
+                "max err %.1e", e);
+}
+
 static void test_inference_kernels(void) {
     // N, C, H, W, OC, KH, KW, stride, PH, PW: Inception's 1x7 / 7x1 at 17x17
     // (several images per GEMM), 1x3 / 3x1 at 8x8, odd maps, stride 2, and
@@ -1492,6 +1512,7 @@ int main(int argc, char **argv) {
     test_exp();
     test_reference_kernels();
     test_inference_kernels();
+    test_cross_entropy_values();
     test_goldens();
     test_safetensors();
     test_determinism();
