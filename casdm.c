@@ -1281,7 +1281,7 @@ static int cmd_train(int argc, char **argv) {
     graph_free(&g);
     trainer_free(&tr);
     if (o.lpips) lpips_free(&lpips);
-    free(data.img.pixels);
+    images_free(&data.img);
     return interrupted ? interrupted_status() : 0;
 }
 
@@ -1737,7 +1737,7 @@ static int cmd_eval(int argc, char **argv) {
     if (!interrupted) printf("mean,%.6f,%.6f\n", tot_e / grid, tot_x / grid);
     else fprintf(stderr, "casdm eval: interrupted; the rows above are the grid points done\n");
     graph_free(&g);
-    free(d.img.pixels);
+    images_free(&d.img);
     free_model(&m);
     return interrupted ? interrupted_status() : 0;
 }
@@ -1821,6 +1821,169 @@ static int cmd_plot(int argc, char **argv) {
     free(runs);
     free(labels);
     return rc;
+}
+
+// ---------------------------------------------------------------------------
+// ---- casdm train-classifier --data PATH [--labels PATH] --out FILE ----
+// fid.c's FD-classifier network trained with Adam on cross-entropy; the
+// test accuracy is printed when --test-data is given
+// ---------------------------------------------------------------------------
+static Option clf_opts_table[12];
+static int clf_opts_n;
+
+static void clf_help(FILE *f) {
+    fputs(
+        "usage: casdm train-classifier --data PATH [--labels PATH] --out clf.safetensors [options]\n\n"
+        "Trains the small CNN whose penultimate features `casdm fid --features` uses (the\n"
+        "FD-classifier). --data: an IDX image file with --labels its IDX label file\n"
+        "(train-labels-idx1-ubyte), or CIFAR-10 (labels from the records).\n\noptions:\n",
+        f);
+    usage_options(f, clf_opts_table, clf_opts_n);
+}
+
+// the labels of a data set: from --labels (IDX) or the data's own (CIFAR)
+static void attach_labels(Dataset *d, const char *labels, const char *flag) {
+    if (labels) {
+        char err[600];
+        size_t size;
+        unsigned char *b = read_file(labels, DATA_MAX_FILE, &size, err, sizeof err);
+        if (!b || idx_labels_decode(b, size, labels, &d->img, err, sizeof err) != 0)
+            fatal("%s: %s", flag, err);
+        free(b);
+    }
+    if (!d->img.labels)
+        fatal("'%s' has no labels: give them with %s (an IDX label file)", d->source, flag);
+    for (int i = 0; i < d->img.n; i++)
+        if (d->img.labels[i] >= CLF_CLASSES)
+            fatal("%s: label %d of image %d is outside 0..%d", labels ? labels : d->source,
+                  d->img.labels[i], i, CLF_CLASSES - 1);
+}
+
+// images idx[0..B) of im -> x (B, C, S, S) in [-1, 1] and their labels
+static void classifier_batch(const Images *im, const int *idx, int B, float *x, int *labels) {
+    size_t per = (size_t)im->c * im->h * im->w;
+    for (int b = 0; b < B; b++) {
+        const unsigned char *src = im->pixels + (size_t)idx[b] * per;
+        for (size_t k = 0; k < per; k++) x[(size_t)b * per + k] = src[k] / 127.5f - 1.0f;
+        if (labels) labels[b] = im->labels[idx[b]];
+    }
+}
+
+// the share of the first n images of im the classifier labels right
+static double classifier_accuracy(Classifier *c, const Images *im, int n) {
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.grad_enabled = 0;
+    int B = 100, right = 0, shape[4] = {0, im->c, im->h, im->w};
+    float *x = mallocCheck((size_t)B * im->c * im->h * im->w * sizeof(float));
+    int *idx = mallocCheck((size_t)B * sizeof(int)), *lab = mallocCheck((size_t)B * sizeof(int));
+    for (int i0 = 0; i0 < n; i0 += B) {
+        int nb = n - i0 < B ? n - i0 : B;
+        for (int b = 0; b < nb; b++) idx[b] = i0 + b;
+        classifier_batch(im, idx, nb, x, lab);
+        graph_reset(&g);
+        shape[0] = nb;
+        Tensor *logits = classifier_forward(&g, c, tensor_from(&g, 4, shape, x), NULL);
+        for (int b = 0; b < nb; b++) {
+            const float *l = logits->data + (size_t)b * CLF_CLASSES;
+            int best = 0;
+            for (int k = 1; k < CLF_CLASSES; k++) best = l[k] > l[best] ? k : best;
+            right += best == lab[b];
+        }
+    }
+    graph_free(&g);
+    free(x); free(idx); free(lab);
+    return n ? (double)right / n : 0.0;
+}
+
+static int cmd_train_classifier(int argc, char **argv) {
+    const char *data_path = NULL, *labels = NULL, *out = NULL, *test_data = NULL,
+               *test_labels = NULL;
+    int steps, batch, seed, test_n;
+    double lr;
+    const Option opts[] = {
+        {"--data", OPT_STR, &data_path, NULL, "training images (IDX or CIFAR-10)", 0, 0},
+        {"--labels", OPT_STR, &labels, NULL, "their IDX label file (IDX data)", 0, 0},
+        {"--out", OPT_STR, &out, NULL, "the classifier to write (safetensors)", 0, 0},
+        {"--steps", OPT_INT, &steps, "2000", "Adam steps", 1, 10000000},
+        {"--batch", OPT_INT, &batch, "64", "images per step", 1, 4096},
+        {"--lr", OPT_FLOAT, &lr, "1e-3", "Adam learning rate, decayed linearly to 0", 1e-8, 1.0},
+        {"--seed", OPT_INT, &seed, "0", "initialisation and batch seed", 0, 2147483647},
+        {"--test-data", OPT_STR, &test_data, NULL, "held-out images for the accuracy", 0, 0},
+        {"--test-labels", OPT_STR, &test_labels, NULL, "their IDX label file", 0, 0},
+        {"--test-n", OPT_INT, &test_n, "0", "score only the first N held-out images (0: all)",
+         0, 1e9},
+    };
+    clf_opts_n = (int)(sizeof opts / sizeof opts[0]);
+    memcpy(clf_opts_table, opts, sizeof opts);
+    int pr = parse_options("train-classifier", clf_opts_table, clf_opts_n, argc, argv, clf_help);
+    if (pr) return PARSED_EXIT(pr);
+    if (!data_path || !out) {
+        fprintf(stderr, "casdm train-classifier: --data and --out are required\n");
+        return 2;
+    }
+    Dataset d, td;
+    load_dataset(&d, data_path);
+    attach_labels(&d, labels, "--labels");
+    const Images *im = &d.img;
+    if (im->h != im->w || im->h % 4 || im->h > 1024)
+        fatal("--data '%s': images are %dx%d; square, a multiple of 4", data_path, im->h, im->w);
+    if (test_data) {
+        data_label = "--test-data";
+        load_dataset(&td, test_data);
+        attach_labels(&td, test_labels, "--test-labels");
+        if (td.img.c != im->c || td.img.h != im->h || td.img.w != im->w)
+            fatal("--test-data '%s' has %dx%dx%d images, --data %dx%dx%d", test_data, td.img.c,
+                  td.img.h, td.img.w, im->c, im->h, im->w);
+    }
+    Classifier c;
+    Rng rng;
+    rng_seed(&rng, (uint64_t)seed, 7);
+    classifier_init(&c, im->c, im->h);
+    classifier_init_random(&c, &rng);
+    Adam adam;
+    adam_init(&adam, c.params.total, (float)lr);
+    Graph g;
+    graph_init(&g, 0, 0);
+    size_t per = (size_t)im->c * im->h * im->w;
+    float *x = mallocCheck((size_t)batch * per * sizeof(float));
+    int *idx = mallocCheck((size_t)batch * sizeof(int)), *lab = mallocCheck((size_t)batch * sizeof(int));
+    int shape[4] = {batch, im->c, im->h, im->w};
+    Progress prog;
+    progress_start(&prog, isatty(2));
+    double loss_avg = 0.0;
+    char what[96];
+    for (int step = 1; step <= steps && !interrupted; step++) {
+        for (int b = 0; b < batch; b++) idx[b] = (int)rng_below(&rng, (uint32_t)im->n);
+        classifier_batch(im, idx, batch, x, lab);
+        graph_reset(&g);
+        Tensor *logits = classifier_forward(&g, &c, tensor_from(&g, 4, shape, x), NULL);
+        Tensor *loss = cross_entropy(&g, logits, lab);
+        params_zero_grad(&c.params);
+        graph_backward(&g, loss, NULL);
+        adam.lr = (float)(lr * (1.0 - (step - 1.0) / steps));  // linear decay to 0
+        adam_step(&adam, c.params.data, c.params.grad);
+        loss_avg = step == 1 ? loss->data[0] : 0.98 * loss_avg + 0.02 * loss->data[0];
+        snprintf(what, sizeof what, "step %d/%d, loss %.4f", step, steps, loss_avg);
+        progress_show(&prog, "img", (double)step * batch, (double)steps * batch, what);
+    }
+    progress_end(&prog);
+    graph_free(&g);
+    char err[600];
+    if (classifier_save(&c, out, err, sizeof err) != 0) fatal("--out: %s", err);
+    printf("wrote %s (%d steps of %d, loss %.4f)\n", out, steps, batch, loss_avg);
+    if (test_data) {
+        int n = test_n > 0 && test_n < td.img.n ? test_n : td.img.n;
+        printf("test accuracy %.2f%% (%d images of %s)\n", 100.0 * classifier_accuracy(&c, &td.img, n),
+               n, test_data);
+        images_free(&td.img);
+    }
+    fflush(stdout);
+    free(x); free(idx); free(lab);
+    adam_free(&adam);
+    classifier_free(&c);
+    images_free(&d.img);
+    return interrupted ? interrupted_status() : 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -1913,14 +2076,61 @@ static void load_fid_images(const char *path, Images *im) {
 }
 
 // Inception features of every image of one side, streamed into the statistics
-static void score_images(FidSide *side, const Inception *net, int batch, int want_logits,
-                         int limit) {
+// the features of the first B images from `first` of im with the classifier
+// (at the images' own size, in [-1, 1]; grey repeated for a colour network)
+static void classifier_features(Classifier *c, const Images *im, long first, int B, float *x,
+                                float *out) {
+    int S = c->size, C = c->channels;
+    size_t hw = (size_t)S * S;
+    for (int b = 0; b < B; b++)
+        for (int ch = 0; ch < C; ch++) {
+            const unsigned char *src =
+                im->pixels + ((size_t)(first + b) * im->c + (im->c == C ? ch : 0)) * hw;
+            for (size_t p = 0; p < hw; p++) x[((size_t)b * C + ch) * hw + p] = src[p] / 127.5f - 1.0f;
+        }
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.grad_enabled = 0;
+    int shape[4] = {B, C, S, S};
+    Tensor *f;
+    classifier_forward(&g, c, tensor_from(&g, 4, shape, x), &f);
+    memcpy(out, f->data, (size_t)B * CLF_FEATURES * sizeof(float));
+    graph_free(&g);
+}
+
+static void score_images(FidSide *side, const Inception *net, Classifier *clf, int batch,
+                         int want_logits, int limit) {
     Images im;
     load_fid_images(side->path, &im);
     long n = im.n;
     if (limit > 0 && limit < n) n = limit;
     if (n < 2) fatal("'%s': %ld image(s); a covariance needs at least 2", side->path, n);
+    if (clf && (im.h != clf->size || im.w != clf->size || (im.c == 3 && clf->channels == 1)))
+        fatal("'%s' has %dx%dx%d images; the classifier (--features) takes %dx%dx%d", side->path,
+              im.c, im.h, im.w, clf->channels, clf->size, clf->size);
     size_t hw = (size_t)im.h * im.w;
+    if (clf) {  // FD-classifier: the 128 penultimate features, no sFID, no IS
+        float *x = mallocCheck((size_t)batch * clf->channels * hw * sizeof(float));
+        float *f = mallocCheck((size_t)batch * CLF_FEATURES * sizeof(float));
+        FeatStats fs;
+        featstats_init(&fs, CLF_FEATURES);
+        for (long done = 0; done < n && !interrupted; done += batch) {
+            int B = n - done < batch ? (int)(n - done) : batch;
+            classifier_features(clf, &im, done, B, x, f);
+            featstats_add(&fs, f, B);
+        }
+        if (interrupted) fatal("fid: interrupted");
+        side->n = n;
+        side->d = CLF_FEATURES;
+        side->mu = mallocCheck(CLF_FEATURES * sizeof(double));
+        side->sigma = mallocCheck((size_t)CLF_FEATURES * CLF_FEATURES * sizeof(double));
+        featstats_result(&fs, side->mu, side->sigma);
+        featstats_free(&fs);
+        free(x);
+        free(f);
+        images_free(&im);
+        return;
+    }
     float *x = mallocCheck((size_t)batch * 3 * hw * sizeof(float));
     float *pool3 = mallocCheck((size_t)batch * INCEPTION_POOL * sizeof(float));
     float *spatial = mallocCheck((size_t)batch * INCEPTION_SPATIAL * sizeof(float));
@@ -1963,11 +2173,11 @@ static void score_images(FidSide *side, const Inception *net, int batch, int wan
     free(x);
     free(pool3);
     free(spatial);
-    free(im.pixels);
+    images_free(&im);
 }
 
-static void load_fid_side(FidSide *side, const char *path, const Inception *net, int batch,
-                          int want_logits, int limit) {
+static void load_fid_side(FidSide *side, const char *path, const Inception *net, Classifier *clf,
+                          int batch, int want_logits, int limit) {
     memset(side, 0, sizeof *side);
     side->path = path;
     if (is_stats_npz(path)) {
@@ -1982,8 +2192,8 @@ static void load_fid_side(FidSide *side, const char *path, const Inception *net,
         }
         return;
     }
-    if (!net) fatal("fid: '%s' holds images: --weights is needed", path);
-    score_images(side, net, batch, want_logits, limit);
+    if (!net && !clf) fatal("fid: '%s' holds images: --weights or --features is needed", path);
+    score_images(side, net, clf, batch, want_logits, limit);
 }
 
 static void free_fid_side(FidSide *s) {
@@ -1991,11 +2201,13 @@ static void free_fid_side(FidSide *s) {
 }
 
 static int cmd_fid(int argc, char **argv) {
-    const char *weights = NULL, *save_stats = NULL;
+    const char *weights = NULL, *save_stats = NULL, *features = NULL;
     int batch, limit, splits;
     const Option opts[] = {
         {"--weights", OPT_STR, &weights, NULL,
          "Inception-v3 FID weights (safetensors from tools/convert_inception.py)", 0, 0},
+        {"--features", OPT_STR, &features, NULL,
+         "a classifier from casdm train-classifier: FD in its 128 features instead", 0, 0},
         {"--save-stats", OPT_STR, &save_stats, NULL,
          "write SAMPLES' mu, sigma, mu_s, sigma_s (float64) to this .npz", 0, 0},
         {"--batch", OPT_INT, &batch, "50", "images per Inception forward", 1, 4096},
@@ -2003,7 +2215,7 @@ static int cmd_fid(int argc, char **argv) {
          1e9},
         {"--splits", OPT_INT, &splits, "10", "inception score splits", 1, 1000},
     };
-    fid_opts_n = 5;
+    fid_opts_n = (int)(sizeof opts / sizeof opts[0]);
     memcpy(fid_opts_table, opts, sizeof opts);
     const char *files[2];
     int nf = 0, nr = 0;
@@ -2029,29 +2241,41 @@ static int cmd_fid(int argc, char **argv) {
     }
     data_label = "casdm fid";
     Inception net;
+    Classifier clf;
     char err[600];
-    int have_net = 0;
+    int have_net = 0, have_clf = 0, dim = INCEPTION_POOL;
+    if (weights && features) {
+        fprintf(stderr, "casdm fid: --weights or --features, not both\n");
+        return 2;
+    }
     if (weights) {
         if (inception_load(&net, weights, err, sizeof err) != 0) fatal("--weights: %s", err);
         have_net = 1;
+    } else if (features) {
+        if (classifier_load(&clf, features, err, sizeof err) != 0) fatal("--features: %s", err);
+        have_clf = 1;
+        dim = CLF_FEATURES;
     } else if (!is_stats_npz(files[0]) || (nf == 2 && !is_stats_npz(files[1]))) {
-        fprintf(stderr, "casdm fid: --weights is needed to score images (see casdm fid --help)\n");
+        fprintf(stderr, "casdm fid: --weights (or --features) is needed to score images (see "
+                        "casdm fid --help)\n");
         return 2;
     }
     FidSide side[2];
     int stats[2] = {0, 0};
     for (int k = 0; k < nf; k++) stats[k] = is_stats_npz(files[k]);
     for (int k = 0; k < nf; k++)  // statistics first: a mismatch is found before any scoring
-        if (stats[k]) load_fid_side(&side[k], files[k], NULL, batch, 0, limit);
+        if (stats[k]) load_fid_side(&side[k], files[k], NULL, NULL, batch, 0, limit);
     for (int k = 0; k < nf; k++)
-        if (stats[k] && side[k].d != INCEPTION_POOL && nf == 2 && !stats[1 - k])
-            fatal("'%s' has %d-dimensional statistics, Inception's pool_3 %d: not the same features",
-                  files[k], side[k].d, INCEPTION_POOL);
+        if (stats[k] && side[k].d != dim && nf == 2 && !stats[1 - k])
+            fatal("'%s' has %d-dimensional statistics, %s %d: not the same features", files[k],
+                  side[k].d, have_clf ? "the classifier's features" : "Inception's pool_3", dim);
     for (int k = 0; k < nf; k++)
-        if (!stats[k]) load_fid_side(&side[k], files[k], have_net ? &net : NULL, batch, k == 0, limit);
+        if (!stats[k])
+            load_fid_side(&side[k], files[k], have_net ? &net : NULL, have_clf ? &clf : NULL,
+                          batch, k == 0 && !have_clf, limit);
     int rc = 0;
     if (save_stats) {
-        if (!side[0].have_spatial && side[0].n == 0 && !side[0].mu_s)
+        if (!side[0].have_spatial && side[0].n == 0 && !side[0].mu_s && !have_clf)
             fprintf(stderr, "casdm fid: '%s' has no sFID statistics; writing mu and sigma only\n",
                     files[0]);
         int64_t d = side[0].d, ds = INCEPTION_SPATIAL;
@@ -2071,12 +2295,13 @@ static int cmd_fid(int argc, char **argv) {
         if (frechet_distance(side[0].mu, side[0].sigma, side[1].mu, side[1].sigma, side[0].d,
                              &fid) != 0)
             fatal("fid: the eigenvalue iteration did not converge");
-        printf("FID   %.4f\n", fid);
+        int clf_stats = side[0].d == CLF_FEATURES;
+        printf("%s %.4f\n", clf_stats ? "FD-classifier" : "FID  ", fid);
         if (side[0].have_spatial && side[1].have_spatial &&
             frechet_distance(side[0].mu_s, side[0].sigma_s, side[1].mu_s, side[1].sigma_s,
                              INCEPTION_SPATIAL, &sfid) == 0)
             printf("sFID  %.4f\n", sfid);
-        else
+        else if (!clf_stats)
             printf("sFID  n/a (a statistics file without mu_s / sigma_s)\n");
     }
     if (side[0].logits) {
@@ -2092,6 +2317,7 @@ static int cmd_fid(int argc, char **argv) {
     fflush(stdout);
     for (int k = 0; k < nf; k++) free_fid_side(&side[k]);
     if (have_net) inception_free(&net);
+    if (have_clf) classifier_free(&clf);
     return rc;
 }
 
@@ -2108,6 +2334,7 @@ static void usage(FILE *f) {
             "  lpips      LPIPS distance between two images (casdm lpips --help)\n"
             "  eval       held-out denoising losses of a checkpoint (casdm eval --help)\n"
             "  fid        FID, sFID and IS of samples (casdm fid --help)\n"
+            "  train-classifier  the FD-classifier's network (casdm train-classifier --help)\n"
             "  plot       loss curves of one or more log.csv files in one SVG (casdm plot --help)\n"
             "  info       print how this binary was built (SIMD path, threads)\n"
             "\n"
@@ -2155,6 +2382,8 @@ int main(int argc, char **argv) {
         rc = cmd_lpips(argc - i - 1, argv + i + 1);
     } else if (strcmp(argv[i], "eval") == 0) {
         rc = cmd_eval(argc - i - 1, argv + i + 1);
+    } else if (strcmp(argv[i], "train-classifier") == 0) {
+        rc = cmd_train_classifier(argc - i - 1, argv + i + 1);
     } else if (strcmp(argv[i], "fid") == 0) {
         rc = cmd_fid(argc - i - 1, argv + i + 1);
     } else if (strcmp(argv[i], "plot") == 0) {

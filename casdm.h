@@ -243,6 +243,24 @@ int frechet_distance(const double *mu1, const double *s1, const double *mu2, con
 int inception_score(const float *logits, int N, int classes, int splits, double *mean,
                     double *std);
 
+// the FD-classifier (fid.c): a VGG-style CNN casdm trains on labelled images;
+// its 128 penultimate features give a Frechet distance for small data sets
+#define CLF_LAYERS 6
+#define CLF_FEATURES 128
+#define CLF_CLASSES 10
+typedef struct {
+    int channels, size;       // inputs (N, channels, size, size) in [-1, 1]
+    ParamSet params;          // conv1..4, fc1, fc2 ".weight" / ".bias"
+    Tensor *w[CLF_LAYERS], *b[CLF_LAYERS];
+} Classifier;
+void classifier_init(Classifier *c, int channels, int size);  // zero weights, with gradients
+void classifier_init_random(Classifier *c, Rng *rng);
+void classifier_free(Classifier *c);
+// logits (N, 10); *features (N, 128) if features is not NULL
+Tensor *classifier_forward(Graph *g, Classifier *c, Tensor *x, Tensor **features);
+int classifier_save(const Classifier *c, const char *path, char *err, size_t errlen);
+int classifier_load(Classifier *c, const char *path, char *err, size_t errlen);
+
 // ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).
 // Readers return -1 (or NULL) with a message naming the file in err, and
@@ -308,7 +326,12 @@ int npz_read(const char *path, const char *member, NpzArray *out, char *err, siz
 int npz_has(const char *path, const char *member);  // 1 if the npz holds the member
 void npz_free(NpzArray *a);
 
-typedef struct { int n, c, h, w; unsigned char *pixels; } Images;  // uint8 (n,c,h,w)
+// uint8 (n,c,h,w); labels (n) when the format has them (CIFAR-10), else NULL
+typedef struct { int n, c, h, w; unsigned char *pixels, *labels; } Images;
+void images_free(Images *im);
+// An IDX label file (magic 0x00000801) of n labels into im->labels
+int idx_labels_decode(const unsigned char *b, size_t size, const char *name, Images *im,
+                      char *err, size_t errlen);
 // IDX image file -> out (square images zero-padded to a multiple of 8, centred)
 int idx_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err,
                size_t errlen);

@@ -765,3 +765,117 @@ int inception_score(const float *logits, int N, int classes, int splits, double 
     free(py);
     return 0;
 }
+
+// ---------------------------------------------------------------------------
+// the FD-classifier's network: a small VGG-style CNN that casdm trains itself
+// (casdm train-classifier), for a Frechet distance where Inception's features
+// mean little (28x28 clothing, as papers on MNIST-like data report it):
+//   conv1 3x3 C->32, ReLU, conv2 32->32, ReLU, 2x2 average pool,
+//   conv3 32->64, ReLU, conv4 64->64, ReLU, 2x2 average pool,
+//   fc1 64 (S/4)^2 -> 128, ReLU (the features), fc2 128 -> 10
+// Inputs are (N, C, S, S) in [-1, 1], S a multiple of 4.
+// ---------------------------------------------------------------------------
+static const char *clf_names[CLF_LAYERS] = {"conv1", "conv2", "conv3", "conv4", "fc1", "fc2"};
+
+void classifier_init(Classifier *c, int channels, int size) {
+    memset(c, 0, sizeof *c);
+    c->channels = channels;
+    c->size = size;
+    params_init(&c->params);
+    int cin[4] = {channels, 32, 32, 64}, cout[4] = {32, 32, 64, 64};
+    size_t idx[2 * CLF_LAYERS];
+    char name[64];
+    for (int l = 0; l < CLF_LAYERS; l++) {
+        int ws[4], bs[1], nd;
+        if (l < 4) {
+            ws[0] = cout[l], ws[1] = cin[l], ws[2] = ws[3] = 3, nd = 4;
+        } else {
+            ws[0] = l == 4 ? CLF_FEATURES : CLF_CLASSES;
+            ws[1] = l == 4 ? 64 * (size / 4) * (size / 4) : CLF_FEATURES;
+            nd = 2;
+        }
+        bs[0] = ws[0];
+        snprintf(name, sizeof name, "%s.weight", clf_names[l]);
+        idx[2 * l] = params_add(&c->params, name, nd, ws);
+        snprintf(name, sizeof name, "%s.bias", clf_names[l]);
+        idx[2 * l + 1] = params_add(&c->params, name, 1, bs);
+    }
+    params_alloc(&c->params, 1);
+    for (int l = 0; l < CLF_LAYERS; l++) {
+        c->w[l] = params_get(&c->params, idx[2 * l]);
+        c->b[l] = params_get(&c->params, idx[2 * l + 1]);
+    }
+}
+
+// He-normal weights (torch's kaiming_normal_, fan_in), zero biases
+void classifier_init_random(Classifier *c, Rng *rng) {
+    for (int l = 0; l < CLF_LAYERS; l++) {
+        Tensor *w = c->w[l];
+        float std = sqrtf(2.0f / (float)(w->size / w->shape[0]));
+        rng_fill_normal(rng, w->data, w->size, 0.0f, std);
+        memset(c->b[l]->data, 0, c->b[l]->size * sizeof(float));
+    }
+}
+
+void classifier_free(Classifier *c) { params_free(&c->params); }
+
+Tensor *classifier_forward(Graph *g, Classifier *c, Tensor *x, Tensor **features) {
+    Tensor *h = x;
+    for (int l = 0; l < 4; l++) {
+        h = conv2d_relu(g, h, c->w[l], c->b[l], 1, 1);
+        if (l == 1 || l == 3) h = avgpool2x2(g, h);
+    }
+    int flat[2] = {h->shape[0], (int)(h->size / h->shape[0])};
+    Tensor *f = relu(g, linear(g, reshape(g, h, 2, flat), c->w[4], c->b[4]));
+    if (features) *features = f;
+    return linear(g, f, c->w[5], c->b[5]);
+}
+
+int classifier_save(const Classifier *c, const char *path, char *err, size_t errlen) {
+    StWrite *w = mallocCheck(c->params.count * sizeof *w);
+    for (size_t i = 0; i < c->params.count; i++) {
+        const Tensor *t = &c->params.t[i];
+        w[i] = (StWrite){t->name, t->ndim, t->shape, t->data};
+    }
+    char ch[16], sz[16];
+    snprintf(ch, sizeof ch, "%d", c->channels);
+    snprintf(sz, sizeof sz, "%d", c->size);
+    const char *meta[] = {"format", "casdm-classifier-1", "channels", ch, "size", sz, NULL};
+    int rc = st_write(path, w, c->params.count, meta, err, errlen);
+    free(w);
+    return rc;
+}
+
+int classifier_load(Classifier *c, const char *path, char *err, size_t errlen) {
+    memset(c, 0, sizeof *c);
+    StFile f;
+    if (st_read(path, &f, err, errlen) != 0) return -1;
+    char fmt[64] = "", ch[16] = "", sz[16] = "";
+    if (st_meta(&f, "format", fmt, sizeof fmt) != 0 || strcmp(fmt, "casdm-classifier-1") != 0 ||
+        st_meta(&f, "channels", ch, sizeof ch) != 0 || st_meta(&f, "size", sz, sizeof sz) != 0) {
+        st_free(&f);
+        return errorf(err, errlen, "%s: not a classifier written by casdm train-classifier", path);
+    }
+    int channels = atoi(ch), size = atoi(sz);
+    if ((channels != 1 && channels != 3) || size < 4 || size > 1024 || size % 4) {
+        st_free(&f);
+        return errorf(err, errlen, "%s: channels %s, size %s: want 1 or 3, a multiple of 4", path,
+                      ch, sz);
+    }
+    classifier_init(c, channels, size);
+    int rc = 0;
+    for (size_t i = 0; i < c->params.count && rc == 0; i++) {
+        Tensor *t = &c->params.t[i];
+        const StEntry *e = st_find(&f, t->name);
+        int same = e && e->ndim == t->ndim && e->size == t->size;
+        for (int d = 0; same && d < t->ndim; d++) same = e->shape[d] == t->shape[d];
+        if (!same)
+            rc = errorf(err, errlen, "%s: tensor '%s' %s", path, t->name,
+                        e ? "has the wrong shape" : "is missing");
+        else
+            memcpy(t->data, e->data, t->size * sizeof(float));
+    }
+    st_free(&f);
+    if (rc) classifier_free(c);
+    return rc;
+}

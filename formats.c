@@ -10,7 +10,8 @@
 //   PNG          8-bit grey / grey+alpha / RGB / RGBA, every row filter, no
 //                interlace, through a small inflate (RFC 1950/1951)
 //   PPM / PGM    binary P6 / P5, maxval 255
-//   IDX          MNIST-style image files (magic 0x00000803), square images
+//   IDX          MNIST-style image files (magic 0x00000803), square images,
+//                and label files (0x00000801)
 //   CIFAR-10     the binary version: records of 1 label + 3072 bytes
 //   safetensors  F32 tensors and a string __metadata__ object
 //   log.csv      casdm train's log (step, five loss terms, img/s)
@@ -653,6 +654,34 @@ int idx_decode(const unsigned char *b, size_t size, const char *name, Images *ou
     return 0;
 }
 
+// IDX labels (MNIST / Fashion-MNIST): magic 0x00000801, then N, then N bytes;
+// N must be the number of images already in im
+int idx_labels_decode(const unsigned char *b, size_t size, const char *name, Images *im,
+                      char *err, size_t errlen) {
+    if (size >= 2 && b[0] == 0x1f && b[1] == 0x8b)
+        return errorf(err, errlen, "'%s' is gzip-compressed: gunzip it first (make data does)",
+                      name);
+    if (size < 8 || be32(b) != 0x00000801)
+        return errorf(err, errlen, "'%s' is not an IDX label file (magic %08x, want 00000801)",
+                      name, size >= 4 ? be32(b) : 0);
+    uint32_t n = be32(b + 4);
+    if ((uint64_t)n != size - 8)
+        return errorf(err, errlen, "'%s': header says %u labels but the file has %zu", name, n,
+                      size - 8);
+    if (n != (uint32_t)im->n)
+        return errorf(err, errlen, "'%s' has %u labels for %d images", name, n, im->n);
+    free(im->labels);
+    im->labels = mallocCheck(n ? n : 1);
+    memcpy(im->labels, b + 8, n);
+    return 0;
+}
+
+void images_free(Images *im) {
+    free(im->pixels);
+    free(im->labels);
+    memset(im, 0, sizeof *im);
+}
+
 // CIFAR-10 binary version: records of 1 label byte + 3072 bytes (R, G, B
 // planes of 32x32). Appends to out (c, h, w set to 3, 32, 32).
 int cifar_decode(const unsigned char *b, size_t size, const char *name, Images *out, char *err,
@@ -671,10 +700,17 @@ int cifar_decode(const unsigned char *b, size_t size, const char *name, Images *
             return errorf(err, errlen, "'%s': record %zu has label %d; CIFAR-10 labels are 0..9",
                           name, i, b[i * rec]);
     unsigned char *p = mallocCheck(((size_t)out->n + n) * 3072);
+    unsigned char *l = mallocCheck((size_t)out->n + n);
     if (out->n) memcpy(p, out->pixels, (size_t)out->n * 3072);
-    for (size_t i = 0; i < n; i++) memcpy(p + ((size_t)out->n + i) * 3072, b + i * rec + 1, 3072);
+    if (out->n && out->labels) memcpy(l, out->labels, (size_t)out->n);
+    for (size_t i = 0; i < n; i++) {
+        memcpy(p + ((size_t)out->n + i) * 3072, b + i * rec + 1, 3072);
+        l[(size_t)out->n + i] = b[i * rec];
+    }
     free(out->pixels);
+    free(out->labels);
     out->pixels = p;
+    out->labels = l;
     out->n += (int)n;
     out->c = 3;
     out->h = out->w = 32;
@@ -763,10 +799,10 @@ static void npy_encode(Bytes *o, const NpzWrite *a) {
     char dict[512];
     int dl = snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': (",
                       npy_descr(a->kind));
-    for (int d = 0; d < a->ndim; d++)
-        dl += snprintf(dict + dl, sizeof dict - (size_t)dl, "%lld,%s", (long long)a->shape[d],
-                       d + 1 < a->ndim ? " " : "");
-    dl += snprintf(dict + dl, sizeof dict - (size_t)dl, "), }");
+    for (int d = 0; d < a->ndim; d++)  // numpy's repr of the tuple: "(8,)", "(5, 32, 32, 3)"
+        dl += snprintf(dict + dl, sizeof dict - (size_t)dl, "%s%lld", d ? ", " : "",
+                       (long long)a->shape[d]);
+    dl += snprintf(dict + dl, sizeof dict - (size_t)dl, "%s), }", a->ndim == 1 ? "," : "");
     int total = 10 + dl + 1, padn = (64 - total % 64) % 64;
     static const unsigned char magic[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
     bytes_put(o, magic, 8);

@@ -79,9 +79,19 @@ int fuzz_idx(const uint8_t *data, size_t size) {
     if (idx_decode(data, size, "fuzz", &im, err, sizeof err) == 0) {
         fuzz_check(im.n >= 1 && im.c == 1 && im.h == im.w && im.h % 8 == 0, "idx_decode: shape");
         touch(im.pixels, (size_t)im.n * im.c * im.h * im.w);
-        free(im.pixels);
+        images_free(&im);
     } else {
         fuzz_check(im.pixels == NULL, "idx_decode: nothing kept on error");
+    }
+    // the same bytes as a label file for as many images as it claims (and for 3)
+    Images lab = {0};
+    lab.n = size >= 8 ? (int)(((uint32_t)data[4] << 24 | (uint32_t)data[5] << 16 |
+                               (uint32_t)data[6] << 8 | data[7]) & 0x7fffffff) : 3;
+    for (int k = 0; k < 2; k++) {
+        if (idx_labels_decode(data, size, "fuzz", &lab, err, sizeof err) == 0)
+            touch(lab.labels, (size_t)lab.n);
+        images_free(&lab);
+        lab.n = 3;
     }
     return 0;
 }
@@ -96,7 +106,7 @@ int fuzz_cifar(const uint8_t *data, size_t size) {
         if (size <= 4 * 3073 && cifar_decode(data, size, "fuzz", &im, err, sizeof err) == 0)
             touch(im.pixels, (size_t)im.n * 3072);
     }
-    free(im.pixels);
+    images_free(&im);
     return 0;
 }
 

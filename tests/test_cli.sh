@@ -171,7 +171,7 @@ if [ -f "$iw" ]; then
     check_fid "at least 2" build/fid_one.npz "$dir" --weights "$iw"
     check_fid "at least 2" build/fid_none.npz "$dir" --weights "$iw"
     check_fid "no-such.safetensors" "$dir" "$dir" --weights "$dir/no-such.safetensors"
-    check_fid "weights is needed" "$dir" build/fid_stats_a.npz
+    check_fid "is needed to score images" "$dir" build/fid_stats_a.npz
     if [ $ok -eq 1 ]; then
         pass "casdm fid: mismatched dimensions, a misshapen sigma, 0 or 1 images, missing weights give one clear line"
     else
@@ -179,6 +179,50 @@ if [ -f "$iw" ]; then
     fi
 else
     echo "SKIP casdm fid: $iw not written (test_fid did not run)"
+fi
+
+# casdm train-classifier on a learnable IDX set this script writes (class k:
+# a bright 6x6 square at column 2k, row 2 + (i % 5) * 4, on noise), then the
+# FD-classifier of casdm fid --features: a set against itself 0, against
+# the other split a positive number; colour images for a grey classifier named
+idx_set() {  # idx_set N SEED -> images on stdout; labels into $dir/labels_SEED
+    awk -v n="$1" -v seed="$2" -v lab="$dir/labels_$2" 'BEGIN {
+        srand(seed)
+        printf "%c%c%c%c", 0, 0, 8, 3
+        printf "%c%c%c%c", int(n / 16777216) % 256, int(n / 65536) % 256, int(n / 256) % 256, n % 256
+        printf "%c%c%c%c%c%c%c%c", 0, 0, 0, 28, 0, 0, 0, 28
+        printf "%c%c%c%c", 0, 0, 8, 1 > lab
+        printf "%c%c%c%c", int(n / 16777216) % 256, int(n / 65536) % 256, int(n / 256) % 256, n % 256 > lab
+        for (i = 0; i < n; i++) {
+            k = i % 10; r = 2 + (int(i / 10) % 5) * 4
+            printf "%c", k > lab
+            for (y = 0; y < 28; y++) for (x = 0; x < 28; x++) {
+                v = int(rand() * 60)
+                if (x >= 2 * k && x < 2 * k + 6 && y >= r && y < r + 6) v = 200 + int(rand() * 50)
+                printf "%c", v
+            }
+        }
+    }'
+}
+idx_set 300 1 > "$dir/clf-train-idx3-ubyte"; idx_set 100 2 > "$dir/clf-test-idx3-ubyte"
+if ./casdm train-classifier --data "$dir/clf-train-idx3-ubyte" --labels "$dir/labels_1" --out "$dir/clf.safetensors" \
+       --steps 60 --batch 16 --lr 3e-3 --test-data "$dir/clf-test-idx3-ubyte" --test-labels "$dir/labels_2" \
+       >"$dir/clf.out" 2>"$dir/clf.err" &&
+   awk '/^test accuracy/ { a = $3 + 0 } END { exit !(a >= 90) }' "$dir/clf.out"; then
+    pass "casdm train-classifier learns a labelled IDX set ($(grep '^test accuracy' "$dir/clf.out"))"
+else
+    fail "casdm train-classifier"; sed 's/^/  /' "$dir/clf.out" "$dir/clf.err"
+fi
+if ./casdm fid "$dir/clf-test-idx3-ubyte" "$dir/clf-test-idx3-ubyte" --features "$dir/clf.safetensors" >"$dir/fdc0.out" 2>&1 &&
+   ./casdm fid "$dir/clf-test-idx3-ubyte" "$dir/clf-train-idx3-ubyte" --features "$dir/clf.safetensors" >"$dir/fdc1.out" 2>&1 &&
+   awk '/^FD-classifier/ { v = $2 + 0 } END { exit !(v > -1e-6 && v < 1e-6) }' "$dir/fdc0.out" &&
+   awk '/^FD-classifier/ { v = $2 + 0 } END { exit !(v > 1e-3) }' "$dir/fdc1.out" &&
+   ! grep -q '^IS\|^sFID' "$dir/fdc1.out" &&
+   ! ./casdm fid "$dir" "$dir/clf-test-idx3-ubyte" --features "$dir/clf.safetensors" >/dev/null 2>"$dir/fdc2.err" &&
+   grep -q "the classifier (--features) takes 1x32x32" "$dir/fdc2.err"; then
+    pass "casdm fid --features: FD-classifier 0 for a set against itself, $(cut -c15- "$dir/fdc1.out") between the splits"
+else
+    fail "casdm fid --features"; sed 's/^/  /' "$dir/fdc0.out" "$dir/fdc1.out" "$dir/fdc2.err"
 fi
 
 # build/lpips_test.safetensors holds the test weights test_unet wrote.

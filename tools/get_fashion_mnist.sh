@@ -6,7 +6,7 @@
 set -e
 cd "$(dirname "$0")/.."
 out=data/fashion-mnist
-files="train-images-idx3-ubyte t10k-images-idx3-ubyte"
+files="train-images-idx3-ubyte t10k-images-idx3-ubyte train-labels-idx1-ubyte t10k-labels-idx1-ubyte"
 have() { for f in $files; do [ -s "$out/$f" ] || return 1; done; }
 have && exit 0
 find_src() {
