@@ -77,14 +77,16 @@ bench: build/bench casdm
 DEMO_STEPS ?= 400
 DEMO_OUT   ?= runs/demo
 FMNIST      = data/fashion-mnist/train-images-idx3-ubyte
+FMNIST_LABELS = data/fashion-mnist/train-labels-idx1-ubyte
 
 data: $(FMNIST)
 
-# ddpm-eps vs casdm, same settings and wall time; held-out losses (README table)
-quality: casdm $(FMNIST)
+# ddpm-eps vs casdm, same settings and wall time; held-out losses and the
+# FD-classifier of their samples (README table)
+quality: casdm $(FMNIST) $(FMNIST_LABELS)
 	@sh tools/quality.sh
 
-$(FMNIST):
+$(FMNIST) $(FMNIST_LABELS):
 	@sh tools/get_fashion_mnist.sh
 
 DEMO_FLAGS = --data $(FMNIST) --model casdm --ch 32 --res 1 --attn '' --mult 1,2,2 --T 1000 \

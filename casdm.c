@@ -273,6 +273,8 @@ typedef struct {
     double lr, ema, grad_clip;
     // output
     int log_every, ckpt_every, sample_every, sample_n, sample_steps;
+    int eval_every, eval_n, eval_ref_n;
+    const char *eval_features;
     double time_limit;
 } TrainOpts;
 
@@ -964,8 +966,16 @@ static void define_train_options(TrainOpts *o) {
          "steps between sample grids DIR/samples_STEP.png (0 = only at the end)", 0, 1000000000},
         {"--sample-n", OPT_INT, &o->sample_n, "36", "images in each sample grid (0 = none)", 0,
          4096},
-        {"--sample-steps", OPT_INT, &o->sample_steps, "50", "DDIM steps for the sample grids", 1,
-         100000},
+        {"--sample-steps", OPT_INT, &o->sample_steps, "50",
+         "DDIM steps for the sample grids and --eval-every", 1, 100000},
+        {"--eval-every", OPT_INT, &o->eval_every, "0",
+         "steps between scorings of --eval-n EMA samples (DIR/eval.csv, ckpt_best; 0 = none)", 0,
+         1000000000},
+        {"--eval-n", OPT_INT, &o->eval_n, "500", "samples per scoring", 2, 1000000},
+        {"--eval-features", OPT_STR, &o->eval_features, NULL,
+         "a classifier (casdm train-classifier) or Inception weights to score with", 0, 0},
+        {"--eval-ref-n", OPT_INT, &o->eval_ref_n, "10000",
+         "training images whose statistics are the reference", 2, 100000000},
     };
     train_opts_n = (int)(sizeof opts / sizeof opts[0]);
     memcpy(train_opts_table, opts, sizeof opts);
@@ -1173,13 +1183,13 @@ static void ema_model_init(Model *ema, const Trainer *tr, const TrainOpts *o) {
     ema->kind = tr->kind;
     ema->has_phi = tr->has_phi;
     ema->clip_x0 = !o->no_clip_x0;
-    if (o->sample_n <= 0) return;
+    if (o->sample_n <= 0 && o->eval_every <= 0) return;  // no sampling in this run
     unet_init(&ema->theta, &tr->theta_cfg, 0, NULL);
     if (tr->has_phi) unet_init(&ema->phi, &tr->phi_cfg, 0, NULL);
 }
 
 static void ema_model_free(Model *ema, const TrainOpts *o) {
-    if (o->sample_n <= 0) return;
+    if (o->sample_n <= 0 && o->eval_every <= 0) return;
     unet_free(&ema->theta);
     if (ema->has_phi) unet_free(&ema->phi);
 }
@@ -1195,6 +1205,11 @@ static int check_train_options(const TrainOpts *o, Lpips *lpips) {
         fprintf(stderr, "casdm train: --flip and --no-flip contradict each other\n");
         return 2;
     }
+    if (o->eval_every > 0 && !o->eval_features) {
+        fprintf(stderr, "casdm train: --eval-every needs --eval-features (a classifier from casdm "
+                        "train-classifier, or Inception weights)\n");
+        return 2;
+    }
     if (o->lpips) {
         char err[512];
         lpips_init(lpips);
@@ -1202,6 +1217,622 @@ static int check_train_options(const TrainOpts *o, Lpips *lpips) {
         if (lpips_load(lpips, o->lpips, err, sizeof err) != 0) fatal("--lpips: %s", err);
     }
     return 0;
+}
+
+// ---------------------------------------------------------------------------
+// ---- casdm train-classifier --data PATH [--labels PATH] --out FILE ----
+// fid.c's FD-classifier network trained with Adam on cross-entropy; the
+// test accuracy is printed when --test-data is given
+// ---------------------------------------------------------------------------
+static Option clf_opts_table[12];
+static int clf_opts_n;
+
+static void clf_help(FILE *f) {
+    fputs(
+        "usage: casdm train-classifier --data PATH [--labels PATH] --out clf.safetensors [options]\n\n"
+        "Trains the small CNN whose penultimate features `casdm fid --features` uses (the\n"
+        "FD-classifier). --data: an IDX image file with --labels its IDX label file\n"
+        "(train-labels-idx1-ubyte), or CIFAR-10 (labels from the records).\n\noptions:\n",
+        f);
+    usage_options(f, clf_opts_table, clf_opts_n);
+}
+
+// the labels of a data set: from --labels (IDX) or the data's own (CIFAR)
+static void attach_labels(Dataset *d, const char *labels, const char *flag) {
+    if (labels) {
+        char err[600];
+        size_t size;
+        unsigned char *b = read_file(labels, DATA_MAX_FILE, &size, err, sizeof err);
+        if (!b || idx_labels_decode(b, size, labels, &d->img, err, sizeof err) != 0)
+            fatal("%s: %s", flag, err);
+        free(b);
+    }
+    if (!d->img.labels)
+        fatal("'%s' has no labels: give them with %s (an IDX label file)", d->source, flag);
+    for (int i = 0; i < d->img.n; i++)
+        if (d->img.labels[i] >= CLF_CLASSES)
+            fatal("%s: label %d of image %d is outside 0..%d", labels ? labels : d->source,
+                  d->img.labels[i], i, CLF_CLASSES - 1);
+}
+
+// images idx[0..B) of im -> x (B, C, S, S) in [-1, 1] and their labels
+static void classifier_batch(const Images *im, const int *idx, int B, float *x, int *labels) {
+    size_t per = (size_t)im->c * im->h * im->w;
+    for (int b = 0; b < B; b++) {
+        const unsigned char *src = im->pixels + (size_t)idx[b] * per;
+        for (size_t k = 0; k < per; k++) x[(size_t)b * per + k] = src[k] / 127.5f - 1.0f;
+        if (labels) labels[b] = im->labels[idx[b]];
+    }
+}
+
+// the share of the first n images of im the classifier labels right
+static double classifier_accuracy(Classifier *c, const Images *im, int n) {
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.grad_enabled = 0;
+    int B = 100, right = 0, shape[4] = {0, im->c, im->h, im->w};
+    float *x = mallocCheck((size_t)B * im->c * im->h * im->w * sizeof(float));
+    int *idx = mallocCheck((size_t)B * sizeof(int)), *lab = mallocCheck((size_t)B * sizeof(int));
+    for (int i0 = 0; i0 < n; i0 += B) {
+        int nb = n - i0 < B ? n - i0 : B;
+        for (int b = 0; b < nb; b++) idx[b] = i0 + b;
+        classifier_batch(im, idx, nb, x, lab);
+        graph_reset(&g);
+        shape[0] = nb;
+        Tensor *logits = classifier_forward(&g, c, tensor_from(&g, 4, shape, x), NULL);
+        for (int b = 0; b < nb; b++) {
+            const float *l = logits->data + (size_t)b * CLF_CLASSES;
+            int best = 0;
+            for (int k = 1; k < CLF_CLASSES; k++) best = l[k] > l[best] ? k : best;
+            right += best == lab[b];
+        }
+    }
+    graph_free(&g);
+    free(x); free(idx); free(lab);
+    return n ? (double)right / n : 0.0;
+}
+
+static int cmd_train_classifier(int argc, char **argv) {
+    const char *data_path = NULL, *labels = NULL, *out = NULL, *test_data = NULL,
+               *test_labels = NULL;
+    int steps, batch, seed, test_n;
+    double lr;
+    const Option opts[] = {
+        {"--data", OPT_STR, &data_path, NULL, "training images (IDX or CIFAR-10)", 0, 0},
+        {"--labels", OPT_STR, &labels, NULL, "their IDX label file (IDX data)", 0, 0},
+        {"--out", OPT_STR, &out, NULL, "the classifier to write (safetensors)", 0, 0},
+        {"--steps", OPT_INT, &steps, "2000", "Adam steps", 1, 10000000},
+        {"--batch", OPT_INT, &batch, "64", "images per step", 1, 4096},
+        {"--lr", OPT_FLOAT, &lr, "1e-3", "Adam learning rate, decayed linearly to 0", 1e-8, 1.0},
+        {"--seed", OPT_INT, &seed, "0", "initialisation and batch seed", 0, 2147483647},
+        {"--test-data", OPT_STR, &test_data, NULL, "held-out images for the accuracy", 0, 0},
+        {"--test-labels", OPT_STR, &test_labels, NULL, "their IDX label file", 0, 0},
+        {"--test-n", OPT_INT, &test_n, "0", "score only the first N held-out images (0: all)",
+         0, 1e9},
+    };
+    clf_opts_n = (int)(sizeof opts / sizeof opts[0]);
+    memcpy(clf_opts_table, opts, sizeof opts);
+    int pr = parse_options("train-classifier", clf_opts_table, clf_opts_n, argc, argv, clf_help);
+    if (pr) return PARSED_EXIT(pr);
+    if (!data_path || !out) {
+        fprintf(stderr, "casdm train-classifier: --data and --out are required\n");
+        return 2;
+    }
+    Dataset d, td;
+    load_dataset(&d, data_path);
+    attach_labels(&d, labels, "--labels");
+    const Images *im = &d.img;
+    if (im->h != im->w || im->h % 4 || im->h > 1024)
+        fatal("--data '%s': images are %dx%d; square, a multiple of 4", data_path, im->h, im->w);
+    if (test_data) {
+        data_label = "--test-data";
+        load_dataset(&td, test_data);
+        attach_labels(&td, test_labels, "--test-labels");
+        if (td.img.c != im->c || td.img.h != im->h || td.img.w != im->w)
+            fatal("--test-data '%s' has %dx%dx%d images, --data %dx%dx%d", test_data, td.img.c,
+                  td.img.h, td.img.w, im->c, im->h, im->w);
+    }
+    Classifier c;
+    Rng rng;
+    rng_seed(&rng, (uint64_t)seed, 7);
+    classifier_init(&c, im->c, im->h);
+    classifier_init_random(&c, &rng);
+    Adam adam;
+    adam_init(&adam, c.params.total, (float)lr);
+    Graph g;
+    graph_init(&g, 0, 0);
+    size_t per = (size_t)im->c * im->h * im->w;
+    float *x = mallocCheck((size_t)batch * per * sizeof(float));
+    int *idx = mallocCheck((size_t)batch * sizeof(int)), *lab = mallocCheck((size_t)batch * sizeof(int));
+    int shape[4] = {batch, im->c, im->h, im->w};
+    Progress prog;
+    progress_start(&prog, isatty(2));
+    double loss_avg = 0.0;
+    char what[96];
+    for (int step = 1; step <= steps && !interrupted; step++) {
+        for (int b = 0; b < batch; b++) idx[b] = (int)rng_below(&rng, (uint32_t)im->n);
+        classifier_batch(im, idx, batch, x, lab);
+        graph_reset(&g);
+        Tensor *logits = classifier_forward(&g, &c, tensor_from(&g, 4, shape, x), NULL);
+        Tensor *loss = cross_entropy(&g, logits, lab);
+        params_zero_grad(&c.params);
+        graph_backward(&g, loss, NULL);
+        adam.lr = (float)(lr * (1.0 - (step - 1.0) / steps));  // linear decay to 0
+        adam_step(&adam, c.params.data, c.params.grad);
+        loss_avg = step == 1 ? loss->data[0] : 0.98 * loss_avg + 0.02 * loss->data[0];
+        snprintf(what, sizeof what, "step %d/%d, loss %.4f", step, steps, loss_avg);
+        progress_show(&prog, "img", (double)step * batch, (double)steps * batch, what);
+    }
+    progress_end(&prog);
+    graph_free(&g);
+    char err[600];
+    if (classifier_save(&c, out, err, sizeof err) != 0) fatal("--out: %s", err);
+    printf("wrote %s (%d steps of %d, loss %.4f)\n", out, steps, batch, loss_avg);
+    if (test_data) {
+        int n = test_n > 0 && test_n < td.img.n ? test_n : td.img.n;
+        printf("test accuracy %.2f%% (%d images of %s)\n", 100.0 * classifier_accuracy(&c, &td.img, n),
+               n, test_data);
+        images_free(&td.img);
+    }
+    fflush(stdout);
+    free(x); free(idx); free(lab);
+    adam_free(&adam);
+    classifier_free(&c);
+    images_free(&d.img);
+    return interrupted ? interrupted_status() : 0;
+}
+
+// ---------------------------------------------------------------------------
+// ---- casdm fid SAMPLES [REF] --weights FILE ----
+// Each side is images (a samples .npz with arr_0 uint8 (N,H,W[,C]), a
+// CIFAR-10 directory or .bin, an IDX file, an image folder) or statistics
+// (an .npz with mu and sigma, pytorch-fid's --save-stats layout, and
+// optionally mu_s / sigma_s for sFID, guided-diffusion's reference batches).
+// ---------------------------------------------------------------------------
+static Option fid_opts_table[8];
+static int fid_opts_n;
+
+static void fid_help(FILE *f) {
+    fputs(
+        "usage: casdm fid SAMPLES [REF] --weights inception.safetensors [options]\n\n"
+        "Prints FID and sFID between SAMPLES and REF and the inception score of SAMPLES, as\n"
+        "pytorch-fid / guided-diffusion's evaluator compute them (Inception-v3 with the FID\n"
+        "weights, images resized to 299x299). Each side is a samples .npz (arr_0, uint8\n"
+        "(N,H,W,C), as casdm sample writes), a CIFAR-10 directory or .bin file, an IDX file, a\n"
+        "folder of PNG/PPM/PGM images, or a statistics .npz (mu, sigma [, mu_s, sigma_s]).\n"
+        "Grey images are repeated to three channels. Weights: tools/convert_inception.py.\n\n"
+        "options:\n",
+        f);
+    usage_options(f, fid_opts_table, fid_opts_n);
+}
+
+typedef struct {
+    const char *path;
+    int have_spatial;           // mu_s / sigma_s known
+    double *mu, *sigma, *mu_s, *sigma_s;
+    int d;                      // feature dimensions of mu
+    long n;                     // images scored (0 for a statistics file)
+    float *logits;              // (n, 1008), for the inception score
+} FidSide;
+
+static int is_stats_npz(const char *path) {
+    return ends_with(path, ".npz") && npz_has(path, "mu");
+}
+
+// mu (d) and sigma (d, d) from a statistics file; d = 0 asks for any size
+static void read_stats_pair(const char *path, const char *mu_name, const char *sigma_name, int d,
+                            double **mu, double **sigma, int *dim) {
+    NpzArray m, s;
+    char err[600];
+    if (npz_read(path, mu_name, &m, err, sizeof err) != 0) fatal("%s", err);
+    if (npz_read(path, sigma_name, &s, err, sizeof err) != 0) fatal("%s", err);
+    if (m.kind == NPY_U8 || s.kind == NPY_U8)
+        fatal("'%s': %s and %s must be float arrays", path, mu_name, sigma_name);
+    if (m.ndim != 1 || m.shape[0] < 1 || m.shape[0] > 65536)
+        fatal("'%s': %s must be a vector, not of %d dimension(s)", path, mu_name, m.ndim);
+    int n = (int)m.shape[0];
+    if (s.ndim != 2 || s.shape[0] != n || s.shape[1] != n)
+        fatal("'%s': %s must be %dx%d to match %s", path, sigma_name, n, n, mu_name);
+    if (d && n != d)
+        fatal("'%s': %s has %d dimensions, the features have %d", path, mu_name, n, d);
+    *mu = m.f64;
+    *sigma = s.f64;
+    m.f64 = s.f64 = NULL;
+    *dim = n;
+    npz_free(&m);
+    npz_free(&s);
+}
+
+// images of one side -> uint8 (n, c, h, w); an npz's arr_0 is (N,H,W[,C])
+static void load_fid_images(const char *path, Images *im) {
+    memset(im, 0, sizeof *im);
+    if (!ends_with(path, ".npz")) {
+        Dataset d;
+        load_dataset(&d, path);
+        *im = d.img;
+        return;
+    }
+    NpzArray a;
+    char err[600];
+    if (npz_read(path, "arr_0", &a, err, sizeof err) != 0) fatal("%s", err);
+    int C = a.ndim == 4 ? (int)a.shape[3] : 1;
+    if (a.kind != NPY_U8 || (a.ndim != 3 && a.ndim != 4) || (C != 1 && C != 3))
+        fatal("'%s': arr_0 must be uint8 (N, H, W) or (N, H, W, 1 or 3)", path);
+    if (a.shape[1] < 1 || a.shape[2] < 1 || a.shape[1] > IMAGE_MAX_SIDE ||
+        a.shape[2] > IMAGE_MAX_SIDE || a.shape[0] > 0x7fffffff)
+        fatal("'%s': arr_0 has a bad shape", path);
+    im->n = (int)a.shape[0], im->h = (int)a.shape[1], im->w = (int)a.shape[2], im->c = C;
+    size_t hw = (size_t)im->h * im->w;
+    im->pixels = mallocCheck(a.count ? a.count : 1);
+    for (int i = 0; i < im->n; i++)  // HWC -> CHW
+        for (int c = 0; c < C; c++)
+            for (size_t p = 0; p < hw; p++)
+                im->pixels[((size_t)i * C + c) * hw + p] = a.u8[((size_t)i * hw + p) * C + c];
+    npz_free(&a);
+}
+
+// Inception features of every image of one side, streamed into the statistics
+// the features of the first B images from `first` of im with the classifier
+// (at the images' own size, in [-1, 1]; grey repeated for a colour network)
+static void classifier_features(Classifier *c, const Images *im, long first, int B, float *x,
+                                float *out) {
+    int S = c->size, C = c->channels;
+    size_t hw = (size_t)S * S;
+    for (int b = 0; b < B; b++)
+        for (int ch = 0; ch < C; ch++) {
+            const unsigned char *src =
+                im->pixels + ((size_t)(first + b) * im->c + (im->c == C ? ch : 0)) * hw;
+            for (size_t p = 0; p < hw; p++) x[((size_t)b * C + ch) * hw + p] = src[p] / 127.5f - 1.0f;
+        }
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.grad_enabled = 0;
+    int shape[4] = {B, C, S, S};
+    Tensor *f;
+    classifier_forward(&g, c, tensor_from(&g, 4, shape, x), &f);
+    memcpy(out, f->data, (size_t)B * CLF_FEATURES * sizeof(float));
+    graph_free(&g);
+}
+
+static void images_stats(FidSide *side, const Images *imp, const Inception *net, Classifier *clf,
+                         int batch, int want_logits, long n);
+
+static void score_images(FidSide *side, const Inception *net, Classifier *clf, int batch,
+                         int want_logits, int limit) {
+    Images im;
+    load_fid_images(side->path, &im);
+    long n = im.n;
+    if (limit > 0 && limit < n) n = limit;
+    images_stats(side, &im, net, clf, batch, want_logits, n);
+    images_free(&im);
+}
+
+// the statistics of the first n images of im: the classifier's features, or
+// Inception's pool_3 and sFID features (and logits for IS when asked)
+static void images_stats(FidSide *side, const Images *imp, const Inception *net, Classifier *clf,
+                         int batch, int want_logits, long n) {
+    const Images im = *imp;
+    if (n < 2) fatal("'%s': %ld image(s); a covariance needs at least 2", side->path, n);
+    if (clf && (im.h != clf->size || im.w != clf->size || (im.c == 3 && clf->channels == 1)))
+        fatal("'%s' has %dx%dx%d images; the classifier (--features) takes %dx%dx%d", side->path,
+              im.c, im.h, im.w, clf->channels, clf->size, clf->size);
+    size_t hw = (size_t)im.h * im.w;
+    if (clf) {  // FD-classifier: the 128 penultimate features, no sFID, no IS
+        float *x = mallocCheck((size_t)batch * clf->channels * hw * sizeof(float));
+        float *f = mallocCheck((size_t)batch * CLF_FEATURES * sizeof(float));
+        FeatStats fs;
+        featstats_init(&fs, CLF_FEATURES);
+        for (long done = 0; done < n && !interrupted; done += batch) {
+            int B = n - done < batch ? (int)(n - done) : batch;
+            classifier_features(clf, &im, done, B, x, f);
+            featstats_add(&fs, f, B);
+        }
+        if (interrupted) fatal("fid: interrupted");
+        side->n = n;
+        side->d = CLF_FEATURES;
+        side->mu = mallocCheck(CLF_FEATURES * sizeof(double));
+        side->sigma = mallocCheck((size_t)CLF_FEATURES * CLF_FEATURES * sizeof(double));
+        featstats_result(&fs, side->mu, side->sigma);
+        featstats_free(&fs);
+        free(x);
+        free(f);
+        return;
+    }
+    float *x = mallocCheck((size_t)batch * 3 * hw * sizeof(float));
+    float *pool3 = mallocCheck((size_t)batch * INCEPTION_POOL * sizeof(float));
+    float *spatial = mallocCheck((size_t)batch * INCEPTION_SPATIAL * sizeof(float));
+    side->logits = want_logits ? mallocCheck((size_t)n * INCEPTION_LOGITS * sizeof(float)) : NULL;
+    FeatStats fs, ss;
+    featstats_init(&fs, INCEPTION_POOL);
+    featstats_init(&ss, INCEPTION_SPATIAL);
+    Progress pr;
+    progress_start(&pr, side->path ? isatty(2) : -1);
+    char what[64];
+    snprintf(what, sizeof what, "Inception on %.40s", side->path ? side->path : "");
+    for (long done = 0; done < n && !interrupted; done += batch) {
+        int B = n - done < batch ? (int)(n - done) : batch;
+        for (int b = 0; b < B; b++)  // uint8 -> [0, 1] as ToTensor; grey to three channels
+            for (int c = 0; c < 3; c++) {
+                const unsigned char *src =
+                    im.pixels + ((size_t)(done + b) * im.c + (im.c == 3 ? c : 0)) * hw;
+                float *dst = x + ((size_t)b * 3 + c) * hw;
+                for (size_t p = 0; p < hw; p++) dst[p] = src[p] / 255.0f;
+            }
+        inception_forward(net, x, B, im.h, im.w, pool3, spatial,
+                          side->logits ? side->logits + (size_t)done * INCEPTION_LOGITS : NULL);
+        featstats_add(&fs, pool3, B);
+        featstats_add(&ss, spatial, B);
+        progress_show(&pr, "img", (double)(done + B), (double)n, what);
+    }
+    progress_end(&pr);
+    if (interrupted) fatal("fid: interrupted");
+    side->n = n;
+    side->d = INCEPTION_POOL;
+    side->have_spatial = 1;
+    side->mu = mallocCheck(INCEPTION_POOL * sizeof(double));
+    side->sigma = mallocCheck((size_t)INCEPTION_POOL * INCEPTION_POOL * sizeof(double));
+    side->mu_s = mallocCheck(INCEPTION_SPATIAL * sizeof(double));
+    side->sigma_s = mallocCheck((size_t)INCEPTION_SPATIAL * INCEPTION_SPATIAL * sizeof(double));
+    featstats_result(&fs, side->mu, side->sigma);
+    featstats_result(&ss, side->mu_s, side->sigma_s);
+    featstats_free(&fs);
+    featstats_free(&ss);
+    free(x);
+    free(pool3);
+    free(spatial);
+}
+
+static void load_fid_side(FidSide *side, const char *path, const Inception *net, Classifier *clf,
+                          int batch, int want_logits, int limit) {
+    memset(side, 0, sizeof *side);
+    side->path = path;
+    if (is_stats_npz(path)) {
+        read_stats_pair(path, "mu", "sigma", 0, &side->mu, &side->sigma, &side->d);
+        if (npz_has(path, "mu_s")) {
+            int ds;
+            read_stats_pair(path, "mu_s", "sigma_s", 0, &side->mu_s, &side->sigma_s, &ds);
+            side->have_spatial = ds == INCEPTION_SPATIAL;
+            if (!side->have_spatial)
+                fatal("'%s': mu_s has %d dimensions, sFID's features have %d", path, ds,
+                      INCEPTION_SPATIAL);
+        }
+        return;
+    }
+    if (!net && !clf) fatal("fid: '%s' holds images: --weights or --features is needed", path);
+    score_images(side, net, clf, batch, want_logits, limit);
+}
+
+static void free_fid_side(FidSide *s) {
+    free(s->mu); free(s->sigma); free(s->mu_s); free(s->sigma_s); free(s->logits);
+}
+
+static int cmd_fid(int argc, char **argv) {
+    const char *weights = NULL, *save_stats = NULL, *features = NULL;
+    int batch, limit, splits;
+    const Option opts[] = {
+        {"--weights", OPT_STR, &weights, NULL,
+         "Inception-v3 FID weights (safetensors from tools/convert_inception.py)", 0, 0},
+        {"--features", OPT_STR, &features, NULL,
+         "a classifier from casdm train-classifier: FD in its 128 features instead", 0, 0},
+        {"--save-stats", OPT_STR, &save_stats, NULL,
+         "write SAMPLES' mu, sigma, mu_s, sigma_s (float64) to this .npz", 0, 0},
+        {"--batch", OPT_INT, &batch, "50", "images per Inception forward", 1, 4096},
+        {"--n", OPT_INT, &limit, "0", "score only the first N images of each side (0: all)", 0,
+         1e9},
+        {"--splits", OPT_INT, &splits, "10", "inception score splits", 1, 1000},
+    };
+    fid_opts_n = (int)(sizeof opts / sizeof opts[0]);
+    memcpy(fid_opts_table, opts, sizeof opts);
+    const char *files[2];
+    int nf = 0, nr = 0;
+    char *rest[32];
+    for (int i = 0; i < argc; i++) {  // positional names; every option here takes a value
+        int is_value = i > 0 && argv[i - 1][0] == '-' && strcmp(argv[i - 1], "--help") != 0;
+        if (argv[i][0] != '-' && !is_value) {
+            if (nf == 2) {
+                fprintf(stderr, "casdm fid: more than two inputs ('%s')\n", argv[i]);
+                return 2;
+            }
+            files[nf++] = argv[i];
+        } else if (nr < 32) {
+            rest[nr++] = argv[i];
+        }
+    }
+    int pr = parse_options("fid", fid_opts_table, fid_opts_n, nr, rest, fid_help);
+    if (pr) return PARSED_EXIT(pr);
+    if (nf == 0 || (nf == 1 && !save_stats)) {
+        fprintf(stderr, "casdm fid: needs SAMPLES and REF, or SAMPLES and --save-stats "
+                        "(see casdm fid --help)\n");
+        return 2;
+    }
+    data_label = "casdm fid";
+    Inception net;
+    Classifier clf;
+    char err[600];
+    int have_net = 0, have_clf = 0, dim = INCEPTION_POOL;
+    if (weights && features) {
+        fprintf(stderr, "casdm fid: --weights or --features, not both\n");
+        return 2;
+    }
+    if (weights) {
+        if (inception_load(&net, weights, err, sizeof err) != 0) fatal("--weights: %s", err);
+        have_net = 1;
+    } else if (features) {
+        if (classifier_load(&clf, features, err, sizeof err) != 0) fatal("--features: %s", err);
+        have_clf = 1;
+        dim = CLF_FEATURES;
+    } else if (!is_stats_npz(files[0]) || (nf == 2 && !is_stats_npz(files[1]))) {
+        fprintf(stderr, "casdm fid: --weights (or --features) is needed to score images (see "
+                        "casdm fid --help)\n");
+        return 2;
+    }
+    FidSide side[2];
+    int stats[2] = {0, 0};
+    for (int k = 0; k < nf; k++) stats[k] = is_stats_npz(files[k]);
+    for (int k = 0; k < nf; k++)  // statistics first: a mismatch is found before any scoring
+        if (stats[k]) load_fid_side(&side[k], files[k], NULL, NULL, batch, 0, limit);
+    for (int k = 0; k < nf; k++)
+        if (stats[k] && side[k].d != dim && nf == 2 && !stats[1 - k])
+            fatal("'%s' has %d-dimensional statistics, %s %d: not the same features", files[k],
+                  side[k].d, have_clf ? "the classifier's features" : "Inception's pool_3", dim);
+    for (int k = 0; k < nf; k++)
+        if (!stats[k])
+            load_fid_side(&side[k], files[k], have_net ? &net : NULL, have_clf ? &clf : NULL,
+                          batch, k == 0 && !have_clf, limit);
+    int rc = 0;
+    if (save_stats) {
+        if (!side[0].have_spatial && side[0].n == 0 && !side[0].mu_s && !have_clf)
+            fprintf(stderr, "casdm fid: '%s' has no sFID statistics; writing mu and sigma only\n",
+                    files[0]);
+        int64_t d = side[0].d, ds = INCEPTION_SPATIAL;
+        NpzWrite w[4] = {{"mu", NPY_F64, 1, {d}, side[0].mu},
+                         {"sigma", NPY_F64, 2, {d, d}, side[0].sigma},
+                         {"mu_s", NPY_F64, 1, {ds}, side[0].mu_s},
+                         {"sigma_s", NPY_F64, 2, {ds, ds}, side[0].sigma_s}};
+        if (npz_write(save_stats, w, side[0].have_spatial ? 4 : 2, err, sizeof err) != 0)
+            fatal("--save-stats: %s", err);
+        fprintf(stderr, "casdm fid: wrote %s (%ld images)\n", save_stats, side[0].n);
+    }
+    if (nf == 2) {
+        if (side[0].d != side[1].d)
+            fatal("'%s' has %d-dimensional statistics, '%s' %d-dimensional: not the same features",
+                  files[0], side[0].d, files[1], side[1].d);
+        double fid, sfid;
+        if (frechet_distance(side[0].mu, side[0].sigma, side[1].mu, side[1].sigma, side[0].d,
+                             &fid) != 0)
+            fatal("fid: the eigenvalue iteration did not converge");
+        int clf_stats = side[0].d == CLF_FEATURES;
+        printf("%s %.4f\n", clf_stats ? "FD-classifier" : "FID  ", fid);
+        if (side[0].have_spatial && side[1].have_spatial &&
+            frechet_distance(side[0].mu_s, side[0].sigma_s, side[1].mu_s, side[1].sigma_s,
+                             INCEPTION_SPATIAL, &sfid) == 0)
+            printf("sFID  %.4f\n", sfid);
+        else if (!clf_stats)
+            printf("sFID  n/a (a statistics file without mu_s / sigma_s)\n");
+    }
+    if (side[0].logits) {
+        double mean, std;
+        if (side[0].n >= splits &&
+            inception_score(side[0].logits, (int)side[0].n, INCEPTION_LOGITS, splits, &mean,
+                            &std) == 0)
+            printf("IS    %.4f +- %.4f (%d splits of %ld images)\n", mean, std, splits,
+                   side[0].n);
+        else
+            printf("IS    n/a (%ld images for %d splits)\n", side[0].n, splits);
+    }
+    fflush(stdout);
+    for (int k = 0; k < nf; k++) free_fid_side(&side[k]);
+    if (have_net) inception_free(&net);
+    if (have_clf) classifier_free(&clf);
+    return rc;
+}
+
+
+// ---------------------------------------------------------------------------
+// ---- training-time evaluation: --eval-every N --eval-n M --eval-features FILE ----
+// M samples of the EMA weights (DDIM, --sample-steps, a fixed seed) scored
+// every N steps against the training data (its first --eval-ref-n images)
+// in the features of FILE: a classifier (FD-classifier) or Inception (FID).
+// DIR/eval.csv gets "step,fd"; the best step's checkpoint is
+// DIR/ckpt_best.safetensors (Cas-DM reports the best evaluated checkpoint).
+// ---------------------------------------------------------------------------
+typedef struct {
+    Inception net;
+    Classifier clf;
+    int is_clf;
+    FidSide ref;
+    double best;
+    char csv[4200], best_path[4200];
+} TrainEval;
+
+static void train_eval_open(TrainEval *e, const TrainOpts *o, const Images *data, long step) {
+    memset(e, 0, sizeof *e);
+    StFile f;
+    char err[600], fmt[64] = "";
+    if (st_read(o->eval_features, &f, err, sizeof err) != 0) fatal("--eval-features: %s", err);
+    st_meta(&f, "format", fmt, sizeof fmt);
+    st_free(&f);
+    e->is_clf = strcmp(fmt, "casdm-classifier-1") == 0;
+    if (e->is_clf ? classifier_load(&e->clf, o->eval_features, err, sizeof err)
+                  : inception_load(&e->net, o->eval_features, err, sizeof err))
+        fatal("--eval-features: %s", err);
+    if (e->is_clf && (e->clf.size != data->h || e->clf.channels != data->c))
+        fatal("--eval-features: the classifier takes %dx%dx%d images; --data has %dx%dx%d",
+              e->clf.channels, e->clf.size, e->clf.size, data->c, data->h, data->w);
+    long n = data->n < o->eval_ref_n ? data->n : o->eval_ref_n;
+    fprintf(stderr, "eval: reference statistics of %ld training images\n", n);
+    images_stats(&e->ref, data, e->is_clf ? NULL : &e->net, e->is_clf ? &e->clf : NULL, 50, 0, n);
+    snprintf(e->csv, sizeof e->csv, "%s/eval.csv", o->out);
+    snprintf(e->best_path, sizeof e->best_path, "%s/ckpt_best.safetensors", o->out);
+    e->best = INFINITY;
+    // a resumed run: its best so far from the rows up to its step
+    FILE *in = fopen(e->csv, "r");
+    if (in) {
+        long s;
+        double v;
+        char line[256];
+        while (fgets(line, sizeof line, in))
+            if (sscanf(line, "%ld,%lf", &s, &v) == 2 && s <= step && v < e->best) e->best = v;
+        fclose(in);
+    }
+}
+
+static void train_eval_run(TrainEval *e, Trainer *tr, Model *ema, const TrainOpts *o, int C,
+                           int S, int tty) {
+    memcpy(ema->theta.params.data, tr->ema_theta, tr->theta.params.total * sizeof(float));
+    if (tr->has_phi)
+        memcpy(ema->phi.params.data, tr->ema_phi, tr->phi.params.total * sizeof(float));
+    ema->sched = tr->sched;
+    int *kept = mallocCheck((size_t)tr->sched.T * sizeof *kept);
+    char err[600], spec[32];
+    snprintf(spec, sizeof spec, "%d", o->sample_steps < tr->sched.T ? o->sample_steps : tr->sched.T);
+    int nk = space_timesteps(tr->sched.T, spec, kept, err, sizeof err);
+    if (nk < 0) fatal("--sample-steps: %s", err);
+    Schedule rs;
+    schedule_respace(&rs, &tr->sched, kept, nk);
+    free(kept);
+    SampleConfig sc = {.kind = tr->kind, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1,
+                       .clip_x0 = ema->clip_x0};
+    Rng rng;
+    rng_seed(&rng, (uint64_t)o->seed, 11);  // the same noise at every evaluation
+    size_t hw = (size_t)S * S;
+    unsigned char *hwc = mallocCheck((size_t)o->eval_n * C * hw);
+    int rc = sample_images(ema, &sc, &rs, &rng, o->eval_n, 50, hwc, tty ? 1 : 0);
+    schedule_free(&rs);
+    if (rc != 0) {
+        free(hwc);
+        if (rc == 1) fprintf(stderr, "eval: NaN or Inf pixels at step %ld; not scored\n", tr->step);
+        return;
+    }
+    Images im = {o->eval_n, C, S, S, mallocCheck((size_t)o->eval_n * C * hw), NULL};
+    for (int i = 0; i < im.n; i++)  // (N,H,W,C) -> (N,C,H,W)
+        for (int c = 0; c < C; c++)
+            for (size_t p = 0; p < hw; p++)
+                im.pixels[((size_t)i * C + c) * hw + p] = hwc[((size_t)i * hw + p) * C + c];
+    free(hwc);
+    FidSide side = {0};
+    images_stats(&side, &im, e->is_clf ? NULL : &e->net, e->is_clf ? &e->clf : NULL, 50, 0, im.n);
+    images_free(&im);
+    double fd;
+    if (frechet_distance(side.mu, side.sigma, e->ref.mu, e->ref.sigma, side.d, &fd) != 0)
+        fatal("eval: the eigenvalue iteration did not converge");
+    free_fid_side(&side);
+    FILE *out = fopen(e->csv, "a");
+    if (!out || fprintf(out, "%ld,%.6g\n", tr->step, fd) < 0 || fclose(out) != 0)
+        fatal("eval: cannot append to %s", e->csv);
+    int better = fd < e->best;
+    fprintf(stderr, "eval: step %ld, %s %.4f%s\n", tr->step, e->is_clf ? "FD-classifier" : "FID",
+            fd, better ? " (best so far)" : "");
+    if (better) {
+        e->best = fd;
+        if (save_checkpoint(tr, o, e->best_path, err, sizeof err) != 0) fatal("eval: %s", err);
+    }
+}
+
+static void train_eval_close(TrainEval *e) {
+    free_fid_side(&e->ref);
+    if (e->is_clf) classifier_free(&e->clf);
+    else inception_free(&e->net);
 }
 
 static int cmd_train(int argc, char **argv) {
@@ -1241,6 +1872,8 @@ static int cmd_train(int argc, char **argv) {
     g.training = 1;
     float *x0buf = mallocCheck((size_t)o.batch * im->c * im->h * im->w * sizeof(float));
     int *t = mallocCheck((size_t)o.batch * sizeof(int));
+    TrainEval ev;
+    if (o.eval_every > 0) train_eval_open(&ev, &o, im, tr.step);
     Fault fault = fault_from_env();
     catch_signals();
     int timed_out = 0;
@@ -1262,6 +1895,10 @@ static int cmd_train(int argc, char **argv) {
             if (run.tty) fprintf(stderr, "\n");
             train_sample_grid(&tr, &ema, &o, im->c, im->h, run.tty);
         }
+        if (o.eval_every > 0 && tr.step % o.eval_every == 0 && !interrupted) {
+            if (run.tty) fprintf(stderr, "\n");
+            train_eval_run(&ev, &tr, &ema, &o, im->c, im->h, run.tty);
+        }
     }
     if (run.tty) fprintf(stderr, "\n");
     // (a signal during a periodic save: that one holds this step already; a
@@ -1275,6 +1912,7 @@ static int cmd_train(int argc, char **argv) {
                 tr.step, run.ckpt);
     if (o.sample_n > 0 && !interrupted) train_sample_grid(&tr, &ema, &o, im->c, im->h, run.tty);
     run_close(&run);
+    if (o.eval_every > 0) train_eval_close(&ev);
     ema_model_free(&ema, &o);
     free(x0buf);
     free(t);
@@ -1820,504 +2458,6 @@ static int cmd_plot(int argc, char **argv) {
     }
     free(runs);
     free(labels);
-    return rc;
-}
-
-// ---------------------------------------------------------------------------
-// ---- casdm train-classifier --data PATH [--labels PATH] --out FILE ----
-// fid.c's FD-classifier network trained with Adam on cross-entropy; the
-// test accuracy is printed when --test-data is given
-// ---------------------------------------------------------------------------
-static Option clf_opts_table[12];
-static int clf_opts_n;
-
-static void clf_help(FILE *f) {
-    fputs(
-        "usage: casdm train-classifier --data PATH [--labels PATH] --out clf.safetensors [options]\n\n"
-        "Trains the small CNN whose penultimate features `casdm fid --features` uses (the\n"
-        "FD-classifier). --data: an IDX image file with --labels its IDX label file\n"
-        "(train-labels-idx1-ubyte), or CIFAR-10 (labels from the records).\n\noptions:\n",
-        f);
-    usage_options(f, clf_opts_table, clf_opts_n);
-}
-
-// the labels of a data set: from --labels (IDX) or the data's own (CIFAR)
-static void attach_labels(Dataset *d, const char *labels, const char *flag) {
-    if (labels) {
-        char err[600];
-        size_t size;
-        unsigned char *b = read_file(labels, DATA_MAX_FILE, &size, err, sizeof err);
-        if (!b || idx_labels_decode(b, size, labels, &d->img, err, sizeof err) != 0)
-            fatal("%s: %s", flag, err);
-        free(b);
-    }
-    if (!d->img.labels)
-        fatal("'%s' has no labels: give them with %s (an IDX label file)", d->source, flag);
-    for (int i = 0; i < d->img.n; i++)
-        if (d->img.labels[i] >= CLF_CLASSES)
-            fatal("%s: label %d of image %d is outside 0..%d", labels ? labels : d->source,
-                  d->img.labels[i], i, CLF_CLASSES - 1);
-}
-
-// images idx[0..B) of im -> x (B, C, S, S) in [-1, 1] and their labels
-static void classifier_batch(const Images *im, const int *idx, int B, float *x, int *labels) {
-    size_t per = (size_t)im->c * im->h * im->w;
-    for (int b = 0; b < B; b++) {
-        const unsigned char *src = im->pixels + (size_t)idx[b] * per;
-        for (size_t k = 0; k < per; k++) x[(size_t)b * per + k] = src[k] / 127.5f - 1.0f;
-        if (labels) labels[b] = im->labels[idx[b]];
-    }
-}
-
-// the share of the first n images of im the classifier labels right
-static double classifier_accuracy(Classifier *c, const Images *im, int n) {
-    Graph g;
-    graph_init(&g, 0, 0);
-    g.grad_enabled = 0;
-    int B = 100, right = 0, shape[4] = {0, im->c, im->h, im->w};
-    float *x = mallocCheck((size_t)B * im->c * im->h * im->w * sizeof(float));
-    int *idx = mallocCheck((size_t)B * sizeof(int)), *lab = mallocCheck((size_t)B * sizeof(int));
-    for (int i0 = 0; i0 < n; i0 += B) {
-        int nb = n - i0 < B ? n - i0 : B;
-        for (int b = 0; b < nb; b++) idx[b] = i0 + b;
-        classifier_batch(im, idx, nb, x, lab);
-        graph_reset(&g);
-        shape[0] = nb;
-        Tensor *logits = classifier_forward(&g, c, tensor_from(&g, 4, shape, x), NULL);
-        for (int b = 0; b < nb; b++) {
-            const float *l = logits->data + (size_t)b * CLF_CLASSES;
-            int best = 0;
-            for (int k = 1; k < CLF_CLASSES; k++) best = l[k] > l[best] ? k : best;
-            right += best == lab[b];
-        }
-    }
-    graph_free(&g);
-    free(x); free(idx); free(lab);
-    return n ? (double)right / n : 0.0;
-}
-
-static int cmd_train_classifier(int argc, char **argv) {
-    const char *data_path = NULL, *labels = NULL, *out = NULL, *test_data = NULL,
-               *test_labels = NULL;
-    int steps, batch, seed, test_n;
-    double lr;
-    const Option opts[] = {
-        {"--data", OPT_STR, &data_path, NULL, "training images (IDX or CIFAR-10)", 0, 0},
-        {"--labels", OPT_STR, &labels, NULL, "their IDX label file (IDX data)", 0, 0},
-        {"--out", OPT_STR, &out, NULL, "the classifier to write (safetensors)", 0, 0},
-        {"--steps", OPT_INT, &steps, "2000", "Adam steps", 1, 10000000},
-        {"--batch", OPT_INT, &batch, "64", "images per step", 1, 4096},
-        {"--lr", OPT_FLOAT, &lr, "1e-3", "Adam learning rate, decayed linearly to 0", 1e-8, 1.0},
-        {"--seed", OPT_INT, &seed, "0", "initialisation and batch seed", 0, 2147483647},
-        {"--test-data", OPT_STR, &test_data, NULL, "held-out images for the accuracy", 0, 0},
-        {"--test-labels", OPT_STR, &test_labels, NULL, "their IDX label file", 0, 0},
-        {"--test-n", OPT_INT, &test_n, "0", "score only the first N held-out images (0: all)",
-         0, 1e9},
-    };
-    clf_opts_n = (int)(sizeof opts / sizeof opts[0]);
-    memcpy(clf_opts_table, opts, sizeof opts);
-    int pr = parse_options("train-classifier", clf_opts_table, clf_opts_n, argc, argv, clf_help);
-    if (pr) return PARSED_EXIT(pr);
-    if (!data_path || !out) {
-        fprintf(stderr, "casdm train-classifier: --data and --out are required\n");
-        return 2;
-    }
-    Dataset d, td;
-    load_dataset(&d, data_path);
-    attach_labels(&d, labels, "--labels");
-    const Images *im = &d.img;
-    if (im->h != im->w || im->h % 4 || im->h > 1024)
-        fatal("--data '%s': images are %dx%d; square, a multiple of 4", data_path, im->h, im->w);
-    if (test_data) {
-        data_label = "--test-data";
-        load_dataset(&td, test_data);
-        attach_labels(&td, test_labels, "--test-labels");
-        if (td.img.c != im->c || td.img.h != im->h || td.img.w != im->w)
-            fatal("--test-data '%s' has %dx%dx%d images, --data %dx%dx%d", test_data, td.img.c,
-                  td.img.h, td.img.w, im->c, im->h, im->w);
-    }
-    Classifier c;
-    Rng rng;
-    rng_seed(&rng, (uint64_t)seed, 7);
-    classifier_init(&c, im->c, im->h);
-    classifier_init_random(&c, &rng);
-    Adam adam;
-    adam_init(&adam, c.params.total, (float)lr);
-    Graph g;
-    graph_init(&g, 0, 0);
-    size_t per = (size_t)im->c * im->h * im->w;
-    float *x = mallocCheck((size_t)batch * per * sizeof(float));
-    int *idx = mallocCheck((size_t)batch * sizeof(int)), *lab = mallocCheck((size_t)batch * sizeof(int));
-    int shape[4] = {batch, im->c, im->h, im->w};
-    Progress prog;
-    progress_start(&prog, isatty(2));
-    double loss_avg = 0.0;
-    char what[96];
-    for (int step = 1; step <= steps && !interrupted; step++) {
-        for (int b = 0; b < batch; b++) idx[b] = (int)rng_below(&rng, (uint32_t)im->n);
-        classifier_batch(im, idx, batch, x, lab);
-        graph_reset(&g);
-        Tensor *logits = classifier_forward(&g, &c, tensor_from(&g, 4, shape, x), NULL);
-        Tensor *loss = cross_entropy(&g, logits, lab);
-        params_zero_grad(&c.params);
-        graph_backward(&g, loss, NULL);
-        adam.lr = (float)(lr * (1.0 - (step - 1.0) / steps));  // linear decay to 0
-        adam_step(&adam, c.params.data, c.params.grad);
-        loss_avg = step == 1 ? loss->data[0] : 0.98 * loss_avg + 0.02 * loss->data[0];
-        snprintf(what, sizeof what, "step %d/%d, loss %.4f", step, steps, loss_avg);
-        progress_show(&prog, "img", (double)step * batch, (double)steps * batch, what);
-    }
-    progress_end(&prog);
-    graph_free(&g);
-    char err[600];
-    if (classifier_save(&c, out, err, sizeof err) != 0) fatal("--out: %s", err);
-    printf("wrote %s (%d steps of %d, loss %.4f)\n", out, steps, batch, loss_avg);
-    if (test_data) {
-        int n = test_n > 0 && test_n < td.img.n ? test_n : td.img.n;
-        printf("test accuracy %.2f%% (%d images of %s)\n", 100.0 * classifier_accuracy(&c, &td.img, n),
-               n, test_data);
-        images_free(&td.img);
-    }
-    fflush(stdout);
-    free(x); free(idx); free(lab);
-    adam_free(&adam);
-    classifier_free(&c);
-    images_free(&d.img);
-    return interrupted ? interrupted_status() : 0;
-}
-
-// ---------------------------------------------------------------------------
-// ---- casdm fid SAMPLES [REF] --weights FILE ----
-// Each side is images (a samples .npz with arr_0 uint8 (N,H,W[,C]), a
-// CIFAR-10 directory or .bin, an IDX file, an image folder) or statistics
-// (an .npz with mu and sigma, pytorch-fid's --save-stats layout, and
-// optionally mu_s / sigma_s for sFID, guided-diffusion's reference batches).
-// ---------------------------------------------------------------------------
-static Option fid_opts_table[8];
-static int fid_opts_n;
-
-static void fid_help(FILE *f) {
-    fputs(
-        "usage: casdm fid SAMPLES [REF] --weights inception.safetensors [options]\n\n"
-        "Prints FID and sFID between SAMPLES and REF and the inception score of SAMPLES, as\n"
-        "pytorch-fid / guided-diffusion's evaluator compute them (Inception-v3 with the FID\n"
-        "weights, images resized to 299x299). Each side is a samples .npz (arr_0, uint8\n"
-        "(N,H,W,C), as casdm sample writes), a CIFAR-10 directory or .bin file, an IDX file, a\n"
-        "folder of PNG/PPM/PGM images, or a statistics .npz (mu, sigma [, mu_s, sigma_s]).\n"
-        "Grey images are repeated to three channels. Weights: tools/convert_inception.py.\n\n"
-        "options:\n",
-        f);
-    usage_options(f, fid_opts_table, fid_opts_n);
-}
-
-typedef struct {
-    const char *path;
-    int have_spatial;           // mu_s / sigma_s known
-    double *mu, *sigma, *mu_s, *sigma_s;
-    int d;                      // feature dimensions of mu
-    long n;                     // images scored (0 for a statistics file)
-    float *logits;              // (n, 1008), for the inception score
-} FidSide;
-
-static int is_stats_npz(const char *path) {
-    return ends_with(path, ".npz") && npz_has(path, "mu");
-}
-
-// mu (d) and sigma (d, d) from a statistics file; d = 0 asks for any size
-static void read_stats_pair(const char *path, const char *mu_name, const char *sigma_name, int d,
-                            double **mu, double **sigma, int *dim) {
-    NpzArray m, s;
-    char err[600];
-    if (npz_read(path, mu_name, &m, err, sizeof err) != 0) fatal("%s", err);
-    if (npz_read(path, sigma_name, &s, err, sizeof err) != 0) fatal("%s", err);
-    if (m.kind == NPY_U8 || s.kind == NPY_U8)
-        fatal("'%s': %s and %s must be float arrays", path, mu_name, sigma_name);
-    if (m.ndim != 1 || m.shape[0] < 1 || m.shape[0] > 65536)
-        fatal("'%s': %s must be a vector, not of %d dimension(s)", path, mu_name, m.ndim);
-    int n = (int)m.shape[0];
-    if (s.ndim != 2 || s.shape[0] != n || s.shape[1] != n)
-        fatal("'%s': %s must be %dx%d to match %s", path, sigma_name, n, n, mu_name);
-    if (d && n != d)
-        fatal("'%s': %s has %d dimensions, the features have %d", path, mu_name, n, d);
-    *mu = m.f64;
-    *sigma = s.f64;
-    m.f64 = s.f64 = NULL;
-    *dim = n;
-    npz_free(&m);
-    npz_free(&s);
-}
-
-// images of one side -> uint8 (n, c, h, w); an npz's arr_0 is (N,H,W[,C])
-static void load_fid_images(const char *path, Images *im) {
-    memset(im, 0, sizeof *im);
-    if (!ends_with(path, ".npz")) {
-        Dataset d;
-        load_dataset(&d, path);
-        *im = d.img;
-        return;
-    }
-    NpzArray a;
-    char err[600];
-    if (npz_read(path, "arr_0", &a, err, sizeof err) != 0) fatal("%s", err);
-    int C = a.ndim == 4 ? (int)a.shape[3] : 1;
-    if (a.kind != NPY_U8 || (a.ndim != 3 && a.ndim != 4) || (C != 1 && C != 3))
-        fatal("'%s': arr_0 must be uint8 (N, H, W) or (N, H, W, 1 or 3)", path);
-    if (a.shape[1] < 1 || a.shape[2] < 1 || a.shape[1] > IMAGE_MAX_SIDE ||
-        a.shape[2] > IMAGE_MAX_SIDE || a.shape[0] > 0x7fffffff)
-        fatal("'%s': arr_0 has a bad shape", path);
-    im->n = (int)a.shape[0], im->h = (int)a.shape[1], im->w = (int)a.shape[2], im->c = C;
-    size_t hw = (size_t)im->h * im->w;
-    im->pixels = mallocCheck(a.count ? a.count : 1);
-    for (int i = 0; i < im->n; i++)  // HWC -> CHW
-        for (int c = 0; c < C; c++)
-            for (size_t p = 0; p < hw; p++)
-                im->pixels[((size_t)i * C + c) * hw + p] = a.u8[((size_t)i * hw + p) * C + c];
-    npz_free(&a);
-}
-
-// Inception features of every image of one side, streamed into the statistics
-// the features of the first B images from `first` of im with the classifier
-// (at the images' own size, in [-1, 1]; grey repeated for a colour network)
-static void classifier_features(Classifier *c, const Images *im, long first, int B, float *x,
-                                float *out) {
-    int S = c->size, C = c->channels;
-    size_t hw = (size_t)S * S;
-    for (int b = 0; b < B; b++)
-        for (int ch = 0; ch < C; ch++) {
-            const unsigned char *src =
-                im->pixels + ((size_t)(first + b) * im->c + (im->c == C ? ch : 0)) * hw;
-            for (size_t p = 0; p < hw; p++) x[((size_t)b * C + ch) * hw + p] = src[p] / 127.5f - 1.0f;
-        }
-    Graph g;
-    graph_init(&g, 0, 0);
-    g.grad_enabled = 0;
-    int shape[4] = {B, C, S, S};
-    Tensor *f;
-    classifier_forward(&g, c, tensor_from(&g, 4, shape, x), &f);
-    memcpy(out, f->data, (size_t)B * CLF_FEATURES * sizeof(float));
-    graph_free(&g);
-}
-
-static void score_images(FidSide *side, const Inception *net, Classifier *clf, int batch,
-                         int want_logits, int limit) {
-    Images im;
-    load_fid_images(side->path, &im);
-    long n = im.n;
-    if (limit > 0 && limit < n) n = limit;
-    if (n < 2) fatal("'%s': %ld image(s); a covariance needs at least 2", side->path, n);
-    if (clf && (im.h != clf->size || im.w != clf->size || (im.c == 3 && clf->channels == 1)))
-        fatal("'%s' has %dx%dx%d images; the classifier (--features) takes %dx%dx%d", side->path,
-              im.c, im.h, im.w, clf->channels, clf->size, clf->size);
-    size_t hw = (size_t)im.h * im.w;
-    if (clf) {  // FD-classifier: the 128 penultimate features, no sFID, no IS
-        float *x = mallocCheck((size_t)batch * clf->channels * hw * sizeof(float));
-        float *f = mallocCheck((size_t)batch * CLF_FEATURES * sizeof(float));
-        FeatStats fs;
-        featstats_init(&fs, CLF_FEATURES);
-        for (long done = 0; done < n && !interrupted; done += batch) {
-            int B = n - done < batch ? (int)(n - done) : batch;
-            classifier_features(clf, &im, done, B, x, f);
-            featstats_add(&fs, f, B);
-        }
-        if (interrupted) fatal("fid: interrupted");
-        side->n = n;
-        side->d = CLF_FEATURES;
-        side->mu = mallocCheck(CLF_FEATURES * sizeof(double));
-        side->sigma = mallocCheck((size_t)CLF_FEATURES * CLF_FEATURES * sizeof(double));
-        featstats_result(&fs, side->mu, side->sigma);
-        featstats_free(&fs);
-        free(x);
-        free(f);
-        images_free(&im);
-        return;
-    }
-    float *x = mallocCheck((size_t)batch * 3 * hw * sizeof(float));
-    float *pool3 = mallocCheck((size_t)batch * INCEPTION_POOL * sizeof(float));
-    float *spatial = mallocCheck((size_t)batch * INCEPTION_SPATIAL * sizeof(float));
-    side->logits = want_logits ? mallocCheck((size_t)n * INCEPTION_LOGITS * sizeof(float)) : NULL;
-    FeatStats fs, ss;
-    featstats_init(&fs, INCEPTION_POOL);
-    featstats_init(&ss, INCEPTION_SPATIAL);
-    Progress pr;
-    progress_start(&pr, isatty(2));
-    char what[64];
-    snprintf(what, sizeof what, "Inception on %.40s", side->path);
-    for (long done = 0; done < n && !interrupted; done += batch) {
-        int B = n - done < batch ? (int)(n - done) : batch;
-        for (int b = 0; b < B; b++)  // uint8 -> [0, 1] as ToTensor; grey to three channels
-            for (int c = 0; c < 3; c++) {
-                const unsigned char *src =
-                    im.pixels + ((size_t)(done + b) * im.c + (im.c == 3 ? c : 0)) * hw;
-                float *dst = x + ((size_t)b * 3 + c) * hw;
-                for (size_t p = 0; p < hw; p++) dst[p] = src[p] / 255.0f;
-            }
-        inception_forward(net, x, B, im.h, im.w, pool3, spatial,
-                          side->logits ? side->logits + (size_t)done * INCEPTION_LOGITS : NULL);
-        featstats_add(&fs, pool3, B);
-        featstats_add(&ss, spatial, B);
-        progress_show(&pr, "img", (double)(done + B), (double)n, what);
-    }
-    progress_end(&pr);
-    if (interrupted) fatal("fid: interrupted");
-    side->n = n;
-    side->d = INCEPTION_POOL;
-    side->have_spatial = 1;
-    side->mu = mallocCheck(INCEPTION_POOL * sizeof(double));
-    side->sigma = mallocCheck((size_t)INCEPTION_POOL * INCEPTION_POOL * sizeof(double));
-    side->mu_s = mallocCheck(INCEPTION_SPATIAL * sizeof(double));
-    side->sigma_s = mallocCheck((size_t)INCEPTION_SPATIAL * INCEPTION_SPATIAL * sizeof(double));
-    featstats_result(&fs, side->mu, side->sigma);
-    featstats_result(&ss, side->mu_s, side->sigma_s);
-    featstats_free(&fs);
-    featstats_free(&ss);
-    free(x);
-    free(pool3);
-    free(spatial);
-    images_free(&im);
-}
-
-static void load_fid_side(FidSide *side, const char *path, const Inception *net, Classifier *clf,
-                          int batch, int want_logits, int limit) {
-    memset(side, 0, sizeof *side);
-    side->path = path;
-    if (is_stats_npz(path)) {
-        read_stats_pair(path, "mu", "sigma", 0, &side->mu, &side->sigma, &side->d);
-        if (npz_has(path, "mu_s")) {
-            int ds;
-            read_stats_pair(path, "mu_s", "sigma_s", 0, &side->mu_s, &side->sigma_s, &ds);
-            side->have_spatial = ds == INCEPTION_SPATIAL;
-            if (!side->have_spatial)
-                fatal("'%s': mu_s has %d dimensions, sFID's features have %d", path, ds,
-                      INCEPTION_SPATIAL);
-        }
-        return;
-    }
-    if (!net && !clf) fatal("fid: '%s' holds images: --weights or --features is needed", path);
-    score_images(side, net, clf, batch, want_logits, limit);
-}
-
-static void free_fid_side(FidSide *s) {
-    free(s->mu); free(s->sigma); free(s->mu_s); free(s->sigma_s); free(s->logits);
-}
-
-static int cmd_fid(int argc, char **argv) {
-    const char *weights = NULL, *save_stats = NULL, *features = NULL;
-    int batch, limit, splits;
-    const Option opts[] = {
-        {"--weights", OPT_STR, &weights, NULL,
-         "Inception-v3 FID weights (safetensors from tools/convert_inception.py)", 0, 0},
-        {"--features", OPT_STR, &features, NULL,
-         "a classifier from casdm train-classifier: FD in its 128 features instead", 0, 0},
-        {"--save-stats", OPT_STR, &save_stats, NULL,
-         "write SAMPLES' mu, sigma, mu_s, sigma_s (float64) to this .npz", 0, 0},
-        {"--batch", OPT_INT, &batch, "50", "images per Inception forward", 1, 4096},
-        {"--n", OPT_INT, &limit, "0", "score only the first N images of each side (0: all)", 0,
-         1e9},
-        {"--splits", OPT_INT, &splits, "10", "inception score splits", 1, 1000},
-    };
-    fid_opts_n = (int)(sizeof opts / sizeof opts[0]);
-    memcpy(fid_opts_table, opts, sizeof opts);
-    const char *files[2];
-    int nf = 0, nr = 0;
-    char *rest[32];
-    for (int i = 0; i < argc; i++) {  // positional names; every option here takes a value
-        int is_value = i > 0 && argv[i - 1][0] == '-' && strcmp(argv[i - 1], "--help") != 0;
-        if (argv[i][0] != '-' && !is_value) {
-            if (nf == 2) {
-                fprintf(stderr, "casdm fid: more than two inputs ('%s')\n", argv[i]);
-                return 2;
-            }
-            files[nf++] = argv[i];
-        } else if (nr < 32) {
-            rest[nr++] = argv[i];
-        }
-    }
-    int pr = parse_options("fid", fid_opts_table, fid_opts_n, nr, rest, fid_help);
-    if (pr) return PARSED_EXIT(pr);
-    if (nf == 0 || (nf == 1 && !save_stats)) {
-        fprintf(stderr, "casdm fid: needs SAMPLES and REF, or SAMPLES and --save-stats "
-                        "(see casdm fid --help)\n");
-        return 2;
-    }
-    data_label = "casdm fid";
-    Inception net;
-    Classifier clf;
-    char err[600];
-    int have_net = 0, have_clf = 0, dim = INCEPTION_POOL;
-    if (weights && features) {
-        fprintf(stderr, "casdm fid: --weights or --features, not both\n");
-        return 2;
-    }
-    if (weights) {
-        if (inception_load(&net, weights, err, sizeof err) != 0) fatal("--weights: %s", err);
-        have_net = 1;
-    } else if (features) {
-        if (classifier_load(&clf, features, err, sizeof err) != 0) fatal("--features: %s", err);
-        have_clf = 1;
-        dim = CLF_FEATURES;
-    } else if (!is_stats_npz(files[0]) || (nf == 2 && !is_stats_npz(files[1]))) {
-        fprintf(stderr, "casdm fid: --weights (or --features) is needed to score images (see "
-                        "casdm fid --help)\n");
-        return 2;
-    }
-    FidSide side[2];
-    int stats[2] = {0, 0};
-    for (int k = 0; k < nf; k++) stats[k] = is_stats_npz(files[k]);
-    for (int k = 0; k < nf; k++)  // statistics first: a mismatch is found before any scoring
-        if (stats[k]) load_fid_side(&side[k], files[k], NULL, NULL, batch, 0, limit);
-    for (int k = 0; k < nf; k++)
-        if (stats[k] && side[k].d != dim && nf == 2 && !stats[1 - k])
-            fatal("'%s' has %d-dimensional statistics, %s %d: not the same features", files[k],
-                  side[k].d, have_clf ? "the classifier's features" : "Inception's pool_3", dim);
-    for (int k = 0; k < nf; k++)
-        if (!stats[k])
-            load_fid_side(&side[k], files[k], have_net ? &net : NULL, have_clf ? &clf : NULL,
-                          batch, k == 0 && !have_clf, limit);
-    int rc = 0;
-    if (save_stats) {
-        if (!side[0].have_spatial && side[0].n == 0 && !side[0].mu_s && !have_clf)
-            fprintf(stderr, "casdm fid: '%s' has no sFID statistics; writing mu and sigma only\n",
-                    files[0]);
-        int64_t d = side[0].d, ds = INCEPTION_SPATIAL;
-        NpzWrite w[4] = {{"mu", NPY_F64, 1, {d}, side[0].mu},
-                         {"sigma", NPY_F64, 2, {d, d}, side[0].sigma},
-                         {"mu_s", NPY_F64, 1, {ds}, side[0].mu_s},
-                         {"sigma_s", NPY_F64, 2, {ds, ds}, side[0].sigma_s}};
-        if (npz_write(save_stats, w, side[0].have_spatial ? 4 : 2, err, sizeof err) != 0)
-            fatal("--save-stats: %s", err);
-        fprintf(stderr, "casdm fid: wrote %s (%ld images)\n", save_stats, side[0].n);
-    }
-    if (nf == 2) {
-        if (side[0].d != side[1].d)
-            fatal("'%s' has %d-dimensional statistics, '%s' %d-dimensional: not the same features",
-                  files[0], side[0].d, files[1], side[1].d);
-        double fid, sfid;
-        if (frechet_distance(side[0].mu, side[0].sigma, side[1].mu, side[1].sigma, side[0].d,
-                             &fid) != 0)
-            fatal("fid: the eigenvalue iteration did not converge");
-        int clf_stats = side[0].d == CLF_FEATURES;
-        printf("%s %.4f\n", clf_stats ? "FD-classifier" : "FID  ", fid);
-        if (side[0].have_spatial && side[1].have_spatial &&
-            frechet_distance(side[0].mu_s, side[0].sigma_s, side[1].mu_s, side[1].sigma_s,
-                             INCEPTION_SPATIAL, &sfid) == 0)
-            printf("sFID  %.4f\n", sfid);
-        else if (!clf_stats)
-            printf("sFID  n/a (a statistics file without mu_s / sigma_s)\n");
-    }
-    if (side[0].logits) {
-        double mean, std;
-        if (side[0].n >= splits &&
-            inception_score(side[0].logits, (int)side[0].n, INCEPTION_LOGITS, splits, &mean,
-                            &std) == 0)
-            printf("IS    %.4f +- %.4f (%d splits of %ld images)\n", mean, std, splits,
-                   side[0].n);
-        else
-            printf("IS    n/a (%ld images for %d splits)\n", side[0].n, splits);
-    }
-    fflush(stdout);
-    for (int k = 0; k < nf; k++) free_fid_side(&side[k]);
-    if (have_net) inception_free(&net);
-    if (have_clf) classifier_free(&clf);
     return rc;
 }
 

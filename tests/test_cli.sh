@@ -225,6 +225,21 @@ else
     fail "casdm fid --features"; sed 's/^/  /' "$dir/fdc0.out" "$dir/fdc1.out" "$dir/fdc2.err"
 fi
 
+# training-time evaluation: FD-classifier of 8 EMA samples every 2 steps in
+# eval.csv, the best checkpoint kept and loadable; --eval-every alone refused
+if ./casdm train --data "$dir/clf-train-idx3-ubyte" --model ddpm-eps --ch 32 --res 1 --attn 16 --batch 2 --T 100 \
+       --log-every 1 --sample-n 0 --steps 4 --eval-every 2 --eval-n 8 --eval-features "$dir/clf.safetensors" \
+       --sample-steps 2 --eval-ref-n 50 --out "$dir/evalrun" 2>"$dir/evalrun.err" &&
+   [ "$(cut -d, -f1 "$dir/evalrun/eval.csv" | tr '\n' ' ')" = "2 4 " ] &&
+   [ "$(grep -c '^eval: step [24], FD-classifier [0-9.]*' "$dir/evalrun.err")" -eq 2 ] &&
+   ./casdm sample --ckpt "$dir/evalrun/ckpt_best.safetensors" --n 1 --steps 1 --out "$dir/evalrun/s" 2>/dev/null >/dev/null &&
+   ! ./casdm train --data "$dir/clf-train-idx3-ubyte" --eval-every 2 --out "$dir/evalbad" 2>"$dir/evalbad.err" &&
+   grep -q -- "--eval-every needs --eval-features" "$dir/evalbad.err"; then
+    pass "casdm train --eval-every: eval.csv at steps 2 and 4, ckpt_best.safetensors loads; --eval-features required"
+else
+    fail "casdm train --eval-every"; sed 's/^/  /' "$dir/evalrun.err" "$dir/evalrun/eval.csv" "$dir/evalbad.err"
+fi
+
 # build/lpips_test.safetensors holds the test weights test_unet wrote.
 w=build/lpips_test.safetensors
 d0=$(./casdm lpips tests/goldens/image.png tests/goldens/image.ppm --weights $w --size 32 2>"$dir/lp.err")
