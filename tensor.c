@@ -2288,22 +2288,7 @@ static int in_image(int v, int size) { return v >= 0 && v < size; }
 
 void conv2d_forward_ref(float *out, const float *inp, const float *weight, const float *bias,
                         int N, int C, int H, int W, int OC, int K, int stride, int pad) {
-    int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
-    for (int n = 0; n < N; n++)
-        for (int o = 0; o < OC; o++)
-            for (int y = 0; y < OH; y++)
-                for (int x = 0; x < OW; x++) {
-                    double acc = bias ? bias[o] : 0.0;
-                    for (int c = 0; c < C; c++)
-                        for (int i = 0; i < K; i++)
-                            for (int j = 0; j < K; j++) {
-                                int iy = y * stride - pad + i, ix = x * stride - pad + j;
-                                if (!in_image(iy, H) || !in_image(ix, W)) continue;
-                                acc += (double)weight[((size_t)(o * C + c) * K + i) * K + j] *
-                                       inp[((size_t)(n * C + c) * H + iy) * W + ix];
-                            }
-                    out[((size_t)(n * OC + o) * OH + y) * OW + x] = (float)acc;
-                }
+    conv2d_rect_forward_ref(out, inp, weight, bias, N, C, H, W, OC, K, K, stride, pad, pad, 0);
 }
 
 // dinp[n,c,iy,ix] += sum over the (o, i, j) whose output pixel
