@@ -984,7 +984,9 @@ static void define_train_options(TrainOpts *o) {
 // DIR/samples_STEP.png from the EMA weights; its own RNG, so the training
 // stream (and a resumed run) is the same with or without grids. A signal
 // stops it between steps (no grid is written then).
-static void train_sample_grid(Trainer *tr, Model *ema, const TrainOpts *o, int C, int S, int tty) {
+// the EMA weights into ema, and the DDIM sampler of --sample-steps (rs: the
+// caller frees it): what the sample grids and --eval-every sample with
+static SampleConfig ema_sampler(Trainer *tr, Model *ema, const TrainOpts *o, Schedule *rs) {
     memcpy(ema->theta.params.data, tr->ema_theta, tr->theta.params.total * sizeof(float));
     if (tr->has_phi)
         memcpy(ema->phi.params.data, tr->ema_phi, tr->phi.params.total * sizeof(float));
@@ -995,11 +997,16 @@ static void train_sample_grid(Trainer *tr, Model *ema, const TrainOpts *o, int C
              o->sample_steps < tr->sched.T ? o->sample_steps : tr->sched.T);
     int nk = space_timesteps(tr->sched.T, spec, kept, err, sizeof err);
     if (nk < 0) fatal("--sample-steps: %s", err);
-    Schedule rs;
-    schedule_respace(&rs, &tr->sched, kept, nk);
+    schedule_respace(rs, &tr->sched, kept, nk);
     free(kept);
     SampleConfig sc = {.kind = tr->kind, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1,
                        .clip_x0 = ema->clip_x0};
+    return sc;
+}
+
+static void train_sample_grid(Trainer *tr, Model *ema, const TrainOpts *o, int C, int S, int tty) {
+    Schedule rs;
+    SampleConfig sc = ema_sampler(tr, ema, o, &rs);
     Rng rng;
     rng_seed(&rng, (uint64_t)o->seed, 7);  // the same noise at every grid: progress is easy to see
     unsigned char *img = mallocCheck((size_t)o->sample_n * C * S * S);
@@ -1779,20 +1786,9 @@ static void train_eval_open(TrainEval *e, const TrainOpts *o, const Images *data
 
 static void train_eval_run(TrainEval *e, Trainer *tr, Model *ema, const TrainOpts *o, int C,
                            int S, int tty) {
-    memcpy(ema->theta.params.data, tr->ema_theta, tr->theta.params.total * sizeof(float));
-    if (tr->has_phi)
-        memcpy(ema->phi.params.data, tr->ema_phi, tr->phi.params.total * sizeof(float));
-    ema->sched = tr->sched;
-    int *kept = mallocCheck((size_t)tr->sched.T * sizeof *kept);
-    char err[600], spec[32];
-    snprintf(spec, sizeof spec, "%d", o->sample_steps < tr->sched.T ? o->sample_steps : tr->sched.T);
-    int nk = space_timesteps(tr->sched.T, spec, kept, err, sizeof err);
-    if (nk < 0) fatal("--sample-steps: %s", err);
     Schedule rs;
-    schedule_respace(&rs, &tr->sched, kept, nk);
-    free(kept);
-    SampleConfig sc = {.kind = tr->kind, .method = SAMPLER_DDIM, .eta = 0.0f, .clip = 1,
-                       .clip_x0 = ema->clip_x0};
+    SampleConfig sc = ema_sampler(tr, ema, o, &rs);
+    char err[600];
     Rng rng;
     rng_seed(&rng, (uint64_t)o->seed, 11);  // the same noise at every evaluation
     size_t hw = (size_t)S * S;
