@@ -1164,16 +1164,25 @@ static void test_pool(void) {
     // thread): meanwhile the caller runs every other chunk, the worker's
     // home range included, so the worker ends with just that one chunk. A
     // static split would leave it half of them.
+    // The stall needs the worker to take a chunk at all: on a slow machine
+    // (ThreadSanitizer, an emulator, a busy CI host) it may still be waking
+    // when the caller has run all 64, so the job is repeated with longer
+    // chunks until the worker took one (and stalled in it). At 800 us the
+    // caller's 63 chunks still take only a quarter of the stall.
     PoolProbe p;
-    memset(&p, 0, sizeof p);
-    p.busy = 50;
-    pool_run_chunks(pool_probe_chunk, &p, POOL_TEST_CHUNKS);
     int once = 1, by_worker = 0;
-    for (int c = 0; c < POOL_TEST_CHUNKS; c++) {
-        once &= p.runs[c] == 1;
-        by_worker += !p.by_caller[c];
+    for (int busy_us = 50; busy_us <= 800 && by_worker == 0 && once; busy_us *= 2) {
+        memset(&p, 0, sizeof p);
+        p.busy = busy_us;
+        pool_run_chunks(pool_probe_chunk, &p, POOL_TEST_CHUNKS);
+        by_worker = 0;
+        for (int c = 0; c < POOL_TEST_CHUNKS; c++) {
+            once &= p.runs[c] == 1;
+            by_worker += !p.by_caller[c];
+        }
+        if (pool_threads() < 2) break;
     }
-    test_result(once && by_worker <= 1 && pool_threads() <= 2,
+    test_result(once && by_worker <= 1 && pool_threads() <= 2 && (by_worker == 1 || pool_threads() < 2),
                 "a worker stalled in a chunk holds up only that chunk: the caller runs the rest",
                 "the worker ran %d of %d chunks, %d threads", by_worker, POOL_TEST_CHUNKS,
                 pool_threads());
@@ -1188,7 +1197,9 @@ static void test_pool(void) {
     int serial_by_worker = pool_probe_by_worker(200);
     struct timespec ts = {0, 300 * 1000000};
     nanosleep(&ts, NULL);
-    int later_by_worker = pool_probe_by_worker(200);
+    int later_by_worker = 0;  // a few tries: on a loaded host the worker may wake late
+    for (int us = 200; us <= 1600 && later_by_worker == 0; us *= 2)
+        later_by_worker = pool_probe_by_worker(us);
     test_result(serial_by_worker == 0 && later_by_worker > 0,
                 "after a job spent waiting on a stalled worker, the next ones run serially, "
                 "then in parallel again",
