@@ -845,7 +845,7 @@ static double nonfinite_or(double v) { return isfinite(v) ? v : NAN; }
 // atomically to path; rows past the checkpoint (after a hard kill) are gone.
 // The kept rows also go into hist for the plot.
 static void carry_log(const char *from, const char *path, long max_step, History *hist) {
-    static const char header[] = "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s\n";
+    static const char header[] = "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s,fd\n";
     char err[600];
     size_t n = 0;
     char *text = from ? (char *)read_file(from, LOG_MAX_FILE, &n, err, sizeof err) : NULL;
@@ -867,15 +867,18 @@ static void carry_log(const char *from, const char *path, long max_step, History
     free(kept.b);
 }
 
-// one row of log.csv; a failed write (a full disk) stops the run
+// one row of log.csv (fd: the step's evaluation, NAN for none: an empty
+// field); a failed write (a full disk) stops the run
 static void log_row(FILE *log, const char *path, long step, const double *sums, int nsum,
-                    Tensor *const *terms, double ips) {
+                    Tensor *const *terms, double ips, double fd) {
     fprintf(log, "%ld", step);
     for (int i = 0; i < 5; i++) {
         if (terms[i]) fprintf(log, ",%.6g", nonfinite_or(sums[i] / nsum));
         else fprintf(log, ",");
     }
-    fprintf(log, ",%.3f\n", ips);
+    fprintf(log, ",%.3f,", ips);
+    if (isfinite(fd)) fprintf(log, "%.6g", fd);
+    fprintf(log, "\n");
     if (fflush(log) != 0 || ferror(log)) fatal("cannot write '%s': %s", path, strerror(errno));
 }
 
@@ -969,7 +972,7 @@ static void define_train_options(TrainOpts *o) {
         {"--sample-steps", OPT_INT, &o->sample_steps, "50",
          "DDIM steps for the sample grids and --eval-every", 1, 100000},
         {"--eval-every", OPT_INT, &o->eval_every, "0",
-         "steps between scorings of --eval-n EMA samples (DIR/eval.csv, ckpt_best; 0 = none)", 0,
+         "steps between scorings of --eval-n EMA samples (log.csv fd, ckpt_best; 0 = none)", 0,
          1000000000},
         {"--eval-n", OPT_INT, &o->eval_n, "500", "samples per scoring", 2, 1000000},
         {"--eval-features", OPT_STR, &o->eval_features, NULL,
@@ -1153,16 +1156,18 @@ static int out_of_time(const Run *r, const TrainOpts *o) {
     return o->time_limit > 0 && now_seconds() - r->t0 >= o->time_limit;
 }
 
-// a step's losses into the row; at the end of a row: log.csv, the plot, the progress line
-static void run_log(Run *r, const TrainOpts *o, long step, const LossTerms *lt) {
+// a step's losses into the row; at the end of a row: log.csv, the plot, the
+// progress line. A step with an evaluation (fd not NAN) ends a row.
+static void run_log(Run *r, const TrainOpts *o, long step, const LossTerms *lt, double fd) {
     Tensor *terms[5] = {lt->loss, lt->l_eps, lt->l_x0, lt->l_mu, lt->l_lpips};
     for (int i = 0; i < 5; i++) r->sums[i] += terms[i] ? terms[i]->data[0] : 0.0;
     r->nsum++;
-    if (step % o->log_every != 0 && step != o->steps && !out_of_time(r, o)) return;
+    if (step % o->log_every != 0 && step != o->steps && !out_of_time(r, o) && isnan(fd)) return;
     double now = now_seconds(), ips = (double)r->nsum * o->batch / (now - r->t_row);
-    log_row(r->log, r->log_path, step, r->sums, r->nsum, terms, ips);
-    double row[PLOT_TERMS];
+    log_row(r->log, r->log_path, step, r->sums, r->nsum, terms, ips, fd);
+    double row[HISTORY_COLS];
     for (int i = 0; i < PLOT_TERMS; i++) row[i] = terms[i] ? r->sums[i] / r->nsum : NAN;
+    row[HISTORY_FD] = fd;
     history_add(&r->hist, step, row);
     char err[600];
     if (write_loss_svg(r->svg_path, &r->hist, NULL, 1, r->title, err, sizeof err) != 0)
@@ -1740,8 +1745,9 @@ static int cmd_fid(int argc, char **argv) {
 // M samples of the EMA weights (DDIM, --sample-steps, a fixed seed) scored
 // every N steps against the training data (its first --eval-ref-n images)
 // in the features of FILE: a classifier (FD-classifier) or Inception (FID).
-// DIR/eval.csv gets "step,fd"; the best step's checkpoint is
-// DIR/ckpt_best.safetensors (Cas-DM reports the best evaluated checkpoint).
+// The score goes into the fd column of that step's row of DIR/log.csv (and
+// so into the plot); the best step's checkpoint is DIR/ckpt_best.safetensors
+// (Cas-DM reports the best evaluated checkpoint).
 // ---------------------------------------------------------------------------
 typedef struct {
     Inception net;
@@ -1749,10 +1755,12 @@ typedef struct {
     int is_clf;
     FidSide ref;
     double best;
-    char csv[4200], best_path[4200];
+    char best_path[4200];
 } TrainEval;
 
-static void train_eval_open(TrainEval *e, const TrainOpts *o, const Images *data, long step) {
+// hist: the rows of log.csv carried over from a resumed run (their best fd)
+static void train_eval_open(TrainEval *e, const TrainOpts *o, const Images *data,
+                            const History *hist) {
     memset(e, 0, sizeof *e);
     StFile f;
     char err[600], fmt[64] = "";
@@ -1769,23 +1777,17 @@ static void train_eval_open(TrainEval *e, const TrainOpts *o, const Images *data
     long n = data->n < o->eval_ref_n ? data->n : o->eval_ref_n;
     fprintf(stderr, "eval: reference statistics of %ld training images\n", n);
     images_stats(&e->ref, data, e->is_clf ? NULL : &e->net, e->is_clf ? &e->clf : NULL, 50, 0, n);
-    snprintf(e->csv, sizeof e->csv, "%s/eval.csv", o->out);
     snprintf(e->best_path, sizeof e->best_path, "%s/ckpt_best.safetensors", o->out);
     e->best = INFINITY;
-    // a resumed run: its best so far from the rows up to its step
-    FILE *in = fopen(e->csv, "r");
-    if (in) {
-        long s;
-        double v;
-        char line[256];
-        while (fgets(line, sizeof line, in))
-            if (sscanf(line, "%ld,%lf", &s, &v) == 2 && s <= step && v < e->best) e->best = v;
-        fclose(in);
+    for (size_t i = 0; i < hist->n; i++) {
+        double v = hist->v[i * HISTORY_COLS + HISTORY_FD];
+        if (v < e->best) e->best = v;  // (false for NAN)
     }
 }
 
-static void train_eval_run(TrainEval *e, Trainer *tr, Model *ema, const TrainOpts *o, int C,
-                           int S, int tty) {
+// the score of the EMA weights now; NAN when the samples were not finite
+static double train_eval_run(TrainEval *e, Trainer *tr, Model *ema, const TrainOpts *o, int C,
+                             int S, int tty) {
     Schedule rs;
     SampleConfig sc = ema_sampler(tr, ema, o, &rs);
     char err[600];
@@ -1798,7 +1800,7 @@ static void train_eval_run(TrainEval *e, Trainer *tr, Model *ema, const TrainOpt
     if (rc != 0) {
         free(hwc);
         if (rc == 1) fprintf(stderr, "eval: NaN or Inf pixels at step %ld; not scored\n", tr->step);
-        return;
+        return NAN;
     }
     Images im = {o->eval_n, C, S, S, mallocCheck((size_t)o->eval_n * C * hw), NULL};
     for (int i = 0; i < im.n; i++)  // (N,H,W,C) -> (N,C,H,W)
@@ -1813,9 +1815,6 @@ static void train_eval_run(TrainEval *e, Trainer *tr, Model *ema, const TrainOpt
     if (frechet_distance(side.mu, side.sigma, e->ref.mu, e->ref.sigma, side.d, &fd) != 0)
         fatal("eval: the eigenvalue iteration did not converge");
     free_fid_side(&side);
-    FILE *out = fopen(e->csv, "a");
-    if (!out || fprintf(out, "%ld,%.6g\n", tr->step, fd) < 0 || fclose(out) != 0)
-        fatal("eval: cannot append to %s", e->csv);
     int better = fd < e->best;
     fprintf(stderr, "eval: step %ld, %s %.4f%s\n", tr->step, e->is_clf ? "FD-classifier" : "FID",
             fd, better ? " (best so far)" : "");
@@ -1823,6 +1822,7 @@ static void train_eval_run(TrainEval *e, Trainer *tr, Model *ema, const TrainOpt
         e->best = fd;
         if (save_checkpoint(tr, o, e->best_path, err, sizeof err) != 0) fatal("eval: %s", err);
     }
+    return fd;
 }
 
 static void train_eval_close(TrainEval *e) {
@@ -1869,7 +1869,7 @@ static int cmd_train(int argc, char **argv) {
     float *x0buf = mallocCheck((size_t)o.batch * im->c * im->h * im->w * sizeof(float));
     int *t = mallocCheck((size_t)o.batch * sizeof(int));
     TrainEval ev;
-    if (o.eval_every > 0) train_eval_open(&ev, &o, im, tr.step);
+    if (o.eval_every > 0) train_eval_open(&ev, &o, im, &run.hist);
     Fault fault = fault_from_env();
     catch_signals();
     int timed_out = 0;
@@ -1883,17 +1883,23 @@ static int cmd_train(int argc, char **argv) {
                     sizeof err - strlen(err) - 1);
             stop_run(err, run.ckpt, run.saved_step);
         }
-        run_log(&run, &o, tr.step, &lt);
+        // the evaluation first, so that its score goes into this step's row;
+        // the time of evaluations and grids is kept out of the rows' img/s
+        double fd = NAN, t_aside = now_seconds();
+        if (o.eval_every > 0 && tr.step % o.eval_every == 0 && !interrupted) {
+            if (run.tty) fprintf(stderr, "\n");
+            fd = train_eval_run(&ev, &tr, &ema, &o, im->c, im->h, run.tty);
+        }
+        run.t_row += now_seconds() - t_aside;
+        run_log(&run, &o, tr.step, &lt, fd);
         int more = tr.step < o.steps;
         if (o.ckpt_every > 0 && tr.step % o.ckpt_every == 0 && more) run_save(&run, &tr, &o);
         if (o.sample_n > 0 && o.sample_every > 0 && tr.step % o.sample_every == 0 && more &&
             !interrupted) {
             if (run.tty) fprintf(stderr, "\n");
+            t_aside = now_seconds();
             train_sample_grid(&tr, &ema, &o, im->c, im->h, run.tty);
-        }
-        if (o.eval_every > 0 && tr.step % o.eval_every == 0 && !interrupted) {
-            if (run.tty) fprintf(stderr, "\n");
-            train_eval_run(&ev, &tr, &ema, &o, im->c, im->h, run.tty);
+            run.t_row += now_seconds() - t_aside;
         }
     }
     if (run.tty) fprintf(stderr, "\n");

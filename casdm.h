@@ -367,9 +367,13 @@ typedef struct { const char *name; int ndim; const int *shape; const float *data
 int st_write(const char *path, const StWrite *t, size_t n, const char *const *metadata,
              char *err, size_t errlen);
 
-// log.csv rows and the loss plot
-#define PLOT_TERMS 5
-// v: n x PLOT_TERMS, NAN = absent
+// log.csv rows and the loss plot. A row: step,loss,l_eps,l_x0,l_mu,l_lpips,
+// img_per_s,fd; fd is the Frechet distance of casdm train --eval-every on
+// the rows of its steps (empty elsewhere).
+#define PLOT_TERMS 5              // loss, l_eps, l_x0, l_mu, l_lpips: fields 1-5
+#define HISTORY_FD PLOT_TERMS     // the column of fd (field 7)
+#define HISTORY_COLS (PLOT_TERMS + 1)
+// v: n x HISTORY_COLS, NAN = absent
 typedef struct { long *step; double *v; size_t n, cap; } History;
 void history_add(History *h, long step, const double *v);
 void history_free(History *h);

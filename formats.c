@@ -1607,18 +1607,20 @@ int st_write(const char *path, const StWrite *t, size_t n, const char *const *me
 
 // ---------------------------------------------------------------------------
 // ---- log.csv and the loss plot ----
-// log.csv: "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s", one row per
-// --log-every steps, empty fields for absent terms. The plot: an SVG with
-// log-scale y, a colour per loss term, a dash pattern per run.
+// log.csv: "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s,fd", one row per
+// --log-every steps and per evaluation, empty fields for absent terms (logs
+// of older casdm and tools/train_ref.py stop after img_per_s). The plot: an
+// SVG with log-scale y, a colour per loss term, a dash pattern per run, and
+// below it a linear-scale panel of fd when a run has one.
 // ---------------------------------------------------------------------------
 void history_add(History *h, long step, const double *v) {
     if (h->n == h->cap) {
         h->cap = h->cap ? 2 * h->cap : 256;
         long *s = mallocCheck(h->cap * sizeof *s);
-        double *nv = mallocCheck(h->cap * PLOT_TERMS * sizeof *nv);
+        double *nv = mallocCheck(h->cap * HISTORY_COLS * sizeof *nv);
         if (h->n) {
             memcpy(s, h->step, h->n * sizeof *s);
-            memcpy(nv, h->v, h->n * PLOT_TERMS * sizeof *nv);
+            memcpy(nv, h->v, h->n * HISTORY_COLS * sizeof *nv);
         }
         free(h->step);
         free(h->v);
@@ -1626,7 +1628,7 @@ void history_add(History *h, long step, const double *v) {
         h->v = nv;
     }
     h->step[h->n] = step;
-    memcpy(h->v + h->n * PLOT_TERMS, v, PLOT_TERMS * sizeof *v);
+    memcpy(h->v + h->n * HISTORY_COLS, v, HISTORY_COLS * sizeof *v);
     h->n++;
 }
 
@@ -1665,14 +1667,18 @@ void history_parse(History *h, const char *text, size_t len) {
         const char *nl = memchr(p, '\n', (size_t)(end - p)), *le = nl ? nl : end;
         long step = log_row_step(p, (size_t)(le - p));
         if (step >= 0) {
-            double v[PLOT_TERMS];
+            // fields 1..7 after the step: the five terms, img_per_s (not kept), fd
+            double field[PLOT_TERMS + 2];
             const char *f = memchr(p, ',', (size_t)(le - p));
-            for (int i = 0; i < PLOT_TERMS; i++) {
-                if (!f) { v[i] = NAN; continue; }
+            for (int i = 0; i < PLOT_TERMS + 2; i++) {
+                if (!f) { field[i] = NAN; continue; }
                 const char *fe = memchr(f + 1, ',', (size_t)(le - f - 1));
-                v[i] = csv_number(f + 1, fe ? fe : le);
+                field[i] = csv_number(f + 1, fe ? fe : le);
                 f = fe;
             }
+            double v[HISTORY_COLS];
+            memcpy(v, field, PLOT_TERMS * sizeof *v);
+            v[HISTORY_FD] = field[PLOT_TERMS + 1];
             history_add(h, step, v);
         }
         p = nl ? nl + 1 : end;  // not le + 1: no pointer past the end
@@ -1697,6 +1703,73 @@ static void svg_text_escaped(Bytes *o, const char *s) {
     }
 }
 
+// The panel of fd under the loss panel, for the runs that have one: linear
+// y from 0 to a round value above the largest fd, a marked point per
+// evaluation, each run in its dash pattern. x as in the loss panel.
+typedef struct { double left, right, top, bottom, s0, s1; } PlotBox;
+
+static double plot_x(const PlotBox *b, long step) {
+    return b->left + (b->right - b->left) * ((double)step - b->s0) / (b->s1 - b->s0);
+}
+
+static void fd_panel(Bytes *o, const History *runs, int nruns, const char *const *dashes,
+                     const PlotBox *b) {
+    static const char color[] = "#ff7f0e";
+    double hi = 0;
+    for (int r = 0; r < nruns; r++)
+        for (size_t i = 0; i < runs[r].n; i++) {
+            double v = runs[r].v[i * HISTORY_COLS + HISTORY_FD];
+            if (isfinite(v) && v > hi) hi = v;
+        }
+    if (!(hi > 0)) hi = 1;
+    double mag = pow(10.0, floor(log10(hi))), ymax = 10 * mag;  // 1, 2, 5 or 10 x 10^k
+    if (hi <= 5 * mag) ymax = 5 * mag;
+    if (hi <= 2 * mag) ymax = 2 * mag;
+    if (hi <= mag) ymax = mag;
+    for (int k = 0; k <= 4; k++) {
+        double y = b->bottom - (b->bottom - b->top) * k / 4.0;
+        bytes_printf(o,
+                     "<line x1=\"%.0f\" y1=\"%.1f\" x2=\"%.0f\" y2=\"%.1f\" stroke=\"#ddd\"/>"
+                     "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n",
+                     b->left, y, b->right, y, b->left - 6, y + 4, ymax * k / 4.0);
+    }
+    for (int k = 0; k <= 4; k++)
+        bytes_printf(o, "<text x=\"%.1f\" y=\"%.0f\" text-anchor=\"middle\">%.0f</text>\n",
+                     b->left + (b->right - b->left) * k / 4.0, b->bottom + 18,
+                     floor(b->s0 + (b->s1 - b->s0) * k / 4.0));
+    bytes_printf(
+        o,
+        "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\"/>\n",
+        b->left, b->top, b->right - b->left, b->bottom - b->top);
+    for (int r = 0; r < nruns; r++) {
+        const History *h = &runs[r];
+        Bytes dots = {0};
+        int any = 0;
+        for (size_t i = 0; i < h->n; i++) {
+            double v = h->v[i * HISTORY_COLS + HISTORY_FD];
+            if (!isfinite(v)) continue;
+            double x = plot_x(b, h->step[i]), y = b->bottom - (b->bottom - b->top) * v / ymax;
+            if (!any)
+                bytes_printf(o, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"%s%s%s points=\"",
+                             color, r ? " stroke-dasharray=\"" : "", dashes[r % 4], r ? "\"" : "");
+            bytes_printf(o, "%.1f,%.1f ", x, y);
+            bytes_printf(&dots, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%s\"/>", x, y, color);
+            any = 1;
+        }
+        if (any) {
+            bytes_printf(o, "\"/>\n");
+            bytes_put(o, dots.b, dots.len);
+            bytes_printf(o, "\n");
+        }
+        free(dots.b);
+    }
+    double y = b->top + 14;
+    bytes_printf(o,
+                 "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"%s\" stroke-width=\"2\"/>"
+                 "<text x=\"%.0f\" y=\"%.0f\">FD (eval)</text>\n",
+                 b->right + 12, y, b->right + 32, y, color, b->right + 38, y + 4);
+}
+
 // One or more runs in one plot (labels name the runs; NULL for a single run).
 // Steps are mapped to x in double: a log may hold any step up to LOG_MAX_STEP.
 void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nruns,
@@ -1704,18 +1777,23 @@ void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nrun
     static const char *names[PLOT_TERMS] = {"loss", "L_eps", "L_x0", "L_mu", "L_lpips"};
     static const char *colors[PLOT_TERMS] = {"#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"};
     static const char *dashes[4] = {"", "7,4", "2,3", "10,3,2,3"};
-    const double W = 800, H = 420, L = 70, R = 170, T = 40, B = 50;
+    const double W = 800, H = 420, L = 70, R = 170, T = 40, B = 50, H_FD = 200;
     double lo = INFINITY, hi = -INFINITY, s0 = INFINITY, s1 = -INFINITY;
+    int has_fd = 0;
     for (int r = 0; r < nruns; r++) {
         const History *h = &runs[r];
         for (size_t i = 0; i < h->n; i++) {
             s0 = fmin(s0, (double)h->step[i]);
             s1 = fmax(s1, (double)h->step[i]);
+            has_fd |= isfinite(h->v[i * HISTORY_COLS + HISTORY_FD]);
         }
-        for (size_t i = 0; i < h->n * PLOT_TERMS; i++)
-            if (h->v[i] > 0 && isfinite(h->v[i])) {
-                lo = fmin(lo, h->v[i]);
-                hi = fmax(hi, h->v[i]);
+        for (size_t i = 0; i < h->n; i++)
+            for (int t = 0; t < PLOT_TERMS; t++) {
+                double v = h->v[i * HISTORY_COLS + t];
+                if (v > 0 && isfinite(v)) {
+                    lo = fmin(lo, v);
+                    hi = fmax(hi, v);
+                }
             }
     }
     if (!(s0 <= s1)) { s0 = 0; s1 = 1; }
@@ -1727,7 +1805,7 @@ void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nrun
         o,
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
         "font-size=\"12\">\n",
-        W, H);
+        W, H + (has_fd ? H_FD : 0));
     bytes_printf(
         o,
         "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"%.0f\" y=\"24\" font-size=\"15\">",
@@ -1759,7 +1837,7 @@ void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nrun
             const History *h = &runs[r];
             int any = 0;
             for (size_t i = 0; i < h->n; i++) {
-                double v = h->v[i * PLOT_TERMS + t];
+                double v = h->v[i * HISTORY_COLS + t];
                 if (!(v > 0) || !isfinite(v)) continue;
                 double x = L + (W - L - R) * ((double)h->step[i] - s0) / (s1 - s0);
                 double y = T + (H - T - B) * (dhi - log10(v)) / (dhi - dlo);
@@ -1782,6 +1860,10 @@ void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nrun
                 "<text x=\"%.0f\" y=\"%.0f\">%s</text>\n",
                 W - R + 12, y, W - R + 32, y, colors[t], W - R + 38, y + 4, names[t]);
         }
+    }
+    if (has_fd) {
+        PlotBox box = {L, W - R, H, H + H_FD - B, s0, s1};
+        fd_panel(o, runs, nruns, dashes, &box);
     }
     for (int r = 0; labels && r < nruns; r++) {  // which dash is which run
         double y = T + 14 + 18 * legend++ + 8;

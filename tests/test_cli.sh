@@ -226,18 +226,23 @@ else
 fi
 
 # training-time evaluation: FD-classifier of 8 EMA samples every 2 steps in
-# eval.csv, the best checkpoint kept and loadable; --eval-every alone refused
+# the fd column of log.csv (rows of steps 2 and 4 although --log-every is 3)
+# and in the plot's FD panel (a point per evaluation), the best checkpoint
+# kept and loadable; --eval-every alone refused
 if ./casdm train --data "$dir/clf-train-idx3-ubyte" --model ddpm-eps --ch 32 --res 1 --attn 16 --batch 2 --T 100 \
-       --log-every 1 --sample-n 0 --steps 4 --eval-every 2 --eval-n 8 --eval-features "$dir/clf.safetensors" \
+       --log-every 3 --sample-n 0 --steps 4 --eval-every 2 --eval-n 8 --eval-features "$dir/clf.safetensors" \
        --sample-steps 2 --eval-ref-n 50 --out "$dir/evalrun" 2>"$dir/evalrun.err" &&
-   [ "$(cut -d, -f1 "$dir/evalrun/eval.csv" | tr '\n' ' ')" = "2 4 " ] &&
+   [ "$(head -1 "$dir/evalrun/log.csv")" = "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s,fd" ] &&
+   [ "$(awk -F, 'NR > 1 { printf "%s:%s ", $1, ($8 > 0) }' "$dir/evalrun/log.csv")" = "2:1 3:0 4:1 " ] &&
    [ "$(grep -c '^eval: step [24], FD-classifier [0-9.]*' "$dir/evalrun.err")" -eq 2 ] &&
+   [ "$(awk -F, '$1 == 2 { print $8 }' "$dir/evalrun/log.csv")" = "$(sed -n 's/^eval: step 2, FD-classifier \([0-9.]*\).*/\1/p' "$dir/evalrun.err" | awk '{ printf "%.6g", $1 }')" ] &&
+   grep -q '>FD (eval)</text>' "$dir/evalrun/loss.svg" && [ "$(grep -o '<circle' "$dir/evalrun/loss.svg" | wc -l)" -eq 2 ] &&
    ./casdm sample --ckpt "$dir/evalrun/ckpt_best.safetensors" --n 1 --steps 1 --out "$dir/evalrun/s" 2>/dev/null >/dev/null &&
    ! ./casdm train --data "$dir/clf-train-idx3-ubyte" --eval-every 2 --out "$dir/evalbad" 2>"$dir/evalbad.err" &&
    grep -q -- "--eval-every needs --eval-features" "$dir/evalbad.err"; then
-    pass "casdm train --eval-every: eval.csv at steps 2 and 4, ckpt_best.safetensors loads; --eval-features required"
+    pass "casdm train --eval-every: FD-classifier in log.csv and the plot at steps 2 and 4, ckpt_best.safetensors loads; --eval-features required"
 else
-    fail "casdm train --eval-every"; sed 's/^/  /' "$dir/evalrun.err" "$dir/evalrun/eval.csv" "$dir/evalbad.err"
+    fail "casdm train --eval-every"; sed 's/^/  /' "$dir/evalrun.err" "$dir/evalrun/log.csv" "$dir/evalbad.err"
 fi
 
 # build/lpips_test.safetensors holds the test weights test_unet wrote.
