@@ -245,6 +245,20 @@ else
     fail "casdm train --eval-every"; sed 's/^/  /' "$dir/evalrun.err" "$dir/evalrun/log.csv" "$dir/evalbad.err"
 fi
 
+# casdm plot with an fd column: the run with evaluations gets its FD points
+# (2), a log without the column (older casdm, tools/train_ref.py) none, and a
+# field that is not a number is absent: 2 loss + 1 FD polylines, 2 + 0 + 0
+printf 'step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s,fd\n1,0.5,0.5,,,,10,x1\n2,0.4,0.4,,,,10,\n' > "$dir/fdbad.csv"
+if ./casdm plot --out "$dir/fd.svg" E="$dir/evalrun/log.csv" D="$dir/ddpm-eps/log.csv" B="$dir/fdbad.csv" 2>"$dir/fdplot.err" &&
+   [ "$(grep -c '<polyline' "$dir/fd.svg")" -eq 7 ] && [ "$(grep -o '<circle' "$dir/fd.svg" | wc -l)" -eq 2 ] &&
+   [ "$(grep '#ff7f0e' "$dir/fd.svg" | grep -c '<polyline')" -eq 1 ] && grep -q 'height="620"' "$dir/fd.svg" &&
+   ./casdm plot --out "$dir/nofd.svg" "$dir/ddpm-eps/log.csv" "$dir/fdbad.csv" 2>>"$dir/fdplot.err" &&
+   ! grep -q 'FD (eval)' "$dir/nofd.svg" && grep -q 'height="420"' "$dir/nofd.svg"; then
+    pass "casdm plot: an FD panel for the runs whose log.csv has fd values, none otherwise"
+else
+    fail "casdm plot with fd"; sed 's/^/  /' "$dir/fdplot.err"
+fi
+
 # the classifier on real data: Fashion-MNIST (data/ after make data, or
 # Debian's dataset-fashion-mnist, which .ci/run installs), 300 steps of 64
 # (a third of an epoch, about 25 s), scored on the first 2000 test images:
