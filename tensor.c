@@ -3430,6 +3430,139 @@ Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *
 }
 
 // ---------------------------------------------------------------------------
+// ---- op: batch norm (torch.nn.BatchNorm2d) ----
+// taming's PatchGAN discriminator. y = (x - mean_c) * rstd_c * gamma_c + beta_c.
+// Training: mean and biased variance of channel c over (N, H, W), and the
+// running statistics move towards the mean and the unbiased variance (times
+// M / (M - 1), M = N*H*W): r = (1 - momentum) r + momentum * batch, as torch.
+// Eval: the running statistics normalise, and backward is the affine map.
+// Sums in double, a channel per job: the same numbers at any thread count.
+// ---------------------------------------------------------------------------
+typedef struct {
+    float *out, *mean, *rstd, *running_mean, *running_var;
+    const float *inp, *gamma, *beta;
+    int N, C, HW, training;
+    float momentum, eps;
+} BatchNormFwd;
+
+static void batchnorm_forward_range(void *arg, size_t c0, size_t c1) {
+    const BatchNormFwd *t = arg;
+    size_t HW = (size_t)t->HW, M = (size_t)t->N * HW;
+    for (size_t c = c0; c < c1; c++) {
+        double mean, var;
+        if (t->training) {
+            double s = 0.0, ss = 0.0;
+            for (int n = 0; n < t->N; n++) {
+                const float *x = t->inp + ((size_t)n * t->C + c) * HW;
+                for (size_t i = 0; i < HW; i++) s += x[i];
+            }
+            mean = s / (double)M;
+            for (int n = 0; n < t->N; n++) {  // two passes: no cancellation
+                const float *x = t->inp + ((size_t)n * t->C + c) * HW;
+                for (size_t i = 0; i < HW; i++) ss += (x[i] - mean) * (x[i] - mean);
+            }
+            var = ss / (double)M;
+            float m = t->momentum;
+            t->running_mean[c] = (1.0f - m) * t->running_mean[c] + m * (float)mean;
+            t->running_var[c] =
+                (1.0f - m) * t->running_var[c] + m * (float)(ss / (double)(M - 1));
+        } else {
+            mean = t->running_mean[c];
+            var = t->running_var[c];
+        }
+        float mu = (float)mean, r = (float)(1.0 / sqrt(var + (double)t->eps));
+        float gm = t->gamma ? t->gamma[c] : 1.0f, bt = t->beta ? t->beta[c] : 0.0f;
+        t->mean[c] = mu;
+        t->rstd[c] = r;
+        for (int n = 0; n < t->N; n++) {
+            const float *x = t->inp + ((size_t)n * t->C + c) * HW;
+            float *y = t->out + ((size_t)n * t->C + c) * HW;
+            for (size_t i = 0; i < HW; i++) y[i] = (x[i] - mu) * r * gm + bt;
+        }
+    }
+}
+
+void batchnorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *gamma,
+                       const float *beta, float *running_mean, float *running_var, int N, int C,
+                       int HW, float momentum, float eps, int training) {
+    if (training && (size_t)N * HW < 2)
+        fatal("batchnorm: training needs more than one value per channel (N*H*W = %d)", N * HW);
+    BatchNormFwd t = {out, mean, rstd, running_mean, running_var, inp, gamma, beta,
+                      N, C, HW, training, momentum, eps};
+    parallel_for((size_t)C, 1, batchnorm_forward_range, &t);
+}
+
+typedef struct {
+    float *dinp, *dgamma, *dbeta;
+    const float *dout, *inp, *mean, *rstd, *gamma;
+    int N, C, HW, training;
+} BatchNormBwd;
+
+// with xhat = (x - mean) rstd and g = dy gamma: training, dx = rstd (g -
+// mean(g) - xhat mean(g xhat)) over the channel's M values; eval, dx = g rstd
+static void batchnorm_backward_range(void *arg, size_t c0, size_t c1) {
+    const BatchNormBwd *t = arg;
+    size_t HW = (size_t)t->HW, M = (size_t)t->N * HW;
+    for (size_t c = c0; c < c1; c++) {
+        float mu = t->mean[c], r = t->rstd[c], gm = t->gamma ? t->gamma[c] : 1.0f;
+        double sdy = 0.0, sdyx = 0.0;
+        for (int n = 0; n < t->N; n++) {
+            const float *x = t->inp + ((size_t)n * t->C + c) * HW;
+            const float *dy = t->dout + ((size_t)n * t->C + c) * HW;
+            for (size_t i = 0; i < HW; i++) {
+                sdy += dy[i];
+                sdyx += (double)dy[i] * ((x[i] - mu) * r);
+            }
+        }
+        if (t->dgamma) t->dgamma[c] += (float)sdyx;
+        if (t->dbeta) t->dbeta[c] += (float)sdy;
+        if (!t->dinp) continue;
+        float mg = t->training ? (float)(gm * sdy / (double)M) : 0.0f;
+        float mgx = t->training ? (float)(gm * sdyx / (double)M) : 0.0f;
+        for (int n = 0; n < t->N; n++) {
+            const float *x = t->inp + ((size_t)n * t->C + c) * HW;
+            const float *dy = t->dout + ((size_t)n * t->C + c) * HW;
+            float *dx = t->dinp + ((size_t)n * t->C + c) * HW;
+            for (size_t i = 0; i < HW; i++)
+                dx[i] += r * (dy[i] * gm - mg - (x[i] - mu) * r * mgx);
+        }
+    }
+}
+
+void batchnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *dout,
+                        const float *inp, const float *mean, const float *rstd, const float *gamma,
+                        int N, int C, int HW, int training) {
+    BatchNormBwd t = {dinp, dgamma, dbeta, dout, inp, mean, rstd, gamma, N, C, HW, training};
+    parallel_for((size_t)C, 1, batchnorm_backward_range, &t);
+}
+
+typedef struct { float *mean, *rstd; int training; } BatchNormState;
+
+static void batchnorm_node_backward(Graph *g, TapeNode *n) {
+    const BatchNormState *s = n->state;
+    Tensor *x = n->in[0];
+    batchnorm_backward(input_grad(g, n, 0), input_grad(g, n, 1), input_grad(g, n, 2),
+                       n->out->grad, x->data, s->mean, s->rstd, data_of(n->in[1]), x->shape[0],
+                       x->shape[1], x->shape[2] * x->shape[3], s->training);
+}
+
+Tensor *batchnorm2d(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, float *running_mean,
+                    float *running_var, float momentum, float eps) {
+    check_4d(x, "batchnorm2d");
+    int N = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
+    if ((gamma && gamma->size != (size_t)C) || (beta && beta->size != (size_t)C))
+        fatal("batchnorm2d: gamma and beta need %d values", C);
+    Tensor *y = tensor_new(g, 4, x->shape);
+    BatchNormState s = {arena_floats(&g->arena, C), arena_floats(&g->arena, C), g->training};
+    batchnorm_forward(y->data, s.mean, s.rstd, x->data, data_of(gamma), data_of(beta),
+                      running_mean, running_var, N, C, HW, momentum, eps, g->training);
+    if (wants_grad(g, x, gamma, beta))
+        save_state(g, record(g, "batchnorm2d", batchnorm_node_backward, y, x, gamma, beta), &s,
+                   sizeof s);
+    return y;
+}
+
+// ---------------------------------------------------------------------------
 // ---- op: L2 normalisation over channels (LPIPS' normalize_tensor) ----
 // ---------------------------------------------------------------------------
 
@@ -3499,25 +3632,71 @@ Tensor *l2norm_channels(Graph *g, Tensor *x, float eps) {
 }
 
 // ---------------------------------------------------------------------------
-// ---- op: pointwise activations: SiLU, ReLU, sigmoid ----
+// ---- op: pointwise functions: SiLU, ReLU, sigmoid, tanh, exp, abs, LeakyReLU ----
 // ---------------------------------------------------------------------------
 
-typedef struct { float *out; const float *inp; float *dinp; const float *dout; int act; } Act;
+typedef struct {
+    float *out;
+    const float *inp;
+    float *dinp;
+    const float *dout;
+    int act;
+    float slope;  // LeakyReLU's negative slope
+} Act;
 
 static void act_forward_range(void *arg, size_t i0, size_t i1) {
     const Act *a = arg;
-    if (a->act == ACT_SILU) silu_array(a->out + i0, a->inp + i0, i1 - i0);
-    if (a->act == ACT_SIGMOID) sigmoid_array(a->out + i0, a->inp + i0, i1 - i0);
-    if (a->act == ACT_RELU)
-        for (size_t i = i0; i < i1; i++) a->out[i] = a->inp[i] > 0.0f ? a->inp[i] : 0.0f;
+    const float *x = a->inp;
+    float *y = a->out;
+    switch (a->act) {
+    case ACT_SILU: silu_array(y + i0, x + i0, i1 - i0); break;
+    case ACT_SIGMOID: sigmoid_array(y + i0, x + i0, i1 - i0); break;
+    case ACT_EXP: exp_array(y + i0, x + i0, i1 - i0); break;
+    case ACT_RELU:
+        for (size_t i = i0; i < i1; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+        break;
+    case ACT_TANH:
+        for (size_t i = i0; i < i1; i++) y[i] = tanhf(x[i]);
+        break;
+    case ACT_ABS:
+        for (size_t i = i0; i < i1; i++) y[i] = fabsf(x[i]);
+        break;
+    case ACT_LEAKY_RELU:
+        for (size_t i = i0; i < i1; i++) y[i] = x[i] > 0.0f ? x[i] : a->slope * x[i];
+        break;
+    }
 }
 
-void activation_forward(float *out, const float *inp, size_t n, int act) {
-    Act a = {out, inp, NULL, NULL, act};
+static void act_forward(float *out, const float *inp, size_t n, int act, float slope) {
+    Act a = {out, inp, NULL, NULL, act, slope};
     parallel_for(n, 1 << 14, act_forward_range, &a);
 }
 
-// silu' = s (1 + x (1 - s)); relu' = [x > 0]; sigmoid' = y (1 - y) from the output
+void activation_forward(float *out, const float *inp, size_t n, int act) {
+    if (act == ACT_LEAKY_RELU) fatal("activation_forward: LeakyReLU takes leaky_relu_forward");
+    act_forward(out, inp, n, act, 0.0f);
+}
+
+void leaky_relu_forward(float *out, const float *inp, size_t n, float slope) {
+    act_forward(out, inp, n, ACT_LEAKY_RELU, slope);
+}
+
+// silu' = s (1 + x (1 - s)); relu' = [x > 0]; from the output y: sigmoid' =
+// y (1 - y), tanh' = 1 - y^2, exp' = y; abs' = sign(x) (0 at 0, as torch);
+// leaky' = 1 for x > 0, else the slope
+static float act_grad(const Act *a, size_t i) {
+    float x = a->inp[i], y = a->out ? a->out[i] : 0.0f;
+    switch (a->act) {
+    case ACT_RELU: return x > 0.0f ? 1.0f : 0.0f;
+    case ACT_SIGMOID: return y * (1.0f - y);
+    case ACT_TANH: return 1.0f - y * y;
+    case ACT_EXP: return y;
+    case ACT_ABS: return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
+    case ACT_LEAKY_RELU: return x > 0.0f ? 1.0f : a->slope;
+    }
+    return 0.0f;
+}
+
 static void act_backward_range(void *arg, size_t i0, size_t i1) {
     const Act *a = arg;
     if (a->act == ACT_SILU) {  // through a block on the stack, since dinp accumulates
@@ -3529,41 +3708,52 @@ static void act_backward_range(void *arg, size_t i0, size_t i1) {
         }
         return;
     }
-    for (size_t i = i0; i < i1; i++) {
-        float g = a->act == ACT_RELU ? (a->inp[i] > 0.0f ? 1.0f : 0.0f)
-                                     : a->out[i] * (1.0f - a->out[i]);
-        a->dinp[i] += a->dout[i] * g;
-    }
+    for (size_t i = i0; i < i1; i++) a->dinp[i] += a->dout[i] * act_grad(a, i);
+}
+
+static void act_backward(float *dinp, const float *dout, const float *inp, const float *out,
+                         size_t n, int act, float slope) {
+    Act a = {(float *)out, inp, dinp, dout, act, slope};
+    parallel_for(n, 1 << 14, act_backward_range, &a);
 }
 
 void activation_backward(float *dinp, const float *dout, const float *inp, const float *out,
                          size_t n, int act) {
-    Act a = {(float *)out, inp, dinp, dout, act};
-    parallel_for(n, 1 << 14, act_backward_range, &a);
+    act_backward(dinp, dout, inp, out, n, act, 0.0f);
 }
 
-// activations
-typedef struct { int act; } ActState;  // ACT_SILU, ACT_RELU or ACT_SIGMOID
+void leaky_relu_backward(float *dinp, const float *dout, const float *inp, size_t n, float slope) {
+    act_backward(dinp, dout, inp, NULL, n, ACT_LEAKY_RELU, slope);
+}
+
+// the tape node of every pointwise function
+typedef struct { int act; float slope; } ActState;
 
 static void activation_node_backward(Graph *g, TapeNode *n) {
     const ActState *s = n->state;
-    activation_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data, n->out->data,
-                        n->out->size, s->act);
+    act_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data, n->out->data, n->out->size,
+                 s->act, s->slope);
 }
 
-static Tensor *activation(Graph *g, Tensor *x, int act, const char *name) {
+static Tensor *activation(Graph *g, Tensor *x, int act, float slope, const char *name) {
     Tensor *y = tensor_new(g, x->ndim, x->shape);
-    activation_forward(y->data, x->data, x->size, act);
+    act_forward(y->data, x->data, x->size, act, slope);
     if (wants_grad(g, x, NULL, NULL)) {
-        ActState s = {.act = act};
+        ActState s = {.act = act, .slope = slope};
         save_state(g, record(g, name, activation_node_backward, y, x, NULL, NULL), &s, sizeof s);
     }
     return y;
 }
 
-Tensor *silu(Graph *g, Tensor *x) { return activation(g, x, ACT_SILU, "silu"); }
-Tensor *relu(Graph *g, Tensor *x) { return activation(g, x, ACT_RELU, "relu"); }
-Tensor *sigmoid(Graph *g, Tensor *x) { return activation(g, x, ACT_SIGMOID, "sigmoid"); }
+Tensor *silu(Graph *g, Tensor *x) { return activation(g, x, ACT_SILU, 0.0f, "silu"); }
+Tensor *relu(Graph *g, Tensor *x) { return activation(g, x, ACT_RELU, 0.0f, "relu"); }
+Tensor *sigmoid(Graph *g, Tensor *x) { return activation(g, x, ACT_SIGMOID, 0.0f, "sigmoid"); }
+Tensor *tensor_tanh(Graph *g, Tensor *x) { return activation(g, x, ACT_TANH, 0.0f, "tanh"); }
+Tensor *tensor_exp(Graph *g, Tensor *x) { return activation(g, x, ACT_EXP, 0.0f, "exp"); }
+Tensor *tensor_abs(Graph *g, Tensor *x) { return activation(g, x, ACT_ABS, 0.0f, "abs"); }
+Tensor *leaky_relu(Graph *g, Tensor *x, float slope) {
+    return activation(g, x, ACT_LEAKY_RELU, slope, "leaky_relu");
+}
 
 // ---------------------------------------------------------------------------
 // ---- op: softmax over the last axis ----
@@ -3938,6 +4128,145 @@ Tensor *avgpool2x2(Graph *g, Tensor *x) {
                        x->shape[3]);
     if (wants_grad(g, x, NULL, NULL))
         record(g, "avgpool2x2", avgpool2x2_node_backward, y, x, NULL, NULL);
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: 2x2 max pool, stride 2 ----
+// torch's max_pool2d(x, 2) (taming's LPIPS VGG16). Odd sizes drop the last
+// row or column, as torch's floor mode. Backward sends each gradient to the
+// window's largest pixel, found again from the input: the first in row
+// order on ties, and a NaN wins, as torch's CPU kernel (val > max || isnan).
+// ---------------------------------------------------------------------------
+static size_t max2x2_offset(const float *a, int W) {
+    const size_t off[4] = {0, 1, (size_t)W, (size_t)W + 1};
+    size_t best = 0;
+    for (int k = 1; k < 4; k++)
+        if (a[off[k]] > a[best] || isnan(a[off[k]])) best = off[k];
+    return best;
+}
+
+static void maxpool2x2_forward_range(void *arg, size_t p0, size_t p1) {
+    const Planes *t = arg;
+    int H = t->H, W = t->W, OH = H / 2, OW = W / 2;
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = t->inp + p * H * W;
+        float *y = t->out + p * OH * OW;
+        for (int oy = 0; oy < OH; oy++)
+            for (int ox = 0; ox < OW; ox++) {
+                const float *a = x + (size_t)(2 * oy) * W + 2 * ox;
+                y[(size_t)oy * OW + ox] = a[max2x2_offset(a, W)];
+            }
+    }
+}
+
+void maxpool2x2_forward(float *out, const float *inp, size_t P, int H, int W) {
+    Planes t = {out, inp, H, W};
+    parallel_for(P, 8, maxpool2x2_forward_range, &t);
+}
+
+typedef struct { float *dinp; const float *dout, *inp; int H, W; } MaxPoolGrad;
+
+static void maxpool2x2_backward_range(void *arg, size_t p0, size_t p1) {
+    const MaxPoolGrad *t = arg;
+    int H = t->H, W = t->W, OH = H / 2, OW = W / 2;
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = t->inp + p * H * W, *dy = t->dout + p * OH * OW;
+        float *dx = t->dinp + p * H * W;
+        for (int oy = 0; oy < OH; oy++)
+            for (int ox = 0; ox < OW; ox++) {
+                size_t at = (size_t)(2 * oy) * W + 2 * ox;
+                dx[at + max2x2_offset(x + at, W)] += dy[(size_t)oy * OW + ox];
+            }
+    }
+}
+
+void maxpool2x2_backward(float *dinp, const float *dout, const float *inp, size_t P, int H, int W) {
+    MaxPoolGrad t = {dinp, dout, inp, H, W};
+    parallel_for(P, 8, maxpool2x2_backward_range, &t);
+}
+
+static void maxpool2x2_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0];
+    maxpool2x2_backward(input_grad(g, n, 0), n->out->grad, x->data,
+                        (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3]);
+}
+
+Tensor *maxpool2x2(Graph *g, Tensor *x) {
+    check_4d(x, "maxpool2x2");
+    Tensor *y = tensor4(g, x->shape[0], x->shape[1], x->shape[2] / 2, x->shape[3] / 2);
+    maxpool2x2_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2],
+                       x->shape[3]);
+    if (wants_grad(g, x, NULL, NULL))
+        record(g, "maxpool2x2", maxpool2x2_node_backward, y, x, NULL, NULL);
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: zero padding, its own amount on each side ----
+// torch's F.pad(x, (left, right, top, bottom)) with zeros: latent-diffusion's
+// Downsample pads (0, 1, 0, 1), right and bottom only, before its 3x3
+// stride-2 convolution without padding.
+// ---------------------------------------------------------------------------
+// forward: out = the padded planes, inp = x; backward: out = dx, inp = the padded gradient
+typedef struct { float *out; const float *inp; int H, W, top, bottom, left, right; } Pad;
+
+static void pad2d_forward_range(void *arg, size_t p0, size_t p1) {
+    const Pad *t = arg;
+    int OW = t->W + t->left + t->right, OH = t->H + t->top + t->bottom;
+    for (size_t p = p0; p < p1; p++) {
+        float *y = t->out + p * OH * OW;
+        memset(y, 0, (size_t)OH * OW * sizeof(float));
+        for (int r = 0; r < t->H; r++)
+            memcpy(y + (size_t)(r + t->top) * OW + t->left, t->inp + (p * t->H + r) * t->W,
+                   (size_t)t->W * sizeof(float));
+    }
+}
+
+void pad2d_forward(float *out, const float *inp, size_t P, int H, int W, int top, int bottom,
+                   int left, int right) {
+    Pad t = {out, inp, H, W, top, bottom, left, right};
+    parallel_for(P, 8, pad2d_forward_range, &t);
+}
+
+static void pad2d_backward_range(void *arg, size_t p0, size_t p1) {
+    const Pad *t = arg;
+    int OW = t->W + t->left + t->right, OH = t->H + t->top + t->bottom;
+    for (size_t p = p0; p < p1; p++)
+        for (int r = 0; r < t->H; r++) {
+            const float *dy = t->inp + p * OH * OW + (size_t)(r + t->top) * OW + t->left;
+            float *dx = t->out + (p * t->H + r) * t->W;
+            for (int c = 0; c < t->W; c++) dx[c] += dy[c];
+        }
+}
+
+void pad2d_backward(float *dinp, const float *dout, size_t P, int H, int W, int top, int bottom,
+                    int left, int right) {
+    Pad t = {dinp, dout, H, W, top, bottom, left, right};
+    parallel_for(P, 8, pad2d_backward_range, &t);
+}
+
+typedef struct { int top, bottom, left, right; } PadState;
+
+static void pad2d_node_backward(Graph *g, TapeNode *n) {
+    const PadState *s = n->state;
+    Tensor *x = n->in[0];
+    pad2d_backward(input_grad(g, n, 0), n->out->grad, (size_t)x->shape[0] * x->shape[1],
+                   x->shape[2], x->shape[3], s->top, s->bottom, s->left, s->right);
+}
+
+Tensor *pad2d(Graph *g, Tensor *x, int top, int bottom, int left, int right) {
+    check_4d(x, "pad2d");
+    if (top < 0 || bottom < 0 || left < 0 || right < 0)
+        fatal("pad2d: padding (%d, %d, %d, %d) must not be negative", top, bottom, left, right);
+    Tensor *y = tensor4(g, x->shape[0], x->shape[1], x->shape[2] + top + bottom,
+                        x->shape[3] + left + right);
+    pad2d_forward(y->data, x->data, (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3],
+                  top, bottom, left, right);
+    if (wants_grad(g, x, NULL, NULL)) {
+        PadState s = {top, bottom, left, right};
+        save_state(g, record(g, "pad2d", pad2d_node_backward, y, x, NULL, NULL), &s, sizeof s);
+    }
     return y;
 }
 
@@ -4535,6 +4864,125 @@ Tensor *clamp(Graph *g, Tensor *x, float lo, float hi) {
         save_state(g, nd, &s, sizeof s);
     }
     return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: the diagonal Gaussian posterior of a KL autoencoder ----
+// latent-diffusion's DiagonalGaussianDistribution (ldm/modules/distributions/
+// distributions.py): moments (N, 2C, H, W) hold the mean in channels [0, C)
+// and the log-variance in [C, 2C), clamped to [-30, 20] (torch.clamp: the
+// gradient passes where lo <= x <= hi).
+//   sample: z = mean + exp(logvar / 2) * eps, eps ~ N(0, 1) (the
+//           reparameterisation), eps drawn from g->rng and kept for backward
+//   kl:     0.5 * sum over (C, H, W) of mean^2 + exp(logvar) - 1 - logvar,
+//           one value per image (N), against N(0, I)
+// ---------------------------------------------------------------------------
+#define LOGVAR_MIN (-30.0f)
+#define LOGVAR_MAX 20.0f
+
+static float logvar_clamped(float v) {
+    return v < LOGVAR_MIN ? LOGVAR_MIN : (v > LOGVAR_MAX ? LOGVAR_MAX : v);
+}
+static int logvar_passes(float v) { return v >= LOGVAR_MIN && v <= LOGVAR_MAX; }
+
+void gaussian_sample_forward(float *z, const float *moments, const float *eps, int N, int C,
+                             int HW) {
+    size_t per = (size_t)C * HW;
+    for (int n = 0; n < N; n++) {
+        const float *mean = moments + 2 * per * n, *logvar = mean + per;
+        for (size_t i = 0; i < per; i++)
+            z[per * n + i] = mean[i] + expf(0.5f * logvar_clamped(logvar[i])) * eps[per * n + i];
+    }
+}
+
+// dmean = dz; dlogvar = dz * eps * exp(logvar / 2) / 2 where the clamp passes
+void gaussian_sample_backward(float *dmoments, const float *dz, const float *moments,
+                              const float *eps, int N, int C, int HW) {
+    size_t per = (size_t)C * HW;
+    for (int n = 0; n < N; n++) {
+        const float *logvar = moments + 2 * per * n + per, *d = dz + per * n, *e = eps + per * n;
+        float *dmean = dmoments + 2 * per * n, *dlogvar = dmean + per;
+        for (size_t i = 0; i < per; i++) {
+            dmean[i] += d[i];
+            if (logvar_passes(logvar[i]))
+                dlogvar[i] += d[i] * e[i] * 0.5f * expf(0.5f * logvar[i]);
+        }
+    }
+}
+
+void gaussian_kl_forward(float *kl, const float *moments, int N, int C, int HW) {
+    size_t per = (size_t)C * HW;
+    for (int n = 0; n < N; n++) {
+        const float *mean = moments + 2 * per * n, *logvar = mean + per;
+        double s = 0.0;
+        for (size_t i = 0; i < per; i++) {
+            double lv = logvar_clamped(logvar[i]);
+            s += (double)mean[i] * mean[i] + exp(lv) - 1.0 - lv;
+        }
+        kl[n] = (float)(0.5 * s);
+    }
+}
+
+// dmean = dkl * mean; dlogvar = dkl * (exp(logvar) - 1) / 2 where the clamp passes
+void gaussian_kl_backward(float *dmoments, const float *dkl, const float *moments, int N, int C,
+                          int HW) {
+    size_t per = (size_t)C * HW;
+    for (int n = 0; n < N; n++) {
+        const float *mean = moments + 2 * per * n, *logvar = mean + per;
+        float *dmean = dmoments + 2 * per * n, *dlogvar = dmean + per;
+        for (size_t i = 0; i < per; i++) {
+            dmean[i] += dkl[n] * mean[i];
+            if (logvar_passes(logvar[i])) dlogvar[i] += dkl[n] * 0.5f * (expf(logvar[i]) - 1.0f);
+        }
+    }
+}
+
+static void gaussian_shape(const Tensor *moments, const char *op, int *N, int *C, int *HW) {
+    check_4d(moments, op);
+    if (moments->shape[1] % 2) fatal("%s: moments need an even channel count (mean, logvar)", op);
+    *N = moments->shape[0];
+    *C = moments->shape[1] / 2;
+    *HW = moments->shape[2] * moments->shape[3];
+}
+
+typedef struct { float *eps; } GaussianSampleState;
+
+static void gaussian_sample_node_backward(Graph *g, TapeNode *n) {
+    int N, C, HW;
+    gaussian_shape(n->in[0], "gaussian_sample", &N, &C, &HW);
+    gaussian_sample_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data,
+                             ((const GaussianSampleState *)n->state)->eps, N, C, HW);
+}
+
+Tensor *gaussian_sample(Graph *g, Tensor *moments) {
+    int N, C, HW;
+    gaussian_shape(moments, "gaussian_sample", &N, &C, &HW);
+    if (!g->rng) fatal("gaussian_sample: the graph has no RNG");
+    Tensor *z = tensor4(g, N, C, moments->shape[2], moments->shape[3]);
+    GaussianSampleState s = {arena_floats(&g->arena, z->size)};
+    rng_fill_normal(g->rng, s.eps, z->size, 0.0f, 1.0f);
+    gaussian_sample_forward(z->data, moments->data, s.eps, N, C, HW);
+    if (wants_grad(g, moments, NULL, NULL))
+        save_state(g, record(g, "gaussian_sample", gaussian_sample_node_backward, z, moments, NULL,
+                             NULL),
+                   &s, sizeof s);
+    return z;
+}
+
+static void gaussian_kl_node_backward(Graph *g, TapeNode *n) {
+    int N, C, HW;
+    gaussian_shape(n->in[0], "gaussian_kl", &N, &C, &HW);
+    gaussian_kl_backward(input_grad(g, n, 0), n->out->grad, n->in[0]->data, N, C, HW);
+}
+
+Tensor *gaussian_kl(Graph *g, Tensor *moments) {
+    int N, C, HW;
+    gaussian_shape(moments, "gaussian_kl", &N, &C, &HW);
+    Tensor *kl = tensor_new(g, 1, &N);
+    gaussian_kl_forward(kl->data, moments->data, N, C, HW);
+    if (wants_grad(g, moments, NULL, NULL))
+        record(g, "gaussian_kl", gaussian_kl_node_backward, kl, moments, NULL, NULL);
+    return kl;
 }
 
 // ---------------------------------------------------------------------------

@@ -335,9 +335,19 @@ Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *norm, Tensor *w, Tensor
 Tensor *silu(Graph *g, Tensor *x);
 Tensor *relu(Graph *g, Tensor *x);             // (reference)
 Tensor *sigmoid(Graph *g, Tensor *x);
+// tanh, exp and |x| (the tensor_ prefix: libm has the plain names); the
+// gradient of |x| is 0 at 0, as torch's
+Tensor *tensor_tanh(Graph *g, Tensor *x);
+Tensor *tensor_exp(Graph *g, Tensor *x);
+Tensor *tensor_abs(Graph *g, Tensor *x);
+Tensor *leaky_relu(Graph *g, Tensor *x, float slope);  // x for x > 0, else slope * x
 Tensor *softmax(Graph *g, Tensor *x);          // over the last axis (reference)
 Tensor *upsample2x(Graph *g, Tensor *x);       // nearest
 Tensor *avgpool2x2(Graph *g, Tensor *x);       // kernel 2, stride 2
+Tensor *maxpool2x2(Graph *g, Tensor *x);       // kernel 2, stride 2 (taming's LPIPS)
+// zeros around x: (N, C, H + top + bottom, W + left + right), F.pad's
+// (left, right, top, bottom)
+Tensor *pad2d(Graph *g, Tensor *x, int top, int bottom, int left, int right);
 Tensor *resize_bilinear(Graph *g, Tensor *x, int out_h, int out_w);  // align_corners=False
 Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b);
 Tensor *slice_channels(Graph *g, Tensor *x, int c0, int c1);         // x[:, c0:c1]
@@ -351,17 +361,28 @@ Tensor *mse_loss(Graph *g, Tensor *a, Tensor *b, const float *w);
 // mean over rows n of -log softmax(logits[n])[labels[n]] (F.cross_entropy);
 // logits (N, K), labels in 0..K-1 (copied)
 Tensor *cross_entropy(Graph *g, Tensor *logits, const int *labels);
+// torch's BatchNorm2d, in training mode when g->training (batch statistics;
+// running_mean and running_var (C) are updated with momentum, the variance
+// unbiased), else with the running statistics; gamma, beta (C) may be NULL
+Tensor *batchnorm2d(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, float *running_mean,
+                    float *running_var, float momentum, float eps);
 Tensor *l2norm_channels(Graph *g, Tensor *x, float eps);  // x / (||x||_c + eps)
 Tensor *dropout(Graph *g, Tensor *x, float p);  // identity unless g->training (reference)
 Tensor *detach(Graph *g, Tensor *x);            // same data, no gradient
 Tensor *clamp(Graph *g, Tensor *x, float lo, float hi);  // gradient 0 where clipped
+// A KL autoencoder's posterior (latent-diffusion's DiagonalGaussianDistribution):
+// moments (N, 2C, H, W) = mean, then logvar (clamped to [-30, 20]).
+// gaussian_sample: mean + exp(logvar / 2) * eps, eps ~ N(0, 1) from g->rng, (N, C, H, W);
+// gaussian_kl: KL against N(0, I), summed over (C, H, W): shape (N)
+Tensor *gaussian_sample(Graph *g, Tensor *moments);
+Tensor *gaussian_kl(Graph *g, Tensor *moments);
 
 // ---------------------------------------------------------------------------
 // kernels: the layer under the graph ops, on raw pointers, for code that
 // wants no tape (and for tests that compare them with references).
 // Backward kernels accumulate (+=); a NULL gradient pointer is skipped.
 // ---------------------------------------------------------------------------
-enum { ACT_SILU, ACT_RELU, ACT_SIGMOID };
+enum { ACT_SILU, ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_EXP, ACT_ABS, ACT_LEAKY_RELU };
 // out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC); col is
 // scratch of conv2d_forward_scratch(...) floats (small maps are done several
 // images per GEMM, which needs more)
@@ -407,6 +428,8 @@ void groupnorm_film_silu_backward(float *dinp, float *dgamma, float *dbeta, floa
 void activation_forward(float *out, const float *inp, size_t n, int act);
 void activation_backward(float *dinp, const float *dout, const float *inp, const float *out,
                          size_t n, int act);
+void leaky_relu_forward(float *out, const float *inp, size_t n, float slope);
+void leaky_relu_backward(float *dinp, const float *dout, const float *inp, size_t n, float slope);
 void softmax_forward(float *out, const float *inp, size_t rows, size_t len);
 void softmax_backward(float *dinp, const float *dout, const float *out, size_t rows, size_t len);
 // P = N*C planes of (H,W)
@@ -414,6 +437,12 @@ void upsample2x_forward(float *out, const float *inp, size_t P, int H, int W);
 void upsample2x_backward(float *dinp, const float *dout, size_t P, int H, int W);
 void avgpool2x2_forward(float *out, const float *inp, size_t P, int H, int W);
 void avgpool2x2_backward(float *dinp, const float *dout, size_t P, int H, int W);
+void maxpool2x2_forward(float *out, const float *inp, size_t P, int H, int W);
+void maxpool2x2_backward(float *dinp, const float *dout, const float *inp, size_t P, int H, int W);
+void pad2d_forward(float *out, const float *inp, size_t P, int H, int W, int top, int bottom,
+                   int left, int right);
+void pad2d_backward(float *dinp, const float *dout, size_t P, int H, int W, int top, int bottom,
+                    int left, int right);
 void resize_bilinear_forward(float *out, const float *inp, size_t P, int H, int W, int OH, int OW);
 void resize_bilinear_backward(float *dinp, const float *dout, size_t P, int H, int W, int OH,
                               int OW);
@@ -435,6 +464,21 @@ void avgpool2d_valid_forward(float *out, const float *inp, size_t P, int H, int 
 double cross_entropy_forward(float *prob, const float *logits, const int *labels, int N, int K);
 void cross_entropy_backward(float *dlogits, const float *prob, const int *labels, float dloss,
                             int N, int K);
+// mean, rstd (C) are written by forward and read by backward
+void batchnorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *gamma,
+                       const float *beta, float *running_mean, float *running_var, int N, int C,
+                       int HW, float momentum, float eps, int training);
+void batchnorm_backward(float *dinp, float *dgamma, float *dbeta, const float *dout,
+                        const float *inp, const float *mean, const float *rstd, const float *gamma,
+                        int N, int C, int HW, int training);
+// the posterior's kernels (moments (N, 2C, HW); eps, z (N, C, HW); kl (N))
+void gaussian_sample_forward(float *z, const float *moments, const float *eps, int N, int C,
+                             int HW);
+void gaussian_sample_backward(float *dmoments, const float *dz, const float *moments,
+                              const float *eps, int N, int C, int HW);
+void gaussian_kl_forward(float *kl, const float *moments, int N, int C, int HW);
+void gaussian_kl_backward(float *dmoments, const float *dkl, const float *moments, int N, int C,
+                          int HW);
 // norm (N,HW) is written by forward and read by backward
 void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps);
 void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,

@@ -220,6 +220,41 @@ static Tensor *b_clamp(Graph *g, Tensor **in, const int *a) {
     (void)a;
     return clamp(g, in[0], -1.3f, 1.3f);
 }
+static Tensor *b_tanh(Graph *g, Tensor **in, const int *a) { (void)a; return tensor_tanh(g, in[0]); }
+static Tensor *b_exp(Graph *g, Tensor **in, const int *a) { (void)a; return tensor_exp(g, in[0]); }
+static Tensor *b_abs(Graph *g, Tensor **in, const int *a) { (void)a; return tensor_abs(g, in[0]); }
+static Tensor *b_leaky_relu(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return leaky_relu(g, in[0], 0.2f);
+}
+static Tensor *b_maxpool(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return maxpool2x2(g, in[0]);
+}
+static Tensor *b_pad(Graph *g, Tensor **in, const int *a) {
+    return pad2d(g, in[0], a[0], a[1], a[2], a[3]);
+}
+// a[0]: eval mode (the running statistics below, fixed) or training mode
+// (batch statistics; the running ones move but do not enter the output)
+static Tensor *b_batchnorm(Graph *g, Tensor **in, const int *a) {
+    static float rm[3], rv[3];
+    const float rm0[3] = {0.3f, -0.2f, 0.1f}, rv0[3] = {0.8f, 1.3f, 0.6f};
+    memcpy(rm, rm0, sizeof rm);
+    memcpy(rv, rv0, sizeof rv);
+    int training = g->training;
+    g->training = !a[0];
+    Tensor *y = batchnorm2d(g, in[0], in[1], in[2], rm, rv, 0.1f, 1e-5f);
+    g->training = training;
+    return y;
+}
+static Tensor *b_gaussian_sample(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return gaussian_sample(g, in[0]);
+}
+static Tensor *b_gaussian_kl(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return gaussian_kl(g, in[0]);
+}
 // a chain like one improved-diffusion ResBlock half: GN -> SiLU -> conv, FiLM, residual
 static Tensor *b_chain(Graph *g, Tensor **in, const int *a) {
     (void)a;
@@ -295,6 +330,18 @@ static const GradCase grad_cases[] = {
     {"relu", b_relu, {0}, 1, {{4, {2, 3, 4, 5}, 1}}, 1e-2},
     {"sigmoid", b_sigmoid, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
     {"softmax", b_softmax, {0}, 1, {T3(2, 3, 7)}, 1e-2},
+    {"tanh", b_tanh, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
+    {"exp", b_exp, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
+    {"abs", b_abs, {0}, 1, {{4, {2, 3, 4, 5}, 1}}, 1e-2},
+    {"leaky_relu 0.2", b_leaky_relu, {0}, 1, {{4, {2, 3, 4, 5}, 1}}, 1e-2},
+    // the KL autoencoder's: pooling, padding, batch norm, the posterior
+    {"maxpool2x2 (odd size)", b_maxpool, {0}, 1, {T4(2, 3, 5, 7)}, 1e-3},
+    {"pad2d (0, 1, 0, 1)", b_pad, {0, 1, 0, 1}, 1, {T4(2, 3, 4, 5)}, 1e-2},
+    {"pad2d (2, 0, 1, 3)", b_pad, {2, 0, 1, 3}, 1, {T4(1, 2, 3, 4)}, 1e-2},
+    {"batchnorm2d training", b_batchnorm, {0}, 3, {T4(3, 3, 4, 5), T1(3), T1(3)}, 1e-2},
+    {"batchnorm2d eval", b_batchnorm, {1}, 3, {T4(2, 3, 4, 5), T1(3), T1(3)}, 1e-2},
+    {"gaussian_sample", b_gaussian_sample, {0}, 1, {T4(2, 6, 3, 4)}, 1e-2},
+    {"gaussian_kl", b_gaussian_kl, {0}, 1, {T4(2, 6, 3, 4)}, 1e-2},
     {"qkv_attention", b_qkv_attention, {0}, 1, {T3(3, 6, 5)}, 1e-2},
     {"upsample2x", b_upsample, {0}, 1, {T4(2, 3, 3, 5)}, 1e-2},
     {"avgpool2x2", b_avgpool, {0}, 1, {T4(2, 3, 4, 6)}, 1e-2},
@@ -753,6 +800,59 @@ static void test_goldens(void) {
         const char *names[1] = {"x"};
         golden_check(&g, "avgpool", avgpool2x2(&g, in[0]), in, names, 1);
     }
+    const char *pointwise[4] = {"maxpool", "tanh", "leaky_relu", "pad"};
+    for (int i = 0; i < 4; i++) {
+        graph_reset(&g);
+        Tensor *in[1] = {golden(&g, pointwise[i], "x", 1)}, *y;
+        const char *names[1] = {"x"};
+        if (i == 0) y = maxpool2x2(&g, in[0]);
+        else if (i == 1) y = tensor_tanh(&g, in[0]);
+        else if (i == 2) y = leaky_relu(&g, in[0], 0.2f);
+        else y = pad2d(&g, in[0], 0, 1, 0, 1);
+        golden_check(&g, pointwise[i], y, in, names, 1);
+    }
+    for (int eval = 0; eval <= 1; eval++) {  // torch.nn.BatchNorm2d, then its running statistics
+        const char *name = eval ? "batchnorm_eval" : "batchnorm_train";
+        graph_reset(&g);
+        Tensor *in[3] = {golden(&g, name, "x", 1), golden(&g, name, "gamma", 1),
+                         golden(&g, name, "beta", 1)};
+        const char *names[3] = {"x", "gamma", "beta"};
+        float rm[4], rv[4];
+        memcpy(rm, golden(&g, "batchnorm_train", eval ? "running_mean" : "running_mean0", 0)->data,
+               sizeof rm);
+        memcpy(rv, golden(&g, "batchnorm_train", eval ? "running_var" : "running_var0", 0)->data,
+               sizeof rv);
+        g.training = !eval;
+        golden_check(&g, name, batchnorm2d(&g, in[0], in[1], in[2], rm, rv, 0.1f, 1e-5f), in,
+                     names, 3);
+        g.training = 0;
+        double e = fmax(compare("running_mean", rm, golden(&g, name, "running_mean", 0)->data, 4, 1e-6),
+                        compare("running_var", rv, golden(&g, name, "running_var", 0)->data, 4, 1e-6));
+        char tname[96];
+        snprintf(tname, sizeof tname, "golden %s: the running statistics %s", name,
+                 eval ? "unchanged" : "after the step (momentum 0.1, unbiased variance)");
+        test_result(e <= 1e-6, tname, "max err %.1e (tol 1e-6)", e);
+    }
+    {   // the posterior: kl() and sample() with torch's noise (logvars of 25 and -40 clamped)
+        graph_reset(&g);
+        Tensor *in[1] = {golden(&g, "gaussian_kl", "moments", 1)};
+        const char *names[1] = {"moments"};
+        golden_check(&g, "gaussian_kl", gaussian_kl(&g, in[0]), in, names, 1);
+        graph_reset(&g);
+        Tensor *m = golden(&g, "gaussian_sample", "moments", 0);
+        Tensor *eps = golden(&g, "gaussian_sample", "eps", 0), *ref = golden(&g, "gaussian_sample", "out", 0);
+        Tensor *dz = golden(&g, "gaussian_sample", "dout", 0), *dref = golden(&g, "gaussian_sample", "dmoments", 0);
+        float *z = mallocCheck(ref->size * sizeof(float)), *dm = calloc(m->size, sizeof(float));
+        int N = m->shape[0], C = m->shape[1] / 2, HW = m->shape[2] * m->shape[3];
+        gaussian_sample_forward(z, m->data, eps->data, N, C, HW);
+        gaussian_sample_backward(dm, dz->data, m->data, eps->data, N, C, HW);
+        double ef = compare("z", z, ref->data, ref->size, 1e-5);
+        double eb = compare("dmoments", dm, dref->data, m->size, 1e-4);
+        test_result(ef <= 1e-5 && eb <= 1e-4, "golden gaussian_sample (the kernels, torch's noise)",
+                    "forward err %.1e (tol 1e-5), gradient err %.1e (tol 1e-4)", ef, eb);
+        free(z);
+        free(dm);
+    }
     graph_free(&g);
     st_free(&goldens);
 }
@@ -1049,6 +1149,23 @@ static void test_cross_entropy_values(void) {
     double e = fmax(e1, fmax(e2, e3));
     test_result(e < 1e-6, "cross_entropy forward vs closed forms", "log 5, -log 3/4, -log 1/4: "
                 "max err %.1e", e);
+}
+
+// the rules a random input never meets: max pool ties go to the first pixel
+// in row order and a NaN wins (torch's CPU kernel); |x|' is 0 at 0
+static void test_tie_rules(void) {
+    float ties[4] = {1, 1, 0, 1}, nan_in[4] = {1, NAN, 2, 0}, one = 1.0f, y, d1[4] = {0},
+          d2[4] = {0}, zero = 0.0f, dz = 0.0f;
+    maxpool2x2_forward(&y, ties, 1, 2, 2);
+    maxpool2x2_backward(d1, &one, ties, 1, 2, 2);
+    int ok = y == 1.0f && d1[0] == 1.0f && d1[1] == 0.0f && d1[3] == 0.0f;
+    maxpool2x2_forward(&y, nan_in, 1, 2, 2);
+    maxpool2x2_backward(d2, &one, nan_in, 1, 2, 2);
+    ok &= isnan(y) && d2[1] == 1.0f && d2[2] == 0.0f;
+    activation_backward(&dz, &one, &zero, &zero, 1, ACT_ABS);
+    ok &= dz == 0.0f;
+    test_result(ok, "max pool ties and NaN, |x| at 0: torch's rules",
+                "a tie goes to the first pixel, a NaN wins, d|x|/dx(0) = 0");
 }
 
 static void test_inference_kernels(void) {
@@ -1515,6 +1632,7 @@ int main(int argc, char **argv) {
     test_arena();
     test_gemm();
     test_gradchecks();
+    test_tie_rules();
     test_detach();
     test_no_grad();
     test_fused_equal_composed();

@@ -76,6 +76,56 @@ record("upsample", F.interpolate(x, scale_factor=2, mode="nearest"), {"x": x})
 x = leaf(2, 3, 6, 8)
 record("avgpool", F.avg_pool2d(x, 2, 2), {"x": x})
 
+# ---- the KL autoencoder's ops (LDDGAN stage one) ----
+# max pool 2x2 on an odd size (floor), as taming's LPIPS VGG16
+x = leaf(2, 3, 7, 9)
+record("maxpool", F.max_pool2d(x, 2, 2), {"x": x})
+# pointwise: tanh (the decoder's output), LeakyReLU(0.2) (the discriminator)
+x = leaf(2, 3, 4, 5, scale=2.0)
+record("tanh", torch.tanh(x), {"x": x})
+x = leaf(2, 3, 4, 5)
+record("leaky_relu", F.leaky_relu(x, 0.2), {"x": x})
+# latent-diffusion's Downsample padding: F.pad(x, (0, 1, 0, 1))
+x = leaf(2, 3, 5, 6)
+record("pad", F.pad(x, (0, 1, 0, 1)), {"x": x})
+# BatchNorm2d in training mode (momentum 0.1, eps 1e-5) from running
+# statistics that are not the defaults, and the statistics after the step;
+# then eval mode with those statistics
+bn = torch.nn.BatchNorm2d(4)
+with torch.no_grad():
+    bn.weight.copy_(torch.randn(4)); bn.bias.copy_(torch.randn(4))
+    bn.running_mean.copy_(torch.randn(4)); bn.running_var.copy_(torch.rand(4) + 0.5)
+G["batchnorm_train.running_mean0"] = bn.running_mean.clone()
+G["batchnorm_train.running_var0"] = bn.running_var.clone()
+x = leaf(3, 4, 5, 6, scale=1.5)
+x.data += 0.7
+gm, bt = bn.weight, bn.bias
+bn.train()
+record("batchnorm_train", bn(x), {"x": x, "gamma": gm, "beta": bt})
+G["batchnorm_train.running_mean"] = bn.running_mean.clone()
+G["batchnorm_train.running_var"] = bn.running_var.clone()
+bn.eval()
+x = leaf(2, 4, 3, 5)
+record("batchnorm_eval", bn(x), {"x": x, "gamma": gm, "beta": bt})
+G["batchnorm_eval.running_mean"] = bn.running_mean.clone()
+G["batchnorm_eval.running_var"] = bn.running_var.clone()
+# DiagonalGaussianDistribution: kl() per image and sample() with given
+# noise, the formulas of ldm/modules/distributions/distributions.py (logvar
+# clamped to [-30, 20]; two values outside that range)
+m = leaf(2, 6, 3, 4)
+with torch.no_grad():
+    m[0, 3, 0, 0] = 25.0
+    m[1, 5, 2, 3] = -40.0
+mean, logvar = torch.chunk(m, 2, dim=1)
+logvar = torch.clamp(logvar, -30.0, 20.0)
+record("gaussian_kl", 0.5 * torch.sum(mean ** 2 + torch.exp(logvar) - 1.0 - logvar, dim=[1, 2, 3]),
+       {"moments": m})
+eps = torch.randn(2, 3, 3, 4)
+G["gaussian_sample.eps"] = eps
+mean, logvar = torch.chunk(m, 2, dim=1)
+logvar = torch.clamp(logvar, -30.0, 20.0)
+record("gaussian_sample", mean + torch.exp(0.5 * logvar) * eps, {"moments": m})
+
 
 def write_png(path, arr):
     """An 8-bit PNG written with zlib level 9 (dynamic Huffman blocks) and row
