@@ -177,8 +177,10 @@ int sample_step_noisy(const SampleConfig *sc, int j);
 
 // ---------------------------------------------------------------------------
 // lpips.c: LPIPS with a VGG16 trunk whose max-pools are 2x2 average pools
-// (Cas-DM Eq. 13, after consistency models' use of piq). Weights are frozen:
-// gradients flow to the compared image only.
+// (Cas-DM Eq. 13, after consistency models' use of piq), or, with max_pool
+// and size 0, taming-transformers' LPIPS (VGG16's own max pools, no resize:
+// the perceptual loss of latent-diffusion's and LDDGAN's autoencoders).
+// Weights are frozen: gradients flow to the compared image only.
 // ---------------------------------------------------------------------------
 #define LPIPS_CONVS 13
 #define LPIPS_TAPS 5
@@ -187,6 +189,7 @@ typedef struct {
     Tensor *conv_w[LPIPS_CONVS], *conv_b[LPIPS_CONVS];
     Tensor *lin[LPIPS_TAPS];         // (1, C_k, 1, 1), non-negative in trained weights
     int size;                        // images are resized to size x size (0: as they are)
+    int max_pool;                    // 1: 2x2 max pools (taming's), 0: average pools (piq's)
 } Lpips;
 
 void lpips_init(Lpips *l);           // declares and allocates (frozen, zero)

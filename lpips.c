@@ -16,6 +16,12 @@
 //   distance: the sum over taps.
 // Where they differ: lpips puts Dropout(0.5) in its heads in train mode; we
 // never apply it (piq has none). The paper's LPIPS is piq's.
+//
+// taming-transformers' LPIPS (taming/modules/losses/lpips.py), which
+// latent-diffusion's LPIPSWithDiscriminator and so LDDGAN's autoencoder
+// train with, is the same but for two things (max_pool = 1, size = 0): VGG16
+// keeps its max pools, and nothing is resized. Its ScalingLayer (x - shift)
+// / scale on [-1, 1] inputs is the ImageNet map above, exactly.
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 
@@ -114,7 +120,10 @@ static void lpips_features(Graph *g, Lpips *l, Tensor *x, Tensor **taps) {
     Tensor *h = lpips_input(g, l, x);
     int k = 0, t = 0;
     for (size_t i = 0; i < sizeof vgg_cfg / sizeof vgg_cfg[0]; i++) {
-        if (vgg_cfg[i] == 0) { h = avgpool2x2(g, h); continue; }
+        if (vgg_cfg[i] == 0) {
+            h = l->max_pool ? maxpool2x2(g, h) : avgpool2x2(g, h);
+            continue;
+        }
         h = conv2d_relu(g, h, l->conv_w[k], l->conv_b[k], 1, 1);
         if (t < LPIPS_TAPS && k == tap_after_conv[t]) taps[t++] = l2norm_channels(g, h, 1e-10f);
         k++;

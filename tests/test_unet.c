@@ -609,6 +609,37 @@ static void lpips_vs_golden(Lpips *l, const StFile *lg, Graph *g) {
     }
 }
 
+// taming's variant (max pools, no resize) on the same weights and images
+static void lpips_max_vs_golden(Lpips *l, const StFile *lg, Graph *g) {
+    const StEntry *ex = st_find(lg, "x"), *ey = st_find(lg, "y"), *ed = st_find(lg, "max/s32/distance"),
+                  *eg = st_find(lg, "max/s32/grad_x"), *et = st_find(lg, "max/s32/taps");
+    if (!ex || !ey || !ed || !eg || !et) fatal("lpips golden lacks max/s32");
+    graph_reset(g);
+    int size = l->size;
+    l->size = 0;
+    l->max_pool = 1;
+    Tensor *x = tensor_from(g, ex->ndim, ex->shape, ex->data),
+           *y = tensor_from(g, ey->ndim, ey->shape, ey->data);
+    x->requires_grad = 1;
+    Tensor *taps[LPIPS_TAPS];
+    Tensor *d = lpips_distance(g, l, x, y, taps);
+    graph_backward(g, sum_all(g, d), NULL);
+    double edist = 0.0, etap = 0.0;
+    for (int n = 0; n < 2; n++) {
+        edist = fmax(edist, fabs(d->data[n] - ed->data[n]) / fabs(ed->data[n]));
+        for (int k = 0; k < LPIPS_TAPS; k++)
+            etap = fmax(etap, fabs(taps[k]->data[n] - et->data[n * LPIPS_TAPS + k]) /
+                                  fabs(et->data[n * LPIPS_TAPS + k]));
+    }
+    double egrad = rel_err(x->grad, eg->data, x->size, 1, 0.0);
+    l->max_pool = 0;
+    l->size = size;
+    test_result(edist <= 1e-5 && etap <= 1e-4 && egrad <= 1e-4,
+                "taming's LPIPS (max pools, no resize) vs PyTorch: distance, each tap, input gradient",
+                "distance %.1e, worst tap %.1e, gradient %.1e of its max; tol 1e-5, 1e-4, 1e-4",
+                edist, etap, egrad);
+}
+
 static void lpips_vs_finite_differences(Lpips *l, Graph *g) {
     if (test_quick) test_skip("LPIPS input gradient vs finite differences", "--quick");
     // finite differences through the whole network, along 6 random
@@ -711,6 +742,7 @@ static void test_lpips(void) {
     Graph g;
     graph_init(&g, 0, 0);
     lpips_vs_golden(&l, &lg, &g);
+    lpips_max_vs_golden(&l, &lg, &g);
     lpips_vs_finite_differences(&l, &g);
     graph_free(&g);
     lpips_loader(&l);

@@ -71,14 +71,18 @@ def expected_shapes():
 
 class VGGLPIPS(nn.Module):
     """VGG16 trunk (avg-pool) + LPIPS heads. state_dict keys = the weights file's keys.
-    Parameters are frozen (requires_grad False); gradients flow to the inputs only."""
+    Parameters are frozen (requires_grad False); gradients flow to the inputs only.
+    pool="max": torchvision's own max pools, as taming-transformers' LPIPS
+    (taming/modules/losses/lpips.py, the perceptual loss of latent-diffusion's
+    autoencoders and so of LDDGAN's); use it with size=None (taming resizes nothing)."""
 
-    def __init__(self):
+    def __init__(self, pool="avg"):
         super().__init__()
         layers, cin = [], 3
         for v in CFG:
             if v == "P":
-                layers.append(nn.AvgPool2d(kernel_size=2, stride=2))
+                layers.append(nn.AvgPool2d(kernel_size=2, stride=2) if pool == "avg"
+                              else nn.MaxPool2d(kernel_size=2, stride=2))
             else:
                 layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
                 cin = v

@@ -65,8 +65,20 @@ for size in SIZES:
           f"piq-style (lpips shift/scale) rel diff {rel:.2e}")
     print("          taps " + "  ".join(f"[{', '.join(f'{v:.6f}' for v in row)}]" for row in taps.tolist()))
 
+# taming's LPIPS (max pools, no resize), the same weights and images: max/s32/*
+model_max = L.lpips_test_init(L.VGGLPIPS(pool="max")).double()
+x = x32.double().requires_grad_(True)
+taps = L.tap_distances(model_max, x, y32.double(), None)
+d = taps.sum(dim=1)
+(g,) = torch.autograd.grad(d.sum(), x)
+G["max/s32/distance"] = d.detach()
+G["max/s32/grad_x"] = g
+G["max/s32/taps"] = taps.detach()
+print(f"max pools: distance {d.tolist()}  |grad_x|max {g.abs().max().item():.4e}")
+
 meta = {
     "producer": "tools/make_lpips_goldens.py",
+    "max": "max/s32/*: taming-transformers' variant, MaxPool2d(2, 2) as torchvision's vgg16, no resize",
     "torch": torch.__version__,
     "weights": "lpips_ref.lpips_test_init (names 'vgg.'+key, FNV-1a 64 hash; conv w base*sqrt(6/fan_in), "
                "bias 0.01*base, lin |base|)",
