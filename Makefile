@@ -42,8 +42,8 @@ ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(ARCHFLAGS) -DCASDM_SIMD=$(SIMD) -DCASDM_
 FLAGS_FILE := build/.flags
 $(shell mkdir -p build; echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' | cmp -s - $(FLAGS_FILE) || echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' > $(FLAGS_FILE))
 
-LIB_OBJS = build/tensor.o build/formats.o build/unet.o build/ddim.o build/lpips.o build/fid.o
-TESTS    = build/test_tensor build/test_unet build/test_fid
+LIB_OBJS = build/tensor.o build/formats.o build/unet.o build/ddim.o build/lpips.o build/fid.o build/lddgan.o
+TESTS    = build/test_tensor build/test_unet build/test_fid build/test_lddgan
 
 .PHONY: all test asan tsan clean bench data demo demo-torch cross quality fuzz
 

@@ -265,6 +265,72 @@ int classifier_save(const Classifier *c, const char *path, char *err, size_t err
 int classifier_load(Classifier *c, const char *path, char *err, size_t errlen);
 
 // ---------------------------------------------------------------------------
+// lddgan.c: the Latent Denoising Diffusion GAN (arXiv 2406.11713). Stage one:
+// latent-diffusion's KL autoencoder (ldm/models/autoencoder.py AutoencoderKL
+// with ldm/modules/diffusionmodules/model.py's Encoder and Decoder), as
+// LDDGAN's autoencoder/config/cifar10_16x16x4.yaml configures it. Parameter
+// names are its state_dict keys (encoder.down.0.block.0.norm1.weight, ...).
+// ---------------------------------------------------------------------------
+#define AE_MAX_LEVELS 8
+#define AE_MAX_BLOCKS 8     // ResnetBlocks per level (the decoder's num_res_blocks + 1)
+
+typedef struct {
+    int resolution;         // image side (attention resolutions are sides)
+    int in_channels, out_ch;
+    int ch, ch_mult[AE_MAX_LEVELS], n_levels;
+    int num_res_blocks;
+    int attn_resolutions[AE_MAX_LEVELS], n_attn;
+    int z_channels, embed_dim;  // the encoder's 2*z_channels moments -> quant_conv -> 2*embed_dim
+    int double_z, tanh_out;
+    float dropout;
+} AEConfig;
+
+typedef struct {            // ResnetBlock without a time embedding
+    int in_ch, out_ch;
+    Tensor *norm1_w, *norm1_b, *conv1_w, *conv1_b, *norm2_w, *norm2_b, *conv2_w, *conv2_b;
+    Tensor *nin_w, *nin_b;  // nin_shortcut, 1x1 (NULL when in_ch == out_ch)
+} AEResBlock;
+
+typedef struct {            // AttnBlock: single head, q, k, v and proj_out 1x1 convolutions
+    int ch;
+    Tensor *norm_w, *norm_b, *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *proj_w, *proj_b;
+} AEAttn;
+
+typedef struct {            // one resolution: its blocks, their attention, the resampling conv
+    AEResBlock block[AE_MAX_BLOCKS];
+    AEAttn attn[AE_MAX_BLOCKS];
+    int n_block, has_attn;
+    Tensor *resample_w, *resample_b;  // downsample.conv / upsample.conv, NULL at the end
+} AELevel;
+
+typedef struct {            // the Encoder or the Decoder
+    Tensor *conv_in_w, *conv_in_b;
+    AELevel level[AE_MAX_LEVELS];  // by resolution level (the decoder's up.i is level i too)
+    AEResBlock mid_block_1, mid_block_2;
+    AEAttn mid_attn_1;
+    Tensor *norm_out_w, *norm_out_b, *conv_out_w, *conv_out_b;
+} AECoder;
+
+typedef struct {
+    AEConfig cfg;
+    ParamSet params;
+    AECoder enc, dec;
+    Tensor *quant_w, *quant_b, *post_quant_w, *post_quant_b;
+} Autoencoder;
+
+// LDDGAN's CIFAR-10 autoencoder: ch 128, ch_mult 1,2, 2 ResnetBlocks, attention
+// at 16, z 4 (latent 4x16x16), dropout 0.2, tanh on the output
+void ae_cifar10_config(AEConfig *c);
+int ae_check_config(const AEConfig *c, char *err, size_t errlen);  // 0, or -1 and why
+void ae_init(Autoencoder *a, const AEConfig *c, int trainable, Rng *rng);  // rng NULL: zeros
+void ae_free(Autoencoder *a);
+size_t ae_param_count(const AEConfig *c, size_t *encoder, size_t *decoder);
+// x (N, in_channels, R, R) -> moments (N, 2*embed_dim, R/f, R/f), f = 2^(levels-1)
+Tensor *ae_encode(Graph *g, Autoencoder *a, Tensor *x);
+// z (N, embed_dim, r, r) -> images (N, out_ch, r*f, r*f)
+Tensor *ae_decode(Graph *g, Autoencoder *a, Tensor *z);
+
+// ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).
 // Readers return -1 (or NULL) with a message naming the file in err, and
 // bound every allocation by what the file holds or by the limits below.

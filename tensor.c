@@ -5060,6 +5060,68 @@ void params_free(ParamSet *p) {
     memset(p, 0, sizeof *p);
 }
 
+void param_decl_init(ParamDecl *d, ParamSet *ps) {
+    memset(d, 0, sizeof *d);
+    d->ps = ps;
+}
+
+void param_declare(ParamDecl *d, Tensor **slot, const char *name, int ndim, int s0, int s1,
+                   int s2, int s3) {
+    int shape[4] = {s0, s1, s2, s3};
+    if (d->n == d->cap) {
+        d->cap = d->cap ? 2 * d->cap : 256;
+        ParamSlot *n = mallocCheck(d->cap * sizeof *n);
+        if (d->n) memcpy(n, d->slots, d->n * sizeof *n);
+        free(d->slots);
+        d->slots = n;
+    }
+    d->slots[d->n].slot = slot;
+    d->slots[d->n].index = params_add(d->ps, name, ndim, shape);
+    d->n++;
+}
+
+void param_declare_weight_bias(ParamDecl *d, Tensor **w, Tensor **b, const char *prefix, int ndim,
+                               int s0, int s1, int s2, int s3) {
+    char name[200];
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    param_declare(d, w, name, ndim, s0, s1, s2, s3);
+    snprintf(name, sizeof name, "%s.bias", prefix);
+    param_declare(d, b, name, 1, s0, 0, 0, 0);
+}
+
+void param_decl_fill(ParamDecl *d) {
+    for (size_t i = 0; i < d->n; i++) *d->slots[i].slot = params_get(d->ps, d->slots[i].index);
+    param_decl_free(d);
+}
+
+void param_decl_free(ParamDecl *d) {
+    free(d->slots);
+    d->slots = NULL;
+    d->n = d->cap = 0;
+}
+
+void params_init_torch(ParamSet *ps, Rng *rng, int (*is_zero)(const char *name)) {
+    for (size_t i = 0; i < ps->count; i++) {
+        Tensor *t = params_get(ps, i);
+        if (is_zero && is_zero(t->name)) { memset(t->data, 0, t->size * sizeof(float)); continue; }
+        if (t->ndim == 1) {
+            // biases take the fan_in of their weight (the previous parameter);
+            // 1-D weights are norm scales
+            if (ends_with(t->name, ".weight")) {
+                for (size_t k = 0; k < t->size; k++) t->data[k] = 1.0f;
+                continue;
+            }
+            Tensor *w = i > 0 ? params_get(ps, i - 1) : NULL;
+            if (!w || w->ndim == 1) { memset(t->data, 0, t->size * sizeof(float)); continue; }
+            float bound = 1.0f / sqrtf((float)(w->size / w->shape[0]));
+            rng_fill_uniform(rng, t->data, t->size, -bound, bound);
+        } else {
+            float bound = 1.0f / sqrtf((float)(t->size / t->shape[0]));
+            rng_fill_uniform(rng, t->data, t->size, -bound, bound);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // ---- optimiser ----
 // ---------------------------------------------------------------------------

@@ -262,6 +262,27 @@ Tensor *params_find(ParamSet *p, const char *name);  // NULL if absent
 void params_zero_grad(ParamSet *p);
 void params_free(ParamSet *p);
 
+// A model declares its parameters before the one allocation: each slot (a
+// Tensor* field of the model) is remembered with its index, and
+// param_decl_fill points every slot at its tensor after params_alloc.
+typedef struct { Tensor **slot; size_t index; } ParamSlot;
+typedef struct { ParamSet *ps; ParamSlot *slots; size_t n, cap; } ParamDecl;
+void param_decl_init(ParamDecl *d, ParamSet *ps);
+void param_declare(ParamDecl *d, Tensor **slot, const char *name, int ndim, int s0, int s1,
+                   int s2, int s3);
+// PREFIX.weight of shape (s0, s1, s2, s3) (its first ndim dims) and
+// PREFIX.bias (s0): the pair every norm, convolution and linear layer has
+void param_declare_weight_bias(ParamDecl *d, Tensor **w, Tensor **b, const char *prefix, int ndim,
+                               int s0, int s1, int s2, int s3);
+void param_decl_fill(ParamDecl *d);  // after params_alloc; frees the slot list
+void param_decl_free(ParamDecl *d);  // without filling (a layout only counted)
+// PyTorch's default initialisation, in declaration order: Conv and Linear
+// weights and their biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform
+// with a = sqrt(5); a bias takes the fan_in of the weight declared before it),
+// norm scales (1-D .weight) 1 and their biases 0; tensors whose name is_zero
+// accepts are zeroed without drawing (is_zero may be NULL)
+void params_init_torch(ParamSet *ps, Rng *rng, int (*is_zero)(const char *name));
+
 // ---------------------------------------------------------------------------
 // optimiser: Adam as torch.optim.Adam / AdamW with weight_decay 0 (the
 // update order of PyTorch 1.13's single-tensor path), and an EMA of weights.

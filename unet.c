@@ -74,49 +74,28 @@ static int has_attention(const UNetConfig *c, int ds) {
 
 // ---------------------------------------------------------------------------
 // ---- parameters ----
-// Declaration happens before the single allocation, so each slot (a Tensor*
-// field of the UNet) is remembered with its index and filled in afterwards.
+// Declared before the single allocation (tensor.h's ParamDecl), in
+// UNetModel's order.
 // ---------------------------------------------------------------------------
-typedef struct { Tensor **slot; size_t index; } Slot;
-typedef struct { UNet *u; Slot slots[4096]; size_t n; } Decl;
-
-static void declare(Decl *d, Tensor **slot, const char *name, int ndim, int s0, int s1, int s2,
-                    int s3) {
-    int shape[4] = {s0, s1, s2, s3};
-    if (d->n == sizeof d->slots / sizeof d->slots[0]) fatal("unet: too many parameters");
-    d->slots[d->n].slot = slot;
-    d->slots[d->n].index = params_add(&d->u->params, name, ndim, shape);
-    d->n++;
-}
-
-// PREFIX.weight of shape (s0, s1, s2, s3) (its first ndim), PREFIX.bias of
-// shape (s0): the pair every norm, conv and linear layer has
-static void declare_weight_bias(Decl *d, Tensor **w, Tensor **b, const char *prefix, int ndim,
-                                int s0, int s1, int s2, int s3) {
-    char name[160];
-    snprintf(name, sizeof name, "%s.weight", prefix);
-    declare(d, w, name, ndim, s0, s1, s2, s3);
-    snprintf(name, sizeof name, "%s.bias", prefix);
-    declare(d, b, name, 1, s0, 0, 0, 0);
-}
+typedef struct { UNet *u; ParamDecl pd; } Decl;
 
 static void declare_norm(Decl *d, Tensor **w, Tensor **b, const char *prefix, int ch) {
-    declare_weight_bias(d, w, b, prefix, 1, ch, 0, 0, 0);
+    param_declare_weight_bias(&d->pd, w, b, prefix, 1, ch, 0, 0, 0);
 }
 
 static void declare_conv(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in,
                          int k) {
-    declare_weight_bias(d, w, b, prefix, 4, out, in, k, k);
+    param_declare_weight_bias(&d->pd, w, b, prefix, 4, out, in, k, k);
 }
 
 // Conv1d weights are (out, in, 1) in PyTorch; we keep that shape so that
 // state_dicts load strictly, and view them as (out, in, 1, 1) in forward.
 static void declare_conv1d(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in) {
-    declare_weight_bias(d, w, b, prefix, 3, out, in, 1, 0);
+    param_declare_weight_bias(&d->pd, w, b, prefix, 3, out, in, 1, 0);
 }
 
 static void declare_linear(Decl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in) {
-    declare_weight_bias(d, w, b, prefix, 2, out, in, 0, 0);
+    param_declare_weight_bias(&d->pd, w, b, prefix, 2, out, in, 0, 0);
 }
 
 static void declare_resblock(Decl *d, ResBlock *r, const char *prefix, int in_ch, int out_ch,
@@ -234,33 +213,11 @@ static void unet_declare(Decl *d) {
     declare_conv(d, &u->out_conv_w, &u->out_conv_b, "out.2", c->out_channels, mc, 3);
 }
 
-// PyTorch's default for Conv and Linear (kaiming_uniform with a=sqrt(5)):
-// weight and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in)); GroupNorm 1 and 0;
-// then improved-diffusion's zero_module layers (out_layers.3, proj_out, out.2).
-static void unet_init_values(UNet *u, Rng *rng) {
-    ParamSet *ps = &u->params;
-    for (size_t i = 0; i < ps->count; i++) {
-        Tensor *t = params_get(ps, i);
-        int zero = strstr(t->name, "out_layers.3.") || strstr(t->name, "proj_out.") ||
-                   strncmp(t->name, "out.2.", 6) == 0;
-        if (zero) { memset(t->data, 0, t->size * sizeof(float)); continue; }
-        if (t->ndim == 1) {
-            // biases take the fan_in of their weight (the previous parameter);
-            // 1-D weights are GroupNorm scales
-            if (ends_with(t->name, ".weight")) {
-                for (size_t k = 0; k < t->size; k++) t->data[k] = 1.0f;
-                continue;
-            }
-            Tensor *w = i > 0 ? params_get(ps, i - 1) : NULL;
-            // GroupNorm bias
-            if (!w || w->ndim == 1) { memset(t->data, 0, t->size * sizeof(float)); continue; }
-            float bound = 1.0f / sqrtf((float)(w->size / w->shape[0]));
-            rng_fill_uniform(rng, t->data, t->size, -bound, bound);
-        } else {
-            float bound = 1.0f / sqrtf((float)(t->size / t->shape[0]));
-            rng_fill_uniform(rng, t->data, t->size, -bound, bound);
-        }
-    }
+// PyTorch's default for Conv, Linear and GroupNorm (params_init_torch), but
+// improved-diffusion's zero_module layers (out_layers.3, proj_out, out.2)
+static int unet_zero_layer(const char *name) {
+    return strstr(name, "out_layers.3.") || strstr(name, "proj_out.") ||
+           strncmp(name, "out.2.", 6) == 0;
 }
 
 // Everything unet_init needs of a configuration, as a message (a checkpoint's
@@ -312,14 +269,16 @@ static Decl *unet_layout(UNet *u, const UNetConfig *c) {
     params_init(&u->params);
     Decl *d = mallocCheck(sizeof *d);
     d->u = u;
-    d->n = 0;
+    param_decl_init(&d->pd, &u->params);
     unet_declare(d);
     return d;
 }
 
 size_t unet_param_count(const UNetConfig *c) {
     UNet *u = mallocCheck(sizeof *u);
-    free(unet_layout(u, c));
+    Decl *d = unet_layout(u, c);
+    param_decl_free(&d->pd);
+    free(d);
     size_t total = u->params.total;
     params_free(&u->params);
     free(u);
@@ -359,9 +318,9 @@ double unet_activation_floats(const UNetConfig *c) {
 void unet_init(UNet *u, const UNetConfig *c, int trainable, Rng *rng) {
     Decl *d = unet_layout(u, c);
     params_alloc(&u->params, trainable);
-    for (size_t i = 0; i < d->n; i++) *d->slots[i].slot = params_get(&u->params, d->slots[i].index);
+    param_decl_fill(&d->pd);
     free(d);
-    if (rng) unet_init_values(u, rng);
+    if (rng) params_init_torch(&u->params, rng, unet_zero_layer);
 }
 
 void unet_free(UNet *u) { params_free(&u->params); }

@@ -1,0 +1,352 @@
+// lddgan.c: the Latent Denoising Diffusion GAN (Trinh et al., arXiv
+// 2406.11713; thanhluantrinh/LDDGAN). Stage one, here so far: the KL
+// autoencoder whose latent space the GAN works in, latent-diffusion's
+// AutoencoderKL (CompVis/latent-diffusion, ldm/models/autoencoder.py) with
+// the Encoder and Decoder of ldm/modules/diffusionmodules/model.py, which
+// LDDGAN ships unchanged and configures in autoencoder/config/
+// cifar10_16x16x4.yaml. Parameter names are AutoencoderKL's state_dict keys
+// (the loss's own keys, loss.*, aside), so checkpoints move both ways.
+//
+// Sections: configuration, parameters (declared in state_dict order),
+// forward: ResnetBlock, AttnBlock, resampling, Encoder, Decoder. Backward
+// comes from the tape.
+#define _POSIX_C_SOURCE 200809L
+#include "casdm.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define AE_GROUPS 32          // Normalize(): GroupNorm(32, C, eps=1e-6, affine=True)
+#define AE_NORM_EPS 1e-6f
+
+// ---------------------------------------------------------------------------
+// ---- configuration ----
+// ---------------------------------------------------------------------------
+void ae_cifar10_config(AEConfig *c) {
+    memset(c, 0, sizeof *c);
+    c->resolution = 32;
+    c->in_channels = c->out_ch = 3;
+    c->ch = 128;
+    c->ch_mult[0] = 1;
+    c->ch_mult[1] = 2;
+    c->n_levels = 2;                 // f = 2: 32x32 images, 16x16 latents
+    c->num_res_blocks = 2;
+    c->attn_resolutions[0] = 16;
+    c->n_attn = 1;
+    c->z_channels = c->embed_dim = 4;
+    c->double_z = 1;
+    c->tanh_out = 1;
+    c->dropout = 0.2f;
+}
+
+static int ae_has_attn(const AEConfig *c, int level) {
+    for (int i = 0; i < c->n_attn; i++)
+        if (c->attn_resolutions[i] == c->resolution >> level) return 1;
+    return 0;
+}
+
+int ae_check_config(const AEConfig *c, char *err, size_t errlen) {
+    const char *bad = NULL;
+    if (c->n_levels < 1 || c->n_levels > AE_MAX_LEVELS) bad = "ch_mult needs 1..8 levels";
+    else if (c->resolution < 1 || c->resolution > 4096 ||
+             c->resolution % (1 << (c->n_levels - 1)))
+        bad = "resolution must be 1..4096 and halve once per level but the last";
+    else if (c->in_channels < 1 || c->in_channels > 16 || c->out_ch < 1 || c->out_ch > 16)
+        bad = "in_channels and out_ch must be 1..16";
+    else if (c->ch < 1 || c->ch > 4096) bad = "ch must be 1..4096";
+    else if (c->num_res_blocks < 1 || c->num_res_blocks + 1 > AE_MAX_BLOCKS)
+        bad = "num_res_blocks must be 1..7";
+    else if (c->z_channels < 1 || c->z_channels > 256 || c->embed_dim < 1 || c->embed_dim > 256)
+        bad = "z_channels and embed_dim must be 1..256";
+    else if (!(c->dropout >= 0.0f && c->dropout < 1.0f)) bad = "dropout must be in [0, 1)";
+    if (bad) { snprintf(err, errlen, "%s", bad); return -1; }
+    for (int l = 0; l < c->n_levels; l++) {
+        long chl = (long)c->ch * c->ch_mult[l];
+        if (c->ch_mult[l] < 1 || chl > 8192 || chl % AE_GROUPS) {
+            snprintf(err, errlen, "ch %d x ch_mult %d does not split into %d GroupNorm groups",
+                     c->ch, c->ch_mult[l], AE_GROUPS);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------
+// ---- parameters ----
+// Declared in AutoencoderKL's state_dict order: encoder.*, decoder.*,
+// quant_conv, post_quant_conv; inside a level its blocks, then their
+// attention, then the resampling convolution.
+// ---------------------------------------------------------------------------
+static void declare_norm(ParamDecl *d, Tensor **w, Tensor **b, const char *prefix, int ch) {
+    param_declare_weight_bias(d, w, b, prefix, 1, ch, 0, 0, 0);
+}
+
+static void declare_conv(ParamDecl *d, Tensor **w, Tensor **b, const char *prefix, int out,
+                         int in, int k) {
+    param_declare_weight_bias(d, w, b, prefix, 4, out, in, k, k);
+}
+
+// PREFIX.NAME, in a buffer of the caller's
+static const char *join(char *buf, size_t n, const char *prefix, const char *name) {
+    snprintf(buf, n, "%s.%s", prefix, name);
+    return buf;
+}
+
+static void declare_resblock(ParamDecl *d, AEResBlock *r, const char *prefix, int in, int out) {
+    char p[200];
+    r->in_ch = in;
+    r->out_ch = out;
+    declare_norm(d, &r->norm1_w, &r->norm1_b, join(p, sizeof p, prefix, "norm1"), in);
+    declare_conv(d, &r->conv1_w, &r->conv1_b, join(p, sizeof p, prefix, "conv1"), out, in, 3);
+    declare_norm(d, &r->norm2_w, &r->norm2_b, join(p, sizeof p, prefix, "norm2"), out);
+    declare_conv(d, &r->conv2_w, &r->conv2_b, join(p, sizeof p, prefix, "conv2"), out, out, 3);
+    r->nin_w = r->nin_b = NULL;
+    if (in != out)
+        declare_conv(d, &r->nin_w, &r->nin_b, join(p, sizeof p, prefix, "nin_shortcut"), out, in,
+                     1);
+}
+
+static void declare_attn(ParamDecl *d, AEAttn *a, const char *prefix, int ch) {
+    char p[200];
+    a->ch = ch;
+    declare_norm(d, &a->norm_w, &a->norm_b, join(p, sizeof p, prefix, "norm"), ch);
+    declare_conv(d, &a->q_w, &a->q_b, join(p, sizeof p, prefix, "q"), ch, ch, 1);
+    declare_conv(d, &a->k_w, &a->k_b, join(p, sizeof p, prefix, "k"), ch, ch, 1);
+    declare_conv(d, &a->v_w, &a->v_b, join(p, sizeof p, prefix, "v"), ch, ch, 1);
+    declare_conv(d, &a->proj_w, &a->proj_b, join(p, sizeof p, prefix, "proj_out"), ch, ch, 1);
+}
+
+static void declare_mid(ParamDecl *d, AECoder *e, const char *coder, int ch) {
+    char p[200];
+    snprintf(p, sizeof p, "%s.mid.block_1", coder);
+    declare_resblock(d, &e->mid_block_1, p, ch, ch);
+    snprintf(p, sizeof p, "%s.mid.attn_1", coder);
+    declare_attn(d, &e->mid_attn_1, p, ch);
+    snprintf(p, sizeof p, "%s.mid.block_2", coder);
+    declare_resblock(d, &e->mid_block_2, p, ch, ch);
+}
+
+// Encoder.__init__: conv_in; per level num_res_blocks blocks (ch*in_ch_mult
+// -> ch*ch_mult), attention after each where the side is in
+// attn_resolutions, a Downsample but at the last level; the middle block;
+// norm_out and conv_out to 2*z_channels (double_z)
+static void declare_encoder(ParamDecl *d, AECoder *e, const AEConfig *c) {
+    char p[200];
+    int ch = c->ch;
+    declare_conv(d, &e->conv_in_w, &e->conv_in_b, "encoder.conv_in", ch, c->in_channels, 3);
+    for (int l = 0; l < c->n_levels; l++) {
+        AELevel *lv = &e->level[l];
+        int out = c->ch * c->ch_mult[l];
+        lv->n_block = c->num_res_blocks;
+        lv->has_attn = ae_has_attn(c, l);
+        for (int i = 0; i < lv->n_block; i++) {
+            snprintf(p, sizeof p, "encoder.down.%d.block.%d", l, i);
+            declare_resblock(d, &lv->block[i], p, i == 0 ? ch : out, out);
+        }
+        ch = out;
+        for (int i = 0; lv->has_attn && i < lv->n_block; i++) {
+            snprintf(p, sizeof p, "encoder.down.%d.attn.%d", l, i);
+            declare_attn(d, &lv->attn[i], p, ch);
+        }
+        lv->resample_w = lv->resample_b = NULL;
+        if (l != c->n_levels - 1) {
+            snprintf(p, sizeof p, "encoder.down.%d.downsample.conv", l);
+            declare_conv(d, &lv->resample_w, &lv->resample_b, p, ch, ch, 3);
+        }
+    }
+    declare_mid(d, e, "encoder", ch);
+    declare_norm(d, &e->norm_out_w, &e->norm_out_b, "encoder.norm_out", ch);
+    declare_conv(d, &e->conv_out_w, &e->conv_out_b, "encoder.conv_out",
+                 (c->double_z ? 2 : 1) * c->z_channels, ch, 3);
+}
+
+// Decoder.__init__: conv_in from z_channels to the last level's width; the
+// middle block; per level, from the top, num_res_blocks + 1 blocks with
+// their attention and an Upsample but at level 0 (up.i is level i: built
+// in reverse and inserted at the front); norm_out, conv_out to out_ch
+static void declare_decoder(ParamDecl *d, AECoder *e, const AEConfig *c) {
+    char p[200];
+    int top = c->ch * c->ch_mult[c->n_levels - 1];
+    declare_conv(d, &e->conv_in_w, &e->conv_in_b, "decoder.conv_in", top, c->z_channels, 3);
+    declare_mid(d, e, "decoder", top);
+    for (int l = 0; l < c->n_levels; l++) {  // state_dict order: up.0 first
+        AELevel *lv = &e->level[l];
+        int in = l == c->n_levels - 1 ? top : c->ch * c->ch_mult[l + 1], out = c->ch * c->ch_mult[l];
+        lv->n_block = c->num_res_blocks + 1;
+        lv->has_attn = ae_has_attn(c, l);
+        for (int i = 0; i < lv->n_block; i++) {
+            snprintf(p, sizeof p, "decoder.up.%d.block.%d", l, i);
+            declare_resblock(d, &lv->block[i], p, i == 0 ? in : out, out);
+        }
+        for (int i = 0; lv->has_attn && i < lv->n_block; i++) {
+            snprintf(p, sizeof p, "decoder.up.%d.attn.%d", l, i);
+            declare_attn(d, &lv->attn[i], p, out);
+        }
+        lv->resample_w = lv->resample_b = NULL;
+        if (l != 0) {
+            snprintf(p, sizeof p, "decoder.up.%d.upsample.conv", l);
+            declare_conv(d, &lv->resample_w, &lv->resample_b, p, out, out, 3);
+        }
+    }
+    declare_norm(d, &e->norm_out_w, &e->norm_out_b, "decoder.norm_out", c->ch * c->ch_mult[0]);
+    declare_conv(d, &e->conv_out_w, &e->conv_out_b, "decoder.conv_out", c->out_ch,
+                 c->ch * c->ch_mult[0], 3);
+}
+
+// the layout, declared but not allocated; *enc and *dec (may be NULL): the
+// encoder's and the decoder's parameter counts
+static void ae_layout(Autoencoder *a, const AEConfig *c, ParamDecl *d, size_t *enc, size_t *dec) {
+    memset(a, 0, sizeof *a);
+    char err[256];
+    if (ae_check_config(c, err, sizeof err) != 0) fatal("autoencoder: %s", err);
+    a->cfg = *c;
+    params_init(&a->params);
+    param_decl_init(d, &a->params);
+    declare_encoder(d, &a->enc, c);
+    size_t after_enc = a->params.total;
+    declare_decoder(d, &a->dec, c);
+    if (enc) *enc = after_enc;
+    if (dec) *dec = a->params.total - after_enc;
+    declare_conv(d, &a->quant_w, &a->quant_b, "quant_conv", 2 * c->embed_dim,
+                 (c->double_z ? 2 : 1) * c->z_channels, 1);
+    declare_conv(d, &a->post_quant_w, &a->post_quant_b, "post_quant_conv", c->z_channels,
+                 c->embed_dim, 1);
+}
+
+// latent-diffusion initialises nothing itself: PyTorch's defaults throughout
+void ae_init(Autoencoder *a, const AEConfig *c, int trainable, Rng *rng) {
+    ParamDecl d;
+    ae_layout(a, c, &d, NULL, NULL);
+    params_alloc(&a->params, trainable);
+    param_decl_fill(&d);
+    if (rng) params_init_torch(&a->params, rng, NULL);
+}
+
+void ae_free(Autoencoder *a) { params_free(&a->params); }
+
+size_t ae_param_count(const AEConfig *c, size_t *encoder, size_t *decoder) {
+    Autoencoder *a = mallocCheck(sizeof *a);
+    ParamDecl d;
+    ae_layout(a, c, &d, encoder, decoder);
+    param_decl_free(&d);
+    size_t total = a->params.total;
+    params_free(&a->params);
+    free(a);
+    return total;
+}
+
+// ---------------------------------------------------------------------------
+// ---- forward ----
+// ---------------------------------------------------------------------------
+
+// ResnetBlock (temb_channels 0): h = conv1(swish(norm1(x))); h =
+// conv2(dropout(swish(norm2(h)))); x (or nin_shortcut(x)) + h. Each norm
+// and the convolution after it are one node (norm_conv2d), as in unet.c;
+// the residual sum is done by the second convolution.
+static Tensor *resblock_forward(Graph *g, const AEConfig *c, const AEResBlock *r, Tensor *x) {
+    NormSpec n1 = {.gamma = r->norm1_w, .beta = r->norm1_b, .silu = 1, .groups = AE_GROUPS,
+                   .eps = AE_NORM_EPS};
+    Tensor *h = norm_conv2d(g, x, &n1, r->conv1_w, r->conv1_b, NULL, 1);
+    Tensor *skip = r->nin_w ? conv2d(g, x, r->nin_w, r->nin_b, 1, 0) : x;
+    NormSpec n2 = {.gamma = r->norm2_w, .beta = r->norm2_b, .silu = 1, .groups = AE_GROUPS,
+                   .dropout = c->dropout, .eps = AE_NORM_EPS};
+    return norm_conv2d(g, h, &n2, r->conv2_w, r->conv2_b, skip, 1);
+}
+
+static Tensor *view4(Graph *g, Tensor *t, int n, int c, int h, int w) {
+    int s[4] = {n, c, h, w};
+    return reshape(g, t, 4, s);
+}
+
+// AttnBlock: q, k, v = 1x1 convolutions of norm(x); w = softmax over j of
+// q_i . k_j * C^(-1/2); out_i = sum_j w_ij v_j; x + proj_out(out). The
+// three weights are stacked into one (3C, C) convolution after the norm,
+// whose output qkv_attention reads as q, k, v rows of one head.
+static Tensor *attn_forward(Graph *g, const AEAttn *a, Tensor *x) {
+    int B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    Tensor *w = concat_channels(g, concat_channels(g, view4(g, a->q_w, 1, C * C, 1, 1),
+                                                   view4(g, a->k_w, 1, C * C, 1, 1)),
+                                view4(g, a->v_w, 1, C * C, 1, 1));
+    Tensor *b = concat_channels(g, concat_channels(g, view4(g, a->q_b, 1, C, 1, 1),
+                                                   view4(g, a->k_b, 1, C, 1, 1)),
+                                view4(g, a->v_b, 1, C, 1, 1));
+    int s1[1] = {3 * C}, s3[3] = {B, 3 * C, H * W};
+    NormSpec norm = {.gamma = a->norm_w, .beta = a->norm_b, .groups = AE_GROUPS,
+                     .eps = AE_NORM_EPS};
+    Tensor *qkv = norm_conv2d(g, x, &norm, view4(g, w, 3 * C, C, 1, 1), reshape(g, b, 1, s1),
+                              NULL, 0);
+    Tensor *o = qkv_attention(g, reshape(g, qkv, 3, s3), (float)(1.0 / sqrt((double)C)));
+    return conv2d_add(g, view4(g, o, B, C, H, W), a->proj_w, a->proj_b, NULL, x, 1, 0);
+}
+
+// Downsample (with_conv): F.pad(x, (0, 1, 0, 1)), then a 3x3 stride-2
+// convolution without padding; Upsample: nearest x2, then a 3x3 convolution
+static Tensor *downsample(Graph *g, const AELevel *lv, Tensor *x) {
+    return conv2d(g, pad2d(g, x, 0, 1, 0, 1), lv->resample_w, lv->resample_b, 2, 0);
+}
+
+static Tensor *upsample(Graph *g, const AELevel *lv, Tensor *x) {
+    return conv2d(g, upsample2x(g, x), lv->resample_w, lv->resample_b, 1, 1);
+}
+
+static Tensor *level_blocks(Graph *g, const AEConfig *c, const AELevel *lv, Tensor *h) {
+    for (int i = 0; i < lv->n_block; i++) {
+        h = resblock_forward(g, c, &lv->block[i], h);
+        if (lv->has_attn) h = attn_forward(g, &lv->attn[i], h);
+    }
+    return h;
+}
+
+static Tensor *mid_forward(Graph *g, const AEConfig *c, const AECoder *e, Tensor *h) {
+    h = resblock_forward(g, c, &e->mid_block_1, h);
+    h = attn_forward(g, &e->mid_attn_1, h);
+    return resblock_forward(g, c, &e->mid_block_2, h);
+}
+
+// norm_out, swish, conv_out
+static Tensor *coder_out(Graph *g, const AECoder *e, Tensor *h) {
+    NormSpec n = {.gamma = e->norm_out_w, .beta = e->norm_out_b, .silu = 1, .groups = AE_GROUPS,
+                  .eps = AE_NORM_EPS};
+    return norm_conv2d(g, h, &n, e->conv_out_w, e->conv_out_b, NULL, 1);
+}
+
+static void check_input(const Tensor *x, int channels, int multiple, const char *what) {
+    if (x->ndim != 4 || x->shape[1] != channels || x->shape[2] % multiple ||
+        x->shape[3] % multiple) {
+        char s[64];
+        shape_str(x, s, sizeof s);
+        fatal("autoencoder: %s %s does not fit (%d channels, sides divisible by %d)", what, s,
+              channels, multiple);
+    }
+}
+
+// AutoencoderKL.encode: quant_conv(encoder(x)), the posterior's moments
+Tensor *ae_encode(Graph *g, Autoencoder *a, Tensor *x) {
+    const AEConfig *c = &a->cfg;
+    check_input(x, c->in_channels, 1 << (c->n_levels - 1), "input");
+    const AECoder *e = &a->enc;
+    Tensor *h = conv2d(g, x, e->conv_in_w, e->conv_in_b, 1, 1);
+    for (int l = 0; l < c->n_levels; l++) {
+        h = level_blocks(g, c, &e->level[l], h);
+        if (e->level[l].resample_w) h = downsample(g, &e->level[l], h);
+    }
+    h = coder_out(g, e, mid_forward(g, c, e, h));
+    return conv2d(g, h, a->quant_w, a->quant_b, 1, 0);
+}
+
+// AutoencoderKL.decode: decoder(post_quant_conv(z)), tanh at the end when tanh_out
+Tensor *ae_decode(Graph *g, Autoencoder *a, Tensor *z) {
+    const AEConfig *c = &a->cfg;
+    check_input(z, c->embed_dim, 1, "latent");
+    const AECoder *e = &a->dec;
+    Tensor *h = conv2d(g, conv2d(g, z, a->post_quant_w, a->post_quant_b, 1, 0), e->conv_in_w,
+                       e->conv_in_b, 1, 1);
+    h = mid_forward(g, c, e, h);
+    for (int l = c->n_levels - 1; l >= 0; l--) {
+        h = level_blocks(g, c, &e->level[l], h);
+        if (e->level[l].resample_w) h = upsample(g, &e->level[l], h);
+    }
+    h = coder_out(g, e, h);
+    return c->tanh_out ? tensor_tanh(g, h) : h;
+}

@@ -1,0 +1,215 @@
+// test_lddgan.c: lddgan.c against PyTorch. The KL autoencoder (stage one)
+// on tiny configurations with tools/ae_ref.py's test weights, regenerated
+// here from the parameter names: encoder and decoder outputs, the input and
+// latent gradients and every parameter's gradient against
+// tests/goldens/ae.safetensors (tools/make_ae_goldens.py, float64); the
+// CIFAR-10 configuration's parameter counts; 1 and 2 threads bitwise.
+#define _POSIX_C_SOURCE 200809L
+#include "../casdm.h"
+#include "test_util.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+// ae_ref.test_values("ae." + name): splitmix64 base in [-1, 1); weights
+// base * sqrt(3 / fan_in), norm gains 1 + 0.1 base, biases 0.1 base
+static void ae_test_init(Autoencoder *a) {
+    for (size_t p = 0; p < a->params.count; p++) {
+        Tensor *t = params_get(&a->params, p);
+        char name[200];
+        snprintf(name, sizeof name, "ae.%s", t->name);
+        uint64_t h = test_name_hash(name);
+        double fan_in = t->ndim >= 2 ? (double)t->size / t->shape[0] : 1.0;
+        int gain = t->ndim == 1 && ends_with(t->name, ".weight");
+        for (size_t i = 0; i < t->size; i++) {
+            double base = test_base(h, i);
+            double v = t->ndim >= 2 ? base * sqrt(3.0 / fan_in) : gain ? 1.0 + 0.1 * base : 0.1 * base;
+            t->data[i] = (float)v;
+        }
+    }
+}
+
+// tools/make_ae_goldens.py's CONFIGS
+static void golden_config(AEConfig *c, int grey) {
+    memset(c, 0, sizeof *c);
+    c->resolution = 16;
+    c->in_channels = c->out_ch = grey ? 1 : 3;
+    c->ch = 32;
+    c->n_levels = grey ? 3 : 2;
+    c->ch_mult[0] = 1;
+    c->ch_mult[1] = c->ch_mult[2] = 2;
+    c->num_res_blocks = 1;
+    c->attn_resolutions[0] = grey ? 16 : 8;
+    c->n_attn = 1;
+    c->z_channels = grey ? 3 : 4;
+    c->embed_dim = grey ? 2 : 4;
+    c->double_z = 1;
+    c->tanh_out = !grey;
+}
+
+static StFile ag;
+
+static const StEntry *ae_golden(const char *cfg, const char *what) {
+    char key[320];
+    snprintf(key, sizeof key, "%s/%s", cfg, what);
+    const StEntry *e = st_find(&ag, key);
+    if (!e) fatal("tests/goldens/ae.safetensors: no tensor '%s'", key);
+    return e;
+}
+
+static Tensor *golden_tensor(Graph *g, const char *cfg, const char *what) {
+    const StEntry *e = ae_golden(cfg, what);
+    return tensor_from(g, e->ndim, e->shape, e->data);
+}
+
+// max |a - b| over max |b|
+static double rel_to_max(const float *a, const float *b, size_t n) {
+    double e = 0.0, m = 1e-30;
+    for (size_t i = 0; i < n; i++) {
+        e = fmax(e, fabs((double)a[i] - b[i]));
+        m = fmax(m, fabs((double)b[i]));
+    }
+    return e / m;
+}
+
+typedef struct {
+    double moments, y, dx, dz, grads;  // errors
+    char worst[160];                    // the parameter with the worst gradient
+    float *all_grads;                   // a copy of every gradient (for the thread check)
+    size_t n_grads;
+} AERun;
+
+// L = sum(moments * r_moments) + sum(y * r_y), forward and backward
+static void ae_run(const char *cfg, int grey, AERun *r) {
+    AEConfig c;
+    golden_config(&c, grey);
+    Autoencoder a;
+    ae_init(&a, &c, 1, NULL);
+    ae_test_init(&a);
+    Graph g;
+    graph_init(&g, 0, 0);
+    Tensor *x = golden_tensor(&g, cfg, "x"), *z = golden_tensor(&g, cfg, "z");
+    x->requires_grad = z->requires_grad = 1;
+    Tensor *moments = ae_encode(&g, &a, x), *y = ae_decode(&g, &a, z);
+    Tensor *L = add(&g, sum_all(&g, mul(&g, moments, golden_tensor(&g, cfg, "r_moments"))),
+                    sum_all(&g, mul(&g, y, golden_tensor(&g, cfg, "r_y"))));
+    params_zero_grad(&a.params);
+    graph_backward(&g, L, NULL);
+    const StEntry *em = ae_golden(cfg, "moments"), *ey = ae_golden(cfg, "y");
+    r->moments = moments->size == em->size ? rel_to_max(moments->data, em->data, em->size) : INFINITY;
+    r->y = y->size == ey->size ? rel_to_max(y->data, ey->data, ey->size) : INFINITY;
+    r->dx = rel_to_max(x->grad, ae_golden(cfg, "dx")->data, x->size);
+    r->dz = rel_to_max(z->grad, ae_golden(cfg, "dz")->data, z->size);
+    // each parameter: the sampled elements against the reference, relative to
+    // the gradient's rms (its norm / sqrt(n)). Some gradients are zero in
+    // exact arithmetic: a bias before a GroupNorm (with ch 32 every group is
+    // one channel, so any per-channel constant is removed downstream), the
+    // key bias of an attention block (it shifts every logit of a query
+    // alike). There float64 leaves ~1e-16 and float32 ~1e-7 of the model's
+    // rms gradient: a reference rms below 1e-9 of the model's marks them,
+    // and they are held to 1e-5 of the model's rms instead.
+    double sq = 0.0;
+    for (size_t p = 0; p < a.params.count; p++) {
+        char what[200];
+        snprintf(what, sizeof what, "gnorm/%s", params_get(&a.params, p)->name);
+        double nrm = ae_golden(cfg, what)->data[0];
+        sq += nrm * nrm;
+    }
+    double rms_all = sqrt(sq / (double)a.params.total);
+    r->grads = 0.0;
+    r->worst[0] = 0;
+    for (size_t p = 0; p < a.params.count; p++) {
+        Tensor *t = params_get(&a.params, p);
+        char what[200];
+        snprintf(what, sizeof what, "gsample/%s", t->name);
+        const StEntry *es = ae_golden(cfg, what);
+        snprintf(what, sizeof what, "gnorm/%s", t->name);
+        double rms = ae_golden(cfg, what)->data[0] / sqrt((double)t->size), e = 0.0;
+        size_t m = t->size < 256 ? t->size : 256;
+        if (es->size != m) fatal("ae golden: %s has %zu samples, want %zu", t->name, es->size, m);
+        for (size_t k = 0; k < m; k++)
+            e = fmax(e, fabs((double)t->grad[k * t->size / m] - es->data[k]));
+        e /= rms < 1e-9 * rms_all ? 10.0 * rms_all : rms;  // (so that 1e-4 means 1e-5 of rms_all)
+        if (e > r->grads) { r->grads = e; snprintf(r->worst, sizeof r->worst, "%s", t->name); }
+    }
+    r->n_grads = a.params.total;
+    r->all_grads = mallocCheck(r->n_grads * sizeof(float));
+    memcpy(r->all_grads, a.params.grad, r->n_grads * sizeof(float));
+    graph_free(&g);
+    ae_free(&a);
+}
+
+static void test_autoencoder_goldens(void) {
+    char err[512];
+    if (st_read("tests/goldens/ae.safetensors", &ag, err, sizeof err) != 0) {
+        test_result(0, "autoencoder golden file", "%s", err);
+        return;
+    }
+    const char *cfgs[2] = {"c3", "c1"};
+    for (int k = 0; k < 2; k++) {
+        AERun r1, r2;
+        pool_init(1);
+        ae_run(cfgs[k], k, &r1);
+        pool_init(2);
+        ae_run(cfgs[k], k, &r2);
+        pool_init(0);
+        char name[160];
+        snprintf(name, sizeof name,
+                 "autoencoder %s vs PyTorch: moments, decoder output, dx, dz, every parameter's gradient",
+                 k ? "(1 channel, ch_mult 1,2,2, attention at 16, no tanh)"
+                   : "(3 channels, ch_mult 1,2, attention at 8, tanh)");
+        test_result(r1.moments <= 1e-5 && r1.y <= 1e-5 && r1.dx <= 1e-4 && r1.dz <= 1e-4 &&
+                        r1.grads <= 1e-4,
+                    name,
+                    "moments %.1e, y %.1e of their max (tol 1e-5); dx %.1e, dz %.1e (tol 1e-4); "
+                    "gradients %.1e of their rms (tol 1e-4; worst %s)",
+                    r1.moments, r1.y, r1.dx, r1.dz, r1.grads, r1.worst);
+        int same = r1.n_grads == r2.n_grads &&
+                   memcmp(r1.all_grads, r2.all_grads, r1.n_grads * sizeof(float)) == 0 &&
+                   r1.moments == r2.moments && r1.y == r2.y;
+        snprintf(name, sizeof name, "autoencoder %s: 1 and 2 threads give bitwise the same outputs and gradients", cfgs[k]);
+        test_result(same, name, "%zu gradient values", r1.n_grads);
+        free(r1.all_grads);
+        free(r2.all_grads);
+    }
+    st_free(&ag);
+}
+
+// The CIFAR-10 autoencoder of LDDGAN's config: ae_ref.AutoencoderKL(CIFAR10)
+// has 6,015,112 encoder and 8,631,555 decoder parameters, 14,646,759 in all
+// (quant_conv 72, post_quant_conv 20), as latent-diffusion's modules
+static void test_param_counts(void) {
+    AEConfig c;
+    ae_cifar10_config(&c);
+    size_t enc, dec, total = ae_param_count(&c, &enc, &dec);
+    test_result(enc == 6015112 && dec == 8631555 && total == 14646759,
+                "autoencoder parameter counts of LDDGAN's CIFAR-10 config",
+                "encoder %zu (6015112), decoder %zu (8631555), total %zu (14646759)", enc, dec,
+                total);
+    char err[256];
+    AEConfig bad = c;
+    bad.ch = 48;  // 48 and 96 channels do not split into 32 groups
+    int r1 = ae_check_config(&bad, err, sizeof err);
+    int named = strstr(err, "GroupNorm") != NULL;
+    bad = c;
+    bad.resolution = 31;
+    int r2 = ae_check_config(&bad, err, sizeof err);
+    test_result(ae_check_config(&c, err, sizeof err) == 0 && r1 != 0 && named && r2 != 0,
+                "autoencoder configurations: the CIFAR-10 one passes, bad widths and sides are named",
+                "");
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--quick") == 0 || strcmp(argv[i], "--emulated") == 0) test_quick = 1;
+        else { fprintf(stderr, "usage: %s [--quick | --emulated]\n", argv[0]); return 2; }
+    }
+    pool_init(0);
+    test_param_counts();
+    test_autoencoder_goldens();
+    pool_shutdown();
+    sgemm_free_buffers();
+    return test_failed_count ? 1 : 0;
+}
