@@ -26,41 +26,48 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ae_ref as A  # noqa: E402
 import st  # noqa: E402
 
-torch.set_num_threads(1)
-torch.manual_seed(5)
 CONFIGS = {
     "c3": dict(resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                attn_resolutions=(8,), z_channels=4, embed_dim=4, dropout=0.0, tanh_out=True),
     "c1": dict(resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                attn_resolutions=(16,), z_channels=3, embed_dim=2, dropout=0.0, tanh_out=False),
 }
-G = {}
-for name, cfg in CONFIGS.items():
-    model = A.test_init(A.AutoencoderKL(cfg)).double()
-    f = 2 ** (len(cfg["ch_mult"]) - 1)
-    x = (torch.rand(2, cfg["in_channels"], 16, 16) * 2 - 1).double().requires_grad_(True)
-    z = torch.randn(2, cfg["embed_dim"], 16 // f, 16 // f).double().requires_grad_(True)
-    moments = model.encode(x)
-    y = model.decode(z)
-    r_m, r_y = torch.randn(moments.shape).double(), torch.randn(y.shape).double()
-    L = (moments * r_m).sum() + (y * r_y).sum()
-    params = dict(model.named_parameters())
-    grads = torch.autograd.grad(L, [x, z] + list(params.values()))
-    for k, v in {"x": x, "z": z, "moments": moments, "y": y, "r_moments": r_m, "r_y": r_y,
-                 "dx": grads[0], "dz": grads[1]}.items():
-        G[f"{name}/{k}"] = v.detach().float()
-    for (k, _), gk in zip(params.items(), grads[2:]):
-        flat = gk.reshape(-1)
-        n = flat.numel()
-        m = min(n, 256)
-        idx = torch.tensor([k2 * n // m for k2 in range(m)])
-        G[f"{name}/gnorm/{k}"] = flat.norm().reshape(1).float()
-        G[f"{name}/gsample/{k}"] = flat[idx].float()
-    print(f"{name}: {sum(p.numel() for p in params.values())} parameters, moments |max| "
-          f"{moments.abs().max().item():.3f}, y |max| {y.abs().max().item():.3f}")
 
-out = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
-                                    "goldens", "ae.safetensors"))
-st.save(out, G, {"producer": "tools/make_ae_goldens.py", "torch": torch.__version__,
-                 "weights": "ae_ref.test_values('ae.' + key)", "precision": "float64, stored F32"})
-print(f"wrote {out}: {len(G)} tensors, {os.path.getsize(out):,} bytes")
+
+def main():
+    torch.set_num_threads(1)
+    torch.manual_seed(5)
+    G = {}
+    for name, cfg in CONFIGS.items():
+        model = A.test_init(A.AutoencoderKL(cfg)).double()
+        f = 2 ** (len(cfg["ch_mult"]) - 1)
+        x = (torch.rand(2, cfg["in_channels"], 16, 16) * 2 - 1).double().requires_grad_(True)
+        z = torch.randn(2, cfg["embed_dim"], 16 // f, 16 // f).double().requires_grad_(True)
+        moments = model.encode(x)
+        y = model.decode(z)
+        r_m, r_y = torch.randn(moments.shape).double(), torch.randn(y.shape).double()
+        L = (moments * r_m).sum() + (y * r_y).sum()
+        params = dict(model.named_parameters())
+        grads = torch.autograd.grad(L, [x, z] + list(params.values()))
+        for k, v in {"x": x, "z": z, "moments": moments, "y": y, "r_moments": r_m, "r_y": r_y,
+                     "dx": grads[0], "dz": grads[1]}.items():
+            G[f"{name}/{k}"] = v.detach().float()
+        for (k, _), gk in zip(params.items(), grads[2:]):
+            flat = gk.reshape(-1)
+            n = flat.numel()
+            m = min(n, 256)
+            idx = torch.tensor([k2 * n // m for k2 in range(m)])
+            G[f"{name}/gnorm/{k}"] = flat.norm().reshape(1).float()
+            G[f"{name}/gsample/{k}"] = flat[idx].float()
+        print(f"{name}: {sum(p.numel() for p in params.values())} parameters, moments |max| "
+              f"{moments.abs().max().item():.3f}, y |max| {y.abs().max().item():.3f}")
+
+    out = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                        "goldens", "ae.safetensors"))
+    st.save(out, G, {"producer": "tools/make_ae_goldens.py", "torch": torch.__version__,
+                     "weights": "ae_ref.test_values('ae.' + key)", "precision": "float64, stored F32"})
+    print(f"wrote {out}: {len(G)} tensors, {os.path.getsize(out):,} bytes")
+
+
+if __name__ == "__main__":
+    main()
