@@ -318,6 +318,31 @@ typedef struct {
     Tensor *quant_w, *quant_b, *post_quant_w, *post_quant_b;
 } Autoencoder;
 
+// taming-transformers' NLayerDiscriminator (taming/modules/discriminator/
+// model.py), the autoencoder loss's PatchGAN: a 4x4 stride-2 convolution and
+// LeakyReLU(0.2); n_layers - 1 more stride-2 convolutions (no bias) with
+// BatchNorm2d and LeakyReLU, widths ndf * min(2^n, 8); one stride-1 such
+// block; a stride-1 convolution to one logit per patch. Names main.<i>.*,
+// the running statistics in a second, frozen set (main.<i>.running_mean/var).
+#define PATCHGAN_MAX_CONVS 10
+typedef struct {
+    int in_channels, ndf, n_layers, n_conv;
+    ParamSet params, buffers;
+    Tensor *conv_w[PATCHGAN_MAX_CONVS], *conv_b[PATCHGAN_MAX_CONVS];  // conv_b NULL when normed
+    Tensor *bn_w[PATCHGAN_MAX_CONVS], *bn_b[PATCHGAN_MAX_CONVS];      // NULL when not normed
+    Tensor *running_mean[PATCHGAN_MAX_CONVS], *running_var[PATCHGAN_MAX_CONVS];
+    int stride[PATCHGAN_MAX_CONVS];
+    long num_batches_tracked;  // torch's BatchNorm2d counter (the same for every norm)
+} PatchGAN;
+
+// weights as taming's weights_init: convolutions N(0, 0.02), BatchNorm scales
+// N(1, 0.02) and shifts 0; the two conv biases PyTorch's default (rng NULL: zeros)
+void patchgan_init(PatchGAN *d, int in_channels, int ndf, int n_layers, int trainable, Rng *rng);
+void patchgan_free(PatchGAN *d);
+// logits (N, 1, h, w); BatchNorm in training mode (batch statistics, the
+// running ones updated) when g->training, else with the running statistics
+Tensor *patchgan_forward(Graph *g, PatchGAN *d, Tensor *x);
+
 // LDDGAN's CIFAR-10 autoencoder: ch 128, ch_mult 1,2, 2 ResnetBlocks, attention
 // at 16, z 4 (latent 4x16x16), dropout 0.2, tanh on the output
 void ae_cifar10_config(AEConfig *c);

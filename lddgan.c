@@ -8,8 +8,8 @@
 // (the loss's own keys, loss.*, aside), so checkpoints move both ways.
 //
 // Sections: configuration, parameters (declared in state_dict order),
-// forward: ResnetBlock, AttnBlock, resampling, Encoder, Decoder. Backward
-// comes from the tape.
+// forward: ResnetBlock, AttnBlock, resampling, Encoder, Decoder; the loss's
+// PatchGAN discriminator. Backward comes from the tape.
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 
@@ -349,4 +349,91 @@ Tensor *ae_decode(Graph *g, Autoencoder *a, Tensor *z) {
     }
     h = coder_out(g, e, h);
     return c->tanh_out ? tensor_tanh(g, h) : h;
+}
+
+// ---------------------------------------------------------------------------
+// ---- the PatchGAN discriminator (taming's NLayerDiscriminator) ----
+// nn.Sequential "main": conv at index i, then (BatchNorm at i + 1,) LeakyReLU
+// (in place, no parameters): the modules of a block take 2 or 3 indices.
+// ---------------------------------------------------------------------------
+void patchgan_init(PatchGAN *d, int in_channels, int ndf, int n_layers, int trainable, Rng *rng) {
+    memset(d, 0, sizeof *d);
+    if (n_layers < 1 || n_layers + 2 > PATCHGAN_MAX_CONVS || ndf < 1 || in_channels < 1)
+        fatal("patchgan: n_layers must be 1..%d, ndf and in_channels positive",
+              PATCHGAN_MAX_CONVS - 2);
+    d->in_channels = in_channels;
+    d->ndf = ndf;
+    d->n_layers = n_layers;
+    params_init(&d->params);
+    params_init(&d->buffers);
+    ParamDecl pd, bd;
+    param_decl_init(&pd, &d->params);
+    param_decl_init(&bd, &d->buffers);
+    char p[64];
+    int module = 0, cin = in_channels;
+    for (int k = 0; k <= n_layers + 1; k++) {
+        int mult = k == 0 ? 1 : (1 << (k < n_layers ? k : n_layers)), normed = k > 0 && k <= n_layers;
+        if (mult > 8) mult = 8;
+        int cout = k == n_layers + 1 ? 1 : ndf * mult;
+        d->stride[k] = k < n_layers ? 2 : 1;
+        snprintf(p, sizeof p, "main.%d.weight", module);
+        param_declare(&pd, &d->conv_w[k], p, 4, cout, cin, 4, 4);
+        if (!normed) {
+            snprintf(p, sizeof p, "main.%d.bias", module);
+            param_declare(&pd, &d->conv_b[k], p, 1, cout, 0, 0, 0);
+        }
+        module++;
+        if (normed) {
+            snprintf(p, sizeof p, "main.%d", module);
+            param_declare_weight_bias(&pd, &d->bn_w[k], &d->bn_b[k], p, 1, cout, 0, 0, 0);
+            snprintf(p, sizeof p, "main.%d.running_mean", module);
+            param_declare(&bd, &d->running_mean[k], p, 1, cout, 0, 0, 0);
+            snprintf(p, sizeof p, "main.%d.running_var", module);
+            param_declare(&bd, &d->running_var[k], p, 1, cout, 0, 0, 0);
+            module++;
+        }
+        module++;  // the LeakyReLU (the last conv has none, and nothing follows it)
+        cin = cout;
+    }
+    d->n_conv = n_layers + 2;
+    params_alloc(&d->params, trainable);
+    params_alloc(&d->buffers, 0);
+    param_decl_fill(&pd);
+    param_decl_fill(&bd);
+    for (int k = 0; k < d->n_conv; k++)  // BatchNorm2d's initial running statistics
+        if (d->running_var[k])
+            for (size_t i = 0; i < d->running_var[k]->size; i++) d->running_var[k]->data[i] = 1.0f;
+    if (!rng) return;
+    for (int k = 0; k < d->n_conv; k++) {
+        Tensor *w = d->conv_w[k];
+        rng_fill_normal(rng, w->data, w->size, 0.0f, 0.02f);
+        if (d->conv_b[k]) {
+            float bound = 1.0f / sqrtf((float)(w->size / w->shape[0]));
+            rng_fill_uniform(rng, d->conv_b[k]->data, d->conv_b[k]->size, -bound, bound);
+        }
+        if (d->bn_w[k]) rng_fill_normal(rng, d->bn_w[k]->data, d->bn_w[k]->size, 1.0f, 0.02f);
+    }
+}
+
+void patchgan_free(PatchGAN *d) {
+    params_free(&d->params);
+    params_free(&d->buffers);
+}
+
+Tensor *patchgan_forward(Graph *g, PatchGAN *d, Tensor *x) {
+    if (x->ndim != 4 || x->shape[1] != d->in_channels) {
+        char s[64];
+        shape_str(x, s, sizeof s);
+        fatal("patchgan: input %s, want %d channels", s, d->in_channels);
+    }
+    Tensor *h = x;
+    for (int k = 0; k < d->n_conv; k++) {
+        h = conv2d(g, h, d->conv_w[k], d->conv_b[k], d->stride[k], 1);
+        if (d->bn_w[k])
+            h = batchnorm2d(g, h, d->bn_w[k], d->bn_b[k], d->running_mean[k]->data,
+                            d->running_var[k]->data, 0.1f, 1e-5f);
+        if (k < d->n_conv - 1) h = leaky_relu(g, h, 0.2f);
+    }
+    if (g->training) d->num_batches_tracked++;
+    return h;
 }

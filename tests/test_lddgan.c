@@ -13,13 +13,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-// ae_ref.test_values("ae." + name): splitmix64 base in [-1, 1); weights
+// ae_ref.test_values(prefix + name): splitmix64 base in [-1, 1); weights
 // base * sqrt(3 / fan_in), norm gains 1 + 0.1 base, biases 0.1 base
-static void ae_test_init(Autoencoder *a) {
-    for (size_t p = 0; p < a->params.count; p++) {
-        Tensor *t = params_get(&a->params, p);
+static void test_init_params(ParamSet *ps, const char *prefix) {
+    for (size_t p = 0; p < ps->count; p++) {
+        Tensor *t = params_get(ps, p);
         char name[200];
-        snprintf(name, sizeof name, "ae.%s", t->name);
+        snprintf(name, sizeof name, "%s%s", prefix, t->name);
         uint64_t h = test_name_hash(name);
         double fan_in = t->ndim >= 2 ? (double)t->size / t->shape[0] : 1.0;
         int gain = t->ndim == 1 && ends_with(t->name, ".weight");
@@ -87,7 +87,7 @@ static void ae_run(const char *cfg, int grey, AERun *r) {
     golden_config(&c, grey);
     Autoencoder a;
     ae_init(&a, &c, 1, NULL);
-    ae_test_init(&a);
+    test_init_params(&a.params, "ae.");
     Graph g;
     graph_init(&g, 0, 0);
     Tensor *x = golden_tensor(&g, cfg, "x"), *z = golden_tensor(&g, cfg, "z");
@@ -141,6 +141,47 @@ static void ae_run(const char *cfg, int grey, AERun *r) {
     ae_free(&a);
 }
 
+// taming's PatchGAN (ndf 8, 3 layers) on ae_ref's test weights: training
+// mode (batch statistics) logits, dx and every parameter's gradient, the
+// running statistics after the step, then eval-mode logits with them
+static void test_patchgan(void) {
+    PatchGAN d;
+    patchgan_init(&d, 3, 8, 3, 1, NULL);
+    test_init_params(&d.params, "disc.");
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.training = 1;
+    Tensor *x = golden_tensor(&g, "disc", "x");
+    x->requires_grad = 1;
+    Tensor *logits = patchgan_forward(&g, &d, x);
+    const StEntry *el = ae_golden("disc", "logits");
+    double ef = logits->size == el->size ? rel_to_max(logits->data, el->data, el->size) : INFINITY;
+    params_zero_grad(&d.params);
+    graph_backward(&g, sum_all(&g, mul(&g, logits, golden_tensor(&g, "disc", "r"))), NULL);
+    double eb = rel_to_max(x->grad, ae_golden("disc", "dx")->data, x->size), er = 0.0;
+    for (size_t p = 0; p < d.params.count; p++) {
+        Tensor *t = params_get(&d.params, p);
+        char what[200];
+        snprintf(what, sizeof what, "grad/%s", t->name);
+        eb = fmax(eb, rel_to_max(t->grad, ae_golden("disc", what)->data, t->size));
+    }
+    for (size_t p = 0; p < d.buffers.count; p++) {
+        Tensor *t = params_get(&d.buffers, p);
+        er = fmax(er, rel_to_max(t->data, ae_golden("disc", t->name)->data, t->size));
+    }
+    graph_reset(&g);
+    g.training = 0;
+    Tensor *le = patchgan_forward(&g, &d, golden_tensor(&g, "disc", "x_eval"));
+    const StEntry *ele = ae_golden("disc", "logits_eval");
+    double ee = le->size == ele->size ? rel_to_max(le->data, ele->data, ele->size) : INFINITY;
+    test_result(ef <= 1e-5 && eb <= 1e-4 && er <= 1e-5 && ee <= 1e-5 && d.num_batches_tracked == 1,
+                "PatchGAN discriminator vs PyTorch: training-mode logits and gradients, running statistics, eval-mode logits",
+                "logits %.1e, gradients %.1e of their max, running stats %.1e, eval logits %.1e",
+                ef, eb, er, ee);
+    graph_free(&g);
+    patchgan_free(&d);
+}
+
 static void test_autoencoder_goldens(void) {
     char err[512];
     if (st_read("tests/goldens/ae.safetensors", &ag, err, sizeof err) != 0) {
@@ -174,6 +215,7 @@ static void test_autoencoder_goldens(void) {
         free(r1.all_grads);
         free(r2.all_grads);
     }
+    test_patchgan();
     st_free(&ag);
 }
 

@@ -287,6 +287,9 @@ static const GradCase grad_cases[] = {
      {T4(2, 6, 4, 5), T4(2, 6, 3, 3), T1(2)}, 1e-2},
     {"conv2d 5x5 pad 2", b_conv, {1, 2, 1}, 3, {T4(2, 2, 6, 7), T4(3, 2, 5, 5), T1(3)}, 1e-2},
     {"conv2d 3x3 no pad no bias", b_conv, {1, 0, 0}, 2, {T4(1, 2, 6, 5), T4(2, 2, 3, 3)}, 1e-2},
+    {"conv2d 4x4 stride 2 pad 1 (PatchGAN)", b_conv, {2, 1, 1}, 3,
+     {T4(2, 3, 8, 6), T4(4, 3, 4, 4), T1(4)}, 1e-2},
+    {"conv2d 4x4 stride 1 pad 1 (PatchGAN)", b_conv, {1, 1, 0}, 2, {T4(1, 4, 5, 5), T4(2, 4, 4, 4)}, 1e-2},
     // conv2d_add: a = stride, pad, has shift, has residual
     {"conv2d_add (shift + residual)", b_conv_add, {1, 1, 1, 1}, 5,
      {T4(2, 3, 5, 6), T4(4, 3, 3, 3), T1(4), T2(2, 4), T4(2, 4, 5, 6)}, 1e-2},

@@ -190,6 +190,35 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
+class NLayerDiscriminator(nn.Module):
+    """taming's PatchGAN (taming/modules/discriminator/model.py) with BatchNorm:
+    main = Conv(in, ndf, 4, 2, 1), LReLU(0.2); for n in 1..n_layers-1: Conv(ndf*m', ndf*m,
+    4, 2, 1, bias=False), BN, LReLU with m = min(2^n, 8); Conv(.., ndf*min(2^n_layers, 8),
+    4, 1, 1, bias=False), BN, LReLU; Conv(.., 1, 4, 1, 1)."""
+
+    def __init__(self, in_channels=3, ndf=64, n_layers=3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
+        m = 1
+        for n in range(1, n_layers + 1):
+            m_prev, m = m, min(2 ** n, 8)
+            layers += [nn.Conv2d(ndf * m_prev, ndf * m, 4, 2 if n < n_layers else 1, 1, bias=False),
+                       nn.BatchNorm2d(ndf * m), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(ndf * m, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def disc_test_init(model):
+    """test_values("disc." + key) for the parameters; running statistics stay 0 and 1."""
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            p.copy_(torch.from_numpy(test_values("disc." + key, tuple(p.shape))))
+    return model
+
+
 # LDDGAN's CIFAR-10 autoencoder (autoencoder/config/cifar10_16x16x4.yaml)
 CIFAR10 = dict(resolution=32, in_channels=3, out_ch=3, ch=128, ch_mult=(1, 2), num_res_blocks=2,
                attn_resolutions=(16,), z_channels=4, embed_dim=4, dropout=0.2, tanh_out=True)

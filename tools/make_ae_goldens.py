@@ -12,8 +12,10 @@ Per configuration <c>: x (2,C,16,16), moments = encode(x), z (latents),
 y = decode(z), r_moments and r_y (random weights of the scalar
 L = sum(moments * r_moments) + sum(y * r_y)), dx, dz, and for every parameter
 gnorm/<key> = ||dL/d<param>|| and gsample/<key> = dL/d<param> at flat indices
-floor(k n / m), k < m = min(n, 256) (the whole gradients would be 6 MB). Run from the
-repository root:
+floor(k n / m), k < m = min(n, 256) (the whole gradients would be 6 MB); and disc/*:
+the PatchGAN discriminator (ndf 8, 3 layers) in training mode (logits, dx, grad/<key>
+in full, the running statistics after) and in eval mode (logits_eval of x_eval). Run
+from the repository root:
     /usr/bin/python3 tools/make_ae_goldens.py
 Not needed by the build or CI: the output file is committed.
 """
@@ -61,6 +63,27 @@ def main():
             G[f"{name}/gsample/{k}"] = flat[idx].float()
         print(f"{name}: {sum(p.numel() for p in params.values())} parameters, moments |max| "
               f"{moments.abs().max().item():.3f}, y |max| {y.abs().max().item():.3f}")
+
+    # the PatchGAN: training mode (batch statistics; the running ones after the
+    # step), then eval mode on new images with those running statistics
+    disc = A.disc_test_init(A.NLayerDiscriminator(3, 8, 3)).double().train()
+    x = (torch.rand(3, 3, 32, 32) * 2 - 1).double().requires_grad_(True)
+    logits = disc(x)
+    r = torch.randn(logits.shape).double()
+    params = dict(disc.named_parameters())
+    grads = torch.autograd.grad((logits * r).sum(), [x] + list(params.values()))
+    G["disc/x"], G["disc/logits"], G["disc/r"], G["disc/dx"] = (
+        x.detach().float(), logits.detach().float(), r.float(), grads[0].float())
+    for (k, _), gk in zip(params.items(), grads[1:]):
+        G[f"disc/grad/{k}"] = gk.float()
+    for k, b in disc.named_buffers():
+        if "running" in k:
+            G[f"disc/{k}"] = b.float()
+    disc.eval()
+    x2 = (torch.rand(2, 3, 32, 32) * 2 - 1).double()
+    with torch.no_grad():
+        G["disc/x_eval"], G["disc/logits_eval"] = x2.float(), disc(x2).float()
+    print(f"disc: {sum(p.numel() for p in params.values())} parameters, logits {tuple(logits.shape)}")
 
     out = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                         "goldens", "ae.safetensors"))

@@ -3,7 +3,8 @@
 Encoder and Decoder of ldm/modules/diffusionmodules/model.py, which LDDGAN ships
 unchanged) loads ae_ref's state_dict with strict=True and gives the same moments
 and decoder outputs on the test weights, for LDDGAN's CIFAR-10 configuration and
-for the two tiny configurations of tools/make_ae_goldens.py.
+for the two tiny configurations of tools/make_ae_goldens.py; and taming's
+NLayerDiscriminator agrees with ae_ref's PatchGAN.
 
     witness_ldm_autoencoder.py /path/to/latent-diffusion /path/to/taming-transformers
 
@@ -64,5 +65,20 @@ for name, cfg in [("cifar10", A.CIFAR10)] + list(M.CONFIGS.items()):
     n = sum(p.numel() for p in theirs.parameters())
     print(f"{name}: {n} parameters, strict load ok; moments rel diff {em:.1e}, decoder {ey:.1e}")
     worst = max(worst, em, ey)
+# taming's NLayerDiscriminator (the loss's PatchGAN) against ae_ref's, training
+# mode (batch statistics, then the running ones compared) and eval mode
+from taming.modules.discriminator.model import NLayerDiscriminator  # noqa: E402
+ours = A.disc_test_init(A.NLayerDiscriminator(3, 8, 3)).double().train()
+theirs = NLayerDiscriminator(3, 8, 3).double().train()
+theirs.load_state_dict(ours.state_dict(), strict=True)
+x = torch.rand(3, 3, 32, 32).double() * 2 - 1
+with torch.no_grad():
+    l0, l1 = ours(x), theirs(x)
+    b = max((a - c).abs().max().item() for a, c in zip(ours.buffers(), theirs.buffers()))
+    ours.eval(), theirs.eval()
+    e0, e1 = ours(x), theirs(x)
+el = max(((l0 - l1).abs().max() / l1.abs().max()).item(), ((e0 - e1).abs().max() / e1.abs().max()).item())
+print(f"NLayerDiscriminator: strict load ok; logits rel diff {el:.1e} (train and eval), buffers {b:.1e}")
+worst = max(worst, el, b)
 print("agree" if worst <= 1e-10 else "DISAGREE", f"(worst {worst:.1e})")
 sys.exit(0 if worst <= 1e-10 else 1)
