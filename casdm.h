@@ -354,6 +354,13 @@ size_t ae_param_count(const AEConfig *c, size_t *encoder, size_t *decoder);
 Tensor *ae_encode(Graph *g, Autoencoder *a, Tensor *x);
 // z (N, embed_dim, r, r) -> images (N, out_ch, r*f, r*f)
 Tensor *ae_decode(Graph *g, Autoencoder *a, Tensor *z);
+// A safetensors file of the weights under AutoencoderKL's names, the
+// configuration in the metadata (format casdm-autoencoder-1); ae_load builds
+// the model from it (a checked configuration whose parameters the file can
+// hold, then every tensor by name). extra: more key/value pairs or NULL.
+int ae_save(const Autoencoder *a, const char *path, const char *const *extra, char *err,
+            size_t errlen);
+int ae_load(Autoencoder *a, const char *path, int trainable, char *err, size_t errlen);
 
 // ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).
@@ -460,6 +467,18 @@ int st_meta(const StFile *f, const char *key, char *buf, size_t len);
 typedef struct { const char *name; int ndim; const int *shape; const float *data; } StWrite;
 int st_write(const char *path, const StWrite *t, size_t n, const char *const *metadata,
              char *err, size_t errlen);
+// copies the tensor "<prefix><name>" of f into every parameter of ps (prefix
+// may be ""), checking that each is there, has the parameter's shape and
+// holds finite values; 0, or -1 with a message naming path and the tensor
+int params_load_st(ParamSet *ps, const StFile *f, const char *path, const char *prefix, char *err,
+                   size_t errlen);
+// the same checks of names and shapes without copying: usable on a layout
+// not yet allocated (so a file's configuration is checked before memory is taken)
+int params_check_st(const ParamSet *ps, const StFile *f, const char *path, const char *prefix,
+                    char *err, size_t errlen);
+// every parameter of ps, under its name, into a safetensors file
+int params_st_write(const ParamSet *ps, const char *path, const char *const *metadata, char *err,
+                    size_t errlen);
 
 // log.csv rows and the loss plot. A row: step,loss,l_eps,l_x0,l_mu,l_lpips,
 // img_per_s,fd; fd is the Frechet distance of casdm train --eval-every on

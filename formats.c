@@ -1605,6 +1605,62 @@ int st_write(const char *path, const StWrite *t, size_t n, const char *const *me
     return atomic_commit(&a, err, errlen);
 }
 
+// the tensor of f for parameter i, or NULL with the message
+static const StEntry *param_entry(const ParamSet *ps, size_t i, const StFile *f, const char *path,
+                                  const char *prefix, char *err, size_t errlen) {
+    const Tensor *t = &ps->t[i];
+    char name[300];
+    snprintf(name, sizeof name, "%s%s", prefix, params_name(ps, i));
+    const StEntry *e = st_find(f, name);
+    if (!e) {
+        errorf(err, errlen, "%s: no tensor '%s'", path, name);
+        return NULL;
+    }
+    int same = e->ndim == t->ndim && e->size == t->size;
+    for (int d = 0; same && d < t->ndim; d++) same = e->shape[d] == t->shape[d];
+    if (!same) {
+        char want[64];
+        shape_str(t, want, sizeof want);
+        errorf(err, errlen, "%s: tensor '%s' has another shape than %s", path, name, want);
+        return NULL;
+    }
+    for (size_t k = 0; k < e->size; k++)
+        if (!isfinite(e->data[k])) {
+            errorf(err, errlen, "%s: tensor '%s' holds NaN or Inf values", path, name);
+            return NULL;
+        }
+    return e;
+}
+
+int params_check_st(const ParamSet *ps, const StFile *f, const char *path, const char *prefix,
+                    char *err, size_t errlen) {
+    for (size_t i = 0; i < ps->count; i++)
+        if (!param_entry(ps, i, f, path, prefix, err, errlen)) return -1;
+    return 0;
+}
+
+int params_load_st(ParamSet *ps, const StFile *f, const char *path, const char *prefix, char *err,
+                   size_t errlen) {
+    for (size_t i = 0; i < ps->count; i++) {
+        const StEntry *e = param_entry(ps, i, f, path, prefix, err, errlen);
+        if (!e) return -1;
+        memcpy(ps->t[i].data, e->data, e->size * sizeof(float));
+    }
+    return 0;
+}
+
+int params_st_write(const ParamSet *ps, const char *path, const char *const *metadata, char *err,
+                    size_t errlen) {
+    StWrite *w = mallocCheck((ps->count ? ps->count : 1) * sizeof *w);
+    for (size_t i = 0; i < ps->count; i++) {
+        const Tensor *t = &ps->t[i];
+        w[i] = (StWrite){t->name, t->ndim, t->shape, t->data};
+    }
+    int rc = st_write(path, w, ps->count, metadata, err, errlen);
+    free(w);
+    return rc;
+}
+
 // ---------------------------------------------------------------------------
 // ---- log.csv and the loss plot ----
 // log.csv: "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s,fd", one row per

@@ -236,7 +236,131 @@ size_t ae_param_count(const AEConfig *c, size_t *encoder, size_t *decoder) {
     return total;
 }
 
+// ---- the weights file ----
+// "1,2" and the like for the metadata
+static void int_list(char *buf, size_t n, const int *v, int count) {
+    size_t used = 0;
+    buf[0] = 0;
+    for (int i = 0; i < count && used < n; i++)
+        used += (size_t)snprintf(buf + used, n - used, i ? ",%d" : "%d", v[i]);
+}
+
+int ae_save(const Autoencoder *a, const char *path, const char *const *extra, char *err,
+            size_t errlen) {
+    const AEConfig *c = &a->cfg;
+    char v[12][64];
+    const char *meta[64];
+    int m = 0;
+    const char *keys[12] = {"resolution", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks",
+                            "attn_resolutions", "z_channels", "embed_dim", "double_z", "tanh_out",
+                            "dropout"};
+    snprintf(v[0], 64, "%d", c->resolution);
+    snprintf(v[1], 64, "%d", c->in_channels);
+    snprintf(v[2], 64, "%d", c->out_ch);
+    snprintf(v[3], 64, "%d", c->ch);
+    int_list(v[4], 64, c->ch_mult, c->n_levels);
+    snprintf(v[5], 64, "%d", c->num_res_blocks);
+    int_list(v[6], 64, c->attn_resolutions, c->n_attn);
+    snprintf(v[7], 64, "%d", c->z_channels);
+    snprintf(v[8], 64, "%d", c->embed_dim);
+    snprintf(v[9], 64, "%d", c->double_z);
+    snprintf(v[10], 64, "%d", c->tanh_out);
+    snprintf(v[11], 64, "%.9g", c->dropout);
+    meta[m++] = "format";
+    meta[m++] = "casdm-autoencoder-1";
+    for (int i = 0; i < 12; i++) {
+        meta[m++] = keys[i];
+        meta[m++] = v[i];
+    }
+    for (int i = 0; extra && extra[i] && m < 62; i += 2) {
+        meta[m++] = extra[i];
+        meta[m++] = extra[i + 1];
+    }
+    meta[m] = NULL;
+    return params_st_write(&a->params, path, meta, err, errlen);
+}
+
+// a metadata integer (the whole value), or -1 with the message
+static int meta_int(const StFile *f, const char *path, const char *key, int *out, char *err,
+                    size_t errlen) {
+    char buf[64], *end;
+    if (st_meta(f, key, buf, sizeof buf) != 0)
+        return errorf(err, errlen, "%s: the metadata has no '%s' (not a casdm autoencoder?)", path,
+                      key);
+    long v = strtol(buf, &end, 10);
+    if (end == buf || *end || v < 0 || v > 1 << 20)
+        return errorf(err, errlen, "%s: metadata '%s' is '%s', not a count", path, key, buf);
+    *out = (int)v;
+    return 0;
+}
+
+static int meta_list(const StFile *f, const char *path, const char *key, int *out, int *n,
+                     char *err, size_t errlen) {
+    char buf[128];
+    if (st_meta(f, key, buf, sizeof buf) != 0)
+        return errorf(err, errlen, "%s: the metadata has no '%s'", path, key);
+    *n = 0;
+    for (const char *p = buf; *p;) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 1 || v > 1 << 16 || *n == AE_MAX_LEVELS)
+            return errorf(err, errlen, "%s: metadata '%s' is '%s', not a list of up to %d sizes",
+                          path, key, buf, AE_MAX_LEVELS);
+        out[(*n)++] = (int)v;
+        p = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return errorf(err, errlen, "%s: metadata '%s' is '%s'", path, key, buf);
+    }
+    return 0;
+}
+
+int ae_load(Autoencoder *a, const char *path, int trainable, char *err, size_t errlen) {
+    StFile f;
+    if (st_read(path, &f, err, errlen) != 0) return -1;
+    AEConfig c;
+    memset(&c, 0, sizeof c);
+    char fmt[64] = "", drop[64] = "";
+    int rc = 0;
+    st_meta(&f, "format", fmt, sizeof fmt);
+    if (strcmp(fmt, "casdm-autoencoder-1") != 0)
+        rc = errorf(err, errlen, "%s: metadata format '%s', want casdm-autoencoder-1 "
+                    "(tools/convert_autoencoder.py writes it from an official checkpoint)", path, fmt);
+    if (!rc) rc = meta_int(&f, path, "resolution", &c.resolution, err, errlen);
+    if (!rc) rc = meta_int(&f, path, "in_channels", &c.in_channels, err, errlen);
+    if (!rc) rc = meta_int(&f, path, "out_ch", &c.out_ch, err, errlen);
+    if (!rc) rc = meta_int(&f, path, "ch", &c.ch, err, errlen);
+    if (!rc) rc = meta_list(&f, path, "ch_mult", c.ch_mult, &c.n_levels, err, errlen);
+    if (!rc) rc = meta_int(&f, path, "num_res_blocks", &c.num_res_blocks, err, errlen);
+    if (!rc) rc = meta_list(&f, path, "attn_resolutions", c.attn_resolutions, &c.n_attn, err, errlen);
+    if (!rc) rc = meta_int(&f, path, "z_channels", &c.z_channels, err, errlen);
+    if (!rc) rc = meta_int(&f, path, "embed_dim", &c.embed_dim, err, errlen);
+    if (!rc) rc = meta_int(&f, path, "double_z", &c.double_z, err, errlen);
+    if (!rc) rc = meta_int(&f, path, "tanh_out", &c.tanh_out, err, errlen);
+    if (!rc && st_meta(&f, "dropout", drop, sizeof drop) == 0) c.dropout = strtof(drop, NULL);
+    char why[256];
+    if (!rc && ae_check_config(&c, why, sizeof why) != 0)
+        rc = errorf(err, errlen, "%s: its configuration: %s", path, why);
+    // every tensor of the layout in the file, with its shape, before the
+    // allocation: nothing is allocated that the file does not hold
+    if (!rc) {
+        Autoencoder *layout = mallocCheck(sizeof *layout);
+        ParamDecl d;
+        ae_layout(layout, &c, &d, NULL, NULL);
+        param_decl_free(&d);
+        rc = params_check_st(&layout->params, &f, path, "", err, errlen);
+        params_free(&layout->params);
+        free(layout);
+    }
+    if (!rc) {
+        ae_init(a, &c, trainable, NULL);
+        rc = params_load_st(&a->params, &f, path, "", err, errlen);
+        if (rc) ae_free(a);
+    }
+    st_free(&f);
+    return rc;
+}
+
 // ---------------------------------------------------------------------------
+// ---- forward ----// ---------------------------------------------------------------------------
 // ---- forward ----
 // ---------------------------------------------------------------------------
 

@@ -5042,6 +5042,11 @@ void params_alloc(ParamSet *p, int with_grad) {
 
 Tensor *params_get(ParamSet *p, size_t index) { return &p->t[index]; }
 
+const char *params_name(const ParamSet *p, size_t index) {
+    const Tensor *t = &p->t[index];
+    return p->data ? t->name : p->names + (size_t)(uintptr_t)t->name;
+}
+
 Tensor *params_find(ParamSet *p, const char *name) {
     for (size_t i = 0; i < p->count; i++)
         if (strcmp(p->t[i].name, name) == 0) return &p->t[i];

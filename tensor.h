@@ -259,6 +259,7 @@ size_t params_add(ParamSet *p, const char *name, int ndim, const int *shape);
 void params_alloc(ParamSet *p, int with_grad);
 Tensor *params_get(ParamSet *p, size_t index);
 Tensor *params_find(ParamSet *p, const char *name);  // NULL if absent
+const char *params_name(const ParamSet *p, size_t index);  // before params_alloc too
 void params_zero_grad(ParamSet *p);
 void params_free(ParamSet *p);
 

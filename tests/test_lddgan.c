@@ -243,6 +243,74 @@ static void test_param_counts(void) {
                 "");
 }
 
+// the weights file: written, read back bitwise with the same configuration;
+// a missing tensor, a wrong shape, a foreign file and a configuration the
+// tensors cannot hold are each named
+static void test_ae_file(void) {
+    AEConfig c;
+    golden_config(&c, 0);
+    c.dropout = 0.2f;
+    Autoencoder a, b;
+    ae_init(&a, &c, 0, NULL);
+    test_init_params(&a.params, "ae.");
+    char err[512];
+    const char *extra[] = {"scale_factor", "105", NULL};
+    int ok = ae_save(&a, "build/ae_test.safetensors", extra, err, sizeof err) == 0 &&
+             ae_load(&b, "build/ae_test.safetensors", 1, err, sizeof err) == 0;
+    if (ok) {
+        int same_data = b.params.total == a.params.total && b.params.grad != NULL &&
+                        memcmp(a.params.data, b.params.data, a.params.total * sizeof(float)) == 0;
+        AEConfig want = a.cfg;  // (golden_config leaves a third ch_mult entry past n_levels)
+        for (int l = want.n_levels; l < AE_MAX_LEVELS; l++) want.ch_mult[l] = 0;
+        int same_cfg = memcmp(&want, &b.cfg, sizeof want) == 0;
+        snprintf(err, sizeof err, "data %s, configuration %s", same_data ? "same" : "differs",
+                 same_cfg ? "same" : "differs");
+        ok = same_data && same_cfg;
+        ae_free(&b);
+    }
+    test_result(ok, "autoencoder weights file: saved and loaded back bitwise, configuration included",
+                "%s", err);
+    // broken copies: a tensor left out, another shape, a bigger configuration
+    StWrite *w = mallocCheck(a.params.count * sizeof *w);
+    for (size_t i = 0; i < a.params.count; i++) {
+        Tensor *t = &a.params.t[i];
+        w[i] = (StWrite){t->name, t->ndim, t->shape, t->data};
+    }
+    const char *meta_ok[] = {"format", "casdm-autoencoder-1", "resolution", "16", "in_channels", "3",
+                             "out_ch", "3", "ch", "32", "ch_mult", "1,2", "num_res_blocks", "1",
+                             "attn_resolutions", "8", "z_channels", "4", "embed_dim", "4",
+                             "double_z", "1", "tanh_out", "1", NULL};
+    const char *meta_big[] = {"format", "casdm-autoencoder-1", "resolution", "16", "in_channels", "3",
+                              "out_ch", "3", "ch", "4096", "ch_mult", "1,2", "num_res_blocks", "1",
+                              "attn_resolutions", "8", "z_channels", "4", "embed_dim", "4",
+                              "double_z", "1", "tanh_out", "1", NULL};
+    int shape[4] = {7, 7, 1, 1};
+    st_write("build/ae_missing.safetensors", w, a.params.count - 1, meta_ok, err, sizeof err);
+    st_write("build/ae_big.safetensors", w, a.params.count, meta_big, err, sizeof err);
+    w[3].shape = shape;
+    w[3].ndim = 4;
+    st_write("build/ae_shape.safetensors", w, a.params.count, meta_ok, err, sizeof err);
+    free(w);
+    struct { const char *file, *want; } cases[] = {
+        {"build/ae_missing.safetensors", "no tensor 'post_quant_conv.bias'"},
+        {"build/ae_shape.safetensors", "has another shape"},
+        {"build/ae_big.safetensors", "has another shape"},
+        {"tests/goldens/ae.safetensors", "want casdm-autoencoder-1"},
+    };
+    int named = 1;
+    for (int i = 0; i < 4; i++) {
+        err[0] = 0;
+        int rc = ae_load(&b, cases[i].file, 0, err, sizeof err);
+        if (rc == 0) ae_free(&b);
+        if (rc == 0 || !strstr(err, cases[i].want) || !strstr(err, cases[i].file)) {
+            named = 0;
+            fprintf(stderr, "  %s: rc %d, '%s'\n", cases[i].file, rc, err);
+        }
+    }
+    test_result(named, "autoencoder weights file: missing, misshapen, oversized and foreign files are named", "");
+    ae_free(&a);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0 || strcmp(argv[i], "--emulated") == 0) test_quick = 1;
@@ -251,6 +319,7 @@ int main(int argc, char **argv) {
     pool_init(0);
     test_param_counts();
     test_autoencoder_goldens();
+    test_ae_file();
     pool_shutdown();
     sgemm_free_buffers();
     return test_failed_count ? 1 : 0;
