@@ -2385,6 +2385,181 @@ static int cmd_eval(int argc, char **argv) {
 }
 
 // ---------------------------------------------------------------------------
+// ---- ae: the LDDGAN autoencoder's encode and decode ----
+// encode: images -> "latents" (N, embed_dim, h, w) float32 in an .npz, the
+// posterior's mean or a sample of it, divided by the scale factor as LDDGAN
+// feeds its GAN (train_ldgan.py: posterior.sample() / scale_factor);
+// decode: latents times the scale -> the decoder's images in [-1, 1] ->
+// uint8, as a samples .npz (improved-diffusion's layout) and a grid PNG.
+// ---------------------------------------------------------------------------
+static void ae_help(FILE *f) {
+    fprintf(f,
+            "usage: casdm ae encode IMAGES --weights AE --out LATENTS.npz [options]\n"
+            "       casdm ae decode LATENTS.npz --weights AE --out DIR [options]\n\n"
+            "AE: an autoencoder file (tools/convert_autoencoder.py). IMAGES: a CIFAR-10\n"
+            "directory or .bin, an IDX file, an image folder or a samples .npz.\n"
+            "  --mode S          encode: mean (the posterior's mode) or sample [default: mean]\n"
+            "  --scale N         latents = z / N; decode multiplies back [default: the file's\n"
+            "                    scale_factor, 1 if it has none]\n"
+            "  --batch N         images per forward [default: 32]\n"
+            "  --n N             encode only the first N images [default: all]\n"
+            "  --seed N          the noise of --mode sample [default: 0]\n");
+}
+
+static void ae_load_or_die(Autoencoder *a, const char *weights) {
+    char err[600];
+    if (!weights) fatal("ae: --weights is required (see casdm ae --help)");
+    if (ae_load(a, weights, 0, err, sizeof err) != 0) fatal("--weights: %s", err);
+}
+
+static int ae_encode_images(const char *in, const char *out, Autoencoder *a, int sample,
+                            float scale, int batch, int limit, int seed) {
+    Images im;
+    load_fid_images(in, &im);
+    const AEConfig *c = &a->cfg;
+    int f = 1 << (c->n_levels - 1);
+    if (im.c != c->in_channels)
+        fatal("ae: '%s' has %d-channel images; the autoencoder takes %d", in, im.c, c->in_channels);
+    if (im.h % f || im.w % f)
+        fatal("ae: '%s' has %dx%d images; the autoencoder needs sides divisible by %d", in, im.h,
+              im.w, f);
+    long n = limit > 0 && limit < im.n ? limit : im.n;
+    if (n < 1) fatal("ae: '%s' holds no images", in);
+    int lh = im.h / f, lw = im.w / f, E = c->embed_dim;
+    size_t per = (size_t)im.c * im.h * im.w, lper = (size_t)E * lh * lw;
+    float *lat = mallocCheck((size_t)n * lper * sizeof(float));
+    Rng rng;
+    rng_seed(&rng, (uint64_t)seed, 13);
+    Progress pr;
+    progress_start(&pr, isatty(2));
+    for (long done = 0; done < n && !interrupted; done += batch) {
+        int B = n - done < batch ? (int)(n - done) : batch;
+        Graph g;
+        graph_init(&g, 0, 0);
+        g.grad_enabled = 0;
+        g.rng = &rng;
+        int s[4] = {B, im.c, im.h, im.w};
+        Tensor *x = tensor_new(&g, 4, s);
+        for (size_t k = 0; k < (size_t)B * per; k++)
+            x->data[k] = im.pixels[(size_t)done * per + k] / 127.5f - 1.0f;
+        Tensor *m = ae_encode(&g, a, x);
+        Tensor *z = sample ? gaussian_sample(&g, m) : NULL;
+        for (int b = 0; b < B; b++)  // the mean: the first embed_dim channels of the moments
+            for (size_t k = 0; k < lper; k++)
+                lat[(size_t)(done + b) * lper + k] =
+                    (z ? z->data[(size_t)b * lper + k] : m->data[(size_t)b * 2 * lper + k]) / scale;
+        graph_free(&g);
+        progress_show(&pr, "img", (double)(done + B), (double)n, "encoding");
+    }
+    progress_end(&pr);
+    images_free(&im);
+    if (interrupted) fatal("ae: interrupted");
+    for (size_t k = 0; k < (size_t)n * lper; k++)
+        if (!isfinite(lat[k])) fatal("ae: the latents are not finite (broken weights?)");
+    NpzWrite w = {"latents", NPY_F32, 4, {n, E, lh, lw}, lat};
+    char err[600];
+    if (npz_write(out, &w, 1, err, sizeof err) != 0) fatal("%s", err);
+    free(lat);
+    printf("%s\n", out);
+    return 0;
+}
+
+static int ae_decode_latents(const char *in, const char *dir, Autoencoder *a, float scale,
+                             int batch) {
+    NpzArray arr;
+    char err[600];
+    if (npz_read(in, "latents", &arr, err, sizeof err) != 0) fatal("%s", err);
+    const AEConfig *c = &a->cfg;
+    if (arr.ndim != 4 || !arr.f64 || arr.shape[1] != c->embed_dim || arr.shape[0] < 1 ||
+        arr.shape[2] < 1 || arr.shape[3] < 1 || arr.shape[0] > 0x7fffffff ||
+        arr.shape[2] > IMAGE_MAX_SIDE || arr.shape[3] > IMAGE_MAX_SIDE)
+        fatal("ae: '%s': latents must be float (N, %d, h, w)", in, c->embed_dim);
+    int f = 1 << (c->n_levels - 1), n = (int)arr.shape[0], lh = (int)arr.shape[2],
+        lw = (int)arr.shape[3], H = lh * f, W = lw * f, C = c->out_ch;
+    if ((int64_t)H * W > IMAGE_MAX_PIXELS) fatal("ae: '%s': %dx%d images are too large", in, H, W);
+    size_t lper = (size_t)c->embed_dim * lh * lw, hw = (size_t)H * W;
+    unsigned char *img = mallocCheck((size_t)n * hw * C);
+    Progress pr;
+    progress_start(&pr, isatty(2));
+    for (int done = 0; done < n && !interrupted; done += batch) {
+        int B = n - done < batch ? n - done : batch;
+        Graph g;
+        graph_init(&g, 0, 0);
+        g.grad_enabled = 0;
+        int s[4] = {B, c->embed_dim, lh, lw};
+        Tensor *z = tensor_new(&g, 4, s);
+        for (size_t k = 0; k < (size_t)B * lper; k++)
+            z->data[k] = (float)(arr.f64[(size_t)done * lper + k] * scale);
+        Tensor *y = ae_decode(&g, a, z);
+        for (size_t k = 0; k < y->size; k++)
+            if (!isfinite(y->data[k])) fatal("ae: decoded pixels are not finite (broken weights?)");
+        for (int b = 0; b < B; b++)  // (C,H,W) -> (H,W,C)
+            for (int ch = 0; ch < C; ch++)
+                for (size_t p = 0; p < hw; p++)
+                    img[((size_t)(done + b) * hw + p) * C + ch] =
+                        to_u8(y->data[((size_t)b * C + ch) * hw + p]);
+        graph_free(&g);
+        progress_show(&pr, "img", (double)(done + B), (double)n, "decoding");
+    }
+    progress_end(&pr);
+    npz_free(&arr);
+    if (interrupted) fatal("ae: interrupted");
+    make_dir(dir);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/samples_%dx%dx%dx%d.npz", dir, n, H, W, C);
+    if (write_npz(path, img, n, H, W, C, err, sizeof err) != 0) fatal("%s", err);
+    char grid[4200];
+    snprintf(grid, sizeof grid, "%s/grid.png", dir);
+    write_grid_png(grid, img, n < 64 ? n : 64, H, W, C);
+    free(img);
+    printf("%s\n", path);
+    return 0;
+}
+
+static int cmd_ae(int argc, char **argv) {
+    if (argc >= 1 && (strcmp(argv[0], "--help") == 0 || strcmp(argv[0], "-h") == 0)) {
+        ae_help(stdout);
+        return 0;
+    }
+    if (argc < 2 || (strcmp(argv[0], "encode") != 0 && strcmp(argv[0], "decode") != 0)) {
+        fprintf(stderr, "casdm ae: encode IMAGES or decode LATENTS.npz (see casdm ae --help)\n");
+        return 2;
+    }
+    int encode = strcmp(argv[0], "encode") == 0;
+    const char *in = argv[1], *weights = NULL, *out = NULL, *mode = NULL;
+    double scale;
+    int batch, limit, seed;
+    const Option opts[] = {
+        {"--weights", OPT_STR, &weights, NULL, "", 0, 0},
+        {"--out", OPT_STR, &out, NULL, "", 0, 0},
+        {"--mode", OPT_STR, &mode, "mean", "", 0, 0},
+        {"--scale", OPT_FLOAT, &scale, "0", "", 0, 1e9},
+        {"--batch", OPT_INT, &batch, "32", "", 1, 4096},
+        {"--n", OPT_INT, &limit, "0", "", 0, 2147483647},
+        {"--seed", OPT_INT, &seed, "0", "", 0, 2147483647},
+    };
+    int pr = parse_options("ae", opts, (int)(sizeof opts / sizeof opts[0]), argc - 2, argv + 2,
+                           ae_help);
+    if (pr) return PARSED_EXIT(pr);
+    if (!out) {
+        fprintf(stderr, "casdm ae: --out is required (see casdm ae --help)\n");
+        return 2;
+    }
+    if (strcmp(mode, "mean") != 0 && strcmp(mode, "sample") != 0) {
+        fprintf(stderr, "casdm ae: --mode is mean or sample, got '%s'\n", mode);
+        return 2;
+    }
+    Autoencoder a;
+    ae_load_or_die(&a, weights);
+    catch_signals();
+    float s = scale > 0.0 ? (float)scale : a.scale_factor;
+    int rc = encode ? ae_encode_images(in, out, &a, strcmp(mode, "sample") == 0, s, batch, limit, seed)
+                    : ae_decode_latents(in, out, &a, s, batch);
+    ae_free(&a);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------
 // ---- plot: several log.csv files in one SVG ----
 // E.g. the C run and tools/train_ref.py's PyTorch run of the same command.
 // ---------------------------------------------------------------------------
@@ -2480,6 +2655,7 @@ static void usage(FILE *f) {
             "  fid        FID, sFID and IS of samples (casdm fid --help)\n"
             "  train-classifier  the FD-classifier's network (casdm train-classifier --help)\n"
             "  plot       loss curves of one or more log.csv files in one SVG (casdm plot --help)\n"
+            "  ae         the LDDGAN autoencoder: encode images to latents, decode them (casdm ae --help)\n"
             "  info       print how this binary was built (SIMD path, threads)\n"
             "\n"
             "global options:\n"
@@ -2532,6 +2708,8 @@ int main(int argc, char **argv) {
         rc = cmd_fid(argc - i - 1, argv + i + 1);
     } else if (strcmp(argv[i], "plot") == 0) {
         rc = cmd_plot(argc - i - 1, argv + i + 1);
+    } else if (strcmp(argv[i], "ae") == 0) {
+        rc = cmd_ae(argc - i - 1, argv + i + 1);
     } else {
         fprintf(stderr, "casdm: unknown command '%s' (see casdm --help)\n", argv[i]);
         rc = 2;

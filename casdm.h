@@ -316,6 +316,7 @@ typedef struct {
     ParamSet params;
     AECoder enc, dec;
     Tensor *quant_w, *quant_b, *post_quant_w, *post_quant_b;
+    float scale_factor;     // LDDGAN divides latents by it (105 for CIFAR-10); 1 when unknown
 } Autoencoder;
 
 // taming-transformers' NLayerDiscriminator (taming/modules/discriminator/
@@ -355,7 +356,7 @@ Tensor *ae_encode(Graph *g, Autoencoder *a, Tensor *x);
 // z (N, embed_dim, r, r) -> images (N, out_ch, r*f, r*f)
 Tensor *ae_decode(Graph *g, Autoencoder *a, Tensor *z);
 // A safetensors file of the weights under AutoencoderKL's names, the
-// configuration in the metadata (format casdm-autoencoder-1); ae_load builds
+// configuration and scale_factor in the metadata (format casdm-autoencoder-1); ae_load builds
 // the model from it (a checked configuration whose parameters the file can
 // hold, then every tensor by name). extra: more key/value pairs or NULL.
 int ae_save(const Autoencoder *a, const char *path, const char *const *extra, char *err,

@@ -221,6 +221,7 @@ void ae_init(Autoencoder *a, const AEConfig *c, int trainable, Rng *rng) {
     params_alloc(&a->params, trainable);
     param_decl_fill(&d);
     if (rng) params_init_torch(&a->params, rng, NULL);
+    a->scale_factor = 1.0f;
 }
 
 void ae_free(Autoencoder *a) { params_free(&a->params); }
@@ -248,7 +249,7 @@ static void int_list(char *buf, size_t n, const int *v, int count) {
 int ae_save(const Autoencoder *a, const char *path, const char *const *extra, char *err,
             size_t errlen) {
     const AEConfig *c = &a->cfg;
-    char v[12][64];
+    char v[13][64];
     const char *meta[64];
     int m = 0;
     const char *keys[12] = {"resolution", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks",
@@ -266,12 +267,15 @@ int ae_save(const Autoencoder *a, const char *path, const char *const *extra, ch
     snprintf(v[9], 64, "%d", c->double_z);
     snprintf(v[10], 64, "%d", c->tanh_out);
     snprintf(v[11], 64, "%.9g", c->dropout);
+    snprintf(v[12], 64, "%.9g", a->scale_factor);
     meta[m++] = "format";
     meta[m++] = "casdm-autoencoder-1";
     for (int i = 0; i < 12; i++) {
         meta[m++] = keys[i];
         meta[m++] = v[i];
     }
+    meta[m++] = "scale_factor";
+    meta[m++] = v[12];
     for (int i = 0; extra && extra[i] && m < 62; i += 2) {
         meta[m++] = extra[i];
         meta[m++] = extra[i + 1];
@@ -350,8 +354,18 @@ int ae_load(Autoencoder *a, const char *path, int trainable, char *err, size_t e
         params_free(&layout->params);
         free(layout);
     }
+    float scale = 1.0f;
+    char sf[64];
+    if (!rc && st_meta(&f, "scale_factor", sf, sizeof sf) == 0) {
+        char *end;
+        scale = strtof(sf, &end);
+        if (end == sf || *end || !(scale > 0.0f) || !isfinite(scale))
+            rc = errorf(err, errlen, "%s: metadata scale_factor is '%s', not a positive number",
+                        path, sf);
+    }
     if (!rc) {
         ae_init(a, &c, trainable, NULL);
+        a->scale_factor = scale;
         rc = params_load_st(&a->params, &f, path, "", err, errlen);
         if (rc) ae_free(a);
     }

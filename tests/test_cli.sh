@@ -405,6 +405,35 @@ else
 fi
 cp "$dir/ppm/img0.ppm" "$dir/pgm/g0.pgm" "$dir/mixed/"
 
+# casdm ae on the test autoencoder test_lddgan wrote (random weights, 3
+# channels, f = 2, scale_factor 105): encode -> (24, 4, 16, 16) latents ->
+# decode -> a valid samples .npz and grid; --scale 2 on both sides gives the
+# same images as --scale 1 (powers of two are exact), the scale divides the
+# latents (the /2 file decodes at scale 1 to other images), and --mode
+# sample is reproducible by --seed
+ae=build/ae_test.safetensors
+if [ -f "$ae" ]; then
+    if ./casdm ae encode "$dir/data_batch_1.bin" --weights "$ae" --out "$dir/lat1.npz" --scale 1 >/dev/null 2>"$dir/ae.err" &&
+       ./casdm ae decode "$dir/lat1.npz" --weights "$ae" --out "$dir/dec1" --scale 1 >/dev/null 2>>"$dir/ae.err" &&
+       ./casdm ae encode "$dir/data_batch_1.bin" --weights "$ae" --out "$dir/lat2.npz" --scale 2 >/dev/null 2>>"$dir/ae.err" &&
+       ./casdm ae decode "$dir/lat2.npz" --weights "$ae" --out "$dir/dec2" --scale 2 >/dev/null 2>>"$dir/ae.err" &&
+       ./casdm ae decode "$dir/lat2.npz" --weights "$ae" --out "$dir/dec2at1" --scale 1 >/dev/null 2>>"$dir/ae.err" &&
+       build/check_files "$dir/dec1/samples_24x32x32x3.npz" 24 32 32 3 && build/check_files "$dir/dec1/grid.png" 172 172 3 &&
+       cmp -s "$dir/dec1/samples_24x32x32x3.npz" "$dir/dec2/samples_24x32x32x3.npz" &&
+       ! cmp -s "$dir/dec1/samples_24x32x32x3.npz" "$dir/dec2at1/samples_24x32x32x3.npz" &&
+       ./casdm ae encode "$dir/data_batch_1.bin" --weights "$ae" --out "$dir/ls1.npz" --mode sample --seed 4 >/dev/null 2>>"$dir/ae.err" &&
+       ./casdm ae encode "$dir/data_batch_1.bin" --weights "$ae" --out "$dir/ls2.npz" --mode sample --seed 4 >/dev/null 2>>"$dir/ae.err" &&
+       ./casdm ae encode "$dir/data_batch_1.bin" --weights "$ae" --out "$dir/ls3.npz" --mode sample --seed 5 >/dev/null 2>>"$dir/ae.err" &&
+       cmp -s "$dir/ls1.npz" "$dir/ls2.npz" && ! cmp -s "$dir/ls1.npz" "$dir/ls3.npz" &&
+       grep -q '^24/24 img, encoding' "$dir/ae.err"; then
+        pass "casdm ae encode / decode: latents, images, the scale factor, seeded posterior samples"
+    else
+        fail "casdm ae encode / decode"; sed 's/^/  /' "$dir/ae.err"
+    fi
+else
+    echo "SKIP casdm ae: $ae not written (test_lddgan did not run)"
+fi
+
 # expect STATUS NEEDLE CMD...: the command fails with STATUS and says NEEDLE
 expect() {
     want=$1; needle=$2; shift 2
@@ -447,6 +476,15 @@ expect 2 "needs two images" ./casdm lpips tests/goldens/image.png --weights $w
 awk 'BEGIN { printf "%c%c%c%c%c%c%c%c%c%c%c%c%c%c%c%c", 0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28;
              for (i = 0; i < 2 * 784; i++) printf "%c", i % 256 }' > "$dir/grey-idx3-ubyte"
 expect 1 "has 1x32x32 images; the model takes 3x32x32" ./casdm eval --ckpt "$dir/straight/ckpt.safetensors" --data "$dir/grey-idx3-ubyte"
+if [ -f "$ae" ]; then
+    expect 1 "has 1-channel images; the autoencoder takes 3" ./casdm ae encode "$dir/grey-idx3-ubyte" --weights "$ae" --out "$dir/x.npz"
+    expect 1 "--weights is required" ./casdm ae encode "$dir" --out "$dir/x.npz"
+    expect 1 "want casdm-autoencoder-1" ./casdm ae encode "$dir" --weights "$dir/straight/ckpt.safetensors" --out "$dir/x.npz"
+    expect 1 "no tensor 'post_quant_conv.bias'" ./casdm ae encode "$dir" --weights build/ae_missing.safetensors --out "$dir/x.npz"
+    expect 2 "--mode is mean or sample" ./casdm ae encode "$dir" --weights "$ae" --out "$dir/x.npz" --mode mode
+    expect 1 "latents" ./casdm ae decode build/fid_stats_a.npz --weights "$ae" --out "$dir/x"
+    expect 2 "encode IMAGES or decode" ./casdm ae squash "$dir"
+fi
 expect 1 "all images must match" ./casdm train --data "$dir/mixed" --steps 1
 expect 1 "no .png/.ppm/.pgm images" ./casdm train --data "$dir/empty" --steps 1
 expect 2 "--flip and --no-flip" ./casdm train --data "$dir/ppm" --flip --no-flip --steps 1

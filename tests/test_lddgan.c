@@ -254,7 +254,8 @@ static void test_ae_file(void) {
     ae_init(&a, &c, 0, NULL);
     test_init_params(&a.params, "ae.");
     char err[512];
-    const char *extra[] = {"scale_factor", "105", NULL};
+    a.scale_factor = 105.0f;
+    const char *extra[] = {"producer", "tests/test_lddgan.c", NULL};
     int ok = ae_save(&a, "build/ae_test.safetensors", extra, err, sizeof err) == 0 &&
              ae_load(&b, "build/ae_test.safetensors", 1, err, sizeof err) == 0;
     if (ok) {
@@ -265,7 +266,7 @@ static void test_ae_file(void) {
         int same_cfg = memcmp(&want, &b.cfg, sizeof want) == 0;
         snprintf(err, sizeof err, "data %s, configuration %s", same_data ? "same" : "differs",
                  same_cfg ? "same" : "differs");
-        ok = same_data && same_cfg;
+        ok = same_data && same_cfg && b.scale_factor == 105.0f;
         ae_free(&b);
     }
     test_result(ok, "autoencoder weights file: saved and loaded back bitwise, configuration included",
