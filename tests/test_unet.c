@@ -560,64 +560,19 @@ static void write_lpips_test_files(Lpips *l) {
     free(w);
 }
 
-// distance, taps and input gradient at sizes 32, 64 (resized up), 16 (down)
-// against tools/make_lpips_goldens.py
-static void lpips_vs_golden(Lpips *l, const StFile *lg, Graph *g) {
+// one golden case with l as it is set: distance, taps and input gradient
+// against "<key>/distance", "<key>/taps", "<key>/grad_x"
+static void lpips_case(Lpips *l, const StFile *lg, Graph *g, const char *key, const char *name) {
     const StEntry *ex = st_find(lg, "x"), *ey = st_find(lg, "y");
-    if (!ex || !ey) fatal("lpips golden lacks x or y");
-    const int sizes[3] = {32, 64, 16};
-    for (int si = 0; si < 3; si++) {
-        if (test_quick && si > 0) {
-            char nm[64];
-            snprintf(nm, sizeof nm, "LPIPS at size %d vs PyTorch", sizes[si]);
-            test_skip(nm, "--quick runs size 32 only");
-            continue;
-        }
-        graph_reset(g);
-        l->size = sizes[si];
-        Tensor *x = tensor_from(g, ex->ndim, ex->shape, ex->data),
-               *y = tensor_from(g, ey->ndim, ey->shape, ey->data);
-        x->requires_grad = 1;
-        Tensor *taps[LPIPS_TAPS];
-        Tensor *d = lpips_distance(g, l, x, y, taps);
-        graph_backward(g, sum_all(g, d), NULL);
-        char key[64];
-        snprintf(key, sizeof key, "s%d/distance", sizes[si]);
-        const StEntry *ed = st_find(lg, key);
-        snprintf(key, sizeof key, "s%d/grad_x", sizes[si]);
-        const StEntry *eg = st_find(lg, key);
-        snprintf(key, sizeof key, "s%d/taps", sizes[si]);
-        const StEntry *et = st_find(lg, key);
-        if (!ed || !eg || !et) fatal("lpips golden lacks size %d", sizes[si]);
-        double edist = 0.0, etap = 0.0;
-        for (int n = 0; n < 2; n++) {
-            edist = fmax(edist, fabs(d->data[n] - ed->data[n]) / fabs(ed->data[n]));
-            for (int k = 0; k < LPIPS_TAPS; k++)
-                etap = fmax(etap, fabs(taps[k]->data[n] - et->data[n * LPIPS_TAPS + k]) /
-                                      fabs(et->data[n * LPIPS_TAPS + k]));
-        }
-        double egrad = rel_err(x->grad, eg->data, x->size, 1, 0.0);
-        char name[96];
-        snprintf(name, sizeof name,
-                 "LPIPS at size %d%s vs PyTorch: distance, each tap, input gradient", sizes[si],
-                 sizes[si] == 64   ? " (resize up)"
-                 : sizes[si] == 16 ? " (resize down)"
-                                   : "");
-        test_result(edist <= 1e-5 && etap <= 1e-4 && egrad <= 1e-4, name,
-                    "distance %.1e, worst tap %.1e, gradient %.1e of its max; tol 1e-5, 1e-4, 1e-4",
-                    edist, etap, egrad);
-    }
-}
-
-// taming's variant (max pools, no resize) on the same weights and images
-static void lpips_max_vs_golden(Lpips *l, const StFile *lg, Graph *g) {
-    const StEntry *ex = st_find(lg, "x"), *ey = st_find(lg, "y"), *ed = st_find(lg, "max/s32/distance"),
-                  *eg = st_find(lg, "max/s32/grad_x"), *et = st_find(lg, "max/s32/taps");
-    if (!ex || !ey || !ed || !eg || !et) fatal("lpips golden lacks max/s32");
+    char k[64];
+    snprintf(k, sizeof k, "%s/distance", key);
+    const StEntry *ed = st_find(lg, k);
+    snprintf(k, sizeof k, "%s/grad_x", key);
+    const StEntry *eg = st_find(lg, k);
+    snprintf(k, sizeof k, "%s/taps", key);
+    const StEntry *et = st_find(lg, k);
+    if (!ex || !ey || !ed || !eg || !et) fatal("lpips golden lacks x, y or %s", key);
     graph_reset(g);
-    int size = l->size;
-    l->size = 0;
-    l->max_pool = 1;
     Tensor *x = tensor_from(g, ex->ndim, ex->shape, ex->data),
            *y = tensor_from(g, ey->ndim, ey->shape, ey->data);
     x->requires_grad = 1;
@@ -627,17 +582,47 @@ static void lpips_max_vs_golden(Lpips *l, const StFile *lg, Graph *g) {
     double edist = 0.0, etap = 0.0;
     for (int n = 0; n < 2; n++) {
         edist = fmax(edist, fabs(d->data[n] - ed->data[n]) / fabs(ed->data[n]));
-        for (int k = 0; k < LPIPS_TAPS; k++)
-            etap = fmax(etap, fabs(taps[k]->data[n] - et->data[n * LPIPS_TAPS + k]) /
-                                  fabs(et->data[n * LPIPS_TAPS + k]));
+        for (int t = 0; t < LPIPS_TAPS; t++)
+            etap = fmax(etap, fabs(taps[t]->data[n] - et->data[n * LPIPS_TAPS + t]) /
+                                  fabs(et->data[n * LPIPS_TAPS + t]));
     }
     double egrad = rel_err(x->grad, eg->data, x->size, 1, 0.0);
-    l->max_pool = 0;
-    l->size = size;
-    test_result(edist <= 1e-5 && etap <= 1e-4 && egrad <= 1e-4,
-                "taming's LPIPS (max pools, no resize) vs PyTorch: distance, each tap, input gradient",
+    test_result(edist <= 1e-5 && etap <= 1e-4 && egrad <= 1e-4, name,
                 "distance %.1e, worst tap %.1e, gradient %.1e of its max; tol 1e-5, 1e-4, 1e-4",
                 edist, etap, egrad);
+}
+
+// distance, taps and input gradient at sizes 32, 64 (resized up), 16 (down)
+// against tools/make_lpips_goldens.py
+static void lpips_vs_golden(Lpips *l, const StFile *lg, Graph *g) {
+    const int sizes[3] = {32, 64, 16};
+    for (int si = 0; si < 3; si++) {
+        char name[96], key[16];
+        if (test_quick && si > 0) {
+            snprintf(name, sizeof name, "LPIPS at size %d vs PyTorch", sizes[si]);
+            test_skip(name, "--quick runs size 32 only");
+            continue;
+        }
+        l->size = sizes[si];
+        snprintf(key, sizeof key, "s%d", sizes[si]);
+        snprintf(name, sizeof name,
+                 "LPIPS at size %d%s vs PyTorch: distance, each tap, input gradient", sizes[si],
+                 sizes[si] == 64   ? " (resize up)"
+                 : sizes[si] == 16 ? " (resize down)"
+                                   : "");
+        lpips_case(l, lg, g, key, name);
+    }
+}
+
+// taming's variant (max pools, no resize) on the same weights and images
+static void lpips_max_vs_golden(Lpips *l, const StFile *lg, Graph *g) {
+    int size = l->size;
+    l->size = 0;
+    l->max_pool = 1;
+    lpips_case(l, lg, g, "max/s32",
+               "taming's LPIPS (max pools, no resize) vs PyTorch: distance, each tap, input gradient");
+    l->max_pool = 0;
+    l->size = size;
 }
 
 static void lpips_vs_finite_differences(Lpips *l, Graph *g) {

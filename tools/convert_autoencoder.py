@@ -78,18 +78,6 @@ def config_from_metadata(meta):
                 dropout=float(meta.get("dropout", 0.0)), tanh_out=meta["tanh_out"] == "1")
 
 
-def atomic(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt")
@@ -104,7 +92,7 @@ def main():
         cfg = config_from_metadata(meta)
         model = A.AutoencoderKL(cfg)
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()}, strict=True)
-        atomic(a.out, lambda p: torch.save(model.state_dict(), p))
+        st.atomic(a.out, lambda p: torch.save(model.state_dict(), p))
         print(f"wrote {a.out}: {len(tensors)} tensors (AutoencoderKL keys, no loss.*)")
         return
     if not a.ckpt or not (a.config or a.preset):
@@ -118,7 +106,7 @@ def main():
     extra = {"producer": "tools/convert_autoencoder.py", "source": os.path.basename(a.ckpt)}
     if a.scale_factor:
         extra["scale_factor"] = repr(a.scale_factor)
-    atomic(a.out, lambda p: st.save(p, model.state_dict(), metadata(cfg, extra)))
+    st.atomic(a.out, lambda p: st.save(p, model.state_dict(), metadata(cfg, extra)))
     left = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in sd if not k.startswith(KEPT)})
     print(f"wrote {a.out}: {len(kept)} tensors, {sum(v.numel() for v in kept.values()):,} parameters"
           + (f"; left aside: {', '.join(left)}" if left else ""))

@@ -174,15 +174,7 @@ def save(model, path, metadata):
     meta = {"format": FORMAT}
     meta.update(metadata or {})
     meta["format"] = FORMAT
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        st.save(tmp, sd, meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    st.atomic(path, lambda tmp: st.save(tmp, sd, meta))
 
 
 # ---------------------------------------------------------------------------

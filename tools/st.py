@@ -6,6 +6,7 @@ little-endian data. Written here so the tools need only python3-torch and
 python3-numpy from Debian (no PyPI).
 """
 import json
+import os
 import struct
 
 import numpy as np
@@ -46,3 +47,17 @@ def load(path):
         a, b = e["data_offsets"]
         out[name] = np.frombuffer(data[a:b], dtype="<f4").reshape(e["shape"]).astype(np.float32)
     return out, meta
+
+
+def atomic(path, write):
+    """write(tmp_path) into a temporary file, fsync it, then rename it over path:
+    a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
