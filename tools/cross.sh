@@ -48,7 +48,7 @@ target() {
     start=$(date +%s)
     level=--quick; [ -n "$runner" ] && level=--emulated
     # (a timeout, so that a hang under emulation fails the target instead of CI)
-    if (cd "$d" && timeout 1200 $runner ./build/test_tensor --quick && timeout 1200 $runner ./build/test_unet $level) \
+    if (cd "$d" && timeout 1200 $runner ./build/test_tensor $level && timeout 1200 $runner ./build/test_unet $level) \
             > "$d/test.log" 2>&1; then
         n=$(grep -c '^PASS' "$d/test.log"); s=$(grep -c '^SKIP' "$d/test.log")
         echo "PASS $name: $n tests passed, $s skipped ($(($(date +%s) - start)) s; $(grep -m1 -o 'avx512\|avx2\|neon\|scalar' "$d/test.log"))"
