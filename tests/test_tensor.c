@@ -1298,11 +1298,17 @@ static void test_pool(void) {
     // The stall needs the worker to take a chunk at all: on a slow machine
     // (ThreadSanitizer, an emulator, a busy CI host) it may still be waking
     // when the caller has run all 64, so the job is repeated with longer
-    // chunks until the worker took one (and stalled in it). At 800 us the
-    // caller's 63 chunks still take only a quarter of the stall.
+    // chunks until the worker took one (and stalled in it). At 1600 us the
+    // caller's 63 chunks still take only half of the stall. The rounds
+    // above may have tripped the contention guard on a loaded host (CI ran
+    // this beside tools/cross.sh's emulators), so the guard starts afresh
+    // and each retry waits out its serial window first.
+    pool_init(2);
     PoolProbe p;
     int once = 1, by_worker = 0;
-    for (int busy_us = 50; busy_us <= 800 && by_worker == 0 && once; busy_us *= 2) {
+    struct timespec guard_expiry = {0, 300 * 1000000};
+    for (int busy_us = 50; busy_us <= 1600 && by_worker == 0 && once; busy_us *= 2) {
+        if (busy_us > 50) nanosleep(&guard_expiry, NULL);
         memset(&p, 0, sizeof p);
         p.busy = busy_us;
         pool_run_chunks(pool_probe_chunk, &p, POOL_TEST_CHUNKS);
@@ -1326,11 +1332,11 @@ static void test_pool(void) {
         return;
     }
     int serial_by_worker = pool_probe_by_worker(200);
-    struct timespec ts = {0, 300 * 1000000};
-    nanosleep(&ts, NULL);
     int later_by_worker = 0;  // a few tries: on a loaded host the worker may wake late
-    for (int us = 200; us <= 1600 && later_by_worker == 0; us *= 2)
+    for (int us = 200; us <= 1600 && later_by_worker == 0; us *= 2) {
+        nanosleep(&guard_expiry, NULL);  // 300 ms: past the serial window a try may reopen
         later_by_worker = pool_probe_by_worker(us);
+    }
     test_result(serial_by_worker == 0 && later_by_worker > 0,
                 "after a job spent waiting on a stalled worker, the next ones run serially, "
                 "then in parallel again",
