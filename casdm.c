@@ -2443,7 +2443,7 @@ static int ae_encode_images(const char *in, const char *out, Autoencoder *a, int
         for (size_t k = 0; k < (size_t)B * per; k++)
             x->data[k] = im.pixels[(size_t)done * per + k] / 127.5f - 1.0f;
         Tensor *m = ae_encode(&g, a, x);
-        Tensor *z = sample ? gaussian_sample(&g, m) : NULL;
+        Tensor *z = sample ? gaussian_sample(&g, m, NULL) : NULL;
         for (int b = 0; b < B; b++)  // the mean: the first embed_dim channels of the moments
             for (size_t k = 0; k < lper; k++)
                 lat[(size_t)(done + b) * lper + k] =

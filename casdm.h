@@ -190,6 +190,10 @@ typedef struct {
     Tensor *lin[LPIPS_TAPS];         // (1, C_k, 1, 1), non-negative in trained weights
     int size;                        // images are resized to size x size (0: as they are)
     int max_pool;                    // 1: 2x2 max pools (taming's), 0: average pools (piq's)
+    // dropout on each head's input while g->training (taming's NetLinLayer has
+    // Dropout(0.5), active when Lightning puts the loss module in train mode;
+    // lpips_init sets 0)
+    float head_dropout;
 } Lpips;
 
 void lpips_init(Lpips *l);           // declares and allocates (frozen, zero)
@@ -362,6 +366,51 @@ Tensor *ae_decode(Graph *g, Autoencoder *a, Tensor *z);
 int ae_save(const Autoencoder *a, const char *path, const char *const *extra, char *err,
             size_t errlen);
 int ae_load(Autoencoder *a, const char *path, int trainable, char *err, size_t errlen);
+// ae_decode in two parts: the trunk to norm_out's input, the head from there
+Tensor *ae_decode_trunk(Graph *g, Autoencoder *a, Tensor *z);
+Tensor *ae_decode_head(Graph *g, Autoencoder *a, Tensor *h);
+
+// The autoencoder's loss, latent-diffusion's LPIPSWithDiscriminator
+// (ldm/modules/losses/contperceptual.py) with taming's LPIPS (lpips.c,
+// max_pool, size 0) and the PatchGAN above; defaults: LDDGAN's CIFAR-10 config
+typedef struct {
+    float kl_weight;          // 1e-6
+    float disc_weight;        // 0.5: the adaptive d_weight's scale
+    float disc_factor;        // 1: the GAN terms' factor from disc_start on
+    long disc_start;          // 50001: before it the GAN terms are off
+    float perceptual_weight;  // 1: LPIPS's weight inside rec
+    float logvar;             // 0: the nll's log-variance (no official optimiser steps it)
+} AELossConfig;
+
+typedef struct {              // one iteration's values, as contperceptual.py logs them
+    double loss;              // nll + kl_weight * kl + d_weight * disc_factor * g_loss
+    double l1, lpips;         // mean |x - x_rec| per pixel; mean LPIPS per image
+    double nll, kl, logvar;   // sum over pixels / N; KL summed per image, mean over N
+    double g_loss, d_weight;  // -mean D(x_rec); the adaptive weight
+    double d_loss, logits_real, logits_fake;  // the discriminator step (0 while it is off)
+} AELossTerms;
+
+typedef struct {
+    Autoencoder *ae;
+    PatchGAN *disc;
+    Lpips *lpips;
+    AELossConfig cfg;
+    Graph trunk, head, rec, gan;  // the generator step's four graphs (see ae_generator_grads)
+    Rng *rng;                     // dropout, the posterior sample
+} AETrainer;
+
+void ae_loss_default(AELossConfig *c);
+void ae_trainer_init(AETrainer *t, Autoencoder *ae, PatchGAN *disc, Lpips *lpips,
+                     const AELossConfig *cfg, Rng *rng);
+void ae_trainer_free(AETrainer *t);
+// x: n images (in_channels, resolution^2) in [-1, 1]; step: iterations done;
+// eps: the posterior's noise (n * embed_dim * r * r) or NULL to draw it.
+// Gradients are added into ae->params (generator) or disc->params.
+void ae_generator_grads(AETrainer *t, const float *x, int n, long step, const float *eps,
+                        AELossTerms *terms);
+// 0 (and nothing done) while the GAN terms are off, else 1
+int ae_discriminator_grads(AETrainer *t, const float *x, int n, long step, const float *eps,
+                           AELossTerms *terms);
 
 // ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).

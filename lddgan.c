@@ -373,8 +373,6 @@ int ae_load(Autoencoder *a, const char *path, int trainable, char *err, size_t e
     return rc;
 }
 
-// ---------------------------------------------------------------------------
-// ---- forward ----// ---------------------------------------------------------------------------
 // ---- forward ----
 // ---------------------------------------------------------------------------
 
@@ -473,8 +471,11 @@ Tensor *ae_encode(Graph *g, Autoencoder *a, Tensor *x) {
     return conv2d(g, h, a->quant_w, a->quant_b, 1, 0);
 }
 
-// AutoencoderKL.decode: decoder(post_quant_conv(z)), tanh at the end when tanh_out
-Tensor *ae_decode(Graph *g, Autoencoder *a, Tensor *z) {
+// AutoencoderKL.decode: decoder(post_quant_conv(z)), tanh at the end when
+// tanh_out; in two parts, the trunk up to norm_out's input and the head
+// from there, so that the loss can take two gradients at conv_out.weight
+// through the head alone (ae_generator_grads)
+Tensor *ae_decode_trunk(Graph *g, Autoencoder *a, Tensor *z) {
     const AEConfig *c = &a->cfg;
     check_input(z, c->embed_dim, 1, "latent");
     const AECoder *e = &a->dec;
@@ -485,8 +486,16 @@ Tensor *ae_decode(Graph *g, Autoencoder *a, Tensor *z) {
         h = level_blocks(g, c, &e->level[l], h);
         if (e->level[l].resample_w) h = upsample(g, &e->level[l], h);
     }
-    h = coder_out(g, e, h);
-    return c->tanh_out ? tensor_tanh(g, h) : h;
+    return h;
+}
+
+Tensor *ae_decode_head(Graph *g, Autoencoder *a, Tensor *h) {
+    Tensor *y = coder_out(g, &a->dec, h);
+    return a->cfg.tanh_out ? tensor_tanh(g, y) : y;
+}
+
+Tensor *ae_decode(Graph *g, Autoencoder *a, Tensor *z) {
+    return ae_decode_head(g, a, ae_decode_trunk(g, a, z));
 }
 
 // ---------------------------------------------------------------------------
@@ -574,4 +583,216 @@ Tensor *patchgan_forward(Graph *g, PatchGAN *d, Tensor *x) {
     }
     if (g->training) d->num_batches_tracked++;
     return h;
+}
+
+// ---------------------------------------------------------------------------
+// ---- the loss: latent-diffusion's LPIPSWithDiscriminator ----
+// (ldm/modules/losses/contperceptual.py, with taming's LPIPS and PatchGAN)
+// One training iteration is two optimizer steps, as Lightning runs
+// AutoencoderKL.training_step (ldm/models/autoencoder.py): optimizer_idx 0
+// trains encoder, decoder and the two 1x1 convolutions on
+//   loss = nll + kl_weight * kl + d_weight * disc_factor * g_loss,
+// then optimizer_idx 1 trains the discriminator on the hinge loss, with a
+// fresh forward of the autoencoder (new dropout masks, a new posterior sample).
+// ---------------------------------------------------------------------------
+void ae_loss_default(AELossConfig *c) {
+    memset(c, 0, sizeof *c);
+    c->kl_weight = 1e-6f;        // cifar10_16x16x4.yaml lossconfig.params.kl_weight
+    c->disc_weight = 0.5f;       // ... disc_weight (the scale of the adaptive weight)
+    c->disc_factor = 1.0f;       // LPIPSWithDiscriminator's default
+    c->disc_start = 50001;       // ... disc_start
+    c->perceptual_weight = 1.0f; // LPIPSWithDiscriminator's default
+    c->logvar = 0.0f;            // logvar_init; no optimiser of AutoencoderKL holds it
+}
+
+// adopt_weight: the GAN terms are off before disc_start (contperceptual.py's
+// global_step is the count of iterations done, `step` here)
+static float disc_factor_at(const AELossConfig *c, long step) {
+    return step < c->disc_start ? 0.0f : c->disc_factor;
+}
+
+void ae_trainer_init(AETrainer *t, Autoencoder *ae, PatchGAN *disc, Lpips *lpips,
+                     const AELossConfig *cfg, Rng *rng) {
+    memset(t, 0, sizeof *t);
+    t->ae = ae;
+    t->disc = disc;
+    t->lpips = lpips;
+    t->cfg = *cfg;
+    t->rng = rng;
+    Graph *graphs[4] = {&t->trunk, &t->head, &t->rec, &t->gan};
+    for (int i = 0; i < 4; i++) {
+        graph_init(graphs[i], 64u << 20, 0);
+        graphs[i]->training = 1;  // dropout in the autoencoder and LPIPS, BatchNorm's batch statistics
+        graphs[i]->rng = rng;
+    }
+}
+
+void ae_trainer_free(AETrainer *t) {
+    graph_free(&t->trunk);
+    graph_free(&t->head);
+    graph_free(&t->rec);
+    graph_free(&t->gan);
+}
+
+static void disc_trainable(PatchGAN *d, int on) {
+    for (size_t i = 0; i < d->params.count; i++) d->params.t[i].requires_grad = on;
+}
+
+// LPIPS takes RGB: a one-channel image is repeated three times (our
+// extension: the official loss runs on 3-channel data only)
+static Tensor *as_rgb(Graph *g, Tensor *x) {
+    if (x->shape[1] == 3) return x;
+    if (x->shape[1] != 1) fatal("autoencoder loss: LPIPS needs 1 or 3 channels, not %d",
+                                x->shape[1]);
+    return concat_channels(g, x, concat_channels(g, x, x));
+}
+
+// rec = |x - x_rec| + perceptual_weight * LPIPS(x, x_rec), one LPIPS value per
+// image broadcast over its pixels; nll = sum(rec / e^logvar + logvar) / N.
+// With M = C*H*W: nll = M * (mean|x - x_rec| + pw * mean LPIPS) / e^logvar + M * logvar.
+static Tensor *nll_loss(Graph *g, AETrainer *t, Tensor *x, Tensor *x_rec, AELossTerms *terms) {
+    const AELossConfig *c = &t->cfg;
+    float M = (float)(x->size / (size_t)x->shape[0]), inv_var = expf(-c->logvar);
+    Tensor *l1 = mean_all(g, tensor_abs(g, sub(g, x_rec, x)));
+    Tensor *p = mean_all(g, lpips_distance(g, t->lpips, as_rgb(g, x_rec), as_rgb(g, x), NULL));
+    Tensor *nll = add(g, scale_shift(g, l1, M * inv_var, M * c->logvar),
+                      scale_shift(g, p, c->perceptual_weight * M * inv_var, 0.0f));
+    terms->l1 = l1->data[0];
+    terms->lpips = p->data[0];
+    terms->nll = nll->data[0];
+    return nll;
+}
+
+static double head_norm(const Tensor *w) { return sqrt(grad_norm_sq(w->grad, w->size)); }
+
+// The head's four parameters (norm_out and conv_out of the decoder)
+static Tensor **head_params(Autoencoder *a, Tensor **p) {
+    p[0] = a->dec.norm_out_w;
+    p[1] = a->dec.norm_out_b;
+    p[2] = a->dec.conv_out_w;
+    p[3] = a->dec.conv_out_b;
+    return p;
+}
+
+// The generator step's gradients, added into ae->params' gradient (zero it
+// first). d_weight = disc_weight * clamp(||grad nll|| / (||grad g_loss|| +
+// 1e-4), 0, 1e4), both gradients at decoder.conv_out.weight
+// (calculate_adaptive_weight; computed even while disc_factor is 0, as there).
+// Both are linear in the gradient at x_rec, and conv_out.weight lies in the
+// decoder's head: so the trunk (encoder, posterior, decoder up to norm_out)
+// is one graph and the head another; the head runs backward twice, once for
+// nll and once for g_loss, and their sum weighted by d_weight * disc_factor
+// continues into the trunk with the KL term. The discriminator's weights get
+// no gradient here (Lightning's toggle_optimizer); its BatchNorm runs on
+// batch statistics and updates its running ones, as in train mode there.
+void ae_generator_grads(AETrainer *t, const float *x, int n, long step, const float *eps,
+                        AELossTerms *terms) {
+    Autoencoder *a = t->ae;
+    const AEConfig *c = &a->cfg;
+    int R = c->resolution, xs[4] = {n, c->in_channels, R, R};
+    Graph *T = &t->trunk, *H = &t->head, *L = &t->rec, *D = &t->gan;
+    graph_reset(T);
+    // trunk: the posterior, z = mean + std * eps, the decoder to norm_out's input
+    Tensor *xin = tensor_from(T, 4, xs, x);
+    Tensor *moments = ae_encode(T, a, xin);
+    Tensor *kl = mean_all(T, gaussian_kl(T, moments));  // sum(kl) / N
+    Tensor *h_trunk = ae_decode_trunk(T, a, gaussian_sample(T, moments, eps));
+    // head, first pass: x_rec, and the gradients of nll through it
+    graph_reset(H);
+    Tensor *h = tensor_from(H, h_trunk->ndim, h_trunk->shape, h_trunk->data);
+    h->requires_grad = 1;
+    Tensor *x_rec = ae_decode_head(H, a, h);
+    graph_reset(L);
+    Tensor *x_l = tensor_from(L, 4, xs, x), *x_rec_l = tensor_from(L, 4, xs, x_rec->data);
+    x_rec_l->requires_grad = 1;
+    Tensor *nll = nll_loss(L, t, x_l, x_rec_l, terms);
+    graph_backward(L, nll, NULL);  // x_rec_l->grad: d nll / d x_rec
+    // g_loss = -mean D(x_rec), its gradient at x_rec
+    graph_reset(D);
+    Tensor *x_rec_d = tensor_from(D, 4, xs, x_rec->data);
+    x_rec_d->requires_grad = 1;
+    disc_trainable(t->disc, 0);
+    Tensor *g_loss = scale_shift(D, mean_all(D, patchgan_forward(D, t->disc, x_rec_d)), -1.0f, 0.0f);
+    graph_backward(D, g_loss, NULL);
+    disc_trainable(t->disc, 1);
+    // the head's gradients from nll, kept; then from g_loss alone
+    Tensor *hp[4];
+    head_params(a, hp);
+    size_t n_head = 0;
+    for (int i = 0; i < 4; i++) n_head += hp[i]->size;
+    float *keep = arena_floats(&T->arena, n_head + h->size);  // head grads, then d nll / d h
+    float *keep_dh = keep + n_head;
+    float *before = arena_floats(&T->arena, n_head);  // what the caller had in them
+    for (size_t i = 0, o = 0; i < 4; o += hp[i]->size, i++) {
+        memcpy(before + o, hp[i]->grad, hp[i]->size * sizeof(float));
+        memset(hp[i]->grad, 0, hp[i]->size * sizeof(float));
+    }
+    graph_backward(H, x_rec, x_rec_l->grad);
+    double nll_norm = head_norm(a->dec.conv_out_w);
+    for (size_t i = 0, o = 0; i < 4; o += hp[i]->size, i++) {
+        memcpy(keep + o, hp[i]->grad, hp[i]->size * sizeof(float));
+        memset(hp[i]->grad, 0, hp[i]->size * sizeof(float));
+    }
+    memcpy(keep_dh, h->grad, h->size * sizeof(float));
+    graph_reset(H);  // head, second pass: the same forward, backward from g_loss
+    h = tensor_from(H, h_trunk->ndim, h_trunk->shape, h_trunk->data);
+    h->requires_grad = 1;
+    Tensor *x_rec2 = ae_decode_head(H, a, h);
+    graph_backward(H, x_rec2, x_rec_d->grad);
+    double g_norm = head_norm(a->dec.conv_out_w);
+    double d_weight = nll_norm / (g_norm + 1e-4);
+    d_weight = (d_weight < 0 ? 0 : d_weight > 1e4 ? 1e4 : d_weight) * t->cfg.disc_weight;
+    float w_g = (float)d_weight * disc_factor_at(&t->cfg, step);
+    // grad = before + grad nll + w_g * grad g_loss, in the head and at h
+    for (size_t i = 0, o = 0; i < 4; o += hp[i]->size, i++)
+        for (size_t k = 0; k < hp[i]->size; k++)
+            hp[i]->grad[k] = before[o + k] + keep[o + k] + w_g * hp[i]->grad[k];
+    for (size_t k = 0; k < h->size; k++) keep_dh[k] += w_g * h->grad[k];
+    // the trunk: seeded at h with that sum, and at the KL term with kl_weight
+    graph_seed(T, h_trunk, keep_dh);
+    float kl_weight = t->cfg.kl_weight;
+    graph_backward(T, kl, &kl_weight);
+    terms->kl = kl->data[0];
+    terms->logvar = t->cfg.logvar;
+    terms->g_loss = g_loss->data[0];
+    terms->d_weight = d_weight;
+    terms->loss = terms->nll + t->cfg.kl_weight * terms->kl + w_g * terms->g_loss;
+}
+
+// The discriminator step: a new forward of the autoencoder (no tape), then
+// d_loss = disc_factor * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))) / 2
+// (hinge_d_loss), D run on the real and the reconstructed batch separately.
+// Its gradient goes into disc->params' (zero it first). Returns 0, doing
+// nothing, while disc_factor is 0: there the official step's loss is 0 * hinge
+// and its gradient 0, which leaves Adam's moments at 0 and the weights as
+// they are; the caller still counts Adam's step (the bias correction). The
+// running statistics those forwards would update are not read in training.
+int ae_discriminator_grads(AETrainer *t, const float *x, int n, long step, const float *eps,
+                           AELossTerms *terms) {
+    float factor = disc_factor_at(&t->cfg, step);
+    terms->d_loss = terms->logits_real = terms->logits_fake = 0.0;
+    if (factor == 0.0f) return 0;
+    Autoencoder *a = t->ae;
+    const AEConfig *c = &a->cfg;
+    int R = c->resolution, xs[4] = {n, c->in_channels, R, R};
+    Graph *T = &t->trunk, *D = &t->gan;
+    graph_reset(T);
+    T->grad_enabled = 0;
+    Tensor *moments = ae_encode(T, a, tensor_from(T, 4, xs, x));
+    Tensor *x_rec = ae_decode(T, a, gaussian_sample(T, moments, eps));
+    T->grad_enabled = 1;
+    graph_reset(D);
+    Tensor *real = patchgan_forward(D, t->disc, tensor_from(D, 4, xs, x));
+    Tensor *fake = patchgan_forward(D, t->disc, tensor_from(D, 4, xs, x_rec->data));
+    Tensor *loss_real = mean_all(D, relu(D, scale_shift(D, real, -1.0f, 1.0f)));
+    Tensor *loss_fake = mean_all(D, relu(D, scale_shift(D, fake, 1.0f, 1.0f)));
+    Tensor *d_loss = scale_shift(D, add(D, loss_real, loss_fake), 0.5f * factor, 0.0f);
+    graph_backward(D, d_loss, NULL);
+    double sr = 0, sf = 0;
+    for (size_t i = 0; i < real->size; i++) sr += real->data[i];
+    for (size_t i = 0; i < fake->size; i++) sf += fake->data[i];
+    terms->d_loss = d_loss->data[0];
+    terms->logits_real = sr / (double)real->size;
+    terms->logits_fake = sf / (double)fake->size;
+    return 1;
 }

@@ -141,7 +141,8 @@ Tensor *lpips_distance(Graph *g, Lpips *l, Tensor *x, Tensor *y, Tensor **taps) 
     Tensor *d = NULL;
     for (int t = 0; t < LPIPS_TAPS; t++) {
         Tensor *diff = sub(g, fx[t], fy[t]);
-        Tensor *v = mean_hw(g, conv2d(g, mul(g, diff, diff), l->lin[t], NULL, 1, 0));  // (N,1,1,1)
+        Tensor *sq = dropout(g, mul(g, diff, diff), l->head_dropout);  // identity unless training
+        Tensor *v = mean_hw(g, conv2d(g, sq, l->lin[t], NULL, 1, 0));  // (N,1,1,1)
         if (taps) taps[t] = v;
         d = d ? add(g, d, v) : v;
     }

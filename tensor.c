@@ -1390,6 +1390,11 @@ static const float *data_of(const Tensor *t) { return t ? t->data : NULL; }
 
 static void tape_backward(Graph *g, Tensor *out);
 
+void graph_seed(Graph *g, Tensor *t, const float *dt) {
+    float *gt = tensor_grad(g, t);
+    for (size_t i = 0; i < t->size; i++) gt[i] += dt[i];
+}
+
 void graph_backward(Graph *g, Tensor *out, const float *dout) {
     float *go = tensor_grad(g, out);
     if (dout) {
@@ -4954,13 +4959,16 @@ static void gaussian_sample_node_backward(Graph *g, TapeNode *n) {
                              ((const GaussianSampleState *)n->state)->eps, N, C, HW);
 }
 
-Tensor *gaussian_sample(Graph *g, Tensor *moments) {
+Tensor *gaussian_sample(Graph *g, Tensor *moments, const float *eps) {
     int N, C, HW;
     gaussian_shape(moments, "gaussian_sample", &N, &C, &HW);
-    if (!g->rng) fatal("gaussian_sample: the graph has no RNG");
+    if (!eps && !g->rng) fatal("gaussian_sample: the graph has no RNG");
     Tensor *z = tensor4(g, N, C, moments->shape[2], moments->shape[3]);
     GaussianSampleState s = {arena_floats(&g->arena, z->size)};
-    rng_fill_normal(g->rng, s.eps, z->size, 0.0f, 1.0f);
+    if (eps)
+        memcpy(s.eps, eps, z->size * sizeof(float));
+    else
+        rng_fill_normal(g->rng, s.eps, z->size, 0.0f, 1.0f);
     gaussian_sample_forward(z->data, moments->data, s.eps, N, C, HW);
     if (wants_grad(g, moments, NULL, NULL))
         save_state(g, record(g, "gaussian_sample", gaussian_sample_node_backward, z, moments, NULL,

@@ -217,6 +217,10 @@ void graph_free(Graph *g);
 // it (t->grad is NULL afterwards); those of parameters, of leaf inputs and of
 // `out` stay. One backward per graph_reset.
 void graph_backward(Graph *g, Tensor *out, const float *dout);
+// Adds dt (t->size floats) into t's gradient: a second output's seed, for
+// the graph_backward that follows (a loss whose gradient reaches t from
+// outside this graph, e.g. the autoencoder's decoder head)
+void graph_seed(Graph *g, Tensor *t, const float *dt);
 
 size_t shape_size(int ndim, const int *shape);  // product of the dimensions
 Tensor *tensor_new(Graph *g, int ndim, const int *shape);  // uninitialised
@@ -394,9 +398,10 @@ Tensor *detach(Graph *g, Tensor *x);            // same data, no gradient
 Tensor *clamp(Graph *g, Tensor *x, float lo, float hi);  // gradient 0 where clipped
 // A KL autoencoder's posterior (latent-diffusion's DiagonalGaussianDistribution):
 // moments (N, 2C, H, W) = mean, then logvar (clamped to [-30, 20]).
-// gaussian_sample: mean + exp(logvar / 2) * eps, eps ~ N(0, 1) from g->rng, (N, C, H, W);
+// gaussian_sample: mean + exp(logvar / 2) * eps, eps ~ N(0, 1) from g->rng (or the
+// N*C*H*W given, for tests against a reference), (N, C, H, W);
 // gaussian_kl: KL against N(0, I), summed over (C, H, W): shape (N)
-Tensor *gaussian_sample(Graph *g, Tensor *moments);
+Tensor *gaussian_sample(Graph *g, Tensor *moments, const float *eps);  // eps may be NULL
 Tensor *gaussian_kl(Graph *g, Tensor *moments);
 
 // ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 // on tiny configurations with tools/ae_ref.py's test weights, regenerated
 // here from the parameter names: encoder and decoder outputs, the input and
 // latent gradients and every parameter's gradient against
-// tests/goldens/ae.safetensors (tools/make_ae_goldens.py, float64); the
+// tests/goldens/ae.safetensors (tools/make_ae_goldens.py, float64); its
+// loss (LPIPSWithDiscriminator: both steps, the GAN terms off and on); the
 // CIFAR-10 configuration's parameter counts; 1 and 2 threads bitwise.
 #define _POSIX_C_SOURCE 200809L
 #include "../casdm.h"
@@ -74,6 +75,42 @@ static double rel_to_max(const float *a, const float *b, size_t n) {
     return e / m;
 }
 
+// Each parameter's sampled gradient against <cfg>/<sub>gsample/<name>,
+// relative to the gradient's rms (its norm / sqrt(n)); the worst, named.
+// Some gradients are zero in exact arithmetic: a bias before a GroupNorm
+// (with ch 32 every group is one channel, so any per-channel constant is
+// removed downstream), the key bias of an attention block (it shifts every
+// logit of a query alike). There float64 leaves ~1e-16 and float32 ~1e-7 of
+// the model's rms gradient: a reference rms below 1e-9 of the model's marks
+// them, and they are held to 1e-5 of the model's rms instead.
+static double grad_error(ParamSet *ps, const char *cfg, const char *sub, char *worst,
+                         size_t worst_len) {
+    double sq = 0.0;
+    for (size_t p = 0; p < ps->count; p++) {
+        char what[200];
+        snprintf(what, sizeof what, "%sgnorm/%s", sub, params_get(ps, p)->name);
+        double nrm = ae_golden(cfg, what)->data[0];
+        sq += nrm * nrm;
+    }
+    double rms_all = sqrt(sq / (double)ps->total), worst_e = 0.0;
+    worst[0] = 0;
+    for (size_t p = 0; p < ps->count; p++) {
+        Tensor *t = params_get(ps, p);
+        char what[200];
+        snprintf(what, sizeof what, "%sgsample/%s", sub, t->name);
+        const StEntry *es = ae_golden(cfg, what);
+        snprintf(what, sizeof what, "%sgnorm/%s", sub, t->name);
+        double rms = ae_golden(cfg, what)->data[0] / sqrt((double)t->size), e = 0.0;
+        size_t m = t->size < 256 ? t->size : 256;
+        if (es->size != m) fatal("ae golden: %s has %zu samples, want %zu", t->name, es->size, m);
+        for (size_t k = 0; k < m; k++)
+            e = fmax(e, fabs((double)t->grad[k * t->size / m] - es->data[k]));
+        e /= rms < 1e-9 * rms_all ? 10.0 * rms_all : rms;  // (so that 1e-4 means 1e-5 of rms_all)
+        if (e > worst_e) { worst_e = e; snprintf(worst, worst_len, "%s", t->name); }
+    }
+    return worst_e;
+}
+
 typedef struct {
     double moments, y, dx, dz, grads;  // errors
     char worst[160];                    // the parameter with the worst gradient
@@ -102,38 +139,7 @@ static void ae_run(const char *cfg, int grey, AERun *r) {
     r->y = y->size == ey->size ? rel_to_max(y->data, ey->data, ey->size) : INFINITY;
     r->dx = rel_to_max(x->grad, ae_golden(cfg, "dx")->data, x->size);
     r->dz = rel_to_max(z->grad, ae_golden(cfg, "dz")->data, z->size);
-    // each parameter: the sampled elements against the reference, relative to
-    // the gradient's rms (its norm / sqrt(n)). Some gradients are zero in
-    // exact arithmetic: a bias before a GroupNorm (with ch 32 every group is
-    // one channel, so any per-channel constant is removed downstream), the
-    // key bias of an attention block (it shifts every logit of a query
-    // alike). There float64 leaves ~1e-16 and float32 ~1e-7 of the model's
-    // rms gradient: a reference rms below 1e-9 of the model's marks them,
-    // and they are held to 1e-5 of the model's rms instead.
-    double sq = 0.0;
-    for (size_t p = 0; p < a.params.count; p++) {
-        char what[200];
-        snprintf(what, sizeof what, "gnorm/%s", params_get(&a.params, p)->name);
-        double nrm = ae_golden(cfg, what)->data[0];
-        sq += nrm * nrm;
-    }
-    double rms_all = sqrt(sq / (double)a.params.total);
-    r->grads = 0.0;
-    r->worst[0] = 0;
-    for (size_t p = 0; p < a.params.count; p++) {
-        Tensor *t = params_get(&a.params, p);
-        char what[200];
-        snprintf(what, sizeof what, "gsample/%s", t->name);
-        const StEntry *es = ae_golden(cfg, what);
-        snprintf(what, sizeof what, "gnorm/%s", t->name);
-        double rms = ae_golden(cfg, what)->data[0] / sqrt((double)t->size), e = 0.0;
-        size_t m = t->size < 256 ? t->size : 256;
-        if (es->size != m) fatal("ae golden: %s has %zu samples, want %zu", t->name, es->size, m);
-        for (size_t k = 0; k < m; k++)
-            e = fmax(e, fabs((double)t->grad[k * t->size / m] - es->data[k]));
-        e /= rms < 1e-9 * rms_all ? 10.0 * rms_all : rms;  // (so that 1e-4 means 1e-5 of rms_all)
-        if (e > r->grads) { r->grads = e; snprintf(r->worst, sizeof r->worst, "%s", t->name); }
-    }
+    r->grads = grad_error(&a.params, cfg, "", r->worst, sizeof r->worst);
     r->n_grads = a.params.total;
     r->all_grads = mallocCheck(r->n_grads * sizeof(float));
     memcpy(r->all_grads, a.params.grad, r->n_grads * sizeof(float));
@@ -182,6 +188,8 @@ static void test_patchgan(void) {
     patchgan_free(&d);
 }
 
+static void test_ae_loss(void);
+
 static void test_autoencoder_goldens(void) {
     char err[512];
     if (st_read("tests/goldens/ae.safetensors", &ag, err, sizeof err) != 0) {
@@ -216,7 +224,145 @@ static void test_autoencoder_goldens(void) {
         free(r2.all_grads);
     }
     test_patchgan();
+    test_ae_loss();
     st_free(&ag);
+}
+
+// A scalar golden <cfg>/<what>, relative error against max(|ref|, 1e-3)
+static double scalar_error(const char *cfg, const char *what, double got) {
+    double ref = ae_golden(cfg, what)->data[0];
+    return fabs(got - ref) / fmax(fabs(ref), 1e-3);
+}
+
+// every tensor of a set against <cfg>/<sub><name>, relative to its max
+static double set_error(ParamSet *ps, const char *cfg, const char *sub, int use_grad) {
+    double e = 0.0;
+    for (size_t p = 0; p < ps->count; p++) {
+        Tensor *t = params_get(ps, p);
+        char what[200];
+        snprintf(what, sizeof what, "%s%s", sub, t->name);
+        const StEntry *es = ae_golden(cfg, what);
+        e = es->size == t->size ? fmax(e, rel_to_max(use_grad ? t->grad : t->data, es->data, t->size))
+                                : INFINITY;
+    }
+    return e;
+}
+
+typedef struct {
+    double terms, grads, stats_g, d_terms, d_grads, stats_d;
+    char worst[160];
+    float *all_grads;  // the generator's and discriminator's gradients (the thread check)
+    size_t n_grads;
+    long batches;
+} LossRun;
+
+// LPIPSWithDiscriminator against ae_ref.AELoss (tools/make_ae_goldens.py's
+// loss_goldens): one generator step at step 0 (GAN terms off: d_weight is
+// still computed, as in contperceptual.py:69-76) or 1 (on), and with the GAN
+// on the discriminator step after it
+static void loss_run(const char *cfg, int grey, int on, LossRun *r) {
+    memset(r, 0, sizeof *r);
+    AEConfig c;
+    golden_config(&c, grey);
+    Autoencoder a;
+    ae_init(&a, &c, 1, NULL);
+    test_init_params(&a.params, "ae.");
+    Lpips lp;
+    lpips_init(&lp);
+    lpips_test_init(&lp);
+    lp.max_pool = 1;
+    lp.size = 0;
+    PatchGAN d;
+    patchgan_init(&d, c.in_channels, 8, 2, 1, NULL);
+    test_init_params(&d.params, "disc.");
+    AELossConfig lc;
+    ae_loss_default(&lc);
+    lc.disc_start = 1;  // make_ae_goldens.LOSS
+    lc.kl_weight = 0.01f;
+    lc.logvar = 0.25f;
+    Rng rng;
+    rng_seed(&rng, 1, 2);
+    AETrainer t;
+    ae_trainer_init(&t, &a, &d, &lp, &lc, &rng);
+    const float *x = ae_golden(cfg, "loss_x")->data, *eps = ae_golden(cfg, "loss_eps")->data;
+    const char *mode = on ? "loss_on/" : "loss_off/";
+    char what[200];
+    params_zero_grad(&a.params);
+    params_zero_grad(&d.params);
+    AELossTerms lt;
+    ae_generator_grads(&t, x, 2, on, eps, &lt);
+    const char *names[7] = {"loss", "l1", "lpips", "nll", "kl", "g_loss", "d_weight"};
+    double got[7] = {lt.loss, lt.l1, lt.lpips, lt.nll, lt.kl, lt.g_loss, lt.d_weight};
+    for (int i = 0; i < 7; i++) {
+        snprintf(what, sizeof what, "%s%s", mode, names[i]);
+        r->terms = fmax(r->terms, scalar_error(cfg, what, got[i]));
+    }
+    r->grads = grad_error(&a.params, cfg, mode, r->worst, sizeof r->worst);
+    double dgrad_g = sqrt(grad_norm_sq(d.params.grad, d.params.total));  // toggle_optimizer: none
+    snprintf(what, sizeof what, "%sdisc_g/", mode);
+    r->stats_g = set_error(&d.buffers, cfg, what, 0) + dgrad_g;
+    if (on) {
+        ae_discriminator_grads(&t, x, 2, 1, eps, &lt);
+        const char *dn[3] = {"d_loss", "logits_real", "logits_fake"};
+        double dg[3] = {lt.d_loss, lt.logits_real, lt.logits_fake};
+        for (int i = 0; i < 3; i++) {
+            snprintf(what, sizeof what, "%s%s", mode, dn[i]);
+            r->d_terms = fmax(r->d_terms, scalar_error(cfg, what, dg[i]));
+        }
+        snprintf(what, sizeof what, "%sdgrad/", mode);
+        r->d_grads = set_error(&d.params, cfg, what, 1);
+        snprintf(what, sizeof what, "%sdisc_d/", mode);
+        r->stats_d = set_error(&d.buffers, cfg, what, 0);
+    }
+    r->batches = d.num_batches_tracked;
+    r->n_grads = a.params.total + d.params.total;
+    r->all_grads = mallocCheck(r->n_grads * sizeof(float));
+    memcpy(r->all_grads, a.params.grad, a.params.total * sizeof(float));
+    memcpy(r->all_grads + a.params.total, d.params.grad, d.params.total * sizeof(float));
+    ae_trainer_free(&t);
+    patchgan_free(&d);
+    lpips_free(&lp);
+    ae_free(&a);
+}
+
+static void test_ae_loss(void) {
+    const char *cfgs[2] = {"c3", "c1"};
+    for (int k = 0; k < 2; k++)
+        for (int on = 0; on < 2; on++) {
+            if (test_quick && (k || !on)) continue;
+            LossRun r1, r2;
+            pool_init(1);
+            loss_run(cfgs[k], k, on, &r1);
+            pool_init(2);
+            loss_run(cfgs[k], k, on, &r2);
+            pool_init(0);
+            char name[200];
+            if (on)
+                snprintf(name, sizeof name,
+                         "autoencoder loss %s, GAN on, vs PyTorch: terms, d_weight, every gradient "
+                         "of both steps, BatchNorm's running statistics", cfgs[k]);
+            else
+                snprintf(name, sizeof name,
+                         "autoencoder loss %s, GAN off, vs PyTorch: terms, d_weight, every gradient",
+                         cfgs[k]);
+            test_result(r1.terms <= 1e-4 && r1.grads <= 1e-4 && r1.stats_g <= 1e-5 &&
+                            r1.d_terms <= 1e-4 && r1.d_grads <= 1e-4 && r1.stats_d <= 1e-5 &&
+                            r1.batches == (on ? 3 : 1),
+                        name,
+                        "terms %.1e; gradients %.1e of their rms (worst %s); running stats %.1e; "
+                        "discriminator step: terms %.1e, gradients %.1e, running stats %.1e; "
+                        "%ld batches tracked (tol 1e-4, stats 1e-5)",
+                        r1.terms, r1.grads, r1.worst, r1.stats_g, r1.d_terms, r1.d_grads,
+                        r1.stats_d, r1.batches);
+            snprintf(name, sizeof name,
+                     "autoencoder loss %s, GAN %s: 1 and 2 threads give bitwise the same gradients",
+                     cfgs[k], on ? "on" : "off");
+            test_result(r1.n_grads == r2.n_grads &&
+                            memcmp(r1.all_grads, r2.all_grads, r1.n_grads * sizeof(float)) == 0,
+                        name, "%zu values", r1.n_grads);
+            free(r1.all_grads);
+            free(r2.all_grads);
+        }
 }
 
 // The CIFAR-10 autoencoder of LDDGAN's config: ae_ref.AutoencoderKL(CIFAR10)

@@ -249,7 +249,7 @@ static Tensor *b_batchnorm(Graph *g, Tensor **in, const int *a) {
 }
 static Tensor *b_gaussian_sample(Graph *g, Tensor **in, const int *a) {
     (void)a;
-    return gaussian_sample(g, in[0]);
+    return gaussian_sample(g, in[0], NULL);
 }
 static Tensor *b_gaussian_kl(Graph *g, Tensor **in, const int *a) {
     (void)a;

@@ -66,4 +66,27 @@ static inline double test_base(uint64_t h, size_t i) {
     return ((double)(z >> 40) / 16777216.0 - 0.5) * 2.0;
 }
 
+// tools/lpips_ref.py's lpips_test_values on every LPIPS weight: FNV-1a of
+// "vgg.<name>", splitmix64 of h + (i+1) * golden ratio, >> 40; conv weights
+// base * sqrt(6 / fan_in), biases 0.01 base, heads |base|
+static inline void lpips_test_init(Lpips *l) {
+    for (size_t p = 0; p < l->params.count; p++) {
+        Tensor *t = params_get(&l->params, p);
+        char name[128];
+        snprintf(name, sizeof name, "vgg.%s", t->name);
+        uint64_t h = test_name_hash(name);
+        size_t len = strlen(t->name);
+        int head = strncmp(t->name, "lin", 3) == 0,
+            bias = len > 5 && strcmp(t->name + len - 5, ".bias") == 0;
+        double fan_in = t->ndim == 4 ? (double)t->shape[1] * t->shape[2] * t->shape[3] : 1.0;
+        for (size_t i = 0; i < t->size; i++) {
+            double base = test_base(h, i), v;
+            if (head) v = fabs(base);
+            else if (bias) v = 0.01 * base;
+            else v = base * sqrt(6.0 / fan_in);
+            t->data[i] = (float)v;
+        }
+    }
+}
+
 #endif

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from casdm_ref import fnv1a64  # noqa: E402
+import lpips_ref as L  # noqa: E402
 from lpips_ref import _mix_bits  # noqa: E402
 
 
@@ -188,6 +189,77 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
+
+
+def posterior_sample(moments, eps):
+    """DiagonalGaussianDistribution(moments).sample() with the noise given:
+    mean, logvar = chunk(2, dim=1); logvar clamped to [-30, 20]; mean + exp(logvar/2) eps."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    return mean + torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0)) * eps
+
+
+def posterior_kl(moments):
+    """DiagonalGaussianDistribution.kl(): 0.5 sum(mean^2 + var - 1 - logvar) over (C, H, W)."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    logvar = torch.clamp(logvar, -30.0, 20.0)
+    return 0.5 * torch.sum(mean ** 2 + torch.exp(logvar) - 1.0 - logvar, dim=[1, 2, 3])
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+class AELoss(nn.Module):
+    """LPIPSWithDiscriminator (ldm/modules/losses/contperceptual.py) for the
+    KL autoencoder, hinge loss, unconditional, written from these facts:
+      rec = |x - x_rec| + perceptual_weight * LPIPS(x, x_rec)  (LPIPS per image, broadcast)
+      nll = sum(rec / exp(logvar) + logvar) / N
+      kl  = sum(posterior.kl()) / N
+      g_loss = -mean D(x_rec)
+      d_weight = disc_weight * clamp(||d nll/dW|| / (||d g_loss/dW|| + 1e-4), 0, 1e4),
+                 W = decoder.conv_out.weight, detached
+      loss = nll + kl_weight * kl + d_weight * disc_factor * g_loss
+      d_loss = disc_factor * hinge(D(x), D(x_rec.detach()))
+      disc_factor = 0 while global_step < disc_start (adopt_weight)
+    lpips: a lpips_ref.VGGLPIPS(pool="max") (taming's), run with no resize;
+    one-channel images are repeated to three for it (casdm's extension)."""
+
+    def __init__(self, lpips, disc, disc_start, kl_weight=1e-6, disc_weight=0.5,
+                 disc_factor=1.0, perceptual_weight=1.0, logvar=0.0):
+        super().__init__()
+        self.lpips, self.disc = lpips, disc
+        self.disc_start, self.kl_weight, self.disc_weight = disc_start, kl_weight, disc_weight
+        self.disc_factor, self.perceptual_weight, self.logvar = disc_factor, perceptual_weight, logvar
+
+    def factor(self, step):
+        return 0.0 if step < self.disc_start else self.disc_factor
+
+    def perceptual(self, x, x_rec):
+        rgb = (lambda t: t) if x.shape[1] == 3 else (lambda t: t.repeat(1, 3, 1, 1))
+        return L.distance(self.lpips, rgb(x_rec), rgb(x), None)
+
+    def generator(self, x, x_rec, moments, step, last_layer):
+        """The optimizer_idx 0 loss and its logged terms."""
+        p = self.perceptual(x, x_rec).view(-1, 1, 1, 1)
+        rec = torch.abs(x - x_rec) + self.perceptual_weight * p
+        lv = torch.tensor(self.logvar, dtype=x.dtype)
+        nll = torch.sum(rec / torch.exp(lv) + lv) / rec.shape[0]
+        kl = torch.sum(posterior_kl(moments)) / moments.shape[0]
+        g_loss = -torch.mean(self.disc(x_rec))
+        g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+        g_g = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        d_weight = torch.clamp(torch.norm(g_nll) / (torch.norm(g_g) + 1e-4), 0.0, 1e4).detach()
+        d_weight = d_weight * self.disc_weight
+        loss = nll + self.kl_weight * kl + d_weight * self.factor(step) * g_loss
+        terms = dict(loss=loss, l1=torch.abs(x - x_rec).mean(), lpips=p.mean(), nll=nll, kl=kl,
+                     g_loss=g_loss, d_weight=d_weight)
+        return loss, {k: v.detach().reshape(1) for k, v in terms.items()}
+
+    def discriminator(self, x, x_rec, step):
+        real, fake = self.disc(x.detach()), self.disc(x_rec.detach())
+        d_loss = self.factor(step) * hinge_d_loss(real, fake)
+        terms = dict(d_loss=d_loss, logits_real=real.mean(), logits_fake=fake.mean())
+        return d_loss, {k: v.detach().reshape(1) for k, v in terms.items()}
 
 
 class NLayerDiscriminator(nn.Module):
