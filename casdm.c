@@ -682,15 +682,16 @@ static int checkpoint_info(const StFile *f, const char *path, CkptInfo *ci, char
     return 0;
 }
 
-// copies "<prefix><net>.<key>" tensors of f into u, checking every shape
-// and that every value is finite
-static int load_net(UNet *u, const StFile *f, const char *path, const char *prefix, const char *net,
-                    float *dst, char *err, size_t errlen) {
+// copies the tensors "<prefix><key>" of f, for every parameter of ps, into
+// dst (laid out as ps->data; NULL: ps->data), checking every shape and that
+// every value is finite
+static int load_tensors(const ParamSet *ps, const StFile *f, const char *path, const char *prefix,
+                        float *dst, char *err, size_t errlen) {
     size_t off = 0;
-    for (size_t i = 0; i < u->params.count; i++) {
-        Tensor *t = &u->params.t[i];
+    for (size_t i = 0; i < ps->count; i++) {
+        const Tensor *t = &ps->t[i];
         char name[300];
-        snprintf(name, sizeof name, "%s%s.%s", prefix, net, t->name);
+        snprintf(name, sizeof name, "%s%s", prefix, t->name);
         const StEntry *e = st_find(f, name);
         if (!e)
             return errorf(
@@ -706,7 +707,7 @@ static int load_net(UNet *u, const StFile *f, const char *path, const char *pref
         if (first_nonfinite(e->data, e->size) < e->size)
             return errorf(err, errlen, "checkpoint '%s': tensor '%s' holds NaN or Inf values", path,
                           name);
-        memcpy((dst ? dst : u->params.data) + off, e->data, t->size * sizeof(float));
+        memcpy((dst ? dst : ps->data) + off, e->data, t->size * sizeof(float));
         off += t->size;
     }
     return 0;
@@ -728,11 +729,13 @@ static void load_checkpoint(Trainer *tr, const char *path) {
         fatal("checkpoint '%s' has no 'step' in its metadata: it cannot be resumed", path);
     int nets = tr->has_phi ? 2 : 1;
     for (int copy = 0; copy < 4; copy++)
-        for (int net = 0; net < nets; net++)
-            if (load_net(net ? &tr->phi : &tr->theta, &f, path, kinds_of_copy[copy],
-                         net ? "phi" : "theta", (float *)copy_data(tr, net, copy), err,
-                         sizeof err) != 0)
+        for (int net = 0; net < nets; net++) {
+            char prefix[32];
+            snprintf(prefix, sizeof prefix, "%s%s.", kinds_of_copy[copy], net ? "phi" : "theta");
+            if (load_tensors(&(net ? &tr->phi : &tr->theta)->params, &f, path, prefix,
+                             (float *)copy_data(tr, net, copy), err, sizeof err) != 0)
                 fatal("%s", err);
+        }
     tr->step = ci.step;
     tr->adam_theta.step = tr->adam_phi.step = ci.adam_step;
     tr->rng.state = ci.rng_state;
@@ -844,13 +847,14 @@ static double nonfinite_or(double v) { return isfinite(v) ? v : NAN; }
 // step, from DIR/log.csv of the run resumed (in place or not), written
 // atomically to path; rows past the checkpoint (after a hard kill) are gone.
 // The kept rows also go into hist for the plot.
-static void carry_log(const char *from, const char *path, long max_step, History *hist) {
-    static const char header[] = "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s,fd\n";
+static void carry_log(const char *from, const char *path, long max_step, History *hist,
+                      const LogLayout *layout) {
     char err[600];
     size_t n = 0;
     char *text = from ? (char *)read_file(from, LOG_MAX_FILE, &n, err, sizeof err) : NULL;
     Bytes kept = {0};
-    bytes_put(&kept, header, sizeof header - 1);
+    bytes_put(&kept, layout->header, strlen(layout->header));
+    bytes_put(&kept, "\n", 1);
     for (size_t p = 0; text && p < n;) {
         const char *line = text + p, *nl = memchr(line, '\n', n - p);
         size_t len = nl ? (size_t)(nl - line) : n - p;
@@ -1147,7 +1151,7 @@ static void run_open(Run *r, Trainer *tr, const TrainOpts *o) {
         if (strcmp(from, r->ckpt) == 0) r->saved_step = tr->step;
         snprintf(from, sizeof from, "%s/log.csv", o->resume);
     }
-    carry_log(o->resume ? from : NULL, r->log_path, tr->step, &r->hist);
+    carry_log(o->resume ? from : NULL, r->log_path, tr->step, &r->hist, &log_layout_diffusion);
     r->log = fopen(r->log_path, "a");
     if (!r->log) fatal("cannot write '%s': %s", r->log_path, strerror(errno));
     r->step0 = tr->step;
@@ -2039,13 +2043,16 @@ static void load_model(Model *m, const char *path, int use_ema) {
     m->clip_x0 = ci.clip_x0;
     schedule_init(&m->sched, ci.schedule, ci.T);
     unet_init(&m->theta, &ci.cfg, 0, NULL);
-    int rc = load_net(&m->theta, &f, path, prefix, "theta", NULL, err, sizeof err);
+    char net_prefix[32];
+    snprintf(net_prefix, sizeof net_prefix, "%stheta.", prefix);
+    int rc = load_tensors(&m->theta.params, &f, path, net_prefix, NULL, err, sizeof err);
     if (rc == 0 && m->kind == MODEL_CASDM) {
         UNetConfig c = ci.cfg;
         c.out_channels = c.in_channels + 1;
         unet_init(&m->phi, &c, 0, NULL);
         m->has_phi = 1;
-        rc = load_net(&m->phi, &f, path, prefix, "phi", NULL, err, sizeof err);
+        snprintf(net_prefix, sizeof net_prefix, "%sphi.", prefix);
+        rc = load_tensors(&m->phi.params, &f, path, net_prefix, NULL, err, sizeof err);
     }
     if (rc != 0) fatal("%s", err);
     st_free(&f);
@@ -2560,6 +2567,665 @@ static int cmd_ae(int argc, char **argv) {
 }
 
 // ---------------------------------------------------------------------------
+// ---- casdm train-ae --data PATH --lpips FILE: the LDDGAN autoencoder ----
+// latent-diffusion's AutoencoderKL.training_step as Lightning runs it
+// (ldm/models/autoencoder.py): per iteration a generator step (encoder,
+// decoder, quant_conv, post_quant_conv) and then a discriminator step, each
+// with its own Adam (betas 0.5, 0.9, configure_optimizers) at base_lr *
+// batch (main.py's scale_lr on one GPU); the loss is lddgan.c's
+// LPIPSWithDiscriminator. The checkpoint is an autoencoder file (casdm ae
+// and tools/convert_autoencoder.py read it) that also holds the
+// discriminator under the official names (loss.discriminator.*), both
+// Adam states (adam_m.*, adam_v.*) and the run's step and RNG.
+// ---------------------------------------------------------------------------
+typedef struct {
+    const char *data, *eval_data, *config, *mult, *attn, *lpips, *out, *resume;
+    int ch, res, z, flip, steps, batch, seed, disc_start, disc_ndf, disc_layers;
+    double dropout, kl_weight, disc_weight, disc_factor, perceptual_weight, lpips_dropout;
+    double base_lr, lr, time_limit;
+    int log_every, ckpt_every, sample_every, sample_n, eval_n, scale_n;
+} AEOpts;
+
+typedef struct {
+    Autoencoder ae;
+    PatchGAN disc;
+    Adam adam_ae, adam_disc;
+    Rng rng;
+    long step;
+} AEState;
+
+static Option ae_opts_table[48];
+static int ae_opts_n;
+
+static void train_ae_help(FILE *f) {
+    fputs("usage: casdm train-ae --data PATH --lpips FILE [options]\n\n"
+          "Trains LDDGAN's KL autoencoder (latent-diffusion's AutoencoderKL) with its loss,\n"
+          "L1 + LPIPS + KL + the adaptive PatchGAN term, and the PatchGAN on the hinge loss.\n"
+          "Writes DIR/ckpt.safetensors (an autoencoder file for casdm ae; every --ckpt-every\n"
+          "steps and at the end, with the latent scale measured on --scale-n images),\n"
+          "DIR/log.csv, DIR/loss.svg and DIR/recon_STEP.png (inputs, then their\n"
+          "reconstructions). Ctrl-C saves and stops; --resume DIR continues bit for bit.\n"
+          "The architecture defaults to LDDGAN's CIFAR-10 config (--config cifar10:\n"
+          "ch 128, mult 1,2, res 2, attn 16, z 4, dropout 0.2); PATH as for casdm train.\n"
+          "--lpips: VGG16 + LPIPS heads from tools/convert_lpips.py (taming's vgg.pth is\n"
+          "LPIPS v0.1's), run with max pools and no resize as taming's LPIPS.\n\noptions:\n",
+          f);
+    usage_options(f, ae_opts_table, ae_opts_n);
+}
+
+static void define_ae_options(AEOpts *o) {
+    const Option opts[] = {
+        {"--data", OPT_STR, &o->data, NULL, "training images (CIFAR-10, IDX or an image folder)",
+         0, 0},
+        {"--eval-data", OPT_STR, &o->eval_data, NULL,
+         "held-out images: their L1 and LPIPS at every grid and at the end", 0, 0},
+        {"--eval-n", OPT_INT, &o->eval_n, "1000", "held-out images scored", 1, 100000000},
+        {"--lpips", OPT_STR, &o->lpips, NULL, "LPIPS weights (tools/convert_lpips.py)", 0, 0},
+        {"--config", OPT_STR, &o->config, NULL,
+         "cifar10: LDDGAN's autoencoder/config/cifar10_16x16x4.yaml (the defaults)", 0, 0},
+        {"--ch", OPT_INT, &o->ch, "0", "base channels (0: the config's, 128)", 0, 4096},
+        {"--mult", OPT_STR, &o->mult, "", "channel multipliers per level (the config's: 1,2)", 0,
+         0},
+        {"--res", OPT_INT, &o->res, "0", "ResnetBlocks per level (0: the config's, 2)", 0,
+         AE_MAX_BLOCKS - 1},
+        {"--attn", OPT_STR, &o->attn, "",
+         "sides with attention, e.g. 16, or none (the config's: 16)", 0, 0},
+        {"--z", OPT_INT, &o->z, "0", "latent channels, z_channels = embed_dim (0: the config's, 4)",
+         0, 1024},
+        {"--dropout", OPT_FLOAT, &o->dropout, "-1", "dropout in the ResnetBlocks (-1: the config's, 0.2)",
+         -1, 0.99},
+        {"--disc-start", OPT_INT, &o->disc_start, "50001",
+         "iteration from which the GAN terms are on (the config's 50001)", 0, 1000000000},
+        {"--kl-weight", OPT_FLOAT, &o->kl_weight, "1e-6", "weight of the KL term", 0, 1e6},
+        {"--disc-weight", OPT_FLOAT, &o->disc_weight, "0.5", "scale of the adaptive d_weight", 0,
+         1e6},
+        {"--disc-factor", OPT_FLOAT, &o->disc_factor, "1", "factor of the GAN terms once on", 0,
+         1e6},
+        {"--perceptual-weight", OPT_FLOAT, &o->perceptual_weight, "1", "weight of LPIPS in rec",
+         0, 1e6},
+        {"--lpips-dropout", OPT_FLOAT, &o->lpips_dropout, "0.5",
+         "dropout on the LPIPS heads' inputs while training (taming's NetLinLayer)", 0, 0.99},
+        {"--disc-ndf", OPT_INT, &o->disc_ndf, "64", "PatchGAN base width", 1, 4096},
+        {"--disc-layers", OPT_INT, &o->disc_layers, "3", "PatchGAN stride-2 layers", 1,
+         PATCHGAN_MAX_CONVS - 2},
+        {"--steps", OPT_INT, &o->steps, "1000", "iterations (total, counting resumed ones)", 0,
+         1000000000},
+        {"--batch", OPT_INT, &o->batch, "12", "batch size", 1, 4096},
+        {"--base-lr", OPT_FLOAT, &o->base_lr, "4.5e-6",
+         "learning rate per image: lr = base-lr x batch (scale_lr)", 0, 1},
+        {"--lr", OPT_FLOAT, &o->lr, "0", "Adam learning rate (0: base-lr x batch)", 0, 1},
+        {"--seed", OPT_INT, &o->seed, "0", "random seed", 0, 2147483647},
+        {"--flip", OPT_FLAG, &o->flip, NULL, "random horizontal flips (default: none)", 0, 0},
+        {"--time-limit", OPT_FLOAT, &o->time_limit, "0",
+         "stop after this many seconds of training (0 = no limit)", 0, 1e9},
+        {"--out", OPT_STR, &o->out, "runs/train-ae", "output directory", 0, 0},
+        {"--resume", OPT_STR, &o->resume, NULL, "continue from DIR/ckpt.safetensors", 0, 0},
+        {"--log-every", OPT_INT, &o->log_every, "10", "iterations per line of log.csv", 1,
+         1000000},
+        {"--ckpt-every", OPT_INT, &o->ckpt_every, "1000",
+         "iterations between checkpoints (0 = only at the end)", 0, 1000000000},
+        {"--sample-every", OPT_INT, &o->sample_every, "0",
+         "iterations between reconstruction grids and held-out scores (0 = only at the end)", 0,
+         1000000000},
+        {"--sample-n", OPT_INT, &o->sample_n, "8", "images in each reconstruction grid (0 = none)",
+         0, 1024},
+        {"--scale-n", OPT_INT, &o->scale_n, "1000",
+         "training images whose latents set scale_factor at the end (0 = keep 1)", 0, 100000000},
+    };
+    ae_opts_n = (int)(sizeof opts / sizeof opts[0]);
+    memcpy(ae_opts_table, opts, sizeof opts);
+}
+
+// "1,2,2" -> {1,2,2}; the count, or -1
+static int int_list_parse(const char *s, int *out, int max) {
+    int n = 0;
+    for (const char *p = s; *p;) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 1 || v > 65536 || n == max || (*end && *end != ',')) return -1;
+        out[n++] = (int)v;
+        p = *end ? end + 1 : end;
+    }
+    return n;
+}
+
+// the architecture the options give for images of C channels, side S
+static void ae_config_from(const AEOpts *o, int C, int S, AEConfig *c) {
+    int custom = o->ch || o->mult[0] || o->res || o->attn[0] || o->z || o->dropout >= 0;
+    if (o->config && strcmp(o->config, "cifar10") != 0)
+        fatal("--config '%s': the preset is cifar10 (others through --ch/--mult/--res/--attn/--z)",
+              o->config);
+    if (o->config && custom)
+        fatal("--config cifar10 fixes the architecture: leave out --ch/--mult/--res/--attn/--z/--dropout");
+    ae_cifar10_config(c);
+    c->resolution = S;
+    c->in_channels = c->out_ch = C;
+    if (o->ch) c->ch = o->ch;
+    if (o->res) c->num_res_blocks = o->res;
+    if (o->z) c->z_channels = c->embed_dim = o->z;
+    if (o->dropout >= 0) c->dropout = (float)o->dropout;
+    if (o->mult[0]) {
+        int m[AE_MAX_LEVELS], n = int_list_parse(o->mult, m, AE_MAX_LEVELS);
+        if (n < 1) fatal("--mult '%s' is not a list such as 1,2,2 (at most %d levels)", o->mult,
+                         AE_MAX_LEVELS);
+        memset(c->ch_mult, 0, sizeof c->ch_mult);
+        memcpy(c->ch_mult, m, (size_t)n * sizeof *m);
+        c->n_levels = n;
+    }
+    if (strcmp(o->attn, "none") == 0) {
+        c->n_attn = 0;
+    } else if (o->attn[0]) {
+        int a[AE_MAX_LEVELS], n = int_list_parse(o->attn, a, AE_MAX_LEVELS);
+        if (n < 1) fatal("--attn '%s' is not a list of sides such as 16, or none", o->attn);
+        memcpy(c->attn_resolutions, a, (size_t)n * sizeof *a);
+        c->n_attn = n;
+    }
+    char why[256];
+    if (ae_check_config(c, why, sizeof why) != 0)
+        fatal("--data images %dx%dx%d with --ch/--mult/--res/--attn/--z: %s", C, S, S, why);
+}
+
+// the PatchGAN's logit map side for images of side S (< 1: too small)
+static int patchgan_side(int S, int layers) {
+    int s = (S + 2 - 4) / 2 + 1;                        // the first conv, stride 2
+    for (int n = 1; n <= layers; n++) s = (s + 2 - 4) / (n < layers ? 2 : 1) + 1;
+    return s + 2 - 4 + 1;                               // the last conv, stride 1
+}
+
+static void ae_adam(Adam *a, size_t n, float lr) {
+    adam_init(a, n, lr);
+    a->beta1 = 0.5f;  // AutoencoderKL.configure_optimizers: betas=(0.5, 0.9) for both
+    a->beta2 = 0.9f;
+}
+
+static void ae_state_init(AEState *s, const AEConfig *c, const AEOpts *o) {
+    memset(s, 0, sizeof *s);
+    rng_seed(&s->rng, (uint64_t)o->seed, 0);
+    ae_init(&s->ae, c, 1, &s->rng);
+    patchgan_init(&s->disc, c->in_channels, o->disc_ndf, o->disc_layers, 1, &s->rng);
+    float lr = (float)(o->lr > 0 ? o->lr : o->base_lr * o->batch);
+    ae_adam(&s->adam_ae, s->ae.params.total, lr);
+    ae_adam(&s->adam_disc, s->disc.params.total, lr);
+}
+
+static void ae_state_free(AEState *s) {
+    ae_free(&s->ae);
+    patchgan_free(&s->disc);
+    adam_free(&s->adam_ae);
+    adam_free(&s->adam_disc);
+}
+
+// the options that define the loss, as the checkpoint records them: a
+// resume with other values is an error naming the flag
+typedef struct { const char *key, *flag; double value; } AELossOption;
+
+static int ae_loss_options(const AEOpts *o, AELossOption *out) {
+    const AELossOption v[] = {
+        {"kl_weight", "--kl-weight", o->kl_weight},
+        {"disc_weight", "--disc-weight", o->disc_weight},
+        {"disc_factor", "--disc-factor", o->disc_factor},
+        {"disc_start", "--disc-start", o->disc_start},
+        {"perceptual_weight", "--perceptual-weight", o->perceptual_weight},
+        {"lpips_dropout", "--lpips-dropout", o->lpips_dropout},
+        {"disc_ndf", "--disc-ndf", o->disc_ndf},
+        {"disc_layers", "--disc-layers", o->disc_layers},
+    };
+    memcpy(out, v, sizeof v);
+    return (int)(sizeof v / sizeof v[0]);
+}
+
+// Everything the run needs to go on, atomically; -1 with a message (the
+// file at path untouched) on a write error or a value that is not finite
+static int ae_state_save(const AEState *s, const AEOpts *o, const char *path, char *err,
+                         size_t errlen) {
+    const ParamSet *sets[2] = {&s->ae.params, &s->disc.params};
+    const Adam *adams[2] = {&s->adam_ae, &s->adam_disc};
+    for (int k = 0; k < 2; k++) {
+        const float *bufs[3] = {sets[k]->data, adams[k]->m, adams[k]->v};
+        for (int b = 0; b < 3; b++)
+            if (first_nonfinite(bufs[b], sets[k]->total) < sets[k]->total)
+                return errorf(err, errlen, "not saving step %ld: the %s holds NaN or Inf values",
+                              s->step, k ? "discriminator" : "autoencoder");
+    }
+    const PatchGAN *d = &s->disc;
+    size_t n = d->params.count + d->buffers.count + 2 * (s->ae.params.count + d->params.count);
+    StWrite *w = mallocCheck(n * sizeof *w);
+    char *names = mallocCheck(n * 320), *nm = names;
+    size_t k = 0;
+    // (name, tensor, data) for the discriminator's weights and buffers, then the moments
+    const char *dprefix = "loss.discriminator.";
+    for (int b = 0; b < 2; b++) {
+        const ParamSet *ps = b ? &d->buffers : &d->params;
+        for (size_t i = 0; i < ps->count; i++, k++, nm += 320) {
+            snprintf(nm, 320, "%s%s", dprefix, ps->t[i].name);
+            w[k] = (StWrite){nm, ps->t[i].ndim, ps->t[i].shape, ps->t[i].data};
+        }
+    }
+    for (int m = 0; m < 2; m++)
+        for (int net = 0; net < 2; net++) {
+            const ParamSet *ps = sets[net];
+            const float *base = m ? adams[net]->v : adams[net]->m;
+            size_t off = 0;
+            for (size_t i = 0; i < ps->count; i++, k++, nm += 320) {
+                snprintf(nm, 320, "%s%s%s", m ? "adam_v." : "adam_m.", net ? dprefix : "",
+                         ps->t[i].name);
+                w[k] = (StWrite){nm, ps->t[i].ndim, ps->t[i].shape, base + off};
+                off += ps->t[i].size;
+            }
+        }
+    AELossOption lo[16];
+    int nlo = ae_loss_options(o, lo);
+    char kv[32][2][64];
+    const char *meta[2 * 32 + 1];
+    int nm_kv = 0;
+#define AE_META(key, ...)                                          \
+    do {                                                           \
+        snprintf(kv[nm_kv][0], 64, "%s", key);                     \
+        snprintf(kv[nm_kv][1], 64, __VA_ARGS__);                   \
+        nm_kv++;                                                   \
+    } while (0)
+    AE_META("checkpoint", "casdm-train-ae-1");
+    AE_META("step", "%ld", s->step);
+    AE_META("adam_step_ae", "%ld", s->adam_ae.step);
+    AE_META("adam_step_disc", "%ld", s->adam_disc.step);
+    AE_META("lr", "%.9g", s->adam_ae.lr);
+    AE_META("rng_state", "%016llx", (unsigned long long)s->rng.state);
+    AE_META("rng_inc", "%016llx", (unsigned long long)s->rng.inc);
+    AE_META("disc_batches_tracked", "%ld", d->num_batches_tracked);
+    AE_META("logvar", "0");
+    for (int i = 0; i < nlo; i++) AE_META(lo[i].key, "%.9g", lo[i].value);
+#undef AE_META
+    for (int i = 0; i < nm_kv; i++) { meta[2 * i] = kv[i][0]; meta[2 * i + 1] = kv[i][1]; }
+    meta[2 * nm_kv] = NULL;
+    int rc = ae_save_with(&s->ae, path, w, k, meta, err, errlen);
+    free(names);
+    free(w);
+    return rc;
+}
+
+static long ae_meta_long(const StFile *f, const char *path, const char *key, long lo, long hi) {
+    long v;
+    char err[600];
+    if (meta_long(f, path, key, lo, hi, &v, err, sizeof err) != 0) fatal("--resume: %s", err);
+    return v;
+}
+
+// The run in a checkpoint of casdm train-ae; the options must give the same
+// architecture and loss
+static void ae_state_load(AEState *s, const AEOpts *o, const AEConfig *want, const char *path) {
+    char err[600], buf[64];
+    StFile f;
+    if (st_read(path, &f, err, sizeof err) != 0) fatal("--resume: %s", err);
+    if (st_meta(&f, "checkpoint", buf, sizeof buf) != 0 || strcmp(buf, "casdm-train-ae-1") != 0)
+        fatal("--resume: '%s' is not a casdm train-ae checkpoint (weights alone cannot be resumed)",
+              path);
+    AELossOption lo[16];
+    int nlo = ae_loss_options(o, lo);
+    for (int i = 0; i < nlo; i++) {
+        char *end;
+        if (st_meta(&f, lo[i].key, buf, sizeof buf) != 0)
+            fatal("--resume: '%s' has no '%s' in its metadata", path, lo[i].key);
+        double v = strtod(buf, &end);
+        if (*end || (float)v != (float)lo[i].value)
+            fatal("--resume: '%s' was trained with %s %s; this run asks for %g (the loss must not "
+                  "change within a run)", path, lo[i].flag, buf, lo[i].value);
+    }
+    memset(s, 0, sizeof *s);
+    if (ae_load(&s->ae, path, 1, err, sizeof err) != 0) fatal("--resume: %s", err);
+    AEConfig got = s->ae.cfg, w = *want;
+    for (int l = w.n_levels; l < AE_MAX_LEVELS; l++) w.ch_mult[l] = 0;
+    for (int l = w.n_attn; l < AE_MAX_LEVELS; l++) w.attn_resolutions[l] = 0;
+    for (int l = got.n_attn; l < AE_MAX_LEVELS; l++) got.attn_resolutions[l] = 0;
+    if (memcmp(&got, &w, sizeof w) != 0)
+        fatal("--resume: '%s' holds another architecture than --ch/--mult/--res/--attn/--z/"
+              "--dropout and the data give (ch %d, %d levels, z %d, side %d)",
+              path, got.ch, got.n_levels, got.z_channels, got.resolution);
+    patchgan_init(&s->disc, want->in_channels, o->disc_ndf, o->disc_layers, 1, NULL);
+    float lr = (float)(o->lr > 0 ? o->lr : o->base_lr * o->batch);
+    ae_adam(&s->adam_ae, s->ae.params.total, lr);
+    ae_adam(&s->adam_disc, s->disc.params.total, lr);
+    const char *dprefix = "loss.discriminator.";
+    char pm[64];
+    int rc = load_tensors(&s->disc.params, &f, path, dprefix, NULL, err, sizeof err);
+    if (!rc) rc = load_tensors(&s->disc.buffers, &f, path, dprefix, NULL, err, sizeof err);
+    if (!rc) rc = load_tensors(&s->ae.params, &f, path, "adam_m.", s->adam_ae.m, err, sizeof err);
+    if (!rc) rc = load_tensors(&s->ae.params, &f, path, "adam_v.", s->adam_ae.v, err, sizeof err);
+    snprintf(pm, sizeof pm, "adam_m.%s", dprefix);
+    if (!rc) rc = load_tensors(&s->disc.params, &f, path, pm, s->adam_disc.m, err, sizeof err);
+    snprintf(pm, sizeof pm, "adam_v.%s", dprefix);
+    if (!rc) rc = load_tensors(&s->disc.params, &f, path, pm, s->adam_disc.v, err, sizeof err);
+    if (rc) fatal("--resume: %s", err);
+    s->step = ae_meta_long(&f, path, "step", 0, LOG_MAX_STEP);
+    s->adam_ae.step = ae_meta_long(&f, path, "adam_step_ae", 0, s->step);
+    s->adam_disc.step = ae_meta_long(&f, path, "adam_step_disc", 0, s->step);
+    s->disc.num_batches_tracked = ae_meta_long(&f, path, "disc_batches_tracked", 0, 3 * s->step);
+    if (meta_hex64(&f, path, "rng_state", &s->rng.state, err, sizeof err) ||
+        meta_hex64(&f, path, "rng_inc", &s->rng.inc, err, sizeof err))
+        fatal("--resume: %s", err);
+    if (!(s->rng.inc & 1)) fatal("--resume: '%s': rng_inc is even (not a PCG32 stream)", path);
+    st_free(&f);
+}
+
+// One iteration: a batch, the generator step and its Adam update, then the
+// discriminator step on the updated autoencoder (Lightning's order). 0, or
+// -1 with a message when a loss or a gradient is not finite (then the
+// network of that step is not updated).
+static int ae_train_step(AEState *s, AETrainer *t, const Dataset *d, const AEOpts *o, int flip,
+                         float *x, AELossTerms *lt, char *err, size_t errlen) {
+    int B = o->batch;
+    draw_batch(d, &s->rng, x, B, flip);
+    params_zero_grad(&s->ae.params);
+    ae_generator_grads(t, x, B, s->step, NULL, lt);
+    double gn = sqrt(grad_norm_sq(s->ae.params.grad, s->ae.params.total));
+    if (!isfinite(lt->loss) || !isfinite(gn))
+        return errorf(err, errlen, "the autoencoder's loss is %g, its gradient norm %g at step %ld",
+                      lt->loss, gn, s->step + 1);
+    adam_step(&s->adam_ae, s->ae.params.data, s->ae.params.grad);
+    params_zero_grad(&s->disc.params);
+    if (ae_discriminator_grads(t, x, B, s->step, NULL, lt)) {
+        double dn = sqrt(grad_norm_sq(s->disc.params.grad, s->disc.params.total));
+        if (!isfinite(lt->d_loss) || !isfinite(dn))
+            return errorf(err, errlen, "the discriminator's loss is %g, its gradient norm %g at "
+                          "step %ld", lt->d_loss, dn, s->step + 1);
+        adam_step(&s->adam_disc, s->disc.params.data, s->disc.params.grad);
+    } else {
+        s->adam_disc.step++;  // the official optimiser stepped on a zero gradient (see lddgan.c)
+    }
+    s->step++;
+    return 0;
+}
+
+// images [i0, i0 + n) of im in [-1, 1]
+static void images_slice(const Images *im, int i0, int n, float *x) {
+    size_t per = (size_t)im->c * im->h * im->w;
+    for (size_t k = 0; k < (size_t)n * per; k++) x[k] = im->pixels[(size_t)i0 * per + k] / 127.5f - 1.0f;
+}
+
+// reconstructions from the posterior's mean, no dropout: rec (n, C, S, S)
+static void ae_reconstruct(Autoencoder *a, const float *x, int n, float *rec) {
+    const AEConfig *c = &a->cfg;
+    int S = c->resolution, shape[4] = {n, c->in_channels, S, S};
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.grad_enabled = 0;
+    Tensor *m = ae_encode(&g, a, tensor_from(&g, 4, shape, x));
+    int zs[4] = {n, c->embed_dim, m->shape[2], m->shape[3]};
+    Tensor *z = tensor_new(&g, 4, zs);
+    size_t lper = (size_t)c->embed_dim * zs[2] * zs[3];
+    for (int b = 0; b < n; b++)
+        memcpy(z->data + b * lper, m->data + (size_t)b * 2 * lper, lper * sizeof(float));
+    Tensor *y = ae_decode(&g, a, z);
+    memcpy(rec, y->data, y->size * sizeof(float));
+    graph_free(&g);
+}
+
+// held-out L1 per pixel and LPIPS per image of the reconstructions
+static void ae_heldout(Autoencoder *a, Lpips *lp, const Images *im, int n, double *l1,
+                       double *lpips) {
+    int B = 32;
+    size_t per = (size_t)im->c * im->h * im->w;
+    float *x = mallocCheck((size_t)B * per * sizeof(float)), *r = mallocCheck((size_t)B * per * sizeof(float));
+    double s1 = 0.0, sp = 0.0;
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.grad_enabled = 0;
+    for (int i0 = 0; i0 < n; i0 += B) {
+        int nb = n - i0 < B ? n - i0 : B, shape[4] = {nb, im->c, im->h, im->w};
+        images_slice(im, i0, nb, x);
+        ae_reconstruct(a, x, nb, r);
+        for (size_t k = 0; k < (size_t)nb * per; k++) s1 += fabs((double)r[k] - x[k]);
+        graph_reset(&g);
+        Tensor *tx = tensor_from(&g, 4, shape, x), *tr = tensor_from(&g, 4, shape, r);
+        if (im->c == 1) {
+            tx = concat_channels(&g, tx, concat_channels(&g, tx, tx));
+            tr = concat_channels(&g, tr, concat_channels(&g, tr, tr));
+        }
+        Tensor *dist = lpips_distance(&g, lp, tr, tx, NULL);
+        for (int b = 0; b < nb; b++) sp += dist->data[b];
+    }
+    graph_free(&g);
+    free(x);
+    free(r);
+    *l1 = s1 / ((double)n * per);
+    *lpips = sp / n;
+}
+
+// DIR/recon_STEP.png: n images of src, then their reconstructions
+static void ae_recon_grid(Autoencoder *a, const Images *src, int n, const char *dir, long step) {
+    if (n > src->n) n = src->n;
+    int C = src->c, S = src->h;
+    size_t per = (size_t)C * S * S, hw = (size_t)S * S;
+    float *x = mallocCheck((size_t)n * per * sizeof(float)), *r = mallocCheck((size_t)n * per * sizeof(float));
+    images_slice(src, 0, n, x);
+    ae_reconstruct(a, x, n, r);
+    unsigned char *img = mallocCheck(2 * (size_t)n * per);
+    for (int half = 0; half < 2; half++)
+        for (int b = 0; b < n; b++)
+            for (int c = 0; c < C; c++)
+                for (size_t p = 0; p < hw; p++)
+                    img[(((size_t)half * n + b) * hw + p) * C + c] =
+                        to_u8((half ? r : x)[((size_t)b * C + c) * hw + p]);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/recon_%06ld.png", dir, step);
+    write_grid_png(path, img, 2 * n, S, S, C);
+    fprintf(stderr, "reconstructions: %s\n", path);
+    free(x);
+    free(r);
+    free(img);
+}
+
+// scale_factor: the largest |z| of posterior samples of n training images,
+// so that z / scale_factor lies in [-1, 1] (LDDGAN divides its latents by
+// it, 105 for its CIFAR-10 model: the GAN's generator ends in tanh)
+static float ae_measure_scale(Autoencoder *a, const Images *im, int n, Rng *rng, double *std) {
+    if (n > im->n) n = im->n;
+    int B = 32;
+    size_t per = (size_t)im->c * im->h * im->w;
+    float *x = mallocCheck((size_t)B * per * sizeof(float));
+    double mx = 0.0, s = 0.0, s2 = 0.0, cnt = 0.0;
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.grad_enabled = 0;
+    g.rng = rng;
+    for (int i0 = 0; i0 < n; i0 += B) {
+        int nb = n - i0 < B ? n - i0 : B, shape[4] = {nb, im->c, im->h, im->w};
+        images_slice(im, i0, nb, x);
+        graph_reset(&g);
+        Tensor *z = gaussian_sample(&g, ae_encode(&g, a, tensor_from(&g, 4, shape, x)), NULL);
+        for (size_t k = 0; k < z->size; k++) {
+            double v = z->data[k];
+            mx = fmax(mx, fabs(v));
+            s += v;
+            s2 += v * v;
+            cnt += 1.0;
+        }
+    }
+    graph_free(&g);
+    free(x);
+    double mean = s / cnt;
+    *std = sqrt(fmax(0.0, s2 / cnt - mean * mean));
+    return mx > 0.0 && isfinite(mx) ? (float)mx : 1.0f;
+}
+
+static void ae_log_row(FILE *log, const char *path, long step, const double *sum, int n,
+                       double ips, double val_l1, double val_lpips) {
+    fprintf(log, "%ld", step);
+    for (int i = 0; i < 11; i++) fprintf(log, ",%.6g", nonfinite_or(sum[i] / n));
+    fprintf(log, ",%.3f,", ips);
+    if (isfinite(val_l1)) fprintf(log, "%.6g,%.6g", val_l1, val_lpips);
+    else fprintf(log, ",");
+    fprintf(log, "\n");
+    if (fflush(log) != 0 || ferror(log)) fatal("cannot write '%s': %s", path, strerror(errno));
+}
+
+static int cmd_train_ae(int argc, char **argv) {
+    AEOpts o;
+    define_ae_options(&o);
+    int pr = parse_options("train-ae", ae_opts_table, ae_opts_n, argc, argv, train_ae_help);
+    if (pr) return PARSED_EXIT(pr);
+    if (!o.data || !o.lpips) {
+        fprintf(stderr, "casdm train-ae: --data and --lpips are required (see casdm train-ae --help)\n");
+        return 2;
+    }
+    Lpips lpips;
+    char err[600];
+    lpips_init(&lpips);
+    if (lpips_load(&lpips, o.lpips, err, sizeof err) != 0) fatal("--lpips: %s", err);
+    lpips.max_pool = 1;  // taming's LPIPS: VGG16's own max pools, no resize
+    lpips.size = 0;
+    Dataset data, held;
+    load_dataset(&data, o.data);
+    const Images *im = &data.img;
+    if (im->h != im->w || (im->c != 1 && im->c != 3))
+        fatal("--data '%s': %dx%dx%d images; square, 1 or 3 channels", o.data, im->c, im->h, im->w);
+    if (o.eval_data) {
+        data_label = "--eval-data";
+        load_dataset(&held, o.eval_data);
+        if (held.img.c != im->c || held.img.h != im->h || held.img.w != im->w)
+            fatal("--eval-data '%s' has %dx%dx%d images, --data %dx%dx%d", o.eval_data,
+                  held.img.c, held.img.h, held.img.w, im->c, im->h, im->w);
+    }
+    if (patchgan_side(im->h, o.disc_layers) < 1)
+        fatal("--disc-layers %d: %dx%d images are too small for so many stride-2 layers", o.disc_layers,
+              im->h, im->w);
+    AEConfig cfg;
+    ae_config_from(&o, im->c, im->h, &cfg);
+    AEState s;
+    char ckpt[4200], log_path[4200], svg_path[4200], from[4200];
+    make_dir(o.out);
+    snprintf(ckpt, sizeof ckpt, "%s/ckpt.safetensors", o.out);
+    snprintf(log_path, sizeof log_path, "%s/log.csv", o.out);
+    snprintf(svg_path, sizeof svg_path, "%s/loss.svg", o.out);
+    long saved_step = -1;
+    if (o.resume) {
+        snprintf(from, sizeof from, "%s/ckpt.safetensors", o.resume);
+        ae_state_load(&s, &o, &cfg, from);
+        fprintf(stderr, "resumed from %s at step %ld\n", from, s.step);
+        if (strcmp(from, ckpt) == 0) saved_step = s.step;
+        snprintf(from, sizeof from, "%s/log.csv", o.resume);
+    } else {
+        ae_state_init(&s, &cfg, &o);
+    }
+    History hist = {0};
+    hist.layout = &log_layout_ae;
+    carry_log(o.resume ? from : NULL, log_path, s.step, &hist, &log_layout_ae);
+    FILE *log = fopen(log_path, "a");
+    if (!log) fatal("cannot write '%s': %s", log_path, strerror(errno));
+    AELossConfig lc;
+    ae_loss_default(&lc);
+    lc.kl_weight = (float)o.kl_weight;
+    lc.disc_weight = (float)o.disc_weight;
+    lc.disc_factor = (float)o.disc_factor;
+    lc.disc_start = o.disc_start;
+    lc.perceptual_weight = (float)o.perceptual_weight;
+    lpips.head_dropout = (float)o.lpips_dropout;
+    AETrainer t;
+    ae_trainer_init(&t, &s.ae, &s.disc, &lpips, &lc, &s.rng);
+    fprintf(stderr,
+            "casdm train-ae: %d images %dx%dx%d from %s; autoencoder %zu parameters (latent "
+            "%dx%dx%d), discriminator %zu; lr %.3g; GAN terms from step %d; %s, %d threads\n",
+            im->n, im->c, im->h, im->w, o.data, s.ae.params.total, cfg.embed_dim,
+            im->h >> (cfg.n_levels - 1), im->h >> (cfg.n_levels - 1), s.disc.params.total,
+            s.adam_ae.lr, o.disc_start, simd_name(), pool_threads());
+    float *x = mallocCheck((size_t)o.batch * im->c * im->h * im->w * sizeof(float));
+    const Images *grid_src = o.eval_data ? &held.img : im;
+    int eval_n = o.eval_data ? (o.eval_n < held.img.n ? o.eval_n : held.img.n) : 0;
+    catch_signals();
+    int tty = isatty(2), timed_out = 0, nsum = 0;
+    long step0 = s.step;
+    double sums[11] = {0}, t0 = now_seconds(), t_row = t0;
+    while (s.step < o.steps && !interrupted &&
+           !(timed_out = o.time_limit > 0 && now_seconds() - t0 >= o.time_limit)) {
+        AELossTerms lt;
+        if (ae_train_step(&s, &t, &data, &o, o.flip, x, &lt, err, sizeof err) != 0) {
+            if (tty) fprintf(stderr, "\n");
+            stop_run(err, ckpt, saved_step);
+        }
+        double v[11] = {lt.loss, lt.l1, lt.lpips, lt.nll, lt.kl, lt.logvar, lt.g_loss, lt.d_weight,
+                        lt.d_loss, lt.logits_real, lt.logits_fake};
+        for (int i = 0; i < 11; i++) sums[i] += v[i];
+        nsum++;
+        int more = s.step < o.steps;
+        int grid = o.sample_every > 0 && s.step % o.sample_every == 0 && more;
+        double val_l1 = NAN, val_lpips = NAN, t_aside = now_seconds();
+        if (grid && !interrupted) {
+            if (tty) fprintf(stderr, "\n");
+            if (o.sample_n > 0) ae_recon_grid(&s.ae, grid_src, o.sample_n, o.out, s.step);
+            if (eval_n > 0) {
+                ae_heldout(&s.ae, &lpips, &held.img, eval_n, &val_l1, &val_lpips);
+                fprintf(stderr, "held-out (%d images): L1 %.4f, LPIPS %.4f\n", eval_n, val_l1,
+                        val_lpips);
+            }
+        }
+        t_row += now_seconds() - t_aside;
+        int last = s.step == o.steps || interrupted ||
+                   (o.time_limit > 0 && now_seconds() - t0 >= o.time_limit);
+        if (s.step % o.log_every == 0 || last || isfinite(val_l1)) {
+            double now = now_seconds(), ips = nsum * o.batch / (now - t_row);
+            ae_log_row(log, log_path, s.step, sums, nsum, ips, val_l1, val_lpips);
+            double row[HISTORY_COLS] = {sums[3] / nsum, sums[4] / nsum, sums[1] / nsum,
+                                        sums[2] / nsum, s.step > o.disc_start ? sums[8] / nsum : NAN,
+                                        val_l1};
+            history_add(&hist, s.step, row);
+            char title[300];
+            snprintf(title, sizeof title, "casdm train-ae (%s)", o.data);
+            if (write_loss_svg(svg_path, &hist, NULL, 1, title, err, sizeof err) != 0)
+                fatal("%s", err);
+            double el = now - t0, eta = el / (double)(s.step - step0) * (double)(o.steps - s.step);
+            fprintf(stderr,
+                    "%sstep %ld/%d nll %.2f l1 %.4f lpips %.4f kl %.1f g %.3f d_weight %.3g "
+                    "d_loss %.4f | %.2f img/s | %.0fs elapsed, ETA %.0fs%s",
+                    tty ? "\r" : "", s.step, o.steps, sums[3] / nsum, sums[1] / nsum,
+                    sums[2] / nsum, sums[4] / nsum, sums[6] / nsum, sums[7] / nsum,
+                    sums[8] / nsum, ips, el, eta, tty ? "   " : "\n");
+            memset(sums, 0, sizeof sums);
+            nsum = 0;
+            t_row = now;
+        }
+        if (o.ckpt_every > 0 && s.step % o.ckpt_every == 0 && more) {
+            if (ae_state_save(&s, &o, ckpt, err, sizeof err) != 0) stop_run(err, ckpt, saved_step);
+            saved_step = s.step;
+        }
+    }
+    if (tty) fprintf(stderr, "\n");
+    if (!interrupted && o.scale_n > 0) {
+        double std;
+        Rng scale_rng;  // its own stream: the training one (and a resume) stays as it was
+        rng_seed(&scale_rng, (uint64_t)o.seed, 11);
+        s.ae.scale_factor = ae_measure_scale(&s.ae, im, o.scale_n, &scale_rng, &std);
+        fprintf(stderr, "latent scale: max |z| %.4g over %d images (std %.4g): scale_factor %.4g\n",
+                s.ae.scale_factor, o.scale_n < im->n ? o.scale_n : im->n, std, s.ae.scale_factor);
+    }
+    // (always: the scale factor was just measured, and a resume to the same step saves too)
+    if (ae_state_save(&s, &o, ckpt, err, sizeof err) != 0) stop_run(err, ckpt, saved_step);
+    if (interrupted)
+        fprintf(stderr, "interrupted (%s) at step %ld: wrote %s\n",
+                interrupted == SIGTERM ? "SIGTERM" : "SIGINT", s.step, ckpt);
+    else
+        fprintf(stderr, "%s at step %ld: wrote %s\n", timed_out ? "time limit reached" : "done",
+                s.step, ckpt);
+    if (!interrupted) {
+        if (o.sample_n > 0) ae_recon_grid(&s.ae, grid_src, o.sample_n, o.out, s.step);
+        if (eval_n > 0) {
+            double l1, lp;
+            ae_heldout(&s.ae, &lpips, &held.img, eval_n, &l1, &lp);
+            printf("held-out L1 %.4f, LPIPS %.4f (%d images of %s)\n", l1, lp, eval_n, o.eval_data);
+            fflush(stdout);
+        }
+    }
+    if (hist.n) fprintf(stderr, "loss plot: %s\n", svg_path);
+    history_free(&hist);
+    fclose(log);
+    free(x);
+    ae_trainer_free(&t);
+    ae_state_free(&s);
+    lpips_free(&lpips);
+    images_free(&data.img);
+    if (o.eval_data) images_free(&held.img);
+    return interrupted ? interrupted_status() : 0;
+}
+
+// ---------------------------------------------------------------------------
 // ---- plot: several log.csv files in one SVG ----
 // E.g. the C run and tools/train_ref.py's PyTorch run of the same command.
 // ---------------------------------------------------------------------------
@@ -2656,6 +3322,7 @@ static void usage(FILE *f) {
             "  train-classifier  the FD-classifier's network (casdm train-classifier --help)\n"
             "  plot       loss curves of one or more log.csv files in one SVG (casdm plot --help)\n"
             "  ae         the LDDGAN autoencoder: encode images to latents, decode them (casdm ae --help)\n"
+            "  train-ae   train that autoencoder with its adversarial loss (casdm train-ae --help)\n"
             "  info       print how this binary was built (SIMD path, threads)\n"
             "\n"
             "global options:\n"
@@ -2710,6 +3377,8 @@ int main(int argc, char **argv) {
         rc = cmd_plot(argc - i - 1, argv + i + 1);
     } else if (strcmp(argv[i], "ae") == 0) {
         rc = cmd_ae(argc - i - 1, argv + i + 1);
+    } else if (strcmp(argv[i], "train-ae") == 0) {
+        rc = cmd_train_ae(argc - i - 1, argv + i + 1);
     } else {
         fprintf(stderr, "casdm: unknown command '%s' (see casdm --help)\n", argv[i]);
         rc = 2;

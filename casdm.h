@@ -268,6 +268,9 @@ Tensor *classifier_forward(Graph *g, Classifier *c, Tensor *x, Tensor **features
 int classifier_save(const Classifier *c, const char *path, char *err, size_t errlen);
 int classifier_load(Classifier *c, const char *path, char *err, size_t errlen);
 
+// a tensor for st_write (formats.c): its name, shape and host-order data
+typedef struct { const char *name; int ndim; const int *shape; const float *data; } StWrite;
+
 // ---------------------------------------------------------------------------
 // lddgan.c: the Latent Denoising Diffusion GAN (arXiv 2406.11713). Stage one:
 // latent-diffusion's KL autoencoder (ldm/models/autoencoder.py AutoencoderKL
@@ -366,6 +369,10 @@ Tensor *ae_decode(Graph *g, Autoencoder *a, Tensor *z);
 int ae_save(const Autoencoder *a, const char *path, const char *const *extra, char *err,
             size_t errlen);
 int ae_load(Autoencoder *a, const char *path, int trainable, char *err, size_t errlen);
+// ae_save with more tensors beside the weights (casdm train-ae's checkpoint:
+// the discriminator, Adam's moments); extra may hold up to 32 pairs
+int ae_save_with(const Autoencoder *a, const char *path, const StWrite *more, size_t n_more,
+                 const char *const *extra, char *err, size_t errlen);
 // ae_decode in two parts: the trunk to norm_out's input, the head from there
 Tensor *ae_decode_trunk(Graph *g, Autoencoder *a, Tensor *z);
 Tensor *ae_decode_head(Graph *g, Autoencoder *a, Tensor *h);
@@ -513,8 +520,7 @@ void st_free(StFile *f);
 const StEntry *st_find(const StFile *f, const char *name);
 // the metadata value of key into buf; returns 0, or -1 if absent
 int st_meta(const StFile *f, const char *key, char *buf, size_t len);
-// Metadata: NULL-terminated key/value string pairs, or NULL.
-typedef struct { const char *name; int ndim; const int *shape; const float *data; } StWrite;
+// Metadata: NULL-terminated key/value string pairs, or NULL. (StWrite: above, with lddgan.c)
 int st_write(const char *path, const StWrite *t, size_t n, const char *const *metadata,
              char *err, size_t errlen);
 // copies the tensor "<prefix><name>" of f into every parameter of ps (prefix
@@ -536,11 +542,22 @@ int params_st_write(const ParamSet *ps, const char *path, const char *const *met
 #define PLOT_TERMS 5              // loss, l_eps, l_x0, l_mu, l_lpips: fields 1-5
 #define HISTORY_FD PLOT_TERMS     // the column of fd (field 7)
 #define HISTORY_COLS (PLOT_TERMS + 1)
-// v: n x HISTORY_COLS, NAN = absent
-typedef struct { long *step; double *v; size_t n, cap; } History;
+// Which fields of a log.csv row the plot keeps: fields[i] is the CSV field
+// (0 = the step) of history column i, names[i] its legend; the last column
+// is the panel under the losses (linear, a dot per value)
+typedef struct {
+    const char *header;       // log.csv's first line (without the newline)
+    int fields[HISTORY_COLS];
+    const char *names[HISTORY_COLS];
+} LogLayout;
+extern const LogLayout log_layout_diffusion;  // casdm train: the header above
+extern const LogLayout log_layout_ae;         // casdm train-ae
+// v: n x HISTORY_COLS, NAN = absent; layout NULL = log_layout_diffusion
+typedef struct { long *step; double *v; size_t n, cap; const LogLayout *layout; } History;
 void history_add(History *h, long step, const double *v);
 void history_free(History *h);
 long log_row_step(const char *line, size_t len);  // a data row's step, or -1
+// rows of a log.csv; the layout from its header (log_layout_ae's, else the diffusion one)
 void history_parse(History *h, const char *text, size_t len);
 int history_load(History *h, const char *path, char *err, size_t errlen);
 void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nruns,

@@ -1717,24 +1717,39 @@ static double csv_number(const char *p, const char *end) {
     return *e ? NAN : v;
 }
 
+const LogLayout log_layout_diffusion = {
+    "step,loss,l_eps,l_x0,l_mu,l_lpips,img_per_s,fd",
+    {1, 2, 3, 4, 5, 7},
+    {"loss", "L_eps", "L_x0", "L_mu", "L_lpips", "FD (eval)"}};
+const LogLayout log_layout_ae = {
+    "step,loss,l1,lpips,nll,kl,logvar,g_loss,d_weight,d_loss,logits_real,logits_fake,img_per_s,"
+    "val_l1,val_lpips",
+    {4, 5, 2, 3, 9, 13},
+    {"nll", "KL", "L1", "LPIPS", "d_loss", "held-out L1"}};
+
+#define LOG_MAX_FIELDS 16  // fields a layout may name (0 = the step)
+
 void history_parse(History *h, const char *text, size_t len) {
     const char *p = text, *end = text + len;
+    size_t hl = strlen(log_layout_ae.header);
+    if (!h->layout)
+        h->layout = len >= hl && memcmp(text, log_layout_ae.header, hl) == 0 ? &log_layout_ae
+                                                                            : &log_layout_diffusion;
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p)), *le = nl ? nl : end;
         long step = log_row_step(p, (size_t)(le - p));
         if (step >= 0) {
-            // fields 1..7 after the step: the five terms, img_per_s (not kept), fd
-            double field[PLOT_TERMS + 2];
+            double field[LOG_MAX_FIELDS];  // field[k]: the k-th after the step's
             const char *f = memchr(p, ',', (size_t)(le - p));
-            for (int i = 0; i < PLOT_TERMS + 2; i++) {
+            field[0] = (double)step;
+            for (int i = 1; i < LOG_MAX_FIELDS; i++) {
                 if (!f) { field[i] = NAN; continue; }
                 const char *fe = memchr(f + 1, ',', (size_t)(le - f - 1));
                 field[i] = csv_number(f + 1, fe ? fe : le);
                 f = fe;
             }
             double v[HISTORY_COLS];
-            memcpy(v, field, PLOT_TERMS * sizeof *v);
-            v[HISTORY_FD] = field[PLOT_TERMS + 1];
+            for (int i = 0; i < HISTORY_COLS; i++) v[i] = field[h->layout->fields[i]];
             history_add(h, step, v);
         }
         p = nl ? nl + 1 : end;  // not le + 1: no pointer past the end
@@ -1769,7 +1784,7 @@ static double plot_x(const PlotBox *b, long step) {
 }
 
 static void fd_panel(Bytes *o, const History *runs, int nruns, const char *const *dashes,
-                     const PlotBox *b) {
+                     const PlotBox *b, const char *name) {
     static const char color[] = "#ff7f0e";
     double hi = 0;
     for (int r = 0; r < nruns; r++)
@@ -1822,15 +1837,16 @@ static void fd_panel(Bytes *o, const History *runs, int nruns, const char *const
     double y = b->top + 14;
     bytes_printf(o,
                  "<line x1=\"%.0f\" y1=\"%.0f\" x2=\"%.0f\" y2=\"%.0f\" stroke=\"%s\" stroke-width=\"2\"/>"
-                 "<text x=\"%.0f\" y=\"%.0f\">FD (eval)</text>\n",
-                 b->right + 12, y, b->right + 32, y, color, b->right + 38, y + 4);
+                 "<text x=\"%.0f\" y=\"%.0f\">%s</text>\n",
+                 b->right + 12, y, b->right + 32, y, color, b->right + 38, y + 4, name);
 }
 
 // One or more runs in one plot (labels name the runs; NULL for a single run).
 // Steps are mapped to x in double: a log may hold any step up to LOG_MAX_STEP.
 void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nruns,
               const char *title) {
-    static const char *names[PLOT_TERMS] = {"loss", "L_eps", "L_x0", "L_mu", "L_lpips"};
+    const LogLayout *layout = nruns > 0 && runs[0].layout ? runs[0].layout : &log_layout_diffusion;
+    const char *const *names = layout->names;
     static const char *colors[PLOT_TERMS] = {"#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"};
     static const char *dashes[4] = {"", "7,4", "2,3", "10,3,2,3"};
     const double W = 800, H = 420, L = 70, R = 170, T = 40, B = 50, H_FD = 200;
@@ -1919,7 +1935,7 @@ void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nrun
     }
     if (has_fd) {
         PlotBox box = {L, W - R, H, H + H_FD - B, s0, s1};
-        fd_panel(o, runs, nruns, dashes, &box);
+        fd_panel(o, runs, nruns, dashes, &box, names[HISTORY_FD]);
     }
     for (int r = 0; labels && r < nruns; r++) {  // which dash is which run
         double y = T + 14 + 18 * legend++ + 8;

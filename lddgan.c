@@ -248,9 +248,14 @@ static void int_list(char *buf, size_t n, const int *v, int count) {
 
 int ae_save(const Autoencoder *a, const char *path, const char *const *extra, char *err,
             size_t errlen) {
+    return ae_save_with(a, path, NULL, 0, extra, err, errlen);
+}
+
+int ae_save_with(const Autoencoder *a, const char *path, const StWrite *more, size_t n_more,
+                 const char *const *extra, char *err, size_t errlen) {
     const AEConfig *c = &a->cfg;
     char v[13][64];
-    const char *meta[64];
+    const char *meta[96];
     int m = 0;
     const char *keys[12] = {"resolution", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks",
                             "attn_resolutions", "z_channels", "embed_dim", "double_z", "tanh_out",
@@ -276,12 +281,21 @@ int ae_save(const Autoencoder *a, const char *path, const char *const *extra, ch
     }
     meta[m++] = "scale_factor";
     meta[m++] = v[12];
-    for (int i = 0; extra && extra[i] && m < 62; i += 2) {
+    for (int i = 0; extra && extra[i] && m < 94; i += 2) {
         meta[m++] = extra[i];
         meta[m++] = extra[i + 1];
     }
     meta[m] = NULL;
-    return params_st_write(&a->params, path, meta, err, errlen);
+    size_t n = a->params.count;
+    StWrite *w = mallocCheck((n + n_more) * sizeof *w);
+    for (size_t i = 0; i < n; i++) {
+        const Tensor *t = &a->params.t[i];
+        w[i] = (StWrite){t->name, t->ndim, t->shape, t->data};
+    }
+    for (size_t i = 0; i < n_more; i++) w[n + i] = more[i];
+    int rc = st_write(path, w, n + n_more, meta, err, errlen);
+    free(w);
+    return rc;
 }
 
 // a metadata integer (the whole value), or -1 with the message
