@@ -11,6 +11,8 @@
 //        one ResBlock a level, no attention, 1x28x28, batch 32)
 //        inception_fwd (fid.c's Inception-v3 on a batch of 32x32 images resized
 //        to 299x299, pool_3, sFID features and logits; --batch, default 50)
+//        ae_step (one casdm train-ae iteration on LDDGAN's CIFAR-10 autoencoder:
+//        generator and discriminator steps, GAN terms on; --batch, bench.sh: 8)
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 
@@ -62,6 +64,11 @@ typedef struct {
     Lpips lpips;
     Inception inception;
     float *pool3, *spatial, *logits;
+    // ae_step
+    Autoencoder ae;
+    PatchGAN disc;
+    AETrainer aet;
+    Adam adam_disc;
     int kind, B, C, S;  // model kind, batch, image channels and size
     double flops_mult;  // total FLOPs of a step = counted forward FLOPs x this
 } Bench;
@@ -177,6 +184,44 @@ static void setup_lpips(Bench *b, int size) {
     b->lpips.size = size;
 }
 
+// one iteration of casdm train-ae: the generator step (GAN terms on, so the
+// adaptive weight and the discriminator's gradient at x_rec are in it) and
+// its Adam update, then the discriminator step and its update
+static void ae_step(void *ctx) {
+    Bench *b = ctx;
+    size_t n = (size_t)b->B * 3 * 32 * 32;
+    rng_fill_uniform(&b->rng, b->x, n, -1.0f, 1.0f);
+    AELossTerms lt;
+    params_zero_grad(&b->ae.params);
+    ae_generator_grads(&b->aet, b->x, b->B, 1, NULL, &lt);
+    adam_step(&b->at, b->ae.params.data, b->ae.params.grad);
+    params_zero_grad(&b->disc.params);
+    ae_discriminator_grads(&b->aet, b->x, b->B, 1, NULL, &lt);
+    adam_step(&b->adam_disc, b->disc.params.data, b->disc.params.grad);
+}
+
+// LDDGAN's CIFAR-10 autoencoder (PyTorch's default initialisation), the
+// PatchGAN of ndf 64 and 3 layers, taming's LPIPS on random weights without
+// head dropout (tools/bench_torch.py ae_step runs its LPIPS in eval mode)
+static void setup_ae(Bench *b) {
+    AEConfig c;
+    ae_cifar10_config(&c);
+    ae_init(&b->ae, &c, 1, &b->rng);
+    patchgan_init(&b->disc, 3, 64, 3, 1, &b->rng);
+    setup_lpips(b, 0);
+    b->lpips.max_pool = 1;
+    AELossConfig lc;
+    ae_loss_default(&lc);
+    lc.disc_start = 0;
+    ae_trainer_init(&b->aet, &b->ae, &b->disc, &b->lpips, &lc, &b->rng);
+    float lr = 4.5e-6f * (float)b->B;
+    adam_init(&b->at, b->ae.params.total, lr);
+    adam_init(&b->adam_disc, b->disc.params.total, lr);
+    b->at.beta1 = b->adam_disc.beta1 = 0.5f;
+    b->at.beta2 = b->adam_disc.beta2 = 0.9f;
+    b->x = mallocCheck((size_t)b->B * 3 * 1024 * sizeof(float));
+}
+
 static void inception_step(void *ctx) {
     Bench *b = ctx;
     inception_forward(&b->inception, b->x, b->B, 32, 32, b->pool3, b->spatial, b->logits);
@@ -235,6 +280,11 @@ static step_fn setup_case(Bench *b, const char *cs, int *warmup, int *iters) {
         b->flops_mult = 1.0;
         *warmup = 1;
         return inception_step;
+    }
+    if (!strcmp(cs, "ae_step")) {
+        setup_ae(b);
+        b->flops_mult = 1.0;  // (forward FLOPs of every graph in the iteration; backward not counted)
+        return ae_step;
     }
     if (!strcmp(cs, "ddim_ch128_step")) {
         setup_models(b, MODEL_CASDM, 128, 3, "16,8", 0);

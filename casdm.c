@@ -1931,9 +1931,10 @@ static int cmd_train(int argc, char **argv) {
     return interrupted ? interrupted_status() : 0;
 }
 
-// images (N, H, W, C) bytes -> a grid with 2-pixel borders, ceil(sqrt(N)) columns
-static void write_grid_png(const char *path, const unsigned char *img, int N, int H, int W, int C) {
-    int cols = (int)ceil(sqrt((double)N)), rows = (N + cols - 1) / cols, pad = 2;
+// images (N, H, W, C) bytes -> a grid with 2-pixel borders, cols columns
+static void write_grid_png_cols(const char *path, const unsigned char *img, int N, int cols,
+                                int H, int W, int C) {
+    int rows = (N + cols - 1) / cols, pad = 2;
     int GW = cols * (W + pad) + pad, GH = rows * (H + pad) + pad;
     unsigned char *g = callocCheck((size_t)GW * GH * C, 1);
     for (int n = 0; n < N; n++) {
@@ -1945,6 +1946,11 @@ static void write_grid_png(const char *path, const unsigned char *img, int N, in
     char err[600];
     if (write_png(path, g, GW, GH, C, err, sizeof err) != 0) fatal("%s", err);
     free(g);
+}
+
+// ceil(sqrt(N)) columns
+static void write_grid_png(const char *path, const unsigned char *img, int N, int H, int W, int C) {
+    write_grid_png_cols(path, img, N, (int)ceil(sqrt((double)N)), H, W, C);
 }
 
 // ---------------------------------------------------------------------------
@@ -2960,6 +2966,7 @@ static void ae_reconstruct(Autoencoder *a, const float *x, int n, float *rec) {
 }
 
 // held-out L1 per pixel and LPIPS per image of the reconstructions
+// (lp NULL: *lpips = NAN)
 static void ae_heldout(Autoencoder *a, Lpips *lp, const Images *im, int n, double *l1,
                        double *lpips) {
     int B = 32;
@@ -2974,6 +2981,7 @@ static void ae_heldout(Autoencoder *a, Lpips *lp, const Images *im, int n, doubl
         images_slice(im, i0, nb, x);
         ae_reconstruct(a, x, nb, r);
         for (size_t k = 0; k < (size_t)nb * per; k++) s1 += fabs((double)r[k] - x[k]);
+        if (!lp) continue;
         graph_reset(&g);
         Tensor *tx = tensor_from(&g, 4, shape, x), *tr = tensor_from(&g, 4, shape, r);
         if (im->c == 1) {
@@ -2987,10 +2995,11 @@ static void ae_heldout(Autoencoder *a, Lpips *lp, const Images *im, int n, doubl
     free(x);
     free(r);
     *l1 = s1 / ((double)n * per);
-    *lpips = sp / n;
+    *lpips = lp ? sp / n : NAN;
 }
 
-// DIR/recon_STEP.png: n images of src, then their reconstructions
+// DIR/recon_STEP.png: n images of src in rows of up to 16, then their
+// reconstructions in the same places below
 static void ae_recon_grid(Autoencoder *a, const Images *src, int n, const char *dir, long step) {
     if (n > src->n) n = src->n;
     int C = src->c, S = src->h;
@@ -3007,7 +3016,17 @@ static void ae_recon_grid(Autoencoder *a, const Images *src, int n, const char *
                         to_u8((half ? r : x)[((size_t)b * C + c) * hw + p]);
     char path[4200];
     snprintf(path, sizeof path, "%s/recon_%06ld.png", dir, step);
-    write_grid_png(path, img, 2 * n, S, S, C);
+    int cols = n < 16 ? n : 16;
+    if (n % cols) {  // a partial row: the reconstructions start on a row of their own
+        int rows = (n + cols - 1) / cols;
+        unsigned char *padded = callocCheck(2 * (size_t)rows * cols * per, 1);
+        memcpy(padded, img, (size_t)n * per);
+        memcpy(padded + (size_t)rows * cols * per, img + (size_t)n * per, (size_t)n * per);
+        free(img);
+        img = padded;
+        n = rows * cols;
+    }
+    write_grid_png_cols(path, img, 2 * n, cols, S, S, C);
     fprintf(stderr, "reconstructions: %s\n", path);
     free(x);
     free(r);
@@ -3050,10 +3069,14 @@ static float ae_measure_scale(Autoencoder *a, const Images *im, int n, Rng *rng,
 static void ae_log_row(FILE *log, const char *path, long step, const double *sum, int n,
                        double ips, double val_l1, double val_lpips) {
     fprintf(log, "%ld", step);
-    for (int i = 0; i < 11; i++) fprintf(log, ",%.6g", nonfinite_or(sum[i] / n));
+    for (int i = 0; i < 11; i++) {  // (no LPIPS: an empty field)
+        if (isfinite(sum[i])) fprintf(log, ",%.6g", sum[i] / n);
+        else fprintf(log, ",");
+    }
     fprintf(log, ",%.3f,", ips);
-    if (isfinite(val_l1)) fprintf(log, "%.6g,%.6g", val_l1, val_lpips);
+    if (isfinite(val_l1)) fprintf(log, "%.6g,", val_l1);
     else fprintf(log, ",");
+    if (isfinite(val_lpips)) fprintf(log, "%.6g", val_lpips);
     fprintf(log, "\n");
     if (fflush(log) != 0 || ferror(log)) fatal("cannot write '%s': %s", path, strerror(errno));
 }
@@ -3063,14 +3086,15 @@ static int cmd_train_ae(int argc, char **argv) {
     define_ae_options(&o);
     int pr = parse_options("train-ae", ae_opts_table, ae_opts_n, argc, argv, train_ae_help);
     if (pr) return PARSED_EXIT(pr);
-    if (!o.data || !o.lpips) {
-        fprintf(stderr, "casdm train-ae: --data and --lpips are required (see casdm train-ae --help)\n");
+    if (!o.data || (!o.lpips && o.perceptual_weight > 0)) {
+        fprintf(stderr, "casdm train-ae: --data and --lpips are required (--lpips may be left out "
+                        "with --perceptual-weight 0; see casdm train-ae --help)\n");
         return 2;
     }
     Lpips lpips;
     char err[600];
     lpips_init(&lpips);
-    if (lpips_load(&lpips, o.lpips, err, sizeof err) != 0) fatal("--lpips: %s", err);
+    if (o.lpips && lpips_load(&lpips, o.lpips, err, sizeof err) != 0) fatal("--lpips: %s", err);
     lpips.max_pool = 1;  // taming's LPIPS: VGG16's own max pools, no resize
     lpips.size = 0;
     Dataset data, held;
@@ -3120,7 +3144,7 @@ static int cmd_train_ae(int argc, char **argv) {
     lc.perceptual_weight = (float)o.perceptual_weight;
     lpips.head_dropout = (float)o.lpips_dropout;
     AETrainer t;
-    ae_trainer_init(&t, &s.ae, &s.disc, &lpips, &lc, &s.rng);
+    ae_trainer_init(&t, &s.ae, &s.disc, o.lpips ? &lpips : NULL, &lc, &s.rng);
     fprintf(stderr,
             "casdm train-ae: %d images %dx%dx%d from %s; autoencoder %zu parameters (latent "
             "%dx%dx%d), discriminator %zu; lr %.3g; GAN terms from step %d; %s, %d threads\n",
@@ -3152,9 +3176,9 @@ static int cmd_train_ae(int argc, char **argv) {
             if (tty) fprintf(stderr, "\n");
             if (o.sample_n > 0) ae_recon_grid(&s.ae, grid_src, o.sample_n, o.out, s.step);
             if (eval_n > 0) {
-                ae_heldout(&s.ae, &lpips, &held.img, eval_n, &val_l1, &val_lpips);
+                ae_heldout(&s.ae, o.lpips ? &lpips : NULL, &held.img, eval_n, &val_l1, &val_lpips);
                 fprintf(stderr, "held-out (%d images): L1 %.4f, LPIPS %.4f\n", eval_n, val_l1,
-                        val_lpips);
+                        val_lpips);  // (nan without --lpips)
             }
         }
         t_row += now_seconds() - t_aside;
@@ -3208,8 +3232,11 @@ static int cmd_train_ae(int argc, char **argv) {
         if (o.sample_n > 0) ae_recon_grid(&s.ae, grid_src, o.sample_n, o.out, s.step);
         if (eval_n > 0) {
             double l1, lp;
-            ae_heldout(&s.ae, &lpips, &held.img, eval_n, &l1, &lp);
-            printf("held-out L1 %.4f, LPIPS %.4f (%d images of %s)\n", l1, lp, eval_n, o.eval_data);
+            ae_heldout(&s.ae, o.lpips ? &lpips : NULL, &held.img, eval_n, &l1, &lp);
+            if (o.lpips)
+                printf("held-out L1 %.4f, LPIPS %.4f (%d images of %s)\n", l1, lp, eval_n, o.eval_data);
+            else
+                printf("held-out L1 %.4f (%d images of %s)\n", l1, eval_n, o.eval_data);
             fflush(stdout);
         }
     }

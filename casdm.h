@@ -391,7 +391,7 @@ typedef struct {
 
 typedef struct {              // one iteration's values, as contperceptual.py logs them
     double loss;              // nll + kl_weight * kl + d_weight * disc_factor * g_loss
-    double l1, lpips;         // mean |x - x_rec| per pixel; mean LPIPS per image
+    double l1, lpips;         // mean |x - x_rec| per pixel; mean LPIPS per image (NAN: none)
     double nll, kl, logvar;   // sum over pixels / N; KL summed per image, mean over N
     double g_loss, d_weight;  // -mean D(x_rec); the adaptive weight
     double d_loss, logits_real, logits_fake;  // the discriminator step (0 while it is off)
@@ -400,7 +400,7 @@ typedef struct {              // one iteration's values, as contperceptual.py lo
 typedef struct {
     Autoencoder *ae;
     PatchGAN *disc;
-    Lpips *lpips;
+    Lpips *lpips;                 // NULL: no perceptual term
     AELossConfig cfg;
     Graph trunk, head, rec, gan;  // the generator step's four graphs (see ae_generator_grads)
     Rng *rng;                     // dropout, the posterior sample

@@ -668,11 +668,14 @@ static Tensor *nll_loss(Graph *g, AETrainer *t, Tensor *x, Tensor *x_rec, AELoss
     const AELossConfig *c = &t->cfg;
     float M = (float)(x->size / (size_t)x->shape[0]), inv_var = expf(-c->logvar);
     Tensor *l1 = mean_all(g, tensor_abs(g, sub(g, x_rec, x)));
-    Tensor *p = mean_all(g, lpips_distance(g, t->lpips, as_rgb(g, x_rec), as_rgb(g, x), NULL));
-    Tensor *nll = add(g, scale_shift(g, l1, M * inv_var, M * c->logvar),
-                      scale_shift(g, p, c->perceptual_weight * M * inv_var, 0.0f));
+    Tensor *nll = scale_shift(g, l1, M * inv_var, M * c->logvar);
     terms->l1 = l1->data[0];
-    terms->lpips = p->data[0];
+    terms->lpips = NAN;  // (no LPIPS: perceptual_weight 0, or none given)
+    if (t->lpips && c->perceptual_weight > 0.0f) {
+        Tensor *p = mean_all(g, lpips_distance(g, t->lpips, as_rgb(g, x_rec), as_rgb(g, x), NULL));
+        nll = add(g, nll, scale_shift(g, p, c->perceptual_weight * M * inv_var, 0.0f));
+        terms->lpips = p->data[0];
+    }
     terms->nll = nll->data[0];
     return nll;
 }

@@ -9,6 +9,14 @@ rm -rf "$dir" && mkdir -p "$dir"
 fails=0
 pass() { echo "PASS $1"; }
 fail() { echo "FAIL $1"; fails=$((fails + 1)); }
+# wait_for FILE PATTERN SECONDS: until FILE has a line matching PATTERN
+wait_for() {
+    i=0
+    while ! grep -q -- "$2" "$1" 2>/dev/null; do
+        i=$((i + 1)); [ $i -gt $(($3 * 20)) ] && return 1; sleep 0.05
+    done
+}
+now() { date +%s.%N; }
 
 # CIFAR-10 binary records: label byte + 3x32x32 pixels; smooth blobs whose
 # position and colour vary with the record number (deterministic)
@@ -444,6 +452,61 @@ else
     echo "SKIP casdm ae: $ae not written (test_lddgan did not run)"
 fi
 
+# casdm train-ae on 1-channel 28x28 images (padded to 32): log.csv's columns
+# (d_loss 0 while the GAN terms are off, the held-out L1 on the grid's row),
+# the reconstruction grid, the plot's held-out panel, a measured
+# scale_factor that casdm ae reads; a resumed run and a one-thread run give
+# bitwise the same checkpoint as a straight one; Ctrl-C saves and exits 130
+lw=build/lpips_test.safetensors
+if [ -f "$lw" ]; then
+    idx_set 24 9 > "$dir/ae-idx3-ubyte"
+    aeo="--data $dir/ae-idx3-ubyte --lpips $lw --ch 32 --mult 1,2 --res 1 --attn 16 --z 2 --disc-ndf 8 --disc-layers 2 --batch 3 --disc-start 4 --log-every 2 --scale-n 16"
+    if ./casdm train-ae $aeo --steps 8 --sample-every 4 --sample-n 4 --eval-data "$dir/ae-idx3-ubyte" --eval-n 8 \
+           --out "$dir/ae_run" >"$dir/ae_run.out" 2>"$dir/ae_run.err" &&
+       head -1 "$dir/ae_run/log.csv" | grep -q '^step,loss,l1,lpips,nll,kl,logvar,g_loss,d_weight,d_loss,logits_real,logits_fake,img_per_s,val_l1,val_lpips$' &&
+       [ "$(grep -c '^[0-9]' "$dir/ae_run/log.csv")" -eq 4 ] &&
+       awk -F, '$1 == 4 { exit !($10 == 0 && $14 > 0 && $15 > 0) }' "$dir/ae_run/log.csv" &&
+       awk -F, '$1 == 6 { exit !($10 > 0 && $14 == "") }' "$dir/ae_run/log.csv" &&
+       build/check_files "$dir/ae_run/recon_000004.png" 138 70 1 &&
+       grep -q 'held-out L1' "$dir/ae_run/loss.svg" &&
+       grep -q '^held-out L1 [0-9.]*, LPIPS [0-9.]* (8 images' "$dir/ae_run.out" &&
+       grep -q 'latent scale: max |z|' "$dir/ae_run.err" &&
+       ./casdm ae encode "$dir/ae-idx3-ubyte" --weights "$dir/ae_run/ckpt.safetensors" --out "$dir/ae_lat.npz" >/dev/null 2>&1; then
+        pass "casdm train-ae: log.csv with every term, the GAN terms from --disc-start, held-out L1/LPIPS, grids, plot, a scale_factor casdm ae reads"
+    else
+        fail "casdm train-ae"; sed 's/^/  /' "$dir/ae_run.err" | tail -5; cat "$dir/ae_run/log.csv" 2>/dev/null | sed 's/^/  /'
+    fi
+    ./casdm train-ae $aeo --steps 8 --sample-n 0 --out "$dir/ae_a" 2>/dev/null
+    ./casdm train-ae $aeo --steps 4 --sample-n 0 --out "$dir/ae_b" 2>/dev/null
+    ./casdm train-ae $aeo --steps 8 --sample-n 0 --out "$dir/ae_b" --resume "$dir/ae_b" 2>/dev/null
+    ./casdm --threads 1 train-ae $aeo --steps 8 --sample-n 0 --out "$dir/ae_c" 2>/dev/null
+    if [ -s "$dir/ae_a/ckpt.safetensors" ] && cmp -s "$dir/ae_a/ckpt.safetensors" "$dir/ae_b/ckpt.safetensors" &&
+       cmp -s "$dir/ae_a/ckpt.safetensors" "$dir/ae_c/ckpt.safetensors" &&
+       [ "$(cut -d, -f1-12 "$dir/ae_a/log.csv")" = "$(cut -d, -f1-12 "$dir/ae_b/log.csv")" ]; then
+        pass "casdm train-ae: 4 steps + --resume to 8 and a 1-thread run give bitwise the 8-step checkpoint (both Adams, the discriminator, RNG) and log"
+    else
+        fail "casdm train-ae --resume / threads: checkpoints or logs differ"
+    fi
+    # without LPIPS (--perceptual-weight 0, no --lpips): the lpips fields stay empty
+    if ./casdm train-ae --data "$dir/ae-idx3-ubyte" --perceptual-weight 0 --ch 32 --mult 1,2 --res 1 --attn none --z 2 \
+           --disc-ndf 8 --disc-layers 2 --batch 2 --steps 2 --log-every 1 --sample-n 0 --scale-n 4 \
+           --eval-data "$dir/ae-idx3-ubyte" --eval-n 4 --out "$dir/ae_nolp" >"$dir/ae_nolp.out" 2>"$dir/ae_nolp.err" &&
+       awk -F, 'NR > 1 { if ($4 != "" || $3 == "") bad = 1 } END { exit bad }' "$dir/ae_nolp/log.csv" &&
+       grep -q '^held-out L1 [0-9.]* (4 images' "$dir/ae_nolp.out"; then
+        pass "casdm train-ae --perceptual-weight 0 trains without LPIPS weights (L1, KL and GAN terms)"
+    else fail "casdm train-ae --perceptual-weight 0"; sed 's/^/  /' "$dir/ae_nolp.err" | tail -3; fi
+    ./casdm train-ae $aeo --steps 1000000 --log-every 1 --sample-n 0 --out "$dir/ae_int" 2>"$dir/ae_int.err" &
+    pid=$!
+    wait_for "$dir/ae_int/log.csv" '^2,' 60; kill -INT $pid; wait $pid; rc=$?
+    if [ $rc -eq 130 ] && grep -q 'interrupted (SIGINT) at step' "$dir/ae_int.err" &&
+       ./casdm train-ae $aeo --steps 8 --sample-n 0 --out "$dir/ae_int" --resume "$dir/ae_int" 2>"$dir/ae_int2.err" &&
+       grep -q "resumed from $dir/ae_int/ckpt.safetensors at step [1-9]" "$dir/ae_int2.err"; then
+        pass "casdm train-ae: Ctrl-C saves a resumable checkpoint and exits 130"
+    else fail "casdm train-ae Ctrl-C (exit $rc)"; sed 's/^/  /' "$dir/ae_int.err" | tail -3; fi
+else
+    echo "SKIP casdm train-ae: $lw not written (test_unet did not run)"
+fi
+
 # expect STATUS NEEDLE CMD...: the command fails with STATUS and says NEEDLE
 expect() {
     want=$1; needle=$2; shift 2
@@ -494,6 +557,19 @@ if [ -f "$ae" ]; then
     expect 2 "--mode is mean or sample" ./casdm ae encode "$dir" --weights "$ae" --out "$dir/x.npz" --mode mode
     expect 1 "latents" ./casdm ae decode build/fid_stats_a.npz --weights "$ae" --out "$dir/x"
     expect 2 "encode IMAGES or decode" ./casdm ae squash "$dir"
+fi
+if [ -f "$lw" ]; then
+    expect 2 "--data and --lpips are required" ./casdm train-ae --data "$dir/ae-idx3-ubyte"
+    expect 1 "--config 'cifar100'" ./casdm train-ae $aeo --config cifar100 --steps 1 --out "$dir/x"
+    expect 1 "--config cifar10 fixes the architecture" ./casdm train-ae --data "$dir/ae-idx3-ubyte" --lpips $lw --config cifar10 --ch 64 --out "$dir/x"
+    expect 1 "--mult '1,,2'" ./casdm train-ae $aeo --mult 1,,2 --out "$dir/x"
+    expect 1 "GroupNorm" ./casdm train-ae $aeo --ch 48 --out "$dir/x"
+    expect 1 "--disc-layers 6: 32x32 images are too small" ./casdm train-ae $aeo --disc-layers 6 --out "$dir/x"
+    expect 1 "was trained with --kl-weight 1e-06; this run asks for 0.001" ./casdm train-ae $aeo --kl-weight 1e-3 --steps 9 --out "$dir/x" --resume "$dir/ae_a"
+    expect 1 "another architecture" ./casdm train-ae $aeo --ch 64 --steps 9 --out "$dir/x" --resume "$dir/ae_a"
+    mkdir -p "$dir/ae_w" && cp "$ae" "$dir/ae_w/ckpt.safetensors"
+    expect 1 "not a casdm train-ae checkpoint" ./casdm train-ae $aeo --steps 9 --out "$dir/x" --resume "$dir/ae_w"
+    expect 1 "--lpips: .*cannot open" ./casdm train-ae $aeo --lpips "$dir/none.safetensors" --out "$dir/x"
 fi
 expect 1 "all images must match" ./casdm train --data "$dir/mixed" --steps 1
 expect 1 "no .png/.ppm/.pgm images" ./casdm train --data "$dir/empty" --steps 1
@@ -577,14 +653,6 @@ expect 1 "gives NaN or Inf pixels" ./casdm sample --ckpt "$dir/m.safetensors" --
 # ---------------------------------------------------------------------------
 # Interrupted and failing runs
 # ---------------------------------------------------------------------------
-# wait_for FILE PATTERN SECONDS: until FILE has a line matching PATTERN
-wait_for() {
-    i=0
-    while ! grep -q -- "$2" "$1" 2>/dev/null; do
-        i=$((i + 1)); [ $i -gt $(($3 * 20)) ] && return 1; sleep 0.05
-    done
-}
-now() { date +%s.%N; }
 long="--model casdm --ch 32 --res 1 --attn 16 --batch 2 --T 100 --log-every 1 --sample-n 0 --steps 1000000"
 
 # two Ctrl-C's in a row save once (signal() under -std=c99 is one-shot: the

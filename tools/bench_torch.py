@@ -7,6 +7,8 @@
 
   bench_torch.py REF_DIR inception --batch 50 --threads 2
 
+  bench_torch.py REF_DIR ae_step --batch 8 --threads 2 [--ldm LDM_DIR --taming TAMING_DIR]
+
 ddim: one Cas-DM sampling step without gradients: theta(x_t, t), x0* from eps,
 phi(x0*, t), the same networks as unet_ref.py's (imported from REF_DIR).
 casdm_ckpt: unet_ref.py's Cas-DM training step (no LPIPS) with every block
@@ -15,6 +17,23 @@ use_checkpoint and casdm's bench --checkpoint 1.
 inception: tools/inception_ref.py's FIDInception (pytorch-fid's network; the witness
 tools/witness_pytorch_fid.py shows the two agree) without gradients on 32x32 images in
 [0, 1] resized to 299x299: pool_3, the Mixed_6d tap and the logits, as fid.c computes.
+ae_step: one training iteration of LDDGAN's KL autoencoder (CIFAR-10 config, dropout
+0.2, train mode) with latent-diffusion's loss, GAN terms on (disc_start 0), x uniform
+in [-1, 1]. Generator step: the discriminator frozen (Lightning's toggle_optimizer),
+encode, posterior sample, decode, loss with the adaptive d_weight (two autograd.grad
+at decoder.conv_out.weight), backward, Adam step. Discriminator step: a fresh
+no-grad autoencoder forward, hinge loss on D(x), D(x_rec), backward, Adam step. Both
+Adam(lr 4.5e-6 * batch, betas (0.5, 0.9)); the PatchGAN (ndf 64, 3 layers) in train
+mode (BatchNorm batch statistics), LPIPS (VGG16, max pools) frozen in eval mode, with
+random weights. Default modules: tools/ae_ref.py's AutoencoderKL, NLayerDiscriminator
+and AELoss on tools/lpips_ref.py's VGGLPIPS; with --ldm and --taming (checkouts of
+CompVis/latent-diffusion and CompVis/taming-transformers) the official ones instead:
+ldm.models.autoencoder.AutoencoderKL, its DiagonalGaussianDistribution (.sample()) and
+LPIPSWithDiscriminator(disc_start=0, kl_weight=1e-6, disc_weight=0.5), stubbed as
+tools/witness_ldm_loss.py does (no downloads). The official loss's forward also
+computes the reconstruction, LPIPS and KL terms when optimizer_idx is 1, so its
+discriminator step holds one more LPIPS forward than AELoss.discriminator's.
+The JSON line names the source: "modules": "ae_ref" or "official".
 Prints one JSON line like unet_ref.py: step_s (median), peak_rss_mib.
 """
 import json
@@ -32,17 +51,25 @@ def main():
     sys.argv = [sys.argv[0]] + sys.argv[2:]
     import argparse
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["ddim", "casdm_ckpt", "inception"])
+    p.add_argument("mode", choices=["ddim", "casdm_ckpt", "inception", "ae_step"])
     p.add_argument("--ch", type=int, default=128)
     p.add_argument("--res", type=int, default=3)
     p.add_argument("--attn", default="16,8")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=None)  # 8 for ae_step, else 16
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--ldm", default=None)     # ae_step: latent-diffusion checkout
+    p.add_argument("--taming", default=None)  # ae_step: taming-transformers checkout
     a = p.parse_args()
+    if a.batch is None:
+        a.batch = 8 if a.mode == "ae_step" else 16
+    if (a.ldm is None) != (a.taming is None):
+        p.error("--ldm and --taming go together")
     torch.set_num_threads(a.threads)
+    if a.mode == "ae_step":
+        return ae_step(a)
     if a.mode == "casdm_ckpt":
         return casdm_ckpt(a)
     if a.mode == "inception":
@@ -115,6 +142,141 @@ def casdm_ckpt(a):
     med, mn, mx = R.timeit(step, 2, a.iters)
     print(json.dumps({"mode": "casdm_ckpt", "threads": torch.get_num_threads(), "batch": B,
                       "step_s": round(med, 4), "peak_rss_mib": round(R.peak_rss_mib(), 1)}))
+
+
+def ae_ref_modules():
+    """tools/ae_ref.py's modules -> (ae, disc, gen_loss, disc_loss): gen_loss(x, step)
+    runs the autoencoder and returns the generator loss (optimizer_idx 0);
+    disc_loss(x, step) runs a fresh no-grad forward and returns the hinge loss."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ae_ref as A
+    import lpips_ref as L
+    ae = A.AutoencoderKL(A.CIFAR10).train()
+    disc = A.NLayerDiscriminator(3, 64, 3).train()
+    lpips = L.lpips_test_init(L.VGGLPIPS(pool="max")).eval()  # frozen by VGGLPIPS itself
+    loss = A.AELoss(lpips, disc, disc_start=0)  # kl_weight 1e-6, disc_weight 0.5
+
+    def sample(moments):
+        # DiagonalGaussianDistribution.sample(): mean + exp(logvar / 2) * randn
+        return A.posterior_sample(moments, torch.randn_like(moments.chunk(2, dim=1)[0]))
+
+    def gen_loss(x, step):
+        moments = ae.encode(x)
+        x_rec = ae.decode(sample(moments))
+        return loss.generator(x, x_rec, moments, step, ae.decoder.conv_out.weight)[0]
+
+    def disc_loss(x, step):
+        with torch.no_grad():
+            x_rec = ae.decode(sample(ae.encode(x)))
+        return loss.discriminator(x, x_rec, step)[0]
+
+    return ae, disc, gen_loss, disc_loss
+
+
+def official_modules(ldm_dir, taming_dir):
+    """latent-diffusion's AutoencoderKL and LPIPSWithDiscriminator (on taming's LPIPS
+    and NLayerDiscriminator), as ae_ref_modules. Stubbed as tools/witness_ldm_loss.py
+    does (that file parses argv when imported, so the few lines are repeated here):
+    pytorch_lightning (LightningModule is nn.Module), einops (not used by these
+    modules), ldm.util (the AutoencoderKL's own lossconfig gives nn.Identity),
+    taming.util (its download helper), taming.modules.vqvae.quantize; torchvision's
+    VGG16 is built without weights and LPIPS.load_from_pretrained does nothing."""
+    import os
+    import types
+    import torch.nn as nn
+    import torchvision
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ae_ref as A  # only for its CIFAR10 config
+    pl = types.ModuleType("pytorch_lightning")
+    pl.LightningModule = nn.Module
+    sys.modules["pytorch_lightning"] = pl
+    einops = types.ModuleType("einops")
+    einops.rearrange = einops.repeat = None
+    sys.modules["einops"] = einops
+    util = types.ModuleType("ldm.util")
+    util.instantiate_from_config = lambda cfg: nn.Identity()
+    tutil = types.ModuleType("taming.util")
+    tutil.get_ckpt_path = lambda *a, **k: None
+    quant = types.ModuleType("taming.modules.vqvae.quantize")
+    quant.VectorQuantizer2 = None
+    sys.path.insert(0, ldm_dir)
+    sys.path.insert(0, taming_dir)
+    import ldm  # noqa: F401
+    import taming  # noqa: F401
+    sys.modules["ldm.util"] = util
+    sys.modules["taming.util"] = tutil
+    sys.modules["taming.modules.vqvae.quantize"] = quant
+    _vgg16 = torchvision.models.vgg16
+    torchvision.models.vgg16 = lambda *a, **k: _vgg16(weights=None)  # no download
+    import taming.modules.losses.lpips as T
+    T.models.vgg16 = torchvision.models.vgg16
+    T.LPIPS.load_from_pretrained = lambda self, name="vgg_lpips": None
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.modules.losses.contperceptual import LPIPSWithDiscriminator
+
+    cfg = A.CIFAR10
+    dd = dict(double_z=True, z_channels=cfg["z_channels"], resolution=cfg["resolution"],
+              in_channels=cfg["in_channels"], out_ch=cfg["out_ch"], ch=cfg["ch"],
+              ch_mult=list(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
+              attn_resolutions=list(cfg["attn_resolutions"]), dropout=cfg["dropout"],
+              tanh_out=cfg["tanh_out"])
+    ae = AutoencoderKL(dd, lossconfig=None, embed_dim=cfg["embed_dim"]).train()
+    loss = LPIPSWithDiscriminator(disc_start=0, kl_weight=1e-6, disc_weight=0.5).train()
+    loss.perceptual_loss.eval()  # as LPIPSWithDiscriminator builds it: heads' Dropout off
+    assert not any(p.requires_grad for p in loss.perceptual_loss.parameters())
+
+    def gen_loss(x, step):
+        posterior = ae.encode(x)
+        x_rec = ae.decode(posterior.sample())
+        return loss(x, x_rec, posterior, 0, step, last_layer=ae.get_last_layer(), split="train")[0]
+
+    def disc_loss(x, step):
+        with torch.no_grad():
+            posterior = ae.encode(x)
+            x_rec = ae.decode(posterior.sample())
+        return loss(x, x_rec, posterior, 1, step, last_layer=ae.get_last_layer(), split="train")[0]
+
+    return ae, loss.discriminator, gen_loss, disc_loss
+
+
+def ae_step(a):
+    """One LDDGAN autoencoder iteration: generator step, then discriminator step,
+    as Lightning runs AutoencoderKL.training_step with optimizer_idx 0 and 1."""
+    torch.manual_seed(0)
+    if a.ldm is not None:
+        modules = "official"
+        ae, disc, gen_loss, disc_loss = official_modules(a.ldm, a.taming)
+    else:
+        modules = "ae_ref"
+        ae, disc, gen_loss, disc_loss = ae_ref_modules()
+    B = a.batch
+    lr = 4.5e-6 * B  # LDDGAN's base_learning_rate times the batch
+    opt_ae = torch.optim.Adam(ae.parameters(), lr=lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+    x = torch.rand(B, 3, 32, 32) * 2 - 1
+    global_step = [0]  # >= disc_start: GAN terms on from the first step
+
+    def step():
+        # generator: the discriminator frozen (toggle_optimizer for opt_ae)
+        for p in disc.parameters():
+            p.requires_grad_(False)
+        opt_ae.zero_grad()
+        loss = gen_loss(x, global_step[0])
+        loss.backward()
+        opt_ae.step()
+        # discriminator
+        for p in disc.parameters():
+            p.requires_grad_(True)
+        opt_d.zero_grad()
+        d_loss = disc_loss(x, global_step[0])
+        d_loss.backward()
+        opt_d.step()
+        global_step[0] += 1
+
+    med, mn, mx = R.timeit(step, 1, a.iters)
+    print(json.dumps({"mode": "ae_step", "modules": modules, "threads": torch.get_num_threads(),
+                      "batch": B, "step_s": round(med, 4), "peak_rss_mib": round(R.peak_rss_mib(), 1)}))
 
 
 if __name__ == "__main__":
