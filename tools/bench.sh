@@ -16,6 +16,11 @@
 # one at normal priority: each side gets its own busy loop, started before
 # and killed after it (bounded by timeout). Lines contention_demo_step/quiet,
 # /nice19 and /busy.
+# ae_step: one casdm train-ae iteration on LDDGAN's CIFAR-10 autoencoder, batch 8
+# (generator step with the GAN terms on, discriminator step, both Adam updates)
+# against tools/bench_torch.py ae_step: tools/ae_ref.py's modules, or with
+# LDM_DIR and TAMING_DIR set (checkouts of CompVis/latent-diffusion and
+# taming-transformers) latent-diffusion's own AutoencoderKL and LPIPSWithDiscriminator.
 # casdm_*_step_ckpt: the Cas-DM step with every U-Net block checkpointed
 # (ours: use_checkpoint on both nets; PyTorch: torch.utils.checkpoint on
 # the same blocks, tools/bench_torch.py casdm_ckpt).
@@ -31,7 +36,7 @@ elif [ ! -f "$ref" ]; then echo "PyTorch reference $ref not found: torch columns
 if [ $quick -eq 1 ]; then
     cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step casdm_ch64_step"; iters=3
 else
-    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step inception_fwd casdm_demo_step contention_demo_step"; iters=5
+    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step inception_fwd ae_step casdm_demo_step contention_demo_step"; iters=5
 fi
 [ -n "${BENCH_CASES:-}" ] && cases=$BENCH_CASES   # e.g. BENCH_CASES="lpips224_fwdbwd ddim_ch128_step"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -61,6 +66,9 @@ torch_run() {  # case threads -> $tmp/torch.json
                            --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
         ddim_ch128_step) $py tools/bench_torch.py "$(dirname "$ref")" ddim --ch 128 --res 3 --attn 16,8 --batch 16 \
                              --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
+        ae_step) official=; [ -n "${LDM_DIR:-}" ] && [ -n "${TAMING_DIR:-}" ] && official="--ldm $LDM_DIR --taming $TAMING_DIR"
+                 $py tools/bench_torch.py "$(dirname "$ref")" ae_step --batch 8 $official \
+                     --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
     esac
     $py "$ref" $args --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null
 }
@@ -113,7 +121,7 @@ whole_programs() {
 }
 
 for c in $cases; do
-    batch=16; [ "$c" = lpips224_fwdbwd ] && batch=4; [ "$c" = inception_fwd ] && batch=50
+    batch=16; [ "$c" = lpips224_fwdbwd ] && batch=4; [ "$c" = inception_fwd ] && batch=50; [ "$c" = ae_step ] && batch=8
     if [ "$c" = casdm_demo_step ] || [ "$c" = contention_demo_step ]; then
         if [ ! -f data/fashion-mnist/train-images-idx3-ubyte ] || [ ! -x ./casdm ]; then
             echo "$c: needs ./casdm and data/fashion-mnist (make casdm data); skipped"; continue

@@ -36,6 +36,7 @@ discriminator step holds one more LPIPS forward than AELoss.discriminator's.
 The JSON line names the source: "modules": "ae_ref" or "official".
 Prints one JSON line like unet_ref.py: step_s (median), peak_rss_mib.
 """
+import contextlib
 import json
 import sys
 
@@ -246,7 +247,10 @@ def ae_step(a):
     torch.manual_seed(0)
     if a.ldm is not None:
         modules = "official"
-        ae, disc, gen_loss, disc_loss = official_modules(a.ldm, a.taming)
+        # latent-diffusion prints while it builds the modules: to stderr, so that
+        # stdout stays the one JSON line
+        with contextlib.redirect_stdout(sys.stderr):
+            ae, disc, gen_loss, disc_loss = official_modules(a.ldm, a.taming)
     else:
         modules = "ae_ref"
         ae, disc, gen_loss, disc_loss = ae_ref_modules()

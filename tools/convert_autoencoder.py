@@ -18,7 +18,10 @@ file, and back.
           in its run.sh), stored in the metadata.
 --to-torch  the other way: a casdm autoencoder file to a state_dict (.pt) that
           AutoencoderKL loads with load_state_dict(sd, strict=False) (strict apart
-          from the loss's keys) or tools/ae_ref.AutoencoderKL with strict=True.
+          from the loss's keys) or tools/ae_ref.AutoencoderKL with strict=True. From a
+          casdm train-ae checkpoint, loss.discriminator.* (with num_batches_tracked)
+          and loss.logvar come along, so the PatchGAN loads into
+          LPIPSWithDiscriminator too; Adam's moments (adam_m.*, adam_v.*) stay behind.
 
 The file is checked by loading it strictly into tools/ae_ref.AutoencoderKL before it
 is written; written atomically (tmp + rename), safetensors F32, metadata format
@@ -78,6 +81,26 @@ def config_from_metadata(meta):
                 dropout=float(meta.get("dropout", 0.0)), tanh_out=meta["tanh_out"] == "1")
 
 
+DISC = "loss.discriminator."
+
+
+def disc_state(disc, meta):
+    """casdm train-ae's discriminator tensors as torch's NLayerDiscriminator state_dict
+    under loss.discriminator.*: checked by a strict load into ae_ref's (ndf and layers
+    from the metadata), with BatchNorm's num_batches_tracked (int64 in torch; the
+    metadata's disc_batches_tracked) added."""
+    ndf, layers = int(meta["disc_ndf"]), int(meta["disc_layers"])
+    c_in = int(meta["in_channels"])
+    d = A.NLayerDiscriminator(c_in, ndf, layers)
+    sd = {k[len(DISC):]: torch.from_numpy(v.copy()) for k, v in disc.items()}
+    nbt = torch.tensor(int(meta.get("disc_batches_tracked", "0")), dtype=torch.long)
+    for k in d.state_dict():
+        if k.endswith("num_batches_tracked"):
+            sd[k] = nbt.clone()
+    d.load_state_dict(sd, strict=True)
+    return {DISC + k: v for k, v in d.state_dict().items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt")
@@ -91,9 +114,16 @@ def main():
         tensors, meta = st.load(a.to_torch)
         cfg = config_from_metadata(meta)
         model = A.AutoencoderKL(cfg)
-        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()}, strict=True)
-        st.atomic(a.out, lambda p: torch.save(model.state_dict(), p))
-        print(f"wrote {a.out}: {len(tensors)} tensors (AutoencoderKL keys, no loss.*)")
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()
+                               if k.startswith(KEPT)}, strict=True)
+        sd = model.state_dict()
+        disc = {k: v for k, v in tensors.items() if k.startswith(DISC)}
+        if disc:  # a casdm train-ae checkpoint: its discriminator too, as LPIPSWithDiscriminator holds it
+            sd.update(disc_state(disc, meta))
+            sd["loss.logvar"] = torch.tensor(float(meta.get("logvar", "0")))
+        st.atomic(a.out, lambda p: torch.save(sd, p))
+        print(f"wrote {a.out}: {len(sd)} tensors (AutoencoderKL keys"
+              + (", loss.discriminator.* and loss.logvar)" if disc else ", no loss.*)"))
         return
     if not a.ckpt or not (a.config or a.preset):
         ap.error("--ckpt and --config (or --preset) are needed")
