@@ -3157,7 +3157,7 @@ static int cmd_train_ae(int argc, char **argv) {
     catch_signals();
     int tty = isatty(2), timed_out = 0, nsum = 0;
     long step0 = s.step;
-    double sums[11] = {0}, t0 = now_seconds(), t_row = t0;
+    double sums[11] = {0}, t0 = now_seconds(), t_row = t0, final_l1 = NAN, final_lpips = NAN;
     while (s.step < o.steps && !interrupted &&
            !(timed_out = o.time_limit > 0 && now_seconds() - t0 >= o.time_limit)) {
         AELossTerms lt;
@@ -3170,15 +3170,19 @@ static int cmd_train_ae(int argc, char **argv) {
         for (int i = 0; i < 11; i++) sums[i] += v[i];
         nsum++;
         int more = s.step < o.steps;
-        int grid = o.sample_every > 0 && s.step % o.sample_every == 0 && more;
+        // grids and held-out scores every --sample-every steps and at the last
+        int grid = !interrupted &&
+                   ((o.sample_every > 0 && s.step % o.sample_every == 0) || s.step == o.steps);
         double val_l1 = NAN, val_lpips = NAN, t_aside = now_seconds();
-        if (grid && !interrupted) {
+        if (grid) {
             if (tty) fprintf(stderr, "\n");
             if (o.sample_n > 0) ae_recon_grid(&s.ae, grid_src, o.sample_n, o.out, s.step);
             if (eval_n > 0) {
                 ae_heldout(&s.ae, o.lpips ? &lpips : NULL, &held.img, eval_n, &val_l1, &val_lpips);
                 fprintf(stderr, "held-out (%d images): L1 %.4f, LPIPS %.4f\n", eval_n, val_l1,
                         val_lpips);  // (nan without --lpips)
+                final_l1 = val_l1;
+                final_lpips = val_lpips;
             }
         }
         t_row += now_seconds() - t_aside;
@@ -3212,6 +3216,11 @@ static int cmd_train_ae(int argc, char **argv) {
         }
     }
     if (tty) fprintf(stderr, "\n");
+    if (timed_out && !interrupted) {  // --time-limit: the last step had no grid
+        if (o.sample_n > 0) ae_recon_grid(&s.ae, grid_src, o.sample_n, o.out, s.step);
+        if (eval_n > 0) ae_heldout(&s.ae, o.lpips ? &lpips : NULL, &held.img, eval_n, &final_l1,
+                                   &final_lpips);
+    }
     if (!interrupted && o.scale_n > 0) {
         double std;
         Rng scale_rng;  // its own stream: the training one (and a resume) stays as it was
@@ -3228,17 +3237,13 @@ static int cmd_train_ae(int argc, char **argv) {
     else
         fprintf(stderr, "%s at step %ld: wrote %s\n", timed_out ? "time limit reached" : "done",
                 s.step, ckpt);
-    if (!interrupted) {
-        if (o.sample_n > 0) ae_recon_grid(&s.ae, grid_src, o.sample_n, o.out, s.step);
-        if (eval_n > 0) {
-            double l1, lp;
-            ae_heldout(&s.ae, o.lpips ? &lpips : NULL, &held.img, eval_n, &l1, &lp);
-            if (o.lpips)
-                printf("held-out L1 %.4f, LPIPS %.4f (%d images of %s)\n", l1, lp, eval_n, o.eval_data);
-            else
-                printf("held-out L1 %.4f (%d images of %s)\n", l1, eval_n, o.eval_data);
-            fflush(stdout);
-        }
+    if (isfinite(final_l1)) {
+        if (o.lpips)
+            printf("held-out L1 %.4f, LPIPS %.4f (%d images of %s)\n", final_l1, final_lpips,
+                   eval_n, o.eval_data);
+        else
+            printf("held-out L1 %.4f (%d images of %s)\n", final_l1, eval_n, o.eval_data);
+        fflush(stdout);
     }
     if (hist.n) fprintf(stderr, "loss plot: %s\n", svg_path);
     history_free(&hist);
