@@ -3637,7 +3637,7 @@ Tensor *l2norm_channels(Graph *g, Tensor *x, float eps) {
 }
 
 // ---------------------------------------------------------------------------
-// ---- op: pointwise functions: SiLU, ReLU, sigmoid, tanh, exp, abs, LeakyReLU ----
+// ---- op: pointwise functions: SiLU, ReLU, sigmoid, tanh, exp, abs, LeakyReLU, softplus ----
 // ---------------------------------------------------------------------------
 
 typedef struct {
@@ -3669,6 +3669,9 @@ static void act_forward_range(void *arg, size_t i0, size_t i1) {
     case ACT_LEAKY_RELU:
         for (size_t i = i0; i < i1; i++) y[i] = x[i] > 0.0f ? x[i] : a->slope * x[i];
         break;
+    case ACT_SOFTPLUS:  // F.softplus (beta 1, threshold 20): x itself above 20
+        for (size_t i = i0; i < i1; i++) y[i] = x[i] > 20.0f ? x[i] : log1pf(expf(x[i]));
+        break;
     }
 }
 
@@ -3688,7 +3691,8 @@ void leaky_relu_forward(float *out, const float *inp, size_t n, float slope) {
 
 // silu' = s (1 + x (1 - s)); relu' = [x > 0]; from the output y: sigmoid' =
 // y (1 - y), tanh' = 1 - y^2, exp' = y; abs' = sign(x) (0 at 0, as torch);
-// leaky' = 1 for x > 0, else the slope
+// leaky' = 1 for x > 0, else the slope; softplus' = e^x / (e^x + 1), 1 above
+// the threshold (torch's softplus_backward)
 static float act_grad(const Act *a, size_t i) {
     float x = a->inp[i], y = a->out ? a->out[i] : 0.0f;
     switch (a->act) {
@@ -3698,6 +3702,11 @@ static float act_grad(const Act *a, size_t i) {
     case ACT_EXP: return y;
     case ACT_ABS: return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
     case ACT_LEAKY_RELU: return x > 0.0f ? 1.0f : a->slope;
+    case ACT_SOFTPLUS: {
+        if (x > 20.0f) return 1.0f;
+        float z = expf(x);
+        return z / (z + 1.0f);
+    }
     }
     return 0.0f;
 }
@@ -3759,6 +3768,7 @@ Tensor *tensor_abs(Graph *g, Tensor *x) { return activation(g, x, ACT_ABS, 0.0f,
 Tensor *leaky_relu(Graph *g, Tensor *x, float slope) {
     return activation(g, x, ACT_LEAKY_RELU, slope, "leaky_relu");
 }
+Tensor *softplus(Graph *g, Tensor *x) { return activation(g, x, ACT_SOFTPLUS, 0.0f, "softplus"); }
 
 // ---------------------------------------------------------------------------
 // ---- op: softmax over the last axis ----
@@ -4991,6 +5001,270 @@ Tensor *gaussian_kl(Graph *g, Tensor *moments) {
     if (wants_grad(g, moments, NULL, NULL))
         record(g, "gaussian_kl", gaussian_kl_node_backward, kl, moments, NULL, NULL);
     return kl;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: FIR resampling, upfirdn2d ----
+// score_sde's upfirdn2d (op/upfirdn2d.py, upfirdn2d_native), the FIR up- and
+// downsampling of NCSN++ and of DDGAN's discriminators: each plane is
+// upsampled by inserting up - 1 zeros after every sample, padded by pad0
+// before and pad1 after (negative: cropped), convolved with the K x K kernel
+// (a true convolution: the kernel flipped, as upfirdn2d_native does), and
+// every down-th sample kept. The same pads on both axes, as score_sde uses it.
+// Output side (S * up + pad0 + pad1 - K) / down + 1.
+// ---------------------------------------------------------------------------
+typedef struct {
+    float *out;
+    const float *inp;
+    const float *kernel;
+    int H, W, K, up, down, pad0, OH, OW;
+} Upfirdn;
+
+static int upfirdn_side(int S, int K, int up, int down, int pad0, int pad1) {
+    int n = S * up + pad0 + pad1 - K;
+    return n < 0 ? 0 : n / down + 1;
+}
+
+// out[o] = sum_k kernel[K-1-k] u[o * down + k - pad0], u the zero-stuffed input
+static void upfirdn_forward_range(void *arg, size_t p0, size_t p1) {
+    const Upfirdn *t = arg;
+    int K = t->K, Hu = t->H * t->up, Wu = t->W * t->up;
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = t->inp + p * t->H * t->W;
+        float *y = t->out + p * t->OH * t->OW;
+        for (int oy = 0; oy < t->OH; oy++)
+            for (int ox = 0; ox < t->OW; ox++) {
+                float acc = 0.0f;
+                for (int ky = 0; ky < K; ky++) {
+                    int uy = oy * t->down + ky - t->pad0;
+                    if (uy < 0 || uy >= Hu || uy % t->up) continue;
+                    const float *xr = x + (size_t)(uy / t->up) * t->W;
+                    const float *kr = t->kernel + (size_t)(K - 1 - ky) * K + K - 1;
+                    for (int kx = 0; kx < K; kx++) {
+                        int ux = ox * t->down + kx - t->pad0;
+                        if (ux < 0 || ux >= Wu || ux % t->up) continue;
+                        acc += kr[-kx] * xr[ux / t->up];
+                    }
+                }
+                y[(size_t)oy * t->OW + ox] = acc;
+            }
+    }
+}
+
+void upfirdn2d_forward(float *out, const float *inp, const float *kernel, size_t P, int H, int W,
+                       int K, int up, int down, int pad0, int pad1) {
+    Upfirdn t = {out, inp, kernel, H, W, K, up, down, pad0,
+                 upfirdn_side(H, K, up, down, pad0, pad1), upfirdn_side(W, K, up, down, pad0, pad1)};
+    parallel_for(P, 4, upfirdn_forward_range, &t);
+}
+
+// the adjoint: every input sample gathers what it gave to each output (per
+// plane, so a plane's gradient is made by one thread, in a fixed order)
+static void upfirdn_backward_range(void *arg, size_t p0, size_t p1) {
+    const Upfirdn *t = arg;  // out: dinp, inp: dout
+    int K = t->K, Hu = t->H * t->up, Wu = t->W * t->up;
+    for (size_t p = p0; p < p1; p++) {
+        const float *dy = t->inp + p * t->OH * t->OW;
+        float *dx = t->out + p * t->H * t->W;
+        for (int oy = 0; oy < t->OH; oy++)
+            for (int ox = 0; ox < t->OW; ox++) {
+                float d = dy[(size_t)oy * t->OW + ox];
+                for (int ky = 0; ky < K; ky++) {
+                    int uy = oy * t->down + ky - t->pad0;
+                    if (uy < 0 || uy >= Hu || uy % t->up) continue;
+                    float *xr = dx + (size_t)(uy / t->up) * t->W;
+                    const float *kr = t->kernel + (size_t)(K - 1 - ky) * K + K - 1;
+                    for (int kx = 0; kx < K; kx++) {
+                        int ux = ox * t->down + kx - t->pad0;
+                        if (ux < 0 || ux >= Wu || ux % t->up) continue;
+                        xr[ux / t->up] += kr[-kx] * d;
+                    }
+                }
+            }
+    }
+}
+
+void upfirdn2d_backward(float *dinp, const float *dout, const float *kernel, size_t P, int H,
+                        int W, int K, int up, int down, int pad0, int pad1) {
+    Upfirdn t = {dinp, dout, kernel, H, W, K, up, down, pad0,
+                 upfirdn_side(H, K, up, down, pad0, pad1), upfirdn_side(W, K, up, down, pad0, pad1)};
+    parallel_for(P, 4, upfirdn_backward_range, &t);
+}
+
+typedef struct { const float *kernel; int K, up, down, pad0, pad1; } UpfirdnState;
+
+static void upfirdn_node_backward(Graph *g, TapeNode *n) {
+    const UpfirdnState *s = n->state;
+    const Tensor *x = n->in[0];
+    upfirdn2d_backward(input_grad(g, n, 0), n->out->grad, s->kernel,
+                       (size_t)x->shape[0] * x->shape[1], x->shape[2], x->shape[3], s->K, s->up,
+                       s->down, s->pad0, s->pad1);
+}
+
+Tensor *upfirdn2d(Graph *g, Tensor *x, const float *kernel, int K, int up, int down, int pad0,
+                  int pad1) {
+    check_4d(x, "upfirdn2d");
+    if (K < 1 || up < 1 || down < 1) fatal("upfirdn2d: kernel %d, up %d, down %d", K, up, down);
+    int OH = upfirdn_side(x->shape[2], K, up, down, pad0, pad1),
+        OW = upfirdn_side(x->shape[3], K, up, down, pad0, pad1);
+    if (OH < 1 || OW < 1) fatal("upfirdn2d: a %dx%d map gives no output", x->shape[2], x->shape[3]);
+    Tensor *y = tensor4(g, x->shape[0], x->shape[1], OH, OW);
+    float *k = arena_floats(&g->arena, (size_t)K * K);  // the caller's kernel may not outlive g
+    memcpy(k, kernel, (size_t)K * K * sizeof(float));
+    upfirdn2d_forward(y->data, x->data, k, (size_t)x->shape[0] * x->shape[1], x->shape[2],
+                      x->shape[3], K, up, down, pad0, pad1);
+    if (wants_grad(g, x, NULL, NULL)) {
+        UpfirdnState s = {k, K, up, down, pad0, pad1};
+        save_state(g, record(g, "upfirdn2d", upfirdn_node_backward, y, x, NULL, NULL), &s, sizeof s);
+    }
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: PixelNorm ----
+// DDGAN's z mapping network (score_models/ncsnpp_generator_adagn.py,
+// PixelNorm): y = x / sqrt(mean_c x^2 + 1e-8), per sample (and pixel)
+// r = (mean_c x^2 + eps)^(-1/2); dx_c = r dy_c - x_c r^3 (1/C) sum_k x_k dy_k
+// ---------------------------------------------------------------------------
+void pixel_norm_forward(float *out, float *rnorm, const float *inp, int N, int C, int HW,
+                        float eps) {
+    for (int n = 0; n < N; n++)
+        for (int p = 0; p < HW; p++) {
+            const float *x = inp + (size_t)n * C * HW + p;
+            double sq = 0.0;
+            for (int c = 0; c < C; c++) sq += (double)x[(size_t)c * HW] * x[(size_t)c * HW];
+            float r = (float)(1.0 / sqrt(sq / C + eps));
+            rnorm[(size_t)n * HW + p] = r;
+            for (int c = 0; c < C; c++) out[(size_t)n * C * HW + (size_t)c * HW + p] = x[(size_t)c * HW] * r;
+        }
+}
+
+void pixel_norm_backward(float *dinp, const float *dout, const float *inp, const float *rnorm,
+                         int N, int C, int HW) {
+    for (int n = 0; n < N; n++)
+        for (int p = 0; p < HW; p++) {
+            size_t o = (size_t)n * C * HW + p;
+            double dot = 0.0;
+            for (int c = 0; c < C; c++) dot += (double)inp[o + (size_t)c * HW] * dout[o + (size_t)c * HW];
+            float r = rnorm[(size_t)n * HW + p], k = (float)(dot / C) * r * r * r;
+            for (int c = 0; c < C; c++) {
+                size_t i = o + (size_t)c * HW;
+                dinp[i] += r * dout[i] - inp[i] * k;
+            }
+        }
+}
+
+typedef struct { float *rnorm; } PixelNormState;
+
+static int rest_of(const Tensor *x) { return (int)(x->size / ((size_t)x->shape[0] * x->shape[1])); }
+
+static void pixel_norm_node_backward(Graph *g, TapeNode *n) {
+    const Tensor *x = n->in[0];
+    pixel_norm_backward(input_grad(g, n, 0), n->out->grad, x->data,
+                        ((const PixelNormState *)n->state)->rnorm, x->shape[0], x->shape[1],
+                        rest_of(x));
+}
+
+Tensor *pixel_norm(Graph *g, Tensor *x) {
+    if (x->ndim < 2) fatal("pixel_norm: expected (N, C, ...), got %d dims", x->ndim);
+    Tensor *y = tensor_new(g, x->ndim, x->shape);
+    int N = x->shape[0], C = x->shape[1], HW = rest_of(x);
+    PixelNormState s = {arena_floats(&g->arena, (size_t)N * HW)};
+    pixel_norm_forward(y->data, s.rnorm, x->data, N, C, HW, 1e-8f);
+    if (wants_grad(g, x, NULL, NULL))
+        save_state(g, record(g, "pixel_norm", pixel_norm_node_backward, y, x, NULL, NULL), &s,
+                   sizeof s);
+    return y;
+}
+
+// ---------------------------------------------------------------------------
+// ---- op: minibatch standard deviation ----
+// DDGAN's discriminators (score_models/discriminator.py), StyleGAN2's layer
+// with stddev_feat 1: samples n = g * M + m (g < G groups, M = N / G; the
+// code's view(group, -1, ...)) form the groups {m, M + m, ...}; per m,
+// s_m = mean over (c, h, w) of sqrt(biased var over g + 1e-8), appended to
+// every sample n of the group as one more channel: (N, C + 1, H, W).
+// Backward: d x_{gM+m} = ds_m (x - mu) / (C H W G sd), ds_m summed over the
+// group's new channel.
+// ---------------------------------------------------------------------------
+void minibatch_std_forward(float *out, const float *inp, int N, int C, int HW, int G) {
+    int M = N / G;
+    size_t per = (size_t)C * HW;
+    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * (per + HW), inp + (size_t)n * per, per * sizeof(float));
+    for (int m = 0; m < M; m++) {
+        double sum = 0.0;
+        for (size_t i = 0; i < per; i++) {
+            double mu = 0.0, var = 0.0;
+            for (int g = 0; g < G; g++) mu += inp[(size_t)(g * M + m) * per + i];
+            mu /= G;
+            for (int g = 0; g < G; g++) {
+                double d = inp[(size_t)(g * M + m) * per + i] - mu;
+                var += d * d;
+            }
+            sum += sqrt(var / G + 1e-8);
+        }
+        float s = (float)(sum / per);
+        for (int g = 0; g < G; g++) {
+            float *o = out + (size_t)(g * M + m) * (per + HW) + per;
+            for (int p = 0; p < HW; p++) o[p] = s;
+        }
+    }
+}
+
+void minibatch_std_backward(float *dinp, const float *dout, const float *inp, int N, int C,
+                            int HW, int G) {
+    int M = N / G;
+    size_t per = (size_t)C * HW;
+    for (int n = 0; n < N; n++) {
+        const float *d = dout + (size_t)n * (per + HW);
+        float *dx = dinp + (size_t)n * per;
+        for (size_t i = 0; i < per; i++) dx[i] += d[i];
+    }
+    for (int m = 0; m < M; m++) {
+        double ds = 0.0;
+        for (int g = 0; g < G; g++) {
+            const float *d = dout + (size_t)(g * M + m) * (per + HW) + per;
+            for (int p = 0; p < HW; p++) ds += d[p];
+        }
+        ds /= (double)per;  // the mean over (c, h, w)
+        for (size_t i = 0; i < per; i++) {
+            double mu = 0.0, var = 0.0;
+            for (int g = 0; g < G; g++) mu += inp[(size_t)(g * M + m) * per + i];
+            mu /= G;
+            for (int g = 0; g < G; g++) {
+                double d = inp[(size_t)(g * M + m) * per + i] - mu;
+                var += d * d;
+            }
+            double k = ds / (G * sqrt(var / G + 1e-8));
+            for (int g = 0; g < G; g++) {
+                size_t j = (size_t)(g * M + m) * per + i;
+                dinp[j] += (float)(k * (inp[j] - mu));
+            }
+        }
+    }
+}
+
+typedef struct { int group; } MinibatchStdState;
+
+static void minibatch_std_node_backward(Graph *g, TapeNode *n) {
+    const Tensor *x = n->in[0];
+    minibatch_std_backward(input_grad(g, n, 0), n->out->grad, x->data, x->shape[0], x->shape[1],
+                           x->shape[2] * x->shape[3], ((const MinibatchStdState *)n->state)->group);
+}
+
+Tensor *minibatch_std(Graph *g, Tensor *x, int group) {
+    check_4d(x, "minibatch_std");
+    int N = x->shape[0];
+    if (group < 1 || N % group)
+        fatal("minibatch_std: a batch of %d does not split into groups of %d", N, group);
+    Tensor *y = tensor4(g, N, x->shape[1] + 1, x->shape[2], x->shape[3]);
+    minibatch_std_forward(y->data, x->data, N, x->shape[1], x->shape[2] * x->shape[3], group);
+    if (wants_grad(g, x, NULL, NULL)) {
+        MinibatchStdState s = {group};
+        save_state(g, record(g, "minibatch_std", minibatch_std_node_backward, y, x, NULL, NULL), &s,
+                   sizeof s);
+    }
+    return y;
 }
 
 // ---------------------------------------------------------------------------

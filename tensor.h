@@ -367,6 +367,7 @@ Tensor *tensor_tanh(Graph *g, Tensor *x);
 Tensor *tensor_exp(Graph *g, Tensor *x);
 Tensor *tensor_abs(Graph *g, Tensor *x);
 Tensor *leaky_relu(Graph *g, Tensor *x, float slope);  // x for x > 0, else slope * x
+Tensor *softplus(Graph *g, Tensor *x);         // log(1 + e^x), x above 20 (F.softplus)
 Tensor *softmax(Graph *g, Tensor *x);          // over the last axis (reference)
 Tensor *upsample2x(Graph *g, Tensor *x);       // nearest
 Tensor *avgpool2x2(Graph *g, Tensor *x);       // kernel 2, stride 2
@@ -403,13 +404,22 @@ Tensor *clamp(Graph *g, Tensor *x, float lo, float hi);  // gradient 0 where cli
 // gaussian_kl: KL against N(0, I), summed over (C, H, W): shape (N)
 Tensor *gaussian_sample(Graph *g, Tensor *moments, const float *eps);  // eps may be NULL
 Tensor *gaussian_kl(Graph *g, Tensor *moments);
+// score_sde's upfirdn2d: zeros inserted (up), padded by pad0 / pad1 (negative:
+// cropped), convolved with the K x K kernel (row-major; copied), every down-th
+// sample kept; side (S * up + pad0 + pad1 - K) / down + 1. No kernel gradient.
+Tensor *upfirdn2d(Graph *g, Tensor *x, const float *kernel, int K, int up, int down, int pad0,
+                  int pad1);
+Tensor *pixel_norm(Graph *g, Tensor *x);  // x / sqrt(mean over dim 1 of x^2 + 1e-8)
+// (N, C, H, W) -> (N, C + 1, H, W): the group standard deviation channel of
+// DDGAN's discriminators (groups {m, M + m, ...}, M = N / group)
+Tensor *minibatch_std(Graph *g, Tensor *x, int group);
 
 // ---------------------------------------------------------------------------
 // kernels: the layer under the graph ops, on raw pointers, for code that
 // wants no tape (and for tests that compare them with references).
 // Backward kernels accumulate (+=); a NULL gradient pointer is skipped.
 // ---------------------------------------------------------------------------
-enum { ACT_SILU, ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_EXP, ACT_ABS, ACT_LEAKY_RELU };
+enum { ACT_SILU, ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_EXP, ACT_ABS, ACT_LEAKY_RELU, ACT_SOFTPLUS };
 // out (N,OC,OH,OW) = inp (N,C,H,W) * weight (OC,C,K,K) + bias (OC); col is
 // scratch of conv2d_forward_scratch(...) floats (small maps are done several
 // images per GEMM, which needs more)
@@ -506,6 +516,19 @@ void gaussian_sample_backward(float *dmoments, const float *dz, const float *mom
 void gaussian_kl_forward(float *kl, const float *moments, int N, int C, int HW);
 void gaussian_kl_backward(float *dmoments, const float *dkl, const float *moments, int N, int C,
                           int HW);
+// P planes (H, W); see upfirdn2d
+void upfirdn2d_forward(float *out, const float *inp, const float *kernel, size_t P, int H, int W,
+                       int K, int up, int down, int pad0, int pad1);
+void upfirdn2d_backward(float *dinp, const float *dout, const float *kernel, size_t P, int H,
+                        int W, int K, int up, int down, int pad0, int pad1);
+// rnorm (N, HW) written by forward
+void pixel_norm_forward(float *out, float *rnorm, const float *inp, int N, int C, int HW,
+                        float eps);
+void pixel_norm_backward(float *dinp, const float *dout, const float *inp, const float *rnorm,
+                         int N, int C, int HW);
+void minibatch_std_forward(float *out, const float *inp, int N, int C, int HW, int G);
+void minibatch_std_backward(float *dinp, const float *dout, const float *inp, int N, int C,
+                            int HW, int G);
 // norm (N,HW) is written by forward and read by backward
 void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps);
 void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,

@@ -255,6 +255,18 @@ static Tensor *b_gaussian_kl(Graph *g, Tensor **in, const int *a) {
     (void)a;
     return gaussian_kl(g, in[0]);
 }
+static Tensor *b_softplus(Graph *g, Tensor **in, const int *a) { (void)a; return softplus(g, in[0]); }
+// an asymmetric 4x4 kernel (so a flipped tap would show) for upfirdn2d; a =
+// up, down, pad0, pad1
+static const float fir_test_kernel[16] = {0.1f, 0.3f, 0.2f, 0.05f, 0.4f, 0.9f, 0.6f, 0.2f,
+                                          0.3f, 0.7f, 0.8f, 0.1f, 0.05f, 0.2f, 0.3f, 0.15f};
+static Tensor *b_upfirdn(Graph *g, Tensor **in, const int *a) {
+    return upfirdn2d(g, in[0], fir_test_kernel, 4, a[0], a[1], a[2], a[3]);
+}
+static Tensor *b_pixel_norm(Graph *g, Tensor **in, const int *a) { (void)a; return pixel_norm(g, in[0]); }
+static Tensor *b_minibatch_std(Graph *g, Tensor **in, const int *a) {
+    return minibatch_std(g, in[0], a[0]);
+}
 // a chain like one improved-diffusion ResBlock half: GN -> SiLU -> conv, FiLM, residual
 static Tensor *b_chain(Graph *g, Tensor **in, const int *a) {
     (void)a;
@@ -345,6 +357,17 @@ static const GradCase grad_cases[] = {
     {"batchnorm2d eval", b_batchnorm, {1}, 3, {T4(2, 3, 4, 5), T1(3), T1(3)}, 1e-2},
     {"gaussian_sample", b_gaussian_sample, {0}, 1, {T4(2, 6, 3, 4)}, 1e-2},
     {"gaussian_kl", b_gaussian_kl, {0}, 1, {T4(2, 6, 3, 4)}, 1e-2},
+    // the denoising-diffusion GAN's: FIR resampling (score_sde's upsample_2d
+    // pads (2, 1), downsample_2d (1, 1); a crop), softplus, PixelNorm, the
+    // minibatch standard deviation (8 samples: two groups of 4)
+    {"upfirdn2d up 2 pad (2, 1)", b_upfirdn, {2, 1, 2, 1}, 1, {T4(2, 3, 4, 5)}, 1e-2},
+    {"upfirdn2d down 2 pad (1, 1)", b_upfirdn, {1, 2, 1, 1}, 1, {T4(2, 3, 8, 6)}, 1e-2},
+    {"upfirdn2d pad (-1, 2) (a crop)", b_upfirdn, {1, 1, -1, 2}, 1, {T4(1, 2, 6, 7)}, 1e-2},
+    {"softplus", b_softplus, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
+    {"pixel_norm (N, C)", b_pixel_norm, {0}, 1, {T2(3, 7)}, 1e-2},
+    {"pixel_norm (N, C, H, W)", b_pixel_norm, {0}, 1, {T4(2, 5, 2, 3)}, 1e-2},
+    {"minibatch_std 8 samples, groups of 4", b_minibatch_std, {4}, 1, {T4(8, 3, 2, 3)}, 1e-2},
+    {"minibatch_std 3 samples, one group", b_minibatch_std, {3}, 1, {T4(3, 2, 3, 2)}, 1e-2},
     {"qkv_attention", b_qkv_attention, {0}, 1, {T3(3, 6, 5)}, 1e-2},
     {"upsample2x", b_upsample, {0}, 1, {T4(2, 3, 3, 5)}, 1e-2},
     {"avgpool2x2", b_avgpool, {0}, 1, {T4(2, 3, 4, 6)}, 1e-2},
@@ -1171,6 +1194,56 @@ static void test_tie_rules(void) {
                 "a tie goes to the first pixel, a NaN wins, d|x|/dx(0) = 0");
 }
 
+// upfirdn2d against closed forms: the full 2-D convolution of [[1,2],[3,4]]
+// with itself (pads 1, 1), the 2x2 box kernel upsampling by 2 (pads 1, 0) as
+// nearest upsample2x and downsampling by 2 (box / 4, no pad) as avgpool2x2;
+// FIR [1,3,3,1] (outer product / 64 x gain 4, upsample_2d's) keeps a constant
+// map constant away from the border. PixelNorm: mean square 1 per sample;
+// minibatch std: a group of equal samples gives sqrt(1e-8), one of samples
+// +-1 gives 1.
+static void test_gan_ops_values(void) {
+    float x[4] = {1, 2, 3, 4}, y[9];
+    upfirdn2d_forward(y, x, x, 1, 2, 2, 2, 1, 1, 1, 1);
+    const float full[9] = {1, 4, 4, 6, 20, 16, 9, 24, 16};
+    double e = 0.0;
+    for (int i = 0; i < 9; i++) e = fmax(e, fabs(y[i] - full[i]));
+    Rng r;
+    rng_seed(&r, 3, 4);
+    float in[2 * 5 * 6], up[2 * 10 * 12], near[2 * 10 * 12], dn[2 * 5 * 6 / 4], avg[2 * 5 * 6 / 4];
+    rng_fill_normal(&r, in, 60, 0, 1);
+    const float box[4] = {1, 1, 1, 1}, quarter[4] = {0.25f, 0.25f, 0.25f, 0.25f};
+    upfirdn2d_forward(up, in, box, 2, 5, 6, 2, 2, 1, 1, 0);
+    upsample2x_forward(near, in, 2, 5, 6);
+    for (int i = 0; i < 240; i++) e = fmax(e, fabs(up[i] - near[i]));
+    float in4[2 * 4 * 6];
+    rng_fill_normal(&r, in4, 48, 0, 1);
+    upfirdn2d_forward(dn, in4, quarter, 2, 4, 6, 2, 1, 2, 0, 0);
+    avgpool2x2_forward(avg, in4, 2, 4, 6);
+    for (int i = 0; i < 12; i++) e = fmax(e, fabs(dn[i] - avg[i]));
+    float fir[16], ones[36], o[144];
+    const float k1[4] = {1, 3, 3, 1};
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) fir[i * 4 + j] = k1[i] * k1[j] / 64.0f * 4.0f;
+    for (int i = 0; i < 36; i++) ones[i] = 1.0f;
+    upfirdn2d_forward(o, ones, fir, 1, 6, 6, 4, 2, 1, 2, 1);
+    for (int i = 2; i < 10; i++)
+        for (int j = 2; j < 10; j++) e = fmax(e, fabs(o[i * 12 + j] - 1.0f));
+    float pn_in[6] = {3, -4, 0.5f, 1, 2, -2}, pn[6], rn[2], ms = 0.0f;
+    pixel_norm_forward(pn, rn, pn_in, 2, 3, 1, 1e-8f);
+    for (int i = 0; i < 3; i++) ms += pn[i] * pn[i];
+    double e_pn = fabs(ms / 3 - 1.0);
+    float mb_in[8 * 2] = {1, 2, -1, 5, 1, 2, 1, 5, 1, 2, -1, 5, 1, 2, 1, 5}, mb[8 * 3];
+    minibatch_std_forward(mb, mb_in, 8, 2, 1, 4);  // M = 2: groups {0,2,4,6} and {1,3,5,7}
+    // group m=0: samples 0,2,4,6 = (1,2),(1,2),(1,2),(1,2): sd 1e-4; m=1: (-1,5),(1,5),(-1,5),(1,5):
+    // sd 1 and 1e-4, mean 0.50005
+    double e_mb = fmax(fabs(mb[2] - 1e-4), fabs(mb[5] - 0.50005));
+    e_mb = fmax(e_mb, fabs(mb[3 * 6 + 2] - 1e-4));
+    test_result(e < 1e-5 && e_pn < 1e-6 && e_mb < 1e-6,
+                "upfirdn2d, pixel_norm, minibatch_std vs closed forms",
+                "full convolution, nearest upsampling, 2x2 average, FIR on a constant: max err "
+                "%.1e; mean square %.1e; group std %.1e", e, e_pn, e_mb);
+}
+
 static void test_inference_kernels(void) {
     // N, C, H, W, OC, KH, KW, stride, PH, PW: Inception's 1x7 / 7x1 at 17x17
     // (several images per GEMM), 1x3 / 3x1 at 8x8, odd maps, stride 2, and
@@ -1654,6 +1727,7 @@ int main(int argc, char **argv) {
     test_gemm();
     test_gradchecks();
     test_tie_rules();
+    test_gan_ops_values();
     test_detach();
     test_no_grad();
     test_fused_equal_composed();
