@@ -879,6 +879,37 @@ static void test_goldens(void) {
         free(z);
         free(dm);
     }
+    // FIR resampling as score_sde's upsample_2d / downsample_2d call upfirdn2d
+    // (pads (2, 1) with up 2, (1, 1) with down 2), and a crop: forward and
+    // input gradient within 1e-6 of their max
+    const char *firs[3] = {"fir_up", "fir_down", "upfirdn_crop"};
+    const int fir_arg[3][4] = {{2, 1, 2, 1}, {1, 2, 1, 1}, {1, 1, -1, 2}};
+    for (int i = 0; i < 3; i++) {
+        graph_reset(&g);
+        Tensor *x = golden(&g, firs[i], "x", 1), *k = golden(&g, firs[i], "kernel", 0);
+        Tensor *ref = golden(&g, firs[i], "out", 0), *dout = golden(&g, firs[i], "dout", 0);
+        Tensor *y = upfirdn2d(&g, x, k->data, k->shape[0], fir_arg[i][0], fir_arg[i][1],
+                              fir_arg[i][2], fir_arg[i][3]);
+        double ef = same_shape(y, ref) ? compare("out", y->data, ref->data, ref->size, 1e-6) : INFINITY;
+        graph_backward(&g, y, dout->data);
+        double eb = compare("dx", x->grad, golden(&g, firs[i], "dx", 0)->data, x->size, 1e-6);
+        char tname[96];
+        snprintf(tname, sizeof tname, "golden %s (upfirdn2d)", firs[i]);
+        test_result(ef <= 1e-6 && eb <= 1e-6, tname, "forward err %.1e, gradient err %.1e (tol 1e-6)",
+                    ef, eb);
+    }
+    {   // softplus (one input past the threshold), PixelNorm, the minibatch std
+        graph_reset(&g);
+        Tensor *in[1] = {golden(&g, "softplus", "x", 1)};
+        const char *names[1] = {"x"};
+        golden_check(&g, "softplus", softplus(&g, in[0]), in, names, 1);
+        graph_reset(&g);
+        in[0] = golden(&g, "pixel_norm", "x", 1);
+        golden_check(&g, "pixel_norm", pixel_norm(&g, in[0]), in, names, 1);
+        graph_reset(&g);
+        in[0] = golden(&g, "minibatch_std", "x", 1);
+        golden_check(&g, "minibatch_std", minibatch_std(&g, in[0], 4), in, names, 1);
+    }
     graph_free(&g);
     st_free(&goldens);
 }

@@ -126,6 +126,29 @@ mean, logvar = torch.chunk(m, 2, dim=1)
 logvar = torch.clamp(logvar, -30.0, 20.0)
 record("gaussian_sample", mean + torch.exp(0.5 * logvar) * eps, {"moments": m})
 
+# ---- the denoising-diffusion GAN's ops (LDDGAN stage two; tools/lddgan_ref.py) ----
+import lddgan_ref as D  # noqa: E402
+# FIR up- and downsampling as NCSN++ and DDGAN's discriminators call them
+# ([1, 3, 3, 1], factor 2), and a crop with an asymmetric kernel
+x = leaf(2, 3, 5, 6)
+record("fir_up", D.upsample_2d(x), {"x": x})
+G["fir_up.kernel"] = D.fir_kernel((1, 3, 3, 1)) * 4
+x = leaf(2, 3, 8, 6)
+record("fir_down", D.downsample_2d(x), {"x": x})
+G["fir_down.kernel"] = D.fir_kernel((1, 3, 3, 1))
+x = leaf(1, 2, 6, 7)
+kk = torch.rand(3, 3)
+record("upfirdn_crop", D.upfirdn2d(x, kk, 1, 1, -1, 2), {"x": x})
+G["upfirdn_crop.kernel"] = kk
+x = leaf(2, 3, 4, 5, scale=4.0)
+with torch.no_grad():
+    x[0, 0, 0, 0] = 25.0  # above softplus's threshold 20
+record("softplus", F.softplus(x), {"x": x})
+x = leaf(4, 6)
+record("pixel_norm", D.pixel_norm(x), {"x": x})
+x = leaf(8, 3, 2, 3)
+record("minibatch_std", D.minibatch_std(x, 4), {"x": x})
+
 
 def write_png(path, arr):
     """An 8-bit PNG written with zlib level 9 (dynamic Huffman blocks) and row
