@@ -419,6 +419,26 @@ void ae_generator_grads(AETrainer *t, const float *x, int n, long step, const fl
 int ae_discriminator_grads(AETrainer *t, const float *x, int n, long step, const float *eps,
                            AELossTerms *terms);
 
+// Stage two, the denoising-diffusion GAN (LDDGAN's diffusion.py): T large
+// steps; index 0..T of the pairs' chain, t = 0..T-1 of the posterior (the
+// step x_{t+1} -> x_t). Float32 values as the official code computes them.
+#define GAN_MAX_T 64
+typedef struct {
+    int T;
+    float betas[GAN_MAX_T + 1], sigmas[GAN_MAX_T + 1], a_s[GAN_MAX_T + 1];
+    float a_s_cum[GAN_MAX_T + 1], sigmas_cum[GAN_MAX_T + 1];
+    float post_var[GAN_MAX_T], post_coef1[GAN_MAX_T], post_coef2[GAN_MAX_T];
+    float post_log_var[GAN_MAX_T];
+} GanSchedule;
+// the VP schedule of beta_min, beta_max (LDDGAN: 0.1, 20; T 4)
+void gan_schedule_init(GanSchedule *s, int T, double beta_min, double beta_max);
+// n samples of per floats: x_t and x_{t+1} for each sample's t (0..T-1) and noises
+void gan_q_sample_pairs(const GanSchedule *s, const float *x0, const int *t, const float *eps1,
+                        const float *eps2, int n, size_t per, float *x_t, float *x_tp1);
+// x_t from the prediction x0 (a graph op in x0), x_{t+1} and noise eps
+Tensor *gan_sample_posterior(Graph *g, const GanSchedule *s, Tensor *x0, const float *x_tp1,
+                             const int *t, const float *eps);
+
 // ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).
 // Readers return -1 (or NULL) with a message naming the file in err, and

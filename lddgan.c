@@ -813,3 +813,81 @@ int ae_discriminator_grads(AETrainer *t, const float *x, int n, long step, const
     terms->logits_fake = sf / (double)fake->size;
     return 1;
 }
+
+// ---------------------------------------------------------------------------
+// ---- stage two: the denoising-diffusion GAN's diffusion ----
+// LDDGAN's diffusion.py (DDGAN's train_ddgan.py): T large steps of a VP
+// process; see tools/lddgan_facts.md section 3 and tools/lddgan_ref.py. The
+// code computes the schedule in float64, casts the betas to float32 and
+// derives everything else in float32; so do we, operation for operation.
+// ---------------------------------------------------------------------------
+void gan_schedule_init(GanSchedule *s, int T, double beta_min, double beta_max) {
+    if (T < 1 || T > GAN_MAX_T) fatal("gan schedule: T = %d is outside 1..%d", T, GAN_MAX_T);
+    memset(s, 0, sizeof *s);
+    s->T = T;
+    double abar[GAN_MAX_T + 1];
+    for (int i = 0; i <= T; i++) {  // get_sigma_schedule: t_i = i / T * (1 - 1e-3) + 1e-3, var_func_vp
+        double t = (double)i / T * (1.0 - 1e-3) + 1e-3;
+        double log_mean = -0.25 * t * t * (beta_max - beta_min) - 0.5 * t * beta_min;
+        abar[i] = 1.0 - (1.0 - exp(2.0 * log_mean));
+    }
+    s->betas[0] = 1e-8f;
+    for (int i = 1; i <= T; i++) s->betas[i] = (float)(1.0 - abar[i] / abar[i - 1]);
+    float cum = 1.0f;
+    for (int i = 0; i <= T; i++) {  // Diffusion_Coefficients
+        s->sigmas[i] = sqrtf(s->betas[i]);
+        s->a_s[i] = sqrtf(1.0f - s->betas[i]);
+        cum *= s->a_s[i];
+        s->a_s_cum[i] = cum;
+        s->sigmas_cum[i] = sqrtf(1.0f - cum * cum);
+    }
+    float ac_prev = 1.0f;
+    for (int t = 0; t < T; t++) {  // Posterior_Coefficients, from betas[1:]
+        float b = s->betas[t + 1], alpha = 1.0f - b, ac = ac_prev * alpha;
+        float var = b * (1.0f - ac_prev) / (1.0f - ac);
+        s->post_var[t] = var;
+        s->post_coef1[t] = b * sqrtf(ac_prev) / (1.0f - ac);
+        s->post_coef2[t] = (1.0f - ac_prev) * sqrtf(alpha) / (1.0f - ac);
+        s->post_log_var[t] = logf(var > 1e-20f ? var : 1e-20f);
+        ac_prev = ac;
+    }
+}
+
+static void check_steps(const int *t, int n, int hi, const char *what) {
+    for (int i = 0; i < n; i++)
+        if (t[i] < 0 || t[i] > hi) fatal("%s: step %d of sample %d is outside 0..%d", what, t[i], i, hi);
+}
+
+// q_sample_pairs: x_t = a_cum[t] x0 + sigma_cum[t] eps2, x_{t+1} = a[t+1] x_t
+// + sigma[t+1] eps1, t in 0..T-1 per sample (per floats each)
+void gan_q_sample_pairs(const GanSchedule *s, const float *x0, const int *t, const float *eps1,
+                        const float *eps2, int n, size_t per, float *x_t, float *x_tp1) {
+    check_steps(t, n, s->T - 1, "q_sample_pairs");
+    for (int i = 0; i < n; i++) {
+        float ac = s->a_s_cum[t[i]], sc = s->sigmas_cum[t[i]], a = s->a_s[t[i] + 1],
+              sg = s->sigmas[t[i] + 1];
+        for (size_t k = i * per; k < (i + 1) * per; k++) {
+            x_t[k] = ac * x0[k] + sc * eps2[k];
+            x_tp1[k] = a * x_t[k] + sg * eps1[k];
+        }
+    }
+}
+
+// sample_posterior: x_t = coef1[t] x0' + coef2[t] x_{t+1} + [t != 0]
+// exp(log_var[t] / 2) eps; a graph op in x0' (the G step backpropagates
+// through it into the generator); x_tp1 and eps take no gradient
+Tensor *gan_sample_posterior(Graph *g, const GanSchedule *s, Tensor *x0, const float *x_tp1,
+                             const int *t, const float *eps) {
+    int n = x0->shape[0];
+    size_t per = x0->size / (size_t)n;
+    check_steps(t, n, s->T - 1, "sample_posterior");
+    int cs[4] = {n, 1, 1, 1};
+    Tensor *c1 = tensor_new(g, 4, cs), *rest = tensor_new(g, x0->ndim, x0->shape);
+    for (int i = 0; i < n; i++) {
+        int ti = t[i];
+        c1->data[i] = s->post_coef1[ti];
+        float c2 = s->post_coef2[ti], sd = ti ? expf(0.5f * s->post_log_var[ti]) : 0.0f;
+        for (size_t k = i * per; k < (i + 1) * per; k++) rest->data[k] = c2 * x_tp1[k] + sd * eps[k];
+    }
+    return add(g, mul(g, x0, c1), rest);
+}

@@ -458,6 +458,67 @@ static void test_ae_file(void) {
     ae_free(&a);
 }
 
+// Stage two's diffusion against tools/lddgan_ref.py (tests/goldens/gan.safetensors):
+// the T = 4 schedule's every coefficient (the official float32 values:
+// betas 0.478255302 ... 0.987403929, tools/lddgan_facts.md section 3), a batch
+// of q_sample_pairs and of sample_posterior with torch's noise (t = 0 has no
+// noise), and the posterior's gradient in x0 (coef1[t] per sample)
+static void test_gan_diffusion(void) {
+    StFile f;
+    char err[512];
+    if (st_read("tests/goldens/gan.safetensors", &f, err, sizeof err) != 0) {
+        test_result(0, "GAN golden file", "%s", err);
+        return;
+    }
+    GanSchedule s;
+    gan_schedule_init(&s, 4, 0.1, 20.0);
+    struct { const char *name; const float *v; int n; } arrays[] = {
+        {"betas", s.betas, 5}, {"sigmas", s.sigmas, 5}, {"a_s", s.a_s, 5},
+        {"a_s_cum", s.a_s_cum, 5}, {"sigmas_cum", s.sigmas_cum, 5},
+        {"posterior_variance", s.post_var, 4}, {"posterior_mean_coef1", s.post_coef1, 4},
+        {"posterior_mean_coef2", s.post_coef2, 4},
+        {"posterior_log_variance_clipped", s.post_log_var, 4},
+    };
+    double es = 0.0;
+    for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) {
+        char key[96];
+        snprintf(key, sizeof key, "schedule/%s", arrays[i].name);
+        const StEntry *e = st_find(&f, key);
+        if (!e || (int)e->size != arrays[i].n) fatal("gan golden: %s", key);
+        for (int k = 0; k < arrays[i].n; k++)  // relative, the log variance's -46 included
+            es = fmax(es, fabs(arrays[i].v[k] - e->data[k]) / fmax(1.0, fabs(e->data[k])));
+    }
+    const StEntry *et = st_find(&f, "diffusion/t"), *x0 = st_find(&f, "diffusion/x0");
+    int n = (int)et->size, t[16];
+    size_t per = x0->size / (size_t)n;
+    for (int i = 0; i < n; i++) t[i] = (int)et->data[i];
+    float *x_t = mallocCheck(x0->size * sizeof(float)), *x_tp1 = mallocCheck(x0->size * sizeof(float));
+    gan_q_sample_pairs(&s, x0->data, t, st_find(&f, "diffusion/eps1")->data,
+                       st_find(&f, "diffusion/eps2")->data, n, per, x_t, x_tp1);
+    double ep = fmax(rel_to_max(x_t, st_find(&f, "diffusion/x_t")->data, x0->size),
+                     rel_to_max(x_tp1, st_find(&f, "diffusion/x_tp1")->data, x0->size));
+    Graph g;
+    graph_init(&g, 0, 0);
+    const StEntry *xp = st_find(&f, "diffusion/x0_pred");
+    Tensor *x0p = tensor_from(&g, xp->ndim, xp->shape, xp->data);
+    x0p->requires_grad = 1;
+    Tensor *post = gan_sample_posterior(&g, &s, x0p, st_find(&f, "diffusion/x_tp1")->data, t,
+                                        st_find(&f, "diffusion/eps3")->data);
+    double eq = rel_to_max(post->data, st_find(&f, "diffusion/posterior")->data, post->size);
+    graph_backward(&g, sum_all(&g, post), NULL);
+    double eg = 0.0;
+    for (int i = 0; i < n; i++)
+        for (size_t k = 0; k < per; k++) eg = fmax(eg, fabs(x0p->grad[i * per + k] - s.post_coef1[t[i]]));
+    test_result(es <= 1e-6 && ep <= 1e-6 && eq <= 1e-6 && eg == 0.0,
+                "GAN diffusion (T = 4) vs PyTorch: schedule, q_sample_pairs, sample_posterior",
+                "schedule %.1e, pairs %.1e, posterior %.1e of their max (tol 1e-6); d/dx0 = coef1[t] exactly",
+                es, ep, eq);
+    graph_free(&g);
+    free(x_t);
+    free(x_tp1);
+    st_free(&f);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0 || strcmp(argv[i], "--emulated") == 0) test_quick = 1;
@@ -467,6 +528,7 @@ int main(int argc, char **argv) {
     test_param_counts();
     test_autoencoder_goldens();
     test_ae_file();
+    test_gan_diffusion();
     pool_shutdown();
     sgemm_free_buffers();
     return test_failed_count ? 1 : 0;

@@ -65,3 +65,49 @@ def minibatch_std(x, group=4):
     s = torch.sqrt(s.var(0, unbiased=False) + 1e-8)
     s = s.mean([2, 3, 4], keepdim=True).squeeze(2)
     return torch.cat([x, s.repeat(G, 1, H, W)], 1)
+
+
+# ---- the diffusion (LDDGAN's diffusion.py, the same as DDGAN's train_ddgan.py) ----
+def gan_schedule(T=4, beta_min=0.1, beta_max=20.0):
+    """get_sigma_schedule and the coefficients built on it, as the code computes them:
+    t_i = i / T * (1 - 1e-3) + 1e-3 (float64); var_vp(t) = 1 - exp(2 (-0.25 t^2 (b_max -
+    b_min) - 0.5 t b_min)); alpha_bar = 1 - var; beta_i = 1 - alpha_bar_i / alpha_bar_{i-1}
+    (i >= 1), beta_0 = 1e-8; cast to float32; sigma = sqrt(beta), a = sqrt(1 - beta);
+    a_cum = cumprod(a), sigma_cum = sqrt(1 - a_cum^2) (the pairs' marginals, index 0..T);
+    the posterior of step t (x_{t+1} -> x_t, t = 0..T-1) from betas[1:]: var = beta (1 -
+    abar_prev) / (1 - abar), coef1 = beta sqrt(abar_prev) / (1 - abar), coef2 = (1 -
+    abar_prev) sqrt(alpha) / (1 - abar), log_var = log(max(var, 1e-20)); float32 ops."""
+    t = torch.from_numpy(np.arange(0, T + 1, dtype=np.float64) / T) * (1.0 - 1e-3) + 1e-3
+    log_mean = -0.25 * t ** 2 * (beta_max - beta_min) - 0.5 * t * beta_min
+    abar = 1.0 - (1.0 - torch.exp(2.0 * log_mean))
+    betas = 1 - abar[1:] / abar[:-1]
+    betas = torch.cat((torch.tensor([1e-8], dtype=torch.float64), betas)).float()
+    s = dict(betas=betas, sigmas=betas ** 0.5, a_s=torch.sqrt(1 - betas))
+    s["a_s_cum"] = torch.from_numpy(np.cumprod(s["a_s"].numpy()))
+    s["sigmas_cum"] = torch.sqrt(1 - s["a_s_cum"] ** 2)
+    b = betas[1:]
+    alphas = 1 - b
+    ac = torch.cumprod(alphas, 0)
+    ac_prev = torch.cat((torch.tensor([1.0]), ac[:-1]), 0)
+    var = b * (1 - ac_prev) / (1 - ac)
+    s["posterior_variance"] = var
+    s["posterior_mean_coef1"] = b * torch.sqrt(ac_prev) / (1 - ac)
+    s["posterior_mean_coef2"] = (1 - ac_prev) * torch.sqrt(alphas) / (1 - ac)
+    s["posterior_log_variance_clipped"] = torch.log(var.clamp(min=1e-20))
+    return s
+
+
+def q_sample_pairs(s, x0, t, eps1, eps2):
+    """x_t = a_cum[t] x0 + sigma_cum[t] eps2; x_{t+1} = a[t+1] x_t + sigma[t+1] eps1
+    (the code draws eps1 first, then q_sample draws eps2)."""
+    v = lambda a, i: a[i].view(-1, 1, 1, 1)  # noqa: E731
+    x_t = v(s["a_s_cum"], t) * x0 + v(s["sigmas_cum"], t) * eps2
+    return x_t, v(s["a_s"], t + 1) * x_t + v(s["sigmas"], t + 1) * eps1
+
+
+def sample_posterior(s, x0, x_tp1, t, eps):
+    """coef1[t] x0' + coef2[t] x_{t+1} + (t != 0) exp(log_var[t] / 2) eps."""
+    v = lambda a: a[t].view(-1, 1, 1, 1)  # noqa: E731
+    mean = v(s["posterior_mean_coef1"]) * x0 + v(s["posterior_mean_coef2"]) * x_tp1
+    mask = (1 - (t == 0).float()).view(-1, 1, 1, 1)
+    return mean + mask * torch.exp(0.5 * v(s["posterior_log_variance_clipped"])) * eps
