@@ -1406,6 +1406,50 @@ void graph_backward(Graph *g, Tensor *out, const float *dout) {
     tape_backward(g, out);
 }
 
+// ---- double backward ----
+// graph_grad: which tensors depend on x (a pass over the tape in creation
+// order), then the tape from its last node back, each node on that path
+// adding its inputs' gradient tensors through its vjp, which records graph
+// ops (appended to the same tape: its first pass ends where it began).
+static Tensor *base_of(Tensor *t) {
+    while (t->view_of) t = t->view_of;
+    return t;
+}
+
+void node_vjp_add(Graph *g, Tensor *t, Tensor *d) {
+    Tensor *b = base_of(t);
+    if (!b->on_path) return;
+    if (d->size != b->size) fatal("graph_grad: a gradient of %zu elements for %zu", d->size, b->size);
+    if (!same_shape(d, b)) d = reshape(g, d, b->ndim, b->shape);
+    b->dgraph = b->dgraph ? add(g, b->dgraph, d) : d;
+}
+
+Tensor *graph_grad(Graph *g, Tensor *out, Tensor *x) {
+    if (out->size != 1) fatal("graph_grad: the output has %zu elements; it must be a scalar", out->size);
+    size_t n = 0;
+    for (TapeNode *nd = g->last; nd; nd = nd->prev) n++;
+    TapeNode **order = arena_alloc(&g->arena, (n ? n : 1) * sizeof *order);
+    size_t k = n;
+    for (TapeNode *nd = g->last; nd; nd = nd->prev) order[--k] = nd;
+    base_of(x)->on_path = 1;
+    for (size_t i = 0; i < n; i++)  // creation order: a node's inputs before it
+        for (int j = 0; j < 5; j++)
+            if (order[i]->in[j] && base_of(order[i]->in[j])->on_path) order[i]->out->on_path = 1;
+    Tensor *o = base_of(out);
+    if (!o->on_path) return tensor_zeros(g, x->ndim, x->shape);
+    o->dgraph = scale_shift(g, tensor_zeros(g, o->ndim, o->shape), 0.0f, 1.0f);  // d out / d out = 1
+    for (size_t i = n; i-- > 0;) {
+        TapeNode *nd = order[i];
+        Tensor *dy = nd->out->dgraph;
+        if (!nd->out->on_path || !dy) continue;
+        if (!nd->vjp) fatal("graph_grad: op '%s' has no differentiable backward (vjp)", nd->op);
+        nd->vjp(g, nd, dy);
+    }
+    Tensor *d = base_of(x)->dgraph;
+    if (!d) return tensor_zeros(g, x->ndim, x->shape);
+    return same_shape(d, x) ? d : reshape(g, d, x->ndim, x->shape);
+}
+
 // the tape from its last node back, out->grad seeded
 static void tape_backward(Graph *g, Tensor *out) {
     // Nodes run in reverse order of creation, so when a tensor's producer
@@ -2396,6 +2440,20 @@ static void conv2d_add_node_backward(Graph *g, TapeNode *n) {
     }
 }
 
+// conv2d as graph ops (graph_grad): dx = conv2d_transpose(dy, w), the
+// residual's gradient dy; a weight, bias or shift that depends on the
+// input is not supported (no model needs it)
+static void conv2d_vjp(Graph *g, TapeNode *n, Tensor *dy) {
+    const ConvState *s = n->state;
+    Tensor *x = n->in[0], *w = n->in[1];
+    if (base_of(w)->on_path || (n->in[2] && base_of(n->in[2])->on_path) ||
+        (n->in[3] && base_of(n->in[3])->on_path))
+        fatal("graph_grad: %s with a weight, bias or shift that depends on the input", n->op);
+    if (base_of(x)->on_path)
+        node_vjp_add(g, x, conv2d_transpose(g, dy, w, x->shape[2], x->shape[3], s->stride, s->pad));
+    if (n->in[4]) node_vjp_add(g, n->in[4], dy);
+}
+
 Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Tensor *residual,
                    int stride, int pad) {
     check_4d(x, "conv2d");
@@ -2429,8 +2487,56 @@ Tensor *conv2d_add(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *shift, Ten
         save_state(g, nd, &s, sizeof s);
         nd->in[3] = shift;
         nd->in[4] = residual;
+        nd->vjp = conv2d_vjp;
     }
     return y;
+}
+
+// ---- conv2d_transpose: conv2d's input gradient as an op of its own ----
+// z = J^T dy, linear in dy and in w. Its backward: d(dy) = conv2d(dz, w) (the
+// convolution itself) and dw[o,c,k] = sum_p dy[o,p] dz[c, p s + k - pad],
+// conv2d's weight gradient with dz in the input's place.
+static void conv2d_transpose_node_backward(Graph *g, TapeNode *n) {
+    const ConvState *s = n->state;
+    Tensor *dy = n->in[0], *w = n->in[1];
+    int N = dy->shape[0], OC = w->shape[0], C = w->shape[1], K = w->shape[2],
+        H = n->out->shape[2], W = n->out->shape[3];
+    float *ddy = input_grad(g, n, 0), *dw = input_grad(g, n, 1);
+    const float *dz = n->out->grad;
+    ArenaMark m = arena_mark(&g->arena);
+    if (ddy) {
+        float *t = arena_floats(&g->arena, dy->size);
+        float *col = arena_floats(&g->arena, conv2d_forward_scratch(N, C, H, W, OC, K, s->stride, s->pad));
+        conv2d_forward(t, dz, w->data, NULL, col, N, C, H, W, OC, K, s->stride, s->pad);
+        for (size_t i = 0; i < dy->size; i++) ddy[i] += t[i];
+    }
+    if (dw) {
+        float *col = arena_floats(&g->arena, conv2d_backward_scratch(N, C, H, W, OC, K, s->stride, s->pad));
+        conv2d_backward(NULL, dw, NULL, dy->data, dz, w->data, col, N, C, H, W, OC, K, s->stride,
+                        s->pad);
+    }
+    arena_release(&g->arena, m);
+}
+
+Tensor *conv2d_transpose(Graph *g, Tensor *dy, Tensor *w, int H, int W, int stride, int pad) {
+    check_4d(dy, "conv2d_transpose");
+    int N = dy->shape[0], OC = w->shape[0], C = w->shape[1], K = w->shape[2];
+    if (w->ndim != 4 || dy->shape[1] != OC || dy->shape[2] != conv_out_size(H, K, stride, pad) ||
+        dy->shape[3] != conv_out_size(W, K, stride, pad))
+        fatal("conv2d_transpose: dy does not fit the weight and a %dx%d input", H, W);
+    Tensor *z = tensor_zeros(g, 4, (int[4]){N, C, H, W});
+    ArenaMark m = arena_mark(&g->arena);
+    float *col = arena_floats(&g->arena, conv2d_backward_scratch(N, C, H, W, OC, K, stride, pad));
+    // (no weight gradient asked for: the input pointer is not read)
+    conv2d_backward(z->data, NULL, NULL, dy->data, z->data, w->data, col, N, C, H, W, OC, K,
+                    stride, pad);
+    arena_release(&g->arena, m);
+    if (wants_grad(g, dy, w, NULL)) {
+        ConvState s = {.stride = stride, .pad = pad};
+        save_state(g, record(g, "conv2d_transpose", conv2d_transpose_node_backward, z, dy, w, NULL),
+                   &s, sizeof s);
+    }
+    return z;
 }
 
 // relu(conv2d(x)): the ReLU works in place on the convolution's output and
@@ -2633,6 +2739,15 @@ static void linear_node_backward(Graph *g, TapeNode *n) {
                     x->data, w->data, x->shape[0], w->shape[1], w->shape[0]);
 }
 
+// as graph ops: dx (N,IN) = dy (N,OUT) @ w (OUT,IN), a matmul
+static void linear_vjp(Graph *g, TapeNode *n, Tensor *dy) {
+    Tensor *x = n->in[0], *w = n->in[1];
+    if (base_of(w)->on_path || (n->in[2] && base_of(n->in[2])->on_path))
+        fatal("graph_grad: linear with a weight or bias that depends on the input");
+    int sd[3] = {1, dy->shape[0], dy->shape[1]}, sw[3] = {1, w->shape[0], w->shape[1]};
+    node_vjp_add(g, x, matmul(g, reshape(g, dy, 3, sd), reshape(g, w, 3, sw), 0, 0));
+}
+
 Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b) {
     if (x->ndim != 2 || w->ndim != 2 || w->shape[1] != x->shape[1] ||
         (b && (int)b->size != w->shape[0])) {
@@ -2644,7 +2759,7 @@ Tensor *linear(Graph *g, Tensor *x, Tensor *w, Tensor *b) {
     int s[2] = {x->shape[0], w->shape[0]};
     Tensor *y = tensor_new(g, 2, s);
     linear_forward(y->data, x->data, w->data, data_of(b), x->shape[0], x->shape[1], w->shape[0]);
-    if (wants_grad(g, x, w, b)) record(g, "linear", linear_node_backward, y, x, w, b);
+    if (wants_grad(g, x, w, b)) record(g, "linear", linear_node_backward, y, x, w, b)->vjp = linear_vjp;
     return y;
 }
 
@@ -3749,12 +3864,24 @@ static void activation_node_backward(Graph *g, TapeNode *n) {
                  s->act, s->slope);
 }
 
+// as graph ops, for the piecewise-linear ones: dx = dy * f'(x), f'(x) a
+// constant (1, 0 or the slope) wherever it is defined
+static void activation_vjp(Graph *g, TapeNode *n, Tensor *dy) {
+    const ActState *s = n->state;
+    Tensor *x = n->in[0], *mask = tensor_new(g, x->ndim, x->shape);
+    Act a = {NULL, x->data, NULL, NULL, s->act, s->slope};
+    for (size_t i = 0; i < x->size; i++) mask->data[i] = act_grad(&a, i);
+    node_vjp_add(g, x, mul(g, dy, mask));
+}
+
 static Tensor *activation(Graph *g, Tensor *x, int act, float slope, const char *name) {
     Tensor *y = tensor_new(g, x->ndim, x->shape);
     act_forward(y->data, x->data, x->size, act, slope);
     if (wants_grad(g, x, NULL, NULL)) {
         ActState s = {.act = act, .slope = slope};
-        save_state(g, record(g, name, activation_node_backward, y, x, NULL, NULL), &s, sizeof s);
+        TapeNode *nd = record(g, name, activation_node_backward, y, x, NULL, NULL);
+        save_state(g, nd, &s, sizeof s);
+        if (act == ACT_RELU || act == ACT_LEAKY_RELU) nd->vjp = activation_vjp;
     }
     return y;
 }
@@ -4510,6 +4637,17 @@ static void binary_node_backward(Graph *g, TapeNode *n) {
     binary_backward(da, db, n->out->grad, a->data, b->data, &p, op);
 }
 
+// as graph ops: da = dy (or dy * b), db = dy, -dy (or dy * a); an operand
+// that is broadcast must not depend on graph_grad's input
+static void binary_vjp(Graph *g, TapeNode *n, Tensor *dy) {
+    Tensor *a = n->in[0], *b = n->in[1];
+    int op = ((const BinaryState *)n->state)->op, pa = base_of(a)->on_path, pb = base_of(b)->on_path;
+    if ((pa && a->size != dy->size) || (pb && b->size != dy->size))
+        fatal("graph_grad: %s of a broadcast operand that depends on the input", n->op);
+    if (pa) node_vjp_add(g, a, op == BIN_MUL ? mul(g, dy, b) : dy);
+    if (pb) node_vjp_add(g, b, op == BIN_MUL ? mul(g, dy, a) : op == BIN_SUB ? scale_shift(g, dy, -1.0f, 0.0f) : dy);
+}
+
 static Tensor *binary(Graph *g, Tensor *a, Tensor *b, int op, const char *name) {
     Bcast p;
     int nd;
@@ -4523,7 +4661,9 @@ static Tensor *binary(Graph *g, Tensor *a, Tensor *b, int op, const char *name) 
     binary_forward(y->data, a->data, b->data, &p, op, a->size == y->size && b->size == y->size);
     if (wants_grad(g, a, b, NULL)) {
         BinaryState s = {.op = op};
-        save_state(g, record(g, name, binary_node_backward, y, a, b, NULL), &s, sizeof s);
+        TapeNode *nd = record(g, name, binary_node_backward, y, a, b, NULL);
+        save_state(g, nd, &s, sizeof s);
+        nd->vjp = binary_vjp;
     }
     return y;
 }
@@ -4544,13 +4684,18 @@ static void scale_shift_node_backward(Graph *g, TapeNode *n) {
     for (size_t i = 0; i < n->out->size; i++) dx[i] += s * n->out->grad[i];
 }
 
+static void scale_shift_vjp(Graph *g, TapeNode *n, Tensor *dy) {
+    node_vjp_add(g, n->in[0], scale_shift(g, dy, ((const ScaleShiftState *)n->state)->scale, 0.0f));
+}
+
 Tensor *scale_shift(Graph *g, Tensor *x, float scale, float shift) {
     Tensor *y = tensor_new(g, x->ndim, x->shape);
     for (size_t i = 0; i < x->size; i++) y->data[i] = scale * x->data[i] + shift;
     if (wants_grad(g, x, NULL, NULL)) {
         ScaleShiftState s = {.scale = scale};
-        save_state(g, record(g, "scale_shift", scale_shift_node_backward, y, x, NULL, NULL), &s,
-                   sizeof s);
+        TapeNode *nd = record(g, "scale_shift", scale_shift_node_backward, y, x, NULL, NULL);
+        save_state(g, nd, &s, sizeof s);
+        nd->vjp = scale_shift_vjp;
     }
     return y;
 }
@@ -4587,6 +4732,13 @@ static void concat_node_backward(Graph *g, TapeNode *n) {
     parallel_for((size_t)a->shape[0], 1, concat_backward_range, &t);
 }
 
+static void concat_vjp(Graph *g, TapeNode *n, Tensor *dy) {
+    int ca = n->in[0]->shape[1];
+    if (base_of(n->in[0])->on_path) node_vjp_add(g, n->in[0], slice_channels(g, dy, 0, ca));
+    if (base_of(n->in[1])->on_path)
+        node_vjp_add(g, n->in[1], slice_channels(g, dy, ca, ca + n->in[1]->shape[1]));
+}
+
 Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b) {
     check_4d(a, "concat_channels");
     check_4d(b, "concat_channels");
@@ -4596,7 +4748,7 @@ Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b) {
     Concat t = {y->data, NULL, a->data, b->data, a->size / a->shape[0], b->size / b->shape[0]};
     parallel_for((size_t)a->shape[0], 1, concat_forward_range, &t);
     if (wants_grad(g, a, b, NULL))
-        record(g, "concat_channels", concat_node_backward, y, a, b, NULL);
+        record(g, "concat_channels", concat_node_backward, y, a, b, NULL)->vjp = concat_vjp;
     return y;
 }
 
@@ -4641,6 +4793,8 @@ Tensor *reshape(Graph *g, Tensor *x, int ndim, const int *shape) {
     y->ndim = ndim;
     for (int i = 0; i < MAX_DIMS; i++) y->shape[i] = i < ndim ? shape[i] : 0;
     y->name = NULL;
+    y->view_of = x;       // (graph_grad follows views back to what they view)
+    y->dgraph = NULL;
     y->grad_pooled = 0;   // a view of x's gradient: x gives it back
     if (x->requires_grad && g->grad_enabled) y->grad = tensor_grad(g, x);
     else { y->grad = NULL; y->requires_grad = 0; }
@@ -4651,6 +4805,8 @@ Tensor *reshape(Graph *g, Tensor *x, int ndim, const int *shape) {
 Tensor *detach(Graph *g, Tensor *x) {
     Tensor *y = arena_alloc(&g->arena, sizeof *y);
     *y = *x;
+    y->view_of = y->dgraph = NULL;
+    y->on_path = 0;
     y->grad = NULL;
     y->grad_pooled = 0;
     y->requires_grad = 0;
@@ -4670,6 +4826,18 @@ static void sum_all_node_backward(Graph *g, TapeNode *n) {
     for (size_t i = 0; i < n->in[0]->size; i++) dx[i] += d;
 }
 
+// as graph ops: dx = ones * (k dy), dy broadcast from its one element
+static Tensor *ones_like(Graph *g, const Tensor *x) {
+    Tensor *o = tensor_new(g, x->ndim, x->shape);
+    for (size_t i = 0; i < o->size; i++) o->data[i] = 1.0f;
+    return o;
+}
+
+static void sum_all_vjp(Graph *g, TapeNode *n, Tensor *dy) {
+    float k = ((const SumState *)n->state)->k;
+    node_vjp_add(g, n->in[0], mul(g, ones_like(g, n->in[0]), scale_shift(g, dy, k, 0.0f)));
+}
+
 static Tensor *reduce_all(Graph *g, Tensor *x, int mean) {
     int one = 1;
     Tensor *y = tensor_new(g, 1, &one);
@@ -4679,9 +4847,9 @@ static Tensor *reduce_all(Graph *g, Tensor *x, int mean) {
     y->data[0] = (float)(mean ? s / (double)x->size : s);
     if (wants_grad(g, x, NULL, NULL)) {
         SumState s = {.k = k};
-        save_state(
-            g, record(g, mean ? "mean_all" : "sum_all", sum_all_node_backward, y, x, NULL, NULL),
-            &s, sizeof s);
+        TapeNode *nd = record(g, mean ? "mean_all" : "sum_all", sum_all_node_backward, y, x, NULL, NULL);
+        save_state(g, nd, &s, sizeof s);
+        nd->vjp = sum_all_vjp;
     }
     return y;
 }
@@ -4699,6 +4867,12 @@ static void mean_hw_node_backward(Graph *g, TapeNode *n) {
     }
 }
 
+static void mean_hw_vjp(Graph *g, TapeNode *n, Tensor *dy) {
+    Tensor *x = n->in[0];
+    float k = 1.0f / (float)((size_t)x->shape[2] * x->shape[3]);
+    node_vjp_add(g, x, mul(g, ones_like(g, x), scale_shift(g, dy, k, 0.0f)));
+}
+
 Tensor *mean_hw(Graph *g, Tensor *x) {
     check_4d(x, "mean_hw");
     Tensor *y = tensor4(g, x->shape[0], x->shape[1], 1, 1);
@@ -4708,7 +4882,8 @@ Tensor *mean_hw(Graph *g, Tensor *x) {
         for (size_t i = 0; i < hw; i++) s += x->data[p * hw + i];
         y->data[p] = (float)(s / (double)hw);
     }
-    if (wants_grad(g, x, NULL, NULL)) record(g, "mean_hw", mean_hw_node_backward, y, x, NULL, NULL);
+    if (wants_grad(g, x, NULL, NULL))
+        record(g, "mean_hw", mean_hw_node_backward, y, x, NULL, NULL)->vjp = mean_hw_vjp;
     return y;
 }
 
@@ -5101,6 +5276,45 @@ static void upfirdn_node_backward(Graph *g, TapeNode *n) {
                        s->down, s->pad0, s->pad1);
 }
 
+// upfirdn2d's adjoint as an op: z = A^T dy; its backward d(dy) = A dz
+static void upfirdn_t_node_backward(Graph *g, TapeNode *n) {
+    const UpfirdnState *s = n->state;
+    Tensor *dy = n->in[0];
+    float *ddy = input_grad(g, n, 0);
+    ArenaMark m = arena_mark(&g->arena);
+    float *t = arena_floats(&g->arena, dy->size);
+    upfirdn2d_forward(t, n->out->grad, s->kernel, (size_t)dy->shape[0] * dy->shape[1],
+                      n->out->shape[2], n->out->shape[3], s->K, s->up, s->down, s->pad0, s->pad1);
+    for (size_t i = 0; i < dy->size; i++) ddy[i] += t[i];
+    arena_release(&g->arena, m);
+}
+
+Tensor *upfirdn2d_transpose(Graph *g, Tensor *dy, const float *kernel, int K, int up, int down,
+                            int pad0, int pad1, int H, int W) {
+    check_4d(dy, "upfirdn2d_transpose");
+    if (dy->shape[2] != upfirdn_side(H, K, up, down, pad0, pad1) ||
+        dy->shape[3] != upfirdn_side(W, K, up, down, pad0, pad1))
+        fatal("upfirdn2d_transpose: dy does not fit a %dx%d input", H, W);
+    Tensor *z = tensor_zeros(g, 4, (int[4]){dy->shape[0], dy->shape[1], H, W});
+    float *k = arena_floats(&g->arena, (size_t)K * K);
+    memcpy(k, kernel, (size_t)K * K * sizeof(float));
+    upfirdn2d_backward(z->data, dy->data, k, (size_t)dy->shape[0] * dy->shape[1], H, W, K, up,
+                       down, pad0, pad1);
+    if (wants_grad(g, dy, NULL, NULL)) {
+        UpfirdnState s = {k, K, up, down, pad0, pad1};
+        save_state(g, record(g, "upfirdn2d_transpose", upfirdn_t_node_backward, z, dy, NULL, NULL),
+                   &s, sizeof s);
+    }
+    return z;
+}
+
+static void upfirdn_vjp(Graph *g, TapeNode *n, Tensor *dy) {
+    const UpfirdnState *s = n->state;
+    Tensor *x = n->in[0];
+    node_vjp_add(g, x, upfirdn2d_transpose(g, dy, s->kernel, s->K, s->up, s->down, s->pad0,
+                                           s->pad1, x->shape[2], x->shape[3]));
+}
+
 Tensor *upfirdn2d(Graph *g, Tensor *x, const float *kernel, int K, int up, int down, int pad0,
                   int pad1) {
     check_4d(x, "upfirdn2d");
@@ -5115,7 +5329,9 @@ Tensor *upfirdn2d(Graph *g, Tensor *x, const float *kernel, int K, int up, int d
                       x->shape[3], K, up, down, pad0, pad1);
     if (wants_grad(g, x, NULL, NULL)) {
         UpfirdnState s = {k, K, up, down, pad0, pad1};
-        save_state(g, record(g, "upfirdn2d", upfirdn_node_backward, y, x, NULL, NULL), &s, sizeof s);
+        TapeNode *nd = record(g, "upfirdn2d", upfirdn_node_backward, y, x, NULL, NULL);
+        save_state(g, nd, &s, sizeof s);
+        nd->vjp = upfirdn_vjp;
     }
     return y;
 }

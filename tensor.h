@@ -174,15 +174,23 @@ typedef struct Tensor {
     int requires_grad;    // leaf parameter / input, or computed from one
     int grad_pooled;      // grad is a buffer of the graph's gradient pool (not a view)
     const char *name;     // parameter name (improved-diffusion key) or NULL
+    // graph_grad's bookkeeping (see there): the tensor a reshape views, the
+    // gradient as a graph tensor, whether the tensor depends on graph_grad's input
+    struct Tensor *view_of, *dgraph;
+    int on_path;
 } Tensor;
 
 typedef struct TapeNode TapeNode;
 struct Graph;
 typedef void (*backward_fn)(struct Graph *g, TapeNode *node);
+// the backward of a node as graph ops (graph_grad): from the output's
+// gradient tensor dy, adds the inputs' gradient tensors (node_vjp_add)
+typedef void (*vjp_fn)(struct Graph *g, TapeNode *node, Tensor *dy);
 struct TapeNode {
     TapeNode *prev;       // the tape is a list, walked from the last node back
     const char *op;       // op name, for debugging
     backward_fn backward;
+    vjp_fn vjp;           // NULL: the op cannot be differentiated twice
     Tensor *out;
     Tensor *in[5];        // inputs; record() sets the first three
     const void *state;    // what backward needs besides the inputs: a struct
@@ -217,6 +225,17 @@ void graph_free(Graph *g);
 // it (t->grad is NULL afterwards); those of parameters, of leaf inputs and of
 // `out` stay. One backward per graph_reset.
 void graph_backward(Graph *g, Tensor *out, const float *dout);
+// Double backward (PyTorch's autograd.grad with create_graph=True): the
+// gradient of the scalar out with respect to x, built as graph ops on the
+// same tape (each node's vjp), so that a loss of it (R1 = |grad|^2) can be
+// backpropagated by graph_backward into everything the gradient depends on,
+// the weights included. Only the ops that have a vjp can stand between x and
+// out (convolutions, linear, the pointwise LeakyReLU/ReLU, broadcast
+// arithmetic, scale_shift, upfirdn2d, concat, reshape, sums and means; the
+// others stop with a message naming the op). Once per graph_reset.
+Tensor *graph_grad(Graph *g, Tensor *out, Tensor *x);
+// the vjp's helper: adds d (a graph tensor) to input t's gradient tensor
+void node_vjp_add(Graph *g, Tensor *t, Tensor *d);
 // Adds dt (t->size floats) into t's gradient: a second output's seed, for
 // the graph_backward that follows (a loss whose gradient reaches t from
 // outside this graph, e.g. the autoencoder's decoder head)
@@ -313,6 +332,9 @@ double grad_norm_sq(const float *grad, size_t n);  // sum of squares in double
 // dropout, matmul) and as blocks for the next models.
 // ---------------------------------------------------------------------------
 Tensor *conv2d(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);  // b may be NULL
+// the adjoint of conv2d in its input: dy (N,OC,OH,OW) -> (N,C,H,W) for an
+// input of H x W; differentiable in dy and w (conv2d's vjp)
+Tensor *conv2d_transpose(Graph *g, Tensor *dy, Tensor *w, int H, int W, int stride, int pad);
 // relu(conv2d), fused
 Tensor *conv2d_relu(Graph *g, Tensor *x, Tensor *w, Tensor *b, int stride, int pad);
 // conv2d(x, w, b) + shift[:, :, None, None] + residual; shift (N,OC) and
@@ -409,6 +431,9 @@ Tensor *gaussian_kl(Graph *g, Tensor *moments);
 // sample kept; side (S * up + pad0 + pad1 - K) / down + 1. No kernel gradient.
 Tensor *upfirdn2d(Graph *g, Tensor *x, const float *kernel, int K, int up, int down, int pad0,
                   int pad1);
+// its adjoint: dy of upfirdn2d's output shape -> (N, C, H, W); differentiable (upfirdn2d's vjp)
+Tensor *upfirdn2d_transpose(Graph *g, Tensor *dy, const float *kernel, int K, int up, int down,
+                            int pad0, int pad1, int H, int W);
 Tensor *pixel_norm(Graph *g, Tensor *x);  // x / sqrt(mean over dim 1 of x^2 + 1e-8)
 // (N, C, H, W) -> (N, C + 1, H, W): the group standard deviation channel of
 // DDGAN's discriminators (groups {m, M + m, ...}, M = N / group)

@@ -267,6 +267,36 @@ static Tensor *b_pixel_norm(Graph *g, Tensor **in, const int *a) { (void)a; retu
 static Tensor *b_minibatch_std(Graph *g, Tensor **in, const int *a) {
     return minibatch_std(g, in[0], a[0]);
 }
+static Tensor *b_conv_transpose(Graph *g, Tensor **in, const int *a) {
+    return conv2d_transpose(g, in[0], in[1], a[2], a[3], a[0], a[1]);
+}
+static Tensor *b_upfirdn_transpose(Graph *g, Tensor **in, const int *a) {
+    return upfirdn2d_transpose(g, in[0], fir_test_kernel, 4, a[0], a[1], a[2], a[3], 8, 6);
+}
+// a small discriminator: cat(x, c) -> conv 3x3 -> LeakyReLU -> FIR down ->
+// conv 3x3 + residual / sqrt 2 -> mean over H, W -> linear -> sum; in = x
+// (2,2,8,8), c (2,1,8,8), w1 (4,3,3,3), b1, w2 (4,4,3,3), lw (1,4)
+static Tensor *small_disc(Graph *g, Tensor **in) {
+    Tensor *h = conv2d(g, concat_channels(g, in[0], in[1]), in[2], in[3], 1, 1);
+    h = leaky_relu(g, h, 0.2f);
+    h = upfirdn2d(g, h, fir_test_kernel, 4, 1, 2, 1, 1);
+    h = conv2d_add(g, h, in[4], NULL, NULL, scale_shift(g, h, 0.7071f, 0.0f), 1, 1);
+    int s[2] = {h->shape[0], h->shape[1]};
+    return sum_all(g, linear(g, reshape(g, mean_hw(g, h), 2, s), in[5], NULL));
+}
+// R1 = sum (d D / d x)^2 by double backward: its gradient in every input
+// (the weights': second order) against finite differences
+static Tensor *b_r1(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    int saved = g->grad_enabled, x_req = in[0]->requires_grad;
+    g->grad_enabled = 1;  // (the numeric pass runs without a tape; R1 needs one)
+    in[0]->requires_grad = 1;
+    Tensor *gx = graph_grad(g, small_disc(g, in), in[0]);
+    Tensor *r1 = sum_all(g, mul(g, gx, gx));
+    g->grad_enabled = saved;
+    in[0]->requires_grad = x_req;
+    return r1;
+}
 // a chain like one improved-diffusion ResBlock half: GN -> SiLU -> conv, FiLM, residual
 static Tensor *b_chain(Graph *g, Tensor **in, const int *a) {
     (void)a;
@@ -364,6 +394,15 @@ static const GradCase grad_cases[] = {
     {"upfirdn2d down 2 pad (1, 1)", b_upfirdn, {1, 2, 1, 1}, 1, {T4(2, 3, 8, 6)}, 1e-2},
     {"upfirdn2d pad (-1, 2) (a crop)", b_upfirdn, {1, 1, -1, 2}, 1, {T4(1, 2, 6, 7)}, 1e-2},
     {"softplus", b_softplus, {0}, 1, {T4(2, 3, 4, 5)}, 1e-2},
+    // double backward: conv2d's and upfirdn2d's adjoints as ops, and R1
+    {"conv2d_transpose 3x3 stride 1", b_conv_transpose, {1, 1, 5, 6}, 2,
+     {T4(2, 4, 5, 6), T4(4, 3, 3, 3)}, 1e-2},
+    {"conv2d_transpose 4x4 stride 2 pad 1", b_conv_transpose, {2, 1, 8, 6}, 2,
+     {T4(2, 4, 4, 3), T4(4, 3, 4, 4)}, 1e-2},
+    {"upfirdn2d_transpose (down 2 pad 1, 1)", b_upfirdn_transpose, {1, 2, 1, 1}, 1, {T4(2, 3, 4, 3)},
+     1e-2},
+    {"R1 = |d D/dx|^2 by double backward (second order in the weights)", b_r1, {0}, 6,
+     {T4(2, 2, 8, 8), T4(2, 1, 8, 8), T4(4, 3, 3, 3), T1(4), T4(4, 4, 3, 3), T2(1, 4)}, 1e-3},
     {"pixel_norm (N, C)", b_pixel_norm, {0}, 1, {T2(3, 7)}, 1e-2},
     {"pixel_norm (N, C, H, W)", b_pixel_norm, {0}, 1, {T4(2, 5, 2, 3)}, 1e-2},
     {"minibatch_std 8 samples, groups of 4", b_minibatch_std, {4}, 1, {T4(8, 3, 2, 3)}, 1e-2},
@@ -1225,6 +1264,39 @@ static void test_tie_rules(void) {
                 "a tie goes to the first pixel, a NaN wins, d|x|/dx(0) = 0");
 }
 
+// graph_grad's gradient (built as graph ops) against the tape's: the same
+// small discriminator, d sum D / d x both ways
+static void test_graph_grad_first_order(void) {
+    Rng r;
+    rng_seed(&r, 21, 2);
+    int shapes[6][4] = {{2, 2, 8, 8}, {2, 1, 8, 8}, {4, 3, 3, 3}, {4}, {4, 4, 3, 3}, {1, 4}};
+    int nd[6] = {4, 4, 4, 1, 4, 2};
+    float *vals[6];
+    Graph g1, g2;
+    graph_init(&g1, 0, 0);
+    graph_init(&g2, 0, 0);
+    Tensor *a[6], *b[6];
+    for (int i = 0; i < 6; i++) {
+        size_t n = shape_size(nd[i], shapes[i]);
+        vals[i] = mallocCheck(n * sizeof(float));
+        rng_fill_normal(&r, vals[i], n, 0.0f, 1.0f);
+        a[i] = tensor_from(&g1, nd[i], shapes[i], vals[i]);
+        b[i] = tensor_from(&g2, nd[i], shapes[i], vals[i]);
+        a[i]->requires_grad = b[i]->requires_grad = 1;
+    }
+    Tensor *gx = graph_grad(&g1, small_disc(&g1, a), a[0]);
+    graph_backward(&g2, small_disc(&g2, b), NULL);
+    double e = 0.0, mx = 1e-30;
+    for (size_t i = 0; i < gx->size; i++) mx = fmax(mx, fabs(b[0]->grad[i]));
+    for (size_t i = 0; i < gx->size; i++) e = fmax(e, fabs(gx->data[i] - b[0]->grad[i]) / mx);
+    test_result(e <= 1e-6 && gx->requires_grad,
+                "graph_grad (the gradient as graph ops) equals the tape's gradient",
+                "max err %.1e of the largest (tol 1e-6); the result is differentiable", e);
+    for (int i = 0; i < 6; i++) free(vals[i]);
+    graph_free(&g1);
+    graph_free(&g2);
+}
+
 // upfirdn2d against closed forms: the full 2-D convolution of [[1,2],[3,4]]
 // with itself (pads 1, 1), the 2x2 box kernel upsampling by 2 (pads 1, 0) as
 // nearest upsample2x and downsampling by 2 (box / 4, no pad) as avgpool2x2;
@@ -1759,6 +1831,7 @@ int main(int argc, char **argv) {
     test_gradchecks();
     test_tie_rules();
     test_gan_ops_values();
+    test_graph_grad_first_order();
     test_detach();
     test_no_grad();
     test_fused_equal_composed();
