@@ -5462,6 +5462,84 @@ void minibatch_std_backward(float *dinp, const float *dout, const float *inp, in
 
 typedef struct { int group; } MinibatchStdState;
 
+// ---- its input gradient as an op (the vjp, for graph_grad) ----
+// dx = dy[:, :C] + c_m u, u = (x - mu) / sd per element of group m, c_m =
+// ds_m / (C H W G), ds_m the group's std-channel gradient summed. With v the
+// gradient of dx: d x_h = c_m / sd (v_h - mean_g v - u_h mean_g (v u)); the
+// std channel of d(dy) gets sum over the group's (g, c, h, w) of v u / (C H W G)
+// at every (g, h, w); its other channels get v.
+typedef struct { int group; } MinibatchStdGradState;
+
+static void minibatch_std_grad_node_backward(Graph *g, TapeNode *n) {
+    Tensor *x = n->in[0], *dy = n->in[1];
+    int N = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3],
+        G = ((const MinibatchStdGradState *)n->state)->group, M = N / G;
+    size_t per = (size_t)C * HW;
+    float *dx = input_grad(g, n, 0), *ddy = input_grad(g, n, 1);
+    const float *v = n->out->grad;
+    for (int m = 0; m < M; m++) {
+        double ds = 0.0, vu = 0.0;
+        for (int gi = 0; gi < G; gi++)
+            for (int p = 0; p < HW; p++) ds += dy->data[(size_t)(gi * M + m) * (per + HW) + per + p];
+        double c = ds / ((double)per * G);
+        for (size_t i = 0; i < per; i++) {
+            double mu = 0.0, var = 0.0, mv = 0.0, mvu = 0.0;
+            for (int gi = 0; gi < G; gi++) mu += x->data[(size_t)(gi * M + m) * per + i];
+            mu /= G;
+            for (int gi = 0; gi < G; gi++) {
+                double d = x->data[(size_t)(gi * M + m) * per + i] - mu;
+                var += d * d;
+            }
+            double sd = sqrt(var / G + 1e-8);
+            for (int gi = 0; gi < G; gi++) {
+                size_t j = (size_t)(gi * M + m) * per + i;
+                double u = (x->data[j] - mu) / sd;
+                mv += v[j];
+                mvu += v[j] * u;
+            }
+            vu += mvu;
+            mv /= G;
+            mvu /= G;
+            if (dx)
+                for (int gi = 0; gi < G; gi++) {
+                    size_t j = (size_t)(gi * M + m) * per + i;
+                    double u = (x->data[j] - mu) / sd;
+                    dx[j] += (float)(c / sd * (v[j] - mv - u * mvu));
+                }
+        }
+        if (ddy) {
+            float k = (float)(vu / ((double)per * G));
+            for (int gi = 0; gi < G; gi++) {
+                float *d = ddy + (size_t)(gi * M + m) * (per + HW);
+                const float *vg = v + (size_t)(gi * M + m) * per;
+                for (size_t i = 0; i < per; i++) d[i] += vg[i];
+                for (int p = 0; p < HW; p++) d[per + p] += k;
+            }
+        }
+    }
+}
+
+Tensor *minibatch_std_input_grad(Graph *g, Tensor *x, Tensor *dy, int group) {
+    check_4d(x, "minibatch_std_input_grad");
+    int N = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
+    if (group < 1 || N % group || dy->size != (size_t)N * (C + 1) * HW)
+        fatal("minibatch_std_input_grad: shapes or group do not fit");
+    Tensor *dx = tensor_zeros(g, 4, x->shape);
+    minibatch_std_backward(dx->data, dy->data, x->data, N, C, HW, group);
+    if (wants_grad(g, x, dy, NULL)) {
+        MinibatchStdGradState s = {group};
+        save_state(g, record(g, "minibatch_std_input_grad", minibatch_std_grad_node_backward, dx, x,
+                             dy, NULL),
+                   &s, sizeof s);
+    }
+    return dx;
+}
+
+static void minibatch_std_vjp(Graph *g, TapeNode *n, Tensor *dy) {
+    node_vjp_add(g, n->in[0], minibatch_std_input_grad(g, n->in[0], dy,
+                                                       ((const MinibatchStdState *)n->state)->group));
+}
+
 static void minibatch_std_node_backward(Graph *g, TapeNode *n) {
     const Tensor *x = n->in[0];
     minibatch_std_backward(input_grad(g, n, 0), n->out->grad, x->data, x->shape[0], x->shape[1],
@@ -5477,8 +5555,9 @@ Tensor *minibatch_std(Graph *g, Tensor *x, int group) {
     minibatch_std_forward(y->data, x->data, N, x->shape[1], x->shape[2] * x->shape[3], group);
     if (wants_grad(g, x, NULL, NULL)) {
         MinibatchStdState s = {group};
-        save_state(g, record(g, "minibatch_std", minibatch_std_node_backward, y, x, NULL, NULL), &s,
-                   sizeof s);
+        TapeNode *nd = record(g, "minibatch_std", minibatch_std_node_backward, y, x, NULL, NULL);
+        save_state(g, nd, &s, sizeof s);
+        nd->vjp = minibatch_std_vjp;
     }
     return y;
 }

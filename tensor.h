@@ -231,7 +231,8 @@ void graph_backward(Graph *g, Tensor *out, const float *dout);
 // backpropagated by graph_backward into everything the gradient depends on,
 // the weights included. Only the ops that have a vjp can stand between x and
 // out (convolutions, linear, the pointwise LeakyReLU/ReLU, broadcast
-// arithmetic, scale_shift, upfirdn2d, concat, reshape, sums and means; the
+// arithmetic, scale_shift, upfirdn2d, the minibatch std, concat, reshape,
+// sums and means; the
 // others stop with a message naming the op). Once per graph_reset.
 Tensor *graph_grad(Graph *g, Tensor *out, Tensor *x);
 // the vjp's helper: adds d (a graph tensor) to input t's gradient tensor
@@ -438,6 +439,8 @@ Tensor *pixel_norm(Graph *g, Tensor *x);  // x / sqrt(mean over dim 1 of x^2 + 1
 // (N, C, H, W) -> (N, C + 1, H, W): the group standard deviation channel of
 // DDGAN's discriminators (groups {m, M + m, ...}, M = N / group)
 Tensor *minibatch_std(Graph *g, Tensor *x, int group);
+// its input gradient for the output gradient dy, as an op differentiable in x and dy
+Tensor *minibatch_std_input_grad(Graph *g, Tensor *x, Tensor *dy, int group);
 
 // ---------------------------------------------------------------------------
 // kernels: the layer under the graph ops, on raw pointers, for code that

@@ -273,28 +273,58 @@ static Tensor *b_conv_transpose(Graph *g, Tensor **in, const int *a) {
 static Tensor *b_upfirdn_transpose(Graph *g, Tensor **in, const int *a) {
     return upfirdn2d_transpose(g, in[0], fir_test_kernel, 4, a[0], a[1], a[2], a[3], 8, 6);
 }
+static Tensor *b_minibatch_std_grad(Graph *g, Tensor **in, const int *a) {
+    return minibatch_std_input_grad(g, in[0], in[1], a[0]);
+}
 // a small discriminator: cat(x, c) -> conv 3x3 -> LeakyReLU -> FIR down ->
-// conv 3x3 + residual / sqrt 2 -> mean over H, W -> linear -> sum; in = x
-// (2,2,8,8), c (2,1,8,8), w1 (4,3,3,3), b1, w2 (4,4,3,3), lw (1,4)
-static Tensor *small_disc(Graph *g, Tensor **in) {
-    Tensor *h = conv2d(g, concat_channels(g, in[0], in[1]), in[2], in[3], 1, 1);
+// conv 3x3 + residual / sqrt 2 -> [minibatch std] -> mean over H, W ->
+// linear -> sum; x (2,2,8,8), c (2,1,8,8), w1 (4,3,3,3), b1 (4), w2
+// (4,4,3,3), lw (1,4 or 5)
+static Tensor *small_disc(Graph *g, Tensor *x, Tensor *c, Tensor **w, int mbstd) {
+    Tensor *h = conv2d(g, concat_channels(g, x, c), w[0], w[1], 1, 1);
     h = leaky_relu(g, h, 0.2f);
     h = upfirdn2d(g, h, fir_test_kernel, 4, 1, 2, 1, 1);
-    h = conv2d_add(g, h, in[4], NULL, NULL, scale_shift(g, h, 0.7071f, 0.0f), 1, 1);
+    h = conv2d_add(g, h, w[2], NULL, NULL, scale_shift(g, h, 0.7071f, 0.0f), 1, 1);
+    if (mbstd) h = minibatch_std(g, h, 2);  // (a batch of 2: one group, as min(N, 4))
     int s[2] = {h->shape[0], h->shape[1]};
-    return sum_all(g, linear(g, reshape(g, mean_hw(g, h), 2, s), in[5], NULL));
+    return sum_all(g, linear(g, reshape(g, mean_hw(g, h), 2, s), w[3], NULL));
 }
-// R1 = sum (d D / d x)^2 by double backward: its gradient in every input
-// (the weights': second order) against finite differences
+// R1 = sum (d D / d x)^2 by double backward, against finite differences in
+// every input: x and c (a[0] = 0), or with the minibatch std (a[0] = 1) in
+// the two convolutions' and the linear layer's weights (x and c fixed: R1's
+// dependence on them is then second order in the std's small terms, below a
+// float difference quotient)
 static Tensor *b_r1(Graph *g, Tensor **in, const int *a) {
-    (void)a;
-    int saved = g->grad_enabled, x_req = in[0]->requires_grad;
+    int saved = g->grad_enabled;
     g->grad_enabled = 1;  // (the numeric pass runs without a tape; R1 needs one)
-    in[0]->requires_grad = 1;
-    Tensor *gx = graph_grad(g, small_disc(g, in), in[0]);
+    Tensor *x, *c, **w;
+    if (a[0]) {
+        Rng r;
+        rng_seed(&r, 8, 8);
+        int sx[4] = {2, 2, 8, 8}, sc[4] = {2, 1, 8, 8};
+        x = tensor_new(g, 4, sx);
+        c = tensor_new(g, 4, sc);
+        rng_fill_normal(&r, x->data, x->size, 0.0f, 1.0f);
+        rng_fill_normal(&r, c->data, c->size, 0.0f, 1.0f);
+        // (no conv bias: before the LeakyReLU it moves R1 only through the std's
+        // small terms, ~1e-7, below a float difference quotient too)
+        Tensor **wl = arena_alloc(&g->arena, 4 * sizeof *wl);
+        wl[0] = in[0];
+        wl[1] = NULL;
+        wl[2] = in[1];
+        wl[3] = in[2];
+        w = wl;
+    } else {
+        x = in[0];
+        c = in[1];
+        w = in + 2;
+    }
+    int x_req = x->requires_grad;
+    x->requires_grad = 1;
+    Tensor *gx = graph_grad(g, small_disc(g, x, c, w, a[0]), x);
     Tensor *r1 = sum_all(g, mul(g, gx, gx));
     g->grad_enabled = saved;
-    in[0]->requires_grad = x_req;
+    x->requires_grad = x_req;
     return r1;
 }
 // a chain like one improved-diffusion ResBlock half: GN -> SiLU -> conv, FiLM, residual
@@ -403,6 +433,10 @@ static const GradCase grad_cases[] = {
      1e-2},
     {"R1 = |d D/dx|^2 by double backward (second order in the weights)", b_r1, {0}, 6,
      {T4(2, 2, 8, 8), T4(2, 1, 8, 8), T4(4, 3, 3, 3), T1(4), T4(4, 4, 3, 3), T2(1, 4)}, 1e-3},
+    {"R1 by double backward through the minibatch std", b_r1, {1}, 3,
+     {T4(4, 3, 3, 3), T4(4, 4, 3, 3), T2(1, 5)}, 1e-3},
+    {"minibatch_std_input_grad (groups of 4)", b_minibatch_std_grad, {4}, 2,
+     {T4(8, 3, 2, 2), T4(8, 4, 2, 2)}, 1e-2},
     {"pixel_norm (N, C)", b_pixel_norm, {0}, 1, {T2(3, 7)}, 1e-2},
     {"pixel_norm (N, C, H, W)", b_pixel_norm, {0}, 1, {T4(2, 5, 2, 3)}, 1e-2},
     {"minibatch_std 8 samples, groups of 4", b_minibatch_std, {4}, 1, {T4(8, 3, 2, 3)}, 1e-2},
@@ -1269,7 +1303,7 @@ static void test_tie_rules(void) {
 static void test_graph_grad_first_order(void) {
     Rng r;
     rng_seed(&r, 21, 2);
-    int shapes[6][4] = {{2, 2, 8, 8}, {2, 1, 8, 8}, {4, 3, 3, 3}, {4}, {4, 4, 3, 3}, {1, 4}};
+    int shapes[6][4] = {{2, 2, 8, 8}, {2, 1, 8, 8}, {4, 3, 3, 3}, {4}, {4, 4, 3, 3}, {1, 5}};
     int nd[6] = {4, 4, 4, 1, 4, 2};
     float *vals[6];
     Graph g1, g2;
@@ -1284,8 +1318,8 @@ static void test_graph_grad_first_order(void) {
         b[i] = tensor_from(&g2, nd[i], shapes[i], vals[i]);
         a[i]->requires_grad = b[i]->requires_grad = 1;
     }
-    Tensor *gx = graph_grad(&g1, small_disc(&g1, a), a[0]);
-    graph_backward(&g2, small_disc(&g2, b), NULL);
+    Tensor *gx = graph_grad(&g1, small_disc(&g1, a[0], a[1], a + 2, 1), a[0]);
+    graph_backward(&g2, small_disc(&g2, b[0], b[1], b + 2, 1), NULL);
     double e = 0.0, mx = 1e-30;
     for (size_t i = 0; i < gx->size; i++) mx = fmax(mx, fabs(b[0]->grad[i]));
     for (size_t i = 0; i < gx->size; i++) e = fmax(e, fabs(gx->data[i] - b[0]->grad[i]) / mx);
