@@ -438,6 +438,31 @@ void gan_q_sample_pairs(const GanSchedule *s, const float *x0, const int *t, con
 // x_t from the prediction x0 (a graph op in x0), x_{t+1} and noise eps
 Tensor *gan_sample_posterior(Graph *g, const GanSchedule *s, Tensor *x0, const float *x_tp1,
                              const int *t, const float *eps);
+// get_timestep_embedding of the integer steps t: (n, dim), sin first
+void gan_timestep_embedding(float *out, const int *t, int n, int dim);
+
+// DDGAN's Discriminator_small (score_sde/models/discriminator.py): D(x_t, t,
+// x_{t+1}) on cat(x_t, x_{t+1}); a 1x1 start conv to 2 ngf, num_layers
+// DownConvBlocks (the first keeps the size, the others halve it: widths 2, 4,
+// 8, 8.. x ngf), the minibatch std, a 3x3 conv, the sum over H x W, a dense
+// layer to one logit. Names t_embed.main.0, start_conv, conv1.conv1.0, ...
+#define GAN_DISC_MAX_BLOCKS 4  // conv1..conv3, and conv4 when num_layers is 4
+typedef struct {
+    int in, out, down;
+    Tensor *conv1_w, *conv1_b, *conv2_w, *conv2_b, *dense_w, *dense_b, *skip_w;
+} GanDownBlock;
+typedef struct {
+    int in_channels, ngf, t_emb_dim, n_blocks;
+    ParamSet params;
+    Tensor *temb_w[2], *temb_b[2], *start_w, *start_b, *final_w, *final_b, *end_w, *end_b;
+    GanDownBlock block[GAN_DISC_MAX_BLOCKS];
+} GanDisc;
+// in_channels = 2 x the latent's; LDDGAN's CIFAR-10: 8, ngf 64, t_emb_dim 256,
+// 3 layers (7,628,545 parameters). rng: the official initialisation; NULL: zeros
+void gan_disc_init(GanDisc *d, int in_channels, int ngf, int t_emb_dim, int num_layers, int trainable,
+                   Rng *rng);
+void gan_disc_free(GanDisc *d);
+Tensor *gan_disc_forward(Graph *g, GanDisc *d, Tensor *x_t, const int *t, Tensor *x_tp1);
 
 // ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).

@@ -891,3 +891,125 @@ Tensor *gan_sample_posterior(Graph *g, const GanSchedule *s, Tensor *x0, const f
     }
     return add(g, mul(g, x0, c1), rest);
 }
+
+// ---------------------------------------------------------------------------
+// ---- stage two: the time-conditioned discriminator (Discriminator_small) ----
+// DDGAN's score_sde/models/discriminator.py as LDDGAN ships it (facts with
+// file:line: tools/lddgan_facts.md section 2). Parameter names are its
+// state_dict keys. Every op between the input x_t and the logit has a vjp,
+// so graph_grad gives R1's exact gradient (double backward).
+// ---------------------------------------------------------------------------
+static const float fir_1331[4] = {1, 3, 3, 1};
+
+// downsample_2d(x, [1,3,3,1]): upfirdn2d with outer(k, k) / 64, down 2, pads (1, 1)
+static Tensor *fir_down(Graph *g, Tensor *x) {
+    float k[16];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) k[i * 4 + j] = fir_1331[i] * fir_1331[j] / 64.0f;
+    return upfirdn2d(g, x, k, 4, 1, 2, 1, 1);
+}
+
+// get_timestep_embedding (layers.py:473-484): half = dim / 2, f_k =
+// exp(-k ln(10000) / (half - 1)) in float32, cat(sin(t f), cos(t f)), sin first
+void gan_timestep_embedding(float *out, const int *t, int n, int dim) {
+    int half = dim / 2;
+    float step = (float)(log(10000.0) / (half - 1));
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < half; k++) {
+            float a = (float)t[i] * expf((float)k * -step);
+            out[(size_t)i * dim + k] = sinf(a);
+            out[(size_t)i * dim + half + k] = cosf(a);
+        }
+}
+
+static void declare_dense(ParamDecl *d, Tensor **w, Tensor **b, const char *prefix, int out, int in) {
+    param_declare_weight_bias(d, w, b, prefix, 2, out, in, 0, 0);
+}
+
+void gan_disc_init(GanDisc *d, int in_channels, int ngf, int t_emb_dim, int num_layers, int trainable,
+                   Rng *rng) {
+    if (num_layers < 3 || num_layers > GAN_DISC_MAX_BLOCKS)
+        fatal("gan discriminator: %d layers (3..%d)", num_layers, GAN_DISC_MAX_BLOCKS);
+    memset(d, 0, sizeof *d);
+    d->in_channels = in_channels;
+    d->ngf = ngf;
+    d->t_emb_dim = t_emb_dim;
+    d->n_blocks = num_layers;
+    params_init(&d->params);
+    ParamDecl pd;
+    param_decl_init(&pd, &d->params);
+    char name[96];
+    declare_dense(&pd, &d->temb_w[0], &d->temb_b[0], "t_embed.main.0", t_emb_dim, t_emb_dim);
+    declare_dense(&pd, &d->temb_w[1], &d->temb_b[1], "t_embed.main.2", t_emb_dim, t_emb_dim);
+    param_declare_weight_bias(&pd, &d->start_w, &d->start_b, "start_conv", 4, 2 * ngf, in_channels, 1, 1);
+    int ch = 2 * ngf;
+    for (int k = 0; k < num_layers; k++) {  // conv1 keeps the size; conv2.. halve it
+        GanDownBlock *b = &d->block[k];
+        b->in = ch;
+        b->out = k == 0 ? ch : ch * 2 > 8 * ngf ? 8 * ngf : ch * 2;
+        b->down = k > 0;
+        snprintf(name, sizeof name, "conv%d.conv1.0", k + 1);
+        param_declare_weight_bias(&pd, &b->conv1_w, &b->conv1_b, name, 4, b->out, b->in, 3, 3);
+        snprintf(name, sizeof name, "conv%d.conv2.0", k + 1);
+        param_declare_weight_bias(&pd, &b->conv2_w, &b->conv2_b, name, 4, b->out, b->out, 3, 3);
+        snprintf(name, sizeof name, "conv%d.dense_t1", k + 1);
+        declare_dense(&pd, &b->dense_w, &b->dense_b, name, b->out, t_emb_dim);
+        snprintf(name, sizeof name, "conv%d.skip.0.weight", k + 1);
+        param_declare(&pd, &b->skip_w, name, 4, b->out, b->in, 1, 1);
+        ch = b->out;
+    }
+    param_declare_weight_bias(&pd, &d->final_w, &d->final_b, "final_conv", 4, ch, ch + 1, 3, 3);
+    declare_dense(&pd, &d->end_w, &d->end_b, "end_linear", 1, ch);
+    params_alloc(&d->params, trainable);
+    param_decl_fill(&pd);
+    if (!rng) return;
+    // dense_layer.conv2d / dense: U(+-sqrt(3 gain / fan_out)), fan_out = out x k x k
+    // (dense_layer.py:22-32, 63: its 'fan_avg' falls through to fan_out), biases 0;
+    // gain 1e-10 for the blocks' conv2 and final_conv (init_scale 0, :62, 287)
+    for (size_t i = 0; i < d->params.count; i++) {
+        Tensor *t = params_get(&d->params, i);
+        if (t->ndim == 1) continue;  // biases stay 0
+        double fan_out = (double)t->size / t->shape[1];
+        int tiny = strstr(t->name, ".conv2.0.") || strncmp(t->name, "final_conv.", 11) == 0;
+        float bound = (float)sqrt(3.0 * (tiny ? 1e-10 : 1.0) / fan_out);
+        rng_fill_uniform(rng, t->data, t->size, -bound, bound);
+    }
+}
+
+void gan_disc_free(GanDisc *d) { params_free(&d->params); }
+
+// DownConvBlock (discriminator.py:40-86): out = conv1(act(x)) + dense_t1(temb);
+// act; FIR downsampling of out and x when down; (conv2(out) + skip(x)) / sqrt 2
+static Tensor *down_block(Graph *g, const GanDownBlock *b, Tensor *x, Tensor *temb) {
+    Tensor *shift = linear(g, temb, b->dense_w, b->dense_b);
+    Tensor *h = conv2d_add(g, leaky_relu(g, x, 0.2f), b->conv1_w, b->conv1_b, shift, NULL, 1, 1);
+    h = leaky_relu(g, h, 0.2f);
+    if (b->down) {
+        h = fir_down(g, h);
+        x = fir_down(g, x);
+    }
+    Tensor *skip = conv2d(g, x, b->skip_w, NULL, 1, 0);
+    return scale_shift(g, conv2d_add(g, h, b->conv2_w, b->conv2_b, NULL, skip, 1, 1),
+                       (float)(1.0 / sqrt(2.0)), 0.0f);
+}
+
+// D(x_t, t, x_{t+1}) (discriminator.py:295-337): logits (N, 1)
+Tensor *gan_disc_forward(Graph *g, GanDisc *d, Tensor *x_t, const int *t, Tensor *x_tp1) {
+    int N = x_t->shape[0];
+    if (x_t->ndim != 4 || !same_shape(x_t, x_tp1) || 2 * x_t->shape[1] != d->in_channels)
+        fatal("gan discriminator: x_t and x_{t+1} must both be (N, %d, H, W)", d->in_channels / 2);
+    int es[2] = {N, d->t_emb_dim};
+    Tensor *e = tensor_new(g, 2, es);
+    gan_timestep_embedding(e->data, t, N, d->t_emb_dim);
+    // TimestepEmbedding: dense, act, dense; then act once more in forward (:298)
+    Tensor *temb = linear(g, e, d->temb_w[0], d->temb_b[0]);
+    temb = leaky_relu(g, linear(g, leaky_relu(g, temb, 0.2f), d->temb_w[1], d->temb_b[1]), 0.2f);
+    Tensor *h = conv2d(g, concat_channels(g, x_t, x_tp1), d->start_w, d->start_b, 1, 0);
+    for (int k = 0; k < d->n_blocks; k++) h = down_block(g, &d->block[k], h, temb);
+    // minibatch std: groups of min(N, 4) (:313-321)
+    h = minibatch_std(g, h, N < 4 ? N : 4);
+    h = leaky_relu(g, conv2d(g, h, d->final_w, d->final_b, 1, 1), 0.2f);
+    int HW = h->shape[2] * h->shape[3], s2[2] = {N, h->shape[1]};
+    Tensor *sum = reshape(g, scale_shift(g, mean_hw(g, h), (float)HW, 0.0f), 2, s2);  // sum over H, W
+    return linear(g, sum, d->end_w, d->end_b);
+}

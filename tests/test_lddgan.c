@@ -519,6 +519,107 @@ static void test_gan_diffusion(void) {
     st_free(&f);
 }
 
+// the discriminator against tools/lddgan_ref.py's DiscriminatorSmall (ngf 8,
+// t_emb_dim 32, 3 layers, N = 8: two minibatch-std groups) on the test
+// weights "gdisc." + key: logits, the input gradients and every parameter's
+// of sum(logits * r); R1 = gamma/2 mean |d sum D / d x_t|^2 (gamma 0.02) by
+// double backward against PyTorch's create_graph=True, and its gradient in
+// every parameter (those that reach R1 only through LeakyReLU's masks: 0)
+typedef struct { double logits, dx, grads, r1, r1_grads; float *all; size_t n; } DiscRun;
+
+static double grads_vs(ParamSet *ps, const StFile *f, const char *prefix, double floor_frac) {
+    double gmax = 1e-30, e = 0.0;
+    for (size_t p = 0; p < ps->count; p++) {
+        char key[200];
+        snprintf(key, sizeof key, "%s%s", prefix, params_get(ps, p)->name);
+        const StEntry *r = st_find(f, key);
+        if (!r) fatal("gan golden: no %s", key);
+        for (size_t i = 0; i < r->size; i++) gmax = fmax(gmax, fabs(r->data[i]));
+    }
+    for (size_t p = 0; p < ps->count; p++) {
+        Tensor *t = params_get(ps, p);
+        char key[200];
+        snprintf(key, sizeof key, "%s%s", prefix, t->name);
+        const StEntry *r = st_find(f, key);
+        double m = floor_frac * gmax, d = 0.0;  // each tensor against its own max (floored)
+        for (size_t i = 0; i < r->size; i++) m = fmax(m, fabs(r->data[i]));
+        for (size_t i = 0; i < r->size; i++) d = fmax(d, fabs((double)t->grad[i] - r->data[i]));
+        e = fmax(e, d / m);
+    }
+    return e;
+}
+
+static void disc_run(const StFile *f, DiscRun *r) {
+    GanDisc d;
+    gan_disc_init(&d, 8, 8, 32, 3, 1, NULL);
+    test_init_params(&d.params, "gdisc.");
+    Graph g;
+    graph_init(&g, 0, 0);
+    const StEntry *et = st_find(f, "disc/t"), *ex = st_find(f, "disc/x_t"), *ex1 = st_find(f, "disc/x_tp1");
+    int t[8];
+    for (int i = 0; i < 8; i++) t[i] = (int)et->data[i];
+    Tensor *x_t = tensor_from(&g, 4, ex->shape, ex->data), *x_tp1 = tensor_from(&g, 4, ex1->shape, ex1->data);
+    x_t->requires_grad = x_tp1->requires_grad = 1;
+    Tensor *logits = gan_disc_forward(&g, &d, x_t, t, x_tp1);
+    const StEntry *el = st_find(f, "disc/logits"), *er = st_find(f, "disc/r");
+    r->logits = logits->size == el->size ? rel_to_max(logits->data, el->data, el->size) : INFINITY;
+    params_zero_grad(&d.params);
+    graph_backward(&g, logits, er->data);
+    r->dx = fmax(rel_to_max(x_t->grad, st_find(f, "disc/dx_t")->data, x_t->size),
+                 rel_to_max(x_tp1->grad, st_find(f, "disc/dx_tp1")->data, x_tp1->size));
+    r->grads = grads_vs(&d.params, f, "disc/grad/", 1e-3);
+    // R1 by double backward
+    graph_reset(&g);
+    x_t = tensor_from(&g, 4, ex->shape, ex->data);
+    x_tp1 = tensor_from(&g, 4, ex1->shape, ex1->data);
+    x_t->requires_grad = 1;
+    Tensor *gx = graph_grad(&g, sum_all(&g, gan_disc_forward(&g, &d, x_t, t, x_tp1)), x_t);
+    Tensor *r1 = scale_shift(&g, sum_all(&g, mul(&g, gx, gx)), 0.02f / 2.0f / 8.0f, 0.0f);
+    params_zero_grad(&d.params);
+    graph_backward(&g, r1, NULL);
+    double ref = st_find(f, "disc/r1")->data[0];
+    r->r1 = fabs(r1->data[0] - ref) / fabs(ref);
+    r->r1_grads = grads_vs(&d.params, f, "disc/r1_grad/", 1e-3);
+    r->n = d.params.total;
+    r->all = mallocCheck(r->n * sizeof(float));
+    memcpy(r->all, d.params.grad, r->n * sizeof(float));
+    graph_free(&g);
+    gan_disc_free(&d);
+}
+
+static void test_gan_disc(void) {
+    StFile f;
+    char err[512];
+    if (st_read("tests/goldens/gan.safetensors", &f, err, sizeof err) != 0) {
+        test_result(0, "GAN golden file", "%s", err);
+        return;
+    }
+    DiscRun a, b;
+    pool_init(1);
+    disc_run(&f, &a);
+    pool_init(2);
+    disc_run(&f, &b);
+    pool_init(0);
+    test_result(a.logits <= 1e-5 && a.dx <= 1e-4 && a.grads <= 1e-4,
+                "GAN discriminator vs PyTorch: logits, input gradients, every parameter's gradient",
+                "logits %.1e (tol 1e-5); dx %.1e, parameters %.1e of their max (tol 1e-4)", a.logits,
+                a.dx, a.grads);
+    test_result(a.r1 <= 1e-4 && a.r1_grads <= 1e-4,
+                "R1 by double backward vs PyTorch's create_graph=True: the value and its gradient in every parameter",
+                "R1 %.1e relative, gradients %.1e of their max (tol 1e-4)", a.r1, a.r1_grads);
+    test_result(a.n == b.n && memcmp(a.all, b.all, a.n * sizeof(float)) == 0,
+                "GAN discriminator's R1 gradients: 1 and 2 threads bitwise the same", "%zu values", a.n);
+    free(a.all);
+    free(b.all);
+    GanDisc d;
+    gan_disc_init(&d, 8, 64, 256, 3, 0, NULL);
+    test_result(d.params.total == 7628545,
+                "GAN discriminator parameter count of LDDGAN's CIFAR-10 config",
+                "%zu (7628545, Discriminator_small(8, 64, 256, 3))", d.params.total);
+    gan_disc_free(&d);
+    st_free(&f);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0 || strcmp(argv[i], "--emulated") == 0) test_quick = 1;
@@ -529,6 +630,7 @@ int main(int argc, char **argv) {
     test_autoencoder_goldens();
     test_ae_file();
     test_gan_diffusion();
+    test_gan_disc();
     pool_shutdown();
     sgemm_free_buffers();
     return test_failed_count ? 1 : 0;

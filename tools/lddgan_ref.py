@@ -19,8 +19,11 @@ Needs Debian's python3-torch; run with /usr/bin/python3.
         sqrt(biased var over the group + 1e-8), mean over (C, H, W), repeated to every
         sample of the group and concatenated as one more channel
 """
+import math
+
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -111,3 +114,80 @@ def sample_posterior(s, x0, x_tp1, t, eps):
     mean = v(s["posterior_mean_coef1"]) * x0 + v(s["posterior_mean_coef2"]) * x_tp1
     mask = (1 - (t == 0).float()).view(-1, 1, 1, 1)
     return mean + mask * torch.exp(0.5 * v(s["posterior_log_variance_clipped"])) * eps
+
+
+# ---- the discriminator (score_sde/models/discriminator.py, Discriminator_small) ----
+def timestep_embedding(t, dim, max_positions=10000):
+    """get_timestep_embedding: half = dim // 2, f_k = exp(-k ln(max_positions) / (half - 1))
+    (float32), cat(sin(t f), cos(t f)) - sin first."""
+    half = dim // 2
+    f = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(max_positions) / (half - 1)))
+    a = t.float()[:, None] * f[None, :]
+    return torch.cat([torch.sin(a), torch.cos(a)], dim=1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.main = nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, dim))
+
+    def forward(self, t):  # (the embedding in float32, as the code; then the weights' dtype)
+        return self.main(timestep_embedding(t, self.main[0].in_features).to(self.main[0].weight.dtype))
+
+
+class DownConvBlock(nn.Module):
+    """out = conv1(act(x)) + dense_t1(temb)[..., None, None]; act; FIR downsampling of out and
+    x when down; (conv2(out) + skip(x)) / sqrt(2); skip a 1x1 conv without bias."""
+
+    def __init__(self, cin, cout, t_emb_dim, down):
+        super().__init__()
+        self.down = down
+        self.conv1 = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1))
+        self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1))
+        self.dense_t1 = nn.Linear(t_emb_dim, cout)
+        self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False))
+
+    def forward(self, x, temb):
+        out = self.conv1(F.leaky_relu(x, 0.2)) + self.dense_t1(temb)[..., None, None]
+        out = F.leaky_relu(out, 0.2)
+        if self.down:
+            out, x = downsample_2d(out), downsample_2d(x)
+        return (self.conv2(out) + self.skip(x)) / math.sqrt(2)
+
+
+class DiscriminatorSmall(nn.Module):
+    """D(x_t, t, x_{t+1}): cat -> start_conv (1x1, 2 ngf) -> conv1 (keeps the size), conv2,
+    conv3 (, conv4) halving it, widths 2, 4, 8 (, 8) ngf -> minibatch std (groups of min(N, 4))
+    -> act(final_conv 3x3) -> sum over H, W -> end_linear; the time embedding is act(main(emb))."""
+
+    def __init__(self, nc, ngf=64, t_emb_dim=256, num_layers=3):
+        super().__init__()
+        self.t_embed = TimestepEmbedding(t_emb_dim)
+        self.start_conv = nn.Conv2d(nc, 2 * ngf, 1)
+        ch, blocks = 2 * ngf, []
+        for k in range(num_layers):
+            out = ch if k == 0 else min(2 * ch, 8 * ngf)
+            blocks.append(DownConvBlock(ch, out, t_emb_dim, k > 0))
+            ch = out
+        for k, b in enumerate(blocks):
+            setattr(self, f"conv{k + 1}", b)
+        self.n = num_layers
+        self.final_conv = nn.Conv2d(ch + 1, ch, 3, padding=1)
+        self.end_linear = nn.Linear(ch, 1)
+
+    def forward(self, x, t, x_tp1):
+        temb = F.leaky_relu(self.t_embed(t), 0.2)
+        h = self.start_conv(torch.cat((x, x_tp1), dim=1))
+        for k in range(self.n):
+            h = getattr(self, f"conv{k + 1}")(h, temb)
+        h = minibatch_std(h, 4)
+        h = F.leaky_relu(self.final_conv(h), 0.2)
+        return self.end_linear(h.view(h.shape[0], h.shape[1], -1).sum(2))
+
+
+def r1_penalty(disc, x_t, t, x_tp1, gamma):
+    """The D step's R1 (train_ldgan.py:40-49): gamma / 2 * mean over the batch of
+    |d sum D(x_t) / d x_t|^2, the gradient with create_graph=True."""
+    d = disc(x_t, t, x_tp1).view(-1)
+    g, = torch.autograd.grad(d.sum(), x_t, create_graph=True)
+    return gamma / 2 * (g.view(g.shape[0], -1).norm(2, dim=1) ** 2).mean()

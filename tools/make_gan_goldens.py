@@ -2,7 +2,11 @@
 """Writes tests/goldens/gan.safetensors: the denoising-diffusion GAN of tools/lddgan_ref.py
 (LDDGAN stage two) for tests/test_lddgan.c. So far the diffusion: the T = 4 schedule
 (beta_min 0.1, beta_max 20: every coefficient array), and with fixed noise one batch of
-q_sample_pairs and of sample_posterior (t = 0..3, so the noise-free t = 0 is in it).
+q_sample_pairs and of sample_posterior (t = 0..3, so the noise-free t = 0 is in it); the
+discriminator (DiscriminatorSmall, ngf 8, t_emb_dim 32, 3 layers, latent 4x16x16, N = 8: two
+minibatch-std groups) on ae_ref.test_values("gdisc." + key) weights, in float64: logits,
+d(sum logits * r) in x_t, x_{t+1} and every parameter, and R1 (gamma 0.02, create_graph=True)
+with its gradient in every parameter.
 Run from the repository root:
     /usr/bin/python3 tools/make_gan_goldens.py
 Not needed by the build or CI: the output file is committed.
@@ -32,6 +36,34 @@ def main():
     for k, v in dict(t=t.float(), x0=x0, eps1=e1, eps2=e2, x_t=x_t, x_tp1=x_tp1, x0_pred=x0p,
                      eps3=e3, posterior=post).items():
         G[f"diffusion/{k}"] = v.float()
+    # the discriminator
+    import ae_ref as A
+    disc = D.DiscriminatorSmall(8, 8, 32, 3).double()
+    with torch.no_grad():
+        for k, p in disc.named_parameters():
+            p.copy_(torch.from_numpy(A.test_values("gdisc." + k, tuple(p.shape))))
+    td = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    x_t = torch.randn(8, 4, 16, 16).double().requires_grad_(True)
+    x_tp1 = torch.randn(8, 4, 16, 16).double().requires_grad_(True)
+    logits = disc(x_t, td, x_tp1)
+    r = torch.randn(logits.shape).double()
+    params = dict(disc.named_parameters())
+    grads = torch.autograd.grad((logits * r).sum(), [x_t, x_tp1] + list(params.values()))
+    G["disc/t"], G["disc/x_t"], G["disc/x_tp1"] = td.float(), x_t.detach().float(), x_tp1.detach().float()
+    G["disc/logits"], G["disc/r"] = logits.detach().float(), r.float()
+    G["disc/dx_t"], G["disc/dx_tp1"] = grads[0].float(), grads[1].float()
+    for k, gk in zip(params, grads[2:]):
+        G[f"disc/grad/{k}"] = gk.float()
+    r1 = D.r1_penalty(disc, x_t, td, x_tp1, 0.02)
+    # (allow_unused: end_linear.bias, and the weights that only shift pre-activations,
+    # reach R1 only through LeakyReLU's masks, whose derivative is 0: a zero gradient)
+    r1_grads = torch.autograd.grad(r1, list(params.values()), allow_unused=True)
+    r1_grads = [torch.zeros_like(p) if gk is None else gk for p, gk in zip(params.values(), r1_grads)]
+    G["disc/r1"] = r1.detach().reshape(1).float()
+    for k, gk in zip(params, r1_grads):
+        G[f"disc/r1_grad/{k}"] = gk.float()
+    print(f"disc: {sum(p.numel() for p in params.values())} parameters, logits |max| "
+          f"{logits.abs().max().item():.4g}, R1 {r1.item():.6g}")
     out = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                         "goldens", "gan.safetensors"))
     st.save(out, G, {"producer": "tools/make_gan_goldens.py", "torch": torch.__version__})
