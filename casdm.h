@@ -464,6 +464,49 @@ void gan_disc_init(GanDisc *d, int in_channels, int ngf, int t_emb_dim, int num_
 void gan_disc_free(GanDisc *d);
 Tensor *gan_disc_forward(Graph *g, GanDisc *d, Tensor *x_t, const int *t, Tensor *x_tp1);
 
+// score_sde's NCSNpp generator as LDDGAN configures it (ncsnpp_generator_adagn.py):
+// G(x_{t+1}, t, z) -> x0' in [-1, 1]; names all_modules.<i>.*, z_transform.*
+#define GAN_GEN_MAX_LEVELS 6
+#define GAN_GEN_MAX_MODULES 96
+#define GAN_GEN_MAX_MLP 8
+typedef struct {
+    int channels, image_size;   // the latent's (LDDGAN CIFAR-10: 4, 16)
+    int nf, ch_mult[GAN_GEN_MAX_LEVELS], n_levels, num_res_blocks;
+    int attn_resolutions[GAN_GEN_MAX_LEVELS], n_attn;
+    int nz, zdim, n_mlp;        // z (N, nz) -> zemb (N, zdim) through 1 + n_mlp dense layers
+} GanGenConfig;
+typedef struct {             // ResnetBlockBigGANpp_Adagn
+    int in, out, up, down;
+    Tensor *style0_w, *style0_b, *conv0_w, *conv0_b, *dense0_w, *dense0_b;
+    Tensor *style1_w, *style1_b, *conv1_w, *conv1_b, *conv2_w, *conv2_b;  // conv2: NULL if none
+} GanResBlock;
+typedef struct {             // AttnBlockpp: GroupNorm_0, NIN_0..3 (W is (in, out))
+    int c;
+    Tensor *gn_w, *gn_b, *nin_w[4], *nin_b[4];
+} GanAttn;
+enum { GAN_MOD_RES, GAN_MOD_ATTN, GAN_MOD_PYRAMID };
+typedef struct {
+    int kind;
+    GanResBlock rb;
+    GanAttn at;
+    Tensor *pd_w, *pd_b;     // the pyramid Downsample's Conv2d_0
+} GanModule;
+typedef struct {
+    GanGenConfig cfg;
+    ParamSet params;
+    Tensor *temb_w[2], *temb_b[2], *conv_in_w, *conv_in_b, *norm_w, *norm_b, *conv_out_w, *conv_out_b;
+    Tensor *z_w[GAN_GEN_MAX_MLP], *z_b[GAN_GEN_MAX_MLP];
+    int n_z;
+    GanModule mod[GAN_GEN_MAX_MODULES];  // all_modules 3 .. n - 3, in order
+    int n_mod;
+} GanGen;
+void gan_gen_cifar10_config(GanGenConfig *c);  // 33,329,668 parameters
+int gan_gen_check_config(const GanGenConfig *c, char *err, size_t errlen);
+// rng: the official initialisation (default_init, dense_layer's); NULL: zeros
+void gan_gen_init(GanGen *G, const GanGenConfig *c, int trainable, Rng *rng);
+void gan_gen_free(GanGen *G);
+Tensor *gan_gen_forward(Graph *g, GanGen *G, Tensor *x_tp1, const int *t, Tensor *z);
+
 // ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).
 // Readers return -1 (or NULL) with a message naming the file in err, and

@@ -1013,3 +1013,312 @@ Tensor *gan_disc_forward(Graph *g, GanDisc *d, Tensor *x_t, const int *t, Tensor
     Tensor *sum = reshape(g, scale_shift(g, mean_hw(g, h), (float)HW, 0.0f), 2, s2);  // sum over H, W
     return linear(g, sum, d->end_w, d->end_b);
 }
+
+// ---------------------------------------------------------------------------
+// ---- stage two: the generator (score_sde's NCSNpp, ncsnpp_generator_adagn.py) ----
+// LDDGAN's configuration (tools/lddgan_facts.md section 1): AdaGN BigGAN
+// ResBlocks with FIR resampling, the residual input pyramid, attention in the
+// middle, tanh; the z mapping network and the sinusoidal time embedding.
+// Parameter names are its state_dict keys (all_modules.<i>.*, z_transform.*).
+// ---------------------------------------------------------------------------
+void gan_gen_cifar10_config(GanGenConfig *c) {
+    memset(c, 0, sizeof *c);
+    c->channels = 4;        // the autoencoder's latent channels
+    c->image_size = 16;     // the latent side (run.sh --current_resolution 16)
+    c->nf = 128;
+    c->n_levels = 3;
+    c->ch_mult[0] = 1;
+    c->ch_mult[1] = c->ch_mult[2] = 2;
+    c->num_res_blocks = 2;
+    c->n_attn = 1;
+    c->attn_resolutions[0] = 32;  // run.sh's 32: no level has it, only the middle attends
+    c->nz = 50;
+    c->zdim = 256;
+    c->n_mlp = 4;
+}
+
+static int gen_has_attn(const GanGenConfig *c, int res) {
+    for (int i = 0; i < c->n_attn; i++)
+        if (c->attn_resolutions[i] == res) return 1;
+    return 0;
+}
+
+static int gn_groups(int c) { return c / 4 < 32 ? c / 4 : 32; }  // min(C // 4, 32)
+
+static GanModule *gen_next(GanGen *G, int kind) {
+    if (G->n_mod == GAN_GEN_MAX_MODULES) fatal("gan generator: more than %d modules", GAN_GEN_MAX_MODULES);
+    GanModule *m = &G->mod[G->n_mod++];
+    memset(m, 0, sizeof *m);
+    m->kind = kind;
+    return m;
+}
+
+static void declare_resblock_g(ParamDecl *d, GanResBlock *r, int idx, int in, int out, int tdim,
+                               int zdim, int up, int down) {
+    char p[64], n[96];
+    snprintf(p, sizeof p, "all_modules.%d", idx);
+    r->in = in;
+    r->out = out;
+    r->up = up;
+    r->down = down;
+    snprintf(n, sizeof n, "%s.GroupNorm_0.style", p);
+    declare_dense(d, &r->style0_w, &r->style0_b, n, 2 * in, zdim);
+    snprintf(n, sizeof n, "%s.Conv_0", p);
+    param_declare_weight_bias(d, &r->conv0_w, &r->conv0_b, n, 4, out, in, 3, 3);
+    snprintf(n, sizeof n, "%s.Dense_0", p);
+    declare_dense(d, &r->dense0_w, &r->dense0_b, n, out, tdim);
+    snprintf(n, sizeof n, "%s.GroupNorm_1.style", p);
+    declare_dense(d, &r->style1_w, &r->style1_b, n, 2 * out, zdim);
+    snprintf(n, sizeof n, "%s.Conv_1", p);
+    param_declare_weight_bias(d, &r->conv1_w, &r->conv1_b, n, 4, out, out, 3, 3);
+    if (in != out || up || down) {
+        snprintf(n, sizeof n, "%s.Conv_2", p);
+        param_declare_weight_bias(d, &r->conv2_w, &r->conv2_b, n, 4, out, in, 1, 1);
+    }
+}
+
+static void declare_attn_g(ParamDecl *d, GanAttn *a, int idx, int c) {
+    char n[96];
+    a->c = c;
+    snprintf(n, sizeof n, "all_modules.%d.GroupNorm_0", idx);
+    param_declare_weight_bias(d, &a->gn_w, &a->gn_b, n, 1, c, 0, 0, 0);
+    for (int i = 0; i < 4; i++) {
+        snprintf(n, sizeof n, "all_modules.%d.NIN_%d.W", idx, i);
+        param_declare(d, &a->nin_w[i], n, 2, c, c, 0, 0);
+        snprintf(n, sizeof n, "all_modules.%d.NIN_%d.b", idx, i);
+        param_declare(d, &a->nin_b[i], n, 1, c, 0, 0, 0);
+    }
+}
+
+// the module list of NCSNpp.__init__ (ncsnpp_generator_adagn.py:122-294)
+static void gen_layout(GanGen *G, ParamDecl *d) {
+    const GanGenConfig *c = &G->cfg;
+    int nf = c->nf, tdim = 4 * nf, zdim = c->zdim, idx = 3;
+    char n[96];
+    G->n_mod = 0;
+    declare_dense(d, &G->temb_w[0], &G->temb_b[0], "all_modules.0", tdim, nf);
+    declare_dense(d, &G->temb_w[1], &G->temb_b[1], "all_modules.1", tdim, tdim);
+    param_declare_weight_bias(d, &G->conv_in_w, &G->conv_in_b, "all_modules.2", 4, nf, c->channels, 3, 3);
+    int hs[2 * GAN_GEN_MAX_MODULES], nhs = 0, cin = nf, res = c->image_size, pyr = c->channels;
+    hs[nhs++] = nf;
+    for (int l = 0; l < c->n_levels; l++) {
+        for (int i = 0; i < c->num_res_blocks; i++) {
+            GanModule *m = gen_next(G, GAN_MOD_RES);
+            declare_resblock_g(d, &m->rb, idx++, cin, nf * c->ch_mult[l], tdim, zdim, 0, 0);
+            cin = nf * c->ch_mult[l];
+            if (gen_has_attn(c, res)) declare_attn_g(d, &gen_next(G, GAN_MOD_ATTN)->at, idx++, cin);
+            hs[nhs++] = cin;
+        }
+        if (l != c->n_levels - 1) {
+            declare_resblock_g(d, &gen_next(G, GAN_MOD_RES)->rb, idx++, cin, cin, tdim, zdim, 0, 1);
+            GanModule *m = gen_next(G, GAN_MOD_PYRAMID);
+            snprintf(n, sizeof n, "all_modules.%d.Conv2d_0", idx++);
+            param_declare_weight_bias(d, &m->pd_w, &m->pd_b, n, 4, cin, pyr, 3, 3);
+            pyr = cin;
+            res /= 2;
+            hs[nhs++] = cin;
+        }
+    }
+    declare_resblock_g(d, &gen_next(G, GAN_MOD_RES)->rb, idx++, cin, cin, tdim, zdim, 0, 0);
+    declare_attn_g(d, &gen_next(G, GAN_MOD_ATTN)->at, idx++, cin);
+    declare_resblock_g(d, &gen_next(G, GAN_MOD_RES)->rb, idx++, cin, cin, tdim, zdim, 0, 0);
+    for (int l = c->n_levels - 1; l >= 0; l--) {
+        for (int i = 0; i <= c->num_res_blocks; i++) {
+            int out = nf * c->ch_mult[l];
+            declare_resblock_g(d, &gen_next(G, GAN_MOD_RES)->rb, idx++, cin + hs[--nhs], out, tdim,
+                               zdim, 0, 0);
+            cin = out;
+        }
+        if (gen_has_attn(c, res)) declare_attn_g(d, &gen_next(G, GAN_MOD_ATTN)->at, idx++, cin);
+        if (l != 0) {
+            declare_resblock_g(d, &gen_next(G, GAN_MOD_RES)->rb, idx++, cin, cin, tdim, zdim, 1, 0);
+            res *= 2;
+        }
+    }
+    snprintf(n, sizeof n, "all_modules.%d", idx++);
+    param_declare_weight_bias(d, &G->norm_w, &G->norm_b, n, 1, cin, 0, 0, 0);
+    snprintf(n, sizeof n, "all_modules.%d", idx++);
+    param_declare_weight_bias(d, &G->conv_out_w, &G->conv_out_b, n, 4, c->channels, cin, 3, 3);
+    // z_transform: PixelNorm (0), dense (1), SiLU (2), then (dense, SiLU) n_mlp times
+    G->n_z = c->n_mlp + 1;
+    for (int i = 0; i < G->n_z; i++) {
+        snprintf(n, sizeof n, "z_transform.%d", 1 + 2 * i);
+        declare_dense(d, &G->z_w[i], &G->z_b[i], n, zdim, i ? zdim : c->nz);
+    }
+}
+
+int gan_gen_check_config(const GanGenConfig *c, char *err, size_t errlen) {
+    if (c->channels < 1 || c->nf < 4 || c->n_levels < 1 || c->n_levels > GAN_GEN_MAX_LEVELS ||
+        c->num_res_blocks < 1 || c->num_res_blocks > 8 || c->nz < 1 || c->zdim < 1 ||
+        c->n_mlp < 0 || c->n_mlp > GAN_GEN_MAX_MLP - 1 || c->image_size < 1)
+        return errorf(err, errlen, "gan generator: a configuration value is out of range");
+    if (c->image_size % (1 << (c->n_levels - 1)))
+        return errorf(err, errlen, "gan generator: side %d does not halve %d times", c->image_size,
+                      c->n_levels - 1);
+    for (int l = 0; l < c->n_levels; l++)
+        if (c->ch_mult[l] < 1 || (c->nf * c->ch_mult[l]) % 4 ||
+            (c->nf * c->ch_mult[l]) % gn_groups(c->nf * c->ch_mult[l]))
+            return errorf(err, errlen, "gan generator: nf %d x mult %d does not split into groups",
+                          c->nf, c->ch_mult[l]);
+    return 0;
+}
+
+// default_init(scale) (layers.py:68-105): U(+-sqrt(3 scale / fan_avg)), fan_avg
+// = (fan_in + fan_out) / 2, 1e-10 for scale 0; dense_layer.dense (the AdaGN
+// styles, z_transform): U(+-sqrt(3 / fan_out)); biases 0 but the styles'
+// gamma halves, 1 (layerspp.py:52-55); GroupNorm scales 1
+static void gen_init_weights(GanGen *G, Rng *rng) {
+    for (size_t i = 0; i < G->params.count; i++) {
+        Tensor *t = params_get(&G->params, i);
+        const char *nm = t->name;
+        if (t->ndim == 1) {
+            if (strstr(nm, ".style.bias")) {
+                for (size_t k = 0; k < t->size / 2; k++) t->data[k] = 1.0f;
+            } else if (ends_with(nm, ".weight")) {
+                for (size_t k = 0; k < t->size; k++) t->data[k] = 1.0f;  // GroupNorm
+            }
+            continue;
+        }
+        double rf = t->ndim == 4 ? (double)t->shape[2] * t->shape[3] : 1.0;
+        double fan_in = t->shape[1] * rf, fan_out = t->shape[0] * rf, var;
+        if (strstr(nm, ".style.") || strncmp(nm, "z_transform.", 12) == 0) {
+            var = 1.0 / fan_out;
+        } else {
+            double scale = 1.0;
+            if (strstr(nm, ".Conv_1.") || strstr(nm, ".NIN_3.")) scale = 1e-10;  // init_scale 0
+            else if (strstr(nm, ".NIN_")) scale = 0.1;
+            else if (t == G->conv_out_w) scale = 1e-10;
+            var = scale / ((fan_in + fan_out) / 2.0);
+        }
+        float bound = (float)sqrt(3.0 * var);
+        rng_fill_uniform(rng, t->data, t->size, -bound, bound);
+    }
+}
+
+void gan_gen_init(GanGen *G, const GanGenConfig *c, int trainable, Rng *rng) {
+    char err[256];
+    if (gan_gen_check_config(c, err, sizeof err) != 0) fatal("%s", err);
+    memset(G, 0, sizeof *G);
+    G->cfg = *c;
+    params_init(&G->params);
+    ParamDecl d;
+    param_decl_init(&d, &G->params);
+    gen_layout(G, &d);
+    params_alloc(&G->params, trainable);
+    param_decl_fill(&d);
+    if (rng) gen_init_weights(G, rng);
+}
+
+void gan_gen_free(GanGen *G) { params_free(&G->params); }
+
+// FIR upsample_2d: outer([1,3,3,1]) / 64 x gain 1 x factor^2, up 2, pads (2, 1)
+static Tensor *fir_up(Graph *g, Tensor *x) {
+    float k[16];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) k[i * 4 + j] = fir_1331[i] * fir_1331[j] / 16.0f;
+    return upfirdn2d(g, x, k, 4, 2, 1, 2, 1);
+}
+
+// SiLU(AdaGN(x)): GroupNorm without affine, gamma * GN + beta with (gamma,
+// beta) = style(zemb); as FiLM: GN * (1 + (gamma - 1)) + beta
+static Tensor *adagn_silu(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *zemb) {
+    int N = x->shape[0], C = x->shape[1], s4[4] = {N, 2 * C, 1, 1}, s2[2] = {N, C};
+    Tensor *s = reshape(g, linear(g, zemb, w, b), 4, s4);
+    Tensor *scale = scale_shift(g, reshape(g, slice_channels(g, s, 0, C), 2, s2), 1.0f, -1.0f);
+    Tensor *shift = reshape(g, slice_channels(g, s, C, 2 * C), 2, s2);
+    return groupnorm_film_silu(g, x, NULL, NULL, scale, shift, 1, 0.0f, gn_groups(C), 1e-6f);
+}
+
+// ResnetBlockBigGANpp_Adagn (layerspp.py:275-344); temb_act = SiLU(temb)
+static Tensor *resblock_g(Graph *g, const GanResBlock *r, Tensor *x, Tensor *temb_act, Tensor *zemb) {
+    Tensor *h = adagn_silu(g, x, r->style0_w, r->style0_b, zemb);
+    if (r->up) {
+        h = fir_up(g, h);
+        x = fir_up(g, x);
+    } else if (r->down) {
+        h = fir_down(g, h);
+        x = fir_down(g, x);
+    }
+    h = conv2d_add(g, h, r->conv0_w, r->conv0_b, linear(g, temb_act, r->dense0_w, r->dense0_b),
+                   NULL, 1, 1);
+    h = adagn_silu(g, h, r->style1_w, r->style1_b, zemb);
+    Tensor *skip = r->conv2_w ? conv2d(g, x, r->conv2_w, r->conv2_b, 1, 0) : x;
+    return scale_shift(g, conv2d_add(g, h, r->conv1_w, r->conv1_b, NULL, skip, 1, 1),
+                       (float)(1.0 / sqrt(2.0)), 0.0f);
+}
+
+// AttnBlockpp (layerspp.py:99-128): q, k, v = NIN(GroupNorm(x)), one head,
+// scale C^-1/2; (x + NIN_3(attention)) / sqrt 2. The NIN weights (in, out)
+// are transposed into one stacked 1x1 convolution, as lddgan.c's AttnBlock.
+static Tensor *attn_g(Graph *g, const GanAttn *a, Tensor *x) {
+    int B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    Tensor *wt[4];
+    for (int i = 0; i < 4; i++) wt[i] = view4(g, transpose2d(g, a->nin_w[i]), 1, C * C, 1, 1);
+    Tensor *w = concat_channels(g, concat_channels(g, wt[0], wt[1]), wt[2]);
+    Tensor *b = concat_channels(g, concat_channels(g, view4(g, a->nin_b[0], 1, C, 1, 1),
+                                                   view4(g, a->nin_b[1], 1, C, 1, 1)),
+                                view4(g, a->nin_b[2], 1, C, 1, 1));
+    int s1[1] = {3 * C}, s3[3] = {B, 3 * C, H * W};
+    NormSpec norm = {.gamma = a->gn_w, .beta = a->gn_b, .groups = gn_groups(C), .eps = 1e-6f};
+    Tensor *qkv = norm_conv2d(g, x, &norm, view4(g, w, 3 * C, C, 1, 1), reshape(g, b, 1, s1), NULL, 0);
+    Tensor *o = qkv_attention(g, reshape(g, qkv, 3, s3), (float)(1.0 / sqrt((double)C)));
+    Tensor *y = conv2d_add(g, view4(g, o, B, C, H, W), view4(g, wt[3], C, C, 1, 1), a->nin_b[3],
+                           NULL, x, 1, 0);
+    return scale_shift(g, y, (float)(1.0 / sqrt(2.0)), 0.0f);
+}
+
+// the pyramid's Downsample (layerspp.py:176-200): a FIR blur with pads (2, 2),
+// then a 3x3 stride-2 convolution without padding (conv_downsample_2d)
+static Tensor *pyramid_down(Graph *g, const GanModule *m, Tensor *x) {
+    float k[16];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) k[i * 4 + j] = fir_1331[i] * fir_1331[j] / 64.0f;
+    return conv2d(g, upfirdn2d(g, x, k, 4, 1, 1, 2, 2), m->pd_w, m->pd_b, 2, 0);
+}
+
+// NCSNpp.forward (ncsnpp_generator_adagn.py:296-454): x0' = G(x_{t+1}, t, z)
+Tensor *gan_gen_forward(Graph *g, GanGen *G, Tensor *x, const int *t, Tensor *z) {
+    const GanGenConfig *c = &G->cfg;
+    int N = x->shape[0];
+    if (x->ndim != 4 || x->shape[1] != c->channels || x->shape[2] != c->image_size ||
+        x->shape[3] != c->image_size || z->ndim != 2 || z->shape[0] != N || z->shape[1] != c->nz)
+        fatal("gan generator: x must be (N, %d, %d, %d) and z (N, %d)", c->channels, c->image_size,
+              c->image_size, c->nz);
+    Tensor *zemb = pixel_norm(g, z);
+    for (int i = 0; i < G->n_z; i++) zemb = silu(g, linear(g, zemb, G->z_w[i], G->z_b[i]));
+    int es[2] = {N, c->nf};
+    Tensor *e = tensor_new(g, 2, es);
+    gan_timestep_embedding(e->data, t, N, c->nf);
+    Tensor *temb = linear(g, silu(g, linear(g, e, G->temb_w[0], G->temb_b[0])), G->temb_w[1], G->temb_b[1]);
+    Tensor *temb_act = silu(g, temb);  // (every ResBlock's Dense_0 reads SiLU(temb))
+    Tensor *hs[2 * GAN_GEN_MAX_MODULES];
+    int nhs = 0, i = 0;
+    Tensor *pyr = x, *h;
+    hs[nhs++] = conv2d(g, x, G->conv_in_w, G->conv_in_b, 1, 1);
+    for (int l = 0; l < c->n_levels; l++) {
+        for (int r = 0; r < c->num_res_blocks; r++) {
+            h = resblock_g(g, &G->mod[i++].rb, hs[nhs - 1], temb_act, zemb);
+            if (i < G->n_mod && G->mod[i].kind == GAN_MOD_ATTN) h = attn_g(g, &G->mod[i++].at, h);
+            hs[nhs++] = h;
+        }
+        if (l != c->n_levels - 1) {
+            h = resblock_g(g, &G->mod[i++].rb, hs[nhs - 1], temb_act, zemb);
+            pyr = scale_shift(g, add(g, pyramid_down(g, &G->mod[i++], pyr), h),
+                              (float)(1.0 / sqrt(2.0)), 0.0f);
+            hs[nhs++] = pyr;
+        }
+    }
+    h = hs[nhs - 1];
+    h = resblock_g(g, &G->mod[i++].rb, h, temb_act, zemb);
+    h = attn_g(g, &G->mod[i++].at, h);
+    h = resblock_g(g, &G->mod[i++].rb, h, temb_act, zemb);
+    for (int l = c->n_levels - 1; l >= 0; l--) {
+        for (int r = 0; r <= c->num_res_blocks; r++)
+            h = resblock_g(g, &G->mod[i++].rb, concat_channels(g, h, hs[--nhs]), temb_act, zemb);
+        if (i < G->n_mod && G->mod[i].kind == GAN_MOD_ATTN) h = attn_g(g, &G->mod[i++].at, h);
+        if (l != 0) h = resblock_g(g, &G->mod[i++].rb, h, temb_act, zemb);
+    }
+    NormSpec n = {.gamma = G->norm_w, .beta = G->norm_b, .silu = 1, .groups = gn_groups(h->shape[1]),
+                  .eps = 1e-6f};
+    return tensor_tanh(g, norm_conv2d(g, h, &n, G->conv_out_w, G->conv_out_b, NULL, 1));
+}

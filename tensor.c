@@ -4784,6 +4784,25 @@ Tensor *slice_channels(Graph *g, Tensor *x, int c0, int c1) {
     return y;
 }
 
+// transpose of a matrix: y (C, R) = x (R, C)^T (score_sde's NIN keeps its
+// weight as (in, out), the transpose of a 1x1 convolution's)
+static void transpose_node_backward(Graph *g, TapeNode *n) {
+    float *dx = input_grad(g, n, 0);
+    int R = n->in[0]->shape[0], C = n->in[0]->shape[1];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) dx[(size_t)r * C + c] += n->out->grad[(size_t)c * R + r];
+}
+
+Tensor *transpose2d(Graph *g, Tensor *x) {
+    if (x->ndim != 2) fatal("transpose2d: a matrix, not %d dims", x->ndim);
+    int R = x->shape[0], C = x->shape[1], s[2] = {C, R};
+    Tensor *y = tensor_new(g, 2, s);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) y->data[(size_t)c * R + r] = x->data[(size_t)r * C + c];
+    if (wants_grad(g, x, NULL, NULL)) record(g, "transpose2d", transpose_node_backward, y, x, NULL, NULL);
+    return y;
+}
+
 // reshape: a view that shares data and gradient with x, so it needs no node
 Tensor *reshape(Graph *g, Tensor *x, int ndim, const int *shape) {
     if (ndim < 1 || ndim > MAX_DIMS || shape_size(ndim, shape) != x->size)

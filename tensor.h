@@ -402,6 +402,7 @@ Tensor *resize_bilinear(Graph *g, Tensor *x, int out_h, int out_w);  // align_co
 Tensor *concat_channels(Graph *g, Tensor *a, Tensor *b);
 Tensor *slice_channels(Graph *g, Tensor *x, int c0, int c1);         // x[:, c0:c1]
 Tensor *reshape(Graph *g, Tensor *x, int ndim, const int *shape);    // a view
+Tensor *transpose2d(Graph *g, Tensor *x);      // (R, C) -> (C, R), a copy
 Tensor *sum_all(Graph *g, Tensor *x);          // shape (1) (reference)
 Tensor *mean_all(Graph *g, Tensor *x);         // shape (1)
 Tensor *mean_hw(Graph *g, Tensor *x);          // (N,C,H,W) -> (N,C,1,1)

@@ -587,6 +587,101 @@ static void disc_run(const StFile *f, DiscRun *r) {
     gan_disc_free(&d);
 }
 
+// the generator against tools/lddgan_ref.py's NCSNpp (nf 32, ch_mult 1,2, one
+// ResBlock a level, attention at side 8, so the pyramid, the up and down
+// ResBlocks and attention in both paths are all in it) on test_values("ggen."
+// + key): the output, dx, dz, and every parameter's gradient (256 samples
+// each, relative to its rms; see grad_error for the ones zero in exact
+// arithmetic); and the CIFAR-10 configuration's 33,329,668 parameters
+static void test_gan_gen(const StFile *f) {
+    GanGenConfig c;
+    memset(&c, 0, sizeof c);
+    c.channels = 4;
+    c.image_size = 8;
+    c.nf = 32;
+    c.n_levels = 2;
+    c.ch_mult[0] = 1;
+    c.ch_mult[1] = 2;
+    c.num_res_blocks = 1;
+    c.n_attn = 1;
+    c.attn_resolutions[0] = 8;
+    c.nz = 6;
+    c.zdim = 16;
+    c.n_mlp = 2;
+    double ey = INFINITY, edx = INFINITY, eg = INFINITY;
+    char worst[160] = "";
+    float *all[2] = {NULL, NULL};
+    size_t n_all = 0;
+    for (int th = 1; th <= 2; th++) {
+        pool_init(th);
+        GanGen G;
+        gan_gen_init(&G, &c, 1, NULL);
+        test_init_params(&G.params, "ggen.");
+        Graph g;
+        graph_init(&g, 0, 0);
+        const StEntry *ex = st_find(f, "gen/x"), *ez = st_find(f, "gen/z"), *et = st_find(f, "gen/t");
+        int t[3] = {(int)et->data[0], (int)et->data[1], (int)et->data[2]};
+        Tensor *x = tensor_from(&g, 4, ex->shape, ex->data), *z = tensor_from(&g, 2, ez->shape, ez->data);
+        x->requires_grad = z->requires_grad = 1;
+        Tensor *y = gan_gen_forward(&g, &G, x, t, z);
+        const StEntry *eyr = st_find(f, "gen/y");
+        params_zero_grad(&G.params);
+        graph_backward(&g, y, st_find(f, "gen/r")->data);
+        if (th == 1) {
+            ey = y->size == eyr->size ? rel_to_max(y->data, eyr->data, y->size) : INFINITY;
+            edx = fmax(rel_to_max(x->grad, st_find(f, "gen/dx")->data, x->size),
+                       rel_to_max(z->grad, st_find(f, "gen/dz")->data, z->size));
+            // every parameter: its samples against the reference, relative to its rms
+            double sq = 0.0;
+            for (size_t p = 0; p < G.params.count; p++) {
+                char key[200];
+                snprintf(key, sizeof key, "gen/gnorm/%s", params_get(&G.params, p)->name);
+                const StEntry *e = st_find(f, key);
+                if (!e) fatal("gan golden: no %s", key);
+                sq += (double)e->data[0] * e->data[0];
+            }
+            double rms_all = sqrt(sq / (double)G.params.total);
+            eg = 0.0;
+            for (size_t p = 0; p < G.params.count; p++) {
+                Tensor *tp = params_get(&G.params, p);
+                char key[200];
+                snprintf(key, sizeof key, "gen/gsample/%s", tp->name);
+                const StEntry *es = st_find(f, key);
+                snprintf(key, sizeof key, "gen/gnorm/%s", tp->name);
+                double rms = st_find(f, key)->data[0] / sqrt((double)tp->size), e = 0.0;
+                size_t m = tp->size < 256 ? tp->size : 256;
+                for (size_t k = 0; k < m; k++)
+                    e = fmax(e, fabs((double)tp->grad[k * tp->size / m] - es->data[k]));
+                e /= rms < 1e-9 * rms_all ? 10.0 * rms_all : rms;
+                if (e > eg) { eg = e; snprintf(worst, sizeof worst, "%s", tp->name); }
+            }
+        }
+        n_all = G.params.total;
+        all[th - 1] = mallocCheck(n_all * sizeof(float));
+        memcpy(all[th - 1], G.params.grad, n_all * sizeof(float));
+        graph_free(&g);
+        gan_gen_free(&G);
+    }
+    pool_init(0);
+    test_result(ey <= 1e-5 && edx <= 1e-4 && eg <= 1e-4,
+                "GAN generator (NCSN++ with AdaGN, FIR resampling, pyramid, attention) vs PyTorch",
+                "output %.1e of its max (tol 1e-5); dx, dz %.1e; parameters %.1e of their rms "
+                "(tol 1e-4; worst %s)", ey, edx, eg, worst);
+    test_result(memcmp(all[0], all[1], n_all * sizeof(float)) == 0,
+                "GAN generator: 1 and 2 threads give bitwise the same gradients", "%zu values", n_all);
+    free(all[0]);
+    free(all[1]);
+    GanGenConfig cc;
+    gan_gen_cifar10_config(&cc);
+    GanGen G;
+    gan_gen_init(&G, &cc, 0, NULL);
+    test_result(G.params.total == 33329668 && G.params.count == 272 && G.n_mod + 5 == 29,
+                "GAN generator's size at LDDGAN's CIFAR-10 config (NCSNpp as run.sh builds it)",
+                "%zu parameters (33,329,668), %zu tensors (272), %d modules (29)", G.params.total,
+                G.params.count, G.n_mod + 5);
+    gan_gen_free(&G);
+}
+
 static void test_gan_disc(void) {
     StFile f;
     char err[512];
@@ -617,6 +712,7 @@ static void test_gan_disc(void) {
                 "GAN discriminator parameter count of LDDGAN's CIFAR-10 config",
                 "%zu (7628545, Discriminator_small(8, 64, 256, 3))", d.params.total);
     gan_disc_free(&d);
+    test_gan_gen(&f);
     st_free(&f);
 }
 

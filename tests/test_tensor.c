@@ -273,6 +273,10 @@ static Tensor *b_conv_transpose(Graph *g, Tensor **in, const int *a) {
 static Tensor *b_upfirdn_transpose(Graph *g, Tensor **in, const int *a) {
     return upfirdn2d_transpose(g, in[0], fir_test_kernel, 4, a[0], a[1], a[2], a[3], 8, 6);
 }
+static Tensor *b_transpose(Graph *g, Tensor **in, const int *a) {
+    (void)a;
+    return mul(g, transpose2d(g, in[0]), in[1]);  // (times a matrix: each element's gradient differs)
+}
 static Tensor *b_minibatch_std_grad(Graph *g, Tensor **in, const int *a) {
     return minibatch_std_input_grad(g, in[0], in[1], a[0]);
 }
@@ -455,6 +459,7 @@ static const GradCase grad_cases[] = {
     {"scale_shift", b_scale_shift, {0}, 1, {T4(2, 3, 2, 2)}, 1e-2},
     // shapes, reductions, losses
     {"concat_channels", b_concat, {0}, 2, {T4(2, 3, 2, 2), T4(2, 2, 2, 2)}, 1e-2},
+    {"transpose2d", b_transpose, {0}, 2, {T2(3, 5), T2(5, 3)}, 1e-2},
     {"slice_channels", b_slice, {1, 4}, 1, {T4(2, 5, 2, 3)}, 1e-2},
     {"reshape", b_reshape, {0}, 2, {T4(2, 3, 2, 2), T2(3, 12)}, 1e-2},
     {"sum_all", b_sum_all, {0}, 1, {T4(2, 3, 2, 2)}, 1e-2},

@@ -191,3 +191,188 @@ def r1_penalty(disc, x_t, t, x_tp1, gamma):
     d = disc(x_t, t, x_tp1).view(-1)
     g, = torch.autograd.grad(d.sum(), x_t, create_graph=True)
     return gamma / 2 * (g.view(g.shape[0], -1).norm(2, dim=1) ** 2).mean()
+
+
+# ---- the generator (score_sde's NCSNpp of ncsnpp_generator_adagn.py, LDDGAN's config) ----
+class AdaGN(nn.Module):
+    """AdaptiveGroupNorm (layerspp.py:46-65): s = style(zemb) (N, 2C); gamma = s[:, :C], beta =
+    s[:, C:]; gamma * GroupNorm(min(C // 4, 32), C, affine False, eps 1e-6)(x) + beta."""
+
+    def __init__(self, c, zdim):
+        super().__init__()
+        self.c = c
+        self.style = nn.Linear(zdim, 2 * c)
+
+    def forward(self, x, zemb):
+        s = self.style(zemb)
+        gamma, beta = s[:, :self.c, None, None], s[:, self.c:, None, None]
+        return gamma * F.group_norm(x, min(self.c // 4, 32), eps=1e-6) + beta
+
+
+class ResBlockAdaGN(nn.Module):
+    """ResnetBlockBigGANpp_Adagn (layerspp.py:275-344): h = SiLU(AdaGN_0(x)); FIR up- or
+    downsampling of h and x; h = Conv_0(h) + Dense_0(SiLU(temb)); h = Conv_1(SiLU(AdaGN_1(h)));
+    x = Conv_2(x) (1x1) when the width changes or it resamples; (x + h) / sqrt(2)."""
+
+    def __init__(self, cin, cout, tdim, zdim, up=False, down=False):
+        super().__init__()
+        self.up, self.down = up, down
+        self.GroupNorm_0 = AdaGN(cin, zdim)
+        self.Conv_0 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.Dense_0 = nn.Linear(tdim, cout)
+        self.GroupNorm_1 = AdaGN(cout, zdim)
+        self.Conv_1 = nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout or up or down:
+            self.Conv_2 = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, temb, zemb):
+        h = F.silu(self.GroupNorm_0(x, zemb))
+        if self.up:
+            h, x = upsample_2d(h), upsample_2d(x)
+        elif self.down:
+            h, x = downsample_2d(h), downsample_2d(x)
+        h = self.Conv_0(h) + self.Dense_0(F.silu(temb))[:, :, None, None]
+        h = self.Conv_1(F.silu(self.GroupNorm_1(h, zemb)))
+        if hasattr(self, "Conv_2"):
+            x = self.Conv_2(x)
+        return (x + h) / math.sqrt(2.0)
+
+
+class NIN(nn.Module):
+    """layers.NIN: y[b, o, h, w] = sum_c x[b, c, h, w] W[c, o] + b[o]; W is (in, out)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.W = nn.Parameter(torch.zeros(cin, cout))
+        self.b = nn.Parameter(torch.zeros(cout))
+
+    def forward(self, x):
+        return torch.einsum("bchw,co->bohw", x, self.W) + self.b[None, :, None, None]
+
+
+class AttnBlockpp(nn.Module):
+    """layerspp.AttnBlockpp (skip_rescale): h = GroupNorm(32, C, eps 1e-6)(x); q, k, v = NIN_0..2;
+    w = softmax over the keys of q . k C^-1/2; (x + NIN_3(sum w v)) / sqrt(2)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.GroupNorm_0 = nn.GroupNorm(min(c // 4, 32), c, eps=1e-6)
+        for i in range(4):
+            setattr(self, f"NIN_{i}", NIN(c, c))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.GroupNorm_0(x)
+        q, k, v = self.NIN_0(h), self.NIN_1(h), self.NIN_2(h)
+        w = torch.einsum("bchw,bcij->bhwij", q, k) * (int(C) ** (-0.5))
+        w = torch.softmax(w.reshape(B, H, W, H * W), dim=-1).reshape(B, H, W, H, W)
+        a = self.NIN_3(torch.einsum("bhwij,bcij->bchw", w, v))
+        return (x + a) / math.sqrt(2.0)
+
+
+class PyramidDown(nn.Module):
+    """layerspp.Downsample(with_conv, fir): conv_downsample_2d, a FIR blur (outer([1,3,3,1]) / 64,
+    pads (2, 2)) then a 3x3 stride-2 convolution without padding, plus the bias."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.Conv2d_0 = nn.Conv2d(cin, cout, 3)
+
+    def forward(self, x):
+        y = upfirdn2d(x, fir_kernel((1, 3, 3, 1)).to(x.dtype), 1, 1, 2, 2)
+        return F.conv2d(y, self.Conv2d_0.weight, self.Conv2d_0.bias, stride=2)
+
+
+class NCSNpp(nn.Module):
+    """The generator G(x_{t+1}, t, z) -> x0' of LDDGAN (tools/lddgan_facts.md section 1):
+    z_transform = PixelNorm, dense(nz, zdim), SiLU, n_mlp x (dense(zdim, zdim), SiLU); temb =
+    all_modules.1(SiLU(all_modules.0(emb(t, nf)))); all_modules in the code's order (input conv,
+    num_res_blocks ResBlocks per level plus a down ResBlock and a pyramid Downsample but at the
+    last level, middle ResBlock-Attn-ResBlock, per level from the top num_res_blocks + 1
+    ResBlocks on cat(h, skip) plus an up ResBlock but at level 0, GroupNorm, conv); tanh."""
+
+    def __init__(self, channels=4, nf=128, ch_mult=(1, 2, 2), num_res_blocks=2, nz=50, zdim=256,
+                 n_mlp=4, attn_resolutions=(), image_size=16):
+        super().__init__()
+        self.nf, self.nres, self.nlev = nf, num_res_blocks, len(ch_mult)
+        z = [PixelNormModule(), nn.Linear(nz, zdim), nn.SiLU()]
+        for _ in range(n_mlp):
+            z += [nn.Linear(zdim, zdim), nn.SiLU()]
+        self.z_transform = nn.Sequential(*z)
+        tdim = 4 * nf
+        m = [nn.Linear(nf, tdim), nn.Linear(tdim, tdim), nn.Conv2d(channels, nf, 3, padding=1)]
+        self.attn_at = set(attn_resolutions)
+        hs_c, cin, res, pyr_c = [nf], nf, image_size, channels
+        for lvl, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                m.append(ResBlockAdaGN(cin, nf * mult, tdim, zdim))
+                cin = nf * mult
+                if res in self.attn_at:
+                    m.append(AttnBlockpp(cin))
+                hs_c.append(cin)
+            if lvl != len(ch_mult) - 1:
+                m.append(ResBlockAdaGN(cin, cin, tdim, zdim, down=True))
+                m.append(PyramidDown(pyr_c, cin))
+                pyr_c = cin
+                res //= 2
+                hs_c.append(cin)
+        m += [ResBlockAdaGN(cin, cin, tdim, zdim), AttnBlockpp(cin), ResBlockAdaGN(cin, cin, tdim, zdim)]
+        for lvl in reversed(range(len(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                m.append(ResBlockAdaGN(cin + hs_c.pop(), nf * ch_mult[lvl], tdim, zdim))
+                cin = nf * ch_mult[lvl]
+            if res in self.attn_at:
+                m.append(AttnBlockpp(cin))
+            if lvl != 0:
+                m.append(ResBlockAdaGN(cin, cin, tdim, zdim, up=True))
+                res *= 2
+        m += [nn.GroupNorm(min(cin // 4, 32), cin, eps=1e-6), nn.Conv2d(cin, channels, 3, padding=1)]
+        self.all_modules = nn.ModuleList(m)
+        self.ch_mult = ch_mult
+
+    def forward(self, x, t, z):
+        zemb = self.z_transform(z)
+        m, i = self.all_modules, 0
+        temb = timestep_embedding(t, self.nf).to(x.dtype)
+        temb = m[1](F.silu(m[0](temb)))
+        i = 2
+        pyr = x
+        hs = [m[i](x)]
+        i += 1
+        for lvl in range(self.nlev):
+            for _ in range(self.nres):
+                h = m[i](hs[-1], temb, zemb)
+                i += 1
+                if isinstance(m[i], AttnBlockpp):
+                    h = m[i](h)
+                    i += 1
+                hs.append(h)
+            if lvl != self.nlev - 1:
+                h = m[i](hs[-1], temb, zemb)
+                i += 1
+                pyr = (m[i](pyr) + h) / math.sqrt(2.0)
+                i += 1
+                h = pyr
+                hs.append(h)
+        h = hs[-1]
+        h = m[i](h, temb, zemb)
+        h = m[i + 1](h)
+        h = m[i + 2](h, temb, zemb)
+        i += 3
+        for lvl in reversed(range(self.nlev)):
+            for _ in range(self.nres + 1):
+                h = m[i](torch.cat([h, hs.pop()], dim=1), temb, zemb)
+                i += 1
+            if isinstance(m[i], AttnBlockpp):
+                h = m[i](h)
+                i += 1
+            if lvl != 0:
+                h = m[i](h, temb, zemb)
+                i += 1
+        h = m[i + 1](F.silu(m[i](h)))
+        return torch.tanh(h)
+
+
+class PixelNormModule(nn.Module):
+    def forward(self, x):
+        return pixel_norm(x)

@@ -6,7 +6,10 @@ q_sample_pairs and of sample_posterior (t = 0..3, so the noise-free t = 0 is in 
 discriminator (DiscriminatorSmall, ngf 8, t_emb_dim 32, 3 layers, latent 4x16x16, N = 8: two
 minibatch-std groups) on ae_ref.test_values("gdisc." + key) weights, in float64: logits,
 d(sum logits * r) in x_t, x_{t+1} and every parameter, and R1 (gamma 0.02, create_graph=True)
-with its gradient in every parameter.
+with its gradient in every parameter; the generator (NCSNpp, nf 32, ch_mult 1,2, one
+ResBlock a level, attention at side 8, latent 4x8x8, nz 6, zdim 16, 2 mapping layers) on
+test_values("ggen." + key): its output and d(sum y * r) in x, z and every parameter (the
+gradient's norm and 256 evenly spaced elements, gnorm/ and gsample/, as make_ae_goldens.py).
 Run from the repository root:
     /usr/bin/python3 tools/make_gan_goldens.py
 Not needed by the build or CI: the output file is committed.
@@ -64,6 +67,30 @@ def main():
         G[f"disc/r1_grad/{k}"] = gk.float()
     print(f"disc: {sum(p.numel() for p in params.values())} parameters, logits |max| "
           f"{logits.abs().max().item():.4g}, R1 {r1.item():.6g}")
+    # the generator: a small NCSNpp with the input pyramid and attention at level 0
+    gen = D.NCSNpp(channels=4, nf=32, ch_mult=(1, 2), num_res_blocks=1, nz=6, zdim=16, n_mlp=2,
+                   attn_resolutions=(8,), image_size=8).double()
+    with torch.no_grad():
+        for k, p in gen.named_parameters():
+            p.copy_(torch.from_numpy(A.test_values("ggen." + k, tuple(p.shape))))
+    tg = torch.tensor([0, 3, 1])
+    xg = torch.randn(3, 4, 8, 8).double().requires_grad_(True)
+    zg = torch.randn(3, 6).double().requires_grad_(True)
+    y = gen(xg, tg, zg)
+    rg = torch.randn(y.shape).double()
+    params = dict(gen.named_parameters())
+    grads = torch.autograd.grad((y * rg).sum(), [xg, zg] + list(params.values()))
+    G["gen/t"], G["gen/x"], G["gen/z"], G["gen/y"], G["gen/r"] = (
+        tg.float(), xg.detach().float(), zg.detach().float(), y.detach().float(), rg.float())
+    G["gen/dx"], G["gen/dz"] = grads[0].float(), grads[1].float()
+    for k, gk in zip(params, grads[2:]):  # (as make_ae_goldens: the norm and 256 samples)
+        flat = gk.reshape(-1)
+        n = flat.numel()
+        m = min(n, 256)
+        G[f"gen/gnorm/{k}"] = flat.norm().reshape(1).float()
+        G[f"gen/gsample/{k}"] = flat[torch.tensor([i * n // m for i in range(m)])].float()
+    print(f"gen: {sum(p.numel() for p in params.values())} parameters, {len(gen.all_modules)} modules, "
+          f"y |max| {y.abs().max().item():.4g}")
     out = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                         "goldens", "gan.safetensors"))
     st.save(out, G, {"producer": "tools/make_gan_goldens.py", "torch": torch.__version__})
