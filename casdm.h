@@ -507,6 +507,28 @@ void gan_gen_init(GanGen *G, const GanGenConfig *c, int trainable, Rng *rng);
 void gan_gen_free(GanGen *G);
 Tensor *gan_gen_forward(Graph *g, GanGen *G, Tensor *x_tp1, const int *t, Tensor *z);
 
+// One iteration's gradients (train_ldgan.py:192-280), noise given: the pair's
+// eps1 (x_{t+1} from x_t) and eps2 (x_t from x0), z (N, nz), the posterior's eps
+typedef struct { const float *eps1, *eps2, *z, *eps_post; } GanNoise;
+typedef struct {
+    double d_real, d_fake, r1;      // softplus(-D(x_t)), softplus(D(x'_t)) means; R1 (0: not this step)
+    double g_adv, rec, alpha;       // softplus(-D(x'_t)) mean; mean |x0' - x0|; its weight
+    double logit_real, logit_fake;  // D's mean logits in the D step
+} GanTerms;
+typedef struct {
+    GanGen *G;
+    GanDisc *D;
+    const GanSchedule *s;
+    Graph gd, gg;                   // the D step's graph, the G step's
+} GanTrainer;
+void gan_trainer_init(GanTrainer *tr, GanGen *G, GanDisc *D, const GanSchedule *s);
+void gan_trainer_free(GanTrainer *tr);
+// x0: n scaled latents; t: n steps in 0..T-1; r1_gamma 0: no R1 this step
+void gan_d_grads(GanTrainer *tr, const float *x0, int n, const int *t, const GanNoise *noise,
+                 float r1_gamma, GanTerms *terms);
+void gan_g_grads(GanTrainer *tr, const float *x0, int n, const int *t, const GanNoise *noise,
+                 float alpha, GanTerms *terms);
+
 // ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).
 // Readers return -1 (or NULL) with a message naming the file in err, and

@@ -1322,3 +1322,94 @@ Tensor *gan_gen_forward(Graph *g, GanGen *G, Tensor *x, const int *t, Tensor *z)
                   .eps = 1e-6f};
     return tensor_tanh(g, norm_conv2d(g, h, &n, G->conv_out_w, G->conv_out_b, NULL, 1));
 }
+
+// ---------------------------------------------------------------------------
+// ---- stage two: one training iteration's gradients (train_ldgan.py:192-280) ----
+// The D step, then the G step, each on its own pairs (x_t, x_{t+1}) of the same
+// latents; the noise is given (the program draws it in the code's order).
+// ---------------------------------------------------------------------------
+void gan_trainer_init(GanTrainer *tr, GanGen *G, GanDisc *D, const GanSchedule *s) {
+    memset(tr, 0, sizeof *tr);
+    tr->G = G;
+    tr->D = D;
+    tr->s = s;
+    graph_init(&tr->gd, 64u << 20, 0);
+    graph_init(&tr->gg, 64u << 20, 0);
+}
+
+void gan_trainer_free(GanTrainer *tr) {
+    graph_free(&tr->gd);
+    graph_free(&tr->gg);
+}
+
+static void params_trainable(ParamSet *ps, int on) {
+    for (size_t i = 0; i < ps->count; i++) ps->t[i].requires_grad = on;
+}
+
+static double mean_of(const Tensor *t) {
+    double s = 0.0;
+    for (size_t i = 0; i < t->size; i++) s += t->data[i];
+    return s / (double)t->size;
+}
+
+// D's gradient (added into D->params): softplus(-D(x_t)) mean, with R1 =
+// gamma / 2 mean_n |d sum D(x_t) / d x_t|^2 when r1_gamma > 0 (the lazy
+// steps; not rescaled, :227-231), plus softplus(D(x'_t)) mean on the posterior
+// sample of the generator's x0' (the generator takes no gradient here)
+void gan_d_grads(GanTrainer *tr, const float *x0, int n, const int *t, const GanNoise *nz,
+                 float r1_gamma, GanTerms *terms) {
+    const GanGenConfig *c = &tr->G->cfg;
+    int S = c->image_size, xs[4] = {n, c->channels, S, S}, zs[2] = {n, c->nz};
+    size_t per = (size_t)c->channels * S * S;
+    Graph *g = &tr->gd;
+    graph_reset(g);
+    Tensor *x_t = tensor_new(g, 4, xs), *x_tp1 = tensor_new(g, 4, xs);
+    gan_q_sample_pairs(tr->s, x0, t, nz->eps1, nz->eps2, n, per, x_t->data, x_tp1->data);
+    x_t->requires_grad = r1_gamma > 0.0f;
+    Tensor *real = gan_disc_forward(g, tr->D, x_t, t, x_tp1);
+    Tensor *loss = mean_all(g, softplus(g, scale_shift(g, real, -1.0f, 0.0f)));
+    terms->d_real = loss->data[0];
+    terms->logit_real = mean_of(real);
+    terms->r1 = 0.0;
+    if (r1_gamma > 0.0f) {
+        Tensor *gx = graph_grad(g, sum_all(g, real), x_t);
+        Tensor *r1 = scale_shift(g, sum_all(g, mul(g, gx, gx)), r1_gamma / 2.0f / (float)n, 0.0f);
+        terms->r1 = r1->data[0];
+        loss = add(g, loss, r1);
+    }
+    int saved = g->grad_enabled;
+    g->grad_enabled = 0;  // the generator's forward: no tape (requires_grad False there)
+    Tensor *x0p = gan_gen_forward(g, tr->G, x_tp1, t, tensor_from(g, 2, zs, nz->z));
+    Tensor *x_pos = gan_sample_posterior(g, tr->s, x0p, x_tp1->data, t, nz->eps_post);
+    g->grad_enabled = saved;
+    Tensor *fake = gan_disc_forward(g, tr->D, x_pos, t, x_tp1);
+    Tensor *lf = mean_all(g, softplus(g, fake));
+    terms->d_fake = lf->data[0];
+    terms->logit_fake = mean_of(fake);
+    graph_backward(g, add(g, loss, lf), NULL);
+}
+
+// G's gradient (added into G->params): softplus(-D(x'_t)) mean + alpha x mean
+// |x0' - x0| (the Weighted Learning term on the scaled latents, :264-270);
+// D's weights take no gradient (requires_grad False, :248-253)
+void gan_g_grads(GanTrainer *tr, const float *x0, int n, const int *t, const GanNoise *nz,
+                 float alpha, GanTerms *terms) {
+    const GanGenConfig *c = &tr->G->cfg;
+    int S = c->image_size, xs[4] = {n, c->channels, S, S}, zs[2] = {n, c->nz};
+    size_t per = (size_t)c->channels * S * S;
+    Graph *g = &tr->gg;
+    graph_reset(g);
+    Tensor *x_t = tensor_new(g, 4, xs), *x_tp1 = tensor_new(g, 4, xs);
+    gan_q_sample_pairs(tr->s, x0, t, nz->eps1, nz->eps2, n, per, x_t->data, x_tp1->data);
+    Tensor *x0p = gan_gen_forward(g, tr->G, x_tp1, t, tensor_from(g, 2, zs, nz->z));
+    Tensor *x_pos = gan_sample_posterior(g, tr->s, x0p, x_tp1->data, t, nz->eps_post);
+    params_trainable(&tr->D->params, 0);  // (until after backward: it reads the flags)
+    Tensor *out = gan_disc_forward(g, tr->D, x_pos, t, x_tp1);
+    Tensor *adv = mean_all(g, softplus(g, scale_shift(g, out, -1.0f, 0.0f)));
+    Tensor *rec = mean_all(g, tensor_abs(g, sub(g, x0p, tensor_from(g, 4, xs, x0))));
+    terms->g_adv = adv->data[0];
+    terms->rec = rec->data[0];
+    terms->alpha = alpha;
+    graph_backward(g, add(g, adv, scale_shift(g, rec, alpha, 0.0f)), NULL);
+    params_trainable(&tr->D->params, 1);
+}

@@ -682,6 +682,89 @@ static void test_gan_gen(const StFile *f) {
     gan_gen_free(&G);
 }
 
+// one iteration's gradients against lddgan_ref's d_step_loss / g_step_loss
+// with the same noise: the D step with R1 (gamma 0.02), every term and every
+// D gradient; the G step (alpha 0.7), its terms and every G gradient
+static void test_gan_step(const StFile *f) {
+    GanGenConfig c;
+    memset(&c, 0, sizeof c);
+    c.channels = 4;
+    c.image_size = 8;
+    c.nf = 32;
+    c.n_levels = 2;
+    c.ch_mult[0] = 1;
+    c.ch_mult[1] = 2;
+    c.num_res_blocks = 1;
+    c.n_attn = 1;
+    c.attn_resolutions[0] = 8;
+    c.nz = 6;
+    c.zdim = 16;
+    c.n_mlp = 2;
+    GanGen G;
+    gan_gen_init(&G, &c, 1, NULL);
+    test_init_params(&G.params, "ggen.");
+    GanDisc D;
+    gan_disc_init(&D, 8, 8, 32, 3, 1, NULL);
+    test_init_params(&D.params, "gdisc.");
+    GanSchedule s;
+    gan_schedule_init(&s, 4, 0.1, 20.0);
+    GanTrainer tr;
+    gan_trainer_init(&tr, &G, &D, &s);
+    int t[8];
+    for (int i = 0; i < 8; i++) t[i] = (int)st_find(f, "step/t")->data[i];
+    GanNoise nz = {st_find(f, "step/eps1")->data, st_find(f, "step/eps2")->data,
+                   st_find(f, "step/z")->data, st_find(f, "step/eps_post")->data};
+    const float *x0 = st_find(f, "step/x0")->data;
+    GanTerms terms;
+    params_zero_grad(&D.params);
+    params_zero_grad(&G.params);
+    gan_d_grads(&tr, x0, 8, t, &nz, 0.02f, &terms);
+    double et = 0.0;
+    const char *dn[5] = {"step/d_real", "step/d_logit_real", "step/d_r1", "step/d_fake", "step/d_logit_fake"};
+    double dv[5] = {terms.d_real, terms.logit_real, terms.r1, terms.d_fake, terms.logit_fake};
+    for (int i = 0; i < 5; i++) {
+        double r = st_find(f, dn[i])->data[0];
+        et = fmax(et, fabs(dv[i] - r) / fmax(fabs(r), 1e-6));
+    }
+    double ed = grads_vs(&D.params, f, "step/d_grad/", 1e-3);
+    double gsum = sqrt(grad_norm_sq(G.params.grad, G.params.total));  // none in the D step
+    params_zero_grad(&D.params);
+    gan_g_grads(&tr, x0, 8, t, &nz, 0.7f, &terms);
+    double dsum = sqrt(grad_norm_sq(D.params.grad, D.params.total));  // none in the G step
+    const char *gn[2] = {"step/g_adv", "step/rec"};
+    double gv[2] = {terms.g_adv, terms.rec};
+    for (int i = 0; i < 2; i++) {
+        double r = st_find(f, gn[i])->data[0];
+        et = fmax(et, fabs(gv[i] - r) / fmax(fabs(r), 1e-6));
+    }
+    double sq = 0.0, eg = 0.0;
+    for (size_t p = 0; p < G.params.count; p++) {
+        char key[200];
+        snprintf(key, sizeof key, "step/g_gnorm/%s", params_get(&G.params, p)->name);
+        double v = st_find(f, key)->data[0];
+        sq += v * v;
+    }
+    double rms_all = sqrt(sq / (double)G.params.total);
+    for (size_t p = 0; p < G.params.count; p++) {
+        Tensor *tp = params_get(&G.params, p);
+        char key[200];
+        snprintf(key, sizeof key, "step/g_gsample/%s", tp->name);
+        const StEntry *es = st_find(f, key);
+        snprintf(key, sizeof key, "step/g_gnorm/%s", tp->name);
+        double rms = st_find(f, key)->data[0] / sqrt((double)tp->size), e = 0.0;
+        size_t m = tp->size < 256 ? tp->size : 256;
+        for (size_t k = 0; k < m; k++) e = fmax(e, fabs((double)tp->grad[k * tp->size / m] - es->data[k]));
+        eg = fmax(eg, e / (rms < 1e-9 * rms_all ? 10.0 * rms_all : rms));
+    }
+    test_result(et <= 1e-4 && ed <= 1e-4 && eg <= 1e-4 && gsum == 0.0 && dsum == 0.0,
+                "GAN training iteration vs PyTorch: D step with R1 and G step with the L1 term, same noise",
+                "terms %.1e; D gradients %.1e of their max, G gradients %.1e of their rms (tol 1e-4); "
+                "the other network untouched in each step", et, ed, eg);
+    gan_trainer_free(&tr);
+    gan_gen_free(&G);
+    gan_disc_free(&D);
+}
+
 static void test_gan_disc(void) {
     StFile f;
     char err[512];
@@ -713,6 +796,7 @@ static void test_gan_disc(void) {
                 "%zu (7628545, Discriminator_small(8, 64, 256, 3))", d.params.total);
     gan_disc_free(&d);
     test_gan_gen(&f);
+    test_gan_step(&f);
     st_free(&f);
 }
 

@@ -376,3 +376,41 @@ class NCSNpp(nn.Module):
 class PixelNormModule(nn.Module):
     def forward(self, x):
         return pixel_norm(x)
+
+
+# ---- one training iteration's losses (train_ldgan.py:192-280), noise given ----
+def d_step_loss(gen, disc, s, x0, t, eps1, eps2, z, eps_post, r1_gamma):
+    """softplus(-D(x_t)).mean() [+ R1] + softplus(D(x'_t)).mean(); x'_t the posterior
+    sample of G(x_{t+1}, t, z) under no_grad. Returns (loss, terms)."""
+    x_t, x_tp1 = q_sample_pairs(s, x0, t, eps1, eps2)
+    x_t = x_t.detach().requires_grad_(True)
+    real = disc(x_t, t, x_tp1.detach()).view(-1)
+    loss = F.softplus(-real).mean()
+    terms = dict(d_real=loss.detach(), logit_real=real.detach().mean())
+    if r1_gamma > 0:
+        g, = torch.autograd.grad(real.sum(), x_t, create_graph=True)
+        r1 = r1_gamma / 2 * (g.view(g.shape[0], -1).norm(2, dim=1) ** 2).mean()
+        loss = loss + r1
+        terms["r1"] = r1.detach()
+    with torch.no_grad():
+        x_pos = sample_posterior(s, gen(x_tp1, t, z), x_tp1, t, eps_post)
+    fake = disc(x_pos, t, x_tp1).view(-1)
+    lf = F.softplus(fake).mean()
+    terms.update(d_fake=lf.detach(), logit_fake=fake.detach().mean())
+    return loss + lf, terms
+
+
+def g_step_loss(gen, disc, s, x0, t, eps1, eps2, z, eps_post, alpha):
+    """softplus(-D(x'_t)).mean() + alpha * l1_loss(x0', x0)."""
+    x_t, x_tp1 = q_sample_pairs(s, x0, t, eps1, eps2)
+    x0p = gen(x_tp1, t, z)
+    out = disc(sample_posterior(s, x0p, x_tp1, t, eps_post), t, x_tp1).view(-1)
+    adv = F.softplus(-out).mean()
+    rec = F.l1_loss(x0p, x0)
+    return adv + alpha * rec, dict(g_adv=adv.detach(), rec=rec.detach())
+
+
+def weighted_learning_alpha(epoch, num_epoch, delta=6.0):
+    """train_ldgan.py:184-187: 1 - sigmoid(linspace(-delta, delta, num_epoch + 1))[epoch]."""
+    beta = np.linspace(-delta, delta, num_epoch + 1)
+    return float(1 - 1 / (1 + np.exp(-beta[epoch])))

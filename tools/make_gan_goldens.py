@@ -91,6 +91,43 @@ def main():
         G[f"gen/gsample/{k}"] = flat[torch.tensor([i * n // m for i in range(m)])].float()
     print(f"gen: {sum(p.numel() for p in params.values())} parameters, {len(gen.all_modules)} modules, "
           f"y |max| {y.abs().max().item():.4g}")
+    # one iteration's gradients: the D step with R1 and the G step (alpha 0.7), the small
+    # generator and a discriminator on its 8x8 latents (ngf 8, t_emb_dim 32), N = 8
+    gen2 = D.NCSNpp(channels=4, nf=32, ch_mult=(1, 2), num_res_blocks=1, nz=6, zdim=16, n_mlp=2,
+                    attn_resolutions=(8,), image_size=8).double()
+    disc2 = D.DiscriminatorSmall(8, 8, 32, 3).double()
+    with torch.no_grad():
+        for k, p in gen2.named_parameters():
+            p.copy_(torch.from_numpy(A.test_values("ggen." + k, tuple(p.shape))))
+        for k, p in disc2.named_parameters():
+            p.copy_(torch.from_numpy(A.test_values("gdisc." + k, tuple(p.shape))))
+    x0 = (torch.rand(8, 4, 8, 8) * 2 - 1).double()
+    ts = torch.tensor([0, 1, 2, 3, 1, 2, 3, 0])
+    nz = {k: torch.randn(*shape).double() for k, shape in
+          [("eps1", (8, 4, 8, 8)), ("eps2", (8, 4, 8, 8)), ("z", (8, 6)), ("eps_post", (8, 4, 8, 8))]}
+    sd = {k: v.double() for k, v in s.items()}
+    G["step/x0"], G["step/t"] = x0.float(), ts.float()
+    for k, v in nz.items():
+        G[f"step/{k}"] = v.float()
+    dl, dt = D.d_step_loss(gen2, disc2, sd, x0, ts, nz["eps1"], nz["eps2"], nz["z"], nz["eps_post"], 0.02)
+    dparams = dict(disc2.named_parameters())
+    dg = torch.autograd.grad(dl, list(dparams.values()), allow_unused=True)
+    for (k, p), gk in zip(dparams.items(), dg):
+        G[f"step/d_grad/{k}"] = (torch.zeros_like(p) if gk is None else gk).float()
+    for k, v in dt.items():
+        G[f"step/d_{k}" if not k.startswith("d_") else f"step/{k}"] = v.reshape(1).float()
+    gl, gt = D.g_step_loss(gen2, disc2, sd, x0, ts, nz["eps1"], nz["eps2"], nz["z"], nz["eps_post"], 0.7)
+    gparams = dict(gen2.named_parameters())
+    gg = torch.autograd.grad(gl, list(gparams.values()))
+    for k, gk in zip(gparams, gg):
+        flat = gk.reshape(-1)
+        n = flat.numel()
+        m = min(n, 256)
+        G[f"step/g_gnorm/{k}"] = flat.norm().reshape(1).float()
+        G[f"step/g_gsample/{k}"] = flat[torch.tensor([i * n // m for i in range(m)])].float()
+    for k, v in gt.items():
+        G[f"step/{k}"] = v.reshape(1).float()
+    print("step: " + ", ".join(f"{k} {v.item():.6g}" for k, v in {**dt, **gt}.items()))
     out = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                         "goldens", "gan.safetensors"))
     st.save(out, G, {"producer": "tools/make_gan_goldens.py", "torch": torch.__version__})
