@@ -528,6 +528,11 @@ void gan_d_grads(GanTrainer *tr, const float *x0, int n, const int *t, const Gan
                  float r1_gamma, GanTerms *terms);
 void gan_g_grads(GanTrainer *tr, const float *x0, int n, const int *t, const GanNoise *noise,
                  float alpha, GanTerms *terms);
+// sample_from_model: T generator calls from x_init (n latents of the generator's
+// shape), each with its posterior sample; z (T, n, nz) and eps (T, n, ...) in
+// order of the calls (step T-1 first); the latents into out (may be x_init)
+void gan_sample(Graph *g, GanGen *G, const GanSchedule *s, const float *x_init, int n,
+                const float *z, const float *eps, float *out);
 
 // ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).

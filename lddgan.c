@@ -1413,3 +1413,28 @@ void gan_g_grads(GanTrainer *tr, const float *x0, int n, const int *t, const Gan
     graph_backward(g, add(g, adv, scale_shift(g, rec, alpha, 0.0f)), NULL);
     params_trainable(&tr->D->params, 1);
 }
+
+// sample_from_model (diffusion.py:160-172): x_T = x_init; for i = T-1 .. 0:
+// x0' = G(x, i, z_i), x = sample_posterior(x0', x, i) (no noise at i = 0).
+// noise: z (T, n, nz) and eps (T, n, per), step T-1 first; out (n, per) may be x_init.
+void gan_sample(Graph *g, GanGen *G, const GanSchedule *s, const float *x_init, int n,
+                const float *z, const float *eps, float *out) {
+    const GanGenConfig *c = &G->cfg;
+    int S = c->image_size, xs[4] = {n, c->channels, S, S}, zs[2] = {n, c->nz};
+    size_t per = (size_t)c->channels * S * S;
+    int t[4096];
+    if (n > 4096) fatal("gan_sample: at most 4096 images a call");
+    int saved = g->grad_enabled;
+    g->grad_enabled = 0;
+    memmove(out, x_init, (size_t)n * per * sizeof(float));
+    for (int k = 0, i = s->T - 1; i >= 0; i--, k++) {
+        ArenaMark m = arena_mark(&g->arena);
+        for (int j = 0; j < n; j++) t[j] = i;
+        Tensor *x = tensor_from(g, 4, xs, out);
+        Tensor *x0 = gan_gen_forward(g, G, x, t, tensor_from(g, 2, zs, z + (size_t)k * n * c->nz));
+        Tensor *y = gan_sample_posterior(g, s, x0, out, t, eps + (size_t)k * n * per);
+        memcpy(out, y->data, (size_t)n * per * sizeof(float));
+        arena_release(&g->arena, m);
+    }
+    g->grad_enabled = saved;
+}

@@ -756,6 +756,18 @@ static void test_gan_step(const StFile *f) {
         for (size_t k = 0; k < m; k++) e = fmax(e, fabs((double)tp->grad[k * tp->size / m] - es->data[k]));
         eg = fmax(eg, e / (rms < 1e-9 * rms_all ? 10.0 * rms_all : rms));
     }
+    // the sampler: four generator calls and posterior samples from x_T
+    const StEntry *xi = st_find(f, "sample/x_init"), *so = st_find(f, "sample/out");
+    float *out = mallocCheck(xi->size * sizeof(float));
+    Graph gs;
+    graph_init(&gs, 0, 0);
+    gan_sample(&gs, &G, &s, xi->data, 3, st_find(f, "sample/z")->data, st_find(f, "sample/eps")->data,
+               out);
+    double esmp = rel_to_max(out, so->data, so->size);
+    graph_free(&gs);
+    free(out);
+    test_result(esmp <= 1e-5, "GAN sampler (sample_from_model, T = 4) vs PyTorch with the same noise",
+                "%.1e of the max (tol 1e-5)", esmp);
     test_result(et <= 1e-4 && ed <= 1e-4 && eg <= 1e-4 && gsum == 0.0 && dsum == 0.0,
                 "GAN training iteration vs PyTorch: D step with R1 and G step with the L1 term, same noise",
                 "terms %.1e; D gradients %.1e of their max, G gradients %.1e of their rms (tol 1e-4); "

@@ -414,3 +414,14 @@ def weighted_learning_alpha(epoch, num_epoch, delta=6.0):
     """train_ldgan.py:184-187: 1 - sigmoid(linspace(-delta, delta, num_epoch + 1))[epoch]."""
     beta = np.linspace(-delta, delta, num_epoch + 1)
     return float(1 - 1 / (1 + np.exp(-beta[epoch])))
+
+
+def sample_from_model(gen, s, x_init, zs, epss):
+    """diffusion.py:160-172 with the noise given: for i = T-1 .. 0, x0' = G(x, i, z_i),
+    x = sample_posterior(x0', x, i, eps_i)."""
+    x = x_init
+    with torch.no_grad():
+        for k, i in enumerate(reversed(range(len(s["posterior_mean_coef1"])))):
+            t = torch.full((x.shape[0],), i, dtype=torch.int64)
+            x = sample_posterior(s, gen(x, t, zs[k]), x, t, epss[k])
+    return x

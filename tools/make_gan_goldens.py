@@ -127,6 +127,11 @@ def main():
         G[f"step/g_gsample/{k}"] = flat[torch.tensor([i * n // m for i in range(m)])].float()
     for k, v in gt.items():
         G[f"step/{k}"] = v.reshape(1).float()
+    # the sampler: T = 4 generator calls from x_T with given noise
+    xT = torch.randn(3, 4, 8, 8).double()
+    zs, es = torch.randn(4, 3, 6).double(), torch.randn(4, 3, 4, 8, 8).double()
+    G["sample/x_init"], G["sample/z"], G["sample/eps"] = xT.float(), zs.float(), es.float()
+    G["sample/out"] = D.sample_from_model(gen2, sd, xT, zs, es).float()
     print("step: " + ", ".join(f"{k} {v.item():.6g}" for k, v in {**dt, **gt}.items()))
     out = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                         "goldens", "gan.safetensors"))
