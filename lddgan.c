@@ -1356,15 +1356,24 @@ static double mean_of(const Tensor *t) {
 // gamma / 2 mean_n |d sum D(x_t) / d x_t|^2 when r1_gamma > 0 (the lazy
 // steps; not rescaled, :227-231), plus softplus(D(x'_t)) mean on the posterior
 // sample of the generator's x0' (the generator takes no gradient here)
+// a step's graph reset, and its pair (x_t, x_{t+1}) of the latents x0 as leaves
+static Graph *gan_step_pair(GanTrainer *tr, Graph *g, const float *x0, int n, const int *t,
+                            const GanNoise *nz, Tensor **x_t, Tensor **x_tp1) {
+    const GanGenConfig *c = &tr->G->cfg;
+    int S = c->image_size, xs[4] = {n, c->channels, S, S};
+    graph_reset(g);
+    *x_t = tensor_new(g, 4, xs);
+    *x_tp1 = tensor_new(g, 4, xs);
+    gan_q_sample_pairs(tr->s, x0, t, nz->eps1, nz->eps2, n, (size_t)c->channels * S * S,
+                       (*x_t)->data, (*x_tp1)->data);
+    return g;
+}
+
 void gan_d_grads(GanTrainer *tr, const float *x0, int n, const int *t, const GanNoise *nz,
                  float r1_gamma, GanTerms *terms) {
-    const GanGenConfig *c = &tr->G->cfg;
-    int S = c->image_size, xs[4] = {n, c->channels, S, S}, zs[2] = {n, c->nz};
-    size_t per = (size_t)c->channels * S * S;
-    Graph *g = &tr->gd;
-    graph_reset(g);
-    Tensor *x_t = tensor_new(g, 4, xs), *x_tp1 = tensor_new(g, 4, xs);
-    gan_q_sample_pairs(tr->s, x0, t, nz->eps1, nz->eps2, n, per, x_t->data, x_tp1->data);
+    int zs[2] = {n, tr->G->cfg.nz};
+    Tensor *x_t, *x_tp1;
+    Graph *g = gan_step_pair(tr, &tr->gd, x0, n, t, nz, &x_t, &x_tp1);
     x_t->requires_grad = r1_gamma > 0.0f;
     Tensor *real = gan_disc_forward(g, tr->D, x_t, t, x_tp1);
     Tensor *loss = mean_all(g, softplus(g, scale_shift(g, real, -1.0f, 0.0f)));
@@ -1394,19 +1403,15 @@ void gan_d_grads(GanTrainer *tr, const float *x0, int n, const int *t, const Gan
 // D's weights take no gradient (requires_grad False, :248-253)
 void gan_g_grads(GanTrainer *tr, const float *x0, int n, const int *t, const GanNoise *nz,
                  float alpha, GanTerms *terms) {
-    const GanGenConfig *c = &tr->G->cfg;
-    int S = c->image_size, xs[4] = {n, c->channels, S, S}, zs[2] = {n, c->nz};
-    size_t per = (size_t)c->channels * S * S;
-    Graph *g = &tr->gg;
-    graph_reset(g);
-    Tensor *x_t = tensor_new(g, 4, xs), *x_tp1 = tensor_new(g, 4, xs);
-    gan_q_sample_pairs(tr->s, x0, t, nz->eps1, nz->eps2, n, per, x_t->data, x_tp1->data);
+    int zs[2] = {n, tr->G->cfg.nz};
+    Tensor *x_t, *x_tp1;
+    Graph *g = gan_step_pair(tr, &tr->gg, x0, n, t, nz, &x_t, &x_tp1);
     Tensor *x0p = gan_gen_forward(g, tr->G, x_tp1, t, tensor_from(g, 2, zs, nz->z));
     Tensor *x_pos = gan_sample_posterior(g, tr->s, x0p, x_tp1->data, t, nz->eps_post);
     params_trainable(&tr->D->params, 0);  // (until after backward: it reads the flags)
     Tensor *out = gan_disc_forward(g, tr->D, x_pos, t, x_tp1);
     Tensor *adv = mean_all(g, softplus(g, scale_shift(g, out, -1.0f, 0.0f)));
-    Tensor *rec = mean_all(g, tensor_abs(g, sub(g, x0p, tensor_from(g, 4, xs, x0))));
+    Tensor *rec = mean_all(g, tensor_abs(g, sub(g, x0p, tensor_from(g, 4, x_t->shape, x0))));
     terms->g_adv = adv->data[0];
     terms->rec = rec->data[0];
     terms->alpha = alpha;

@@ -5422,6 +5422,20 @@ Tensor *pixel_norm(Graph *g, Tensor *x) {
 // Backward: d x_{gM+m} = ds_m (x - mu) / (C H W G sd), ds_m summed over the
 // group's new channel.
 // ---------------------------------------------------------------------------
+// the mean and sd = sqrt(biased var + 1e-8) of element i over group m's G samples
+static void group_moments(const float *inp, size_t per, int M, int G, int m, size_t i, double *mu,
+                          double *sd) {
+    double a = 0.0, var = 0.0;
+    for (int g = 0; g < G; g++) a += inp[(size_t)(g * M + m) * per + i];
+    a /= G;
+    for (int g = 0; g < G; g++) {
+        double d = inp[(size_t)(g * M + m) * per + i] - a;
+        var += d * d;
+    }
+    *mu = a;
+    *sd = sqrt(var / G + 1e-8);
+}
+
 void minibatch_std_forward(float *out, const float *inp, int N, int C, int HW, int G) {
     int M = N / G;
     size_t per = (size_t)C * HW;
@@ -5429,14 +5443,9 @@ void minibatch_std_forward(float *out, const float *inp, int N, int C, int HW, i
     for (int m = 0; m < M; m++) {
         double sum = 0.0;
         for (size_t i = 0; i < per; i++) {
-            double mu = 0.0, var = 0.0;
-            for (int g = 0; g < G; g++) mu += inp[(size_t)(g * M + m) * per + i];
-            mu /= G;
-            for (int g = 0; g < G; g++) {
-                double d = inp[(size_t)(g * M + m) * per + i] - mu;
-                var += d * d;
-            }
-            sum += sqrt(var / G + 1e-8);
+            double mu, sd;
+            group_moments(inp, per, M, G, m, i, &mu, &sd);
+            sum += sd;
         }
         float s = (float)(sum / per);
         for (int g = 0; g < G; g++) {
@@ -5463,14 +5472,9 @@ void minibatch_std_backward(float *dinp, const float *dout, const float *inp, in
         }
         ds /= (double)per;  // the mean over (c, h, w)
         for (size_t i = 0; i < per; i++) {
-            double mu = 0.0, var = 0.0;
-            for (int g = 0; g < G; g++) mu += inp[(size_t)(g * M + m) * per + i];
-            mu /= G;
-            for (int g = 0; g < G; g++) {
-                double d = inp[(size_t)(g * M + m) * per + i] - mu;
-                var += d * d;
-            }
-            double k = ds / (G * sqrt(var / G + 1e-8));
+            double mu, sd;
+            group_moments(inp, per, M, G, m, i, &mu, &sd);
+            double k = ds / (G * sd);
             for (int g = 0; g < G; g++) {
                 size_t j = (size_t)(g * M + m) * per + i;
                 dinp[j] += (float)(k * (inp[j] - mu));
@@ -5502,14 +5506,8 @@ static void minibatch_std_grad_node_backward(Graph *g, TapeNode *n) {
             for (int p = 0; p < HW; p++) ds += dy->data[(size_t)(gi * M + m) * (per + HW) + per + p];
         double c = ds / ((double)per * G);
         for (size_t i = 0; i < per; i++) {
-            double mu = 0.0, var = 0.0, mv = 0.0, mvu = 0.0;
-            for (int gi = 0; gi < G; gi++) mu += x->data[(size_t)(gi * M + m) * per + i];
-            mu /= G;
-            for (int gi = 0; gi < G; gi++) {
-                double d = x->data[(size_t)(gi * M + m) * per + i] - mu;
-                var += d * d;
-            }
-            double sd = sqrt(var / G + 1e-8);
+            double mu, sd, mv = 0.0, mvu = 0.0;
+            group_moments(x->data, per, M, G, m, i, &mu, &sd);
             for (int gi = 0; gi < G; gi++) {
                 size_t j = (size_t)(gi * M + m) * per + i;
                 double u = (x->data[j] - mu) / sd;

@@ -683,7 +683,7 @@ if [ $rc -eq 130 ] && awk -v a="$t0" -v b="$t1" 'BEGIN { exit !(b - a < 2) }' &&
 else fail "Ctrl-C during a sample grid (exit $rc)"; sed 's/^/  /' "$dir/grid_int.err" | tail -3; fi
 ./casdm sample --ckpt "$dir/grid_int/ckpt.safetensors" --n 64 --batch 1 --steps 1000 --out "$dir/sample_int" >/dev/null 2>"$dir/sample_int.err" &
 pid=$!
-wait_for "$dir/sample_int.err" 'step 2/' 60; t0=$(now); kill -INT $pid; wait $pid; rc=$?; t1=$(now)
+wait_for "$dir/sample_int.err" 'img, images' 60; t0=$(now); kill -INT $pid; wait $pid; rc=$?; t1=$(now)
 if [ $rc -eq 130 ] && awk -v a="$t0" -v b="$t1" 'BEGIN { exit !(b - a < 2) }' && [ ! -e "$dir/sample_int/grid.png" ] &&
    grep -q 'interrupted.*nothing written' "$dir/sample_int.err"; then
     pass "Ctrl-C during casdm sample stops within 2 s, nothing written"

@@ -587,6 +587,57 @@ static void disc_run(const StFile *f, DiscRun *r) {
     gan_disc_free(&d);
 }
 
+// tools/make_gan_goldens.py's small generator: nf 32, ch_mult 1,2, one ResBlock a
+// level, attention at side 8, latent 4x8x8, nz 6, zdim 16, 2 mapping layers
+static void small_gen_config(GanGenConfig *c) {
+    memset(c, 0, sizeof *c);
+    c->channels = 4;
+    c->image_size = 8;
+    c->nf = 32;
+    c->n_levels = 2;
+    c->ch_mult[0] = 1;
+    c->ch_mult[1] = 2;
+    c->num_res_blocks = 1;
+    c->n_attn = 1;
+    c->attn_resolutions[0] = 8;
+    c->nz = 6;
+    c->zdim = 16;
+    c->n_mlp = 2;
+}
+
+// each parameter's gradient against <prefix>gsample/<name> (256 evenly spaced
+// elements) relative to its rms <prefix>gnorm/<name> / sqrt(n), as grad_error
+// (those zero in exact arithmetic to 1e-5 of the model's rms); the worst, named
+static double sampled_grad_error(ParamSet *ps, const StFile *f, const char *prefix, char *worst,
+                                 size_t worst_len) {
+    double sq = 0.0, eg = 0.0;
+    for (size_t p = 0; p < ps->count; p++) {
+        char key[200];
+        snprintf(key, sizeof key, "%sgnorm/%s", prefix, params_get(ps, p)->name);
+        const StEntry *e = st_find(f, key);
+        if (!e) fatal("gan golden: no %s", key);
+        sq += (double)e->data[0] * e->data[0];
+    }
+    double rms_all = sqrt(sq / (double)ps->total);
+    if (worst) worst[0] = 0;
+    for (size_t p = 0; p < ps->count; p++) {
+        Tensor *tp = params_get(ps, p);
+        char key[200];
+        snprintf(key, sizeof key, "%sgsample/%s", prefix, tp->name);
+        const StEntry *es = st_find(f, key);
+        snprintf(key, sizeof key, "%sgnorm/%s", prefix, tp->name);
+        double rms = st_find(f, key)->data[0] / sqrt((double)tp->size), e = 0.0;
+        size_t m = tp->size < 256 ? tp->size : 256;
+        for (size_t k = 0; k < m; k++) e = fmax(e, fabs((double)tp->grad[k * tp->size / m] - es->data[k]));
+        e /= rms < 1e-9 * rms_all ? 10.0 * rms_all : rms;
+        if (e > eg) {
+            eg = e;
+            if (worst) snprintf(worst, worst_len, "%s", tp->name);
+        }
+    }
+    return eg;
+}
+
 // the generator against tools/lddgan_ref.py's NCSNpp (nf 32, ch_mult 1,2, one
 // ResBlock a level, attention at side 8, so the pyramid, the up and down
 // ResBlocks and attention in both paths are all in it) on test_values("ggen."
@@ -595,19 +646,7 @@ static void disc_run(const StFile *f, DiscRun *r) {
 // arithmetic); and the CIFAR-10 configuration's 33,329,668 parameters
 static void test_gan_gen(const StFile *f) {
     GanGenConfig c;
-    memset(&c, 0, sizeof c);
-    c.channels = 4;
-    c.image_size = 8;
-    c.nf = 32;
-    c.n_levels = 2;
-    c.ch_mult[0] = 1;
-    c.ch_mult[1] = 2;
-    c.num_res_blocks = 1;
-    c.n_attn = 1;
-    c.attn_resolutions[0] = 8;
-    c.nz = 6;
-    c.zdim = 16;
-    c.n_mlp = 2;
+    small_gen_config(&c);
     double ey = INFINITY, edx = INFINITY, eg = INFINITY;
     char worst[160] = "";
     float *all[2] = {NULL, NULL};
@@ -631,30 +670,7 @@ static void test_gan_gen(const StFile *f) {
             ey = y->size == eyr->size ? rel_to_max(y->data, eyr->data, y->size) : INFINITY;
             edx = fmax(rel_to_max(x->grad, st_find(f, "gen/dx")->data, x->size),
                        rel_to_max(z->grad, st_find(f, "gen/dz")->data, z->size));
-            // every parameter: its samples against the reference, relative to its rms
-            double sq = 0.0;
-            for (size_t p = 0; p < G.params.count; p++) {
-                char key[200];
-                snprintf(key, sizeof key, "gen/gnorm/%s", params_get(&G.params, p)->name);
-                const StEntry *e = st_find(f, key);
-                if (!e) fatal("gan golden: no %s", key);
-                sq += (double)e->data[0] * e->data[0];
-            }
-            double rms_all = sqrt(sq / (double)G.params.total);
-            eg = 0.0;
-            for (size_t p = 0; p < G.params.count; p++) {
-                Tensor *tp = params_get(&G.params, p);
-                char key[200];
-                snprintf(key, sizeof key, "gen/gsample/%s", tp->name);
-                const StEntry *es = st_find(f, key);
-                snprintf(key, sizeof key, "gen/gnorm/%s", tp->name);
-                double rms = st_find(f, key)->data[0] / sqrt((double)tp->size), e = 0.0;
-                size_t m = tp->size < 256 ? tp->size : 256;
-                for (size_t k = 0; k < m; k++)
-                    e = fmax(e, fabs((double)tp->grad[k * tp->size / m] - es->data[k]));
-                e /= rms < 1e-9 * rms_all ? 10.0 * rms_all : rms;
-                if (e > eg) { eg = e; snprintf(worst, sizeof worst, "%s", tp->name); }
-            }
+            eg = sampled_grad_error(&G.params, f, "gen/", worst, sizeof worst);
         }
         n_all = G.params.total;
         all[th - 1] = mallocCheck(n_all * sizeof(float));
@@ -687,19 +703,7 @@ static void test_gan_gen(const StFile *f) {
 // D gradient; the G step (alpha 0.7), its terms and every G gradient
 static void test_gan_step(const StFile *f) {
     GanGenConfig c;
-    memset(&c, 0, sizeof c);
-    c.channels = 4;
-    c.image_size = 8;
-    c.nf = 32;
-    c.n_levels = 2;
-    c.ch_mult[0] = 1;
-    c.ch_mult[1] = 2;
-    c.num_res_blocks = 1;
-    c.n_attn = 1;
-    c.attn_resolutions[0] = 8;
-    c.nz = 6;
-    c.zdim = 16;
-    c.n_mlp = 2;
+    small_gen_config(&c);
     GanGen G;
     gan_gen_init(&G, &c, 1, NULL);
     test_init_params(&G.params, "ggen.");
@@ -737,25 +741,7 @@ static void test_gan_step(const StFile *f) {
         double r = st_find(f, gn[i])->data[0];
         et = fmax(et, fabs(gv[i] - r) / fmax(fabs(r), 1e-6));
     }
-    double sq = 0.0, eg = 0.0;
-    for (size_t p = 0; p < G.params.count; p++) {
-        char key[200];
-        snprintf(key, sizeof key, "step/g_gnorm/%s", params_get(&G.params, p)->name);
-        double v = st_find(f, key)->data[0];
-        sq += v * v;
-    }
-    double rms_all = sqrt(sq / (double)G.params.total);
-    for (size_t p = 0; p < G.params.count; p++) {
-        Tensor *tp = params_get(&G.params, p);
-        char key[200];
-        snprintf(key, sizeof key, "step/g_gsample/%s", tp->name);
-        const StEntry *es = st_find(f, key);
-        snprintf(key, sizeof key, "step/g_gnorm/%s", tp->name);
-        double rms = st_find(f, key)->data[0] / sqrt((double)tp->size), e = 0.0;
-        size_t m = tp->size < 256 ? tp->size : 256;
-        for (size_t k = 0; k < m; k++) e = fmax(e, fabs((double)tp->grad[k * tp->size / m] - es->data[k]));
-        eg = fmax(eg, e / (rms < 1e-9 * rms_all ? 10.0 * rms_all : rms));
-    }
+    double eg = sampled_grad_error(&G.params, f, "step/g_", NULL, 0);
     // the sampler: four generator calls and posterior samples from x_T
     const StEntry *xi = st_find(f, "sample/x_init"), *so = st_find(f, "sample/out");
     float *out = mallocCheck(xi->size * sizeof(float));

@@ -295,10 +295,6 @@ class NCSNpp(nn.Module):
                  n_mlp=4, attn_resolutions=(), image_size=16):
         super().__init__()
         self.nf, self.nres, self.nlev = nf, num_res_blocks, len(ch_mult)
-        z = [PixelNormModule(), nn.Linear(nz, zdim), nn.SiLU()]
-        for _ in range(n_mlp):
-            z += [nn.Linear(zdim, zdim), nn.SiLU()]
-        self.z_transform = nn.Sequential(*z)
         tdim = 4 * nf
         m = [nn.Linear(nf, tdim), nn.Linear(tdim, tdim), nn.Conv2d(channels, nf, 3, padding=1)]
         self.attn_at = set(attn_resolutions)
@@ -329,6 +325,10 @@ class NCSNpp(nn.Module):
         m += [nn.GroupNorm(min(cin // 4, 32), cin, eps=1e-6), nn.Conv2d(cin, channels, 3, padding=1)]
         self.all_modules = nn.ModuleList(m)
         self.ch_mult = ch_mult
+        z = [PixelNormModule(), nn.Linear(nz, zdim), nn.SiLU()]  # after all_modules, as the code
+        for _ in range(n_mlp):
+            z += [nn.Linear(zdim, zdim), nn.SiLU()]
+        self.z_transform = nn.Sequential(*z)
 
     def forward(self, x, t, z):
         zemb = self.z_transform(z)

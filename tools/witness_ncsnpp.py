@@ -119,7 +119,7 @@ def run_sh_cifar_argv():
     cmd = cmd.replace("$MASTER_PORT", "6002").replace("$GPUS", "1")
     argv = shlex.split(cmd)
     k = argv.index("train_ldgan.py")
-    return argv[k + 1:], (i0 + 1, i1 + 1)
+    return argv[k + 1:], (i0 + 1, i1 + 1 if lines[i1].strip() else i1)  # (not the blank line after)
 
 
 def official_args(parser, argv):
