@@ -75,40 +75,52 @@ static double rel_to_max(const float *a, const float *b, size_t n) {
     return e / m;
 }
 
-// Each parameter's sampled gradient against <cfg>/<sub>gsample/<name>,
-// relative to the gradient's rms (its norm / sqrt(n)); the worst, named.
-// Some gradients are zero in exact arithmetic: a bias before a GroupNorm
-// (with ch 32 every group is one channel, so any per-channel constant is
-// removed downstream), the key bias of an attention block (it shifts every
-// logit of a query alike). There float64 leaves ~1e-16 and float32 ~1e-7 of
-// the model's rms gradient: a reference rms below 1e-9 of the model's marks
-// them, and they are held to 1e-5 of the model's rms instead.
+// Each parameter's gradient against <prefix>gsample/<name> (256 evenly spaced
+// elements, the goldens' way of keeping big gradients small) relative to the
+// gradient's rms, <prefix>gnorm/<name> / sqrt(n); the worst, named. Some
+// gradients are zero in exact arithmetic: a bias before a GroupNorm (with ch 32
+// every group is one channel, so any per-channel constant is removed
+// downstream), the key bias of an attention block (it shifts every logit of a
+// query alike). There float64 leaves ~1e-16 and float32 ~1e-7 of the model's
+// rms gradient: a reference rms below 1e-9 of the model's marks them, and
+// they are held to 1e-5 of the model's rms instead.
+static double sampled_grad_error(ParamSet *ps, const StFile *f, const char *prefix, char *worst,
+                                 size_t worst_len) {
+    double sq = 0.0, eg = 0.0;
+    for (size_t p = 0; p < ps->count; p++) {
+        char key[200];
+        snprintf(key, sizeof key, "%sgnorm/%s", prefix, params_get(ps, p)->name);
+        const StEntry *e = st_find(f, key);
+        if (!e) fatal("gan golden: no %s", key);
+        sq += (double)e->data[0] * e->data[0];
+    }
+    double rms_all = sqrt(sq / (double)ps->total);
+    if (worst) worst[0] = 0;
+    for (size_t p = 0; p < ps->count; p++) {
+        Tensor *tp = params_get(ps, p);
+        char key[200];
+        snprintf(key, sizeof key, "%sgsample/%s", prefix, tp->name);
+        const StEntry *es = st_find(f, key);
+        snprintf(key, sizeof key, "%sgnorm/%s", prefix, tp->name);
+        double rms = st_find(f, key)->data[0] / sqrt((double)tp->size), e = 0.0;
+        size_t m = tp->size < 256 ? tp->size : 256;
+        for (size_t k = 0; k < m; k++) e = fmax(e, fabs((double)tp->grad[k * tp->size / m] - es->data[k]));
+        e /= rms < 1e-9 * rms_all ? 10.0 * rms_all : rms;
+        if (e > eg) {
+            eg = e;
+            if (worst) snprintf(worst, worst_len, "%s", tp->name);
+        }
+    }
+    return eg;
+}
+
+// Each parameter's sampled gradient against <cfg>/<sub>gsample/<name> of the
+// autoencoder goldens (see sampled_grad_error)
 static double grad_error(ParamSet *ps, const char *cfg, const char *sub, char *worst,
                          size_t worst_len) {
-    double sq = 0.0;
-    for (size_t p = 0; p < ps->count; p++) {
-        char what[200];
-        snprintf(what, sizeof what, "%sgnorm/%s", sub, params_get(ps, p)->name);
-        double nrm = ae_golden(cfg, what)->data[0];
-        sq += nrm * nrm;
-    }
-    double rms_all = sqrt(sq / (double)ps->total), worst_e = 0.0;
-    worst[0] = 0;
-    for (size_t p = 0; p < ps->count; p++) {
-        Tensor *t = params_get(ps, p);
-        char what[200];
-        snprintf(what, sizeof what, "%sgsample/%s", sub, t->name);
-        const StEntry *es = ae_golden(cfg, what);
-        snprintf(what, sizeof what, "%sgnorm/%s", sub, t->name);
-        double rms = ae_golden(cfg, what)->data[0] / sqrt((double)t->size), e = 0.0;
-        size_t m = t->size < 256 ? t->size : 256;
-        if (es->size != m) fatal("ae golden: %s has %zu samples, want %zu", t->name, es->size, m);
-        for (size_t k = 0; k < m; k++)
-            e = fmax(e, fabs((double)t->grad[k * t->size / m] - es->data[k]));
-        e /= rms < 1e-9 * rms_all ? 10.0 * rms_all : rms;  // (so that 1e-4 means 1e-5 of rms_all)
-        if (e > worst_e) { worst_e = e; snprintf(worst, worst_len, "%s", t->name); }
-    }
-    return worst_e;
+    char prefix[96];
+    snprintf(prefix, sizeof prefix, "%s/%s", cfg, sub);
+    return sampled_grad_error(ps, &ag, prefix, worst, worst_len);
 }
 
 typedef struct {
@@ -603,39 +615,6 @@ static void small_gen_config(GanGenConfig *c) {
     c->nz = 6;
     c->zdim = 16;
     c->n_mlp = 2;
-}
-
-// each parameter's gradient against <prefix>gsample/<name> (256 evenly spaced
-// elements) relative to its rms <prefix>gnorm/<name> / sqrt(n), as grad_error
-// (those zero in exact arithmetic to 1e-5 of the model's rms); the worst, named
-static double sampled_grad_error(ParamSet *ps, const StFile *f, const char *prefix, char *worst,
-                                 size_t worst_len) {
-    double sq = 0.0, eg = 0.0;
-    for (size_t p = 0; p < ps->count; p++) {
-        char key[200];
-        snprintf(key, sizeof key, "%sgnorm/%s", prefix, params_get(ps, p)->name);
-        const StEntry *e = st_find(f, key);
-        if (!e) fatal("gan golden: no %s", key);
-        sq += (double)e->data[0] * e->data[0];
-    }
-    double rms_all = sqrt(sq / (double)ps->total);
-    if (worst) worst[0] = 0;
-    for (size_t p = 0; p < ps->count; p++) {
-        Tensor *tp = params_get(ps, p);
-        char key[200];
-        snprintf(key, sizeof key, "%sgsample/%s", prefix, tp->name);
-        const StEntry *es = st_find(f, key);
-        snprintf(key, sizeof key, "%sgnorm/%s", prefix, tp->name);
-        double rms = st_find(f, key)->data[0] / sqrt((double)tp->size), e = 0.0;
-        size_t m = tp->size < 256 ? tp->size : 256;
-        for (size_t k = 0; k < m; k++) e = fmax(e, fabs((double)tp->grad[k * tp->size / m] - es->data[k]));
-        e /= rms < 1e-9 * rms_all ? 10.0 * rms_all : rms;
-        if (e > eg) {
-            eg = e;
-            if (worst) snprintf(worst, worst_len, "%s", tp->name);
-        }
-    }
-    return eg;
 }
 
 // the generator against tools/lddgan_ref.py's NCSNpp (nf 32, ch_mult 1,2, one
