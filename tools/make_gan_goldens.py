@@ -101,11 +101,28 @@ def main():
             p.copy_(torch.from_numpy(A.test_values("ggen." + k, tuple(p.shape))))
         for k, p in disc2.named_parameters():
             p.copy_(torch.from_numpy(A.test_values("gdisc." + k, tuple(p.shape))))
-    x0 = (torch.rand(8, 4, 8, 8) * 2 - 1).double()
     ts = torch.tensor([0, 1, 2, 3, 1, 2, 3, 0])
-    nz = {k: torch.randn(*shape).double() for k, shape in
-          [("eps1", (8, 4, 8, 8)), ("eps2", (8, 4, 8, 8)), ("z", (8, 6)), ("eps_post", (8, 4, 8, 8))]}
     sd = {k: v.double() for k, v in s.items()}
+    # of 100 seeds, the inputs whose LeakyReLU inputs stay farthest from the kink (relative
+    # to each tensor's max) in both steps, so that float32's ~1e-6 is unlikely to flip one
+
+    def step_inputs(seed):
+        gen_rng = torch.Generator().manual_seed(seed)
+        x0 = (torch.rand(8, 4, 8, 8, generator=gen_rng) * 2 - 1).double()
+        nz = {k: torch.randn(*shape, generator=gen_rng).double() for k, shape in
+              [("eps1", (8, 4, 8, 8)), ("eps2", (8, 4, 8, 8)), ("z", (8, 6)), ("eps_post", (8, 4, 8, 8))]}
+        return x0, nz
+
+    best = (-1.0, 0)
+    for seed in range(2000, 2100):
+        x0, nz = step_inputs(seed)
+        D.KINKS = []
+        D.d_step_loss(gen2, disc2, sd, x0, ts, nz["eps1"], nz["eps2"], nz["z"], nz["eps_post"], 0.02)
+        D.g_step_loss(gen2, disc2, sd, x0, ts, nz["eps1"], nz["eps2"], nz["z"], nz["eps_post"], 0.7)
+        best = max(best, (min(D.KINKS), seed))
+        D.KINKS = None
+    x0, nz = step_inputs(best[1])
+    print(f"step: seed {best[1]}, kink margin {best[0]:.2e}")
     G["step/x0"], G["step/t"] = x0.float(), ts.float()
     for k, v in nz.items():
         G[f"step/{k}"] = v.float()
