@@ -242,21 +242,25 @@ static void load_dataset(Dataset *d, const char *path) {
 }
 
 // x0 (B,C,H,W) in [-1,1] from random images, flipped left-right at random
+// image i of d in [-1, 1], mirrored when flip
+static void image_to_float(const Images *d, uint32_t i, int flip, float *dst) {
+    size_t plane = (size_t)d->h * d->w;
+    const unsigned char *src = d->pixels + (size_t)i * d->c * plane;
+    for (int c = 0; c < d->c; c++)
+        for (int y = 0; y < d->h; y++)
+            for (int x = 0; x < d->w; x++) {
+                int sx = flip ? d->w - 1 - x : x;
+                dst[(size_t)c * plane + (size_t)y * d->w + x] =
+                    src[(size_t)c * plane + (size_t)y * d->w + sx] / 127.5f - 1.0f;
+            }
+}
+
 static void draw_batch(const Dataset *ds, Rng *rng, float *x0, int B, int flip) {
     const Images *d = &ds->img;
-    size_t plane = (size_t)d->h * d->w;
     for (int b = 0; b < B; b++) {
         uint32_t i = rng_below(rng, (uint32_t)d->n);
         int fl = flip ? (int)(rng_u32(rng) & 1) : 0;
-        const unsigned char *src = d->pixels + (size_t)i * d->c * plane;
-        float *dst = x0 + (size_t)b * d->c * plane;
-        for (int c = 0; c < d->c; c++)
-            for (int y = 0; y < d->h; y++)
-                for (int x = 0; x < d->w; x++) {
-                    int sx = fl ? d->w - 1 - x : x;
-                    dst[(size_t)c * plane + (size_t)y * d->w + x] =
-                        src[(size_t)c * plane + (size_t)y * d->w + sx] / 127.5f - 1.0f;
-                }
+        image_to_float(d, i, fl, x0 + (size_t)b * d->c * d->h * d->w);
     }
 }
 
@@ -927,7 +931,9 @@ static void train_help(FILE *f) {
 static void define_train_options(TrainOpts *o) {
     const Option opts[] = {
         {"--data", OPT_STR, &o->data, NULL, "training images (see above)", 0, 0},
-        {"--model", OPT_STR, &o->model, "casdm", "ddpm-eps, ddpm-x0, dual or casdm", 0, 0},
+        {"--model", OPT_STR, &o->model, "casdm",
+         "ddpm-eps, ddpm-x0, dual or casdm; lddgan and ddgan have their own options (casdm "
+         "train --model lddgan --help)", 0, 0},
         {"--ch", OPT_INT, &o->ch, "64", "U-Net model_channels (the paper: 128)", 32, 1024},
         {"--res", OPT_INT, &o->res, "2", "ResBlocks per level (the paper: 3)", 1, 16},
         {"--attn", OPT_STR, &o->attn, "16",
@@ -1837,7 +1843,13 @@ static void train_eval_close(TrainEval *e) {
     else inception_free(&e->net);
 }
 
+static int cmd_train_gan(int argc, char **argv);
+
 static int cmd_train(int argc, char **argv) {
+    for (int i = 0; i + 1 < argc; i++)  // stage two of LDDGAN has its own options
+        if (strcmp(argv[i], "--model") == 0 &&
+            (strcmp(argv[i + 1], "lddgan") == 0 || strcmp(argv[i + 1], "ddgan") == 0))
+            return cmd_train_gan(argc, argv);
     TrainOpts o;
     define_train_options(&o);
     int pr = parse_options("train", train_opts_table, train_opts_n, argc, argv, train_help);
@@ -3254,6 +3266,769 @@ static int cmd_train_ae(int argc, char **argv) {
     lpips_free(&lpips);
     images_free(&data.img);
     if (o.eval_data) images_free(&held.img);
+    return interrupted ? interrupted_status() : 0;
+}
+
+// ---------------------------------------------------------------------------
+// ---- casdm train --model lddgan --ae FILE | --model ddgan: stage two ----
+// train_ldgan.py (LDDGAN) and train_ddgan.py (DDGAN) as one GPU runs them:
+// each iteration a D step (R1 on every --lazy-reg-th) and a G step on the
+// same batch, Adam (0.5, 0.9) for each, the EMA of G after its step
+// (lddgan.c's gan_iteration). lddgan trains on the frozen autoencoder's
+// posterior samples / scale_factor, drawn per batch as the code does; ddgan
+// on the pixels. An epoch is a fresh permutation of the data in floor(N /
+// batch) iterations (drop_last); Weighted Learning's alpha is the epoch's.
+// Noise in the code's order (facts 4.3): the latent's sample, then per step
+// t, eps1, eps2, z and the posterior's eps.
+// The checkpoint holds the EMA generator at the top level (what casdm sample
+// uses: netG_*.pth's role), the raw one under netG., D under netD., both
+// Adam states, the step and RNG, and names the autoencoder by path and hash.
+// ---------------------------------------------------------------------------
+typedef struct {
+    const char *model, *data, *ae, *ch_mult, *attn, *rec_loss, *out, *resume;
+    int nf, res, nz, zdim, n_mlp, ngf, t_emb_dim, disc_layers, T;
+    int epochs, steps, batch, seed, lazy_reg, flip;
+    double scale_factor, r1_gamma, lr_g, lr_d, ema, beta_min, beta_max, time_limit;
+    int log_every, ckpt_every, sample_every, sample_n;
+} GanOpts;
+
+typedef struct {
+    int lddgan;               // latent space (else pixels)
+    GanConfig cfg;
+    GanSchedule sched;
+    GanGen G;
+    GanDisc D;
+    GanOptim opt;
+    Rng rng;
+    long step;
+    int iters_per_epoch;
+    Autoencoder ae;           // lddgan: frozen, eval mode
+    float scale;              // latents = posterior sample / scale
+    uint64_t ae_hash;
+    const char *ae_path;      // as given, or as the resumed checkpoint names it
+} GanState;
+
+static Option gan_opts_table[48];
+static int gan_opts_n;
+
+static void train_gan_help(FILE *f) {
+    fputs("usage: casdm train --model lddgan --data PATH --ae FILE [options]\n"
+          "       casdm train --model ddgan --data PATH [options]\n\n"
+          "Trains LDDGAN's denoising-diffusion GAN: a conditional generator that makes T large\n"
+          "denoising steps (T = 4), against a time-conditioned discriminator, in the latent\n"
+          "space of an autoencoder from casdm train-ae (lddgan), or in pixel space as DDGAN,\n"
+          "the paper's baseline (ddgan). The defaults are the papers' CIFAR-10 settings\n"
+          "(LDDGAN's run.sh; DDGAN's readme for ddgan), adapted to the data's shape.\n"
+          "Writes DIR/ckpt.safetensors (for casdm sample; the EMA generator, and all to go\n"
+          "on), DIR/log.csv, DIR/loss.svg and DIR/sample_STEP.png (the raw generator, as the\n"
+          "official per-epoch samples). Ctrl-C saves and stops; --resume DIR continues bit\n"
+          "for bit.\n\noptions:\n",
+          f);
+    usage_options(f, gan_opts_table, gan_opts_n);
+}
+
+static void define_gan_options(GanOpts *o) {
+    const Option opts[] = {
+        {"--model", OPT_STR, &o->model, NULL, "lddgan or ddgan", 0, 0},
+        {"--data", OPT_STR, &o->data, NULL, "training images (CIFAR-10, IDX or an image folder)",
+         0, 0},
+        {"--ae", OPT_STR, &o->ae, NULL,
+         "lddgan: the autoencoder (casdm train-ae, tools/convert_autoencoder.py)", 0, 0},
+        {"--scale-factor", OPT_FLOAT, &o->scale_factor, "0",
+         "lddgan: latents = sample / this (0: the autoencoder file's; LDDGAN CIFAR-10 105)", 0,
+         1e9},
+        {"--nf", OPT_INT, &o->nf, "0", "generator base channels, num_channels_dae (0: 128)", 0,
+         4096},
+        {"--ch-mult", OPT_STR, &o->ch_mult, "", "generator multipliers (lddgan 1,2,2; ddgan 1,2,2,2)",
+         0, 0},
+        {"--num-res-blocks", OPT_INT, &o->res, "0", "ResBlocks per level (0: 2)", 0, 8},
+        {"--attn", OPT_STR, &o->attn, "",
+         "sides with attention, or none (lddgan: none, 32 in run.sh; ddgan 16); the middle "
+         "block always has it", 0, 0},
+        {"--nz", OPT_INT, &o->nz, "0", "latent z size (0: lddgan 50, ddgan 100)", 0, 4096},
+        {"--z-emb-dim", OPT_INT, &o->zdim, "0", "z embedding size (0: 256)", 0, 4096},
+        {"--n-mlp", OPT_INT, &o->n_mlp, "-1", "z mapping layers after the first (-1: 4)", -1,
+         GAN_GEN_MAX_MLP - 1},
+        {"--ngf", OPT_INT, &o->ngf, "0", "discriminator base channels (0: 64)", 0, 4096},
+        {"--t-emb-dim", OPT_INT, &o->t_emb_dim, "0", "discriminator time embedding (0: 256)", 0,
+         4096},
+        {"--disc-layers", OPT_INT, &o->disc_layers, "0",
+         "discriminator blocks (0: lddgan 3, ddgan 4)", 0, GAN_DISC_MAX_BLOCKS},
+        {"--T", OPT_INT, &o->T, "4", "denoising steps, num_timesteps", 1, GAN_MAX_T},
+        {"--beta-min", OPT_FLOAT, &o->beta_min, "0.1", "VP schedule beta_min", 1e-6, 1000},
+        {"--beta-max", OPT_FLOAT, &o->beta_max, "20", "VP schedule beta_max", 1e-6, 1000},
+        {"--epochs", OPT_INT, &o->epochs, "0",
+         "Weighted Learning's E (0: lddgan 2000, ddgan 1800); the run is epochs 0..E", 0,
+         1000000},
+        {"--steps", OPT_INT, &o->steps, "0", "iterations in all (0: E + 1 epochs)", 0,
+         1000000000},
+        {"--batch", OPT_INT, &o->batch, "256", "batch size", 1, 4096},
+        {"--lr-g", OPT_FLOAT, &o->lr_g, "1.6e-4", "generator Adam learning rate", 0, 1},
+        {"--lr-d", OPT_FLOAT, &o->lr_d, "1.25e-4", "discriminator Adam learning rate", 0, 1},
+        {"--r1-gamma", OPT_FLOAT, &o->r1_gamma, "0.02", "R1 penalty weight gamma", 0, 1e6},
+        {"--lazy-reg", OPT_INT, &o->lazy_reg, "15", "R1 on iterations 0, N, 2N, ...", 1,
+         1000000},
+        {"--ema", OPT_FLOAT, &o->ema, "0.9999", "EMA decay of the generator", 0, 1},
+        {"--rec-loss", OPT_STR, &o->rec_loss, NULL,
+         "sigmoid (Weighted Learning's L1, lddgan's default) or none (ddgan's)", 0, 0},
+        {"--seed", OPT_INT, &o->seed, "0", "random seed", 0, 2147483647},
+        {"--flip", OPT_FLAG, &o->flip, NULL, "random horizontal flips (the CIFAR-10 recipe)", 0,
+         0},
+        {"--time-limit", OPT_FLOAT, &o->time_limit, "0",
+         "stop after this many seconds of training (0 = no limit)", 0, 1e9},
+        {"--out", OPT_STR, &o->out, "runs/train-gan", "output directory", 0, 0},
+        {"--resume", OPT_STR, &o->resume, NULL, "continue from DIR/ckpt.safetensors", 0, 0},
+        {"--log-every", OPT_INT, &o->log_every, "10", "iterations per line of log.csv", 1,
+         1000000},
+        {"--ckpt-every", OPT_INT, &o->ckpt_every, "1000",
+         "iterations between checkpoints (0 = only at the end)", 0, 1000000000},
+        {"--sample-every", OPT_INT, &o->sample_every, "0",
+         "iterations between sample grids (0 = only at the end)", 0, 1000000000},
+        {"--sample-n", OPT_INT, &o->sample_n, "16", "images in each grid (0 = none)", 0, 1024},
+    };
+    gan_opts_n = (int)(sizeof opts / sizeof opts[0]);
+    memcpy(gan_opts_table, opts, sizeof opts);
+}
+
+// the configuration the options give for images of C channels, side S (the
+// latent's for lddgan)
+static void gan_config_from(const GanOpts *o, int lddgan, int C, int S, GanConfig *c) {
+    if (lddgan) gan_config_lddgan_cifar10(c);
+    else gan_config_ddgan_cifar10(c);
+    GanGenConfig *g = &c->gen;
+    g->channels = C;
+    g->image_size = S;
+    if (o->nf) g->nf = o->nf;
+    if (o->res) g->num_res_blocks = o->res;
+    if (o->nz) g->nz = o->nz;
+    if (o->zdim) g->zdim = o->zdim;
+    if (o->n_mlp >= 0) g->n_mlp = o->n_mlp;
+    if (o->ngf) c->ngf = o->ngf;
+    if (o->t_emb_dim) c->t_emb_dim = o->t_emb_dim;
+    if (o->disc_layers) c->disc_layers = o->disc_layers;
+    c->T = o->T;
+    c->beta_min = o->beta_min;
+    c->beta_max = o->beta_max;
+    if (o->ch_mult[0]) {
+        int m[GAN_GEN_MAX_LEVELS], n = int_list_parse(o->ch_mult, m, GAN_GEN_MAX_LEVELS);
+        if (n < 1) fatal("--ch-mult '%s' is not a list such as 1,2,2 (at most %d levels)",
+                         o->ch_mult, GAN_GEN_MAX_LEVELS);
+        memset(g->ch_mult, 0, sizeof g->ch_mult);
+        memcpy(g->ch_mult, m, (size_t)n * sizeof *m);
+        g->n_levels = n;
+    }
+    if (strcmp(o->attn, "none") == 0) {
+        g->n_attn = 0;
+    } else if (o->attn[0]) {
+        int a[GAN_GEN_MAX_LEVELS], n = int_list_parse(o->attn, a, GAN_GEN_MAX_LEVELS);
+        if (n < 1) fatal("--attn '%s' is not a list of sides such as 16, or none", o->attn);
+        memset(g->attn_resolutions, 0, sizeof g->attn_resolutions);
+        memcpy(g->attn_resolutions, a, (size_t)n * sizeof *a);
+        g->n_attn = n;
+    }
+    char why[256];
+    if (gan_config_check(c, why, sizeof why) != 0)
+        fatal("%s %dx%dx%d with --nf/--ch-mult/--num-res-blocks/--disc-layers...: %s",
+              lddgan ? "latents" : "--data images", C, S, S, why);
+}
+
+// FNV-1a over the bit patterns of the parameters, in order: the autoencoder a
+// run was trained with (a checkpoint names it by path and by this)
+static uint64_t params_hash(const ParamSet *ps) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < ps->total; i++) {
+        uint32_t u;
+        memcpy(&u, &ps->data[i], 4);
+        for (int b = 0; b < 4; b++) {
+            h ^= (u >> (8 * b)) & 0xff;
+            h *= 1099511628211ull;
+        }
+    }
+    return h;
+}
+
+static int rec_loss_on(const GanOpts *o, int lddgan) {
+    if (!o->rec_loss) return lddgan;
+    if (strcmp(o->rec_loss, "sigmoid") == 0) return 1;
+    if (strcmp(o->rec_loss, "none") == 0) return 0;
+    fatal("--rec-loss '%s' is not sigmoid or none", o->rec_loss);
+    return 0;
+}
+
+static int gan_epochs(const GanOpts *o, int lddgan) {
+    return o->epochs ? o->epochs : lddgan ? 2000 : 1800;  // run.sh; DDGAN's readme
+}
+
+// the options that define the run's loss and data order, as the checkpoint
+// records them: a resume with other values is an error naming the flag
+typedef struct { const char *key, *flag; double value; } GanRunOption;
+
+static int gan_run_options(const GanOpts *o, int lddgan, GanRunOption *out) {
+    const GanRunOption v[] = {
+        {"r1_gamma", "--r1-gamma", o->r1_gamma},
+        {"lazy_reg", "--lazy-reg", o->lazy_reg},
+        {"rec_loss", "--rec-loss", rec_loss_on(o, lddgan)},
+        {"num_epoch", "--epochs", gan_epochs(o, lddgan)},
+        {"ema_decay", "--ema", o->ema},
+        {"batch_size", "--batch", o->batch},
+        {"seed", "--seed", o->seed},
+        {"flip", "--flip", o->flip},
+    };
+    memcpy(out, v, sizeof v);
+    return (int)(sizeof v / sizeof v[0]);
+}
+
+// Everything the run needs to go on, atomically; -1 with a message (the file
+// at path untouched) on a write error or a value that is not finite
+static int gan_state_save(const GanState *s, const GanOpts *o, const char *path, char *err,
+                          size_t errlen) {
+    const ParamSet *G = &s->G.params, *D = &s->D.params;
+    const float *ema = s->opt.ema ? s->opt.ema : G->data;  // (before the first step: G itself)
+    const float *gbufs[4] = {G->data, ema, s->opt.adam_g.m, s->opt.adam_g.v};
+    const float *dbufs[3] = {D->data, s->opt.adam_d.m, s->opt.adam_d.v};
+    for (int b = 0; b < 4; b++)
+        if (first_nonfinite(gbufs[b], G->total) < G->total)
+            return errorf(err, errlen, "not saving step %ld: the generator holds NaN or Inf values",
+                          s->step);
+    for (int b = 0; b < 3; b++)
+        if (first_nonfinite(dbufs[b], D->total) < D->total)
+            return errorf(err, errlen,
+                          "not saving step %ld: the discriminator holds NaN or Inf values", s->step);
+    // the EMA generator, then netG., netD., and the moments of each
+    struct { const ParamSet *ps; const float *base; const char *prefix; } parts[7] = {
+        {G, ema, ""},           {G, G->data, "netG."},          {D, D->data, "netD."},
+        {G, s->opt.adam_g.m, "adam_m.netG."}, {G, s->opt.adam_g.v, "adam_v.netG."},
+        {D, s->opt.adam_d.m, "adam_m.netD."}, {D, s->opt.adam_d.v, "adam_v.netD."}};
+    size_t n = 4 * G->count + 3 * D->count, k = 0;
+    StWrite *w = mallocCheck(n * sizeof *w);
+    char *names = mallocCheck(n * 320), *nm = names;
+    for (int p = 0; p < 7; p++) {
+        size_t off = 0;
+        for (size_t i = 0; i < parts[p].ps->count; i++, k++, nm += 320) {
+            const Tensor *t = &parts[p].ps->t[i];
+            snprintf(nm, 320, "%s%s", parts[p].prefix, t->name);
+            w[k] = (StWrite){nm, t->ndim, t->shape, parts[p].base + off};
+            off += t->size;
+        }
+    }
+    char kv[GAN_CONFIG_KEYS + 40][2][64];
+    int m = gan_config_meta(&s->cfg, kv);
+#define GAN_META(key, ...)                            \
+    do {                                              \
+        snprintf(kv[m][0], 64, "%s", key);            \
+        snprintf(kv[m][1], 64, __VA_ARGS__);          \
+        m++;                                          \
+    } while (0)
+    GAN_META("checkpoint", "casdm-train-gan-1");
+    GAN_META("model", "%s", s->lddgan ? "lddgan" : "ddgan");
+    GAN_META("step", "%ld", s->step);
+    GAN_META("adam_step_g", "%ld", s->opt.adam_g.step);
+    GAN_META("adam_step_d", "%ld", s->opt.adam_d.step);
+    GAN_META("lr_g", "%.9g", s->opt.adam_g.lr);
+    GAN_META("lr_d", "%.9g", s->opt.adam_d.lr);
+    GAN_META("ema_started", "%d", s->opt.ema != NULL);
+    GAN_META("rng_state", "%016llx", (unsigned long long)s->rng.state);
+    GAN_META("rng_inc", "%016llx", (unsigned long long)s->rng.inc);
+    GAN_META("iters_per_epoch", "%d", s->iters_per_epoch);
+    if (s->lddgan) {
+        GAN_META("scale_factor", "%.9g", s->scale);
+        GAN_META("ae_hash", "%016llx", (unsigned long long)s->ae_hash);
+    }
+    GanRunOption ro[16];
+    int nro = gan_run_options(o, s->lddgan, ro);
+    for (int i = 0; i < nro; i++) GAN_META(ro[i].key, "%.9g", ro[i].value);
+#undef GAN_META
+    const char *meta[2 * (GAN_CONFIG_KEYS + 40) + 3];
+    int nmeta = 0;
+    for (int i = 0; i < m; i++) {
+        meta[nmeta++] = kv[i][0];
+        meta[nmeta++] = kv[i][1];
+    }
+    if (s->lddgan) {  // (a path may be longer than the 64 of the others)
+        meta[nmeta++] = "ae_file";
+        meta[nmeta++] = s->ae_path;
+    }
+    meta[nmeta] = NULL;
+    int rc = st_write(path, w, k, meta, err, errlen);
+    free(names);
+    free(w);
+    return rc;
+}
+
+static long gan_meta_long(const StFile *f, const char *path, const char *key, long lo, long hi) {
+    long v;
+    char err[600];
+    if (meta_long(f, path, key, lo, hi, &v, err, sizeof err) != 0) fatal("--resume: %s", err);
+    return v;
+}
+
+// a resumed run's options against its checkpoint: the configuration (T
+// named), the loss and data options; the learning rates may change (a notice)
+static void gan_check_resume(const StFile *f, const char *path, const GanOpts *o, int lddgan,
+                             const GanConfig *want) {
+    char err[600], buf[64];
+    GanConfig got;
+    if (gan_config_read(f, path, &got, err, sizeof err) != 0) fatal("--resume: %s", err);
+    if (got.T != want->T)
+        fatal("--resume: '%s' was trained with --T %d; this run asks for --T %d", path, got.T,
+              want->T);
+    GanConfig w = *want;  // (unused list entries compared as zero)
+    for (int l = w.gen.n_levels; l < GAN_GEN_MAX_LEVELS; l++) w.gen.ch_mult[l] = 0;
+    for (int l = w.gen.n_attn; l < GAN_GEN_MAX_LEVELS; l++) w.gen.attn_resolutions[l] = 0;
+    for (int l = got.gen.n_attn; l < GAN_GEN_MAX_LEVELS; l++) got.gen.attn_resolutions[l] = 0;
+    if (memcmp(&got.gen, &w.gen, sizeof w.gen) != 0 || got.ngf != w.ngf ||
+        got.t_emb_dim != w.t_emb_dim || got.disc_layers != w.disc_layers ||
+        (float)got.beta_min != (float)w.beta_min || (float)got.beta_max != (float)w.beta_max)
+        fatal("--resume: '%s' holds another architecture or schedule than the options and the "
+              "data give (generator nf %d, %d levels, nz %d on %dx%dx%d; discriminator ngf %d, "
+              "%d layers)", path, got.gen.nf, got.gen.n_levels, got.gen.nz, got.gen.channels,
+              got.gen.image_size, got.gen.image_size, got.ngf, got.disc_layers);
+    GanRunOption ro[16];
+    int nro = gan_run_options(o, lddgan, ro);
+    for (int i = 0; i < nro; i++) {
+        char *end;
+        if (st_meta(f, ro[i].key, buf, sizeof buf) != 0)
+            fatal("--resume: '%s' has no '%s' in its metadata", path, ro[i].key);
+        double v = strtod(buf, &end);
+        if (*end || (float)v != (float)ro[i].value)
+            fatal("--resume: '%s' was trained with %s %s; this run asks for %g (the loss and "
+                  "the data order must not change within a run)", path, ro[i].flag, buf,
+                  ro[i].value);
+    }
+}
+
+static void gan_state_init(GanState *s, const GanOpts *o) {
+    rng_seed(&s->rng, (uint64_t)o->seed, 0);
+    gan_gen_init(&s->G, &s->cfg.gen, 1, &s->rng);
+    gan_disc_init(&s->D, 2 * s->cfg.gen.channels, s->cfg.ngf, s->cfg.t_emb_dim,
+                  s->cfg.disc_layers, 1, &s->rng);
+    gan_optim_init(&s->opt, &s->G, &s->D, o->lr_g, o->lr_d, o->ema);
+}
+
+// the run in a checkpoint of casdm train --model lddgan/ddgan (checked by
+// gan_check_resume); every tensor is checked on its layout before loading
+static void gan_state_load(GanState *s, const GanOpts *o, const StFile *f, const char *path) {
+    char err[600];
+    int rc = gan_gen_load_st(&s->G, &s->cfg, 1, f, path, "netG.", err, sizeof err);
+    if (!rc) rc = gan_disc_load_st(&s->D, &s->cfg, 1, f, path, "netD.", err, sizeof err);
+    if (rc) fatal("--resume: %s", err);
+    gan_optim_init(&s->opt, &s->G, &s->D, o->lr_g, o->lr_d, o->ema);
+    s->step = gan_meta_long(f, path, "step", 0, LOG_MAX_STEP);
+    if (gan_meta_long(f, path, "ema_started", 0, 1)) {
+        s->opt.ema = mallocCheck(s->G.params.total * sizeof(float));
+        rc = load_tensors(&s->G.params, f, path, "", s->opt.ema, err, sizeof err);
+    }
+    if (!rc) rc = load_tensors(&s->G.params, f, path, "adam_m.netG.", s->opt.adam_g.m, err, sizeof err);
+    if (!rc) rc = load_tensors(&s->G.params, f, path, "adam_v.netG.", s->opt.adam_g.v, err, sizeof err);
+    if (!rc) rc = load_tensors(&s->D.params, f, path, "adam_m.netD.", s->opt.adam_d.m, err, sizeof err);
+    if (!rc) rc = load_tensors(&s->D.params, f, path, "adam_v.netD.", s->opt.adam_d.v, err, sizeof err);
+    if (rc) fatal("--resume: %s", err);
+    s->opt.adam_g.step = gan_meta_long(f, path, "adam_step_g", 0, s->step);
+    s->opt.adam_d.step = gan_meta_long(f, path, "adam_step_d", 0, s->step);
+    if (meta_hex64(f, path, "rng_state", &s->rng.state, err, sizeof err) ||
+        meta_hex64(f, path, "rng_inc", &s->rng.inc, err, sizeof err))
+        fatal("--resume: %s", err);
+    if (!(s->rng.inc & 1)) fatal("--resume: '%s': rng_inc is even (not a PCG32 stream)", path);
+    char buf[64];
+    if (st_meta(f, "lr_g", buf, sizeof buf) == 0 && (float)strtod(buf, NULL) != (float)o->lr_g)
+        fprintf(stderr, "notice: --lr-g %g (the checkpoint's run had %s)\n", o->lr_g, buf);
+    if (st_meta(f, "lr_d", buf, sizeof buf) == 0 && (float)strtod(buf, NULL) != (float)o->lr_d)
+        fprintf(stderr, "notice: --lr-d %g (the checkpoint's run had %s)\n", o->lr_d, buf);
+}
+
+static void gan_state_free(GanState *s) {
+    gan_gen_free(&s->G);
+    gan_disc_free(&s->D);
+    gan_optim_free(&s->opt);
+    if (s->lddgan) ae_free(&s->ae);
+}
+
+// lddgan's autoencoder: from --ae, or the one the resumed checkpoint names
+// (whose hash it must have); its images must be the data's. Sets the latent
+// scale: --scale-factor, the checkpoint's, the file's, or (a file without
+// one) max |z| measured on the data as casdm train-ae does.
+static void gan_open_ae(GanState *s, const GanOpts *o, const StFile *ck, const char *ck_path,
+                        const Images *im) {
+    char err[600], buf[4200];
+    s->ae_path = o->ae;
+    if (!s->ae_path && ck && st_meta(ck, "ae_file", buf, sizeof buf) == 0) {
+        static char named[4200];
+        snprintf(named, sizeof named, "%s", buf);
+        s->ae_path = named;
+    }
+    if (!s->ae_path)
+        fatal("--model lddgan needs --ae FILE: the autoencoder of casdm train-ae (or "
+              "tools/convert_autoencoder.py) whose latent space the GAN learns");
+    if (ae_load(&s->ae, s->ae_path, 0, err, sizeof err) != 0) fatal("--ae: %s", err);
+    const AEConfig *c = &s->ae.cfg;
+    if (c->in_channels != im->c || c->resolution != im->h)
+        fatal("--ae '%s' takes %dx%dx%d images; --data has %dx%dx%d", s->ae_path, c->in_channels,
+              c->resolution, c->resolution, im->c, im->h, im->w);
+    s->ae_hash = params_hash(&s->ae.params);
+    if (ck) {
+        uint64_t want;
+        if (meta_hex64(ck, ck_path, "ae_hash", &want, err, sizeof err) != 0) fatal("--resume: %s", err);
+        if (want != s->ae_hash)
+            fatal("--ae '%s' is not the autoencoder '%s' was trained with (its weights differ)",
+                  s->ae_path, ck_path);
+        if (st_meta(ck, "scale_factor", buf, 64) != 0 || !(strtod(buf, NULL) > 0))
+            fatal("--resume: '%s' has no positive scale_factor", ck_path);
+        s->scale = (float)strtod(buf, NULL);
+        if (o->scale_factor > 0 && (float)o->scale_factor != s->scale)
+            fatal("--resume: '%s' was trained with --scale-factor %s; this run asks for %g",
+                  ck_path, buf, o->scale_factor);
+        return;
+    }
+    s->scale = o->scale_factor > 0 ? (float)o->scale_factor : s->ae.scale_factor;
+    if (o->scale_factor == 0 && s->ae.scale_factor == 1.0f) {
+        Rng r;
+        double sd;
+        rng_seed(&r, (uint64_t)o->seed, 11);
+        s->scale = ae_measure_scale(&s->ae, im, 1000, &r, &sd);
+        fprintf(stderr, "--ae '%s' has no scale_factor: max |z| over 1000 images, %.4g\n",
+                s->ae_path, s->scale);
+    }
+}
+
+// The iteration's x0: batch (step mod epoch) of the epoch's permutation of
+// the data (its own stream per epoch, so a resume rebuilds it), flips from
+// the run's stream; for lddgan encoded, sampled and divided by the scale
+typedef struct {
+    uint32_t *perm;
+    long epoch;               // of perm (-1: none yet)
+    float *x;                 // (B, C, H, W) images
+    Graph g;                  // the encoder's, no tape
+} GanData;
+
+static void gan_batch(GanState *s, const Images *im, const GanOpts *o, GanData *d, float *x0) {
+    long epoch = s->step / s->iters_per_epoch;
+    int k = (int)(s->step % s->iters_per_epoch), B = o->batch;
+    if (d->epoch != epoch) {  // Fisher-Yates on stream 2^32 + epoch
+        Rng pr;
+        rng_seed(&pr, (uint64_t)o->seed, (1ull << 32) + (uint64_t)epoch);
+        for (uint32_t i = 0; i < (uint32_t)im->n; i++) d->perm[i] = i;
+        for (uint32_t i = (uint32_t)im->n - 1; i > 0; i--) {
+            uint32_t j = rng_below(&pr, i + 1), t = d->perm[i];
+            d->perm[i] = d->perm[j];
+            d->perm[j] = t;
+        }
+        d->epoch = epoch;
+    }
+    size_t per = (size_t)im->c * im->h * im->w;
+    float *dst = s->lddgan ? d->x : x0;
+    for (int b = 0; b < B; b++) {
+        int fl = o->flip ? (int)(rng_u32(&s->rng) & 1) : 0;
+        image_to_float(im, d->perm[(size_t)k * B + b], fl, dst + (size_t)b * per);
+    }
+    if (!s->lddgan) return;
+    int xs[4] = {B, im->c, im->h, im->w};
+    graph_reset(&d->g);
+    d->g.rng = &s->rng;  // train_ldgan.py:204-208: AE.encode(x).sample() / scale_factor
+    Tensor *z = gaussian_sample(&d->g, ae_encode(&d->g, &s->ae, tensor_from(&d->g, 4, xs, d->x)),
+                                NULL);
+    for (size_t i = 0; i < z->size; i++) x0[i] = z->data[i] / s->scale;
+}
+
+// one step's t and noise, in the code's order (:215-236)
+typedef struct {
+    int *t;
+    float *eps1, *eps2, *z, *eps_post;
+} GanDraw;
+
+static void gan_draw_alloc(GanDraw *d, int n, size_t per, int nz) {
+    d->t = mallocCheck((size_t)n * sizeof(int));
+    d->eps1 = mallocCheck(((size_t)n * (3 * per + (size_t)nz)) * sizeof(float));
+    d->eps2 = d->eps1 + (size_t)n * per;
+    d->z = d->eps2 + (size_t)n * per;
+    d->eps_post = d->z + (size_t)n * nz;
+}
+
+static void gan_draw_free(GanDraw *d) {
+    free(d->t);
+    free(d->eps1);
+}
+
+static GanNoise gan_draw(GanDraw *d, Rng *r, int T, int n, size_t per, int nz) {
+    for (int i = 0; i < n; i++) d->t[i] = (int)rng_below(r, (uint32_t)T);
+    rng_fill_normal(r, d->eps1, (size_t)n * per, 0.0f, 1.0f);
+    rng_fill_normal(r, d->eps2, (size_t)n * per, 0.0f, 1.0f);
+    rng_fill_normal(r, d->z, (size_t)n * nz, 0.0f, 1.0f);
+    rng_fill_normal(r, d->eps_post, (size_t)n * per, 0.0f, 1.0f);
+    return (GanNoise){d->eps1, d->eps2, d->z, d->eps_post};
+}
+
+// n images from G (EMA or raw weights in G) into out, uint8 (N, H, W, C):
+// sample_from_model's T calls from x_T ~ N(0, I), then for lddgan
+// decode(x * scale) (test_ldgan.py), clamped to [-1, 1]. Noise: x_T, then
+// per call z and eps. Progress per batch (tty as sample_images); 0, 1 when
+// an image is not finite, -1 when a signal asked to stop.
+static int gan_generate(GanGen *G, const GanSchedule *sch, Autoencoder *ae, float scale,
+                        Rng *rng, int n, int batch, unsigned char *out, int tty) {
+    const GanGenConfig *c = &G->cfg;
+    int T = sch->T, rc = 0;
+    size_t per = (size_t)c->channels * c->image_size * c->image_size;
+    int C = ae ? ae->cfg.out_ch : c->channels, S = ae ? ae->cfg.resolution : c->image_size;
+    size_t pix = (size_t)C * S * S;
+    float *x = mallocCheck((size_t)batch * per * sizeof(float));
+    float *z = mallocCheck((size_t)T * batch * c->nz * sizeof(float));
+    float *eps = mallocCheck((size_t)T * batch * per * sizeof(float));
+    Graph g;
+    graph_init(&g, 0, 0);
+    g.grad_enabled = 0;
+    Progress pr;
+    progress_start(&pr, tty);
+    for (int done = 0; done < n && rc == 0; done += batch) {
+        int B = n - done < batch ? n - done : batch;
+        rng_fill_normal(rng, x, (size_t)B * per, 0.0f, 1.0f);
+        for (int k = 0; k < T; k++) {
+            rng_fill_normal(rng, z + (size_t)k * B * c->nz, (size_t)B * c->nz, 0.0f, 1.0f);
+            rng_fill_normal(rng, eps + (size_t)k * B * per, (size_t)B * per, 0.0f, 1.0f);
+        }
+        graph_reset(&g);
+        gan_sample(&g, G, sch, x, B, z, eps, x);
+        const float *img = x;
+        if (ae) {
+            int zs[4] = {B, c->channels, c->image_size, c->image_size};
+            Tensor *lat = tensor_from(&g, 4, zs, x);
+            for (size_t i = 0; i < lat->size; i++) lat->data[i] *= scale;
+            img = ae_decode(&g, ae, lat)->data;
+        }
+        if (first_nonfinite(img, (size_t)B * pix) < (size_t)B * pix) rc = 1;
+        for (int b = 0; b < B && rc == 0; b++)
+            for (int ch = 0; ch < C; ch++)
+                for (int i = 0; i < S * S; i++) {
+                    float v = img[(size_t)b * pix + (size_t)ch * S * S + i];
+                    v = v < -1.0f ? -1.0f : v > 1.0f ? 1.0f : v;
+                    out[((size_t)(done + b) * S * S + i) * C + ch] = to_u8(v);
+                }
+        char what[64];
+        snprintf(what, sizeof what, "images %d-%d", done + 1, done + B);
+        progress_show(&pr, "img", done + B, n, what);
+        if (interrupted) rc = -1;
+    }
+    progress_end(&pr);
+    graph_free(&g);
+    free(x);
+    free(z);
+    free(eps);
+    return rc;
+}
+
+// DIR/sample_STEP.png from the raw generator, the same noise every time (its
+// own stream: the run's stays as it was)
+static void gan_sample_grid(GanState *s, const GanOpts *o, int tty) {
+    if (o->sample_n <= 0) return;
+    int C = s->lddgan ? s->ae.cfg.out_ch : s->cfg.gen.channels;
+    int S = s->lddgan ? s->ae.cfg.resolution : s->cfg.gen.image_size;
+    unsigned char *img = mallocCheck((size_t)o->sample_n * C * S * S);
+    Rng r;
+    rng_seed(&r, (uint64_t)o->seed, 12);
+    int rc = gan_generate(&s->G, &s->sched, s->lddgan ? &s->ae : NULL, s->scale, &r, o->sample_n,
+                          o->sample_n < 64 ? o->sample_n : 64, img, tty ? 1 : -1);
+    if (rc == 0) {
+        char path[4200];
+        snprintf(path, sizeof path, "%s/sample_%06ld.png", o->out, s->step);
+        write_grid_png(path, img, o->sample_n, S, S, C);
+        fprintf(stderr, "samples: %s\n", path);
+    } else if (rc > 0) {
+        fprintf(stderr, "warning: the generator gives NaN or Inf at step %ld: no grid\n", s->step);
+    }
+    free(img);
+}
+
+static void gan_log_row(FILE *log, const char *path, long step, long epoch, const double *sum,
+                        int n, int n_r1, double ips) {
+    fprintf(log, "%ld,%ld", step, epoch);
+    for (int i = 0; i < 8; i++) {  // d_real, d_fake, r1 (over its steps), g_adv, rec, alpha, logits
+        int cnt = i == 2 ? n_r1 : n;
+        if (cnt > 0) fprintf(log, ",%.6g", nonfinite_or(sum[i] / cnt));
+        else fprintf(log, ",");
+    }
+    fprintf(log, ",%.3f\n", ips);
+    if (fflush(log) != 0 || ferror(log)) fatal("cannot write '%s': %s", path, strerror(errno));
+}
+
+static int cmd_train_gan(int argc, char **argv) {
+    GanOpts o;
+    define_gan_options(&o);
+    int pr = parse_options("train", gan_opts_table, gan_opts_n, argc, argv, train_gan_help);
+    if (pr) return PARSED_EXIT(pr);
+    int lddgan = strcmp(o.model, "lddgan") == 0;
+    if (!o.data) {
+        fprintf(stderr, "casdm train --model %s: --data is required (see casdm train --model %s "
+                        "--help)\n", o.model, o.model);
+        return 2;
+    }
+    if (!lddgan && o.ae) fatal("--ae is for --model lddgan (ddgan trains on the pixels)");
+    if (!lddgan && o.scale_factor > 0) fatal("--scale-factor is for --model lddgan");
+    GanState s;
+    memset(&s, 0, sizeof s);
+    s.lddgan = lddgan;
+    Dataset data;
+    load_dataset(&data, o.data);
+    const Images *im = &data.img;
+    if (im->h != im->w) fatal("--data '%s': %dx%d images; square only", o.data, im->h, im->w);
+    if (im->n < o.batch)
+        fatal("--batch %d: --data '%s' has %d images, fewer than one batch (epochs drop the last "
+              "partial batch)", o.batch, o.data, im->n);
+    s.iters_per_epoch = im->n / o.batch;
+    char ckpt[4200], log_path[4200], svg_path[4200], from[4200], err[600];
+    StFile ck;
+    int resumed = o.resume != NULL;
+    if (resumed) {
+        char buf[64];
+        snprintf(from, sizeof from, "%s/ckpt.safetensors", o.resume);
+        if (st_read(from, &ck, err, sizeof err) != 0) fatal("--resume: %s", err);
+        if (st_meta(&ck, "checkpoint", buf, sizeof buf) != 0 ||
+            strcmp(buf, "casdm-train-gan-1") != 0)
+            fatal("--resume: '%s' is not a checkpoint of casdm train --model lddgan/ddgan", from);
+        if (st_meta(&ck, "model", buf, sizeof buf) != 0 || strcmp(buf, o.model) != 0)
+            fatal("--resume: '%s' is a --model %s run; this one asks for --model %s", from, buf,
+                  o.model);
+    }
+    int C = im->c, S = im->h;
+    if (lddgan) {
+        gan_open_ae(&s, &o, resumed ? &ck : NULL, from, im);
+        C = s.ae.cfg.embed_dim;
+        S = s.ae.cfg.resolution >> (s.ae.cfg.n_levels - 1);
+    }
+    gan_config_from(&o, lddgan, C, S, &s.cfg);
+    gan_schedule_init(&s.sched, s.cfg.T, s.cfg.beta_min, s.cfg.beta_max);
+    int E = gan_epochs(&o, lddgan), rec = rec_loss_on(&o, lddgan);
+    long steps = o.steps ? o.steps : (long)(E + 1) * s.iters_per_epoch;
+    if (steps > LOG_MAX_STEP) fatal("--epochs %d: %ld iterations, more than %ld", E, steps,
+                                    (long)LOG_MAX_STEP);
+    make_dir(o.out);
+    snprintf(ckpt, sizeof ckpt, "%s/ckpt.safetensors", o.out);
+    snprintf(log_path, sizeof log_path, "%s/log.csv", o.out);
+    snprintf(svg_path, sizeof svg_path, "%s/loss.svg", o.out);
+    long saved_step = -1;
+    if (resumed) {
+        gan_check_resume(&ck, from, &o, lddgan, &s.cfg);
+        if (gan_meta_long(&ck, from, "iters_per_epoch", 1, LOG_MAX_STEP) != s.iters_per_epoch)
+            fatal("--resume: '%s' had another number of images per epoch than --data '%s' (%d "
+                  "images, batch %d)", from, o.data, im->n, o.batch);
+        gan_state_load(&s, &o, &ck, from);
+        st_free(&ck);
+        fprintf(stderr, "resumed from %s at step %ld\n", from, s.step);
+        if (strcmp(from, ckpt) == 0) saved_step = s.step;
+        snprintf(from, sizeof from, "%s/log.csv", o.resume);
+    } else {
+        gan_state_init(&s, &o);
+    }
+    History hist = {0};
+    hist.layout = &log_layout_gan;
+    carry_log(resumed ? from : NULL, log_path, s.step, &hist, &log_layout_gan);
+    FILE *log = fopen(log_path, "a");
+    if (!log) fatal("cannot write '%s': %s", log_path, strerror(errno));
+    GanTrainer tr;
+    gan_trainer_init(&tr, &s.G, &s.D, &s.sched);
+    const GanGenConfig *gc = &s.cfg.gen;
+    size_t per = (size_t)gc->channels * gc->image_size * gc->image_size;
+    fprintf(stderr,
+            "casdm train: %s on %d images %dx%dx%d from %s%s; %s %dx%dx%d; generator %zu "
+            "parameters, discriminator %zu; T %d; %d iterations an epoch, %ld in all (E %d, "
+            "rec loss %s); R1 %g every %d; %s, %d threads\n",
+            o.model, im->n, im->c, im->h, im->w, o.data, lddgan ? " through --ae" : "",
+            lddgan ? "latents" : "pixels", gc->channels, gc->image_size, gc->image_size,
+            s.G.params.total, s.D.params.total, s.cfg.T, s.iters_per_epoch, steps, E,
+            rec ? "sigmoid" : "none", o.r1_gamma, o.lazy_reg, simd_name(), pool_threads());
+    if (lddgan) fprintf(stderr, "latent scale 1/%.6g (autoencoder %s)\n", s.scale, s.ae_path);
+    GanData gd;
+    gd.perm = mallocCheck((size_t)im->n * sizeof(uint32_t));
+    gd.epoch = -1;
+    gd.x = mallocCheck((size_t)o.batch * im->c * im->h * im->w * sizeof(float));
+    graph_init(&gd.g, 0, 0);
+    gd.g.grad_enabled = 0;
+    float *x0 = mallocCheck((size_t)o.batch * per * sizeof(float));
+    GanDraw dd, dg;
+    gan_draw_alloc(&dd, o.batch, per, gc->nz);
+    gan_draw_alloc(&dg, o.batch, per, gc->nz);
+    catch_signals();
+    int tty = isatty(2), timed_out = 0, nsum = 0, n_r1 = 0;
+    long step0 = s.step;
+    double sums[8] = {0}, t0 = now_seconds(), t_row = t0;
+    while (s.step < steps && !interrupted &&
+           !(timed_out = o.time_limit > 0 && now_seconds() - t0 >= o.time_limit)) {
+        long epoch = s.step / s.iters_per_epoch;
+        float alpha = rec ? (float)gan_weighted_alpha(epoch < E ? epoch : E, E) : 0.0f;
+        float r1 = s.step % o.lazy_reg == 0 ? (float)o.r1_gamma : 0.0f;
+        gan_batch(&s, im, &o, &gd, x0);
+        GanNoise nd = gan_draw(&dd, &s.rng, s.cfg.T, o.batch, per, gc->nz);
+        GanNoise ng = gan_draw(&dg, &s.rng, s.cfg.T, o.batch, per, gc->nz);
+        GanTerms lt;
+        if (gan_iteration(&tr, &s.opt, x0, o.batch, dd.t, &nd, dg.t, &ng, r1, alpha, &lt, err,
+                          sizeof err) != 0) {
+            if (tty) fprintf(stderr, "\n");
+            char why[700];
+            snprintf(why, sizeof why, "%s at step %ld", err, s.step + 1);
+            stop_run(why, ckpt, saved_step);
+        }
+        s.step++;
+        double v[8] = {lt.d_real, lt.d_fake, lt.r1, lt.g_adv, lt.rec, lt.alpha, lt.logit_real,
+                       lt.logit_fake};
+        for (int i = 0; i < 8; i++)
+            if (i != 2 || r1 > 0.0f) sums[i] += v[i];
+        n_r1 += r1 > 0.0f;
+        nsum++;
+        int more = s.step < steps;
+        int last = !more || interrupted || (o.time_limit > 0 && now_seconds() - t0 >= o.time_limit);
+        if (s.step % o.log_every == 0 || last) {
+            double now = now_seconds(), ips = nsum * o.batch / (now - t_row);
+            gan_log_row(log, log_path, s.step, epoch, sums, nsum, n_r1, ips);
+            double row[HISTORY_COLS] = {sums[0] / nsum, sums[1] / nsum, sums[3] / nsum,
+                                        rec ? sums[4] / nsum : NAN, n_r1 ? sums[2] / n_r1 : NAN,
+                                        sums[5] / nsum};
+            history_add(&hist, s.step, row);
+            char title[300];
+            snprintf(title, sizeof title, "casdm train --model %s (%s)", o.model, o.data);
+            if (write_loss_svg(svg_path, &hist, NULL, 1, title, err, sizeof err) != 0)
+                fatal("%s", err);
+            double el = now - t0, eta = el / (double)(s.step - step0) * (double)(steps - s.step);
+            if (o.time_limit > 0 && eta > o.time_limit - el) eta = fmax(0.0, o.time_limit - el);
+            fprintf(stderr,
+                    "%sstep %ld/%ld epoch %ld D real %.4f fake %.4f R1 %.3g G adv %.4f rec %.4f "
+                    "(alpha %.3f) logits %+.2f %+.2f | %.2f img/s | %.0fs elapsed, ETA %.0fs%s",
+                    tty ? "\r" : "", s.step, steps, epoch, sums[0] / nsum, sums[1] / nsum,
+                    n_r1 ? sums[2] / n_r1 : 0.0, sums[3] / nsum, sums[4] / nsum, sums[5] / nsum,
+                    sums[6] / nsum, sums[7] / nsum, ips, el, eta, tty ? "   " : "\n");
+            memset(sums, 0, sizeof sums);
+            nsum = n_r1 = 0;
+            t_row = now;
+        }
+        int grid = more && !interrupted && o.sample_every > 0 && s.step % o.sample_every == 0;
+        if (grid) {
+            double t_aside = now_seconds();
+            if (tty) fprintf(stderr, "\n");
+            gan_sample_grid(&s, &o, tty);
+            t_row += now_seconds() - t_aside;
+        }
+        if (o.ckpt_every > 0 && s.step % o.ckpt_every == 0 && more && !interrupted) {
+            if (gan_state_save(&s, &o, ckpt, err, sizeof err) != 0) stop_run(err, ckpt, saved_step);
+            saved_step = s.step;
+        }
+    }
+    if (tty) fprintf(stderr, "\n");
+    if (gan_state_save(&s, &o, ckpt, err, sizeof err) != 0) stop_run(err, ckpt, saved_step);
+    if (!interrupted) gan_sample_grid(&s, &o, tty);
+    if (interrupted)
+        fprintf(stderr, "interrupted (%s) at step %ld: wrote %s\n",
+                interrupted == SIGTERM ? "SIGTERM" : "SIGINT", s.step, ckpt);
+    else
+        fprintf(stderr, "%s at step %ld: wrote %s\n", timed_out ? "time limit reached" : "done",
+                s.step, ckpt);
+    if (hist.n) fprintf(stderr, "loss plot: %s\n", svg_path);
+    history_free(&hist);
+    fclose(log);
+    free(x0);
+    free(gd.perm);
+    free(gd.x);
+    graph_free(&gd.g);
+    gan_draw_free(&dd);
+    gan_draw_free(&dg);
+    gan_trainer_free(&tr);
+    gan_state_free(&s);
+    images_free(&data.img);
     return interrupted ? interrupted_status() : 0;
 }
 

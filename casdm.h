@@ -528,11 +528,58 @@ void gan_d_grads(GanTrainer *tr, const float *x0, int n, const int *t, const Gan
                  float r1_gamma, GanTerms *terms);
 void gan_g_grads(GanTrainer *tr, const float *x0, int n, const int *t, const GanNoise *noise,
                  float alpha, GanTerms *terms);
+// The optimisers of one run (train_ldgan.py:98-104): Adam (0.5, 0.9) for each
+// network, and the EMA of G (EMA.py), which starts as a copy of G after the
+// first Adam step and then blends every step, as torch's mul_/add_ do
+typedef struct {
+    Adam adam_g, adam_d;
+    float *ema;          // G->params.total floats; NULL before the first step
+    double ema_decay;    // 0.9999
+} GanOptim;
+void gan_optim_init(GanOptim *o, const GanGen *G, const GanDisc *D, double lr_g, double lr_d,
+                    double ema_decay);
+void gan_optim_free(GanOptim *o);
+void gan_ema_update(float *ema, const float *p, size_t n, double decay);
+// Weighted Learning's alpha(epoch) = 1 - sigmoid(linspace(-6, 6, E + 1))[epoch]
+double gan_weighted_alpha(long epoch, long num_epoch);
+// One iteration (train_ldgan.py:192-280): the D step on (t_d, nd) with R1 when
+// r1_gamma > 0 and Adam on D, then the G step on (t_g, ng) and Adam on G, then
+// the EMA. 0, or -1 with a message when a loss or a gradient is not finite
+// (the network of that step is then left as it was).
+int gan_iteration(GanTrainer *tr, GanOptim *op, const float *x0, int n, const int *t_d,
+                  const GanNoise *nd, const int *t_g, const GanNoise *ng, float r1_gamma,
+                  float alpha, GanTerms *terms, char *err, size_t errlen);
 // sample_from_model: T generator calls from x_init (n latents of the generator's
 // shape), each with its posterior sample; z (T, n, nz) and eps (T, n, ...) in
 // order of the calls (step T-1 first); the latents into out (may be x_init)
 void gan_sample(Graph *g, GanGen *G, const GanSchedule *s, const float *x_init, int n,
                 const float *z, const float *eps, float *out);
+
+// Stage two's files. The configuration is in the metadata under the official
+// code's argument names (num_channels_dae, ch_mult, nz, ...; format
+// casdm-ddgan-1), the generator's weights at the top level under NCSNpp's
+// state_dict names (netG_*.pth's, without DDP's 'module.'), other networks
+// under a prefix.
+typedef struct {
+    GanGenConfig gen;
+    int T;                            // num_timesteps
+    double beta_min, beta_max;        // the VP schedule's (0.1, 20)
+    int ngf, t_emb_dim, disc_layers;  // Discriminator_small's (in channels 2 x gen.channels)
+} GanConfig;
+void gan_config_lddgan_cifar10(GanConfig *c);  // LDDGAN's run.sh (latent 4x16x16)
+void gan_config_ddgan_cifar10(GanConfig *c);   // DDGAN's CIFAR-10 (pixels 3x32x32)
+int gan_config_check(const GanConfig *c, char *err, size_t errlen);
+#define GAN_CONFIG_KEYS 16
+// the configuration as metadata pairs: kv[i][0] = key, kv[i][1] = value; the count
+int gan_config_meta(const GanConfig *c, char kv[][2][64]);
+struct StFile;
+int gan_config_read(const struct StFile *f, const char *path, GanConfig *c, char *err, size_t errlen);
+// a network of the configuration from "<prefix><name>" of f: every name and
+// shape is checked on the layout before anything is allocated; 0 or -1
+int gan_gen_load_st(GanGen *G, const GanConfig *c, int trainable, const struct StFile *f,
+                    const char *path, const char *prefix, char *err, size_t errlen);
+int gan_disc_load_st(GanDisc *D, const GanConfig *c, int trainable, const struct StFile *f,
+                     const char *path, const char *prefix, char *err, size_t errlen);
 
 // ---------------------------------------------------------------------------
 // formats.c: the byte-level file formats (see its header for the list).
@@ -622,7 +669,7 @@ typedef struct {
     size_t size;          // elements
     float *data;          // host order
 } StEntry;
-typedef struct {
+typedef struct StFile {
     StEntry *e;
     size_t count;
     size_t *by_name;      // indices of e sorted by name (st_find)
@@ -667,12 +714,13 @@ typedef struct {
 } LogLayout;
 extern const LogLayout log_layout_diffusion;  // casdm train: the header above
 extern const LogLayout log_layout_ae;         // casdm train-ae
+extern const LogLayout log_layout_gan;        // casdm train --model lddgan / ddgan
 // v: n x HISTORY_COLS, NAN = absent; layout NULL = log_layout_diffusion
 typedef struct { long *step; double *v; size_t n, cap; const LogLayout *layout; } History;
 void history_add(History *h, long step, const double *v);
 void history_free(History *h);
 long log_row_step(const char *line, size_t len);  // a data row's step, or -1
-// rows of a log.csv; the layout from its header (log_layout_ae's, else the diffusion one)
+// rows of a log.csv; the layout from its header (log_layout_ae's or _gan's, else the diffusion one)
 void history_parse(History *h, const char *text, size_t len);
 int history_load(History *h, const char *path, char *err, size_t errlen);
 void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nruns,

@@ -1727,14 +1727,21 @@ const LogLayout log_layout_ae = {
     {4, 5, 2, 3, 9, 13},
     {"nll", "KL", "L1", "LPIPS", "d_loss", "held-out L1"}};
 
+const LogLayout log_layout_gan = {
+    "step,epoch,d_real,d_fake,r1,g_adv,rec,alpha,logit_real,logit_fake,img_per_s",
+    {2, 3, 5, 6, 4, 7},
+    {"D real", "D fake", "G adv", "L1 rec", "R1", "alpha"}};
+
 #define LOG_MAX_FIELDS 16  // fields a layout may name (0 = the step)
 
 void history_parse(History *h, const char *text, size_t len) {
     const char *p = text, *end = text + len;
-    size_t hl = strlen(log_layout_ae.header);
-    if (!h->layout)
-        h->layout = len >= hl && memcmp(text, log_layout_ae.header, hl) == 0 ? &log_layout_ae
-                                                                            : &log_layout_diffusion;
+    const LogLayout *known[2] = {&log_layout_ae, &log_layout_gan};
+    for (int k = 0; k < 2 && !h->layout; k++) {
+        size_t hl = strlen(known[k]->header);
+        if (len >= hl && memcmp(text, known[k]->header, hl) == 0) h->layout = known[k];
+    }
+    if (!h->layout) h->layout = &log_layout_diffusion;
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p)), *le = nl ? nl : end;
         long step = log_row_step(p, (size_t)(le - p));

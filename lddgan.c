@@ -303,8 +303,7 @@ static int meta_int(const StFile *f, const char *path, const char *key, int *out
                     size_t errlen) {
     char buf[64], *end;
     if (st_meta(f, key, buf, sizeof buf) != 0)
-        return errorf(err, errlen, "%s: the metadata has no '%s' (not a casdm autoencoder?)", path,
-                      key);
+        return errorf(err, errlen, "%s: the metadata has no '%s'", path, key);
     long v = strtol(buf, &end, 10);
     if (end == buf || *end || v < 0 || v > 1 << 20)
         return errorf(err, errlen, "%s: metadata '%s' is '%s', not a count", path, key, buf);
@@ -926,8 +925,9 @@ static void declare_dense(ParamDecl *d, Tensor **w, Tensor **b, const char *pref
     param_declare_weight_bias(d, w, b, prefix, 2, out, in, 0, 0);
 }
 
-void gan_disc_init(GanDisc *d, int in_channels, int ngf, int t_emb_dim, int num_layers, int trainable,
-                   Rng *rng) {
+// Discriminator_small's parameters declared in state_dict order (no allocation)
+static void disc_layout(GanDisc *d, int in_channels, int ngf, int t_emb_dim, int num_layers,
+                        ParamDecl *pd) {
     if (num_layers < 3 || num_layers > GAN_DISC_MAX_BLOCKS)
         fatal("gan discriminator: %d layers (3..%d)", num_layers, GAN_DISC_MAX_BLOCKS);
     memset(d, 0, sizeof *d);
@@ -936,12 +936,11 @@ void gan_disc_init(GanDisc *d, int in_channels, int ngf, int t_emb_dim, int num_
     d->t_emb_dim = t_emb_dim;
     d->n_blocks = num_layers;
     params_init(&d->params);
-    ParamDecl pd;
-    param_decl_init(&pd, &d->params);
+    param_decl_init(pd, &d->params);
     char name[96];
-    declare_dense(&pd, &d->temb_w[0], &d->temb_b[0], "t_embed.main.0", t_emb_dim, t_emb_dim);
-    declare_dense(&pd, &d->temb_w[1], &d->temb_b[1], "t_embed.main.2", t_emb_dim, t_emb_dim);
-    param_declare_weight_bias(&pd, &d->start_w, &d->start_b, "start_conv", 4, 2 * ngf, in_channels, 1, 1);
+    declare_dense(pd, &d->temb_w[0], &d->temb_b[0], "t_embed.main.0", t_emb_dim, t_emb_dim);
+    declare_dense(pd, &d->temb_w[1], &d->temb_b[1], "t_embed.main.2", t_emb_dim, t_emb_dim);
+    param_declare_weight_bias(pd, &d->start_w, &d->start_b, "start_conv", 4, 2 * ngf, in_channels, 1, 1);
     int ch = 2 * ngf;
     for (int k = 0; k < num_layers; k++) {  // conv1 keeps the size; conv2.. halve it
         GanDownBlock *b = &d->block[k];
@@ -949,17 +948,23 @@ void gan_disc_init(GanDisc *d, int in_channels, int ngf, int t_emb_dim, int num_
         b->out = k == 0 ? ch : ch * 2 > 8 * ngf ? 8 * ngf : ch * 2;
         b->down = k > 0;
         snprintf(name, sizeof name, "conv%d.conv1.0", k + 1);
-        param_declare_weight_bias(&pd, &b->conv1_w, &b->conv1_b, name, 4, b->out, b->in, 3, 3);
+        param_declare_weight_bias(pd, &b->conv1_w, &b->conv1_b, name, 4, b->out, b->in, 3, 3);
         snprintf(name, sizeof name, "conv%d.conv2.0", k + 1);
-        param_declare_weight_bias(&pd, &b->conv2_w, &b->conv2_b, name, 4, b->out, b->out, 3, 3);
+        param_declare_weight_bias(pd, &b->conv2_w, &b->conv2_b, name, 4, b->out, b->out, 3, 3);
         snprintf(name, sizeof name, "conv%d.dense_t1", k + 1);
-        declare_dense(&pd, &b->dense_w, &b->dense_b, name, b->out, t_emb_dim);
+        declare_dense(pd, &b->dense_w, &b->dense_b, name, b->out, t_emb_dim);
         snprintf(name, sizeof name, "conv%d.skip.0.weight", k + 1);
-        param_declare(&pd, &b->skip_w, name, 4, b->out, b->in, 1, 1);
+        param_declare(pd, &b->skip_w, name, 4, b->out, b->in, 1, 1);
         ch = b->out;
     }
-    param_declare_weight_bias(&pd, &d->final_w, &d->final_b, "final_conv", 4, ch, ch + 1, 3, 3);
-    declare_dense(&pd, &d->end_w, &d->end_b, "end_linear", 1, ch);
+    param_declare_weight_bias(pd, &d->final_w, &d->final_b, "final_conv", 4, ch, ch + 1, 3, 3);
+    declare_dense(pd, &d->end_w, &d->end_b, "end_linear", 1, ch);
+}
+
+void gan_disc_init(GanDisc *d, int in_channels, int ngf, int t_emb_dim, int num_layers, int trainable,
+                   Rng *rng) {
+    ParamDecl pd;
+    disc_layout(d, in_channels, ngf, t_emb_dim, num_layers, &pd);
     params_alloc(&d->params, trainable);
     param_decl_fill(&pd);
     if (!rng) return;
@@ -1419,6 +1424,70 @@ void gan_g_grads(GanTrainer *tr, const float *x0, int n, const int *t, const Gan
     params_trainable(&tr->D->params, 1);
 }
 
+void gan_optim_init(GanOptim *o, const GanGen *G, const GanDisc *D, double lr_g, double lr_d,
+                    double ema_decay) {
+    memset(o, 0, sizeof *o);
+    adam_init(&o->adam_g, G->params.total, (float)lr_g);
+    adam_init(&o->adam_d, D->params.total, (float)lr_d);
+    o->adam_g.beta1 = o->adam_d.beta1 = 0.5f;  // betas (beta1, beta2) = (0.5, 0.9), :98-101
+    o->adam_g.beta2 = o->adam_d.beta2 = 0.9f;
+    o->ema_decay = ema_decay;
+}
+
+void gan_optim_free(GanOptim *o) {
+    adam_free(&o->adam_g);
+    adam_free(&o->adam_d);
+    free(o->ema);
+    o->ema = NULL;
+}
+
+// EMA.py:53: ema.mul_(decay).add_(p, alpha=1 - decay), the scalars rounded to
+// float as torch does for a float32 tensor
+void gan_ema_update(float *ema, const float *p, size_t n, double decay) {
+    float d = (float)decay, a = (float)(1.0 - decay);
+    for (size_t i = 0; i < n; i++) {
+        float e = ema[i] * d;
+        ema[i] = e + a * p[i];
+    }
+}
+
+// train_ldgan.py:184-187 (np.linspace: start + i * step, the last point exactly stop)
+double gan_weighted_alpha(long epoch, long num_epoch) {
+    double phi = num_epoch == 0 ? -6.0 : epoch >= num_epoch ? 6.0
+                                       : -6.0 + (double)epoch * (12.0 / (double)num_epoch);
+    return 1.0 - 1.0 / (1.0 + exp(-phi));
+}
+
+static int grads_finite(const ParamSet *ps, double loss, const char *what, char *err,
+                        size_t errlen) {
+    double gn = sqrt(grad_norm_sq(ps->grad, ps->total));
+    if (isfinite(loss) && isfinite(gn)) return 0;
+    return errorf(err, errlen, "the %s loss is %g, its gradient norm %g", what, loss, gn);
+}
+
+int gan_iteration(GanTrainer *tr, GanOptim *op, const float *x0, int n, const int *t_d,
+                  const GanNoise *nd, const int *t_g, const GanNoise *ng, float r1_gamma,
+                  float alpha, GanTerms *terms, char *err, size_t errlen) {
+    ParamSet *gp = &tr->G->params, *dp = &tr->D->params;
+    params_zero_grad(dp);
+    gan_d_grads(tr, x0, n, t_d, nd, r1_gamma, terms);
+    if (grads_finite(dp, terms->d_real + terms->d_fake + terms->r1, "discriminator's", err,
+                     errlen))
+        return -1;
+    adam_step(&op->adam_d, dp->data, dp->grad);
+    params_zero_grad(gp);
+    gan_g_grads(tr, x0, n, t_g, ng, alpha, terms);
+    if (grads_finite(gp, terms->g_adv + alpha * terms->rec, "generator's", err, errlen))
+        return -1;
+    adam_step(&op->adam_g, gp->data, gp->grad);
+    if (!op->ema) {  // EMA.py:40-41: state['ema'] = p.data.clone() at the first step
+        op->ema = mallocCheck(gp->total * sizeof(float));
+        memcpy(op->ema, gp->data, gp->total * sizeof(float));
+    }
+    gan_ema_update(op->ema, gp->data, gp->total, op->ema_decay);
+    return 0;
+}
+
 // sample_from_model (diffusion.py:160-172): x_T = x_init; for i = T-1 .. 0:
 // x0' = G(x, i, z_i), x = sample_posterior(x0', x, i) (no noise at i = 0).
 // noise: z (T, n, nz) and eps (T, n, per), step T-1 first; out (n, per) may be x_init.
@@ -1442,4 +1511,171 @@ void gan_sample(Graph *g, GanGen *G, const GanSchedule *s, const float *x_init, 
         arena_release(&g->arena, m);
     }
     g->grad_enabled = saved;
+}
+
+// ---------------------------------------------------------------------------
+// ---- stage two's files: the configuration in the metadata, under the
+// official code's argument names (train_ldgan.py / train_ddgan.py argparse) ----
+// ---------------------------------------------------------------------------
+void gan_config_lddgan_cifar10(GanConfig *c) {
+    memset(c, 0, sizeof *c);
+    gan_gen_cifar10_config(&c->gen);
+    c->T = 4;
+    c->beta_min = 0.1;
+    c->beta_max = 20.0;
+    c->ngf = 64;
+    c->t_emb_dim = 256;
+    c->disc_layers = 3;  // run.sh --num_disc_layers 3
+}
+
+// DDGAN's readme for CIFAR-10: ch_mult 1 2 2 2, attention at 16, nz 100,
+// Discriminator_small with four blocks (48,432,515 + 12,741,633 parameters)
+void gan_config_ddgan_cifar10(GanConfig *c) {
+    gan_config_lddgan_cifar10(c);
+    GanGenConfig *g = &c->gen;
+    g->channels = 3;
+    g->image_size = 32;
+    g->n_levels = 4;
+    g->ch_mult[0] = 1;
+    g->ch_mult[1] = g->ch_mult[2] = g->ch_mult[3] = 2;
+    g->attn_resolutions[0] = 16;
+    g->nz = 100;
+    c->disc_layers = 4;
+}
+
+int gan_config_check(const GanConfig *c, char *err, size_t errlen) {
+    const GanGenConfig *g = &c->gen;
+    if (g->channels > 64 || g->image_size > 1024 || g->nf > 4096 || g->nz > 4096 ||
+        g->zdim > 4096)
+        return errorf(err, errlen, "gan generator: a size is out of range (channels <= 64, side "
+                      "<= 1024, num_channels_dae, nz, z_emb_dim <= 4096)");
+    if (gan_gen_check_config(g, err, errlen) != 0) return -1;
+    if (c->T < 1 || c->T > GAN_MAX_T)
+        return errorf(err, errlen, "num_timesteps %d: 1..%d", c->T, GAN_MAX_T);
+    if (!(c->beta_min > 0.0 && c->beta_max >= c->beta_min && c->beta_max <= 1000.0))
+        return errorf(err, errlen, "beta_min %g, beta_max %g: 0 < beta_min <= beta_max <= 1000",
+                      c->beta_min, c->beta_max);
+    if (c->ngf < 1 || c->ngf > 4096 || c->t_emb_dim < 1 || c->t_emb_dim > 4096 ||
+        c->disc_layers < 3 || c->disc_layers > GAN_DISC_MAX_BLOCKS)
+        return errorf(err, errlen, "gan discriminator: ngf and t_emb_dim 1..4096, %d..%d layers",
+                      3, GAN_DISC_MAX_BLOCKS);
+    if (g->image_size >> (c->disc_layers - 1) < 1)
+        return errorf(err, errlen, "gan discriminator: side %d is too small for %d layers",
+                      g->image_size, c->disc_layers);
+    return 0;
+}
+
+int gan_config_meta(const GanConfig *c, char kv[][2][64]) {
+    const GanGenConfig *g = &c->gen;
+    int n = 0;
+#define GAN_KV(key, ...)                              \
+    do {                                              \
+        snprintf(kv[n][0], 64, "%s", key);            \
+        snprintf(kv[n][1], 64, __VA_ARGS__);          \
+        n++;                                          \
+    } while (0)
+    GAN_KV("format", "casdm-ddgan-1");
+    GAN_KV("num_channels", "%d", g->channels);
+    GAN_KV("image_size", "%d", g->image_size);
+    GAN_KV("num_channels_dae", "%d", g->nf);
+    int_list(kv[n][1], 64, g->ch_mult, g->n_levels);
+    snprintf(kv[n++][0], 64, "ch_mult");
+    GAN_KV("num_res_blocks", "%d", g->num_res_blocks);
+    int_list(kv[n][1], 64, g->attn_resolutions, g->n_attn);
+    snprintf(kv[n++][0], 64, "attn_resolutions");
+    GAN_KV("nz", "%d", g->nz);
+    GAN_KV("z_emb_dim", "%d", g->zdim);
+    GAN_KV("n_mlp", "%d", g->n_mlp);
+    GAN_KV("num_timesteps", "%d", c->T);
+    GAN_KV("beta_min", "%.17g", c->beta_min);
+    GAN_KV("beta_max", "%.17g", c->beta_max);
+    GAN_KV("ngf", "%d", c->ngf);
+    GAN_KV("t_emb_dim", "%d", c->t_emb_dim);
+    GAN_KV("num_disc_layers", "%d", c->disc_layers);
+#undef GAN_KV
+    return n;  // GAN_CONFIG_KEYS
+}
+
+static int meta_double(const StFile *f, const char *path, const char *key, double *out, char *err,
+                       size_t errlen) {
+    char buf[64], *end;
+    if (st_meta(f, key, buf, sizeof buf) != 0)
+        return errorf(err, errlen, "%s: the metadata has no '%s'", path, key);
+    *out = strtod(buf, &end);
+    if (end == buf || *end || !isfinite(*out))
+        return errorf(err, errlen, "%s: metadata '%s' is '%s', not a number", path, key, buf);
+    return 0;
+}
+
+int gan_config_read(const StFile *f, const char *path, GanConfig *c, char *err, size_t errlen) {
+    char fmt[64] = "";
+    memset(c, 0, sizeof *c);
+    st_meta(f, "format", fmt, sizeof fmt);
+    if (strcmp(fmt, "casdm-ddgan-1") != 0)
+        return errorf(err, errlen, "%s: metadata format '%s', want casdm-ddgan-1 (casdm train "
+                      "--model lddgan writes it; tools/convert_ddgan.py from an official "
+                      "netG_*.pth)", path, fmt);
+    GanGenConfig *g = &c->gen;
+    int rc = meta_int(f, path, "num_channels", &g->channels, err, errlen);
+    if (!rc) rc = meta_int(f, path, "image_size", &g->image_size, err, errlen);
+    if (!rc) rc = meta_int(f, path, "num_channels_dae", &g->nf, err, errlen);
+    if (!rc) rc = meta_list(f, path, "ch_mult", g->ch_mult, &g->n_levels, err, errlen);
+    if (!rc && g->n_levels > GAN_GEN_MAX_LEVELS)
+        rc = errorf(err, errlen, "%s: ch_mult has %d levels (at most %d)", path, g->n_levels,
+                    GAN_GEN_MAX_LEVELS);
+    if (!rc) rc = meta_int(f, path, "num_res_blocks", &g->num_res_blocks, err, errlen);
+    if (!rc)  // (an empty list: attention in the middle block only)
+        rc = meta_list(f, path, "attn_resolutions", g->attn_resolutions, &g->n_attn, err, errlen);
+    if (!rc && g->n_attn > GAN_GEN_MAX_LEVELS)
+        rc = errorf(err, errlen, "%s: more than %d attn_resolutions", path, GAN_GEN_MAX_LEVELS);
+    if (!rc) rc = meta_int(f, path, "nz", &g->nz, err, errlen);
+    if (!rc) rc = meta_int(f, path, "z_emb_dim", &g->zdim, err, errlen);
+    if (!rc) rc = meta_int(f, path, "n_mlp", &g->n_mlp, err, errlen);
+    if (!rc) rc = meta_int(f, path, "num_timesteps", &c->T, err, errlen);
+    if (!rc) rc = meta_double(f, path, "beta_min", &c->beta_min, err, errlen);
+    if (!rc) rc = meta_double(f, path, "beta_max", &c->beta_max, err, errlen);
+    if (!rc) rc = meta_int(f, path, "ngf", &c->ngf, err, errlen);
+    if (!rc) rc = meta_int(f, path, "t_emb_dim", &c->t_emb_dim, err, errlen);
+    if (!rc) rc = meta_int(f, path, "num_disc_layers", &c->disc_layers, err, errlen);
+    char why[256];
+    if (!rc && gan_config_check(c, why, sizeof why) != 0)
+        rc = errorf(err, errlen, "%s: its configuration: %s", path, why);
+    return rc;
+}
+
+int gan_gen_load_st(GanGen *G, const GanConfig *c, int trainable, const StFile *f,
+                    const char *path, const char *prefix, char *err, size_t errlen) {
+    GanGen *layout = mallocCheck(sizeof *layout);
+    memset(layout, 0, sizeof *layout);
+    layout->cfg = c->gen;
+    params_init(&layout->params);
+    ParamDecl d;
+    param_decl_init(&d, &layout->params);
+    gen_layout(layout, &d);
+    param_decl_free(&d);
+    int rc = params_check_st(&layout->params, f, path, prefix, err, errlen);
+    params_free(&layout->params);
+    free(layout);
+    if (rc) return rc;
+    gan_gen_init(G, &c->gen, trainable, NULL);
+    rc = params_load_st(&G->params, f, path, prefix, err, errlen);
+    if (rc) gan_gen_free(G);
+    return rc;
+}
+
+int gan_disc_load_st(GanDisc *D, const GanConfig *c, int trainable, const StFile *f,
+                     const char *path, const char *prefix, char *err, size_t errlen) {
+    int in = 2 * c->gen.channels;
+    GanDisc *layout = mallocCheck(sizeof *layout);
+    ParamDecl d;
+    disc_layout(layout, in, c->ngf, c->t_emb_dim, c->disc_layers, &d);
+    param_decl_free(&d);
+    int rc = params_check_st(&layout->params, f, path, prefix, err, errlen);
+    params_free(&layout->params);
+    free(layout);
+    if (rc) return rc;
+    gan_disc_init(D, in, c->ngf, c->t_emb_dim, c->disc_layers, trainable, NULL);
+    rc = params_load_st(&D->params, f, path, prefix, err, errlen);
+    if (rc) gan_disc_free(D);
+    return rc;
 }
