@@ -2133,9 +2133,9 @@ static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, R
 }
 
 typedef struct {
-    const char *ckpt, *out, *steps, *method;
+    const char *ckpt, *out, *steps, *method, *ae;
     int n, batch, seed, each, no_ema, no_clip;
-    double eta;
+    double eta, scale_factor;
 } SampleOpts;
 
 static Option sample_opts_table[32];
@@ -2145,6 +2145,9 @@ static void sample_help(FILE *f) {
     fputs(
         "usage: casdm sample --ckpt FILE [options]\n\n"
         "Samples with the checkpoint's EMA weights and writes DIR/grid.png, DIR/samples_NxHxWxC.npz\n"
+        "(a checkpoint of casdm train --model lddgan/ddgan, or a converted netG_*.pth: its T\n"
+        "generator steps, then the autoencoder's decoder for lddgan; --steps, --method, --eta\n"
+        "and --no-clip do not apply)\n"
         "(uint8 NHWC as arr_0, the layout of improved-diffusion's image_sample.py) and, with --each,\n"
         "DIR/sample_00000.png ... Ctrl-C (or SIGTERM) stops between steps and writes nothing.\n\noptions:\n",
         f);
@@ -2166,6 +2169,11 @@ static void define_sample_options(SampleOpts *o) {
         {"--each", OPT_FLAG, &o->each, NULL, "also write each image as a PNG", 0, 0},
         {"--no-ema", OPT_FLAG, &o->no_ema, NULL, "use the raw weights instead of the EMA", 0, 0},
         {"--no-clip", OPT_FLAG, &o->no_clip, NULL, "do not clip predicted x0 to [-1,1]", 0, 0},
+        {"--ae", OPT_STR, &o->ae, NULL,
+         "LDDGAN checkpoints: the autoencoder (default: the one the checkpoint names)", 0, 0},
+        {"--scale-factor", OPT_FLOAT, &o->scale_factor, "0",
+         "LDDGAN checkpoints: the latent scale (0: the checkpoint's, else the autoencoder's)", 0,
+         1e9},
     };
     sample_opts_n = (int)(sizeof opts / sizeof opts[0]);
     memcpy(sample_opts_table, opts, sizeof opts);
@@ -2185,6 +2193,8 @@ static int sample_steps(const char *steps, int T, int *kept, char *err, size_t e
     return nk;
 }
 
+static int sample_gan(const SampleOpts *o, StFile *f);
+
 static int cmd_sample(int argc, char **argv) {
     SampleOpts o;
     define_sample_options(&o);
@@ -2193,6 +2203,16 @@ static int cmd_sample(int argc, char **argv) {
     if (!o.ckpt) {
         fprintf(stderr, "casdm sample: --ckpt is required (see casdm sample --help)\n");
         return 2;
+    }
+    {
+        StFile f;
+        char err[600], fmt[64];
+        if (st_read(o.ckpt, &f, err, sizeof err) != 0) fatal("--ckpt: %s", err);
+        if (st_meta(&f, "format", fmt, sizeof fmt) == 0 && strcmp(fmt, "casdm-ddgan-1") == 0)
+            return sample_gan(&o, &f);
+        st_free(&f);
+        if (o.ae || o.scale_factor > 0)
+            fatal("--ae and --scale-factor are for LDDGAN checkpoints; '%s' is not one", o.ckpt);
     }
     SampleConfig sc = {.method = SAMPLER_DDIM, .eta = (float)o.eta, .clip = !o.no_clip,
                        .clip_x0 = 1};
@@ -4030,6 +4050,95 @@ static int cmd_train_gan(int argc, char **argv) {
     gan_state_free(&s);
     images_free(&data.img);
     return interrupted ? interrupted_status() : 0;
+}
+
+// casdm sample on a GAN file (f, consumed): its EMA generator (netG. with
+// --no-ema), T steps from N(0, I) and, for lddgan, the autoencoder's decoder;
+// the grid, the NPZ, and the seconds per 100 images (the paper's Table 2
+// measure: generator and decoder)
+static int sample_gan(const SampleOpts *o, StFile *f) {
+    char err[600], buf[4200];
+    if (strcmp(o->steps, "100") != 0 || strcmp(o->method, "ddim") != 0 || o->eta != 0 ||
+        o->no_clip)
+        fatal("--steps/--method/--eta/--no-clip: '%s' is a GAN of its own T steps; leave them out",
+              o->ckpt);
+    GanConfig cfg;
+    if (gan_config_read(f, o->ckpt, &cfg, err, sizeof err) != 0) fatal("--ckpt: %s", err);
+    int lddgan = st_meta(f, "model", buf, 64) == 0 && strcmp(buf, "lddgan") == 0;
+    GanGen G;
+    if (gan_gen_load_st(&G, &cfg, 0, f, o->ckpt, o->no_ema ? "netG." : "", err, sizeof err) != 0)
+        fatal("--ckpt: %s%s", err, o->no_ema ? " (--no-ema: the raw generator is only in "
+                                               "checkpoints of casdm train)" : "");
+    Autoencoder ae;
+    float scale = 1.0f;
+    const char *ae_path = o->ae;
+    if (lddgan) {
+        if (!ae_path && st_meta(f, "ae_file", buf, sizeof buf) == 0) ae_path = buf;
+        if (!ae_path)
+            fatal("--ckpt '%s' is an LDDGAN generator: give its autoencoder with --ae", o->ckpt);
+        if (ae_load(&ae, ae_path, 0, err, sizeof err) != 0) fatal("--ae: %s", err);
+        uint64_t want;
+        if (st_meta(f, "ae_hash", err, 64) == 0 &&
+            meta_hex64(f, o->ckpt, "ae_hash", &want, err, sizeof err) == 0 &&
+            want != params_hash(&ae.params))
+            fatal("--ae '%s' is not the autoencoder '%s' was trained with (its weights differ)",
+                  ae_path, o->ckpt);
+        int lat = ae.cfg.resolution >> (ae.cfg.n_levels - 1);
+        if (ae.cfg.embed_dim != cfg.gen.channels || lat != cfg.gen.image_size)
+            fatal("--ae '%s' has %dx%dx%d latents; the generator of '%s' makes %dx%dx%d", ae_path,
+                  ae.cfg.embed_dim, lat, lat, o->ckpt, cfg.gen.channels, cfg.gen.image_size,
+                  cfg.gen.image_size);
+        scale = ae.scale_factor;
+        if (st_meta(f, "scale_factor", buf, 64) == 0 && strtod(buf, NULL) > 0)
+            scale = (float)strtod(buf, NULL);
+        if (o->scale_factor > 0) scale = (float)o->scale_factor;
+    } else if (o->ae || o->scale_factor > 0) {
+        fatal("--ae and --scale-factor: '%s' is a pixel-space DDGAN", o->ckpt);
+    }
+    st_free(f);
+    GanSchedule sch;
+    gan_schedule_init(&sch, cfg.T, cfg.beta_min, cfg.beta_max);
+    int C = lddgan ? ae.cfg.out_ch : cfg.gen.channels;
+    int S = lddgan ? ae.cfg.resolution : cfg.gen.image_size;
+    if ((uint64_t)o->n * S * S * C > DATA_MAX_FILE)
+        fatal("--n %d images of %dx%dx%d do not fit in one NPZ file; lower --n", o->n, C, S, S);
+    make_dir(o->out);
+    unsigned char *img = mallocCheck((size_t)o->n * S * S * C);
+    Rng rng;
+    rng_seed(&rng, (uint64_t)o->seed, 1);
+    fprintf(stderr, "casdm sample: %s, %d images %dx%dx%d, %d generator steps%s, %s weights, %d "
+            "threads\n", lddgan ? "LDDGAN" : "DDGAN", o->n, C, S, S, cfg.T,
+            lddgan ? " and the decoder" : "", o->no_ema ? "raw" : "EMA", pool_threads());
+    double t0 = now_seconds();
+    catch_signals();
+    int rc = gan_generate(&G, &sch, lddgan ? &ae : NULL, scale, &rng, o->n, o->batch, img,
+                          isatty(2));
+    double dt = now_seconds() - t0;
+    if (rc == 0) {
+        char path[4200];
+        snprintf(path, sizeof path, "%s/grid.png", o->out);
+        write_grid_png(path, img, o->n, S, S, C);
+        printf("%s\n", path);
+        snprintf(path, sizeof path, "%s/samples_%dx%dx%dx%d.npz", o->out, o->n, S, S, C);
+        if (write_npz(path, img, o->n, S, S, C, err, sizeof err) != 0) fatal("%s", err);
+        printf("%s\n", path);
+        for (int i = 0; o->each && i < o->n; i++) {
+            snprintf(path, sizeof path, "%s/sample_%05d.png", o->out, i);
+            if (write_png(path, img + (size_t)i * S * S * C, S, S, C, err, sizeof err) != 0)
+                fatal("%s", err);
+        }
+        fprintf(stderr, "%d images in %.2fs: %.3f s per 100 images (batch %d, %d threads)\n",
+                o->n, dt, 100.0 * dt / o->n, o->batch, pool_threads());
+    } else if (rc > 0) {
+        fprintf(stderr, "casdm sample: '%s' gives NaN or Inf pixels: its weights are broken; "
+                "nothing written\n", o->ckpt);
+    } else {
+        fprintf(stderr, "casdm sample: interrupted after %.1fs; nothing written\n", dt);
+    }
+    free(img);
+    gan_gen_free(&G);
+    if (lddgan) ae_free(&ae);
+    return rc == 0 ? 0 : rc > 0 ? 1 : interrupted_status();
 }
 
 // ---------------------------------------------------------------------------

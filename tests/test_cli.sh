@@ -507,6 +507,70 @@ else
     echo "SKIP casdm train-ae: $lw not written (test_unet did not run)"
 fi
 
+# casdm train --model lddgan on a tiny autoencoder's latents (2x16x16), 24
+# images in epochs of 6 iterations (batch 4) with E 2: the log's epochs and
+# Weighted Learning's alpha (1 - sigmoid(-6), then 1 - sigmoid(0) at epoch 1),
+# R1 on the even steps only (--lazy-reg 2), the grid, plot and casdm sample
+# on the checkpoint (grid, NPZ, the seconds per 100 images); 4 steps +
+# --resume and a 1-thread run give bitwise the 8-step checkpoint; Ctrl-C saves
+# and exits 130; --model ddgan in pixel space
+idx_set 24 13 > "$dir/gan-idx3-ubyte"
+if ./casdm train-ae --data "$dir/gan-idx3-ubyte" --perceptual-weight 0 --ch 32 --mult 1,2 --res 1 --attn none --z 2 \
+       --disc-ndf 8 --disc-layers 2 --batch 2 --steps 2 --sample-n 0 --scale-n 8 --out "$dir/gan_ae" 2>"$dir/gan_ae.err" &&
+   ./casdm train-ae --data "$dir/gan-idx3-ubyte" --perceptual-weight 0 --ch 32 --mult 1,2 --res 1 --attn none --z 2 \
+       --disc-ndf 8 --disc-layers 2 --batch 2 --steps 2 --sample-n 0 --scale-n 8 --seed 1 --out "$dir/gan_ae2" 2>>"$dir/gan_ae.err"; then
+    gno="--data $dir/gan-idx3-ubyte --nf 32 --ch-mult 1,2 --num-res-blocks 1 --nz 4 --z-emb-dim 16 --n-mlp 1 --ngf 8 --t-emb-dim 16 --batch 4 --epochs 2 --lazy-reg 2 --log-every 1"
+    gao="--model lddgan --ae $dir/gan_ae/ckpt.safetensors $gno"
+    if ./casdm train $gao --steps 8 --sample-n 4 --sample-every 4 --out "$dir/gan_run" 2>"$dir/gan_run.err" &&
+       head -1 "$dir/gan_run/log.csv" | grep -q '^step,epoch,d_real,d_fake,r1,g_adv,rec,alpha,logit_real,logit_fake,img_per_s$' &&
+       [ "$(grep -c '^[0-9]' "$dir/gan_run/log.csv")" -eq 8 ] &&
+       awk -F, 'NR > 1 { odd = $1 % 2; if ((odd && $5 == "") || (!odd && $5 != "")) bad = 1;
+                          e = ($1 <= 6) ? 0 : 1; a = e ? 0.5 : 0.997527;
+                          if ($2 != e || ($8 - a) > 1e-6 || (a - $8) > 1e-6 || !($3 > 0 && $4 > 0 && $6 > 0 && $7 > 0)) bad = 1 }
+                END { exit bad }' "$dir/gan_run/log.csv" &&
+       build/check_files "$dir/gan_run/sample_000004.png" 70 70 1 && build/check_files "$dir/gan_run/sample_000008.png" 70 70 1 &&
+       grep -q 'R1' "$dir/gan_run/loss.svg" &&
+       ./casdm sample --ckpt "$dir/gan_run/ckpt.safetensors" --n 6 --batch 4 --out "$dir/gan_s" >/dev/null 2>"$dir/gan_s.err" &&
+       build/check_files "$dir/gan_s/samples_6x32x32x1.npz" 6 32 32 1 &&
+       grep -q '^6 images in [0-9.]*s: [0-9.]* s per 100 images' "$dir/gan_s.err" &&
+       ./casdm sample --ckpt "$dir/gan_run/ckpt.safetensors" --n 6 --batch 4 --no-ema --out "$dir/gan_s_raw" >/dev/null 2>&1 &&
+       ! cmp -s "$dir/gan_s/samples_6x32x32x1.npz" "$dir/gan_s_raw/samples_6x32x32x1.npz"; then
+        pass "casdm train --model lddgan: log.csv by epoch (alpha 0.9975 then 0.5), R1 on every --lazy-reg 2 step, grids, plot; casdm sample: EMA and raw, NPZ, s per 100 images"
+    else
+        fail "casdm train --model lddgan"; sed 's/^/  /' "$dir/gan_run.err" "$dir/gan_s.err" 2>/dev/null | tail -6; sed 's/^/  /' "$dir/gan_run/log.csv" 2>/dev/null
+    fi
+    ./casdm train $gao --steps 8 --sample-n 0 --out "$dir/gan_a" 2>/dev/null
+    ./casdm train $gao --steps 4 --sample-n 0 --out "$dir/gan_b" 2>/dev/null
+    ./casdm train $gno --model lddgan --steps 8 --sample-n 0 --out "$dir/gan_b" --resume "$dir/gan_b" 2>"$dir/gan_b.err"
+    ./casdm --threads 1 train $gao --steps 8 --sample-n 0 --out "$dir/gan_c" 2>/dev/null
+    if [ -s "$dir/gan_a/ckpt.safetensors" ] && cmp -s "$dir/gan_a/ckpt.safetensors" "$dir/gan_b/ckpt.safetensors" &&
+       cmp -s "$dir/gan_a/ckpt.safetensors" "$dir/gan_c/ckpt.safetensors" &&
+       [ "$(cut -d, -f1-10 "$dir/gan_a/log.csv")" = "$(cut -d, -f1-10 "$dir/gan_b/log.csv")" ]; then
+        pass "casdm train --model lddgan: 4 steps + --resume (the autoencoder found from the checkpoint) and a 1-thread run give bitwise the 8-step checkpoint and log"
+    else
+        fail "casdm train --model lddgan --resume / threads: checkpoints or logs differ"; sed 's/^/  /' "$dir/gan_b.err" | tail -3
+    fi
+    ./casdm train $gao --steps 1000000 --sample-n 0 --out "$dir/gan_int" 2>"$dir/gan_int.err" &
+    pid=$!
+    wait_for "$dir/gan_int/log.csv" '^2,' 60; kill -INT $pid; wait $pid; rc=$?
+    if [ $rc -eq 130 ] && grep -q 'interrupted (SIGINT) at step' "$dir/gan_int.err" &&
+       ./casdm train $gao --steps 1000000 --time-limit 0.01 --sample-n 0 --out "$dir/gan_int" --resume "$dir/gan_int" 2>"$dir/gan_int2.err" &&
+       grep -q "resumed from $dir/gan_int/ckpt.safetensors at step [1-9]" "$dir/gan_int2.err"; then
+        pass "casdm train --model lddgan: Ctrl-C saves a resumable checkpoint and exits 130"
+    else fail "casdm train --model lddgan Ctrl-C (exit $rc)"; sed 's/^/  /' "$dir/gan_int.err" | tail -3; fi
+    if ./casdm train --model ddgan $gno --steps 2 --sample-n 4 --out "$dir/ddgan" 2>"$dir/ddgan.err" &&
+       grep -q 'pixels 1x32x32' "$dir/ddgan.err" && grep -q 'rec loss none' "$dir/ddgan.err" &&
+       awk -F, 'NR > 1 && $8 != 0 { bad = 1 } END { exit bad }' "$dir/ddgan/log.csv" &&
+       ./casdm sample --ckpt "$dir/ddgan/ckpt.safetensors" --n 2 --out "$dir/ddgan_s" >/dev/null 2>&1 &&
+       build/check_files "$dir/ddgan_s/samples_2x32x32x1.npz" 2 32 32 1; then
+        pass "casdm train --model ddgan: pixel space, no reconstruction term; casdm sample on it"
+    else fail "casdm train --model ddgan"; sed 's/^/  /' "$dir/ddgan.err" | tail -3; fi
+    gan_ok=1
+else
+    fail "casdm train-ae for the GAN tests"; sed 's/^/  /' "$dir/gan_ae.err" | tail -3
+    gan_ok=0
+fi
+
 # expect STATUS NEEDLE CMD...: the command fails with STATUS and says NEEDLE
 expect() {
     want=$1; needle=$2; shift 2
@@ -570,6 +634,22 @@ if [ -f "$lw" ]; then
     mkdir -p "$dir/ae_w" && cp "$ae" "$dir/ae_w/ckpt.safetensors"
     expect 1 "not a casdm train-ae checkpoint" ./casdm train-ae $aeo --steps 9 --out "$dir/x" --resume "$dir/ae_w"
     expect 1 "--lpips: .*cannot open" ./casdm train-ae $aeo --lpips "$dir/none.safetensors" --out "$dir/x"
+fi
+if [ "$gan_ok" -eq 1 ]; then
+    expect 1 "--model lddgan needs --ae FILE" ./casdm train --model lddgan $gno --out "$dir/x"
+    expect 1 "--ae is for --model lddgan" ./casdm train --model ddgan --ae "$dir/gan_ae/ckpt.safetensors" $gno --out "$dir/x"
+    expect 1 "want casdm-autoencoder-1" ./casdm train --model lddgan --ae "$dir/gan_a/ckpt.safetensors" $gno --out "$dir/x"
+    expect 1 "is not the autoencoder" ./casdm train --model lddgan --ae "$dir/gan_ae2/ckpt.safetensors" $gno --steps 9 --out "$dir/x" --resume "$dir/gan_a"
+    expect 1 "was trained with --T 4; this run asks for --T 3" ./casdm train $gao --T 3 --steps 9 --out "$dir/x" --resume "$dir/gan_a"
+    expect 1 "was trained with --lazy-reg 2; this run asks for 3" ./casdm train $gao --lazy-reg 3 --steps 9 --out "$dir/x" --resume "$dir/gan_a"
+    expect 1 "another architecture" ./casdm train $gao --nf 64 --steps 9 --out "$dir/x" --resume "$dir/gan_a"
+    expect 1 "is a --model lddgan run" ./casdm train --model ddgan $gno --steps 9 --out "$dir/x" --resume "$dir/gan_a"
+    expect 1 "fewer than one batch" ./casdm train $gao --batch 25 --out "$dir/x"
+    expect 1 "--rec-loss 'l2' is not sigmoid or none" ./casdm train $gao --rec-loss l2 --out "$dir/x"
+    expect 1 "does not halve" ./casdm train $gao --ch-mult 1,2,2,2,2,2 --out "$dir/x"
+    expect 1 "leave them out" ./casdm sample --ckpt "$dir/gan_a/ckpt.safetensors" --steps 10 --out "$dir/x"
+    expect 1 "is not the autoencoder" ./casdm sample --ckpt "$dir/gan_a/ckpt.safetensors" --ae "$dir/gan_ae2/ckpt.safetensors" --out "$dir/x"
+    expect 1 "are for LDDGAN checkpoints" ./casdm sample --ckpt "$dir/straight/ckpt.safetensors" --ae "$dir/gan_ae/ckpt.safetensors" --out "$dir/x"
 fi
 expect 1 "all images must match" ./casdm train --data "$dir/mixed" --steps 1
 expect 1 "no .png/.ppm/.pgm images" ./casdm train --data "$dir/empty" --steps 1
