@@ -742,6 +742,117 @@ static void test_gan_step(const StFile *f) {
     gan_disc_free(&D);
 }
 
+// The largest |w - golden| over the sampled weights of ps (256 evenly spaced a
+// tensor, as make_gan_goldens.py takes them), in units of lr: e[0] over all,
+// e[1] over the elements whose first gradient (grad: the prefix of the step's
+// gnorm/ and gsample/, the same elements) is at least 1/10 of its tensor's
+// rms. Adam divides each element by its own size, so an element 100x below
+// the rms carries float32's rounding of its gradient (1e-5 of the rms) 100x
+// amplified: 1e-3 of the rate there is rounding, not a defect. (1e-3 of 1.6e-4
+// is one float32 ulp of a weight near 1: the floor of the comparison.) Tensors
+// whose gradient is zero in exact arithmetic are left out: attention's key
+// bias (softmax ignores the constant q.b), updated from rounding noise on
+// both sides. (grad NULL: every element in both.)
+static void sampled_weight_error(const ParamSet *ps, const float *data, const StFile *f,
+                                 const char *prefix, const char *grad, double lr, double *e,
+                                 char *worst, size_t worst_len) {
+    double sq = 0.0;
+    size_t off = 0;
+    char key[200];
+    for (size_t p = 0; grad && p < ps->count; p++) {
+        snprintf(key, sizeof key, "%sgnorm/%s", grad, ps->t[p].name);
+        sq += pow(st_find(f, key)->data[0], 2);
+    }
+    double rms_all = sqrt(sq / (double)ps->total);
+    e[0] = e[1] = 0.0;
+    for (size_t p = 0; p < ps->count; p++) {
+        const Tensor *tp = &ps->t[p];
+        const float *gs = NULL;
+        double rms = 0.0;
+        if (grad) {
+            snprintf(key, sizeof key, "%sgnorm/%s", grad, tp->name);
+            rms = st_find(f, key)->data[0] / sqrt((double)tp->size);
+            snprintf(key, sizeof key, "%sgsample/%s", grad, tp->name);
+            gs = st_find(f, key)->data;
+            if (rms < 1e-6 * rms_all) {
+                off += tp->size;
+                continue;
+            }
+        }
+        snprintf(key, sizeof key, "%s%s", prefix, tp->name);
+        const StEntry *es = st_find(f, key);
+        if (!es) fatal("gan golden: no %s", key);
+        size_t m = tp->size < 256 ? tp->size : 256;
+        for (size_t k = 0; k < m; k++) {
+            double d = fabs((double)data[off + k * tp->size / m] - es->data[k]) / lr;
+            e[0] = fmax(e[0], d);
+            if (gs && fabs(gs[k]) < 0.1 * rms) continue;
+            if (d > e[1]) snprintf(worst, worst_len, "%s", tp->name);
+            e[1] = fmax(e[1], d);
+        }
+        off += tp->size;
+    }
+}
+
+// Two whole iterations (gan_iteration: D step with lazy R1, then without;
+// Adam (0.5, 0.9) at lr 1.25e-4 / 1.6e-4; G step with alpha 0.7; the EMA,
+// at decay 0.5 so that its blend shows) against lddgan_ref.train_iteration
+// with torch.optim.Adam and EMA.py's update: every sampled weight of D, G and
+// the EMA within 1e-3 of the learning rate. Weighted Learning's alpha against
+// closed forms: 1 - sigmoid(phi) = sigmoid(-phi), phi = -6 + 12 epoch / E.
+static void test_gan_iteration(const StFile *f) {
+    GanGenConfig c;
+    small_gen_config(&c);
+    GanGen G;
+    gan_gen_init(&G, &c, 1, NULL);
+    test_init_params(&G.params, "ggen.");
+    GanDisc D;
+    gan_disc_init(&D, 8, 8, 32, 3, 1, NULL);
+    test_init_params(&D.params, "gdisc.");
+    GanSchedule s;
+    gan_schedule_init(&s, 4, 0.1, 20.0);
+    GanTrainer tr;
+    gan_trainer_init(&tr, &G, &D, &s);
+    GanOptim op;
+    gan_optim_init(&op, &G, &D, 1.6e-4, 1.25e-4, 0.5);
+    int t[8];
+    for (int i = 0; i < 8; i++) t[i] = (int)st_find(f, "step/t")->data[i];
+    GanNoise nz = {st_find(f, "step/eps1")->data, st_find(f, "step/eps2")->data,
+                   st_find(f, "step/z")->data, st_find(f, "step/eps_post")->data};
+    GanTerms terms;
+    char err[256] = "";
+    int rc = 0;
+    for (int it = 0; it < 2; it++)
+        rc |= gan_iteration(&tr, &op, st_find(f, "step/x0")->data, 8, t, &nz, t, &nz,
+                            it == 0 ? 0.02f : 0.0f, 0.7f, &terms, err, sizeof err);
+    char wd[160] = "", wg[160] = "", we[160] = "";
+    double ed[2], eg[2], ee[2] = {INFINITY, INFINITY};
+    sampled_weight_error(&D.params, D.params.data, f, "iter/d/", NULL, 1.25e-4, ed, wd, sizeof wd);
+    sampled_weight_error(&G.params, G.params.data, f, "iter/g/", "step/g_", 1.6e-4, eg, wg,
+                         sizeof wg);
+    if (op.ema)
+        sampled_weight_error(&G.params, op.ema, f, "iter/ema/", "step/g_", 1.6e-4, ee, we,
+                             sizeof we);
+    test_result(rc == 0 && ed[0] <= 1e-3 && eg[1] <= 1e-3 && ee[1] <= 1e-3 && eg[0] <= 2e-2 &&
+                    ee[0] <= 2e-2 && op.adam_d.step == 2 && op.adam_g.step == 2,
+                "GAN: two full iterations (lazy R1, Adam, EMA) vs PyTorch's optimisers",
+                "D %.1e (%s), G %.1e (%s), EMA %.1e (%s) of the learning rate (tol 1e-3; G and "
+                "EMA with the elements of gradients < 1/10 of their rms: %.1e, %.1e, tol 2e-2)%s%s",
+                ed[0], wd, eg[1], wg, ee[1], we, eg[0], ee[0], rc ? "; " : "", err);
+    const double want[5][3] = {{0, 2000, 0.99752737684336534}, {500, 2000, 0.95257412682243336},
+                               {950, 2000, 0.57444251681165903}, {1000, 2000, 0.5},
+                               {2000, 2000, 0.0024726231566347743}};
+    double ea = 0.0;
+    for (int i = 0; i < 5; i++)
+        ea = fmax(ea, fabs(gan_weighted_alpha((long)want[i][0], (long)want[i][1]) - want[i][2]));
+    test_result(ea <= 1e-12, "GAN: Weighted Learning's alpha(epoch) (LDDGAN, E = 2000)",
+                "%.1e from sigmoid(6), sigmoid(3), sigmoid(0.3), 1/2, sigmoid(-6)", ea);
+    gan_optim_free(&op);
+    gan_trainer_free(&tr);
+    gan_gen_free(&G);
+    gan_disc_free(&D);
+}
+
 static void test_gan_disc(void) {
     StFile f;
     char err[512];
@@ -774,6 +885,7 @@ static void test_gan_disc(void) {
     gan_disc_free(&d);
     test_gan_gen(&f);
     test_gan_step(&f);
+    test_gan_iteration(&f);
     st_free(&f);
 }
 

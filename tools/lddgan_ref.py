@@ -438,3 +438,34 @@ def sample_from_model(gen, s, x_init, zs, epss):
             t = torch.full((x.shape[0],), i, dtype=torch.int64)
             x = sample_posterior(s, gen(x, t, zs[k]), x, t, epss[k])
     return x
+
+
+def ema_step(ema, params, decay):
+    """EMA.py:25-62 after optimizer.step(): state['ema'] = p.clone() at the first step, then
+    ema.mul_(decay).add_(p, alpha=1 - decay) for every parameter with a gradient."""
+    for k, p in params.items():
+        if k not in ema:
+            ema[k] = p.detach().clone()
+        ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def train_iteration(gen, disc, opt_g, opt_d, ema, s, x0, t, noise, r1_gamma, alpha, decay):
+    """train_ldgan.py:192-280 with the noise given (the same for the D and the G step here):
+    zero_grad, D loss backward (R1 when r1_gamma > 0), optimizerD.step(); G loss backward,
+    optimizerG.step(), then the EMA."""
+    opt_d.zero_grad()
+    dl, _ = d_step_loss(gen, disc, s, x0, t, noise["eps1"], noise["eps2"], noise["z"],
+                        noise["eps_post"], r1_gamma)
+    dl.backward()
+    gen.zero_grad()
+    opt_d.step()
+    opt_g.zero_grad()
+    for p in disc.parameters():
+        p.requires_grad_(False)
+    gl, _ = g_step_loss(gen, disc, s, x0, t, noise["eps1"], noise["eps2"], noise["z"],
+                        noise["eps_post"], alpha)
+    gl.backward()
+    for p in disc.parameters():
+        p.requires_grad_(True)
+    opt_g.step()
+    ema_step(ema, dict(gen.named_parameters()), decay)

@@ -149,6 +149,23 @@ def main():
     zs, es = torch.randn(4, 3, 6).double(), torch.randn(4, 3, 4, 8, 8).double()
     G["sample/x_init"], G["sample/z"], G["sample/eps"] = xT.float(), zs.float(), es.float()
     G["sample/out"] = D.sample_from_model(gen2, sd, xT, zs, es).float()
+    # two full iterations on the step's inputs: lazy R1 on the first (global_step 0), none on
+    # the second; Adam (0.5, 0.9) at the official learning rates, the EMA at 0.9999 (a blend
+    # of 0.5 so that the second step's shows); the weights after, sampled as the gradients
+    import copy
+    gen3, disc3 = copy.deepcopy(gen2), copy.deepcopy(disc2)
+    opt_g = torch.optim.Adam(gen3.parameters(), lr=1.6e-4, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc3.parameters(), lr=1.25e-4, betas=(0.5, 0.9))
+    ema = {}
+    for r1 in (0.02, 0.0):
+        D.train_iteration(gen3, disc3, opt_g, opt_d, ema, sd, x0, ts, nz, r1, 0.7, 0.5)
+    for net, params in (("d", dict(disc3.named_parameters())), ("g", dict(gen3.named_parameters())),
+                        ("ema", ema)):
+        for k, p in params.items():
+            flat = p.detach().reshape(-1)
+            n = flat.numel()
+            m = min(n, 256)
+            G[f"iter/{net}/{k}"] = flat[torch.tensor([i * n // m for i in range(m)])].float()
     print("step: " + ", ".join(f"{k} {v.item():.6g}" for k, v in {**dt, **gt}.items()))
     out = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                         "goldens", "gan.safetensors"))
