@@ -13,6 +13,11 @@
 //        to 299x299, pool_3, sFID features and logits; --batch, default 50)
 //        ae_step (one casdm train-ae iteration on LDDGAN's CIFAR-10 autoencoder:
 //        generator and discriminator steps, GAN terms on; --batch, bench.sh: 8)
+//        lddgan_d_step_r1, lddgan_g_step (LDDGAN's stage two at its CIFAR-10
+//        config, latents 4x16x16: the D step with R1 and its Adam update; the G
+//        step, its Adam update and the EMA; --batch, bench.sh: 8)
+//        lddgan_sample100 (100 CIFAR-10 samples: 4 generator calls and the
+//        autoencoder's decoder, as casdm sample)
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 
@@ -69,6 +74,14 @@ typedef struct {
     PatchGAN disc;
     AETrainer aet;
     Adam adam_disc;
+    // lddgan_*
+    GanGen gen;
+    GanDisc gdisc;
+    GanSchedule gsched;
+    GanTrainer gtr;
+    GanOptim gopt;
+    float *gnoise;
+    int *gt;
     int kind, B, C, S;  // model kind, batch, image channels and size
     double flops_mult;  // total FLOPs of a step = counted forward FLOPs x this
 } Bench;
@@ -222,6 +235,80 @@ static void setup_ae(Bench *b) {
     b->x = mallocCheck((size_t)b->B * 3 * 1024 * sizeof(float));
 }
 
+// one D step of train_ldgan.py with R1 (every lazy_reg-th step's): fresh t and
+// noise, D on real and fake pairs, R1 by double backward, Adam
+static GanNoise gan_bench_noise(Bench *b) {
+    size_t per = 4 * 16 * 16, n = (size_t)b->B;
+    for (int i = 0; i < b->B; i++) b->gt[i] = (int)rng_below(&b->rng, 4);
+    rng_fill_normal(&b->rng, b->gnoise, n * (3 * per + 50), 0.0f, 1.0f);
+    return (GanNoise){b->gnoise, b->gnoise + n * per, b->gnoise + 2 * n * per,
+                      b->gnoise + 2 * n * per + n * 50};
+}
+
+static void lddgan_d_step(void *ctx) {
+    Bench *b = ctx;
+    GanNoise nz = gan_bench_noise(b);
+    GanTerms terms;
+    params_zero_grad(&b->gdisc.params);
+    gan_d_grads(&b->gtr, b->x, b->B, b->gt, &nz, 0.02f, &terms);
+    adam_step(&b->gopt.adam_d, b->gdisc.params.data, b->gdisc.params.grad);
+}
+
+// one G step: G forward and backward through the frozen D, Adam, the EMA
+static void lddgan_g_step(void *ctx) {
+    Bench *b = ctx;
+    GanNoise nz = gan_bench_noise(b);
+    GanTerms terms;
+    params_zero_grad(&b->gen.params);
+    gan_g_grads(&b->gtr, b->x, b->B, b->gt, &nz, 0.5f, &terms);
+    adam_step(&b->gopt.adam_g, b->gen.params.data, b->gen.params.grad);
+    gan_ema_update(b->gopt.ema, b->gen.params.data, b->gen.params.total, 0.9999);
+}
+
+// 100 samples as casdm sample makes them: x_T, 4 generator calls with their
+// posterior samples, decode(x * 105), no gradients
+static void lddgan_sample(void *ctx) {
+    Bench *b = ctx;
+    size_t per = 4 * 16 * 16, n = 100;
+    float *x = b->x, *z = b->gnoise, *eps = z + 4 * n * 50;
+    rng_fill_normal(&b->rng, x, n * per, 0.0f, 1.0f);
+    rng_fill_normal(&b->rng, z, 4 * n * 50 + 4 * n * per, 0.0f, 1.0f);
+    graph_reset(&b->g);
+    gan_sample(&b->g, &b->gen, &b->gsched, x, (int)n, z, eps, x);
+    int zs[4] = {(int)n, 4, 16, 16};
+    Tensor *lat = tensor_from(&b->g, 4, zs, x);
+    for (size_t i = 0; i < lat->size; i++) lat->data[i] *= 105.0f;
+    ae_decode(&b->g, &b->ae, lat);
+}
+
+// LDDGAN's CIFAR-10 networks with the official initialisation, latents
+// uniform in [-1, 1] (the scaled latent's range)
+static void setup_lddgan(Bench *b, int sample) {
+    GanGenConfig c;
+    gan_gen_cifar10_config(&c);
+    gan_gen_init(&b->gen, &c, !sample, &b->rng);
+    gan_schedule_init(&b->gsched, 4, 0.1, 20.0);
+    size_t per = 4 * 16 * 16, n = sample ? 100 : (size_t)b->B;
+    b->x = mallocCheck(n * per * sizeof(float));
+    rng_fill_uniform(&b->rng, b->x, n * per, -1.0f, 1.0f);
+    b->gnoise = mallocCheck(4 * n * (per + 50) * sizeof(float));
+    b->gt = mallocCheck(n * sizeof(int));
+    b->g.training = 0;
+    if (sample) {
+        b->B = 100;
+        b->g.grad_enabled = 0;
+        AEConfig ac;
+        ae_cifar10_config(&ac);
+        ae_init(&b->ae, &ac, 0, &b->rng);
+        return;
+    }
+    gan_disc_init(&b->gdisc, 8, 64, 256, 3, 1, &b->rng);
+    gan_trainer_init(&b->gtr, &b->gen, &b->gdisc, &b->gsched);
+    gan_optim_init(&b->gopt, &b->gen, &b->gdisc, 1.6e-4, 1.25e-4, 0.9999);
+    b->gopt.ema = mallocCheck(b->gen.params.total * sizeof(float));
+    memcpy(b->gopt.ema, b->gen.params.data, b->gen.params.total * sizeof(float));
+}
+
 static void inception_step(void *ctx) {
     Bench *b = ctx;
     inception_forward(&b->inception, b->x, b->B, 32, 32, b->pool3, b->spatial, b->logits);
@@ -285,6 +372,14 @@ static step_fn setup_case(Bench *b, const char *cs, int *warmup, int *iters) {
         setup_ae(b);
         b->flops_mult = 1.0;  // (forward FLOPs of every graph in the iteration; backward not counted)
         return ae_step;
+    }
+    if (!strcmp(cs, "lddgan_d_step_r1") || !strcmp(cs, "lddgan_g_step") ||
+        !strcmp(cs, "lddgan_sample100")) {
+        int sample = !strcmp(cs, "lddgan_sample100");
+        setup_lddgan(b, sample);
+        b->flops_mult = 1.0;  // (forward FLOPs of every graph in the step; backward not counted)
+        if (sample) *warmup = 1;
+        return sample ? lddgan_sample : cs[7] == 'd' ? lddgan_d_step : lddgan_g_step;
     }
     if (!strcmp(cs, "ddim_ch128_step")) {
         setup_models(b, MODEL_CASDM, 128, 3, "16,8", 0);

@@ -21,6 +21,12 @@
 # against tools/bench_torch.py ae_step: tools/ae_ref.py's modules, or with
 # LDM_DIR and TAMING_DIR set (checkouts of CompVis/latent-diffusion and
 # taming-transformers) latent-diffusion's own AutoencoderKL and LPIPSWithDiscriminator.
+# lddgan_d_step_r1, lddgan_g_step, lddgan_sample100: LDDGAN's stage two at its
+# CIFAR-10 config (latents 4x16x16): the D step with R1, the G step with Adam and
+# the EMA (batch 8 each), 100 samples with the decoder; against tools/bench_torch.py
+# lddgan_*: tools/lddgan_ref.py's modules, or with LDDGAN_DIR set (a checkout of
+# thanhluantrinh/LDDGAN) the official NCSNpp, Discriminator_small and diffusion.py
+# (the decoder: ae_ref's AutoencoderKL, or latent-diffusion's with LDM_DIR/TAMING_DIR).
 # casdm_*_step_ckpt: the Cas-DM step with every U-Net block checkpointed
 # (ours: use_checkpoint on both nets; PyTorch: torch.utils.checkpoint on
 # the same blocks, tools/bench_torch.py casdm_ckpt).
@@ -36,7 +42,7 @@ elif [ ! -f "$ref" ]; then echo "PyTorch reference $ref not found: torch columns
 if [ $quick -eq 1 ]; then
     cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step casdm_ch64_step"; iters=3
 else
-    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step inception_fwd ae_step casdm_demo_step contention_demo_step"; iters=5
+    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step inception_fwd ae_step lddgan_d_step_r1 lddgan_g_step lddgan_sample100 casdm_demo_step contention_demo_step"; iters=5
 fi
 [ -n "${BENCH_CASES:-}" ] && cases=$BENCH_CASES   # e.g. BENCH_CASES="lpips224_fwdbwd ddim_ch128_step"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -69,6 +75,10 @@ torch_run() {  # case threads -> $tmp/torch.json
         ae_step) official=; [ -n "${LDM_DIR:-}" ] && [ -n "${TAMING_DIR:-}" ] && official="--ldm $LDM_DIR --taming $TAMING_DIR"
                  $py tools/bench_torch.py "$(dirname "$ref")" ae_step --batch 8 $official \
                      --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
+        lddgan_*) official=; [ -n "${LDDGAN_DIR:-}" ] && official="--lddgan $LDDGAN_DIR"
+                  [ "$1" = lddgan_sample100 ] && [ -n "${LDM_DIR:-}" ] && [ -n "${TAMING_DIR:-}" ] && official="$official --ldm $LDM_DIR --taming $TAMING_DIR"
+                  $py tools/bench_torch.py "$(dirname "$ref")" "$1" --batch 8 $official \
+                      --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
     esac
     $py "$ref" $args --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null
 }
@@ -122,6 +132,7 @@ whole_programs() {
 
 for c in $cases; do
     batch=16; [ "$c" = lpips224_fwdbwd ] && batch=4; [ "$c" = inception_fwd ] && batch=50; [ "$c" = ae_step ] && batch=8
+    case $c in lddgan_*) batch=8 ;; esac
     if [ "$c" = casdm_demo_step ] || [ "$c" = contention_demo_step ]; then
         if [ ! -f data/fashion-mnist/train-images-idx3-ubyte ] || [ ! -x ./casdm ]; then
             echo "$c: needs ./casdm and data/fashion-mnist (make casdm data); skipped"; continue

@@ -36,6 +36,7 @@ discriminator step holds one more LPIPS forward than AELoss.discriminator's.
 The JSON line names the source: "modules": "ae_ref" or "official".
 Prints one JSON line like unet_ref.py: step_s (median), peak_rss_mib.
 """
+import argparse
 import contextlib
 import json
 import sys
@@ -52,7 +53,8 @@ def main():
     sys.argv = [sys.argv[0]] + sys.argv[2:]
     import argparse
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["ddim", "casdm_ckpt", "inception", "ae_step"])
+    p.add_argument("mode", choices=["ddim", "casdm_ckpt", "inception", "ae_step", "lddgan_d_step_r1",
+                                    "lddgan_g_step", "lddgan_sample100"])
     p.add_argument("--ch", type=int, default=128)
     p.add_argument("--res", type=int, default=3)
     p.add_argument("--attn", default="16,8")
@@ -63,6 +65,7 @@ def main():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--ldm", default=None)     # ae_step: latent-diffusion checkout
     p.add_argument("--taming", default=None)  # ae_step: taming-transformers checkout
+    p.add_argument("--lddgan", default=None)  # lddgan_*: thanhluantrinh/LDDGAN checkout
     a = p.parse_args()
     if a.batch is None:
         a.batch = 8 if a.mode == "ae_step" else 16
@@ -71,6 +74,8 @@ def main():
     torch.set_num_threads(a.threads)
     if a.mode == "ae_step":
         return ae_step(a)
+    if a.mode.startswith("lddgan_"):
+        return lddgan(a)
     if a.mode == "casdm_ckpt":
         return casdm_ckpt(a)
     if a.mode == "inception":
@@ -282,6 +287,139 @@ def ae_step(a):
     print(json.dumps({"mode": "ae_step", "modules": modules, "threads": torch.get_num_threads(),
                       "batch": B, "step_s": round(med, 4), "peak_rss_mib": round(R.peak_rss_mib(), 1)}))
 
+
+# run.sh's CIFAR-10 generator, and the fixed values of train_ldgan.py's parser
+LDDGAN_CIFAR = dict(num_channels=4, image_size=16, num_channels_dae=128, ch_mult=[1, 2, 2],
+                    num_res_blocks=2, attn_resolutions=[32], nz=50, z_emb_dim=256, n_mlp=4,
+                    centered=True, not_use_tanh=False, fir=True, fir_kernel=[1, 3, 3, 1],
+                    skip_rescale=True, resblock_type="biggan", progressive="none",
+                    progressive_input="residual", progressive_combine="sum",
+                    embedding_type="positional", fourier_scale=16.0, dropout=0.0,
+                    conditional=True, patch_size=1, resamp_with_conv=True, training=True,
+                    num_timesteps=4, beta_min=0.1, beta_max=20.0, use_geometric=False)
+
+
+def official_gan(root):
+    """LDDGAN's NCSNpp, Discriminator_small and diffusion.py from a checkout, stubbed as
+    tools/witness_ncsnpp.py does: einops (rearrange is the identity at patch_size 1) and
+    torch.utils.cpp_extension.load while score_sde.op is imported (nothing compiled; on
+    the CPU the official dispatcher takes upfirdn2d_native)."""
+    import types
+    import torch.utils.cpp_extension
+    einops = types.ModuleType("einops")
+    einops.rearrange = lambda x, pattern, p1=1, p2=1: x
+    sys.modules["einops"] = einops
+    sys.path.insert(0, root)
+    load = torch.utils.cpp_extension.load
+    torch.utils.cpp_extension.load = lambda *a, **k: None
+    try:
+        import score_sde.op  # noqa: F401
+    finally:
+        torch.utils.cpp_extension.load = load
+    from score_sde.models.ncsnpp_generator_adagn import NCSNpp
+    from score_sde.models.discriminator import Discriminator_small
+    import diffusion
+    args = argparse.Namespace(**LDDGAN_CIFAR)
+    gen = NCSNpp(args)
+    disc = Discriminator_small(nc=8, ngf=64, t_emb_dim=256, act=torch.nn.LeakyReLU(0.2), num_layers=3)
+    coeff = diffusion.Diffusion_Coefficients(args, "cpu")
+    post = diffusion.Posterior_Coefficients(args, "cpu")
+    return gen, disc, (lambda x0, t: diffusion.q_sample_pairs(coeff, x0, t)), \
+        (lambda x0, x, t: diffusion.sample_posterior(post, x0, x, t))
+
+
+def ref_gan():
+    """tools/lddgan_ref.py's modules (float32), the same computation with our own noise."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import lddgan_ref as D
+    s = {k: v.float() for k, v in D.gan_schedule(4, 0.1, 20.0).items()}
+    randn = torch.randn
+    return D.NCSNpp(), D.DiscriminatorSmall(8, 64, 256, 3), \
+        (lambda x0, t: D.q_sample_pairs(s, x0, t, randn(x0.shape), randn(x0.shape))), \
+        (lambda x0, x, t: D.sample_posterior(s, x0, x, t, randn(x0.shape)))
+
+
+def lddgan(a):
+    """LDDGAN's stage two at its CIFAR-10 config, as train_ldgan.py:192-280 runs it:
+    lddgan_d_step_r1, the D step of a lazy-regularisation step (softplus on D(x_t),
+    R1 by autograd.grad(create_graph=True), the generator's fake under no_grad, backward,
+    Adam (0.5, 0.9)); lddgan_g_step, the G step (D frozen, softplus(-D(fake)) + alpha L1,
+    backward, Adam, EMA 0.9999 as EMA.py); lddgan_sample100, test_ldgan.py's sampling of
+    100 images: sample_from_model's 4 calls, then AutoencoderKL.decode(x * 105) (ae_ref's
+    AutoencoderKL, or latent-diffusion's with --ldm/--taming). --lddgan LDDGAN: the
+    official NCSNpp, Discriminator_small and diffusion.py; else tools/lddgan_ref.py's."""
+    import os
+    torch.manual_seed(0)
+    if a.lddgan:
+        modules = "official"
+        with contextlib.redirect_stdout(sys.stderr):
+            gen, disc, pairs, posterior = official_gan(a.lddgan)
+    else:
+        modules = "lddgan_ref"
+        gen, disc, pairs, posterior = ref_gan()
+    B = 100 if a.mode == "lddgan_sample100" else a.batch
+    x0 = torch.rand(B, 4, 16, 16) * 2 - 1
+    if a.mode == "lddgan_sample100":
+        gen.eval()
+        if a.ldm:
+            with contextlib.redirect_stdout(sys.stderr):
+                ae = official_modules(a.ldm, a.taming)[0].eval()
+        else:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import ae_ref as A
+            ae = A.AutoencoderKL(A.CIFAR10).eval()
+
+        def step():
+            with torch.no_grad():
+                x = torch.randn(B, 4, 16, 16)
+                for i in reversed(range(4)):
+                    t = torch.full((B,), i, dtype=torch.int64)
+                    x = posterior(gen(x, t, torch.randn(B, 50)), x, t)
+                return ae.decode(x * 105.0)
+        warm = 1
+    elif a.mode == "lddgan_d_step_r1":
+        opt = torch.optim.Adam(disc.parameters(), lr=1.25e-4, betas=(0.5, 0.9))
+        for p in gen.parameters():
+            p.requires_grad_(False)
+
+        def step():
+            disc.zero_grad()
+            t = torch.randint(0, 4, (B,))
+            x_t, x_tp1 = pairs(x0, t)
+            x_t.requires_grad_(True)
+            real = disc(x_t, t, x_tp1.detach()).view(-1)
+            err_real = F.softplus(-real).mean()
+            err_real.backward(retain_graph=True)
+            g, = torch.autograd.grad(real.sum(), x_t, create_graph=True)
+            r1 = 0.02 / 2 * g.view(B, -1).norm(2, dim=1).pow(2).mean()
+            r1.backward()
+            x_pos = posterior(gen(x_tp1.detach(), t, torch.randn(B, 50)), x_tp1, t)
+            F.softplus(disc(x_pos, t, x_tp1.detach()).view(-1)).mean().backward()
+            opt.step()
+        warm = 2
+    else:
+        opt = torch.optim.Adam(gen.parameters(), lr=1.6e-4, betas=(0.5, 0.9))
+        ema = [p.detach().clone() for p in gen.parameters()]
+        for p in disc.parameters():
+            p.requires_grad_(False)
+
+        def step():
+            gen.zero_grad()
+            t = torch.randint(0, 4, (B,))
+            x_t, x_tp1 = pairs(x0, t)
+            x0p = gen(x_tp1.detach(), t, torch.randn(B, 50))
+            err = F.softplus(-disc(posterior(x0p, x_tp1, t), t, x_tp1.detach()).view(-1)).mean()
+            err = err + 0.5 * F.l1_loss(x0p, x0)
+            err.backward()
+            opt.step()
+            with torch.no_grad():
+                for e, p in zip(ema, gen.parameters()):
+                    e.mul_(0.9999).add_(p, alpha=1 - 0.9999)
+        warm = 2
+    med, mn, mx = R.timeit(step, warm, a.iters)
+    print(json.dumps({"mode": a.mode, "modules": modules, "threads": torch.get_num_threads(),
+                      "batch": B, "step_s": round(med, 4), "peak_rss_mib": round(R.peak_rss_mib(), 1)}))
 
 if __name__ == "__main__":
     main()
