@@ -5219,8 +5219,9 @@ static int upfirdn_side(int S, int K, int up, int down, int pad0, int pad1) {
     return n < 0 ? 0 : n / down + 1;
 }
 
-// out[o] = sum_k kernel[K-1-k] u[o * down + k - pad0], u the zero-stuffed input
-static void upfirdn_forward_range(void *arg, size_t p0, size_t p1) {
+// The reference: out[o] = sum_k kernel[K-1-k] u[o * down + k - pad0], u the
+// zero-stuffed input, every tap tested
+static void upfirdn_forward_ref_range(void *arg, size_t p0, size_t p1) {
     const Upfirdn *t = arg;
     int K = t->K, Hu = t->H * t->up, Wu = t->W * t->up;
     for (size_t p = p0; p < p1; p++) {
@@ -5245,16 +5246,16 @@ static void upfirdn_forward_range(void *arg, size_t p0, size_t p1) {
     }
 }
 
-void upfirdn2d_forward(float *out, const float *inp, const float *kernel, size_t P, int H, int W,
+void upfirdn2d_forward_ref(float *out, const float *inp, const float *kernel, size_t P, int H, int W,
                        int K, int up, int down, int pad0, int pad1) {
     Upfirdn t = {out, inp, kernel, H, W, K, up, down, pad0,
                  upfirdn_side(H, K, up, down, pad0, pad1), upfirdn_side(W, K, up, down, pad0, pad1)};
-    parallel_for(P, 4, upfirdn_forward_range, &t);
+    parallel_for(P, 4, upfirdn_forward_ref_range, &t);
 }
 
 // the adjoint: every input sample gathers what it gave to each output (per
 // plane, so a plane's gradient is made by one thread, in a fixed order)
-static void upfirdn_backward_range(void *arg, size_t p0, size_t p1) {
+static void upfirdn_backward_ref_range(void *arg, size_t p0, size_t p1) {
     const Upfirdn *t = arg;  // out: dinp, inp: dout
     int K = t->K, Hu = t->H * t->up, Wu = t->W * t->up;
     for (size_t p = p0; p < p1; p++) {
@@ -5278,11 +5279,112 @@ static void upfirdn_backward_range(void *arg, size_t p0, size_t p1) {
     }
 }
 
+void upfirdn2d_backward_ref(float *dinp, const float *dout, const float *kernel, size_t P, int H,
+                        int W, int K, int up, int down, int pad0, int pad1) {
+    Upfirdn t = {dinp, dout, kernel, H, W, K, up, down, pad0,
+                 upfirdn_side(H, K, up, down, pad0, pad1), upfirdn_side(W, K, up, down, pad0, pad1)};
+    parallel_for(P, 4, upfirdn_backward_ref_range, &t);
+}
+
+// The fast path: the taps that meet each output row and column (the input
+// index and the kernel index of every k that passes the reference's tests,
+// in the reference's order) are listed once per call, so the inner loops
+// have no tests. Same sums in the same order: bitwise the reference's.
+typedef struct { int n, *in, *k; } UpfirdnTaps;  // n taps of output line o at [o * K ..)
+
+static void upfirdn_taps(UpfirdnTaps *t, int *mem, int O, int I, int K, int up, int down,
+                         int pad0) {
+    t->in = mem;
+    t->k = mem + (size_t)O * K;
+    int *count = mem + 2 * (size_t)O * K;
+    for (int o = 0; o < O; o++) {
+        int n = 0;
+        for (int k = 0; k < K; k++) {
+            int u = o * down + k - pad0;
+            if (u < 0 || u >= I * up || u % up) continue;
+            t->in[o * K + n] = u / up;
+            t->k[o * K + n] = K - 1 - k;
+            n++;
+        }
+        count[o] = n;
+    }
+}
+
+typedef struct {
+    const Upfirdn *u;
+    UpfirdnTaps rows, cols;
+    const int *nrow, *ncol;
+} UpfirdnFast;
+
+static void upfirdn_forward_range(void *arg, size_t p0, size_t p1) {
+    const UpfirdnFast *f = arg;
+    const Upfirdn *t = f->u;
+    int K = t->K;
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = t->inp + p * t->H * t->W;
+        float *y = t->out + p * t->OH * t->OW;
+        for (int oy = 0; oy < t->OH; oy++) {
+            const int *iy = f->rows.in + oy * K, *ky = f->rows.k + oy * K, ny = f->nrow[oy];
+            for (int ox = 0; ox < t->OW; ox++) {
+                const int *ix = f->cols.in + ox * K, *kx = f->cols.k + ox * K, nx = f->ncol[ox];
+                float acc = 0.0f;
+                for (int a = 0; a < ny; a++) {
+                    const float *xr = x + (size_t)iy[a] * t->W, *kr = t->kernel + (size_t)ky[a] * K;
+                    for (int b = 0; b < nx; b++) acc += kr[kx[b]] * xr[ix[b]];
+                }
+                y[(size_t)oy * t->OW + ox] = acc;
+            }
+        }
+    }
+}
+
+static void upfirdn_backward_range(void *arg, size_t p0, size_t p1) {
+    const UpfirdnFast *f = arg;
+    const Upfirdn *t = f->u;  // out: dinp, inp: dout
+    int K = t->K;
+    for (size_t p = p0; p < p1; p++) {
+        const float *dy = t->inp + p * t->OH * t->OW;
+        float *dx = t->out + p * t->H * t->W;
+        for (int oy = 0; oy < t->OH; oy++) {
+            const int *iy = f->rows.in + oy * K, *ky = f->rows.k + oy * K, ny = f->nrow[oy];
+            for (int ox = 0; ox < t->OW; ox++) {
+                const int *ix = f->cols.in + ox * K, *kx = f->cols.k + ox * K, nx = f->ncol[ox];
+                float d = dy[(size_t)oy * t->OW + ox];
+                for (int a = 0; a < ny; a++) {
+                    float *xr = dx + (size_t)iy[a] * t->W;
+                    const float *kr = t->kernel + (size_t)ky[a] * K;
+                    for (int b = 0; b < nx; b++) xr[ix[b]] += kr[kx[b]] * d;
+                }
+            }
+        }
+    }
+}
+
+static void upfirdn_fast(const Upfirdn *t, size_t P, void (*range)(void *, size_t, size_t)) {
+    int K = t->K;
+    int *mem = mallocCheck(((size_t)t->OH + t->OW) * (2 * (size_t)K + 1) * sizeof(int));
+    UpfirdnFast f = {.u = t};
+    upfirdn_taps(&f.rows, mem, t->OH, t->H, K, t->up, t->down, t->pad0);
+    int *cmem = mem + (size_t)t->OH * (2 * (size_t)K + 1);
+    upfirdn_taps(&f.cols, cmem, t->OW, t->W, K, t->up, t->down, t->pad0);
+    f.nrow = mem + 2 * (size_t)t->OH * K;
+    f.ncol = cmem + 2 * (size_t)t->OW * K;
+    parallel_for(P, 4, range, &f);
+    free(mem);
+}
+
+void upfirdn2d_forward(float *out, const float *inp, const float *kernel, size_t P, int H, int W,
+                       int K, int up, int down, int pad0, int pad1) {
+    Upfirdn t = {out, inp, kernel, H, W, K, up, down, pad0,
+                 upfirdn_side(H, K, up, down, pad0, pad1), upfirdn_side(W, K, up, down, pad0, pad1)};
+    upfirdn_fast(&t, P, upfirdn_forward_range);
+}
+
 void upfirdn2d_backward(float *dinp, const float *dout, const float *kernel, size_t P, int H,
                         int W, int K, int up, int down, int pad0, int pad1) {
     Upfirdn t = {dinp, dout, kernel, H, W, K, up, down, pad0,
                  upfirdn_side(H, K, up, down, pad0, pad1), upfirdn_side(W, K, up, down, pad0, pad1)};
-    parallel_for(P, 4, upfirdn_backward_range, &t);
+    upfirdn_fast(&t, P, upfirdn_backward_range);
 }
 
 typedef struct { const float *kernel; int K, up, down, pad0, pad1; } UpfirdnState;

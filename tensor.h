@@ -550,6 +550,11 @@ void upfirdn2d_forward(float *out, const float *inp, const float *kernel, size_t
                        int K, int up, int down, int pad0, int pad1);
 void upfirdn2d_backward(float *dinp, const float *dout, const float *kernel, size_t P, int H,
                         int W, int K, int up, int down, int pad0, int pad1);
+// the plain references of the two (every tap tested); the fast ones agree bitwise
+void upfirdn2d_forward_ref(float *out, const float *inp, const float *kernel, size_t P, int H,
+                           int W, int K, int up, int down, int pad0, int pad1);
+void upfirdn2d_backward_ref(float *dinp, const float *dout, const float *kernel, size_t P, int H,
+                            int W, int K, int up, int down, int pad0, int pad1);
 // rnorm (N, HW) written by forward
 void pixel_norm_forward(float *out, float *rnorm, const float *inp, int N, int C, int HW,
                         float eps);

@@ -1396,6 +1396,46 @@ static void test_gan_ops_values(void) {
                 "%.1e; mean square %.1e; group std %.1e", e, e_pn, e_mb);
 }
 
+// upfirdn2d's fast path (taps listed per output line) against the reference
+// that tests every tap: forward and backward bitwise equal, on a kernel that is
+// not separable and sizes H != W, for score_sde's cases (FIR up by 2, pads 2, 1;
+// down by 2, pads 1, 1), both at once, crops (negative pads), a 3 x 3 kernel
+// and a 1 x 1 one; 1 and 2 threads
+static void test_upfirdn_fast(void) {
+    const int cases[7][5] = {{4, 2, 1, 2, 1}, {4, 1, 2, 1, 1}, {4, 2, 2, 1, 2},
+                             {4, 2, 1, -1, -2}, {3, 1, 1, 1, 1}, {3, 2, 2, 0, 0}, {1, 1, 2, 0, 0}};
+    Rng r;
+    rng_seed(&r, 5, 6);
+    int bad = 0;
+    size_t compared = 0;
+    for (int th = 1; th <= 2; th++) {
+        pool_init(th);
+        for (int c = 0; c < 7; c++) {
+            int K = cases[c][0], up = cases[c][1], down = cases[c][2], p0 = cases[c][3],
+                p1 = cases[c][4], H = 7, W = 10, P = 5;
+            int OH = (H * up + p0 + p1 - K) / down + 1, OW = (W * up + p0 + p1 - K) / down + 1;
+            size_t ni = (size_t)P * H * W, no = (size_t)P * OH * OW;
+            float k[16], *x = mallocCheck(ni * 4), *y = mallocCheck(no * 4), *yr = mallocCheck(no * 4);
+            float *dx = mallocCheck(ni * 4), *dxr = mallocCheck(ni * 4), *dy = mallocCheck(no * 4);
+            rng_fill_normal(&r, k, (size_t)K * K, 0, 1);
+            rng_fill_normal(&r, x, ni, 0, 1);
+            rng_fill_normal(&r, dy, no, 0, 1);
+            upfirdn2d_forward(y, x, k, (size_t)P, H, W, K, up, down, p0, p1);
+            upfirdn2d_forward_ref(yr, x, k, (size_t)P, H, W, K, up, down, p0, p1);
+            memset(dx, 0, ni * 4);
+            memset(dxr, 0, ni * 4);
+            upfirdn2d_backward(dx, dy, k, (size_t)P, H, W, K, up, down, p0, p1);
+            upfirdn2d_backward_ref(dxr, dy, k, (size_t)P, H, W, K, up, down, p0, p1);
+            bad += memcmp(y, yr, no * 4) != 0 || memcmp(dx, dxr, ni * 4) != 0;
+            compared += no + ni;
+            free(x); free(y); free(yr); free(dx); free(dxr); free(dy);
+        }
+    }
+    pool_init(0);
+    test_result(bad == 0 && compared > 0, "upfirdn2d fast path vs its reference, forward and backward",
+                "%d of 14 cases differ (%zu values, bitwise)", bad, compared);
+}
+
 static void test_inference_kernels(void) {
     // N, C, H, W, OC, KH, KW, stride, PH, PW: Inception's 1x7 / 7x1 at 17x17
     // (several images per GEMM), 1x3 / 3x1 at 8x8, odd maps, stride 2, and
@@ -1879,6 +1919,7 @@ int main(int argc, char **argv) {
     test_gemm();
     test_gradchecks();
     test_tie_rules();
+    test_upfirdn_fast();
     test_gan_ops_values();
     test_graph_grad_first_order();
     test_detach();
