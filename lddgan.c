@@ -1226,12 +1226,21 @@ static Tensor *fir_up(Graph *g, Tensor *x) {
 
 // SiLU(AdaGN(x)): GroupNorm without affine, gamma * GN + beta with (gamma,
 // beta) = style(zemb); as FiLM: GN * (1 + (gamma - 1)) + beta
-static Tensor *adagn_silu(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *zemb) {
+// AdaGN's norm as the engine's NormSpec: gamma (N, C) and beta from the
+// style dense layer on zemb (the first half gamma), GroupNorm without affine,
+// then SiLU; FiLM's scale is gamma - 1 (NormSpec's GN(x) (1 + scale) + shift)
+static NormSpec adagn_spec(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *zemb) {
     int N = x->shape[0], C = x->shape[1], s4[4] = {N, 2 * C, 1, 1}, s2[2] = {N, C};
     Tensor *s = reshape(g, linear(g, zemb, w, b), 4, s4);
-    Tensor *scale = scale_shift(g, reshape(g, slice_channels(g, s, 0, C), 2, s2), 1.0f, -1.0f);
-    Tensor *shift = reshape(g, slice_channels(g, s, C, 2 * C), 2, s2);
-    return groupnorm_film_silu(g, x, NULL, NULL, scale, shift, 1, 0.0f, gn_groups(C), 1e-6f);
+    NormSpec n = {.scale = scale_shift(g, reshape(g, slice_channels(g, s, 0, C), 2, s2), 1.0f, -1.0f),
+                  .shift = reshape(g, slice_channels(g, s, C, 2 * C), 2, s2),
+                  .silu = 1, .groups = gn_groups(C), .eps = 1e-6f};
+    return n;
+}
+
+static Tensor *adagn_silu(Graph *g, Tensor *x, Tensor *w, Tensor *b, Tensor *zemb) {
+    NormSpec n = adagn_spec(g, x, w, b, zemb);
+    return groupnorm_film_silu(g, x, NULL, NULL, n.scale, n.shift, 1, 0.0f, n.groups, n.eps);
 }
 
 // ResnetBlockBigGANpp_Adagn (layerspp.py:275-344); temb_act = SiLU(temb)
@@ -1246,9 +1255,10 @@ static Tensor *resblock_g(Graph *g, const GanResBlock *r, Tensor *x, Tensor *tem
     }
     h = conv2d_add(g, h, r->conv0_w, r->conv0_b, linear(g, temb_act, r->dense0_w, r->dense0_b),
                    NULL, 1, 1);
-    h = adagn_silu(g, h, r->style1_w, r->style1_b, zemb);
+    // the second AdaGN, SiLU and Conv_1 with the skip added: one node (norm_conv2d)
     Tensor *skip = r->conv2_w ? conv2d(g, x, r->conv2_w, r->conv2_b, 1, 0) : x;
-    return scale_shift(g, conv2d_add(g, h, r->conv1_w, r->conv1_b, NULL, skip, 1, 1),
+    NormSpec n1 = adagn_spec(g, h, r->style1_w, r->style1_b, zemb);
+    return scale_shift(g, norm_conv2d(g, h, &n1, r->conv1_w, r->conv1_b, skip, 1),
                        (float)(1.0 / sqrt(2.0)), 0.0f);
 }
 
