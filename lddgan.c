@@ -1,5 +1,5 @@
 // lddgan.c: the Latent Denoising Diffusion GAN (Trinh et al., arXiv
-// 2406.11713; thanhluantrinh/LDDGAN). Stage one, here so far: the KL
+// 2406.11713; thanhluantrinh/LDDGAN). Stage one: the KL
 // autoencoder whose latent space the GAN works in, latent-diffusion's
 // AutoencoderKL (CompVis/latent-diffusion, ldm/models/autoencoder.py) with
 // the Encoder and Decoder of ldm/modules/diffusionmodules/model.py, which
@@ -7,9 +7,15 @@
 // cifar10_16x16x4.yaml. Parameter names are AutoencoderKL's state_dict keys
 // (the loss's own keys, loss.*, aside), so checkpoints move both ways.
 //
+// Stage two: the denoising-diffusion GAN (score_sde's NCSNpp generator and
+// DDGAN's Discriminator_small, LDDGAN's diffusion.py and train_ldgan.py's
+// iteration, R1 by double backward), with the official parameter names.
+//
 // Sections: configuration, parameters (declared in state_dict order),
 // forward: ResnetBlock, AttnBlock, resampling, Encoder, Decoder; the loss's
-// PatchGAN discriminator. Backward comes from the tape.
+// PatchGAN discriminator and LPIPSWithDiscriminator; stage two's schedule,
+// discriminator, generator, iteration, sampler and files. Backward comes from
+// the tape (and, for R1, graph_grad's ops).
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 
