@@ -2605,6 +2605,43 @@ static int cmd_ae(int argc, char **argv) {
 }
 
 // ---------------------------------------------------------------------------
+// ---- resuming casdm train-ae and casdm train --model lddgan/ddgan ----
+// The options that define a run's loss (or its data order), as its
+// checkpoint records them; a resume with other values is an error naming the
+// flag. The step counters and the RNG, every value checked.
+// ---------------------------------------------------------------------------
+typedef struct { const char *key, *flag; double value; } RunOption;
+
+static void resume_check_options(const StFile *f, const char *path, const RunOption *ro, int n,
+                                 const char *what) {
+    char buf[64];
+    for (int i = 0; i < n; i++) {
+        char *end;
+        if (st_meta(f, ro[i].key, buf, sizeof buf) != 0)
+            fatal("--resume: '%s' has no '%s' in its metadata", path, ro[i].key);
+        double v = strtod(buf, &end);
+        if (*end || (float)v != (float)ro[i].value)
+            fatal("--resume: '%s' was trained with %s %s; this run asks for %g (%s must not "
+                  "change within a run)", path, ro[i].flag, buf, ro[i].value, what);
+    }
+}
+
+static long resume_meta_long(const StFile *f, const char *path, const char *key, long lo, long hi) {
+    long v;
+    char err[600];
+    if (meta_long(f, path, key, lo, hi, &v, err, sizeof err) != 0) fatal("--resume: %s", err);
+    return v;
+}
+
+static void resume_rng(const StFile *f, const char *path, Rng *r) {
+    char err[600];
+    if (meta_hex64(f, path, "rng_state", &r->state, err, sizeof err) ||
+        meta_hex64(f, path, "rng_inc", &r->inc, err, sizeof err))
+        fatal("--resume: %s", err);
+    if (!(r->inc & 1)) fatal("--resume: '%s': rng_inc is even (not a PCG32 stream)", path);
+}
+
+// ---------------------------------------------------------------------------
 // ---- casdm train-ae --data PATH --lpips FILE: the LDDGAN autoencoder ----
 // latent-diffusion's AutoencoderKL.training_step as Lightning runs it
 // (ldm/models/autoencoder.py): per iteration a generator step (encoder,
@@ -2793,12 +2830,9 @@ static void ae_state_free(AEState *s) {
     adam_free(&s->adam_disc);
 }
 
-// the options that define the loss, as the checkpoint records them: a
-// resume with other values is an error naming the flag
-typedef struct { const char *key, *flag; double value; } AELossOption;
-
-static int ae_loss_options(const AEOpts *o, AELossOption *out) {
-    const AELossOption v[] = {
+// the options that define the loss (RunOption: checked on resume)
+static int ae_loss_options(const AEOpts *o, RunOption *out) {
+    const RunOption v[] = {
         {"kl_weight", "--kl-weight", o->kl_weight},
         {"disc_weight", "--disc-weight", o->disc_weight},
         {"disc_factor", "--disc-factor", o->disc_factor},
@@ -2851,7 +2885,7 @@ static int ae_state_save(const AEState *s, const AEOpts *o, const char *path, ch
                 off += ps->t[i].size;
             }
         }
-    AELossOption lo[16];
+    RunOption lo[16];
     int nlo = ae_loss_options(o, lo);
     char kv[32][2][64];
     const char *meta[2 * 32 + 1];
@@ -2881,13 +2915,6 @@ static int ae_state_save(const AEState *s, const AEOpts *o, const char *path, ch
     return rc;
 }
 
-static long ae_meta_long(const StFile *f, const char *path, const char *key, long lo, long hi) {
-    long v;
-    char err[600];
-    if (meta_long(f, path, key, lo, hi, &v, err, sizeof err) != 0) fatal("--resume: %s", err);
-    return v;
-}
-
 // The run in a checkpoint of casdm train-ae; the options must give the same
 // architecture and loss
 static void ae_state_load(AEState *s, const AEOpts *o, const AEConfig *want, const char *path) {
@@ -2897,17 +2924,8 @@ static void ae_state_load(AEState *s, const AEOpts *o, const AEConfig *want, con
     if (st_meta(&f, "checkpoint", buf, sizeof buf) != 0 || strcmp(buf, "casdm-train-ae-1") != 0)
         fatal("--resume: '%s' is not a casdm train-ae checkpoint (weights alone cannot be resumed)",
               path);
-    AELossOption lo[16];
-    int nlo = ae_loss_options(o, lo);
-    for (int i = 0; i < nlo; i++) {
-        char *end;
-        if (st_meta(&f, lo[i].key, buf, sizeof buf) != 0)
-            fatal("--resume: '%s' has no '%s' in its metadata", path, lo[i].key);
-        double v = strtod(buf, &end);
-        if (*end || (float)v != (float)lo[i].value)
-            fatal("--resume: '%s' was trained with %s %s; this run asks for %g (the loss must not "
-                  "change within a run)", path, lo[i].flag, buf, lo[i].value);
-    }
+    RunOption lo[16];
+    resume_check_options(&f, path, lo, ae_loss_options(o, lo), "the loss");
     memset(s, 0, sizeof *s);
     if (ae_load(&s->ae, path, 1, err, sizeof err) != 0) fatal("--resume: %s", err);
     AEConfig got = s->ae.cfg, w = *want;
@@ -2933,14 +2951,11 @@ static void ae_state_load(AEState *s, const AEOpts *o, const AEConfig *want, con
     snprintf(pm, sizeof pm, "adam_v.%s", dprefix);
     if (!rc) rc = load_tensors(&s->disc.params, &f, path, pm, s->adam_disc.v, err, sizeof err);
     if (rc) fatal("--resume: %s", err);
-    s->step = ae_meta_long(&f, path, "step", 0, LOG_MAX_STEP);
-    s->adam_ae.step = ae_meta_long(&f, path, "adam_step_ae", 0, s->step);
-    s->adam_disc.step = ae_meta_long(&f, path, "adam_step_disc", 0, s->step);
-    s->disc.num_batches_tracked = ae_meta_long(&f, path, "disc_batches_tracked", 0, 3 * s->step);
-    if (meta_hex64(&f, path, "rng_state", &s->rng.state, err, sizeof err) ||
-        meta_hex64(&f, path, "rng_inc", &s->rng.inc, err, sizeof err))
-        fatal("--resume: %s", err);
-    if (!(s->rng.inc & 1)) fatal("--resume: '%s': rng_inc is even (not a PCG32 stream)", path);
+    s->step = resume_meta_long(&f, path, "step", 0, LOG_MAX_STEP);
+    s->adam_ae.step = resume_meta_long(&f, path, "adam_step_ae", 0, s->step);
+    s->adam_disc.step = resume_meta_long(&f, path, "adam_step_disc", 0, s->step);
+    s->disc.num_batches_tracked = resume_meta_long(&f, path, "disc_batches_tracked", 0, 3 * s->step);
+    resume_rng(&f, path, &s->rng);
     st_free(&f);
 }
 
@@ -3479,12 +3494,9 @@ static int gan_epochs(const GanOpts *o, int lddgan) {
     return o->epochs ? o->epochs : lddgan ? 2000 : 1800;  // run.sh; DDGAN's readme
 }
 
-// the options that define the run's loss and data order, as the checkpoint
-// records them: a resume with other values is an error naming the flag
-typedef struct { const char *key, *flag; double value; } GanRunOption;
-
-static int gan_run_options(const GanOpts *o, int lddgan, GanRunOption *out) {
-    const GanRunOption v[] = {
+// the options that define the run's loss and data order (RunOption: checked on resume)
+static int gan_run_options(const GanOpts *o, int lddgan, RunOption *out) {
+    const RunOption v[] = {
         {"r1_gamma", "--r1-gamma", o->r1_gamma},
         {"lazy_reg", "--lazy-reg", o->lazy_reg},
         {"rec_loss", "--rec-loss", rec_loss_on(o, lddgan)},
@@ -3554,7 +3566,7 @@ static int gan_state_save(const GanState *s, const GanOpts *o, const char *path,
         GAN_META("scale_factor", "%.9g", s->scale);
         GAN_META("ae_hash", "%016llx", (unsigned long long)s->ae_hash);
     }
-    GanRunOption ro[16];
+    RunOption ro[16];
     int nro = gan_run_options(o, s->lddgan, ro);
     for (int i = 0; i < nro; i++) GAN_META(ro[i].key, "%.9g", ro[i].value);
 #undef GAN_META
@@ -3575,18 +3587,11 @@ static int gan_state_save(const GanState *s, const GanOpts *o, const char *path,
     return rc;
 }
 
-static long gan_meta_long(const StFile *f, const char *path, const char *key, long lo, long hi) {
-    long v;
-    char err[600];
-    if (meta_long(f, path, key, lo, hi, &v, err, sizeof err) != 0) fatal("--resume: %s", err);
-    return v;
-}
-
 // a resumed run's options against its checkpoint: the configuration (T
 // named), the loss and data options; the learning rates may change (a notice)
 static void gan_check_resume(const StFile *f, const char *path, const GanOpts *o, int lddgan,
                              const GanConfig *want) {
-    char err[600], buf[64];
+    char err[600];
     GanConfig got;
     if (gan_config_read(f, path, &got, err, sizeof err) != 0) fatal("--resume: %s", err);
     if (got.T != want->T)
@@ -3603,18 +3608,8 @@ static void gan_check_resume(const StFile *f, const char *path, const GanOpts *o
               "data give (generator nf %d, %d levels, nz %d on %dx%dx%d; discriminator ngf %d, "
               "%d layers)", path, got.gen.nf, got.gen.n_levels, got.gen.nz, got.gen.channels,
               got.gen.image_size, got.gen.image_size, got.ngf, got.disc_layers);
-    GanRunOption ro[16];
-    int nro = gan_run_options(o, lddgan, ro);
-    for (int i = 0; i < nro; i++) {
-        char *end;
-        if (st_meta(f, ro[i].key, buf, sizeof buf) != 0)
-            fatal("--resume: '%s' has no '%s' in its metadata", path, ro[i].key);
-        double v = strtod(buf, &end);
-        if (*end || (float)v != (float)ro[i].value)
-            fatal("--resume: '%s' was trained with %s %s; this run asks for %g (the loss and "
-                  "the data order must not change within a run)", path, ro[i].flag, buf,
-                  ro[i].value);
-    }
+    RunOption ro[16];
+    resume_check_options(f, path, ro, gan_run_options(o, lddgan, ro), "the loss and the data order");
 }
 
 static void gan_state_init(GanState *s, const GanOpts *o) {
@@ -3633,8 +3628,8 @@ static void gan_state_load(GanState *s, const GanOpts *o, const StFile *f, const
     if (!rc) rc = gan_disc_load_st(&s->D, &s->cfg, 1, f, path, "netD.", err, sizeof err);
     if (rc) fatal("--resume: %s", err);
     gan_optim_init(&s->opt, &s->G, &s->D, o->lr_g, o->lr_d, o->ema);
-    s->step = gan_meta_long(f, path, "step", 0, LOG_MAX_STEP);
-    if (gan_meta_long(f, path, "ema_started", 0, 1)) {
+    s->step = resume_meta_long(f, path, "step", 0, LOG_MAX_STEP);
+    if (resume_meta_long(f, path, "ema_started", 0, 1)) {
         s->opt.ema = mallocCheck(s->G.params.total * sizeof(float));
         rc = load_tensors(&s->G.params, f, path, "", s->opt.ema, err, sizeof err);
     }
@@ -3643,12 +3638,9 @@ static void gan_state_load(GanState *s, const GanOpts *o, const StFile *f, const
     if (!rc) rc = load_tensors(&s->D.params, f, path, "adam_m.netD.", s->opt.adam_d.m, err, sizeof err);
     if (!rc) rc = load_tensors(&s->D.params, f, path, "adam_v.netD.", s->opt.adam_d.v, err, sizeof err);
     if (rc) fatal("--resume: %s", err);
-    s->opt.adam_g.step = gan_meta_long(f, path, "adam_step_g", 0, s->step);
-    s->opt.adam_d.step = gan_meta_long(f, path, "adam_step_d", 0, s->step);
-    if (meta_hex64(f, path, "rng_state", &s->rng.state, err, sizeof err) ||
-        meta_hex64(f, path, "rng_inc", &s->rng.inc, err, sizeof err))
-        fatal("--resume: %s", err);
-    if (!(s->rng.inc & 1)) fatal("--resume: '%s': rng_inc is even (not a PCG32 stream)", path);
+    s->opt.adam_g.step = resume_meta_long(f, path, "adam_step_g", 0, s->step);
+    s->opt.adam_d.step = resume_meta_long(f, path, "adam_step_d", 0, s->step);
+    resume_rng(f, path, &s->rng);
     char buf[64];
     if (st_meta(f, "lr_g", buf, sizeof buf) == 0 && (float)strtod(buf, NULL) != (float)o->lr_g)
         fprintf(stderr, "notice: --lr-g %g (the checkpoint's run had %s)\n", o->lr_g, buf);
@@ -3925,7 +3917,7 @@ static int cmd_train_gan(int argc, char **argv) {
     long saved_step = -1;
     if (resumed) {
         gan_check_resume(&ck, from, &o, lddgan, &s.cfg);
-        if (gan_meta_long(&ck, from, "iters_per_epoch", 1, LOG_MAX_STEP) != s.iters_per_epoch)
+        if (resume_meta_long(&ck, from, "iters_per_epoch", 1, LOG_MAX_STEP) != s.iters_per_epoch)
             fatal("--resume: '%s' had another number of images per epoch than --data '%s' (%d "
                   "images, batch %d)", from, o.data, im->n, o.batch);
         gan_state_load(&s, &o, &ck, from);

@@ -677,31 +677,52 @@ static void test_gan_gen(const StFile *f) {
     gan_gen_free(&G);
 }
 
+// the step goldens' setting: the small generator and discriminator on
+// test_values weights, the T = 4 schedule, a trainer; t and the noise of step/
+typedef struct {
+    GanGen G;
+    GanDisc D;
+    GanSchedule s;
+    GanTrainer tr;
+    int t[8];
+    GanNoise nz;
+} GanStepFixture;
+
+static void gan_fixture_init(GanStepFixture *fx, const StFile *f) {
+    GanGenConfig c;
+    small_gen_config(&c);
+    gan_gen_init(&fx->G, &c, 1, NULL);
+    test_init_params(&fx->G.params, "ggen.");
+    gan_disc_init(&fx->D, 8, 8, 32, 3, 1, NULL);
+    test_init_params(&fx->D.params, "gdisc.");
+    gan_schedule_init(&fx->s, 4, 0.1, 20.0);
+    gan_trainer_init(&fx->tr, &fx->G, &fx->D, &fx->s);
+    for (int i = 0; i < 8; i++) fx->t[i] = (int)st_find(f, "step/t")->data[i];
+    fx->nz = (GanNoise){st_find(f, "step/eps1")->data, st_find(f, "step/eps2")->data,
+                        st_find(f, "step/z")->data, st_find(f, "step/eps_post")->data};
+}
+
+static void gan_fixture_free(GanStepFixture *fx) {
+    gan_trainer_free(&fx->tr);
+    gan_gen_free(&fx->G);
+    gan_disc_free(&fx->D);
+}
+
 // one iteration's gradients against lddgan_ref's d_step_loss / g_step_loss
 // with the same noise: the D step with R1 (gamma 0.02), every term and every
 // D gradient; the G step (alpha 0.7), its terms and every G gradient
 static void test_gan_step(const StFile *f) {
-    GanGenConfig c;
-    small_gen_config(&c);
-    GanGen G;
-    gan_gen_init(&G, &c, 1, NULL);
-    test_init_params(&G.params, "ggen.");
-    GanDisc D;
-    gan_disc_init(&D, 8, 8, 32, 3, 1, NULL);
-    test_init_params(&D.params, "gdisc.");
-    GanSchedule s;
-    gan_schedule_init(&s, 4, 0.1, 20.0);
-    GanTrainer tr;
-    gan_trainer_init(&tr, &G, &D, &s);
-    int t[8];
-    for (int i = 0; i < 8; i++) t[i] = (int)st_find(f, "step/t")->data[i];
-    GanNoise nz = {st_find(f, "step/eps1")->data, st_find(f, "step/eps2")->data,
-                   st_find(f, "step/z")->data, st_find(f, "step/eps_post")->data};
+    GanStepFixture fx;
+    gan_fixture_init(&fx, f);
+    GanGen *G = &fx.G;
+    GanDisc *D = &fx.D;
+    const int *t = fx.t;
+    const GanNoise *nz = &fx.nz;
     const float *x0 = st_find(f, "step/x0")->data;
     GanTerms terms;
-    params_zero_grad(&D.params);
-    params_zero_grad(&G.params);
-    gan_d_grads(&tr, x0, 8, t, &nz, 0.02f, &terms);
+    params_zero_grad(&D->params);
+    params_zero_grad(&G->params);
+    gan_d_grads(&fx.tr, x0, 8, t, nz, 0.02f, &terms);
     double et = 0.0;
     const char *dn[5] = {"step/d_real", "step/d_logit_real", "step/d_r1", "step/d_fake", "step/d_logit_fake"};
     double dv[5] = {terms.d_real, terms.logit_real, terms.r1, terms.d_fake, terms.logit_fake};
@@ -709,24 +730,24 @@ static void test_gan_step(const StFile *f) {
         double r = st_find(f, dn[i])->data[0];
         et = fmax(et, fabs(dv[i] - r) / fmax(fabs(r), 1e-6));
     }
-    double ed = grads_vs(&D.params, f, "step/d_grad/", 1e-3);
-    double gsum = sqrt(grad_norm_sq(G.params.grad, G.params.total));  // none in the D step
-    params_zero_grad(&D.params);
-    gan_g_grads(&tr, x0, 8, t, &nz, 0.7f, &terms);
-    double dsum = sqrt(grad_norm_sq(D.params.grad, D.params.total));  // none in the G step
+    double ed = grads_vs(&D->params, f, "step/d_grad/", 1e-3);
+    double gsum = sqrt(grad_norm_sq(G->params.grad, G->params.total));  // none in the D step
+    params_zero_grad(&D->params);
+    gan_g_grads(&fx.tr, x0, 8, t, nz, 0.7f, &terms);
+    double dsum = sqrt(grad_norm_sq(D->params.grad, D->params.total));  // none in the G step
     const char *gn[2] = {"step/g_adv", "step/rec"};
     double gv[2] = {terms.g_adv, terms.rec};
     for (int i = 0; i < 2; i++) {
         double r = st_find(f, gn[i])->data[0];
         et = fmax(et, fabs(gv[i] - r) / fmax(fabs(r), 1e-6));
     }
-    double eg = sampled_grad_error(&G.params, f, "step/g_", NULL, 0);
+    double eg = sampled_grad_error(&G->params, f, "step/g_", NULL, 0);
     // the sampler: four generator calls and posterior samples from x_T
     const StEntry *xi = st_find(f, "sample/x_init"), *so = st_find(f, "sample/out");
     float *out = mallocCheck(xi->size * sizeof(float));
     Graph gs;
     graph_init(&gs, 0, 0);
-    gan_sample(&gs, &G, &s, xi->data, 3, st_find(f, "sample/z")->data, st_find(f, "sample/eps")->data,
+    gan_sample(&gs, G, &fx.s, xi->data, 3, st_find(f, "sample/z")->data, st_find(f, "sample/eps")->data,
                out);
     double esmp = rel_to_max(out, so->data, so->size);
     graph_free(&gs);
@@ -737,9 +758,7 @@ static void test_gan_step(const StFile *f) {
                 "GAN training iteration vs PyTorch: D step with R1 and G step with the L1 term, same noise",
                 "terms %.1e; D gradients %.1e of their max, G gradients %.1e of their rms (tol 1e-4); "
                 "the other network untouched in each step", et, ed, eg);
-    gan_trainer_free(&tr);
-    gan_gen_free(&G);
-    gan_disc_free(&D);
+    gan_fixture_free(&fx);
 }
 
 // The largest |w - golden| over the sampled weights of ps (256 evenly spaced a
@@ -801,37 +820,25 @@ static void sampled_weight_error(const ParamSet *ps, const float *data, const St
 // the EMA within 1e-3 of the learning rate. Weighted Learning's alpha against
 // closed forms: 1 - sigmoid(phi) = sigmoid(-phi), phi = -6 + 12 epoch / E.
 static void test_gan_iteration(const StFile *f) {
-    GanGenConfig c;
-    small_gen_config(&c);
-    GanGen G;
-    gan_gen_init(&G, &c, 1, NULL);
-    test_init_params(&G.params, "ggen.");
-    GanDisc D;
-    gan_disc_init(&D, 8, 8, 32, 3, 1, NULL);
-    test_init_params(&D.params, "gdisc.");
-    GanSchedule s;
-    gan_schedule_init(&s, 4, 0.1, 20.0);
-    GanTrainer tr;
-    gan_trainer_init(&tr, &G, &D, &s);
+    GanStepFixture fx;
+    gan_fixture_init(&fx, f);
+    GanGen *G = &fx.G;
+    GanDisc *D = &fx.D;
     GanOptim op;
-    gan_optim_init(&op, &G, &D, 1.6e-4, 1.25e-4, 0.5);
-    int t[8];
-    for (int i = 0; i < 8; i++) t[i] = (int)st_find(f, "step/t")->data[i];
-    GanNoise nz = {st_find(f, "step/eps1")->data, st_find(f, "step/eps2")->data,
-                   st_find(f, "step/z")->data, st_find(f, "step/eps_post")->data};
+    gan_optim_init(&op, G, D, 1.6e-4, 1.25e-4, 0.5);
     GanTerms terms;
     char err[256] = "";
     int rc = 0;
     for (int it = 0; it < 2; it++)
-        rc |= gan_iteration(&tr, &op, st_find(f, "step/x0")->data, 8, t, &nz, t, &nz,
+        rc |= gan_iteration(&fx.tr, &op, st_find(f, "step/x0")->data, 8, fx.t, &fx.nz, fx.t, &fx.nz,
                             it == 0 ? 0.02f : 0.0f, 0.7f, &terms, err, sizeof err);
     char wd[160] = "", wg[160] = "", we[160] = "";
     double ed[2], eg[2], ee[2] = {INFINITY, INFINITY};
-    sampled_weight_error(&D.params, D.params.data, f, "iter/d/", NULL, 1.25e-4, ed, wd, sizeof wd);
-    sampled_weight_error(&G.params, G.params.data, f, "iter/g/", "step/g_", 1.6e-4, eg, wg,
+    sampled_weight_error(&D->params, D->params.data, f, "iter/d/", NULL, 1.25e-4, ed, wd, sizeof wd);
+    sampled_weight_error(&G->params, G->params.data, f, "iter/g/", "step/g_", 1.6e-4, eg, wg,
                          sizeof wg);
     if (op.ema)
-        sampled_weight_error(&G.params, op.ema, f, "iter/ema/", "step/g_", 1.6e-4, ee, we,
+        sampled_weight_error(&G->params, op.ema, f, "iter/ema/", "step/g_", 1.6e-4, ee, we,
                              sizeof we);
     test_result(rc == 0 && ed[0] <= 1e-3 && eg[1] <= 1e-3 && ee[1] <= 1e-3 && eg[0] <= 2e-2 &&
                     ee[0] <= 2e-2 && op.adam_d.step == 2 && op.adam_g.step == 2,
@@ -848,9 +855,7 @@ static void test_gan_iteration(const StFile *f) {
     test_result(ea <= 1e-12, "GAN: Weighted Learning's alpha(epoch) (LDDGAN, E = 2000)",
                 "%.1e from sigmoid(6), sigmoid(3), sigmoid(0.3), 1/2, sigmoid(-6)", ea);
     gan_optim_free(&op);
-    gan_trainer_free(&tr);
-    gan_gen_free(&G);
-    gan_disc_free(&D);
+    gan_fixture_free(&fx);
 }
 
 static void test_gan_disc(void) {
