@@ -288,38 +288,17 @@ def ae_step(a):
                       "batch": B, "step_s": round(med, 4), "peak_rss_mib": round(R.peak_rss_mib(), 1)}))
 
 
-# run.sh's CIFAR-10 generator, and the fixed values of train_ldgan.py's parser
-LDDGAN_CIFAR = dict(num_channels=4, image_size=16, num_channels_dae=128, ch_mult=[1, 2, 2],
-                    num_res_blocks=2, attn_resolutions=[32], nz=50, z_emb_dim=256, n_mlp=4,
-                    centered=True, not_use_tanh=False, fir=True, fir_kernel=[1, 3, 3, 1],
-                    skip_rescale=True, resblock_type="biggan", progressive="none",
-                    progressive_input="residual", progressive_combine="sum",
-                    embedding_type="positional", fourier_scale=16.0, dropout=0.0,
-                    conditional=True, patch_size=1, resamp_with_conv=True, training=True,
-                    num_timesteps=4, beta_min=0.1, beta_max=20.0, use_geometric=False)
-
-
 def official_gan(root):
-    """LDDGAN's NCSNpp, Discriminator_small and diffusion.py from a checkout, stubbed as
-    tools/witness_ncsnpp.py does: einops (rearrange is the identity at patch_size 1) and
-    torch.utils.cpp_extension.load while score_sde.op is imported (nothing compiled; on
-    the CPU the official dispatcher takes upfirdn2d_native)."""
-    import types
-    import torch.utils.cpp_extension
-    einops = types.ModuleType("einops")
-    einops.rearrange = lambda x, pattern, p1=1, p2=1: x
-    sys.modules["einops"] = einops
-    sys.path.insert(0, root)
-    load = torch.utils.cpp_extension.load
-    torch.utils.cpp_extension.load = lambda *a, **k: None
-    try:
-        import score_sde.op  # noqa: F401
-    finally:
-        torch.utils.cpp_extension.load = load
-    from score_sde.models.ncsnpp_generator_adagn import NCSNpp
-    from score_sde.models.discriminator import Discriminator_small
-    import diffusion
-    args = argparse.Namespace(**LDDGAN_CIFAR)
+    """LDDGAN's NCSNpp (run.sh's CIFAR-10 sizes), Discriminator_small and diffusion.py
+    from a checkout (lddgan_ref.import_official)."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import lddgan_ref as D
+    NCSNpp, Discriminator_small, diffusion = D.import_official(root)
+    args = argparse.Namespace(num_channels=4, image_size=16, num_channels_dae=128, ch_mult=[1, 2, 2],
+                              num_res_blocks=2, attn_resolutions=[32], nz=50, z_emb_dim=256,
+                              n_mlp=4, num_timesteps=4, beta_min=0.1, beta_max=20.0,
+                              **D.OFFICIAL_FIXED)
     gen = NCSNpp(args)
     disc = Discriminator_small(nc=8, ngf=64, t_emb_dim=256, act=torch.nn.LeakyReLU(0.2), num_layers=3)
     coeff = diffusion.Diffusion_Coefficients(args, "cpu")

@@ -24,6 +24,9 @@ and back.
           are the official ones key for key (tools/witness_ncsnpp.py,
           witness_ddgan_disc.py), and load into the official NCSNpp / Discriminator_small
           with strict=True once 'module.' is stripped.
+--official LDDGAN  with --to-torch: also load what was written into LDDGAN's own NCSNpp
+          (and Discriminator_small) from that checkout, strict=True, as test_ldgan.py
+          does after stripping 'module.', and run both generators on one input.
 
 Written atomically (tmp + rename), safetensors F32, metadata format "casdm-ddgan-1" with
 the configuration under the official argument names (what lddgan.c's gan_config_read
@@ -93,6 +96,35 @@ def strict(module, sd, what):
     return module.state_dict()
 
 
+def check_official(a, cfg, dsd):
+    """The files just written, loaded as test_ldgan.py loads netG (key[7:], here strict) into
+    LDDGAN's own modules; both generators on one input agree."""
+    NCSNpp, Discriminator_small, _ = D.import_official(a.official)
+    args = argparse.Namespace(num_channels=cfg["num_channels"], image_size=cfg["image_size"],
+                              num_channels_dae=cfg["num_channels_dae"], ch_mult=list(cfg["ch_mult"]),
+                              num_res_blocks=cfg["num_res_blocks"],
+                              attn_resolutions=list(cfg["attn_resolutions"]), nz=cfg["nz"],
+                              z_emb_dim=cfg["z_emb_dim"], n_mlp=cfg["n_mlp"], **D.OFFICIAL_FIXED)
+    off = NCSNpp(args)
+    ckpt = torch.load(a.out, map_location="cpu")
+    off.load_state_dict({k[7:]: v for k, v in ckpt.items()}, strict=True)
+    ours = generator(cfg)
+    ours.load_state_dict({k[7:]: v for k, v in ckpt.items()}, strict=True)
+    n, c, s = 3, cfg["num_channels"], cfg["image_size"]
+    x, t, z = torch.randn(n, c, s, s), torch.tensor([0, 1, cfg["num_timesteps"] - 1]), torch.randn(n, cfg["nz"])
+    with torch.no_grad():
+        d = (off(x, t, z) - ours(x, t, z)).abs().max().item()
+    print(f"{a.out}: loads into LDDGAN's NCSNpp (strict); outputs differ by {d:.1e}")
+    if dsd is not None:
+        disc = Discriminator_small(nc=2 * c, ngf=cfg["ngf"], t_emb_dim=cfg["t_emb_dim"],
+                                   act=torch.nn.LeakyReLU(0.2), num_layers=cfg["num_disc_layers"])
+        disc.load_state_dict({k[7:]: v for k, v in torch.load(a.netD, map_location="cpu").items()},
+                             strict=True)
+        print(f"{a.netD}: loads into LDDGAN's Discriminator_small (strict)")
+    if d > 1e-4:
+        raise SystemExit("the official generator's output differs from tools/lddgan_ref.py's")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt")
@@ -100,6 +132,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--netD", help="with --to-torch: also write the discriminator here")
     ap.add_argument("--raw", action="store_true", help="with --to-torch: netG. (not the EMA)")
+    ap.add_argument("--official", help="with --to-torch: an LDDGAN checkout to load the result into")
     ap.add_argument("--model", choices=sorted(PRESETS), default="lddgan")
     ap.add_argument("--scale-factor", type=float, help="lddgan: the latent divisor (105)")
     for k in INTS:
@@ -122,6 +155,7 @@ def main():
         st.atomic(a.out, lambda p: torch.save({"module." + k: v for k, v in sd.items()}, p))
         print(f"wrote {a.out}: {len(sd)} tensors ({'raw' if a.raw else 'EMA'} generator, "
               "'module.' prefix as netG_*.pth)")
+        dsd = None
         if a.netD:
             d = {k[5:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("netD.")}
             if not d:
@@ -129,6 +163,8 @@ def main():
             dsd = strict(discriminator(cfg), d, a.to_torch)
             st.atomic(a.netD, lambda p: torch.save({"module." + k: v for k, v in dsd.items()}, p))
             print(f"wrote {a.netD}: {len(dsd)} tensors (Discriminator_small)")
+        if a.official:
+            check_official(a, cfg, dsd)
         return
     if not a.ckpt:
         ap.error("--ckpt or --to-torch is needed")

@@ -469,3 +469,37 @@ def train_iteration(gen, disc, opt_g, opt_d, ema, s, x0, t, noise, r1_gamma, alp
         p.requires_grad_(True)
     opt_g.step()
     ema_step(ema, dict(gen.named_parameters()), decay)
+
+
+def import_official(root):
+    """LDDGAN's own NCSNpp class, Discriminator_small class and diffusion module from a
+    checkout at root, with the stubs tools/witness_ncsnpp.py explains: einops (rearrange
+    is the identity at patch_size 1) and torch.utils.cpp_extension.load while score_sde.op
+    is imported (nothing is compiled; on the CPU the official dispatcher takes
+    upfirdn2d_native). Float32 as the official code runs."""
+    import sys
+    import types
+    import torch.utils.cpp_extension
+    einops = types.ModuleType("einops")
+    einops.rearrange = lambda x, pattern, p1=1, p2=1: x
+    sys.modules["einops"] = einops
+    sys.path.insert(0, root)
+    load = torch.utils.cpp_extension.load
+    torch.utils.cpp_extension.load = lambda *a, **k: None
+    try:
+        import score_sde.op  # noqa: F401
+    finally:
+        torch.utils.cpp_extension.load = load
+    from score_sde.models.ncsnpp_generator_adagn import NCSNpp as OfficialNCSNpp
+    from score_sde.models.discriminator import Discriminator_small
+    import diffusion
+    return OfficialNCSNpp, Discriminator_small, diffusion
+
+
+# train_ldgan.py's parser values that its NCSNpp reads besides the sizes (run.sh's CIFAR-10)
+OFFICIAL_FIXED = dict(centered=True, not_use_tanh=False, fir=True, fir_kernel=[1, 3, 3, 1],
+                      skip_rescale=True, resblock_type="biggan", progressive="none",
+                      progressive_input="residual", progressive_combine="sum",
+                      embedding_type="positional", fourier_scale=16.0, dropout=0.0,
+                      conditional=True, patch_size=1, resamp_with_conv=True, training=True,
+                      use_geometric=False)
