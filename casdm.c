@@ -3905,6 +3905,15 @@ static int cmd_train_gan(int argc, char **argv) {
         S = s.ae.cfg.resolution >> (s.ae.cfg.n_levels - 1);
     }
     gan_config_from(&o, lddgan, C, S, &s.cfg);
+    {  // the weights, their gradients, Adam's moments and G's EMA, before any is allocated
+        size_t nd, ng = gan_param_count(&s.cfg, &nd);
+        double need = 4.0 * (5.0 * (double)ng + 4.0 * (double)nd), have = machine_bytes();
+        if (have > 0.0 && need > have)
+            fatal("this configuration's generator (%zu parameters) and discriminator (%zu) need "
+                  "~%.1f GB for weights and optimiser state alone; the machine has %.1f GB: "
+                  "lower --nf/--ngf or --ch-mult", ng, nd, need / 1073741824.0,
+                  have / 1073741824.0);
+    }
     gan_schedule_init(&s.sched, s.cfg.T, s.cfg.beta_min, s.cfg.beta_max);
     int E = gan_epochs(&o, lddgan), rec = rec_loss_on(&o, lddgan);
     long steps = o.steps ? o.steps : (long)(E + 1) * s.iters_per_epoch;

@@ -572,6 +572,8 @@ int gan_config_check(const GanConfig *c, char *err, size_t errlen);
 #define GAN_CONFIG_KEYS 16
 // the configuration as metadata pairs: kv[i][0] = key, kv[i][1] = value; the count
 int gan_config_meta(const GanConfig *c, char kv[][2][64]);
+// the generator's parameter count (the discriminator's in *disc), from the layout alone
+size_t gan_param_count(const GanConfig *c, size_t *disc);
 struct StFile;
 int gan_config_read(const struct StFile *f, const char *path, GanConfig *c, char *err, size_t errlen);
 // a network of the configuration from "<prefix><name>" of f: every name and

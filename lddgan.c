@@ -1659,6 +1659,28 @@ int gan_config_read(const StFile *f, const char *path, GanConfig *c, char *err, 
     return rc;
 }
 
+// the parameter counts of a configuration, from its layout alone (nothing allocated)
+size_t gan_param_count(const GanConfig *c, size_t *disc) {
+    GanGen *g = mallocCheck(sizeof *g);
+    memset(g, 0, sizeof *g);
+    g->cfg = c->gen;
+    params_init(&g->params);
+    ParamDecl d;
+    param_decl_init(&d, &g->params);
+    gen_layout(g, &d);
+    param_decl_free(&d);
+    size_t n = g->params.total;
+    params_free(&g->params);
+    free(g);
+    GanDisc *D = mallocCheck(sizeof *D);
+    disc_layout(D, 2 * c->gen.channels, c->ngf, c->t_emb_dim, c->disc_layers, &d);
+    param_decl_free(&d);
+    *disc = D->params.total;
+    params_free(&D->params);
+    free(D);
+    return n;
+}
+
 int gan_gen_load_st(GanGen *G, const GanConfig *c, int trainable, const StFile *f,
                     const char *path, const char *prefix, char *err, size_t errlen) {
     GanGen *layout = mallocCheck(sizeof *layout);

@@ -645,6 +645,7 @@ if [ "$gan_ok" -eq 1 ]; then
     expect 1 "another architecture" ./casdm train $gao --nf 64 --steps 9 --out "$dir/x" --resume "$dir/gan_a"
     expect 1 "is a --model lddgan run" ./casdm train --model ddgan $gno --steps 9 --out "$dir/x" --resume "$dir/gan_a"
     expect 1 "fewer than one batch" ./casdm train $gao --batch 25 --out "$dir/x"
+    expect 1 "for weights and optimiser state alone" ./casdm train $gao --nf 4096 --ch-mult 4,4 --out "$dir/x"
     expect 1 "--rec-loss 'l2' is not sigmoid or none" ./casdm train $gao --rec-loss l2 --out "$dir/x"
     expect 1 "does not halve" ./casdm train $gao --ch-mult 1,2,2,2,2,2 --out "$dir/x"
     expect 1 "leave them out" ./casdm sample --ckpt "$dir/gan_a/ckpt.safetensors" --steps 10 --out "$dir/x"
