@@ -1779,8 +1779,8 @@ static int conv_on_planes(int H, int W, int K, int stride, int pad) {
 // input: no im2col, no packed B panels (which, with 32-64 output channels,
 // cost as much as the GEMM they fed). Outputs at border positions are
 // computed and dropped: 7%, 13% and 23% more work at 28, 14 and 7 pixels.
-// The weight gradient is the same sum read the other way (inner products
-// over p), the input gradient the same convolution of dy with the flipped
+// The weight gradient is the same sum read the other way (a GEMM over p,
+// planes_dweight), the input gradient the same convolution of dy with the flipped
 // kernel. Every output is one thread's, summed in a fixed order.
 // The register tile: PL_MR output channels by PL_NV vectors of positions.
 // 8 x 3 vectors with 32 registers: the U-Net's 32, 64, 128 channels are
@@ -1986,7 +1986,7 @@ static void planes_conv(float *out, const float *in, const float *A, float *Ap, 
 // panel is packed from plain copies. Measured (AMD EPYC Zen 5, 1 and 2
 // threads): twice the speed of the inner-product kernel this replaced, whose
 // unaligned loads from 10 rows at a time ran from L2 (62-88 GFLOP/s on one
-// thread against 130-180 for this GEMM, at 32 to 512 channels).
+// thread against 90-180 for this GEMM, at 32 to 512 channels).
 typedef struct {
     const float *x;       // the planes, from position 0
     const ptrdiff_t *off; // planes_offsets
