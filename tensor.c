@@ -1888,14 +1888,21 @@ static void planes_offsets(ptrdiff_t *off, const ConvPlanes *g, int K) {
                                                      (kx - g->pad);
 }
 
-// the register tile: c (MR, NR) (+)= a (kc, MR)^T @ B, B row p = in + off[p]
-static void planes_micro_kernel(size_t kc, const float *a, const float *in, const ptrdiff_t *off,
-                                float *c, size_t ldc, int accumulate) {
+// the register tile: c (mr <= MR rows, NR) (+)= A rows (mr, kc) @ B, B row p
+// = in + off[p]. A is read where it lies, row i at a + i * lda: per tap the
+// MR broadcasts come from MR rows, each walked in order (MR streams the
+// prefetcher follows), so no packed copy of the weights is made. Rows past
+// mr repeat the last one and are not stored.
+static void planes_micro_kernel(size_t kc, const float *a, size_t lda, int mr, const float *in,
+                                const ptrdiff_t *off, float *c, size_t ldc, int accumulate) {
+    const float *row[PL_MR];
     vfloat acc[PL_MR][PL_NV];
     UNROLL
-    for (int i = 0; i < PL_MR; i++)
+    for (int i = 0; i < PL_MR; i++) {
+        row[i] = a + (size_t)(i < mr ? i : mr - 1) * lda;
         UNROLL
         for (int j = 0; j < PL_NV; j++) acc[i][j] = v_zero();
+    }
     for (size_t p = 0; p < kc; p++) {
         const float *b = in + off[p];
         vfloat bv[PL_NV];
@@ -1903,79 +1910,52 @@ static void planes_micro_kernel(size_t kc, const float *a, const float *in, cons
         for (int j = 0; j < PL_NV; j++) bv[j] = v_load(b + j * VLEN);
         UNROLL
         for (int i = 0; i < PL_MR; i++) {
-            vfloat ai = v_set1(a[i]);
+            vfloat ai = v_set1(row[i][p]);
             UNROLL
             for (int j = 0; j < PL_NV; j++) acc[i][j] = v_fma(ai, bv[j], acc[i][j]);
         }
-        a += PL_MR;
     }
     UNROLL
     for (int i = 0; i < PL_MR; i++)
-        UNROLL
-        for (int j = 0; j < PL_NV; j++) {
-            float *cp = c + i * ldc + j * VLEN;
-            v_store(cp, accumulate ? v_add(v_load(cp), acc[i][j]) : acc[i][j]);
-        }
+        if (i < mr)
+            UNROLL
+            for (int j = 0; j < PL_NV; j++) {
+                float *cp = c + i * ldc + j * VLEN;
+                v_store(cp, accumulate ? v_add(v_load(cp), acc[i][j]) : acc[i][j]);
+            }
 }
 
-// out planes (M, ld) = A (M, depth) * taps of in planes; A packed by
-// planes_pack_a, a tile of NR positions per item
+// out planes (M, ld) = A (M, depth) row-major * taps of in planes, a tile of
+// NR positions per item
 typedef struct {
-    float *out; const float *in, *Ap;
+    float *out; const float *in, *A;
     const ptrdiff_t *off;
-    size_t M, depth, Mr, ld, lead;
+    size_t M, depth, ld, lead;
 } PlanesConv;
 
 static void planes_conv_range(void *arg, size_t t0, size_t t1) {
     const PlanesConv *t = arg;
-    float tile[PL_MR * PL_NR];
     for (size_t tp = t0; tp < t1; tp++) {
         size_t p = tp * PL_NR;
         const float *in = t->in + t->lead + p;
         for (size_t pc = 0; pc < t->depth; pc += GEMM_KC) {
             size_t kc = t->depth - pc < GEMM_KC ? t->depth - pc : GEMM_KC;
             for (size_t ir = 0; ir < t->M; ir += PL_MR) {
-                size_t mr = t->M - ir < PL_MR ? t->M - ir : PL_MR;
-                const float *a = t->Ap + pc * t->Mr + ir * kc;
-                float *c = t->out + ir * t->ld + t->lead + p;
-                if (mr == PL_MR) {
-                    planes_micro_kernel(kc, a, in, t->off + pc, c, t->ld, pc > 0);
-                } else {  // the last rows: a full tile into a buffer, the valid rows out
-                    planes_micro_kernel(kc, a, in, t->off + pc, tile, PL_NR, 0);
-                    for (size_t i = 0; i < mr; i++)
-                        for (size_t j = 0; j < PL_NR; j++)
-                            c[i * t->ld + j] = (pc > 0 ? c[i * t->ld + j] : 0.0f) +
-                                               tile[i * PL_NR + j];
-                }
+                int mr = t->M - ir < PL_MR ? (int)(t->M - ir) : PL_MR;
+                planes_micro_kernel(kc, t->A + ir * t->depth + pc, t->depth, mr, in, t->off + pc,
+                                    t->out + ir * t->ld + t->lead + p, t->ld, pc > 0);
             }
         }
     }
 }
 
-// Ap: A (M, depth) row-major in PL_MR-row panels per KC block, block pc's
-// panel ir at pc * Mr + ir * kc, each (kc, PL_MR) with rows past M zero
-static size_t planes_rows(size_t M) { return (M + PL_MR - 1) / PL_MR * PL_MR; }
-
-static void planes_pack_a(float *Ap, const float *A, size_t M, size_t depth) {
-    size_t Mr = planes_rows(M);
-    for (size_t pc = 0; pc < depth; pc += GEMM_KC) {
-        size_t kc = depth - pc < GEMM_KC ? depth - pc : GEMM_KC;
-        float *blk = Ap + pc * Mr;
-        for (size_t ir = 0; ir < M; ir += PL_MR) {
-            size_t mr = M - ir < PL_MR ? M - ir : PL_MR;
-            transpose_block(blk + ir * kc, PL_MR, A + ir * depth + pc, depth, (int)mr, PL_MR, kc);
-        }
-    }
-}
-
 // out planes (M channels) = A (M, Cin*K*K) taps of in planes (g: the input's geometry)
-static void planes_conv(float *out, const float *in, const float *A, float *Ap, size_t M,
-                        const ConvPlanes *g, int K) {
+static void planes_conv(float *out, const float *in, const float *A, size_t M, const ConvPlanes *g,
+                        int K) {
     size_t depth = (size_t)g->C * K * K;
     ptrdiff_t *off = mallocCheck(depth * sizeof *off);
     planes_offsets(off, g, K);
-    planes_pack_a(Ap, A, M, depth);
-    PlanesConv t = {out, in, Ap, off, M, depth, planes_rows(M), g->ld, g->lead};
+    PlanesConv t = {out, in, A, off, M, depth, g->ld, g->lead};
     parallel_for((g->ld - 2 * g->lead) / PL_NR, 1, planes_conv_range, &t);
     free(off);
 }
@@ -2022,7 +2002,7 @@ static void planes_dweight(float *dw, const float *dy, const float *x, size_t M,
 size_t conv2d_forward_scratch(int N, int C, int H, int W, int OC, int K, int stride, int pad) {
     if (conv_on_planes(H, W, K, stride, pad)) {
         ConvPlanes g = planes_of(planes_images(N, C, OC, H, W, pad), C, H, W, pad);
-        return ((size_t)C + OC) * g.ld + planes_rows((size_t)OC) * C * K * K;
+        return ((size_t)C + OC) * g.ld;
     }
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
     size_t ohw = (size_t)OH * OW;
@@ -2036,9 +2016,9 @@ static void conv_forward_on_planes(float *out, float *col, const float *weight, 
                                    const float *shift, const float *residual, int N, int C, int H,
                                    int W, int OC, int K, int pad) {
     ConvPlanes g = planes_of(N, C, H, W, pad), go = planes_of(N, OC, H, W, pad);
-    float *outp = col + (size_t)C * g.ld, *Ap = outp + (size_t)OC * g.ld;
+    float *outp = col + (size_t)C * g.ld;
     flops_forward += 2.0 * OC * (double)N * H * W * C * K * K;
-    planes_conv(outp, col, weight, Ap, (size_t)OC, &g, K);
+    planes_conv(outp, col, weight, (size_t)OC, &g, K);
     ConvPlanesCopy t = {.planes = outp, .nchw = out, .g = &go, .bias = bias, .shift = shift,
                         .residual = residual};
     parallel_for((size_t)OC, 1, from_planes_range, &t);
@@ -2131,7 +2111,7 @@ static ConvScratch conv_backward_layout(int N, int C, int H, int W, int OC, int 
         s.cols = (size_t)C * g.ld;   // x
         s.dy = (size_t)OC * g.ld;
         s.dx = (size_t)C * g.ld;
-        s.wflip = (size_t)C * okk + planes_rows((size_t)C) * okk;
+        s.wflip = (size_t)C * okk;
         s.total = s.cols + s.dy + s.dx + s.wflip;
         return s;
     }
@@ -2198,7 +2178,6 @@ static float *conv_backward_planes(float *dinp, int dx_mode, float *dweight, con
                                    int H, int W, int OC, int K, int pad) {
     ConvScratch L = conv_backward_layout(N, C, H, W, OC, K, 1, pad);
     float *xp = col, *dyp = xp + L.cols, *dxp = dyp + L.dy, *wflip = dxp + L.dx;
-    float *Ap = wflip + (size_t)C * OC * K * K;
     int G = planes_images(N, C, OC, H, W, pad);
     size_t hw = (size_t)H * W;
     if (dx_mode != DX_NONE) {
@@ -2214,7 +2193,7 @@ static float *conv_backward_planes(float *dinp, int dx_mode, float *dweight, con
             planes_dweight(dweight, dyp, xp, (size_t)OC, &gx, K);
         }
         if (dx_mode == DX_NONE) continue;
-        planes_conv(dxp, dyp, wflip, Ap, (size_t)C, &gy, K);
+        planes_conv(dxp, dyp, wflip, (size_t)C, &gy, K);
         if (dx_mode == DX_PLANES) return dxp;  // one group: N (norm_conv_on_planes)
         ConvPlanesCopy t = {.planes = dxp, .nchw = dinp + (size_t)n0 * C * hw, .g = &gx,
                             .add = dx_mode == DX_ADD};
