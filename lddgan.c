@@ -1460,11 +1460,7 @@ void gan_optim_free(GanOptim *o) {
 // EMA.py:53: ema.mul_(decay).add_(p, alpha=1 - decay), the scalars rounded to
 // float as torch does for a float32 tensor
 void gan_ema_update(float *ema, const float *p, size_t n, double decay) {
-    float d = (float)decay, a = (float)(1.0 - decay);
-    for (size_t i = 0; i < n; i++) {
-        float e = ema[i] * d;
-        ema[i] = e + a * p[i];
-    }
+    ema_blend(ema, p, n, (float)decay, (float)(1.0 - decay));
 }
 
 // train_ldgan.py:184-187 (np.linspace: start + i * step, the last point exactly stop)

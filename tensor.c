@@ -633,6 +633,10 @@ void pool_run_chunks(pool_fn fn, void *arg, int nchunks) {
 
 void pool_run(pool_fn fn, void *arg) { pool_run_chunks(fn, arg, pool_threads()); }
 
+// the main thread, no job in progress: no other thread can be in a caller of
+// this (process-wide scratch may be used)
+static int pool_outside_jobs(void) { return pool_thread_id() == 0 && !pool.busy; }
+
 void pool_shutdown(void) { pool_stop_workers(); }
 #else  // THREADS=0: everything on the calling thread
 void pool_init(int nthreads) { (void)nthreads; }
@@ -643,6 +647,7 @@ void pool_run_chunks(pool_fn fn, void *arg, int nchunks) {
 void pool_run(pool_fn fn, void *arg) { fn(arg, 0, 1); }
 void pool_shutdown(void) {}
 int pool_thread_id(void) { return 0; }
+static int pool_outside_jobs(void) { return 1; }
 #endif
 
 // parallel_for: fn(ctx, begin, end) over contiguous ranges of [0, n), up to
@@ -1056,6 +1061,8 @@ static void gemm_micro_kernel(size_t kc, const float *a, const float *b,
 #define MAX_THREADS 1
 #endif
 static float *gemm_pack_a[MAX_THREADS], *gemm_pack_b[MAX_THREADS];
+static float *gemm_shared_b;      // all of B's panels, packed once (gemm_run)
+static size_t gemm_shared_b_cap;  // its floats
 
 void sgemm_free_buffers(void) {
     for (int i = 0; i < MAX_THREADS; i++) {
@@ -1063,6 +1070,9 @@ void sgemm_free_buffers(void) {
         aligned_free(gemm_pack_b[i]);
         gemm_pack_a[i] = gemm_pack_b[i] = NULL;
     }
+    aligned_free(gemm_shared_b);
+    gemm_shared_b = NULL;
+    gemm_shared_b_cap = 0;
 }
 
 typedef struct {
@@ -1077,7 +1087,18 @@ typedef struct {
     // pack_b(ctx, Bp, p0, kc, j0, n) writes what pack_B would
     void (*pack_b)(const void *ctx, float *Bp, size_t p0, size_t kc, size_t j0, size_t n);
     const void *pack_b_ctx;
+    // B packed before the threads start (NULL: each packs its own): KC block
+    // pc at Bp_all + pc * Npad, its panel of columns j at + j * kc
+    const float *Bp_all;
+    size_t Npad;
 } GemmTask;
+
+// B's panels j0.. of depth block pc..pc+kc into Bp, as gemm_block packs them
+static void gemm_pack_b_block(const GemmTask *t, float *Bp, size_t pc, size_t kc, size_t j0,
+                              size_t n) {
+    if (t->pack_b) t->pack_b(t->pack_b_ctx, Bp, pc, kc, j0, n);
+    else pack_B(Bp, t->transB, t->B, t->ldb, pc, kc, j0, n);
+}
 
 // C[i0:i1, j0:j1] for one thread
 static void gemm_block(const GemmTask *t, size_t i0, size_t i1, size_t j0, size_t j1) {
@@ -1093,8 +1114,8 @@ static void gemm_block(const GemmTask *t, size_t i0, size_t i1, size_t j0, size_
         for (size_t pc = 0; pc < t->K; pc += GEMM_KC) {
             size_t kc = t->K - pc < GEMM_KC ? t->K - pc : GEMM_KC;
             int acc = t->accumulate || pc > 0;
-            if (t->pack_b) t->pack_b(t->pack_b_ctx, Bp, pc, kc, jc, nc);
-            else pack_B(Bp, t->transB, t->B, t->ldb, pc, kc, jc, nc);
+            if (t->Bp_all) Bp = (float *)t->Bp_all + pc * t->Npad + jc * kc;
+            else gemm_pack_b_block(t, Bp, pc, kc, jc, nc);
             for (size_t ic = i0; ic < i1; ic += GEMM_MC) {
                 size_t mc = i1 - ic < GEMM_MC ? i1 - ic : GEMM_MC;
                 pack_A(Ap, t->transA, t->A, t->lda, ic, mc, pc, kc);
@@ -1146,6 +1167,41 @@ static void gemm_thread(void *arg, int ith, int nth) {
 #ifndef GEMM_CHUNKS_PER_THREAD
 #define GEMM_CHUNKS_PER_THREAD 1  // measured: 4 repacks enough to cost 10-40% on small maps
 #endif
+
+// Threads that split the rows would each pack all of B: for the few columns
+// of a small map's convolution (4x4 maps of a batch of 8: 128 columns of an
+// im2col) that copy costs a third of each thread's GEMM. Then (for B packed
+// by a function or transposed; plain rows are memcpy's) the threads
+// pack B's panels once, together, into gemm_shared_b (at most
+// GEMM_SHARED_B_MAX floats), and the GEMM reads them from there. Packing
+// moves data and sums nothing: results are the same either way.
+#define GEMM_SHARED_B_MAX ((size_t)1 << 22)
+
+static void gemm_pack_all_range(void *arg, size_t i0, size_t i1) {  // item: (KC block, panel)
+    const GemmTask *t = arg;
+    size_t panels = t->Npad / GEMM_NR;
+    for (size_t i = i0; i < i1; i++) {
+        size_t pc = i / panels * GEMM_KC, j = i % panels * GEMM_NR;
+        size_t kc = t->K - pc < GEMM_KC ? t->K - pc : GEMM_KC;
+        size_t n = t->N - j < GEMM_NR ? t->N - j : GEMM_NR;
+        gemm_pack_b_block(t, (float *)t->Bp_all + pc * t->Npad + j * kc, pc, kc, j, n);
+    }
+}
+
+static void gemm_share_b(GemmTask *t) {
+    t->Npad = (t->N + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    size_t need = t->K * t->Npad;
+    if (need > GEMM_SHARED_B_MAX || !pool_outside_jobs()) return;
+    if (need > gemm_shared_b_cap) {
+        aligned_free(gemm_shared_b);
+        gemm_shared_b = aligned_malloc(need * sizeof(float));
+        gemm_shared_b_cap = need;
+    }
+    t->Bp_all = gemm_shared_b;
+    size_t blocks = (t->K + GEMM_KC - 1) / GEMM_KC;
+    parallel_for(blocks * (t->Npad / GEMM_NR), 1, gemm_pack_all_range, t);
+}
+
 static void gemm_run(GemmTask *t) {
     int nth = pool_threads();
     t->split_n = t->N >= (size_t)nth * GEMM_NR * 4 || t->M < (size_t)nth * GEMM_MR * 2;
@@ -1153,8 +1209,9 @@ static void gemm_run(GemmTask *t) {
     size_t panels = t->split_n ? (t->N + GEMM_NR - 1) / GEMM_NR : (t->M + GEMM_MR - 1) / GEMM_MR;
     size_t chunks = (size_t)nth * GEMM_CHUNKS_PER_THREAD;
     if (chunks > panels) chunks = panels;
-    if (nth == 1 || chunks < 2) gemm_thread(t, 0, 1);
-    else pool_run_chunks(gemm_thread, t, (int)chunks);
+    if (nth == 1 || chunks < 2) { gemm_thread(t, 0, 1); return; }
+    if (!t->split_n && (t->pack_b || t->transB)) gemm_share_b(t);  // (plain B: memcpy's)
+    pool_run_chunks(gemm_thread, t, (int)chunks);
 }
 
 static void gemm_zero_or_keep(size_t M, size_t N, int accumulate, float *C, size_t ldc) {  // K == 0
@@ -1889,12 +1946,14 @@ static void planes_offsets(ptrdiff_t *off, const ConvPlanes *g, int K) {
 }
 
 // the register tile: c (mr <= MR rows, NR) (+)= A rows (mr, kc) @ B, B row p
-// = in + off[p]. A is read where it lies, row i at a + i * lda: per tap the
-// MR broadcasts come from MR rows, each walked in order (MR streams the
-// prefetcher follows), so no packed copy of the weights is made. Rows past
-// mr repeat the last one and are not stored.
-static void planes_micro_kernel(size_t kc, const float *a, size_t lda, int mr, const float *in,
-                                const ptrdiff_t *off, float *c, size_t ldc, int accumulate) {
+// = in + off[p]. A is read where it lies: element (i, p) at a[i * lda +
+// aoff[p]], so per tap the MR broadcasts come from MR rows walked in order
+// (streams the prefetcher follows) and no packed copy of the weights is
+// made; aoff also reads the flipped, transposed kernel of the input gradient
+// straight from the weights. Rows past mr repeat the last one, not stored.
+static void planes_micro_kernel(size_t kc, const float *a, size_t lda, const ptrdiff_t *aoff,
+                                int mr, const float *in, const ptrdiff_t *off, float *c,
+                                size_t ldc, int accumulate) {
     const float *row[PL_MR];
     vfloat acc[PL_MR][PL_NV];
     UNROLL
@@ -1905,12 +1964,13 @@ static void planes_micro_kernel(size_t kc, const float *a, size_t lda, int mr, c
     }
     for (size_t p = 0; p < kc; p++) {
         const float *b = in + off[p];
+        ptrdiff_t ap = aoff[p];
         vfloat bv[PL_NV];
         UNROLL
         for (int j = 0; j < PL_NV; j++) bv[j] = v_load(b + j * VLEN);
         UNROLL
         for (int i = 0; i < PL_MR; i++) {
-            vfloat ai = v_set1(row[i][p]);
+            vfloat ai = v_set1(row[i][ap]);
             UNROLL
             for (int j = 0; j < PL_NV; j++) acc[i][j] = v_fma(ai, bv[j], acc[i][j]);
         }
@@ -1925,12 +1985,12 @@ static void planes_micro_kernel(size_t kc, const float *a, size_t lda, int mr, c
             }
 }
 
-// out planes (M, ld) = A (M, depth) row-major * taps of in planes, a tile of
-// NR positions per item
+// out planes (M, ld) = A (M, depth) * taps of in planes, A(i, p) = A[i * lda
+// + aoff[p]], a tile of NR positions per item
 typedef struct {
     float *out; const float *in, *A;
-    const ptrdiff_t *off;
-    size_t M, depth, ld, lead;
+    const ptrdiff_t *off, *aoff;
+    size_t M, depth, lda, ld, lead;
 } PlanesConv;
 
 static void planes_conv_range(void *arg, size_t t0, size_t t1) {
@@ -1942,20 +2002,25 @@ static void planes_conv_range(void *arg, size_t t0, size_t t1) {
             size_t kc = t->depth - pc < GEMM_KC ? t->depth - pc : GEMM_KC;
             for (size_t ir = 0; ir < t->M; ir += PL_MR) {
                 int mr = t->M - ir < PL_MR ? (int)(t->M - ir) : PL_MR;
-                planes_micro_kernel(kc, t->A + ir * t->depth + pc, t->depth, mr, in, t->off + pc,
-                                    t->out + ir * t->ld + t->lead + p, t->ld, pc > 0);
+                planes_micro_kernel(kc, t->A + ir * t->lda, t->lda, t->aoff + pc, mr, in,
+                                    t->off + pc, t->out + ir * t->ld + t->lead + p, t->ld, pc > 0);
             }
         }
     }
 }
 
-// out planes (M channels) = A (M, Cin*K*K) taps of in planes (g: the input's geometry)
-static void planes_conv(float *out, const float *in, const float *A, size_t M, const ConvPlanes *g,
-                        int K) {
-    size_t depth = (size_t)g->C * K * K;
-    ptrdiff_t *off = mallocCheck(depth * sizeof *off);
+// out planes (M channels) = the taps of in planes (g: its geometry, K x K)
+// against weights: flip 0, weight (M, C, K, K), the forward; flip 1, weight
+// (C, M, K, K) read as its flipped transpose A(m, (c, ky, kx)) =
+// weight[c, m, K-1-ky, K-1-kx], the input gradient
+static void planes_conv(float *out, const float *in, const float *weight, size_t M,
+                        const ConvPlanes *g, int K, int flip) {
+    size_t kk = (size_t)K * K, depth = (size_t)g->C * kk;
+    ptrdiff_t *off = mallocCheck(2 * depth * sizeof *off), *aoff = off + depth;
     planes_offsets(off, g, K);
-    PlanesConv t = {out, in, A, off, M, depth, g->ld, g->lead};
+    for (size_t p = 0; p < depth; p++)
+        aoff[p] = flip ? (ptrdiff_t)((p / kk) * M * kk + (kk - 1 - p % kk)) : (ptrdiff_t)p;
+    PlanesConv t = {out, in, weight, off, aoff, M, depth, flip ? kk : depth, g->ld, g->lead};
     parallel_for((g->ld - 2 * g->lead) / PL_NR, 1, planes_conv_range, &t);
     free(off);
 }
@@ -2018,7 +2083,7 @@ static void conv_forward_on_planes(float *out, float *col, const float *weight, 
     ConvPlanes g = planes_of(N, C, H, W, pad), go = planes_of(N, OC, H, W, pad);
     float *outp = col + (size_t)C * g.ld;
     flops_forward += 2.0 * OC * (double)N * H * W * C * K * K;
-    planes_conv(outp, col, weight, (size_t)OC, &g, K);
+    planes_conv(outp, col, weight, (size_t)OC, &g, K, 0);
     ConvPlanesCopy t = {.planes = outp, .nchw = out, .g = &go, .bias = bias, .shift = shift,
                         .residual = residual};
     parallel_for((size_t)OC, 1, from_planes_range, &t);
@@ -2098,21 +2163,19 @@ void conv2d_forward(float *out, const float *inp, const float *weight, const flo
 // col2im (1x1: the GEMM alone).
 
 // The backward scratch, in floats. Same convolutions: [x planes | dy planes |
-// dx planes | flipped weights | their packed panels]; the others: [dy block |
+// dx planes] (the flipped kernel is read from the weights, planes_conv); the others: [dy block |
 // columns | dx block].
-typedef struct { size_t dy, cols, dx, wflip, total; } ConvScratch;
+typedef struct { size_t dy, cols, dx, total; } ConvScratch;
 
 static ConvScratch conv_backward_layout(int N, int C, int H, int W, int OC, int K, int stride,
                                         int pad) {
     ConvScratch s;
     if (conv_on_planes(H, W, K, stride, pad)) {
         ConvPlanes g = planes_of(planes_images(N, C, OC, H, W, pad), C, H, W, pad);
-        size_t okk = (size_t)OC * K * K;
         s.cols = (size_t)C * g.ld;   // x
         s.dy = (size_t)OC * g.ld;
         s.dx = (size_t)C * g.ld;
-        s.wflip = (size_t)C * okk;
-        s.total = s.cols + s.dy + s.dx + s.wflip;
+        s.total = s.cols + s.dy + s.dx;
         return s;
     }
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
@@ -2122,7 +2185,6 @@ static ConvScratch conv_backward_layout(int N, int C, int H, int W, int OC, int 
     // dcol for col2im (im2col(x) is packed directly)
     s.cols = !pointwise ? ckk * G * ohw : 0;
     s.dx = (G > 1 && pointwise) ? (size_t)C * G * hw : 0;
-    s.wflip = 0;
     s.total = s.dy + s.cols + s.dx;
     return s;
 }
@@ -2131,23 +2193,11 @@ size_t conv2d_backward_scratch(int N, int C, int H, int W, int OC, int K, int st
     return conv_backward_layout(N, C, H, W, OC, K, stride, pad).total;
 }
 
-// two small passes of the backward, split over channels
+// the bias gradient, split over channels
 typedef struct {
-    float *wflip; const float *weight;
     float *dbias; const float *dout;
-    int N, C, OC, K; size_t ohw;
+    int N, OC; size_t ohw;
 } ConvSmall;
-
-static void conv_wflip_range(void *arg, size_t c0,
-                             size_t c1) {  // wflip (C, OC*K*K), the kernel flipped in space
-    const ConvSmall *t = arg;
-    size_t kk = (size_t)t->K * t->K;
-    for (size_t c = c0; c < c1; c++)
-        for (int oc = 0; oc < t->OC; oc++)
-            for (size_t k = 0; k < kk; k++)
-                t->wflip[(c * t->OC + oc) * kk + k] =
-                    t->weight[((size_t)oc * t->C + c) * kk + (kk - 1 - k)];
-}
 
 static void conv_dbias_range(void *arg, size_t oc0,
                              size_t oc1) {  // dbias[oc] += sum over n, pixels of dout
@@ -2177,13 +2227,9 @@ static float *conv_backward_planes(float *dinp, int dx_mode, float *dweight, con
                                    const float *inp, const float *weight, float *col, int N, int C,
                                    int H, int W, int OC, int K, int pad) {
     ConvScratch L = conv_backward_layout(N, C, H, W, OC, K, 1, pad);
-    float *xp = col, *dyp = xp + L.cols, *dxp = dyp + L.dy, *wflip = dxp + L.dx;
+    float *xp = col, *dyp = xp + L.cols, *dxp = dyp + L.dy;
     int G = planes_images(N, C, OC, H, W, pad);
     size_t hw = (size_t)H * W;
-    if (dx_mode != DX_NONE) {
-        ConvSmall cs = {wflip, weight, NULL, NULL, N, C, OC, K, 0};
-        parallel_for((size_t)C, 1, conv_wflip_range, &cs);
-    }
     for (int n0 = 0; n0 < N; n0 += G) {  // a group of images at a time, in order
         int g = N - n0 < G ? N - n0 : G;
         ConvPlanes gx = planes_of(g, C, H, W, pad), gy = planes_of(g, OC, H, W, pad);
@@ -2193,7 +2239,7 @@ static float *conv_backward_planes(float *dinp, int dx_mode, float *dweight, con
             planes_dweight(dweight, dyp, xp, (size_t)OC, &gx, K);
         }
         if (dx_mode == DX_NONE) continue;
-        planes_conv(dxp, dyp, wflip, (size_t)C, &gy, K);
+        planes_conv(dxp, dyp, weight, (size_t)C, &gy, K, 1);
         if (dx_mode == DX_PLANES) return dxp;  // one group: N (norm_conv_on_planes)
         ConvPlanesCopy t = {.planes = dxp, .nchw = dinp + (size_t)n0 * C * hw, .g = &gx,
                             .add = dx_mode == DX_ADD};
@@ -2209,7 +2255,7 @@ static void conv_backward(float *dinp, float *dweight, float *dbias, const float
     int OH = conv_out_size(H, K, stride, pad), OW = conv_out_size(W, K, stride, pad);
     size_t ohw = (size_t)OH * OW, hw = (size_t)H * W, ckk = (size_t)C * K * K;
     int pointwise = conv_is_pointwise(K, stride, pad);
-    ConvSmall cs = {NULL, weight, dbias, dout, N, C, OC, K, ohw};
+    ConvSmall cs = {dbias, dout, N, OC, ohw};
     if (dbias) parallel_for((size_t)OC, 1, conv_dbias_range, &cs);
     if (conv_on_planes(H, W, K, stride, pad)) {
         conv_backward_planes(dinp, !dinp ? DX_NONE : dx_overwrite ? DX_WRITE : DX_ADD, dweight,
@@ -3373,7 +3419,7 @@ static void norm_conv2d_backward_planes(Graph *g, TapeNode *n, float *dx, float 
     ConvPlanes gx = planes_of(N, C, H, W, pad);
     norm_into_planes(g, col, &gx, mean, rstd, x, ns, nc);
     if (db) {
-        ConvSmall cs = {NULL, w->data, db, n->out->grad, N, C, OC, K, (size_t)H * W};
+        ConvSmall cs = {db, n->out->grad, N, OC, (size_t)H * W};
         parallel_for((size_t)OC, 1, conv_dbias_range, &cs);
     }
     float *dhp = conv_backward_planes(NULL, need_dh ? DX_PLANES : DX_NONE, dw, n->out->grad, NULL,
@@ -5680,8 +5726,12 @@ Tensor *params_find(ParamSet *p, const char *name) {
     return NULL;
 }
 
-void params_zero_grad(ParamSet *p) {
-    if (p->grad) memset(p->grad, 0, p->total * sizeof(float));
+static void zero_range(void *arg, size_t i0, size_t i1) {
+    memset((float *)arg + i0, 0, (i1 - i0) * sizeof(float));
+}
+
+void params_zero_grad(ParamSet *p) {  // (33 M floats for LDDGAN's generator: both threads)
+    if (p->grad) parallel_for(p->total, 1 << 15, zero_range, p->grad);
 }
 
 void params_free(ParamSet *p) {
@@ -5800,8 +5850,21 @@ void adam_free(Adam *a) {
     a->m = a->v = NULL;
 }
 
+typedef struct { float *ema; const float *param; float keep, take; } EmaTask;
+
+static void ema_range(void *arg, size_t i0, size_t i1) {
+    const EmaTask *t = arg;
+    for (size_t i = i0; i < i1; i++) t->ema[i] = t->keep * t->ema[i] + t->take * t->param[i];
+}
+
+// elementwise, so split over the threads with no effect on the result (as Adam)
+void ema_blend(float *ema, const float *param, size_t n, float keep, float take) {
+    EmaTask t = {ema, param, keep, take};
+    parallel_for(n, 1 << 15, ema_range, &t);
+}
+
 void ema_update(float *ema, const float *param, size_t n, float rate) {
-    for (size_t i = 0; i < n; i++) ema[i] = rate * ema[i] + (1.0f - rate) * param[i];
+    ema_blend(ema, param, n, rate, 1.0f - rate);
 }
 
 double grad_norm_sq(const float *grad, size_t n) {

@@ -323,6 +323,8 @@ void adam_step(Adam *a, float *param, const float *grad);
 void adam_free(Adam *a);
 // ema = rate * ema + (1 - rate) * param
 void ema_update(float *ema, const float *param, size_t n, float rate);
+// ema = keep * ema + take * param (each product rounded, then the sum)
+void ema_blend(float *ema, const float *param, size_t n, float keep, float take);
 double grad_norm_sq(const float *grad, size_t n);  // sum of squares in double
 
 // ---------------------------------------------------------------------------

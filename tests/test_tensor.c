@@ -1196,13 +1196,14 @@ static void test_reference_kernels(void) {
     // up, 7x7, 14x12; output channels past a whole register tile) and on the
     // GEMM path (7x5, 11x10: too much border), valid 3x3 and even 4x4 kernels
     // (the col2im path), small maps of several images per GEMM, and a map of
-    // one image per GEMM
+    // one image per GEMM, and a 4x4 map of a batch whose GEMM splits rows over
+    // the threads with the im2col packed once for both (gemm_share_b)
     const int convs[][8] = {
         {1, 3, 7, 5, 4, 3, 1, 1},     {2, 5, 9, 9, 6, 3, 2, 1},   {3, 8, 6, 6, 5, 1, 1, 0},
         {4, 4, 8, 8, 8, 3, 1, 1},     {2, 3, 11, 10, 4, 5, 1, 2}, {2, 4, 8, 8, 3, 3, 1, 0},
         {1, 16, 32, 32, 16, 3, 1, 1}, {2, 6, 10, 10, 7, 4, 2, 1}, {2, 4, 9, 9, 4, 3, 2, 0},
         {1, 3, 5, 5, 2, 3, 3, 1},     {5, 7, 4, 4, 9, 1, 1, 0},   {2, 17, 16, 16, 33, 3, 1, 1},
-        {2, 3, 14, 12, 5, 5, 1, 2},   {3, 9, 7, 7, 10, 3, 1, 1}};
+        {2, 3, 14, 12, 5, 5, 1, 2},   {3, 9, 7, 7, 10, 3, 1, 1},  {8, 32, 4, 4, 64, 3, 1, 1}};
     // N, C, HW, G: groups of 1 and 2 channels, maps of 1, 17x17 and 32x32 pixels (SIMD tails)
     const int norms[][4] = {
         {2, 6, 35, 3}, {3, 64, 16, 32}, {1, 4, 1, 2}, {2, 32, 289, 8}, {1, 64, 1024, 32}};
