@@ -698,6 +698,7 @@ static inline vfloat v_add(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vfloat v_mul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 static inline vfloat v_div(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
+static inline vfloat v_sqrt(vfloat x) { return _mm512_sqrt_ps(x); }
 // min/max return the second operand when either is NaN: pass x second
 static inline vfloat v_min(vfloat a, vfloat b) { return _mm512_min_ps(a, b); }
 static inline vfloat v_max(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
@@ -755,6 +756,7 @@ static inline vfloat v_add(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
 static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vfloat v_mul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 static inline vfloat v_div(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
+static inline vfloat v_sqrt(vfloat x) { return _mm256_sqrt_ps(x); }
 static inline vfloat v_min(vfloat a, vfloat b) { return _mm256_min_ps(a, b); }
 static inline vfloat v_max(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
 static inline vfloat v_round(vfloat x) {
@@ -778,6 +780,7 @@ static inline vfloat v_add(vfloat a, vfloat b) { return vaddq_f32(a, b); }
 static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return vfmaq_f32(c, a, b); }
 static inline vfloat v_mul(vfloat a, vfloat b) { return vmulq_f32(a, b); }
 static inline vfloat v_div(vfloat a, vfloat b) { return vdivq_f32(a, b); }
+static inline vfloat v_sqrt(vfloat x) { return vsqrtq_f32(x); }
 static inline vfloat v_min(vfloat a, vfloat b) { return vminq_f32(a, b); }
 static inline vfloat v_max(vfloat a, vfloat b) { return vmaxq_f32(a, b); }
 static inline vfloat v_round(vfloat x) { return vrndnq_f32(x); }
@@ -798,6 +801,7 @@ static inline vfloat v_add(vfloat a, vfloat b) { return a + b; }
 static inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
 static inline vfloat v_mul(vfloat a, vfloat b) { return a * b; }
 static inline vfloat v_div(vfloat a, vfloat b) { return a / b; }
+static inline vfloat v_sqrt(vfloat x) { return sqrtf(x); }
 #endif
 
 #if VLEN > 1
@@ -5822,11 +5826,29 @@ void adam_init(Adam *a, size_t n, float lr) {
 
 typedef struct { Adam *a; float *p; const float *g; float step_size, bc2_sqrt; } AdamTask;
 
+// In vectors: sqrtf and the divisions, which -O2 keeps scalar (for errno),
+// made this loop compute-bound at twice its memory time (33 M weights:
+// 75 ms at 2 threads, Intel Xeon). Each lane does the scalar tail's
+// operations in its order, and IEEE sqrt and division are correctly rounded.
 static void adam_range(void *arg, size_t i0, size_t i1) {
     const AdamTask *t = arg;
     float b1 = t->a->beta1, b2 = t->a->beta2, eps = t->a->eps;
     float *m = t->a->m, *v = t->a->v;
-    for (size_t i = i0; i < i1; i++) {
+    size_t i = i0;
+#if VLEN > 1
+    vfloat vb1 = v_set1(b1), vc1 = v_set1(1.0f - b1), vb2 = v_set1(b2), vc2 = v_set1(1.0f - b2);
+    vfloat veps = v_set1(eps), vbc2 = v_set1(t->bc2_sqrt), vstep = v_set1(-t->step_size);
+    for (; i + VLEN <= i1; i += VLEN) {
+        vfloat g = v_load(t->g + i);
+        vfloat mi = v_add(v_mul(v_load(m + i), vb1), v_mul(g, vc1));
+        vfloat vi = v_add(v_mul(v_load(v + i), vb2), v_mul(v_mul(g, g), vc2));
+        vfloat denom = v_add(v_div(v_sqrt(vi), vbc2), veps);
+        v_store(m + i, mi);
+        v_store(v + i, vi);
+        v_store(t->p + i, v_add(v_load(t->p + i), v_mul(vstep, v_div(mi, denom))));
+    }
+#endif
+    for (; i < i1; i++) {
         float g = t->g[i];
         m[i] = m[i] * b1 + g * (1.0f - b1);
         v[i] = v[i] * b2 + g * g * (1.0f - b2);

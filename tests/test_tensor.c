@@ -1023,6 +1023,52 @@ static void test_gemm(void) {
 }
 
 // ---------------------------------------------------------------------------
+// Adam and the EMA (vectors, with a scalar tail) against PyTorch's formulas
+// in double: three steps of 16 * 37 + 5 weights with gradients over six
+// decades, the update's error in units of lr; the EMA's in units of ulp
+// ---------------------------------------------------------------------------
+static void test_adam_formula(void) {
+    enum { N = 16 * 37 + 5 };
+    Rng r;
+    rng_seed(&r, 17, 3);
+    float *p = mallocCheck(N * 4), *g = mallocCheck(N * 4), *ema = mallocCheck(N * 4);
+    double *pd = mallocCheck(N * 8), *md = mallocCheck(N * 8), *vd = mallocCheck(N * 8);
+    rng_fill_normal(&r, p, N, 0, 1e-3f);  // (small weights: their own rounding well below lr)
+    for (int i = 0; i < N; i++) { pd[i] = p[i]; md[i] = vd[i] = 0.0; ema[i] = p[i]; }
+    Adam a;
+    adam_init(&a, N, 1e-3f);
+    a.beta1 = 0.5f;
+    a.beta2 = 0.9f;
+    double worst = 0.0, worst_ema = 0.0;
+    for (int step = 1; step <= 3; step++) {
+        rng_fill_normal(&r, g, N, 0, 1);
+        for (int i = 0; i < N; i++) g[i] *= powf(10.0f, (float)(i % 7) - 5.0f);
+        adam_step(&a, p, g);
+        double b1 = a.beta1, b2 = a.beta2;
+        for (int i = 0; i < N; i++) {  // torch.optim.Adam, amsgrad off, no weight decay
+            md[i] = b1 * md[i] + (1 - b1) * g[i];
+            vd[i] = b2 * vd[i] + (1 - b2) * (double)g[i] * g[i];
+            double denom = sqrt(vd[i]) / sqrt(1 - pow(b2, step)) + (double)a.eps;
+            pd[i] -= 1e-3 / (1 - pow(b1, step)) * md[i] / denom;
+            worst = fmax(worst, fabs(p[i] - pd[i]) / 1e-3);
+        }
+        float e0[N];
+        memcpy(e0, ema, sizeof e0);
+        ema_blend(ema, p, N, 0.9999f, 1e-4f);
+        for (int i = 0; i < N; i++) {
+            double want = (double)0.9999f * e0[i] + (double)1e-4f * p[i];
+            worst_ema = fmax(worst_ema, fabs(ema[i] - want) / (ldexp(1.0, ilogb(want) - 23)));
+        }
+    }
+    test_result(worst <= 1e-5 && worst_ema <= 2.0 && a.step == 3,
+                "adam_step and ema_blend against PyTorch's formulas in double",
+                "3 steps of %d weights, gradients 1e-5..10: Adam %.1e lr (tol 1e-5), EMA %.2f ulp "
+                "(tol 2), %s", N, worst, worst_ema, simd_name());
+    adam_free(&a);
+    free(p); free(g); free(ema); free(pd); free(md); free(vd);
+}
+
+// ---------------------------------------------------------------------------
 // fast kernels against their plain references (tensor.c's *_ref: direct
 // loops in double), over a sweep of shapes, at 1 and 2 threads; make test
 // SIMD=0 runs the same sweep on the scalar path. err = |fast - ref| /
@@ -1918,6 +1964,7 @@ int main(int argc, char **argv) {
     test_rng();
     test_arena();
     test_gemm();
+    test_adam_formula();
     test_gradchecks();
     test_tie_rules();
     test_upfirdn_fast();
