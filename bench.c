@@ -161,9 +161,7 @@ static void setup_models(Bench *b, int kind, int ch, int res, const char *attn, 
         if (trainable) adam_init(&b->ap, b->phi.params.total, 1e-4f);
     }
     schedule_init(&b->sched, SCHEDULE_LINEAR, 1000);  // as ../shared/ref/unet_ref.py
-    LossConfig lc = {.kind = kind, .p2_gamma = 0.0, .p2_k = 1.0, .clip_x0 = 1,
-                     .lambda_lpips = 0.1f};
-    b->lc = lc;
+    loss_config_default(&b->lc, kind);
 }
 
 static void setup_conv(Bench *b) {

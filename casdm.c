@@ -271,7 +271,7 @@ typedef struct {
     // data and model
     const char *data, *model, *schedule, *attn, *mult, *out, *resume, *lpips;
     int no_flip, flip, ch, res, heads, T, no_clip_x0, lpips_size, grad_checkpoint;
-    double dropout, p2_gamma, p2_k, lambda_lpips;
+    double dropout, p2_gamma, p2_k, lambda_eps, lambda_x0, lambda_mu, lambda_lpips;
     // optimisation
     int steps, batch, seed;
     double lr, ema, grad_clip;
@@ -448,7 +448,9 @@ static const char *trainer_nonfinite(const Trainer *tr) {
     return NULL;
 }
 
+#define CKPT_META_MAX 48  // metadata entries of a casdm-checkpoint-1 file
 static void config_metadata(char kv[][2][128], int *n, const char *key, const char *fmt, ...) {
+    if (*n >= CKPT_META_MAX) fatal("config_metadata: more than %d entries", CKPT_META_MAX);
     va_list ap;
     va_start(ap, fmt);
     snprintf(kv[*n][0], 128, "%s", key);
@@ -496,7 +498,7 @@ static int save_checkpoint(const Trainer *tr, const TrainOpts *o, const char *pa
             }
         }
     const UNetConfig *c = &tr->theta_cfg;
-    char kv[32][2][128], list[128];
+    char kv[CKPT_META_MAX][2][128], list[128];
     int n = 0;
     config_metadata(kv, &n, "format", "casdm-checkpoint-1");
     config_metadata(kv, &n, "model", "%s", model_name(tr->kind));
@@ -517,10 +519,22 @@ static int save_checkpoint(const Trainer *tr, const TrainOpts *o, const char *pa
     config_metadata(kv, &n, "p2_gamma", "%.17g", o->p2_gamma);
     config_metadata(kv, &n, "p2_k", "%.17g", o->p2_k);
     config_metadata(kv, &n, "clip_x0", "%d", !o->no_clip_x0);
+    // the rest of what defines the loss (checked on --resume), then the
+    // optimisation's settings (a notice on --resume when they change)
+    config_metadata(kv, &n, "lambda_eps", "%.9g", o->lambda_eps);
+    config_metadata(kv, &n, "lambda_x0", "%.9g", o->lambda_x0);
+    config_metadata(kv, &n, "lambda_mu", "%.9g", o->lambda_mu);
+    config_metadata(kv, &n, "lpips", "%d", o->lpips != NULL);
+    config_metadata(kv, &n, "lpips_weight", "%.9g", o->lambda_lpips);
+    config_metadata(kv, &n, "lpips_size", "%d", o->lpips_size);
+    config_metadata(kv, &n, "lr", "%.9g", o->lr);
+    config_metadata(kv, &n, "batch", "%d", o->batch);
+    config_metadata(kv, &n, "ema_rate", "%.9g", o->ema);
+    config_metadata(kv, &n, "grad_clip", "%.9g", o->grad_clip);
     config_metadata(kv, &n, "rng_state", "%016llx", (unsigned long long)tr->rng.state);
     config_metadata(kv, &n, "rng_inc", "%016llx", (unsigned long long)tr->rng.inc);
     config_metadata(kv, &n, "adam_step", "%ld", tr->adam_theta.step);
-    const char *meta[2 * 32 + 1];
+    const char *meta[2 * CKPT_META_MAX + 1];
     for (int i = 0; i < n; i++) { meta[2 * i] = kv[i][0]; meta[2 * i + 1] = kv[i][1]; }
     meta[2 * n] = NULL;
     int rc = st_write(path, w, k, meta, err, errlen);
@@ -717,10 +731,80 @@ static int load_tensors(const ParamSet *ps, const StFile *f, const char *path, c
     return 0;
 }
 
+// ---- options a checkpoint records: on --resume, a change in one that
+// defines the loss is an error naming the flag; in one that may change
+// within a run (the learning rate, say), a notice ----
+typedef struct { const char *key, *flag; double value; } RunOption;
+
+static void resume_check_options(const StFile *f, const char *path, const RunOption *ro, int n,
+                                 const char *what) {
+    char buf[64];
+    for (int i = 0; i < n; i++) {
+        char *end;
+        if (st_meta(f, ro[i].key, buf, sizeof buf) != 0)
+            fatal("--resume: '%s' has no '%s' in its metadata", path, ro[i].key);
+        double v = strtod(buf, &end);
+        if (*end || (float)v != (float)ro[i].value)
+            fatal("--resume: '%s' was trained with %s %s; this run asks for %g (%s must not "
+                  "change within a run)", path, ro[i].flag, buf, ro[i].value, what);
+    }
+}
+
+// the same, for checkpoints of casdm train: a key that an older checkpoint
+// lacks gets a notice (its run used the value of that version, which this
+// run cannot know); notice_only: a change is reported and allowed
+static void resume_compare_options(const StFile *f, const char *path, const RunOption *ro, int n,
+                                   int notice_only) {
+    char buf[64];
+    for (int i = 0; i < n; i++) {
+        char *end;
+        if (st_meta(f, ro[i].key, buf, sizeof buf) != 0) {
+            fprintf(stderr, "note: '%s' does not record %s (an older casdm); assuming %g\n", path,
+                    ro[i].flag, ro[i].value);
+            continue;
+        }
+        double v = strtod(buf, &end);
+        if (!*end && (float)v == (float)ro[i].value) continue;
+        if (!notice_only)
+            fatal("--resume: '%s' was trained with %s %s; this run asks for %g (it changes the "
+                  "loss, so it must not change within a run)", path, ro[i].flag, buf, ro[i].value);
+        fprintf(stderr, "note: --resume: %s was %s, now %g\n", ro[i].flag, buf, ro[i].value);
+    }
+}
+
+// what defines a casdm train run's loss and model, and what may change
+static void train_resume_options(const StFile *f, const char *path, const TrainOpts *o) {
+    const RunOption loss[] = {
+        {"diffusion_steps", "--T", o->T},
+        {"p2_gamma", "--p2-gamma", o->p2_gamma},
+        {"p2_k", "--p2-k", o->p2_k},
+        {"clip_x0", "--no-clip-x0 (absent: 1)", !o->no_clip_x0},
+        {"dropout", "--dropout", (float)o->dropout},
+        {"lambda_eps", "--lambda-eps", o->lambda_eps},
+        {"lambda_x0", "--lambda-x0", o->lambda_x0},
+        {"lambda_mu", "--lambda-mu", o->lambda_mu},
+        {"lpips", "--lpips (1: given)", o->lpips != NULL},
+        {"lpips_weight", "--lpips-weight", o->lambda_lpips},
+        {"lpips_size", "--lpips-size", o->lpips_size},
+    };
+    const RunOption run[] = {
+        {"lr", "--lr", o->lr},
+        {"batch", "--batch", o->batch},
+        {"ema_rate", "--ema", o->ema},
+        {"grad_clip", "--grad-clip", o->grad_clip},
+    };
+    resume_compare_options(f, path, loss, (int)(sizeof loss / sizeof loss[0]), 0);
+    resume_compare_options(f, path, run, (int)(sizeof run / sizeof run[0]), 1);
+    char buf[64];
+    if (st_meta(f, "noise_schedule", buf, sizeof buf) == 0 && strcmp(buf, o->schedule) != 0)
+        fatal("--resume: '%s' was trained with --schedule %s; this run asks for %s (it changes "
+              "the loss, so it must not change within a run)", path, buf, o->schedule);
+}
+
 // Restores every tensor and the step, RNG and Adam state. The trainer was
 // built from the same options; any difference in shapes is an error naming
 // the tensor.
-static void load_checkpoint(Trainer *tr, const char *path) {
+static void load_checkpoint(Trainer *tr, const TrainOpts *o, const char *path) {
     StFile f;
     CkptInfo ci;
     char err[600];
@@ -740,6 +824,7 @@ static void load_checkpoint(Trainer *tr, const char *path) {
                              (float *)copy_data(tr, net, copy), err, sizeof err) != 0)
                 fatal("%s", err);
         }
+    train_resume_options(&f, path, o);  // (after the shapes: an architecture error is named first)
     tr->step = ci.step;
     tr->adam_theta.step = tr->adam_phi.step = ci.adam_step;
     tr->rng.state = ci.rng_state;
@@ -954,6 +1039,12 @@ static void define_train_options(TrainOpts *o) {
          "LPIPS input size (images are resized; the paper: 224)", 16, 1024},
         {"--lpips-weight", OPT_FLOAT, &o->lambda_lpips, "0.1", "lambda of L^lpips (Eq. 15)", 0,
          1e6},
+        {"--lambda-eps", OPT_FLOAT, &o->lambda_eps, "1",
+         "weight of L^eps (Eq. 15, every model; dual diffusion's own code: 1/3)", 0, 1e6},
+        {"--lambda-x0", OPT_FLOAT, &o->lambda_x0, "1",
+         "weight of L^x0 (Eq. 15, every model; dual diffusion's own code: 1/3)", 0, 1e6},
+        {"--lambda-mu", OPT_FLOAT, &o->lambda_mu, "1",
+         "weight of L^mu (Eq. 15; dual and casdm; dual diffusion's own code: 1/3)", 0, 1e6},
         {"--steps", OPT_INT, &o->steps, "1000", "training steps (total, counting resumed ones)", 0,
          1000000000},
         {"--time-limit", OPT_FLOAT, &o->time_limit, "0",
@@ -1152,7 +1243,7 @@ static void run_open(Run *r, Trainer *tr, const TrainOpts *o) {
     char from[4200];
     if (o->resume) {
         snprintf(from, sizeof from, "%s/ckpt.safetensors", o->resume);
-        load_checkpoint(tr, from);
+        load_checkpoint(tr, o, from);
         fprintf(stderr, "resumed from %s at step %ld\n", from, tr->step);
         if (strcmp(from, r->ckpt) == 0) r->saved_step = tr->step;
         snprintf(from, sizeof from, "%s/log.csv", o->resume);
@@ -1877,9 +1968,17 @@ static int cmd_train(int argc, char **argv) {
         model_name(tr.kind), im->n, im->c, im->h, im->w, o.data, tr.theta.params.total,
         tr.has_phi ? " (+ phi)" : "", simd_name(), pool_threads());
     tr.theta.use_checkpoint = tr.phi.use_checkpoint = o.grad_checkpoint;
-    LossConfig lc = {.kind = tr.kind, .p2_gamma = o.p2_gamma, .p2_k = o.p2_k,
-                     .clip_x0 = !o.no_clip_x0, .lambda_lpips = (float)o.lambda_lpips,
-                     .lpips = o.lpips ? lpips_loss : NULL, .lpips_ctx = o.lpips ? &lpips : NULL};
+    LossConfig lc;
+    loss_config_default(&lc, tr.kind);
+    lc.p2_gamma = o.p2_gamma;
+    lc.p2_k = o.p2_k;
+    lc.clip_x0 = !o.no_clip_x0;
+    lc.lambda_eps = (float)o.lambda_eps;
+    lc.lambda_x0 = (float)o.lambda_x0;
+    lc.lambda_mu = (float)o.lambda_mu;
+    lc.lambda_lpips = (float)o.lambda_lpips;
+    lc.lpips = o.lpips ? lpips_loss : NULL;
+    lc.lpips_ctx = o.lpips ? &lpips : NULL;
     Graph g;
     graph_init(&g, 0, 0);
     g.rng = &tr.rng;
@@ -2610,22 +2709,6 @@ static int cmd_ae(int argc, char **argv) {
 // checkpoint records them; a resume with other values is an error naming the
 // flag. The step counters and the RNG, every value checked.
 // ---------------------------------------------------------------------------
-typedef struct { const char *key, *flag; double value; } RunOption;
-
-static void resume_check_options(const StFile *f, const char *path, const RunOption *ro, int n,
-                                 const char *what) {
-    char buf[64];
-    for (int i = 0; i < n; i++) {
-        char *end;
-        if (st_meta(f, ro[i].key, buf, sizeof buf) != 0)
-            fatal("--resume: '%s' has no '%s' in its metadata", path, ro[i].key);
-        double v = strtod(buf, &end);
-        if (*end || (float)v != (float)ro[i].value)
-            fatal("--resume: '%s' was trained with %s %s; this run asks for %g (%s must not "
-                  "change within a run)", path, ro[i].flag, buf, ro[i].value, what);
-    }
-}
-
 static long resume_meta_long(const StFile *f, const char *path, const char *key, long lo, long hi) {
     long v;
     char err[600];

@@ -125,10 +125,16 @@ typedef struct {
     int kind;              // ModelKind
     double p2_gamma, p2_k; // P2 on the epsilon term; gamma 0 = off
     int clip_x0;           // casdm: clip x0* to [-1,1] before phi
+    // the weights of Eq. 15, for every model's terms: lambda 1 for each MSE
+    // term and 0.1 for LPIPS, the paper's "same setting" for the baselines
+    // too (dual diffusion's own code averages its three terms: 1/3 each)
+    float lambda_eps, lambda_x0, lambda_mu;
     float lambda_lpips;    // weight of L^lpips (Eq. 15), 0.1 in the paper
     lpips_loss_fn lpips;   // NULL: no LPIPS term
     void *lpips_ctx;
 } LossConfig;
+// the paper's: Eq. 15's weights, P2 off (k 1), x0* clipped, no LPIPS
+void loss_config_default(LossConfig *lc, int kind);
 
 typedef struct {
     Tensor *loss;                           // what backward starts from

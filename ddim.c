@@ -156,6 +156,20 @@ static Tensor *mu_loss(Graph *g, Tensor *r, Tensor *x0p, Tensor *epsp, Tensor *x
     return mse_loss(g, mix(g, r, mu_x0, mu_eps), mu_true, NULL);
 }
 
+void loss_config_default(LossConfig *lc, int kind) {
+    memset(lc, 0, sizeof *lc);
+    lc->kind = kind;
+    lc->p2_k = 1.0;
+    lc->clip_x0 = 1;
+    lc->lambda_eps = lc->lambda_x0 = lc->lambda_mu = 1.0f;
+    lc->lambda_lpips = 0.1f;
+}
+
+// lambda * term (lambda 1: the term itself, so the default adds no rounding)
+static Tensor *weighted(Graph *g, Tensor *term, float lambda) {
+    return lambda == 1.0f ? term : scale_shift(g, term, lambda, 0.0f);
+}
+
 void diffusion_losses(Graph *g, LossTerms *out, const LossConfig *lc, const Schedule *s,
                       UNet *theta, UNet *phi, Tensor *x0, const int *t, Tensor *noise) {
     memset(out, 0, sizeof *out);
@@ -177,10 +191,12 @@ void diffusion_losses(Graph *g, LossTerms *out, const LossConfig *lc, const Sche
     Tensor *x0p = NULL;  // the x0 prediction LPIPS applies to
 
     if (lc->kind == MODEL_DDPM_EPS) {
-        out->loss = out->l_eps = mse_loss(g, o, noise, p2);
+        out->l_eps = mse_loss(g, o, noise, p2);
+        out->loss = weighted(g, out->l_eps, lc->lambda_eps);
     } else if (lc->kind == MODEL_DDPM_X0) {
         x0p = o;
-        out->loss = out->l_x0 = mse_loss(g, o, x0, NULL);
+        out->l_x0 = mse_loss(g, o, x0, NULL);
+        out->loss = weighted(g, out->l_x0, lc->lambda_x0);
     } else {
         Tensor *mu_true = lin2(g, per_sample(g, s, t, N, c_post1), x0,
                                per_sample(g, s, t, N, c_post2), xt);
@@ -209,10 +225,14 @@ void diffusion_losses(Graph *g, LossTerms *out, const LossConfig *lc, const Sche
         out->l_eps = mse_loss(g, epsp, noise, p2);
         out->l_x0 = mse_loss(g, x0p, x0, NULL);
         out->l_mu = mu_loss(g, r, x0p, epsp, xt, mu_true, s, t, N);
-        Tensor *sum = add(g, add(g, out->l_eps, out->l_x0), out->l_mu);
-        // dual diffusion averages the three terms (one MSE over the
-        // concatenated channels); Cas-DM sums them with lambda = 1 (Eq. 14-15)
-        out->loss = lc->kind == MODEL_DUAL ? scale_shift(g, sum, 1.0f / 3.0f, 0.0f) : sum;
+        // Eq. 14-15: lambda-weighted sum (Cas-DM: 1 each). Dual diffusion's
+        // code averages the three (one MSE over the concatenated channels),
+        // which with LPIPS at 0.1 would make LPIPS three times stronger
+        // against them than in Cas-DM; by default dual is trained as the
+        // paper trains its baselines, with Eq. 15's weights
+        out->loss = add(g, add(g, weighted(g, out->l_eps, lc->lambda_eps),
+                                   weighted(g, out->l_x0, lc->lambda_x0)),
+                        weighted(g, out->l_mu, lc->lambda_mu));
     }
     if (lc->lpips && x0p) {  // Eq. 13, on the x0 prediction only
         out->l_lpips = lc->lpips(g, lc->lpips_ctx, x0p, x0);

@@ -601,6 +601,17 @@ expect 1 "trunc/ckpt.safetensors: truncated" ./casdm train --data "$dir" $opts -
 expect 1 "lacks tensor 'theta.time_embed.0.weight'\|another shape" \
     ./casdm train --data "$dir" --model casdm --ch 64 --res 1 --attn 16 --T 100 --steps 6 --sample-n 0 --out "$dir/t3" --resume "$dir/half"
 expect 1 "holds a casdm model, not dual" ./casdm train --data "$dir" --model dual $small --steps 6 --out "$dir/t4" --resume "$dir/half"
+# what defines the loss is recorded and may not change on --resume; the
+# learning rate may, with a notice
+expect 1 "was trained with --lambda-eps 1; this run asks for 2" ./casdm train --data "$dir" $opts --lambda-eps 2 --steps 6 --out "$dir/t5" --resume "$dir/half"
+expect 1 "was trained with --p2-gamma 1; this run asks for 0" ./casdm train --data "$dir" --model casdm $small --dropout 0.1 --steps 6 --out "$dir/t6" --resume "$dir/half"
+expect 1 "was trained with --lpips-weight 0.1; this run asks for 0.5" ./casdm train --data "$dir" $opts --lpips-weight 0.5 --steps 6 --out "$dir/t7" --resume "$dir/half"
+if ./casdm train --data "$dir" $opts --lr 2e-4 --steps 3 --out "$dir/t8" --resume "$dir/half" 2>"$dir/t8.err" &&
+   grep -q "note: --resume: --lr was 0.0001, now 0.0002" "$dir/t8.err"; then
+    pass "--resume with another --lr goes on with a notice"
+else
+    fail "--resume with another --lr"; sed 's/^/  /' "$dir/t8.err" | tail -3
+fi
 expect 2 "--method 'euler'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --method euler
 expect 2 "--steps '500'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --steps 500
 expect 1 "trunc/ckpt.safetensors: truncated" ./casdm sample --ckpt "$dir/trunc/ckpt.safetensors"

@@ -179,8 +179,12 @@ static void run_variant(const char *v) {
     for (int i = 0; i < B; i++) t[i] = (int)et->data[i];
     double gamma = kind == MODEL_DDPM_X0 ? 0.0
                                          : atof((st_meta(&gold, "p2_gamma", buf, sizeof buf), buf));
-    LossConfig lc = {.kind = kind, .p2_gamma = gamma, .p2_k = 1.0, .clip_x0 = 1,
-                     .lambda_lpips = 0.1f};
+    LossConfig lc;
+    loss_config_default(&lc, kind);
+    lc.p2_gamma = gamma;
+    // tools/casdm_ref.py trains dual as Benny & Wolf's code does, the
+    // average of its three terms: here through the weights of Eq. 15
+    if (kind == MODEL_DUAL) lc.lambda_eps = lc.lambda_x0 = lc.lambda_mu = 1.0f / 3.0f;
     LossTerms lt;
     diffusion_losses(&g, &lt, &lc, &s, &theta, has_phi ? &phi : NULL, x0, t, noise);
     graph_backward(&g, lt.loss, NULL);
@@ -246,8 +250,9 @@ static size_t step_grads(UNet *theta, UNet *phi, int use_ckpt, float *loss, size
     Tensor *x0 = tensor_new(&g, 4, shape), *noise = tensor_new(&g, 4, shape);
     rng_fill_uniform(&rng, x0->data, x0->size, -1.0f, 1.0f);
     rng_fill_normal(&rng, noise->data, noise->size, 0.0f, 1.0f);
-    LossConfig lc = {.kind = MODEL_CASDM, .p2_gamma = 1.0, .p2_k = 1.0, .clip_x0 = 1,
-                     .lambda_lpips = 0.1f};
+    LossConfig lc;
+    loss_config_default(&lc, MODEL_CASDM);
+    lc.p2_gamma = 1.0;
     LossTerms lt;
     diffusion_losses(&g, &lt, &lc, &s, theta, phi, x0, t, noise);
     graph_backward(&g, lt.loss, NULL);
@@ -257,6 +262,74 @@ static size_t step_grads(UNet *theta, UNet *phi, int use_ckpt, float *loss, size
     graph_free(&g);
     schedule_free(&s);
     return nodes;
+}
+
+// A stand-in for LPIPS (the weighting, not LPIPS, is under test): mean |pred - target|
+static Tensor *l1_as_lpips(Graph *g, void *ctx, Tensor *pred, Tensor *target) {
+    (void)ctx;
+    return mean_all(g, tensor_abs(g, sub(g, pred, target)));
+}
+
+// Eq. 15 for every model: loss = sum of lambda * term + lambda_lpips * LPIPS,
+// lambda 1 and 0.1 by default (the dual baseline included: its old average
+// made LPIPS three times stronger against its MSE terms), and with other
+// weights. Checked against the terms the same call returns, in double.
+static void test_loss_weights(void) {
+    UNetConfig c;
+    double worst = 0.0;
+    for (int kind = 0; kind < 4; kind++)
+        for (int custom = 0; custom < 2; custom++) {
+            unet_default_config(&c, 8, 1, model_theta_out(kind, 1));
+            c.model_channels = 32;
+            c.num_res_blocks = 1;
+            c.dropout = 0.0f;
+            unet_parse_attention(&c, "");
+            Rng rng;
+            rng_seed(&rng, 11, 5);
+            UNet theta, phi;
+            unet_init(&theta, &c, 0, &rng);
+            UNetConfig pc = c;
+            pc.out_channels = 2;
+            if (kind == MODEL_CASDM) unet_init(&phi, &pc, 0, &rng);
+            Schedule s;
+            schedule_init(&s, SCHEDULE_COSINE, 100);
+            Graph g;
+            graph_init(&g, 0, 0);
+            g.grad_enabled = 0;
+            int shape[4] = {2, 1, 8, 8}, t[2] = {5, 90};
+            Tensor *x0 = tensor_new(&g, 4, shape), *noise = tensor_new(&g, 4, shape);
+            rng_fill_uniform(&rng, x0->data, x0->size, -1.0f, 1.0f);
+            rng_fill_normal(&rng, noise->data, noise->size, 0.0f, 1.0f);
+            LossConfig lc;
+            loss_config_default(&lc, kind);
+            if (kind != MODEL_DDPM_EPS) lc.lpips = l1_as_lpips;
+            if (custom) {
+                lc.lambda_eps = 0.25f;
+                lc.lambda_x0 = 2.0f;
+                lc.lambda_mu = 0.5f;
+                lc.lambda_lpips = 3.0f;
+            }
+            LossTerms lt;
+            diffusion_losses(&g, &lt, &lc, &s, &theta, kind == MODEL_CASDM ? &phi : NULL, x0, t,
+                             noise);
+            double want = 0.0;
+            if (lt.l_eps) want += (double)lc.lambda_eps * lt.l_eps->data[0];
+            if (lt.l_x0) want += (double)lc.lambda_x0 * lt.l_x0->data[0];
+            if (lt.l_mu) want += (double)lc.lambda_mu * lt.l_mu->data[0];
+            if (lt.l_lpips) want += (double)lc.lambda_lpips * lt.l_lpips->data[0];
+            int terms_ok = (lt.l_eps != NULL) == (kind != MODEL_DDPM_X0) &&
+                           (lt.l_x0 != NULL) == (kind != MODEL_DDPM_EPS) &&
+                           (lt.l_mu != NULL) == (kind >= MODEL_DUAL) &&
+                           (lt.l_lpips != NULL) == (kind != MODEL_DDPM_EPS);
+            worst = fmax(worst, terms_ok ? fabs(lt.loss->data[0] - want) / fabs(want) : 1.0);
+            graph_free(&g);
+            schedule_free(&s);
+            unet_free(&theta);
+            if (kind == MODEL_CASDM) unet_free(&phi);
+        }
+    test_result(worst <= 1e-6, "each model's loss is Eq. 15's weighted sum of its terms",
+                "ddpm-eps, ddpm-x0, dual, casdm with LPIPS, default weights (1, 1, 1, 0.1) and "
+                "others; max rel err %.1e, tol 1e-6", worst);
 }
 
 // the small U-Net the sampling goldens and the checkpoint test use: 16x16x3,
@@ -727,6 +800,7 @@ int main(int argc, char **argv) {
     pool_init(0);
     test_schedules();
     test_param_count();
+    test_loss_weights();
     test_checkpoint();
     char err[512];
     if (st_read("tests/goldens/casdm_step.safetensors", &gold, err, sizeof err) != 0) {
