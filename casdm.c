@@ -1054,7 +1054,7 @@ static void define_train_options(TrainOpts *o) {
         {"--ema", OPT_FLOAT, &o->ema, "0.9999", "EMA rate (warmed up as min(rate, (1+s)/(10+s)))",
          0, 1},
         {"--grad-clip", OPT_FLOAT, &o->grad_clip, "0",
-         "clip the global gradient norm to this (0 = off)", 0, 1e9},
+         "clip each network's gradient norm to this (theta and phi apart; 0 = off)", 0, 1e9},
         {"--seed", OPT_INT, &o->seed, "0", "random seed", 0, 2147483647},
         {"--grad-checkpoint", OPT_FLAG, &o->grad_checkpoint, NULL,
          "recompute each U-Net block in backward instead of keeping its activations (about half the memory, a third more time; same numbers)",
@@ -1133,15 +1133,15 @@ static void train_sample_grid(Trainer *tr, Model *ema, const TrainOpts *o, int C
 }
 
 // the global gradient norm over both networks (NaN or Inf if any gradient is)
-static double grad_norm(const Trainer *tr) {
-    double sq = grad_norm_sq(tr->theta.params.grad, tr->theta.params.total);
-    if (tr->has_phi) sq += grad_norm_sq(tr->phi.params.grad, tr->phi.params.total);
-    return sqrt(sq);
-}
-
-static void scale_grads(Trainer *tr, float k) {
-    for (size_t i = 0; i < tr->theta.params.total; i++) tr->theta.params.grad[i] *= k;
-    if (tr->has_phi) for (size_t i = 0; i < tr->phi.params.total; i++) tr->phi.params.grad[i] *= k;
+// --grad-clip: each network by its own gradient norm (torch's
+// clip_grad_norm_ on each module's parameters: g * max / (norm + 1e-6) when
+// norm > max). One norm over theta and phi together would let phi's losses
+// (LPIPS among them) scale theta's update, against Fig. 3: "all the
+// gradients of other losses are blocked for theta".
+static void clip_grads(ParamSet *p, double norm, double max_norm) {
+    if (max_norm <= 0 || norm <= max_norm) return;
+    float k = (float)(max_norm / (norm + 1e-6));
+    for (size_t i = 0; i < p->total; i++) p->grad[i] *= k;
 }
 
 // One training step: a batch, x_t and the losses (Eq. 3, Eq. 8-15),
@@ -1171,11 +1171,15 @@ static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset
         tr->theta.params.grad[0] = INFINITY;
     // a non-finite gradient would make Adam's moments, and then every
     // weight, NaN: stop before the update
-    double norm = grad_norm(tr);
-    if (!isfinite(norm))
-        return errorf(err, errlen, "the gradient norm is %g at step %ld", norm, tr->step + 1);
-    if (o->grad_clip > 0 && norm > o->grad_clip)
-        scale_grads(tr, (float)(o->grad_clip / (norm + 1e-6)));
+    double norm_theta = sqrt(grad_norm_sq(tr->theta.params.grad, tr->theta.params.total));
+    double norm_phi =
+        tr->has_phi ? sqrt(grad_norm_sq(tr->phi.params.grad, tr->phi.params.total)) : 0.0;
+    if (!isfinite(norm_theta) || !isfinite(norm_phi))
+        return errorf(err, errlen, "the gradient norm of %s is %g at step %ld",
+                      isfinite(norm_theta) ? "phi" : "theta",
+                      isfinite(norm_theta) ? norm_phi : norm_theta, tr->step + 1);
+    clip_grads(&tr->theta.params, norm_theta, o->grad_clip);
+    if (tr->has_phi) clip_grads(&tr->phi.params, norm_phi, o->grad_clip);
     adam_step(&tr->adam_theta, tr->theta.params.data, tr->theta.params.grad);
     float rate = ema_rate(o->ema, tr->step);
     ema_update(tr->ema_theta, tr->theta.params.data, tr->theta.params.total, rate);

@@ -6,7 +6,8 @@
 //     prints nothing and exits 0 when the file is valid, else says why, exit 1
 //   check_files --set-meta IN OUT KEY VALUE     a checkpoint with one metadata value changed
 //   check_files --set-floats IN OUT NAME VALUE  ... with every float of tensor NAME set (strtof:
-//   nan, 3e38) check_files --craft KIND OUT                a hostile file: png-empty-idat (a valid
+//   nan, 3e38) check_files --same-tensor A B NAME  exit 0 when tensor NAME has the same bytes in
+//   both checkpoints, check_files --craft KIND OUT                a hostile file: png-empty-idat (a valid
 //   2x2 grey PNG
 //     with an empty IDAT chunk and an empty stored block), png-bomb (a 1x1 PNG whose IDAT inflates
 //     to 1 MiB)
@@ -280,8 +281,48 @@ static int load(const char *path) {
     return 0;
 }
 
+// tensor name's bytes in the safetensors file in buf: *at, *n; 0, or 1 with a message
+static int tensor_bytes(const char *name, const unsigned char **at, size_t *n) {
+    if (len < 8) return fail("not a safetensors file");
+    uint64_t hl = le64(buf);
+    if (hl > len - 8) return fail("header length");
+    char pat[400];
+    snprintf(pat, sizeof pat, "\"%s\":{", name);
+    const char *hdr = (const char *)buf + 8, *t = NULL;
+    for (size_t i = 0; i + strlen(pat) <= hl && !t; i++)
+        if (!memcmp(hdr + i, pat, strlen(pat))) t = hdr + i;
+    if (!t) return fail("no such tensor");
+    const char *off = strstr(t, "\"data_offsets\":[");
+    unsigned long long b0, b1;
+    if (!off || sscanf(off + 16, "%llu,%llu", &b0, &b1) != 2 || b0 > b1 || b1 > len - 8 - hl)
+        return fail("data_offsets");
+    *at = buf + 8 + hl + b0;
+    *n = (size_t)(b1 - b0);
+    return 0;
+}
+
+static int same_tensor(const char *a, const char *b, const char *name) {
+    if (load(a)) return 1;
+    const unsigned char *pa;
+    size_t na;
+    if (tensor_bytes(name, &pa, &na)) { free(buf); return 1; }
+    unsigned char *copy = malloc(na ? na : 1);
+    if (!copy) { free(buf); return fail("out of memory"); }
+    memcpy(copy, pa, na);
+    free(buf);
+    if (load(b)) { free(copy); return 1; }
+    const unsigned char *pb;
+    size_t nb;
+    int rc = tensor_bytes(name, &pb, &nb);
+    if (!rc && (na != nb || memcmp(copy, pb, na))) rc = fail("the tensors differ");
+    free(copy);
+    free(buf);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "--craft")) return craft(argv[2], argv[3]);
+    if (argc == 5 && !strcmp(argv[1], "--same-tensor")) return same_tensor(argv[2], argv[3], argv[4]);
     if (argc == 6 && (!strcmp(argv[1], "--set-meta") || !strcmp(argv[1], "--set-floats"))) {
         if (load(argv[2])) return 1;
         int rc = argv[1][6] == 'm' ? set_meta(argv[3], argv[4], argv[5])

@@ -356,6 +356,20 @@ else
     fail "training with --lpips: LPIPS '$first' -> '$last'"; sed 's/^/  /' "$dir/lp.err"
 fi
 
+# --grad-clip clips theta and phi each by its own norm: with clipping always
+# on (1e-3), theta's first update is bitwise the same with and without
+# LPIPS (which reaches phi alone), while phi's differs
+clipo="--model casdm --ch 32 --res 1 --attn 16 --batch 2 --T 100 --steps 1 --dropout 0 --grad-clip 1e-3 --sample-n 0"
+./casdm train --data "$dir/one" $clipo --out "$dir/clip_a" 2>/dev/null
+./casdm train --data "$dir/one" $clipo --lpips $w --lpips-size 32 --out "$dir/clip_b" 2>/dev/null
+if build/check_files --same-tensor "$dir/clip_a/ckpt.safetensors" "$dir/clip_b/ckpt.safetensors" theta.out.2.weight &&
+   build/check_files --same-tensor "$dir/clip_a/ckpt.safetensors" "$dir/clip_b/ckpt.safetensors" theta.input_blocks.0.0.weight &&
+   ! build/check_files --same-tensor "$dir/clip_a/ckpt.safetensors" "$dir/clip_b/ckpt.safetensors" phi.out.2.weight 2>/dev/null; then
+    pass "--grad-clip clips each network by its own norm: theta's update is the same with and without LPIPS, phi's is not"
+else
+    fail "--grad-clip: theta's update depends on the LPIPS term (or phi's does not)"
+fi
+
 # held-out losses: one CSV line per t of the grid plus the means
 if ./casdm eval --ckpt "$dir/straight/ckpt.safetensors" --data "$dir/data_batch_1.bin" --n 6 --t-grid 4 > "$dir/eval.csv" 2>"$dir/eval.err" &&
    [ "$(wc -l < "$dir/eval.csv")" -eq 6 ] && grep -q '^mean,[0-9.]*,[0-9.]*$' "$dir/eval.csv"; then
@@ -801,7 +815,7 @@ else fail "kill -9 during a checkpoint write (exit $rc)"; sed 's/^/  /' "$dir/k9
 ./casdm train --data "$dir" $opts --steps 2 --out "$dir/nan" 2>/dev/null
 cp "$dir/nan/ckpt.safetensors" "$dir/nan_ref.safetensors"
 CASDM_TEST_FAULT=grad-inf:3 ./casdm train --data "$dir" $opts --steps 6 --ckpt-every 1 --out "$dir/nan" --resume "$dir/nan" 2>"$dir/nan.err"; rc=$?
-if [ $rc -eq 1 ] && grep -q 'gradient norm is inf at step 3: stopping.*(step 2) is untouched' "$dir/nan.err" &&
+if [ $rc -eq 1 ] && grep -q 'gradient norm of theta is inf at step 3: stopping.*(step 2) is untouched' "$dir/nan.err" &&
    cmp -s "$dir/nan/ckpt.safetensors" "$dir/nan_ref.safetensors"; then
     pass "an Inf gradient stops the run before Adam; the step-2 checkpoint is untouched"
 else fail "Inf gradient (exit $rc)"; sed 's/^/  /' "$dir/nan.err" | tail -3; fi
