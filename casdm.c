@@ -269,7 +269,7 @@ static void draw_batch(const Dataset *ds, Rng *rng, float *x0, int B, int flip) 
 // ---------------------------------------------------------------------------
 typedef struct {
     // data and model
-    const char *data, *model, *schedule, *attn, *mult, *out, *resume, *lpips;
+    const char *data, *model, *schedule, *attn, *mult, *out, *resume, *lpips, *ema_warmup;
     int no_flip, flip, ch, res, heads, T, no_clip_x0, lpips_size, grad_checkpoint;
     double dropout, p2_gamma, p2_k, lambda_eps, lambda_x0, lambda_mu, lambda_lpips;
     // optimisation
@@ -303,6 +303,8 @@ static int train_config(const TrainOpts *o, int C, int image_size, UNetConfig *c
     if (*kind < 0)
         return errorf(err, errlen, "--model '%s' is not ddpm-eps, ddpm-x0, dual or casdm",
                       o->model);
+    if (strcmp(o->ema_warmup, "on") != 0 && strcmp(o->ema_warmup, "off") != 0)
+        return errorf(err, errlen, "--ema-warmup '%s' is not on or off", o->ema_warmup);
     *sk = schedule_parse(o->schedule);
     if (*sk < 0) return errorf(err, errlen, "--schedule '%s' is not linear or cosine", o->schedule);
     if (*kind == MODEL_DDPM_X0 && o->p2_gamma != 0.0)
@@ -531,6 +533,7 @@ static int save_checkpoint(const Trainer *tr, const TrainOpts *o, const char *pa
     config_metadata(kv, &n, "batch", "%d", o->batch);
     config_metadata(kv, &n, "ema_rate", "%.9g", o->ema);
     config_metadata(kv, &n, "grad_clip", "%.9g", o->grad_clip);
+    config_metadata(kv, &n, "ema_warmup", "%d", strcmp(o->ema_warmup, "on") == 0);
     config_metadata(kv, &n, "rng_state", "%016llx", (unsigned long long)tr->rng.state);
     config_metadata(kv, &n, "rng_inc", "%016llx", (unsigned long long)tr->rng.inc);
     config_metadata(kv, &n, "adam_step", "%ld", tr->adam_theta.step);
@@ -792,6 +795,7 @@ static void train_resume_options(const StFile *f, const char *path, const TrainO
         {"batch", "--batch", o->batch},
         {"ema_rate", "--ema", o->ema},
         {"grad_clip", "--grad-clip", o->grad_clip},
+        {"ema_warmup", "--ema-warmup (1: on)", strcmp(o->ema_warmup, "on") == 0},
     };
     resume_compare_options(f, path, loss, (int)(sizeof loss / sizeof loss[0]), 0);
     resume_compare_options(f, path, run, (int)(sizeof run / sizeof run[0]), 1);
@@ -925,9 +929,11 @@ static void write_grid_png(const char *path, const unsigned char *img, int N, in
 // EMA with warm-up: improved-diffusion uses a fixed rate (0.9999), which on a
 // short CPU run leaves the EMA at its random start; the rate ramps up as
 // min(rate, (1 + s) / (10 + s)) with s the number of steps before this one.
-static float ema_rate(double rate, long s) {
+// At 0.9999 the ramp lasts ~90 k steps, so a paper-length run that should
+// match improved-diffusion's EMA turns it off (--ema-warmup off).
+static float ema_rate(double rate, long s, int warmup) {
     double warm = (1.0 + (double)s) / (10.0 + (double)s);
-    return (float)(rate < warm ? rate : warm);
+    return (float)(warmup && warm < rate ? warm : rate);
 }
 
 static double nonfinite_or(double v) { return isfinite(v) ? v : NAN; }
@@ -1051,7 +1057,10 @@ static void define_train_options(TrainOpts *o) {
          "stop after this many seconds of training (0 = no limit)", 0, 1e9},
         {"--batch", OPT_INT, &o->batch, "16", "batch size", 1, 4096},
         {"--lr", OPT_FLOAT, &o->lr, "1e-4", "Adam learning rate", 0, 1},
-        {"--ema", OPT_FLOAT, &o->ema, "0.9999", "EMA rate (warmed up as min(rate, (1+s)/(10+s)))",
+        {"--ema-warmup", OPT_STR, &o->ema_warmup, "on",
+         "on: the EMA rate is min(rate, (1+s)/(10+s)) at step s; off: the rate itself "
+         "(improved-diffusion)", 0, 0},
+        {"--ema", OPT_FLOAT, &o->ema, "0.9999", "EMA rate (improved-diffusion's; see --ema-warmup)",
          0, 1},
         {"--grad-clip", OPT_FLOAT, &o->grad_clip, "0",
          "clip each network's gradient norm to this (theta and phi apart; 0 = off)", 0, 1e9},
@@ -1181,7 +1190,7 @@ static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset
     clip_grads(&tr->theta.params, norm_theta, o->grad_clip);
     if (tr->has_phi) clip_grads(&tr->phi.params, norm_phi, o->grad_clip);
     adam_step(&tr->adam_theta, tr->theta.params.data, tr->theta.params.grad);
-    float rate = ema_rate(o->ema, tr->step);
+    float rate = ema_rate(o->ema, tr->step, strcmp(o->ema_warmup, "on") == 0);
     ema_update(tr->ema_theta, tr->theta.params.data, tr->theta.params.total, rate);
     if (tr->has_phi) {
         adam_step(&tr->adam_phi, tr->phi.params.data, tr->phi.params.grad);

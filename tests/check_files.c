@@ -6,8 +6,8 @@
 //     prints nothing and exits 0 when the file is valid, else says why, exit 1
 //   check_files --set-meta IN OUT KEY VALUE     a checkpoint with one metadata value changed
 //   check_files --set-floats IN OUT NAME VALUE  ... with every float of tensor NAME set (strtof:
-//   nan, 3e38) check_files --same-tensor A B NAME  exit 0 when tensor NAME has the same bytes in
-//   both checkpoints, check_files --craft KIND OUT                a hostile file: png-empty-idat (a valid
+//   nan, 3e38) check_files --same-tensor A B NAME [NAME_B]  exit 0 when tensor NAME of A has the
+//   bytes of NAME (or NAME_B) of B, check_files --craft KIND OUT                a hostile file: png-empty-idat (a valid
 //   2x2 grey PNG
 //     with an empty IDAT chunk and an empty stored block), png-bomb (a 1x1 PNG whose IDAT inflates
 //     to 1 MiB)
@@ -301,7 +301,7 @@ static int tensor_bytes(const char *name, const unsigned char **at, size_t *n) {
     return 0;
 }
 
-static int same_tensor(const char *a, const char *b, const char *name) {
+static int same_tensor(const char *a, const char *b, const char *name, const char *name_b) {
     if (load(a)) return 1;
     const unsigned char *pa;
     size_t na;
@@ -313,7 +313,7 @@ static int same_tensor(const char *a, const char *b, const char *name) {
     if (load(b)) { free(copy); return 1; }
     const unsigned char *pb;
     size_t nb;
-    int rc = tensor_bytes(name, &pb, &nb);
+    int rc = tensor_bytes(name_b, &pb, &nb);
     if (!rc && (na != nb || memcmp(copy, pb, na))) rc = fail("the tensors differ");
     free(copy);
     free(buf);
@@ -322,7 +322,8 @@ static int same_tensor(const char *a, const char *b, const char *name) {
 
 int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "--craft")) return craft(argv[2], argv[3]);
-    if (argc == 5 && !strcmp(argv[1], "--same-tensor")) return same_tensor(argv[2], argv[3], argv[4]);
+    if ((argc == 5 || argc == 6) && !strcmp(argv[1], "--same-tensor"))
+        return same_tensor(argv[2], argv[3], argv[4], argv[argc == 6 ? 5 : 4]);
     if (argc == 6 && (!strcmp(argv[1], "--set-meta") || !strcmp(argv[1], "--set-floats"))) {
         if (load(argv[2])) return 1;
         int rc = argv[1][6] == 'm' ? set_meta(argv[3], argv[4], argv[5])

@@ -370,6 +370,20 @@ else
     fail "--grad-clip: theta's update depends on the LPIPS term (or phi's does not)"
 fi
 
+# --ema-warmup off: the EMA rate itself from step 0 (at rate 1 the EMA keeps
+# the initial weights bit for bit); on (the default), the warm-up moves it
+emao="--model casdm --ch 32 --res 1 --attn 16 --batch 2 --T 100 --dropout 0 --sample-n 0"
+./casdm train --data "$dir/one" $emao --steps 0 --out "$dir/ema0" 2>/dev/null
+./casdm train --data "$dir/one" $emao --steps 1 --ema 1 --ema-warmup off --out "$dir/ema_off" 2>/dev/null
+./casdm train --data "$dir/one" $emao --steps 1 --ema 1 --out "$dir/ema_on" 2>/dev/null
+same_init() { build/check_files --same-tensor "$dir/$1/ckpt.safetensors" "$dir/ema0/ckpt.safetensors" \
+    ema.theta.input_blocks.0.0.weight theta.input_blocks.0.0.weight 2>/dev/null; }
+if same_init ema_off && ! same_init ema_on; then
+    pass "--ema-warmup off uses the EMA rate itself from the first step; on warms it up"
+else
+    fail "--ema-warmup: the EMA after one step at rate 1 (off: the initial weights; on: moved)"
+fi
+
 # held-out losses: one CSV line per t of the grid plus the means
 if ./casdm eval --ckpt "$dir/straight/ckpt.safetensors" --data "$dir/data_batch_1.bin" --n 6 --t-grid 4 > "$dir/eval.csv" 2>"$dir/eval.err" &&
    [ "$(wc -l < "$dir/eval.csv")" -eq 6 ] && grep -q '^mean,[0-9.]*,[0-9.]*$' "$dir/eval.csv"; then
@@ -596,6 +610,7 @@ expect() {
     fi
 }
 expect 2 "unknown option '--bogus'" ./casdm train --data "$dir" --bogus
+expect 2 "--ema-warmup 'maybe' is not on or off" ./casdm train --data "$dir/one" $emao --ema-warmup maybe --steps 1 --out "$dir/x"
 expect 2 "--steps expects an integer" ./casdm train --data "$dir" --steps ten
 expect 2 "--lr expects a number" ./casdm train --data "$dir" --lr -1
 expect 2 "--data is required" ./casdm train
