@@ -276,7 +276,7 @@ typedef struct {
     int steps, batch, seed;
     double lr, ema, grad_clip;
     // output
-    int log_every, ckpt_every, sample_every, sample_n, sample_steps;
+    int log_every, ckpt_every, keep_every, sample_every, sample_n, sample_steps;
     int eval_every, eval_n, eval_ref_n;
     const char *eval_features;
     double time_limit;
@@ -1077,6 +1077,9 @@ static void define_train_options(TrainOpts *o) {
         {"--log-every", OPT_INT, &o->log_every, "10", "steps per line of log.csv", 1, 1000000},
         {"--ckpt-every", OPT_INT, &o->ckpt_every, "1000",
          "steps between checkpoints (0 = only at the end)", 0, 1000000000},
+        {"--keep-every", OPT_INT, &o->keep_every, "0",
+         "steps between kept snapshots DIR/ckpt_STEP.safetensors besides the rolling one (0 = none)",
+         0, 1000000000},
         {"--sample-every", OPT_INT, &o->sample_every, "0",
          "steps between sample grids DIR/samples_STEP.png (0 = only at the end)", 0, 1000000000},
         {"--sample-n", OPT_INT, &o->sample_n, "36", "images in each sample grid (0 = none)", 0,
@@ -1297,6 +1300,15 @@ static void run_log(Run *r, const TrainOpts *o, long step, const LossTerms *lt, 
 static void run_save(Run *r, const Trainer *tr, const TrainOpts *o) {
     save_or_die(tr, o, r->ckpt, r->saved_step);
     r->saved_step = r->saved_here = tr->step;
+}
+
+// --keep-every: DIR/ckpt_STEP.safetensors, a whole checkpoint (resumable,
+// the EMA in it) that later saves leave alone: the paper reports the best of
+// its evaluated checkpoints, which a single rolling file cannot give
+static void run_keep(Run *r, const Trainer *tr, const TrainOpts *o) {
+    char path[4200], err[600];
+    snprintf(path, sizeof path, "%s/ckpt_%06ld.safetensors", o->out, tr->step);
+    if (save_checkpoint(tr, o, path, err, sizeof err) != 0) stop_run(err, r->ckpt, r->saved_step);
 }
 
 static void run_close(Run *r) {
@@ -2024,6 +2036,7 @@ static int cmd_train(int argc, char **argv) {
         run_log(&run, &o, tr.step, &lt, fd);
         int more = tr.step < o.steps;
         if (o.ckpt_every > 0 && tr.step % o.ckpt_every == 0 && more) run_save(&run, &tr, &o);
+        if (o.keep_every > 0 && tr.step % o.keep_every == 0) run_keep(&run, &tr, &o);
         if (o.sample_n > 0 && o.sample_every > 0 && tr.step % o.sample_every == 0 && more &&
             !interrupted) {
             if (run.tty) fprintf(stderr, "\n");
@@ -2245,7 +2258,7 @@ static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, R
 }
 
 typedef struct {
-    const char *ckpt, *out, *steps, *method, *ae;
+    const char *ckpt, *out, *steps, *method, *ae, *sigma;
     int n, batch, seed, each, no_ema, no_clip;
     double eta, scale_factor;
 } SampleOpts;
@@ -2274,6 +2287,9 @@ static void define_sample_options(SampleOpts *o) {
          "sampling steps: N (evenly strided, improved-diffusion's ddimN) or sections '10,10'", 0,
          0},
         {"--method", OPT_STR, &o->method, "ddim", "ddim or ddpm", 0, 0},
+        {"--sigma", OPT_STR, &o->sigma, "large",
+         "ddpm's variance: large (beta_t, improved-diffusion's default) or small (the "
+         "posterior's)", 0, 0},
         {"--eta", OPT_FLOAT, &o->eta, "0", "DDIM eta (0 = deterministic)", 0, 1},
         {"--seed", OPT_INT, &o->seed, "0", "random seed", 0, 2147483647},
         {"--batch", OPT_INT, &o->batch, "16", "images per batch", 1, 4096},
@@ -2333,6 +2349,11 @@ static int cmd_sample(int argc, char **argv) {
         fprintf(stderr, "casdm sample: --method '%s' is not ddim or ddpm\n", o.method);
         return 2;
     }
+    if (strcmp(o.sigma, "large") != 0 && strcmp(o.sigma, "small") != 0) {
+        fprintf(stderr, "casdm sample: --sigma '%s' is not large or small\n", o.sigma);
+        return 2;
+    }
+    sc.sigma_large = strcmp(o.sigma, "large") == 0;
     Model m;
     load_model(&m, o.ckpt, !o.no_ema);
     sc.kind = m.kind;

@@ -165,6 +165,9 @@ typedef struct {
     float eta;             // DDIM: 0 deterministic, 1 = DDPM-like noise
     int clip;              // clip predicted x0 to [-1,1] (improved-diffusion's clip_denoised)
     int clip_x0;           // casdm: clip x0* before phi (as in training)
+    // DDPM's variance: 1, beta_t (improved-diffusion's FIXED_LARGE, its
+    // default for a model without learned sigma); 0, the posterior's beta~_t
+    int sigma_large;
 } SampleConfig;
 
 // x (N,C,H,W) at step j of the respaced chain s -> x_prev at step j-1

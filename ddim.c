@@ -363,7 +363,9 @@ void sample_update(const SampleConfig *sc, const Schedule *s, int j, const float
     } else {
         cx = (float)(sqrt(abp) * s->beta[j] / (1.0 - ab));           // posterior mean, x0 term
         ce = (float)(sqrt(s->alpha[j]) * (1.0 - abp) / (1.0 - ab));  // x_t term
-        sigma = (float)sqrt(s->beta[j] * (1.0 - abp) / (1.0 - ab));
+        // FIXED_LARGE: beta_t (improved-diffusion gives t = 0 beta~_1, where
+        // no noise is added); FIXED_SMALL: the posterior variance (DDPM Eq. 7)
+        sigma = (float)sqrt(sc->sigma_large ? s->beta[j] : s->beta[j] * (1.0 - abp) / (1.0 - ab));
     }
     int noisy = sample_step_noisy(sc, j);
     if (noisy && !z) fatal("sample_update: step %d needs noise", j);

@@ -102,6 +102,18 @@ ino1=$(ls -i "$dir/resave/ckpt.safetensors" | cut -d' ' -f1)
 if [ "$ino0" != "$ino1" ] && cmp -s "$dir/half/ckpt.safetensors" "$dir/resave/ckpt.safetensors"; then
     pass "resuming to the checkpoint's own step writes it again, byte for byte"
 else fail "resume to the same step (inode $ino0 -> $ino1)"; fi
+# --keep-every 2: whole checkpoints at steps 2 and 4 besides the rolling one,
+# byte for byte those of the 2- and 4-step runs
+./casdm train --data "$dir" $opts --steps 4 --keep-every 2 --out "$dir/keep" 2>/dev/null
+./casdm train --data "$dir" $opts --steps 2 --out "$dir/keep2" 2>/dev/null
+if cmp -s "$dir/keep2/ckpt.safetensors" "$dir/keep/ckpt_000002.safetensors" &&
+   cmp -s "$dir/straight/ckpt.safetensors" "$dir/keep/ckpt_000004.safetensors" &&
+   cmp -s "$dir/straight/ckpt.safetensors" "$dir/keep/ckpt.safetensors" &&
+   [ "$(ls "$dir/keep" | grep -c '^ckpt_[0-9]*\.safetensors$')" -eq 2 ]; then
+    pass "--keep-every 2 keeps ckpt_000002 and ckpt_000004, the checkpoints of those steps"
+else
+    fail "--keep-every: $(ls "$dir/keep" | tr '\n' ' ')"
+fi
 # and the thread count does not change the result
 ./casdm --threads 1 train --data "$dir" $opts --steps 4 --out "$dir/one" 2>/dev/null
 if cmp -s "$dir/straight/ckpt.safetensors" "$dir/one/ckpt.safetensors"; then
@@ -642,6 +654,7 @@ else
     fail "--resume with another --lr"; sed 's/^/  /' "$dir/t8.err" | tail -3
 fi
 expect 2 "--method 'euler'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --method euler
+expect 2 "--sigma 'medium' is not large or small" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --method ddpm --sigma medium
 expect 2 "--steps '500'" ./casdm sample --ckpt "$dir/half/ckpt.safetensors" --steps 500
 expect 1 "trunc/ckpt.safetensors: truncated" ./casdm sample --ckpt "$dir/trunc/ckpt.safetensors"
 expect 1 "cannot open" ./casdm lpips tests/goldens/image.png tests/goldens/image.ppm --weights "$dir/none.safetensors"

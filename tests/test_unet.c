@@ -447,7 +447,7 @@ static double max_abs_diff(const float *a, const float *b, size_t n) {
 // runs the respaced chain from x_T; returns the max error of the final x_0
 // (and of every intermediate x_j when the golden has them)
 static double run_sampler(const char *v, int method, float eta, const char *spec, const char *key,
-                          UNet *theta, UNet *phi, const Schedule *base) {
+                          UNet *theta, UNet *phi, const Schedule *base, int sigma_large) {
     const StEntry *xT = sneed("x_T"), *noise = sneed("noise"), *want = sneed(key);
     int N = xT->shape[0], C = xT->shape[1], H = xT->shape[2], W = xT->shape[3];
     size_t n = xT->size;
@@ -458,7 +458,7 @@ static double run_sampler(const char *v, int method, float eta, const char *spec
     Schedule rs;
     schedule_respace(&rs, base, kept, nk);
     SampleConfig sc = {.kind = model_parse(v), .method = method, .eta = eta, .clip = 1,
-                       .clip_x0 = 1};
+                       .clip_x0 = 1, .sigma_large = sigma_large};
     float *x = mallocCheck(n * sizeof(float)), *xp = mallocCheck(n * sizeof(float));
     memcpy(x, xT->data, n * sizeof(float));
     char ikey[96];
@@ -523,19 +523,25 @@ static void test_sampling_goldens(void) {
         snprintf(k1, sizeof k1, "%s/ddim10", variants[i]);
         snprintf(k2, sizeof k2, "%s/ddpm10", variants[i]);
         UNet *ph = kind == MODEL_CASDM ? &phi : NULL;
-        double e1 = run_sampler(variants[i], SAMPLER_DDIM, 0.0f, "ddim10", k1, &theta, ph, &base);
-        double e2 = test_quick
-                        ? 0.0
-                        : run_sampler(variants[i], SAMPLER_DDPM, 0.0f, "10", k2, &theta, ph, &base);
+        double e1 =
+            run_sampler(variants[i], SAMPLER_DDIM, 0.0f, "ddim10", k1, &theta, ph, &base, 0);
+        double e2 = test_quick ? 0.0
+                               : run_sampler(variants[i], SAMPLER_DDPM, 0.0f, "10", k2, &theta,
+                                             ph, &base, 0);
+        snprintf(k2, sizeof k2, "%s/ddpm10_large", variants[i]);
+        double e4 = test_quick ? 0.0
+                               : run_sampler(variants[i], SAMPLER_DDPM, 0.0f, "10", k2, &theta,
+                                             ph, &base, 1);
         double e3 = kind == MODEL_CASDM && !test_quick
                         ? run_sampler(variants[i], SAMPLER_DDIM, 0.5f, "ddim10",
-                                      "casdm/ddim10_eta0.5", &theta, ph, &base)
+                                      "casdm/ddim10_eta0.5", &theta, ph, &base, 0)
                         : 0.0;
         snprintf(name, sizeof name,
-                 "sampling %s: DDIM 10 steps (eta 0%s) and DDPM 10 steps vs PyTorch", variants[i],
-                 kind == MODEL_CASDM ? " and 0.5" : "");
-        test_result(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4, name,
-                    "max abs err DDIM %.1e, DDPM %.1e, DDIM eta 0.5 %.1e; tol 1e-4", e1, e2, e3);
+                 "sampling %s: DDIM 10 steps (eta 0%s) and DDPM 10 steps (variance beta~_t and "
+                 "beta_t) vs PyTorch", variants[i], kind == MODEL_CASDM ? " and 0.5" : "");
+        test_result(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4 && e4 <= 1e-4, name,
+                    "max abs err DDIM %.1e, DDPM small %.1e, large %.1e, DDIM eta 0.5 %.1e; "
+                    "tol 1e-4", e1, e2, e4, e3);
         unet_free(&theta);
         if (ph) unet_free(&phi);
     }

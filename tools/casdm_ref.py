@@ -483,6 +483,9 @@ def sample_coefs(RS, j, B, eta):
         "c1": coef(b * np.sqrt(abp) / (1.0 - ab), t),               # posterior mean
         "c2": coef((1.0 - abp) * np.sqrt(a) / (1.0 - ab), t),
         "sigma_ddpm": coef(np.sqrt(b * (1.0 - abp) / (1.0 - ab)), t),   # fixed small variance
+        # improved-diffusion's FIXED_LARGE (its default without learned sigma): beta_t
+        # (posterior_variance[1] at t = 0, where no noise is added)
+        "sigma_ddpm_large": coef(np.sqrt(b), t),
         "d1": coef(np.sqrt(abp), t),                                # DDIM: d1 x0 + d2 eps
         # max(.,0): only guards float64 round-off below 0 (eta = 1 at the last step)
         "d2": coef(np.sqrt(np.maximum(1.0 - abp - sig_ddim ** 2, 0.0)), t),
@@ -490,10 +493,12 @@ def sample_coefs(RS, j, B, eta):
     }
 
 
-def sample(variant, nets, x_T, spec, T, schedule, method, eta, noises, clip=True, clip_x0=True):
+def sample(variant, nets, x_T, spec, T, schedule, method, eta, noises, clip=True, clip_x0=True,
+           ddpm_sigma="small"):
     """Runs the respaced sampler from x_T (B,C,H,W) for j = n-1 .. 0.
 
-    method "ddim" (eta as given) or "ddpm" (fixed small variance; eta ignored).
+    method "ddim" (eta as given) or "ddpm" (eta ignored; ddpm_sigma "small": the posterior
+    variance, "large": beta_t, improved-diffusion's FIXED_LARGE).
     noises[j] (B,C,H,W) is the noise added at step j (not used at j == 0).
     clip: clamp predicted x0 to [-1,1] (improved-diffusion's clip_denoised); clip_x0: casdm
     clamps x0* before phi (as in train_losses).
@@ -549,7 +554,8 @@ def sample(variant, nets, x_T, spec, T, schedule, method, eta, noises, clip=True
             else:
                 raise ValueError(variant)
             if j > 0:
-                sigma = k["sigma_ddim"] if method == "ddim" else k["sigma_ddpm"]
+                sigma = (k["sigma_ddim"] if method == "ddim" else
+                         k["sigma_ddpm_large"] if ddpm_sigma == "large" else k["sigma_ddpm"])
                 x = mean + sigma * noises[j].to(x.dtype)
             else:
                 x = mean

@@ -16,6 +16,7 @@ float32. Contents:
   <v>/ddim10            (2,3,16,16) final x_0, DDIM eta 0, spec "ddim10"
   <v>/ddim10/x          (10,2,3,16,16) x after respaced step j at index j ([0] = x_0)
   <v>/ddpm10            (2,3,16,16) final x_0, DDPM (fixed small variance), spec "10"
+  <v>/ddpm10_large      (2,3,16,16) the same with improved-diffusion's FIXED_LARGE (beta_t)
   casdm/ddim10_eta0.5   (2,3,16,16) final x_0, DDIM eta 0.5, spec "ddim10"
   casdm/ddim10_uint8    (2,16,16,3) to_uint8 of the float32 casdm/ddim10 (NHWC, values
                         0..255 stored as float32; truncation, so a C test should allow
@@ -38,9 +39,10 @@ from make_casdm_goldens import CFG, build_nets  # noqa: E402
 torch.set_num_threads(1)
 
 T, SCHEDULE, STEPS = 4000, "cosine", 10
-RUNS = [  # (key suffix, method, spec, eta)
-    ("ddim10", "ddim", "ddim10", 0.0),
-    ("ddpm10", "ddpm", "10", 0.0),
+RUNS = [  # (key suffix, method, spec, eta, DDPM variance)
+    ("ddim10", "ddim", "ddim10", 0.0, "small"),
+    ("ddpm10", "ddpm", "10", 0.0, "small"),
+    ("ddpm10_large", "ddpm", "10", 0.0, "large"),
 ]
 
 
@@ -62,9 +64,9 @@ def main():
         nets = build_nets(v, C)
         for net in nets.values():
             net.eval()
-        for name, method, spec, eta in RUNS:
+        for name, method, spec, eta, var in RUNS:
             x0, xs = R.sample(v, nets, x_T64, spec, T, SCHEDULE, method, eta, noises64,
-                              clip=True, clip_x0=c["clip_x0"])
+                              clip=True, clip_x0=c["clip_x0"], ddpm_sigma=var)
             G[f"{v}/{name}"] = x0.float()
             if name == "ddim10":
                 G[f"{v}/{name}/x"] = torch.stack(xs).float()
@@ -83,7 +85,7 @@ def main():
     meta = {k: (",".join(str(x) for x in c[k]) if isinstance(c[k], tuple) else c[k]) for k in keys}
     meta.update(producer="tools/make_sample_goldens.py", torch=torch.__version__,
                 description="respaced DDIM (ddim10, eta 0; casdm also eta 0.5) and DDPM ('10', "
-                            "fixed small variance) sampling of each variant from x_T with the "
+                            "fixed small variance; ddpm10_large: beta_t) sampling of each variant from x_T with the "
                             "stored per-step noise (noise[j] at step j, none at j=0); clipped "
                             "x0 with eps re-derived from it; dual/casdm mix the branch means "
                             "per pixel, r*m_x0 + (1-r)*m_eps",
