@@ -120,7 +120,6 @@ static int parse_options(const char *cmd, const Option *opts, int n, int argc, c
 typedef struct {
     Images img;           // (n, c, h, w) uint8
     const char *source;
-    int flip;             // random horizontal flips by default (CIFAR, image folders; not IDX)
 } Dataset;
 
 // a CIFAR-10 batch (appended) or an IDX file, through its decoder in formats.c
@@ -227,12 +226,9 @@ static void load_dataset(Dataset *d, const char *path) {
             if (stat(p, &st) == 0) load_data_file(d, p, cifar_decode);
         }
         if (d->img.n == 0) load_image_folder(d, path);
-        d->flip = 1;
     } else if (ends_with(path, ".bin")) {
         load_data_file(d, path, cifar_decode);
-        d->flip = 1;
     } else if (strstr(path, "idx3-ubyte")) {
-        // digits and letters are not mirror-symmetric: no flips by default
         load_data_file(d, path, idx_decode);
     } else {
         fatal(
@@ -269,7 +265,7 @@ static void draw_batch(const Dataset *ds, Rng *rng, float *x0, int B, int flip) 
 // ---------------------------------------------------------------------------
 typedef struct {
     // data and model
-    const char *data, *model, *schedule, *attn, *mult, *out, *resume, *lpips, *ema_warmup;
+    const char *data, *model, *schedule, *attn, *mult, *out, *resume, *lpips, *ema_warmup, *preset;
     int no_flip, flip, ch, res, heads, T, no_clip_x0, lpips_size, grad_checkpoint;
     double dropout, p2_gamma, p2_k, lambda_eps, lambda_x0, lambda_mu, lambda_lpips;
     // optimisation
@@ -1025,16 +1021,29 @@ static void define_train_options(TrainOpts *o) {
         {"--model", OPT_STR, &o->model, "casdm",
          "ddpm-eps, ddpm-x0, dual or casdm; lddgan and ddgan have their own options (casdm "
          "train --model lddgan --help)", 0, 0},
-        {"--ch", OPT_INT, &o->ch, "64", "U-Net model_channels (the paper: 128)", 32, 1024},
-        {"--res", OPT_INT, &o->res, "2", "ResBlocks per level (the paper: 3)", 1, 16},
+        {"--preset", OPT_STR, &o->preset, NULL,
+         "cifar10-paper: the paper's CIFAR-10 run as the defaults (ch 128, res 3, attn 16,8, "
+         "dropout 0.3, T 4000 cosine, batch 128, lr 1e-4, EMA 0.9999 without warm-up, 400000 "
+         "steps, a kept checkpoint every 20000); flags beside it override", 0, 0},
+        {"--ch", OPT_INT, &o->ch, "64",
+         "U-Net model_channels (casdm's CPU default; the paper and improved-diffusion: 128)", 32,
+         1024},
+        {"--res", OPT_INT, &o->res, "2",
+         "ResBlocks per level (improved-diffusion's default; the paper: 3)", 1, 16},
         {"--attn", OPT_STR, &o->attn, "16",
-         "attention resolutions, e.g. 16,8 (the paper); '' for none", 0, 0},
+         "attention resolutions (casdm's CPU default; improved-diffusion's default U-Net, which "
+         "the paper uses: 16,8); '' for none", 0, 0},
         {"--mult", OPT_STR, &o->mult, "",
          "channel_mult, e.g. 1,2,2,2; '' = improved-diffusion's default for the size", 0, 0},
-        {"--heads", OPT_INT, &o->heads, "4", "attention heads", 1, 64},
-        {"--dropout", OPT_FLOAT, &o->dropout, "0.1", "dropout in ResBlocks", 0, 0.99},
-        {"--T", OPT_INT, &o->T, "4000", "diffusion steps (the paper: 4000)", 1, 100000},
-        {"--schedule", OPT_STR, &o->schedule, "cosine", "noise schedule: cosine or linear", 0, 0},
+        {"--heads", OPT_INT, &o->heads, "4", "attention heads (improved-diffusion's default)", 1,
+         64},
+        {"--dropout", OPT_FLOAT, &o->dropout, "0",
+         "dropout in ResBlocks (improved-diffusion's default; its CIFAR-10 recipe: 0.3)", 0,
+         0.99},
+        {"--T", OPT_INT, &o->T, "4000", "diffusion steps (the paper, Sec. 5)", 1, 100000},
+        {"--schedule", OPT_STR, &o->schedule, "cosine",
+         "noise schedule: cosine (the paper, Sec. 5) or linear (improved-diffusion's default)", 0,
+         0},
         {"--p2-gamma", OPT_FLOAT, &o->p2_gamma, "0",
          "P2 weighting gamma on the epsilon loss (0 = off; paper 0.5 or 1)", 0, 10},
         {"--p2-k", OPT_FLOAT, &o->p2_k, "1", "P2 weighting k", 1e-6, 1e6},
@@ -1055,8 +1064,10 @@ static void define_train_options(TrainOpts *o) {
          1000000000},
         {"--time-limit", OPT_FLOAT, &o->time_limit, "0",
          "stop after this many seconds of training (0 = no limit)", 0, 1e9},
-        {"--batch", OPT_INT, &o->batch, "16", "batch size", 1, 4096},
-        {"--lr", OPT_FLOAT, &o->lr, "1e-4", "Adam learning rate", 0, 1},
+        {"--batch", OPT_INT, &o->batch, "16",
+         "batch size (casdm's CPU default; the paper: 128, 16 on each of 8 GPUs)", 1, 4096},
+        {"--lr", OPT_FLOAT, &o->lr, "1e-4",
+         "Adam learning rate, constant (the paper and improved-diffusion)", 0, 1},
         {"--ema-warmup", OPT_STR, &o->ema_warmup, "on",
          "on: the EMA rate is min(rate, (1+s)/(10+s)) at step s; off: the rate itself "
          "(improved-diffusion)", 0, 0},
@@ -1069,9 +1080,9 @@ static void define_train_options(TrainOpts *o) {
          "recompute each U-Net block in backward instead of keeping its activations (about half the memory, a third more time; same numbers)",
          0, 0},
         {"--no-flip", OPT_FLAG, &o->no_flip, NULL,
-         "no random horizontal flips (default for CIFAR-10 and image folders: flips)", 0, 0},
-        {"--flip", OPT_FLAG, &o->flip, NULL,
-         "random horizontal flips also for IDX data (default there: none)", 0, 0},
+         "no random horizontal flips (the default: improved-diffusion's loader has none)", 0, 0},
+        {"--flip", OPT_FLAG, &o->flip, NULL, "random horizontal flips of the training images", 0,
+         0},
         {"--out", OPT_STR, &o->out, "runs/train", "output directory", 0, 0},
         {"--resume", OPT_STR, &o->resume, NULL, "continue from DIR/ckpt.safetensors", 0, 0},
         {"--log-every", OPT_INT, &o->log_every, "10", "steps per line of log.csv", 1, 1000000},
@@ -1961,6 +1972,36 @@ static void train_eval_close(TrainEval *e) {
 
 static int cmd_train_gan(int argc, char **argv);
 
+// --preset cifar10-paper: Sec. 5 of the paper ("the default U-Net
+// architecture with 128 channels, 3 ResNet blocks", 4000 cosine steps, batch
+// 16 on each of 8 GPUs, lr 1e-4 without decay, 400k iterations, evaluated
+// every 20k) and, where it is silent, improved-diffusion's CIFAR-10 recipe
+// (dropout 0.3) and default U-Net (attention at 16 and 8, 4 heads) and EMA
+// (0.9999, no warm-up). The values become the options' defaults, so a flag
+// given beside the preset wins.
+static const char *const preset_cifar10_paper[][2] = {
+    {"--ch", "128"},      {"--res", "3"},          {"--attn", "16,8"},  {"--heads", "4"},
+    {"--dropout", "0.3"}, {"--T", "4000"},         {"--schedule", "cosine"},
+    {"--batch", "128"},   {"--lr", "1e-4"},        {"--ema", "0.9999"}, {"--ema-warmup", "off"},
+    {"--steps", "400000"}, {"--keep-every", "20000"},
+};
+
+static int apply_preset(Option *table, int n, int argc, char **argv) {
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--preset") != 0 || i + 1 >= argc) continue;
+        if (strcmp(argv[i + 1], "cifar10-paper") != 0) {
+            fprintf(stderr, "casdm train: --preset '%s' is not cifar10-paper\n", argv[i + 1]);
+            return -1;
+        }
+        size_t np = sizeof preset_cifar10_paper / sizeof preset_cifar10_paper[0];
+        for (size_t k = 0; k < np; k++)
+            for (int j = 0; j < n; j++)
+                if (strcmp(table[j].name, preset_cifar10_paper[k][0]) == 0)
+                    table[j].def = preset_cifar10_paper[k][1];
+    }
+    return 0;
+}
+
 static int cmd_train(int argc, char **argv) {
     for (int i = 0; i + 1 < argc; i++)  // stage two of LDDGAN has its own options
         if (strcmp(argv[i], "--model") == 0 &&
@@ -1968,6 +2009,7 @@ static int cmd_train(int argc, char **argv) {
             return cmd_train_gan(argc, argv);
     TrainOpts o;
     define_train_options(&o);
+    if (apply_preset(train_opts_table, train_opts_n, argc, argv) != 0) return 2;
     int pr = parse_options("train", train_opts_table, train_opts_n, argc, argv, train_help);
     if (pr) return PARSED_EXIT(pr);
     Lpips lpips;
@@ -1980,7 +2022,7 @@ static int cmd_train(int argc, char **argv) {
         fatal("--lpips needs RGB images; '%s' has %d channel(s)", o.data, im->c);
     if (im->h != im->w)
         fatal("--data '%s': images are %dx%d; square images only", o.data, im->h, im->w);
-    int flip = o.flip || (data.flip && !o.no_flip);
+    int flip = o.flip;  // (improved-diffusion's ImageDataset does not flip; --flip to)
     Trainer tr;
     trainer_init(&tr, &o, im->c, im->h);
     Run run;

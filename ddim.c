@@ -335,7 +335,8 @@ void schedule_respace(Schedule *out, const Schedule *base, const int *kept, int 
 // sc->clip) and its epsilon re-derived from the clipped x0, as
 // improved-diffusion's p_mean_variance / _predict_eps_from_xstart. The step's
 // mean comes from each branch by DDIM (Song et al., Eq. 12) or the DDPM
-// posterior (Eq. 7); dual and Cas-DM mix the two means per pixel with r_t
+// posterior (Eq. 7); Cas-DM mixes the two means per pixel with r_t (dual
+// diffusion mixes the unclipped x0s instead, as its own sampler does)
 // (Cas-DM Eq. 16-17; Eq. 17's 1/sqrt(alpha_t) is sqrt(abar_prev)/sqrt(abar_t)
 // of the respaced chain, which is what the x0 form below computes).
 // ---------------------------------------------------------------------------
@@ -386,7 +387,15 @@ void sample_update(const SampleConfig *sc, const Schedule *s, int j, const float
                     mx = sc->method == SAMPLER_DDIM ? cx * x0x + ce * epsx : cx * x0x + ce * xv;
                 }
                 float mean;
-                if (r_logit) {
+                if (r_logit && sc->kind == MODEL_DUAL) {
+                    // Benny & Wolf's sampler: the unclipped x0s mixed, eps
+                    // from that mix, then the mixed x0 clipped (per-branch
+                    // clipping above is improved-diffusion's, for casdm)
+                    float r = 1.0f / (1.0f + expf(-r_logit[n * sr + p]));
+                    float x0m = r * x0[n * sx + k] + (1.0f - r) * (a1 * xv - a2 * eps[n * se + k]);
+                    float epsm = (a1 * xv - x0m) / a2, x0c = clip1(x0m, sc->clip);
+                    mean = sc->method == SAMPLER_DDIM ? cx * x0c + ce * epsm : cx * x0c + ce * xv;
+                } else if (r_logit) {
                     float r = 1.0f / (1.0f + expf(-r_logit[n * sr + p]));
                     mean = r * mx + (1.0f - r) * me;
                 } else {

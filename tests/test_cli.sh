@@ -396,6 +396,22 @@ else
     fail "--ema-warmup: the EMA after one step at rate 1 (off: the initial weights; on: moved)"
 fi
 
+# --preset cifar10-paper sets the paper's configuration as defaults, which
+# flags beside it override (the checkpoint's metadata says what ran)
+./casdm train --preset cifar10-paper --data "$dir/one" --ch 32 --res 1 --attn 16 --batch 2 --T 100 \
+    --steps 1 --sample-n 0 --out "$dir/preset" 2>"$dir/preset.err"
+meta=$(head -c 65536 "$dir/preset/ckpt.safetensors" | tr -d '\000')
+ok=1
+for kv in '"dropout":"0.300000012"' '"ema_warmup":"0"' '"noise_schedule":"cosine"' '"lr":"0.0001"' \
+          '"model_channels":"32"' '"num_res_blocks":"1"' '"diffusion_steps":"100"' '"batch":"2"' '"num_heads":"4"'; do
+    case "$meta" in *"$kv"*) ;; *) ok=0; echo "  missing $kv" ;; esac
+done
+if [ $ok -eq 1 ] && [ ! -e "$dir/preset/ckpt_000001.safetensors" ]; then
+    pass "--preset cifar10-paper: dropout 0.3, cosine, lr 1e-4, EMA without warm-up; --ch/--res/--T/--batch given beside it win"
+else
+    fail "--preset cifar10-paper"; sed 's/^/  /' "$dir/preset.err" | tail -3
+fi
+
 # held-out losses: one CSV line per t of the grid plus the means
 if ./casdm eval --ckpt "$dir/straight/ckpt.safetensors" --data "$dir/data_batch_1.bin" --n 6 --t-grid 4 > "$dir/eval.csv" 2>"$dir/eval.err" &&
    [ "$(wc -l < "$dir/eval.csv")" -eq 6 ] && grep -q '^mean,[0-9.]*,[0-9.]*$' "$dir/eval.csv"; then
@@ -436,8 +452,8 @@ else
 fi
 
 # A folder of images loads the same pixels as the other formats: PPM files
-# vs a CIFAR-10 file with the same images (both flip by default), and PGM
-# files with a zero border vs a 28x28 IDX file (--flip there) give
+# vs a CIFAR-10 file with the same images (no flips, the default), and PGM
+# files with a zero border vs a 28x28 IDX file (both with --flip) give
 # bitwise identical checkpoints.
 pix='function p(i, c, y, x) { return (i * 37 + c * 11 + y * 5 + x * 3 + int(x * y / 7)) % 256 }'
 mkdir -p "$dir/ppm" "$dir/pgm" "$dir/mixed" "$dir/empty"
@@ -452,7 +468,7 @@ tiny="--model ddpm-eps --ch 32 --res 1 --mult 1,2 --batch 3 --T 100 --steps 2 --
 ok=1
 ./casdm train --data "$dir/ppm" $tiny --attn '' --out "$dir/f_ppm" 2>"$dir/folder.err" || ok=0
 ./casdm train --data "$dir/four.bin" $tiny --attn '' --out "$dir/f_bin" 2>>"$dir/folder.err" || ok=0
-./casdm train --data "$dir/pgm" $tiny --attn '' --out "$dir/f_pgm" 2>>"$dir/folder.err" || ok=0
+./casdm train --data "$dir/pgm" --flip $tiny --attn '' --out "$dir/f_pgm" 2>>"$dir/folder.err" || ok=0
 ./casdm train --data "$dir/four-idx3-ubyte" --flip $tiny --attn '' --out "$dir/f_idx" 2>>"$dir/folder.err" || ok=0
 if [ $ok -eq 1 ] && cmp -s "$dir/f_ppm/ckpt.safetensors" "$dir/f_bin/ckpt.safetensors" &&
    cmp -s "$dir/f_pgm/ckpt.safetensors" "$dir/f_idx/ckpt.safetensors" &&
@@ -460,6 +476,14 @@ if [ $ok -eq 1 ] && cmp -s "$dir/f_ppm/ckpt.safetensors" "$dir/f_bin/ckpt.safete
     pass "a folder of PPM (PGM) images trains exactly as the same pixels in CIFAR (IDX) format"
 else
     fail "image folder vs CIFAR / IDX"; sed 's/^/  /' "$dir/folder.err"
+fi
+./casdm train --data "$dir/four.bin" $tiny --no-flip --attn '' --out "$dir/f_nof" 2>/dev/null
+./casdm train --data "$dir/four.bin" $tiny --flip --attn '' --out "$dir/f_fl" 2>/dev/null
+if cmp -s "$dir/f_bin/ckpt.safetensors" "$dir/f_nof/ckpt.safetensors" &&
+   ! cmp -s "$dir/f_bin/ckpt.safetensors" "$dir/f_fl/ckpt.safetensors"; then
+    pass "CIFAR-10 data is not flipped unless --flip (improved-diffusion's loader)"
+else
+    fail "flip default: CIFAR-10 without flags should equal --no-flip and differ from --flip"
 fi
 cp "$dir/ppm/img0.ppm" "$dir/pgm/g0.pgm" "$dir/mixed/"
 
@@ -622,6 +646,7 @@ expect() {
     fi
 }
 expect 2 "unknown option '--bogus'" ./casdm train --data "$dir" --bogus
+expect 2 "--preset 'cifar100' is not cifar10-paper" ./casdm train --data "$dir/one" --preset cifar100 --steps 1
 expect 2 "--ema-warmup 'maybe' is not on or off" ./casdm train --data "$dir/one" $emao --ema-warmup maybe --steps 1 --out "$dir/x"
 expect 2 "--steps expects an integer" ./casdm train --data "$dir" --steps ten
 expect 2 "--lr expects a number" ./casdm train --data "$dir" --lr -1

@@ -506,8 +506,10 @@ def sample(variant, nets, x_T, spec, T, schedule, method, eta, noises, clip=True
       eps-branch: x0_e = cl(a1 x - a2 eps'), eps_e = (a1 x - x0_e) / a2  (eps re-derived
                   from the clipped x0, improved-diffusion's _predict_eps_from_xstart)
       x0-branch:  x0_x = cl(x0'),            eps_x = (a1 x - x0_x) / a2
-    Branch mean: DDIM d1 x0 + d2 eps, DDPM c1 x0 + c2 x. dual / casdm mix per pixel,
-    mean = r m_x + (1-r) m_e (Cas-DM Eq. 16-17, r (B,1,H,W) broadcast over channels).
+    Branch mean: DDIM d1 x0 + d2 eps, DDPM c1 x0 + c2 x. casdm mixes per pixel,
+    mean = r m_x + (1-r) m_e (Cas-DM Eq. 16-17, r (B,1,H,W) broadcast over channels);
+    dual mixes the unclipped x0s, x0_mix = r x0' + (1-r)(a1 x - a2 eps'), and steps with
+    cl(x0_mix) and eps = (a1 x - x0_mix) / a2 (yanivbenny/dual_diffusion's sampler).
     x_prev = mean + sigma noises[j] (j > 0), mean (j == 0).
     Returns (x_0, xs) with xs[j] the x produced by step j (xs[0] is x_0).
     """
@@ -542,9 +544,12 @@ def sample(variant, nets, x_T, spec, T, schedule, method, eta, noises, clip=True
             elif variant == "ddpm-x0":
                 mean = x0_branch(nets["theta"](x, t_in))
             elif variant == "dual":
+                # Benny & Wolf: the two x0s mixed first (unclipped), eps re-derived
+                # from the unclipped mixed x0, then the mixed x0 clipped
                 o = nets["theta"](x, t_in)
                 r = torch.sigmoid(o[:, 2 * C:2 * C + 1])
-                mean = r * x0_branch(o[:, :C]) + (1 - r) * eps_branch(o[:, C:2 * C])
+                x0_mix = r * o[:, :C] + (1 - r) * (k["a1"] * x - k["a2"] * o[:, C:2 * C])
+                mean = mean_of(cl(x0_mix), (k["a1"] * x - x0_mix) / k["a2"])
             elif variant == "casdm":
                 eps = nets["theta"](x, t_in)
                 x0s = k["a1"] * x - k["a2"] * eps
