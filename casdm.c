@@ -530,6 +530,8 @@ static int save_checkpoint(const Trainer *tr, const TrainOpts *o, const char *pa
     config_metadata(kv, &n, "ema_rate", "%.9g", o->ema);
     config_metadata(kv, &n, "grad_clip", "%.9g", o->grad_clip);
     config_metadata(kv, &n, "ema_warmup", "%d", strcmp(o->ema_warmup, "on") == 0);
+    config_metadata(kv, &n, "flip", "%d", o->flip);
+    config_metadata(kv, &n, "lpips_file", "%s", o->lpips ? o->lpips : "");
     config_metadata(kv, &n, "rng_state", "%016llx", (unsigned long long)tr->rng.state);
     config_metadata(kv, &n, "rng_inc", "%016llx", (unsigned long long)tr->rng.inc);
     config_metadata(kv, &n, "adam_step", "%ld", tr->adam_theta.step);
@@ -792,10 +794,15 @@ static void train_resume_options(const StFile *f, const char *path, const TrainO
         {"ema_rate", "--ema", o->ema},
         {"grad_clip", "--grad-clip", o->grad_clip},
         {"ema_warmup", "--ema-warmup (1: on)", strcmp(o->ema_warmup, "on") == 0},
+        {"flip", "--flip (1: given)", o->flip},
     };
     resume_compare_options(f, path, loss, (int)(sizeof loss / sizeof loss[0]), 0);
     resume_compare_options(f, path, run, (int)(sizeof run / sizeof run[0]), 1);
-    char buf[64];
+    char buf[128];
+    // the LPIPS weights: a path may move between machines, so another one is a notice
+    if (o->lpips && st_meta(f, "lpips_file", buf, sizeof buf) == 0 && strcmp(buf, o->lpips) != 0)
+        fprintf(stderr, "note: --resume: --lpips was '%s', now '%s' (the same weights?)\n", buf,
+                o->lpips);
     if (st_meta(f, "noise_schedule", buf, sizeof buf) == 0 && strcmp(buf, o->schedule) != 0)
         fatal("--resume: '%s' was trained with --schedule %s; this run asks for %s (it changes "
               "the loss, so it must not change within a run)", path, buf, o->schedule);
