@@ -231,6 +231,14 @@ static void run_variant(const char *v) {
     if (has_phi) unet_free(&phi);
 }
 
+// a batch of images uniform in [-1, 1] and its N(0, 1) noise, from rng
+static void random_x0_noise(Graph *g, Rng *rng, const int shape[4], Tensor **x0, Tensor **noise) {
+    *x0 = tensor_new(g, 4, shape);
+    *noise = tensor_new(g, 4, shape);
+    rng_fill_uniform(rng, (*x0)->data, (*x0)->size, -1.0f, 1.0f);
+    rng_fill_normal(rng, (*noise)->data, (*noise)->size, 0.0f, 1.0f);
+}
+
 // Activation checkpointing must not change a single bit: the same Cas-DM
 // step (theta and phi, dropout on, attention at 8x8) with use_checkpoint on
 // and off gives identical losses and gradients, and keeps less in the arena.
@@ -247,9 +255,8 @@ static size_t step_grads(UNet *theta, UNet *phi, int use_ckpt, float *loss, size
     g.rng = &rng;
     g.training = 1;
     int shape[4] = {2, 3, 16, 16}, t[2] = {13, 71};
-    Tensor *x0 = tensor_new(&g, 4, shape), *noise = tensor_new(&g, 4, shape);
-    rng_fill_uniform(&rng, x0->data, x0->size, -1.0f, 1.0f);
-    rng_fill_normal(&rng, noise->data, noise->size, 0.0f, 1.0f);
+    Tensor *x0, *noise;
+    random_x0_noise(&g, &rng, shape, &x0, &noise);
     LossConfig lc;
     loss_config_default(&lc, MODEL_CASDM);
     lc.p2_gamma = 1.0;
@@ -297,9 +304,8 @@ static void test_loss_weights(void) {
             graph_init(&g, 0, 0);
             g.grad_enabled = 0;
             int shape[4] = {2, 1, 8, 8}, t[2] = {5, 90};
-            Tensor *x0 = tensor_new(&g, 4, shape), *noise = tensor_new(&g, 4, shape);
-            rng_fill_uniform(&rng, x0->data, x0->size, -1.0f, 1.0f);
-            rng_fill_normal(&rng, noise->data, noise->size, 0.0f, 1.0f);
+            Tensor *x0, *noise;
+            random_x0_noise(&g, &rng, shape, &x0, &noise);
             LossConfig lc;
             loss_config_default(&lc, kind);
             if (kind != MODEL_DDPM_EPS) lc.lpips = l1_as_lpips;
