@@ -737,40 +737,39 @@ static int load_tensors(const ParamSet *ps, const StFile *f, const char *path, c
 // within a run (the learning rate, say), a notice ----
 typedef struct { const char *key, *flag; double value; } RunOption;
 
-static void resume_check_options(const StFile *f, const char *path, const RunOption *ro, int n,
-                                 const char *what) {
-    char buf[64];
-    for (int i = 0; i < n; i++) {
-        char *end;
-        if (st_meta(f, ro[i].key, buf, sizeof buf) != 0)
-            fatal("--resume: '%s' has no '%s' in its metadata", path, ro[i].key);
-        double v = strtod(buf, &end);
-        if (*end || (float)v != (float)ro[i].value)
-            fatal("--resume: '%s' was trained with %s %s; this run asks for %g (%s must not "
-                  "change within a run)", path, ro[i].flag, buf, ro[i].value, what);
-    }
-}
+// How a recorded option is held to this run's value: RESUME_STRICT (train-ae,
+// the GANs: a key must be there and equal), RESUME_LOSS (casdm train: equal;
+// a key an older checkpoint lacks gets a notice, as its run used the value of
+// that version, which this run cannot know), RESUME_NOTICE (a change is
+// reported and allowed).
+enum { RESUME_STRICT, RESUME_LOSS, RESUME_NOTICE };
 
-// the same, for checkpoints of casdm train: a key that an older checkpoint
-// lacks gets a notice (its run used the value of that version, which this
-// run cannot know); notice_only: a change is reported and allowed
 static void resume_compare_options(const StFile *f, const char *path, const RunOption *ro, int n,
-                                   int notice_only) {
+                                   int mode, const char *what) {
     char buf[64];
     for (int i = 0; i < n; i++) {
         char *end;
         if (st_meta(f, ro[i].key, buf, sizeof buf) != 0) {
+            if (mode == RESUME_STRICT)
+                fatal("--resume: '%s' has no '%s' in its metadata", path, ro[i].key);
             fprintf(stderr, "note: '%s' does not record %s (an older casdm); assuming %g\n", path,
                     ro[i].flag, ro[i].value);
             continue;
         }
         double v = strtod(buf, &end);
         if (!*end && (float)v == (float)ro[i].value) continue;
-        if (!notice_only)
-            fatal("--resume: '%s' was trained with %s %s; this run asks for %g (it changes the "
-                  "loss, so it must not change within a run)", path, ro[i].flag, buf, ro[i].value);
-        fprintf(stderr, "note: --resume: %s was %s, now %g\n", ro[i].flag, buf, ro[i].value);
+        if (mode == RESUME_NOTICE) {
+            fprintf(stderr, "note: --resume: %s was %s, now %g\n", ro[i].flag, buf, ro[i].value);
+            continue;
+        }
+        fatal("--resume: '%s' was trained with %s %s; this run asks for %g (%s must not change "
+              "within a run)", path, ro[i].flag, buf, ro[i].value, what);
     }
+}
+
+static void resume_check_options(const StFile *f, const char *path, const RunOption *ro, int n,
+                                 const char *what) {
+    resume_compare_options(f, path, ro, n, RESUME_STRICT, what);
 }
 
 // what defines a casdm train run's loss and model, and what may change
@@ -796,8 +795,9 @@ static void train_resume_options(const StFile *f, const char *path, const TrainO
         {"ema_warmup", "--ema-warmup (1: on)", strcmp(o->ema_warmup, "on") == 0},
         {"flip", "--flip (1: given)", o->flip},
     };
-    resume_compare_options(f, path, loss, (int)(sizeof loss / sizeof loss[0]), 0);
-    resume_compare_options(f, path, run, (int)(sizeof run / sizeof run[0]), 1);
+    resume_compare_options(f, path, loss, (int)(sizeof loss / sizeof loss[0]), RESUME_LOSS,
+                           "it changes the loss, so it");
+    resume_compare_options(f, path, run, (int)(sizeof run / sizeof run[0]), RESUME_NOTICE, "");
     char buf[128];
     // the LPIPS weights: a path may move between machines, so another one is a notice
     if (o->lpips && st_meta(f, "lpips_file", buf, sizeof buf) == 0 && strcmp(buf, o->lpips) != 0)
