@@ -18,6 +18,7 @@
 //        step, its Adam update and the EMA; --batch, bench.sh: 8)
 //        lddgan_sample100 (100 CIFAR-10 samples: 4 generator calls and the
 //        autoencoder's decoder, as casdm sample)
+// --winograd 0: same 3x3 convolutions without the Winograd path (to compare)
 #define _POSIX_C_SOURCE 200809L
 #include "casdm.h"
 
@@ -391,7 +392,7 @@ static step_fn setup_case(Bench *b, const char *cs, int *warmup, int *iters) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B]\n");
+        fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B] [--winograd 0|1]\n");
         return 2;
     }
     const char *cs = argv[1];
@@ -401,6 +402,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--iters")) iters = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--warmup")) warmup = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--winograd")) conv_winograd = atoi(argv[i + 1]) != 0;
         else { fprintf(stderr, "bench: unknown option %s\n", argv[i]); return 2; }
     }
     pool_init(threads);

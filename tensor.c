@@ -2065,10 +2065,414 @@ static void planes_dweight(float *dw, const float *dy, const float *x, size_t M,
     free(off);
 }
 
+// ---- the Winograd path: 3x3 same convolutions as F(2x2, 3x3) ----
+// Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR
+// 2016), Sec. 4.1. A 2x2 tile of the output is
+//     Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A
+// for the 3x3 kernel g and the 4x4 input patch d that starts one pixel up and
+// left of the tile (zeros outside the image). Summed over the input channels,
+// each of the 16 points xi of the 4x4 transformed tile is one GEMM over tiles,
+//     M_xi (OC, P) = U_xi (OC, C) @ V_xi (C, P),    U = G g G^T, V = B^T d B,
+// so a same 3x3 convolution costs 4 multiplies per output and channel instead
+// of 9 (2.25x fewer), plus transforms that only add. The backward is this
+// computation's exact adjoint, with DY = A dy A^T (the tile's output gradient
+// carried back through A):
+//     dV_xi = U_xi^T @ DY_xi,  the input patch's gradient B dV B^T (the
+//                               patches overlap: each pixel sums its four)
+//     dU_xi = DY_xi @ V_xi^T,  the kernel's gradient G^T dU G (over tiles
+//                               and images: the GEMM's inner dimension)
+// The matrices' entries are 0, ±1 and ±1/2 (Lavin & Gray's F(2x2,3x3)), so the
+// rounding is a few ulps from the direct sum's (the tests' 1e-4 holds with
+// room); every output is one GEMM element or one thread's transform, summed in
+// a fixed order, so results do not depend on the thread count.
+// Used for stride 1, pad 1 and at least WINO_MIN_CH channels in and out
+// (with fewer, the transforms cost more than the multiplies they save),
+// images grouped as planes_images groups them.
+int conv_winograd = 1;
+#define WINO_MIN_CH 64
+#define WINO_MIN_POSITIONS 512
+
+static int conv_on_winograd(int N, int C, int OC, int H, int W, int K, int stride, int pad) {
+    return conv_winograd && K == 3 && stride == 1 && pad == 1 && C >= WINO_MIN_CH &&
+           OC >= WINO_MIN_CH && H >= 2 && W >= 2 &&
+           (size_t)N * H * W >= WINO_MIN_POSITIONS;
+}
+
+typedef struct {
+    int N, C, OC, H, W;
+    int TH, TW;          // tiles per column and row: ceil(H / 2), ceil(W / 2)
+    size_t tiles;        // per image
+} Wino;
+
+static Wino wino_of(int N, int C, int OC, int H, int W) {
+    Wino z = {N, C, OC, H, W, (H + 1) / 2, (W + 1) / 2, 0};
+    z.tiles = (size_t)z.TH * z.TW;
+    return z;
+}
+
+// images per pass: as many as keep V, M (or DY) within conv_planes_max_floats
+static int wino_images(const Wino *z) {
+    size_t per = 16 * (size_t)(z->C > z->OC ? z->C : z->OC) * z->tiles;
+    size_t g = conv_planes_max_floats / per;
+    return g < 1 ? 1 : g > (size_t)z->N ? z->N : (int)g;
+}
+
+// The 16 matrices of a transform lie one after another, each 16 floats
+// longer than its elements: with a power-of-two size (256 x 256 channels)
+// the 16 points of one tile would otherwise fall in the same cache set and
+// evict each other at every store (a transform then cost more than its GEMMs)
+static size_t wino_stride(size_t elements) { return elements + 16; }
+
+// U_xi[oc][c] = (G g G^T)_xi, G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+typedef struct { float *U; const float *w; size_t OC, C; } WinoKernel;
+
+static void wino_kernel_range(void *arg, size_t oc0, size_t oc1) {
+    const WinoKernel *t = arg;
+    size_t n = wino_stride(t->OC * t->C);
+    for (size_t oc = oc0; oc < oc1; oc++)
+        for (size_t c = 0; c < t->C; c++) {
+            const float *g = t->w + (oc * t->C + c) * 9;
+            float r[4][3];  // G g: the rows
+            for (int k = 0; k < 3; k++) {
+                float g0 = g[k], g1 = g[3 + k], g2 = g[6 + k];
+                r[0][k] = g0;
+                r[1][k] = 0.5f * (g0 + g1 + g2);
+                r[2][k] = 0.5f * (g0 - g1 + g2);
+                r[3][k] = g2;
+            }
+            float *u = t->U + oc * t->C + c;
+            for (int i = 0; i < 4; i++) {  // (G g) G^T: the columns
+                u[(i * 4 + 0) * n] = r[i][0];
+                u[(i * 4 + 1) * n] = 0.5f * (r[i][0] + r[i][1] + r[i][2]);
+                u[(i * 4 + 2) * n] = 0.5f * (r[i][0] - r[i][1] + r[i][2]);
+                u[(i * 4 + 3) * n] = r[i][2];
+            }
+        }
+}
+
+// dw[oc][c] += G^T dU G, the adjoint of the kernel transform
+typedef struct { float *dw; const float *dU; size_t OC, C; } WinoKernelGrad;
+
+static void wino_kernel_grad_range(void *arg, size_t oc0, size_t oc1) {
+    const WinoKernelGrad *t = arg;
+    size_t n = wino_stride(t->OC * t->C);
+    for (size_t oc = oc0; oc < oc1; oc++)
+        for (size_t c = 0; c < t->C; c++) {
+            const float *m = t->dU + oc * t->C + c;
+            float r[4][3];  // dU G: the columns, G^T m = (m0 + (m1+m2)/2, (m1-m2)/2, (m1+m2)/2 + m3)
+            for (int i = 0; i < 4; i++) {
+                float m0 = m[(i * 4) * n], m1 = m[(i * 4 + 1) * n], m2 = m[(i * 4 + 2) * n],
+                      m3 = m[(i * 4 + 3) * n];
+                r[i][0] = m0 + 0.5f * (m1 + m2);
+                r[i][1] = 0.5f * (m1 - m2);
+                r[i][2] = 0.5f * (m1 + m2) + m3;
+            }
+            float *g = t->dw + (oc * t->C + c) * 9;
+            for (int k = 0; k < 3; k++) {  // G^T (dU G): the rows
+                g[k] += r[0][k] + 0.5f * (r[1][k] + r[2][k]);
+                g[3 + k] += 0.5f * (r[1][k] - r[2][k]);
+                g[6 + k] += 0.5f * (r[1][k] + r[2][k]) + r[3][k];
+            }
+        }
+}
+
+// The four tile transforms work a row of tiles at a time, on the even and odd
+// columns of the rows involved held apart (e[m], o[m]), so that every loop
+// runs over tiles with unit stride and vectorises. A thread's stage:
+static size_t wino_stage_floats(const Wino *z) {
+    return (size_t)(2 * (2 * z->TH + 2) + 48) * (z->TW + 1);
+}
+
+// V_xi[c][p] = (B^T d B)_xi for the patches of g images (p = (i*TH + ty)*TW + tx),
+// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]. The patch of tile (ty, tx)
+// covers rows 2ty-1 .. 2ty+2 and columns 2tx-1 .. 2tx+2: columns e[tx], o[tx],
+// e[tx+1], o[tx+1] with e[m] = x[2m-1], o[m] = x[2m] (0 outside the image).
+typedef struct { float *V; const float *x; const Wino *z; int g; float *stage; } WinoInput;
+
+static void wino_input_range(void *arg, size_t c0, size_t c1) {
+    const WinoInput *t = arg;
+    const Wino *z = t->z;
+    int TW = z->TW, W = z->W, L = TW + 1;
+    size_t P = (size_t)t->g * z->tiles, np = wino_stride((size_t)z->C * P), hw = (size_t)z->H * W;
+    float *e = t->stage + (size_t)pool_thread_id() * wino_stage_floats(z), *o = e + 4 * L;
+    float *te = o + 4 * L, *to = te + 4 * L;
+    for (size_t c = c0; c < c1; c++)
+        for (int i = 0; i < t->g; i++) {
+            const float *x = t->x + ((size_t)i * z->C + c) * hw;
+            for (int ty = 0; ty < z->TH; ty++) {
+                for (int r = 0; r < 4; r++) {  // input rows 2ty-1 .. 2ty+2
+                    int y = 2 * ty - 1 + r, m = 0;
+                    float *er = e + r * L, *or = o + r * L;
+                    if (y >= 0 && y < z->H) {
+                        const float *row = x + (size_t)y * W;
+                        er[0] = 0.0f;
+                        for (m = 1; 2 * m - 1 < W; m++) er[m] = row[2 * m - 1];
+                        for (; m < L; m++) er[m] = 0.0f;
+                        for (m = 0; 2 * m < W; m++) or[m] = row[2 * m];
+                        for (; m < L; m++) or[m] = 0.0f;
+                    } else {
+                        for (m = 0; m < L; m++) er[m] = or[m] = 0.0f;
+                    }
+                }
+                for (int h = 0; h < 2; h++) {  // B^T over the rows, of the even then the odd columns
+                    const float *d = h ? o : e;
+                    float *tt = h ? to : te;
+                    for (int m = 0; m < L; m++) {
+                        float d0 = d[m], d1 = d[L + m], d2 = d[2 * L + m], d3 = d[3 * L + m];
+                        tt[m] = d0 - d2;
+                        tt[L + m] = d1 + d2;
+                        tt[2 * L + m] = d2 - d1;
+                        tt[3 * L + m] = d1 - d3;
+                    }
+                }
+                float *v = t->V + c * P + ((size_t)i * z->TH + ty) * TW;
+                for (int a = 0; a < 4; a++) {  // then B over the patches' columns
+                    const float *ea = te + a * L, *oa = to + a * L;
+                    float *v0 = v + (a * 4) * np, *v1 = v0 + np, *v2 = v1 + np, *v3 = v2 + np;
+                    for (int tx = 0; tx < TW; tx++) {
+                        v0[tx] = ea[tx] - ea[tx + 1];
+                        v1[tx] = oa[tx] + ea[tx + 1];
+                        v2[tx] = ea[tx + 1] - oa[tx];
+                        v3[tx] = oa[tx] - oa[tx + 1];
+                    }
+                }
+            }
+        }
+}
+
+// the output of g images: out = A^T M A (+ bias, shift, residual as
+// conv_epilogue_range), A^T = [1 1 1 0; 0 1 -1 -1]
+typedef struct {
+    float *out; const float *M; const Wino *z; int g, n0;
+    const float *bias, *shift, *residual;
+    float *stage;
+} WinoOutput;
+
+static void wino_output_range(void *arg, size_t oc0, size_t oc1) {
+    const WinoOutput *t = arg;
+    const Wino *z = t->z;
+    int TW = z->TW, W = z->W;
+    size_t P = (size_t)t->g * z->tiles, np = wino_stride((size_t)z->OC * P), hw = (size_t)z->H * W;
+    float *s = t->stage + (size_t)pool_thread_id() * wino_stage_floats(z), *q = s + 8 * TW;
+    for (size_t oc = oc0; oc < oc1; oc++)
+        for (int i = 0; i < t->g; i++) {
+            size_t r = ((size_t)t->n0 + i) * z->OC + oc;
+            float cst = (t->bias ? t->bias[oc] : 0.0f) + (t->shift ? t->shift[r] : 0.0f);
+            float *y = t->out + r * hw;
+            const float *res = t->residual ? t->residual + r * hw : NULL;
+            for (int ty = 0; ty < z->TH; ty++) {
+                const float *m = t->M + oc * P + ((size_t)i * z->TH + ty) * TW;
+                for (int b = 0; b < 4; b++) {  // A^T over the rows: s[a][b] per tile
+                    const float *m0 = m + b * np, *m1 = m0 + 4 * np, *m2 = m1 + 4 * np,
+                                *m3 = m2 + 4 * np;
+                    float *s0 = s + b * TW, *s1 = s + (4 + b) * TW;
+                    for (int tx = 0; tx < TW; tx++) {
+                        s0[tx] = m0[tx] + m1[tx] + m2[tx];
+                        s1[tx] = m1[tx] - m2[tx] - m3[tx];
+                    }
+                }
+                for (int a = 0; a < 2; a++) {  // then over the columns: output row 2ty + a
+                    int oy = 2 * ty + a;
+                    if (oy >= z->H) break;
+                    const float *sa = s + 4 * a * TW;
+                    float *q0 = q, *q1 = q + TW;
+                    for (int tx = 0; tx < TW; tx++) {
+                        q0[tx] = sa[tx] + sa[TW + tx] + sa[2 * TW + tx];
+                        q1[tx] = sa[TW + tx] - sa[2 * TW + tx] - sa[3 * TW + tx];
+                    }
+                    float *yr = y + (size_t)oy * W;
+                    const float *rr = res ? res + (size_t)oy * W : NULL;
+                    for (int ox = 0; ox < W; ox++) {
+                        float v = ox % 2 ? q1[ox / 2] : q0[ox / 2];
+                        yr[ox] = rr ? v + (rr[ox] + cst) : v + cst;
+                    }
+                }
+            }
+        }
+}
+
+// DY_xi[oc][p] = (A dy A^T)_xi for the output tiles of g images (zero past
+// the map's edge), A = [1 0; 1 1; 1 -1; 0 -1]
+typedef struct { float *DY; const float *dy; const Wino *z; int g; float *stage; } WinoDout;
+
+static void wino_dout_range(void *arg, size_t oc0, size_t oc1) {
+    const WinoDout *t = arg;
+    const Wino *z = t->z;
+    int TW = z->TW, W = z->W;
+    size_t P = (size_t)t->g * z->tiles, np = wino_stride((size_t)z->OC * P), hw = (size_t)z->H * W;
+    float *e = t->stage + (size_t)pool_thread_id() * wino_stage_floats(z), *o = e + 4 * TW;
+    for (size_t oc = oc0; oc < oc1; oc++)
+        for (int i = 0; i < t->g; i++) {
+            const float *dy = t->dy + ((size_t)i * z->OC + oc) * hw;
+            for (int ty = 0; ty < z->TH; ty++) {
+                for (int a = 0; a < 2; a++) {  // the tile rows, even and odd columns
+                    int oy = 2 * ty + a, in = oy < z->H;
+                    const float *row = dy + (size_t)oy * W;
+                    for (int tx = 0; tx < TW; tx++) {
+                        e[a * TW + tx] = in ? row[2 * tx] : 0.0f;
+                        o[a * TW + tx] = in && 2 * tx + 1 < W ? row[2 * tx + 1] : 0.0f;
+                    }
+                }
+                for (int tx = 0; tx < TW; tx++) {  // A over the rows: rows 2, 3 from 0, 1
+                    float e0 = e[tx], e1 = e[TW + tx], o0 = o[tx], o1 = o[TW + tx];
+                    e[TW + tx] = e0 + e1;
+                    o[TW + tx] = o0 + o1;
+                    e[2 * TW + tx] = e0 - e1;
+                    o[2 * TW + tx] = o0 - o1;
+                    e[3 * TW + tx] = -e1;
+                    o[3 * TW + tx] = -o1;
+                }
+                float *d = t->DY + oc * P + ((size_t)i * z->TH + ty) * TW;
+                for (int a = 0; a < 4; a++) {  // then over the columns
+                    const float *ea = e + a * TW, *oa = o + a * TW;
+                    float *d0 = d + (a * 4) * np, *d1 = d0 + np, *d2 = d1 + np, *d3 = d2 + np;
+                    for (int tx = 0; tx < TW; tx++) {
+                        d0[tx] = ea[tx];
+                        d1[tx] = ea[tx] + oa[tx];
+                        d2[tx] = ea[tx] - oa[tx];
+                        d3[tx] = -oa[tx];
+                    }
+                }
+            }
+        }
+}
+
+// dx of g images (+)= the patches' gradients B dV B^T, B = (B^T)^T. The
+// patches overlap, so they are summed, in a fixed order, into the channel's
+// padded plane (even and odd columns apart, as the input transform reads
+// them) and the plane's interior is then the image's gradient.
+typedef struct { float *dx; const float *dV; const Wino *z; int g, add; float *stage; } WinoDinp;
+
+static void wino_dinp_range(void *arg, size_t c0, size_t c1) {
+    const WinoDinp *t = arg;
+    const Wino *z = t->z;
+    int TW = z->TW, W = z->W, L = TW + 1, HP = 2 * z->TH + 2;
+    size_t P = (size_t)t->g * z->tiles, np = wino_stride((size_t)z->C * P), hw = (size_t)z->H * W;
+    float *E = t->stage + (size_t)pool_thread_id() * wino_stage_floats(z), *O = E + (size_t)HP * L;
+    float *r = O + (size_t)HP * L;  // r[a][b][tx]: B over the columns of row a
+    for (size_t c = c0; c < c1; c++)
+        for (int i = 0; i < t->g; i++) {
+            memset(E, 0, 2 * (size_t)HP * L * sizeof(float));
+            for (int ty = 0; ty < z->TH; ty++) {
+                const float *v = t->dV + c * P + ((size_t)i * z->TH + ty) * TW;
+                for (int a = 0; a < 4; a++) {
+                    const float *v0 = v + (a * 4) * np, *v1 = v0 + np, *v2 = v1 + np, *v3 = v2 + np;
+                    float *r0 = r + (a * 4) * TW, *r1 = r0 + TW, *r2 = r1 + TW, *r3 = r2 + TW;
+                    for (int tx = 0; tx < TW; tx++) {
+                        r0[tx] = v0[tx];
+                        r1[tx] = v1[tx] - v2[tx] + v3[tx];
+                        r2[tx] = -v0[tx] + v1[tx] + v2[tx];
+                        r3[tx] = -v3[tx];
+                    }
+                }
+                for (int k = 0; k < 4; k++) {  // then B over the rows: patch row k, column k'
+                    float *Er = E + (size_t)(2 * ty + k) * L, *Or = O + (size_t)(2 * ty + k) * L;
+                    for (int b = 0; b < 4; b++) {
+                        const float *p0 = r + b * TW, *p1 = r + (4 + b) * TW,
+                                    *p2 = r + (8 + b) * TW, *p3 = r + (12 + b) * TW;
+                        float *dst = (b % 2 ? Or : Er) + b / 2;  // columns e[tx], o[tx], e[tx+1], o[tx+1]
+                        for (int tx = 0; tx < TW; tx++)
+                            dst[tx] += k == 0 ? p0[tx]
+                                     : k == 1 ? p1[tx] - p2[tx] + p3[tx]
+                                     : k == 2 ? -p0[tx] + p1[tx] + p2[tx]
+                                              : -p3[tx];
+                    }
+                }
+            }
+            float *dx = t->dx + ((size_t)i * z->C + c) * hw;
+            for (int y = 0; y < z->H; y++) {  // the plane's interior: column 2m-1 in E, 2m in O
+                const float *Er = E + (size_t)(y + 1) * L, *Or = O + (size_t)(y + 1) * L;
+                float *d = dx + (size_t)y * W;
+                for (int xx = 0; xx < W; xx++) {
+                    float s = xx % 2 ? Er[(xx + 1) / 2] : Or[xx / 2];
+                    d[xx] = t->add ? d[xx] + s : s;
+                }
+            }
+        }
+}
+
+// scratch floats: U | dU (backward) | V | M or DY | (backward) dV
+static size_t wino_scratch(const Wino *z, int backward) {
+    size_t P = (size_t)wino_images(z) * z->tiles, uc = 16 * wino_stride((size_t)z->OC * z->C);
+    size_t vc = 16 * wino_stride((size_t)z->C * P), mc = 16 * wino_stride((size_t)z->OC * P);
+    size_t stage = (size_t)pool_threads() * wino_stage_floats(z);
+    return backward ? 2 * uc + 2 * vc + mc + stage : uc + vc + mc + stage;
+}
+
+static void wino_forward(float *out, const float *inp, const float *weight, const float *bias,
+                         const float *shift, const float *residual, float *col, int N, int C,
+                         int H, int W, int OC) {
+    Wino z = wino_of(N, C, OC, H, W);
+    int G = wino_images(&z);
+    size_t Pmax = (size_t)G * z.tiles, su = wino_stride((size_t)OC * C);
+    float *U = col, *V = U + 16 * su, *M = V + 16 * wino_stride((size_t)C * Pmax),
+          *stage = M + 16 * wino_stride((size_t)OC * Pmax);
+    flops_forward += 2.0 * OC * (double)N * H * W * C * 9;  // nominal: the direct convolution's
+    WinoKernel k = {U, weight, (size_t)OC, (size_t)C};
+    parallel_for((size_t)OC, 1, wino_kernel_range, &k);
+    for (int n0 = 0; n0 < N; n0 += G) {
+        int g = N - n0 < G ? N - n0 : G;
+        size_t P = (size_t)g * z.tiles;
+        WinoInput in = {V, inp + (size_t)n0 * C * H * W, &z, g, stage};
+        parallel_for((size_t)C, 1, wino_input_range, &in);
+        size_t sv = wino_stride((size_t)C * P), sm = wino_stride((size_t)OC * P);
+        for (int xi = 0; xi < 16; xi++)
+            sgemm(0, 0, (size_t)OC, P, (size_t)C, U + xi * su, (size_t)C, V + xi * sv, P, 0,
+                  M + xi * sm, P);
+        WinoOutput o = {out, M, &z, g, n0, bias, shift, residual, stage};
+        parallel_for((size_t)OC, 1, wino_output_range, &o);
+    }
+}
+
+// dinp (written when dx_overwrite, else +=) and dweight (+=); either may be NULL
+static void wino_backward(float *dinp, int dx_overwrite, float *dweight, const float *dout,
+                          const float *inp, const float *weight, float *col, int N, int C, int H,
+                          int W, int OC) {
+    Wino z = wino_of(N, C, OC, H, W);
+    int G = wino_images(&z);
+    size_t Pmax = (size_t)G * z.tiles, su = wino_stride((size_t)OC * C);
+    size_t vc = 16 * wino_stride((size_t)C * Pmax);
+    float *U = col, *dU = U + 16 * su, *V = dU + 16 * su, *DY = V + vc,
+          *dV = DY + 16 * wino_stride((size_t)OC * Pmax), *stage = dV + vc;
+    if (dinp) {
+        WinoKernel k = {U, weight, (size_t)OC, (size_t)C};
+        parallel_for((size_t)OC, 1, wino_kernel_range, &k);
+    }
+    for (int n0 = 0; n0 < N; n0 += G) {
+        int g = N - n0 < G ? N - n0 : G;
+        size_t P = (size_t)g * z.tiles;
+        size_t sv = wino_stride((size_t)C * P), sm = wino_stride((size_t)OC * P);
+        WinoDout d = {DY, dout + (size_t)n0 * OC * H * W, &z, g, stage};
+        parallel_for((size_t)OC, 1, wino_dout_range, &d);
+        if (dweight) {  // dU_xi (OC, C) (+)= DY_xi (OC, P) @ V_xi^T (P, C), over the passes in order
+            WinoInput in = {V, inp + (size_t)n0 * C * H * W, &z, g, stage};
+            parallel_for((size_t)C, 1, wino_input_range, &in);
+            for (int xi = 0; xi < 16; xi++)
+                sgemm(0, 1, (size_t)OC, (size_t)C, P, DY + xi * sm, P, V + xi * sv, P, n0 > 0,
+                      dU + xi * su, (size_t)C);
+        }
+        if (dinp) {  // dV_xi (C, P) = U_xi^T (C, OC) @ DY_xi (OC, P), then the patches
+            for (int xi = 0; xi < 16; xi++)
+                sgemm(1, 0, (size_t)C, P, (size_t)OC, U + xi * su, (size_t)C, DY + xi * sm, P, 0,
+                      dV + xi * sv, P);
+            WinoDinp b = {dinp + (size_t)n0 * C * H * W, dV, &z, g, !dx_overwrite, stage};
+            parallel_for((size_t)C, 1, wino_dinp_range, &b);
+        }
+    }
+    if (dweight) {
+        WinoKernelGrad k = {dweight, dU, (size_t)OC, (size_t)C};
+        parallel_for((size_t)OC, 1, wino_kernel_grad_range, &k);
+    }
+}
+
 // scratch floats of conv2d_add_forward / conv2d_forward: a "same"
 // convolution's planes (input, output, packed weights), else the GEMM result
 // of a group of images (none for one image a GEMM)
 size_t conv2d_forward_scratch(int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    if (conv_on_winograd(N, C, OC, H, W, K, stride, pad)) {
+        Wino z = wino_of(N, C, OC, H, W);
+        return wino_scratch(&z, 0);
+    }
     if (conv_on_planes(H, W, K, stride, pad)) {
         ConvPlanes g = planes_of(planes_images(N, C, OC, H, W, pad), C, H, W, pad);
         return ((size_t)C + OC) * g.ld;
@@ -2137,6 +2541,10 @@ static void conv_gemm_forward(float *out, const float *inp, const float *weight,
 void conv2d_add_forward(float *out, const float *inp, const float *weight, const float *bias,
                         const float *shift, const float *residual, float *col,
                         int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    if (conv_on_winograd(N, C, OC, H, W, K, stride, pad)) {
+        wino_forward(out, inp, weight, bias, shift, residual, col, N, C, H, W, OC);
+        return;
+    }
     if (conv_on_planes(H, W, K, stride, pad)) {  // a group of images at a time
         int G = planes_images(N, C, OC, H, W, pad);
         size_t hw = (size_t)H * W;
@@ -2194,6 +2602,10 @@ static ConvScratch conv_backward_layout(int N, int C, int H, int W, int OC, int 
 }
 
 size_t conv2d_backward_scratch(int N, int C, int H, int W, int OC, int K, int stride, int pad) {
+    if (conv_on_winograd(N, C, OC, H, W, K, stride, pad)) {
+        Wino z = wino_of(N, C, OC, H, W);
+        return wino_scratch(&z, 1);
+    }
     return conv_backward_layout(N, C, H, W, OC, K, stride, pad).total;
 }
 
@@ -2261,6 +2673,10 @@ static void conv_backward(float *dinp, float *dweight, float *dbias, const float
     int pointwise = conv_is_pointwise(K, stride, pad);
     ConvSmall cs = {dbias, dout, N, OC, ohw};
     if (dbias) parallel_for((size_t)OC, 1, conv_dbias_range, &cs);
+    if (conv_on_winograd(N, C, OC, H, W, K, stride, pad)) {
+        wino_backward(dinp, dx_overwrite, dweight, dout, inp, weight, col, N, C, H, W, OC);
+        return;
+    }
     if (conv_on_planes(H, W, K, stride, pad)) {
         conv_backward_planes(dinp, !dinp ? DX_NONE : dx_overwrite ? DX_WRITE : DX_ADD, dweight,
                              dout, inp, weight, col, N, C, H, W, OC, K, pad);
@@ -3385,7 +3801,8 @@ typedef struct {
 // norm_conv2d writes its norm's output into the planes when its convolution
 // runs on them with the whole batch in one group of images
 static int norm_conv_on_planes(int N, int C, int OC, int H, int W, int K, int pad) {
-    return conv_on_planes(H, W, K, 1, pad) && planes_images(N, C, OC, H, W, pad) == N;
+    return conv_on_planes(H, W, K, 1, pad) && planes_images(N, C, OC, H, W, pad) == N &&
+           !conv_on_winograd(N, C, OC, H, W, K, 1, pad);
 }
 
 // the norm of norm_conv2d straight into its convolution's planes (the

@@ -138,6 +138,8 @@ extern double flops_forward;
 // a batch of large maps is convolved a group of images at a time); tests
 // lower it to make every batch split
 extern size_t conv_planes_max_floats;
+// 0: same 3x3 convolutions without the Winograd path (tests and benchmarks compare both)
+extern int conv_winograd;
 // a register-only FMA loop of `iters` iterations on the calling thread;
 // returns the FLOPs it did (the benchmark's measure of the machine's peak)
 double simd_fma_loop(long iters);

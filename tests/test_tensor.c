@@ -1236,8 +1236,106 @@ static void test_exp(void) {
                 "max err %.1e, tol 2e-6; silu(NaN) = NaN", e_act);
 }
 
+// The Winograd path (F(2x2, 3x3)) against the direct-loop reference (in
+// double) for y, dx, dw and db: the largest error within 1e-5 of the values'
+// RMS (these are sums of 576 and more products; the direct path's own error,
+// printed beside it, is smaller: Winograd's transforms add and subtract
+// before they multiply), not bit for bit the direct path's (so the Winograd
+// path ran); and its results for 1 and 2 threads, and for the batch at once
+// and image by image (conv_planes_max_floats), bit for bit the same where the
+// order of the sums is the same (y, dx).
+static void conv_run_once(int ref, const int *cs, const float *x, const float *w, const float *b,
+                          const float *dy, float *y, float *dx, float *dw, float *db) {
+    int N = cs[0], C = cs[1], H = cs[2], W = cs[3], OC = cs[4];
+    size_t nx = (size_t)N * C * H * W, nw = (size_t)OC * C * 9;
+    memset(dx, 0, nx * sizeof(float));
+    memset(dw, 0, nw * sizeof(float));
+    memset(db, 0, (size_t)OC * sizeof(float));
+    if (ref) {
+        conv2d_forward_ref(y, x, w, b, N, C, H, W, OC, 3, 1, 1);
+        conv2d_backward_ref(dx, dw, db, dy, x, w, N, C, H, W, OC, 3, 1, 1);
+        return;
+    }
+    size_t s1 = conv2d_forward_scratch(N, C, H, W, OC, 3, 1, 1),
+           s2 = conv2d_backward_scratch(N, C, H, W, OC, 3, 1, 1);
+    float *col = mallocCheck((s1 > s2 ? s1 : s2) * sizeof(float) + 4);
+    conv2d_forward(y, x, w, b, col, N, C, H, W, OC, 3, 1, 1);
+    conv2d_backward(dx, dw, db, dy, x, w, col, N, C, H, W, OC, 3, 1, 1);
+    free(col);
+}
+
+// max |got - ref| / RMS(ref)
+static double err_of_rms(const float *got, const float *ref, size_t n) {
+    double ss = 0.0, worst = 0.0;
+    for (size_t i = 0; i < n; i++) ss += (double)ref[i] * ref[i];
+    double rms = sqrt(ss / (double)(n ? n : 1));
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - ref[i]) / (rms > 0.0 ? rms : 1.0);
+        if (!(d <= worst)) worst = d;
+    }
+    return worst != worst ? INFINITY : worst;
+}
+
+static void test_conv_winograd(void) {
+    // N, C, H, W, OC: the G's 16x16 and 8x8 maps of LDDGAN, odd maps, one image
+    const int shapes[][5] = {{8, 64, 8, 8, 64}, {2, 128, 16, 16, 64}, {3, 64, 13, 15, 80},
+                             {1, 96, 23, 23, 72}};
+    size_t ns = sizeof shapes / sizeof shapes[0];
+    double err = 0.0, err_bits = 0.0, err_direct = 0.0;
+    size_t differ_direct = 0, total = 0;
+    size_t budget = conv_planes_max_floats;
+    Rng r;
+    rng_seed(&r, 31, 7);
+    for (size_t k = 0; k < ns; k++) {
+        const int *cs = shapes[k];
+        size_t nx = (size_t)cs[0] * cs[1] * cs[2] * cs[3], nw = (size_t)cs[4] * cs[1] * 9,
+               ny = (size_t)cs[0] * cs[4] * cs[2] * cs[3], nb = (size_t)cs[4];
+        size_t n[4] = {ny, nx, nw, nb};
+        float *x = random_floats(&r, nx), *w = random_floats(&r, nw), *b = random_floats(&r, nb),
+              *dy = random_floats(&r, ny);
+        float *out[5][4];  // runs: direct, Winograd 1 thread, 2 threads, image by image, reference
+        for (int run = 0; run < 5; run++)
+            for (int j = 0; j < 4; j++) out[run][j] = mallocCheck(n[j] * sizeof(float));
+        for (int run = 0; run < 5; run++) {
+            conv_winograd = run != 0;
+            pool_init(run == 1 ? 1 : 2);
+            if (run == 3) conv_planes_max_floats = 1;
+            conv_run_once(run == 4, cs, x, w, b, dy, out[run][0], out[run][1], out[run][2],
+                          out[run][3]);
+            conv_planes_max_floats = budget;
+        }
+        conv_winograd = 1;
+        const char *what[4] = {"winograd y", "winograd dx", "winograd dw", "winograd db"};
+        for (int j = 0; j < 4; j++) {
+            err = fmax(err, err_of_rms(out[1][j], out[4][j], n[j]));
+            err = fmax(err, err_of_rms(out[3][j], out[4][j], n[j]));
+            err_direct = fmax(err_direct, err_of_rms(out[0][j], out[4][j], n[j]));
+            err_bits = fmax(err_bits, compare(what[j], out[2][j], out[1][j], n[j], 0.0));
+            if (j < 2) err_bits = fmax(err_bits, compare(what[j], out[3][j], out[1][j], n[j], 0.0));
+            if (j < 3)
+                for (size_t i = 0; i < n[j]; i++) {
+                    differ_direct += memcmp(&out[1][j][i], &out[0][j][i], sizeof(float)) != 0;
+                    total++;
+                }
+        }
+        for (int run = 0; run < 5; run++)
+            for (int j = 0; j < 4; j++) free(out[run][j]);
+        free(x); free(w); free(b); free(dy);
+    }
+    pool_init(0);
+    test_result(err <= 1e-5 && differ_direct > total / 4,
+                "3x3 convolutions on the Winograd path (F(2x2,3x3)) vs the direct-loop reference",
+                "%zu shapes, y, dx, dw, db, max err %.1e of the RMS (the direct path's %.1e), "
+                "tol 1e-5; %.0f%% of the values differ in bits from the direct path's",
+                ns, err, err_direct, 100.0 * differ_direct / total);
+    test_result(err_bits == 0.0, "the Winograd path: 1 and 2 threads, and images one pass at a "
+                "time (y, dx), bit for bit the same", "max err %.1e", err_bits);
+}
+
 static void test_reference_kernels(void) {
     // N, C, H, W, OC, K, stride, pad: odd and non-square maps, stride 2 and 3,
+    // 3x3 same convolutions of 64 channels and up on the Winograd path (odd
+    // sizes: half tiles at the right and bottom; 80 outputs: a GEMM tail),
     // 1x1 (the pointwise path), "same" 3x3 and 5x5 on padded planes (8x8 and
     // up, 7x7, 14x12; output channels past a whole register tile) and on the
     // GEMM path (7x5, 11x10: too much border), valid 3x3 and even 4x4 kernels
@@ -1249,7 +1347,8 @@ static void test_reference_kernels(void) {
         {4, 4, 8, 8, 8, 3, 1, 1},     {2, 3, 11, 10, 4, 5, 1, 2}, {2, 4, 8, 8, 3, 3, 1, 0},
         {1, 16, 32, 32, 16, 3, 1, 1}, {2, 6, 10, 10, 7, 4, 2, 1}, {2, 4, 9, 9, 4, 3, 2, 0},
         {1, 3, 5, 5, 2, 3, 3, 1},     {5, 7, 4, 4, 9, 1, 1, 0},   {2, 17, 16, 16, 33, 3, 1, 1},
-        {2, 3, 14, 12, 5, 5, 1, 2},   {3, 9, 7, 7, 10, 3, 1, 1},  {8, 32, 4, 4, 64, 3, 1, 1}};
+        {2, 3, 14, 12, 5, 5, 1, 2},   {3, 9, 7, 7, 10, 3, 1, 1},  {8, 32, 4, 4, 64, 3, 1, 1},
+        {2, 64, 16, 16, 64, 3, 1, 1}, {3, 64, 13, 15, 80, 3, 1, 1}};
     // N, C, HW, G: groups of 1 and 2 channels, maps of 1, 17x17 and 32x32 pixels (SIMD tails)
     const int norms[][4] = {
         {2, 6, 35, 3}, {3, 64, 16, 32}, {1, 4, 1, 2}, {2, 32, 289, 8}, {1, 64, 1024, 32}};
@@ -1977,6 +2076,7 @@ int main(int argc, char **argv) {
     test_conv_grouped_equals_single();
     test_exp();
     test_reference_kernels();
+    test_conv_winograd();
     test_inference_kernels();
     test_cross_entropy_values();
     test_goldens();
