@@ -2085,11 +2085,16 @@ static void planes_dweight(float *dw, const float *dy, const float *x, size_t M,
 // rounding is a few ulps from the direct sum's (the tests' 1e-4 holds with
 // room); every output is one GEMM element or one thread's transform, summed in
 // a fixed order, so results do not depend on the thread count.
-// Used for stride 1, pad 1 and at least WINO_MIN_CH channels in and out
-// (with fewer, the transforms cost more than the multiplies they save),
-// images grouped as planes_images groups them.
+// Used for stride 1, pad 1, at least WINO_MIN_CH channels in and out and
+// WINO_MIN_POSITIONS output positions in the batch: with fewer channels the
+// transforms cost more than the multiplies they save (the make demo model's
+// 64 channels: 8-20% slower), with fewer positions the kernel's transform
+// (16/9 of the weights, written and read back) does (LDDGAN's 4x4 maps at
+// batch 8). Measured on an AMD EPYC (Zen 5), 2 threads: LDDGAN's G step 15%
+// faster, the Cas-DM ch128 step 10-15%, a 128-channel 32x32 convolution the
+// same as on planes. Images are grouped as planes_images groups them.
 int conv_winograd = 1;
-#define WINO_MIN_CH 64
+#define WINO_MIN_CH 128
 #define WINO_MIN_POSITIONS 512
 
 static int conv_on_winograd(int N, int C, int OC, int H, int W, int K, int stride, int pad) {

@@ -1237,8 +1237,9 @@ static void test_exp(void) {
 }
 
 // The Winograd path (F(2x2, 3x3)) against the direct-loop reference (in
-// double) for y, dx, dw and db: the largest error within 1e-5 of the values'
-// RMS (these are sums of 576 and more products; the direct path's own error,
+// double) for y, dx, dw and db, at shapes that take it (odd maps: half
+// tiles at the right and bottom; 144 outputs: a GEMM tail): the largest error within 1e-5 of the values'
+// RMS (these are sums of 1152 and more products; the direct path's own error,
 // printed beside it, is smaller: Winograd's transforms add and subtract
 // before they multiply), not bit for bit the direct path's (so the Winograd
 // path ran); and its results for 1 and 2 threads, and for the batch at once
@@ -1278,8 +1279,8 @@ static double err_of_rms(const float *got, const float *ref, size_t n) {
 
 static void test_conv_winograd(void) {
     // N, C, H, W, OC: the G's 16x16 and 8x8 maps of LDDGAN, odd maps, one image
-    const int shapes[][5] = {{8, 64, 8, 8, 64}, {2, 128, 16, 16, 64}, {3, 64, 13, 15, 80},
-                             {1, 96, 23, 23, 72}};
+    const int shapes[][5] = {{8, 128, 8, 8, 128}, {2, 128, 16, 16, 256}, {3, 128, 13, 15, 144},
+                             {1, 136, 23, 23, 128}};
     size_t ns = sizeof shapes / sizeof shapes[0];
     double err = 0.0, err_bits = 0.0, err_direct = 0.0;
     size_t differ_direct = 0, total = 0;
@@ -1334,8 +1335,6 @@ static void test_conv_winograd(void) {
 
 static void test_reference_kernels(void) {
     // N, C, H, W, OC, K, stride, pad: odd and non-square maps, stride 2 and 3,
-    // 3x3 same convolutions of 64 channels and up on the Winograd path (odd
-    // sizes: half tiles at the right and bottom; 80 outputs: a GEMM tail),
     // 1x1 (the pointwise path), "same" 3x3 and 5x5 on padded planes (8x8 and
     // up, 7x7, 14x12; output channels past a whole register tile) and on the
     // GEMM path (7x5, 11x10: too much border), valid 3x3 and even 4x4 kernels
@@ -1347,8 +1346,7 @@ static void test_reference_kernels(void) {
         {4, 4, 8, 8, 8, 3, 1, 1},     {2, 3, 11, 10, 4, 5, 1, 2}, {2, 4, 8, 8, 3, 3, 1, 0},
         {1, 16, 32, 32, 16, 3, 1, 1}, {2, 6, 10, 10, 7, 4, 2, 1}, {2, 4, 9, 9, 4, 3, 2, 0},
         {1, 3, 5, 5, 2, 3, 3, 1},     {5, 7, 4, 4, 9, 1, 1, 0},   {2, 17, 16, 16, 33, 3, 1, 1},
-        {2, 3, 14, 12, 5, 5, 1, 2},   {3, 9, 7, 7, 10, 3, 1, 1},  {8, 32, 4, 4, 64, 3, 1, 1},
-        {2, 64, 16, 16, 64, 3, 1, 1}, {3, 64, 13, 15, 80, 3, 1, 1}};
+        {2, 3, 14, 12, 5, 5, 1, 2},   {3, 9, 7, 7, 10, 3, 1, 1},  {8, 32, 4, 4, 64, 3, 1, 1}};
     // N, C, HW, G: groups of 1 and 2 channels, maps of 1, 17x17 and 32x32 pixels (SIMD tails)
     const int norms[][4] = {
         {2, 6, 35, 3}, {3, 64, 16, 32}, {1, 4, 1, 2}, {2, 32, 289, 8}, {1, 64, 1024, 32}};
