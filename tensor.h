@@ -30,7 +30,9 @@
 //            writes the convolution's padded planes, where every tap of
 //            the kernel is one offset) -> conv_forward_on_planes ->
 //            planes_conv -> planes_micro_kernel (B read straight from the
-//            planes, no im2col, no packing). Convolutions on small maps,
+//            planes, no im2col, no packing). 3x3 ones of 128+ channels
+//            take the Winograd path instead: wino_forward (16 GEMMs over
+//            transformed tiles), wino_backward. Convolutions on small maps,
 //            strided and 1x1 ones go through the GEMM instead:
 //            conv2d_add_forward -> sgemm_pack_b with pack_conv_cols ->
 //            gemm_block -> gemm_micro_kernel
