@@ -2207,16 +2207,16 @@ static void wino_input_range(void *arg, size_t c0, size_t c1) {
             for (int ty = 0; ty < z->TH; ty++) {
                 for (int r = 0; r < 4; r++) {  // input rows 2ty-1 .. 2ty+2
                     int y = 2 * ty - 1 + r, m = 0;
-                    float *er = e + r * L, *or = o + r * L;
+                    float *er = e + r * L, *od = o + r * L;
                     if (y >= 0 && y < z->H) {
                         const float *row = x + (size_t)y * W;
                         er[0] = 0.0f;
                         for (m = 1; 2 * m - 1 < W; m++) er[m] = row[2 * m - 1];
                         for (; m < L; m++) er[m] = 0.0f;
-                        for (m = 0; 2 * m < W; m++) or[m] = row[2 * m];
-                        for (; m < L; m++) or[m] = 0.0f;
+                        for (m = 0; 2 * m < W; m++) od[m] = row[2 * m];
+                        for (; m < L; m++) od[m] = 0.0f;
                     } else {
-                        for (m = 0; m < L; m++) er[m] = or[m] = 0.0f;
+                        for (m = 0; m < L; m++) er[m] = od[m] = 0.0f;
                     }
                 }
                 for (int h = 0; h < 2; h++) {  // B^T over the rows, of the even then the odd columns
