@@ -2404,6 +2404,27 @@ static size_t wino_scratch(const Wino *z, int backward) {
     return backward ? 2 * uc + 2 * vc + mc + stage : uc + vc + mc + stage;
 }
 
+// The 16 GEMMs of a transform, C_xi = op(A_xi) @ op(B_xi) (+ C_xi), as one
+// pool job whose items are whole GEMMs: each runs on one thread (a GEMM
+// inside a job does not split), with its operands in that core's cache, and
+// the job waits once instead of 16 times. A GEMM's sums do not depend on
+// which thread ran it.
+typedef struct {
+    int transA, transB, accumulate;
+    size_t M, N, K, lda, ldb, ldc, sa, sb, sc;  // sa, sb, sc: from one xi's matrix to the next
+    const float *A, *B;
+    float *C;
+} WinoGemms;
+
+static void wino_gemms_range(void *arg, size_t x0, size_t x1) {
+    const WinoGemms *t = arg;
+    for (size_t xi = x0; xi < x1; xi++)
+        sgemm(t->transA, t->transB, t->M, t->N, t->K, t->A + xi * t->sa, t->lda, t->B + xi * t->sb,
+              t->ldb, t->accumulate, t->C + xi * t->sc, t->ldc);
+}
+
+static void wino_gemms(WinoGemms t) { parallel_for(16, 1, wino_gemms_range, &t); }
+
 static void wino_forward(float *out, const float *inp, const float *weight, const float *bias,
                          const float *shift, const float *residual, float *col, int N, int C,
                          int H, int W, int OC) {
@@ -2421,9 +2442,8 @@ static void wino_forward(float *out, const float *inp, const float *weight, cons
         WinoInput in = {V, inp + (size_t)n0 * C * H * W, &z, g, stage};
         parallel_for((size_t)C, 1, wino_input_range, &in);
         size_t sv = wino_stride((size_t)C * P), sm = wino_stride((size_t)OC * P);
-        for (int xi = 0; xi < 16; xi++)
-            sgemm(0, 0, (size_t)OC, P, (size_t)C, U + xi * su, (size_t)C, V + xi * sv, P, 0,
-                  M + xi * sm, P);
+        wino_gemms((WinoGemms){0, 0, 0, (size_t)OC, P, (size_t)C, (size_t)C, P, P, su, sv, sm,
+                               U, V, M});
         WinoOutput o = {out, M, &z, g, n0, bias, shift, residual, stage};
         parallel_for((size_t)OC, 1, wino_output_range, &o);
     }
@@ -2452,14 +2472,12 @@ static void wino_backward(float *dinp, int dx_overwrite, float *dweight, const f
         if (dweight) {  // dU_xi (OC, C) (+)= DY_xi (OC, P) @ V_xi^T (P, C), over the passes in order
             WinoInput in = {V, inp + (size_t)n0 * C * H * W, &z, g, stage};
             parallel_for((size_t)C, 1, wino_input_range, &in);
-            for (int xi = 0; xi < 16; xi++)
-                sgemm(0, 1, (size_t)OC, (size_t)C, P, DY + xi * sm, P, V + xi * sv, P, n0 > 0,
-                      dU + xi * su, (size_t)C);
+            wino_gemms((WinoGemms){0, 1, n0 > 0, (size_t)OC, (size_t)C, P, P, P, (size_t)C, sm,
+                                   sv, su, DY, V, dU});
         }
         if (dinp) {  // dV_xi (C, P) = U_xi^T (C, OC) @ DY_xi (OC, P), then the patches
-            for (int xi = 0; xi < 16; xi++)
-                sgemm(1, 0, (size_t)C, P, (size_t)OC, U + xi * su, (size_t)C, DY + xi * sm, P, 0,
-                      dV + xi * sv, P);
+            wino_gemms((WinoGemms){1, 0, 0, (size_t)C, P, (size_t)OC, (size_t)C, P, P, su, sm,
+                                   sv, U, DY, dV});
             WinoDinp b = {dinp + (size_t)n0 * C * H * W, dV, &z, g, !dx_overwrite, stage};
             parallel_for((size_t)C, 1, wino_dinp_range, &b);
         }
