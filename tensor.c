@@ -1095,7 +1095,24 @@ typedef struct {
     // pc at Bp_all + pc * Npad, its panel of columns j at + j * kc
     const float *Bp_all;
     size_t Npad;
+    // A given packed by its producer (NULL: packed here; A, lda, transA
+    // unused), laid out as gemm_a_packed_index says, M rounded up to Mpad
+    const float *Ap_all;
+    size_t Mpad;
 } GemmTask;
+
+// A packed ahead of the GEMM: KC block pc at pc * Mpad, its panel of rows i
+// (a multiple of MR) at + i * kc, element (i + r, pc + p) at + p * MR + r,
+// with Mpad = M rounded up to MR and the rows past M zero: the layout pack_A
+// writes, for the whole matrix at once. A producer that writes A in it
+// directly (the Winograd kernel transform) saves the GEMM its packing pass.
+static size_t gemm_rows_padded(size_t M) { return (M + GEMM_MR - 1) / GEMM_MR * GEMM_MR; }
+
+static size_t gemm_a_packed_index(size_t i, size_t k, size_t M, size_t K) {
+    size_t pc = k / GEMM_KC * GEMM_KC, kc = K - pc < GEMM_KC ? K - pc : GEMM_KC;
+    return pc * gemm_rows_padded(M) + i / GEMM_MR * GEMM_MR * kc + (k - pc) * GEMM_MR +
+           i % GEMM_MR;
+}
 
 // B's panels j0.. of depth block pc..pc+kc into Bp, as gemm_block packs them
 static void gemm_pack_b_block(const GemmTask *t, float *Bp, size_t pc, size_t kc, size_t j0,
@@ -1122,7 +1139,8 @@ static void gemm_block(const GemmTask *t, size_t i0, size_t i1, size_t j0, size_
             else gemm_pack_b_block(t, Bp, pc, kc, jc, nc);
             for (size_t ic = i0; ic < i1; ic += GEMM_MC) {
                 size_t mc = i1 - ic < GEMM_MC ? i1 - ic : GEMM_MC;
-                pack_A(Ap, t->transA, t->A, t->lda, ic, mc, pc, kc);
+                if (t->Ap_all) Ap = (float *)t->Ap_all + pc * t->Mpad + ic * kc;
+                else pack_A(Ap, t->transA, t->A, t->lda, ic, mc, pc, kc);
                 for (size_t jr = 0; jr < nc; jr += GEMM_NR) {
                     size_t nr = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
                     for (size_t ir = 0; ir < mc; ir += GEMM_MR) {
@@ -1231,6 +1249,17 @@ void sgemm(int transA, int transB, size_t M, size_t N, size_t K,
     GemmTask t = {.transA = transA, .transB = transB, .M = M, .N = N, .K = K, .A = A, .B = B,
                   .lda = lda, .ldb = ldb, .ldc = ldc, .accumulate = accumulate, .C = C,
                   .split_n = 1};
+    gemm_run(&t);
+}
+
+// C (+)= A @ op(B) with A (M, K) given packed (gemm_a_packed_index)
+static void sgemm_packed_a(size_t M, size_t N, size_t K, const float *Ap, int transB,
+                           const float *B, size_t ldb, int accumulate, float *C, size_t ldc) {
+    if (M == 0 || N == 0) return;
+    if (K == 0) { gemm_zero_or_keep(M, N, accumulate, C, ldc); return; }
+    GemmTask t = {.transB = transB, .M = M, .N = N, .K = K, .B = B, .ldb = ldb, .ldc = ldc,
+                  .accumulate = accumulate, .C = C, .split_n = 1, .Ap_all = Ap,
+                  .Mpad = gemm_rows_padded(M)};
     gemm_run(&t);
 }
 
@@ -2128,31 +2157,62 @@ static int wino_images(const Wino *z) {
 // evict each other at every store (a transform then cost more than its GEMMs)
 static size_t wino_stride(size_t elements) { return elements + 16; }
 
-// U_xi[oc][c] = (G g G^T)_xi, G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
-typedef struct { float *U; const float *w; size_t OC, C; } WinoKernel;
+// U_xi = (G g G^T)_xi, G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], written
+// as the GEMM's packed A (gemm_a_packed_index) of M_xi = U_xi V_xi, rows oc,
+// or `transposed` as that of dV_xi = U_xi^T DY_xi, rows c. Written straight
+// in the panels, the 16 matrices skip the GEMMs' packing pass (a transpose
+// for the forward: 8% of LDDGAN's G step was packing).
+typedef struct { float *U; const float *w; size_t OC, C; int transposed; } WinoKernel;
 
-static void wino_kernel_range(void *arg, size_t oc0, size_t oc1) {
-    const WinoKernel *t = arg;
-    size_t n = wino_stride(t->OC * t->C);
-    for (size_t oc = oc0; oc < oc1; oc++)
-        for (size_t c = 0; c < t->C; c++) {
-            const float *g = t->w + (oc * t->C + c) * 9;
-            float r[4][3];  // G g: the rows
-            for (int k = 0; k < 3; k++) {
-                float g0 = g[k], g1 = g[3 + k], g2 = g[6 + k];
-                r[0][k] = g0;
-                r[1][k] = 0.5f * (g0 + g1 + g2);
-                r[2][k] = 0.5f * (g0 - g1 + g2);
-                r[3][k] = g2;
-            }
-            float *u = t->U + oc * t->C + c;
-            for (int i = 0; i < 4; i++) {  // (G g) G^T: the columns
-                u[(i * 4 + 0) * n] = r[i][0];
-                u[(i * 4 + 1) * n] = 0.5f * (r[i][0] + r[i][1] + r[i][2]);
-                u[(i * 4 + 2) * n] = 0.5f * (r[i][0] - r[i][1] + r[i][2]);
-                u[(i * 4 + 3) * n] = r[i][2];
-            }
+static size_t wino_kernel_floats(size_t OC, size_t C, int transposed) {
+    return wino_stride(gemm_rows_padded(transposed ? C : OC) * (transposed ? OC : C));
+}
+
+// The 16 values of G g G^T for one panel's MR kernels at once: g[k][q] is
+// tap k of the panel's kernel q (0 for the padding rows), u[xi * n + q] the
+// result. Loops over q, so they vectorise and each store is a panel's run.
+static void wino_kernel_panel(float *u, size_t n, float g[9][GEMM_MR]) {
+    float r[4][3][GEMM_MR];  // G g: the rows
+    for (int k = 0; k < 3; k++)
+        for (int q = 0; q < GEMM_MR; q++) {
+            float g0 = g[k][q], g1 = g[3 + k][q], g2 = g[6 + k][q];
+            r[0][k][q] = g0;
+            r[1][k][q] = 0.5f * (g0 + g1 + g2);
+            r[2][k][q] = 0.5f * (g0 - g1 + g2);
+            r[3][k][q] = g2;
         }
+    for (int i = 0; i < 4; i++)  // (G g) G^T: the columns
+        for (int q = 0; q < GEMM_MR; q++) {
+            float r0 = r[i][0][q], r1 = r[i][1][q], r2 = r[i][2][q];
+            u[(i * 4 + 0) * n + q] = r0;
+            u[(i * 4 + 1) * n + q] = 0.5f * (r0 + r1 + r2);
+            u[(i * 4 + 2) * n + q] = 0.5f * (r0 - r1 + r2);
+            u[(i * 4 + 3) * n + q] = r2;
+        }
+}
+
+// Items: panels of MR rows of the packed A (output channels for the forward,
+// input channels transposed), each for every k (the other channel).
+static void wino_kernel_range(void *arg, size_t i0, size_t i1) {
+    const WinoKernel *t = arg;
+    size_t OC = t->OC, C = t->C, M = t->transposed ? C : OC, K = t->transposed ? OC : C;
+    size_t n = wino_kernel_floats(OC, C, t->transposed);
+    float g[9][GEMM_MR];
+    for (size_t item = i0; item < i1; item++)
+        for (size_t k = 0; k < K; k++) {
+            for (int q = 0; q < GEMM_MR; q++) {
+                size_t i = item * GEMM_MR + (size_t)q;
+                const float *w = t->w + (t->transposed ? k * C + i : i * C + k) * 9;
+                for (int tap = 0; tap < 9; tap++) g[tap][q] = i < M ? w[tap] : 0.0f;
+            }
+            wino_kernel_panel(t->U + gemm_a_packed_index(item * GEMM_MR, k, M, K), n, g);
+        }
+}
+
+// all 16 U_xi, their padding rows included
+static void wino_kernel(float *U, const float *weight, size_t OC, size_t C, int transposed) {
+    WinoKernel k = {U, weight, OC, C, transposed};
+    parallel_for(gemm_rows_padded(transposed ? C : OC) / GEMM_MR, 1, wino_kernel_range, &k);
 }
 
 // dw[oc][c] += G^T dU G, the adjoint of the kernel transform
@@ -2398,10 +2458,12 @@ static void wino_dinp_range(void *arg, size_t c0, size_t c1) {
 
 // scratch floats: U | dU (backward) | V | M or DY | (backward) dV
 static size_t wino_scratch(const Wino *z, int backward) {
-    size_t P = (size_t)wino_images(z) * z->tiles, uc = 16 * wino_stride((size_t)z->OC * z->C);
+    size_t P = (size_t)wino_images(z) * z->tiles;
+    size_t uc = 16 * wino_kernel_floats((size_t)z->OC, (size_t)z->C, backward);
+    size_t duc = 16 * wino_stride((size_t)z->OC * z->C);
     size_t vc = 16 * wino_stride((size_t)z->C * P), mc = 16 * wino_stride((size_t)z->OC * P);
     size_t stage = (size_t)pool_threads() * wino_stage_floats(z);
-    return backward ? 2 * uc + 2 * vc + mc + stage : uc + vc + mc + stage;
+    return backward ? uc + duc + 2 * vc + mc + stage : uc + vc + mc + stage;
 }
 
 // The 16 GEMMs of a transform, C_xi = op(A_xi) @ op(B_xi) (+ C_xi), as one
@@ -2409,8 +2471,9 @@ static size_t wino_scratch(const Wino *z, int backward) {
 // inside a job does not split), with its operands in that core's cache, and
 // the job waits once instead of 16 times. A GEMM's sums do not depend on
 // which thread ran it.
+// packed_a: A is a kernel transform's packed U (transA, lda unused).
 typedef struct {
-    int transA, transB, accumulate;
+    int packed_a, transA, transB, accumulate;
     size_t M, N, K, lda, ldb, ldc, sa, sb, sc;  // sa, sb, sc: from one xi's matrix to the next
     const float *A, *B;
     float *C;
@@ -2418,9 +2481,12 @@ typedef struct {
 
 static void wino_gemms_range(void *arg, size_t x0, size_t x1) {
     const WinoGemms *t = arg;
-    for (size_t xi = x0; xi < x1; xi++)
-        sgemm(t->transA, t->transB, t->M, t->N, t->K, t->A + xi * t->sa, t->lda, t->B + xi * t->sb,
-              t->ldb, t->accumulate, t->C + xi * t->sc, t->ldc);
+    for (size_t xi = x0; xi < x1; xi++) {
+        const float *A = t->A + xi * t->sa, *B = t->B + xi * t->sb;
+        float *C = t->C + xi * t->sc;
+        if (t->packed_a) sgemm_packed_a(t->M, t->N, t->K, A, t->transB, B, t->ldb, t->accumulate, C, t->ldc);
+        else sgemm(t->transA, t->transB, t->M, t->N, t->K, A, t->lda, B, t->ldb, t->accumulate, C, t->ldc);
+    }
 }
 
 static void wino_gemms(WinoGemms t) { parallel_for(16, 1, wino_gemms_range, &t); }
@@ -2430,19 +2496,18 @@ static void wino_forward(float *out, const float *inp, const float *weight, cons
                          int H, int W, int OC) {
     Wino z = wino_of(N, C, OC, H, W);
     int G = wino_images(&z);
-    size_t Pmax = (size_t)G * z.tiles, su = wino_stride((size_t)OC * C);
+    size_t Pmax = (size_t)G * z.tiles, su = wino_kernel_floats((size_t)OC, (size_t)C, 0);
     float *U = col, *V = U + 16 * su, *M = V + 16 * wino_stride((size_t)C * Pmax),
           *stage = M + 16 * wino_stride((size_t)OC * Pmax);
     flops_forward += 2.0 * OC * (double)N * H * W * C * 9;  // nominal: the direct convolution's
-    WinoKernel k = {U, weight, (size_t)OC, (size_t)C};
-    parallel_for((size_t)OC, 1, wino_kernel_range, &k);
+    wino_kernel(U, weight, (size_t)OC, (size_t)C, 0);
     for (int n0 = 0; n0 < N; n0 += G) {
         int g = N - n0 < G ? N - n0 : G;
         size_t P = (size_t)g * z.tiles;
         WinoInput in = {V, inp + (size_t)n0 * C * H * W, &z, g, stage};
         parallel_for((size_t)C, 1, wino_input_range, &in);
         size_t sv = wino_stride((size_t)C * P), sm = wino_stride((size_t)OC * P);
-        wino_gemms((WinoGemms){0, 0, 0, (size_t)OC, P, (size_t)C, (size_t)C, P, P, su, sv, sm,
+        wino_gemms((WinoGemms){1, 0, 0, 0, (size_t)OC, P, (size_t)C, 0, P, P, su, sv, sm,
                                U, V, M});
         WinoOutput o = {out, M, &z, g, n0, bias, shift, residual, stage};
         parallel_for((size_t)OC, 1, wino_output_range, &o);
@@ -2455,14 +2520,11 @@ static void wino_backward(float *dinp, int dx_overwrite, float *dweight, const f
                           int W, int OC) {
     Wino z = wino_of(N, C, OC, H, W);
     int G = wino_images(&z);
-    size_t Pmax = (size_t)G * z.tiles, su = wino_stride((size_t)OC * C);
-    size_t vc = 16 * wino_stride((size_t)C * Pmax);
-    float *U = col, *dU = U + 16 * su, *V = dU + 16 * su, *DY = V + vc,
+    size_t Pmax = (size_t)G * z.tiles, su = wino_kernel_floats((size_t)OC, (size_t)C, 1);
+    size_t sdu = wino_stride((size_t)OC * C), vc = 16 * wino_stride((size_t)C * Pmax);
+    float *U = col, *dU = U + 16 * su, *V = dU + 16 * sdu, *DY = V + vc,
           *dV = DY + 16 * wino_stride((size_t)OC * Pmax), *stage = dV + vc;
-    if (dinp) {
-        WinoKernel k = {U, weight, (size_t)OC, (size_t)C};
-        parallel_for((size_t)OC, 1, wino_kernel_range, &k);
-    }
+    if (dinp) wino_kernel(U, weight, (size_t)OC, (size_t)C, 1);
     for (int n0 = 0; n0 < N; n0 += G) {
         int g = N - n0 < G ? N - n0 : G;
         size_t P = (size_t)g * z.tiles;
@@ -2472,12 +2534,12 @@ static void wino_backward(float *dinp, int dx_overwrite, float *dweight, const f
         if (dweight) {  // dU_xi (OC, C) (+)= DY_xi (OC, P) @ V_xi^T (P, C), over the passes in order
             WinoInput in = {V, inp + (size_t)n0 * C * H * W, &z, g, stage};
             parallel_for((size_t)C, 1, wino_input_range, &in);
-            wino_gemms((WinoGemms){0, 1, n0 > 0, (size_t)OC, (size_t)C, P, P, P, (size_t)C, sm,
-                                   sv, su, DY, V, dU});
+            wino_gemms((WinoGemms){0, 0, 1, n0 > 0, (size_t)OC, (size_t)C, P, P, P, (size_t)C,
+                                   sm, sv, sdu, DY, V, dU});
         }
         if (dinp) {  // dV_xi (C, P) = U_xi^T (C, OC) @ DY_xi (OC, P), then the patches
-            wino_gemms((WinoGemms){1, 0, 0, (size_t)C, P, (size_t)OC, (size_t)C, P, P, su, sm,
-                                   sv, U, DY, dV});
+            wino_gemms((WinoGemms){1, 0, 0, 0, (size_t)C, P, (size_t)OC, 0, P, P, su, sm, sv, U,
+                                   DY, dV});
             WinoDinp b = {dinp + (size_t)n0 * C * H * W, dV, &z, g, !dx_overwrite, stage};
             parallel_for((size_t)C, 1, wino_dinp_range, &b);
         }
