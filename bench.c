@@ -56,6 +56,12 @@ static void peak_task(void *arg, int ith, int nth) {
     out[ith] = simd_fma_loop(200000000L / 16);
 }
 
+static void peak_bf16_task(void *arg, int ith, int nth) {
+    (void)nth;
+    double *out = arg;
+    out[ith] = simd_bf16_loop(200000000L / 16);
+}
+
 // ---- the cases ----
 typedef struct {
     Graph g;
@@ -392,7 +398,7 @@ static step_fn setup_case(Bench *b, const char *cs, int *warmup, int *iters) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B] [--winograd 0|1]\n");
+        fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B] [--winograd 0|1] [--precision fp32|bf16]\n");
         return 2;
     }
     const char *cs = argv[1];
@@ -403,16 +409,20 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--warmup")) warmup = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--winograd")) conv_winograd = atoi(argv[i + 1]) != 0;
+        else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "bf16"))
+            gemm_set_precision(GEMM_BF16);
+        else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "fp32"))
+            gemm_set_precision(GEMM_FP32);
         else { fprintf(stderr, "bench: unknown option %s\n", argv[i]); return 2; }
     }
     pool_init(threads);
-    if (!strcmp(cs, "peak")) {
+    if (!strcmp(cs, "peak") || !strcmp(cs, "peak_bf16")) {
         double fl[64] = {0}, t0 = now_seconds();
-        pool_run(peak_task, fl);
+        pool_run(cs[4] ? peak_bf16_task : peak_task, fl);
         double dt = now_seconds() - t0, total = 0.0;
         for (int i = 0; i < pool_threads(); i++) total += fl[i];
-        printf("peak threads=%d gflops=%.1f simd=%s\n", pool_threads(), total / dt / 1e9,
-               simd_name());
+        printf("%s threads=%d gflops=%.1f simd=%s\n", cs, pool_threads(), total / dt / 1e9,
+               cs[4] ? (total > 0 ? "avx512-bf16" : "none") : simd_name());
         pool_shutdown();
         return 0;
     }
@@ -435,9 +445,10 @@ int main(int argc, char **argv) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf(
-        "ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s arena_peak_mib=%.1f grad_peak_mib=%.1f\n",
+        "ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s precision=%s arena_peak_mib=%.1f grad_peak_mib=%.1f\n",
         cs, pool_threads(), !strncmp(cs, "conv", 4) ? CB : b.B, med * 1e3, flops / med / 1e9,
         ru.ru_maxrss / 1024.0, simd_name(),
+        gemm_precision() == GEMM_FP32 ? "fp32" : gemm_bf16_native() ? "bf16" : "bf16-emulated",
         (b.g.arena.peak + (b.g.sub ? b.g.sub->arena.peak : 0)) / 1048576.0,
         (b.g.grad_peak + (b.g.sub ? b.g.sub->grad_peak : 0)) / 1048576.0);
     pool_shutdown();

@@ -78,6 +78,22 @@ static int set_option(const Option *o, const char *value) {
     }
 }
 
+// --precision fp32|bf16: the matrix products' precision (tensor.h,
+// gemm_set_precision), taken by every command, before or after its name
+static int set_precision_option(const char *value) {
+    if (strcmp(value, "fp32") == 0) { gemm_set_precision(GEMM_FP32); return 0; }
+    if (strcmp(value, "bf16") != 0) {
+        fprintf(stderr, "casdm: --precision expects fp32 or bf16, got '%s'\n", value);
+        return -1;
+    }
+    gemm_set_precision(GEMM_BF16);
+    if (!gemm_bf16_native())
+        fprintf(stderr, "casdm: --precision bf16: %s; bf16 is emulated on the float32 kernels "
+                "(the same rounding, no faster)\n", cpu_has_avx512_bf16()
+                    ? "this build has no AVX512-BF16 kernel" : "this CPU has no AVX512-BF16");
+    return 0;
+}
+
 // Sets the defaults, then parses argv[0..argc). Returns 0, 1 when --help
 // was printed, or -1 after a message naming the option; the command returns
 // PARSED_EXIT(rc): 0 for help, 2 for a bad option.
@@ -93,7 +109,18 @@ static int parse_options(const char *cmd, const Option *opts, int n, int argc, c
     for (int a = 0; a < argc; a++) {
         if (strcmp(argv[a], "--help") == 0 || strcmp(argv[a], "-h") == 0) {
             help(stdout);
+            printf("  %-22s %s\n", "--precision S",
+                   "fp32 or bf16 (bf16 x bf16 -> fp32 convolutions, linears, attention) "
+                   "[default: fp32]");
             return 1;
+        }
+        if (strcmp(argv[a], "--precision") == 0) {
+            if (a + 1 >= argc) {
+                fprintf(stderr, "casdm %s: --precision needs a value\n", cmd);
+                return -1;
+            }
+            if (set_precision_option(argv[++a]) != 0) return -1;
+            continue;
         }
         const Option *o = NULL;
         for (int i = 0; i < n; i++)
@@ -2040,7 +2067,7 @@ static int cmd_train(int argc, char **argv) {
         stderr,
         "casdm train: %s on %d images %dx%dx%d from %s; theta %zu parameters%s; %s, %d threads\n",
         model_name(tr.kind), im->n, im->c, im->h, im->w, o.data, tr.theta.params.total,
-        tr.has_phi ? " (+ phi)" : "", simd_name(), pool_threads());
+        tr.has_phi ? " (+ phi)" : "", gemm_backend_name(), pool_threads());
     tr.theta.use_checkpoint = tr.phi.use_checkpoint = o.grad_checkpoint;
     LossConfig lc;
     loss_config_default(&lc, tr.kind);
@@ -3363,7 +3390,7 @@ static int cmd_train_ae(int argc, char **argv) {
             "%dx%dx%d), discriminator %zu; lr %.3g; GAN terms from step %d; %s, %d threads\n",
             im->n, im->c, im->h, im->w, o.data, s.ae.params.total, cfg.embed_dim,
             im->h >> (cfg.n_levels - 1), im->h >> (cfg.n_levels - 1), s.disc.params.total,
-            s.adam_ae.lr, o.disc_start, simd_name(), pool_threads());
+            s.adam_ae.lr, o.disc_start, gemm_backend_name(), pool_threads());
     float *x = mallocCheck((size_t)o.batch * im->c * im->h * im->w * sizeof(float));
     const Images *grid_src = o.eval_data ? &held.img : im;
     int eval_n = o.eval_data ? (o.eval_n < held.img.n ? o.eval_n : held.img.n) : 0;
@@ -4119,7 +4146,7 @@ static int cmd_train_gan(int argc, char **argv) {
             o.model, im->n, im->c, im->h, im->w, o.data, lddgan ? " through --ae" : "",
             lddgan ? "latents" : "pixels", gc->channels, gc->image_size, gc->image_size,
             s.G.params.total, s.D.params.total, s.cfg.T, s.iters_per_epoch, steps, E,
-            rec ? "sigmoid" : "none", o.r1_gamma, o.lazy_reg, simd_name(), pool_threads());
+            rec ? "sigmoid" : "none", o.r1_gamma, o.lazy_reg, gemm_backend_name(), pool_threads());
     if (lddgan) fprintf(stderr, "latent scale 1/%.6g (autoencoder %s)\n", s.scale, s.ae_path);
     GanData gd;
     gd.perm = mallocCheck((size_t)im->n * sizeof(uint32_t));
@@ -4410,6 +4437,9 @@ static void usage(FILE *f) {
             "\n"
             "global options:\n"
             "  --threads N   worker threads (default: CASDM_THREADS, else the number of cores)\n"
+            "  --precision S fp32 or bf16: the precision of every convolution, linear layer and\n"
+            "                attention product (bf16 operands, float32 sums; the rest and the\n"
+            "                weights float32); every command also takes it after its name\n"
             "  --help        this text\n");
 }
 
@@ -4435,6 +4465,11 @@ int main(int argc, char **argv) {
             threads = parse_threads(argv[++i]);
             continue;
         }
+        if (strcmp(argv[i], "--precision") == 0) {
+            if (i + 1 >= argc) { fprintf(stderr, "casdm: --precision needs a value\n"); return 2; }
+            if (set_precision_option(argv[++i]) != 0) return 2;
+            continue;
+        }
         fprintf(stderr, "casdm: unknown option '%s' (see casdm --help)\n", argv[i]);
         return 2;
     }
@@ -4442,7 +4477,11 @@ int main(int argc, char **argv) {
     pool_init(threads);
     int rc;
     if (strcmp(argv[i], "info") == 0) {
-        printf("casdm: simd %s, threads %d\n", simd_name(), pool_threads());
+        printf("casdm: simd %s, threads %d, matrix products %s\n", simd_name(), pool_threads(),
+               gemm_backend_name());
+        printf("casdm: bf16: AVX512-BF16 %s, AMX-BF16 %s; --precision bf16 runs %s\n",
+               cpu_has_avx512_bf16() ? "yes" : "no", cpu_has_amx_bf16() ? "yes (not used yet)" : "no",
+               gemm_bf16_native() ? "on VDPBF16PS" : "emulated on the float32 kernels");
         rc = 0;
     } else if (strcmp(argv[i], "train") == 0) {
         rc = cmd_train(argc - i - 1, argv + i + 1);

@@ -1060,11 +1060,225 @@ static void gemm_micro_kernel(size_t kc, const float *a, const float *b,
         }
 }
 
+// ---- bf16 operands (gemm_set_precision) ----
+// With GEMM_BF16 the packed panels are lowered once per block, after packing
+// and before the register tiles read them: on CPUs with AVX512-BF16 to pairs
+// of bf16 (VDPBF16PS multiplies two bf16 pairs per 32-bit lane and adds both
+// products to a float32), elsewhere to floats rounded to bf16 for the float32
+// tile. A bf16 product is exact in float32 (8 + 8 significant bits), so the
+// two differ only in the order of the float32 additions. Packing is the only
+// place that rounds: every caller of the GEMM, and every way of making B
+// (a matrix, an im2col function, shared panels), gets bf16 the same way.
+static GemmPrecision gemm_prec = GEMM_FP32;
+static int gemm_use_dpbf16;  // GEMM_BF16 on VDPBF16PS now
+
+// float32 -> bf16 bits as VCVTNE2PS2BF16 rounds (Intel SDM): to nearest even,
+// zero and subnormal inputs to a zero of their sign, NaN to a quiet NaN
+static uint16_t bf16_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);
+    if ((u & 0x7f800000u) == 0) return (uint16_t)((u >> 16) & 0x8000u);
+    u += 0x7fffu + ((u >> 16) & 1u);  // a carry into the exponent rounds up, to inf at the top
+    return (uint16_t)(u >> 16);
+}
+
+static float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+float bf16_round(float x) { return bf16_to_float(bf16_bits(x)); }
+
+// a packed panel (kc, w) of floats -> (ceil(kc/2), w, 2) bf16: each 32-bit word
+// holds one row's (or column's) operands k = 2q and 2q + 1, VDPBF16PS's pairs;
+// an odd kc's last pair is padded with a zero
+// (the AVX-512 build's, below, 16 words at a time; the plain loop elsewhere)
+#if VLEN == 16
+// bf16_bits of 16 floats at once, in the low half of each 32-bit lane: the
+// same integer steps (bit for bit the scalar's), a lane at a time they cost
+// more than the GEMM they feed
+static inline __m512i bf16_bits16(__m512 x) {
+    __m512i u = _mm512_castps_si512(x), hi = _mm512_srli_epi32(u, 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    __mmask16 tiny = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000));
+    __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x0040)));
+    return _mm512_mask_mov_epi32(r, tiny, _mm512_and_si512(hi, _mm512_set1_epi32(0x8000)));
+}
+
+// the panel's pairs 16 words at a time: word j = bf16(second[j]) << 16 | bf16(first[j])
+static void bf16_pair_panel(uint16_t *dst, const float *src, size_t kc, size_t w) {
+    for (size_t p = 0; p < kc; p += 2, dst += 2 * w, src += 2 * w) {
+        int second = p + 1 < kc;
+        for (size_t j = 0; j < w; j += 16) {
+            __mmask16 m = w - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (w - j)) - 1u);
+            __m512i lo = bf16_bits16(_mm512_maskz_loadu_ps(m, src + j));
+            __m512i hi = second ? bf16_bits16(_mm512_maskz_loadu_ps(m, src + w + j)) : _mm512_setzero_si512();
+            _mm512_mask_storeu_epi32(dst + 2 * j, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
+}
+
+static void bf16_round_array(float *dst, const float *src, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_si512(dst + i, _mm512_slli_epi32(bf16_bits16(_mm512_loadu_ps(src + i)), 16));
+    for (; i < n; i++) dst[i] = bf16_round(src[i]);
+}
+#else
+static void bf16_pair_panel(uint16_t *dst, const float *src, size_t kc, size_t w) {
+    for (size_t p = 0; p < kc; p += 2, dst += 2 * w, src += 2 * w) {
+        const float *second = p + 1 < kc ? src + w : NULL;
+        for (size_t j = 0; j < w; j++) {
+            dst[2 * j] = bf16_bits(src[j]);
+            dst[2 * j + 1] = second ? bf16_bits(second[j]) : 0;
+        }
+    }
+}
+
+static void bf16_round_array(float *dst, const float *src, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = bf16_round(src[i]);
+}
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+// CPUID leaf 7: subleaf 1 EAX bit 5 AVX512_BF16; subleaf 0 EDX bit 22
+// AMX-BF16, bit 24 AMX-TILE
+int cpu_has_avx512_bf16(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1u);
+}
+int cpu_has_amx_bf16(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1u) && (d >> 24 & 1u);
+}
+#else
+int cpu_has_avx512_bf16(void) { return 0; }
+int cpu_has_amx_bf16(void) { return 0; }
+#endif
+
+// The VDPBF16PS tile, compiled for AVX512-BF16 whatever -march says (the
+// function is only called after CPUID has said yes), in AVX-512 builds with
+// a compiler that knows the instruction (GCC 10, clang 9 on).
+#if VLEN == 16 && GEMM_NV == 2 && (defined(__x86_64__) || defined(__i386__)) &&             \
+    (defined(__AVX512BF16__) || (defined(__clang__) && __clang_major__ >= 9) ||             \
+     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define HAVE_DPBF16 1
+// c (MR, NR) (+)= a^T @ b over kc, a and b bf16 pair panels (bf16_pair_panel)
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void gemm_micro_kernel_bf16(size_t kc, const uint16_t *a, const uint16_t *b,
+                                   float *c, size_t ldc, int accumulate) {
+    __m512 acc[GEMM_MR][2];
+    UNROLL
+    for (int i = 0; i < GEMM_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (size_t p = 0; p < kc; p += 2) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 32);
+        UNROLL
+        for (int i = 0; i < GEMM_MR; i++) {
+            int32_t pair;
+            memcpy(&pair, a + 2 * i, sizeof pair);
+            __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+        }
+        a += 2 * GEMM_MR;
+        b += 2 * GEMM_NR;
+    }
+    UNROLL
+    for (int i = 0; i < GEMM_MR; i++)
+        UNROLL
+        for (int j = 0; j < 2; j++) {
+            float *cp = c + i * ldc + j * 16;
+            _mm512_storeu_ps(cp, accumulate ? _mm512_add_ps(_mm512_loadu_ps(cp), acc[i][j]) : acc[i][j]);
+        }
+}
+// the bf16 peak: 16 independent VDPBF16PS chains, registers only (as
+// simd_fma_loop); 64 FLOPs each (16 lanes, 2 products, multiply and add)
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static double dpbf16_loop(long iters) {
+    __m512 acc[16];
+    __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x33d633d6);
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_ps((float)i);
+    for (long it = 0; it < iters; it++) {
+        UNROLL
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    }
+    float out[16], s = 0.0f;
+    for (int i = 0; i < 16; i++) {
+        _mm512_storeu_ps(out, acc[i]);
+        for (int k = 0; k < 16; k++) s += out[k];
+    }
+    return s == 12345.0f ? 0.0 : 64.0 * 16 * (double)iters;
+}
+#endif
+
+double simd_bf16_loop(long iters) {
+#ifdef HAVE_DPBF16
+    if (cpu_has_avx512_bf16()) return dpbf16_loop(iters);
+#endif
+    (void)iters;
+    return 0.0;
+}
+
+int gemm_bf16_native(void) {
+#ifdef HAVE_DPBF16
+    return cpu_has_avx512_bf16();
+#else
+    return 0;
+#endif
+}
+
+void gemm_set_precision(GemmPrecision p) {
+    gemm_prec = p;
+    gemm_use_dpbf16 = p == GEMM_BF16 && gemm_bf16_native();
+}
+
+GemmPrecision gemm_precision(void) { return gemm_prec == GEMM_BF16_EMULATED ? GEMM_BF16 : gemm_prec; }
+
+const char *gemm_backend_name(void) {
+    if (gemm_prec == GEMM_FP32) return "fp32 " SIMD_NAME;
+    return gemm_use_dpbf16 ? "bf16 avx512-bf16" : "bf16 emulated on " SIMD_NAME;
+}
+
+// a packed block of `count` rows (or columns; whole panels of `width`) by kc
+// in the form the tile reads: pairs for VDPBF16PS, rounded floats otherwise
+static const float *gemm_lower(float *dst, const float *src, size_t count, size_t kc, size_t width) {
+    if (gemm_use_dpbf16) {
+        size_t kcp = (kc + 1) / 2 * 2;
+        for (size_t r = 0; r < count; r += width)
+            bf16_pair_panel((uint16_t *)dst + r * kcp, src + r * kc, kc, width);
+    } else {
+        bf16_round_array(dst, src, count * kc);
+    }
+    return dst;
+}
+
+// one register tile from the (lowered) blocks: rows ir.. of A's, columns jr.. of B's
+static void gemm_tile(size_t kc, const float *Ak, const float *Bk, size_t ir, size_t jr,
+                      float *c, size_t ldc, int accumulate) {
+#ifdef HAVE_DPBF16
+    if (gemm_use_dpbf16) {
+        size_t kcp = (kc + 1) / 2 * 2;
+        gemm_micro_kernel_bf16(kc, (const uint16_t *)Ak + ir * kcp, (const uint16_t *)Bk + jr * kcp,
+                               c, ldc, accumulate);
+        return;
+    }
+#endif
+    gemm_micro_kernel(kc, Ak + ir * kc, Bk + jr * kc, c, ldc, accumulate);
+}
+
 // per-thread pack buffers, made on first use and kept until sgemm_free_buffers
 #ifndef MAX_THREADS
 #define MAX_THREADS 1
 #endif
 static float *gemm_pack_a[MAX_THREADS], *gemm_pack_b[MAX_THREADS];
+static float *gemm_lo_a[MAX_THREADS], *gemm_lo_b[MAX_THREADS];  // their bf16 forms (gemm_lower)
 static float *gemm_shared_b;      // all of B's panels, packed once (gemm_run)
 static size_t gemm_shared_b_cap;  // its floats
 
@@ -1072,7 +1286,9 @@ void sgemm_free_buffers(void) {
     for (int i = 0; i < MAX_THREADS; i++) {
         aligned_free(gemm_pack_a[i]);
         aligned_free(gemm_pack_b[i]);
-        gemm_pack_a[i] = gemm_pack_b[i] = NULL;
+        aligned_free(gemm_lo_a[i]);
+        aligned_free(gemm_lo_b[i]);
+        gemm_pack_a[i] = gemm_pack_b[i] = gemm_lo_a[i] = gemm_lo_b[i] = NULL;
     }
     aligned_free(gemm_shared_b);
     gemm_shared_b = NULL;
@@ -1128,7 +1344,13 @@ static void gemm_block(const GemmTask *t, size_t i0, size_t i1, size_t j0, size_
         gemm_pack_a[ith] = aligned_malloc(GEMM_MC * GEMM_KC * sizeof(float));
         gemm_pack_b[ith] = aligned_malloc(GEMM_KC * GEMM_NC * sizeof(float));
     }
+    int lower = gemm_prec != GEMM_FP32;
+    if (lower && !gemm_lo_a[ith]) {
+        gemm_lo_a[ith] = aligned_malloc(GEMM_MC * GEMM_KC * sizeof(float));
+        gemm_lo_b[ith] = aligned_malloc(GEMM_KC * GEMM_NC * sizeof(float));
+    }
     float *Ap = gemm_pack_a[ith], *Bp = gemm_pack_b[ith];
+    const float *Ak, *Bk;  // what the tiles read: the packed blocks, or their bf16 forms
     float tile[GEMM_MR * GEMM_NR];
     for (size_t jc = j0; jc < j1; jc += GEMM_NC) {
         size_t nc = j1 - jc < GEMM_NC ? j1 - jc : GEMM_NC;
@@ -1137,20 +1359,25 @@ static void gemm_block(const GemmTask *t, size_t i0, size_t i1, size_t j0, size_
             int acc = t->accumulate || pc > 0;
             if (t->Bp_all) Bp = (float *)t->Bp_all + pc * t->Npad + jc * kc;
             else gemm_pack_b_block(t, Bp, pc, kc, jc, nc);
+            Bk = lower ? gemm_lower(gemm_lo_b[ith], Bp, (nc + GEMM_NR - 1) / GEMM_NR * GEMM_NR, kc,
+                                    GEMM_NR)
+                       : Bp;
             for (size_t ic = i0; ic < i1; ic += GEMM_MC) {
                 size_t mc = i1 - ic < GEMM_MC ? i1 - ic : GEMM_MC;
                 if (t->Ap_all) Ap = (float *)t->Ap_all + pc * t->Mpad + ic * kc;
                 else pack_A(Ap, t->transA, t->A, t->lda, ic, mc, pc, kc);
+                Ak = lower ? gemm_lower(gemm_lo_a[ith], Ap, (mc + GEMM_MR - 1) / GEMM_MR * GEMM_MR, kc,
+                                        GEMM_MR)
+                           : Ap;
                 for (size_t jr = 0; jr < nc; jr += GEMM_NR) {
                     size_t nr = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
                     for (size_t ir = 0; ir < mc; ir += GEMM_MR) {
                         size_t mr = mc - ir < GEMM_MR ? mc - ir : GEMM_MR;
-                        const float *a = Ap + ir * kc, *b = Bp + jr * kc;
                         float *c = t->C + (ic + ir) * t->ldc + jc + jr;
                         if (mr == GEMM_MR && nr == GEMM_NR) {
-                            gemm_micro_kernel(kc, a, b, c, t->ldc, acc);
+                            gemm_tile(kc, Ak, Bk, ir, jr, c, t->ldc, acc);
                         } else {  // edge: full tile into a buffer, copy the valid part
-                            gemm_micro_kernel(kc, a, b, tile, GEMM_NR, 0);
+                            gemm_tile(kc, Ak, Bk, ir, jr, tile, GEMM_NR, 0);
                             for (size_t i = 0; i < mr; i++)
                                 for (size_t j = 0; j < nr; j++) {
                                     float v = tile[i * GEMM_NR + j];
@@ -1851,9 +2078,11 @@ static int conv_is_same(int K, int stride, int pad) {
 // compute and drop is more than 35% of the map: from 7x7 up (31% at 7x7,
 // 56% at 4x4). Measured (Intel Xeon, 1 thread): with 7x7 on planes the
 // demo step is 5% faster, with 4x4 and 2x2 on planes LPIPS at 32 is 10%
-// slower than on the GEMM path.
+// slower than on the GEMM path. In bf16 (gemm_set_precision) every
+// convolution goes through the GEMM, whose packing is where bf16 rounds; so
+// does the Winograd path's.
 static int conv_on_planes(int H, int W, int K, int stride, int pad) {
-    return conv_is_same(K, stride, pad) &&
+    return conv_is_same(K, stride, pad) && gemm_prec == GEMM_FP32 &&
            (double)(H + pad) * (W + pad) <= 1.35 * (double)H * W;
 }
 
@@ -2127,7 +2356,8 @@ int conv_winograd = 1;
 #define WINO_MIN_POSITIONS 512
 
 static int conv_on_winograd(int N, int C, int OC, int H, int W, int K, int stride, int pad) {
-    return conv_winograd && K == 3 && stride == 1 && pad == 1 && C >= WINO_MIN_CH &&
+    return conv_winograd && gemm_prec == GEMM_FP32 && K == 3 && stride == 1 && pad == 1 &&
+           C >= WINO_MIN_CH &&
            OC >= WINO_MIN_CH && H >= 2 && W >= 2 &&
            (size_t)N * H * W >= WINO_MIN_POSITIONS;
 }

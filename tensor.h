@@ -145,6 +145,8 @@ extern int conv_winograd;
 // a register-only FMA loop of `iters` iterations on the calling thread;
 // returns the FLOPs it did (the benchmark's measure of the machine's peak)
 double simd_fma_loop(long iters);
+// the same with VDPBF16PS (bf16 pairs into float32); 0 where the CPU or build lacks it
+double simd_bf16_loop(long iters);
 // y[i] = exp(x[i]) (y may be x): the SIMD polynomial within 2 ulp of expf,
 // libm's expf in scalar builds; what SiLU, sigmoid and softmax use
 void exp_array(float *y, const float *x, size_t n);
@@ -164,6 +166,29 @@ void sgemm_naive(int transA, int transB, size_t M, size_t N, size_t K,
 // frees the per-thread panel buffers sgemm keeps between calls (made again
 // on the next call); at the end of a program, after pool_shutdown
 void sgemm_free_buffers(void);
+
+// ---- the precision of every matrix product (sgemm and the convolutions) ----
+// GEMM_BF16: both operands rounded to bfloat16 (round to nearest even, values
+// below bf16's smallest normal to zero) while the GEMM packs them, products
+// summed in float32, results stored in float32, as PyTorch's CPU autocast
+// computes convolutions, linears and matmuls. On CPUs with AVX512-BF16 the
+// packed pairs go to VDPBF16PS; elsewhere (and with GEMM_BF16_EMULATED) the
+// rounded operands go to the float32 kernels: the same operands, the same
+// float32 sums up to the order of each pair's two products, no faster.
+// Everything else (norms, softmax, losses, the optimiser, the weights) stays
+// float32. Set between steps, never while a graph is being built or run.
+typedef enum { GEMM_FP32, GEMM_BF16, GEMM_BF16_EMULATED } GemmPrecision;
+void gemm_set_precision(GemmPrecision p);
+GemmPrecision gemm_precision(void);   // as set (GEMM_BF16 even where emulated)
+int gemm_bf16_native(void);           // 1: this CPU runs GEMM_BF16 on VDPBF16PS
+// the kernel that runs now: "fp32 avx512", "bf16 avx512-bf16", "bf16 emulated on avx512"
+const char *gemm_backend_name(void);
+// the CPU's bf16 instructions, by CPUID (0 off x86): AVX512-BF16, AMX-BF16
+// (AMX tiles are reported, not used yet)
+int cpu_has_avx512_bf16(void);
+int cpu_has_amx_bf16(void);
+// x rounded to bfloat16 as the packing rounds it (returned as a float)
+float bf16_round(float x);
 
 // ---------------------------------------------------------------------------
 // tensors

@@ -121,6 +121,19 @@ if cmp -s "$dir/straight/ckpt.safetensors" "$dir/one/ckpt.safetensors"; then
 else
     fail "training with 1 and 2 threads differs"
 fi
+# --precision bf16 (every matrix product on bf16 operands): 1 and 2 threads
+# bitwise equal, the losses within a few per cent of float32's (the first
+# steps: the same batches, noise and weights), the back-end named by info
+./casdm --threads 2 train --data "$dir" $opts --steps 4 --precision bf16 --out "$dir/bf16" 2>"$dir/bf16.err"
+./casdm --threads 1 --precision bf16 train --data "$dir" $opts --steps 4 --out "$dir/bf16one" 2>/dev/null
+if cmp -s "$dir/bf16/ckpt.safetensors" "$dir/bf16one/ckpt.safetensors" &&
+   ! cmp -s "$dir/bf16/ckpt.safetensors" "$dir/straight/ckpt.safetensors" &&
+   grep -q ' bf16 ' "$dir/bf16.err" && ./casdm --precision bf16 info | grep -q 'matrix products bf16' &&
+   paste -d, "$dir/bf16/log.csv" "$dir/straight/log.csv" | awk -F, 'NR > 1 { d = $2 - $10; if (d < 0) d = -d; if (d > 0.05 * $10) bad = 1 } END { exit bad }'; then
+    pass "--precision bf16: 1 and 2 threads bitwise equal, losses within 5% of float32's, info names it"
+else
+    fail "--precision bf16"; sed 's/^/  /' "$dir/bf16.err"; paste -d, "$dir/bf16/log.csv" "$dir/straight/log.csv" | sed 's/^/  /'
+fi
 # and neither does recomputing the U-Net blocks in backward
 ./casdm train --data "$dir" $opts --steps 4 --grad-checkpoint --out "$dir/gc" 2>/dev/null
 if cmp -s "$dir/straight/ckpt.safetensors" "$dir/gc/ckpt.safetensors"; then
@@ -655,6 +668,9 @@ expect 2 "--model 'ddpm'" ./casdm train --data "$dir" --model ddpm
 expect 2 "--attn '7'" ./casdm train --data "$dir" --attn 7
 expect 2 "unknown command" ./casdm frobnicate
 expect 2 "--threads expects" ./casdm --threads 0 info
+expect 2 "--precision expects fp32 or bf16, got 'fp16'" ./casdm train --data "$dir" --precision fp16
+expect 2 "--precision expects fp32 or bf16, got 'half'" ./casdm --precision half info
+expect 2 "--precision needs a value" ./casdm sample --precision
 head -c 5000 "$dir/data_batch_1.bin" > "$dir/short.bin"
 expect 1 "short.bin' is not a CIFAR-10 binary batch" ./casdm train --data "$dir/short.bin"
 expect 1 "no_such_dir" ./casdm train --data "$dir/no_such_dir"

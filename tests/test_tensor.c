@@ -4,6 +4,7 @@
 // PCG32's published output, thread-count determinism, and safetensors files
 // good and bad.
 #define _POSIX_C_SOURCE 200809L
+#include <float.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -1020,6 +1021,106 @@ static void test_gemm(void) {
                 }
     test_result(worst <= 1e-5, "sgemm blocked vs naive (all transposes, edges, K > KC)",
                 "max err/sqrt(K) %.1e, tol 1e-5, %s", worst, simd_name());
+}
+
+static float *random_floats(Rng *r, size_t n);
+
+// bf16 rounding at closed-form points: ties to even, subnormals to zero,
+// overflow to infinity, NaN kept
+static void test_bf16_round(void) {
+    struct { float x, want; } c[] = {
+        {1.0f + 0x1p-8f, 1.0f},                  // a tie: to the even 1
+        {1.0f + 3 * 0x1p-8f, 1.0f + 0x1p-6f},    // a tie: up, to the even 1 + 2^-6
+        {1.0f + 0x1p-8f + 0x1p-20f, 1.0f + 0x1p-7f},  // past the tie: up
+        {-3.14159265f, -3.140625f},
+        {1e-40f, 0.0f}, {-1e-40f, -0.0f},        // subnormal: a zero of its sign
+        {FLT_MAX, INFINITY}, {-INFINITY, -INFINITY}, {65504.0f, 65536.0f}};
+    int bad = 0;
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+        float got = bf16_round(c[i].x);
+        if (memcmp(&got, &c[i].want, sizeof got) != 0) {
+            fprintf(stderr, "  bf16_round(%.9g) = %.9g, want %.9g\n", c[i].x, got, c[i].want);
+            bad++;
+        }
+    }
+    bad += bf16_round(NAN) == bf16_round(NAN);  // still a NaN
+    test_result(bad == 0, "bf16 rounding: ties to even, subnormals to zero, overflow, NaN", "");
+}
+
+// The bf16 GEMM against the definition in double on bf16-rounded operands:
+// every back-end this machine has (VDPBF16PS; the emulation, on the float32
+// kernels), all transposes, tiles' edges, K past the depth block and odd
+// (VDPBF16PS's padded last pair). The error is taken relative to
+// sum_k |a_ik b_kj| + |C_ij|, the scale of float32 accumulation's error.
+static double gemm_bf16_err(GemmPrecision prec, int threads, double *vs_fp32, double *bits) {
+    Rng r;
+    rng_seed(&r, 9, 3);
+    size_t dims[][3] = {{1, 1, 1}, {37, 91, 301}, {130, 17, 600}, {5, 200, 3}, {64, 64, 64},
+                        {25, 70, 513}};
+    double worst = 0.0;
+    *vs_fp32 = 0.0;
+    *bits = 0.0;
+    for (size_t d = 0; d < sizeof dims / sizeof dims[0]; d++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++)
+                for (int acc = 0; acc < 2; acc++) {
+                    size_t M = dims[d][0], N = dims[d][1], K = dims[d][2];
+                    size_t lda = ta ? M : K, ldb = tb ? K : N;
+                    float *A = random_floats(&r, M * K), *B = random_floats(&r, K * N);
+                    float *C0 = random_floats(&r, M * N), *C = mallocCheck(M * N * 4),
+                          *C1 = mallocCheck(M * N * 4), *F = mallocCheck(M * N * 4);
+                    memcpy(C, C0, M * N * 4);
+                    memcpy(C1, C0, M * N * 4);
+                    memcpy(F, C0, M * N * 4);
+                    gemm_set_precision(prec);
+                    pool_init(threads);
+                    sgemm(ta, tb, M, N, K, A, lda, B, ldb, acc, C, N);
+                    pool_init(1);
+                    sgemm(ta, tb, M, N, K, A, lda, B, ldb, acc, C1, N);
+                    gemm_set_precision(GEMM_FP32);
+                    sgemm(ta, tb, M, N, K, A, lda, B, ldb, acc, F, N);
+                    for (size_t i = 0; i < M; i++)
+                        for (size_t j = 0; j < N; j++) {
+                            double s = acc ? C0[i * N + j] : 0.0, scale = fabs(s);
+                            for (size_t k = 0; k < K; k++) {
+                                double a = bf16_round(ta ? A[k * lda + i] : A[i * lda + k]);
+                                double b = bf16_round(tb ? B[j * ldb + k] : B[k * ldb + j]);
+                                s += a * b;
+                                scale += fabs(a * b);
+                            }
+                            size_t o = i * N + j;
+                            worst = fmax(worst, fabs(C[o] - s) / scale);
+                            *vs_fp32 = fmax(*vs_fp32, fabs(F[o] - s) / scale);
+                            *bits = fmax(*bits, fabs((double)C[o] - C1[o]));
+                        }
+                    free(A); free(B); free(C0); free(C); free(C1); free(F);
+                }
+    pool_init(0);
+    return worst;
+}
+
+static void test_gemm_bf16(void) {
+    double vs_fp32, bits;
+    if (gemm_bf16_native()) {
+        double e = gemm_bf16_err(GEMM_BF16, 2, &vs_fp32, &bits);
+        test_result(e <= 1e-5 && vs_fp32 > 1e-4 && bits == 0.0,
+                    "bf16 GEMM on VDPBF16PS vs bf16 operands multiplied in double",
+                    "max err %.1e of sum |ab|, tol 1e-5; the float32 GEMM's %.1e from it (the "
+                    "rounding is there); 2 threads = 1 bit for bit", e, vs_fp32);
+    } else {
+        test_skip("bf16 GEMM on VDPBF16PS", cpu_has_avx512_bf16()
+                      ? "this build has no AVX512-BF16 kernel (not an AVX-512 build, or the compiler "
+                        "predates the instruction)"
+                      : "this CPU has no AVX512-BF16");
+    }
+    double e = gemm_bf16_err(GEMM_BF16_EMULATED, 2, &vs_fp32, &bits);
+    test_result(e <= 1e-5 && vs_fp32 > 1e-4 && bits == 0.0,
+                "bf16 GEMM emulated (rounded operands, float32 kernels) vs the same in double",
+                "max err %.1e of sum |ab|, tol 1e-5; the float32 GEMM's %.1e; 2 threads = 1 bit "
+                "for bit; %s", e, vs_fp32, simd_name());
+    test_skip("bf16 GEMM on AMX tiles", cpu_has_amx_bf16()
+                  ? "this CPU has AMX-BF16; the AMX back-end is not written yet"
+                  : "this CPU has no AMX-BF16 (and the AMX back-end is not written yet)");
 }
 
 // ---------------------------------------------------------------------------
@@ -2061,6 +2162,8 @@ int main(int argc, char **argv) {
     test_rng();
     test_arena();
     test_gemm();
+    test_bf16_round();
+    test_gemm_bf16();
     test_adam_formula();
     test_gradchecks();
     test_tie_rules();

@@ -30,6 +30,12 @@
 # casdm_*_step_ckpt: the Cas-DM step with every U-Net block checkpointed
 # (ours: use_checkpoint on both nets; PyTorch: torch.utils.checkpoint on
 # the same blocks, tools/bench_torch.py casdm_ckpt).
+# *_bf16 (conv3x3_fwd, conv3x3_fwdbwd, casdm_ch64_step, casdm_ch128_step,
+# ddim_ch128_step, casdm_demo_step): ours with --precision bf16 against PyTorch
+# under torch.autocast bf16 with channels_last (tools/bench_torch.py --autocast,
+# tools/train_ref.py --autocast), and against our float32 run of the same case in
+# the same invocation (fp32_ms, vs_fp32 = fp32 time / bf16 time); peak_frac is
+# against the measured VDPBF16PS peak (bench peak_bf16). A table of their own.
 # UNET_REF=path/to/unet_ref.py overrides the reference's location.
 cd "$(dirname "$0")/.." || exit 1
 quick=0; [ "$1" = "--quick" ] && quick=1
@@ -42,13 +48,16 @@ elif [ ! -f "$ref" ]; then echo "PyTorch reference $ref not found: torch columns
 if [ $quick -eq 1 ]; then
     cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step casdm_ch64_step"; iters=3
 else
-    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step inception_fwd ae_step lddgan_d_step_r1 lddgan_g_step lddgan_sample100 casdm_demo_step contention_demo_step"; iters=5
+    cases="conv3x3_fwd conv3x3_fwdbwd unet_ch64_step unet_ch128_step casdm_ch64_step casdm_ch128_step casdm_ch64_step_ckpt casdm_ch128_step_ckpt lpips32_fwdbwd lpips64_fwdbwd lpips224_fwdbwd ddim_ch128_step inception_fwd ae_step lddgan_d_step_r1 lddgan_g_step lddgan_sample100 casdm_demo_step contention_demo_step conv3x3_fwd_bf16 conv3x3_fwdbwd_bf16 casdm_ch64_step_bf16 casdm_ch128_step_bf16 ddim_ch128_step_bf16 casdm_demo_step_bf16"; iters=5
 fi
 [ -n "${BENCH_CASES:-}" ] && cases=$BENCH_CASES   # e.g. BENCH_CASES="lpips224_fwdbwd ddim_ch128_step"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 for th in 1 2; do build/bench peak --threads $th > "$tmp/peak$th"; done
 peak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/peak1"); peak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/peak2")
 echo "FMA peak: $peak1 GFLOP/s on 1 thread, $peak2 on 2 ($(sed 's/.*simd=//' "$tmp/peak1"))"
+for th in 1 2; do build/bench peak_bf16 --threads $th > "$tmp/bpeak$th"; done
+bpeak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak1"); bpeak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak2")
+echo "bf16 peak (VDPBF16PS): $bpeak1 GFLOP/s on 1 thread, $bpeak2 on 2"
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" "$2"; }
 # json FILE KEY: a number from PyTorch's JSON line, or -
@@ -56,6 +65,14 @@ json() { $py -c "import json,sys; d=json.load(open('$1')); v=d.get('$2'); print(
 
 torch_run() {  # case threads -> $tmp/torch.json
     case $1 in
+        conv3x3_*_bf16) $py tools/bench_torch.py "$(dirname "$ref")" conv --autocast --batch 16 \
+                            --threads $2 > "$tmp/torch.json" 2>/dev/null; return ;;
+        casdm_ch64_step_bf16|casdm_ch128_step_bf16)
+            if [ "$1" = casdm_ch64_step_bf16 ]; then m="--ch 64 --res 2 --attn 16"; else m="--ch 128 --res 3 --attn 16,8"; fi
+            $py tools/bench_torch.py "$(dirname "$ref")" casdm $m --autocast --batch 16 --threads $2 --iters $iters \
+                > "$tmp/torch.json" 2>/dev/null; return ;;
+        ddim_ch128_step_bf16) $py tools/bench_torch.py "$(dirname "$ref")" ddim --ch 128 --res 3 --attn 16,8 --batch 16 \
+                                  --autocast --threads $2 --iters $iters > "$tmp/torch.json" 2>/dev/null; return ;;
         conv3x3_*) args="conv --cin 128 --hw 32 --batch 16" ;;
         unet_ch64_step) args="unet --ch 64 --res 2 --attn 16 --batch 16" ;;
         unet_ch128_step) args="unet --ch 128 --res 3 --attn 16,8 --batch 16" ;;
@@ -85,14 +102,15 @@ torch_run() {  # case threads -> $tmp/torch.json
 
 : > "$tmp/lines"
 demo_flags="--data data/fashion-mnist/train-images-idx3-ubyte --model casdm --ch 32 --res 1 --mult 1,2,2 --T 1000 --dropout 0 --batch 32 --lr 1e-3 --log-every 10 --sample-n 0"
-# demo_run ours|torch threads -> "ms rss_mib" (or "- -")
+# demo_run ours|torch threads [bf16] -> "ms rss_mib" (or "- -")
 demo_run() {
-    d=$tmp/demo_$1_$2
+    d=$tmp/demo_$1_$2_${3:-fp32}; prec=; auto=
+    [ "${3:-}" = bf16 ] && { prec="--precision bf16"; auto=--autocast; }
     if [ "$1" = ours ]; then
-        /usr/bin/time -f "%M" -o "$d.rss" ./casdm --threads $2 train $demo_flags --attn '' --steps 30 --resume "$tmp/demo_init" --out "$d" 2>/dev/null
+        /usr/bin/time -f "%M" -o "$d.rss" ./casdm --threads $2 $prec train $demo_flags --attn '' --steps 30 --resume "$tmp/demo_init" --out "$d" 2>/dev/null
     else
         /usr/bin/time -f "%M" -o "$d.rss" $py tools/train_ref.py --init "$tmp/demo_init/ckpt.safetensors" $demo_flags --attn '' \
-            --steps 30 --threads $2 --out "$d" 2>/dev/null
+            --steps 30 --threads $2 $auto --out "$d" 2>/dev/null
     fi
     ips=$(tail -n 1 "$d/log.csv" 2>/dev/null | awk -F, '{ print $7 }')
     awk -v i="$ips" -v r="$(tail -n 1 "$d.rss" 2>/dev/null)" 'BEGIN { if (i + 0 > 0) printf "%.2f %.1f\n", 32000 / i, r / 1024; else print "- -" }'
@@ -130,9 +148,46 @@ whole_programs() {
     echo "$line"; echo "$line" >> "$tmp/lines"
 }
 
+# bf16_case NAME: the bf16 line of each thread count (see the header) into $tmp/bf16lines
+bf16_case() {
+    base=${1%_bf16}
+    for th in 1 2; do
+        if [ "$base" = casdm_demo_step ]; then
+            if [ ! -f data/fashion-mnist/train-images-idx3-ubyte ] || [ ! -x ./casdm ]; then
+                echo "$1: needs ./casdm and data/fashion-mnist (make casdm data); skipped"; return
+            fi
+            [ -f "$tmp/demo_init/ckpt.safetensors" ] || ./casdm train $demo_flags --attn '' --steps 0 --out "$tmp/demo_init" 2>/dev/null
+            set -- "$1" $(demo_run ours $th bf16) $(demo_run ours $th); ours_ms=$2; rss=$3; fp32_ms=$4
+            gflops=-; torch_ms=-; torch_rss=-
+            [ $torch -eq 1 ] && { set -- "$1" $(demo_run torch $th bf16); torch_ms=$2; torch_rss=$3; }
+        else
+            build/bench "$base" --threads $th --iters $iters --batch 16 --precision bf16 > "$tmp/ours" 2>&1 || echo "ours failed: $(cat "$tmp/ours")"
+            build/bench "$base" --threads $th --iters $iters --batch 16 > "$tmp/ours32" 2>&1 || echo "ours failed: $(cat "$tmp/ours32")"
+            ours_ms=$(field ms "$tmp/ours"); gflops=$(field gflops "$tmp/ours"); rss=$(field rss_mib "$tmp/ours")
+            fp32_ms=$(field ms "$tmp/ours32")
+            torch_ms=-; torch_rss=-
+            if [ $torch -eq 1 ]; then
+                torch_run "$1" $th
+                key=step_s; [ "$base" = conv3x3_fwd ] && key=fwd_s
+                s=$(json "$tmp/torch.json" $key)
+                [ "$s" != - ] && torch_ms=$(awk -v s="$s" 'BEGIN{printf "%.2f", s*1000}')
+                torch_rss=$(json "$tmp/torch.json" peak_rss_mib)
+            fi
+        fi
+        peak=$bpeak1; [ $th -eq 2 ] && peak=$bpeak2
+        ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN{ if (a == "" || a == "-" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
+        vs32=$(awk -v a="$ours_ms" -v b="$fp32_ms" 'BEGIN{ if (a == "" || a == "-" || b == "" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
+        frac=$(awk -v g="$gflops" -v p="$peak" 'BEGIN{ if (g == "" || g == "-" || p+0 == 0) print "-"; else printf "%.2f", g/p }')
+        line="bench $1 threads=$th ours_ms=${ours_ms:--} torch_ms=$torch_ms ratio=$ratio gflops=${gflops:--} peak_frac=$frac rss_mib=${rss:--} torch_rss_mib=$torch_rss fp32_ms=${fp32_ms:--} vs_fp32=$vs32"
+        echo "$line"; echo "$line" >> "$tmp/bf16lines"
+    done
+}
+
+: > "$tmp/bf16lines"
 for c in $cases; do
     batch=16; [ "$c" = lpips224_fwdbwd ] && batch=4; [ "$c" = inception_fwd ] && batch=50; [ "$c" = ae_step ] && batch=8
     case $c in lddgan_*) batch=8 ;; esac
+    case $c in *_bf16) bf16_case "$c"; continue ;; esac
     if [ "$c" = casdm_demo_step ] || [ "$c" = contention_demo_step ]; then
         if [ ! -f data/fashion-mnist/train-images-idx3-ubyte ] || [ ! -x ./casdm ]; then
             echo "$c: needs ./casdm and data/fashion-mnist (make casdm data); skipped"; continue
@@ -170,3 +225,10 @@ echo
 printf "%-21s %3s %11s %11s %7s %8s %6s %9s %9s\n" case thr "ours ms" "torch ms" ratio GFLOP/s peak "rss MiB" "torch MiB"
 sed 's/bench \([^ ]*\) threads=\([^ ]*\) ours_ms=\([^ ]*\) torch_ms=\([^ ]*\) ratio=\([^ ]*\) gflops=\([^ ]*\) peak_frac=\([^ ]*\) rss_mib=\([^ ]*\) torch_rss_mib=\([^ ]*\)/\1 \2 \3 \4 \5 \6 \7 \8 \9/' "$tmp/lines" |
     while read -r c t o p r g f m pm; do printf "%-21s %3s %11s %11s %7s %8s %6s %9s %9s\n" "$c" "$t" "$o" "$p" "$r" "$g" "$f" "$m" "$pm"; done
+if [ -s "$tmp/bf16lines" ]; then
+    echo
+    echo "bf16 (ours --precision bf16; torch: autocast bf16, channels_last; peak: VDPBF16PS's)"
+    printf "%-21s %3s %11s %11s %7s %11s %7s %8s %6s\n" case thr "ours ms" "torch ms" ratio "ours fp32" "vs fp32" GFLOP/s peak
+    sed 's/bench \([^ ]*\) threads=\([^ ]*\) ours_ms=\([^ ]*\) torch_ms=\([^ ]*\) ratio=\([^ ]*\) gflops=\([^ ]*\) peak_frac=\([^ ]*\) rss_mib=[^ ]* torch_rss_mib=[^ ]* fp32_ms=\([^ ]*\) vs_fp32=\([^ ]*\)/\1 \2 \3 \4 \5 \8 \9 \6 \7/' "$tmp/bf16lines" |
+        while read -r c t o p r f v g k; do printf "%-21s %3s %11s %11s %7s %11s %7s %8s %6s\n" "$c" "$t" "$o" "$p" "$r" "$f" "$v" "$g" "$k"; done
+fi

@@ -5,6 +5,10 @@
 
   bench_torch.py REF_DIR casdm_ckpt --ch 64 --res 2 --attn 16 --batch 16 --threads 2
 
+  bench_torch.py REF_DIR casdm --ch 64 --res 2 --attn 16 --batch 16 --threads 2 --autocast
+
+  bench_torch.py REF_DIR conv --autocast --threads 1
+
   bench_torch.py REF_DIR inception --batch 50 --threads 2
 
   bench_torch.py REF_DIR ae_step --batch 8 --threads 2 [--ldm LDM_DIR --taming TAMING_DIR]
@@ -34,6 +38,13 @@ tools/witness_ldm_loss.py does (no downloads). The official loss's forward also
 computes the reconstruction, LPIPS and KL terms when optimizer_idx is 1, so its
 discriminator step holds one more LPIPS forward than AELoss.discriminator's.
 The JSON line names the source: "modules": "ae_ref" or "official".
+casdm: unet_ref.py's Cas-DM training step (no LPIPS), as unet_ref.py casdm runs it.
+conv: the 3x3 convolution 128->128 of unet_ref.py conv (batch 16, 32x32): fwd_s (no
+gradients) and step_s (forward, sum, backward to the input and the weights).
+--autocast (casdm, ddim, conv): under torch.autocast("cpu", dtype=torch.bfloat16)
+with the modules and inputs in channels_last, the way oneDNN's bf16 kernels are
+meant to be fed on a CPU (convolutions, linears and matmuls in bf16, the rest in
+float32, the weights float32): the reference for casdm --precision bf16.
 Prints one JSON line like unet_ref.py: step_s (median), peak_rss_mib.
 """
 import argparse
@@ -53,8 +64,9 @@ def main():
     sys.argv = [sys.argv[0]] + sys.argv[2:]
     import argparse
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["ddim", "casdm_ckpt", "inception", "ae_step", "lddgan_d_step_r1",
-                                    "lddgan_g_step", "lddgan_sample100"])
+    p.add_argument("mode", choices=["ddim", "casdm", "casdm_ckpt", "conv", "inception", "ae_step",
+                                    "lddgan_d_step_r1", "lddgan_g_step", "lddgan_sample100"])
+    p.add_argument("--autocast", action="store_true")  # bf16 autocast, channels_last
     p.add_argument("--ch", type=int, default=128)
     p.add_argument("--res", type=int, default=3)
     p.add_argument("--attn", default="16,8")
@@ -76,17 +88,21 @@ def main():
         return ae_step(a)
     if a.mode.startswith("lddgan_"):
         return lddgan(a)
-    if a.mode == "casdm_ckpt":
-        return casdm_ckpt(a)
+    if a.mode in ("casdm", "casdm_ckpt"):
+        return casdm_step(a, a.mode == "casdm_ckpt")
+    if a.mode == "conv":
+        return conv(a)
     if a.mode == "inception":
         return inception(a)
     theta, phi = R.make_unet(a, 3).eval(), R.make_unet(a, 4).eval()
     B = a.batch
     x = torch.randn(B, 3, 32, 32)
     t = torch.full((B,), R.T // 2, dtype=torch.long)
+    if a.autocast:
+        theta, phi, x = channels_last(theta), channels_last(phi), channels_last(x)
 
     def step():
-        with torch.no_grad():
+        with torch.no_grad(), precision(a):
             eps = theta(x, t)
             x0s = R.pred_x0(x, t, eps).clamp(-1, 1)
             o = phi(x0s, t)
@@ -119,16 +135,61 @@ def use_checkpoint(m):
     return m
 
 
-def casdm_ckpt(a):
-    """unet_ref.py's casdm step (Eq. 8-15 of arXiv 2401.02414), checkpointed."""
+def precision(a):
+    """bf16 autocast (--autocast) or nothing"""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if a.autocast else contextlib.nullcontext()
+
+
+def channels_last(m):
+    return m.to(memory_format=torch.channels_last)
+
+
+def conv(a):
+    """unet_ref.py conv's 3x3 convolution 128->128, 32x32, batch 16"""
     torch.manual_seed(0)
-    th_, ph_ = use_checkpoint(R.make_unet(a, 3)), use_checkpoint(R.make_unet(a, 4))
+    C, HW, B = 128, 32, a.batch
+    m = torch.nn.Conv2d(C, C, 3, padding=1)
+    x = torch.randn(B, C, HW, HW)
+    if a.autocast:
+        m, x = channels_last(m), channels_last(x)
+
+    def fwd():
+        with torch.no_grad(), precision(a):
+            return m(x)
+    xg = x.clone().requires_grad_(True)
+
+    def step():
+        with precision(a):
+            y = m(xg)
+        y.float().sum().backward()
+    fm = R.timeit(fwd, 3, 20)[0]
+    med = R.timeit(step, 3, 20)[0]
+    print(json.dumps({"mode": "conv", "autocast": a.autocast, "threads": torch.get_num_threads(),
+                      "batch": B, "fwd_s": round(fm, 5), "step_s": round(med, 5),
+                      "peak_rss_mib": round(R.peak_rss_mib(), 1)}))
+
+
+def casdm_step(a, checkpointed):
+    """unet_ref.py's casdm step (Eq. 8-15 of arXiv 2401.02414), optionally checkpointed"""
+    torch.manual_seed(0)
+    th_, ph_ = R.make_unet(a, 3), R.make_unet(a, 4)
+    if checkpointed:
+        th_, ph_ = use_checkpoint(th_), use_checkpoint(ph_)
     opt = torch.optim.Adam(list(th_.parameters()) + list(ph_.parameters()), lr=1e-4)
     B = a.batch
     x0 = torch.randn(B, 3, 32, 32).clamp(-1, 1)
     t = torch.randint(0, R.T, (B,))
+    if a.autocast:
+        th_, ph_, x0 = channels_last(th_), channels_last(ph_), channels_last(x0)
 
     def step():
+        with precision(a):
+            loss = casdm_loss(x0, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def casdm_loss(x0, t):
         eps = torch.randn_like(x0)
         xt = R.q_sample(x0, t, eps)
         eps_p = th_(xt, t)
@@ -139,14 +200,11 @@ def casdm_ckpt(a):
         mu_true = c1 * x0 + c2 * xt
         mu_x0 = (c1 * x0p + c2 * xt).detach()
         mu_eps = (c1 * x0s + c2 * xt).detach()
-        loss = (F.mse_loss(eps_p, eps) + F.mse_loss(x0p, x0)
+        return (F.mse_loss(eps_p, eps) + F.mse_loss(x0p, x0)
                 + F.mse_loss(r * mu_x0 + (1 - r) * mu_eps, mu_true))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
     med, mn, mx = R.timeit(step, 2, a.iters)
-    print(json.dumps({"mode": "casdm_ckpt", "threads": torch.get_num_threads(), "batch": B,
+    print(json.dumps({"mode": a.mode, "autocast": a.autocast, "threads": torch.get_num_threads(), "batch": B,
                       "step_s": round(med, 4), "peak_rss_mib": round(R.peak_rss_mib(), 1)}))
 
 

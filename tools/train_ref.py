@@ -147,6 +147,8 @@ def main():
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", default="runs/train_ref")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--autocast", action="store_true",
+                   help="bf16 autocast with channels_last networks (the reference for casdm --precision bf16)")
     # model config: taken from the checkpoint; given, must agree with it
     for f, ty in (("--model", str), ("--ch", int), ("--res", int), ("--attn", str), ("--mult", str),
                   ("--heads", int), ("--dropout", float), ("--T", int), ("--schedule", str),
@@ -193,6 +195,8 @@ def main():
         sd = {k[len(n) + 1:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith(n + ".")}
         net.load_state_dict(sd, strict=True)
         net.train()
+        if a.autocast:
+            net.to(memory_format=torch.channels_last)
         for k, q in net.named_parameters():
             params.append(q)
             if adam_step:  # continue the checkpoint's Adam moments
@@ -217,7 +221,10 @@ def main():
         x0 = torch.from_numpy(draw_batch(data, rng, B, flip))
         t = np.array([rng.below(T) for _ in range(B)], dtype=np.int64)
         noise = torch.from_numpy(rng.normals(B * C * S * S).reshape(B, C, S, S))
-        out = R.train_losses(kind, nets, x0, t, noise, T, sched, p2g, p2k, clip_x0=clip_x0)
+        if a.autocast:
+            x0, noise = (v.to(memory_format=torch.channels_last) for v in (x0, noise))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.autocast):
+            out = R.train_losses(kind, nets, x0, t, noise, T, sched, p2g, p2k, clip_x0=clip_x0)
         loss = out["loss"]
         if not math.isfinite(loss.item()):
             sys.exit(f"train_ref: loss is {loss.item()} at step {step + 1}: stopping")
