@@ -2078,11 +2078,11 @@ static int conv_is_same(int K, int stride, int pad) {
 // compute and drop is more than 35% of the map: from 7x7 up (31% at 7x7,
 // 56% at 4x4). Measured (Intel Xeon, 1 thread): with 7x7 on planes the
 // demo step is 5% faster, with 4x4 and 2x2 on planes LPIPS at 32 is 10%
-// slower than on the GEMM path. In bf16 (gemm_set_precision) every
-// convolution goes through the GEMM, whose packing is where bf16 rounds; so
-// does the Winograd path's.
+// slower than on the GEMM path. In bf16 (gemm_set_precision) they run on
+// bf16 planes (planes_conv_bf16); the Winograd path is off, its transforms
+// would round other operands than the convolution's.
 static int conv_on_planes(int H, int W, int K, int stride, int pad) {
-    return conv_is_same(K, stride, pad) && gemm_prec == GEMM_FP32 &&
+    return conv_is_same(K, stride, pad) &&
            (double)(H + pad) * (W + pad) <= 1.35 * (double)H * W;
 }
 
@@ -2271,12 +2271,153 @@ static void planes_conv_range(void *arg, size_t t0, size_t t1) {
     }
 }
 
+// ---- bf16 on the planes (gemm_set_precision) ----
+// The same convolution with its operands in bf16: the input planes as
+// channel pairs, word (q, position) = bf16 of channels 2q and 2q + 1 there
+// (VDPBF16PS's pairs: the inner dimension runs over (channel pair, tap)),
+// and the weights as the same pairs, (M, pairs * K * K) words in order. The
+// emulation rounds copies of both and runs the float32 kernel on them.
+static void planes_weights_bf16(uint16_t *a2, const float *weight, size_t M, int C, int K,
+                                int flip) {  // A(m, (c, tap)) in pairs over c
+    size_t kk = (size_t)K * K, pairs = ((size_t)C + 1) / 2;
+    for (size_t m = 0; m < M; m++)
+        for (size_t q = 0; q < pairs; q++)
+            for (size_t k = 0; k < kk; k++)
+                for (size_t h = 0; h < 2; h++) {
+                    size_t c = 2 * q + h;
+                    float w = c >= (size_t)C ? 0.0f
+                              : flip ? weight[(c * M + m) * kk + (kk - 1 - k)]
+                                     : weight[(m * C + c) * kk + k];
+                    a2[((m * pairs + q) * kk + k) * 2 + h] = bf16_bits(w);
+                }
+}
+
+typedef struct { uint16_t *x2; const float *in; const ConvPlanes *g; } PlanesPairs;
+
+static void planes_pairs_range(void *arg, size_t q0, size_t q1) {  // item: a channel pair
+    const PlanesPairs *t = arg;
+    size_t ld = t->g->ld;
+    for (size_t q = q0; q < q1; q++) {
+        const float *first = t->in + 2 * q * ld;
+        int second = 2 * q + 1 < (size_t)t->g->C;
+        uint16_t *d = t->x2 + 2 * q * ld;
+        for (size_t p = 0; p < ld; p++) {
+            d[2 * p] = bf16_bits(first[p]);
+            d[2 * p + 1] = second ? bf16_bits(first[ld + p]) : 0;
+        }
+    }
+}
+
+#ifdef HAVE_DPBF16
+// planes_micro_kernel's tile on pairs: c (mr, NR) (+)= A2 rows (mr, kc pairs)
+// @ B, B's pair p the 16-word vectors at x2 + 2 * off[p]
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void planes_micro_kernel_bf16(size_t kc, const uint16_t *a, size_t lda, int mr,
+                                     const uint16_t *x2, const ptrdiff_t *off, float *c,
+                                     size_t ldc, int accumulate) {
+    const uint16_t *row[PL_MR];
+    __m512 acc[PL_MR][PL_NV];
+    UNROLL
+    for (int i = 0; i < PL_MR; i++) {
+        row[i] = a + (size_t)(i < mr ? i : mr - 1) * lda * 2;
+        UNROLL
+        for (int j = 0; j < PL_NV; j++) acc[i][j] = _mm512_setzero_ps();
+    }
+    for (size_t p = 0; p < kc; p++) {
+        const uint16_t *b = x2 + 2 * off[p];
+        __m512bh bv[PL_NV];
+        UNROLL
+        for (int j = 0; j < PL_NV; j++) bv[j] = (__m512bh)_mm512_loadu_si512(b + 32 * j);
+        UNROLL
+        for (int i = 0; i < PL_MR; i++) {
+            int32_t pair;
+            memcpy(&pair, row[i] + 2 * p, sizeof pair);
+            __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+            UNROLL
+            for (int j = 0; j < PL_NV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, bv[j]);
+        }
+    }
+    UNROLL
+    for (int i = 0; i < PL_MR; i++)
+        if (i < mr)
+            UNROLL
+            for (int j = 0; j < PL_NV; j++) {
+                float *cp = c + i * ldc + j * 16;
+                _mm512_storeu_ps(cp, accumulate ? _mm512_add_ps(_mm512_loadu_ps(cp), acc[i][j])
+                                                : acc[i][j]);
+            }
+}
+
+typedef struct {
+    float *out; const uint16_t *x2, *a2;
+    const ptrdiff_t *off;
+    size_t M, depth, ld, lead;  // depth: pairs * K * K
+} PlanesConvBf16;
+
+static void planes_conv_bf16_range(void *arg, size_t t0, size_t t1) {
+    const PlanesConvBf16 *t = arg;
+    for (size_t tp = t0; tp < t1; tp++) {
+        size_t p = tp * PL_NR;
+        const uint16_t *x2 = t->x2 + 2 * (t->lead + p);
+        for (size_t pc = 0; pc < t->depth; pc += GEMM_KC) {
+            size_t kc = t->depth - pc < GEMM_KC ? t->depth - pc : GEMM_KC;
+            for (size_t ir = 0; ir < t->M; ir += PL_MR) {
+                int mr = t->M - ir < PL_MR ? (int)(t->M - ir) : PL_MR;
+                planes_micro_kernel_bf16(kc, t->a2 + (ir * t->depth + pc) * 2, t->depth, mr, x2,
+                                         t->off + pc, t->out + ir * t->ld + t->lead + p, t->ld,
+                                         pc > 0);
+            }
+        }
+    }
+}
+
+static void planes_conv_bf16(float *out, const float *in, const float *weight, size_t M,
+                             const ConvPlanes *g, int K, int flip) {
+    size_t kk = (size_t)K * K, pairs = ((size_t)g->C + 1) / 2, depth = pairs * kk;
+    uint16_t *a2 = mallocCheck(M * depth * 2 * sizeof *a2);
+    uint16_t *x2 = aligned_malloc(pairs * g->ld * 2 * sizeof *x2);
+    ptrdiff_t *off = mallocCheck(depth * sizeof *off);
+    planes_weights_bf16(a2, weight, M, g->C, K, flip);
+    PlanesPairs pp = {x2, in, g};
+    parallel_for(pairs, 1, planes_pairs_range, &pp);
+    for (size_t q = 0; q < pairs; q++)  // in words of x2: pair q's plane, then the tap
+        for (int ky = 0; ky < K; ky++)
+            for (int kx = 0; kx < K; kx++)
+                off[(q * K + ky) * K + kx] = (ptrdiff_t)(q * g->ld) +
+                                             (ptrdiff_t)(ky - g->pad) * (ptrdiff_t)g->W1 + (kx - g->pad);
+    PlanesConvBf16 t = {out, x2, a2, off, M, depth, g->ld, g->lead};
+    parallel_for((g->ld - 2 * g->lead) / PL_NR, 1, planes_conv_bf16_range, &t);
+    free(off);
+    aligned_free(x2);
+    free(a2);
+}
+#endif
+
+static void planes_conv_fp32(float *out, const float *in, const float *weight, size_t M,
+                             const ConvPlanes *g, int K, int flip);
+
 // out planes (M channels) = the taps of in planes (g: its geometry, K x K)
 // against weights: flip 0, weight (M, C, K, K), the forward; flip 1, weight
 // (C, M, K, K) read as its flipped transpose A(m, (c, ky, kx)) =
-// weight[c, m, K-1-ky, K-1-kx], the input gradient
+// weight[c, m, K-1-ky, K-1-kx], the input gradient. In bf16: on pairs
+// (VDPBF16PS), or the float32 kernel on rounded copies (the emulation).
 static void planes_conv(float *out, const float *in, const float *weight, size_t M,
                         const ConvPlanes *g, int K, int flip) {
+#ifdef HAVE_DPBF16
+    if (gemm_use_dpbf16) { planes_conv_bf16(out, in, weight, M, g, K, flip); return; }
+#endif
+    if (gemm_prec == GEMM_FP32) { planes_conv_fp32(out, in, weight, M, g, K, flip); return; }
+    size_t nw = M * (size_t)g->C * K * K, nx = (size_t)g->C * g->ld;
+    float *w = mallocCheck(nw * sizeof *w), *x = aligned_malloc(nx * sizeof *x);
+    bf16_round_array(w, weight, nw);
+    bf16_round_array(x, in, nx);
+    planes_conv_fp32(out, x, w, M, g, K, flip);
+    aligned_free(x);
+    free(w);
+}
+
+static void planes_conv_fp32(float *out, const float *in, const float *weight, size_t M,
+                             const ConvPlanes *g, int K, int flip) {
     size_t kk = (size_t)K * K, depth = (size_t)g->C * kk;
     ptrdiff_t *off = mallocCheck(2 * depth * sizeof *off), *aoff = off + depth;
     planes_offsets(off, g, K);

@@ -1378,6 +1378,67 @@ static double err_of_rms(const float *got, const float *ref, size_t n) {
     return worst != worst ? INFINITY : worst;
 }
 
+// 3x3 convolutions in bf16 (forward, input and weight gradients) against the
+// direct-loop reference in double on bf16-rounded x, w and dy: on planes
+// (channel pairs, an odd channel count padded), on the GEMM path (4x4 and
+// 5x7 maps), a 128-channel one that float32 would run on the Winograd path;
+// VDPBF16PS at 2 threads and at 1 (bit for bit), and the emulation
+static void test_conv_bf16(void) {
+    const int shapes[][5] = {{2, 33, 9, 9, 40}, {3, 16, 4, 4, 24}, {2, 7, 5, 7, 9},
+                             {8, 128, 8, 8, 128}, {1, 64, 16, 16, 65}};
+    size_t ns = sizeof shapes / sizeof shapes[0];
+    double err[2] = {0.0, 0.0}, err_fp32 = 0.0, bits = 0.0;
+    Rng r;
+    rng_seed(&r, 17, 5);
+    for (size_t k = 0; k < ns; k++) {
+        const int *cs = shapes[k];
+        size_t nx = (size_t)cs[0] * cs[1] * cs[2] * cs[3], nw = (size_t)cs[4] * cs[1] * 9,
+               ny = (size_t)cs[0] * cs[4] * cs[2] * cs[3], nb = (size_t)cs[4];
+        size_t n[3] = {ny, nx, nw};
+        float *x = random_floats(&r, nx), *w = random_floats(&r, nw), *b = random_floats(&r, nb),
+              *dy = random_floats(&r, ny);
+        float *xr = copy_floats(x, nx), *wr = copy_floats(w, nw), *dyr = copy_floats(dy, ny);
+        for (size_t i = 0; i < nx; i++) xr[i] = bf16_round(x[i]);
+        for (size_t i = 0; i < nw; i++) wr[i] = bf16_round(w[i]);
+        for (size_t i = 0; i < ny; i++) dyr[i] = bf16_round(dy[i]);
+        float *out[5][4];  // runs: reference, native 2 threads, native 1, emulated, float32
+        for (int run = 0; run < 5; run++)
+            for (int j = 0; j < 4; j++) out[run][j] = mallocCheck((j < 3 ? n[j] : nb) * sizeof(float));
+        for (int run = 0; run < 5; run++) {
+            if ((run == 1 || run == 2) && !gemm_bf16_native()) continue;
+            gemm_set_precision(run == 1 || run == 2 ? GEMM_BF16 : run == 3 ? GEMM_BF16_EMULATED
+                                                                           : GEMM_FP32);
+            pool_init(run == 2 ? 1 : 2);
+            if (run == 0) conv_run_once(1, cs, xr, wr, b, dyr, out[0][0], out[0][1], out[0][2], out[0][3]);
+            else conv_run_once(0, cs, x, w, b, dy, out[run][0], out[run][1], out[run][2], out[run][3]);
+        }
+        gemm_set_precision(GEMM_FP32);
+        for (int j = 0; j < 3; j++) {
+            if (gemm_bf16_native()) {
+                err[0] = fmax(err[0], err_of_rms(out[1][j], out[0][j], n[j]));
+                bits = fmax(bits, compare("bf16 conv 1 vs 2 threads", out[2][j], out[1][j], n[j], 0.0));
+            }
+            err[1] = fmax(err[1], err_of_rms(out[3][j], out[0][j], n[j]));
+            err_fp32 = fmax(err_fp32, err_of_rms(out[4][j], out[0][j], n[j]));
+        }
+        for (int run = 0; run < 5; run++)
+            for (int j = 0; j < 4; j++) free(out[run][j]);
+        free(x); free(w); free(b); free(dy); free(xr); free(wr); free(dyr);
+    }
+    pool_init(0);
+    if (gemm_bf16_native())
+        test_result(err[0] <= 1e-5 && bits == 0.0 && err_fp32 > 1e-4,
+                    "3x3 convolutions in bf16 on VDPBF16PS vs the reference on bf16 operands",
+                    "%zu shapes (planes, GEMM), y, dx, dw: max err %.1e of the RMS, tol 1e-5; "
+                    "float32's %.1e from it; 1 and 2 threads bit for bit", ns, err[0], err_fp32);
+    else
+        test_skip("3x3 convolutions in bf16 on VDPBF16PS", "no AVX512-BF16 here");
+    test_result(err[1] <= 1e-5 && err_fp32 > 1e-4,
+                "3x3 convolutions in bf16 emulated vs the reference on bf16 operands",
+                "%zu shapes, y, dx, dw: max err %.1e of the RMS, tol 1e-5; float32's %.1e", ns,
+                err[1], err_fp32);
+}
+
 static void test_conv_winograd(void) {
     // N, C, H, W, OC: the G's 16x16 and 8x8 maps of LDDGAN, odd maps, one image
     const int shapes[][5] = {{8, 128, 8, 8, 128}, {2, 128, 16, 16, 256}, {3, 128, 13, 15, 144},
@@ -2178,6 +2239,7 @@ int main(int argc, char **argv) {
     test_exp();
     test_reference_kernels();
     test_conv_winograd();
+    test_conv_bf16();
     test_inference_kernels();
     test_cross_entropy_values();
     test_goldens();
