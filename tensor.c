@@ -1279,6 +1279,10 @@ static void gemm_tile(size_t kc, const float *Ak, const float *Bk, size_t ir, si
 #endif
 static float *gemm_pack_a[MAX_THREADS], *gemm_pack_b[MAX_THREADS];
 static float *gemm_lo_a[MAX_THREADS], *gemm_lo_b[MAX_THREADS];  // their bf16 forms (gemm_lower)
+// planes_conv_bf16's pair planes (bytes), made on first use, grown as needed,
+// kept until sgemm_free_buffers: a fresh buffer each call cost its page faults
+static void *planes_bf16;
+static size_t planes_bf16_cap;
 static float *gemm_shared_b;      // all of B's panels, packed once (gemm_run)
 static size_t gemm_shared_b_cap;  // its floats
 
@@ -1292,6 +1296,9 @@ void sgemm_free_buffers(void) {
     }
     aligned_free(gemm_shared_b);
     gemm_shared_b = NULL;
+    aligned_free(planes_bf16);
+    planes_bf16 = NULL;
+    planes_bf16_cap = 0;
     gemm_shared_b_cap = 0;
 }
 
@@ -2294,6 +2301,7 @@ static void planes_weights_bf16(uint16_t *a2, const float *weight, size_t M, int
 
 typedef struct { uint16_t *x2; const float *in; const ConvPlanes *g; } PlanesPairs;
 
+
 static void planes_pairs_range(void *arg, size_t q0, size_t q1) {  // item: a channel pair
     const PlanesPairs *t = arg;
     size_t ld = t->g->ld;
@@ -2301,7 +2309,15 @@ static void planes_pairs_range(void *arg, size_t q0, size_t q1) {  // item: a ch
         const float *first = t->in + 2 * q * ld;
         int second = 2 * q + 1 < (size_t)t->g->C;
         uint16_t *d = t->x2 + 2 * q * ld;
-        for (size_t p = 0; p < ld; p++) {
+        size_t p = 0;
+#if VLEN == 16  // 16 words at a time, as bf16_pair_panel
+        for (; p + 16 <= ld; p += 16) {
+            __m512i lo = bf16_bits16(_mm512_loadu_ps(first + p));
+            __m512i hi = second ? bf16_bits16(_mm512_loadu_ps(first + ld + p)) : _mm512_setzero_si512();
+            _mm512_storeu_si512(d + 2 * p, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+#endif
+        for (; p < ld; p++) {
             d[2 * p] = bf16_bits(first[p]);
             d[2 * p + 1] = second ? bf16_bits(first[ld + p]) : 0;
         }
@@ -2375,7 +2391,13 @@ static void planes_conv_bf16(float *out, const float *in, const float *weight, s
                              const ConvPlanes *g, int K, int flip) {
     size_t kk = (size_t)K * K, pairs = ((size_t)g->C + 1) / 2, depth = pairs * kk;
     uint16_t *a2 = mallocCheck(M * depth * 2 * sizeof *a2);
-    uint16_t *x2 = aligned_malloc(pairs * g->ld * 2 * sizeof *x2);
+    size_t need = pairs * g->ld * 2 * sizeof(uint16_t);  // the pair planes, kept between calls
+    if (need > planes_bf16_cap) {
+        aligned_free(planes_bf16);
+        planes_bf16 = aligned_malloc(need);
+        planes_bf16_cap = need;
+    }
+    uint16_t *x2 = planes_bf16;
     ptrdiff_t *off = mallocCheck(depth * sizeof *off);
     planes_weights_bf16(a2, weight, M, g->C, K, flip);
     PlanesPairs pp = {x2, in, g};
@@ -2388,7 +2410,6 @@ static void planes_conv_bf16(float *out, const float *in, const float *weight, s
     PlanesConvBf16 t = {out, x2, a2, off, M, depth, g->ld, g->lead};
     parallel_for((g->ld - 2 * g->lead) / PL_NR, 1, planes_conv_bf16_range, &t);
     free(off);
-    aligned_free(x2);
     free(a2);
 }
 #endif
