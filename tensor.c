@@ -4562,38 +4562,66 @@ Tensor *batchnorm2d(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, float *run
 // ---------------------------------------------------------------------------
 
 // out[n,c,p] = inp[n,c,p] / (sqrt(sum_c inp^2) + eps); norm (N,HW) saved
-void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps) {
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C * HW;
-        float *y = out + (size_t)n * C * HW;
-        for (int p = 0; p < HW; p++) {
-            float s = 0.0f;
-            for (int c = 0; c < C; c++) s += x[(size_t)c * HW + p] * x[(size_t)c * HW + p];
-            float nr = sqrtf(s);
-            norm[(size_t)n * HW + p] = nr;
-            float inv = 1.0f / (nr + eps);
-            for (int c = 0; c < C; c++) y[(size_t)c * HW + p] = x[(size_t)c * HW + p] * inv;
-        }
+// Each position's sum runs over c in order, but c is the outer loop and the
+// positions the inner one, so the loads are contiguous and the compiler
+// vectorises across positions (a position at a time, the channel stride made
+// this 15% of an LPIPS step at 32); images are shared among the threads.
+typedef struct {
+    float *out, *norm;
+    const float *inp, *dout;
+    int C, HW;
+    float eps;
+} L2NormTask;
+
+static void l2norm_forward_range(void *arg, size_t n0, size_t n1) {
+    const L2NormTask *t = arg;
+    size_t HW = (size_t)t->HW;
+    for (size_t n = n0; n < n1; n++) {
+        const float *x = t->inp + n * t->C * HW;
+        float *y = t->out + n * t->C * HW, *s = t->norm + n * HW;
+        memset(s, 0, HW * sizeof(float));
+        for (int c = 0; c < t->C; c++)
+            for (size_t p = 0; p < HW; p++) s[p] += x[c * HW + p] * x[c * HW + p];
+        for (size_t p = 0; p < HW; p++) s[p] = sqrtf(s[p]);
+        for (int c = 0; c < t->C; c++)
+            for (size_t p = 0; p < HW; p++) y[c * HW + p] = x[c * HW + p] * (1.0f / (s[p] + t->eps));
     }
 }
 
+void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, int HW, float eps) {
+    L2NormTask t = {out, norm, inp, NULL, C, HW, eps};
+    parallel_for((size_t)N, 1, l2norm_forward_range, &t);
+}
+
 // with d = s + eps, s = ||x||: dx_c = dy_c / d - x_c * (sum_k dy_k x_k) / (d^2 s)
+static void l2norm_backward_range(void *arg, size_t n0, size_t n1) {
+    const L2NormTask *t = arg;
+    size_t HW = (size_t)t->HW;
+    float *k = mallocCheck(HW * sizeof(float));  // per position: dot / (d^2 s)
+    for (size_t n = n0; n < n1; n++) {
+        const float *x = t->inp + n * t->C * HW, *dy = t->dout + n * t->C * HW;
+        const float *s = t->norm + n * HW;
+        float *dx = t->out + n * t->C * HW;
+        memset(k, 0, HW * sizeof(float));
+        for (int c = 0; c < t->C; c++)
+            for (size_t p = 0; p < HW; p++) k[p] += dy[c * HW + p] * x[c * HW + p];
+        for (size_t p = 0; p < HW; p++) {
+            float d = s[p] + t->eps;
+            k[p] = s[p] > 0.0f ? k[p] / (d * d * s[p]) : 0.0f;
+        }
+        for (int c = 0; c < t->C; c++)
+            for (size_t p = 0; p < HW; p++) {
+                size_t i = c * HW + p;
+                dx[i] += dy[i] / (s[p] + t->eps) - x[i] * k[p];
+            }
+    }
+    free(k);
+}
+
 void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
                      int N, int C, int HW, float eps) {
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C * HW, *dy = dout + (size_t)n * C * HW;
-        float *dx = dinp + (size_t)n * C * HW;
-        for (int p = 0; p < HW; p++) {
-            float s = norm[(size_t)n * HW + p], d = s + eps;
-            float dot = 0.0f;
-            for (int c = 0; c < C; c++) dot += dy[(size_t)c * HW + p] * x[(size_t)c * HW + p];
-            float k = s > 0.0f ? dot / (d * d * s) : 0.0f;
-            for (int c = 0; c < C; c++) {
-                size_t i = (size_t)c * HW + p;
-                dx[i] += dy[i] / d - x[i] * k;
-            }
-        }
-    }
+    L2NormTask t = {dinp, (float *)norm, inp, dout, C, HW, eps};
+    parallel_for((size_t)N, 1, l2norm_backward_range, &t);
 }
 
 // l2norm over channels

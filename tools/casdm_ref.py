@@ -56,6 +56,16 @@ def zeroed(module):
     return module
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm; a bf16 input (torch.autocast, tools/train_ref.py --autocast) is
+    normalised in float32 and left so, as autocast's float32 list has it on CUDA and
+    improved-diffusion's GroupNorm32 does (CPU autocast in torch 1.13 has no rule for
+    group_norm and fails on a bf16 input with float32 weights)."""
+
+    def forward(self, x):
+        return super().forward(x.float() if x.dtype == torch.bfloat16 else x)
+
+
 class ResBlock(nn.Module):
     """Residual block with scale-shift conditioning on the time embedding.
 
@@ -65,9 +75,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin, cout, emb_dim, dropout, groups):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(groups, cin), nn.SiLU(), conv3x3(cin, cout))
+        self.in_layers = nn.Sequential(GroupNorm(groups, cin), nn.SiLU(), conv3x3(cin, cout))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
-        self.out_layers = nn.Sequential(nn.GroupNorm(groups, cout), nn.SiLU(), nn.Dropout(p=dropout),
+        self.out_layers = nn.Sequential(GroupNorm(groups, cout), nn.SiLU(), nn.Dropout(p=dropout),
                                         zeroed(conv3x3(cout, cout)))
         self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
@@ -92,7 +102,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         assert ch % num_heads == 0
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = GroupNorm(groups, ch)
         self.qkv = nn.Conv1d(ch, 3 * ch, 1)
         self.proj_out = zeroed(nn.Conv1d(ch, ch, 1))
 
@@ -194,7 +204,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(EmbedSequential(*layers))
         assert not skip_chans
 
-        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), zeroed(conv3x3(ch, out_ch)))
+        self.out = nn.Sequential(GroupNorm(groups, ch), nn.SiLU(), zeroed(conv3x3(ch, out_ch)))
 
     def forward(self, x, t_float):
         # the embedding is always computed in float32 (as improved-diffusion and
