@@ -2284,6 +2284,7 @@ static void planes_conv_range(void *arg, size_t t0, size_t t1) {
 // (VDPBF16PS's pairs: the inner dimension runs over (channel pair, tap)),
 // and the weights as the same pairs, (M, pairs * K * K) words in order. The
 // emulation rounds copies of both and runs the float32 kernel on them.
+#ifdef HAVE_DPBF16
 static void planes_weights_bf16(uint16_t *a2, const float *weight, size_t M, int C, int K,
                                 int flip) {  // A(m, (c, tap)) in pairs over c
     size_t kk = (size_t)K * K, pairs = ((size_t)C + 1) / 2;
@@ -2324,7 +2325,6 @@ static void planes_pairs_range(void *arg, size_t q0, size_t q1) {  // item: a ch
     }
 }
 
-#ifdef HAVE_DPBF16
 // planes_micro_kernel's tile on pairs: c (mr, NR) (+)= A2 rows (mr, kc pairs)
 // @ B, B's pair p the 16-word vectors at x2 + 2 * off[p]
 __attribute__((target("avx512f,avx512bw,avx512bf16")))

@@ -1108,10 +1108,7 @@ static void test_gemm_bf16(void) {
                     "max err %.1e of sum |ab|, tol 1e-5; the float32 GEMM's %.1e from it (the "
                     "rounding is there); 2 threads = 1 bit for bit", e, vs_fp32);
     } else {
-        test_skip("bf16 GEMM on VDPBF16PS", cpu_has_avx512_bf16()
-                      ? "this build has no AVX512-BF16 kernel (not an AVX-512 build, or the compiler "
-                        "predates the instruction)"
-                      : "this CPU has no AVX512-BF16");
+        test_skip("bf16 GEMM on VDPBF16PS", bf16_native_missing());
     }
     double e = gemm_bf16_err(GEMM_BF16_EMULATED, 2, &vs_fp32, &bits);
     test_result(e <= 1e-5 && vs_fp32 > 1e-4 && bits == 0.0,
@@ -1432,7 +1429,7 @@ static void test_conv_bf16(void) {
                     "%zu shapes (planes, GEMM), y, dx, dw: max err %.1e of the RMS, tol 1e-5; "
                     "float32's %.1e from it; 1 and 2 threads bit for bit", ns, err[0], err_fp32);
     else
-        test_skip("3x3 convolutions in bf16 on VDPBF16PS", "no AVX512-BF16 here");
+        test_skip("3x3 convolutions in bf16 on VDPBF16PS", bf16_native_missing());
     test_result(err[1] <= 1e-5 && err_fp32 > 1e-4,
                 "3x3 convolutions in bf16 emulated vs the reference on bf16 operands",
                 "%zu shapes, y, dx, dw: max err %.1e of the RMS, tol 1e-5; float32's %.1e", ns,

@@ -918,7 +918,7 @@ int main(int argc, char **argv) {
         if (gemm_bf16_native())
             test_casdm_step_bf16(GEMM_BF16, "Cas-DM step in bf16 (VDPBF16PS) vs float32");
         else
-            test_skip("Cas-DM step in bf16 (VDPBF16PS) vs float32", "no AVX512-BF16 here");
+            test_skip("Cas-DM step in bf16 (VDPBF16PS) vs float32", bf16_native_missing());
         test_casdm_step_bf16(GEMM_BF16_EMULATED, "Cas-DM step in bf16 (emulated) vs float32");
         st_free(&gold);
     }

@@ -31,6 +31,13 @@ static inline void test_skip(const char *name, const char *why) {
     fflush(stdout);
 }
 
+// why a VDPBF16PS test cannot run here
+static inline const char *bf16_native_missing(void) {
+    return cpu_has_avx512_bf16() ? "this build has no AVX512-BF16 kernel (not an AVX-512 build, "
+                                   "or the compiler predates the instruction)"
+                                 : "this CPU has no AVX512-BF16";
+}
+
 // Compares got with ref element by element: err = |got - ref| / max(1, |ref|),
 // i.e. absolute below 1 and relative above. Returns the max error and prints
 // the first offending values to stderr when it exceeds tol.
