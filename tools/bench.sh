@@ -148,6 +148,18 @@ whole_programs() {
     echo "$line"; echo "$line" >> "$tmp/lines"
 }
 
+# torch_time CASE THREADS: PyTorch's side of a build/bench case -> torch_ms, torch_rss (or -)
+torch_time() {
+    torch_ms=-; torch_rss=-
+    [ $torch -eq 1 ] || return
+    torch_run "$1" $2
+    key=step_s
+    case $1 in conv3x3_fwd|conv3x3_fwd_bf16) key=fwd_s ;; lpips*) key=full_lpips_step_s ;; esac
+    s=$(json "$tmp/torch.json" $key)
+    [ "$s" != - ] && torch_ms=$(awk -v s="$s" 'BEGIN{printf "%.2f", s*1000}')
+    torch_rss=$(json "$tmp/torch.json" peak_rss_mib)
+}
+
 # bf16_case NAME: the bf16 line of each thread count (see the header) into $tmp/bf16lines
 bf16_case() {
     base=${1%_bf16}
@@ -165,14 +177,7 @@ bf16_case() {
             build/bench "$base" --threads $th --iters $iters --batch 16 > "$tmp/ours32" 2>&1 || echo "ours failed: $(cat "$tmp/ours32")"
             ours_ms=$(field ms "$tmp/ours"); gflops=$(field gflops "$tmp/ours"); rss=$(field rss_mib "$tmp/ours")
             fp32_ms=$(field ms "$tmp/ours32")
-            torch_ms=-; torch_rss=-
-            if [ $torch -eq 1 ]; then
-                torch_run "$1" $th
-                key=step_s; [ "$base" = conv3x3_fwd ] && key=fwd_s
-                s=$(json "$tmp/torch.json" $key)
-                [ "$s" != - ] && torch_ms=$(awk -v s="$s" 'BEGIN{printf "%.2f", s*1000}')
-                torch_rss=$(json "$tmp/torch.json" peak_rss_mib)
-            fi
+            torch_time "$1" $th
         fi
         peak=$bpeak1; [ $th -eq 2 ] && peak=$bpeak2
         ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN{ if (a == "" || a == "-" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
@@ -205,15 +210,7 @@ for c in $cases; do
     for th in 1 2; do
         build/bench "$c" --threads $th --iters $iters --batch $batch > "$tmp/ours" 2>&1 || echo "ours failed: $(cat "$tmp/ours")"
         ours_ms=$(field ms "$tmp/ours"); gflops=$(field gflops "$tmp/ours"); rss=$(field rss_mib "$tmp/ours")
-        torch_ms=-; torch_rss=-
-        if [ $torch -eq 1 ]; then
-            torch_run "$c" $th
-            key=step_s; [ "$c" = conv3x3_fwd ] && key=fwd_s
-            case $c in lpips*) key=full_lpips_step_s ;; esac
-            s=$(json "$tmp/torch.json" $key)
-            [ "$s" != - ] && torch_ms=$(awk -v s="$s" 'BEGIN{printf "%.2f", s*1000}')
-            torch_rss=$(json "$tmp/torch.json" peak_rss_mib)
-        fi
+        torch_time "$c" $th
         peak=$peak1; [ $th -eq 2 ] && peak=$peak2
         ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN{ if (a == "" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
         frac=$(awk -v g="$gflops" -v p="$peak" 'BEGIN{ if (g == "" || p+0 == 0) print "-"; else printf "%.2f", g/p }')
