@@ -1146,8 +1146,8 @@ static void bf16_round_array(float *dst, const float *src, size_t n) {
 }
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__TINYC__)
+#include <cpuid.h>  // GCC's and clang's (tcc has none: it reports no bf16)
 // CPUID leaf 7: subleaf 1 EAX bit 5 AVX512_BF16; subleaf 0 EDX bit 22
 // AMX-BF16, bit 24 AMX-TILE
 int cpu_has_avx512_bf16(void) {
