@@ -1124,6 +1124,14 @@ static void bf16_pair_panel(uint16_t *dst, const float *src, size_t kc, size_t w
     }
 }
 
+// n values to bf16 bits, 16 at a time
+static void bf16_bits_array(uint16_t *dst, const float *src, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(bf16_bits16(_mm512_loadu_ps(src + i))));
+    for (; i < n; i++) dst[i] = bf16_bits(src[i]);
+}
+
 static void bf16_round_array(float *dst, const float *src, size_t n) {
     size_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -1310,6 +1318,9 @@ typedef struct {
     int accumulate;
     float *C;
     int split_n;          // threads split columns (1) or rows (0)
+    // pack_b writes B already lowered (VDPBF16PS's pair panels, each at
+    // kc rounded up to even bf16 per column): gemm_block skips gemm_lower for it
+    int b_lowered;
     // B given by a function instead of a matrix (B, ldb, transB unused):
     // pack_b(ctx, Bp, p0, kc, j0, n) writes what pack_B would
     void (*pack_b)(const void *ctx, float *Bp, size_t p0, size_t kc, size_t j0, size_t n);
@@ -1366,9 +1377,9 @@ static void gemm_block(const GemmTask *t, size_t i0, size_t i1, size_t j0, size_
             int acc = t->accumulate || pc > 0;
             if (t->Bp_all) Bp = (float *)t->Bp_all + pc * t->Npad + jc * kc;
             else gemm_pack_b_block(t, Bp, pc, kc, jc, nc);
-            Bk = lower ? gemm_lower(gemm_lo_b[ith], Bp, (nc + GEMM_NR - 1) / GEMM_NR * GEMM_NR, kc,
-                                    GEMM_NR)
-                       : Bp;
+            Bk = lower && !t->b_lowered
+                     ? gemm_lower(gemm_lo_b[ith], Bp, (nc + GEMM_NR - 1) / GEMM_NR * GEMM_NR, kc, GEMM_NR)
+                     : Bp;
             for (size_t ic = i0; ic < i1; ic += GEMM_MC) {
                 size_t mc = i1 - ic < GEMM_MC ? i1 - ic : GEMM_MC;
                 if (t->Ap_all) Ap = (float *)t->Ap_all + pc * t->Mpad + ic * kc;
@@ -1466,7 +1477,8 @@ static void gemm_run(GemmTask *t) {
     size_t chunks = (size_t)nth * GEMM_CHUNKS_PER_THREAD;
     if (chunks > panels) chunks = panels;
     if (nth == 1 || chunks < 2) { gemm_thread(t, 0, 1); return; }
-    if (!t->split_n && (t->pack_b || t->transB)) gemm_share_b(t);  // (plain B: memcpy's)
+    if (!t->split_n && (t->pack_b || t->transB) && !t->b_lowered)
+        gemm_share_b(t);  // (plain B: memcpy's; lowered panels keep their own layout)
     pool_run_chunks(gemm_thread, t, (int)chunks);
 }
 
@@ -2285,6 +2297,16 @@ static void planes_conv_range(void *arg, size_t t0, size_t t1) {
 // and the weights as the same pairs, (M, pairs * K * K) words in order. The
 // emulation rounds copies of both and runs the float32 kernel on them.
 #ifdef HAVE_DPBF16
+// the pair planes' buffer (planes_bf16), grown to `bytes`
+static void *planes_bf16_buffer(size_t bytes) {
+    if (bytes > planes_bf16_cap) {
+        aligned_free(planes_bf16);
+        planes_bf16 = aligned_malloc(bytes);
+        planes_bf16_cap = bytes;
+    }
+    return planes_bf16;
+}
+
 static void planes_weights_bf16(uint16_t *a2, const float *weight, size_t M, int C, int K,
                                 int flip) {  // A(m, (c, tap)) in pairs over c
     size_t kk = (size_t)K * K, pairs = ((size_t)C + 1) / 2;
@@ -2391,13 +2413,7 @@ static void planes_conv_bf16(float *out, const float *in, const float *weight, s
                              const ConvPlanes *g, int K, int flip) {
     size_t kk = (size_t)K * K, pairs = ((size_t)g->C + 1) / 2, depth = pairs * kk;
     uint16_t *a2 = mallocCheck(M * depth * 2 * sizeof *a2);
-    size_t need = pairs * g->ld * 2 * sizeof(uint16_t);  // the pair planes, kept between calls
-    if (need > planes_bf16_cap) {
-        aligned_free(planes_bf16);
-        planes_bf16 = aligned_malloc(need);
-        planes_bf16_cap = need;
-    }
-    uint16_t *x2 = planes_bf16;
+    uint16_t *x2 = planes_bf16_buffer(pairs * g->ld * 2 * sizeof(uint16_t));
     ptrdiff_t *off = mallocCheck(depth * sizeof *off);
     planes_weights_bf16(a2, weight, M, g->C, K, flip);
     PlanesPairs pp = {x2, in, g};
@@ -2473,12 +2489,49 @@ static void pack_planes_taps_t(const void *ctx, float *Bp, size_t p0, size_t kc,
     }
 }
 
+#ifdef HAVE_DPBF16
+// pack_planes_taps_t for VDPBF16PS, from x's planes in bf16 (x16, uint16
+// per value): a tap's run of kc positions is kc / 2 words, each the pair
+// (p, p + 1) that VDPBF16PS multiplies, so the words are transposed into the
+// pair panel as they are (half the bytes of the float32 copy, no lowering)
+static void pack_planes_taps_pairs(const void *ctx, float *Bp, size_t p0, size_t kc, size_t j0,
+                                   size_t n) {
+    const PlanesTaps *v = ctx;
+    const uint16_t *x16 = (const uint16_t *)v->x;
+    size_t words = (kc + 1) / 2;
+    float rows[GEMM_NR * GEMM_KC / 2];  // (nr, words): the taps' runs, as 32-bit words
+    for (size_t jr = 0; jr < n; jr += GEMM_NR) {
+        size_t nr = n - jr < GEMM_NR ? n - jr : GEMM_NR;
+        for (size_t j = 0; j < nr; j++) {
+            uint16_t *r = (uint16_t *)(rows + j * words);
+            memcpy(r, x16 + v->off[j0 + jr + j] + p0, kc * sizeof(uint16_t));
+            if (kc % 2) r[kc] = 0;  // an odd depth's last pair: (p, 0)
+        }
+        transpose_to_panel(Bp + jr * words, rows, words, nr, words);
+    }
+}
+#endif
+
 // dw (M, C*K*K) += dy planes (M channels) against the taps of x planes (g)
 static void planes_dweight(float *dw, const float *dy, const float *x, size_t M, const ConvPlanes *g,
                            int K) {
     size_t depth = (size_t)g->C * K * K;
     ptrdiff_t *off = mallocCheck(depth * sizeof *off);
     planes_offsets(off, g, K);
+#ifdef HAVE_DPBF16
+    if (gemm_use_dpbf16) {  // x's planes in bf16 once, then B's pair panels straight from them
+        uint16_t *x16 = planes_bf16_buffer((size_t)g->C * g->ld * sizeof(uint16_t));
+        bf16_bits_array(x16, x, (size_t)g->C * g->ld);
+        PlanesTaps v = {(const float *)(x16 + g->lead), off};
+        size_t P = g->ld - 2 * g->lead;
+        GemmTask t = {.M = M, .N = depth, .K = P, .A = dy + g->lead, .lda = g->ld, .ldc = depth,
+                      .accumulate = 1, .C = dw, .split_n = 1, .pack_b = pack_planes_taps_pairs,
+                      .pack_b_ctx = &v, .b_lowered = 1};
+        gemm_run(&t);
+        free(off);
+        return;
+    }
+#endif
     PlanesTaps v = {x + g->lead, off};
     sgemm_pack_b(0, M, depth, g->ld - 2 * g->lead, dy + g->lead, g->ld, pack_planes_taps_t, &v, 1,
                  dw, depth);
