@@ -15,6 +15,13 @@ CC      ?= cc
 CFLAGS  ?= -O2 -g
 SIMD    ?= 1
 THREADS ?= 1
+# MPI=1: data-parallel training over MPI (dist.c, README "Training on several
+# machines"), built with mpicc; the default build has no MPI in it
+MPI     ?= 0
+MPICC   ?= mpicc
+ifeq ($(MPI),1)
+CC = $(MPICC)
+endif
 STD      = -std=c99 -pedantic
 WARN     = -Wall -Wextra
 
@@ -35,14 +42,16 @@ ifeq ($(THREADS),1)
 LDLIBS += -lpthread
 endif
 
-ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(ARCHFLAGS) -DCASDM_SIMD=$(SIMD) -DCASDM_THREADS=$(THREADS)
+ALL_CFLAGS = $(STD) $(WARN) $(CFLAGS) $(ARCHFLAGS) -DCASDM_SIMD=$(SIMD) -DCASDM_THREADS=$(THREADS) \
+             -DCASDM_MPI=$(MPI)
 
 # Objects remember the flags they were built with: a change of SIMD, THREADS,
 # CC or CFLAGS rebuilds everything, so `make test SIMD=0` never links stale code.
 FLAGS_FILE := build/.flags
 $(shell mkdir -p build; echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' | cmp -s - $(FLAGS_FILE) || echo '$(CC) $(ALL_CFLAGS) $(LDLIBS)' > $(FLAGS_FILE))
 
-LIB_OBJS = build/tensor.o build/formats.o build/unet.o build/ddim.o build/lpips.o build/fid.o build/lddgan.o
+LIB_OBJS = build/tensor.o build/formats.o build/unet.o build/ddim.o build/lpips.o build/fid.o build/lddgan.o \
+           build/dist.o
 TESTS    = build/test_tensor build/test_unet build/test_fid build/test_lddgan
 
 .PHONY: all test asan tsan clean bench data demo demo-bf16 demo-ae demo-lddgan demo-torch cross quality fuzz
@@ -61,8 +70,18 @@ build/test_%: tests/test_%.c tests/test_util.h tensor.h casdm.h $(LIB_OBJS)
 build/check_files: tests/check_files.c $(FLAGS_FILE)
 	$(CC) $(ALL_CFLAGS) $< -o $@
 
-test: $(TESTS) casdm build/check_files
-	@sh tests/run.sh $(TESTS) tests/test_cli.sh
+# (tests/test_mpi.sh: an MPI build beside the default one, build/mpi/casdm,
+# when mpicc is installed; a SKIP line otherwise)
+HAVE_MPICC := $(shell command -v $(MPICC) 2>/dev/null)
+test: $(TESTS) casdm build/check_files $(if $(HAVE_MPICC),build/mpi/casdm)
+	@sh tests/run.sh $(TESTS) tests/test_cli.sh tests/test_mpi.sh
+
+MPI_OBJS = $(patsubst build/%,build/mpi/%,build/casdm.o $(LIB_OBJS))
+build/mpi/%.o: %.c tensor.h casdm.h $(FLAGS_FILE)
+	@mkdir -p build/mpi
+	$(MPICC) $(subst -DCASDM_MPI=$(MPI),-DCASDM_MPI=1,$(ALL_CFLAGS)) -c $< -o $@
+build/mpi/casdm: $(MPI_OBJS)
+	$(MPICC) $(ALL_CFLAGS) $^ -o $@ $(LDLIBS)
 
 build/bench: bench.c $(LIB_OBJS)
 	$(CC) $(ALL_CFLAGS) $< $(LIB_OBJS) -o $@ $(LDLIBS)

@@ -296,7 +296,7 @@ typedef struct {
     int no_flip, flip, ch, res, heads, T, no_clip_x0, lpips_size, grad_checkpoint;
     double dropout, p2_gamma, p2_k, lambda_eps, lambda_x0, lambda_mu, lambda_lpips;
     // optimisation
-    int steps, batch, seed;
+    int steps, batch, microbatch, seed;
     double lr, ema, grad_clip;
     // output
     int log_every, ckpt_every, keep_every, sample_every, sample_n, sample_steps;
@@ -394,7 +394,8 @@ static int train_memory_check(const UNetConfig *theta, int has_phi, const TrainO
                               size_t errlen) {
     double params = 5.0 * 4.0 * (double)unet_param_count(theta) * (has_phi ? 2 : 1);
     double per = o->grad_checkpoint ? ACT_PER_FLOAT_TRAIN_CKPT : ACT_PER_FLOAT_TRAIN;
-    double acts = per * 4.0 * unet_activation_floats(theta) * (has_phi ? 2 : 1) * o->batch;
+    int micro = o->microbatch > 0 ? o->microbatch : o->batch / dist_size();  // one forward's images
+    double acts = per * 4.0 * unet_activation_floats(theta) * (has_phi ? 2 : 1) * micro;
     return check_memory("casdm train with these options", params, acts, err, errlen);
 }
 
@@ -999,10 +1000,10 @@ static void carry_log(const char *from, const char *path, long max_step, History
 // one row of log.csv (fd: the step's evaluation, NAN for none: an empty
 // field); a failed write (a full disk) stops the run
 static void log_row(FILE *log, const char *path, long step, const double *sums, int nsum,
-                    Tensor *const *terms, double ips, double fd) {
+                    const int *has, double ips, double fd) {
     fprintf(log, "%ld", step);
     for (int i = 0; i < 5; i++) {
-        if (terms[i]) fprintf(log, ",%.6g", nonfinite_or(sums[i] / nsum));
+        if (has[i]) fprintf(log, ",%.6g", nonfinite_or(sums[i] / nsum));
         else fprintf(log, ",");
     }
     fprintf(log, ",%.3f,", ips);
@@ -1014,16 +1015,23 @@ static void log_row(FILE *log, const char *path, long step, const double *sums, 
 // Fault injection for the tests (tests/test_cli.sh), from the environment:
 // CASDM_TEST_FAULT=grad-inf:N puts +Inf into one gradient at step N;
 // param-nan:N puts a NaN into one weight after step N's update.
-typedef struct { int kind; long step; } Fault;
-enum { FAULT_NONE, FAULT_GRAD_INF, FAULT_PARAM_NAN };
+// rank-exit:N:R and rank-hang:N:R: rank R exits, or hangs, in step N.
+typedef struct { int kind; long step; int rank; } Fault;
+enum { FAULT_NONE, FAULT_GRAD_INF, FAULT_PARAM_NAN, FAULT_RANK_EXIT, FAULT_RANK_HANG };
 
 static Fault fault_from_env(void) {
-    Fault f = {FAULT_NONE, 0};
+    Fault f = {FAULT_NONE, 0, -1};
     const char *s = getenv("CASDM_TEST_FAULT");
     if (!s) return f;
+    char *end = NULL;
     if (strncmp(s, "grad-inf:", 9) == 0) f.kind = FAULT_GRAD_INF, f.step = strtol(s + 9, NULL, 10);
     else if (strncmp(s, "param-nan:", 10) == 0)
         f.kind = FAULT_PARAM_NAN, f.step = strtol(s + 10, NULL, 10);
+    else if (strncmp(s, "rank-exit:", 10) == 0)
+        f.kind = FAULT_RANK_EXIT, f.step = strtol(s + 10, &end, 10);
+    else if (strncmp(s, "rank-hang:", 10) == 0)
+        f.kind = FAULT_RANK_HANG, f.step = strtol(s + 10, &end, 10);
+    if (end && *end == ':') f.rank = (int)strtol(end + 1, NULL, 10);
     return f;
 }
 
@@ -1099,7 +1107,12 @@ static void define_train_options(TrainOpts *o) {
         {"--time-limit", OPT_FLOAT, &o->time_limit, "0",
          "stop after this many seconds of training (0 = no limit)", 0, 1e9},
         {"--batch", OPT_INT, &o->batch, "16",
-         "batch size (casdm's CPU default; the paper: 128, 16 on each of 8 GPUs)", 1, 4096},
+         "batch size (casdm's CPU default; the paper: 128, 16 on each of 8 GPUs); under mpirun "
+         "the whole batch, split over the processes", 1, 4096},
+        {"--microbatch", OPT_INT, &o->microbatch, "0",
+         "images per forward and backward: each process's share of --batch in parts of this "
+         "many, their gradients summed (less memory, the same step; improved-diffusion's "
+         "--microbatch; 0 = the whole share)", 0, 4096},
         {"--lr", OPT_FLOAT, &o->lr, "1e-4",
          "Adam learning rate, constant (the paper and improved-diffusion)", 0, 1},
         {"--ema-warmup", OPT_STR, &o->ema_warmup, "on",
@@ -1177,6 +1190,7 @@ static void train_sample_grid(Trainer *tr, Model *ema, const TrainOpts *o, int C
                            img, tty ? 1 : 0);
     char path[4200];
     snprintf(path, sizeof path, "%s/samples_%06ld.png", o->out, tr->step);
+    if (dist_rank() != 0) rc = 2;  // (rank 0 writes the grid)
     if (rc == 0) {
         write_grid_png(path, img, o->sample_n, S, S, C);
         fprintf(stderr, "samples: %s\n", path);
@@ -1201,29 +1215,135 @@ static void clip_grads(ParamSet *p, double norm, double max_norm) {
     for (size_t i = 0; i < p->total; i++) p->grad[i] *= k;
 }
 
+// A step's loss terms, the mean over the whole batch (every rank's share
+// and micro-batch): loss, l_eps, l_x0, l_mu, l_lpips; has[i] 0 where the
+// model has no such term.
+enum { LOSS_TERMS = 5 };
+typedef struct { float v[LOSS_TERMS]; int has[LOSS_TERMS]; } StepLosses;
+
+// This process's share of a step (README, "Training on several machines"):
+// rows first .. first+share-1 of the --batch B images, in micro-batches of
+// `micro` (--microbatch). B = share on one process without --microbatch.
+typedef struct { int B, share, first, micro, parts; } BatchShare;
+
+static int batch_share(const TrainOpts *o, BatchShare *bs, char *err, size_t errlen) {
+    int K = dist_size();
+    bs->B = o->batch;
+    if (o->batch % K != 0)
+        return errorf(err, errlen, "--batch %d does not split over %d processes (a multiple of %d)",
+                      o->batch, K, K);
+    bs->share = o->batch / K;
+    bs->first = dist_rank() * bs->share;
+    bs->micro = o->microbatch > 0 ? o->microbatch : bs->share;
+    if (bs->share % bs->micro != 0)
+        return errorf(err, errlen,
+                      "--microbatch %d does not divide each process's %d images of --batch %d",
+                      o->microbatch, bs->share, o->batch);
+    bs->parts = K * (bs->share / bs->micro);
+    return 0;
+}
+
+// what one allreduce per step sums over the ranks: theta's and phi's
+// gradients (summed over this rank's micro-batches), the loss terms, and
+// the vote to stop (a signal or --time-limit on any rank stops them all
+// after the same step)
+static size_t reduce_floats(const Trainer *tr) {
+    return tr->theta.params.total + (tr->has_phi ? tr->phi.params.total : 0) + LOSS_TERMS + 1;
+}
+
+// grads into the sum (the first micro-batch sets it)
+static void add_grads(float *sum, const ParamSet *p, int first) {
+    if (first) memcpy(sum, p->grad, p->total * sizeof(float));
+    else
+        for (size_t i = 0; i < p->total; i++) sum[i] += p->grad[i];
+}
+
+// the mean gradient back into the parameters' buffers
+static void take_grads(ParamSet *p, const float *sum, float scale) {
+    for (size_t i = 0; i < p->total; i++) p->grad[i] = sum[i] * scale;
+}
+
+// CASDM_TEST_FAULT=rank-exit:N:R and rank-hang:N:R (tests/test_mpi.sh):
+// rank R exits, or stops answering, in step N before the gradients' allreduce
+static void rank_fault(Fault fault, long step) {
+    if (fault.step != step || fault.rank != dist_rank()) return;
+    if (fault.kind == FAULT_RANK_EXIT) {
+        fprintf(stderr, "casdm train: rank %d exits at step %ld (CASDM_TEST_FAULT)\n",
+                dist_rank(), step);
+        _exit(4);
+    }
+    if (fault.kind == FAULT_RANK_HANG)
+        for (;;) pause();
+}
+
 // One training step: a batch, x_t and the losses (Eq. 3, Eq. 8-15),
 // backward, the gradient's check and clip, Adam and the EMA (as
-// improved-diffusion's TrainLoop.run_step). Returns 0, or -1 with a message
-// when the loss or the gradient is not finite: then nothing was updated.
+// improved-diffusion's TrainLoop.run_step). Every rank draws the whole
+// batch's random numbers in one process's order (tools/train_ref.py
+// replays it) and keeps its rows: the images, timesteps, noise and dropout
+// masks of an image do not depend on how the batch is split. The gradient
+// is the mean over the whole batch: each share's (micro-batch's) mean
+// gradient, summed over shares in a fixed order (micro-batches in turn,
+// then one allreduce over ranks), over the number of shares. Returns 0, or
+// -1 with a message when the loss or the gradient is not finite: then
+// nothing was updated (on any rank: they all see the same sums).
 static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset *data,
-                      const TrainOpts *o, int flip, float *x0buf, int *t, Fault fault,
-                      LossTerms *lt, char *err, size_t errlen) {
+                      const TrainOpts *o, const BatchShare *bs, int flip, float *x0buf, int *t,
+                      float *sum, Fault fault, float stop_vote, int *stop, StepLosses *sl,
+                      char *err, size_t errlen) {
     const Images *im = &data->img;
-    int B = o->batch;
-    graph_reset(g);
+    int B = bs->B, M = bs->micro, split = bs->parts > 1;
+    size_t per = (size_t)im->c * im->h * im->w;
     draw_batch(data, &tr->rng, x0buf, B, flip);
     for (int i = 0; i < B; i++) t[i] = (int)rng_below(&tr->rng, (uint32_t)tr->sched.T);
-    Tensor *x0 = tensor4(g, B, im->c, im->h, im->w);
-    memcpy(x0->data, x0buf, x0->size * sizeof(float));
-    Tensor *noise = tensor4(g, B, im->c, im->h, im->w);
-    rng_fill_normal(&tr->rng, noise->data, noise->size, 0.0f, 1.0f);
-    diffusion_losses(g, lt, lc, &tr->sched, &tr->theta, tr->has_phi ? &tr->phi : NULL, x0, t,
-                     noise);
-    if (!isfinite(lt->loss->data[0]))
-        return errorf(err, errlen, "loss is %g at step %ld", lt->loss->data[0], tr->step + 1);
-    params_zero_grad(&tr->theta.params);
-    if (tr->has_phi) params_zero_grad(&tr->phi.params);
-    graph_backward(g, lt->loss, NULL);
+    Rng noise_rng = tr->rng;                       // the whole batch's noise,
+    rng_advance(&tr->rng, 4 * (uint64_t)B * per);  // (rng_fill_normal: 4 words a value)
+    Rng masks_rng = tr->rng;                       // then the dropout masks
+    float *grad_theta = sum, *grad_phi = sum + tr->theta.params.total;
+    float *terms = grad_phi + (tr->has_phi ? tr->phi.params.total : 0);
+    float local[LOSS_TERMS] = {0};
+    for (int row = bs->first; row < bs->first + bs->share; row += M) {
+        graph_reset(g);
+        tr->rng = masks_rng;  // each micro-batch draws its rows of the same masks
+        g->batch_first = split ? row : 0;
+        g->batch_total = split ? B : 0;
+        Tensor *x0 = tensor4(g, M, im->c, im->h, im->w);
+        memcpy(x0->data, x0buf + (size_t)row * per, x0->size * sizeof(float));
+        Tensor *noise = tensor4(g, M, im->c, im->h, im->w);
+        Rng nr = noise_rng;
+        rng_fill_normal_part(&nr, noise->data, (size_t)row * per, noise->size, (size_t)B * per,
+                             0.0f, 1.0f);
+        LossTerms lt;
+        diffusion_losses(g, &lt, lc, &tr->sched, &tr->theta, tr->has_phi ? &tr->phi : NULL, x0,
+                         t + row, noise);
+        Tensor *tt[LOSS_TERMS] = {lt.loss, lt.l_eps, lt.l_x0, lt.l_mu, lt.l_lpips};
+        for (int i = 0; i < LOSS_TERMS; i++) {
+            sl->has[i] = tt[i] != NULL;
+            local[i] += tt[i] ? tt[i]->data[0] : 0.0f;
+        }
+        params_zero_grad(&tr->theta.params);
+        if (tr->has_phi) params_zero_grad(&tr->phi.params);
+        graph_backward(g, lt.loss, NULL);
+        if (split) {
+            add_grads(grad_theta, &tr->theta.params, row == bs->first);
+            if (tr->has_phi) add_grads(grad_phi, &tr->phi.params, row == bs->first);
+        }
+    }
+    rank_fault(fault, tr->step + 1);
+    float scale = 1.0f / (float)bs->parts;
+    if (split) {
+        memcpy(terms, local, sizeof local);
+        terms[LOSS_TERMS] = stop_vote;
+        dist_sum_floats(sum, reduce_floats(tr), "the gradients' allreduce");
+        take_grads(&tr->theta.params, grad_theta, scale);
+        if (tr->has_phi) take_grads(&tr->phi.params, grad_phi, scale);
+        memcpy(local, terms, sizeof local);
+        stop_vote = terms[LOSS_TERMS];
+    }
+    *stop = stop_vote >= 1000.0f ? 2 : stop_vote > 0.0f;  // 2: a signal, 1: --time-limit
+    for (int i = 0; i < LOSS_TERMS; i++) sl->v[i] = local[i] * scale;
+    if (!isfinite(sl->v[0]))
+        return errorf(err, errlen, "loss is %g at step %ld", sl->v[0], tr->step + 1);
     if (fault.kind == FAULT_GRAD_INF && fault.step == tr->step + 1)
         tr->theta.params.grad[0] = INFINITY;
     // a non-finite gradient would make Adam's moments, and then every
@@ -1252,14 +1372,14 @@ static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset
 // the progress line (in place on a tty) with the ETA from this run's pace,
 // never past --time-limit
 static void progress_line(const TrainOpts *o, long step, long step0, double elapsed, double ips,
-                          const double *sums, int nsum, Tensor *const *terms, int tty) {
+                          const double *sums, int nsum, const int *has, int tty) {
     double eta = elapsed / (double)(step - step0) * (double)(o->steps - step);
     if (o->time_limit > 0 && eta > o->time_limit - elapsed)
         eta = fmax(0.0, o->time_limit - elapsed);
     fprintf(stderr, "%sstep %ld/%d loss %.4f", tty ? "\r" : "", step, o->steps, sums[0] / nsum);
     const char *nm[5] = {"", "eps", "x0", "mu", "lpips"};
     for (int i = 1; i < 5; i++)
-        if (terms[i]) fprintf(stderr, " %s %.4f", nm[i], sums[i] / nsum);
+        if (has[i]) fprintf(stderr, " %s %.4f", nm[i], sums[i] / nsum);
     fprintf(stderr, " | %.2f img/s | %.0fs elapsed, ETA %.0fs%s", ips, elapsed, eta,
             tty ? "   " : "\n");
 }
@@ -1275,6 +1395,58 @@ static void save_or_die(const Trainer *tr, const TrainOpts *o, const char *ckpt,
     if (save_checkpoint(tr, o, ckpt, err, sizeof err) != 0) stop_run(err, ckpt, saved_step);
 }
 
+// FNV-1a over the bit patterns of the parameters, in order: the autoencoder a
+// run was trained with (a checkpoint names it by path and by this)
+static uint64_t params_hash(const ParamSet *ps) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < ps->total; i++) {
+        uint32_t u;
+        memcpy(&u, &ps->data[i], 4);
+        for (int b = 0; b < 4; b++) {
+            h ^= (u >> (8 * b)) & 0xff;
+            h *= 1099511628211ull;
+        }
+    }
+    return h;
+}
+
+// Every rank starts from rank 0's state (its initialisation or the
+// checkpoint it resumed from): weights, EMA, Adam's moments, step, RNG.
+static void trainer_broadcast(Trainer *tr) {
+    if (dist_size() == 1) return;
+    for (int net = 0; net < (tr->has_phi ? 2 : 1); net++)
+        for (int copy = 0; copy < 4; copy++)
+            dist_broadcast((float *)copy_data(tr, net, copy),
+                           (net ? tr->phi : tr->theta).params.total * sizeof(float),
+                           "the broadcast of rank 0's weights");
+    long st[3] = {tr->step, tr->adam_theta.step, tr->adam_phi.step};
+    dist_broadcast(st, sizeof st, "the broadcast of rank 0's step");
+    tr->step = st[0], tr->adam_theta.step = st[1], tr->adam_phi.step = st[2];
+    dist_broadcast(&tr->rng, sizeof tr->rng, "the broadcast of rank 0's RNG");
+}
+
+// Before a checkpoint: the ranks' weights must be the same bits (the same
+// summed gradients and the same Adam step on each); a rank that differs
+// from rank 0 stops the run rather than let rank 0's file stand for it.
+static void trainer_check_same(const Trainer *tr) {
+    if (dist_size() == 1) return;
+    uint64_t h[2] = {params_hash(&tr->theta.params),
+                     tr->has_phi ? params_hash(&tr->phi.params) : 0}, h0[2];
+    memcpy(h0, h, sizeof h);
+    dist_broadcast(h0, sizeof h0, "the check that the ranks' weights agree");
+    float differs = memcmp(h, h0, sizeof h) != 0;
+    if (differs)
+        fprintf(stderr, "casdm train: rank %d: the weights differ from rank 0's at step %ld\n",
+                dist_rank(), tr->step);
+    dist_sum_floats(&differs, 1, "the check that the ranks' weights agree");
+    if (differs > 0) {
+        if (dist_rank() == 0)
+            fprintf(stderr, "casdm train: the ranks' weights diverged at step %ld (see the ranks' "
+                            "messages); stopping without saving\n", tr->step);
+        dist_abort(1);
+    }
+}
+
 // What a run writes besides the weights: log.csv (rows of means over
 // --log-every steps), the loss plot, the progress line; and which
 // checkpoint on disk a failure leaves untouched.
@@ -1287,14 +1459,17 @@ typedef struct {
     long step0;           // the step this run started from
     double t0, t_row;     // start of the run, of the current row
     double sums[5];       // loss, l_eps, l_x0, l_mu, l_lpips summed over the row's steps
+    double comm_row;      // dist_comm_seconds() at the start of the row
     int nsum, tty;
+    int writer;           // rank 0: writes log.csv, the plot, checkpoints and grids
 } Run;
 
 // the output directory, a resume, and log.csv carried over to the resumed
 // step (in place or into a new directory)
 static void run_open(Run *r, Trainer *tr, const TrainOpts *o) {
     memset(r, 0, sizeof *r);
-    make_dir(o->out);
+    r->writer = dist_rank() == 0;
+    if (r->writer) make_dir(o->out);
     snprintf(r->ckpt, sizeof r->ckpt, "%s/ckpt.safetensors", o->out);
     snprintf(r->log_path, sizeof r->log_path, "%s/log.csv", o->out);
     snprintf(r->svg_path, sizeof r->svg_path, "%s/loss.svg", o->out);
@@ -1305,15 +1480,17 @@ static void run_open(Run *r, Trainer *tr, const TrainOpts *o) {
     if (o->resume) {
         snprintf(from, sizeof from, "%s/ckpt.safetensors", o->resume);
         load_checkpoint(tr, o, from);
-        fprintf(stderr, "resumed from %s at step %ld\n", from, tr->step);
+        if (r->writer) fprintf(stderr, "resumed from %s at step %ld\n", from, tr->step);
         if (strcmp(from, r->ckpt) == 0) r->saved_step = tr->step;
         snprintf(from, sizeof from, "%s/log.csv", o->resume);
     }
+    trainer_broadcast(tr);
+    r->step0 = tr->step;
+    r->tty = r->writer && isatty(2);
+    if (!r->writer) return;
     carry_log(o->resume ? from : NULL, r->log_path, tr->step, &r->hist, &log_layout_diffusion);
     r->log = fopen(r->log_path, "a");
     if (!r->log) fatal("cannot write '%s': %s", r->log_path, strerror(errno));
-    r->step0 = tr->step;
-    r->tty = isatty(2);
 }
 
 static int out_of_time(const Run *r, const TrainOpts *o) {
@@ -1322,28 +1499,38 @@ static int out_of_time(const Run *r, const TrainOpts *o) {
 
 // a step's losses into the row; at the end of a row: log.csv, the plot, the
 // progress line. A step with an evaluation (fd not NAN) ends a row.
-static void run_log(Run *r, const TrainOpts *o, long step, const LossTerms *lt, double fd) {
-    Tensor *terms[5] = {lt->loss, lt->l_eps, lt->l_x0, lt->l_mu, lt->l_lpips};
-    for (int i = 0; i < 5; i++) r->sums[i] += terms[i] ? terms[i]->data[0] : 0.0;
+static void run_log(Run *r, const TrainOpts *o, long step, const StepLosses *sl, double fd) {
+    for (int i = 0; i < LOSS_TERMS; i++) r->sums[i] += sl->has[i] ? sl->v[i] : 0.0;
     r->nsum++;
     if (step % o->log_every != 0 && step != o->steps && !out_of_time(r, o) && isnan(fd)) return;
     double now = now_seconds(), ips = (double)r->nsum * o->batch / (now - r->t_row);
-    log_row(r->log, r->log_path, step, r->sums, r->nsum, terms, ips, fd);
+    if (!r->writer) {  // (another rank: rank 0 writes the row)
+        memset(r->sums, 0, sizeof r->sums);
+        r->nsum = 0;
+        r->t_row = now;
+        return;
+    }
+    log_row(r->log, r->log_path, step, r->sums, r->nsum, sl->has, ips, fd);
     double row[HISTORY_COLS];
-    for (int i = 0; i < PLOT_TERMS; i++) row[i] = terms[i] ? r->sums[i] / r->nsum : NAN;
+    for (int i = 0; i < PLOT_TERMS; i++) row[i] = sl->has[i] ? r->sums[i] / r->nsum : NAN;
     row[HISTORY_FD] = fd;
     history_add(&r->hist, step, row);
     char err[600];
     if (write_loss_svg(r->svg_path, &r->hist, NULL, 1, r->title, err, sizeof err) != 0)
         fatal("%s", err);
-    progress_line(o, step, r->step0, now - r->t0, ips, r->sums, r->nsum, terms, r->tty);
+    progress_line(o, step, r->step0, now - r->t0, ips, r->sums, r->nsum, sl->has, r->tty);
+    if (dist_size() > 1 && !r->tty)
+        fprintf(stderr, "  (%d ranks: %.1f ms a step in their collectives)\n", dist_size(),
+                1e3 * (dist_comm_seconds() - r->comm_row) / r->nsum);
+    r->comm_row = dist_comm_seconds();
     memset(r->sums, 0, sizeof r->sums);
     r->nsum = 0;
     r->t_row = now;
 }
 
 static void run_save(Run *r, const Trainer *tr, const TrainOpts *o) {
-    save_or_die(tr, o, r->ckpt, r->saved_step);
+    trainer_check_same(tr);
+    if (r->writer) save_or_die(tr, o, r->ckpt, r->saved_step);
     r->saved_step = r->saved_here = tr->step;
 }
 
@@ -1352,6 +1539,7 @@ static void run_save(Run *r, const Trainer *tr, const TrainOpts *o) {
 // its evaluated checkpoints, which a single rolling file cannot give
 static void run_keep(Run *r, const Trainer *tr, const TrainOpts *o) {
     char path[4200], err[600];
+    if (!r->writer) return;
     snprintf(path, sizeof path, "%s/ckpt_%06ld.safetensors", o->out, tr->step);
     if (save_checkpoint(tr, o, path, err, sizeof err) != 0) stop_run(err, r->ckpt, r->saved_step);
 }
@@ -1359,7 +1547,7 @@ static void run_keep(Run *r, const Trainer *tr, const TrainOpts *o) {
 static void run_close(Run *r) {
     if (r->hist.n) fprintf(stderr, "loss plot: %s\n", r->svg_path);
     history_free(&r->hist);
-    fclose(r->log);
+    if (r->log) fclose(r->log);
 }
 
 // the networks the sample grids use (the EMA weights are copied in for each grid)
@@ -1948,7 +2136,7 @@ static void train_eval_open(TrainEval *e, const TrainOpts *o, const Images *data
         fatal("--eval-features: the classifier takes %dx%dx%d images; --data has %dx%dx%d",
               e->clf.channels, e->clf.size, e->clf.size, data->c, data->h, data->w);
     long n = data->n < o->eval_ref_n ? data->n : o->eval_ref_n;
-    fprintf(stderr, "eval: reference statistics of %ld training images\n", n);
+    if (dist_rank() == 0) fprintf(stderr, "eval: reference statistics of %ld training images\n", n);
     images_stats(&e->ref, data, e->is_clf ? NULL : &e->net, e->is_clf ? &e->clf : NULL, 50, 0, n);
     snprintf(e->best_path, sizeof e->best_path, "%s/ckpt_best.safetensors", o->out);
     e->best = INFINITY;
@@ -1972,7 +2160,8 @@ static double train_eval_run(TrainEval *e, Trainer *tr, Model *ema, const TrainO
     schedule_free(&rs);
     if (rc != 0) {
         free(hwc);
-        if (rc == 1) fprintf(stderr, "eval: NaN or Inf pixels at step %ld; not scored\n", tr->step);
+        if (rc == 1 && dist_rank() == 0)
+            fprintf(stderr, "eval: NaN or Inf pixels at step %ld; not scored\n", tr->step);
         return NAN;
     }
     Images im = {o->eval_n, C, S, S, mallocCheck((size_t)o->eval_n * C * hw), NULL};
@@ -1988,12 +2177,16 @@ static double train_eval_run(TrainEval *e, Trainer *tr, Model *ema, const TrainO
     if (frechet_distance(side.mu, side.sigma, e->ref.mu, e->ref.sigma, side.d, &fd) != 0)
         fatal("eval: the eigenvalue iteration did not converge");
     free_fid_side(&side);
+    // (every rank scores the same merged samples; rank 0 reports and saves)
     int better = fd < e->best;
-    fprintf(stderr, "eval: step %ld, %s %.4f%s\n", tr->step, e->is_clf ? "FD-classifier" : "FID",
-            fd, better ? " (best so far)" : "");
+    if (dist_rank() == 0)
+        fprintf(stderr, "eval: step %ld, %s %.4f%s\n", tr->step,
+                e->is_clf ? "FD-classifier" : "FID", fd, better ? " (best so far)" : "");
     if (better) {
+        trainer_check_same(tr);
         e->best = fd;
-        if (save_checkpoint(tr, o, e->best_path, err, sizeof err) != 0) fatal("eval: %s", err);
+        if (dist_rank() == 0 && save_checkpoint(tr, o, e->best_path, err, sizeof err) != 0)
+            fatal("eval: %s", err);
     }
     return fd;
 }
@@ -2057,17 +2250,30 @@ static int cmd_train(int argc, char **argv) {
     if (im->h != im->w)
         fatal("--data '%s': images are %dx%d; square images only", o.data, im->h, im->w);
     int flip = o.flip;  // (improved-diffusion's ImageDataset does not flip; --flip to)
+    BatchShare share = {0, 0, 0, 0, 0};
+    char share_err[200];
+    if (batch_share(&o, &share, share_err, sizeof share_err) != 0) {
+        fprintf(stderr, "casdm train: %s\n", share_err);
+        return 2;
+    }
     Trainer tr;
     trainer_init(&tr, &o, im->c, im->h);
     Run run;
     run_open(&run, &tr, &o);
     Model ema;
     ema_model_init(&ema, &tr, &o);
-    fprintf(
-        stderr,
-        "casdm train: %s on %d images %dx%dx%d from %s; theta %zu parameters%s; %s, %d threads\n",
-        model_name(tr.kind), im->n, im->c, im->h, im->w, o.data, tr.theta.params.total,
-        tr.has_phi ? " (+ phi)" : "", gemm_backend_name(), pool_threads());
+    if (run.writer)
+        fprintf(stderr,
+                "casdm train: %s on %d images %dx%dx%d from %s; theta %zu parameters%s; %s, %d "
+                "threads\n",
+                model_name(tr.kind), im->n, im->c, im->h, im->w, o.data, tr.theta.params.total,
+                tr.has_phi ? " (+ phi)" : "", gemm_backend_name(), pool_threads());
+    if (run.writer && share.parts > 1)
+        fprintf(stderr,
+                "casdm train: --batch %d over %d process%s (%s): %d images each, in %d "
+                "micro-batch%s of %d\n",
+                o.batch, dist_size(), dist_size() > 1 ? "es" : "", dist_name(), share.share,
+                share.share / share.micro, share.share / share.micro > 1 ? "es" : "", share.micro);
     tr.theta.use_checkpoint = tr.phi.use_checkpoint = o.grad_checkpoint;
     LossConfig lc;
     loss_config_default(&lc, tr.kind);
@@ -2086,16 +2292,21 @@ static int cmd_train(int argc, char **argv) {
     g.training = 1;
     float *x0buf = mallocCheck((size_t)o.batch * im->c * im->h * im->w * sizeof(float));
     int *t = mallocCheck((size_t)o.batch * sizeof(int));
+    float *sum = share.parts > 1 ? mallocCheck(reduce_floats(&tr) * sizeof(float)) : NULL;
     TrainEval ev;
     if (o.eval_every > 0) train_eval_open(&ev, &o, im, &run.hist);
     Fault fault = fault_from_env();
     catch_signals();
-    int timed_out = 0;
+    int timed_out = 0, stop = 0;
     run.t0 = run.t_row = now_seconds();  // the clock of --time-limit, the ETA and img/s
-    while (tr.step < o.steps && !interrupted && !(timed_out = out_of_time(&run, &o))) {
-        LossTerms lt;
+    // (several ranks stop together on the votes of the step's allreduce)
+    while (tr.step < o.steps && !stop &&
+           !(dist_size() == 1 && (interrupted || (timed_out = out_of_time(&run, &o))))) {
+        StepLosses sl;
         char err[600];
-        if (train_step(&tr, &g, &lc, &data, &o, flip, x0buf, t, fault, &lt, err, sizeof err) != 0) {
+        float vote = interrupted ? 1000.0f : out_of_time(&run, &o) ? 1.0f : 0.0f;
+        if (train_step(&tr, &g, &lc, &data, &o, &share, flip, x0buf, t, sum, fault, vote, &stop,
+                       &sl, err, sizeof err) != 0) {
             if (run.tty) fprintf(stderr, "\n");
             strncat(err, ": stopping (lower --lr, or set --grad-clip)",
                     sizeof err - strlen(err) - 1);
@@ -2104,28 +2315,34 @@ static int cmd_train(int argc, char **argv) {
         // the evaluation first, so that its score goes into this step's row;
         // the time of evaluations and grids is kept out of the rows' img/s
         double fd = NAN, t_aside = now_seconds();
-        if (o.eval_every > 0 && tr.step % o.eval_every == 0 && !interrupted) {
+        int halted = dist_size() > 1 ? stop == 2 : interrupted != 0;  // (the same on every rank)
+        if (o.eval_every > 0 && tr.step % o.eval_every == 0 && !halted) {
             if (run.tty) fprintf(stderr, "\n");
             fd = train_eval_run(&ev, &tr, &ema, &o, im->c, im->h, run.tty);
         }
         run.t_row += now_seconds() - t_aside;
-        run_log(&run, &o, tr.step, &lt, fd);
+        run_log(&run, &o, tr.step, &sl, fd);
         int more = tr.step < o.steps;
         if (o.ckpt_every > 0 && tr.step % o.ckpt_every == 0 && more) run_save(&run, &tr, &o);
         if (o.keep_every > 0 && tr.step % o.keep_every == 0) run_keep(&run, &tr, &o);
         if (o.sample_n > 0 && o.sample_every > 0 && tr.step % o.sample_every == 0 && more &&
-            !interrupted) {
+            !halted) {
             if (run.tty) fprintf(stderr, "\n");
             t_aside = now_seconds();
             train_sample_grid(&tr, &ema, &o, im->c, im->h, run.tty);
             run.t_row += now_seconds() - t_aside;
         }
     }
+    // several ranks: a signal stops them all after the step whose allreduce
+    // first saw it (one that came later, to one rank only, is not taken)
+    if (dist_size() > 1) interrupted = stop == 2 ? (interrupted ? interrupted : SIGTERM) : 0;
+    if (stop == 1) timed_out = 1;
     if (run.tty) fprintf(stderr, "\n");
     // (a signal during a periodic save: that one holds this step already; a
     // resume to the same step does save, which tools/cross.sh relies on)
     if (run.saved_here != tr.step) run_save(&run, &tr, &o);
-    if (interrupted)
+    if (!run.writer);
+    else if (interrupted)
         fprintf(stderr, "interrupted (%s) at step %ld: wrote %s\n",
                 interrupted == SIGTERM ? "SIGTERM" : "SIGINT", tr.step, run.ckpt);
     else
@@ -2137,6 +2354,7 @@ static int cmd_train(int argc, char **argv) {
     ema_model_free(&ema, &o);
     free(x0buf);
     free(t);
+    free(sum);
     graph_free(&g);
     trainer_free(&tr);
     if (o.lpips) lpips_free(&lpips);
@@ -2294,19 +2512,31 @@ static unsigned char to_u8(float v) {
 // stderr in place (tty 1), as lines (0) or not at all (-1). Returns 0, 1
 // when a sample is not finite (broken weights), or -1 when a signal asked
 // to stop (checked after every step).
+// Under several ranks, batch k of the n images is rank k mod K's; each rank
+// moves the RNG past the others' batches (their noise: the start and every
+// noisy step's), so the images are those one process would make, and
+// merges them into every rank's `out`.
 static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, Rng *rng, int n,
                          int batch, unsigned char *out, int tty) {
     int C = m->theta.cfg.in_channels, S = m->theta.cfg.image_size, rc = 0;
+    int K = dist_size(), me = dist_rank();
     size_t per = (size_t)C * S * S;
     float *x = mallocCheck((size_t)batch * per * sizeof(float)),
           *xp = mallocCheck((size_t)batch * per * sizeof(float));
     float *z = mallocCheck((size_t)batch * per * sizeof(float));
+    uint64_t draws = 1;  // normal fills of an image: its start, and each noisy step's
+    for (int j = rs->T - 1; j >= 0; j--) draws += (uint64_t)sample_step_noisy(sc, j);
+    if (K > 1) memset(out, 0, (size_t)n * per);
     Graph g;
     graph_init(&g, 0, 0);
     Progress pr;
     progress_start(&pr, tty);
-    for (int done = 0; done < n && rc == 0; done += batch) {
+    for (int done = 0, k = 0; done < n && rc == 0; done += batch, k++) {
         int B = n - done < batch ? n - done : batch;
+        if (k % K != me) {
+            rng_advance(rng, 4 * draws * (uint64_t)B * per);  // (rng_fill_normal: 4 words a value)
+            continue;
+        }
         rng_fill_normal(rng, x, (size_t)B * per, 0.0f, 1.0f);
         for (int j = rs->T - 1; j >= 0 && rc == 0; j--) {
             int noisy = sample_step_noisy(sc, j);
@@ -2328,6 +2558,12 @@ static int sample_images(Model *m, const SampleConfig *sc, const Schedule *rs, R
                         x[(size_t)b * per + (size_t)c * S * S + i]);
     }
     progress_end(&pr);
+    if (K > 1) {  // every rank the same outcome: interrupted (-1) before broken (1) before 0
+        float bad[2] = {rc < 0, rc > 0};
+        dist_sum_floats(bad, 2, "the sampled images' outcome");
+        rc = bad[0] > 0 ? -1 : bad[1] > 0 ? 1 : 0;
+        if (rc == 0) dist_merge_bytes(out, (size_t)n * per, "the gathering of the sampled images");
+    }
     graph_free(&g);
     free(x); free(xp); free(z);
     return rc;
@@ -2461,19 +2697,23 @@ static int cmd_sample(int argc, char **argv) {
     Schedule rs;
     schedule_respace(&rs, &m.sched, kept, nk);
     free(kept);
-    make_dir(o.out);
+    if (dist_rank() == 0) make_dir(o.out);
     unsigned char *img = mallocCheck((size_t)o.n * S * S * C);
     Rng rng;
     rng_seed(&rng, (uint64_t)o.seed, 1);
-    fprintf(stderr,
-            "casdm sample: %s, %d images %dx%dx%d, %s %d steps (eta %g), %s weights, %d threads\n",
-            model_name(m.kind), o.n, C, S, S, sc.method == SAMPLER_DDIM ? "DDIM" : "DDPM", nk,
-            o.eta, o.no_ema ? "raw" : "EMA", pool_threads());
+    if (dist_rank() == 0)
+        fprintf(stderr,
+                "casdm sample: %s, %d images %dx%dx%d, %s %d steps (eta %g), %s weights, %d "
+                "threads%s\n",
+                model_name(m.kind), o.n, C, S, S, sc.method == SAMPLER_DDIM ? "DDIM" : "DDPM", nk,
+                o.eta, o.no_ema ? "raw" : "EMA", pool_threads(),
+                dist_size() > 1 ? " on each rank, its batches of --batch" : "");
     double t0 = now_seconds();
     catch_signals();
-    int rc = sample_images(&m, &sc, &rs, &rng, o.n, o.batch, img, isatty(2));
+    int rc = sample_images(&m, &sc, &rs, &rng, o.n, o.batch, img, dist_rank() == 0 && isatty(2));
     double dt = now_seconds() - t0;
-    if (rc == 0) {
+    if (rc == 0 && dist_rank() != 0) {  // (rank 0 writes the merged images)
+    } else if (rc == 0) {
         char path[4200];
         snprintf(path, sizeof path, "%s/grid.png", o.out);
         write_grid_png(path, img, o.n, S, S, C);
@@ -2486,7 +2726,8 @@ static int cmd_sample(int argc, char **argv) {
             if (write_png(path, img + (size_t)i * S * S * C, S, S, C, err, sizeof err) != 0)
                 fatal("%s", err);
         }
-        fprintf(stderr, "%d images in %.1fs (%.2f img/s)\n", o.n, dt, o.n / dt);
+        fprintf(stderr, "%d images in %.1fs (%.2f img/s%s)\n", o.n, dt, o.n / dt,
+                dist_size() > 1 ? ", all ranks" : "");
     } else if (rc > 0) {
         fprintf(
             stderr,
@@ -3660,21 +3901,6 @@ static void gan_config_from(const GanOpts *o, int lddgan, int C, int S, GanConfi
               lddgan ? "latents" : "--data images", C, S, S, why);
 }
 
-// FNV-1a over the bit patterns of the parameters, in order: the autoencoder a
-// run was trained with (a checkpoint names it by path and by this)
-static uint64_t params_hash(const ParamSet *ps) {
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < ps->total; i++) {
-        uint32_t u;
-        memcpy(&u, &ps->data[i], 4);
-        for (int b = 0; b < 4; b++) {
-            h ^= (u >> (8 * b)) & 0xff;
-            h *= 1099511628211ull;
-        }
-    }
-    return h;
-}
-
 static int rec_loss_on(const GanOpts *o, int lddgan) {
     if (!o->rec_loss) return lddgan;
     if (strcmp(o->rec_loss, "sigmoid") == 0) return 1;
@@ -4436,10 +4662,13 @@ static void usage(FILE *f) {
             "  info       print how this binary was built (SIMD path, threads)\n"
             "\n"
             "global options:\n"
-            "  --threads N   worker threads (default: CASDM_THREADS, else the number of cores)\n"
+            "  --threads N   worker threads (default: CASDM_THREADS, else the number of cores,\n"
+            "                shared among the processes of an mpirun on this machine)\n"
             "  --precision S fp32 or bf16: the precision of every convolution, linear layer and\n"
             "                attention product (bf16 operands, float32 sums; the rest and the\n"
             "                weights float32); every command also takes it after its name\n"
+            "  --dist-timeout S  under mpirun (make MPI=1): seconds a rank waits for the others\n"
+            "                in a collective before it stops the run (default 600)\n"
             "  --help        this text\n");
 }
 
@@ -4453,7 +4682,16 @@ static int parse_threads(const char *s) {
     return (int)v;
 }
 
+static int run_command(int argc, char **argv);
+
 int main(int argc, char **argv) {
+    if (dist_init(&argc, &argv) != 0) return 2;
+    int rc = run_command(argc, argv);
+    dist_finalize();
+    return rc;
+}
+
+static int run_command(int argc, char **argv) {
     int threads = 0, i = 1;
     for (; i < argc && argv[i][0] == '-'; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
@@ -4470,10 +4708,26 @@ int main(int argc, char **argv) {
             if (set_precision_option(argv[++i]) != 0) return 2;
             continue;
         }
+        if (strcmp(argv[i], "--dist-timeout") == 0) {
+            char *end = NULL;
+            double v = i + 1 < argc ? strtod(argv[i + 1], &end) : 0.0;
+            if (i + 1 >= argc || end == argv[i + 1] || *end || !(v >= 1 && v <= 1e6)) {
+                fprintf(stderr, "casdm: --dist-timeout needs seconds in 1..1e6\n");
+                return 2;
+            }
+            dist_set_timeout(v);
+            i++;
+            continue;
+        }
         fprintf(stderr, "casdm: unknown option '%s' (see casdm --help)\n", argv[i]);
         return 2;
     }
     if (i >= argc) { usage(stderr); return 2; }
+    // ranks on one machine share its cores: by default each takes its part
+    if (threads <= 0 && !getenv("CASDM_THREADS") && dist_local_size() > 1) {
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = cores / dist_local_size() > 1 ? (int)(cores / dist_local_size()) : 1;
+    }
     pool_init(threads);
     int rc;
     if (strcmp(argv[i], "info") == 0) {
@@ -4482,6 +4736,7 @@ int main(int argc, char **argv) {
         printf("casdm: bf16: AVX512-BF16 %s, AMX-BF16 %s; --precision bf16 runs %s\n",
                cpu_has_avx512_bf16() ? "yes" : "no", cpu_has_amx_bf16() ? "yes (not used yet)" : "no",
                gemm_bf16_native() ? "on VDPBF16PS" : "emulated on the float32 kernels");
+        printf("casdm: processes: %d (MPI: %s)\n", dist_size(), dist_name());
         rc = 0;
     } else if (strcmp(argv[i], "train") == 0) {
         rc = cmd_train(argc - i - 1, argv + i + 1);

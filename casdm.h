@@ -739,4 +739,26 @@ void loss_svg(Bytes *o, const History *runs, const char *const *labels, int nrun
 int write_loss_svg(const char *path, const History *runs, const char *const *labels, int nruns,
                    const char *title, char *err, size_t errlen);
 
+// ---------------------------------------------------------------------------
+// dist.c: the processes of a data-parallel run. MPI with `make MPI=1`; one
+// process (rank 0 of 1, every collective the identity) otherwise. Each
+// collective returns when every rank has taken part; after dist_set_timeout
+// seconds without that (a rank died or hangs) it prints a message naming
+// `what` and aborts the whole job (exit 3).
+// ---------------------------------------------------------------------------
+int dist_init(int *argc, char ***argv);  // MPI_Init; 0, or -1 with a message
+void dist_finalize(void);
+int dist_rank(void);
+int dist_size(void);
+int dist_local_size(void);               // ranks on this machine (they share its cores)
+const char *dist_name(void);             // the MPI library, or that there is none
+void dist_set_timeout(double seconds);   // default 600
+double dist_comm_seconds(void);          // time spent in collectives so far
+void dist_abort(int code);               // ends every rank (MPI_Abort), or exit(code)
+void dist_sum_floats(float *x, size_t n, const char *what);  // x = the sum over ranks, on every rank
+// x = the bitwise OR over ranks: each rank fills its own part, zeros elsewhere
+void dist_merge_bytes(unsigned char *x, size_t n, const char *what);
+void dist_broadcast(void *x, size_t bytes, const char *what);  // rank 0's bytes to every rank
+void dist_barrier(const char *what);
+
 #endif

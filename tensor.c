@@ -259,6 +259,18 @@ void rng_fill_normal(Rng *r, float *x, size_t n, float mean, float std) {
     rng_advance(r, 4 * (uint64_t)n);
 }
 
+// values first .. first+n-1 of a fill of `total` (one rank's, or one
+// micro-batch's, rows of a batch); r moves past the whole fill, as every
+// other rank's does
+void rng_fill_normal_part(Rng *r, float *x, size_t first, size_t n, size_t total, float mean,
+                          float std) {
+    if (first + n > total) fatal("rng_fill_normal_part: %zu + %zu > %zu", first, n, total);
+    Rng part = *r;
+    rng_advance(&part, 4 * (uint64_t)first);
+    rng_fill_normal(&part, x, n, mean, std);
+    rng_advance(r, 4 * (uint64_t)total);
+}
+
 static void fill_keep_range(void *arg, size_t i0, size_t i1) {
     const RngFill *f = arg;
     Rng r = f->start;
@@ -271,6 +283,16 @@ void rng_fill_keep(Rng *r, unsigned char *keep, size_t n, float p) {
     RngFill f = {*r, NULL, keep, p, 0.0f};
     parallel_for(n, 16384, fill_keep_range, &f);
     rng_advance(r, n);
+}
+
+// as rng_fill_normal_part: elements first .. first+n-1 of a mask of `total`
+void rng_fill_keep_part(Rng *r, unsigned char *keep, size_t first, size_t n, size_t total,
+                        float p) {
+    if (first + n > total) fatal("rng_fill_keep_part: %zu + %zu > %zu", first, n, total);
+    Rng part = *r;
+    rng_advance(&part, first);
+    rng_fill_keep(&part, keep, n, p);
+    rng_advance(r, total);
 }
 
 void rng_fill_uniform(Rng *r, float *x, size_t n, float lo, float hi) {
@@ -1821,6 +1843,8 @@ static void checkpoint_node_backward(Graph *g, TapeNode *n) {
     Rng rng = ck->rng;
     sub->training = g->training;
     sub->rng = ck->has_rng ? &rng : NULL;
+    sub->batch_first = g->batch_first;
+    sub->batch_total = g->batch_total;
     // The inputs are leaves of the sub-graph that share data and gradient
     // buffers with the outer inputs: the recomputed ops add into the outer
     // gradients directly, in the order the outer tape would have.
@@ -4273,7 +4297,24 @@ static void check_norm(const char *op, const Tensor *x, const Tensor *gamma, con
         fatal("%s: scale and shift must have N*C = %d elements", op, N * C);
 }
 
-static unsigned char *norm_dropout_mask(Graph *g, const char *op, size_t n, float p,
+// a dropout mask of n elements over `rows` batch rows; when the graph's
+// batch is rows batch_first.. of a batch of batch_total (a rank's share, a
+// micro-batch), the mask is those rows of the whole batch's mask, so the
+// same image gets the same mask however the batch is split
+static void graph_fill_keep(Graph *g, unsigned char *keep, size_t n, int rows, float p) {
+    if (g->batch_total <= 0) {
+        rng_fill_keep(g->rng, keep, n, p);
+        return;
+    }
+    if (rows <= 0 || n % (size_t)rows != 0 || g->batch_first + rows > g->batch_total)
+        fatal("dropout: %zu elements over %d rows is not rows %d.. of a batch of %d", n, rows,
+              g->batch_first, g->batch_total);
+    size_t per = n / (size_t)rows;
+    rng_fill_keep_part(g->rng, keep, per * (size_t)g->batch_first, n, per * (size_t)g->batch_total,
+                       p);
+}
+
+static unsigned char *norm_dropout_mask(Graph *g, const char *op, size_t n, int rows, float p,
                                         float *keep_scale) {
     *keep_scale = 1.0f;
     if (!g->training || p <= 0.0f) return NULL;
@@ -4281,7 +4322,7 @@ static unsigned char *norm_dropout_mask(Graph *g, const char *op, size_t n, floa
     if (!g->rng) fatal("%s: the graph has no RNG while training", op);
     unsigned char *keep = arena_alloc(&g->arena, n);
     *keep_scale = 1.0f / (1.0f - p);
-    rng_fill_keep(g->rng, keep, n, p);
+    graph_fill_keep(g, keep, n, rows, p);
     return keep;
 }
 
@@ -4294,7 +4335,7 @@ Tensor *groupnorm_film_silu(Graph *g, Tensor *x, Tensor *gamma, Tensor *beta, Te
               (g->grad_enabled &&
                ((scale && scale->requires_grad) || (shift && shift->requires_grad)));
     float keep_scale;
-    unsigned char *keep = norm_dropout_mask(g, "groupnorm_film_silu", x->size, dropout_p,
+    unsigned char *keep = norm_dropout_mask(g, "groupnorm_film_silu", x->size, N, dropout_p,
                                             &keep_scale);
     ArenaMark m = arena_mark(&g->arena);
     float *mean = arena_floats(&g->arena, (size_t)N * groups),
@@ -4450,7 +4491,8 @@ Tensor *norm_conv2d(Graph *g, Tensor *x, const NormSpec *ns, Tensor *w, Tensor *
                (ns->beta && ns->beta->requires_grad) || (ns->scale && ns->scale->requires_grad) ||
                (ns->shift && ns->shift->requires_grad));
     NormConv nc = {.ns = *ns, .pad = pad, .keep = NULL, .keep_scale = 1.0f};
-    nc.keep = norm_dropout_mask(g, "norm_conv2d", x->size, ns->dropout, &nc.keep_scale);
+    nc.keep = norm_dropout_mask(g, "norm_conv2d", x->size, x->shape[0], ns->dropout,
+                                &nc.keep_scale);
     ArenaMark m = arena_mark(&g->arena);
     float *mean = arena_floats(&g->arena, (size_t)N * ns->groups),
           *rstd = arena_floats(&g->arena, (size_t)N * ns->groups);
@@ -5993,8 +6035,10 @@ Tensor *dropout(Graph *g, Tensor *x, float p) {
     if (!g->rng) fatal("dropout: the graph has no RNG while training");
     Tensor *y = tensor_new(g, x->ndim, x->shape);
     float *mask = arena_floats(&g->arena, x->size), keep = 1.0f / (1.0f - p);
+    unsigned char *kept = arena_alloc(&g->arena, x->size);
+    graph_fill_keep(g, kept, x->size, x->shape[0], p);
     for (size_t i = 0; i < x->size; i++) {
-        mask[i] = rng_uniform(g->rng) >= p ? keep : 0.0f;
+        mask[i] = kept[i] ? keep : 0.0f;
         y->data[i] = x->data[i] * mask[i];
     }
     if (wants_grad(g, x, NULL, NULL)) {

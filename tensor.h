@@ -107,6 +107,11 @@ void rng_fill_uniform(Rng *r, float *x, size_t n, float lo, float hi);
 uint32_t rng_below(Rng *r, uint32_t n);              // uniform integer in [0, n)
 void rng_advance(Rng *r, uint64_t delta);            // skip delta rng_u32 outputs, O(log delta)
 void rng_fill_keep(Rng *r, unsigned char *keep, size_t n, float p);  // keep[i] = (uniform >= p)
+// values first .. first+n-1 of a fill of `total`; r advances past all `total`
+void rng_fill_normal_part(Rng *r, float *x, size_t first, size_t n, size_t total, float mean,
+                          float std);
+void rng_fill_keep_part(Rng *r, unsigned char *keep, size_t first, size_t n, size_t total,
+                        float p);
 
 // ---------------------------------------------------------------------------
 // thread pool: pool_run_chunks(fn, arg, n) calls fn(arg, c, n) for every
@@ -241,6 +246,10 @@ typedef struct Graph {
     int grad_enabled;     // 0: no-grad mode, records nothing, saves nothing
     int training;         // dropout active
     Rng *rng;             // for dropout; may be NULL when training is 0
+    // 0, or: this graph's batch is rows batch_first.. of a batch of
+    // batch_total (data parallel, micro-batches): dropout draws those rows
+    // of the whole batch's masks (graph_fill_keep)
+    int batch_first, batch_total;
     struct Graph *sub;    // where checkpoint() recomputes in backward; made on first use
 } Graph;
 
