@@ -68,7 +68,7 @@ build/test_%: tests/test_%.c tests/test_util.h tensor.h casdm.h $(LIB_OBJS)
 	$(CC) $(ALL_CFLAGS) $< $(LIB_OBJS) -o $@ $(LDLIBS)
 
 build/check_files: tests/check_files.c $(FLAGS_FILE)
-	$(CC) $(ALL_CFLAGS) $< -o $@
+	$(CC) $(ALL_CFLAGS) $< -o $@ -lm
 
 # (tests/test_mpi.sh: an MPI build beside the default one, build/mpi/casdm,
 # when mpicc is installed; a SKIP line otherwise)
@@ -181,7 +181,7 @@ cross:
 
 asan:
 	$(MAKE) clean
-	$(MAKE) test CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+	$(MAKE) test MPICC=none CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"  # (MPI's own allocations would read as leaks: no MPI build)
 
 # the engine's tests under ThreadSanitizer: the pool's protocol and every
 # threaded kernel; any report fails it (halt_on_error)

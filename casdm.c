@@ -1334,7 +1334,9 @@ static int train_step(Trainer *tr, Graph *g, const LossConfig *lc, const Dataset
     if (split) {
         memcpy(terms, local, sizeof local);
         terms[LOSS_TERMS] = stop_vote;
-        dist_sum_floats(sum, reduce_floats(tr), "the gradients' allreduce");
+        char what[64];
+        snprintf(what, sizeof what, "the gradients' allreduce of step %ld", tr->step + 1);
+        dist_sum_floats(sum, reduce_floats(tr), what);
         take_grads(&tr->theta.params, grad_theta, scale);
         if (tr->has_phi) take_grads(&tr->phi.params, grad_phi, scale);
         memcpy(local, terms, sizeof local);
@@ -1890,15 +1892,27 @@ static void images_stats(FidSide *side, const Images *imp, const Inception *net,
         fatal("'%s' has %dx%dx%d images; the classifier (--features) takes %dx%dx%d", side->path,
               im.c, im.h, im.w, clf->channels, clf->size, clf->size);
     size_t hw = (size_t)im.h * im.w;
+    // Several ranks: batch k is rank k mod K's; a round's K batches of
+    // features are merged into every rank, which adds them to the statistics
+    // in order, so the sums are those of one process.
+    int K = dist_size(), me = dist_rank();
+    long round = (long)K * batch;
     if (clf) {  // FD-classifier: the 128 penultimate features, no sFID, no IS
         float *x = mallocCheck((size_t)batch * clf->channels * hw * sizeof(float));
-        float *f = mallocCheck((size_t)batch * CLF_FEATURES * sizeof(float));
+        float *f = mallocCheck((size_t)K * batch * CLF_FEATURES * sizeof(float));
         FeatStats fs;
         featstats_init(&fs, CLF_FEATURES);
-        for (long done = 0; done < n && !interrupted; done += batch) {
-            int B = n - done < batch ? (int)(n - done) : batch;
-            classifier_features(clf, &im, done, B, x, f);
-            featstats_add(&fs, f, B);
+        for (long r0 = 0; r0 < n && !interrupted; r0 += round) {
+            long mine = r0 + (long)me * batch;
+            memset(f, 0, (size_t)K * batch * CLF_FEATURES * sizeof(float));
+            if (mine < n)
+                classifier_features(clf, &im, mine, n - mine < batch ? (int)(n - mine) : batch, x,
+                                    f + (size_t)me * batch * CLF_FEATURES);
+            dist_merge_bytes((unsigned char *)f, (size_t)K * batch * CLF_FEATURES * sizeof(float),
+                             "the gathering of the classifier's features");
+            for (long done = r0; done < n && done < r0 + round; done += batch)
+                featstats_add(&fs, f + (size_t)(done - r0) * CLF_FEATURES,
+                              n - done < batch ? (int)(n - done) : batch);
         }
         if (interrupted) fatal("fid: interrupted");
         side->n = n;
@@ -1912,9 +1926,9 @@ static void images_stats(FidSide *side, const Images *imp, const Inception *net,
         return;
     }
     float *x = mallocCheck((size_t)batch * 3 * hw * sizeof(float));
-    float *pool3 = mallocCheck((size_t)batch * INCEPTION_POOL * sizeof(float));
-    float *spatial = mallocCheck((size_t)batch * INCEPTION_SPATIAL * sizeof(float));
-    side->logits = want_logits ? mallocCheck((size_t)n * INCEPTION_LOGITS * sizeof(float)) : NULL;
+    float *pool3 = mallocCheck((size_t)round * INCEPTION_POOL * sizeof(float));
+    float *spatial = mallocCheck((size_t)round * INCEPTION_SPATIAL * sizeof(float));
+    side->logits = want_logits ? callocCheck((size_t)n * INCEPTION_LOGITS, sizeof(float)) : NULL;
     FeatStats fs, ss;
     featstats_init(&fs, INCEPTION_POOL);
     featstats_init(&ss, INCEPTION_SPATIAL);
@@ -1922,8 +1936,11 @@ static void images_stats(FidSide *side, const Images *imp, const Inception *net,
     progress_start(&pr, side->path ? isatty(2) : -1);
     char what[64];
     snprintf(what, sizeof what, "Inception on %.40s", side->path ? side->path : "");
-    for (long done = 0; done < n && !interrupted; done += batch) {
-        int B = n - done < batch ? (int)(n - done) : batch;
+    for (long r0 = 0; r0 < n && !interrupted; r0 += round) {
+        long done = r0 + (long)me * batch;
+        int B = done >= n ? 0 : n - done < batch ? (int)(n - done) : batch;
+        memset(pool3, 0, (size_t)round * INCEPTION_POOL * sizeof(float));
+        memset(spatial, 0, (size_t)round * INCEPTION_SPATIAL * sizeof(float));
         for (int b = 0; b < B; b++)  // uint8 -> [0, 1] as ToTensor; grey to three channels
             for (int c = 0; c < 3; c++) {
                 const unsigned char *src =
@@ -1931,13 +1948,28 @@ static void images_stats(FidSide *side, const Images *imp, const Inception *net,
                 float *dst = x + ((size_t)b * 3 + c) * hw;
                 for (size_t p = 0; p < hw; p++) dst[p] = src[p] / 255.0f;
             }
-        inception_forward(net, x, B, im.h, im.w, pool3, spatial,
-                          side->logits ? side->logits + (size_t)done * INCEPTION_LOGITS : NULL);
-        featstats_add(&fs, pool3, B);
-        featstats_add(&ss, spatial, B);
-        progress_show(&pr, "img", (double)(done + B), (double)n, what);
+        if (B > 0)
+            inception_forward(net, x, B, im.h, im.w, pool3 + (size_t)me * batch * INCEPTION_POOL,
+                              spatial + (size_t)me * batch * INCEPTION_SPATIAL,
+                              side->logits ? side->logits + (size_t)done * INCEPTION_LOGITS
+                                           : NULL);
+        dist_merge_bytes((unsigned char *)pool3, (size_t)round * INCEPTION_POOL * sizeof(float),
+                         "the gathering of the Inception features");
+        dist_merge_bytes((unsigned char *)spatial,
+                         (size_t)round * INCEPTION_SPATIAL * sizeof(float),
+                         "the gathering of the Inception features");
+        long end = r0 + round < n ? r0 + round : n;
+        for (long b0 = r0; b0 < end; b0 += batch) {  // batch by batch, as one process adds them
+            int nb = end - b0 < batch ? (int)(end - b0) : batch;
+            featstats_add(&fs, pool3 + (size_t)(b0 - r0) * INCEPTION_POOL, nb);
+            featstats_add(&ss, spatial + (size_t)(b0 - r0) * INCEPTION_SPATIAL, nb);
+        }
+        progress_show(&pr, "img", (double)end, (double)n, what);
     }
     progress_end(&pr);
+    if (side->logits)
+        dist_merge_bytes((unsigned char *)side->logits, (size_t)n * INCEPTION_LOGITS * sizeof(float),
+                         "the gathering of the Inception logits");
     if (interrupted) fatal("fid: interrupted");
     side->n = n;
     side->d = INCEPTION_POOL;
@@ -2053,7 +2085,8 @@ static int cmd_fid(int argc, char **argv) {
             load_fid_side(&side[k], files[k], have_net ? &net : NULL, have_clf ? &clf : NULL,
                           batch, k == 0 && !have_clf, limit);
     int rc = 0;
-    if (save_stats) {
+    int report = dist_rank() == 0;  // (every rank has the statistics; rank 0 reports)
+    if (save_stats && report) {
         if (!side[0].have_spatial && side[0].n == 0 && !side[0].mu_s && !have_clf)
             fprintf(stderr, "casdm fid: '%s' has no sFID statistics; writing mu and sigma only\n",
                     files[0]);
@@ -2066,7 +2099,7 @@ static int cmd_fid(int argc, char **argv) {
             fatal("--save-stats: %s", err);
         fprintf(stderr, "casdm fid: wrote %s (%ld images)\n", save_stats, side[0].n);
     }
-    if (nf == 2) {
+    if (nf == 2 && report) {
         if (side[0].d != side[1].d)
             fatal("'%s' has %d-dimensional statistics, '%s' %d-dimensional: not the same features",
                   files[0], side[0].d, files[1], side[1].d);
@@ -2083,7 +2116,7 @@ static int cmd_fid(int argc, char **argv) {
         else if (!clf_stats)
             printf("sFID  n/a (a statistics file without mu_s / sigma_s)\n");
     }
-    if (side[0].logits) {
+    if (side[0].logits && report) {
         double mean, std;
         if (side[0].n >= splits &&
             inception_score(side[0].logits, (int)side[0].n, INCEPTION_LOGITS, splits, &mean,

@@ -11,6 +11,7 @@
 //   2x2 grey PNG
 //     with an empty IDAT chunk and an empty stored block), png-bomb (a 1x1 PNG whose IDAT inflates
 //     to 1 MiB)
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -320,8 +321,44 @@ static int same_tensor(const char *a, const char *b, const char *name, const cha
     return rc;
 }
 
+// --close A B NAME RTOL: the float32 tensor NAME of A and of B differ by at
+// most RTOL in relative L2 norm, |a - b| / |b| (printed)
+static int close_tensor(const char *a, const char *b, const char *name, double rtol) {
+    if (load(a)) return 1;
+    const unsigned char *pa;
+    size_t na;
+    if (tensor_bytes(name, &pa, &na)) { free(buf); return 1; }
+    unsigned char *copy = malloc(na ? na : 1);
+    if (!copy) { free(buf); return fail("out of memory"); }
+    memcpy(copy, pa, na);
+    free(buf);
+    if (load(b)) { free(copy); return 1; }
+    const unsigned char *pb;
+    size_t nb;
+    int rc = tensor_bytes(name, &pb, &nb);
+    if (!rc && na != nb) rc = fail("the tensors' sizes differ");
+    double d2 = 0, b2 = 0;
+    for (size_t i = 0; !rc && i + 4 <= na; i += 4) {
+        float x, y;  // (little-endian files on a little-endian test machine)
+        memcpy(&x, copy + i, 4);
+        memcpy(&y, pb + i, 4);
+        d2 += ((double)x - y) * ((double)x - y);
+        b2 += (double)y * y;
+    }
+    if (!rc) {
+        double rel = b2 > 0 ? sqrt(d2 / b2) : sqrt(d2);
+        printf("%s: relative difference %.3g\n", name, rel);
+        if (!(rel <= rtol)) rc = fail("the tensors differ by more than the tolerance");
+    }
+    free(copy);
+    free(buf);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "--craft")) return craft(argv[2], argv[3]);
+    if (argc == 6 && !strcmp(argv[1], "--close"))
+        return close_tensor(argv[2], argv[3], argv[4], strtod(argv[5], NULL));
     if ((argc == 5 || argc == 6) && !strcmp(argv[1], "--same-tensor"))
         return same_tensor(argv[2], argv[3], argv[4], argv[argc == 6 ? 5 : 4]);
     if (argc == 6 && (!strcmp(argv[1], "--set-meta") || !strcmp(argv[1], "--set-floats"))) {
