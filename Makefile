@@ -3,6 +3,7 @@
 #   make test            build and run every test; ends with "N passed, N failed"
 #   make asan            the tests under AddressSanitizer + UBSan (LeakSanitizer on)
 #   make tsan            the engine's tests under ThreadSanitizer
+#   make MPI=1           ./casdm with mpicc: data-parallel training under mpirun
 #   make fuzz            libFuzzer harnesses of every reader (clang), each run
 #                        FUZZ_SECONDS (default 10) on its seeds in tests/fuzz/
 #   make clean
@@ -54,7 +55,7 @@ LIB_OBJS = build/tensor.o build/formats.o build/unet.o build/ddim.o build/lpips.
            build/dist.o
 TESTS    = build/test_tensor build/test_unet build/test_fid build/test_lddgan
 
-.PHONY: all test asan tsan clean bench data demo demo-bf16 demo-ae demo-lddgan demo-torch cross quality fuzz
+.PHONY: all test asan tsan clean bench bench-mpi data demo demo-bf16 demo-ae demo-lddgan demo-torch cross quality fuzz
 
 all: casdm $(LIB_OBJS)
 
@@ -89,6 +90,11 @@ build/bench: bench.c $(LIB_OBJS)
 # ours and PyTorch's (../shared/ref/unet_ref.py) side by side; QUICK=1 for a short run
 bench: build/bench casdm
 	@sh tools/bench.sh $(if $(QUICK),--quick)
+
+# data-parallel training on this machine: one process, two ranks, two threads
+# (tools/mpi_bench.sh; needs OpenMPI: apt-get install openmpi-bin libopenmpi-dev)
+bench-mpi: casdm build/mpi/casdm $(FMNIST)
+	@sh tools/mpi_bench.sh
 
 # ---- the README's first command ----
 # A small Cas-DM on Fashion-MNIST (28x28 zero-padded to 32x32), about seven

@@ -2265,8 +2265,13 @@ static int apply_preset(Option *table, int n, int argc, char **argv) {
 static int cmd_train(int argc, char **argv) {
     for (int i = 0; i + 1 < argc; i++)  // stage two of LDDGAN has its own options
         if (strcmp(argv[i], "--model") == 0 &&
-            (strcmp(argv[i + 1], "lddgan") == 0 || strcmp(argv[i + 1], "ddgan") == 0))
-            return cmd_train_gan(argc, argv);
+            (strcmp(argv[i + 1], "lddgan") == 0 || strcmp(argv[i + 1], "ddgan") == 0)) {
+            if (dist_size() == 1) return cmd_train_gan(argc, argv);
+            if (dist_rank() == 0)
+                fprintf(stderr, "casdm train --model %s: runs as one process (not under mpirun "
+                                "with several ranks)\n", argv[i + 1]);
+            return 2;
+        }
     TrainOpts o;
     define_train_options(&o);
     if (apply_preset(train_opts_table, train_opts_n, argc, argv) != 0) return 2;
@@ -2681,8 +2686,12 @@ static int cmd_sample(int argc, char **argv) {
         StFile f;
         char err[600], fmt[64];
         if (st_read(o.ckpt, &f, err, sizeof err) != 0) fatal("--ckpt: %s", err);
-        if (st_meta(&f, "format", fmt, sizeof fmt) == 0 && strcmp(fmt, "casdm-ddgan-1") == 0)
+        if (st_meta(&f, "format", fmt, sizeof fmt) == 0 && strcmp(fmt, "casdm-ddgan-1") == 0) {
+            if (dist_size() > 1)
+                fatal("--ckpt '%s': a GAN's samples are made by one process (not under mpirun "
+                      "with several ranks)", o.ckpt);
             return sample_gan(&o, &f);
+        }
         st_free(&f);
         if (o.ae || o.scale_factor > 0)
             fatal("--ae and --scale-factor are for LDDGAN checkpoints; '%s' is not one", o.ckpt);
@@ -4717,6 +4726,10 @@ static int parse_threads(const char *s) {
 
 static int run_command(int argc, char **argv);
 
+static int one_of(const char *s, const char *a, const char *b, const char *c, const char *d) {
+    return !strcmp(s, a) || !strcmp(s, b) || !strcmp(s, c) || !strcmp(s, d);
+}
+
 int main(int argc, char **argv) {
     if (dist_init(&argc, &argv) != 0) return 2;
     int rc = run_command(argc, argv);
@@ -4763,7 +4776,12 @@ static int run_command(int argc, char **argv) {
     }
     pool_init(threads);
     int rc;
-    if (strcmp(argv[i], "info") == 0) {
+    if (dist_size() > 1 && !one_of(argv[i], "info", "train", "sample", "fid")) {
+        if (dist_rank() == 0)
+            fprintf(stderr, "casdm %s: runs as one process; under mpirun only train (the four "
+                            "diffusion models), sample and fid share their work\n", argv[i]);
+        rc = 2;
+    } else if (strcmp(argv[i], "info") == 0) {
         printf("casdm: simd %s, threads %d, matrix products %s\n", simd_name(), pool_threads(),
                gemm_backend_name());
         printf("casdm: bf16: AVX512-BF16 %s, AMX-BF16 %s; --precision bf16 runs %s\n",

@@ -135,3 +135,12 @@ if [ -f "$iw" ]; then
 else
     skip "casdm fid over 2 ranks: $iw (written by build/test_fid) missing"
 fi
+
+# the commands that do not share work refuse several ranks (rather than K
+# copies writing the same files)
+mpi2 train-ae --data "$dir" --out "$dir/ae" >"$dir/ae.err" 2>&1; rc=$?
+if [ $rc -ne 0 ] && grep -q 'casdm train-ae: runs as one process' "$dir/ae.err" && [ ! -e "$dir/ae" ]; then
+    pass "casdm train-ae under mpirun -np 2: a message and no output"
+else
+    fail "train-ae under mpirun: status $rc"; sed 's/^/  /' "$dir/ae.err" | head -5
+fi
