@@ -5,7 +5,8 @@
 # bitwise the run of one process with --microbatch B/2 and, to float
 # rounding, the run of one process with batch B; a run resumes across a
 # change of the rank count; a rank that dies or hangs stops the others with
-# a message instead of a hang; casdm sample splits its images. The default
+# a message instead of a hang; a signal to one rank stops all after the
+# same step; casdm sample and casdm fid split their images. The default
 # build has no MPI in it. SKIP lines where MPI is not installed.
 export LC_ALL=C
 dir=build/mpi-test
@@ -105,6 +106,28 @@ if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $((t1 - t0)) -lt 60 ] &&
     pass "a rank that hangs mid-step: rank 0 stops the job after --dist-timeout 3 ($((t1 - t0)) s, status $rc)"
 else
     fail "a hung rank: status $rc after $((t1 - t0)) s"; sed 's/^/  /' "$dir/hung.err" | tail -10
+fi
+
+# SIGTERM to rank 1 alone: voted in the step's allreduce, so both ranks stop
+# after the same step and rank 0 saves a checkpoint of that step (exit 143)
+mpi2 --threads 1 train $F --steps 100000 --sample-n 0 --out "$dir/sig" >"$dir/sig.err" 2>&1 &
+job=$!
+rank1=""
+for i in $(seq 1 600); do   # (up to 60 s for two logged steps)
+    [ -f "$dir/sig/log.csv" ] && [ "$(wc -l < "$dir/sig/log.csv")" -ge 3 ] && break; sleep 0.1
+done
+for p in $(pgrep -f "casdm --threads 1 train .*--out $dir/sig"); do
+    tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -qx 'OMPI_COMM_WORLD_RANK=1' && rank1=$p
+done
+[ -n "$rank1" ] && kill -TERM "$rank1"
+wait $job; rc=$?
+saved=$(sed -n 's/.*interrupted (SIGTERM) at step \([0-9]*\): wrote.*/\1/p' "$dir/sig.err")
+last=$(tail -n 1 "$dir/sig/log.csv" 2>/dev/null | cut -d, -f1)
+if [ -n "$rank1" ] && [ $rc -eq 143 ] && [ -n "$saved" ] && [ "$saved" = "$last" ] &&
+   ./casdm train $F --steps $((saved + 1)) --microbatch 4 --sample-n 0 --resume "$dir/sig" --out "$dir/sig1" 2>"$dir/sig1.err"; then
+    pass "SIGTERM to rank 1 alone: both ranks stop after step $saved, rank 0 saves it, exit 143, the checkpoint resumes"
+else
+    fail "SIGTERM to one rank: rank 1 pid '$rank1', status $rc, saved '$saved', last logged '$last'"; sed 's/^/  /' "$dir/sig.err" | grep -v '^  step' | tail -10
 fi
 
 # casdm sample: batches of 2 round robin over the ranks, the same images
