@@ -398,7 +398,7 @@ static step_fn setup_case(Bench *b, const char *cs, int *warmup, int *iters) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B] [--winograd 0|1] [--precision fp32|bf16]\n");
+        fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B] [--winograd 0|1] [--precision fp32|bf16|bf16-emulated|bf16-vdpbf16ps]\n");
         return 2;
     }
     const char *cs = argv[1];
@@ -411,6 +411,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--winograd")) conv_winograd = atoi(argv[i + 1]) != 0;
         else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "bf16"))
             gemm_set_precision(GEMM_BF16);
+        else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "bf16-emulated"))
+            gemm_set_precision(GEMM_BF16_EMULATED);
+        else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "bf16-vdpbf16ps"))
+            gemm_set_precision(GEMM_BF16_VDPBF16PS);
         else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "fp32"))
             gemm_set_precision(GEMM_FP32);
         else { fprintf(stderr, "bench: unknown option %s\n", argv[i]); return 2; }
@@ -448,7 +452,7 @@ int main(int argc, char **argv) {
         "ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s precision=%s arena_peak_mib=%.1f grad_peak_mib=%.1f\n",
         cs, pool_threads(), !strncmp(cs, "conv", 4) ? CB : b.B, med * 1e3, flops / med / 1e9,
         ru.ru_maxrss / 1024.0, simd_name(),
-        gemm_precision() == GEMM_FP32 ? "fp32" : gemm_bf16_native() ? "bf16" : "bf16-emulated",
+        gemm_precision() == GEMM_FP32 ? "fp32" : strstr(gemm_backend_name(), "emulated") ? "bf16-emulated" : "bf16",
         (b.g.arena.peak + (b.g.sub ? b.g.sub->arena.peak : 0)) / 1048576.0,
         (b.g.grad_peak + (b.g.sub ? b.g.sub->grad_peak : 0)) / 1048576.0);
     pool_shutdown();

@@ -89,8 +89,7 @@ static int set_precision_option(const char *value) {
     gemm_set_precision(GEMM_BF16);
     if (!gemm_bf16_native())
         fprintf(stderr, "casdm: --precision bf16: %s; bf16 is emulated on the float32 kernels "
-                "(the same rounding, no faster)\n", cpu_has_avx512_bf16()
-                    ? "this build has no AVX512-BF16 kernel" : "this CPU has no AVX512-BF16");
+                "(the same rounding, no faster)\n", gemm_bf16_why());
     return 0;
 }
 
@@ -4784,9 +4783,11 @@ static int run_command(int argc, char **argv) {
     } else if (strcmp(argv[i], "info") == 0) {
         printf("casdm: simd %s, threads %d, matrix products %s\n", simd_name(), pool_threads(),
                gemm_backend_name());
-        printf("casdm: bf16: AVX512-BF16 %s, AMX-BF16 %s; --precision bf16 runs %s\n",
+        int native = gemm_bf16_native();
+        printf("casdm: bf16: AVX512-BF16 %s, AMX-BF16 %s; --precision bf16 runs %s%s%s%s\n",
                cpu_has_avx512_bf16() ? "yes" : "no", cpu_has_amx_bf16() ? "yes (not used yet)" : "no",
-               gemm_bf16_native() ? "on VDPBF16PS" : "emulated on the float32 kernels");
+               native ? "on VDPBF16PS" : "emulated on the float32 kernels", native ? "" : " (",
+               gemm_bf16_why(), native ? "" : ")");
         printf("casdm: processes: %d (MPI: %s)\n", dist_size(), dist_name());
         rc = 0;
     } else if (strcmp(argv[i], "train") == 0) {

@@ -1188,9 +1188,16 @@ int cpu_has_amx_bf16(void) {
     unsigned a, b, c, d;
     return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1u) && (d >> 24 & 1u);
 }
+// CPUID leaf 0's vendor string (EBX, EDX, ECX) is "GenuineIntel"
+static int cpu_is_intel(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u && d == 0x49656e69u &&
+           c == 0x6c65746eu;
+}
 #else
 int cpu_has_avx512_bf16(void) { return 0; }
 int cpu_has_amx_bf16(void) { return 0; }
+static int cpu_is_intel(void) { return 0; }
 #endif
 
 // The VDPBF16PS tile, compiled for AVX512-BF16 whatever -march says (the
@@ -1256,7 +1263,7 @@ double simd_bf16_loop(long iters) {
     return 0.0;
 }
 
-int gemm_bf16_native(void) {
+int gemm_bf16_vdpbf16ps(void) {
 #ifdef HAVE_DPBF16
     return cpu_has_avx512_bf16();
 #else
@@ -1264,12 +1271,32 @@ int gemm_bf16_native(void) {
 #endif
 }
 
-void gemm_set_precision(GemmPrecision p) {
-    gemm_prec = p;
-    gemm_use_dpbf16 = p == GEMM_BF16 && gemm_bf16_native();
+// VDPBF16PS pays only where it runs at the float32 FMA's rate per instruction
+// (so at twice its FLOPs): AMD Zen 5 reads 485 GFLOP/s in dpbf16_loop against
+// 223 in simd_fma_loop on one core. Intel's cores run it at half that rate:
+// 85 against 174 on a Xeon with AVX512-FP16 (Sapphire Rapids or later, AMX
+// hidden by its virtual machine), where the convolutions in bf16 took twice
+// their float32 time (README, "bf16"); Intel meant AMX for bf16. There the
+// rounded operands go to the float32 kernels instead. The choice is by vendor,
+// not by a timing at start-up, so that a machine always gives the same bits.
+int gemm_bf16_native(void) { return gemm_bf16_vdpbf16ps() && !cpu_is_intel(); }
+
+const char *gemm_bf16_why(void) {
+    if (gemm_bf16_native()) return "";
+    if (gemm_bf16_vdpbf16ps())
+        return "this Intel CPU runs VDPBF16PS at half the float32 FMA's rate, and AMX is not "
+               "used yet";
+    if (cpu_has_avx512_bf16()) return "this build has no VDPBF16PS kernels";
+    return "this CPU has no AVX512-BF16";
 }
 
-GemmPrecision gemm_precision(void) { return gemm_prec == GEMM_BF16_EMULATED ? GEMM_BF16 : gemm_prec; }
+void gemm_set_precision(GemmPrecision p) {
+    gemm_prec = p;
+    gemm_use_dpbf16 = (p == GEMM_BF16 && gemm_bf16_native()) ||
+                      (p == GEMM_BF16_VDPBF16PS && gemm_bf16_vdpbf16ps());
+}
+
+GemmPrecision gemm_precision(void) { return gemm_prec == GEMM_FP32 ? GEMM_FP32 : GEMM_BF16; }
 
 const char *gemm_backend_name(void) {
     if (gemm_prec == GEMM_FP32) return "fp32 " SIMD_NAME;

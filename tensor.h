@@ -176,16 +176,22 @@ void sgemm_free_buffers(void);
 // GEMM_BF16: both operands rounded to bfloat16 (round to nearest even, values
 // below bf16's smallest normal to zero) while the GEMM packs them, products
 // summed in float32, results stored in float32, as PyTorch's CPU autocast
-// computes convolutions, linears and matmuls. On CPUs with AVX512-BF16 the
-// packed pairs go to VDPBF16PS; elsewhere (and with GEMM_BF16_EMULATED) the
+// computes convolutions, linears and matmuls. On CPUs whose VDPBF16PS runs at
+// the float32 FMA's rate (AMD Zen 4 and 5) the packed pairs go to VDPBF16PS;
+// elsewhere (Intel's AVX512-BF16, at half that rate; CPUs without it) the
 // rounded operands go to the float32 kernels: the same operands, the same
-// float32 sums up to the order of each pair's two products, no faster.
+// float32 sums up to the order of each pair's two products, as fast as float32
+// (gemm_bf16_why says which and why). GEMM_BF16_EMULATED and
+// GEMM_BF16_VDPBF16PS force a back-end (tests, benchmarks; the second only
+// where the CPU has the instruction, else emulated).
 // Everything else (norms, softmax, losses, the optimiser, the weights) stays
 // float32. Set between steps, never while a graph is being built or run.
-typedef enum { GEMM_FP32, GEMM_BF16, GEMM_BF16_EMULATED } GemmPrecision;
+typedef enum { GEMM_FP32, GEMM_BF16, GEMM_BF16_EMULATED, GEMM_BF16_VDPBF16PS } GemmPrecision;
 void gemm_set_precision(GemmPrecision p);
-GemmPrecision gemm_precision(void);   // as set (GEMM_BF16 even where emulated)
-int gemm_bf16_native(void);           // 1: this CPU runs GEMM_BF16 on VDPBF16PS
+GemmPrecision gemm_precision(void);   // as set (GEMM_BF16 for every bf16 back-end)
+int gemm_bf16_vdpbf16ps(void);        // 1: this CPU (and build) can run the VDPBF16PS kernels
+int gemm_bf16_native(void);           // 1: GEMM_BF16 runs on VDPBF16PS on this CPU
+const char *gemm_bf16_why(void);      // why GEMM_BF16 is emulated here ("" where it is not)
 // the kernel that runs now: "fp32 avx512", "bf16 avx512-bf16", "bf16 emulated on avx512"
 const char *gemm_backend_name(void);
 // the CPU's bf16 instructions, by CPUID (0 off x86): AVX512-BF16, AMX-BF16

@@ -1099,10 +1099,54 @@ static double gemm_bf16_err(GemmPrecision prec, int threads, double *vs_fp32, do
     return worst;
 }
 
+// one 37x91x301 GEMM in precision p into C
+static void gemm_bf16_once(GemmPrecision p, float *C) {
+    Rng r;
+    rng_seed(&r, 9, 4);
+    float *A = random_floats(&r, 37 * 301), *B = random_floats(&r, 301 * 91);
+    gemm_set_precision(p);
+    sgemm(0, 0, 37, 91, 301, A, 301, B, 91, 0, C, 91);
+    gemm_set_precision(GEMM_FP32);
+    free(A); free(B);
+}
+
+// /proc/cpuinfo's vendor_id is GenuineIntel (a witness besides tensor.c's CPUID)
+static int cpuinfo_says_intel(void) {
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    char line[256];
+    int intel = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "vendor_id", 9)) { intel = strstr(line, "GenuineIntel") != NULL; break; }
+    if (f) fclose(f);
+    return intel;
+}
+
+// GEMM_BF16 runs the CPU's faster back-end: VDPBF16PS where it has it, except
+// on Intel (half its FMA rate there; tensor.c, gemm_bf16_native), the emulation
+// elsewhere; checked by the bits each forced back-end gives
+static void test_gemm_bf16_choice(void) {
+    if (!gemm_bf16_vdpbf16ps()) {
+        test_skip("--precision bf16 picks VDPBF16PS or the emulation by the CPU", bf16_native_missing());
+        return;
+    }
+    float *auto_c = mallocCheck(37 * 91 * 4), *emu = mallocCheck(37 * 91 * 4),
+          *dp = mallocCheck(37 * 91 * 4);
+    gemm_bf16_once(GEMM_BF16, auto_c);
+    gemm_bf16_once(GEMM_BF16_EMULATED, emu);
+    gemm_bf16_once(GEMM_BF16_VDPBF16PS, dp);
+    int intel = cpuinfo_says_intel(), differ = memcmp(emu, dp, 37 * 91 * 4) != 0;
+    const float *want = intel ? emu : dp;
+    test_result(differ && memcmp(auto_c, want, 37 * 91 * 4) == 0 && gemm_bf16_native() == !intel,
+                "--precision bf16 picks VDPBF16PS or the emulation by the CPU",
+                "%s (/proc/cpuinfo): GEMM_BF16 gives the bits of %s (the two back-ends differ)",
+                intel ? "Intel" : "not Intel", intel ? "the emulation" : "VDPBF16PS");
+    free(auto_c); free(emu); free(dp);
+}
+
 static void test_gemm_bf16(void) {
     double vs_fp32, bits;
-    if (gemm_bf16_native()) {
-        double e = gemm_bf16_err(GEMM_BF16, 2, &vs_fp32, &bits);
+    if (gemm_bf16_vdpbf16ps()) {
+        double e = gemm_bf16_err(GEMM_BF16_VDPBF16PS, 2, &vs_fp32, &bits);
         test_result(e <= 1e-5 && vs_fp32 > 1e-4 && bits == 0.0,
                     "bf16 GEMM on VDPBF16PS vs bf16 operands multiplied in double",
                     "max err %.1e of sum |ab|, tol 1e-5; the float32 GEMM's %.1e from it (the "
@@ -1115,6 +1159,7 @@ static void test_gemm_bf16(void) {
                 "bf16 GEMM emulated (rounded operands, float32 kernels) vs the same in double",
                 "max err %.1e of sum |ab|, tol 1e-5; the float32 GEMM's %.1e; 2 threads = 1 bit "
                 "for bit; %s", e, vs_fp32, simd_name());
+    test_gemm_bf16_choice();
     test_skip("bf16 GEMM on AMX tiles", cpu_has_amx_bf16()
                   ? "this CPU has AMX-BF16; the AMX back-end is not written yet"
                   : "this CPU has no AMX-BF16 (and the AMX back-end is not written yet)");
@@ -1402,16 +1447,17 @@ static void test_conv_bf16(void) {
         for (int run = 0; run < 5; run++)
             for (int j = 0; j < 4; j++) out[run][j] = mallocCheck((j < 3 ? n[j] : nb) * sizeof(float));
         for (int run = 0; run < 5; run++) {
-            if ((run == 1 || run == 2) && !gemm_bf16_native()) continue;
-            gemm_set_precision(run == 1 || run == 2 ? GEMM_BF16 : run == 3 ? GEMM_BF16_EMULATED
-                                                                           : GEMM_FP32);
+            if ((run == 1 || run == 2) && !gemm_bf16_vdpbf16ps()) continue;
+            gemm_set_precision(run == 1 || run == 2 ? GEMM_BF16_VDPBF16PS
+                               : run == 3           ? GEMM_BF16_EMULATED
+                                                    : GEMM_FP32);
             pool_init(run == 2 ? 1 : 2);
             if (run == 0) conv_run_once(1, cs, xr, wr, b, dyr, out[0][0], out[0][1], out[0][2], out[0][3]);
             else conv_run_once(0, cs, x, w, b, dy, out[run][0], out[run][1], out[run][2], out[run][3]);
         }
         gemm_set_precision(GEMM_FP32);
         for (int j = 0; j < 3; j++) {
-            if (gemm_bf16_native()) {
+            if (gemm_bf16_vdpbf16ps()) {
                 err[0] = fmax(err[0], err_of_rms(out[1][j], out[0][j], n[j]));
                 bits = fmax(bits, compare("bf16 conv 1 vs 2 threads", out[2][j], out[1][j], n[j], 0.0));
             }
@@ -1423,7 +1469,7 @@ static void test_conv_bf16(void) {
         free(x); free(w); free(b); free(dy); free(xr); free(wr); free(dyr);
     }
     pool_init(0);
-    if (gemm_bf16_native())
+    if (gemm_bf16_vdpbf16ps())
         test_result(err[0] <= 1e-5 && bits == 0.0 && err_fp32 > 1e-4,
                     "3x3 convolutions in bf16 on VDPBF16PS vs the reference on bf16 operands",
                     "%zu shapes (planes, GEMM), y, dx, dw: max err %.1e of the RMS, tol 1e-5; "

@@ -915,8 +915,8 @@ int main(int argc, char **argv) {
             }
             run_variant(variants[i]);
         }
-        if (gemm_bf16_native())
-            test_casdm_step_bf16(GEMM_BF16, "Cas-DM step in bf16 (VDPBF16PS) vs float32");
+        if (gemm_bf16_vdpbf16ps())
+            test_casdm_step_bf16(GEMM_BF16_VDPBF16PS, "Cas-DM step in bf16 (VDPBF16PS) vs float32");
         else
             test_skip("Cas-DM step in bf16 (VDPBF16PS) vs float32", bf16_native_missing());
         test_casdm_step_bf16(GEMM_BF16_EMULATED, "Cas-DM step in bf16 (emulated) vs float32");

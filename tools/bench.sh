@@ -63,6 +63,8 @@ echo "FMA peak: $peak1 GFLOP/s on 1 thread, $peak2 on 2 ($(sed 's/.*simd=//' "$t
 for th in 1 2; do best_peak peak_bf16 $th > "$tmp/bpeak$th"; done
 bpeak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak1"); bpeak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak2")
 echo "bf16 peak (VDPBF16PS): $bpeak1 GFLOP/s on 1 thread, $bpeak2 on 2"
+emulated=0; ./casdm info 2>/dev/null | grep -q 'precision bf16 runs emulated' && emulated=1
+echo "$(./casdm info 2>/dev/null | grep 'bf16:')"
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" "$2"; }
 # json FILE KEY: a number from PyTorch's JSON line, or -
@@ -184,7 +186,9 @@ bf16_case() {
             fp32_ms=$(field ms "$tmp/ours32")
             torch_time "$1" $th
         fi
+        # (the peak of the back-end that ran: VDPBF16PS's, or the FMA's where emulated)
         peak=$bpeak1; [ $th -eq 2 ] && peak=$bpeak2
+        if [ "$emulated" = 1 ]; then peak=$peak1; [ $th -eq 2 ] && peak=$peak2; fi
         ratio=$(awk -v a="$ours_ms" -v b="$torch_ms" 'BEGIN{ if (a == "" || a == "-" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
         vs32=$(awk -v a="$ours_ms" -v b="$fp32_ms" 'BEGIN{ if (a == "" || a == "-" || b == "" || b == "-" || a+0 == 0) print "-"; else printf "%.2f", b/a }')
         frac=$(awk -v g="$gflops" -v p="$peak" 'BEGIN{ if (g == "" || g == "-" || p+0 == 0) print "-"; else printf "%.2f", g/p }')
@@ -229,7 +233,7 @@ sed 's/bench \([^ ]*\) threads=\([^ ]*\) ours_ms=\([^ ]*\) torch_ms=\([^ ]*\) ra
     while read -r c t o p r g f m pm; do printf "%-21s %3s %11s %11s %7s %8s %6s %9s %9s\n" "$c" "$t" "$o" "$p" "$r" "$g" "$f" "$m" "$pm"; done
 if [ -s "$tmp/bf16lines" ]; then
     echo
-    echo "bf16 (ours --precision bf16; torch: autocast bf16, channels_last; peak: VDPBF16PS's)"
+    echo "bf16 (ours --precision bf16; torch: autocast bf16, channels_last; peak: $([ $emulated = 1 ] && echo "the FMA's (bf16 emulated)" || echo "VDPBF16PS's"))"
     printf "%-21s %3s %11s %11s %7s %11s %7s %8s %6s\n" case thr "ours ms" "torch ms" ratio "ours fp32" "vs fp32" GFLOP/s peak
     sed 's/bench \([^ ]*\) threads=\([^ ]*\) ours_ms=\([^ ]*\) torch_ms=\([^ ]*\) ratio=\([^ ]*\) gflops=\([^ ]*\) peak_frac=\([^ ]*\) rss_mib=[^ ]* torch_rss_mib=[^ ]* fp32_ms=\([^ ]*\) vs_fp32=\([^ ]*\)/\1 \2 \3 \4 \5 \8 \9 \6 \7/' "$tmp/bf16lines" |
         while read -r c t o p r f v g k; do printf "%-21s %3s %11s %11s %7s %11s %7s %8s %6s\n" "$c" "$t" "$o" "$p" "$r" "$f" "$v" "$g" "$k"; done
