@@ -302,15 +302,23 @@ static int tensor_bytes(const char *name, const unsigned char **at, size_t *n) {
     return 0;
 }
 
-static int same_tensor(const char *a, const char *b, const char *name, const char *name_b) {
-    if (load(a)) return 1;
+// *copy (malloc'd, na bytes): the bytes of tensor `name` in the safetensors
+// file `path` (buf is free again after)
+static int tensor_copy(const char *path, const char *name, unsigned char **copy, size_t *na) {
+    if (load(path)) return 1;
     const unsigned char *pa;
-    size_t na;
-    if (tensor_bytes(name, &pa, &na)) { free(buf); return 1; }
-    unsigned char *copy = malloc(na ? na : 1);
-    if (!copy) { free(buf); return fail("out of memory"); }
-    memcpy(copy, pa, na);
+    if (tensor_bytes(name, &pa, na)) { free(buf); return 1; }
+    *copy = malloc(*na ? *na : 1);
+    if (!*copy) { free(buf); return fail("out of memory"); }
+    memcpy(*copy, pa, *na);
     free(buf);
+    return 0;
+}
+
+static int same_tensor(const char *a, const char *b, const char *name, const char *name_b) {
+    unsigned char *copy;
+    size_t na;
+    if (tensor_copy(a, name, &copy, &na)) return 1;
     if (load(b)) { free(copy); return 1; }
     const unsigned char *pb;
     size_t nb;
@@ -324,14 +332,9 @@ static int same_tensor(const char *a, const char *b, const char *name, const cha
 // --close A B NAME RTOL: the float32 tensor NAME of A and of B differ by at
 // most RTOL in relative L2 norm, |a - b| / |b| (printed)
 static int close_tensor(const char *a, const char *b, const char *name, double rtol) {
-    if (load(a)) return 1;
-    const unsigned char *pa;
+    unsigned char *copy;
     size_t na;
-    if (tensor_bytes(name, &pa, &na)) { free(buf); return 1; }
-    unsigned char *copy = malloc(na ? na : 1);
-    if (!copy) { free(buf); return fail("out of memory"); }
-    memcpy(copy, pa, na);
-    free(buf);
+    if (tensor_copy(a, name, &copy, &na)) return 1;
     if (load(b)) { free(copy); return 1; }
     const unsigned char *pb;
     size_t nb;
