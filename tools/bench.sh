@@ -63,8 +63,8 @@ echo "FMA peak: $peak1 GFLOP/s on 1 thread, $peak2 on 2 ($(sed 's/.*simd=//' "$t
 for th in 1 2; do best_peak peak_bf16 $th > "$tmp/bpeak$th"; done
 bpeak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak1"); bpeak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak2")
 echo "bf16 peak (VDPBF16PS): $bpeak1 GFLOP/s on 1 thread, $bpeak2 on 2"
-emulated=0; ./casdm info 2>/dev/null | grep -q 'precision bf16 runs emulated' && emulated=1
-echo "$(./casdm info 2>/dev/null | grep 'bf16:')"
+bf16_info=$(./casdm info 2>/dev/null | grep 'bf16:'); echo "$bf16_info"
+emulated=0; case $bf16_info in *"precision bf16 runs emulated"*) emulated=1 ;; esac
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" "$2"; }
 # json FILE KEY: a number from PyTorch's JSON line, or -
