@@ -62,6 +62,12 @@ static void peak_bf16_task(void *arg, int ith, int nth) {
     out[ith] = simd_bf16_loop(200000000L / 16);
 }
 
+static void peak_amx_task(void *arg, int ith, int nth) {  // 16 times a VDPBF16PS's FLOPs each
+    (void)nth;
+    double *out = arg;
+    out[ith] = simd_amx_loop(200000000L / 16 / 4);
+}
+
 // ---- the cases ----
 typedef struct {
     Graph g;
@@ -398,7 +404,7 @@ static step_fn setup_case(Bench *b, const char *cs, int *warmup, int *iters) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B] [--winograd 0|1] [--precision fp32|bf16|bf16-emulated|bf16-vdpbf16ps]\n");
+        fprintf(stderr, "usage: bench peak|CASE [--threads N] [--iters K] [--batch B] [--winograd 0|1] [--precision fp32|bf16|bf16-emulated|bf16-vdpbf16ps|bf16-amx]\n");
         return 2;
     }
     const char *cs = argv[1];
@@ -415,18 +421,21 @@ int main(int argc, char **argv) {
             gemm_set_precision(GEMM_BF16_EMULATED);
         else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "bf16-vdpbf16ps"))
             gemm_set_precision(GEMM_BF16_VDPBF16PS);
+        else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "bf16-amx"))
+            gemm_set_precision(GEMM_BF16_AMX);
         else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "fp32"))
             gemm_set_precision(GEMM_FP32);
         else { fprintf(stderr, "bench: unknown option %s\n", argv[i]); return 2; }
     }
     pool_init(threads);
-    if (!strcmp(cs, "peak") || !strcmp(cs, "peak_bf16")) {
+    if (!strcmp(cs, "peak") || !strcmp(cs, "peak_bf16") || !strcmp(cs, "peak_amx")) {
         double fl[64] = {0}, t0 = now_seconds();
-        pool_run(cs[4] ? peak_bf16_task : peak_task, fl);
+        int amx = !strcmp(cs, "peak_amx");
+        pool_run(amx ? peak_amx_task : cs[4] ? peak_bf16_task : peak_task, fl);
         double dt = now_seconds() - t0, total = 0.0;
         for (int i = 0; i < pool_threads(); i++) total += fl[i];
         printf("%s threads=%d gflops=%.1f simd=%s\n", cs, pool_threads(), total / dt / 1e9,
-               cs[4] ? (total > 0 ? "avx512-bf16" : "none") : simd_name());
+               amx ? (total > 0 ? "amx" : "none") : cs[4] ? (total > 0 ? "avx512-bf16" : "none") : simd_name());
         pool_shutdown();
         return 0;
     }
@@ -452,7 +461,8 @@ int main(int argc, char **argv) {
         "ours %s threads=%d batch=%d ms=%.2f gflops=%.1f rss_mib=%.1f simd=%s precision=%s arena_peak_mib=%.1f grad_peak_mib=%.1f\n",
         cs, pool_threads(), !strncmp(cs, "conv", 4) ? CB : b.B, med * 1e3, flops / med / 1e9,
         ru.ru_maxrss / 1024.0, simd_name(),
-        gemm_precision() == GEMM_FP32 ? "fp32" : strstr(gemm_backend_name(), "emulated") ? "bf16-emulated" : "bf16",
+        gemm_precision() == GEMM_FP32 ? "fp32" : strstr(gemm_backend_name(), "emulated") ? "bf16-emulated"
+                                      : strstr(gemm_backend_name(), "amx") ? "bf16-amx" : "bf16",
         (b.g.arena.peak + (b.g.sub ? b.g.sub->arena.peak : 0)) / 1048576.0,
         (b.g.grad_peak + (b.g.sub ? b.g.sub->grad_peak : 0)) / 1048576.0);
     pool_shutdown();

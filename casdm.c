@@ -4785,9 +4785,10 @@ static int run_command(int argc, char **argv) {
                gemm_backend_name());
         int native = gemm_bf16_native();
         printf("casdm: bf16: AVX512-BF16 %s, AMX-BF16 %s; --precision bf16 runs %s%s%s%s\n",
-               cpu_has_avx512_bf16() ? "yes" : "no", cpu_has_amx_bf16() ? "yes (not used yet)" : "no",
-               native ? "on VDPBF16PS" : "emulated on the float32 kernels", native ? "" : " (",
-               gemm_bf16_why(), native ? "" : ")");
+               cpu_has_avx512_bf16() ? "yes" : "no",
+               !cpu_has_amx_bf16() ? "no" : gemm_bf16_amx() ? "yes" : "yes (tiles not granted)",
+               !native ? "emulated on the float32 kernels" : gemm_bf16_amx() ? "on AMX tiles" : "on VDPBF16PS",
+               native ? "" : " (", gemm_bf16_why(), native ? "" : ")");
         printf("casdm: processes: %d (MPI: %s)\n", dist_size(), dist_name());
         rc = 0;
     } else if (strcmp(argv[i], "train") == 0) {

@@ -1093,6 +1093,8 @@ static void gemm_micro_kernel(size_t kc, const float *a, const float *b,
 // (a matrix, an im2col function, shared panels), gets bf16 the same way.
 static GemmPrecision gemm_prec = GEMM_FP32;
 static int gemm_use_dpbf16;  // GEMM_BF16 on VDPBF16PS now
+enum { AMX_OFF, AMX_TILES, AMX_MODEL };
+static int gemm_use_amx;     // GEMM_BF16 on AMX tiles now, or on their software model
 
 // float32 -> bf16 bits as VCVTNE2PS2BF16 rounds (Intel SDM): to nearest even,
 // zero and subnormal inputs to a zero of their sign, NaN to a quiet NaN
@@ -1263,6 +1265,286 @@ double simd_bf16_loop(long iters) {
     return 0.0;
 }
 
+// ---- AMX tiles (TDPBF16PS) ----
+// Intel's matrix unit (Sapphire Rapids on): eight tile registers of up to 16
+// rows of 64 bytes. TDPBF16PS adds to a float32 tile C (16 x 16) the product
+// of a bf16 tile A (16 rows x 32 k) and a bf16 tile B (16 rows of k pairs x
+// 16 columns x 2): B's pairs are VDPBF16PS's, so the B panels bf16_pair_panel
+// writes (32 columns, a pair row of 128 bytes) are two B tiles each, read at
+// a 128-byte stride. An A tile row is 32 consecutive k of one row of A, so A
+// is lowered to row-major bf16 instead (amx_lower_a). The register tile is
+// 32 x 32: C in tiles 0-3 (rows 0-15 and 16-31, columns 0-15 and 16-31), A's
+// rows in tiles 4 and 5, B's columns in 6 and 7; the depth runs 32 at a time,
+// padded with zeros to a multiple of 32. Every tile is configured full size
+// (16 rows of 64 bytes), which is all the kernel needs.
+// The tiles exist only in AVX-512 builds (the GEMM's 32-column panels);
+// the kernel runs the hardware where the CPU has AMX-BF16 and Linux grants
+// the process the tile state, and the software model below where a test
+// asks for it (GEMM_BF16_AMX_MODEL), so the lowering, the strides and the
+// tile loop are tested on every AVX-512 machine.
+#if GEMM_NR == 32
+#define HAVE_AMX_LAYOUT 1
+#define AMX_MN 32  // the register tile's rows and columns
+#define AMX_K 32   // an A tile's depth
+
+static size_t amx_depth(size_t kc) { return (kc + AMX_K - 1) / AMX_K * AMX_K; }
+static size_t amx_rows(size_t m) { return (m + AMX_MN - 1) / AMX_MN * AMX_MN; }
+
+// A's block, rows i0.. and depth p0.., straight from the matrix into
+// row-major bf16 (amx_rows(mc), amx_depth(kc)), zeros past mc and kc: a
+// plain A's rows are converted as they are, a transposed A goes through
+// `tmp` (amx_rows(mc) * amx_depth(kc) floats) in 16 x 16 transposes
+static void amx_pack_a(uint16_t *dst, float *tmp, int transA, const float *A, size_t lda,
+                       size_t i0, size_t mc, size_t p0, size_t kc) {
+    size_t kc32 = amx_depth(kc), rows = amx_rows(mc);
+    if (transA)  // tmp[i * kc32 + p] = A[p0 + p][i0 + i]
+        for (size_t p = 0; p < kc; p += 16) {
+            int n = kc - p < 16 ? (int)(kc - p) : 16;
+            transpose_block(tmp + p, kc32, A + (p0 + p) * lda + i0, lda, n, n, mc);
+        }
+    for (size_t i = 0; i < rows; i++) {
+        uint16_t *d = dst + i * kc32;
+        if (i >= mc) { memset(d, 0, kc32 * sizeof(uint16_t)); continue; }
+        bf16_bits_array(d, transA ? tmp + i * kc32 : A + (i0 + i) * lda + p0, kc);
+        memset(d + kc, 0, (kc32 - kc) * sizeof(uint16_t));
+    }
+}
+
+// the same from A given packed (Ap_all: mc rows in panels of MR, each (kc,
+// MR), as pack_A writes them). Only the Winograd path gives A packed, and
+// bf16 turns it off: a fallback, so that no caller of the GEMM can miss AMX.
+static void amx_lower_a(uint16_t *dst, const float *Ap, size_t mc, size_t kc) {
+    size_t kc32 = amx_depth(kc), rows = amx_rows(mc);
+    for (size_t i = 0; i < rows; i++) {
+        uint16_t *d = dst + i * kc32;
+        memset(d, 0, kc32 * sizeof(uint16_t));
+        if (i >= mc) continue;
+        const float *panel = Ap + i / GEMM_MR * GEMM_MR * kc + i % GEMM_MR;
+        for (size_t p = 0; p < kc; p++) d[p] = bf16_bits(panel[p * GEMM_MR]);
+    }
+}
+
+// B's packed block (ncp columns, panels of 32, each (kc, 32)) -> pair panels
+// of amx_depth(kc) / 2 pair rows, the pair rows past kc zero
+static void amx_lower_b(uint16_t *dst, const float *Bp, size_t ncp, size_t kc) {
+    size_t kc32 = amx_depth(kc), kcp = (kc + 1) / 2 * 2;
+    for (size_t jr = 0; jr < ncp; jr += AMX_MN) {
+        uint16_t *panel = dst + jr * kc32;
+        bf16_pair_panel(panel, Bp + jr * kc, kc, AMX_MN);
+        memset(panel + kcp * AMX_MN, 0, (kc32 - kcp) * AMX_MN * sizeof(uint16_t));
+    }
+}
+
+// The tiles in software, as Intel's SDM defines TILEZERO, TILELOADD,
+// TILESTORED and TDPBF16PS for full-size tiles: the plain reference beside
+// the hardware kernel. TDPBF16PS, per row m of C: for each pair k of A's row,
+// for each column n, two float32 additions of exact bf16 products (A's
+// 2k-th element times B's (k, n) first, then the 2k+1-th times the second),
+// subnormal inputs read as zero, subnormal results flushed to zero. Elements
+// are read and written as the host's uint16 and float (the hardware is
+// little-endian; the model is endian-neutral, as the lowering is).
+typedef struct { unsigned char row[16][64]; } AmxTile;
+
+static void amx_model_zero(AmxTile *t) { memset(t, 0, sizeof *t); }
+
+static void amx_model_load(AmxTile *t, const void *base, size_t stride) {
+    for (int r = 0; r < 16; r++) memcpy(t->row[r], (const char *)base + r * stride, 64);
+}
+
+static void amx_model_store(const AmxTile *t, void *base, size_t stride) {
+    for (int r = 0; r < 16; r++) memcpy((char *)base + r * stride, t->row[r], 64);
+}
+
+static float amx_model_bf16(const unsigned char *p) {  // subnormals read as zero
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+    float x = bf16_to_float(h);
+    return fabsf(x) < FLT_MIN ? 0.0f * x : x;
+}
+
+static float amx_model_ftz(float x) { return fabsf(x) < FLT_MIN ? 0.0f * x : x; }
+
+static void amx_model_dpbf16ps(AmxTile *c, const AmxTile *a, const AmxTile *b) {
+    for (int m = 0; m < 16; m++) {
+        float acc[16];
+        memcpy(acc, c->row[m], sizeof acc);
+        for (int k = 0; k < 16; k++) {
+            float a0 = amx_model_bf16(a->row[m] + 4 * k), a1 = amx_model_bf16(a->row[m] + 4 * k + 2);
+            for (int n = 0; n < 16; n++) {
+                acc[n] = amx_model_ftz(acc[n] + a0 * amx_model_bf16(b->row[k] + 4 * n));
+                acc[n] = amx_model_ftz(acc[n] + a1 * amx_model_bf16(b->row[k] + 4 * n + 2));
+            }
+        }
+        memcpy(c->row[m], acc, sizeof acc);
+    }
+}
+
+// the 32 x 32 register tile on the model: c (32 x 32, ldc apart) = a @ b
+// over kc32, a row-major (32, kc32) bf16, b a pair panel (kc32 / 2, 32, 2);
+// line for line amx_kernel_tiles
+static void amx_kernel_model(size_t kc32, const uint16_t *a, const uint16_t *b, float *c,
+                             size_t ldc) {
+    AmxTile t[8];
+    size_t lda = kc32 * sizeof(uint16_t), ldcb = ldc * sizeof(float);
+    amx_model_zero(&t[0]); amx_model_zero(&t[1]); amx_model_zero(&t[2]); amx_model_zero(&t[3]);
+    for (size_t k = 0; k < kc32; k += AMX_K) {
+        amx_model_load(&t[4], a + k, lda);
+        amx_model_load(&t[5], a + 16 * kc32 + k, lda);
+        amx_model_load(&t[6], b + k * AMX_MN, 128);  // pair rows k/2.., 64 words each
+        amx_model_load(&t[7], b + k * AMX_MN + 32, 128);
+        amx_model_dpbf16ps(&t[0], &t[4], &t[6]);
+        amx_model_dpbf16ps(&t[1], &t[4], &t[7]);
+        amx_model_dpbf16ps(&t[2], &t[5], &t[6]);
+        amx_model_dpbf16ps(&t[3], &t[5], &t[7]);
+    }
+    amx_model_store(&t[0], c, ldcb);
+    amx_model_store(&t[1], c + 16, ldcb);
+    amx_model_store(&t[2], c + 16 * ldc, ldcb);
+    amx_model_store(&t[3], c + 16 * ldc + 16, ldcb);
+}
+
+// The hardware: x86-64 Linux (the tile state must be requested from the
+// kernel) with a compiler that has the AMX intrinsics (GCC 11, clang 12 on).
+#if defined(__x86_64__) && defined(__linux__) && !defined(__TINYC__) &&                      \
+    ((defined(__clang__) && __clang_major__ >= 12) ||                                         \
+     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define HAVE_AMX_TILES 1
+#include <sys/syscall.h>
+long syscall(long number, ...);  // <unistd.h> declares it only for _DEFAULT_SOURCE
+
+// Linux (5.16 on) gives a process the 8 KB of tile data in its saved state
+// only when asked: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). A
+// kernel that refuses (an older one, a VM without it) leaves AMX unused;
+// the first tile instruction without it would kill the process (SIGILL).
+static int amx_request_tiles(void) {
+    const long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+    return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+}
+
+// palette 1, every tile 16 rows of 64 bytes (bytes 16-47: each tile's bytes
+// per row, 16-bit; bytes 48-63: its rows), loaded by each thread that runs tiles
+static void amx_config(unsigned char cfg[64]) {
+    memset(cfg, 0, 64);
+    cfg[0] = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg[16 + 2 * t] = 64;  // little-endian 64
+        cfg[48 + t] = 16;
+    }
+}
+
+__attribute__((target("amx-tile")))
+static void amx_begin(void) {
+    unsigned char cfg[64];
+    amx_config(cfg);
+    _tile_loadconfig(cfg);
+}
+
+// back to the init state: the next context switch saves no tile data
+__attribute__((target("amx-tile")))
+static void amx_end(void) { _tile_release(); }
+
+__attribute__((target("amx-tile,amx-bf16")))
+static void amx_kernel_tiles(size_t kc32, const uint16_t *a, const uint16_t *b, float *c,
+                             size_t ldc) {
+    size_t lda = kc32 * sizeof(uint16_t), ldcb = ldc * sizeof(float);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (size_t k = 0; k < kc32; k += AMX_K) {
+        _tile_loadd(4, a + k, lda);
+        _tile_loadd(5, a + 16 * kc32 + k, lda);
+        _tile_loadd(6, b + k * AMX_MN, 128);
+        _tile_loadd(7, b + k * AMX_MN + 32, 128);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, ldcb);
+    _tile_stored(1, c + 16, ldcb);
+    _tile_stored(2, c + 16 * ldc, ldcb);
+    _tile_stored(3, c + 16 * ldc + 16, ldcb);
+}
+
+// the AMX peak: four independent TDPBF16PS chains on tiles loaded once
+// (registers only, as simd_fma_loop); 16 * 16 * 32 * 2 FLOPs each
+__attribute__((target("amx-tile,amx-bf16")))
+static double amx_loop(long iters) {
+    uint16_t one[16 * 32], tiny[16 * 32];  // 1 and 1e-7 (as dpbf16_loop): the sums stay finite
+    float out[16 * 16];
+    for (int i = 0; i < 16 * 32; i++) one[i] = 0x3f80, tiny[i] = 0x33d6;
+    amx_begin();
+    _tile_loadd(4, one, 64); _tile_loadd(5, one, 64); _tile_loadd(6, tiny, 64); _tile_loadd(7, tiny, 64);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (long it = 0; it < iters; it++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, out, 64);
+    amx_end();
+    return out[0] == 12345.0f ? 0.0 : 4.0 * 16 * 16 * 32 * 2 * (double)iters;
+}
+#endif  // HAVE_AMX_TILES
+
+// 1: the tiles can run here (CPUID says AMX-BF16, the kernel granted the
+// state); asked once, the answer kept
+static int amx_tiles_usable(void) {
+#ifdef HAVE_AMX_TILES
+    static int usable = -1;
+    if (usable < 0) usable = cpu_has_amx_bf16() && amx_request_tiles();
+    return usable;
+#else
+    return 0;
+#endif
+}
+
+// C (mc x nc, ldc apart) (+)= the lowered blocks' product, 32 x 32 at a time,
+// a partial tile through a buffer. A tile's sums never see C: it is added
+// after, on every path, so that the bits do not depend on where a thread's
+// rows begin.
+static void amx_block(size_t kc, const uint16_t *Ak, const uint16_t *Bk, size_t mc, size_t nc,
+                      float *C, size_t ldc, int accumulate) {
+    size_t kc32 = amx_depth(kc);
+    float tile[AMX_MN * AMX_MN];
+#ifdef HAVE_AMX_TILES
+    if (gemm_use_amx == AMX_TILES) amx_begin();
+#endif
+    for (size_t jr = 0; jr < nc; jr += AMX_MN) {
+        size_t nr = nc - jr < AMX_MN ? nc - jr : AMX_MN;
+        for (size_t ir = 0; ir < mc; ir += AMX_MN) {
+            size_t mr = mc - ir < AMX_MN ? mc - ir : AMX_MN;
+            const uint16_t *a = Ak + ir * kc32, *b = Bk + jr * kc32;
+            float *c = C + ir * ldc + jr;
+            int direct = mr == AMX_MN && nr == AMX_MN && !accumulate;
+            float *out = direct ? c : tile;
+            size_t ldo = direct ? ldc : AMX_MN;
+#ifdef HAVE_AMX_TILES
+            if (gemm_use_amx == AMX_TILES) amx_kernel_tiles(kc32, a, b, out, ldo);
+            else
+#endif
+                amx_kernel_model(kc32, a, b, out, ldo);
+            if (direct) continue;
+            for (size_t i = 0; i < mr; i++)
+                for (size_t j = 0; j < nr; j++)
+                    c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i * AMX_MN + j] : tile[i * AMX_MN + j];
+        }
+    }
+#ifdef HAVE_AMX_TILES
+    if (gemm_use_amx == AMX_TILES) amx_end();
+#endif
+}
+#else
+static int amx_tiles_usable(void) { return 0; }
+#endif  // GEMM_NR == 32
+
+double simd_amx_loop(long iters) {
+#ifdef HAVE_AMX_TILES
+    if (amx_tiles_usable()) return amx_loop(iters);
+#endif
+    (void)iters;
+    return 0.0;
+}
+
 int gemm_bf16_vdpbf16ps(void) {
 #ifdef HAVE_DPBF16
     return cpu_has_avx512_bf16();
@@ -1277,42 +1559,74 @@ int gemm_bf16_vdpbf16ps(void) {
 // 85 against 174 on a Xeon with AVX512-FP16 (Sapphire Rapids or later, AMX
 // hidden by its virtual machine), where the convolutions in bf16 took twice
 // their float32 time (README, "bf16"); Intel meant AMX for bf16. There the
-// rounded operands go to the float32 kernels instead. The choice is by vendor,
-// not by a timing at start-up, so that a machine always gives the same bits.
-int gemm_bf16_native(void) { return gemm_bf16_vdpbf16ps() && !cpu_is_intel(); }
+// rounded operands go to the float32 kernels instead, unless the AMX tiles
+// can run. The choice is by CPUID (and the kernel's grant of the tile
+// state), not by a timing at start-up, so that a machine always gives the
+// same bits.
+int gemm_bf16_amx(void) { return amx_tiles_usable(); }
+
+int gemm_bf16_native(void) {
+    return gemm_bf16_amx() || (gemm_bf16_vdpbf16ps() && !cpu_is_intel());
+}
 
 const char *gemm_bf16_why(void) {
     if (gemm_bf16_native()) return "";
+    if (cpu_has_amx_bf16()) {
+#ifdef HAVE_AMX_TILES
+        return "this CPU has AMX-BF16 but the kernel did not grant the tile state "
+               "(arch_prctl ARCH_REQ_XCOMP_PERM)";
+#else
+        return "this CPU has AMX-BF16 but this build has no AMX kernels";
+#endif
+    }
     if (gemm_bf16_vdpbf16ps())
-        return "this Intel CPU runs VDPBF16PS at half the float32 FMA's rate, and AMX is not "
-               "used yet";
+        return "this Intel CPU has no AMX (or its virtual machine hides it) and runs VDPBF16PS "
+               "at half the float32 FMA's rate";
     if (cpu_has_avx512_bf16()) return "this build has no VDPBF16PS kernels";
     return "this CPU has no AVX512-BF16";
 }
 
 void gemm_set_precision(GemmPrecision p) {
     gemm_prec = p;
-    gemm_use_dpbf16 = (p == GEMM_BF16 && gemm_bf16_native()) ||
-                      (p == GEMM_BF16_VDPBF16PS && gemm_bf16_vdpbf16ps());
+    gemm_use_amx = (p == GEMM_BF16 || p == GEMM_BF16_AMX) && gemm_bf16_amx() ? AMX_TILES : AMX_OFF;
+#ifdef HAVE_AMX_LAYOUT
+    if (p == GEMM_BF16_AMX_MODEL) gemm_use_amx = AMX_MODEL;
+#endif
+    gemm_use_dpbf16 = !gemm_use_amx && ((p == GEMM_BF16 && gemm_bf16_native()) ||
+                                        (p == GEMM_BF16_VDPBF16PS && gemm_bf16_vdpbf16ps()));
 }
 
 GemmPrecision gemm_precision(void) { return gemm_prec == GEMM_FP32 ? GEMM_FP32 : GEMM_BF16; }
 
 const char *gemm_backend_name(void) {
     if (gemm_prec == GEMM_FP32) return "fp32 " SIMD_NAME;
+    if (gemm_use_amx == AMX_TILES) return "bf16 amx";
+    if (gemm_use_amx == AMX_MODEL) return "bf16 amx-model (tiles in software)";
     return gemm_use_dpbf16 ? "bf16 avx512-bf16" : "bf16 emulated on " SIMD_NAME;
 }
 
-// a packed block of `count` rows (or columns; whole panels of `width`) by kc
-// in the form the tile reads: pairs for VDPBF16PS, rounded floats otherwise
-static const float *gemm_lower(float *dst, const float *src, size_t count, size_t kc, size_t width) {
-    if (gemm_use_dpbf16) {
-        size_t kcp = (kc + 1) / 2 * 2;
-        for (size_t r = 0; r < count; r += width)
-            bf16_pair_panel((uint16_t *)dst + r * kcp, src + r * kc, kc, width);
-    } else {
-        bf16_round_array(dst, src, count * kc);
-    }
+// a packed block of A (mc rows, in panels of MR) or of B (nc columns, in
+// panels of NR) by kc, in the form the tiles read: pair panels for
+// VDPBF16PS (and for AMX's B, of a depth rounded to 32; AMX's A is packed
+// by amx_pack_a), rounded floats for the emulation
+static const float *gemm_lower_a(float *dst, const float *Ap, size_t mc, size_t kc) {
+    size_t count = (mc + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
+    if (!gemm_use_dpbf16) { bf16_round_array(dst, Ap, count * kc); return dst; }
+    size_t kcp = (kc + 1) / 2 * 2;
+    for (size_t r = 0; r < count; r += GEMM_MR)
+        bf16_pair_panel((uint16_t *)dst + r * kcp, Ap + r * kc, kc, GEMM_MR);
+    return dst;
+}
+
+static const float *gemm_lower_b(float *dst, const float *Bp, size_t nc, size_t kc) {
+    size_t count = (nc + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+#ifdef HAVE_AMX_LAYOUT
+    if (gemm_use_amx) { amx_lower_b((uint16_t *)dst, Bp, count, kc); return dst; }
+#endif
+    if (!gemm_use_dpbf16) { bf16_round_array(dst, Bp, count * kc); return dst; }
+    size_t kcp = (kc + 1) / 2 * 2;
+    for (size_t r = 0; r < count; r += GEMM_NR)
+        bf16_pair_panel((uint16_t *)dst + r * kcp, Bp + r * kc, kc, GEMM_NR);
     return dst;
 }
 
@@ -1426,16 +1740,21 @@ static void gemm_block(const GemmTask *t, size_t i0, size_t i1, size_t j0, size_
             int acc = t->accumulate || pc > 0;
             if (t->Bp_all) Bp = (float *)t->Bp_all + pc * t->Npad + jc * kc;
             else gemm_pack_b_block(t, Bp, pc, kc, jc, nc);
-            Bk = lower && !t->b_lowered
-                     ? gemm_lower(gemm_lo_b[ith], Bp, (nc + GEMM_NR - 1) / GEMM_NR * GEMM_NR, kc, GEMM_NR)
-                     : Bp;
+            Bk = lower && !t->b_lowered ? gemm_lower_b(gemm_lo_b[ith], Bp, nc, kc) : Bp;
             for (size_t ic = i0; ic < i1; ic += GEMM_MC) {
                 size_t mc = i1 - ic < GEMM_MC ? i1 - ic : GEMM_MC;
+#ifdef HAVE_AMX_LAYOUT
+                if (gemm_use_amx) {  // A packed as the tiles read it (Ap, unused here, is the scratch)
+                    uint16_t *a16 = (uint16_t *)gemm_lo_a[ith];
+                    if (t->Ap_all) amx_lower_a(a16, t->Ap_all + pc * t->Mpad + ic * kc, mc, kc);
+                    else amx_pack_a(a16, Ap, t->transA, t->A, t->lda, ic, mc, pc, kc);
+                    amx_block(kc, a16, (const uint16_t *)Bk, mc, nc, t->C + ic * t->ldc + jc, t->ldc, acc);
+                    continue;
+                }
+#endif
                 if (t->Ap_all) Ap = (float *)t->Ap_all + pc * t->Mpad + ic * kc;
                 else pack_A(Ap, t->transA, t->A, t->lda, ic, mc, pc, kc);
-                Ak = lower ? gemm_lower(gemm_lo_a[ith], Ap, (mc + GEMM_MR - 1) / GEMM_MR * GEMM_MR, kc,
-                                        GEMM_MR)
-                           : Ap;
+                Ak = lower ? gemm_lower_a(gemm_lo_a[ith], Ap, mc, kc) : Ap;
                 for (size_t jr = 0; jr < nc; jr += GEMM_NR) {
                     size_t nr = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
                     for (size_t ir = 0; ir < mc; ir += GEMM_MR) {
@@ -2150,9 +2469,12 @@ static int conv_is_same(int K, int stride, int pad) {
 // demo step is 5% faster, with 4x4 and 2x2 on planes LPIPS at 32 is 10%
 // slower than on the GEMM path. In bf16 (gemm_set_precision) they run on
 // bf16 planes (planes_conv_bf16); the Winograd path is off, its transforms
-// would round other operands than the convolution's.
+// would round other operands than the convolution's. On AMX tiles they take
+// the GEMM path: the planes' tile is AVX-512's, the tiles read the GEMM's
+// blocks (not yet measured against planes in the emulation: no machine of
+// ours has shown its AMX yet).
 static int conv_on_planes(int H, int W, int K, int stride, int pad) {
-    return conv_is_same(K, stride, pad) &&
+    return conv_is_same(K, stride, pad) && !gemm_use_amx &&
            (double)(H + pad) * (W + pad) <= 1.35 * (double)H * W;
 }
 

@@ -152,6 +152,8 @@ extern int conv_winograd;
 double simd_fma_loop(long iters);
 // the same with VDPBF16PS (bf16 pairs into float32); 0 where the CPU or build lacks it
 double simd_bf16_loop(long iters);
+// the same with AMX's TDPBF16PS on tiles; 0 where the tiles cannot run
+double simd_amx_loop(long iters);
 // y[i] = exp(x[i]) (y may be x): the SIMD polynomial within 2 ulp of expf,
 // libm's expf in scalar builds; what SiLU, sigmoid and softmax use
 void exp_array(float *y, const float *x, size_t n);
@@ -176,26 +178,38 @@ void sgemm_free_buffers(void);
 // GEMM_BF16: both operands rounded to bfloat16 (round to nearest even, values
 // below bf16's smallest normal to zero) while the GEMM packs them, products
 // summed in float32, results stored in float32, as PyTorch's CPU autocast
-// computes convolutions, linears and matmuls. On CPUs whose VDPBF16PS runs at
-// the float32 FMA's rate (AMD Zen 4 and 5) the packed pairs go to VDPBF16PS;
-// elsewhere (Intel's AVX512-BF16, at half that rate; CPUs without it) the
-// rounded operands go to the float32 kernels: the same operands, the same
-// float32 sums up to the order of each pair's two products, as fast as float32
-// (gemm_bf16_why says which and why). GEMM_BF16_EMULATED and
-// GEMM_BF16_VDPBF16PS force a back-end (tests, benchmarks; the second only
-// where the CPU has the instruction, else emulated).
+// computes convolutions, linears and matmuls. Where the CPU has AMX-BF16 and
+// Linux grants the tile state, the packed blocks go to AMX tiles (TDPBF16PS,
+// Intel Sapphire Rapids on); on CPUs whose VDPBF16PS runs at the float32
+// FMA's rate (AMD Zen 4 and 5) to VDPBF16PS; elsewhere (Intel's AVX512-BF16
+// alone, at half that rate; CPUs without it) the rounded operands go to the
+// float32 kernels: the same operands, the same float32 sums up to their
+// order, as fast as float32 (gemm_bf16_why says which and why).
+// GEMM_BF16_EMULATED, GEMM_BF16_VDPBF16PS and GEMM_BF16_AMX force a back-end
+// (tests, benchmarks; the last two only where the CPU has the instructions,
+// else emulated); GEMM_BF16_AMX_MODEL runs the AMX kernel on tiles in
+// software (tests; AVX-512 builds, else emulated).
 // Everything else (norms, softmax, losses, the optimiser, the weights) stays
 // float32. Set between steps, never while a graph is being built or run.
-typedef enum { GEMM_FP32, GEMM_BF16, GEMM_BF16_EMULATED, GEMM_BF16_VDPBF16PS } GemmPrecision;
+typedef enum {
+    GEMM_FP32,
+    GEMM_BF16,
+    GEMM_BF16_EMULATED,
+    GEMM_BF16_VDPBF16PS,
+    GEMM_BF16_AMX,
+    GEMM_BF16_AMX_MODEL
+} GemmPrecision;
 void gemm_set_precision(GemmPrecision p);
 GemmPrecision gemm_precision(void);   // as set (GEMM_BF16 for every bf16 back-end)
 int gemm_bf16_vdpbf16ps(void);        // 1: this CPU (and build) can run the VDPBF16PS kernels
-int gemm_bf16_native(void);           // 1: GEMM_BF16 runs on VDPBF16PS on this CPU
+int gemm_bf16_amx(void);              // 1: this CPU, kernel and build can run the AMX tiles
+int gemm_bf16_native(void);           // 1: GEMM_BF16 runs on AMX or VDPBF16PS on this CPU
 const char *gemm_bf16_why(void);      // why GEMM_BF16 is emulated here ("" where it is not)
-// the kernel that runs now: "fp32 avx512", "bf16 avx512-bf16", "bf16 emulated on avx512"
+// the kernel that runs now: "fp32 avx512", "bf16 amx", "bf16 avx512-bf16",
+// "bf16 emulated on avx512", "bf16 amx-model (tiles in software)"
 const char *gemm_backend_name(void);
 // the CPU's bf16 instructions, by CPUID (0 off x86): AVX512-BF16, AMX-BF16
-// (AMX tiles are reported, not used yet)
+// (AMX-TILE with it)
 int cpu_has_avx512_bf16(void);
 int cpu_has_amx_bf16(void);
 // x rounded to bfloat16 as the packing rounds it (returned as a float)

@@ -129,7 +129,7 @@ fi
 if cmp -s "$dir/bf16/ckpt.safetensors" "$dir/bf16one/ckpt.safetensors" &&
    ! cmp -s "$dir/bf16/ckpt.safetensors" "$dir/straight/ckpt.safetensors" &&
    grep -q ' bf16 ' "$dir/bf16.err" && ./casdm --precision bf16 info | grep -q 'matrix products bf16' &&
-   { ./casdm info | grep -q 'bf16 runs on VDPBF16PS' || grep -q 'emulated on the float32 kernels (the same rounding, no faster)' "$dir/bf16.err"; } &&
+   { ./casdm info | grep -q 'bf16 runs on VDPBF16PS\|bf16 runs on AMX tiles' || grep -q 'emulated on the float32 kernels (the same rounding, no faster)' "$dir/bf16.err"; } &&
    paste -d, "$dir/bf16/log.csv" "$dir/straight/log.csv" | awk -F, 'NR > 1 { d = $2 - $10; if (d < 0) d = -d; if (d > 0.05 * $10) bad = 1 } END { exit bad }'; then
     pass "--precision bf16: 1 and 2 threads bitwise equal, losses within 5% of float32's, info names it (without VDPBF16PS: the emulation's warning)"
 else

@@ -1048,15 +1048,16 @@ static void test_bf16_round(void) {
 }
 
 // The bf16 GEMM against the definition in double on bf16-rounded operands:
-// every back-end this machine has (VDPBF16PS; the emulation, on the float32
-// kernels), all transposes, tiles' edges, K past the depth block and odd
-// (VDPBF16PS's padded last pair). The error is taken relative to
+// every back-end this machine has (AMX; its model; VDPBF16PS; the emulation,
+// on the float32 kernels), all transposes, tiles' edges (12 x 32 and AMX's
+// 32 x 32), K past the depth block and odd (VDPBF16PS's padded last pair,
+// AMX's depth padded to 32), M past a row block and N past a column block. The error is taken relative to
 // sum_k |a_ik b_kj| + |C_ij|, the scale of float32 accumulation's error.
 static double gemm_bf16_err(GemmPrecision prec, int threads, double *vs_fp32, double *bits) {
     Rng r;
     rng_seed(&r, 9, 3);
     size_t dims[][3] = {{1, 1, 1}, {37, 91, 301}, {130, 17, 600}, {5, 200, 3}, {64, 64, 64},
-                        {25, 70, 513}};
+                        {25, 70, 513}, {200, 45, 70}, {3, 2100, 40}};
     double worst = 0.0;
     *vs_fp32 = 0.0;
     *bits = 0.0;
@@ -1121,48 +1122,86 @@ static int cpuinfo_says_intel(void) {
     return intel;
 }
 
-// GEMM_BF16 runs the CPU's faster back-end: VDPBF16PS where it has it, except
-// on Intel (half its FMA rate there; tensor.c, gemm_bf16_native), the emulation
-// elsewhere; checked by the bits each forced back-end gives
+// /proc/cpuinfo's flags include amx_bf16 and amx_tile (Linux lists them only
+// where it supports the tiles)
+static int cpuinfo_says_amx(void) {
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    char line[8192];
+    int amx = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "flags", 5)) { amx = strstr(line, " amx_bf16") && strstr(line, " amx_tile"); break; }
+    if (f) fclose(f);
+    return amx;
+}
+
+// GEMM_BF16 runs the CPU's fastest back-end: AMX where the tiles can run,
+// else VDPBF16PS where it has it, except on Intel (half its FMA rate there;
+// tensor.c, gemm_bf16_native), the emulation elsewhere; checked by the bits
+// each forced back-end gives
 static void test_gemm_bf16_choice(void) {
     if (!gemm_bf16_vdpbf16ps()) {
-        test_skip("--precision bf16 picks VDPBF16PS or the emulation by the CPU", bf16_native_missing());
+        test_skip("--precision bf16 picks AMX, VDPBF16PS or the emulation by the CPU",
+                  bf16_native_missing());
         return;
     }
     float *auto_c = mallocCheck(37 * 91 * 4), *emu = mallocCheck(37 * 91 * 4),
-          *dp = mallocCheck(37 * 91 * 4);
+          *dp = mallocCheck(37 * 91 * 4), *amx = mallocCheck(37 * 91 * 4);
     gemm_bf16_once(GEMM_BF16, auto_c);
     gemm_bf16_once(GEMM_BF16_EMULATED, emu);
     gemm_bf16_once(GEMM_BF16_VDPBF16PS, dp);
-    int intel = cpuinfo_says_intel(), differ = memcmp(emu, dp, 37 * 91 * 4) != 0;
-    const float *want = intel ? emu : dp;
-    test_result(differ && memcmp(auto_c, want, 37 * 91 * 4) == 0 && gemm_bf16_native() == !intel,
-                "--precision bf16 picks VDPBF16PS or the emulation by the CPU",
-                "%s (/proc/cpuinfo): GEMM_BF16 gives the bits of %s (the two back-ends differ)",
-                intel ? "Intel" : "not Intel", intel ? "the emulation" : "VDPBF16PS");
-    free(auto_c); free(emu); free(dp);
+    gemm_bf16_once(GEMM_BF16_AMX, amx);
+    int intel = cpuinfo_says_intel(), tiles = cpuinfo_says_amx();
+    const float *want = tiles ? amx : intel ? emu : dp;
+    // (AMX's order of sums is the hardware's: its bits may be the emulation's,
+    // so the name of the back-end witnesses it)
+    gemm_set_precision(GEMM_BF16);
+    int named = (strcmp(gemm_backend_name(), "bf16 amx") == 0) == tiles;
+    gemm_set_precision(GEMM_FP32);
+    int differ = memcmp(emu, dp, 37 * 91 * 4) != 0;
+    test_result(differ && named && memcmp(auto_c, want, 37 * 91 * 4) == 0 && gemm_bf16_amx() == tiles &&
+                    gemm_bf16_native() == (tiles || !intel),
+                "--precision bf16 picks AMX, VDPBF16PS or the emulation by the CPU",
+                "%s, %s (/proc/cpuinfo): GEMM_BF16 gives the bits of %s (the back-ends differ)",
+                intel ? "Intel" : "not Intel", tiles ? "AMX" : "no AMX",
+                tiles ? "AMX" : intel ? "the emulation" : "VDPBF16PS");
+    free(auto_c); free(emu); free(dp); free(amx);
+}
+
+// one back-end's GEMM against the double reference (gemm_bf16_err); `extra`
+// is one more condition, named by `extra_what` (NULL: none)
+static void check_gemm_bf16(GemmPrecision p, const char *on, int extra, const char *extra_what) {
+    double vs_fp32, bits, e = gemm_bf16_err(p, 2, &vs_fp32, &bits);
+    char title[160];
+    snprintf(title, sizeof title, "bf16 GEMM on %s vs bf16 operands multiplied in double", on);
+    test_result(e <= 1e-5 && vs_fp32 > 1e-4 && bits == 0.0 && extra, title,
+                "max err %.1e of sum |ab|, tol 1e-5; the float32 GEMM's %.1e from it (the rounding "
+                "is there); 2 threads = 1 bit for bit%s%s", e, vs_fp32, extra_what ? "; " : "",
+                extra_what ? extra_what : "");
 }
 
 static void test_gemm_bf16(void) {
-    double vs_fp32, bits;
-    if (gemm_bf16_vdpbf16ps()) {
-        double e = gemm_bf16_err(GEMM_BF16_VDPBF16PS, 2, &vs_fp32, &bits);
-        test_result(e <= 1e-5 && vs_fp32 > 1e-4 && bits == 0.0,
-                    "bf16 GEMM on VDPBF16PS vs bf16 operands multiplied in double",
-                    "max err %.1e of sum |ab|, tol 1e-5; the float32 GEMM's %.1e from it (the "
-                    "rounding is there); 2 threads = 1 bit for bit", e, vs_fp32);
+    if (gemm_bf16_amx()) check_gemm_bf16(GEMM_BF16_AMX, "AMX tiles", 1, NULL);
+    else test_skip("bf16 GEMM on AMX tiles", amx_missing());
+    if (amx_model_here()) {
+        // the model adds each row's products in k order, as the float32 tile
+        // does, and the padding adds zeros: its bits are the emulation's
+        float *model = mallocCheck(37 * 91 * 4), *emu = mallocCheck(37 * 91 * 4);
+        gemm_bf16_once(GEMM_BF16_AMX_MODEL, model);
+        gemm_bf16_once(GEMM_BF16_EMULATED, emu);
+        int same = memcmp(model, emu, 37 * 91 * 4) == 0;
+        free(model); free(emu);
+        check_gemm_bf16(GEMM_BF16_AMX_MODEL, "the AMX kernel with tiles in software", same,
+                        same ? "the emulation's bits (the same order of sums)"
+                             : "NOT the emulation's bits (the same order of sums)");
     } else {
-        test_skip("bf16 GEMM on VDPBF16PS", bf16_native_missing());
+        test_skip("bf16 GEMM on the AMX kernel with tiles in software",
+                  "not an AVX-512 build (the AMX layout reads the 32-column panels)");
     }
-    double e = gemm_bf16_err(GEMM_BF16_EMULATED, 2, &vs_fp32, &bits);
-    test_result(e <= 1e-5 && vs_fp32 > 1e-4 && bits == 0.0,
-                "bf16 GEMM emulated (rounded operands, float32 kernels) vs the same in double",
-                "max err %.1e of sum |ab|, tol 1e-5; the float32 GEMM's %.1e; 2 threads = 1 bit "
-                "for bit; %s", e, vs_fp32, simd_name());
+    if (gemm_bf16_vdpbf16ps()) check_gemm_bf16(GEMM_BF16_VDPBF16PS, "VDPBF16PS", 1, NULL);
+    else test_skip("bf16 GEMM on VDPBF16PS", bf16_native_missing());
+    check_gemm_bf16(GEMM_BF16_EMULATED, "the emulation (rounded operands, float32 kernels)", 1,
+                    simd_name());
     test_gemm_bf16_choice();
-    test_skip("bf16 GEMM on AMX tiles", cpu_has_amx_bf16()
-                  ? "this CPU has AMX-BF16; the AMX back-end is not written yet"
-                  : "this CPU has no AMX-BF16 (and the AMX back-end is not written yet)");
 }
 
 // ---------------------------------------------------------------------------
@@ -1424,62 +1463,70 @@ static double err_of_rms(const float *got, const float *ref, size_t n) {
 // direct-loop reference in double on bf16-rounded x, w and dy: on planes
 // (channel pairs, an odd channel count padded), on the GEMM path (4x4 and
 // 5x7 maps), a 128-channel one that float32 would run on the Winograd path;
-// VDPBF16PS at 2 threads and at 1 (bit for bit), and the emulation
+// each back-end here at 2 threads and at 1 (bit for bit): VDPBF16PS, AMX
+// (on the GEMM path for every shape), AMX's software tiles, the emulation
 static void test_conv_bf16(void) {
     const int shapes[][5] = {{2, 33, 9, 9, 40}, {3, 16, 4, 4, 24}, {2, 7, 5, 7, 9},
                              {8, 128, 8, 8, 128}, {1, 64, 16, 16, 65}};
+    enum { BACKENDS = 4 };
+    const GemmPrecision backend[BACKENDS] = {GEMM_BF16_VDPBF16PS, GEMM_BF16_AMX, GEMM_BF16_AMX_MODEL,
+                                             GEMM_BF16_EMULATED};
+    const char *name[BACKENDS] = {"VDPBF16PS", "AMX tiles", "the AMX kernel on tiles in software",
+                                  "the emulation"};
+    int here[BACKENDS] = {gemm_bf16_vdpbf16ps(), gemm_bf16_amx(), amx_model_here(), 1};
     size_t ns = sizeof shapes / sizeof shapes[0];
-    double err[2] = {0.0, 0.0}, err_fp32 = 0.0, bits = 0.0;
+    double err[BACKENDS] = {0.0}, bits[BACKENDS] = {0.0}, err_fp32 = 0.0;
     Rng r;
     rng_seed(&r, 17, 5);
     for (size_t k = 0; k < ns; k++) {
         const int *cs = shapes[k];
         size_t nx = (size_t)cs[0] * cs[1] * cs[2] * cs[3], nw = (size_t)cs[4] * cs[1] * 9,
                ny = (size_t)cs[0] * cs[4] * cs[2] * cs[3], nb = (size_t)cs[4];
-        size_t n[3] = {ny, nx, nw};
+        size_t n[4] = {ny, nx, nw, nb};
         float *x = random_floats(&r, nx), *w = random_floats(&r, nw), *b = random_floats(&r, nb),
               *dy = random_floats(&r, ny);
         float *xr = copy_floats(x, nx), *wr = copy_floats(w, nw), *dyr = copy_floats(dy, ny);
         for (size_t i = 0; i < nx; i++) xr[i] = bf16_round(x[i]);
         for (size_t i = 0; i < nw; i++) wr[i] = bf16_round(w[i]);
         for (size_t i = 0; i < ny; i++) dyr[i] = bf16_round(dy[i]);
-        float *out[5][4];  // runs: reference, native 2 threads, native 1, emulated, float32
-        for (int run = 0; run < 5; run++)
-            for (int j = 0; j < 4; j++) out[run][j] = mallocCheck((j < 3 ? n[j] : nb) * sizeof(float));
-        for (int run = 0; run < 5; run++) {
-            if ((run == 1 || run == 2) && !gemm_bf16_vdpbf16ps()) continue;
-            gemm_set_precision(run == 1 || run == 2 ? GEMM_BF16_VDPBF16PS
-                               : run == 3           ? GEMM_BF16_EMULATED
-                                                    : GEMM_FP32);
-            pool_init(run == 2 ? 1 : 2);
-            if (run == 0) conv_run_once(1, cs, xr, wr, b, dyr, out[0][0], out[0][1], out[0][2], out[0][3]);
-            else conv_run_once(0, cs, x, w, b, dy, out[run][0], out[run][1], out[run][2], out[run][3]);
+        float *ref[4], *got[2][4];  // the reference; a back-end at 2 threads, at 1
+        for (int j = 0; j < 4; j++) {
+            ref[j] = mallocCheck(n[j] * sizeof(float));
+            got[0][j] = mallocCheck(n[j] * sizeof(float));
+            got[1][j] = mallocCheck(n[j] * sizeof(float));
         }
-        gemm_set_precision(GEMM_FP32);
-        for (int j = 0; j < 3; j++) {
-            if (gemm_bf16_vdpbf16ps()) {
-                err[0] = fmax(err[0], err_of_rms(out[1][j], out[0][j], n[j]));
-                bits = fmax(bits, compare("bf16 conv 1 vs 2 threads", out[2][j], out[1][j], n[j], 0.0));
+        pool_init(2);
+        conv_run_once(1, cs, xr, wr, b, dyr, ref[0], ref[1], ref[2], ref[3]);
+        conv_run_once(0, cs, x, w, b, dy, got[0][0], got[0][1], got[0][2], got[0][3]);  // float32
+        for (int j = 0; j < 3; j++) err_fp32 = fmax(err_fp32, err_of_rms(got[0][j], ref[j], n[j]));
+        for (int be = 0; be < BACKENDS; be++) {
+            if (!here[be]) continue;
+            gemm_set_precision(backend[be]);
+            for (int th = 0; th < 2; th++) {
+                pool_init(2 - th);
+                conv_run_once(0, cs, x, w, b, dy, got[th][0], got[th][1], got[th][2], got[th][3]);
             }
-            err[1] = fmax(err[1], err_of_rms(out[3][j], out[0][j], n[j]));
-            err_fp32 = fmax(err_fp32, err_of_rms(out[4][j], out[0][j], n[j]));
+            gemm_set_precision(GEMM_FP32);
+            for (int j = 0; j < 3; j++) {
+                err[be] = fmax(err[be], err_of_rms(got[0][j], ref[j], n[j]));
+                bits[be] = fmax(bits[be], compare("bf16 conv 1 vs 2 threads", got[1][j], got[0][j], n[j], 0.0));
+            }
         }
-        for (int run = 0; run < 5; run++)
-            for (int j = 0; j < 4; j++) free(out[run][j]);
+        for (int j = 0; j < 4; j++) { free(ref[j]); free(got[0][j]); free(got[1][j]); }
         free(x); free(w); free(b); free(dy); free(xr); free(wr); free(dyr);
     }
     pool_init(0);
-    if (gemm_bf16_vdpbf16ps())
-        test_result(err[0] <= 1e-5 && bits == 0.0 && err_fp32 > 1e-4,
-                    "3x3 convolutions in bf16 on VDPBF16PS vs the reference on bf16 operands",
+    const char *why[BACKENDS] = {bf16_native_missing(), amx_missing(),
+                                 "not an AVX-512 build (the AMX layout reads the 32-column panels)", ""};
+    for (int be = 0; be < BACKENDS; be++) {
+        char title[128];
+        snprintf(title, sizeof title, "3x3 convolutions in bf16 on %s vs the reference on bf16 operands",
+                 name[be]);
+        if (!here[be]) { test_skip(title, why[be]); continue; }
+        test_result(err[be] <= 1e-5 && bits[be] == 0.0 && err_fp32 > 1e-4, title,
                     "%zu shapes (planes, GEMM), y, dx, dw: max err %.1e of the RMS, tol 1e-5; "
-                    "float32's %.1e from it; 1 and 2 threads bit for bit", ns, err[0], err_fp32);
-    else
-        test_skip("3x3 convolutions in bf16 on VDPBF16PS", bf16_native_missing());
-    test_result(err[1] <= 1e-5 && err_fp32 > 1e-4,
-                "3x3 convolutions in bf16 emulated vs the reference on bf16 operands",
-                "%zu shapes, y, dx, dw: max err %.1e of the RMS, tol 1e-5; float32's %.1e", ns,
-                err[1], err_fp32);
+                    "float32's %.1e from it; 1 and 2 threads bit for bit", ns, err[be], err_fp32);
+    }
 }
 
 static void test_conv_winograd(void) {

@@ -919,6 +919,16 @@ int main(int argc, char **argv) {
             test_casdm_step_bf16(GEMM_BF16_VDPBF16PS, "Cas-DM step in bf16 (VDPBF16PS) vs float32");
         else
             test_skip("Cas-DM step in bf16 (VDPBF16PS) vs float32", bf16_native_missing());
+        if (gemm_bf16_amx())
+            test_casdm_step_bf16(GEMM_BF16_AMX, "Cas-DM step in bf16 (AMX tiles) vs float32");
+        else
+            test_skip("Cas-DM step in bf16 (AMX tiles) vs float32", amx_missing());
+        if (amx_model_here())
+            test_casdm_step_bf16(GEMM_BF16_AMX_MODEL,
+                                 "Cas-DM step in bf16 (the AMX kernel, tiles in software) vs float32");
+        else
+            test_skip("Cas-DM step in bf16 (the AMX kernel, tiles in software) vs float32",
+                      "not an AVX-512 build (the AMX layout reads the 32-column panels)");
         test_casdm_step_bf16(GEMM_BF16_EMULATED, "Cas-DM step in bf16 (emulated) vs float32");
         st_free(&gold);
     }

@@ -38,6 +38,19 @@ static inline const char *bf16_native_missing(void) {
                                  : "this CPU has no AVX512-BF16";
 }
 
+// why the AMX hardware test cannot run here
+static inline const char *amx_missing(void) {
+    return cpu_has_amx_bf16() ? gemm_bf16_why() : "this CPU has no AMX-BF16 (or its virtual machine hides it)";
+}
+
+// 1: the AMX model runs in this build (AVX-512's 32-column panels)
+static inline int amx_model_here(void) {
+    gemm_set_precision(GEMM_BF16_AMX_MODEL);
+    int here = strstr(gemm_backend_name(), "amx-model") != NULL;
+    gemm_set_precision(GEMM_FP32);
+    return here;
+}
+
 // Compares got with ref element by element: err = |got - ref| / max(1, |ref|),
 // i.e. absolute below 1 and relative above. Returns the max error and prints
 // the first offending values to stderr when it exceeds tol.

@@ -35,7 +35,9 @@
 # under torch.autocast bf16 with channels_last (tools/bench_torch.py --autocast,
 # tools/train_ref.py --autocast), and against our float32 run of the same case in
 # the same invocation (fp32_ms, vs_fp32 = fp32 time / bf16 time); peak_frac is
-# against the measured VDPBF16PS peak (bench peak_bf16). A table of their own.
+# against the measured peak of the bf16 back-end that runs: AMX's where the
+# tiles run (bench peak_amx), else VDPBF16PS's (bench peak_bf16). A table of
+# their own.
 # UNET_REF=path/to/unet_ref.py overrides the reference's location.
 cd "$(dirname "$0")/.." || exit 1
 quick=0; [ "$1" = "--quick" ] && quick=1
@@ -64,6 +66,11 @@ for th in 1 2; do best_peak peak_bf16 $th > "$tmp/bpeak$th"; done
 bpeak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak1"); bpeak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak2")
 echo "bf16 peak (VDPBF16PS): $bpeak1 GFLOP/s on 1 thread, $bpeak2 on 2"
 bf16_info=$(./casdm info 2>/dev/null | grep 'bf16:'); echo "$bf16_info"
+case $bf16_info in *"precision bf16 runs on AMX"*)
+    for th in 1 2; do best_peak peak_amx $th > "$tmp/bpeak$th"; done
+    bpeak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak1"); bpeak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak2")
+    echo "bf16 peak (AMX TDPBF16PS, the bf16 rows' peak_frac): $bpeak1 GFLOP/s on 1 thread, $bpeak2 on 2" ;;
+esac
 emulated=0; case $bf16_info in *"precision bf16 runs emulated"*) emulated=1 ;; esac
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" "$2"; }
