@@ -1183,16 +1183,16 @@ static void bf16_round_array(float *dst, const float *src, size_t n) {
 // CPUID leaf 7: subleaf 1 EAX bit 5 AVX512_BF16; subleaf 0 EDX bit 22
 // AMX-BF16, bit 24 AMX-TILE
 int cpu_has_avx512_bf16(void) {
-    unsigned a, b, c, d;
+    unsigned a = 0, b = 0, c = 0, d = 0;  // (GCC -O1 cannot see __get_cpuid set them)
     return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1u);
 }
 int cpu_has_amx_bf16(void) {
-    unsigned a, b, c, d;
+    unsigned a = 0, b = 0, c = 0, d = 0;
     return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1u) && (d >> 24 & 1u);
 }
 // CPUID leaf 0's vendor string (EBX, EDX, ECX) is "GenuineIntel"
 static int cpu_is_intel(void) {
-    unsigned a, b, c, d;
+    unsigned a = 0, b = 0, c = 0, d = 0;
     return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u && d == 0x49656e69u &&
            c == 0x6c65746eu;
 }
