@@ -1272,7 +1272,7 @@ double simd_bf16_loop(long iters) {
 // 16 columns x 2): B's pairs are VDPBF16PS's, so the B panels bf16_pair_panel
 // writes (32 columns, a pair row of 128 bytes) are two B tiles each, read at
 // a 128-byte stride. An A tile row is 32 consecutive k of one row of A, so A
-// is lowered to row-major bf16 instead (amx_lower_a). The register tile is
+// is packed to row-major bf16 instead (amx_pack_a). The register tile is
 // 32 x 32: C in tiles 0-3 (rows 0-15 and 16-31, columns 0-15 and 16-31), A's
 // rows in tiles 4 and 5, B's columns in 6 and 7; the depth runs 32 at a time,
 // padded with zeros to a multiple of 32. Every tile is configured full size
