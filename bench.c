@@ -62,7 +62,7 @@ static void peak_bf16_task(void *arg, int ith, int nth) {
     out[ith] = simd_bf16_loop(200000000L / 16);
 }
 
-static void peak_amx_task(void *arg, int ith, int nth) {  // 16 times a VDPBF16PS's FLOPs each
+static void peak_amx_task(void *arg, int ith, int nth) {  // four TDPBF16PS an iteration
     (void)nth;
     double *out = arg;
     out[ith] = simd_amx_loop(200000000L / 16 / 4);

@@ -59,16 +59,17 @@ tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 best_peak() {  # CASE THREADS -> the line of the fastest of three runs
     for i in 1 2 3; do build/bench $1 --threads $2; done | sort -t= -k3 -g | tail -n 1
 }
+gflops_of() { sed 's/.*gflops=\([0-9.]*\).*/\1/' "$1"; }  # a peak line's GFLOP/s
 for th in 1 2; do best_peak peak $th > "$tmp/peak$th"; done
-peak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/peak1"); peak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/peak2")
+peak1=$(gflops_of "$tmp/peak1"); peak2=$(gflops_of "$tmp/peak2")
 echo "FMA peak: $peak1 GFLOP/s on 1 thread, $peak2 on 2 ($(sed 's/.*simd=//' "$tmp/peak1"))"
 for th in 1 2; do best_peak peak_bf16 $th > "$tmp/bpeak$th"; done
-bpeak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak1"); bpeak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak2")
+bpeak1=$(gflops_of "$tmp/bpeak1"); bpeak2=$(gflops_of "$tmp/bpeak2")
 echo "bf16 peak (VDPBF16PS): $bpeak1 GFLOP/s on 1 thread, $bpeak2 on 2"
 bf16_info=$(./casdm info 2>/dev/null | grep 'bf16:'); echo "$bf16_info"
 case $bf16_info in *"precision bf16 runs on AMX"*)
     for th in 1 2; do best_peak peak_amx $th > "$tmp/bpeak$th"; done
-    bpeak1=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak1"); bpeak2=$(sed 's/.*gflops=\([0-9.]*\).*/\1/' "$tmp/bpeak2")
+    bpeak1=$(gflops_of "$tmp/bpeak1"); bpeak2=$(gflops_of "$tmp/bpeak2")
     echo "bf16 peak (AMX TDPBF16PS, the bf16 rows' peak_frac): $bpeak1 GFLOP/s on 1 thread, $bpeak2 on 2" ;;
 esac
 emulated=0; case $bf16_info in *"precision bf16 runs emulated"*) emulated=1 ;; esac
